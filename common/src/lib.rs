@@ -1,0 +1,279 @@
+//! The one place that owns Ferry's BPF map layout.
+//!
+//! Every key and value the dataplane (`dataplane-ebpf`) and the agent exchange is
+//! defined here, `#[repr(C)]`, with explicit padding so that no byte is left
+//! uninitialised (the kernel hashes keys bytewise). `size_of` of each type is
+//! asserted at compile time below.
+//!
+//! Byte order: addresses and ports are stored exactly as they appear on the wire
+//! (network byte order), so the dataplane can compare them with packet fields
+//! without swapping. Use [`addr_to_map`]/[`port_to_map`] and their inverses in
+//! userspace.
+//!
+//! The layout follows Cilium's lb4 maps:
+//! - [`SERVICES_MAP`]: `{vip, port, proto, scope, slot}` → [`ServiceValue`]. Slot 0
+//!   describes the Service frontend (backend count, reverse-NAT id, flags); slots
+//!   `1..=count` name the backend ids to choose from.
+//! - [`BACKENDS_MAP`]: backend id → [`Backend`] `{ip, port}`.
+//! - [`REVNAT_MAP`]: reverse-NAT id → [`RevNat`] `{vip, port}` for replies.
+//! - [`CT_MAP`]: LRU connection tracking, [`CtKey`] → [`CtValue`].
+//! - [`COUNTERS_MAP`]: per-CPU counters indexed by [`Counter`].
+#![no_std]
+
+use core::mem::size_of;
+
+/// Map names, also the file names under the pin directory (`<bpffs>/<name>`).
+pub const SERVICES_MAP: &str = "FERRY_SERVICES";
+pub const BACKENDS_MAP: &str = "FERRY_BACKENDS";
+pub const REVNAT_MAP: &str = "FERRY_REVNAT";
+pub const CT_MAP: &str = "FERRY_CT";
+pub const COUNTERS_MAP: &str = "FERRY_COUNTERS";
+
+/// Program names (function names in the eBPF object).
+pub const PROG_FROM_POD: &str = "from_pod";
+
+/// Default map sizes; the agent can override them at load time (`--*-map-size`).
+pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
+pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;
+pub const DEFAULT_REVNAT_MAX: u32 = 65_536;
+pub const DEFAULT_CT_MAX: u32 = 262_144;
+
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+
+/// Source address used when a pod reaches itself through a Service (hairpin).
+/// The pod would drop a packet whose source is its own address, so the dataplane
+/// rewrites the source to this link-local address (Cilium's `IPV4_LOOPBACK`
+/// does the same) and restores it on the reply. 169.254.42.1, wire order.
+pub const HAIRPIN_SNAT_ADDR: [u8; 4] = [169, 254, 42, 1];
+
+/// Lookup scope of a service key (room for internalTrafficPolicy: Local later).
+pub const SCOPE_EXTERNAL: u8 = 0;
+pub const SCOPE_INTERNAL: u8 = 1;
+
+/// `ServiceValue::flags` bits (slot 0).
+pub mod svc_flags {
+    pub const CLUSTER_IP: u32 = 1 << 0;
+    pub const NODE_PORT: u32 = 1 << 1;
+    pub const EXTERNAL_IP: u32 = 1 << 2;
+    pub const LOAD_BALANCER: u32 = 1 << 3;
+    /// sessionAffinity: ClientIP (timeout in `ServiceValue::affinity_timeout`).
+    pub const AFFINITY: u32 = 1 << 4;
+    /// externalTrafficPolicy: Local.
+    pub const ETP_LOCAL: u32 = 1 << 5;
+    /// internalTrafficPolicy: Local.
+    pub const ITP_LOCAL: u32 = 1 << 6;
+    /// loadBalancerSourceRanges present.
+    pub const SOURCE_RANGES: u32 = 1 << 7;
+    /// The backends in the slots are serving+terminating fallbacks (no ready one).
+    pub const TERMINATING_FALLBACK: u32 = 1 << 8;
+}
+
+/// `Backend::flags` bits.
+pub mod backend_flags {
+    /// The backend runs on this node.
+    pub const LOCAL: u8 = 1 << 0;
+    /// The endpoint is terminating (kept so existing flows continue).
+    pub const TERMINATING: u8 = 1 << 1;
+}
+
+/// `CtValue::flags` bits.
+pub mod ct_flags {
+    /// Forward-direction entry of a service flow (client → frontend).
+    pub const SERVICE: u16 = 1 << 0;
+    /// The source was rewritten too (hairpin); the reply restores the destination.
+    pub const SNAT: u16 = 1 << 1;
+    /// A FIN or RST was seen; the entry may be reclaimed early.
+    pub const CLOSING: u16 = 1 << 2;
+}
+
+/// Direction of a connection-tracking key.
+pub const CT_DIR_FORWARD: u8 = 0;
+pub const CT_DIR_REPLY: u8 = 1;
+
+/// Key of the services map. 12 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Frontend address (ClusterIP, ...), wire order.
+    pub addr: u32,
+    /// Frontend port, wire order.
+    pub port: u16,
+    /// 0: the service entry; 1..=count: backend slots.
+    pub slot: u16,
+    pub proto: u8,
+    pub scope: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the services map. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceValue {
+    /// Slot > 0: the backend id this slot names. Slot 0: unused (0).
+    pub backend_id: u32,
+    /// Slot 0: number of backend slots. Slot > 0: unused.
+    pub count: u16,
+    /// Slot 0 and slots: reverse-NAT id of the frontend.
+    pub rev_nat_id: u16,
+    /// Slot 0: [`svc_flags`].
+    pub flags: u32,
+    /// Slot 0: session affinity timeout in seconds (0 = no affinity).
+    pub affinity_timeout: u32,
+}
+
+/// Value of the backends map (key: backend id, `u32`). 12 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Backend {
+    /// Endpoint address, wire order.
+    pub addr: u32,
+    /// Endpoint port (resolved targetPort), wire order.
+    pub port: u16,
+    pub proto: u8,
+    /// [`backend_flags`].
+    pub flags: u8,
+    /// Address of the node that runs the endpoint, wire order (0: unknown/local).
+    pub node_addr: u32,
+}
+
+/// Value of the reverse-NAT map (key: reverse-NAT id, `u16`). 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RevNat {
+    /// The frontend address replies must come from, wire order.
+    pub addr: u32,
+    /// The frontend port, wire order.
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of the connection-tracking map. 16 bytes.
+///
+/// Forward entries are keyed by the packet as the client sent it (destination =
+/// the frontend). Reply entries are keyed by the reply as the backend sends it
+/// (source = the backend, destination = the client, or the hairpin address).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    /// [`CT_DIR_FORWARD`] or [`CT_DIR_REPLY`].
+    pub dir: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of the connection-tracking map. 24 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns()` of the last packet.
+    pub last_seen: u64,
+    /// Backend the flow was assigned to.
+    pub backend_id: u32,
+    /// Reverse-NAT id of the frontend the client dialled.
+    pub rev_nat_id: u16,
+    /// [`ct_flags`].
+    pub flags: u16,
+    /// With `SNAT`: forward entry: the source address written; reply entry: the
+    /// client address to restore as destination. Wire order.
+    pub nat_addr: u32,
+    /// With `SNAT`: the port counterpart of `nat_addr`, wire order.
+    pub nat_port: u16,
+    pub _pad: u16,
+}
+
+/// Indices into the per-CPU counters array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Packets translated to a backend (forward direction).
+    ServiceForward = 0,
+    /// Replies reverse-translated.
+    ReverseNat = 1,
+    /// New flows that created a connection-tracking entry.
+    CtCreated = 2,
+    /// Service hit but it has no backends.
+    DropNoBackend = 3,
+    /// Slot or backend lookup failed (agent mid-update).
+    DropBackendMissing = 4,
+    /// The packet could not be parsed or rewritten.
+    DropMalformed = 5,
+    /// Connection-tracking insert failed.
+    DropCtFull = 6,
+}
+
+pub const COUNTER_COUNT: u32 = 8;
+
+const _: () = assert!(size_of::<ServiceKey>() == 12);
+const _: () = assert!(size_of::<ServiceValue>() == 16);
+const _: () = assert!(size_of::<Backend>() == 12);
+const _: () = assert!(size_of::<RevNat>() == 8);
+const _: () = assert!(size_of::<CtKey>() == 16);
+const _: () = assert!(size_of::<CtValue>() == 24);
+
+/// An IPv4 address in map (wire) order.
+#[inline]
+pub const fn addr_to_map(octets: [u8; 4]) -> u32 {
+    u32::from_ne_bytes(octets)
+}
+
+/// The octets of an address in map (wire) order.
+#[inline]
+pub const fn addr_from_map(addr: u32) -> [u8; 4] {
+    addr.to_ne_bytes()
+}
+
+/// A host-order port in map (wire) order.
+#[inline]
+pub const fn port_to_map(port: u16) -> u16 {
+    port.to_be()
+}
+
+/// A map (wire) order port in host order.
+#[inline]
+pub const fn port_from_map(port: u16) -> u16 {
+    u16::from_be(port)
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all these types are `#[repr(C)]`, `Copy`, contain only integers and
+    // have no implicit padding (sizes asserted above equal the sum of fields).
+    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for Backend {}
+    unsafe impl aya::Pod for RevNat {}
+    unsafe impl aya::Pod for CtKey {}
+    unsafe impl aya::Pod for CtValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sum of field sizes equals `size_of`, i.e. no implicit padding holes.
+    #[test]
+    fn no_padding_holes() {
+        assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 4 + 4);
+        assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1 + 4);
+        assert_eq!(size_of::<RevNat>(), 4 + 2 + 2);
+        assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<CtValue>(), 8 + 4 + 2 + 2 + 4 + 2 + 2);
+    }
+
+    #[test]
+    fn wire_order_round_trips() {
+        let a = addr_to_map([10, 96, 0, 10]);
+        assert_eq!(a.to_ne_bytes(), [10, 96, 0, 10]);
+        assert_eq!(addr_from_map(a), [10, 96, 0, 10]);
+        let p = port_to_map(8080);
+        assert_eq!(p.to_ne_bytes(), 8080u16.to_be_bytes());
+        assert_eq!(port_from_map(p), 8080);
+    }
+}
