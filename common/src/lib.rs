@@ -28,6 +28,9 @@ pub const BACKENDS_MAP: &str = "FERRY_BACKENDS";
 pub const REVNAT_MAP: &str = "FERRY_REVNAT";
 pub const CT_MAP: &str = "FERRY_CT";
 pub const COUNTERS_MAP: &str = "FERRY_COUNTERS";
+/// reverse-NAT id → [`ServiceName`], for inspection (`ferry svc list`); the
+/// dataplane never reads it.
+pub const SVC_NAMES_MAP: &str = "FERRY_SVC_NAMES";
 
 /// Program names (function names in the eBPF object).
 pub const PROG_FROM_POD: &str = "from_pod";
@@ -148,6 +151,33 @@ pub struct RevNat {
     pub _pad: u16,
 }
 
+/// Value of the service-names map (key: reverse-NAT id, `u16`): the frontend's
+/// name, `namespace/name:port-name (TYPE)`, UTF-8, NUL-padded. 128 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceName {
+    pub name: [u8; 128],
+}
+
+impl ServiceName {
+    /// Builds a name, cut at 128 bytes (on a char boundary).
+    pub fn new(s: &str) -> Self {
+        let mut name = [0u8; 128];
+        let mut end = s.len().min(128);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        name[..end].copy_from_slice(&s.as_bytes()[..end]);
+        Self { name }
+    }
+
+    /// The name up to the first NUL.
+    pub fn as_str(&self) -> &str {
+        let end = self.name.iter().position(|&b| b == 0).unwrap_or(self.name.len());
+        core::str::from_utf8(&self.name[..end]).unwrap_or("?")
+    }
+}
+
 /// Key of the connection-tracking map. 16 bytes.
 ///
 /// Forward entries are keyed by the packet as the client sent it (destination =
@@ -214,6 +244,7 @@ const _: () = assert!(size_of::<Backend>() == 12);
 const _: () = assert!(size_of::<RevNat>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
 const _: () = assert!(size_of::<CtValue>() == 24);
+const _: () = assert!(size_of::<ServiceName>() == 128);
 
 /// An IPv4 address in map (wire) order.
 #[inline]
@@ -250,6 +281,7 @@ mod pod {
     unsafe impl aya::Pod for RevNat {}
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
+    unsafe impl aya::Pod for ServiceName {}
 }
 
 #[cfg(test)]
@@ -265,6 +297,14 @@ mod tests {
         assert_eq!(size_of::<RevNat>(), 4 + 2 + 2);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<CtValue>(), 8 + 4 + 2 + 2 + 4 + 2 + 2);
+    }
+
+    #[test]
+    fn service_name_round_trips_and_truncates() {
+        assert_eq!(ServiceName::new("default/echo:http").as_str(), "default/echo:http");
+        let long = "é".repeat(100); // 200 bytes
+        let n = ServiceName::new(&long);
+        assert_eq!(n.as_str().len(), 128);
     }
 
     #[test]

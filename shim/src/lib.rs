@@ -1,1 +1,45 @@
+//! `ferry shim`: a tiny kubelet for the lab, and `ferry echo`, the lab's echo server.
 pub mod status;
+
+use std::path::PathBuf;
+
+/// `ferry shim` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ShimArgs {
+    /// Directory of Kubernetes YAML (Pods and Deployments are run; other kinds ignored).
+    #[arg(long)]
+    pub manifests: PathBuf,
+    /// Name of this node; Pods with another spec.nodeName are left to other nodes.
+    #[arg(long)]
+    pub node: String,
+    /// Where Pod status is published for the agents (shared by all nodes of a lab).
+    #[arg(long, default_value = status::DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// This node's pod CIDR; its first address is the pods' gateway.
+    #[arg(long, default_value = "10.244.0.0/24")]
+    pub pod_cidr: ipnet::Ipv4Net,
+}
+
+/// `ferry echo` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EchoArgs {
+    /// TCP ports to serve (line echo and HTTP).
+    #[arg(long = "tcp")]
+    pub tcp: Vec<u16>,
+    /// UDP ports to serve.
+    #[arg(long = "udp")]
+    pub udp: Vec<u16>,
+    /// Name to answer with (default: $POD_NAME, then $HOSTNAME).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// Runs the shim until SIGINT/SIGTERM, then stops every Pod it started.
+pub async fn run_shim(args: ShimArgs) -> anyhow::Result<()> {
+    anyhow::bail!("ferry shim is not built yet ({args:?})")
+}
+
+/// Runs the echo server until killed.
+pub async fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
+    anyhow::bail!("ferry echo is not built yet ({args:?})")
+}
