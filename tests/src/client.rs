@@ -1,0 +1,85 @@
+//! Real clients inside Pod network namespaces.
+//!
+//! A socket belongs to the network namespace of the thread that created it, so a
+//! client runs its connect/bind on a short-lived thread that has entered the Pod's
+//! namespace; the resulting socket can then be used from anywhere.
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd,
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+
+/// Runs `f` on a thread inside the named network namespace (/run/netns/NAME).
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    let path = format!("/run/netns/{netns}");
+    let ns = File::open(&path).with_context(|| format!("opening {path}"))?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on this thread only; the fd is valid for the call.
+        let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+        if rc != 0 {
+            return Err(anyhow!("setns into {path}: {}", std::io::Error::last_os_error()));
+        }
+        Ok(f())
+    })
+    .join()
+    .map_err(|_| anyhow!("client thread panicked"))?
+}
+
+/// One TCP request: connect from `netns` to `addr`, send a line, return the answer
+/// line (the echo server answers with its Pod name).
+pub fn tcp_ask(netns: &str, addr: SocketAddr) -> Result<String> {
+    let mut s = TcpSession::connect(netns, addr)?;
+    s.ask()
+}
+
+/// One UDP request from a fresh socket: send a datagram, return the answer.
+pub fn udp_ask(netns: &str, addr: SocketAddr) -> Result<String> {
+    let sock = in_netns(netns, move || -> Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.connect(addr)?;
+        Ok(s)
+    })??;
+    udp_ask_on(&sock)
+}
+
+/// Sends one datagram on an existing (connected) socket and returns the answer.
+pub fn udp_ask_on(sock: &UdpSocket) -> Result<String> {
+    sock.send(b"hello\n")?;
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).context("no UDP answer")?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// A persistent TCP connection to a Service: ask repeatedly on the same flow.
+pub struct TcpSession {
+    reader: BufReader<TcpStream>,
+    stream: TcpStream,
+    pub peer: SocketAddr,
+}
+
+impl TcpSession {
+    pub fn connect(netns: &str, addr: SocketAddr) -> Result<Self> {
+        let stream = in_netns(netns, move || TcpStream::connect_timeout(&addr, Duration::from_secs(2)))?
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.set_nodelay(true)?;
+        let peer = stream.peer_addr()?;
+        Ok(Self { reader: BufReader::new(stream.try_clone()?), stream, peer })
+    }
+
+    /// Sends a line and returns the answer line.
+    pub fn ask(&mut self) -> Result<String> {
+        self.stream.write_all(b"hello\n")?;
+        let mut line = String::new();
+        let n = self.reader.read_line(&mut line).context("reading the answer")?;
+        if n == 0 {
+            bail!("connection closed by {}", self.peer);
+        }
+        Ok(line.trim().to_string())
+    }
+}

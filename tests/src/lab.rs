@@ -1,0 +1,322 @@
+//! A lab node: a network namespace running `ferry agent` and `ferry shim` on a
+//! manifest directory, as a DaemonSet and the kubelet would on a real node.
+use std::{
+    fs,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use ferry_shim::status::{self, PodRecord};
+
+use crate::sys;
+
+/// What to build.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    /// Short tag in every name the lab creates (netns, dirs), e.g. "hairpin".
+    pub tag: String,
+    /// Manifest files to start with: (file name, YAML).
+    pub manifests: Vec<(String, String)>,
+    /// Extra flags for `ferry agent`.
+    pub agent_args: Vec<String>,
+    /// The node's pod CIDR.
+    pub pod_cidr: String,
+}
+
+impl LabOptions {
+    pub fn new(tag: &str) -> Self {
+        Self {
+            tag: tag.to_string(),
+            manifests: Vec::new(),
+            agent_args: Vec::new(),
+            pod_cidr: "10.244.0.0/24".into(),
+        }
+    }
+
+    pub fn manifest(mut self, file: &str, yaml: &str) -> Self {
+        self.manifests.push((file.to_string(), yaml.to_string()));
+        self
+    }
+
+    /// All *.yaml files of a directory (the shipped lab/manifests, say).
+    pub fn manifests_from_dir(mut self, dir: &Path) -> Result<Self> {
+        let mut entries: Vec<_> = fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+            .collect();
+        entries.sort();
+        for path in entries {
+            let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            self.manifests.push((name, fs::read_to_string(&path)?));
+        }
+        Ok(self)
+    }
+}
+
+/// A running lab node. Dropping it removes everything it created.
+pub struct Lab {
+    /// Prefix of every network namespace the lab created.
+    pub prefix: String,
+    /// The node's network namespace (and node name).
+    pub node: String,
+    pub dir: PathBuf,
+    pub manifests_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub bpffs_dir: PathBuf,
+    ferry: PathBuf,
+    agent: Option<Child>,
+    shim: Option<Child>,
+    agent_args: Vec<String>,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    /// Creates the node namespace and starts the agent and the shim in it.
+    pub fn start(opts: LabOptions) -> Result<Self> {
+        sys::require_root()?;
+        sys::ensure_bpffs()?;
+        let ferry = sys::ferry_bin()?;
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        // Short: netns and interface names are derived from it.
+        let prefix = format!("fl{:x}{n}{}", std::process::id() % 0xffff, short(&opts.tag));
+        let node = format!("{prefix}-n1");
+        let dir = std::env::temp_dir().join(format!("ferry-lab-{prefix}"));
+        let _ = fs::remove_dir_all(&dir);
+        let manifests_dir = dir.join("manifests");
+        let state_dir = dir.join("state");
+        fs::create_dir_all(&manifests_dir)?;
+        fs::create_dir_all(&state_dir)?;
+        let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/ferry-lab/{node}"));
+        let mut lab = Self {
+            prefix,
+            node,
+            dir,
+            manifests_dir,
+            state_dir,
+            bpffs_dir,
+            ferry,
+            agent: None,
+            shim: None,
+            agent_args: opts.agent_args.clone(),
+        };
+        for (file, yaml) in &opts.manifests {
+            lab.write_manifest(file, yaml)?;
+        }
+        lab.create_node()?;
+        lab.start_agent()?;
+        lab.shim = Some(lab.spawn("shim", &[
+            "shim",
+            "--manifests",
+            &path_str(&lab.manifests_dir),
+            "--node",
+            &lab.node,
+            "--state-dir",
+            &path_str(&lab.state_dir),
+            "--pod-cidr",
+            &opts.pod_cidr,
+        ])?);
+        Ok(lab)
+    }
+
+    fn create_node(&self) -> Result<()> {
+        sys::run("ip", &["netns", "add", &self.node])?;
+        sys::run("ip", &["-n", &self.node, "link", "set", "lo", "up"])?;
+        // Sysctls of the lab's own node namespace only, never the machine's.
+        sys::netns_exec(&self.node, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        Ok(())
+    }
+
+    /// Starts (or restarts) the agent.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let mut args = vec![
+            "agent".to_string(),
+            "--manifests".into(),
+            path_str(&self.manifests_dir),
+            "--node-name".into(),
+            self.node.clone(),
+            "--state-dir".into(),
+            path_str(&self.state_dir),
+            "--bpffs-dir".into(),
+            path_str(&self.bpffs_dir),
+        ];
+        args.extend(self.agent_args.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.agent = Some(self.spawn("agent", &args)?);
+        Ok(())
+    }
+
+    /// Stops the agent (SIGTERM), leaving the dataplane and its pinned maps.
+    pub fn stop_agent(&mut self) {
+        if let Some(child) = self.agent.take() {
+            stop(child, Duration::from_secs(5));
+        }
+    }
+
+    fn spawn(&self, what: &str, args: &[&str]) -> Result<Child> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{what}.log")))?;
+        let mut full = vec!["netns", "exec", &self.node];
+        let ferry = path_str(&self.ferry);
+        full.push(&ferry);
+        full.extend_from_slice(args);
+        Command::new("ip")
+            .args(&full)
+            // Own process group: a Ctrl-C in the terminal reaches only the lab's
+            // owner, which then stops the shim first (it removes its Pods).
+            .process_group(0)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting ferry {what}"))
+    }
+
+    /// Writes (or replaces) a manifest file atomically.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, yaml)?;
+        fs::rename(&tmp, self.manifests_dir.join(file))?;
+        Ok(())
+    }
+
+    pub fn remove_manifest(&self, file: &str) -> Result<()> {
+        fs::remove_file(self.manifests_dir.join(file))?;
+        Ok(())
+    }
+
+    /// The shim's record of a Pod.
+    pub fn pod(&self, name: &str) -> Option<PodRecord> {
+        status::read_all(&self.state_dir).0.into_iter().find(|r| r.name == name)
+    }
+
+    /// All Pod records of the lab.
+    pub fn pods(&self) -> Vec<PodRecord> {
+        status::read_all(&self.state_dir).0
+    }
+
+    /// The network namespace of a Pod.
+    pub fn pod_netns(&self, name: &str) -> Result<String> {
+        self.pod(name)
+            .and_then(|r| r.netns)
+            .with_context(|| format!("pod {name} has no network namespace yet\n{}", self.logs()))
+    }
+
+    /// Waits until every named Pod is ready.
+    pub fn wait_ready(&self, names: &[&str], timeout: Duration) -> Result<()> {
+        self.wait_until(timeout, &format!("pods {names:?} ready"), || {
+            Ok(names.iter().all(|n| self.pod(n).is_some_and(|r| r.ready && r.pod_ip.is_some())))
+        })
+    }
+
+    /// Polls `cond` every 100 ms until it is true or `timeout` passes.
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut cond: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        let start = Instant::now();
+        let mut last_err = None;
+        loop {
+            match cond() {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last_err = Some(e),
+            }
+            if start.elapsed() > timeout {
+                bail!(
+                    "timed out after {timeout:?} waiting for {what} (last error: {last_err:?})\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `ferry <args>` against this node's maps (svc list, ct list).
+    pub fn ferry(&self, args: &[&str]) -> Result<String> {
+        let mut all = args.to_vec();
+        let dir = path_str(&self.bpffs_dir);
+        all.extend_from_slice(&["--bpffs-dir", &dir]);
+        sys::netns_exec(&self.node, &path_str(&self.ferry), &all)
+    }
+
+    /// The agent's and the shim's logs (for failure messages).
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for what in ["agent", "shim"] {
+            let text = fs::read_to_string(self.dir.join(format!("{what}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            out.push_str(&format!("--- {what} log (last {} lines) ---\n", tail.len()));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Whether the agent/shim processes are still running.
+    pub fn check_alive(&mut self) -> Result<()> {
+        let mut exited = Vec::new();
+        for (what, child) in [("agent", &mut self.agent), ("shim", &mut self.shim)] {
+            if let Some(status) = child.as_mut().map(Child::try_wait).transpose()?.flatten() {
+                exited.push(format!("ferry {what} exited: {status}"));
+            }
+        }
+        if !exited.is_empty() {
+            bail!("{}\n{}", exited.join("; "), self.logs());
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("lab {} failed; logs:\n{}", self.prefix, self.logs());
+        }
+        // The shim stops its Pods and removes their namespaces on SIGTERM.
+        if let Some(child) = self.shim.take() {
+            stop(child, Duration::from_secs(15));
+        }
+        self.stop_agent();
+        sys::delete_netns_with_prefix(&self.prefix);
+        let _ = fs::remove_dir_all(&self.bpffs_dir);
+        let _ = fs::remove_dir(self.bpffs_dir.parent().unwrap_or(Path::new("/nonexistent")));
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// SIGTERM, then SIGKILL after `grace`.
+fn stop(mut child: Child, grace: Duration) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    while start.elapsed() < grace {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+fn short(tag: &str) -> String {
+    tag.chars().filter(|c| c.is_ascii_alphanumeric()).take(4).collect()
+}

@@ -1,0 +1,96 @@
+//! Small helpers around the commands tests and the lab may use (`ip`, `mount`).
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// Runs a command, failing with its stderr if it exits non-zero.
+pub fn run(cmd: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {cmd} {}", args.join(" ")))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {} failed ({}): {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `ip netns exec NS cmd args...`.
+pub fn netns_exec(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
+    let mut all = vec!["netns", "exec", ns, cmd];
+    all.extend_from_slice(args);
+    run("ip", &all)
+}
+
+/// Names of all network namespaces (`ip netns list`).
+pub fn netns_list() -> Vec<String> {
+    run("ip", &["netns", "list"])
+        .map(|out| {
+            out.lines()
+                .filter_map(|l| l.split_whitespace().next())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Deletes every network namespace whose name starts with `prefix`.
+pub fn delete_netns_with_prefix(prefix: &str) {
+    for ns in netns_list() {
+        if ns.starts_with(prefix) {
+            let _ = run("ip", &["netns", "delete", &ns]);
+        }
+    }
+}
+
+/// Makes sure a bpf filesystem is mounted at /sys/fs/bpf (the agent does the same).
+pub fn ensure_bpffs() -> Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+        return Ok(());
+    }
+    run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map(|_| ())
+}
+
+/// The `ferry` binary to test: $FERRY_BIN, else the one cargo built next to the
+/// running executable (target/<profile>/ferry).
+pub fn ferry_bin() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FERRY_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir: Option<&Path> = exe.parent();
+    while let Some(d) = dir {
+        let candidate = d.join("ferry");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        dir = d.parent();
+        if d.file_name().is_some_and(|n| n == "target") {
+            break;
+        }
+    }
+    bail!("the ferry binary was not found next to {}; build it (cargo build -p ferry) or set FERRY_BIN", exe.display())
+}
+
+/// Fails unless we are root: the lab needs CAP_NET_ADMIN and CAP_BPF.
+pub fn require_root() -> Result<()> {
+    if !nix_is_root() {
+        bail!("the lab needs root (network namespaces and BPF); run `cargo xtask test` as root");
+    }
+    Ok(())
+}
+
+fn nix_is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
