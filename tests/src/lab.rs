@@ -25,6 +25,8 @@ pub struct LabOptions {
     pub agent_args: Vec<String>,
     /// The node's pod CIDR.
     pub pod_cidr: String,
+    /// Start `ferry agent` (false: Pods only, e.g. for a baseline without Ferry).
+    pub agent: bool,
 }
 
 impl LabOptions {
@@ -34,6 +36,7 @@ impl LabOptions {
             manifests: Vec::new(),
             agent_args: Vec::new(),
             pod_cidr: "10.244.0.0/24".into(),
+            agent: true,
         }
     }
 
@@ -110,7 +113,9 @@ impl Lab {
             lab.write_manifest(file, yaml)?;
         }
         lab.create_node()?;
-        lab.start_agent()?;
+        if opts.agent {
+            lab.start_agent()?;
+        }
         lab.shim = Some(lab.spawn("shim", &[
             "shim",
             "--manifests",
