@@ -1,11 +1,132 @@
+//! Ferry's eBPF dataplane.
+//!
+//! Packet paths (one entry program per hook, as in Cilium's bpf/):
+//! - `from_pod`: TC ingress on the host side of every Pod veth: service load
+//!   balancing for Pod clients (DNAT + connection tracking) and reverse NAT for the
+//!   replies of backends.
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+mod ct;
+mod lb;
+mod maps;
+mod nat;
+mod parse;
 
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    helpers::bpf_redirect,
+    macros::classifier,
+    programs::TcContext,
+};
+use ferry_common::{addr_to_map, ct_flags, Backend, Counter, CT_DIR_FORWARD, CT_DIR_REPLY, HAIRPIN_SNAT_ADDR};
+
+use crate::{
+    ct::NewFlow,
+    maps::{count, REVNAT},
+    nat::Side,
+    parse::Packet,
+};
+
+/// TC ingress on the host side of a Pod's veth: traffic the Pod sends.
 #[classifier]
-pub fn from_pod(_ctx: TcContext) -> i32 {
-    TC_ACT_OK
+pub fn from_pod(ctx: TcContext) -> i32 {
+    match try_from_pod(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
+    let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
+        return Ok(TC_ACT_OK);
+    };
+    // A reply of a backend to a client (or to the hairpin address)?
+    if let Some(entry) = ct::lookup(&pkt, CT_DIR_REPLY) {
+        let (rev_nat_id, snat, nat_addr, nat_port) =
+            (entry.rev_nat_id, entry.flags & ct_flags::SNAT != 0, entry.nat_addr, entry.nat_port);
+        return reverse_nat(ctx, &pkt, rev_nat_id, snat.then_some((nat_addr, nat_port)));
+    }
+    // A packet of a flow we already balanced: same backend while it exists.
+    if let Some(entry) = ct::lookup(&pkt, CT_DIR_FORWARD) {
+        if let Some(b) = lb::backend(entry.backend_id) {
+            let hairpin = entry.flags & ct_flags::SNAT != 0;
+            return dnat(ctx, &pkt, &b, hairpin);
+        }
+        // The backend is gone: balance again (the entries are overwritten).
+    }
+    let Some(svc) = lb::lookup_service(&pkt) else {
+        return Ok(TC_ACT_OK);
+    };
+    let (backend_id, b) = lb::select_backend(&pkt, &svc)?;
+    let hairpin = b.addr == pkt.saddr;
+    let flow = NewFlow {
+        backend_id,
+        backend_addr: b.addr,
+        backend_port: b.port,
+        rev_nat_id: svc.rev_nat_id,
+        snat_addr: if hairpin { addr_to_map(HAIRPIN_SNAT_ADDR) } else { 0 },
+    };
+    match ct::create(&pkt, &flow) {
+        Ok(()) => count(Counter::CtCreated),
+        // Keep the node working when the table is full: this packet still goes.
+        Err(_) => count(Counter::DropCtFull),
+    }
+    dnat(ctx, &pkt, &b, hairpin)
+}
+
+/// Forward direction: destination := backend; for hairpin also source := the
+/// hairpin address, and the packet goes straight back into the Pod's veth.
+#[inline(always)]
+fn dnat(ctx: &TcContext, pkt: &Packet, b: &Backend, hairpin: bool) -> Result<i32, Counter> {
+    nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, b.addr, pkt.dport, b.port)
+        .map_err(|_| Counter::DropMalformed)?;
+    count(Counter::ServiceForward);
+    if hairpin {
+        let snat = addr_to_map(HAIRPIN_SNAT_ADDR);
+        nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, snat, pkt.sport, pkt.sport)
+            .map_err(|_| Counter::DropMalformed)?;
+        return bounce(ctx);
+    }
+    Ok(TC_ACT_OK)
+}
+
+/// Reply direction: source := the frontend the client dialled; with `snat`
+/// (hairpin) also destination := the original client, back into the Pod's veth.
+#[inline(always)]
+fn reverse_nat(
+    ctx: &TcContext,
+    pkt: &Packet,
+    rev_nat_id: u16,
+    snat: Option<(u32, u16)>,
+) -> Result<i32, Counter> {
+    // SAFETY: copied out at once.
+    let Some(frontend) = (unsafe { REVNAT.get(rev_nat_id).copied() }) else {
+        // The Service was deleted under a live flow.
+        return Err(Counter::DropBackendMissing);
+    };
+    nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, frontend.addr, pkt.sport, frontend.port)
+        .map_err(|_| Counter::DropMalformed)?;
+    count(Counter::ReverseNat);
+    if let Some((addr, port)) = snat {
+        nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, addr, pkt.dport, port)
+            .map_err(|_| Counter::DropMalformed)?;
+        return bounce(ctx);
+    }
+    Ok(TC_ACT_OK)
+}
+
+/// Sends the packet back out of the interface it arrived on.
+#[inline(always)]
+fn bounce(ctx: &TcContext) -> Result<i32, Counter> {
+    parse::swap_macs(ctx).map_err(|_| Counter::DropMalformed)?;
+    // SAFETY: reading the ifindex of the skb this program runs on.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: helper without memory arguments.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
 #[cfg(not(test))]

@@ -1,0 +1,41 @@
+//! The dataplane's maps. Layout and names come from `ferry_common` (the one place
+//! that owns them); every map is pinned by name so that maps, and with them
+//! connection tracking, survive agent restarts.
+use aya_ebpf::{
+    macros::map,
+    maps::{HashMap, LruHashMap, PerCpuArray},
+};
+use ferry_common::{
+    Backend, Counter, CtKey, CtValue, RevNat, ServiceKey, ServiceName, ServiceValue,
+    COUNTER_COUNT, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_REVNAT_MAX,
+    DEFAULT_SERVICES_MAX,
+};
+
+#[map(name = "FERRY_SERVICES")]
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+    HashMap::pinned(DEFAULT_SERVICES_MAX, 0);
+
+#[map(name = "FERRY_BACKENDS")]
+pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_BACKENDS_MAX, 0);
+
+#[map(name = "FERRY_REVNAT")]
+pub static REVNAT: HashMap<u16, RevNat> = HashMap::pinned(DEFAULT_REVNAT_MAX, 0);
+
+#[map(name = "FERRY_CT")]
+pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_CT_MAX, 0);
+
+#[map(name = "FERRY_COUNTERS")]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+
+/// Names for inspection only (`ferry svc list`); the programs never read it.
+#[map(name = "FERRY_SVC_NAMES")]
+pub static SVC_NAMES: HashMap<u16, ServiceName> = HashMap::pinned(DEFAULT_REVNAT_MAX, 0);
+
+/// Adds one to a per-CPU counter.
+#[inline(always)]
+pub fn count(c: Counter) {
+    if let Some(v) = COUNTERS.get_ptr_mut(c as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *v += 1 };
+    }
+}
