@@ -1,0 +1,154 @@
+//! Endpoints of a Service port, from any of the three places Kubernetes keeps them:
+//! Pods matching the selector (standalone mode plays the endpoints controller),
+//! EndpointSlices (discovery.k8s.io/v1) and Endpoints (v1).
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use ferry_shim::status::PodRecord;
+use k8s_openapi::{
+    api::{
+        core::v1::{Endpoints, Service, ServicePort},
+        discovery::v1::EndpointSlice,
+    },
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use crate::model::Sourced;
+
+/// One endpoint of a Service port with its conditions (KEP-1672).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node: Option<String>,
+}
+
+/// Endpoints of `port` of a Service with a selector: the Pods in its namespace whose
+/// labels match, that have an IP and run.
+pub fn from_pods(
+    namespace: &str,
+    selector: &BTreeMap<String, String>,
+    port: &ServicePort,
+    pods: &[PodRecord],
+) -> Vec<Endpoint> {
+    let protocol = port.protocol.as_deref().unwrap_or("TCP");
+    pods.iter()
+        .filter(|p| p.namespace == namespace && p.phase == "Running")
+        .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+        .filter_map(|p| {
+            let addr = p.pod_ip?;
+            let target = match &port.target_port {
+                None => u16::try_from(port.port).ok()?,
+                Some(IntOrString::Int(n)) => u16::try_from(*n).ok()?,
+                Some(IntOrString::String(name)) => p
+                    .ports
+                    .iter()
+                    .find(|cp| cp.name.as_deref() == Some(name) && cp.protocol == protocol)?
+                    .container_port,
+            };
+            Some(Endpoint {
+                addr,
+                port: target,
+                ready: p.ready && !p.terminating,
+                serving: p.ready,
+                terminating: p.terminating,
+                node: Some(p.node.clone()),
+            })
+        })
+        .collect()
+}
+
+/// Endpoints of `port` from the EndpointSlices of the Service (label
+/// `kubernetes.io/service-name`), matched by port name and protocol.
+pub fn from_slices(
+    service: &Service,
+    port: &ServicePort,
+    slices: &[&Sourced<EndpointSlice>],
+) -> Vec<Endpoint> {
+    let _ = service;
+    let protocol = port.protocol.as_deref().unwrap_or("TCP");
+    let mut out = Vec::new();
+    for s in slices {
+        let slice = &s.object;
+        if slice.address_type != "IPv4" {
+            continue;
+        }
+        let Some(slice_port) = slice.ports.iter().flatten().find(|sp| {
+            sp.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or("")
+                && sp.protocol.as_deref().unwrap_or("TCP") == protocol
+        }) else {
+            continue;
+        };
+        let Some(target) = slice_port.port.and_then(|p| u16::try_from(p).ok()) else {
+            continue;
+        };
+        for ep in &slice.endpoints {
+            let cond = ep.conditions.as_ref();
+            // Unset `ready` means unknown: interpreted as ready (the API's rule).
+            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
+            let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
+            let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+            for a in &ep.addresses {
+                if let Ok(addr) = a.parse::<Ipv4Addr>() {
+                    out.push(Endpoint {
+                        addr,
+                        port: target,
+                        ready,
+                        serving,
+                        terminating,
+                        node: ep.node_name.clone(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Endpoints of `port` from a v1 Endpoints object (subsets, matched by port name).
+pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints) -> Vec<Endpoint> {
+    let protocol = port.protocol.as_deref().unwrap_or("TCP");
+    let mut out = Vec::new();
+    for subset in endpoints.subsets.iter().flatten() {
+        let Some(p) = subset.ports.iter().flatten().find(|p| {
+            p.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or("")
+                && p.protocol.as_deref().unwrap_or("TCP") == protocol
+        }) else {
+            continue;
+        };
+        let Ok(target) = u16::try_from(p.port) else { continue };
+        let sets = [(subset.addresses.iter().flatten(), true), (subset.not_ready_addresses.iter().flatten(), false)];
+        for (addrs, ready) in sets {
+            for a in addrs {
+                if let Ok(addr) = a.ip.parse::<Ipv4Addr>() {
+                    out.push(Endpoint {
+                        addr,
+                        port: target,
+                        ready,
+                        serving: ready,
+                        terminating: false,
+                        node: a.node_name.clone(),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The endpoints that take new connections: the ready ones; if none is ready, the
+/// serving and terminating ones (graceful termination, KEP-1669). Sorted, deduped.
+/// The second value says whether the fallback was used.
+pub fn usable(mut all: Vec<Endpoint>) -> (Vec<Endpoint>, bool) {
+    all.sort();
+    all.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
+    let ready: Vec<Endpoint> = all.iter().filter(|e| e.ready).cloned().collect();
+    if !ready.is_empty() {
+        return (ready, false);
+    }
+    let fallback: Vec<Endpoint> = all.into_iter().filter(|e| e.serving && e.terminating).collect();
+    let used = !fallback.is_empty();
+    (fallback, used)
+}

@@ -1,0 +1,123 @@
+//! The pinned BPF maps, through aya.
+use std::path::Path;
+
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use ferry_common::{
+    Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceName, ServiceValue, BACKENDS_MAP,
+    COUNTERS_MAP, CT_MAP, REVNAT_MAP, SERVICES_MAP, SVC_NAMES_MAP,
+};
+
+use super::{MapContents, MapStore};
+
+/// The maps the agent writes.
+pub struct KernelMaps {
+    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    backends: HashMap<MapData, u32, Backend>,
+    revnat: HashMap<MapData, u16, RevNat>,
+    names: HashMap<MapData, u16, ServiceName>,
+}
+
+/// Errors opening maps.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("map {0} is missing from the eBPF object")]
+    Missing(&'static str),
+    #[error("map {name} at {path}: {source} (is the agent running for this node? see --bpffs-dir)")]
+    Pin { name: &'static str, path: String, source: MapError },
+    #[error("map {name}: {source}")]
+    Map { name: &'static str, source: MapError },
+}
+
+fn from_pin(dir: &Path, name: &'static str) -> Result<MapData, OpenError> {
+    let path = dir.join(name);
+    MapData::from_pin(&path).map_err(|source| OpenError::Pin { name, path: path.display().to_string(), source })
+}
+
+fn hash<K: aya::Pod, V: aya::Pod>(name: &'static str, data: MapData) -> Result<HashMap<MapData, K, V>, OpenError> {
+    HashMap::try_from(Map::HashMap(data)).map_err(|source| OpenError::Map { name, source })
+}
+
+impl KernelMaps {
+    /// Takes the maps out of a loaded object (which pinned or reused them).
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, OpenError> {
+        let mut take = |name: &'static str| match ebpf.take_map(name) {
+            Some(Map::HashMap(d)) => Ok(d),
+            _ => Err(OpenError::Missing(name)),
+        };
+        Ok(Self {
+            services: hash(SERVICES_MAP, take(SERVICES_MAP)?)?,
+            backends: hash(BACKENDS_MAP, take(BACKENDS_MAP)?)?,
+            revnat: hash(REVNAT_MAP, take(REVNAT_MAP)?)?,
+            names: hash(SVC_NAMES_MAP, take(SVC_NAMES_MAP)?)?,
+        })
+    }
+
+    /// Opens the maps pinned under `dir` (inspection commands).
+    pub fn from_pins(dir: &Path) -> Result<Self, OpenError> {
+        Ok(Self {
+            services: hash(SERVICES_MAP, from_pin(dir, SERVICES_MAP)?)?,
+            backends: hash(BACKENDS_MAP, from_pin(dir, BACKENDS_MAP)?)?,
+            revnat: hash(REVNAT_MAP, from_pin(dir, REVNAT_MAP)?)?,
+            names: hash(SVC_NAMES_MAP, from_pin(dir, SVC_NAMES_MAP)?)?,
+        })
+    }
+}
+
+/// Removing what is already gone is fine.
+fn ok_if_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+impl MapStore for KernelMaps {
+    type Error = MapError;
+
+    fn read_all(&self) -> Result<MapContents, MapError> {
+        Ok(MapContents {
+            services: self.services.iter().collect::<Result<_, _>>()?,
+            backends: self.backends.iter().collect::<Result<_, _>>()?,
+            revnat: self.revnat.iter().collect::<Result<_, _>>()?,
+            names: self.names.iter().collect::<Result<_, _>>()?,
+        })
+    }
+    fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), MapError> {
+        self.services.insert(k, v, 0)
+    }
+    fn del_service(&mut self, k: &ServiceKey) -> Result<(), MapError> {
+        ok_if_missing(self.services.remove(k))
+    }
+    fn put_backend(&mut self, id: u32, v: Backend) -> Result<(), MapError> {
+        self.backends.insert(id, v, 0)
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), MapError> {
+        ok_if_missing(self.backends.remove(&id))
+    }
+    fn put_revnat(&mut self, id: u16, v: RevNat, name: ServiceName) -> Result<(), MapError> {
+        self.revnat.insert(id, v, 0)?;
+        self.names.insert(id, name, 0)
+    }
+    fn del_revnat(&mut self, id: u16) -> Result<(), MapError> {
+        ok_if_missing(self.revnat.remove(&id))?;
+        ok_if_missing(self.names.remove(&id))
+    }
+}
+
+/// Connection-tracking entries pinned under `dir`.
+pub fn read_ct(dir: &Path) -> Result<Vec<(CtKey, CtValue)>, OpenError> {
+    let data = from_pin(dir, CT_MAP)?;
+    let ct: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(data))
+        .map_err(|source| OpenError::Map { name: CT_MAP, source })?;
+    // Entries can be evicted mid-iteration; skip the ones that vanished.
+    Ok(ct.iter().filter_map(Result::ok).collect())
+}
+
+/// The dataplane's counters, summed over CPUs, indexed by `ferry_common::Counter`.
+pub fn read_counters(dir: &Path) -> Result<Vec<u64>, OpenError> {
+    let data = from_pin(dir, COUNTERS_MAP)?;
+    let arr: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))
+        .map_err(|source| OpenError::Map { name: COUNTERS_MAP, source })?;
+    Ok(arr.iter().map(|v| v.map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)).collect())
+}

@@ -1,0 +1,32 @@
+//! From desired frontends to the exact contents of the BPF maps (`layout`), and
+//! from there to the kernel by writing only the difference (`sync`).
+//! The byte layout itself is `ferry_common`'s.
+pub mod kernel;
+pub mod layout;
+pub mod sync;
+
+use std::collections::BTreeMap;
+
+use ferry_common::{Backend, RevNat, ServiceKey, ServiceName, ServiceValue};
+
+/// The contents of the four maps the agent owns (connection tracking belongs to
+/// the dataplane).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MapContents {
+    pub services: BTreeMap<ServiceKey, ServiceValue>,
+    pub backends: BTreeMap<u32, Backend>,
+    pub revnat: BTreeMap<u16, RevNat>,
+    pub names: BTreeMap<u16, ServiceName>,
+}
+
+/// Access to the maps: aya's pinned maps in production, a BTreeMap in tests.
+pub trait MapStore {
+    type Error: std::error::Error + Send + Sync + 'static;
+    fn read_all(&self) -> Result<MapContents, Self::Error>;
+    fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Self::Error>;
+    fn del_service(&mut self, k: &ServiceKey) -> Result<(), Self::Error>;
+    fn put_backend(&mut self, id: u32, v: Backend) -> Result<(), Self::Error>;
+    fn del_backend(&mut self, id: u32) -> Result<(), Self::Error>;
+    fn put_revnat(&mut self, id: u16, v: RevNat, name: ServiceName) -> Result<(), Self::Error>;
+    fn del_revnat(&mut self, id: u16) -> Result<(), Self::Error>;
+}

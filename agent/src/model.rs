@@ -1,0 +1,39 @@
+//! The cluster as the agent sees it: the input of the pure translation.
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Service},
+    discovery::v1::EndpointSlice,
+};
+use ferry_shim::status::PodRecord;
+
+/// An object with where it came from (for error messages).
+#[derive(Clone, Debug)]
+pub struct Sourced<T> {
+    pub source: String,
+    pub object: T,
+}
+
+impl<T> Sourced<T> {
+    pub fn new(source: impl Into<String>, object: T) -> Self {
+        Self { source: source.into(), object }
+    }
+}
+
+/// Everything translation needs, from either source (manifests or the API).
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub services: Vec<Sourced<Service>>,
+    pub endpoint_slices: Vec<Sourced<EndpointSlice>>,
+    pub endpoints: Vec<Sourced<Endpoints>>,
+    /// Pods as the kubelet (shim) reports them; used to derive endpoints of
+    /// Services with a selector in standalone mode.
+    pub pods: Vec<PodRecord>,
+}
+
+/// `namespace/name` of an object's metadata.
+pub fn ns_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("<unnamed>")
+    )
+}

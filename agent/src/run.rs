@@ -1,0 +1,164 @@
+//! The standalone agent: manifests + Pod status → translate → layout → sync, again
+//! whenever the input changes, and from_pod attached to every Pod veth.
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use futures::StreamExt as _;
+use rtnetlink::MulticastGroup;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    dataplane::{self, Dataplane},
+    maps::{
+        kernel::KernelMaps,
+        layout::{layout, Ids},
+        sync::Syncer,
+    },
+    model::Snapshot,
+    sources::{manifests, watch},
+    translate::{self, translate},
+};
+
+/// Everything `ferry agent --manifests` needs.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub manifests: PathBuf,
+    pub state_dir: PathBuf,
+    pub node: String,
+    pub devices: Vec<String>,
+    pub translate: translate::Config,
+    pub dataplane: dataplane::Config,
+    pub debounce: Duration,
+}
+
+/// The sync side: input → maps.
+struct Programmer {
+    syncer: Syncer<KernelMaps>,
+    ids: Ids,
+    /// Errors reported last time (each is logged once, when it appears).
+    reported: BTreeSet<String>,
+}
+
+impl Programmer {
+    fn sync(&mut self, cfg: &Config) -> Result<()> {
+        let started = Instant::now();
+        let mut m = manifests::load_dir(&cfg.manifests);
+        let (pods, pod_errors) = ferry_shim::status::read_all(&cfg.state_dir);
+        for (path, e) in pod_errors {
+            tracing::debug!("skipping unreadable pod record {}: {e}", path.display());
+        }
+        let snapshot = Snapshot { pods, ..std::mem::take(&mut m.snapshot) };
+        let t = translate(&snapshot, &cfg.translate);
+        let errors: BTreeSet<String> =
+            m.errors.iter().chain(t.errors.iter()).map(ToString::to_string).collect();
+        for e in errors.difference(&self.reported) {
+            tracing::error!("{e}");
+        }
+        for e in self.reported.difference(&errors) {
+            tracing::info!("resolved: {e}");
+        }
+        self.reported = errors;
+        let desired = layout(&t.frontends, &mut self.ids);
+        let st = self.syncer.sync(&desired).context("writing the BPF maps")?;
+        if st.upserts + st.deletes > 0 {
+            let backends: usize = t.frontends.iter().map(|f| f.backends.len()).sum();
+            tracing::info!(
+                frontends = t.frontends.len(),
+                backends,
+                upserts = st.upserts,
+                deletes = st.deletes,
+                write_us = st.duration.as_micros() as u64,
+                total_ms = started.elapsed().as_millis() as u64,
+                "maps synced"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Runs until SIGTERM/SIGINT. The programs and maps stay in place when it stops,
+/// so traffic keeps flowing while the agent restarts.
+pub async fn run_standalone(cfg: Config) -> Result<()> {
+    let (mut dp, maps) = Dataplane::load(&cfg.dataplane)?;
+    let syncer = Syncer::new(maps).context("reading the pinned maps")?;
+    let ids = Ids::from_contents(syncer.current());
+    let mut prog = Programmer { syncer, ids, reported: BTreeSet::new() };
+    tracing::info!(
+        node = %cfg.node,
+        manifests = %cfg.manifests.display(),
+        bpffs = %cfg.dataplane.bpffs_dir.display(),
+        "ferry agent started (standalone)"
+    );
+
+    let (conn, handle, mut link_events) =
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).context("netlink")?;
+    tokio::spawn(conn);
+    attach_all(&handle, &mut dp, &cfg.devices).await;
+
+    let watched = vec![cfg.manifests.clone(), ferry_shim::status::pods_dir(&cfg.state_dir)];
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let _watcher = watch::watch(&watched, tx)?;
+    let mut seen = watch::fingerprint(&watched);
+    if let Err(e) = prog.sync(&cfg) {
+        tracing::error!("sync failed: {e:#}");
+    }
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            Some(()) = changes.recv() => {
+                // Coalesce a burst of events into one sync.
+                tokio::time::sleep(cfg.debounce).await;
+                while changes.try_recv().is_ok() {}
+                seen = watch::fingerprint(&watched);
+                if let Err(e) = prog.sync(&cfg) {
+                    tracing::error!("sync failed: {e:#}");
+                }
+            }
+            Some(_) = link_events.next() => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, link_events.next()).await {}
+                attach_all(&handle, &mut dp, &cfg.devices).await;
+            }
+            _ = tick.tick() => {
+                let now = watch::fingerprint(&watched);
+                if now != seen {
+                    seen = now;
+                    if let Err(e) = prog.sync(&cfg) {
+                        tracing::error!("sync failed: {e:#}");
+                    }
+                }
+                attach_all(&handle, &mut dp, &cfg.devices).await;
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("stopping; programs and maps stay pinned in {}", cfg.dataplane.bpffs_dir.display());
+    Ok(())
+}
+
+/// Attaches from_pod to every Pod veth not attached yet.
+async fn attach_all(handle: &rtnetlink::Handle, dp: &mut Dataplane, devices: &[String]) {
+    let links = match dataplane::list_links(handle).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("listing links: {e:#}");
+            return;
+        }
+    };
+    let pods = dataplane::pod_interfaces(&links, devices);
+    dp.forget_missing(&pods);
+    for (idx, name) in &pods {
+        if let Err(e) = dp.attach(name, *idx) {
+            // The link may have vanished in between; retried on the next event.
+            tracing::warn!("{e:#}");
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Reading Kubernetes YAML: every *.yaml / *.yml file of a directory, multi-document
+//! files too, typed with k8s-openapi. A file or document that does not parse is
+//! reported and skipped; the rest is used.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use serde::de::DeserializeOwned;
+
+use crate::{
+    error::InputError,
+    model::{Snapshot, Sourced},
+};
+
+/// The objects of a manifest directory and the problems found reading it.
+#[derive(Debug, Default)]
+pub struct Manifests {
+    pub snapshot: Snapshot,
+    pub errors: Vec<InputError>,
+}
+
+/// Kinds standalone mode reads; Pods and Deployments are the shim's business (the
+/// agent learns about Pods from the shim's status records).
+const IGNORED_KINDS: &[&str] = &["Pod", "Deployment", "ConfigMap", "Namespace", "ServiceAccount"];
+
+/// Reads every manifest file of `dir`.
+pub fn load_dir(dir: &Path) -> Manifests {
+    let mut out = Manifests::default();
+    let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| is_manifest(p))
+            .collect(),
+        Err(e) => {
+            out.errors.push(InputError::new(dir.display().to_string(), "directory", "", e.to_string()));
+            return out;
+        }
+    };
+    files.sort();
+    for path in files {
+        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        match fs::read_to_string(&path) {
+            Ok(text) => load_str(&name, &text, &mut out),
+            Err(e) => out.errors.push(InputError::new(name, "file", "", e.to_string())),
+        }
+    }
+    out
+}
+
+/// Whether a path is a manifest file (not hidden, .yaml or .yml).
+pub fn is_manifest(p: &Path) -> bool {
+    let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+    let yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
+    !hidden && yaml && p.is_file()
+}
+
+/// Parses the documents of one file into `out`.
+pub fn load_str(source: &str, text: &str, out: &mut Manifests) {
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let doc_name = format!("document {}", i + 1);
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                out.errors.push(InputError::new(source, doc_name, "", format!("not valid YAML: {e}")));
+                // A syntax error ends the stream: the rest of the file is unreadable.
+                break;
+            }
+        };
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+        let api_version =
+            value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("").to_string();
+        let object = describe(&kind, &value).unwrap_or(doc_name);
+        match (api_version.as_str(), kind.as_str()) {
+            ("v1", "Service") => push(source, &object, value, &mut out.snapshot.services, &mut out.errors),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                push(source, &object, value, &mut out.snapshot.endpoint_slices, &mut out.errors)
+            }
+            ("v1", "Endpoints") => push(source, &object, value, &mut out.snapshot.endpoints, &mut out.errors),
+            (_, "List") | (_, "") if kind.is_empty() => out.errors.push(InputError::new(
+                source,
+                object,
+                "kind",
+                "missing: every document needs apiVersion and kind",
+            )),
+            (_, k) if IGNORED_KINDS.contains(&k) => {}
+            (v, k) => tracing::debug!(source, "ignoring {k} ({v})"),
+        }
+    }
+}
+
+fn push<T: DeserializeOwned>(
+    source: &str,
+    object: &str,
+    value: serde_yaml::Value,
+    into: &mut Vec<Sourced<T>>,
+    errors: &mut Vec<InputError>,
+) {
+    match serde_yaml::from_value::<T>(value) {
+        Ok(obj) => into.push(Sourced::new(source, obj)),
+        Err(e) => errors.push(InputError::new(source, object, "", format!("does not match the schema: {e}"))),
+    }
+}
+
+/// `Kind namespace/name` from an untyped document.
+fn describe(kind: &str, value: &serde_yaml::Value) -> Option<String> {
+    let meta = value.get("metadata")?;
+    let name = meta.get("name")?.as_str()?;
+    let ns = meta.get("namespace").and_then(|n| n.as_str()).unwrap_or("default");
+    Some(format!("{kind} {ns}/{name}"))
+}
+
+use serde::Deserialize as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Manifests {
+        let mut m = Manifests::default();
+        load_str("test.yaml", text, &mut m);
+        m
+    }
+
+    #[test]
+    fn reads_multi_document_files_and_ignores_pods() {
+        let m = load(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a-1, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nendpoints: []\n---\n\
+             apiVersion: v1\nkind: Endpoints\nmetadata: {name: b}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n---\n",
+        );
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        assert_eq!(m.snapshot.services.len(), 1);
+        assert_eq!(m.snapshot.endpoint_slices.len(), 1);
+        assert_eq!(m.snapshot.endpoints.len(), 1);
+        assert_eq!(m.snapshot.services[0].source, "test.yaml");
+    }
+
+    #[test]
+    fn broken_yaml_is_reported_with_the_file() {
+        let m = load("apiVersion: v1\nkind: Service\nmetadata: [this is: not: yaml\n");
+        assert_eq!(m.errors.len(), 1);
+        let msg = m.errors[0].to_string();
+        assert!(msg.starts_with("test.yaml: document 1: not valid YAML"), "{msg}");
+    }
+
+    #[test]
+    fn schema_mismatch_names_the_object_and_keeps_the_rest() {
+        let m = load(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {ports: [{port: eighty}]}\n---\n\
+             apiVersion: v1\nkind: Service\nmetadata: {name: good}\nspec: {ports: [{port: 80}]}\n",
+        );
+        assert_eq!(m.snapshot.services.len(), 1);
+        assert_eq!(m.errors.len(), 1);
+        let msg = m.errors[0].to_string();
+        assert!(msg.contains("test.yaml: Service default/bad"), "{msg}");
+    }
+
+    #[test]
+    fn missing_kind_is_an_error() {
+        let m = load("metadata: {name: x}\n");
+        assert_eq!(m.errors.len(), 1);
+        assert_eq!(m.errors[0].field, "kind");
+    }
+}

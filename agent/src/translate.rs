@@ -1,0 +1,320 @@
+//! THE translation: cluster objects in, desired frontends and backends out.
+//!
+//! A pure function (no I/O, no clock, no randomness): the same snapshot always
+//! gives the same result, so it is unit-tested with plain builders and both sources
+//! (manifests, API) share it. Map ids and byte layout are `maps::layout`'s job.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use ferry_common::{svc_flags, PROTO_TCP, PROTO_UDP};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Service;
+
+use crate::{
+    endpoints::{self, Endpoint},
+    error::InputError,
+    model::{ns_name, Snapshot, Sourced},
+};
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Settings translation depends on.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where ClusterIPs are allocated for Services without spec.clusterIP.
+    pub service_cidr: Ipv4Net,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { service_cidr: "10.96.0.0/12".parse().expect("valid CIDR") }
+    }
+}
+
+/// A service address clients dial: {addr, port, protocol} and where it leads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    /// `namespace/name:port-name` (or `:port` for unnamed ports).
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    /// `ferry_common::svc_flags`.
+    pub flags: u32,
+    /// The endpoints new connections may go to, sorted.
+    pub backends: Vec<BackendSpec>,
+}
+
+impl Frontend {
+    pub fn key(&self) -> (Ipv4Addr, u16, u8) {
+        (self.addr, self.port, self.proto)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendSpec {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub terminating: bool,
+}
+
+/// The result: what the maps should hold, and what was wrong with the input.
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    /// Sorted by (addr, port, proto).
+    pub frontends: Vec<Frontend>,
+    pub errors: Vec<InputError>,
+}
+
+/// How a Service gets its ClusterIP.
+enum ClusterIp {
+    Explicit(Ipv4Addr),
+    Allocate,
+}
+
+/// A Service that passed validation, with the ports that did.
+struct Valid<'a> {
+    svc: &'a Sourced<Service>,
+    key: String,
+    ip: ClusterIp,
+    ports: Vec<(usize, u16, u8)>,
+}
+
+pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
+    let mut out = Translation::default();
+    let mut valid: Vec<Valid> = Vec::new();
+    let mut known: BTreeSet<String> = BTreeSet::new();
+    for svc in &snapshot.services {
+        known.insert(ns_name(&svc.object.metadata));
+        if let Some(v) = validate(svc, &mut out.errors) {
+            valid.push(v);
+        }
+    }
+    check_orphans(snapshot, &known, &mut out.errors);
+
+    // Earlier Services win conflicts: creation time, then name (kube-apiserver
+    // would have refused the later one).
+    valid.sort_by(|a, b| {
+        let ta = a.svc.object.metadata.creation_timestamp.as_ref().map(|t| t.0.clone());
+        let tb = b.svc.object.metadata.creation_timestamp.as_ref().map(|t| t.0.clone());
+        (ta, &a.key).cmp(&(tb, &b.key))
+    });
+    let ips = assign_cluster_ips(&valid, cfg, &mut out.errors);
+
+    let mut claimed: BTreeMap<(Ipv4Addr, u16, u8), String> = BTreeMap::new();
+    for (v, ip) in valid.iter().zip(ips) {
+        let Some(ip) = ip else { continue };
+        let spec = v.svc.object.spec.as_ref().expect("validated");
+        let sp_all = spec.ports.as_deref().unwrap_or_default();
+        for &(i, port, proto) in &v.ports {
+            let sp = &sp_all[i];
+            if let Some(owner) = claimed.get(&(ip, port, proto)) {
+                out.errors.push(InputError::new(
+                    &v.svc.source,
+                    format!("Service {}", v.key),
+                    format!("spec.ports[{i}]"),
+                    format!("{ip}:{port}/{} is already used by Service {owner}", proto_name(proto)),
+                ));
+                continue;
+            }
+            claimed.insert((ip, port, proto), v.key.clone());
+            let all = endpoints_of(snapshot, v, sp);
+            let (usable, fallback) = endpoints::usable(all);
+            let mut flags = svc_flags::CLUSTER_IP;
+            if fallback {
+                flags |= svc_flags::TERMINATING_FALLBACK;
+            }
+            let port_name = sp.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| port.to_string());
+            out.frontends.push(Frontend {
+                name: format!("{}:{port_name}", v.key),
+                addr: ip,
+                port,
+                proto,
+                flags,
+                backends: usable
+                    .into_iter()
+                    .map(|e| BackendSpec { addr: e.addr, port: e.port, terminating: e.terminating })
+                    .collect(),
+            });
+        }
+    }
+    out.frontends.sort_by_key(Frontend::key);
+    out
+}
+
+/// Checks a Service; returns None when it gets no dataplane entries at all.
+fn validate<'a>(svc: &'a Sourced<Service>, errors: &mut Vec<InputError>) -> Option<Valid<'a>> {
+    let key = ns_name(&svc.object.metadata);
+    let err = |field: &str, msg: String| InputError::new(&svc.source, format!("Service {key}"), field, msg);
+    if svc.object.metadata.name.as_deref().unwrap_or("").is_empty() {
+        errors.push(err("metadata.name", "missing".into()));
+        return None;
+    }
+    let Some(spec) = svc.object.spec.as_ref() else {
+        errors.push(err("spec", "missing".into()));
+        return None;
+    };
+    match spec.type_.as_deref() {
+        None | Some("ClusterIP") | Some("NodePort") | Some("LoadBalancer") => {}
+        Some("ExternalName") => return None, // DNS only: nothing to program.
+        Some(other) => {
+            errors.push(err(
+                "spec.type",
+                format!("unknown type {other:?} (ClusterIP, NodePort, LoadBalancer, ExternalName)"),
+            ));
+            return None;
+        }
+    }
+    let ip = match spec.cluster_ip.as_deref() {
+        Some("None") => return None, // headless: DNS only.
+        None | Some("") => ClusterIp::Allocate,
+        Some(s) => match s.parse::<Ipv4Addr>() {
+            Ok(ip) => ClusterIp::Explicit(ip),
+            Err(_) => {
+                let why = if s.contains(':') { "IPv6 is not supported yet" } else { "not an IPv4 address" };
+                errors.push(err("spec.clusterIP", format!("{s:?}: {why}")));
+                return None;
+            }
+        },
+    };
+    let mut ports = Vec::new();
+    for (i, sp) in spec.ports.iter().flatten().enumerate() {
+        let field = |f: &str| format!("spec.ports[{i}].{f}");
+        let Some(port) = u16::try_from(sp.port).ok().filter(|p| *p > 0) else {
+            errors.push(err(&field("port"), format!("{} is out of range 1-65535", sp.port)));
+            continue;
+        };
+        let proto = match sp.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => PROTO_TCP,
+            "UDP" => PROTO_UDP,
+            "SCTP" => {
+                errors.push(err(&field("protocol"), "SCTP is not supported yet".into()));
+                continue;
+            }
+            other => {
+                errors.push(err(&field("protocol"), format!("unknown protocol {other:?} (TCP, UDP, SCTP)")));
+                continue;
+            }
+        };
+        if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(t)) = &sp.target_port {
+            if !(1..=65535).contains(t) {
+                errors.push(err(&field("targetPort"), format!("{t} is out of range 1-65535")));
+                continue;
+            }
+        }
+        ports.push((i, port, proto));
+    }
+    Some(Valid { svc, key, ip, ports })
+}
+
+/// ClusterIPs: explicit ones as given (outside the range is fine, as with a real
+/// apiserver's second range); the others by a stable hash of namespace/name into
+/// the range, probing onward on collision, in name order. Same input, same IPs:
+/// on every node and across restarts.
+fn assign_cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError>) -> Vec<Option<Ipv4Addr>> {
+    let mut used: BTreeSet<Ipv4Addr> = valid
+        .iter()
+        .filter_map(|v| match v.ip {
+            ClusterIp::Explicit(ip) => Some(ip),
+            ClusterIp::Allocate => None,
+        })
+        .collect();
+    let net = cfg.service_cidr;
+    let base = u32::from(net.network());
+    let size = (1u64 << (32 - net.prefix_len())).saturating_sub(2).max(1) as u32;
+    let mut order: Vec<usize> = (0..valid.len()).filter(|i| matches!(valid[*i].ip, ClusterIp::Allocate)).collect();
+    order.sort_by(|a, b| valid[*a].key.cmp(&valid[*b].key));
+    let mut out: Vec<Option<Ipv4Addr>> = valid
+        .iter()
+        .map(|v| match v.ip {
+            ClusterIp::Explicit(ip) => Some(ip),
+            ClusterIp::Allocate => None,
+        })
+        .collect();
+    for i in order {
+        let start = fnv1a(valid[i].key.as_bytes()) % size;
+        let found = (0..size).map(|k| Ipv4Addr::from(base + 1 + (start + k) % size)).find(|ip| !used.contains(ip));
+        match found {
+            Some(ip) => {
+                used.insert(ip);
+                out[i] = Some(ip);
+            }
+            None => errors.push(InputError::new(
+                &valid[i].svc.source,
+                format!("Service {}", valid[i].key),
+                "spec.clusterIP",
+                format!("no free address left in {net}"),
+            )),
+        }
+    }
+    out
+}
+
+/// FNV-1a: a stable hash (std's hasher is randomly seeded).
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ *b as u32).wrapping_mul(0x0100_0193))
+}
+
+fn endpoints_of(snapshot: &Snapshot, v: &Valid, sp: &k8s_openapi::api::core::v1::ServicePort) -> Vec<Endpoint> {
+    let meta = &v.svc.object.metadata;
+    let ns = meta.namespace.as_deref().unwrap_or("default");
+    let name = meta.name.as_deref().unwrap_or_default();
+    let spec = v.svc.object.spec.as_ref().expect("validated");
+    if let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) {
+        return endpoints::from_pods(ns, selector, sp, &snapshot.pods);
+    }
+    let slices: Vec<_> = snapshot
+        .endpoint_slices
+        .iter()
+        .filter(|s| {
+            s.object.metadata.namespace.as_deref().unwrap_or("default") == ns
+                && slice_service(&s.object).as_deref() == Some(name)
+        })
+        .collect();
+    let mut all = endpoints::from_slices(&v.svc.object, sp, &slices);
+    for e in &snapshot.endpoints {
+        if ns_name(&e.object.metadata) == v.key {
+            all.extend(endpoints::from_endpoints(sp, &e.object));
+        }
+    }
+    all
+}
+
+fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<String> {
+    slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL).cloned()
+}
+
+/// EndpointSlices and Endpoints must belong to a Service we know.
+fn check_orphans(snapshot: &Snapshot, known: &BTreeSet<String>, errors: &mut Vec<InputError>) {
+    for s in &snapshot.endpoint_slices {
+        let meta = &s.object.metadata;
+        let object = format!("EndpointSlice {}", ns_name(meta));
+        let field = format!("metadata.labels[{SERVICE_NAME_LABEL}]");
+        match slice_service(&s.object) {
+            None => errors.push(InputError::new(&s.source, object, field, "missing: the slice belongs to no Service")),
+            Some(svc) => {
+                let key = format!("{}/{svc}", meta.namespace.as_deref().unwrap_or("default"));
+                if !known.contains(&key) {
+                    errors.push(InputError::new(&s.source, object, field, format!("unknown Service {key}")));
+                }
+            }
+        }
+    }
+    for e in &snapshot.endpoints {
+        let key = ns_name(&e.object.metadata);
+        if !known.contains(&key) {
+            errors.push(InputError::new(&e.source, format!("Endpoints {key}"), "metadata.name", format!("unknown Service {key}")));
+        }
+    }
+}
+
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "TCP",
+        PROTO_UDP => "UDP",
+        _ => "?",
+    }
+}
