@@ -1,4 +1,12 @@
 //! `ferry shim`: a tiny kubelet for the lab, and `ferry echo`, the lab's echo server.
+pub mod container;
+pub mod echo;
+pub mod manifests;
+pub mod netns;
+pub mod network;
+pub mod pod;
+pub mod probe;
+mod shim;
 pub mod status;
 
 use std::path::PathBuf;
@@ -18,6 +26,9 @@ pub struct ShimArgs {
     /// This node's pod CIDR; its first address is the pods' gateway.
     #[arg(long, default_value = "10.244.0.0/24")]
     pub pod_cidr: ipnet::Ipv4Net,
+    /// Upper bound on a Pod's terminationGracePeriodSeconds.
+    #[arg(long, default_value_t = 30)]
+    pub max_grace_seconds: u64,
 }
 
 /// `ferry echo` flags.
@@ -36,10 +47,10 @@ pub struct EchoArgs {
 
 /// Runs the shim until SIGINT/SIGTERM, then stops every Pod it started.
 pub async fn run_shim(args: ShimArgs) -> anyhow::Result<()> {
-    anyhow::bail!("ferry shim is not built yet ({args:?})")
+    shim::run(args).await
 }
 
 /// Runs the echo server until killed.
 pub async fn run_echo(args: EchoArgs) -> anyhow::Result<()> {
-    anyhow::bail!("ferry echo is not built yet ({args:?})")
+    echo::run(args).await
 }

@@ -1,0 +1,120 @@
+//! The shim's main loop: desired Pods (manifests) against running Pods.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use notify::Watcher as _;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    manifests::{self, PodDef},
+    netns, network,
+    pod::{Ctx, PodHandle},
+    status, ShimArgs,
+};
+
+pub async fn run(args: ShimArgs) -> Result<()> {
+    let gateway = args.pod_cidr.hosts().next().context("--pod-cidr has no host addresses")?;
+    if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
+        tracing::warn!("net.ipv4.ip_forward is 0 in this network namespace: Pods cannot reach each other through the node");
+    }
+    let ctx = Arc::new(Ctx {
+        node: args.node.clone(),
+        state_dir: args.state_dir.clone(),
+        gateway,
+        node_netlink: network::handle_here()?,
+        host_ip: None,
+    });
+    remove_leftovers(&ctx);
+
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+        if e.is_ok() {
+            let _ = tx.send(());
+        }
+    })?;
+    watcher
+        .watch(&args.manifests, notify::RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching {}", args.manifests.display()))?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let max_grace = Duration::from_secs(args.max_grace_seconds);
+    tracing::info!(node = %args.node, cidr = %args.pod_cidr, manifests = %args.manifests.display(), "ferry shim started");
+
+    let mut running: BTreeMap<String, PodHandle> = BTreeMap::new();
+    let mut stopping: Vec<PodHandle> = Vec::new();
+    let mut reported: BTreeSet<String> = BTreeSet::new();
+    loop {
+        let desired = manifests::load_dir(&args.manifests, &args.node);
+        let errors: BTreeSet<String> = desired.errors.iter().cloned().collect();
+        for e in errors.difference(&reported) {
+            tracing::error!("{e}");
+        }
+        reported = errors;
+        stopping.retain(|h| !h.is_finished());
+        // Gone or changed: terminate.
+        let outdated: Vec<String> = running
+            .iter()
+            .filter(|(k, h)| desired.pods.get(*k).is_none_or(|d| d.fingerprint != h.def.fingerprint))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in outdated {
+            if let Some(h) = running.remove(&k) {
+                h.stop(grace(&h.def, max_grace));
+                stopping.push(h);
+            }
+        }
+        // New: start, once a previous incarnation has fully stopped.
+        for (k, def) in &desired.pods {
+            if running.contains_key(k) || stopping.iter().any(|h| &h.def.key() == k) {
+                continue;
+            }
+            let used: BTreeSet<Ipv4Addr> = running.values().chain(stopping.iter()).map(|h| h.ip).collect();
+            let Some(ip) = args.pod_cidr.hosts().skip(1).find(|ip| !used.contains(ip)) else {
+                tracing::error!(pod = %k, "no free address in {}", args.pod_cidr);
+                continue;
+            };
+            tracing::info!(pod = %k, %ip, "starting");
+            running.insert(k.clone(), PodHandle::spawn(ctx.clone(), def.clone(), ip));
+        }
+        tokio::select! {
+            Some(()) = changes.recv() => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                while changes.try_recv().is_ok() {}
+            }
+            _ = tick.tick() => {}
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("stopping every Pod");
+    let fast = Duration::from_secs(2);
+    for h in running.values() {
+        h.stop(grace(&h.def, max_grace).min(fast));
+    }
+    for h in running.into_values().chain(stopping) {
+        h.wait().await;
+    }
+    Ok(())
+}
+
+fn grace(def: &PodDef, max: Duration) -> Duration {
+    let secs = def.spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64;
+    Duration::from_secs(secs).min(max)
+}
+
+/// A previous shim of this node that crashed may have left namespaces and records.
+fn remove_leftovers(ctx: &Ctx) {
+    let prefix = format!("{}-", ctx.node);
+    for ns in netns::list().into_iter().filter(|n| n.starts_with(&prefix)) {
+        tracing::info!(netns = %ns, "removing a leftover Pod namespace");
+        let _ = netns::delete(&ns);
+    }
+    let dir = status::pods_dir(&ctx.state_dir).join(&ctx.node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
