@@ -318,3 +318,171 @@ pub fn proto_name(proto: u8) -> &'static str {
         _ => "?",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_shim::status::{ContainerPortRecord, PodRecord};
+    use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
+
+    fn svc(y: &str) -> Sourced<Service> {
+        Sourced::new("s.yaml", serde_yaml::from_str(y).expect("test service parses"))
+    }
+    fn slice(y: &str) -> Sourced<EndpointSlice> {
+        Sourced::new("e.yaml", serde_yaml::from_str(y).expect("test slice parses"))
+    }
+    fn pod(name: &str, ip: [u8; 4], ready: bool, terminating: bool) -> PodRecord {
+        PodRecord {
+            name: name.into(),
+            namespace: "default".into(),
+            node: "n1".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            ports: vec![ContainerPortRecord { name: Some("http".into()), container_port: 8080, protocol: "TCP".into() }],
+            pod_ip: Some(Ipv4Addr::from(ip)),
+            host_ip: None,
+            phase: "Running".into(),
+            ready,
+            terminating,
+            netns: None,
+            restarts: 0,
+        }
+    }
+    const WEB: &str = "metadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http}\n  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}\n";
+
+    fn run(s: &Snapshot) -> Translation {
+        translate(s, &Config::default())
+    }
+
+    #[test]
+    fn clusterip_with_selector_multi_port_and_named_target_port() {
+        let s = Snapshot {
+            services: vec![svc(WEB)],
+            pods: vec![pod("a", [10, 244, 0, 2], true, false), pod("b", [10, 244, 0, 3], true, false)],
+            ..Default::default()
+        };
+        let t = run(&s);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        assert_eq!(t.frontends.len(), 2);
+        let dns = &t.frontends[0];
+        assert_eq!((dns.addr, dns.port, dns.proto), (Ipv4Addr::new(10, 96, 0, 10), 53, PROTO_UDP));
+        assert_eq!(dns.backends.iter().map(|b| b.port).collect::<Vec<_>>(), [5353, 5353]);
+        let http = &t.frontends[1];
+        assert_eq!(http.name, "default/web:http");
+        assert_eq!(http.flags, svc_flags::CLUSTER_IP);
+        // Named targetPort: resolved through the Pod's ports ("http" is TCP 8080).
+        assert_eq!(
+            http.backends,
+            vec![
+                BackendSpec { addr: Ipv4Addr::new(10, 244, 0, 2), port: 8080, terminating: false },
+                BackendSpec { addr: Ipv4Addr::new(10, 244, 0, 3), port: 8080, terminating: false },
+            ]
+        );
+    }
+
+    #[test]
+    fn not_ready_pods_are_left_out_and_terminating_ones_are_the_fallback() {
+        let mut s = Snapshot {
+            services: vec![svc(WEB)],
+            pods: vec![pod("a", [10, 244, 0, 2], true, false), pod("b", [10, 244, 0, 3], false, false)],
+            ..Default::default()
+        };
+        let t = run(&s);
+        assert_eq!(t.frontends[1].backends.len(), 1, "only the ready Pod");
+        // Nothing ready; a serving+terminating Pod still takes new connections.
+        s.pods = vec![pod("a", [10, 244, 0, 2], true, true), pod("b", [10, 244, 0, 3], false, false)];
+        let t = run(&s);
+        let http = &t.frontends[1];
+        assert_eq!(http.backends, vec![BackendSpec { addr: Ipv4Addr::new(10, 244, 0, 2), port: 8080, terminating: true }]);
+        assert_ne!(http.flags & svc_flags::TERMINATING_FALLBACK, 0);
+        // No Pods: the frontend exists with no backends.
+        s.pods.clear();
+        assert!(run(&s).frontends.iter().all(|f| f.backends.is_empty()));
+    }
+
+    #[test]
+    fn headless_and_external_name_get_nothing_and_no_error() {
+        let s = Snapshot {
+            services: vec![
+                svc("metadata: {name: h}\nspec: {clusterIP: None, selector: {app: web}, ports: [{port: 80}]}\n"),
+                svc("metadata: {name: x}\nspec: {type: ExternalName, externalName: example.org}\n"),
+            ],
+            ..Default::default()
+        };
+        let t = run(&s);
+        assert!(t.frontends.is_empty() && t.errors.is_empty(), "{t:?}");
+    }
+
+    #[test]
+    fn bad_ports_and_protocols_name_the_field_and_spare_the_rest() {
+        let s = Snapshot {
+            services: vec![svc(
+                "metadata: {name: bad}\nspec:\n  clusterIP: 10.96.0.20\n  ports:\n  - {name: a, port: 70000}\n  - {name: b, port: 81, protocol: QUIC}\n  - {name: c, port: 82, protocol: SCTP}\n  - {name: d, port: 83, targetPort: 0}\n  - {name: ok, port: 84}\n",
+            )],
+            ..Default::default()
+        };
+        let t = run(&s);
+        let msgs: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(msgs.len(), 4, "{msgs:#?}");
+        assert!(msgs[0].contains("s.yaml: Service default/bad: spec.ports[0].port: 70000 is out of range"), "{msgs:#?}");
+        assert!(msgs[1].contains("spec.ports[1].protocol: unknown protocol \"QUIC\""), "{msgs:#?}");
+        assert!(msgs[2].contains("spec.ports[2].protocol: SCTP is not supported yet"), "{msgs:#?}");
+        assert!(msgs[3].contains("spec.ports[3].targetPort"), "{msgs:#?}");
+        assert_eq!(t.frontends.len(), 1);
+        assert_eq!(t.frontends[0].port, 84);
+    }
+
+    #[test]
+    fn selectorless_services_use_slices_and_endpoints_and_orphans_are_errors() {
+        let s = Snapshot {
+            services: vec![
+                svc("metadata: {name: manual}\nspec: {clusterIP: 10.96.0.30, ports: [{name: web, port: 8000}]}\n"),
+                svc("metadata: {name: legacy}\nspec: {clusterIP: 10.96.0.31, ports: [{port: 9000}]}\n"),
+            ],
+            endpoint_slices: vec![
+                slice("metadata: {name: manual-1, labels: {kubernetes.io/service-name: manual}}\naddressType: IPv4\nendpoints:\n- {addresses: [10.0.0.1], conditions: {ready: true}}\n- {addresses: [10.0.0.2], conditions: {ready: false}}\nports: [{name: web, port: 8080}]\n"),
+                slice("metadata: {name: nobody-1, labels: {kubernetes.io/service-name: nobody}}\naddressType: IPv4\nendpoints: []\n"),
+            ],
+            endpoints: vec![Sourced::new(
+                "e.yaml",
+                serde_yaml::from_str::<Endpoints>("metadata: {name: legacy}\nsubsets: [{addresses: [{ip: 10.0.1.1}], ports: [{port: 9090}]}]\n").unwrap(),
+            )],
+            pods: vec![],
+        };
+        let t = run(&s);
+        assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
+        assert!(t.errors[0].to_string().contains("EndpointSlice default/nobody-1"), "{}", t.errors[0]);
+        assert!(t.errors[0].to_string().contains("unknown Service default/nobody"), "{}", t.errors[0]);
+        let manual = t.frontends.iter().find(|f| f.port == 8000).unwrap();
+        assert_eq!(manual.backends, vec![BackendSpec { addr: Ipv4Addr::new(10, 0, 0, 1), port: 8080, terminating: false }]);
+        let legacy = t.frontends.iter().find(|f| f.port == 9000).unwrap();
+        assert_eq!(legacy.backends, vec![BackendSpec { addr: Ipv4Addr::new(10, 0, 1, 1), port: 9090, terminating: false }]);
+    }
+
+    #[test]
+    fn a_frontend_claimed_twice_goes_to_the_earlier_service() {
+        let s = Snapshot {
+            services: vec![
+                svc("metadata: {name: b-later}\nspec: {clusterIP: 10.96.0.40, ports: [{port: 80}]}\n"),
+                svc("metadata: {name: a-first}\nspec: {clusterIP: 10.96.0.40, ports: [{port: 80}, {port: 81}]}\n"),
+            ],
+            ..Default::default()
+        };
+        let t = run(&s);
+        assert_eq!(t.frontends.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["default/a-first:80", "default/a-first:81"]);
+        assert_eq!(t.errors.len(), 1);
+        assert!(t.errors[0].to_string().contains("Service default/b-later: spec.ports[0]: 10.96.0.40:80/TCP is already used by Service default/a-first"), "{}", t.errors[0]);
+    }
+
+    #[test]
+    fn cluster_ips_are_allocated_stably_inside_the_range() {
+        let a = svc("metadata: {name: a}\nspec: {ports: [{port: 80}]}\n");
+        let b = svc("metadata: {name: b}\nspec: {ports: [{port: 80}]}\n");
+        let t1 = run(&Snapshot { services: vec![a.clone(), b.clone()], ..Default::default() });
+        let t2 = run(&Snapshot { services: vec![b, a], ..Default::default() });
+        let ips = |t: &Translation| t.frontends.iter().map(|f| (f.name.clone(), f.addr)).collect::<BTreeMap<_, _>>();
+        assert_eq!(ips(&t1), ips(&t2), "order of input does not matter");
+        let range: Ipv4Net = "10.96.0.0/12".parse().unwrap();
+        assert!(t1.frontends.iter().all(|f| range.contains(&f.addr)));
+        assert_ne!(t1.frontends[0].addr, t1.frontends[1].addr);
+    }
+}

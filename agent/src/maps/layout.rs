@@ -132,3 +132,59 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
     ids.retain(&live_backends, &live_frontends);
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::BackendSpec;
+    use ferry_common::{svc_flags, PROTO_TCP};
+
+    fn fe(port: u16, backends: &[[u8; 4]]) -> Frontend {
+        Frontend {
+            name: format!("default/web:{port}"),
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port,
+            proto: PROTO_TCP,
+            flags: svc_flags::CLUSTER_IP,
+            backends: backends.iter().map(|b| BackendSpec { addr: Ipv4Addr::from(*b), port: 8080, terminating: false }).collect(),
+        }
+    }
+
+    #[test]
+    fn slot_zero_counts_and_slots_name_backends() {
+        let mut ids = Ids::default();
+        let c = layout(&[fe(80, &[[10, 0, 0, 1], [10, 0, 0, 2]])], &mut ids);
+        let slot0 = c.services.iter().find(|(k, _)| k.slot == 0).unwrap().1;
+        assert_eq!(slot0.count, 2);
+        assert_eq!(c.services.len(), 3);
+        assert_eq!(c.backends.len(), 2);
+        for (k, v) in c.services.iter().filter(|(k, _)| k.slot > 0) {
+            assert!(c.backends.contains_key(&v.backend_id), "slot {} names a backend", k.slot);
+            assert_eq!(v.rev_nat_id, slot0.rev_nat_id);
+        }
+        let rn = c.revnat[&slot0.rev_nat_id];
+        assert_eq!((addr_from_map(rn.addr), port_from_map(rn.port)), ([10, 96, 0, 10], 80));
+        assert_eq!(c.names[&slot0.rev_nat_id].as_str(), "default/web:80");
+    }
+
+    #[test]
+    fn backend_ids_are_stable_and_not_reused_at_once() {
+        let mut ids = Ids::default();
+        let c1 = layout(&[fe(80, &[[10, 0, 0, 1], [10, 0, 0, 2]])], &mut ids);
+        let id_of = |c: &MapContents, ip: [u8; 4]| *c.backends.iter().find(|(_, b)| addr_from_map(b.addr) == ip).unwrap().0;
+        let b2 = id_of(&c1, [10, 0, 0, 2]);
+        // .1 goes away, .3 arrives: .2 keeps its id, .3 gets a fresh one (not .1's).
+        let c2 = layout(&[fe(80, &[[10, 0, 0, 2], [10, 0, 0, 3]])], &mut ids);
+        assert_eq!(id_of(&c2, [10, 0, 0, 2]), b2);
+        assert!(id_of(&c2, [10, 0, 0, 3]) > b2.max(id_of(&c1, [10, 0, 0, 1])));
+    }
+
+    #[test]
+    fn ids_are_recovered_from_map_contents() {
+        let mut ids = Ids::default();
+        let c1 = layout(&[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])], &mut ids);
+        let mut fresh = Ids::from_contents(&c1);
+        let c2 = layout(&[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])], &mut fresh);
+        assert_eq!(c1, c2, "a restarted agent computes the same contents");
+    }
+}

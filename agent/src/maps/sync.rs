@@ -91,3 +91,121 @@ impl<S: MapStore> Syncer<S> {
         Ok(st)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{cell::RefCell, convert::Infallible, net::Ipv4Addr, rc::Rc};
+
+    use ferry_common::{svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, PROTO_TCP};
+
+    use super::*;
+    use crate::{
+        maps::layout::{layout, Ids},
+        translate::{BackendSpec, Frontend},
+    };
+
+    /// An in-memory map store that logs every write.
+    #[derive(Clone, Default)]
+    struct Fake {
+        maps: Rc<RefCell<MapContents>>,
+        log: Rc<RefCell<Vec<String>>>,
+    }
+
+    impl MapStore for Fake {
+        type Error = Infallible;
+        fn read_all(&self) -> Result<MapContents, Infallible> {
+            Ok(self.maps.borrow().clone())
+        }
+        fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Infallible> {
+            self.log.borrow_mut().push(format!("put svc slot {} count {}", k.slot, v.count));
+            self.maps.borrow_mut().services.insert(k, v);
+            Ok(())
+        }
+        fn del_service(&mut self, k: &ServiceKey) -> Result<(), Infallible> {
+            self.log.borrow_mut().push(format!("del svc slot {}", k.slot));
+            self.maps.borrow_mut().services.remove(k);
+            Ok(())
+        }
+        fn put_backend(&mut self, id: u32, v: Backend) -> Result<(), Infallible> {
+            self.log.borrow_mut().push(format!("put backend {id}"));
+            self.maps.borrow_mut().backends.insert(id, v);
+            Ok(())
+        }
+        fn del_backend(&mut self, id: u32) -> Result<(), Infallible> {
+            self.log.borrow_mut().push(format!("del backend {id}"));
+            self.maps.borrow_mut().backends.remove(&id);
+            Ok(())
+        }
+        fn put_revnat(&mut self, id: u16, v: RevNat, n: ServiceName) -> Result<(), Infallible> {
+            self.log.borrow_mut().push(format!("put revnat {id}"));
+            self.maps.borrow_mut().revnat.insert(id, v);
+            self.maps.borrow_mut().names.insert(id, n);
+            Ok(())
+        }
+        fn del_revnat(&mut self, id: u16) -> Result<(), Infallible> {
+            self.log.borrow_mut().push(format!("del revnat {id}"));
+            self.maps.borrow_mut().revnat.remove(&id);
+            self.maps.borrow_mut().names.remove(&id);
+            Ok(())
+        }
+    }
+
+    fn fe(backends: &[u8]) -> Frontend {
+        Frontend {
+            name: "default/web:80".into(),
+            addr: Ipv4Addr::new(10, 96, 0, 10),
+            port: 80,
+            proto: PROTO_TCP,
+            flags: svc_flags::CLUSTER_IP,
+            backends: backends.iter().map(|b| BackendSpec { addr: Ipv4Addr::new(10, 0, 0, *b), port: 8080, terminating: false }).collect(),
+        }
+    }
+
+    #[test]
+    fn writes_only_the_difference_in_a_safe_order() {
+        let fake = Fake::default();
+        let mut s = Syncer::new(fake.clone()).unwrap();
+        let mut ids = Ids::default();
+        let st = s.sync(&layout(&[fe(&[1, 2, 3])], &mut ids)).unwrap();
+        assert_eq!(st.upserts, 3 + 1 + 4, "3 backends, 1 revnat, 4 service entries");
+        let log = fake.log.borrow().clone();
+        let pos = |p: &str| log.iter().position(|l| l.starts_with(p)).unwrap();
+        assert!(pos("put backend") < pos("put svc slot 1"), "{log:?}");
+        assert!(log.iter().rposition(|l| l.starts_with("put svc slot 3")).unwrap() < pos("put svc slot 0"), "{log:?}");
+
+        // Nothing changed: nothing written.
+        fake.log.borrow_mut().clear();
+        let st = s.sync(&layout(&[fe(&[1, 2, 3])], &mut ids)).unwrap();
+        assert_eq!((st.upserts, st.deletes), (0, 0));
+        assert!(fake.log.borrow().is_empty());
+
+        // One backend less: the count shrinks before its slot and backend go.
+        let st = s.sync(&layout(&[fe(&[1, 2])], &mut ids)).unwrap();
+        let log = fake.log.borrow().clone();
+        assert_eq!(log, ["put svc slot 0 count 2", "del svc slot 3", "del backend 3"], "{log:?}");
+        assert_eq!((st.upserts, st.deletes), (1, 2));
+        assert_eq!(*fake.maps.borrow(), *s.current());
+
+        // Service gone: frontend first, then slots, then backends and revnat.
+        fake.log.borrow_mut().clear();
+        s.sync(&layout(&[], &mut ids)).unwrap();
+        let log = fake.log.borrow().clone();
+        assert_eq!(log[0], "del svc slot 0", "{log:?}");
+        assert!(log.last().unwrap().starts_with("del revnat"));
+        assert_eq!(*fake.maps.borrow(), MapContents::default());
+    }
+
+    #[test]
+    fn starts_from_what_the_maps_hold() {
+        let fake = Fake::default();
+        let mut ids = Ids::default();
+        let desired = layout(&[fe(&[1, 2])], &mut ids);
+        Syncer::new(fake.clone()).unwrap().sync(&desired).unwrap();
+        // A restarted agent: same desired state, no writes at all.
+        fake.log.borrow_mut().clear();
+        let mut again = Syncer::new(fake.clone()).unwrap();
+        let mut ids2 = Ids::from_contents(again.current());
+        let st = again.sync(&layout(&[fe(&[1, 2])], &mut ids2)).unwrap();
+        assert_eq!((st.upserts, st.deletes), (0, 0));
+    }
+}
