@@ -1,0 +1,351 @@
+//! Packet tests: the real `from_pod` program runs on crafted frames through
+//! BPF_PROG_TEST_RUN; the tests check rewritten addresses, ports, checksums
+//! (recomputed here from scratch), verdicts and connection tracking.
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsFd as _, AsRawFd as _},
+    path::PathBuf,
+};
+
+use aya::{programs::SchedClassifier, Ebpf, EbpfLoader};
+use ferry_agent::{
+    loader::DATAPLANE_OBJ,
+    maps::{kernel, kernel::KernelMaps, MapStore as _},
+};
+use ferry_common::{
+    addr_to_map, port_to_map, Backend, Counter, RevNat, ServiceKey, ServiceName, ServiceValue,
+    CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_POD, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const VIP: [u8; 4] = [10, 96, 0, 10];
+const CLIENT: [u8; 4] = [10, 244, 0, 2];
+
+/// The dataplane loaded with its maps pinned in a private directory.
+struct Fixture {
+    ebpf: Ebpf,
+    maps: KernelMaps,
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(tag: &str) -> Self {
+        assert!(unsafe { libc::geteuid() } == 0, "packet tests need root (BPF); run `cargo xtask test` as root");
+        ferry_tests::sys::ensure_bpffs().expect("bpffs");
+        let dir = PathBuf::from(format!("/sys/fs/bpf/ferry-packet-test-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("pin dir");
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(DATAPLANE_OBJ).expect("load object");
+        let maps = KernelMaps::from_ebpf(&mut ebpf).expect("maps");
+        let prog: &mut SchedClassifier =
+            ebpf.program_mut(PROG_FROM_POD).expect("from_pod").try_into().expect("classifier");
+        prog.load().expect("verifier accepts from_pod");
+        Self { ebpf, maps, dir }
+    }
+
+    /// Runs the program on `frame`: (verdict, output frame).
+    fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier = self.ebpf.program(PROG_FROM_POD).unwrap().try_into().unwrap();
+        let fd = prog.fd().unwrap().as_fd().as_raw_fd();
+        let mut out = vec![0u8; frame.len() + 256];
+        let mut attr = TestRunAttr {
+            prog_fd: fd as u32,
+            data_size_in: frame.len() as u32,
+            data_size_out: out.len() as u32,
+            data_in: frame.as_ptr() as u64,
+            data_out: out.as_mut_ptr() as u64,
+            repeat: 1,
+            ..Default::default()
+        };
+        // SAFETY: attr points at live buffers of the sizes given.
+        let rc = unsafe {
+            libc::syscall(libc::SYS_bpf, 10 /* BPF_PROG_TEST_RUN */, &mut attr as *mut TestRunAttr, std::mem::size_of::<TestRunAttr>())
+        };
+        assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+        out.truncate(attr.data_size_out as usize);
+        (attr.retval, out)
+    }
+
+    /// A frontend VIP:port with backends (id, ip, port) in its slots.
+    fn service(&mut self, proto: u8, port: u16, rev_nat_id: u16, backends: &[(u32, [u8; 4], u16)]) {
+        for (id, ip, bport) in backends {
+            self.maps
+                .put_backend(*id, Backend { addr: addr_to_map(*ip), port: port_to_map(*bport), proto, flags: 0, node_addr: 0 })
+                .unwrap();
+        }
+        self.slots(proto, port, rev_nat_id, &backends.iter().map(|b| b.0).collect::<Vec<_>>());
+        self.maps
+            .put_revnat(rev_nat_id, RevNat { addr: addr_to_map(VIP), port: port_to_map(port), _pad: 0 }, ServiceName::new("t"))
+            .unwrap();
+    }
+
+    fn slots(&mut self, proto: u8, port: u16, rev_nat_id: u16, ids: &[u32]) {
+        let key = |slot| ServiceKey { addr: addr_to_map(VIP), port: port_to_map(port), slot, proto, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
+        for (i, id) in ids.iter().enumerate() {
+            self.maps.put_service(key(i as u16 + 1), ServiceValue { backend_id: *id, rev_nat_id, ..Default::default() }).unwrap();
+        }
+        self.maps
+            .put_service(key(0), ServiceValue { count: ids.len() as u16, rev_nat_id, ..Default::default() })
+            .unwrap();
+    }
+
+    fn counter(&self, c: Counter) -> u64 {
+        kernel::read_counters(&self.dir).unwrap()[c as usize]
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The BPF_PROG_TEST_RUN part of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct TestRunAttr {
+    prog_fd: u32,
+    retval: u32,
+    data_size_in: u32,
+    data_size_out: u32,
+    data_in: u64,
+    data_out: u64,
+    repeat: u32,
+    duration: u32,
+    ctx_size_in: u32,
+    ctx_size_out: u32,
+    ctx_in: u64,
+    ctx_out: u64,
+    flags: u32,
+    cpu: u32,
+    batch_size: u32,
+    _pad: u32,
+}
+
+// --- packets ---------------------------------------------------------------
+
+fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn sum16(data: &[u8]) -> u32 {
+    data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum()
+}
+
+/// Ethernet + IPv4 + TCP (SYN) or UDP with correct checksums.
+fn frame(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, udp_zero_csum: bool) -> Vec<u8> {
+    let payload = b"hello";
+    let l4_len = if proto == PROTO_TCP { 20 } else { 8 } + payload.len();
+    let mut f = vec![0u8; 14 + 20 + l4_len];
+    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let c = !fold(sum16(ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let l4 = &mut f[34..];
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    if proto == PROTO_TCP {
+        l4[12] = 5 << 4;
+        l4[13] = 0x02; // SYN
+        l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        l4[20..].copy_from_slice(payload);
+    } else {
+        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        l4[8..].copy_from_slice(payload);
+    }
+    if !(proto == PROTO_UDP && udp_zero_csum) {
+        let c = l4_checksum(&f);
+        let off = 34 + if proto == PROTO_TCP { 16 } else { 6 };
+        f[off..off + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    f
+}
+
+/// The L4 checksum of a frame computed from scratch (with the field zeroed).
+fn l4_checksum(f: &[u8]) -> u16 {
+    let proto = f[23];
+    let mut seg = f[34..].to_vec();
+    let off = if proto == PROTO_TCP { 16 } else { 6 };
+    seg[off] = 0;
+    seg[off + 1] = 0;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&f[26..34]);
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+    let c = !fold(sum16(&pseudo) + sum16(&seg));
+    if proto == PROTO_UDP && c == 0 { 0xffff } else { c }
+}
+
+struct Parsed {
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    l4_csum: u16,
+}
+
+fn parse(f: &[u8]) -> Parsed {
+    let proto = f[23];
+    let off = 34 + if proto == PROTO_TCP { 16 } else { 6 };
+    Parsed {
+        src: f[26..30].try_into().unwrap(),
+        dst: f[30..34].try_into().unwrap(),
+        sport: u16::from_be_bytes([f[34], f[35]]),
+        dport: u16::from_be_bytes([f[36], f[37]]),
+        l4_csum: u16::from_be_bytes([f[off], f[off + 1]]),
+    }
+}
+
+/// Asserts the IP header checksum and the L4 checksum are right.
+fn assert_checksums(f: &[u8]) {
+    assert_eq!(fold(sum16(&f[14..34])), 0xffff, "IPv4 header checksum is valid");
+    let p = parse(f);
+    if f[23] == PROTO_UDP && p.l4_csum == 0 {
+        return;
+    }
+    assert_eq!(p.l4_csum, l4_checksum(f), "L4 checksum matches a full recomputation");
+}
+
+fn ct_has(fx: &Fixture, dir: u8, src: [u8; 4], sport: u16) -> bool {
+    kernel::read_ct(&fx.dir)
+        .unwrap()
+        .iter()
+        .any(|(k, _)| k.dir == dir && k.saddr == addr_to_map(src) && k.sport == port_to_map(sport))
+}
+
+// --- tests -----------------------------------------------------------------
+
+#[test]
+fn tcp_to_a_clusterip_is_dnated_with_valid_checksums_and_tracked() {
+    let mut fx = Fixture::new("tcp");
+    fx.service(PROTO_TCP, 80, 1, &[(1, [10, 244, 0, 5], 8080)]);
+    let input = frame(PROTO_TCP, CLIENT, VIP, 40000, 80, false);
+    let (verdict, out) = fx.run(&input);
+    assert_eq!(verdict, TC_ACT_OK);
+    let p = parse(&out);
+    assert_eq!((p.src, p.sport), (CLIENT, 40000), "source untouched");
+    assert_eq!((p.dst, p.dport), ([10, 244, 0, 5], 8080), "destination = backend");
+    assert_checksums(&out);
+    assert!(ct_has(&fx, CT_DIR_FORWARD, CLIENT, 40000), "forward CT entry");
+    assert!(ct_has(&fx, CT_DIR_REPLY, [10, 244, 0, 5], 8080), "reply CT entry");
+    assert_eq!(fx.counter(Counter::ServiceForward), 1);
+
+    // The backend's reply comes back from the ClusterIP.
+    let reply = frame(PROTO_TCP, [10, 244, 0, 5], CLIENT, 8080, 40000, false);
+    let (verdict, out) = fx.run(&reply);
+    assert_eq!(verdict, TC_ACT_OK);
+    let p = parse(&out);
+    assert_eq!((p.src, p.sport), (VIP, 80), "reverse NAT to the ClusterIP");
+    assert_eq!((p.dst, p.dport), (CLIENT, 40000));
+    assert_checksums(&out);
+}
+
+#[test]
+fn udp_is_dnated_with_and_without_a_checksum() {
+    let mut fx = Fixture::new("udp");
+    fx.service(PROTO_UDP, 53, 1, &[(1, [10, 244, 0, 6], 5353)]);
+    for zero in [false, true] {
+        let input = frame(PROTO_UDP, CLIENT, VIP, 41000 + zero as u16, 53, zero);
+        let (verdict, out) = fx.run(&input);
+        assert_eq!(verdict, TC_ACT_OK);
+        let p = parse(&out);
+        assert_eq!((p.dst, p.dport), ([10, 244, 0, 6], 5353));
+        if zero {
+            assert_eq!(p.l4_csum, 0, "no checksum stays no checksum");
+        } else {
+            assert_ne!(p.l4_csum, 0);
+        }
+        assert_checksums(&out);
+    }
+}
+
+#[test]
+fn packets_not_for_a_service_pass_untouched() {
+    let mut fx = Fixture::new("pass");
+    fx.service(PROTO_TCP, 80, 1, &[(1, [10, 244, 0, 5], 8080)]);
+    for input in [
+        frame(PROTO_TCP, CLIENT, [10, 244, 0, 9], 40000, 80, false),
+        frame(PROTO_TCP, CLIENT, VIP, 40000, 81, false),
+        frame(PROTO_UDP, CLIENT, VIP, 40000, 80, false),
+    ] {
+        let (verdict, out) = fx.run(&input);
+        assert_eq!(verdict, TC_ACT_OK);
+        assert_eq!(out, input, "bytes unchanged");
+    }
+}
+
+#[test]
+fn a_flow_keeps_its_backend_until_that_backend_is_gone() {
+    let mut fx = Fixture::new("sticky");
+    fx.service(PROTO_TCP, 80, 1, &[(1, [10, 244, 0, 5], 8080)]);
+    let input = frame(PROTO_TCP, CLIENT, VIP, 42000, 80, false);
+    assert_eq!(parse(&fx.run(&input).1).dst, [10, 244, 0, 5]);
+    // The Service now lists only other backends; backend 1 still exists.
+    fx.service(PROTO_TCP, 80, 1, &[(2, [10, 244, 0, 6], 8080), (3, [10, 244, 0, 7], 8080)]);
+    for _ in 0..5 {
+        assert_eq!(parse(&fx.run(&input).1).dst, [10, 244, 0, 5], "established flow stays");
+    }
+    // Backend 1 removed: the flow is balanced again onto a live backend.
+    fx.maps.del_backend(1).unwrap();
+    let dst = parse(&fx.run(&input).1).dst;
+    assert!(dst == [10, 244, 0, 6] || dst == [10, 244, 0, 7], "moved to a live backend, got {dst:?}");
+}
+
+#[test]
+fn new_flows_are_spread_over_all_backends() {
+    let mut fx = Fixture::new("spread");
+    let backends = [(1, [10, 244, 0, 5], 8080), (2, [10, 244, 0, 6], 8080), (3, [10, 244, 0, 7], 8080)];
+    fx.service(PROTO_TCP, 80, 1, &backends);
+    let mut counts = std::collections::BTreeMap::new();
+    for sport in 0..300u16 {
+        let out = fx.run(&frame(PROTO_TCP, CLIENT, VIP, 30000 + sport, 80, false)).1;
+        assert_checksums(&out);
+        *counts.entry(parse(&out).dst).or_insert(0) += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    for (b, n) in &counts {
+        assert!(*n >= 50, "backend {:?} got {n} of 300: {counts:?}", Ipv4Addr::from(*b));
+    }
+}
+
+#[test]
+fn hairpin_snats_to_the_loopback_address_and_bounces_back() {
+    let mut fx = Fixture::new("hairpin");
+    fx.service(PROTO_TCP, 80, 1, &[(1, CLIENT, 8080)]);
+    let (verdict, out) = fx.run(&frame(PROTO_TCP, CLIENT, VIP, 43000, 80, false));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back into the Pod's veth");
+    let p = parse(&out);
+    assert_eq!((p.src, p.sport), ([169, 254, 42, 1], 43000), "source rewritten (hairpin SNAT)");
+    assert_eq!((p.dst, p.dport), (CLIENT, 8080));
+    assert_eq!(&out[0..6], &[2, 0, 0, 0, 0, 2], "MACs swapped for the way back");
+    assert_checksums(&out);
+
+    let (verdict, out) = fx.run(&frame(PROTO_TCP, CLIENT, [169, 254, 42, 1], 8080, 43000, false));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    let p = parse(&out);
+    assert_eq!((p.src, p.sport), (VIP, 80), "reply from the ClusterIP");
+    assert_eq!((p.dst, p.dport), (CLIENT, 43000), "to the original client");
+    assert_checksums(&out);
+}
+
+#[test]
+fn a_service_without_backends_drops_and_counts() {
+    let mut fx = Fixture::new("empty");
+    fx.service(PROTO_TCP, 80, 1, &[]);
+    let (verdict, _) = fx.run(&frame(PROTO_TCP, CLIENT, VIP, 44000, 80, false));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(fx.counter(Counter::DropNoBackend), 1);
+}
