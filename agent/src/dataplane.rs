@@ -6,21 +6,60 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result};
 use aya::{
     programs::{
         links::{FdLink, LinkError, LinkOrder, PinnedLink},
         tc::TcAttachOptions,
-        SchedClassifier, TcAttachType,
+        ProgramError, SchedClassifier, TcAttachType,
     },
     sys::SyscallError,
-    Ebpf, EbpfLoader,
+    Ebpf, EbpfError, EbpfLoader,
 };
 use ferry_common::{BACKENDS_MAP, CT_MAP, PROG_FROM_POD, SERVICES_MAP};
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use tokio::io::{unix::AsyncFd, Interest};
 
-use crate::{loader::DATAPLANE_OBJ, maps::kernel::KernelMaps};
+use crate::{
+    loader::DATAPLANE_OBJ,
+    maps::kernel::{KernelMaps, OpenError},
+};
+
+/// What can go wrong loading and attaching the dataplane.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("mounting bpffs at {BPFFS}: {0}")]
+    Mount(nix::Error),
+    #[error("creating {path}: {source}")]
+    CreateDir { path: PathBuf, source: io::Error },
+    #[error("loading the eBPF dataplane: {0}")]
+    Load(#[from] EbpfError),
+    #[error(transparent)]
+    Maps(#[from] OpenError),
+    #[error("program {PROG_FROM_POD} is missing from the eBPF object")]
+    MissingProgram,
+    #[error("{what}: {source}")]
+    Program { what: String, source: ProgramError },
+    #[error("{what}: {source}")]
+    Link { what: String, source: LinkError },
+    #[error("pinning the link at {path}: {source}")]
+    Pin {
+        path: PathBuf,
+        source: aya::pin::PinError,
+    },
+    #[error("listing links: {0}")]
+    Netlink(#[from] rtnetlink::Error),
+}
+
+fn program(what: impl Into<String>) -> impl FnOnce(ProgramError) -> DataplaneError {
+    let what = what.into();
+    move |source| DataplaneError::Program { what, source }
+}
+
+fn link(what: impl Into<String>) -> impl FnOnce(LinkError) -> DataplaneError {
+    let what = what.into();
+    move |source| DataplaneError::Link { what, source }
+}
 
 /// Where and how big.
 #[derive(Clone, Debug)]
@@ -51,57 +90,73 @@ pub fn has_bpffs(mounts: &str) -> bool {
 }
 
 /// Mounts bpffs at /sys/fs/bpf when it is not (fresh machines don't have it).
-pub fn ensure_bpffs() -> Result<()> {
+pub fn ensure_bpffs() -> Result<(), DataplaneError> {
     if has_bpffs(&fs::read_to_string("/proc/self/mounts").unwrap_or_default()) {
         return Ok(());
     }
     tracing::info!("mounting bpffs at {BPFFS}");
-    nix::mount::mount(Some("bpf"), BPFFS, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-        .with_context(|| format!("mounting bpffs at {BPFFS}"))
+    nix::mount::mount(
+        Some("bpf"),
+        BPFFS,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(DataplaneError::Mount)
 }
 
 impl Dataplane {
     /// Loads the object, reusing maps already pinned in `cfg.bpffs_dir` (so
-    /// connection tracking survives restarts), and loads the programs.
-
-    pub fn load(cfg: &Config) -> Result<(Self, KernelMaps)> {
+    /// connection tracking survives restarts), and loads the programs. Must run
+    /// inside a tokio runtime (the eBPF log reader, if any, is a task).
+    pub fn load(cfg: &Config) -> Result<(Self, KernelMaps), DataplaneError> {
         ensure_bpffs()?;
         let dir = &cfg.bpffs_dir;
         let links_dir = dir.join("links");
-        fs::create_dir_all(&links_dir).with_context(|| format!("creating {}", links_dir.display()))?;
+        fs::create_dir_all(&links_dir).map_err(|source| DataplaneError::CreateDir {
+            path: links_dir.clone(),
+            source,
+        })?;
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
             .map_max_entries(SERVICES_MAP, cfg.services_max)
             .map_max_entries(BACKENDS_MAP, cfg.backends_max)
             .map_max_entries(CT_MAP, cfg.ct_max)
-            .load(DATAPLANE_OBJ)
-            .context("loading the eBPF dataplane")?;
+            .load(DATAPLANE_OBJ)?;
+        spawn_ebpf_logs(&mut ebpf);
         let maps = KernelMaps::from_ebpf(&mut ebpf)?;
-        let prog: &mut SchedClassifier = ebpf
-            .program_mut(PROG_FROM_POD)
-            .context("from_pod missing from the object")?
-            .try_into()?;
-        prog.load().context("loading from_pod (verifier)")?;
-        Ok((Self { ebpf, links_dir, attached: BTreeMap::new() }, maps))
+        let prog = from_pod(&mut ebpf)?;
+        prog.load()
+            .map_err(program("loading from_pod (verifier)"))?;
+        Ok((
+            Self {
+                ebpf,
+                links_dir,
+                attached: BTreeMap::new(),
+            },
+            maps,
+        ))
     }
 
     /// Attaches `from_pod` at TC ingress (TCX) of an interface. The link is pinned,
     /// so the program stays attached when the agent stops; a restarted agent swaps
     /// its program into the pinned link atomically.
-    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<()> {
-        if self.attached.get(&ifindex).is_some_and(|(n, _)| n == ifname) {
+    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DataplaneError> {
+        if self
+            .attached
+            .get(&ifindex)
+            .is_some_and(|(n, _)| n == ifname)
+        {
             return Ok(());
         }
         let pin = self.links_dir.join(format!("from_pod-{ifindex}"));
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(PROG_FROM_POD)
-            .context("from_pod missing")?
-            .try_into()?;
+        let prog = from_pod(&mut self.ebpf)?;
         let reused = match PinnedLink::from_pin(&pin) {
             Ok(old) => {
-                let link = FdLink::from(old).try_into()?;
-                match prog.attach_to_link(link) {
+                let old = FdLink::from(old)
+                    .try_into()
+                    .map_err(link(format!("pinned link {}", pin.display())))?;
+                match prog.attach_to_link(old) {
                     Ok(id) => Some(id),
                     Err(e) => {
                         // A link of an interface that is gone (the ifindex was reused).
@@ -116,21 +171,39 @@ impl Dataplane {
             {
                 None
             }
-            Err(e) => return Err(e).context(format!("opening pinned link {}", pin.display())),
+            Err(e) => return Err(link(format!("opening pinned link {}", pin.display()))(e)),
         };
         let fresh = reused.is_none();
         let id = match reused {
             Some(id) => id,
             None => prog
-                .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-                .with_context(|| format!("attaching from_pod to {ifname}"))?,
+                .attach_with_options(
+                    ifname,
+                    TcAttachType::Ingress,
+                    TcAttachOptions::TcxOrder(LinkOrder::default()),
+                )
+                .map_err(program(format!("attaching from_pod to {ifname}")))?,
         };
-        let link: FdLink = prog.take_link(id)?.try_into()?;
+        let what = || format!("link of {ifname}");
+        let fd_link: FdLink = prog
+            .take_link(id)
+            .map_err(program(what()))?
+            .try_into()
+            .map_err(link(what()))?;
         if fresh {
-            link.pin(&pin).with_context(|| format!("pinning the link at {}", pin.display()))?;
+            fd_link.pin(&pin).map_err(|source| DataplaneError::Pin {
+                path: pin.clone(),
+                source,
+            })?;
         }
-        let pinned = PinnedLink::from_pin(&pin).context("re-opening the pinned link")?;
-        tracing::info!(ifname, ifindex, reused = !fresh, "from_pod attached (tc ingress)");
+        let pinned =
+            PinnedLink::from_pin(&pin).map_err(link(format!("re-opening {}", pin.display())))?;
+        tracing::info!(
+            ifname,
+            ifindex,
+            reused = !fresh,
+            "from_pod attached (tc ingress)"
+        );
         self.attached.insert(ifindex, (ifname.to_string(), pinned));
         Ok(())
     }
@@ -148,7 +221,9 @@ impl Dataplane {
         if let Ok(entries) = fs::read_dir(&self.links_dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let idx = name.strip_prefix("from_pod-").and_then(|i| i.parse::<u32>().ok());
+                let idx = name
+                    .strip_prefix("from_pod-")
+                    .and_then(|i| i.parse::<u32>().ok());
                 if idx.is_some_and(|i| !present.contains_key(&i)) {
                     let _ = fs::remove_file(e.path());
                 }
@@ -172,7 +247,9 @@ pub fn pod_interfaces(links: &[LinkMessage], devices: &[String]) -> BTreeMap<u32
                 match a {
                     LinkAttribute::IfName(n) => name = Some(n.clone()),
                     LinkAttribute::LinkInfo(infos) => {
-                        veth |= infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))
+                        veth |= infos
+                            .iter()
+                            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))
                     }
                     _ => {}
                 }
@@ -183,8 +260,47 @@ pub fn pod_interfaces(links: &[LinkMessage], devices: &[String]) -> BTreeMap<u32
         .collect()
 }
 
+/// The `from_pod` program of the object.
+fn from_pod(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
+    ebpf.program_mut(PROG_FROM_POD)
+        .ok_or(DataplaneError::MissingProgram)?
+        .try_into()
+        .map_err(program("from_pod is not a TC classifier"))
+}
+
+/// Forwards `aya-log` records of the programs to our log, if the object has the
+/// log map at all (the dataplane may well not log: it costs per packet).
+fn spawn_ebpf_logs(ebpf: &mut Ebpf) {
+    if ebpf.map("AYA_LOGS").is_none() {
+        tracing::debug!("the eBPF object has no aya-log map; no eBPF logs");
+        return;
+    }
+    let logger = match aya_log::EbpfLogger::init(ebpf) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("eBPF logs unavailable: {e}");
+            return;
+        }
+    };
+    // SAFETY: the fd is the logger's ring buffer map, owned by the logger, which
+    // the AsyncFd owns in turn: it stays open and the same for the AsyncFd's life.
+    let mut fd = match unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) } {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!("eBPF logs unavailable: {e}");
+            return;
+        }
+    };
+    tokio::spawn(async move {
+        while let Ok(mut guard) = fd.readable_mut().await {
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
 /// All links of this network namespace.
-pub async fn list_links(handle: &rtnetlink::Handle) -> Result<Vec<LinkMessage>> {
+pub async fn list_links(handle: &rtnetlink::Handle) -> Result<Vec<LinkMessage>, DataplaneError> {
     Ok(handle.link().get().execute().try_collect().await?)
 }
 

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use ferry_shim::status::PodRecord;
 use k8s_openapi::{
     api::{
-        core::v1::{Endpoints, Service, ServicePort},
+        core::v1::{Endpoints, ServicePort},
         discovery::v1::EndpointSlice,
     },
     apimachinery::pkg::util::intstr::IntOrString,
@@ -42,11 +42,12 @@ pub fn from_pods(
             let target = match &port.target_port {
                 None => u16::try_from(port.port).ok()?,
                 Some(IntOrString::Int(n)) => u16::try_from(*n).ok()?,
-                Some(IntOrString::String(name)) => p
-                    .ports
-                    .iter()
-                    .find(|cp| cp.name.as_deref() == Some(name) && cp.protocol == protocol)?
-                    .container_port,
+                Some(IntOrString::String(name)) => {
+                    p.ports
+                        .iter()
+                        .find(|cp| cp.name.as_deref() == Some(name) && cp.protocol == protocol)?
+                        .container_port
+                }
             };
             Some(Endpoint {
                 addr,
@@ -62,12 +63,7 @@ pub fn from_pods(
 
 /// Endpoints of `port` from the EndpointSlices of the Service (label
 /// `kubernetes.io/service-name`), matched by port name and protocol.
-pub fn from_slices(
-    service: &Service,
-    port: &ServicePort,
-    slices: &[&Sourced<EndpointSlice>],
-) -> Vec<Endpoint> {
-    let _ = service;
+pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>]) -> Vec<Endpoint> {
     let protocol = port.protocol.as_deref().unwrap_or("TCP");
     let mut out = Vec::new();
     for s in slices {
@@ -118,8 +114,13 @@ pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints) -> Vec<Endpoint
         }) else {
             continue;
         };
-        let Ok(target) = u16::try_from(p.port) else { continue };
-        let sets = [(subset.addresses.iter().flatten(), true), (subset.not_ready_addresses.iter().flatten(), false)];
+        let Ok(target) = u16::try_from(p.port) else {
+            continue;
+        };
+        let sets = [
+            (subset.addresses.iter().flatten(), true),
+            (subset.not_ready_addresses.iter().flatten(), false),
+        ];
         for (addrs, ready) in sets {
             for a in addrs {
                 if let Ok(addr) = a.ip.parse::<Ipv4Addr>() {
@@ -139,16 +140,103 @@ pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints) -> Vec<Endpoint
 }
 
 /// The endpoints that take new connections: the ready ones; if none is ready, the
-/// serving and terminating ones (graceful termination, KEP-1669). Sorted, deduped.
-/// The second value says whether the fallback was used.
+/// serving and terminating ones (graceful termination, KEP-1669). Sorted, deduped
+/// by address and port (the same endpoint listed twice counts with its best
+/// condition). The second value says whether the fallback was used.
 pub fn usable(mut all: Vec<Endpoint>) -> (Vec<Endpoint>, bool) {
-    all.sort();
+    all.sort_by_key(|e| (e.addr, e.port, !e.ready, !e.serving));
     all.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
     let ready: Vec<Endpoint> = all.iter().filter(|e| e.ready).cloned().collect();
     if !ready.is_empty() {
         return (ready, false);
     }
-    let fallback: Vec<Endpoint> = all.into_iter().filter(|e| e.serving && e.terminating).collect();
+    let fallback: Vec<Endpoint> = all
+        .into_iter()
+        .filter(|e| e.serving && e.terminating)
+        .collect();
     let used = !fallback.is_empty();
     (fallback, used)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_shim::status::ContainerPortRecord;
+
+    fn ep(last: u8, ready: bool, serving: bool, terminating: bool) -> Endpoint {
+        Endpoint {
+            addr: Ipv4Addr::new(10, 0, 0, last),
+            port: 80,
+            ready,
+            serving,
+            terminating,
+            node: None,
+        }
+    }
+
+    #[test]
+    fn duplicates_count_with_their_best_condition() {
+        let (u, fallback) = usable(vec![
+            ep(1, false, false, false),
+            ep(2, true, true, false),
+            ep(1, true, true, false),
+        ]);
+        assert!(!fallback);
+        assert_eq!(u, vec![ep(1, true, true, false), ep(2, true, true, false)]);
+        // Not serving and terminating: not even a fallback.
+        let (u, fallback) = usable(vec![ep(1, false, false, true), ep(2, false, true, false)]);
+        assert!(u.is_empty() && !fallback);
+    }
+
+    #[test]
+    fn pods_must_match_namespace_labels_phase_and_have_an_ip() {
+        let base = PodRecord {
+            name: "p".into(),
+            namespace: "default".into(),
+            node: "n1".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            ports: vec![ContainerPortRecord {
+                name: Some("web".into()),
+                container_port: 8080,
+                protocol: "TCP".into(),
+            }],
+            pod_ip: Some(Ipv4Addr::new(10, 244, 0, 2)),
+            host_ip: None,
+            phase: "Running".into(),
+            ready: true,
+            terminating: false,
+            netns: None,
+            restarts: 0,
+        };
+        let other_ns = PodRecord {
+            namespace: "prod".into(),
+            ..base.clone()
+        };
+        let pending = PodRecord {
+            phase: "Pending".into(),
+            ..base.clone()
+        };
+        let no_ip = PodRecord {
+            pod_ip: None,
+            ..base.clone()
+        };
+        let other_app = PodRecord {
+            labels: [("app".to_string(), "db".to_string())].into(),
+            ..base.clone()
+        };
+        let pods = [base, other_ns, pending, no_ip, other_app];
+        let selector: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        let port: ServicePort =
+            serde_json::from_str(r#"{"port": 80, "targetPort": "web"}"#).expect("valid port");
+        let eps = from_pods("default", &selector, &port, &pods);
+        assert_eq!(eps.len(), 1);
+        assert_eq!(
+            (eps[0].addr, eps[0].port),
+            (Ipv4Addr::new(10, 244, 0, 2), 8080)
+        );
+        // A named port the Pod does not have: the Pod is no endpoint of that port.
+        let port: ServicePort =
+            serde_json::from_str(r#"{"port": 80, "targetPort": "nope"}"#).expect("valid port");
+        assert!(from_pods("default", &selector, &port, &pods).is_empty());
+    }
 }

@@ -1,55 +1,125 @@
 //! `ferry svc list` and `ferry ct list`: what the dataplane uses, read from the
-//! pinned maps (not from the agent's memory).
+//! pinned maps (not from the agent's memory), printed like `kubectl get`.
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
-use anyhow::Result;
 use ferry_common::{
-    addr_from_map, backend_flags, ct_flags, port_from_map, svc_flags, ServiceKey, CT_DIR_FORWARD,
+    addr_from_map, backend_flags, ct_flags, port_from_map, svc_flags, Backend, ServiceKey,
+    CT_DIR_FORWARD,
 };
 use serde::Serialize;
 
 use crate::{
-    maps::{kernel, MapStore as _},
-    translate::proto_name,
+    maps::{
+        kernel::{self, OpenError},
+        MapContents, MapStore as _,
+    },
+    translate::{frontend_type, proto_name},
 };
 
+/// Errors of the inspection commands.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("reading {map}: {source}")]
+    Read {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
+}
+
+/// One backend of a frontend, as the slots name it.
+#[derive(Debug, Serialize)]
+pub struct BackendRow {
+    pub slot: u16,
+    /// None: the slot or the backend it names is missing (agent mid-update).
+    pub id: Option<u32>,
+    pub address: Option<String>,
+    pub flags: Vec<&'static str>,
+}
+
+/// One frontend (Service port) in the maps.
 #[derive(Debug, Serialize)]
 pub struct ServiceRow {
-    pub name: String,
+    /// `namespace/name` (from the service-names map; empty if missing).
+    pub service: String,
+    /// Port name, or the port number for unnamed ports.
+    pub port_name: String,
+    /// ClusterIP, NodePort, ...
+    #[serde(rename = "type")]
+    pub type_: &'static str,
     pub frontend: String,
     pub protocol: &'static str,
+    pub rev_nat_id: u16,
     pub flags: Vec<&'static str>,
-    pub backends: Vec<String>,
+    pub backends: Vec<BackendRow>,
 }
 
 fn ip(a: u32) -> Ipv4Addr {
     Ipv4Addr::from(addr_from_map(a))
 }
 
+fn endpoint(b: &Backend) -> String {
+    format!("{}:{}", ip(b.addr), port_from_map(b.port))
+}
+
+fn contents(dir: &Path) -> Result<MapContents, InspectError> {
+    kernel::KernelMaps::from_pins(dir)?
+        .read_all()
+        .map_err(|source| InspectError::Read {
+            map: "services/backends/revnat/names",
+            source,
+        })
+}
+
+/// Splits a `ServiceName` (`ns/name:port (TYPE)`) into service and port name.
+fn split_name(full: &str) -> (String, String) {
+    let base = full.rsplit_once(" (").map_or(full, |(b, _)| b);
+    match base.rsplit_once(':') {
+        Some((svc, port)) => (svc.to_string(), port.to_string()),
+        None => (base.to_string(), String::new()),
+    }
+}
+
 /// The Services programmed in the maps under `dir`.
-pub fn services(dir: &Path) -> Result<Vec<ServiceRow>> {
-    let c = kernel::KernelMaps::from_pins(dir)?.read_all()?;
+pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
+    let c = contents(dir)?;
     let mut rows = Vec::new();
     for (k, v) in c.services.iter().filter(|(k, _)| k.slot == 0) {
-        let name = c.names.get(&v.rev_nat_id).map(|n| n.as_str().to_string()).unwrap_or_default();
-        let mut backends = Vec::new();
-        for slot in 1..=v.count {
-            let sk = ServiceKey { slot, ..*k };
-            let b = c.services.get(&sk).and_then(|s| c.backends.get(&s.backend_id));
-            backends.push(match b {
-                Some(b) => {
-                    let term = if b.flags & backend_flags::TERMINATING != 0 { " (terminating)" } else { "" };
-                    format!("{}:{}{term}", ip(b.addr), port_from_map(b.port))
+        let full = c
+            .names
+            .get(&v.rev_nat_id)
+            .map(|n| n.as_str().to_string())
+            .unwrap_or_default();
+        let (service, port_name) = split_name(&full);
+        let backends = (1..=v.count)
+            .map(|slot| {
+                let id = c
+                    .services
+                    .get(&ServiceKey { slot, ..*k })
+                    .map(|s| s.backend_id);
+                let b = id.and_then(|id| c.backends.get(&id));
+                let mut flags = vec![];
+                if b.is_some_and(|b| b.flags & backend_flags::TERMINATING != 0) {
+                    flags.push("terminating");
                 }
-                None => format!("<slot {slot} missing>"),
-            });
-        }
+                if b.is_some_and(|b| b.flags & backend_flags::LOCAL != 0) {
+                    flags.push("local");
+                }
+                BackendRow {
+                    slot,
+                    id,
+                    address: b.map(endpoint),
+                    flags,
+                }
+            })
+            .collect();
         let mut flags = vec![];
         for (bit, name) in [
-            (svc_flags::CLUSTER_IP, "ClusterIP"),
-            (svc_flags::NODE_PORT, "NodePort"),
-            (svc_flags::EXTERNAL_IP, "ExternalIP"),
-            (svc_flags::LOAD_BALANCER, "LoadBalancer"),
+            (svc_flags::AFFINITY, "affinity"),
+            (svc_flags::ETP_LOCAL, "etp-local"),
+            (svc_flags::ITP_LOCAL, "itp-local"),
+            (svc_flags::SOURCE_RANGES, "source-ranges"),
             (svc_flags::TERMINATING_FALLBACK, "terminating-fallback"),
         ] {
             if v.flags & bit != 0 {
@@ -57,92 +127,176 @@ pub fn services(dir: &Path) -> Result<Vec<ServiceRow>> {
             }
         }
         rows.push(ServiceRow {
-            name,
+            service,
+            port_name,
+            type_: frontend_type(v.flags),
             frontend: format!("{}:{}", ip(k.addr), port_from_map(k.port)),
             protocol: proto_name(k.proto),
+            rev_nat_id: v.rev_nat_id,
             flags,
             backends,
         });
     }
-    rows.sort_by(|a, b| (&a.name, &a.frontend).cmp(&(&b.name, &b.frontend)));
+    rows.sort_by(|a, b| {
+        (&a.service, &a.port_name, &a.frontend).cmp(&(&b.service, &b.port_name, &b.frontend))
+    });
     Ok(rows)
 }
 
-pub fn print_services(rows: &[ServiceRow]) -> String {
-    let mut out = format!("{:<32} {:<22} {:<5} {:<10} BACKENDS\n", "SERVICE", "FRONTEND", "PROTO", "TYPE");
+/// A table; `wide` adds ids and flags.
+pub fn print_services(rows: &[ServiceRow], wide: bool) -> String {
+    let mut out = String::new();
+    let _ = write!(
+        out,
+        "{:<30} {:<10} {:<10} {:<21} {:<5} ",
+        "SERVICE", "PORT", "TYPE", "FRONTEND", "PROTO"
+    );
+    if wide {
+        let _ = write!(out, "{:<6} {:<20} ", "REVNAT", "FLAGS");
+    }
+    out.push_str("BACKENDS\n");
     for r in rows {
-        let backends = if r.backends.is_empty() { "<none>".to_string() } else { r.backends.join(", ") };
-        let _ = writeln!(out, "{:<32} {:<22} {:<5} {:<10} {}", r.name, r.frontend, r.protocol, r.flags.join(","), backends);
+        let _ = write!(
+            out,
+            "{:<30} {:<10} {:<10} {:<21} {:<5} ",
+            r.service, r.port_name, r.type_, r.frontend, r.protocol
+        );
+        if wide {
+            let flags = if r.flags.is_empty() {
+                "-".to_string()
+            } else {
+                r.flags.join(",")
+            };
+            let _ = write!(out, "{:<6} {:<20} ", r.rev_nat_id, flags);
+        }
+        let backends: Vec<String> = r
+            .backends
+            .iter()
+            .map(|b| {
+                let mut s = b
+                    .address
+                    .clone()
+                    .unwrap_or_else(|| format!("<slot {} missing>", b.slot));
+                if wide {
+                    if let Some(id) = b.id {
+                        let _ = write!(s, "#{id}");
+                    }
+                }
+                if !b.flags.is_empty() {
+                    let _ = write!(s, " ({})", b.flags.join(","));
+                }
+                s
+            })
+            .collect();
+        let backends = if backends.is_empty() {
+            "<none>".to_string()
+        } else {
+            backends.join(", ")
+        };
+        let _ = writeln!(out, "{backends}");
     }
     out
 }
 
+/// One connection-tracking entry, resolved through the other maps.
 #[derive(Debug, Serialize)]
 pub struct CtRow {
-    pub direction: &'static str,
     pub protocol: &'static str,
-    pub source: String,
-    pub destination: String,
-    /// Forward: the backend chosen; reply: the frontend restored.
-    pub nat: String,
-    pub backend_id: u32,
+    /// The client as it sent the packet.
+    pub client: String,
+    /// The frontend it dialled (reverse-NAT entry), or `#id (gone)`.
+    pub frontend: String,
+    /// The backend it was given, or `#id (gone)`.
+    pub backend: String,
+    /// `forward` (client → frontend) or `reply` (backend → client).
+    pub direction: &'static str,
     pub flags: Vec<&'static str>,
-    pub idle_seconds: f64,
+    /// Seconds since the last packet.
+    pub age_seconds: f64,
 }
 
 /// Connection-tracking entries under `dir`.
-pub fn connections(dir: &Path) -> Result<Vec<CtRow>> {
+pub fn connections(dir: &Path) -> Result<Vec<CtRow>, InspectError> {
     let entries = kernel::read_ct(dir)?;
-    let c = kernel::KernelMaps::from_pins(dir)?.read_all()?;
+    let c = contents(dir)?;
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
         .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
         .unwrap_or(0);
     let mut rows = Vec::new();
     for (k, v) in entries {
         let forward = k.dir == CT_DIR_FORWARD;
-        let nat = if forward {
-            c.backends
-                .get(&v.backend_id)
-                .map(|b| format!("{}:{}", ip(b.addr), port_from_map(b.port)))
-                .unwrap_or_else(|| format!("backend {} (gone)", v.backend_id))
+        // Forward keys are the client's packet; reply values keep the client.
+        let client = if forward {
+            format!("{}:{}", ip(k.saddr), port_from_map(k.sport))
         } else {
-            c.revnat
-                .get(&v.rev_nat_id)
-                .map(|r| format!("{}:{}", ip(r.addr), port_from_map(r.port)))
-                .unwrap_or_else(|| format!("frontend {} (gone)", v.rev_nat_id))
+            format!("{}:{}", ip(v.nat_addr), port_from_map(v.nat_port))
         };
+        let frontend = c
+            .revnat
+            .get(&v.rev_nat_id)
+            .map(|r| format!("{}:{}", ip(r.addr), port_from_map(r.port)))
+            .unwrap_or_else(|| format!("#{} (gone)", v.rev_nat_id));
+        let backend = c
+            .backends
+            .get(&v.backend_id)
+            .map(endpoint)
+            .unwrap_or_else(|| format!("#{} (gone)", v.backend_id));
         let mut flags = vec![];
-        for (bit, name) in [(ct_flags::SNAT, "hairpin-snat"), (ct_flags::CLOSING, "closing")] {
+        for (bit, name) in [
+            (ct_flags::SNAT, "hairpin-snat"),
+            (ct_flags::CLOSING, "closing"),
+        ] {
             if v.flags & bit != 0 {
                 flags.push(name);
             }
         }
         rows.push(CtRow {
-            direction: if forward { "forward" } else { "reply" },
             protocol: proto_name(k.proto),
-            source: format!("{}:{}", ip(k.saddr), port_from_map(k.sport)),
-            destination: format!("{}:{}", ip(k.daddr), port_from_map(k.dport)),
-            nat,
-            backend_id: v.backend_id,
+            client,
+            frontend,
+            backend,
+            direction: if forward { "forward" } else { "reply" },
             flags,
-            idle_seconds: now.saturating_sub(v.last_seen) as f64 / 1e9,
+            age_seconds: now.saturating_sub(v.last_seen) as f64 / 1e9,
         });
     }
-    rows.sort_by(|a, b| (a.direction, &a.source, &a.destination).cmp(&(b.direction, &b.source, &b.destination)));
+    rows.sort_by(|a, b| {
+        (&a.frontend, &a.client, a.direction).cmp(&(&b.frontend, &b.client, b.direction))
+    });
     Ok(rows)
 }
 
 pub fn print_connections(rows: &[CtRow]) -> String {
     let mut out = format!(
-        "{:<8} {:<5} {:<22} {:<22} {:<24} {:>7} FLAGS\n",
-        "DIR", "PROTO", "SOURCE", "DESTINATION", "NAT (BACKEND/FRONTEND)", "IDLE"
+        "{:<5} {:<21} {:<21} {:<21} {:<8} {:<14} AGE\n",
+        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "DIR", "FLAGS"
     );
     for r in rows {
+        let flags = if r.flags.is_empty() {
+            "-".to_string()
+        } else {
+            r.flags.join(",")
+        };
         let _ = writeln!(
             out,
-            "{:<8} {:<5} {:<22} {:<22} {:<24} {:>6.1}s {}",
-            r.direction, r.protocol, r.source, r.destination, r.nat, r.idle_seconds, r.flags.join(",")
+            "{:<5} {:<21} {:<21} {:<21} {:<8} {:<14} {:.1}s",
+            r.protocol, r.client, r.frontend, r.backend, r.direction, flags, r.age_seconds
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_names_split_into_service_and_port() {
+        assert_eq!(
+            split_name("default/web:http (ClusterIP)"),
+            ("default/web".into(), "http".into())
+        );
+        assert_eq!(split_name("ns/a:80"), ("ns/a".into(), "80".into()));
+        assert_eq!(split_name(""), (String::new(), String::new()));
+    }
 }

@@ -7,7 +7,11 @@ use ferry_agent::{dataplane, inspect, mountns, run, translate};
 use ferry_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_SERVICES_MAX};
 
 #[derive(Parser)]
-#[command(name = "ferry", version, about = "eBPF service dataplane for Kubernetes (kube-proxy replacement)")]
+#[command(
+    name = "ferry",
+    version,
+    about = "eBPF service dataplane for Kubernetes (kube-proxy replacement)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -35,8 +39,9 @@ enum Cmd {
 
 #[derive(Args)]
 struct NodeArgs {
-    /// The node whose maps to read (default: $NODE_NAME, then the hostname).
-    #[arg(long, alias = "node", env = "NODE_NAME")]
+    /// The node's name (default: $NODE_NAME, then the hostname); it names the
+    /// default pin directory.
+    #[arg(long, visible_alias = "node", env = "NODE_NAME")]
     node_name: Option<String>,
     /// Pin directory of the maps (default: /sys/fs/bpf/ferry/<node-name>).
     #[arg(long)]
@@ -63,9 +68,12 @@ enum ListCmd {
     },
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Output {
+    /// A table like `kubectl get`.
     Table,
+    /// The table with ids and flags.
+    Wide,
     Json,
 }
 
@@ -108,7 +116,19 @@ fn node_name(flag: Option<String>) -> Result<String> {
     Ok(h.to_string_lossy().into_owned())
 }
 
-fn main() -> Result<()> {
+/// Errors end the process with status 1 and the whole cause chain on one line
+/// (not a backtrace, whatever RUST_BACKTRACE says).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -117,26 +137,35 @@ fn main() -> Result<()> {
         .init();
     let cli = Cli::parse();
     // Before any thread exists (setns into a mount namespace requires it).
-    if mountns::rejoin_launcher_mount_ns()? {
-        tracing::debug!("rejoined the launcher's mount namespace (ip netns exec)");
+    if let Some(pid) = mountns::rejoin_launcher_mount_ns()? {
+        tracing::debug!(
+            pid,
+            "joined the mount namespace of PID {pid} (ip netns exec)"
+        );
     }
     let rt = tokio::runtime::Runtime::new()?;
     match cli.cmd {
         Cmd::Agent(a) => rt.block_on(agent(a)),
         Cmd::Shim(a) => rt.block_on(ferry_shim::run_shim(a)),
         Cmd::Echo(a) => rt.block_on(ferry_shim::run_echo(a)),
-        Cmd::Svc { cmd: ListCmd::List { node, output } } => {
+        Cmd::Svc {
+            cmd: ListCmd::List { node, output },
+        } => {
             let rows = inspect::services(&node.dir()?)?;
             match output {
-                Output::Table => print!("{}", inspect::print_services(&rows)),
+                Output::Table | Output::Wide => {
+                    print!("{}", inspect::print_services(&rows, output == Output::Wide))
+                }
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
             }
             Ok(())
         }
-        Cmd::Ct { cmd: ListCmd::List { node, output } } => {
+        Cmd::Ct {
+            cmd: ListCmd::List { node, output },
+        } => {
             let rows = inspect::connections(&node.dir()?)?;
             match output {
-                Output::Table => print!("{}", inspect::print_connections(&rows)),
+                Output::Table | Output::Wide => print!("{}", inspect::print_connections(&rows)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
             }
             Ok(())
@@ -158,7 +187,9 @@ async fn agent(a: AgentArgs) -> Result<()> {
         state_dir: a.state_dir,
         node,
         devices: a.devices,
-        translate: translate::Config { service_cidr: a.service_cluster_ip_range },
+        translate: translate::Config {
+            service_cidr: a.service_cluster_ip_range,
+        },
         dataplane: dataplane::Config {
             bpffs_dir,
             services_max: a.services_map_size,

@@ -1,9 +1,10 @@
 //! The cluster as the agent sees it: the input of the pure translation.
+use ferry_shim::status::PodRecord;
 use k8s_openapi::api::{
-    core::v1::{Endpoints, Service},
+    apps::v1::Deployment,
+    core::v1::{Endpoints, Pod, Service},
     discovery::v1::EndpointSlice,
 };
-use ferry_shim::status::PodRecord;
 
 /// An object with where it came from (for error messages).
 #[derive(Clone, Debug)]
@@ -14,7 +15,10 @@ pub struct Sourced<T> {
 
 impl<T> Sourced<T> {
     pub fn new(source: impl Into<String>, object: T) -> Self {
-        Self { source: source.into(), object }
+        Self {
+            source: source.into(),
+            object,
+        }
     }
 }
 
@@ -27,6 +31,11 @@ pub struct Snapshot {
     /// Pods as the kubelet (shim) reports them; used to derive endpoints of
     /// Services with a selector in standalone mode.
     pub pods: Vec<PodRecord>,
+    /// Pods and Deployments declared in the manifests. The shim runs them and its
+    /// records (`pods`) are what counts; these are parsed so a broken one is
+    /// reported, and kept for inspection.
+    pub pod_specs: Vec<Sourced<Pod>>,
+    pub deployments: Vec<Sourced<Deployment>>,
 }
 
 /// `namespace/name` of an object's metadata.

@@ -1,7 +1,8 @@
 //! The standalone agent: manifests + Pod status → translate → layout → sync, again
 //! whenever the input changes, and from_pod attached to every Pod veth.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -41,6 +42,8 @@ struct Programmer {
     ids: Ids,
     /// Errors reported last time (each is logged once, when it appears).
     reported: BTreeSet<String>,
+    /// ClusterIPs allocated last time (logged when they change).
+    allocated: BTreeMap<String, Ipv4Addr>,
 }
 
 impl Programmer {
@@ -51,10 +54,17 @@ impl Programmer {
         for (path, e) in pod_errors {
             tracing::debug!("skipping unreadable pod record {}: {e}", path.display());
         }
-        let snapshot = Snapshot { pods, ..std::mem::take(&mut m.snapshot) };
+        let snapshot = Snapshot {
+            pods,
+            ..std::mem::take(&mut m.snapshot)
+        };
         let t = translate(&snapshot, &cfg.translate);
-        let errors: BTreeSet<String> =
-            m.errors.iter().chain(t.errors.iter()).map(ToString::to_string).collect();
+        let errors: BTreeSet<String> = m
+            .errors
+            .iter()
+            .chain(t.errors.iter())
+            .map(ToString::to_string)
+            .collect();
         for e in errors.difference(&self.reported) {
             tracing::error!("{e}");
         }
@@ -62,6 +72,12 @@ impl Programmer {
             tracing::info!("resolved: {e}");
         }
         self.reported = errors;
+        for (svc, ip) in &t.allocated {
+            if self.allocated.get(svc) != Some(ip) {
+                tracing::info!(service = %svc, cluster_ip = %ip, "allocated a ClusterIP (spec.clusterIP unset)");
+            }
+        }
+        self.allocated = t.allocated;
         let desired = layout(&t.frontends, &mut self.ids);
         let st = self.syncer.sync(&desired).context("writing the BPF maps")?;
         if st.upserts + st.deletes > 0 {
@@ -75,6 +91,11 @@ impl Programmer {
                 total_ms = started.elapsed().as_millis() as u64,
                 "maps synced"
             );
+        } else {
+            tracing::debug!(
+                total_ms = started.elapsed().as_millis() as u64,
+                "maps already in sync"
+            );
         }
         Ok(())
     }
@@ -86,7 +107,12 @@ pub async fn run_standalone(cfg: Config) -> Result<()> {
     let (mut dp, maps) = Dataplane::load(&cfg.dataplane)?;
     let syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let ids = Ids::from_contents(syncer.current());
-    let mut prog = Programmer { syncer, ids, reported: BTreeSet::new() };
+    let mut prog = Programmer {
+        syncer,
+        ids,
+        reported: BTreeSet::new(),
+        allocated: BTreeMap::new(),
+    };
     tracing::info!(
         node = %cfg.node,
         manifests = %cfg.manifests.display(),
@@ -99,7 +125,10 @@ pub async fn run_standalone(cfg: Config) -> Result<()> {
     tokio::spawn(conn);
     attach_all(&handle, &mut dp, &cfg.devices).await;
 
-    let watched = vec![cfg.manifests.clone(), ferry_shim::status::pods_dir(&cfg.state_dir)];
+    let watched = vec![
+        cfg.manifests.clone(),
+        ferry_shim::status::pods_dir(&cfg.state_dir),
+    ];
     let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
     let _watcher = watch::watch(&watched, tx)?;
     let mut seen = watch::fingerprint(&watched);
@@ -140,7 +169,10 @@ pub async fn run_standalone(cfg: Config) -> Result<()> {
             _ = int.recv() => break,
         }
     }
-    tracing::info!("stopping; programs and maps stay pinned in {}", cfg.dataplane.bpffs_dir.display());
+    tracing::info!(
+        "stopping; programs and maps stay pinned in {}",
+        cfg.dataplane.bpffs_dir.display()
+    );
     Ok(())
 }
 

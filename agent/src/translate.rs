@@ -10,7 +10,7 @@ use std::{
 
 use ferry_common::{svc_flags, PROTO_TCP, PROTO_UDP};
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 
 use crate::{
     endpoints::{self, Endpoint},
@@ -30,7 +30,9 @@ pub struct Config {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { service_cidr: "10.96.0.0/12".parse().expect("valid CIDR") }
+        Self {
+            service_cidr: "10.96.0.0/12".parse().expect("valid CIDR"),
+        }
     }
 }
 
@@ -67,6 +69,9 @@ pub struct Translation {
     /// Sorted by (addr, port, proto).
     pub frontends: Vec<Frontend>,
     pub errors: Vec<InputError>,
+    /// ClusterIPs allocated for Services without spec.clusterIP
+    /// (`namespace/name` → address), for the caller to log.
+    pub allocated: BTreeMap<String, Ipv4Addr>,
 }
 
 /// How a Service gets its ClusterIP.
@@ -78,9 +83,11 @@ enum ClusterIp {
 /// A Service that passed validation, with the ports that did.
 struct Valid<'a> {
     svc: &'a Sourced<Service>,
+    spec: &'a ServiceSpec,
     key: String,
     ip: ClusterIp,
-    ports: Vec<(usize, u16, u8)>,
+    /// (index in spec.ports, the port, its valid port number and protocol).
+    ports: Vec<(usize, &'a ServicePort, u16, u8)>,
 }
 
 pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
@@ -98,25 +105,42 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
     // Earlier Services win conflicts: creation time, then name (kube-apiserver
     // would have refused the later one).
     valid.sort_by(|a, b| {
-        let ta = a.svc.object.metadata.creation_timestamp.as_ref().map(|t| t.0.clone());
-        let tb = b.svc.object.metadata.creation_timestamp.as_ref().map(|t| t.0.clone());
+        let ta = a
+            .svc
+            .object
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0);
+        let tb = b
+            .svc
+            .object
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0);
         (ta, &a.key).cmp(&(tb, &b.key))
     });
     let ips = assign_cluster_ips(&valid, cfg, &mut out.errors);
+    for (v, ip) in valid.iter().zip(&ips) {
+        if let (ClusterIp::Allocate, Some(ip)) = (&v.ip, ip) {
+            out.allocated.insert(v.key.clone(), *ip);
+        }
+    }
 
     let mut claimed: BTreeMap<(Ipv4Addr, u16, u8), String> = BTreeMap::new();
     for (v, ip) in valid.iter().zip(ips) {
         let Some(ip) = ip else { continue };
-        let spec = v.svc.object.spec.as_ref().expect("validated");
-        let sp_all = spec.ports.as_deref().unwrap_or_default();
-        for &(i, port, proto) in &v.ports {
-            let sp = &sp_all[i];
+        for &(i, sp, port, proto) in &v.ports {
             if let Some(owner) = claimed.get(&(ip, port, proto)) {
                 out.errors.push(InputError::new(
                     &v.svc.source,
                     format!("Service {}", v.key),
                     format!("spec.ports[{i}]"),
-                    format!("{ip}:{port}/{} is already used by Service {owner}", proto_name(proto)),
+                    format!(
+                        "{ip}:{port}/{} is already used by Service {owner}",
+                        proto_name(proto)
+                    ),
                 ));
                 continue;
             }
@@ -127,7 +151,11 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
             if fallback {
                 flags |= svc_flags::TERMINATING_FALLBACK;
             }
-            let port_name = sp.name.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| port.to_string());
+            let port_name = sp
+                .name
+                .clone()
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| port.to_string());
             out.frontends.push(Frontend {
                 name: format!("{}:{port_name}", v.key),
                 addr: ip,
@@ -136,7 +164,11 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                 flags,
                 backends: usable
                     .into_iter()
-                    .map(|e| BackendSpec { addr: e.addr, port: e.port, terminating: e.terminating })
+                    .map(|e| BackendSpec {
+                        addr: e.addr,
+                        port: e.port,
+                        terminating: e.terminating,
+                    })
                     .collect(),
             });
         }
@@ -148,7 +180,9 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
 /// Checks a Service; returns None when it gets no dataplane entries at all.
 fn validate<'a>(svc: &'a Sourced<Service>, errors: &mut Vec<InputError>) -> Option<Valid<'a>> {
     let key = ns_name(&svc.object.metadata);
-    let err = |field: &str, msg: String| InputError::new(&svc.source, format!("Service {key}"), field, msg);
+    let err = |field: &str, msg: String| {
+        InputError::new(&svc.source, format!("Service {key}"), field, msg)
+    };
     if svc.object.metadata.name.as_deref().unwrap_or("").is_empty() {
         errors.push(err("metadata.name", "missing".into()));
         return None;
@@ -174,7 +208,11 @@ fn validate<'a>(svc: &'a Sourced<Service>, errors: &mut Vec<InputError>) -> Opti
         Some(s) => match s.parse::<Ipv4Addr>() {
             Ok(ip) => ClusterIp::Explicit(ip),
             Err(_) => {
-                let why = if s.contains(':') { "IPv6 is not supported yet" } else { "not an IPv4 address" };
+                let why = if s.contains(':') {
+                    "IPv6 is not supported yet"
+                } else {
+                    "not an IPv4 address"
+                };
                 errors.push(err("spec.clusterIP", format!("{s:?}: {why}")));
                 return None;
             }
@@ -184,7 +222,10 @@ fn validate<'a>(svc: &'a Sourced<Service>, errors: &mut Vec<InputError>) -> Opti
     for (i, sp) in spec.ports.iter().flatten().enumerate() {
         let field = |f: &str| format!("spec.ports[{i}].{f}");
         let Some(port) = u16::try_from(sp.port).ok().filter(|p| *p > 0) else {
-            errors.push(err(&field("port"), format!("{} is out of range 1-65535", sp.port)));
+            errors.push(err(
+                &field("port"),
+                format!("{} out of range 1-65535", sp.port),
+            ));
             continue;
         };
         let proto = match sp.protocol.as_deref().unwrap_or("TCP") {
@@ -195,26 +236,44 @@ fn validate<'a>(svc: &'a Sourced<Service>, errors: &mut Vec<InputError>) -> Opti
                 continue;
             }
             other => {
-                errors.push(err(&field("protocol"), format!("unknown protocol {other:?} (TCP, UDP, SCTP)")));
+                errors.push(err(
+                    &field("protocol"),
+                    format!("unknown protocol {other:?} (TCP, UDP, SCTP)"),
+                ));
                 continue;
             }
         };
-        if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(t)) = &sp.target_port {
+        if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(t)) =
+            &sp.target_port
+        {
             if !(1..=65535).contains(t) {
-                errors.push(err(&field("targetPort"), format!("{t} is out of range 1-65535")));
+                errors.push(err(
+                    &field("targetPort"),
+                    format!("{t} out of range 1-65535"),
+                ));
                 continue;
             }
         }
-        ports.push((i, port, proto));
+        ports.push((i, sp, port, proto));
     }
-    Some(Valid { svc, key, ip, ports })
+    Some(Valid {
+        svc,
+        spec,
+        key,
+        ip,
+        ports,
+    })
 }
 
 /// ClusterIPs: explicit ones as given (outside the range is fine, as with a real
 /// apiserver's second range); the others by a stable hash of namespace/name into
 /// the range, probing onward on collision, in name order. Same input, same IPs:
 /// on every node and across restarts.
-fn assign_cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError>) -> Vec<Option<Ipv4Addr>> {
+fn assign_cluster_ips(
+    valid: &[Valid],
+    cfg: &Config,
+    errors: &mut Vec<InputError>,
+) -> Vec<Option<Ipv4Addr>> {
     let mut used: BTreeSet<Ipv4Addr> = valid
         .iter()
         .filter_map(|v| match v.ip {
@@ -225,7 +284,9 @@ fn assign_cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError
     let net = cfg.service_cidr;
     let base = u32::from(net.network());
     let size = (1u64 << (32 - net.prefix_len())).saturating_sub(2).max(1) as u32;
-    let mut order: Vec<usize> = (0..valid.len()).filter(|i| matches!(valid[*i].ip, ClusterIp::Allocate)).collect();
+    let mut order: Vec<usize> = (0..valid.len())
+        .filter(|i| matches!(valid[*i].ip, ClusterIp::Allocate))
+        .collect();
     order.sort_by(|a, b| valid[*a].key.cmp(&valid[*b].key));
     let mut out: Vec<Option<Ipv4Addr>> = valid
         .iter()
@@ -236,7 +297,9 @@ fn assign_cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError
         .collect();
     for i in order {
         let start = fnv1a(valid[i].key.as_bytes()) % size;
-        let found = (0..size).map(|k| Ipv4Addr::from(base + 1 + (start + k) % size)).find(|ip| !used.contains(ip));
+        let found = (0..size)
+            .map(|k| Ipv4Addr::from(base + 1 + (start + k) % size))
+            .find(|ip| !used.contains(ip));
         match found {
             Some(ip) => {
                 used.insert(ip);
@@ -255,15 +318,16 @@ fn assign_cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError
 
 /// FNV-1a: a stable hash (std's hasher is randomly seeded).
 fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ *b as u32).wrapping_mul(0x0100_0193))
+    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ *b as u32).wrapping_mul(0x0100_0193)
+    })
 }
 
-fn endpoints_of(snapshot: &Snapshot, v: &Valid, sp: &k8s_openapi::api::core::v1::ServicePort) -> Vec<Endpoint> {
+fn endpoints_of(snapshot: &Snapshot, v: &Valid, sp: &ServicePort) -> Vec<Endpoint> {
     let meta = &v.svc.object.metadata;
     let ns = meta.namespace.as_deref().unwrap_or("default");
     let name = meta.name.as_deref().unwrap_or_default();
-    let spec = v.svc.object.spec.as_ref().expect("validated");
-    if let Some(selector) = spec.selector.as_ref().filter(|s| !s.is_empty()) {
+    if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
         return endpoints::from_pods(ns, selector, sp, &snapshot.pods);
     }
     let slices: Vec<_> = snapshot
@@ -274,7 +338,7 @@ fn endpoints_of(snapshot: &Snapshot, v: &Valid, sp: &k8s_openapi::api::core::v1:
                 && slice_service(&s.object).as_deref() == Some(name)
         })
         .collect();
-    let mut all = endpoints::from_slices(&v.svc.object, sp, &slices);
+    let mut all = endpoints::from_slices(sp, &slices);
     for e in &snapshot.endpoints {
         if ns_name(&e.object.metadata) == v.key {
             all.extend(endpoints::from_endpoints(sp, &e.object));
@@ -284,7 +348,12 @@ fn endpoints_of(snapshot: &Snapshot, v: &Valid, sp: &k8s_openapi::api::core::v1:
 }
 
 fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<String> {
-    slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL).cloned()
+    slice
+        .metadata
+        .labels
+        .as_ref()?
+        .get(SERVICE_NAME_LABEL)
+        .cloned()
 }
 
 /// EndpointSlices and Endpoints must belong to a Service we know.
@@ -294,11 +363,21 @@ fn check_orphans(snapshot: &Snapshot, known: &BTreeSet<String>, errors: &mut Vec
         let object = format!("EndpointSlice {}", ns_name(meta));
         let field = format!("metadata.labels[{SERVICE_NAME_LABEL}]");
         match slice_service(&s.object) {
-            None => errors.push(InputError::new(&s.source, object, field, "missing: the slice belongs to no Service")),
+            None => errors.push(InputError::new(
+                &s.source,
+                object,
+                field,
+                "missing: the slice belongs to no Service",
+            )),
             Some(svc) => {
                 let key = format!("{}/{svc}", meta.namespace.as_deref().unwrap_or("default"));
                 if !known.contains(&key) {
-                    errors.push(InputError::new(&s.source, object, field, format!("unknown Service {key}")));
+                    errors.push(InputError::new(
+                        &s.source,
+                        object,
+                        field,
+                        format!("unknown Service {key}"),
+                    ));
                 }
             }
         }
@@ -306,8 +385,26 @@ fn check_orphans(snapshot: &Snapshot, known: &BTreeSet<String>, errors: &mut Vec
     for e in &snapshot.endpoints {
         let key = ns_name(&e.object.metadata);
         if !known.contains(&key) {
-            errors.push(InputError::new(&e.source, format!("Endpoints {key}"), "metadata.name", format!("unknown Service {key}")));
+            errors.push(InputError::new(
+                &e.source,
+                format!("Endpoints {key}"),
+                "metadata.name",
+                format!("unknown Service {key}"),
+            ));
         }
+    }
+}
+
+/// The kind of frontend named by `svc_flags` (as in `ServiceName`: "(ClusterIP)").
+pub fn frontend_type(flags: u32) -> &'static str {
+    if flags & svc_flags::NODE_PORT != 0 {
+        "NodePort"
+    } else if flags & svc_flags::LOAD_BALANCER != 0 {
+        "LoadBalancer"
+    } else if flags & svc_flags::EXTERNAL_IP != 0 {
+        "ExternalIP"
+    } else {
+        "ClusterIP"
     }
 }
 
@@ -326,10 +423,16 @@ mod tests {
     use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
 
     fn svc(y: &str) -> Sourced<Service> {
-        Sourced::new("s.yaml", serde_yaml::from_str(y).expect("test service parses"))
+        Sourced::new(
+            "s.yaml",
+            serde_yaml::from_str(y).expect("test service parses"),
+        )
     }
     fn slice(y: &str) -> Sourced<EndpointSlice> {
-        Sourced::new("e.yaml", serde_yaml::from_str(y).expect("test slice parses"))
+        Sourced::new(
+            "e.yaml",
+            serde_yaml::from_str(y).expect("test slice parses"),
+        )
     }
     fn pod(name: &str, ip: [u8; 4], ready: bool, terminating: bool) -> PodRecord {
         PodRecord {
@@ -337,7 +440,11 @@ mod tests {
             namespace: "default".into(),
             node: "n1".into(),
             labels: [("app".to_string(), "web".to_string())].into(),
-            ports: vec![ContainerPortRecord { name: Some("http".into()), container_port: 8080, protocol: "TCP".into() }],
+            ports: vec![ContainerPortRecord {
+                name: Some("http".into()),
+                container_port: 8080,
+                protocol: "TCP".into(),
+            }],
             pod_ip: Some(Ipv4Addr::from(ip)),
             host_ip: None,
             phase: "Running".into(),
@@ -357,15 +464,24 @@ mod tests {
     fn clusterip_with_selector_multi_port_and_named_target_port() {
         let s = Snapshot {
             services: vec![svc(WEB)],
-            pods: vec![pod("a", [10, 244, 0, 2], true, false), pod("b", [10, 244, 0, 3], true, false)],
+            pods: vec![
+                pod("a", [10, 244, 0, 2], true, false),
+                pod("b", [10, 244, 0, 3], true, false),
+            ],
             ..Default::default()
         };
         let t = run(&s);
         assert!(t.errors.is_empty(), "{:?}", t.errors);
         assert_eq!(t.frontends.len(), 2);
         let dns = &t.frontends[0];
-        assert_eq!((dns.addr, dns.port, dns.proto), (Ipv4Addr::new(10, 96, 0, 10), 53, PROTO_UDP));
-        assert_eq!(dns.backends.iter().map(|b| b.port).collect::<Vec<_>>(), [5353, 5353]);
+        assert_eq!(
+            (dns.addr, dns.port, dns.proto),
+            (Ipv4Addr::new(10, 96, 0, 10), 53, PROTO_UDP)
+        );
+        assert_eq!(
+            dns.backends.iter().map(|b| b.port).collect::<Vec<_>>(),
+            [5353, 5353]
+        );
         let http = &t.frontends[1];
         assert_eq!(http.name, "default/web:http");
         assert_eq!(http.flags, svc_flags::CLUSTER_IP);
@@ -373,8 +489,16 @@ mod tests {
         assert_eq!(
             http.backends,
             vec![
-                BackendSpec { addr: Ipv4Addr::new(10, 244, 0, 2), port: 8080, terminating: false },
-                BackendSpec { addr: Ipv4Addr::new(10, 244, 0, 3), port: 8080, terminating: false },
+                BackendSpec {
+                    addr: Ipv4Addr::new(10, 244, 0, 2),
+                    port: 8080,
+                    terminating: false
+                },
+                BackendSpec {
+                    addr: Ipv4Addr::new(10, 244, 0, 3),
+                    port: 8080,
+                    terminating: false
+                },
             ]
         );
     }
@@ -383,16 +507,29 @@ mod tests {
     fn not_ready_pods_are_left_out_and_terminating_ones_are_the_fallback() {
         let mut s = Snapshot {
             services: vec![svc(WEB)],
-            pods: vec![pod("a", [10, 244, 0, 2], true, false), pod("b", [10, 244, 0, 3], false, false)],
+            pods: vec![
+                pod("a", [10, 244, 0, 2], true, false),
+                pod("b", [10, 244, 0, 3], false, false),
+            ],
             ..Default::default()
         };
         let t = run(&s);
         assert_eq!(t.frontends[1].backends.len(), 1, "only the ready Pod");
         // Nothing ready; a serving+terminating Pod still takes new connections.
-        s.pods = vec![pod("a", [10, 244, 0, 2], true, true), pod("b", [10, 244, 0, 3], false, false)];
+        s.pods = vec![
+            pod("a", [10, 244, 0, 2], true, true),
+            pod("b", [10, 244, 0, 3], false, false),
+        ];
         let t = run(&s);
         let http = &t.frontends[1];
-        assert_eq!(http.backends, vec![BackendSpec { addr: Ipv4Addr::new(10, 244, 0, 2), port: 8080, terminating: true }]);
+        assert_eq!(
+            http.backends,
+            vec![BackendSpec {
+                addr: Ipv4Addr::new(10, 244, 0, 2),
+                port: 8080,
+                terminating: true
+            }]
+        );
         assert_ne!(http.flags & svc_flags::TERMINATING_FALLBACK, 0);
         // No Pods: the frontend exists with no backends.
         s.pods.clear();
@@ -423,9 +560,20 @@ mod tests {
         let t = run(&s);
         let msgs: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
         assert_eq!(msgs.len(), 4, "{msgs:#?}");
-        assert!(msgs[0].contains("s.yaml: Service default/bad: spec.ports[0].port: 70000 is out of range"), "{msgs:#?}");
-        assert!(msgs[1].contains("spec.ports[1].protocol: unknown protocol \"QUIC\""), "{msgs:#?}");
-        assert!(msgs[2].contains("spec.ports[2].protocol: SCTP is not supported yet"), "{msgs:#?}");
+        assert!(
+            msgs[0].contains(
+                "s.yaml: Service default/bad: spec.ports[0].port: 70000 out of range 1-65535"
+            ),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs[1].contains("spec.ports[1].protocol: unknown protocol \"QUIC\""),
+            "{msgs:#?}"
+        );
+        assert!(
+            msgs[2].contains("spec.ports[2].protocol: SCTP is not supported yet"),
+            "{msgs:#?}"
+        );
         assert!(msgs[3].contains("spec.ports[3].targetPort"), "{msgs:#?}");
         assert_eq!(t.frontends.len(), 1);
         assert_eq!(t.frontends[0].port, 84);
@@ -446,16 +594,42 @@ mod tests {
                 "e.yaml",
                 serde_yaml::from_str::<Endpoints>("metadata: {name: legacy}\nsubsets: [{addresses: [{ip: 10.0.1.1}], ports: [{port: 9090}]}]\n").unwrap(),
             )],
-            pods: vec![],
+            ..Default::default()
         };
         let t = run(&s);
         assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
-        assert!(t.errors[0].to_string().contains("EndpointSlice default/nobody-1"), "{}", t.errors[0]);
-        assert!(t.errors[0].to_string().contains("unknown Service default/nobody"), "{}", t.errors[0]);
+        assert!(
+            t.errors[0]
+                .to_string()
+                .contains("EndpointSlice default/nobody-1"),
+            "{}",
+            t.errors[0]
+        );
+        assert!(
+            t.errors[0]
+                .to_string()
+                .contains("unknown Service default/nobody"),
+            "{}",
+            t.errors[0]
+        );
         let manual = t.frontends.iter().find(|f| f.port == 8000).unwrap();
-        assert_eq!(manual.backends, vec![BackendSpec { addr: Ipv4Addr::new(10, 0, 0, 1), port: 8080, terminating: false }]);
+        assert_eq!(
+            manual.backends,
+            vec![BackendSpec {
+                addr: Ipv4Addr::new(10, 0, 0, 1),
+                port: 8080,
+                terminating: false
+            }]
+        );
         let legacy = t.frontends.iter().find(|f| f.port == 9000).unwrap();
-        assert_eq!(legacy.backends, vec![BackendSpec { addr: Ipv4Addr::new(10, 0, 1, 1), port: 9090, terminating: false }]);
+        assert_eq!(
+            legacy.backends,
+            vec![BackendSpec {
+                addr: Ipv4Addr::new(10, 0, 1, 1),
+                port: 9090,
+                terminating: false
+            }]
+        );
     }
 
     #[test]
@@ -468,7 +642,13 @@ mod tests {
             ..Default::default()
         };
         let t = run(&s);
-        assert_eq!(t.frontends.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(), ["default/a-first:80", "default/a-first:81"]);
+        assert_eq!(
+            t.frontends
+                .iter()
+                .map(|f| f.name.as_str())
+                .collect::<Vec<_>>(),
+            ["default/a-first:80", "default/a-first:81"]
+        );
         assert_eq!(t.errors.len(), 1);
         assert!(t.errors[0].to_string().contains("Service default/b-later: spec.ports[0]: 10.96.0.40:80/TCP is already used by Service default/a-first"), "{}", t.errors[0]);
     }
@@ -477,9 +657,20 @@ mod tests {
     fn cluster_ips_are_allocated_stably_inside_the_range() {
         let a = svc("metadata: {name: a}\nspec: {ports: [{port: 80}]}\n");
         let b = svc("metadata: {name: b}\nspec: {ports: [{port: 80}]}\n");
-        let t1 = run(&Snapshot { services: vec![a.clone(), b.clone()], ..Default::default() });
-        let t2 = run(&Snapshot { services: vec![b, a], ..Default::default() });
-        let ips = |t: &Translation| t.frontends.iter().map(|f| (f.name.clone(), f.addr)).collect::<BTreeMap<_, _>>();
+        let t1 = run(&Snapshot {
+            services: vec![a.clone(), b.clone()],
+            ..Default::default()
+        });
+        let t2 = run(&Snapshot {
+            services: vec![b, a],
+            ..Default::default()
+        });
+        let ips = |t: &Translation| {
+            t.frontends
+                .iter()
+                .map(|f| (f.name.clone(), f.addr))
+                .collect::<BTreeMap<_, _>>()
+        };
         assert_eq!(ips(&t1), ips(&t2), "order of input does not matter");
         let range: Ipv4Net = "10.96.0.0/12".parse().unwrap();
         assert!(t1.frontends.iter().all(|f| range.contains(&f.addr)));

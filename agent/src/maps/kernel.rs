@@ -22,18 +22,34 @@ pub struct KernelMaps {
 pub enum OpenError {
     #[error("map {0} is missing from the eBPF object")]
     Missing(&'static str),
-    #[error("map {name} at {path}: {source} (is the agent running for this node? see --bpffs-dir)")]
-    Pin { name: &'static str, path: String, source: MapError },
+    #[error(
+        "map {name} at {path}: {source} (is the agent running for this node? see --bpffs-dir)"
+    )]
+    Pin {
+        name: &'static str,
+        path: String,
+        source: MapError,
+    },
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: MapError },
+    Map {
+        name: &'static str,
+        source: MapError,
+    },
 }
 
 fn from_pin(dir: &Path, name: &'static str) -> Result<MapData, OpenError> {
     let path = dir.join(name);
-    MapData::from_pin(&path).map_err(|source| OpenError::Pin { name, path: path.display().to_string(), source })
+    MapData::from_pin(&path).map_err(|source| OpenError::Pin {
+        name,
+        path: path.display().to_string(),
+        source,
+    })
 }
 
-fn hash<K: aya::Pod, V: aya::Pod>(name: &'static str, data: MapData) -> Result<HashMap<MapData, K, V>, OpenError> {
+fn hash<K: aya::Pod, V: aya::Pod>(
+    name: &'static str,
+    data: MapData,
+) -> Result<HashMap<MapData, K, V>, OpenError> {
     HashMap::try_from(Map::HashMap(data)).map_err(|source| OpenError::Map { name, source })
 }
 
@@ -108,8 +124,11 @@ impl MapStore for KernelMaps {
 /// Connection-tracking entries pinned under `dir`.
 pub fn read_ct(dir: &Path) -> Result<Vec<(CtKey, CtValue)>, OpenError> {
     let data = from_pin(dir, CT_MAP)?;
-    let ct: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(data))
-        .map_err(|source| OpenError::Map { name: CT_MAP, source })?;
+    let ct: HashMap<MapData, CtKey, CtValue> =
+        HashMap::try_from(Map::LruHashMap(data)).map_err(|source| OpenError::Map {
+            name: CT_MAP,
+            source,
+        })?;
     // Entries can be evicted mid-iteration; skip the ones that vanished.
     Ok(ct.iter().filter_map(Result::ok).collect())
 }
@@ -117,7 +136,13 @@ pub fn read_ct(dir: &Path) -> Result<Vec<(CtKey, CtValue)>, OpenError> {
 /// The dataplane's counters, summed over CPUs, indexed by `ferry_common::Counter`.
 pub fn read_counters(dir: &Path) -> Result<Vec<u64>, OpenError> {
     let data = from_pin(dir, COUNTERS_MAP)?;
-    let arr: PerCpuArray<MapData, u64> = PerCpuArray::try_from(Map::PerCpuArray(data))
-        .map_err(|source| OpenError::Map { name: COUNTERS_MAP, source })?;
-    Ok(arr.iter().map(|v| v.map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)).collect())
+    let arr: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|source| OpenError::Map {
+            name: COUNTERS_MAP,
+            source,
+        })?;
+    Ok(arr
+        .iter()
+        .map(|v| v.map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0))
+        .collect())
 }

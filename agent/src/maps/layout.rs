@@ -4,7 +4,10 @@
 //! connection-tracking entries (which name backends by id) stay valid across
 //! syncs and agent restarts; ids are not reused right away (a new backend never
 //! inherits the flows of a removed one). Reverse-NAT ids are stable per frontend.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use ferry_common::{
     addr_from_map, addr_to_map, backend_flags, port_from_map, port_to_map, Backend, RevNat,
@@ -12,17 +15,86 @@ use ferry_common::{
 };
 
 use super::MapContents;
-use crate::translate::Frontend;
+use crate::translate::{frontend_type, Frontend};
 
 type Tuple = (Ipv4Addr, u16, u8);
 
-/// Allocates ids; rebuilt from the maps' contents when the agent starts.
-#[derive(Clone, Debug, Default)]
+/// Stable ids for keys: a key keeps its id while it is live; a new key gets the
+/// next free id after the last one handed out (wrapping within `1..=max`), so a
+/// freed id is reused only after the whole space went round.
+#[derive(Clone, Debug)]
+struct Allocator {
+    ids: BTreeMap<Tuple, u32>,
+    used: BTreeSet<u32>,
+    last: u32,
+    max: u32,
+}
+
+impl Allocator {
+    fn new(max: u32) -> Self {
+        Self {
+            ids: BTreeMap::new(),
+            used: BTreeSet::new(),
+            last: 0,
+            max,
+        }
+    }
+
+    fn insert(&mut self, t: Tuple, id: u32) {
+        self.ids.insert(t, id);
+        self.used.insert(id);
+        self.last = self.last.max(id);
+    }
+
+    /// The id of `t`; None only when every id is taken.
+    fn get(&mut self, t: Tuple) -> Option<u32> {
+        if let Some(id) = self.ids.get(&t) {
+            return Some(*id);
+        }
+        if self.used.len() as u64 >= u64::from(self.max) {
+            return None;
+        }
+        let mut id = self.last;
+        loop {
+            id = if id >= self.max { 1 } else { id + 1 };
+            if !self.used.contains(&id) {
+                break;
+            }
+        }
+        self.ids.insert(t, id);
+        self.used.insert(id);
+        self.last = id;
+        Some(id)
+    }
+
+    /// Forgets the ids of keys not in `live`.
+    fn retain(&mut self, live: &BTreeSet<Tuple>) {
+        let used = &mut self.used;
+        self.ids.retain(|t, id| {
+            let keep = live.contains(t);
+            if !keep {
+                used.remove(id);
+            }
+            keep
+        });
+    }
+}
+
+/// Backend ids (per {ip, port, proto}) and reverse-NAT ids (per frontend
+/// {vip, port, proto}); rebuilt from the maps' contents when the agent starts.
+#[derive(Clone, Debug)]
 pub struct Ids {
-    backends: BTreeMap<Tuple, u32>,
-    next_backend: u32,
-    frontends: BTreeMap<Tuple, u16>,
-    next_revnat: u16,
+    backends: Allocator,
+    frontends: Allocator,
+}
+
+impl Default for Ids {
+    fn default() -> Self {
+        Self {
+            backends: Allocator::new(u32::MAX),
+            frontends: Allocator::new(u32::from(u16::MAX)),
+        }
+    }
 }
 
 impl Ids {
@@ -30,66 +102,47 @@ impl Ids {
     pub fn from_contents(c: &MapContents) -> Self {
         let mut ids = Self::default();
         for (id, b) in &c.backends {
-            ids.backends.insert((Ipv4Addr::from(addr_from_map(b.addr)), port_from_map(b.port), b.proto), *id);
+            ids.backends.insert(
+                (
+                    Ipv4Addr::from(addr_from_map(b.addr)),
+                    port_from_map(b.port),
+                    b.proto,
+                ),
+                *id,
+            );
         }
         for (k, v) in c.services.iter().filter(|(k, _)| k.slot == 0) {
-            let t = (Ipv4Addr::from(addr_from_map(k.addr)), port_from_map(k.port), k.proto);
-            ids.frontends.insert(t, v.rev_nat_id);
+            let t = (
+                Ipv4Addr::from(addr_from_map(k.addr)),
+                port_from_map(k.port),
+                k.proto,
+            );
+            ids.frontends.insert(t, u32::from(v.rev_nat_id));
         }
-        ids.next_backend = ids.backends.values().max().copied().unwrap_or(0);
-        ids.next_revnat = ids.frontends.values().max().copied().unwrap_or(0);
         ids
     }
 
-    fn backend(&mut self, t: Tuple) -> u32 {
-        if let Some(id) = self.backends.get(&t) {
-            return *id;
-        }
-        let used: std::collections::BTreeSet<u32> = self.backends.values().copied().collect();
-        let mut id = self.next_backend;
-        loop {
-            id = id.checked_add(1).unwrap_or(1);
-            if !used.contains(&id) {
-                break;
-            }
-        }
-        self.next_backend = id;
-        self.backends.insert(t, id);
-        id
+    fn backend(&mut self, t: Tuple) -> Option<u32> {
+        self.backends.get(t)
     }
 
-    fn revnat(&mut self, t: Tuple) -> u16 {
-        if let Some(id) = self.frontends.get(&t) {
-            return *id;
-        }
-        let used: std::collections::BTreeSet<u16> = self.frontends.values().copied().collect();
-        let mut id = self.next_revnat;
-        loop {
-            id = id.checked_add(1).unwrap_or(1);
-            if !used.contains(&id) {
-                break;
-            }
-        }
-        self.next_revnat = id;
-        self.frontends.insert(t, id);
-        id
-    }
-
-    /// Forgets ids of what is no longer desired.
-    fn retain(&mut self, backends: &BTreeMap<Tuple, u32>, frontends: &BTreeMap<Tuple, u16>) {
-        self.backends.retain(|t, _| backends.contains_key(t));
-        self.frontends.retain(|t, _| frontends.contains_key(t));
+    fn revnat(&mut self, t: Tuple) -> Option<u16> {
+        self.frontends.get(t).and_then(|id| u16::try_from(id).ok())
     }
 }
 
-/// The map contents for `frontends`.
+/// The map contents for `frontends`. A frontend or backend that gets no id (all
+/// taken: far beyond the map sizes) is left out and logged.
 pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
     let mut out = MapContents::default();
-    let mut live_backends = BTreeMap::new();
-    let mut live_frontends = BTreeMap::new();
+    let mut live_backends = BTreeSet::new();
+    let mut live_frontends = BTreeSet::new();
     for f in frontends {
-        let rev_nat_id = ids.revnat(f.key());
-        live_frontends.insert(f.key(), rev_nat_id);
+        let Some(rev_nat_id) = ids.revnat(f.key()) else {
+            tracing::error!(frontend = %f.name, "no free reverse-NAT id; frontend left out");
+            continue;
+        };
+        live_frontends.insert(f.key());
         let key = |slot: u16| ServiceKey {
             addr: addr_to_map(f.addr.octets()),
             port: port_to_map(f.port),
@@ -98,16 +151,24 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             scope: SCOPE_EXTERNAL,
             _pad: [0; 2],
         };
-        let count = u16::try_from(f.backends.len()).unwrap_or(u16::MAX);
-        out.services.insert(
-            key(0),
-            ServiceValue { backend_id: 0, count, rev_nat_id, flags: f.flags, affinity_timeout: 0 },
-        );
-        for (i, b) in f.backends.iter().take(count as usize).enumerate() {
+        let mut slot: u16 = 0;
+        for b in &f.backends {
             let t = (b.addr, b.port, f.proto);
-            let id = ids.backend(t);
-            live_backends.insert(t, id);
-            let flags = if b.terminating { backend_flags::TERMINATING } else { 0 };
+            let Some(id) = ids.backend(t) else {
+                tracing::error!(frontend = %f.name, backend = %b.addr, "no free backend id; backend left out");
+                continue;
+            };
+            let Some(next) = slot.checked_add(1) else {
+                tracing::error!(frontend = %f.name, "more than 65535 backends; the rest left out");
+                break;
+            };
+            slot = next;
+            live_backends.insert(t);
+            let flags = if b.terminating {
+                backend_flags::TERMINATING
+            } else {
+                0
+            };
             out.backends.insert(
                 id,
                 Backend {
@@ -119,17 +180,41 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
                 },
             );
             out.services.insert(
-                key(i as u16 + 1),
-                ServiceValue { backend_id: id, count: 0, rev_nat_id, flags: 0, affinity_timeout: 0 },
+                key(slot),
+                ServiceValue {
+                    backend_id: id,
+                    count: 0,
+                    rev_nat_id,
+                    flags: 0,
+                    affinity_timeout: 0,
+                },
             );
         }
+        out.services.insert(
+            key(0),
+            ServiceValue {
+                backend_id: 0,
+                count: slot,
+                rev_nat_id,
+                flags: f.flags,
+                affinity_timeout: 0,
+            },
+        );
         out.revnat.insert(
             rev_nat_id,
-            RevNat { addr: addr_to_map(f.addr.octets()), port: port_to_map(f.port), _pad: 0 },
+            RevNat {
+                addr: addr_to_map(f.addr.octets()),
+                port: port_to_map(f.port),
+                _pad: 0,
+            },
         );
-        out.names.insert(rev_nat_id, ServiceName::new(&f.name));
+        out.names.insert(
+            rev_nat_id,
+            ServiceName::new(&format!("{} ({})", f.name, frontend_type(f.flags))),
+        );
     }
-    ids.retain(&live_backends, &live_frontends);
+    ids.backends.retain(&live_backends);
+    ids.frontends.retain(&live_frontends);
     out
 }
 
@@ -146,7 +231,14 @@ mod tests {
             port,
             proto: PROTO_TCP,
             flags: svc_flags::CLUSTER_IP,
-            backends: backends.iter().map(|b| BackendSpec { addr: Ipv4Addr::from(*b), port: 8080, terminating: false }).collect(),
+            backends: backends
+                .iter()
+                .map(|b| BackendSpec {
+                    addr: Ipv4Addr::from(*b),
+                    port: 8080,
+                    terminating: false,
+                })
+                .collect(),
         }
     }
 
@@ -159,19 +251,35 @@ mod tests {
         assert_eq!(c.services.len(), 3);
         assert_eq!(c.backends.len(), 2);
         for (k, v) in c.services.iter().filter(|(k, _)| k.slot > 0) {
-            assert!(c.backends.contains_key(&v.backend_id), "slot {} names a backend", k.slot);
+            assert!(
+                c.backends.contains_key(&v.backend_id),
+                "slot {} names a backend",
+                k.slot
+            );
             assert_eq!(v.rev_nat_id, slot0.rev_nat_id);
         }
         let rn = c.revnat[&slot0.rev_nat_id];
-        assert_eq!((addr_from_map(rn.addr), port_from_map(rn.port)), ([10, 96, 0, 10], 80));
-        assert_eq!(c.names[&slot0.rev_nat_id].as_str(), "default/web:80");
+        assert_eq!(
+            (addr_from_map(rn.addr), port_from_map(rn.port)),
+            ([10, 96, 0, 10], 80)
+        );
+        assert_eq!(
+            c.names[&slot0.rev_nat_id].as_str(),
+            "default/web:80 (ClusterIP)"
+        );
     }
 
     #[test]
     fn backend_ids_are_stable_and_not_reused_at_once() {
         let mut ids = Ids::default();
         let c1 = layout(&[fe(80, &[[10, 0, 0, 1], [10, 0, 0, 2]])], &mut ids);
-        let id_of = |c: &MapContents, ip: [u8; 4]| *c.backends.iter().find(|(_, b)| addr_from_map(b.addr) == ip).unwrap().0;
+        let id_of = |c: &MapContents, ip: [u8; 4]| {
+            *c.backends
+                .iter()
+                .find(|(_, b)| addr_from_map(b.addr) == ip)
+                .unwrap()
+                .0
+        };
         let b2 = id_of(&c1, [10, 0, 0, 2]);
         // .1 goes away, .3 arrives: .2 keeps its id, .3 gets a fresh one (not .1's).
         let c2 = layout(&[fe(80, &[[10, 0, 0, 2], [10, 0, 0, 3]])], &mut ids);
@@ -180,11 +288,31 @@ mod tests {
     }
 
     #[test]
+    fn allocator_wraps_and_reports_exhaustion() {
+        let t = |i: u8| (Ipv4Addr::new(10, 0, 0, i), 80, PROTO_TCP);
+        let mut a = Allocator::new(3);
+        assert_eq!(
+            [a.get(t(1)), a.get(t(2)), a.get(t(3))],
+            [Some(1), Some(2), Some(3)]
+        );
+        assert_eq!(a.get(t(4)), None, "all ids taken: no id, no endless search");
+        a.retain(&[t(1), t(3)].into());
+        assert_eq!(a.get(t(4)), Some(2), "wraps to the freed id");
+        assert_eq!(a.get(t(1)), Some(1), "live keys keep their id");
+    }
+
+    #[test]
     fn ids_are_recovered_from_map_contents() {
         let mut ids = Ids::default();
-        let c1 = layout(&[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])], &mut ids);
+        let c1 = layout(
+            &[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])],
+            &mut ids,
+        );
         let mut fresh = Ids::from_contents(&c1);
-        let c2 = layout(&[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])], &mut fresh);
+        let c2 = layout(
+            &[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])],
+            &mut fresh,
+        );
         assert_eq!(c1, c2, "a restarted agent computes the same contents");
     }
 }

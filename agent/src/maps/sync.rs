@@ -49,7 +49,11 @@ impl<S: MapStore> Syncer<S> {
             }
         }
         for (id, r) in &desired.revnat {
-            let name = desired.names.get(id).copied().unwrap_or(ferry_common::ServiceName::new(""));
+            let name = desired
+                .names
+                .get(id)
+                .copied()
+                .unwrap_or(ferry_common::ServiceName::new(""));
             if cur.revnat.get(id) != Some(r) || cur.names.get(id) != Some(&name) {
                 self.store.put_revnat(*id, *r, name)?;
                 cur.revnat.insert(*id, *r);
@@ -58,7 +62,11 @@ impl<S: MapStore> Syncer<S> {
             }
         }
         for pass_slot0 in [false, true] {
-            for (k, v) in desired.services.iter().filter(|(k, _)| (k.slot == 0) == pass_slot0) {
+            for (k, v) in desired
+                .services
+                .iter()
+                .filter(|(k, _)| (k.slot == 0) == pass_slot0)
+            {
                 if cur.services.get(k) != Some(v) {
                     self.store.put_service(*k, *v)?;
                     cur.services.insert(*k, *v);
@@ -67,20 +75,35 @@ impl<S: MapStore> Syncer<S> {
             }
         }
         // Frontends first, then their slots, so no frontend points past its slots.
-        let stale: Vec<_> = cur.services.keys().filter(|k| !desired.services.contains_key(k)).copied().collect();
+        let stale: Vec<_> = cur
+            .services
+            .keys()
+            .filter(|k| !desired.services.contains_key(k))
+            .copied()
+            .collect();
         let (slot0, slots): (Vec<_>, Vec<_>) = stale.into_iter().partition(|k| k.slot == 0);
         for k in slot0.iter().chain(slots.iter()) {
             self.store.del_service(k)?;
             cur.services.remove(k);
             st.deletes += 1;
         }
-        let stale: Vec<u32> = cur.backends.keys().filter(|id| !desired.backends.contains_key(id)).copied().collect();
+        let stale: Vec<u32> = cur
+            .backends
+            .keys()
+            .filter(|id| !desired.backends.contains_key(id))
+            .copied()
+            .collect();
         for id in stale {
             self.store.del_backend(id)?;
             cur.backends.remove(&id);
             st.deletes += 1;
         }
-        let stale: Vec<u16> = cur.revnat.keys().filter(|id| !desired.revnat.contains_key(id)).copied().collect();
+        let stale: Vec<u16> = cur
+            .revnat
+            .keys()
+            .filter(|id| !desired.revnat.contains_key(id))
+            .copied()
+            .collect();
         for id in stale {
             self.store.del_revnat(id)?;
             cur.revnat.remove(&id);
@@ -96,7 +119,9 @@ impl<S: MapStore> Syncer<S> {
 mod tests {
     use std::{cell::RefCell, convert::Infallible, net::Ipv4Addr, rc::Rc};
 
-    use ferry_common::{svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, PROTO_TCP};
+    use ferry_common::{
+        svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, PROTO_TCP,
+    };
 
     use super::*;
     use crate::{
@@ -117,12 +142,16 @@ mod tests {
             Ok(self.maps.borrow().clone())
         }
         fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Infallible> {
-            self.log.borrow_mut().push(format!("put svc slot {} count {}", k.slot, v.count));
+            self.log
+                .borrow_mut()
+                .push(format!("put svc slot {} count {}", k.slot, v.count));
             self.maps.borrow_mut().services.insert(k, v);
             Ok(())
         }
         fn del_service(&mut self, k: &ServiceKey) -> Result<(), Infallible> {
-            self.log.borrow_mut().push(format!("del svc slot {}", k.slot));
+            self.log
+                .borrow_mut()
+                .push(format!("del svc slot {}", k.slot));
             self.maps.borrow_mut().services.remove(k);
             Ok(())
         }
@@ -157,7 +186,14 @@ mod tests {
             port: 80,
             proto: PROTO_TCP,
             flags: svc_flags::CLUSTER_IP,
-            backends: backends.iter().map(|b| BackendSpec { addr: Ipv4Addr::new(10, 0, 0, *b), port: 8080, terminating: false }).collect(),
+            backends: backends
+                .iter()
+                .map(|b| BackendSpec {
+                    addr: Ipv4Addr::new(10, 0, 0, *b),
+                    port: 8080,
+                    terminating: false,
+                })
+                .collect(),
         }
     }
 
@@ -167,11 +203,21 @@ mod tests {
         let mut s = Syncer::new(fake.clone()).unwrap();
         let mut ids = Ids::default();
         let st = s.sync(&layout(&[fe(&[1, 2, 3])], &mut ids)).unwrap();
-        assert_eq!(st.upserts, 3 + 1 + 4, "3 backends, 1 revnat, 4 service entries");
+        assert_eq!(
+            st.upserts,
+            3 + 1 + 4,
+            "3 backends, 1 revnat, 4 service entries"
+        );
         let log = fake.log.borrow().clone();
         let pos = |p: &str| log.iter().position(|l| l.starts_with(p)).unwrap();
         assert!(pos("put backend") < pos("put svc slot 1"), "{log:?}");
-        assert!(log.iter().rposition(|l| l.starts_with("put svc slot 3")).unwrap() < pos("put svc slot 0"), "{log:?}");
+        assert!(
+            log.iter()
+                .rposition(|l| l.starts_with("put svc slot 3"))
+                .unwrap()
+                < pos("put svc slot 0"),
+            "{log:?}"
+        );
 
         // Nothing changed: nothing written.
         fake.log.borrow_mut().clear();
@@ -182,7 +228,11 @@ mod tests {
         // One backend less: the count shrinks before its slot and backend go.
         let st = s.sync(&layout(&[fe(&[1, 2])], &mut ids)).unwrap();
         let log = fake.log.borrow().clone();
-        assert_eq!(log, ["put svc slot 0 count 2", "del svc slot 3", "del backend 3"], "{log:?}");
+        assert_eq!(
+            log,
+            ["put svc slot 0 count 2", "del svc slot 3", "del backend 3"],
+            "{log:?}"
+        );
         assert_eq!((st.upserts, st.deletes), (1, 2));
         assert_eq!(*fake.maps.borrow(), *s.current());
 

@@ -20,10 +20,6 @@ pub struct Manifests {
     pub errors: Vec<InputError>,
 }
 
-/// Kinds standalone mode reads; Pods and Deployments are the shim's business (the
-/// agent learns about Pods from the shim's status records).
-const IGNORED_KINDS: &[&str] = &["Pod", "Deployment", "ConfigMap", "Namespace", "ServiceAccount"];
-
 /// Reads every manifest file of `dir`.
 pub fn load_dir(dir: &Path) -> Manifests {
     let mut out = Manifests::default();
@@ -34,16 +30,27 @@ pub fn load_dir(dir: &Path) -> Manifests {
             .filter(|p| is_manifest(p))
             .collect(),
         Err(e) => {
-            out.errors.push(InputError::new(dir.display().to_string(), "directory", "", e.to_string()));
+            out.errors.push(InputError::new(
+                dir.display().to_string(),
+                "directory",
+                "",
+                e.to_string(),
+            ));
             return out;
         }
     };
     files.sort();
     for path in files {
-        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         match fs::read_to_string(&path) {
             Ok(text) => load_str(&name, &text, &mut out),
-            Err(e) => out.errors.push(InputError::new(name, "file", "", e.to_string())),
+            Err(e) => out
+                .errors
+                .push(InputError::new(name, "file", "", e.to_string())),
         }
     }
     out
@@ -51,7 +58,9 @@ pub fn load_dir(dir: &Path) -> Manifests {
 
 /// Whether a path is a manifest file (not hidden, .yaml or .yml).
 pub fn is_manifest(p: &Path) -> bool {
-    let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
+    let hidden = p
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with('.'));
     let yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
     !hidden && yaml && p.is_file()
 }
@@ -64,29 +73,72 @@ pub fn load_str(source: &str, text: &str, out: &mut Manifests) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
-                out.errors.push(InputError::new(source, doc_name, "", format!("not valid YAML: {e}")));
+                out.errors.push(InputError::new(
+                    source,
+                    doc_name,
+                    "",
+                    format!("not valid YAML: {e}"),
+                ));
                 // A syntax error ends the stream: the rest of the file is unreadable.
                 break;
             }
         };
-        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
-        let api_version =
-            value.get("apiVersion").and_then(|k| k.as_str()).unwrap_or("").to_string();
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or("")
+            .to_string();
+        let api_version = value
+            .get("apiVersion")
+            .and_then(|k| k.as_str())
+            .unwrap_or("")
+            .to_string();
         let object = describe(&kind, &value).unwrap_or(doc_name);
         match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => push(source, &object, value, &mut out.snapshot.services, &mut out.errors),
-            ("discovery.k8s.io/v1", "EndpointSlice") => {
-                push(source, &object, value, &mut out.snapshot.endpoint_slices, &mut out.errors)
-            }
-            ("v1", "Endpoints") => push(source, &object, value, &mut out.snapshot.endpoints, &mut out.errors),
-            (_, "List") | (_, "") if kind.is_empty() => out.errors.push(InputError::new(
+            ("v1", "Service") => push(
+                source,
+                &object,
+                value,
+                &mut out.snapshot.services,
+                &mut out.errors,
+            ),
+            ("discovery.k8s.io/v1", "EndpointSlice") => push(
+                source,
+                &object,
+                value,
+                &mut out.snapshot.endpoint_slices,
+                &mut out.errors,
+            ),
+            ("v1", "Endpoints") => push(
+                source,
+                &object,
+                value,
+                &mut out.snapshot.endpoints,
+                &mut out.errors,
+            ),
+            // The shim runs these; the agent learns about Pods from the shim's status
+            // records, but checks them here too so a broken one is reported.
+            ("v1", "Pod") => push(
+                source,
+                &object,
+                value,
+                &mut out.snapshot.pod_specs,
+                &mut out.errors,
+            ),
+            ("apps/v1", "Deployment") => push(
+                source,
+                &object,
+                value,
+                &mut out.snapshot.deployments,
+                &mut out.errors,
+            ),
+            (_, "") => out.errors.push(InputError::new(
                 source,
                 object,
                 "kind",
                 "missing: every document needs apiVersion and kind",
             )),
-            (_, k) if IGNORED_KINDS.contains(&k) => {}
-            (v, k) => tracing::debug!(source, "ignoring {k} ({v})"),
+            (v, k) => tracing::debug!(source, object, "ignoring {k} ({v})"),
         }
     }
 }
@@ -100,7 +152,12 @@ fn push<T: DeserializeOwned>(
 ) {
     match serde_yaml::from_value::<T>(value) {
         Ok(obj) => into.push(Sourced::new(source, obj)),
-        Err(e) => errors.push(InputError::new(source, object, "", format!("does not match the schema: {e}"))),
+        Err(e) => errors.push(InputError::new(
+            source,
+            object,
+            "",
+            format!("does not match the schema: {e}"),
+        )),
     }
 }
 
@@ -108,7 +165,10 @@ fn push<T: DeserializeOwned>(
 fn describe(kind: &str, value: &serde_yaml::Value) -> Option<String> {
     let meta = value.get("metadata")?;
     let name = meta.get("name")?.as_str()?;
-    let ns = meta.get("namespace").and_then(|n| n.as_str()).unwrap_or("default");
+    let ns = meta
+        .get("namespace")
+        .and_then(|n| n.as_str())
+        .unwrap_or("default");
     Some(format!("{kind} {ns}/{name}"))
 }
 
@@ -125,14 +185,20 @@ mod tests {
     }
 
     #[test]
-    fn reads_multi_document_files_and_ignores_pods() {
+    fn reads_multi_document_files_with_every_kind() {
         let m = load(
             "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a-1, labels: {kubernetes.io/service-name: a}}\naddressType: IPv4\nendpoints: []\n---\n\
              apiVersion: v1\nkind: Endpoints\nmetadata: {name: b}\n---\n\
-             apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n---\n",
+             apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: []}\n---\n\
+             apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\nspec: {selector: {}, template: {}}\n---\n\
+             apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ignored}\n",
         );
         assert!(m.errors.is_empty(), "{:?}", m.errors);
+        assert_eq!(
+            (m.snapshot.pod_specs.len(), m.snapshot.deployments.len()),
+            (1, 1)
+        );
         assert_eq!(m.snapshot.services.len(), 1);
         assert_eq!(m.snapshot.endpoint_slices.len(), 1);
         assert_eq!(m.snapshot.endpoints.len(), 1);
@@ -144,7 +210,10 @@ mod tests {
         let m = load("apiVersion: v1\nkind: Service\nmetadata: [this is: not: yaml\n");
         assert_eq!(m.errors.len(), 1);
         let msg = m.errors[0].to_string();
-        assert!(msg.starts_with("test.yaml: document 1: not valid YAML"), "{msg}");
+        assert!(
+            msg.starts_with("test.yaml: document 1: not valid YAML"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -157,6 +226,58 @@ mod tests {
         assert_eq!(m.errors.len(), 1);
         let msg = m.errors[0].to_string();
         assert!(msg.contains("test.yaml: Service default/bad"), "{msg}");
+    }
+
+    /// A broken file is reported by name; the good file next to it still counts.
+    #[test]
+    fn a_bad_file_does_not_hide_the_good_ones() {
+        let dir = std::env::temp_dir().join(format!("ferry-manifests-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(
+            dir.join("good.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: good}\nspec: {ports: [{port: 80}]}\n",
+        )
+        .unwrap();
+        fs::write(dir.join("bad.yml"), "kind: Service\n  metadata: : [\n").unwrap();
+        fs::write(dir.join("notes.txt"), "not a manifest").unwrap();
+        let m = load_dir(&dir);
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(m.snapshot.services.len(), 1);
+        assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
+        assert!(
+            m.errors[0]
+                .to_string()
+                .starts_with("bad.yml: document 1: not valid YAML"),
+            "{}",
+            m.errors[0]
+        );
+    }
+
+    /// Errors found when translating name the file the object came from.
+    #[test]
+    fn service_errors_name_file_object_and_field() {
+        let m = load(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec:\n  clusterIP: 10.96.0.10\n  ports:\n  - {name: a, port: 70000}\n  - {name: b, port: 81, protocol: HTTP}\n  - {name: c, port: 82, protocol: SCTP}\n  - {name: d, port: 83}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: ghost-1, namespace: prod, labels: {kubernetes.io/service-name: ghost}}\naddressType: IPv4\nendpoints: []\n",
+        );
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        let t = crate::translate::translate(&m.snapshot, &Default::default());
+        let msgs: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            msgs,
+            [
+                "test.yaml: Service default/web: spec.ports[0].port: 70000 out of range 1-65535",
+                "test.yaml: Service default/web: spec.ports[1].protocol: unknown protocol \"HTTP\" (TCP, UDP, SCTP)",
+                "test.yaml: Service default/web: spec.ports[2].protocol: SCTP is not supported yet",
+                "test.yaml: EndpointSlice prod/ghost-1: metadata.labels[kubernetes.io/service-name]: unknown Service prod/ghost",
+            ]
+        );
+        assert_eq!(
+            t.frontends.iter().map(|f| f.port).collect::<Vec<_>>(),
+            [83],
+            "the good port still works"
+        );
     }
 
     #[test]

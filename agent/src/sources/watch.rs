@@ -19,7 +19,8 @@ pub fn watch(dirs: &[PathBuf], tx: UnboundedSender<()>) -> Result<notify::Recomm
     })?;
     for d in dirs {
         std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-        w.watch(d, RecursiveMode::Recursive).with_context(|| format!("watching {}", d.display()))?;
+        w.watch(d, RecursiveMode::Recursive)
+            .with_context(|| format!("watching {}", d.display()))?;
     }
     Ok(w)
 }
@@ -35,7 +36,9 @@ pub fn fingerprint(dirs: &[PathBuf]) -> Vec<(PathBuf, u64, Option<SystemTime>)> 
 }
 
 fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>, depth: usize) {
-    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in entries.flatten() {
         let Ok(md) = e.metadata() else { continue };
         if md.is_dir() && depth < 3 {
