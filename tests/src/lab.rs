@@ -138,12 +138,19 @@ impl Lab {
         Ok(())
     }
 
-    /// Starts (or restarts) the agent.
+    /// Starts (or restarts) the agent on the lab's manifest directory.
     pub fn start_agent(&mut self) -> Result<()> {
+        let dir = self.manifests_dir.clone();
+        self.start_agent_on(&dir)
+    }
+
+    /// Starts (or restarts) the agent on another manifest directory (the
+    /// benchmark's Services, which the shim need not parse).
+    pub fn start_agent_on(&mut self, manifests: &Path) -> Result<()> {
         let mut args = vec![
             "agent".to_string(),
             "--manifests".into(),
-            path_str(&self.manifests_dir),
+            path_str(manifests),
             "--node-name".into(),
             self.node.clone(),
             "--state-dir".into(),
@@ -155,6 +162,16 @@ impl Lab {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.agent = Some(self.spawn("agent", &args)?);
         Ok(())
+    }
+
+    /// The agent's process id (`ip netns exec` execs it, so this is the agent).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// Where the agent's output goes (appended across restarts).
+    pub fn agent_log(&self) -> PathBuf {
+        self.dir.join("agent.log")
     }
 
     /// Stops the agent (SIGTERM), leaving the dataplane and its pinned maps.

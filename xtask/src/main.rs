@@ -1,4 +1,5 @@
 //! `cargo xtask setup | build | test | run | lab`: everything from a fresh machine.
+mod bench;
 mod demo;
 mod setup;
 
@@ -36,6 +37,9 @@ enum Cmd {
     },
     /// setup + build, start the lab and keep it running until Ctrl-C (no demo traffic).
     Lab,
+    /// setup + release build, then Ferry against kube-proxy's iptables and nftables
+    /// rules and against no NAT, side by side; tables under target/bench/.
+    Bench(bench::Args),
 }
 
 fn main() -> Result<()> {
@@ -53,6 +57,8 @@ fn main() -> Result<()> {
             if filter.is_none() {
                 println!("xtask: the README's demo, as `cargo xtask run --once` runs it");
                 demo::run(true, true)?;
+                println!("xtask: the benchmark harness, `cargo xtask bench --quick` with N=1 (debug build; no timing is checked)");
+                bench::run(bench::Args::harness_check())?;
             }
             println!("xtask: all tests passed");
             Ok(())
@@ -67,6 +73,10 @@ fn main() -> Result<()> {
             build(false)?;
             demo::run(false, false)
         }
+        Cmd::Bench(args) => {
+            setup::run()?;
+            bench::run(args)
+        }
     }
 }
 
@@ -75,7 +85,7 @@ pub fn root() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").into()
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     cmd.current_dir(root());
     cmd

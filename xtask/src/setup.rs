@@ -23,6 +23,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "inspecting maps and programs"),
     ("curl", "HTTP client for the lab"),
     ("socat", "TCP/UDP client for the lab"),
+    ("iptables", "kube-proxy's iptables rules, the benchmark's baseline"),
+    ("nftables", "kube-proxy's nftables rules, the benchmark's baseline"),
+    ("conntrack", "inspecting netfilter connection tracking in the benchmark"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

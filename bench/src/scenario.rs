@@ -1,0 +1,188 @@
+//! The benchmark's Services: N-1 fillers and one measured Service, last.
+//!
+//! Every Service has `endpoints_per_service` endpoints. Only the measured
+//! Service's endpoints are real Pods; the fillers point into 10.128.0.0/15, which
+//! no lab namespace routes, so they never receive traffic. The measured Service
+//! is last everywhere a ruleset is ordered (KUBE-SERVICES), the worst case for
+//! linear rule evaluation.
+use std::net::Ipv4Addr;
+
+use anyhow::{bail, Result};
+
+pub const NAMESPACE: &str = "default";
+/// The measured Service's name.
+pub const MEASURED: &str = "measured";
+/// The Pods' CIDR in the lab (kube-proxy's --cluster-cidr: no masquerade from it).
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// First ClusterIP (10.96.0.1); inside the agent's default --service-cluster-ip-range.
+const CLUSTER_IP_BASE: u32 = 0x0a60_0000;
+/// Base of the fillers' endpoint addresses (10.128.0.0/15: 131072 addresses).
+const FAKE_ENDPOINT_BASE: u32 = 0x0a80_0000;
+const FAKE_ENDPOINTS_MAX: u64 = 1 << 17;
+/// Ports of the measured Service: (name, port, protocol, targetPort). HTTP last:
+/// it is the one CRR and RR hit, so it is the very last rule of KUBE-SERVICES.
+pub const STREAM_PORT: (&str, u16, Protocol, u16) = ("stream", 5201, Protocol::Tcp, 5201);
+pub const UDP_PORT: (&str, u16, Protocol, u16) = ("dns", 53, Protocol::Udp, 8080);
+pub const TCP_PORT: (&str, u16, Protocol, u16) = ("http", 80, Protocol::Tcp, 8080);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    /// "tcp" / "udp", as kube-proxy hashes and nft spells it.
+    pub fn lower(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
+    /// "TCP" / "UDP", as Kubernetes objects spell it.
+    pub fn upper(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub name: String,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub target_port: u16,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub namespace: String,
+    pub name: String,
+    pub cluster_ip: Ipv4Addr,
+    pub ports: Vec<ServicePort>,
+    pub endpoints: Vec<Ipv4Addr>,
+}
+
+impl Service {
+    /// kube-proxy's ServicePortName string: "namespace/name:port".
+    pub fn port_name(&self, p: &ServicePort) -> String {
+        format!("{}/{}:{}", self.namespace, self.name, p.name)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scenario {
+    /// The measured Service is the last one.
+    pub services: Vec<Service>,
+}
+
+fn port((name, port, protocol, target_port): (&str, u16, Protocol, u16)) -> ServicePort {
+    ServicePort { name: name.into(), port, protocol, target_port }
+}
+
+impl Scenario {
+    /// `n` Services (n >= 1) with `per_service` endpoints each; the measured one
+    /// (last) has the `real` endpoints, which must number `per_service`.
+    pub fn new(n: usize, per_service: usize, real: &[Ipv4Addr]) -> Result<Self> {
+        if n == 0 || n > 60_000 {
+            bail!("the number of Services must be within 1..=60000, not {n}");
+        }
+        if per_service == 0 || real.len() != per_service {
+            bail!("{per_service} endpoints per Service but {} real endpoints", real.len());
+        }
+        if ((n - 1) as u64) * per_service as u64 > FAKE_ENDPOINTS_MAX {
+            bail!("{n} Services x {per_service} endpoints do not fit in 10.128.0.0/15");
+        }
+        let mut services = Vec::with_capacity(n);
+        for i in 0..n - 1 {
+            let endpoints = (0..per_service)
+                .map(|j| Ipv4Addr::from(FAKE_ENDPOINT_BASE + (i * per_service + j) as u32))
+                .collect();
+            services.push(Service {
+                namespace: NAMESPACE.into(),
+                name: format!("filler-{i:05}"),
+                cluster_ip: Self::cluster_ip(i),
+                ports: vec![port(TCP_PORT)],
+                endpoints,
+            });
+        }
+        services.push(Service {
+            namespace: NAMESPACE.into(),
+            name: MEASURED.into(),
+            cluster_ip: Self::cluster_ip(n - 1),
+            ports: vec![port(STREAM_PORT), port(UDP_PORT), port(TCP_PORT)],
+            endpoints: real.to_vec(),
+        });
+        Ok(Self { services })
+    }
+
+    /// The ClusterIP of the i-th Service (10.96.0.1 + i).
+    pub fn cluster_ip(i: usize) -> Ipv4Addr {
+        Ipv4Addr::from(CLUSTER_IP_BASE + 1 + i as u32)
+    }
+
+    pub fn measured(&self) -> &Service {
+        // `new` always pushes the measured Service last.
+        &self.services[self.services.len() - 1]
+    }
+
+    /// The same scenario with one endpoint of the measured Service replaced: the
+    /// "one endpoint change" whose propagation the benchmark times.
+    pub fn with_measured_endpoint(&self, index: usize, ip: Ipv4Addr) -> Result<Self> {
+        let mut next = self.clone();
+        let last = next.services.len() - 1;
+        let Some(slot) = next.services[last].endpoints.get_mut(index) else {
+            bail!("the measured Service has no endpoint #{index}");
+        };
+        *slot = ip;
+        Ok(next)
+    }
+
+    /// Number of Service ports (frontends): what `ferry svc list` shows.
+    pub fn frontends(&self) -> usize {
+        self.services.iter().map(|s| s.ports.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn real(k: usize) -> Vec<Ipv4Addr> {
+        (0..k).map(|i| Ipv4Addr::new(10, 244, 0, 10 + i as u8)).collect()
+    }
+
+    #[test]
+    fn measured_service_is_last_with_real_endpoints() {
+        let s = Scenario::new(3, 2, &real(2)).unwrap();
+        assert_eq!(s.services.len(), 3);
+        assert_eq!(s.measured().name, MEASURED);
+        assert_eq!(s.measured().endpoints, real(2));
+        assert_eq!(s.measured().cluster_ip, Ipv4Addr::new(10, 96, 0, 3));
+        assert_eq!(s.services[0].endpoints, [Ipv4Addr::new(10, 128, 0, 0), Ipv4Addr::new(10, 128, 0, 1)]);
+        assert_eq!(s.services[1].endpoints[0], Ipv4Addr::new(10, 128, 0, 2));
+        assert_eq!(s.frontends(), 2 + 3);
+        assert_eq!(s.services[0].port_name(&s.services[0].ports[0]), "default/filler-00000:http");
+    }
+
+    #[test]
+    fn bad_sizes_are_errors() {
+        assert!(Scenario::new(0, 1, &real(1)).is_err());
+        assert!(Scenario::new(2, 3, &real(2)).is_err());
+        assert!(Scenario::new(20_000, 10, &real(10)).is_err());
+        assert!(Scenario::new(10_000, 10, &real(10)).is_ok());
+    }
+
+    #[test]
+    fn endpoint_change_replaces_one_endpoint() {
+        let s = Scenario::new(2, 2, &real(2)).unwrap();
+        let spare = Ipv4Addr::new(10, 244, 0, 99);
+        let t = s.with_measured_endpoint(1, spare).unwrap();
+        assert_eq!(t.measured().endpoints, [real(2)[0], spare]);
+        assert_eq!(t.services[0], s.services[0]);
+        assert!(s.with_measured_endpoint(2, spare).is_err());
+    }
+}

@@ -1,0 +1,960 @@
+//! `cargo xtask bench`: Ferry side by side with kube-proxy's iptables and
+//! nftables rulesets and with no service translation at all, in one lab, in the
+//! same run, interleaved and repeated.
+//!
+//! One lab node (network namespaces, like the tests): a client Pod and ten
+//! server Pods (`ferry-loadgen serve`). For every N (Services with ten endpoints
+//! each; the measured one last) and every round, each data path is set up from
+//! cold, measured with `ferry-loadgen` from the client Pod, and torn down again,
+//! so that no path pays for another's state (kube-proxy's rules run through
+//! iptables-nft / nft, whose tables and conntrack hooks go away when deleted).
+//! The order of the paths rotates from round to round.
+//!
+//! Data paths: no-NAT (the client dials a server Pod directly: the limit),
+//! iptables, nftables, ferry. Results go to target/bench/ as Markdown and JSON.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::Write as _,
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use ferry_bench::{
+    iptables, loadgen::Report, manifests, nftables, scenario::Scenario, stats::Summary,
+};
+use ferry_tests::{in_netns, Lab, LabOptions};
+use serde::Serialize;
+
+const SERVERS: usize = 10;
+const CLIENT: &str = "client";
+const TCP_PORT: u16 = 80;
+const UDP_PORT: u16 = 53;
+const STREAM_PORT: u16 = 5201;
+/// The servers' ports (targetPorts; what no-NAT dials).
+const SERVER_PORT: u16 = 8080;
+const SERVER_SINK: u16 = 5201;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// Smaller N set (1 and 1,000), shorter measurements: a couple of minutes.
+    #[arg(long)]
+    quick: bool,
+    /// Numbers of Services, comma-separated (default 1,1000,10000; --quick 1,1000).
+    #[arg(long, value_delimiter = ',')]
+    services: Option<Vec<usize>>,
+    /// Rounds per N (default 3); each path is measured once per round.
+    #[arg(long)]
+    rounds: Option<usize>,
+    /// Seconds per measurement (default 3; --quick 1).
+    #[arg(long)]
+    duration: Option<f64>,
+    /// Concurrent client connections for CRR, RR and UDP.
+    #[arg(long, default_value_t = 4)]
+    workers: usize,
+    /// kube-proxy's iptables backend: legacy (x_tables) or nft (iptables-nft).
+    #[arg(long, value_enum, default_value_t = IptablesBackend::Legacy)]
+    iptables: IptablesBackend,
+    /// Only these data paths (comma-separated: no-nat, iptables, nftables, ferry).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    paths: Option<Vec<DataPath>>,
+    /// Use the debug build (checks the harness; figures are not comparable).
+    #[arg(long)]
+    debug: bool,
+    /// Where the results go (default target/bench).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+impl Args {
+    /// What `cargo xtask test` runs to keep the harness working: --quick with
+    /// N=1, short measurements, the debug build, results under target/bench/ci.
+    pub fn harness_check() -> Self {
+        Self {
+            quick: true,
+            services: Some(vec![1]),
+            rounds: Some(2),
+            duration: Some(0.5),
+            workers: 4,
+            paths: None,
+            iptables: IptablesBackend::Legacy,
+            debug: true,
+            out: Some(crate::root().join("target/bench/ci")),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum IptablesBackend {
+    Legacy,
+    Nft,
+}
+
+impl IptablesBackend {
+    fn restore(self) -> &'static str {
+        match self {
+            IptablesBackend::Legacy => "iptables-legacy-restore",
+            IptablesBackend::Nft => "iptables-nft-restore",
+        }
+    }
+}
+
+/// Every control-plane step (rules loaded, agent synced) must finish within this.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(180);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataPath {
+    NoNat,
+    Iptables,
+    Nftables,
+    Ferry,
+}
+
+const PATHS: [DataPath; 4] = [DataPath::NoNat, DataPath::Iptables, DataPath::Nftables, DataPath::Ferry];
+
+impl DataPath {
+    fn name(self) -> &'static str {
+        match self {
+            DataPath::NoNat => "no-NAT",
+            DataPath::Iptables => "iptables",
+            DataPath::Nftables => "nftables",
+            DataPath::Ferry => "ferry",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+enum Metric {
+    CrrPerS,
+    RrPerS,
+    RrP50Us,
+    RrP99Us,
+    UdpPerS,
+    StreamGbitPerS,
+    CrrCpuUs,
+    RrCpuUs,
+    UdpCpuUs,
+    /// Control plane: from nothing to all N Services programmed.
+    ColdStartMs,
+    /// Control plane: one endpoint of the measured Service replaced.
+    EndpointChangeMs,
+    /// Agent resident memory with N Services programmed.
+    AgentRssMib,
+    /// Failed connections/requests in the measurements (timeouts, resets).
+    Errors,
+}
+
+impl Metric {
+    fn title(self) -> &'static str {
+        match self {
+            Metric::CrrPerS => "TCP connect/request/response/close (CRR), connections per second",
+            Metric::RrPerS => "TCP request/response on persistent connections (RR), requests per second",
+            Metric::RrP50Us => "RR latency p50, microseconds",
+            Metric::RrP99Us => "RR latency p99, microseconds",
+            Metric::UdpPerS => "UDP request/response, requests per second",
+            Metric::StreamGbitPerS => "Single-stream TCP throughput, Gbit/s",
+            Metric::CrrCpuUs => "CPU per CRR connection (all cores, /proc/stat), microseconds",
+            Metric::RrCpuUs => "CPU per RR request, microseconds",
+            Metric::UdpCpuUs => "CPU per UDP request, microseconds",
+            Metric::ColdStartMs => "Control plane: cold start to all N Services programmed, ms",
+            Metric::EndpointChangeMs => "Control plane: one endpoint change reaching the dataplane, ms",
+            Metric::AgentRssMib => "Agent resident memory with N Services, MiB",
+            Metric::Errors => "Failed requests per round (connect errors, timeouts, resets)",
+        }
+    }
+
+    fn higher_is_better(self) -> bool {
+        matches!(self, Metric::CrrPerS | Metric::RrPerS | Metric::UdpPerS | Metric::StreamGbitPerS)
+    }
+}
+
+/// Samples per (N, metric, path).
+type Samples = BTreeMap<(usize, Metric, DataPath), Vec<f64>>;
+
+struct Plan {
+    iptables: IptablesBackend,
+    ns: Vec<usize>,
+    paths: Vec<DataPath>,
+    rounds: usize,
+    duration: f64,
+    workers: usize,
+    profile: &'static str,
+}
+
+impl Plan {
+    fn from(args: &Args) -> Result<Self> {
+        let ns = args.services.clone().unwrap_or(if args.quick { vec![1, 1000] } else { vec![1, 1000, 10_000] });
+        if ns.is_empty() || ns.iter().any(|n| !(1..=60_000).contains(n)) {
+            bail!("--services: every N must be within 1..=60000");
+        }
+        let rounds = args.rounds.unwrap_or(3);
+        if !(1..=20).contains(&rounds) {
+            bail!("--rounds must be within 1..=20");
+        }
+        let duration = args.duration.unwrap_or(if args.quick { 1.0 } else { 3.0 });
+        if !(0.1..=60.0).contains(&duration) {
+            bail!("--duration must be within 0.1..=60 seconds");
+        }
+        let paths = args.paths.clone().unwrap_or(PATHS.to_vec());
+        if paths.is_empty() {
+            bail!("--paths: name at least one data path");
+        }
+        Ok(Self {
+            iptables: args.iptables,
+            ns,
+            paths,
+            rounds,
+            duration,
+            workers: args.workers,
+            profile: if args.debug { "debug" } else { "release" },
+        })
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let plan = Plan::from(&args)?;
+    let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst));
+    let out_dir = args.out.clone().unwrap_or_else(|| crate::root().join("target/bench"));
+    build(&plan)?;
+    let bin = crate::root().join("target").join(plan.profile);
+    // The lab starts `ferry` from here (ferry_tests::sys::ferry_bin).
+    std::env::set_var("FERRY_BIN", bin.join("ferry"));
+    for tool in [plan.iptables.restore(), "nft"] {
+        which(tool).with_context(|| format!("{tool} is missing: run `cargo xtask setup`"))?;
+    }
+    let mut ctx = Ctx {
+        loadgen: bin.join("ferry-loadgen"),
+        plan: &plan,
+        samples: Samples::new(),
+        answered: BTreeMap::new(),
+        notes: Vec::new(),
+        files: None,
+    };
+    let started = Instant::now();
+    for &n in &plan.ns {
+        ctx.bench_n(n)?;
+    }
+    let report = Output::new(&plan, ctx.samples, ctx.answered, ctx.notes, started.elapsed());
+    report.write(&out_dir)
+}
+
+fn build(plan: &Plan) -> Result<()> {
+    println!("bench: building the agent and the load generator ({})", plan.profile);
+    let mut cmd = crate::cargo();
+    cmd.args(["build", "--package", "ferry", "--package", "ferry-bench", "--bins"]);
+    if plan.profile == "release" {
+        cmd.arg("--release");
+    }
+    crate::run_cmd(&mut cmd)
+}
+
+fn server_pod(i: usize, loadgen: &Path) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: srv-{i}
+  namespace: default
+  labels:
+    app: bench
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: server
+      command: ["{bin}", "serve", "--tcp", "{SERVER_PORT}", "--udp", "{SERVER_PORT}", "--sink", "{SERVER_SINK}", "--name", "srv-{i}"]
+      readinessProbe:
+        tcpSocket:
+          port: {SERVER_PORT}
+        periodSeconds: 1
+"#,
+        bin = loadgen.display()
+    )
+}
+
+/// A fresh lab node for one measurement of one path: a client Pod and the
+/// server Pods, nothing else. Dropping it removes everything (namespaces,
+/// rules, pinned maps and links, processes).
+struct Node {
+    lab: Lab,
+    client: String,
+    servers: Vec<Ipv4Addr>,
+}
+
+impl Node {
+    fn start(loadgen: &Path) -> Result<Self> {
+        let mut opts = LabOptions::new("bench");
+        opts.agent = false;
+        opts = opts.manifest("client.yaml", &ferry_tests::manifests::client_pod(CLIENT));
+        for i in 0..SERVERS {
+            opts = opts.manifest(&format!("srv-{i}.yaml"), &server_pod(i, loadgen));
+        }
+        let lab = Lab::start(opts)?;
+        let names: Vec<String> = (0..SERVERS).map(|i| format!("srv-{i}")).collect();
+        let mut wait: Vec<&str> = names.iter().map(String::as_str).collect();
+        wait.push(CLIENT);
+        lab.wait_ready(&wait, Duration::from_secs(60))?;
+        let servers: Vec<Ipv4Addr> = names
+            .iter()
+            .map(|n| lab.pod(n).and_then(|p| p.pod_ip).with_context(|| format!("pod {n} has no IP")))
+            .collect::<Result<_>>()?;
+        let client = lab.pod_netns(CLIENT)?;
+        // CRR leaves every closed connection in TIME_WAIT on the client (it
+        // closes first, as netperf's TCP_CRR does): let the next measurement
+        // reuse those ports. Sysctls of the lab's client namespace only.
+        netns_stdin(
+            &client,
+            "sysctl",
+            &["-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65535"],
+            "",
+            CONTROL_TIMEOUT,
+        )?;
+        Ok(Self { lab, client, servers })
+    }
+}
+
+struct Ctx<'a> {
+    loadgen: PathBuf,
+    plan: &'a Plan,
+    samples: Samples,
+    /// Which servers answered the sanity check, per (N, path).
+    answered: BTreeMap<(usize, DataPath), BTreeSet<String>>,
+    /// What could not be measured, and why (printed under the tables).
+    notes: Vec<String>,
+    /// The inputs for the current N (regenerated if the Pods' IPs change).
+    files: Option<(usize, Vec<Ipv4Addr>, std::rc::Rc<Files>)>,
+}
+
+/// What a path's set-up gives: its cold-start time, and for ferry the agent's
+/// memory once programmed.
+struct SetUp {
+    cold_start: Duration,
+    rss_mib: Option<f64>,
+}
+
+impl Ctx<'_> {
+    fn bench_n(&mut self, n: usize) -> Result<()> {
+        println!(
+            "\nbench: N = {n} Services x {SERVERS} endpoints, the measured Service last; every path on a fresh lab node"
+        );
+        for round in 0..self.plan.rounds {
+            let mut order = self.plan.paths.clone();
+            let k = order.len();
+            order.rotate_left(round % k);
+            for path in order {
+                check_interrupted()?;
+                let mut node = Node::start(&self.loadgen)?;
+                let files = self.files_for(n, &node.servers)?;
+                let s = match self.set_up(&mut node, path, &files) {
+                    Ok(s) => s,
+                    Err(e) if e.is::<TimedOut>() => {
+                        println!("  round {} {:<8} set-up: {e}", round + 1, path.name());
+                        self.notes.push(format!("N={n} round {} {}: set-up {e}", round + 1, path.name()));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                self.measure(&mut node, n, round, path, &files, &s)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The scenario files for N and these server IPs (cached: the shim gives
+    /// the same IPs to the same Pods).
+    fn files_for(&mut self, n: usize, servers: &[Ipv4Addr]) -> Result<std::rc::Rc<Files>> {
+        if let Some((cn, cs, f)) = &self.files {
+            if *cn == n && cs == servers {
+                return Ok(f.clone());
+            }
+        }
+        let scenario = Scenario::new(n, SERVERS, servers)?;
+        let changed = scenario.with_measured_endpoint(SERVERS - 1, Ipv4Addr::new(10, 244, 0, 250))?;
+        let dir = std::env::temp_dir().join(format!("ferry-bench-{}-{n}", std::process::id()));
+        let files = std::rc::Rc::new(Files::write(&dir, &scenario, &changed)?);
+        self.files = Some((n, servers.to_vec(), files.clone()));
+        Ok(files)
+    }
+
+    fn set_up(&mut self, node: &mut Node, path: DataPath, files: &Files) -> Result<SetUp> {
+        let ns = node.lab.node.clone();
+        let started = Instant::now();
+        match path {
+            DataPath::NoNat => {}
+            DataPath::Iptables => netns_stdin(&ns, self.plan.iptables.restore(), &[], &files.iptables, CONTROL_TIMEOUT)?,
+            DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?,
+            DataPath::Ferry => {
+                files.reset_ferry()?;
+                let log = node.lab.agent_log();
+                let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+                node.lab.start_agent_on(&files.ferry_dir)?;
+                wait_for_sync(&mut node.lab, &log, from, Some(files.frontends), CONTROL_TIMEOUT)?;
+            }
+        }
+        let cold_start = started.elapsed();
+        let rss_mib = match path {
+            DataPath::Ferry => node.lab.agent_pid().and_then(rss_mib_of),
+            _ => None,
+        };
+        Ok(SetUp { cold_start, rss_mib })
+    }
+
+    fn measure(
+        &mut self,
+        node: &mut Node,
+        n: usize,
+        round: usize,
+        path: DataPath,
+        files: &Files,
+        setup: &SetUp,
+    ) -> Result<()> {
+        let direct_ip = node.servers[0];
+        let vip = files.vip;
+        let target = move |port: u16, direct: u16| -> SocketAddr {
+            match path {
+                DataPath::NoNat => SocketAddr::from((direct_ip, direct)),
+                _ => SocketAddr::from((vip, port)),
+            }
+        };
+        let answered = sanity(&node.client, target(UDP_PORT, SERVER_PORT))?;
+        let expected = if path == DataPath::NoNat { 1 } else { SERVERS };
+        print!(
+            "  round {} {:<8} answered by {:>2}/{expected} servers",
+            round + 1,
+            path.name(),
+            answered.len()
+        );
+        if answered.len() < expected.min(2) {
+            println!();
+            bail!("{}: only {answered:?} answered; the data path is not balancing", path.name());
+        }
+        self.answered.entry((n, path)).or_default().extend(answered);
+        if path != DataPath::NoNat {
+            self.push(n, Metric::ColdStartMs, path, setup.cold_start.as_secs_f64() * 1e3);
+            print!(" | cold start {:>7.1} ms", setup.cold_start.as_secs_f64() * 1e3);
+        }
+        if let Some(rss) = setup.rss_mib {
+            self.push(n, Metric::AgentRssMib, path, rss);
+        }
+        let workers = self.plan.workers;
+        let crr = self.loadgen(&node.client, "crr", target(TCP_PORT, SERVER_PORT), workers)?;
+        let rr = self.loadgen(&node.client, "rr", target(TCP_PORT, SERVER_PORT), workers)?;
+        let udp = self.loadgen(&node.client, "udp", target(UDP_PORT, SERVER_PORT), workers)?;
+        let stream = self.loadgen(&node.client, "stream", target(STREAM_PORT, SERVER_SINK), 1)?;
+        for (m, v) in [
+            (Metric::CrrPerS, Some(crr.requests_per_s)),
+            (Metric::CrrCpuUs, crr.cpu_us_per_request),
+            (Metric::RrPerS, Some(rr.requests_per_s)),
+            (Metric::RrP50Us, rr.p50_us),
+            (Metric::RrP99Us, rr.p99_us),
+            (Metric::RrCpuUs, rr.cpu_us_per_request),
+            (Metric::UdpPerS, Some(udp.requests_per_s)),
+            (Metric::UdpCpuUs, udp.cpu_us_per_request),
+            (Metric::StreamGbitPerS, Some(stream.gbit_per_s)),
+        ] {
+            if let Some(v) = v {
+                self.push(n, m, path, v);
+            }
+        }
+        print!(
+            " | crr {:>6.0}/s rr {:>6.0}/s udp {:>6.0}/s stream {:>5.2} Gbit/s",
+            crr.requests_per_s, rr.requests_per_s, udp.requests_per_s, stream.gbit_per_s
+        );
+        let errors = crr.errors + rr.errors + udp.errors + stream.errors;
+        if errors > 0 {
+            print!(" | errors crr {} rr {} udp {} stream {}", crr.errors, rr.errors, udp.errors, stream.errors);
+        }
+        self.push(n, Metric::Errors, path, errors as f64);
+        if path != DataPath::NoNat {
+            match self.endpoint_change(node, path, files) {
+                Ok(change) => {
+                    self.push(n, Metric::EndpointChangeMs, path, change.as_secs_f64() * 1e3);
+                    print!(" | endpoint change {:>7.1} ms", change.as_secs_f64() * 1e3);
+                }
+                Err(e) if e.is::<TimedOut>() => {
+                    print!(" | endpoint change: {e}");
+                    self.notes.push(format!("N={n} round {} {}: endpoint change {e}", round + 1, path.name()));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        println!();
+        Ok(())
+    }
+
+    fn push(&mut self, n: usize, m: Metric, p: DataPath, v: f64) {
+        self.samples.entry((n, m, p)).or_default().push(v);
+    }
+
+    fn loadgen(&self, client: &str, mode: &str, target: SocketAddr, workers: usize) -> Result<Report> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", client])
+            .arg(&self.loadgen)
+            .args([mode, "--target", &target.to_string()])
+            .args(["--duration", &self.plan.duration.to_string(), "--workers", &workers.to_string()])
+            .stderr(Stdio::inherit())
+            .output()
+            .context("running ferry-loadgen")?;
+        if !out.status.success() {
+            bail!("ferry-loadgen {mode} {target} failed ({})", out.status);
+        }
+        let report: Report = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("ferry-loadgen printed {:?}", String::from_utf8_lossy(&out.stdout)))?;
+        if report.requests == 0 && report.bytes == 0 {
+            bail!("ferry-loadgen {mode} {target}: nothing got through ({} errors)", report.errors);
+        }
+        Ok(report)
+    }
+
+    /// One endpoint of the measured Service replaced, timed until the dataplane
+    /// has it: kube-proxy's full iptables-restore, an nft transaction of the
+    /// changed chains, ferry's incremental map sync (file change → maps written).
+    fn endpoint_change(&self, node: &mut Node, path: DataPath, files: &Files) -> Result<Duration> {
+        let ns = node.lab.node.clone();
+        let started = Instant::now();
+        match path {
+            DataPath::NoNat => {}
+            DataPath::Iptables => netns_stdin(
+                &ns,
+                self.plan.iptables.restore(),
+                &["--noflush"],
+                &files.iptables_resync,
+                CONTROL_TIMEOUT,
+            )?,
+            DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft_update, CONTROL_TIMEOUT)?,
+            DataPath::Ferry => {
+                let log = node.lab.agent_log();
+                let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+                let started = Instant::now();
+                files.change_ferry()?;
+                wait_for_sync(&mut node.lab, &log, from, None, CONTROL_TIMEOUT)?;
+                return Ok(started.elapsed());
+            }
+        }
+        Ok(started.elapsed())
+    }
+}
+
+/// Asks the UDP echo "who are you?" from fresh sockets: which servers answer.
+fn sanity(client: &str, target: SocketAddr) -> Result<BTreeSet<String>> {
+    in_netns(client, move || -> Result<BTreeSet<String>> {
+        let mut names = BTreeSet::new();
+        for _ in 0..60 {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(Duration::from_secs(1)))?;
+            s.connect(target)?;
+            s.send(b"?")?;
+            let mut buf = [0u8; 256];
+            let k = s.recv(&mut buf).with_context(|| format!("no UDP answer from {target}"))?;
+            names.insert(String::from_utf8_lossy(&buf[..k]).trim().to_string());
+        }
+        Ok(names)
+    })?
+}
+
+/// The inputs of every path for one N.
+struct Files {
+    dir: PathBuf,
+    /// The measured Service's ClusterIP.
+    vip: Ipv4Addr,
+    /// Service ports in all: what ferry's "maps synced" line counts.
+    frontends: usize,
+    iptables: String,
+    iptables_resync: String,
+    nft: String,
+    nft_update: String,
+    ferry_dir: PathBuf,
+    measured: String,
+    measured_changed: String,
+}
+
+impl Files {
+    fn write(dir: &Path, scenario: &Scenario, changed: &Scenario) -> Result<Self> {
+        let _ = fs::remove_dir_all(dir);
+        let ferry_dir = dir.join("manifests");
+        fs::create_dir_all(&ferry_dir)?;
+        let mut measured = String::new();
+        for (file, yaml) in manifests::files(scenario) {
+            if file == manifests::MEASURED_FILE {
+                measured = yaml.clone();
+            }
+            fs::write(ferry_dir.join(&file), yaml)?;
+        }
+        let measured_changed = manifests::files(changed)
+            .into_iter()
+            .find(|(f, _)| f == manifests::MEASURED_FILE)
+            .map(|(_, y)| y)
+            .context("no measured file")?;
+        let new_chains: std::collections::HashSet<String> = iptables::service_chains(changed).into_iter().collect();
+        let stale: Vec<String> =
+            iptables::service_chains(scenario).into_iter().filter(|c| !new_chains.contains(c)).collect();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            vip: scenario.measured().cluster_ip,
+            frontends: scenario.frontends(),
+            iptables: iptables::ruleset(scenario, iptables::Mode::Initial, &[]),
+            iptables_resync: iptables::ruleset(changed, iptables::Mode::Resync, &stale),
+            nft: nftables::ruleset(scenario),
+            nft_update: nftables::endpoint_update(scenario, changed),
+            ferry_dir,
+            measured,
+            measured_changed,
+        })
+    }
+
+    fn reset_ferry(&self) -> Result<()> {
+        atomic_write(&self.ferry_dir.join(manifests::MEASURED_FILE), &self.measured)
+    }
+
+    fn change_ferry(&self) -> Result<()> {
+        atomic_write(&self.ferry_dir.join(manifests::MEASURED_FILE), &self.measured_changed)
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn atomic_write(path: &Path, text: &str) -> Result<()> {
+    let tmp = path.with_extension("tmp~");
+    fs::write(&tmp, text)?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Waits for the agent's next "maps synced" log line after byte `from` (with
+/// `frontends` Service ports, if given).
+fn wait_for_sync(lab: &mut Lab, log: &Path, from: u64, frontends: Option<usize>, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    loop {
+        let text = fs::read(log).unwrap_or_default();
+        let new = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
+        for line in strip_ansi(&new).lines().filter(|l| l.contains("maps synced")) {
+            let got = field(line, "frontends");
+            if frontends.is_none_or(|want| got == Some(want)) {
+                return Ok(());
+            }
+        }
+        lab.check_alive()?;
+        if started.elapsed() > timeout {
+            return Err(TimedOut(format!("ferry agent: no sync within {timeout:?}")).into());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn field(line: &str, name: &str) -> Option<usize> {
+    let rest = &line[line.find(&format!("{name}="))? + name.len() + 1..];
+    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+fn rss_mib_of(pid: u32) -> Option<f64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// A control-plane command that did not finish in time (reported in the
+/// results, not fatal).
+#[derive(Debug)]
+struct TimedOut(String);
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "timed out: {}", self.0)
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
+/// Runs `cmd args` in a namespace with `input` on stdin; killed after `timeout`.
+fn netns_stdin(ns: &str, cmd: &str, args: &[&str], input: &str, timeout: Duration) -> Result<()> {
+    let started = Instant::now();
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, cmd])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {cmd}"))?;
+    child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+    // stderr is small (an error message); read it after the exit.
+    let status = loop {
+        if let Some(st) = child.try_wait()? {
+            break st;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(TimedOut(format!("{cmd} {args:?} took more than {timeout:?}")).into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    if !status.success() {
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            let _ = std::io::Read::read_to_string(&mut e, &mut err);
+        }
+        bail!("{cmd} {args:?} in {ns}: {}", err.trim());
+    }
+    Ok(())
+}
+
+/// Set by Ctrl-C: the run stops between measurements (the lab is removed).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn which(tool: &str) -> Result<()> {
+    let ok = Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status()?;
+    if !ok.success() {
+        bail!("{tool} not found");
+    }
+    Ok(())
+}
+
+/// The results: summaries per (N, metric, path), rendered as tables.
+#[derive(Serialize)]
+struct Output {
+    machine: String,
+    kernel: String,
+    command: String,
+    profile: &'static str,
+    rounds: usize,
+    duration_s: f64,
+    workers: usize,
+    elapsed_s: f64,
+    iptables_backend: IptablesBackend,
+    /// What could not be measured, and why.
+    notes: Vec<String>,
+    /// Which servers answered the sanity check, per N and path.
+    answered: Vec<(usize, DataPath, Vec<String>)>,
+    results: Vec<Row>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    services: usize,
+    metric: Metric,
+    path: DataPath,
+    #[serde(flatten)]
+    summary: Summary,
+    samples: Vec<f64>,
+}
+
+impl Output {
+    fn new(
+        plan: &Plan,
+        samples: Samples,
+        answered: BTreeMap<(usize, DataPath), BTreeSet<String>>,
+        notes: Vec<String>,
+        elapsed: Duration,
+    ) -> Self {
+        let results = samples
+            .into_iter()
+            .filter_map(|((services, metric, path), v)| {
+                Some(Row { services, metric, path, summary: Summary::of(&v)?, samples: v })
+            })
+            .collect();
+        Self {
+            machine: machine(),
+            kernel: fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+            command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
+            profile: plan.profile,
+            rounds: plan.rounds,
+            duration_s: plan.duration,
+            workers: plan.workers,
+            elapsed_s: elapsed.as_secs_f64(),
+            iptables_backend: plan.iptables,
+            notes,
+            answered: answered.into_iter().map(|((n, p), s)| (n, p, s.into_iter().collect())).collect(),
+            results,
+        }
+    }
+
+    fn plan_iptables(&self) -> &'static str {
+        self.iptables_backend.restore()
+    }
+
+    fn get(&self, n: usize, m: Metric, p: DataPath) -> Option<&Summary> {
+        self.results.iter().find(|r| r.services == n && r.metric == m && r.path == p).map(|r| &r.summary)
+    }
+
+    fn markdown(&self) -> String {
+        let mut out = String::new();
+        out.push_str(&format!(
+            "Machine: {}, kernel {}. `cargo xtask {}` ({} build): {} rounds, {} s per measurement, {} concurrent clients, \
+             iptables via {}; took {:.0} s.\n\
+             Each cell: median over rounds (± spread = (max-min)/median). Ratios: ferry's median over the other path's; \
+             for rates > 1 means ferry is faster, for times and CPU < 1 means ferry is cheaper.\n",
+            self.machine,
+            self.kernel,
+            self.command,
+            self.profile,
+            self.rounds,
+            self.duration_s,
+            self.workers,
+            self.plan_iptables(),
+            self.elapsed_s
+        ));
+        let ns: BTreeSet<usize> = self.results.iter().map(|r| r.services).collect();
+        let metrics: BTreeSet<Metric> = self.results.iter().map(|r| r.metric).collect();
+        for m in metrics {
+            let paths: Vec<DataPath> = PATHS
+                .into_iter()
+                .filter(|p| self.results.iter().any(|r| r.metric == m && r.path == *p))
+                .collect();
+            let better = if m.higher_is_better() { "higher is better" } else { "lower is better" };
+            out.push_str(&format!("\n### {} ({better})\n\n| Services |", m.title()));
+            for p in &paths {
+                out.push_str(&format!(" {} |", p.name()));
+            }
+            let others: Vec<DataPath> = paths.iter().copied().filter(|p| *p != DataPath::Ferry).collect();
+            let ferry = paths.contains(&DataPath::Ferry);
+            if ferry {
+                for p in &others {
+                    out.push_str(&format!(" ferry / {} |", p.name()));
+                }
+            }
+            out.push_str("\n|---:|");
+            for _ in 0..paths.len() + if ferry { others.len() } else { 0 } {
+                out.push_str("---:|");
+            }
+            out.push('\n');
+            for &n in &ns {
+                out.push_str(&format!("| {n} |"));
+                for &p in &paths {
+                    match self.get(n, m, p) {
+                        Some(s) => out.push_str(&format!(" {} ±{:.0}% |", fmt_num(s.median), s.spread_pct())),
+                        None => out.push_str(" – |"),
+                    }
+                }
+                if ferry {
+                    for &p in &others {
+                        match (self.get(n, m, DataPath::Ferry), self.get(n, m, p)) {
+                            (Some(f), Some(o)) if o.median != 0.0 => {
+                                out.push_str(&format!(" {:.2} |", f.median / o.median))
+                            }
+                            _ => out.push_str(" – |"),
+                        }
+                    }
+                }
+                out.push('\n');
+            }
+        }
+        if !self.notes.is_empty() {
+            out.push_str("\nNot measured:\n\n");
+            for note in &self.notes {
+                out.push_str(&format!("- {note}\n"));
+            }
+        }
+        out.push_str("\nServers that answered the per-round sanity check (60 UDP queries from fresh sockets):\n\n");
+        for (n, p, names) in &self.answered {
+            out.push_str(&format!("- N={n} {}: {}\n", p.name(), names.len()));
+        }
+        out
+    }
+
+    fn write(&self, dir: &Path) -> Result<()> {
+        fs::create_dir_all(dir)?;
+        let md = self.markdown();
+        let json = serde_json::to_string_pretty(self)?;
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+        for (name, text) in [
+            (format!("bench-{stamp}.md"), &md),
+            (format!("bench-{stamp}.json"), &json),
+            ("latest.md".into(), &md),
+            ("latest.json".into(), &json),
+        ] {
+            fs::write(dir.join(name), text)?;
+        }
+        println!("\n{md}\nbench: written to {}/latest.md and latest.json (and bench-{stamp}.*)", dir.display());
+        Ok(())
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if v >= 100.0 {
+        let s = format!("{:.0}", v);
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if i > 0 && (s.len() - i) % 3 == 0 {
+                out.push(',');
+            }
+            out.push(c);
+        }
+        out
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+fn machine() -> String {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = cpuinfo.lines().filter(|l| l.starts_with("processor")).count();
+    let mem_kb: u64 = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next()?.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0);
+    format!("{model}, {cores} cores, {} GiB", mem_kb / 1024 / 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_fields_and_ansi() {
+        let line = "\u{1b}[2m2026\u{1b}[0m INFO maps synced \u{1b}[3mfrontends\u{1b}[0m\u{1b}[2m=\u{1b}[0m30003 backends=10";
+        let plain = strip_ansi(line);
+        assert_eq!(field(&plain, "frontends"), Some(30003));
+        assert_eq!(field(&plain, "backends"), Some(10));
+        assert_eq!(field(&plain, "upserts"), None);
+    }
+
+    #[test]
+    fn numbers_are_readable() {
+        assert_eq!(fmt_num(1234567.4), "1,234,567");
+        assert_eq!(fmt_num(123.4), "123");
+        assert_eq!(fmt_num(12.34), "12.3");
+        assert_eq!(fmt_num(1.234), "1.23");
+    }
+}
