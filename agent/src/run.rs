@@ -44,12 +44,14 @@ struct Programmer {
     reported: BTreeSet<String>,
     /// ClusterIPs allocated last time (logged when they change).
     allocated: BTreeMap<String, Ipv4Addr>,
+    /// Parsed manifest files, re-read only when they change.
+    manifests: manifests::DirCache,
 }
 
 impl Programmer {
     fn sync(&mut self, cfg: &Config) -> Result<()> {
         let started = Instant::now();
-        let mut m = manifests::load_dir(&cfg.manifests);
+        let mut m = self.manifests.load(&cfg.manifests);
         let (pods, pod_errors) = ferry_shim::status::read_all(&cfg.state_dir);
         for (path, e) in pod_errors {
             tracing::debug!("skipping unreadable pod record {}: {e}", path.display());
@@ -58,7 +60,9 @@ impl Programmer {
             pods,
             ..std::mem::take(&mut m.snapshot)
         };
+        let parsed = started.elapsed();
         let t = translate(&snapshot, &cfg.translate);
+        let translated = started.elapsed();
         let errors: BTreeSet<String> = m
             .errors
             .iter()
@@ -79,6 +83,12 @@ impl Programmer {
         }
         self.allocated = t.allocated;
         let desired = layout(&t.frontends, &mut self.ids);
+        tracing::debug!(
+            parse_ms = parsed.as_millis() as u64,
+            translate_ms = (translated - parsed).as_millis() as u64,
+            layout_ms = (started.elapsed() - translated).as_millis() as u64,
+            "sync phases"
+        );
         let st = self.syncer.sync(&desired).context("writing the BPF maps")?;
         if st.upserts + st.deletes > 0 {
             let backends: usize = t.frontends.iter().map(|f| f.backends.len()).sum();
@@ -112,6 +122,7 @@ pub async fn run_standalone(cfg: Config) -> Result<()> {
         ids,
         reported: BTreeSet::new(),
         allocated: BTreeMap::new(),
+        manifests: manifests::DirCache::default(),
     };
     tracing::info!(
         node = %cfg.node,

@@ -4,13 +4,16 @@
 //! gives the same result, so it is unit-tested with plain builders and both sources
 //! (manifests, API) share it. Map ids and byte layout are `maps::layout`'s job.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::Ipv4Addr,
 };
 
 use ferry_common::{svc_flags, PROTO_TCP, PROTO_UDP};
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Service, ServicePort, ServiceSpec},
+    discovery::v1::EndpointSlice,
+};
 
 use crate::{
     endpoints::{self, Endpoint},
@@ -128,6 +131,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
         }
     }
 
+    let index = EndpointIndex::new(snapshot);
     let mut claimed: BTreeMap<(Ipv4Addr, u16, u8), String> = BTreeMap::new();
     for (v, ip) in valid.iter().zip(ips) {
         let Some(ip) = ip else { continue };
@@ -145,7 +149,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                 continue;
             }
             claimed.insert((ip, port, proto), v.key.clone());
-            let all = endpoints_of(snapshot, v, sp);
+            let all = endpoints_of(snapshot, &index, v, sp);
             let (usable, fallback) = endpoints::usable(all);
             let mut flags = svc_flags::CLUSTER_IP;
             if fallback {
@@ -323,26 +327,41 @@ fn fnv1a(bytes: &[u8]) -> u32 {
     })
 }
 
-fn endpoints_of(snapshot: &Snapshot, v: &Valid, sp: &ServicePort) -> Vec<Endpoint> {
+/// EndpointSlices and Endpoints by the `namespace/name` of their Service,
+/// built once per translation so that finding a Service's endpoints does not
+/// scan every object (10,000 Services must not cost 10,000²).
+struct EndpointIndex<'a> {
+    slices: HashMap<String, Vec<&'a Sourced<EndpointSlice>>>,
+    endpoints: HashMap<String, Vec<&'a Sourced<Endpoints>>>,
+}
+
+impl<'a> EndpointIndex<'a> {
+    fn new(snapshot: &'a Snapshot) -> Self {
+        let mut slices: HashMap<String, Vec<_>> = HashMap::new();
+        for s in &snapshot.endpoint_slices {
+            if let Some(svc) = slice_service(&s.object) {
+                let ns = s.object.metadata.namespace.as_deref().unwrap_or("default");
+                slices.entry(format!("{ns}/{svc}")).or_default().push(s);
+            }
+        }
+        let mut endpoints: HashMap<String, Vec<_>> = HashMap::new();
+        for e in &snapshot.endpoints {
+            endpoints.entry(ns_name(&e.object.metadata)).or_default().push(e);
+        }
+        Self { slices, endpoints }
+    }
+}
+
+fn endpoints_of(snapshot: &Snapshot, index: &EndpointIndex, v: &Valid, sp: &ServicePort) -> Vec<Endpoint> {
     let meta = &v.svc.object.metadata;
     let ns = meta.namespace.as_deref().unwrap_or("default");
-    let name = meta.name.as_deref().unwrap_or_default();
     if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
         return endpoints::from_pods(ns, selector, sp, &snapshot.pods);
     }
-    let slices: Vec<_> = snapshot
-        .endpoint_slices
-        .iter()
-        .filter(|s| {
-            s.object.metadata.namespace.as_deref().unwrap_or("default") == ns
-                && slice_service(&s.object).as_deref() == Some(name)
-        })
-        .collect();
-    let mut all = endpoints::from_slices(sp, &slices);
-    for e in &snapshot.endpoints {
-        if ns_name(&e.object.metadata) == v.key {
-            all.extend(endpoints::from_endpoints(sp, &e.object));
-        }
+    let slices = index.slices.get(&v.key).map(Vec::as_slice).unwrap_or_default();
+    let mut all = endpoints::from_slices(sp, slices);
+    for e in index.endpoints.get(&v.key).into_iter().flatten() {
+        all.extend(endpoints::from_endpoints(sp, &e.object));
     }
     all
 }

@@ -2,8 +2,10 @@
 //! files too, typed with k8s-openapi. A file or document that does not parse is
 //! reported and skipped; the rest is used.
 use std::{
+    collections::HashMap,
     fs,
     path::{Path, PathBuf},
+    time::SystemTime,
 };
 
 use serde::de::DeserializeOwned;
@@ -14,7 +16,7 @@ use crate::{
 };
 
 /// The objects of a manifest directory and the problems found reading it.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Manifests {
     pub snapshot: Snapshot,
     pub errors: Vec<InputError>,
@@ -41,19 +43,77 @@ pub fn load_dir(dir: &Path) -> Manifests {
     };
     files.sort();
     for path in files {
-        let name = path
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        match fs::read_to_string(&path) {
-            Ok(text) => load_str(&name, &text, &mut out),
-            Err(e) => out
-                .errors
-                .push(InputError::new(name, "file", "", e.to_string())),
-        }
+        load_file(&path, &mut out);
     }
     out
+}
+
+/// A manifest directory read again and again: files whose size and mtime did
+/// not change are not parsed again (10,000 Services are 10 MB of YAML; one
+/// edited file must not cost a re-parse of all of them).
+#[derive(Debug, Default)]
+pub struct DirCache {
+    files: HashMap<PathBuf, Cached>,
+}
+
+#[derive(Debug)]
+struct Cached {
+    len: u64,
+    modified: Option<SystemTime>,
+    parsed: Manifests,
+}
+
+impl DirCache {
+    /// What [`load_dir`] returns, parsing only new and changed files.
+    pub fn load(&mut self, dir: &Path) -> Manifests {
+        let mut out = Manifests::default();
+        let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
+            Ok(entries) => entries.flatten().map(|e| e.path()).filter(|p| is_manifest(p)).collect(),
+            Err(e) => {
+                self.files.clear();
+                out.errors.push(InputError::new(dir.display().to_string(), "directory", "", e.to_string()));
+                return out;
+            }
+        };
+        files.sort();
+        let present: std::collections::HashSet<&PathBuf> = files.iter().collect();
+        self.files.retain(|p, _| present.contains(p));
+        for path in files {
+            let md = fs::metadata(&path).ok();
+            let (len, modified) = (md.as_ref().map_or(0, |m| m.len()), md.and_then(|m| m.modified().ok()));
+            let fresh = self.files.get(&path).is_some_and(|c| c.len == len && c.modified == modified);
+            if !fresh {
+                let mut parsed = Manifests::default();
+                load_file(&path, &mut parsed);
+                self.files.insert(path.clone(), Cached { len, modified, parsed });
+            }
+            if let Some(c) = self.files.get(&path) {
+                out.append(&c.parsed);
+            }
+        }
+        out
+    }
+}
+
+impl Manifests {
+    fn append(&mut self, other: &Manifests) {
+        let (a, b) = (&mut self.snapshot, &other.snapshot);
+        a.services.extend_from_slice(&b.services);
+        a.endpoint_slices.extend_from_slice(&b.endpoint_slices);
+        a.endpoints.extend_from_slice(&b.endpoints);
+        a.pods.extend_from_slice(&b.pods);
+        a.pod_specs.extend_from_slice(&b.pod_specs);
+        a.deployments.extend_from_slice(&b.deployments);
+        self.errors.extend_from_slice(&other.errors);
+    }
+}
+
+fn load_file(path: &Path, out: &mut Manifests) {
+    let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    match fs::read_to_string(path) {
+        Ok(text) => load_str(&name, &text, out),
+        Err(e) => out.errors.push(InputError::new(name, "file", "", e.to_string())),
+    }
 }
 
 /// Whether a path is a manifest file (not hidden, .yaml or .yml).
@@ -252,6 +312,32 @@ mod tests {
             "{}",
             m.errors[0]
         );
+    }
+
+    /// The cache re-parses changed files only, and forgets deleted ones.
+    #[test]
+    fn dir_cache_follows_changes() {
+        let dir = std::env::temp_dir().join(format!("ferry-dircache-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let svc = |name: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 80}}]}}\n");
+        fs::write(dir.join("a.yaml"), svc("a")).unwrap();
+        fs::write(dir.join("b.yaml"), svc("b")).unwrap();
+        let mut cache = DirCache::default();
+        let names = |m: &Manifests| -> Vec<String> {
+            m.snapshot.services.iter().map(|s| s.object.metadata.name.clone().unwrap_or_default()).collect()
+        };
+        assert_eq!(names(&cache.load(&dir)), ["a", "b"]);
+        // A different size, so the change is seen even within one mtime tick.
+        fs::write(dir.join("b.yaml"), svc("bee")).unwrap();
+        assert_eq!(names(&cache.load(&dir)), ["a", "bee"]);
+        fs::remove_file(dir.join("a.yaml")).unwrap();
+        fs::write(dir.join("c.yaml"), "kind: [\n").unwrap();
+        let m = cache.load(&dir);
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(names(&m), ["bee"]);
+        assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
+        assert_eq!(cache.files.len(), 2);
     }
 
     /// Errors found when translating name the file the object came from.

@@ -10,10 +10,11 @@ use anyhow::{Context as _, Result};
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc::UnboundedSender;
 
-/// Watches `dirs` (recursively); every event sends a `()`.
+/// Watches `dirs` (recursively); every change sends a `()`. Reads are not
+/// changes: the agent's own reading of the files must not trigger another sync.
 pub fn watch(dirs: &[PathBuf], tx: UnboundedSender<()>) -> Result<notify::RecommendedWatcher> {
     let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
+        if ev.is_ok_and(|e| is_change(&e.kind)) {
             let _ = tx.send(());
         }
     })?;
@@ -23,6 +24,17 @@ pub fn watch(dirs: &[PathBuf], tx: UnboundedSender<()>) -> Result<notify::Recomm
             .with_context(|| format!("watching {}", d.display()))?;
     }
     Ok(w)
+}
+
+/// Whether an event changes what the files say (not an open, read or close
+/// without writing).
+fn is_change(kind: &notify::EventKind) -> bool {
+    use notify::{event::AccessKind, event::AccessMode, EventKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
 }
 
 /// (path, size, mtime) of every file below `dirs`, sorted.
@@ -46,5 +58,21 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>, depth: us
         } else if md.is_file() {
             out.push((e.path(), md.len(), md.modified().ok()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
+
+    use super::is_change;
+
+    #[test]
+    fn reading_is_not_a_change() {
+        assert!(!is_change(&EventKind::Access(AccessKind::Open(AccessMode::Read))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
+        assert!(is_change(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(is_change(&EventKind::Modify(ModifyKind::Any)));
+        assert!(is_change(&EventKind::Create(CreateKind::File)));
     }
 }
