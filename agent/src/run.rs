@@ -24,6 +24,10 @@ use crate::{
     translate::{self, translate},
 };
 
+/// After a change event, wait this long for the writer to finish (a rename is
+/// one event; an editor's write is several in a row).
+const QUIET: Duration = Duration::from_millis(5);
+
 /// Everything `ferry agent --manifests` needs.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -150,12 +154,17 @@ pub async fn run_standalone(cfg: Config) -> Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut last_sync = tokio::time::Instant::now();
     loop {
         tokio::select! {
             Some(()) = changes.recv() => {
-                // Coalesce a burst of events into one sync.
-                tokio::time::sleep(cfg.debounce).await;
+                // A change after a quiet spell is synced at once; changes that
+                // follow within the debounce window are coalesced into one sync
+                // at its end: at most one sync per window, none delayed longer.
+                let due = last_sync + cfg.debounce;
+                tokio::time::sleep_until(due.max(tokio::time::Instant::now() + QUIET).into()).await;
                 while changes.try_recv().is_ok() {}
+                last_sync = tokio::time::Instant::now();
                 seen = watch::fingerprint(&watched);
                 if let Err(e) = prog.sync(&cfg) {
                     tracing::error!("sync failed: {e:#}");

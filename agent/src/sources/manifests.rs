@@ -43,7 +43,7 @@ pub fn load_dir(dir: &Path) -> Manifests {
     };
     files.sort();
     for path in files {
-        load_file(&path, &mut out);
+        let _ = load_file(&path, &mut out);
     }
     out
 }
@@ -84,8 +84,19 @@ impl DirCache {
             let fresh = self.files.get(&path).is_some_and(|c| c.len == len && c.modified == modified);
             if !fresh {
                 let mut parsed = Manifests::default();
-                load_file(&path, &mut parsed);
-                self.files.insert(path.clone(), Cached { len, modified, parsed });
+                let readable = load_file(&path, &mut parsed);
+                match self.files.get_mut(&path) {
+                    // A file caught half-written, or broken by an edit: report
+                    // it, but keep serving what it said last (no state is lost;
+                    // delete the file to remove its objects).
+                    Some(old) if !readable => {
+                        old.parsed.errors = parsed.errors;
+                        (old.len, old.modified) = (len, modified);
+                    }
+                    _ => {
+                        self.files.insert(path.clone(), Cached { len, modified, parsed });
+                    }
+                }
             }
             if let Some(c) = self.files.get(&path) {
                 out.append(&c.parsed);
@@ -108,11 +119,15 @@ impl Manifests {
     }
 }
 
-fn load_file(path: &Path, out: &mut Manifests) {
+/// Parses one file into `out`; false if it could not be read or is not YAML.
+fn load_file(path: &Path, out: &mut Manifests) -> bool {
     let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
     match fs::read_to_string(path) {
         Ok(text) => load_str(&name, &text, out),
-        Err(e) => out.errors.push(InputError::new(name, "file", "", e.to_string())),
+        Err(e) => {
+            out.errors.push(InputError::new(name, "file", "", e.to_string()));
+            false
+        }
     }
 }
 
@@ -126,7 +141,9 @@ pub fn is_manifest(p: &Path) -> bool {
 }
 
 /// Parses the documents of one file into `out`.
-pub fn load_str(source: &str, text: &str, out: &mut Manifests) {
+/// Returns false if the text is not valid YAML (a syntax error ends the
+/// stream: the rest of the file is unreadable).
+pub fn load_str(source: &str, text: &str, out: &mut Manifests) -> bool {
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc_name = format!("document {}", i + 1);
         let value = match serde_yaml::Value::deserialize(doc) {
@@ -139,8 +156,7 @@ pub fn load_str(source: &str, text: &str, out: &mut Manifests) {
                     "",
                     format!("not valid YAML: {e}"),
                 ));
-                // A syntax error ends the stream: the rest of the file is unreadable.
-                break;
+                return false;
             }
         };
         let kind = value
@@ -201,6 +217,7 @@ pub fn load_str(source: &str, text: &str, out: &mut Manifests) {
             (v, k) => tracing::debug!(source, object, "ignoring {k} ({v})"),
         }
     }
+    true
 }
 
 fn push<T: DeserializeOwned>(
@@ -240,7 +257,7 @@ mod tests {
 
     fn load(text: &str) -> Manifests {
         let mut m = Manifests::default();
-        load_str("test.yaml", text, &mut m);
+        let _ = load_str("test.yaml", text, &mut m);
         m
     }
 
@@ -334,10 +351,20 @@ mod tests {
         fs::remove_file(dir.join("a.yaml")).unwrap();
         fs::write(dir.join("c.yaml"), "kind: [\n").unwrap();
         let m = cache.load(&dir);
-        let _ = fs::remove_dir_all(&dir);
         assert_eq!(names(&m), ["bee"]);
         assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
         assert_eq!(cache.files.len(), 2);
+        // Broken by an edit: reported, and what the file said before still counts.
+        fs::write(dir.join("b.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: [\n").unwrap();
+        let m = cache.load(&dir);
+        assert_eq!(names(&m), ["bee"]);
+        assert_eq!(m.errors.len(), 2, "{:?}", m.errors);
+        assert!(m.errors.iter().any(|e| e.to_string().starts_with("b.yaml: document 1: not valid YAML")));
+        fs::write(dir.join("b.yaml"), svc("b")).unwrap();
+        let m = cache.load(&dir);
+        let _ = fs::remove_dir_all(&dir);
+        assert_eq!(names(&m), ["b"]);
+        assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
     }
 
     /// Errors found when translating name the file the object came from.
