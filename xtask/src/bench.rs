@@ -413,23 +413,25 @@ impl Ctx<'_> {
         files: &Files,
         setup: &SetUp,
     ) -> Result<()> {
-        let direct_ip = node.servers[0];
+        // no-NAT dials every server directly, as the Service spreads over them,
+        // so that both sides load the same ten servers.
+        let servers = node.servers.clone();
         let vip = files.vip;
-        let target = move |port: u16, direct: u16| -> SocketAddr {
+        let target = move |port: u16, direct: u16| -> Vec<SocketAddr> {
             match path {
-                DataPath::NoNat => SocketAddr::from((direct_ip, direct)),
-                _ => SocketAddr::from((vip, port)),
+                DataPath::NoNat => servers.iter().map(|ip| SocketAddr::from((*ip, direct))).collect(),
+                _ => vec![SocketAddr::from((vip, port))],
             }
         };
-        let answered = sanity(&node.client, target(UDP_PORT, SERVER_PORT))?;
-        let expected = if path == DataPath::NoNat { 1 } else { SERVERS };
+        let answered = sanity(&node.client, &target(UDP_PORT, SERVER_PORT))?;
+        let expected = SERVERS;
         print!(
             "  round {} {:<8} answered by {:>2}/{expected} servers",
             round + 1,
             path.name(),
             answered.len()
         );
-        if answered.len() < expected.min(2) {
+        if answered.len() < expected {
             println!();
             bail!("{}: only {answered:?} answered; the data path is not balancing", path.name());
         }
@@ -491,11 +493,12 @@ impl Ctx<'_> {
         self.samples.entry((n, m, p)).or_default().push(v);
     }
 
-    fn loadgen(&self, client: &str, mode: &str, target: SocketAddr, workers: usize) -> Result<Report> {
+    fn loadgen(&self, client: &str, mode: &str, targets: Vec<SocketAddr>, workers: usize) -> Result<Report> {
+        let target = targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
         let out = Command::new("ip")
             .args(["netns", "exec", client])
             .arg(&self.loadgen)
-            .args([mode, "--target", &target.to_string()])
+            .args([mode, "--target", &target])
             .args(["--duration", &self.plan.duration.to_string(), "--workers", &workers.to_string()])
             .stderr(Stdio::inherit())
             .output()
@@ -541,10 +544,12 @@ impl Ctx<'_> {
 }
 
 /// Asks the UDP echo "who are you?" from fresh sockets: which servers answer.
-fn sanity(client: &str, target: SocketAddr) -> Result<BTreeSet<String>> {
+fn sanity(client: &str, targets: &[SocketAddr]) -> Result<BTreeSet<String>> {
+    let targets = targets.to_vec();
     in_netns(client, move || -> Result<BTreeSet<String>> {
         let mut names = BTreeSet::new();
-        for _ in 0..60 {
+        for i in 0..60 {
+            let target = targets[i % targets.len()];
             let s = UdpSocket::bind("0.0.0.0:0")?;
             s.set_read_timeout(Some(Duration::from_secs(1)))?;
             s.connect(target)?;

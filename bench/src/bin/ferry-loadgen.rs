@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! ferry-loadgen serve --tcp 8080 --udp 8080 --sink 5201 [--name NAME]
-//! ferry-loadgen crr|rr|udp|stream --target IP:PORT [--duration S] [--workers N] [--size B]
+//! ferry-loadgen crr|rr|udp|stream --target IP:PORT[,IP:PORT...] [--duration S] [--workers N] [--size B]
 //! ```
 //! Clients print one JSON object (see `ferry_bench::loadgen::Report`).
 use std::{net::SocketAddr, time::Duration};
@@ -51,8 +51,10 @@ enum ClientCmd {
 
 #[derive(clap::Args)]
 struct ClientArgs {
-    #[arg(long)]
-    target: SocketAddr,
+    /// Where to send (comma-separated for several: CRR rotates over them per
+    /// connection, RR and UDP give each worker one, stream uses the first).
+    #[arg(long, value_delimiter = ',', required = true)]
+    target: Vec<SocketAddr>,
     /// Seconds (fractions allowed).
     #[arg(long, default_value_t = 3.0)]
     duration: f64,
@@ -75,7 +77,7 @@ fn main() -> Result<()> {
                 ClientCmd::Stream(a) => (Mode::Stream, a),
             };
             let duration = Duration::try_from_secs_f64(a.duration).context("--duration")?;
-            let opts = ClientOpts { mode, target: a.target, duration, workers: a.workers, size: a.size };
+            let opts = ClientOpts { mode, targets: a.target, duration, workers: a.workers, size: a.size };
             let report = loadgen::run(&opts)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())

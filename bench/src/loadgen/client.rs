@@ -1,4 +1,7 @@
-//! The client side: `workers` threads hammer one target until a deadline.
+//! The client side: `workers` threads hammer their targets until a deadline.
+//! With several targets (the no-NAT baseline dials every server directly, as a
+//! Service spreads over them), CRR rotates over them per connection, RR and UDP
+//! give each worker its own, and the stream uses the first.
 use std::{
     io::{Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpStream, UdpSocket},
@@ -43,7 +46,8 @@ impl Mode {
 #[derive(Clone, Debug)]
 pub struct ClientOpts {
     pub mode: Mode,
-    pub target: SocketAddr,
+    /// At least one.
+    pub targets: Vec<SocketAddr>,
     pub duration: Duration,
     pub workers: usize,
     /// Request (and response) size in bytes.
@@ -77,7 +81,12 @@ fn check_target(t: &SocketAddr) -> Result<()> {
 
 /// Runs one measurement and reports it.
 pub fn run(opts: &ClientOpts) -> Result<Report> {
-    check_target(&opts.target)?;
+    if opts.targets.is_empty() {
+        bail!("no target");
+    }
+    for t in &opts.targets {
+        check_target(t)?;
+    }
     if opts.duration.is_zero() || opts.duration > MAX_DURATION {
         bail!("duration must be within (0, {MAX_DURATION:?}]");
     }
@@ -92,9 +101,9 @@ pub fn run(opts: &ClientOpts) -> Result<Report> {
     // the CPU accounting start when every worker is ready.
     let barrier = Arc::new(Barrier::new(workers + 1));
     let mut handles = Vec::with_capacity(workers);
-    for _ in 0..workers {
+    for w in 0..workers {
         let (o, b) = (opts.clone(), barrier.clone());
-        handles.push(thread::spawn(move || -> Result<WorkerResult> { worker(&o, &b) }));
+        handles.push(thread::spawn(move || -> Result<WorkerResult> { worker(&o, w, &b) }));
     }
     barrier.wait();
     let cpu0 = CpuTimes::now();
@@ -130,7 +139,7 @@ fn summarize(opts: &ClientOpts, workers: usize, elapsed: f64, cpu_busy_s: f64, r
     };
     Report {
         mode: opts.mode.name().into(),
-        target: opts.target.to_string(),
+        target: opts.targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
         workers,
         duration_s: elapsed,
         requests,
@@ -164,7 +173,9 @@ fn back_off() {
     thread::sleep(Duration::from_millis(5));
 }
 
-fn worker(o: &ClientOpts, barrier: &Barrier) -> Result<WorkerResult> {
+fn worker(o: &ClientOpts, w: usize, barrier: &Barrier) -> Result<WorkerResult> {
+    let n = o.targets.len();
+    let mine = o.targets[w % n];
     let req = vec![b'x'; o.size];
     let mut buf = vec![0u8; o.size.max(STREAM_CHUNK)];
     let mut r = WorkerResult::default();
@@ -172,9 +183,12 @@ fn worker(o: &ClientOpts, barrier: &Barrier) -> Result<WorkerResult> {
         Mode::Crr => {
             barrier.wait();
             let deadline = Instant::now() + o.duration;
+            let mut next = w;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let res = connect(o.target).and_then(|mut s| {
+                let target = o.targets[next % n];
+                next = next.wrapping_add(1);
+                let res = connect(target).and_then(|mut s| {
                     round_trip(&mut s, &req, &mut buf)?;
                     // Close first, as netperf's TCP_CRR does (TIME_WAIT stays
                     // here; the lab enables tcp_tw_reuse in the client Pod).
@@ -190,14 +204,14 @@ fn worker(o: &ClientOpts, barrier: &Barrier) -> Result<WorkerResult> {
             }
         }
         Mode::Rr => {
-            let mut conn = connect(o.target).ok();
+            let mut conn = connect(mine).ok();
             barrier.wait();
             let deadline = Instant::now() + o.duration;
             while Instant::now() < deadline {
                 let Some(s) = conn.as_mut() else {
                     r.errors += 1;
                     back_off();
-                    conn = connect(o.target).ok();
+                    conn = connect(mine).ok();
                     continue;
                 };
                 let t = Instant::now();
@@ -213,7 +227,7 @@ fn worker(o: &ClientOpts, barrier: &Barrier) -> Result<WorkerResult> {
         Mode::Udp => {
             let sock = UdpSocket::bind("0.0.0.0:0").context("binding a UDP socket")?;
             sock.set_read_timeout(Some(Duration::from_millis(500)))?;
-            sock.connect(o.target)?;
+            sock.connect(mine)?;
             barrier.wait();
             let deadline = Instant::now() + o.duration;
             while Instant::now() < deadline {
@@ -228,7 +242,7 @@ fn worker(o: &ClientOpts, barrier: &Barrier) -> Result<WorkerResult> {
         }
         Mode::Stream => {
             let chunk = vec![b's'; STREAM_CHUNK];
-            let mut conn = connect(o.target);
+            let mut conn = connect(o.targets[0]);
             barrier.wait();
             let deadline = Instant::now() + o.duration;
             match conn.as_mut() {
@@ -267,7 +281,7 @@ mod tests {
     fn bad_options_are_errors() {
         let mut o = ClientOpts {
             mode: Mode::Rr,
-            target: "10.0.0.1:1".parse().unwrap(),
+            targets: vec!["10.0.0.1:1".parse().unwrap()],
             duration: Duration::ZERO,
             workers: 1,
             size: 1,
@@ -282,7 +296,7 @@ mod tests {
     fn summary_counts_and_quantiles() {
         let o = ClientOpts {
             mode: Mode::Rr,
-            target: "10.0.0.1:1".parse().unwrap(),
+            targets: vec!["10.0.0.1:1".parse().unwrap()],
             duration: Duration::from_secs(1),
             workers: 2,
             size: 1,
@@ -310,9 +324,9 @@ mod tests {
                 }
             }
         });
-        let o = ClientOpts { mode: Mode::Rr, target: addr, duration: Duration::from_millis(200), workers: 1, size: 16 };
+        let o = ClientOpts { mode: Mode::Rr, targets: vec![addr], duration: Duration::from_millis(200), workers: 1, size: 16 };
         let b = Barrier::new(1);
-        let r = worker(&o, &b).unwrap();
+        let r = worker(&o, 0, &b).unwrap();
         assert!(r.requests > 10, "{} requests", r.requests);
         assert_eq!(r.errors, 0);
     }
