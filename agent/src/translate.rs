@@ -107,23 +107,8 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
 
     // Earlier Services win conflicts: creation time, then name (kube-apiserver
     // would have refused the later one).
-    valid.sort_by(|a, b| {
-        let ta = a
-            .svc
-            .object
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0);
-        let tb = b
-            .svc
-            .object
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map(|t| t.0);
-        (ta, &a.key).cmp(&(tb, &b.key))
-    });
+    let created = |v: &Valid| v.svc.object.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    valid.sort_by(|a, b| (created(a), &a.key).cmp(&(created(b), &b.key)));
     let ips = assign_cluster_ips(&valid, cfg, &mut out.errors);
     for (v, ip) in valid.iter().zip(&ips) {
         if let (ClusterIp::Allocate, Some(ip)) = (&v.ip, ip) {
