@@ -306,9 +306,11 @@ async fn run(ctx: Arc<Ctx>, def: PodDef, ip: Ipv4Addr, mut stop: watch::Receiver
         }
     };
 
-    // Terminating: out of the Services' ready set at once, SIGTERM, grace, SIGKILL.
+    // Terminating (KEP-1669): out of the Services' ready set at once, SIGTERM,
+    // then up to the grace period during which the readiness probes keep running
+    // and `ready` reports "serving" (a serving+terminating endpoint still takes
+    // new connections when a Service has no ready one), then SIGKILL.
     rec.terminating = true;
-    rec.ready = false;
     publish(&ctx, &rec);
     tracing::info!(pod = %name, grace_s = grace.as_secs_f32(), "terminating");
     for r in &cs {
@@ -317,11 +319,36 @@ async fn run(ctx: Arc<Ctx>, def: PodDef, ip: Ipv4Addr, mut stop: watch::Receiver
         }
     }
     let deadline = Instant::now() + grace;
-    for r in cs.iter_mut() {
-        if let Some(child) = r.child.as_mut() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let _ = tokio::time::timeout(left, child.wait()).await;
+    loop {
+        for r in cs.iter_mut() {
+            if let Some(child) = r.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    tracing::info!(pod = %name, container = %r.c.name, %status, "container exited");
+                    r.child = None;
+                }
+            }
         }
+        if cs.iter().all(|r| !r.running()) || Instant::now() >= deadline {
+            break;
+        }
+        for r in cs.iter_mut().filter(|r| r.running()) {
+            let Some((state, due)) = r.readiness.as_mut() else { continue };
+            if *due > Instant::now() {
+                continue;
+            }
+            let ok = probe::run(&state.spec.check, ip, state.spec.timeout, &ns, &r.env).await;
+            *due = Instant::now() + state.spec.period;
+            state.record(ok);
+        }
+        let serving = cs.iter().all(Running::ready);
+        if serving != rec.ready {
+            rec.ready = serving;
+            tracing::info!(pod = %name, serving, "terminating; serving changed");
+            publish(&ctx, &rec);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for r in cs.iter_mut() {
         r.kill().await;
     }
     drop(ns);
