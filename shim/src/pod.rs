@@ -43,14 +43,21 @@ pub struct PodHandle {
     pub def: PodDef,
     pub ip: Ipv4Addr,
     stop: watch::Sender<Option<Duration>>,
+    /// The Ready condition as last published (false once terminating).
+    ready: watch::Receiver<bool>,
     task: JoinHandle<()>,
 }
 
 impl PodHandle {
     pub fn spawn(ctx: Arc<Ctx>, def: PodDef, ip: Ipv4Addr) -> Self {
         let (stop, rx) = watch::channel(None);
-        let task = tokio::spawn(run(ctx, def.clone(), ip, rx));
-        Self { def, ip, stop, task }
+        let (ready_tx, ready) = watch::channel(false);
+        let task = tokio::spawn(run(ctx, def.clone(), ip, rx, ready_tx));
+        Self { def, ip, stop, ready, task }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
     }
 
     pub fn stop(&self, grace: Duration) {
@@ -145,7 +152,17 @@ enum Kind {
     Readiness,
 }
 
-async fn run(ctx: Arc<Ctx>, def: PodDef, ip: Ipv4Addr, mut stop: watch::Receiver<Option<Duration>>) {
+async fn run(
+    ctx: Arc<Ctx>,
+    def: PodDef,
+    ip: Ipv4Addr,
+    mut stop: watch::Receiver<Option<Duration>>,
+    ready: watch::Sender<bool>,
+) {
+    let publish = |ctx: &Ctx, rec: &PodRecord| {
+        ready.send_replace(rec.ready && !rec.terminating);
+        publish(ctx, rec);
+    };
     let name = def.name.clone();
     let ns_name = ctx.netns_name(&def.namespace, &def.name);
     let veth = network::host_veth_name(&def.key());

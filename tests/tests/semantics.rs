@@ -383,3 +383,87 @@ spec:
     }
     Ok(())
 }
+
+fn echo_deployment(version: &str) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: echo, namespace: default}}
+spec:
+  replicas: 3
+  strategy:
+    type: RollingUpdate
+    rollingUpdate: {{maxSurge: 1, maxUnavailable: 0}}
+  selector:
+    matchLabels: {{app: echo}}
+  template:
+    metadata:
+      labels: {{app: echo, version: {version}}}
+    spec:
+      terminationGracePeriodSeconds: 3
+      containers:
+        - name: echo
+          command: ["sh", "-c", "trap '' TERM; exec ferry echo --tcp 8080 --udp 8080"]
+          ports:
+            - {{name: http, containerPort: 8080}}
+          readinessProbe:
+            tcpSocket: {{port: http}}
+            periodSeconds: 1
+"#
+    )
+}
+
+#[test]
+fn a_rolling_update_under_a_steady_request_stream_loses_nothing() -> Result<()> {
+    use std::sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    };
+    let opts = LabOptions::new("rolling")
+        .manifest("service.yaml", &echo_service("echo", "echo", "10.96.0.10"))
+        .manifest("client.yaml", &client_pod("client"))
+        .manifest("echo.yaml", &echo_deployment("v1"));
+    let lab = Lab::start(opts)?;
+    lab.wait_ready(&["echo-0", "echo-1", "echo-2", "client"], READY)?;
+    let client = lab.pod_netns("client")?;
+    let vip = addr("10.96.0.10:80");
+    lab.wait_until(Duration::from_secs(10), "three backends answer", || {
+        Ok(split(&client, 40, |ns| tcp_ask(ns, vip))?.len() == 3)
+    })?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let results: Arc<Mutex<Vec<Result<String, String>>>> = Arc::default();
+    let stream = {
+        let (stop, results, client) = (stop.clone(), results.clone(), client.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let r = tcp_ask(&client, vip).map_err(|e| format!("{e:#}"));
+                results.lock().unwrap().push(r);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    let started = Instant::now();
+    lab.write_manifest("echo.yaml", &echo_deployment("v2"))?;
+    let done = lab.wait_until(Duration::from_secs(90), "rollout to v2 done", || {
+        let echo: Vec<_> = lab.pods().into_iter().filter(|p| p.labels.get("app").map(String::as_str) == Some("echo")).collect();
+        Ok(echo.len() == 3
+            && echo.iter().all(|p| p.ready && !p.terminating && p.labels.get("version").map(String::as_str) == Some("v2")))
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let _ = stream.join();
+    done?;
+    let results = results.lock().unwrap();
+    let failures: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    let mut by: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in results.iter().flatten() {
+        *by.entry(r.as_str()).or_default() += 1;
+    }
+    println!("rollout took {:?}; {} requests: {by:?}; {} failed", started.elapsed(), results.len(), failures.len());
+    assert!(results.len() > 100, "the stream ran: {} requests", results.len());
+    assert!(failures.is_empty(), "requests failed during the rollout: {failures:?}\n{}", lab.logs());
+    let v2: Vec<String> = lab.pods().into_iter().filter(|p| p.name.starts_with("echo-")).map(|p| p.name).collect();
+    assert!(v2.iter().any(|n| by.contains_key(n.as_str())), "the new Pods {v2:?} answered: {by:?}");
+    Ok(())
+}
