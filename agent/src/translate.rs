@@ -760,7 +760,10 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            (t.frontends[0].affinity_timeout, t.frontends[0].flags & svc_flags::AFFINITY),
+            (
+                t.frontends[0].affinity_timeout,
+                t.frontends[0].flags & svc_flags::AFFINITY
+            ),
             (0, 0)
         );
         let t = run(&Snapshot {
@@ -826,7 +829,10 @@ mod tests {
         // Cluster policy (the default) uses both.
         let t = translate(
             &Snapshot {
-                services: vec![svc(&local.replace("internalTrafficPolicy: Local", "internalTrafficPolicy: Cluster"))],
+                services: vec![svc(&local.replace(
+                    "internalTrafficPolicy: Local",
+                    "internalTrafficPolicy: Cluster",
+                ))],
                 endpoint_slices: vec![slice(&slice_yaml("n2"))],
                 ..Default::default()
             },
@@ -841,7 +847,9 @@ mod tests {
             &cfg,
         );
         assert!(
-            t.errors[0].to_string().contains("spec.internalTrafficPolicy: unknown value \"Nearby\""),
+            t.errors[0]
+                .to_string()
+                .contains("spec.internalTrafficPolicy: unknown value \"Nearby\""),
             "{}",
             t.errors[0]
         );
@@ -882,14 +890,30 @@ mod tests {
         let dns = "metadata: {name: dns, namespace: default}\nspec:\n  clusterIP: 10.96.0.70\n  selector: {app: web}\n  ports:\n  - {name: dns-tcp, port: 53, protocol: TCP, targetPort: dns-tcp}\n  - {name: dns, port: 53, protocol: UDP, targetPort: dns}\n";
         let mut a = pod("a", [10, 244, 0, 2], true, false);
         a.ports = vec![
-            ContainerPortRecord { name: Some("dns-tcp".into()), container_port: 5300, protocol: "TCP".into() },
-            ContainerPortRecord { name: Some("dns".into()), container_port: 5301, protocol: "UDP".into() },
+            ContainerPortRecord {
+                name: Some("dns-tcp".into()),
+                container_port: 5300,
+                protocol: "TCP".into(),
+            },
+            ContainerPortRecord {
+                name: Some("dns".into()),
+                container_port: 5301,
+                protocol: "UDP".into(),
+            },
         ];
         let mut b = pod("b", [10, 244, 0, 3], true, false);
         b.ports = vec![
-            ContainerPortRecord { name: Some("dns-tcp".into()), container_port: 6300, protocol: "TCP".into() },
+            ContainerPortRecord {
+                name: Some("dns-tcp".into()),
+                container_port: 6300,
+                protocol: "TCP".into(),
+            },
             // Same name, wrong protocol: not this port's endpoint for UDP.
-            ContainerPortRecord { name: Some("dns".into()), container_port: 6301, protocol: "TCP".into() },
+            ContainerPortRecord {
+                name: Some("dns".into()),
+                container_port: 6301,
+                protocol: "TCP".into(),
+            },
         ];
         let t = run(&Snapshot {
             services: vec![svc(dns)],
@@ -900,9 +924,16 @@ mod tests {
         let ports = |proto: u8| {
             let f = t.frontends.iter().find(|f| f.proto == proto).unwrap();
             assert_eq!((f.addr, f.port), (Ipv4Addr::new(10, 96, 0, 70), 53));
-            f.backends.iter().map(|b| (b.addr.octets()[3], b.port)).collect::<Vec<_>>()
+            f.backends
+                .iter()
+                .map(|b| (b.addr.octets()[3], b.port))
+                .collect::<Vec<_>>()
         };
-        assert_eq!(t.frontends.len(), 2, "TCP and UDP on port 53 are two frontends");
+        assert_eq!(
+            t.frontends.len(),
+            2,
+            "TCP and UDP on port 53 are two frontends"
+        );
         assert_eq!(ports(PROTO_TCP), [(2, 5300), (3, 6300)]);
         assert_eq!(ports(PROTO_UDP), [(2, 5301)]);
 
@@ -917,7 +948,11 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(
-            t.frontends[0].backends.iter().map(|b| (b.addr.octets()[3], b.port)).collect::<Vec<_>>(),
+            t.frontends[0]
+                .backends
+                .iter()
+                .map(|b| (b.addr.octets()[3], b.port))
+                .collect::<Vec<_>>(),
             [(1, 8080), (2, 9090)]
         );
     }

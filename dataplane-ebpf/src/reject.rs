@@ -89,7 +89,13 @@ fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), Counter> {
     let m = |_| Counter::DropMalformed;
     let quote: [u8; QUOTE_LEN] = ctx.load(IP_OFF).map_err(m)?;
     let mut h = [0u8; 20 + 8 + QUOTE_LEN];
-    ip_header(&mut h, (20 + 8 + QUOTE_LEN) as u16, IPPROTO_ICMP, pkt.daddr, pkt.saddr);
+    ip_header(
+        &mut h,
+        (20 + 8 + QUOTE_LEN) as u16,
+        IPPROTO_ICMP,
+        pkt.daddr,
+        pkt.saddr,
+    );
     h[20] = ICMP_DEST_UNREACH;
     h[21] = ICMP_PORT_UNREACH;
     h[28..28 + QUOTE_LEN].copy_from_slice(&quote);

@@ -102,15 +102,20 @@ pub fn resolve(
     let parse = |v: Option<&str>, field: &str, round_up: bool| -> Result<u32, String> {
         let v = v.unwrap_or("25%");
         if let Some(p) = v.strip_suffix('%') {
-            let p: u64 = p
-                .parse()
-                .map_err(|_| format!("spec.strategy.rollingUpdate.{field}: {v:?} is not a number or percentage"))?;
+            let p: u64 = p.parse().map_err(|_| {
+                format!("spec.strategy.rollingUpdate.{field}: {v:?} is not a number or percentage")
+            })?;
             let scaled = p * u64::from(replicas);
-            let n = if round_up { scaled.div_ceil(100) } else { scaled / 100 };
+            let n = if round_up {
+                scaled.div_ceil(100)
+            } else {
+                scaled / 100
+            };
             Ok(n as u32)
         } else {
-            v.parse()
-                .map_err(|_| format!("spec.strategy.rollingUpdate.{field}: {v:?} is not a number or percentage"))
+            v.parse().map_err(|_| {
+                format!("spec.strategy.rollingUpdate.{field}: {v:?} is not a number or percentage")
+            })
         }
     };
     let s = parse(surge, "maxSurge", true)?;
@@ -137,7 +142,11 @@ mod tests {
         def
     }
     fn m(name: &str, current: bool, ready: bool) -> Member {
-        Member { name: name.into(), current, ready }
+        Member {
+            name: name.into(),
+            current,
+            ready,
+        }
     }
 
     #[test]
@@ -151,9 +160,16 @@ mod tests {
     fn a_rolling_update_surges_first_and_never_drops_below_min_available() {
         let d = dep(3, 1, 0);
         // Template changed: one new Pod (surge), no old one stops yet.
-        let old = [m("echo-0", false, true), m("echo-1", false, true), m("echo-2", false, true)];
+        let old = [
+            m("echo-0", false, true),
+            m("echo-1", false, true),
+            m("echo-2", false, true),
+        ];
         let p = plan(&d, &old, &[]);
-        assert_eq!((p.start.as_slice(), p.stop.len()), (&["echo-3".to_string()][..], 0));
+        assert_eq!(
+            (p.start.as_slice(), p.stop.len()),
+            (&["echo-3".to_string()][..], 0)
+        );
         // The new Pod runs but is not ready: wait.
         let mut now = old.to_vec();
         now.push(m("echo-3", true, false));
@@ -172,18 +188,30 @@ mod tests {
         ];
         assert_eq!(plan(&d, &now, &["echo-2".to_string()]), Plan::default());
         // Done: three current Pods, nothing to do.
-        let done = [m("echo-3", true, true), m("echo-4", true, true), m("echo-0", true, true)];
+        let done = [
+            m("echo-3", true, true),
+            m("echo-4", true, true),
+            m("echo-0", true, true),
+        ];
         assert_eq!(plan(&d, &done, &[]), Plan::default());
     }
 
     #[test]
     fn max_unavailable_lets_old_pods_go_first_and_scale_down_works() {
         let d = dep(3, 0, 1);
-        let old = [m("echo-0", false, true), m("echo-1", false, true), m("echo-2", false, true)];
+        let old = [
+            m("echo-0", false, true),
+            m("echo-1", false, true),
+            m("echo-2", false, true),
+        ];
         let p = plan(&d, &old, &[]);
         assert_eq!(p.stop, ["echo-2"], "no surge: an old Pod makes room first");
         assert_eq!(p.start, ["echo-3"], "and a new one takes it");
-        let p = plan(&dep(1, 1, 0), &[m("echo-0", true, true), m("echo-1", true, true)], &[]);
+        let p = plan(
+            &dep(1, 1, 0),
+            &[m("echo-0", true, true), m("echo-1", true, true)],
+            &[],
+        );
         assert_eq!(p.stop, ["echo-1"]);
     }
 
@@ -192,6 +220,8 @@ mod tests {
         assert_eq!(resolve(None, None, 3), Ok((1, 0)));
         assert_eq!(resolve(Some("50%"), Some("1"), 4), Ok((2, 1)));
         assert_eq!(resolve(Some("0"), Some("0"), 4), Ok((0, 1)));
-        assert!(resolve(Some("lots"), None, 3).unwrap_err().contains("maxSurge"));
+        assert!(resolve(Some("lots"), None, 3)
+            .unwrap_err()
+            .contains("maxSurge"));
     }
 }

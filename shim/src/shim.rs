@@ -85,13 +85,14 @@ pub async fn run(args: ShimArgs) -> Result<()> {
                     ready: h.is_ready(),
                 })
                 .collect();
+            // Names a new Pod must not take: stopping Pods, other running Pods and
+            // standalone Pods of the namespace.
             let taken: Vec<String> = stopping
                 .iter()
                 .map(|h| &h.def)
-                .chain(running.values().map(|h| &h.def))
+                .chain(running.values().map(|h| &h.def).filter(|p| p.owner.as_deref() != Some(d.key.as_str())))
                 .chain(desired.pods.values())
-                .filter(|p| p.namespace == d.namespace && p.owner.as_deref() != Some(d.key.as_str()))
-                .chain(stopping.iter().map(|h| &h.def).filter(|p| p.owner.as_deref() == Some(d.key.as_str())))
+                .filter(|p| p.namespace == d.namespace)
                 .map(|p| p.name.clone())
                 .collect();
             let plan = rollout::plan(d, &members, &taken);

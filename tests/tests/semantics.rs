@@ -24,7 +24,11 @@ fn addr(s: &str) -> SocketAddr {
 }
 
 /// Which backends answer `n` new connections.
-fn split(client: &str, n: usize, ask: impl Fn(&str) -> Result<String>) -> Result<BTreeMap<String, usize>> {
+fn split(
+    client: &str,
+    n: usize,
+    ask: impl Fn(&str) -> Result<String>,
+) -> Result<BTreeMap<String, usize>> {
     let mut counts = BTreeMap::new();
     for _ in 0..n {
         *counts.entry(ask(client)?).or_insert(0) += 1;
@@ -59,9 +63,11 @@ fn lab(tag: &str, names: &[&str], extra: &[(&str, String)]) -> Result<Lab> {
 }
 
 fn wait_programmed(lab: &Lab, what: &str) -> Result<()> {
-    lab.wait_until(Duration::from_secs(10), &format!("{what} in svc list"), || {
-        Ok(lab.ferry(&["svc", "list"])?.contains(what))
-    })
+    lab.wait_until(
+        Duration::from_secs(10),
+        &format!("{what} in svc list"),
+        || Ok(lab.ferry(&["svc", "list"])?.contains(what)),
+    )
 }
 
 /// connect() from `netns`: the error kind (None: connected) and how long it took.
@@ -101,16 +107,34 @@ spec:
 
 #[test]
 fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
-    let lab = lab("reject", &["echo-a"], &[("empty.yaml", EMPTY_SVC.to_string())])?;
+    let lab = lab(
+        "reject",
+        &["echo-a"],
+        &[("empty.yaml", EMPTY_SVC.to_string())],
+    )?;
     let client = lab.pod_netns("client")?;
     wait_programmed(&lab, "10.96.0.40:80")?;
     for _ in 0..5 {
         let (err, took) = tcp_connect(&client, addr("10.96.0.40:80"))?;
-        assert_eq!(err, Some(ErrorKind::ConnectionRefused), "TCP connect to a Service without endpoints");
-        assert!(took < Duration::from_millis(100), "refused within 100 ms, took {took:?}");
+        assert_eq!(
+            err,
+            Some(ErrorKind::ConnectionRefused),
+            "TCP connect to a Service without endpoints"
+        );
+        assert!(
+            took < Duration::from_millis(100),
+            "refused within 100 ms, took {took:?}"
+        );
         let (err, took) = udp_try(&client, addr("10.96.0.40:53"))?;
-        assert_eq!(err, Some(ErrorKind::ConnectionRefused), "UDP to a Service without endpoints");
-        assert!(took < Duration::from_millis(100), "refused within 100 ms, took {took:?}");
+        assert_eq!(
+            err,
+            Some(ErrorKind::ConnectionRefused),
+            "UDP to a Service without endpoints"
+        );
+        assert!(
+            took < Duration::from_millis(100),
+            "refused within 100 ms, took {took:?}"
+        );
     }
     // The Service that has an endpoint still answers, and the reject was counted.
     assert_eq!(tcp_ask(&client, addr("10.96.0.10:80"))?, "echo-a");
@@ -128,7 +152,9 @@ fn a_udp_client_moves_to_a_live_backend_when_its_backend_stops_being_used() -> R
     let lab = lab(tag, &["echo-a", "echo-b"], &[])?;
     let client = lab.pod_netns("client")?;
     let vip = addr("10.96.0.10:53");
-    lab.wait_until(Duration::from_secs(10), "UDP answers", || Ok(udp_ask(&client, vip).is_ok()))?;
+    lab.wait_until(Duration::from_secs(10), "UDP answers", || {
+        Ok(udp_ask(&client, vip).is_ok())
+    })?;
     let sock = in_netns(&client, move || -> Result<UdpSocket> {
         let s = UdpSocket::bind("0.0.0.0:0")?;
         s.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -143,12 +169,18 @@ fn a_udp_client_moves_to_a_live_backend_when_its_backend_stops_being_used() -> R
     };
     let mine = ask(&sock).context("first UDP answer")?;
     for _ in 0..5 {
-        assert_eq!(ask(&sock).as_deref(), Some(mine.as_str()), "the flow keeps its backend");
+        assert_eq!(
+            ask(&sock).as_deref(),
+            Some(mine.as_str()),
+            "the flow keeps its backend"
+        );
     }
     let other = if mine == "echo-a" { "echo-b" } else { "echo-a" };
     // Its backend turns unready (it keeps running and would still answer).
     std::fs::write(readiness_file(tag, &mine), b"")?;
-    lab.wait_until(Duration::from_secs(10), "backend not ready", || Ok(lab.pod(&mine).is_some_and(|p| !p.ready)))?;
+    lab.wait_until(Duration::from_secs(10), "backend not ready", || {
+        Ok(lab.pod(&mine).is_some_and(|p| !p.ready))
+    })?;
     let since = Instant::now();
     let mut answers = Vec::new();
     loop {
@@ -158,11 +190,18 @@ fn a_udp_client_moves_to_a_live_backend_when_its_backend_stops_being_used() -> R
         }
         answers.push(a);
         if since.elapsed() > Duration::from_secs(1) {
-            bail!("the same UDP socket still got {answers:?} 1 s after {mine} was taken out\n{}", lab.logs());
+            bail!(
+                "the same UDP socket still got {answers:?} 1 s after {mine} was taken out\n{}",
+                lab.logs()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!("moved to {other} after {:?} ({} datagrams before)", since.elapsed(), answers.len());
+    println!(
+        "moved to {other} after {:?} ({} datagrams before)",
+        since.elapsed(),
+        answers.len()
+    );
     for _ in 0..5 {
         assert_eq!(ask(&sock).as_deref(), Some(other), "and stays there");
     }
@@ -190,7 +229,11 @@ spec:
         Ok(split(&client, 40, |ns| tcp_ask(ns, addr("10.96.0.10:80")))?.len() == 4)
     })?;
     let seen = split(&client, 50, |ns| tcp_ask(ns, vip))?;
-    assert_eq!(seen.len(), 1, "50 new connections of one client, one backend: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        1,
+        "50 new connections of one client, one backend: {seen:?}"
+    );
     let mut current = seen.keys().next().cloned().context("a backend")?;
 
     // No traffic for longer than the timeout: the next connection is balanced
@@ -213,10 +256,14 @@ spec:
 
     // The backend stops being usable: new connections leave it at once.
     std::fs::write(readiness_file(tag, &current), b"")?;
-    lab.wait_until(Duration::from_secs(10), "backend not ready", || Ok(lab.pod(&current).is_some_and(|p| !p.ready)))?;
-    lab.wait_until(Duration::from_secs(2), "affinity moves off the unready backend", || {
-        Ok(tcp_ask(&client, vip)? != current)
+    lab.wait_until(Duration::from_secs(10), "backend not ready", || {
+        Ok(lab.pod(&current).is_some_and(|p| !p.ready))
     })?;
+    lab.wait_until(
+        Duration::from_secs(2),
+        "affinity moves off the unready backend",
+        || Ok(tcp_ask(&client, vip)? != current),
+    )?;
     let seen = split(&client, 20, |ns| tcp_ask(ns, vip))?;
     assert!(!seen.contains_key(&current) && seen.len() == 1, "{seen:?}");
     Ok(())
@@ -266,24 +313,44 @@ fn connections_to_a_terminating_endpoint_continue_and_it_is_the_last_resort() ->
 
     // Delete the Pod: it terminates with 20 s of grace.
     lab.remove_manifest(&format!("{mine}.yaml"))?;
-    lab.wait_until(Duration::from_secs(10), "terminating", || Ok(lab.pod(&mine).is_some_and(|p| p.terminating)))?;
+    lab.wait_until(Duration::from_secs(10), "terminating", || {
+        Ok(lab.pod(&mine).is_some_and(|p| p.terminating))
+    })?;
     std::thread::sleep(Duration::from_millis(500)); // the agent has synced
     let new = split(&client, 20, |ns| tcp_ask(ns, vip))?;
-    assert_eq!(new.keys().collect::<Vec<_>>(), vec![other], "new connections go to the ready one: {new:?}");
+    assert_eq!(
+        new.keys().collect::<Vec<_>>(),
+        vec![other],
+        "new connections go to the ready one: {new:?}"
+    );
     // The long-running request keeps going on the terminating endpoint.
     for i in 0..15 {
-        assert_eq!(session.ask().with_context(|| format!("request {i} on the established connection"))?, mine);
+        assert_eq!(
+            session
+                .ask()
+                .with_context(|| format!("request {i} on the established connection"))?,
+            mine
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
 
     // No ready endpoint left: the serving+terminating ones take new connections.
     lab.remove_manifest(&format!("{other}.yaml"))?;
-    lab.wait_until(Duration::from_secs(10), "both terminating", || Ok(lab.pod(other).is_some_and(|p| p.terminating)))?;
+    lab.wait_until(Duration::from_secs(10), "both terminating", || {
+        Ok(lab.pod(other).is_some_and(|p| p.terminating))
+    })?;
     std::thread::sleep(Duration::from_millis(500));
     let fallback = split(&client, 20, |ns| tcp_ask(ns, vip))?;
     let both: BTreeSet<&str> = ["echo-a", "echo-b"].into();
-    assert!(fallback.keys().all(|k| both.contains(k.as_str())), "{fallback:?}");
-    assert_eq!(session.ask()?, mine, "the established connection still works");
+    assert!(
+        fallback.keys().all(|k| both.contains(k.as_str())),
+        "{fallback:?}"
+    );
+    assert_eq!(
+        session.ask()?,
+        mine,
+        "the established connection still works"
+    );
     Ok(())
 }
 
@@ -291,7 +358,10 @@ fn connections_to_a_terminating_endpoint_continue_and_it_is_the_last_resort() ->
 fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() -> Result<()> {
     let lab = lab("itp", &["echo-a"], &[])?;
     let client = lab.pod_netns("client")?;
-    let ip = lab.pod("echo-a").and_then(|p| p.pod_ip).context("echo-a has an IP")?;
+    let ip = lab
+        .pod("echo-a")
+        .and_then(|p| p.pod_ip)
+        .context("echo-a has an IP")?;
     let svc = |name: &str, ip4: &str, policy: &str, node: &str| {
         format!(
             r#"apiVersion: v1
@@ -314,17 +384,38 @@ ports: [{{name: web, port: 8080, protocol: TCP}}]
 "#
         )
     };
-    lab.write_manifest("local-here.yaml", &svc("local-here", "10.96.0.61", "Local", &lab.node))?;
-    lab.write_manifest("local-remote.yaml", &svc("local-remote", "10.96.0.62", "Local", "some-other-node"))?;
-    lab.write_manifest("cluster-remote.yaml", &svc("cluster-remote", "10.96.0.63", "Cluster", "some-other-node"))?;
+    lab.write_manifest(
+        "local-here.yaml",
+        &svc("local-here", "10.96.0.61", "Local", &lab.node),
+    )?;
+    lab.write_manifest(
+        "local-remote.yaml",
+        &svc("local-remote", "10.96.0.62", "Local", "some-other-node"),
+    )?;
+    lab.write_manifest(
+        "cluster-remote.yaml",
+        &svc("cluster-remote", "10.96.0.63", "Cluster", "some-other-node"),
+    )?;
     for a in ["10.96.0.61:80", "10.96.0.62:80", "10.96.0.63:80"] {
         wait_programmed(&lab, a)?;
     }
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(tcp_ask(&client, addr("10.96.0.61:80"))?, "echo-a", "Local with a local endpoint");
-    assert_eq!(tcp_ask(&client, addr("10.96.0.63:80"))?, "echo-a", "Cluster uses any node's endpoint");
+    assert_eq!(
+        tcp_ask(&client, addr("10.96.0.61:80"))?,
+        "echo-a",
+        "Local with a local endpoint"
+    );
+    assert_eq!(
+        tcp_ask(&client, addr("10.96.0.63:80"))?,
+        "echo-a",
+        "Cluster uses any node's endpoint"
+    );
     let (err, took) = tcp_connect(&client, addr("10.96.0.62:80"))?;
-    assert_eq!(err, Some(ErrorKind::ConnectionRefused), "Local without a local endpoint is rejected");
+    assert_eq!(
+        err,
+        Some(ErrorKind::ConnectionRefused),
+        "Local without a local endpoint is rejected"
+    );
     assert!(took < Duration::from_millis(100), "{took:?}");
     Ok(())
 }
@@ -372,14 +463,29 @@ spec:
     let lab = Lab::start(opts)?;
     lab.wait_ready(&["dns-a", "dns-b", "client"], READY)?;
     let client = lab.pod_netns("client")?;
-    lab.wait_until(Duration::from_secs(10), "TCP 53 answers", || Ok(tcp_ask(&client, addr("10.96.0.70:53")).is_ok()))?;
+    lab.wait_until(Duration::from_secs(10), "TCP 53 answers", || {
+        Ok(tcp_ask(&client, addr("10.96.0.70:53")).is_ok())
+    })?;
     let both = ["dns-a", "dns-b"];
     for (what, counts) in [
-        ("TCP 53", split(&client, 60, |ns| tcp_ask(ns, addr("10.96.0.70:53")))?),
-        ("UDP 53", split(&client, 60, |ns| udp_ask(ns, addr("10.96.0.70:53")))?),
-        ("TCP 8053", split(&client, 60, |ns| tcp_ask(ns, addr("10.96.0.70:8053")))?),
+        (
+            "TCP 53",
+            split(&client, 60, |ns| tcp_ask(ns, addr("10.96.0.70:53")))?,
+        ),
+        (
+            "UDP 53",
+            split(&client, 60, |ns| udp_ask(ns, addr("10.96.0.70:53")))?,
+        ),
+        (
+            "TCP 8053",
+            split(&client, 60, |ns| tcp_ask(ns, addr("10.96.0.70:8053")))?,
+        ),
     ] {
-        assert_eq!(counts.keys().map(String::as_str).collect::<Vec<_>>(), both, "{what}: {counts:?}");
+        assert_eq!(
+            counts.keys().map(String::as_str).collect::<Vec<_>>(),
+            both,
+            "{what}: {counts:?}"
+        );
     }
     Ok(())
 }
@@ -446,9 +552,17 @@ fn a_rolling_update_under_a_steady_request_stream_loses_nothing() -> Result<()> 
     let started = Instant::now();
     lab.write_manifest("echo.yaml", &echo_deployment("v2"))?;
     let done = lab.wait_until(Duration::from_secs(90), "rollout to v2 done", || {
-        let echo: Vec<_> = lab.pods().into_iter().filter(|p| p.labels.get("app").map(String::as_str) == Some("echo")).collect();
+        let echo: Vec<_> = lab
+            .pods()
+            .into_iter()
+            .filter(|p| p.labels.get("app").map(String::as_str) == Some("echo"))
+            .collect();
         Ok(echo.len() == 3
-            && echo.iter().all(|p| p.ready && !p.terminating && p.labels.get("version").map(String::as_str) == Some("v2")))
+            && echo.iter().all(|p| {
+                p.ready
+                    && !p.terminating
+                    && p.labels.get("version").map(String::as_str) == Some("v2")
+            }))
     });
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::SeqCst);
@@ -460,10 +574,31 @@ fn a_rolling_update_under_a_steady_request_stream_loses_nothing() -> Result<()> 
     for r in results.iter().flatten() {
         *by.entry(r.as_str()).or_default() += 1;
     }
-    println!("rollout took {:?}; {} requests: {by:?}; {} failed", started.elapsed(), results.len(), failures.len());
-    assert!(results.len() > 100, "the stream ran: {} requests", results.len());
-    assert!(failures.is_empty(), "requests failed during the rollout: {failures:?}\n{}", lab.logs());
-    let v2: Vec<String> = lab.pods().into_iter().filter(|p| p.name.starts_with("echo-")).map(|p| p.name).collect();
-    assert!(v2.iter().any(|n| by.contains_key(n.as_str())), "the new Pods {v2:?} answered: {by:?}");
+    println!(
+        "rollout took {:?}; {} requests: {by:?}; {} failed",
+        started.elapsed(),
+        results.len(),
+        failures.len()
+    );
+    assert!(
+        results.len() > 100,
+        "the stream ran: {} requests",
+        results.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "requests failed during the rollout: {failures:?}\n{}",
+        lab.logs()
+    );
+    let v2: Vec<String> = lab
+        .pods()
+        .into_iter()
+        .filter(|p| p.name.starts_with("echo-"))
+        .map(|p| p.name)
+        .collect();
+    assert!(
+        v2.iter().any(|n| by.contains_key(n.as_str())),
+        "the new Pods {v2:?} answered: {by:?}"
+    );
     Ok(())
 }

@@ -269,9 +269,14 @@ mod tests {
         s.sync(&layout(&[], &mut ids)).unwrap();
         let log = fake.log.borrow().clone();
         assert_eq!(log[0], "del svc slot 0", "{log:?}");
-        let revnat = log.iter().position(|l| l.starts_with("del revnat")).unwrap();
+        let revnat = log
+            .iter()
+            .position(|l| l.starts_with("del revnat"))
+            .unwrap();
         assert!(
-            log[revnat + 1..].iter().all(|l| l.starts_with("forget flows")),
+            log[revnat + 1..]
+                .iter()
+                .all(|l| l.starts_with("forget flows")),
             "flows are forgotten last: {log:?}"
         );
         assert_eq!(log.iter().filter(|l| l.starts_with("forget")).count(), 2);
