@@ -143,6 +143,28 @@ fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
     lab.wait_until(Duration::from_secs(10), "echo refuses", || {
         Ok(tcp_connect(&client, addr("10.96.0.10:80"))?.0 == Some(ErrorKind::ConnectionRefused))
     })?;
+    // From zero endpoints to one (kubernetes#48370): a connected UDP socket that
+    // was refused gets answers as soon as the endpoint is back; nothing stale.
+    let vip = addr("10.96.0.10:53");
+    let sock = in_netns(&client, move || -> Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(300)))?;
+        s.connect(vip)?;
+        Ok(s)
+    })??;
+    let mut buf = [0u8; 512];
+    sock.send(b"hello\n")?;
+    let refused = sock.recv(&mut buf).map_err(|e| e.kind());
+    assert_eq!(refused.err(), Some(ErrorKind::ConnectionRefused));
+    std::fs::remove_file(readiness_file("reject", "echo-a"))?;
+    lab.wait_until(
+        Duration::from_secs(10),
+        "the same UDP socket gets an answer",
+        || {
+            let _ = sock.send(b"hello\n");
+            Ok(sock.recv(&mut buf).is_ok_and(|n| &buf[..n] == b"echo-a\n"))
+        },
+    )?;
     Ok(())
 }
 
@@ -316,7 +338,9 @@ fn connections_to_a_terminating_endpoint_continue_and_it_is_the_last_resort() ->
     lab.wait_until(Duration::from_secs(10), "terminating", || {
         Ok(lab.pod(&mine).is_some_and(|p| p.terminating))
     })?;
-    std::thread::sleep(Duration::from_millis(500)); // the agent has synced
+    lab.wait_until(Duration::from_secs(5), "new connections avoid it", || {
+        Ok(!split(&client, 10, |ns| tcp_ask(ns, vip))?.contains_key(&mine))
+    })?;
     let new = split(&client, 20, |ns| tcp_ask(ns, vip))?;
     assert_eq!(
         new.keys().collect::<Vec<_>>(),
