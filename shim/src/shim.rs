@@ -98,7 +98,7 @@ pub async fn run(args: ShimArgs) -> Result<()> {
             let plan = rollout::plan(d, &members, &taken);
             for name in plan.stop {
                 if let Some(h) = running.remove(&format!("{}/{name}", d.namespace)) {
-                    tracing::info!(deployment = %d.key, pod = %name, "rolling update: stopping");
+                    tracing::info!(deployment = %d.key, pod = %name, "deployment: stopping a Pod (rolling update or scale-down)");
                     h.stop(grace(&h.def, max_grace));
                     stopping.push(h);
                 }

@@ -250,6 +250,11 @@ spec:
     lab.wait_until(Duration::from_secs(10), "all backends programmed", || {
         Ok(split(&client, 40, |ns| tcp_ask(ns, addr("10.96.0.10:80")))?.len() == 4)
     })?;
+    let json = lab.ferry(&["svc", "list", "-o", "json"])?;
+    assert!(
+        json.contains("\"affinity_timeout_seconds\": 2"),
+        "svc list shows the timeout:\n{json}"
+    );
     let seen = split(&client, 50, |ns| tcp_ask(ns, vip))?;
     assert_eq!(
         seen.len(),
