@@ -26,6 +26,8 @@ pub struct Ctx {
     pub gateway: Ipv4Addr,
     pub node_netlink: rtnetlink::Handle,
     pub host_ip: Option<Ipv4Addr>,
+    /// Signalled when a Pod's readiness changes (a rolling update may proceed).
+    pub readiness_changed: tokio::sync::Notify,
 }
 
 impl Ctx {
@@ -160,7 +162,10 @@ async fn run(
     ready: watch::Sender<bool>,
 ) {
     let publish = |ctx: &Ctx, rec: &PodRecord| {
-        ready.send_replace(rec.ready && !rec.terminating);
+        let now = rec.ready && !rec.terminating;
+        if ready.send_replace(now) != now {
+            ctx.readiness_changed.notify_one();
+        }
         publish(ctx, rec);
     };
     let name = def.name.clone();

@@ -28,6 +28,7 @@ pub async fn run(args: ShimArgs) -> Result<()> {
         gateway,
         node_netlink: network::handle_here()?,
         host_ip: None,
+        readiness_changed: tokio::sync::Notify::new(),
     });
     remove_leftovers(&ctx);
 
@@ -131,6 +132,7 @@ pub async fn run(args: ShimArgs) -> Result<()> {
                 while changes.try_recv().is_ok() {}
             }
             _ = tick.tick() => {}
+            _ = ctx.readiness_changed.notified() => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
