@@ -15,7 +15,9 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfError, EbpfLoader,
 };
-use ferry_common::{BACKENDS_MAP, CT_MAP, PROG_FROM_POD, SERVICES_MAP};
+use ferry_common::{
+    BACKENDS_MAP, COUNTERS_MAP, COUNTER_COUNT, CT_MAP, PROG_FROM_POD, SERVICES_MAP,
+};
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use tokio::io::{unix::AsyncFd, Interest};
@@ -80,6 +82,27 @@ pub struct Dataplane {
 
 const BPFFS: &str = "/sys/fs/bpf";
 
+/// A counters map pinned by an older agent with fewer counters than this one
+/// has is unpinned, so the loader creates a new one: the programs would not count
+/// the new counters otherwise. Counters are statistics, not flow state; every
+/// other map is reused as it is.
+fn replace_short_counters(dir: &Path) {
+    let path = dir.join(COUNTERS_MAP);
+    let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
+        return;
+    };
+    if info.max_entries() < COUNTER_COUNT {
+        tracing::info!(
+            old = info.max_entries(),
+            new = COUNTER_COUNT,
+            "replacing the pinned counters map (more counters now)"
+        );
+        if let Err(e) = fs::remove_file(&path) {
+            tracing::warn!("removing {}: {e}", path.display());
+        }
+    }
+}
+
 /// Whether the mount table `mounts` (a /proc/<pid>/mounts) has bpffs at /sys/fs/bpf.
 pub fn has_bpffs(mounts: &str) -> bool {
     mounts.lines().any(|l| {
@@ -117,6 +140,7 @@ impl Dataplane {
             path: links_dir.clone(),
             source,
         })?;
+        replace_short_counters(dir);
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(dir)
             .map_max_entries(SERVICES_MAP, cfg.services_max)

@@ -52,6 +52,9 @@ pub struct ServiceRow {
     pub protocol: &'static str,
     pub rev_nat_id: u16,
     pub flags: Vec<&'static str>,
+    /// sessionAffinity: ClientIP timeout in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity_timeout_seconds: Option<u32>,
     pub backends: Vec<BackendRow>,
 }
 
@@ -134,6 +137,8 @@ pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
             protocol: proto_name(k.proto),
             rev_nat_id: v.rev_nat_id,
             flags,
+            affinity_timeout_seconds: (v.flags & svc_flags::AFFINITY != 0)
+                .then_some(v.affinity_timeout),
             backends,
         });
     }

@@ -185,11 +185,12 @@ async fn agent(a: AgentArgs) -> Result<()> {
     run::run_standalone(run::Config {
         manifests,
         state_dir: a.state_dir,
-        node,
-        devices: a.devices,
         translate: translate::Config {
             service_cidr: a.service_cluster_ip_range,
+            node: node.clone(),
         },
+        node,
+        devices: a.devices,
         dataplane: dataplane::Config {
             bpffs_dir,
             services_max: a.services_map_size,

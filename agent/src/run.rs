@@ -101,6 +101,8 @@ impl Programmer {
                 backends,
                 upserts = st.upserts,
                 deletes = st.deletes,
+                forgotten_udp_ct = st.forgotten.ct,
+                forgotten_affinity = st.forgotten.affinity,
                 write_us = st.duration.as_micros() as u64,
                 total_ms = started.elapsed().as_millis() as u64,
                 "maps synced"

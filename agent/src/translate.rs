@@ -29,15 +29,24 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub struct Config {
     /// Where ClusterIPs are allocated for Services without spec.clusterIP.
     pub service_cidr: Ipv4Net,
+    /// This node's name: internalTrafficPolicy: Local keeps the endpoints whose
+    /// nodeName equals it.
+    pub node: String,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             service_cidr: "10.96.0.0/12".parse().expect("valid CIDR"),
+            node: String::new(),
         }
     }
 }
+
+/// sessionAffinityConfig.clientIP.timeoutSeconds when unset (Kubernetes' default).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// The API's upper bound for the affinity timeout (one day).
+pub const MAX_AFFINITY_TIMEOUT: i32 = 86_400;
 
 /// A service address clients dial: {addr, port, protocol} and where it leads.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,6 +60,12 @@ pub struct Frontend {
     pub flags: u32,
     /// The endpoints new connections may go to, sorted.
     pub backends: Vec<BackendSpec>,
+    /// Endpoints that exist but take no new connections (not ready, terminating,
+    /// or on another node under internalTrafficPolicy: Local), sorted: kept as
+    /// backends so established flows to them continue until they end.
+    pub draining: Vec<BackendSpec>,
+    /// sessionAffinity: ClientIP timeout in seconds (0: no affinity).
+    pub affinity_timeout: u32,
 }
 
 impl Frontend {
@@ -91,6 +106,10 @@ struct Valid<'a> {
     ip: ClusterIp,
     /// (index in spec.ports, the port, its valid port number and protocol).
     ports: Vec<(usize, &'a ServicePort, u16, u8)>,
+    /// sessionAffinity: ClientIP timeout in seconds (0: none).
+    affinity_timeout: u32,
+    /// internalTrafficPolicy: Local.
+    itp_local: bool,
 }
 
 pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
@@ -135,10 +154,34 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
             }
             claimed.insert((ip, port, proto), v.key.clone());
             let all = endpoints_of(snapshot, &index, v, sp);
-            let (usable, fallback) = endpoints::usable(all);
+            let (candidates, remote): (Vec<Endpoint>, Vec<Endpoint>) = if v.itp_local {
+                all.into_iter()
+                    .partition(|e| e.node.as_deref() == Some(cfg.node.as_str()))
+            } else {
+                (all, Vec::new())
+            };
+            let (usable, fallback) = endpoints::usable(candidates.clone());
+            let mut draining: Vec<BackendSpec> = candidates
+                .into_iter()
+                .chain(remote)
+                .filter(|e| !usable.iter().any(|u| (u.addr, u.port) == (e.addr, e.port)))
+                .map(|e| BackendSpec {
+                    addr: e.addr,
+                    port: e.port,
+                    terminating: e.terminating,
+                })
+                .collect();
+            draining.sort();
+            draining.dedup_by(|a, b| (a.addr, a.port) == (b.addr, b.port));
             let mut flags = svc_flags::CLUSTER_IP;
             if fallback {
                 flags |= svc_flags::TERMINATING_FALLBACK;
+            }
+            if v.affinity_timeout > 0 {
+                flags |= svc_flags::AFFINITY;
+            }
+            if v.itp_local {
+                flags |= svc_flags::ITP_LOCAL;
             }
             let port_name = sp
                 .name
@@ -159,6 +202,8 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                         terminating: e.terminating,
                     })
                     .collect(),
+                draining,
+                affinity_timeout: v.affinity_timeout,
             });
         }
     }
@@ -245,12 +290,53 @@ fn validate<'a>(svc: &'a Sourced<Service>, errors: &mut Vec<InputError>) -> Opti
         }
         ports.push((i, sp, port, proto));
     }
+    let affinity_timeout = match spec.session_affinity.as_deref() {
+        None | Some("") | Some("None") => 0,
+        Some("ClientIP") => {
+            let t = spec
+                .session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds);
+            match t {
+                None => DEFAULT_AFFINITY_TIMEOUT,
+                Some(t) if (1..=MAX_AFFINITY_TIMEOUT).contains(&t) => t as u32,
+                Some(t) => {
+                    errors.push(err(
+                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
+                        format!("{t} out of range 1-{MAX_AFFINITY_TIMEOUT}"),
+                    ));
+                    return None;
+                }
+            }
+        }
+        Some(other) => {
+            errors.push(err(
+                "spec.sessionAffinity",
+                format!("unknown value {other:?} (None, ClientIP)"),
+            ));
+            return None;
+        }
+    };
+    let itp_local = match spec.internal_traffic_policy.as_deref() {
+        None | Some("") | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            errors.push(err(
+                "spec.internalTrafficPolicy",
+                format!("unknown value {other:?} (Cluster, Local)"),
+            ));
+            return None;
+        }
+    };
     Some(Valid {
         svc,
         spec,
         key,
         ip,
         ports,
+        affinity_timeout,
+        itp_local,
     })
 }
 
@@ -655,6 +741,224 @@ mod tests {
         );
         assert_eq!(t.errors.len(), 1);
         assert!(t.errors[0].to_string().contains("Service default/b-later: spec.ports[0]: 10.96.0.40:80/TCP is already used by Service default/a-first"), "{}", t.errors[0]);
+    }
+
+    #[test]
+    fn session_affinity_default_explicit_and_bad_timeouts() {
+        let base = "metadata: {name: aff}\nspec:\n  clusterIP: 10.96.0.50\n  ports: [{port: 80}]\n";
+        let t = run(&Snapshot {
+            services: vec![svc(&format!("{base}  sessionAffinity: ClientIP\n"))],
+            ..Default::default()
+        });
+        assert_eq!(t.frontends[0].affinity_timeout, DEFAULT_AFFINITY_TIMEOUT);
+        assert_ne!(t.frontends[0].flags & svc_flags::AFFINITY, 0);
+        let t = run(&Snapshot {
+            services: vec![svc(&format!(
+                "{base}  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 2}}}}\n"
+            ))],
+            ..Default::default()
+        });
+        assert_eq!(t.frontends[0].affinity_timeout, 2);
+        let t = run(&Snapshot {
+            services: vec![svc(base)],
+            ..Default::default()
+        });
+        assert_eq!(
+            (
+                t.frontends[0].affinity_timeout,
+                t.frontends[0].flags & svc_flags::AFFINITY
+            ),
+            (0, 0)
+        );
+        let t = run(&Snapshot {
+            services: vec![svc(&format!(
+                "{base}  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: 0}}}}\n"
+            ))],
+            ..Default::default()
+        });
+        assert!(t.frontends.is_empty());
+        assert!(
+            t.errors[0].to_string().contains(
+                "Service default/aff: spec.sessionAffinityConfig.clientIP.timeoutSeconds: 0 out of range 1-86400"
+            ),
+            "{}",
+            t.errors[0]
+        );
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_keeps_this_nodes_endpoints() {
+        let local = "metadata: {name: loc}\nspec:\n  clusterIP: 10.96.0.60\n  internalTrafficPolicy: Local\n  ports: [{name: web, port: 80}]\n";
+        let slice_yaml = |node: &str| {
+            format!("metadata: {{name: loc-1, labels: {{kubernetes.io/service-name: loc}}}}\naddressType: IPv4\nendpoints:\n- {{addresses: [10.0.0.1], nodeName: n1}}\n- {{addresses: [10.0.0.2], nodeName: {node}}}\nports: [{{name: web, port: 8080}}]\n")
+        };
+        let cfg = Config {
+            node: "n1".into(),
+            ..Config::default()
+        };
+        let t = translate(
+            &Snapshot {
+                services: vec![svc(local)],
+                endpoint_slices: vec![slice(&slice_yaml("n2"))],
+                ..Default::default()
+            },
+            &cfg,
+        );
+        let f = &t.frontends[0];
+        assert_ne!(f.flags & svc_flags::ITP_LOCAL, 0);
+        assert_eq!(
+            f.backends.iter().map(|b| b.addr).collect::<Vec<_>>(),
+            [Ipv4Addr::new(10, 0, 0, 1)],
+            "only n1's endpoint"
+        );
+        assert_eq!(
+            f.draining.iter().map(|b| b.addr).collect::<Vec<_>>(),
+            [Ipv4Addr::new(10, 0, 0, 2)],
+            "the remote one only keeps its flows"
+        );
+        // On another node: no local endpoint, no backend (the dataplane rejects).
+        let cfg3 = Config {
+            node: "n3".into(),
+            ..Config::default()
+        };
+        let t = translate(
+            &Snapshot {
+                services: vec![svc(local)],
+                endpoint_slices: vec![slice(&slice_yaml("n2"))],
+                ..Default::default()
+            },
+            &cfg3,
+        );
+        assert!(t.frontends[0].backends.is_empty());
+        // Cluster policy (the default) uses both.
+        let t = translate(
+            &Snapshot {
+                services: vec![svc(&local.replace(
+                    "internalTrafficPolicy: Local",
+                    "internalTrafficPolicy: Cluster",
+                ))],
+                endpoint_slices: vec![slice(&slice_yaml("n2"))],
+                ..Default::default()
+            },
+            &cfg3,
+        );
+        assert_eq!(t.frontends[0].backends.len(), 2);
+        let t = translate(
+            &Snapshot {
+                services: vec![svc(&local.replace("Local", "Nearby"))],
+                ..Default::default()
+            },
+            &cfg,
+        );
+        assert!(
+            t.errors[0]
+                .to_string()
+                .contains("spec.internalTrafficPolicy: unknown value \"Nearby\""),
+            "{}",
+            t.errors[0]
+        );
+    }
+
+    #[test]
+    fn not_ready_and_terminating_endpoints_drain() {
+        let s = Snapshot {
+            services: vec![svc(WEB)],
+            pods: vec![
+                pod("a", [10, 244, 0, 2], true, false),
+                pod("b", [10, 244, 0, 3], false, false),
+                pod("c", [10, 244, 0, 4], true, true),
+            ],
+            ..Default::default()
+        };
+        let http = &run(&s).frontends[1];
+        assert_eq!(http.backends.len(), 1);
+        assert_eq!(
+            http.draining,
+            vec![
+                BackendSpec {
+                    addr: Ipv4Addr::new(10, 244, 0, 3),
+                    port: 8080,
+                    terminating: false
+                },
+                BackendSpec {
+                    addr: Ipv4Addr::new(10, 244, 0, 4),
+                    port: 8080,
+                    terminating: true
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn named_target_ports_resolve_per_endpoint_and_protocols_share_a_port_number() {
+        let dns = "metadata: {name: dns, namespace: default}\nspec:\n  clusterIP: 10.96.0.70\n  selector: {app: web}\n  ports:\n  - {name: dns-tcp, port: 53, protocol: TCP, targetPort: dns-tcp}\n  - {name: dns, port: 53, protocol: UDP, targetPort: dns}\n";
+        let mut a = pod("a", [10, 244, 0, 2], true, false);
+        a.ports = vec![
+            ContainerPortRecord {
+                name: Some("dns-tcp".into()),
+                container_port: 5300,
+                protocol: "TCP".into(),
+            },
+            ContainerPortRecord {
+                name: Some("dns".into()),
+                container_port: 5301,
+                protocol: "UDP".into(),
+            },
+        ];
+        let mut b = pod("b", [10, 244, 0, 3], true, false);
+        b.ports = vec![
+            ContainerPortRecord {
+                name: Some("dns-tcp".into()),
+                container_port: 6300,
+                protocol: "TCP".into(),
+            },
+            // Same name, wrong protocol: not this port's endpoint for UDP.
+            ContainerPortRecord {
+                name: Some("dns".into()),
+                container_port: 6301,
+                protocol: "TCP".into(),
+            },
+        ];
+        let t = run(&Snapshot {
+            services: vec![svc(dns)],
+            pods: vec![a, b],
+            ..Default::default()
+        });
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let ports = |proto: u8| {
+            let f = t.frontends.iter().find(|f| f.proto == proto).unwrap();
+            assert_eq!((f.addr, f.port), (Ipv4Addr::new(10, 96, 0, 70), 53));
+            f.backends
+                .iter()
+                .map(|b| (b.addr.octets()[3], b.port))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            t.frontends.len(),
+            2,
+            "TCP and UDP on port 53 are two frontends"
+        );
+        assert_eq!(ports(PROTO_TCP), [(2, 5300), (3, 6300)]);
+        assert_eq!(ports(PROTO_UDP), [(2, 5301)]);
+
+        // EndpointSlices: the slice's port for the name, per slice.
+        let svc2 = "metadata: {name: multi}\nspec:\n  clusterIP: 10.96.0.71\n  ports:\n  - {name: web, port: 80, targetPort: http}\n";
+        let t = run(&Snapshot {
+            services: vec![svc(svc2)],
+            endpoint_slices: vec![
+                slice("metadata: {name: multi-1, labels: {kubernetes.io/service-name: multi}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.1]}]\nports: [{name: web, port: 8080}]\n"),
+                slice("metadata: {name: multi-2, labels: {kubernetes.io/service-name: multi}}\naddressType: IPv4\nendpoints: [{addresses: [10.0.0.2]}]\nports: [{name: web, port: 9090}]\n"),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(
+            t.frontends[0]
+                .backends
+                .iter()
+                .map(|b| (b.addr.octets()[3], b.port))
+                .collect::<Vec<_>>(),
+            [(1, 8080), (2, 9090)]
+        );
     }
 
     #[test]

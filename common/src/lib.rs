@@ -17,6 +17,8 @@
 //! - [`BACKENDS_MAP`]: backend id → [`Backend`] `{ip, port}`.
 //! - [`REVNAT_MAP`]: reverse-NAT id → [`RevNat`] `{vip, port}` for replies.
 //! - [`CT_MAP`]: LRU connection tracking, [`CtKey`] → [`CtValue`].
+//! - [`AFFINITY_MAP`]: LRU session affinity (sessionAffinity: ClientIP),
+//!   [`AffinityKey`] `{client, rev_nat_id}` → [`AffinityValue`] `{backend, last used}`.
 //! - [`COUNTERS_MAP`]: per-CPU counters indexed by [`Counter`].
 #![no_std]
 
@@ -28,6 +30,7 @@ pub const BACKENDS_MAP: &str = "FERRY_BACKENDS";
 pub const REVNAT_MAP: &str = "FERRY_REVNAT";
 pub const CT_MAP: &str = "FERRY_CT";
 pub const COUNTERS_MAP: &str = "FERRY_COUNTERS";
+pub const AFFINITY_MAP: &str = "FERRY_AFFINITY";
 /// reverse-NAT id → [`ServiceName`], for inspection (`ferry svc list`); the
 /// dataplane never reads it.
 pub const SVC_NAMES_MAP: &str = "FERRY_SVC_NAMES";
@@ -40,6 +43,7 @@ pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
 pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;
 pub const DEFAULT_REVNAT_MAX: u32 = 65_536;
 pub const DEFAULT_CT_MAX: u32 = 262_144;
+pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -216,6 +220,29 @@ pub struct CtValue {
     pub _pad: u16,
 }
 
+/// Key of the session-affinity map. 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    /// Client address, wire order.
+    pub client: u32,
+    /// Reverse-NAT id of the frontend (one affinity table per Service port, as
+    /// kube-proxy's per-port `recent` lists).
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+}
+
+/// Value of the session-affinity map. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityValue {
+    /// `bpf_ktime_get_ns()` of the last new connection of this client to the
+    /// frontend; the entry expires `affinity_timeout` seconds after it.
+    pub last_used: u64,
+    pub backend_id: u32,
+    pub _pad: u32,
+}
+
 /// Indices into the per-CPU counters array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -234,9 +261,15 @@ pub enum Counter {
     DropMalformed = 5,
     /// Connection-tracking insert failed.
     DropCtFull = 6,
+    /// TCP to a Service without usable backends answered with a RST.
+    RejectTcp = 7,
+    /// UDP to a Service without usable backends answered with ICMP port unreachable.
+    RejectUdp = 8,
+    /// New connections sent to the client's affinity backend (sessionAffinity).
+    AffinityHit = 9,
 }
 
-pub const COUNTER_COUNT: u32 = 8;
+pub const COUNTER_COUNT: u32 = 16;
 
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);
@@ -245,6 +278,8 @@ const _: () = assert!(size_of::<RevNat>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
 const _: () = assert!(size_of::<CtValue>() == 24);
 const _: () = assert!(size_of::<ServiceName>() == 128);
+const _: () = assert!(size_of::<AffinityKey>() == 8);
+const _: () = assert!(size_of::<AffinityValue>() == 16);
 
 /// An IPv4 address in map (wire) order.
 #[inline]
@@ -282,6 +317,8 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     unsafe impl aya::Pod for CtValue {}
     unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
 }
 
 #[cfg(test)]
@@ -297,6 +334,8 @@ mod tests {
         assert_eq!(size_of::<RevNat>(), 4 + 2 + 2);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<CtValue>(), 8 + 4 + 2 + 2 + 4 + 2 + 2);
+        assert_eq!(size_of::<AffinityKey>(), 4 + 2 + 2);
+        assert_eq!(size_of::<AffinityValue>(), 8 + 4 + 4);
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Service lookup and backend selection (Cilium's lb4 layout: slot 0 describes
-//! the frontend, slots 1..=count name backends).
-use aya_ebpf::helpers::bpf_get_prandom_u32;
-use ferry_common::{Backend, Counter, ServiceKey, ServiceValue, SCOPE_EXTERNAL};
+//! the frontend, slots 1..=count name backends), with session affinity.
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use ferry_common::{
+    svc_flags, AffinityKey, AffinityValue, Backend, Counter, ServiceKey, ServiceValue,
+    SCOPE_EXTERNAL,
+};
 
 use crate::{
-    maps::{BACKENDS, SERVICES},
+    maps::{count, AFFINITY, BACKENDS, SERVICES},
     parse::Packet,
 };
 
@@ -23,12 +26,51 @@ pub fn backend(id: u32) -> Option<Backend> {
     unsafe { BACKENDS.get(id).copied() }
 }
 
-/// Picks a backend uniformly at random among the frontend's slots.
+/// The backend for a new flow to a frontend with `svc.count > 0`: with
+/// sessionAffinity the client's previous backend while its entry is fresh and the
+/// backend exists (the agent removes entries of backends that leave the
+/// Service), otherwise one chosen uniformly at random among the slots.
 #[inline(always)]
 pub fn select_backend(pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Backend), Counter> {
+    let affinity = svc.flags & svc_flags::AFFINITY != 0;
+    let key = AffinityKey {
+        client: pkt.saddr,
+        rev_nat_id: svc.rev_nat_id,
+        _pad: 0,
+    };
+    // SAFETY: helper without preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if affinity {
+        if let Some(entry) = AFFINITY.get_ptr_mut(&key) {
+            // SAFETY: a valid map value pointer; racing writers store the same
+            // kind of plain values.
+            let entry = unsafe { &mut *entry };
+            let timeout_ns = svc.affinity_timeout as u64 * 1_000_000_000;
+            if now.wrapping_sub(entry.last_used) <= timeout_ns {
+                if let Some(b) = backend(entry.backend_id) {
+                    entry.last_used = now;
+                    count(Counter::AffinityHit);
+                    return Ok((entry.backend_id, b));
+                }
+            }
+        }
+    }
+    let (id, b) = random_backend(pkt, svc)?;
+    if affinity {
+        let value = AffinityValue {
+            last_used: now,
+            backend_id: id,
+            _pad: 0,
+        };
+        // A full table only costs stickiness (LRU evicts the oldest anyway).
+        let _ = AFFINITY.insert(&key, &value, 0);
+    }
+    Ok((id, b))
+}
+
+#[inline(always)]
+fn random_backend(pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Backend), Counter> {
     if svc.count == 0 {
-        // Hook for reject (TCP RST / ICMP unreachable) once implemented: today a
-        // counted drop.
         return Err(Counter::DropNoBackend);
     }
     // SAFETY: helper without preconditions.

@@ -3,7 +3,8 @@
 //! Packet paths (one entry program per hook, as in Cilium's bpf/):
 //! - `from_pod`: TC ingress on the host side of every Pod veth: service load
 //!   balancing for Pod clients (DNAT + connection tracking) and reverse NAT for the
-//!   replies of backends.
+//!   replies of backends; a RST or ICMP port unreachable for Services without
+//!   usable backends.
 #![no_std]
 #![no_main]
 
@@ -12,6 +13,7 @@ mod lb;
 mod maps;
 mod nat;
 mod parse;
+mod reject;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
@@ -61,6 +63,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(svc) = lb::lookup_service(&pkt) else {
         return Ok(TC_ACT_OK);
     };
+    if svc.count == 0 {
+        // No usable endpoint: refuse at once, like kube-proxy's REJECT rules.
+        let answered = reject::rewrite(ctx, &pkt)?;
+        count(answered);
+        return bounce(ctx);
+    }
     let (backend_id, b) = lb::select_backend(&pkt, &svc)?;
     let hairpin = b.addr == pkt.saddr;
     let flow = NewFlow {
@@ -119,7 +127,7 @@ fn reverse_nat(
     Ok(TC_ACT_OK)
 }
 
-/// Sends the packet back out of the interface it arrived on.
+/// Sends the packet back out of the interface it arrived on (into the Pod).
 #[inline(always)]
 fn bounce(ctx: &TcContext) -> Result<i32, Counter> {
     parse::swap_macs(ctx).map_err(|_| Counter::DropMalformed)?;

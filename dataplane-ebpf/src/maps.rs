@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray},
 };
 use ferry_common::{
-    Backend, Counter, CtKey, CtValue, RevNat, ServiceKey, ServiceName, ServiceValue,
-    COUNTER_COUNT, DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_REVNAT_MAX,
-    DEFAULT_SERVICES_MAX,
+    AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
+    ServiceName, ServiceValue, COUNTER_COUNT, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
+    DEFAULT_CT_MAX, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
 };
 
 #[map(name = "FERRY_SERVICES")]
@@ -23,6 +23,10 @@ pub static REVNAT: HashMap<u16, RevNat> = HashMap::pinned(DEFAULT_REVNAT_MAX, 0)
 
 #[map(name = "FERRY_CT")]
 pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_CT_MAX, 0);
+
+#[map(name = "FERRY_AFFINITY")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(DEFAULT_AFFINITY_MAX, 0);
 
 #[map(name = "FERRY_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);

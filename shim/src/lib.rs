@@ -6,6 +6,7 @@ pub mod netns;
 pub mod network;
 pub mod pod;
 pub mod probe;
+pub mod rollout;
 mod shim;
 pub mod status;
 

@@ -5,6 +5,8 @@ use std::{collections::BTreeMap, fs, path::Path};
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::{Pod, PodSpec}};
 use serde::Deserialize as _;
 
+use crate::rollout::DeploymentDef;
+
 /// A Pod to run.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodDef {
@@ -14,6 +16,8 @@ pub struct PodDef {
     pub spec: PodSpec,
     /// Changes whenever anything that needs a restart changes.
     pub fingerprint: String,
+    /// `namespace/name` of the Deployment that owns the Pod, if any.
+    pub owner: Option<String>,
 }
 
 impl PodDef {
@@ -21,16 +25,19 @@ impl PodDef {
         format!("{}/{}", self.namespace, self.name)
     }
 
-    fn new(name: String, namespace: String, labels: BTreeMap<String, String>, spec: PodSpec) -> Self {
+    pub(crate) fn new(name: String, namespace: String, labels: BTreeMap<String, String>, spec: PodSpec) -> Self {
         let fingerprint = serde_json::to_string(&(&labels, &spec)).unwrap_or_default();
-        Self { name, namespace, labels, spec, fingerprint }
+        Self { name, namespace, labels, spec, fingerprint, owner: None }
     }
 }
 
 /// What a manifest directory asks this node to run, and what was wrong with it.
 #[derive(Debug, Default)]
 pub struct Desired {
+    /// Pods by `namespace/name`.
     pub pods: BTreeMap<String, PodDef>,
+    /// Deployments by `namespace/name` (their Pods are planned by `rollout`).
+    pub deployments: BTreeMap<String, DeploymentDef>,
     pub errors: Vec<String>,
 }
 
@@ -82,7 +89,15 @@ pub fn load_str(file: &str, text: &str, node: &str, out: &mut Desired) {
         let pods = match kind.as_str() {
             "Pod" => serde_yaml::from_value::<Pod>(value).map_err(|e| e.to_string()).and_then(pod_defs),
             "Deployment" => {
-                serde_yaml::from_value::<Deployment>(value).map_err(|e| e.to_string()).and_then(deployment_defs)
+                match serde_yaml::from_value::<Deployment>(value).map_err(|e| e.to_string()).and_then(deployment_def) {
+                    Ok((d, node_name)) => {
+                        if node_name.as_deref().is_none_or(|n| n == node) {
+                            out.deployments.insert(d.key.clone(), d);
+                        }
+                    }
+                    Err(e) => out.errors.push(format!("{what}: {e}")),
+                }
+                continue;
             }
             _ => continue,
         };
@@ -112,25 +127,37 @@ fn pod_defs(pod: Pod) -> Result<Defs, String> {
     Ok(vec![(PodDef::new(name, ns, labels, spec), node)])
 }
 
-fn deployment_defs(d: Deployment) -> Result<Defs, String> {
+fn deployment_def(d: Deployment) -> Result<(DeploymentDef, Option<String>), String> {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
     let meta = d.metadata;
     let name = meta.name.filter(|n| !n.is_empty()).ok_or("metadata.name: missing")?;
     let ns = meta.namespace.unwrap_or_else(|| "default".into());
     let spec = d.spec.ok_or("spec: missing")?;
     let replicas = spec.replicas.unwrap_or(1);
-    if replicas < 0 {
-        return Err(format!("spec.replicas: {replicas} is negative"));
-    }
+    let replicas = u32::try_from(replicas).map_err(|_| format!("spec.replicas: {replicas} is negative"))?;
     let template_spec = spec.template.spec.ok_or("spec.template.spec: missing")?;
     check_spec(&template_spec)?;
     let labels = spec.template.metadata.and_then(|m| m.labels).unwrap_or_default();
-    Ok((0..replicas)
-        .map(|i| {
-            let spec = template_spec.clone();
-            let node = spec.node_name.clone();
-            (PodDef::new(format!("{name}-{i}"), ns.clone(), labels.clone(), spec), node)
-        })
-        .collect())
+    let strategy = spec.strategy.unwrap_or_default();
+    let (max_surge, max_unavailable) = match strategy.type_.as_deref() {
+        None | Some("RollingUpdate") => {
+            let ru = strategy.rolling_update.unwrap_or_default();
+            let s = |v: Option<IntOrString>| match v {
+                Some(IntOrString::Int(n)) => Some(n.to_string()),
+                Some(IntOrString::String(s)) => Some(s),
+                None => None,
+            };
+            crate::rollout::resolve(s(ru.max_surge).as_deref(), s(ru.max_unavailable).as_deref(), replicas)?
+        }
+        Some("Recreate") => (0, replicas.max(1)),
+        Some(other) => return Err(format!("spec.strategy.type: unknown {other:?} (RollingUpdate, Recreate)")),
+    };
+    let node = template_spec.node_name.clone();
+    let template = PodDef::new(name.clone(), ns.clone(), labels, template_spec);
+    Ok((
+        DeploymentDef { key: format!("{ns}/{name}"), name, namespace: ns, replicas, max_surge, max_unavailable, template },
+        node,
+    ))
 }
 
 fn check_spec(spec: &PodSpec) -> Result<(), String> {
@@ -159,9 +186,11 @@ mod tests {
         let mut d = Desired::default();
         load_str("d.yaml", DEPLOY, "n1", &mut d);
         assert!(d.errors.is_empty(), "{:?}", d.errors);
-        let names: Vec<_> = d.pods.keys().cloned().collect();
-        assert_eq!(names, ["default/echo-0", "default/echo-1", "default/echo-2"]);
-        assert_eq!(d.pods["default/echo-1"].labels["app"], "echo");
+        let dep = &d.deployments["default/echo"];
+        assert_eq!((dep.replicas, dep.max_surge, dep.max_unavailable), (3, 1, 0));
+        assert_eq!(dep.template.labels["app"], "echo");
+        let p = crate::rollout::plan(dep, &[], &[]);
+        assert_eq!(p.start, ["echo-0", "echo-1", "echo-2"]);
     }
 
     #[test]
@@ -190,6 +219,9 @@ mod tests {
         load_str("d.yaml", DEPLOY, "n1", &mut a);
         let mut b = Desired::default();
         load_str("d.yaml", &DEPLOY.replace("echo]", "echo, --tcp, '80']"), "n1", &mut b);
-        assert_ne!(a.pods["default/echo-0"].fingerprint, b.pods["default/echo-0"].fingerprint);
+        assert_ne!(
+            a.deployments["default/echo"].template.fingerprint,
+            b.deployments["default/echo"].template.fingerprint
+        );
     }
 }

@@ -26,6 +26,8 @@ pub struct Ctx {
     pub gateway: Ipv4Addr,
     pub node_netlink: rtnetlink::Handle,
     pub host_ip: Option<Ipv4Addr>,
+    /// Signalled when a Pod's readiness changes (a rolling update may proceed).
+    pub readiness_changed: tokio::sync::Notify,
 }
 
 impl Ctx {
@@ -43,14 +45,21 @@ pub struct PodHandle {
     pub def: PodDef,
     pub ip: Ipv4Addr,
     stop: watch::Sender<Option<Duration>>,
+    /// The Ready condition as last published (false once terminating).
+    ready: watch::Receiver<bool>,
     task: JoinHandle<()>,
 }
 
 impl PodHandle {
     pub fn spawn(ctx: Arc<Ctx>, def: PodDef, ip: Ipv4Addr) -> Self {
         let (stop, rx) = watch::channel(None);
-        let task = tokio::spawn(run(ctx, def.clone(), ip, rx));
-        Self { def, ip, stop, task }
+        let (ready_tx, ready) = watch::channel(false);
+        let task = tokio::spawn(run(ctx, def.clone(), ip, rx, ready_tx));
+        Self { def, ip, stop, ready, task }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
     }
 
     pub fn stop(&self, grace: Duration) {
@@ -145,7 +154,20 @@ enum Kind {
     Readiness,
 }
 
-async fn run(ctx: Arc<Ctx>, def: PodDef, ip: Ipv4Addr, mut stop: watch::Receiver<Option<Duration>>) {
+async fn run(
+    ctx: Arc<Ctx>,
+    def: PodDef,
+    ip: Ipv4Addr,
+    mut stop: watch::Receiver<Option<Duration>>,
+    ready: watch::Sender<bool>,
+) {
+    let publish = |ctx: &Ctx, rec: &PodRecord| {
+        let now = rec.ready && !rec.terminating;
+        if ready.send_replace(now) != now {
+            ctx.readiness_changed.notify_one();
+        }
+        publish(ctx, rec);
+    };
     let name = def.name.clone();
     let ns_name = ctx.netns_name(&def.namespace, &def.name);
     let veth = network::host_veth_name(&def.key());
@@ -306,9 +328,11 @@ async fn run(ctx: Arc<Ctx>, def: PodDef, ip: Ipv4Addr, mut stop: watch::Receiver
         }
     };
 
-    // Terminating: out of the Services' ready set at once, SIGTERM, grace, SIGKILL.
+    // Terminating (KEP-1669): out of the Services' ready set at once, SIGTERM,
+    // then up to the grace period during which the readiness probes keep running
+    // and `ready` reports "serving" (a serving+terminating endpoint still takes
+    // new connections when a Service has no ready one), then SIGKILL.
     rec.terminating = true;
-    rec.ready = false;
     publish(&ctx, &rec);
     tracing::info!(pod = %name, grace_s = grace.as_secs_f32(), "terminating");
     for r in &cs {
@@ -317,11 +341,36 @@ async fn run(ctx: Arc<Ctx>, def: PodDef, ip: Ipv4Addr, mut stop: watch::Receiver
         }
     }
     let deadline = Instant::now() + grace;
-    for r in cs.iter_mut() {
-        if let Some(child) = r.child.as_mut() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let _ = tokio::time::timeout(left, child.wait()).await;
+    loop {
+        for r in cs.iter_mut() {
+            if let Some(child) = r.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    tracing::info!(pod = %name, container = %r.c.name, %status, "container exited");
+                    r.child = None;
+                }
+            }
         }
+        if cs.iter().all(|r| !r.running()) || Instant::now() >= deadline {
+            break;
+        }
+        for r in cs.iter_mut().filter(|r| r.running()) {
+            let Some((state, due)) = r.readiness.as_mut() else { continue };
+            if *due > Instant::now() {
+                continue;
+            }
+            let ok = probe::run(&state.spec.check, ip, state.spec.timeout, &ns, &r.env).await;
+            *due = Instant::now() + state.spec.period;
+            state.record(ok);
+        }
+        let serving = cs.iter().all(Running::ready);
+        if serving != rec.ready {
+            rec.ready = serving;
+            tracing::info!(pod = %name, serving, "terminating; serving changed");
+            publish(&ctx, &rec);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for r in cs.iter_mut() {
         r.kill().await;
     }
     drop(ns);

@@ -14,7 +14,7 @@ use crate::{
     manifests::{self, PodDef},
     netns, network,
     pod::{Ctx, PodHandle},
-    status, ShimArgs,
+    rollout, status, ShimArgs,
 };
 
 pub async fn run(args: ShimArgs) -> Result<()> {
@@ -28,6 +28,7 @@ pub async fn run(args: ShimArgs) -> Result<()> {
         gateway,
         node_netlink: network::handle_here()?,
         host_ip: None,
+        readiness_changed: tokio::sync::Notify::new(),
     });
     remove_leftovers(&ctx);
 
@@ -57,10 +58,14 @@ pub async fn run(args: ShimArgs) -> Result<()> {
         }
         reported = errors;
         stopping.retain(|h| !h.is_finished());
-        // Gone or changed: terminate.
+        // Gone or changed: terminate. A Deployment's Pods go when it goes; while
+        // it exists, rollout plans them.
         let outdated: Vec<String> = running
             .iter()
-            .filter(|(k, h)| desired.pods.get(*k).is_none_or(|d| d.fingerprint != h.def.fingerprint))
+            .filter(|(k, h)| match &h.def.owner {
+                Some(d) => !desired.deployments.contains_key(d),
+                None => desired.pods.get(*k).is_none_or(|d| d.fingerprint != h.def.fingerprint),
+            })
             .map(|(k, _)| k.clone())
             .collect();
         for k in outdated {
@@ -69,8 +74,47 @@ pub async fn run(args: ShimArgs) -> Result<()> {
                 stopping.push(h);
             }
         }
+        // Deployments: start and stop Pods as the rolling update allows.
+        let mut planned: Vec<PodDef> = Vec::new();
+        for d in desired.deployments.values() {
+            let members: Vec<rollout::Member> = running
+                .values()
+                .filter(|h| h.def.owner.as_deref() == Some(d.key.as_str()))
+                .map(|h| rollout::Member {
+                    name: h.def.name.clone(),
+                    current: h.def.fingerprint == d.template.fingerprint,
+                    ready: h.is_ready(),
+                })
+                .collect();
+            // Names a new Pod must not take: stopping Pods, other running Pods and
+            // standalone Pods of the namespace.
+            let taken: Vec<String> = stopping
+                .iter()
+                .map(|h| &h.def)
+                .chain(running.values().map(|h| &h.def).filter(|p| p.owner.as_deref() != Some(d.key.as_str())))
+                .chain(desired.pods.values())
+                .filter(|p| p.namespace == d.namespace)
+                .map(|p| p.name.clone())
+                .collect();
+            let plan = rollout::plan(d, &members, &taken);
+            for name in plan.stop {
+                if let Some(h) = running.remove(&format!("{}/{name}", d.namespace)) {
+                    tracing::info!(deployment = %d.key, pod = %name, "deployment: stopping a Pod (rolling update or scale-down)");
+                    h.stop(grace(&h.def, max_grace));
+                    stopping.push(h);
+                }
+            }
+            for name in plan.start {
+                let mut def = d.template.clone();
+                def.name = name;
+                def.owner = Some(d.key.clone());
+                planned.push(def);
+            }
+        }
         // New: start, once a previous incarnation has fully stopped.
-        for (k, def) in &desired.pods {
+        let new: Vec<PodDef> = desired.pods.values().cloned().chain(planned).collect();
+        for def in &new {
+            let k = &def.key();
             if running.contains_key(k) || stopping.iter().any(|h| &h.def.key() == k) {
                 continue;
             }
@@ -88,6 +132,7 @@ pub async fn run(args: ShimArgs) -> Result<()> {
                 while changes.try_recv().is_ok() {}
             }
             _ = tick.tick() => {}
+            _ = ctx.readiness_changed.notified() => {}
             _ = term.recv() => break,
             _ = int.recv() => break,
         }

@@ -50,6 +50,8 @@ pub struct PodRecord {
     /// "Pending", "Running", "Succeeded", "Failed".
     pub phase: String,
     /// The Ready condition: all containers started and readiness probes passing.
+    /// While `terminating`, the probes keep running and this is the endpoint's
+    /// `serving` condition (consumers treat a terminating Pod as not ready).
     pub ready: bool,
     /// The Pod is being deleted (within its termination grace period).
     #[serde(default)]

@@ -69,7 +69,8 @@ fn split(
 fn tcp_and_udp_are_balanced_over_every_ready_backend() -> Result<()> {
     let lab = echo_lab("split", &["echo-a", "echo-b", "echo-c"], false)?;
     let client = lab.pod_netns("client")?;
-    lab.wait_until(Duration::from_secs(5), "service answers", || Ok(tcp_ask(&client, tcp_vip()).is_ok()))?;
+    // Pods turn ready a few ms apart and the agent may program them in two syncs.
+    wait_backends(&lab, &client, &["echo-a", "echo-b", "echo-c"])?;
 
     let tcp = split(&client, 300, |ns| tcp_ask(ns, tcp_vip()))?;
     println!("TCP split over 300 connections: {tcp:?}");
@@ -168,7 +169,8 @@ fn failing_readiness_probe_takes_the_pod_out_and_back_in() -> Result<()> {
 fn hairpin_a_pod_reaches_itself_through_its_service() -> Result<()> {
     let lab = echo_lab("hairpin", &["echo-a", "echo-b"], false)?;
     let me = lab.pod_netns("echo-a")?;
-    lab.wait_until(Duration::from_secs(5), "service answers", || Ok(tcp_ask(&me, tcp_vip()).is_ok()))?;
+    let client = lab.pod_netns("client")?;
+    wait_backends(&lab, &client, &["echo-a", "echo-b"])?;
     let tcp = split(&me, 60, |ns| tcp_ask(ns, tcp_vip()))?;
     let udp = split(&me, 60, |ns| udp_ask(ns, udp_vip()))?;
     println!("from echo-a: TCP {tcp:?} UDP {udp:?}");

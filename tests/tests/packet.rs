@@ -341,11 +341,87 @@ fn hairpin_snats_to_the_loopback_address_and_bounces_back() {
     assert_checksums(&out);
 }
 
+/// A TCP frame with the given sequence, acknowledgment and flags (payload "hello").
+fn tcp_frame(sport: u16, seq: u32, ack: u32, flags: u8) -> Vec<u8> {
+    let mut f = frame(PROTO_TCP, CLIENT, VIP, sport, 80, false);
+    f[38..42].copy_from_slice(&seq.to_be_bytes());
+    f[42..46].copy_from_slice(&ack.to_be_bytes());
+    f[47] = flags;
+    let c = l4_checksum(&f);
+    f[50..52].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
 #[test]
-fn a_service_without_backends_drops_and_counts() {
-    let mut fx = Fixture::new("empty");
+fn tcp_to_a_service_without_backends_gets_a_rst_from_the_clusterip() {
+    let mut fx = Fixture::new("rst");
     fx.service(PROTO_TCP, 80, 1, &[]);
-    let (verdict, _) = fx.run(&frame(PROTO_TCP, CLIENT, VIP, 44000, 80, false));
+    // SYN (seq 1000, carrying 5 bytes): RST|ACK, seq 0, ack = 1000 + 5 + 1 (SYN).
+    let (verdict, out) = fx.run(&tcp_frame(44000, 1000, 0, 0x02));
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back into the client's veth");
+    assert_eq!(out.len(), 14 + 20 + 20, "payload and options trimmed");
+    assert_eq!(&out[0..6], &[2, 0, 0, 0, 0, 2], "MACs swapped for the way back");
+    let p = parse(&out);
+    assert_eq!((p.src, p.sport), (VIP, 80), "from the ClusterIP:port dialled");
+    assert_eq!((p.dst, p.dport), (CLIENT, 44000));
+    assert_eq!(u16::from_be_bytes([out[16], out[17]]), 40, "IPv4 total length");
+    assert_eq!(out[23], PROTO_TCP);
+    assert_eq!(u32::from_be_bytes(out[38..42].try_into().unwrap()), 0, "seq");
+    assert_eq!(u32::from_be_bytes(out[42..46].try_into().unwrap()), 1006, "ack");
+    assert_eq!(out[46] >> 4, 5, "data offset: no options");
+    assert_eq!(out[47], 0x14, "RST|ACK");
+    assert_checksums(&out);
+    assert_eq!(fx.counter(Counter::RejectTcp), 1);
+
+    // A segment with ACK (a flow whose last backend went away): RST, seq = its ack.
+    let (verdict, out) = fx.run(&tcp_frame(44001, 5000, 777_777, 0x18));
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(u32::from_be_bytes(out[38..42].try_into().unwrap()), 777_777, "seq = SEG.ACK");
+    assert_eq!(out[47], 0x04, "RST only");
+    assert_checksums(&out);
+
+    // A RST is never answered.
+    let (verdict, _) = fx.run(&tcp_frame(44002, 5000, 1, 0x04));
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(fx.counter(Counter::DropNoBackend), 1);
+}
+
+#[test]
+fn udp_to_a_service_without_backends_gets_icmp_port_unreachable() {
+    let mut fx = Fixture::new("icmp");
+    fx.service(PROTO_UDP, 53, 1, &[]);
+    let input = frame(PROTO_UDP, CLIENT, VIP, 45000, 53, false);
+    let (verdict, out) = fx.run(&input);
+    assert_eq!(verdict, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), 14 + 20 + 8 + 28, "IPv4 + ICMP + quoted IPv4 header and 8 bytes");
+    assert_eq!(fold(sum16(&out[14..34])), 0xffff, "IPv4 header checksum is valid");
+    assert_eq!(&out[26..30], &VIP, "from the ClusterIP");
+    assert_eq!(&out[30..34], &CLIENT);
+    assert_eq!(out[23], 1, "ICMP");
+    assert_eq!((out[34], out[35]), (3, 3), "destination unreachable, port");
+    assert_eq!(fold(sum16(&out[34..])), 0xffff, "ICMP checksum is valid");
+    assert_eq!(&out[42..70], &input[14..42], "the datagram's headers are quoted unchanged");
+    assert_eq!(fx.counter(Counter::RejectUdp), 1);
+}
+
+#[test]
+fn session_affinity_sends_new_flows_of_a_client_to_one_backend() {
+    let mut fx = Fixture::new("affinity");
+    let backends = [(1, [10, 244, 0, 5], 8080), (2, [10, 244, 0, 6], 8080), (3, [10, 244, 0, 7], 8080)];
+    fx.service(PROTO_TCP, 80, 1, &backends);
+    let key = ServiceKey { addr: addr_to_map(VIP), port: port_to_map(80), slot: 0, proto: PROTO_TCP, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
+    let v = ServiceValue { count: 3, rev_nat_id: 1, flags: ferry_common::svc_flags::AFFINITY, affinity_timeout: 60, ..Default::default() };
+    fx.maps.put_service(key, v).unwrap();
+    let first = parse(&fx.run(&frame(PROTO_TCP, CLIENT, VIP, 46000, 80, false)).1).dst;
+    for sport in 1..50u16 {
+        let out = fx.run(&frame(PROTO_TCP, CLIENT, VIP, 46000 + sport, 80, false)).1;
+        assert_eq!(parse(&out).dst, first, "new flow {sport} of the same client");
+    }
+    assert_eq!(fx.counter(Counter::AffinityHit), 49);
+    // Other clients are balanced on their own.
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..60u8 {
+        seen.insert(parse(&fx.run(&frame(PROTO_TCP, [10, 244, 1, i], VIP, 47000, 80, false)).1).dst);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
 }

@@ -1,13 +1,14 @@
 //! The pinned BPF maps, through aya.
-use std::path::Path;
+use std::{collections::BTreeSet, path::Path};
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use ferry_common::{
-    Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceName, ServiceValue, BACKENDS_MAP,
-    COUNTERS_MAP, CT_MAP, REVNAT_MAP, SERVICES_MAP, SVC_NAMES_MAP,
+    AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceName,
+    ServiceValue, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP, CT_MAP, PROTO_UDP, REVNAT_MAP,
+    SERVICES_MAP, SVC_NAMES_MAP,
 };
 
-use super::{MapContents, MapStore};
+use super::{Assignment, Forgotten, MapContents, MapStore};
 
 /// The maps the agent writes.
 pub struct KernelMaps {
@@ -15,6 +16,9 @@ pub struct KernelMaps {
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u16, RevNat>,
     names: HashMap<MapData, u16, ServiceName>,
+    /// The dataplane's own state, written by the agent only to forget flows.
+    ct: HashMap<MapData, CtKey, CtValue>,
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 /// Errors opening maps.
@@ -53,6 +57,13 @@ fn hash<K: aya::Pod, V: aya::Pod>(
     HashMap::try_from(Map::HashMap(data)).map_err(|source| OpenError::Map { name, source })
 }
 
+fn lru<K: aya::Pod, V: aya::Pod>(
+    name: &'static str,
+    data: MapData,
+) -> Result<HashMap<MapData, K, V>, OpenError> {
+    HashMap::try_from(Map::LruHashMap(data)).map_err(|source| OpenError::Map { name, source })
+}
+
 impl KernelMaps {
     /// Takes the maps out of a loaded object (which pinned or reused them).
     pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, OpenError> {
@@ -60,11 +71,21 @@ impl KernelMaps {
             Some(Map::HashMap(d)) => Ok(d),
             _ => Err(OpenError::Missing(name)),
         };
+        let services = hash(SERVICES_MAP, take(SERVICES_MAP)?)?;
+        let backends = hash(BACKENDS_MAP, take(BACKENDS_MAP)?)?;
+        let revnat = hash(REVNAT_MAP, take(REVNAT_MAP)?)?;
+        let names = hash(SVC_NAMES_MAP, take(SVC_NAMES_MAP)?)?;
+        let mut take_lru = |name: &'static str| match ebpf.take_map(name) {
+            Some(Map::LruHashMap(d)) => Ok(d),
+            _ => Err(OpenError::Missing(name)),
+        };
         Ok(Self {
-            services: hash(SERVICES_MAP, take(SERVICES_MAP)?)?,
-            backends: hash(BACKENDS_MAP, take(BACKENDS_MAP)?)?,
-            revnat: hash(REVNAT_MAP, take(REVNAT_MAP)?)?,
-            names: hash(SVC_NAMES_MAP, take(SVC_NAMES_MAP)?)?,
+            services,
+            backends,
+            revnat,
+            names,
+            ct: lru(CT_MAP, take_lru(CT_MAP)?)?,
+            affinity: lru(AFFINITY_MAP, take_lru(AFFINITY_MAP)?)?,
         })
     }
 
@@ -75,6 +96,8 @@ impl KernelMaps {
             backends: hash(BACKENDS_MAP, from_pin(dir, BACKENDS_MAP)?)?,
             revnat: hash(REVNAT_MAP, from_pin(dir, REVNAT_MAP)?)?,
             names: hash(SVC_NAMES_MAP, from_pin(dir, SVC_NAMES_MAP)?)?,
+            ct: lru(CT_MAP, from_pin(dir, CT_MAP)?)?,
+            affinity: lru(AFFINITY_MAP, from_pin(dir, AFFINITY_MAP)?)?,
         })
     }
 }
@@ -118,6 +141,43 @@ impl MapStore for KernelMaps {
     fn del_revnat(&mut self, id: u16) -> Result<(), MapError> {
         ok_if_missing(self.revnat.remove(&id))?;
         ok_if_missing(self.names.remove(&id))
+    }
+    fn forget_flows(&mut self, gone: &BTreeSet<Assignment>) -> Result<Forgotten, MapError> {
+        let pairs: BTreeSet<(u16, u32)> = gone.iter().map(|(r, b, _)| (*r, *b)).collect();
+        let udp: BTreeSet<(u16, u32)> = gone
+            .iter()
+            .filter(|(_, _, p)| *p == PROTO_UDP)
+            .map(|(r, b, _)| (*r, *b))
+            .collect();
+        let mut out = Forgotten::default();
+        if !udp.is_empty() {
+            // Entries may be evicted or added while we walk; skip read errors.
+            let stale: Vec<CtKey> = self
+                .ct
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(k, v)| {
+                    k.proto == PROTO_UDP && udp.contains(&(v.rev_nat_id, v.backend_id))
+                })
+                .map(|(k, _)| k)
+                .collect();
+            for k in stale {
+                ok_if_missing(self.ct.remove(&k))?;
+                out.ct += 1;
+            }
+        }
+        let stale: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| pairs.contains(&(k.rev_nat_id, v.backend_id)))
+            .map(|(k, _)| k)
+            .collect();
+        for k in stale {
+            ok_if_missing(self.affinity.remove(&k))?;
+            out.affinity += 1;
+        }
+        Ok(out)
     }
 }
 

@@ -151,6 +151,17 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             scope: SCOPE_EXTERNAL,
             _pad: [0; 2],
         };
+        let backend_value = |b: &crate::translate::BackendSpec| Backend {
+            addr: addr_to_map(b.addr.octets()),
+            port: port_to_map(b.port),
+            proto: f.proto,
+            flags: if b.terminating {
+                backend_flags::TERMINATING
+            } else {
+                0
+            },
+            node_addr: 0,
+        };
         let mut slot: u16 = 0;
         for b in &f.backends {
             let t = (b.addr, b.port, f.proto);
@@ -164,21 +175,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             };
             slot = next;
             live_backends.insert(t);
-            let flags = if b.terminating {
-                backend_flags::TERMINATING
-            } else {
-                0
-            };
-            out.backends.insert(
-                id,
-                Backend {
-                    addr: addr_to_map(b.addr.octets()),
-                    port: port_to_map(b.port),
-                    proto: f.proto,
-                    flags,
-                    node_addr: 0,
-                },
-            );
+            out.backends.insert(id, backend_value(b));
             out.services.insert(
                 key(slot),
                 ServiceValue {
@@ -190,6 +187,17 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
                 },
             );
         }
+        // Draining endpoints: backends without a slot, so established flows to
+        // them keep their backend (and new ones never get it).
+        for b in &f.draining {
+            let t = (b.addr, b.port, f.proto);
+            if let Some(id) = ids.backend(t) {
+                live_backends.insert(t);
+                // A backend usable for one frontend and draining for another
+                // keeps the usable one's flags.
+                out.backends.entry(id).or_insert_with(|| backend_value(b));
+            }
+        }
         out.services.insert(
             key(0),
             ServiceValue {
@@ -197,7 +205,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
                 count: slot,
                 rev_nat_id,
                 flags: f.flags,
-                affinity_timeout: 0,
+                affinity_timeout: f.affinity_timeout,
             },
         );
         out.revnat.insert(
@@ -239,6 +247,8 @@ mod tests {
                     terminating: false,
                 })
                 .collect(),
+            draining: Vec::new(),
+            affinity_timeout: 0,
         }
     }
 

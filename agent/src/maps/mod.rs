@@ -5,7 +5,7 @@ pub mod kernel;
 pub mod layout;
 pub mod sync;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use ferry_common::{Backend, RevNat, ServiceKey, ServiceName, ServiceValue};
 
@@ -19,6 +19,27 @@ pub struct MapContents {
     pub names: BTreeMap<u16, ServiceName>,
 }
 
+/// A backend in a frontend's slots: (reverse-NAT id, backend id, protocol).
+pub type Assignment = (u16, u32, u8);
+
+/// The assignments of `c`: which backends each frontend hands new flows to.
+pub fn assignments(c: &MapContents) -> BTreeSet<Assignment> {
+    c.services
+        .iter()
+        .filter(|(k, v)| k.slot > 0 && v.backend_id != 0)
+        .map(|(k, v)| (v.rev_nat_id, v.backend_id, k.proto))
+        .collect()
+}
+
+/// What [`MapStore::forget_flows`] removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    /// Connection-tracking entries (both directions count).
+    pub ct: usize,
+    /// Session-affinity entries.
+    pub affinity: usize,
+}
+
 /// Access to the maps: aya's pinned maps in production, a BTreeMap in tests.
 pub trait MapStore {
     type Error: std::error::Error + Send + Sync + 'static;
@@ -29,4 +50,10 @@ pub trait MapStore {
     fn del_backend(&mut self, id: u32) -> Result<(), Self::Error>;
     fn put_revnat(&mut self, id: u16, v: RevNat, name: ServiceName) -> Result<(), Self::Error>;
     fn del_revnat(&mut self, id: u16) -> Result<(), Self::Error>;
+    /// Forgets the state that ties clients to assignments that ended: UDP
+    /// connection-tracking entries (both directions; a UDP "flow" never ends by
+    /// itself, so the client's next datagram must be balanced again, as
+    /// kube-proxy's conntrack flush does) and session-affinity entries. TCP
+    /// entries stay: established connections continue while the backend exists.
+    fn forget_flows(&mut self, gone: &BTreeSet<Assignment>) -> Result<Forgotten, Self::Error>;
 }

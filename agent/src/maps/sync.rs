@@ -3,13 +3,15 @@
 //! or a frontend whose count exceeds its slots.
 use std::time::{Duration, Instant};
 
-use super::{MapContents, MapStore};
+use super::{assignments, Forgotten, MapContents, MapStore};
 
 /// What one sync wrote.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
     pub upserts: usize,
     pub deletes: usize,
+    /// UDP flows and affinity entries of assignments that ended.
+    pub forgotten: Forgotten,
     pub duration: Duration,
 }
 
@@ -40,6 +42,7 @@ impl<S: MapStore> Syncer<S> {
     pub fn sync(&mut self, desired: &MapContents) -> Result<SyncStats, S::Error> {
         let start = Instant::now();
         let mut st = SyncStats::default();
+        let before = assignments(&self.current);
         let cur = &mut self.current;
         for (id, b) in &desired.backends {
             if cur.backends.get(id) != Some(b) {
@@ -110,6 +113,13 @@ impl<S: MapStore> Syncer<S> {
             cur.names.remove(&id);
             st.deletes += 1;
         }
+        // Last: the slots no longer name these backends, so no new flow can
+        // recreate what is forgotten here.
+        let gone: std::collections::BTreeSet<_> =
+            before.difference(&assignments(cur)).copied().collect();
+        if !gone.is_empty() {
+            st.forgotten = self.store.forget_flows(&gone)?;
+        }
         st.duration = start.elapsed();
         Ok(st)
     }
@@ -177,6 +187,17 @@ mod tests {
             self.maps.borrow_mut().names.remove(&id);
             Ok(())
         }
+        fn forget_flows(
+            &mut self,
+            gone: &std::collections::BTreeSet<crate::maps::Assignment>,
+        ) -> Result<Forgotten, Infallible> {
+            for (rev, id, proto) in gone {
+                self.log
+                    .borrow_mut()
+                    .push(format!("forget flows {rev}/{id}/{proto}"));
+            }
+            Ok(Forgotten::default())
+        }
     }
 
     fn fe(backends: &[u8]) -> Frontend {
@@ -194,6 +215,8 @@ mod tests {
                     terminating: false,
                 })
                 .collect(),
+            draining: Vec::new(),
+            affinity_timeout: 0,
         }
     }
 
@@ -230,7 +253,12 @@ mod tests {
         let log = fake.log.borrow().clone();
         assert_eq!(
             log,
-            ["put svc slot 0 count 2", "del svc slot 3", "del backend 3"],
+            [
+                "put svc slot 0 count 2",
+                "del svc slot 3",
+                "del backend 3",
+                "forget flows 1/3/6"
+            ],
             "{log:?}"
         );
         assert_eq!((st.upserts, st.deletes), (1, 2));
@@ -241,8 +269,42 @@ mod tests {
         s.sync(&layout(&[], &mut ids)).unwrap();
         let log = fake.log.borrow().clone();
         assert_eq!(log[0], "del svc slot 0", "{log:?}");
-        assert!(log.last().unwrap().starts_with("del revnat"));
+        let revnat = log
+            .iter()
+            .position(|l| l.starts_with("del revnat"))
+            .unwrap();
+        assert!(
+            log[revnat + 1..]
+                .iter()
+                .all(|l| l.starts_with("forget flows")),
+            "flows are forgotten last: {log:?}"
+        );
+        assert_eq!(log.iter().filter(|l| l.starts_with("forget")).count(), 2);
         assert_eq!(*fake.maps.borrow(), MapContents::default());
+    }
+
+    #[test]
+    fn a_backend_that_leaves_the_slots_but_keeps_draining_has_its_flows_forgotten() {
+        let fake = Fake::default();
+        let mut s = Syncer::new(fake.clone()).unwrap();
+        let mut ids = Ids::default();
+        s.sync(&layout(&[fe(&[1, 2])], &mut ids)).unwrap();
+        fake.log.borrow_mut().clear();
+        // .2 turns terminating: no slot, still a backend (established flows).
+        let mut f = fe(&[1]);
+        f.draining = fe(&[2]).backends;
+        s.sync(&layout(&[f], &mut ids)).unwrap();
+        let log = fake.log.borrow().clone();
+        assert_eq!(
+            log,
+            [
+                "put svc slot 0 count 1",
+                "del svc slot 2",
+                "forget flows 1/2/6"
+            ],
+            "{log:?}"
+        );
+        assert_eq!(fake.maps.borrow().backends.len(), 2, "the backend stays");
     }
 
     #[test]
