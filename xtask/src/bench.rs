@@ -753,6 +753,8 @@ fn which(tool: &str) -> Result<()> {
 struct Output {
     machine: String,
     kernel: String,
+    /// `git describe` of the tree measured.
+    commit: String,
     command: String,
     profile: &'static str,
     rounds: usize,
@@ -793,6 +795,7 @@ impl Output {
             .collect();
         Self {
             machine: machine(),
+            commit: commit(),
             kernel: fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
             command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
             profile: plan.profile,
@@ -818,12 +821,13 @@ impl Output {
     fn markdown(&self) -> String {
         let mut out = String::new();
         out.push_str(&format!(
-            "Machine: {}, kernel {}. `cargo xtask {}` ({} build): {} rounds, {} s per measurement, {} concurrent clients, \
+            "Machine: {}, kernel {}, commit {}. `cargo xtask {}` ({} build): {} rounds, {} s per measurement, {} concurrent clients, \
              iptables via {}; took {:.0} s.\n\
              Each cell: median over rounds (± spread = (max-min)/median). Ratios: ferry's median over the other path's; \
              for rates > 1 means ferry is faster, for times and CPU < 1 means ferry is cheaper.\n",
             self.machine,
             self.kernel,
+            self.commit,
             self.command,
             self.profile,
             self.rounds,
@@ -924,6 +928,17 @@ fn fmt_num(v: f64) -> String {
     } else {
         format!("{v:.2}")
     }
+}
+
+fn commit() -> String {
+    Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .current_dir(crate::root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn machine() -> String {
