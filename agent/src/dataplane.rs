@@ -1,5 +1,6 @@
-//! Loading the eBPF dataplane, pinning its maps, and attaching `from_pod` to the
-//! Pod veths of this network namespace as they come and go.
+//! Loading the eBPF dataplane, pinning its maps, and attaching its programs as
+//! interfaces come and go: `from_pod` to the Pod veths of this network
+//! namespace, `from_netdev` to the node devices (`--devices`).
 use std::{
     collections::BTreeMap,
     fs, io,
@@ -16,7 +17,8 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use ferry_common::{
-    BACKENDS_MAP, COUNTERS_MAP, COUNTER_COUNT, CT_MAP, PROG_FROM_POD, SERVICES_MAP,
+    BACKENDS_MAP, COUNTERS_MAP, COUNTER_COUNT, CT_MAP, PROG_FROM_NETDEV, PROG_FROM_POD,
+    SERVICES_MAP,
 };
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
@@ -38,8 +40,8 @@ pub enum DataplaneError {
     Load(#[from] EbpfError),
     #[error(transparent)]
     Maps(#[from] OpenError),
-    #[error("program {PROG_FROM_POD} is missing from the eBPF object")]
-    MissingProgram,
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
     #[error("{what}: {source}")]
     Program { what: String, source: ProgramError },
     #[error("{what}: {source}")]
@@ -72,12 +74,33 @@ pub struct Config {
     pub ct_max: u32,
 }
 
+/// Where a program is attached (one entry program per hook, as in Cilium).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Hook {
+    /// TC ingress of the host side of a Pod's veth: traffic Pods send.
+    FromPod,
+    /// TC ingress of a node device: traffic from the network (replies of
+    /// backends on other nodes; NodePort and friends).
+    FromNetdev,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 2] = [Hook::FromPod, Hook::FromNetdev];
+
+    pub fn program(self) -> &'static str {
+        match self {
+            Hook::FromPod => PROG_FROM_POD,
+            Hook::FromNetdev => PROG_FROM_NETDEV,
+        }
+    }
+}
+
 /// The loaded dataplane: programs and the TC links that keep them attached.
 pub struct Dataplane {
     ebpf: Ebpf,
     links_dir: PathBuf,
-    /// ifindex → (interface name, the pinned TCX link).
-    attached: BTreeMap<u32, (String, PinnedLink)>,
+    /// (hook, ifindex) → (interface name, the pinned TCX link).
+    attached: BTreeMap<(Hook, u32), (String, PinnedLink)>,
 }
 
 const BPFFS: &str = "/sys/fs/bpf";
@@ -149,9 +172,11 @@ impl Dataplane {
             .load(DATAPLANE_OBJ)?;
         spawn_ebpf_logs(&mut ebpf);
         let maps = KernelMaps::from_ebpf(&mut ebpf)?;
-        let prog = from_pod(&mut ebpf)?;
-        prog.load()
-            .map_err(program("loading from_pod (verifier)"))?;
+        for hook in Hook::ALL {
+            classifier(&mut ebpf, hook)?
+                .load()
+                .map_err(program(format!("loading {} (verifier)", hook.program())))?;
+        }
         Ok((
             Self {
                 ebpf,
@@ -162,19 +187,20 @@ impl Dataplane {
         ))
     }
 
-    /// Attaches `from_pod` at TC ingress (TCX) of an interface. The link is pinned,
-    /// so the program stays attached when the agent stops; a restarted agent swaps
-    /// its program into the pinned link atomically.
-    pub fn attach(&mut self, ifname: &str, ifindex: u32) -> Result<(), DataplaneError> {
+    /// Attaches a hook's program at TC ingress (TCX) of an interface. The link is
+    /// pinned, so the program stays attached when the agent stops; a restarted
+    /// agent swaps its program into the pinned link atomically.
+    pub fn attach(&mut self, hook: Hook, ifname: &str, ifindex: u32) -> Result<(), DataplaneError> {
         if self
             .attached
-            .get(&ifindex)
+            .get(&(hook, ifindex))
             .is_some_and(|(n, _)| n == ifname)
         {
             return Ok(());
         }
-        let pin = self.links_dir.join(format!("from_pod-{ifindex}"));
-        let prog = from_pod(&mut self.ebpf)?;
+        let name = hook.program();
+        let pin = self.links_dir.join(format!("{name}-{ifindex}"));
+        let prog = classifier(&mut self.ebpf, hook)?;
         let reused = match PinnedLink::from_pin(&pin) {
             Ok(old) => {
                 let old = FdLink::from(old)
@@ -206,7 +232,7 @@ impl Dataplane {
                     TcAttachType::Ingress,
                     TcAttachOptions::TcxOrder(LinkOrder::default()),
                 )
-                .map_err(program(format!("attaching from_pod to {ifname}")))?,
+                .map_err(program(format!("attaching {name} to {ifname}")))?,
         };
         let what = || format!("link of {ifname}");
         let fd_link: FdLink = prog
@@ -226,16 +252,17 @@ impl Dataplane {
             ifname,
             ifindex,
             reused = !fresh,
-            "from_pod attached (tc ingress)"
+            "{name} attached (tc ingress)"
         );
-        self.attached.insert(ifindex, (ifname.to_string(), pinned));
+        self.attached.insert((hook, ifindex), (ifname.to_string(), pinned));
         Ok(())
     }
 
-    /// Forgets interfaces that are gone and removes their pinned links.
-    pub fn forget_missing(&mut self, present: &BTreeMap<u32, String>) {
-        self.attached.retain(|idx, (name, _)| {
-            let keep = present.get(idx) == Some(name);
+    /// Forgets interfaces that are gone (or no longer for this hook) and
+    /// removes their pinned links.
+    pub fn forget_missing(&mut self, present: &BTreeMap<(Hook, u32), String>) {
+        self.attached.retain(|key, (name, _)| {
+            let keep = present.get(key) == Some(name);
             if !keep {
                 tracing::info!(ifname = %name, "interface gone");
             }
@@ -245,10 +272,11 @@ impl Dataplane {
         if let Ok(entries) = fs::read_dir(&self.links_dir) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                let idx = name
-                    .strip_prefix("from_pod-")
-                    .and_then(|i| i.parse::<u32>().ok());
-                if idx.is_some_and(|i| !present.contains_key(&i)) {
+                let pinned = Hook::ALL.into_iter().find_map(|h| {
+                    let idx = name.strip_prefix(h.program())?.strip_prefix('-')?;
+                    Some((h, idx.parse::<u32>().ok()?))
+                });
+                if pinned.is_some_and(|k| !present.contains_key(&k)) {
                     let _ = fs::remove_file(e.path());
                 }
             }
@@ -258,6 +286,25 @@ impl Dataplane {
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.values().map(|(n, _)| n.as_str())
     }
+}
+
+/// Where each hook goes: every veth that is not a node device gets from_pod,
+/// every node device present gets from_netdev.
+pub fn hook_interfaces(links: &[LinkMessage], devices: &[String]) -> BTreeMap<(Hook, u32), String> {
+    let mut out: BTreeMap<(Hook, u32), String> = pod_interfaces(links, devices)
+        .into_iter()
+        .map(|(idx, name)| ((Hook::FromPod, idx), name))
+        .collect();
+    for l in links {
+        let name = l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::IfName(n) => Some(n),
+            _ => None,
+        });
+        if let Some(name) = name.filter(|n| devices.contains(n)) {
+            out.insert((Hook::FromNetdev, l.header.index), name.clone());
+        }
+    }
+    out
 }
 
 /// Pod-facing interfaces: every veth that is not a node device.
@@ -284,12 +331,13 @@ pub fn pod_interfaces(links: &[LinkMessage], devices: &[String]) -> BTreeMap<u32
         .collect()
 }
 
-/// The `from_pod` program of the object.
-fn from_pod(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier, DataplaneError> {
-    ebpf.program_mut(PROG_FROM_POD)
-        .ok_or(DataplaneError::MissingProgram)?
+/// A hook's program of the object.
+fn classifier(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, DataplaneError> {
+    let name = hook.program();
+    ebpf.program_mut(name)
+        .ok_or(DataplaneError::MissingProgram(name))?
         .try_into()
-        .map_err(program("from_pod is not a TC classifier"))
+        .map_err(program(format!("{name} is not a TC classifier")))
 }
 
 /// Forwards `aya-log` records of the programs to our log, if the object has the

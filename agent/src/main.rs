@@ -88,7 +88,8 @@ struct AgentArgs {
     state_dir: PathBuf,
     #[command(flatten)]
     node: NodeArgs,
-    /// Node devices (comma-separated): not Pod interfaces, from-pod is not attached.
+    /// Node devices (comma-separated), e.g. eth0: from-netdev is attached to them
+    /// (replies of backends on other nodes), from-pod to every other veth.
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
     /// ClusterIPs for Services without spec.clusterIP come from here.

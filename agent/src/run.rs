@@ -198,7 +198,8 @@ pub async fn run_standalone(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// Attaches from_pod to every Pod veth not attached yet.
+/// Attaches from_pod to every Pod veth and from_netdev to every node device
+/// not attached yet.
 async fn attach_all(handle: &rtnetlink::Handle, dp: &mut Dataplane, devices: &[String]) {
     let links = match dataplane::list_links(handle).await {
         Ok(l) => l,
@@ -207,10 +208,10 @@ async fn attach_all(handle: &rtnetlink::Handle, dp: &mut Dataplane, devices: &[S
             return;
         }
     };
-    let pods = dataplane::pod_interfaces(&links, devices);
-    dp.forget_missing(&pods);
-    for (idx, name) in &pods {
-        if let Err(e) = dp.attach(name, *idx) {
+    let wanted = dataplane::hook_interfaces(&links, devices);
+    dp.forget_missing(&wanted);
+    for ((hook, idx), name) in &wanted {
+        if let Err(e) = dp.attach(*hook, name, *idx) {
             // The link may have vanished in between; retried on the next event.
             tracing::warn!("{e:#}");
         }

@@ -37,6 +37,7 @@ pub const SVC_NAMES_MAP: &str = "FERRY_SVC_NAMES";
 
 /// Program names (function names in the eBPF object).
 pub const PROG_FROM_POD: &str = "from_pod";
+pub const PROG_FROM_NETDEV: &str = "from_netdev";
 
 /// Default map sizes; the agent can override them at load time (`--*-map-size`).
 pub const DEFAULT_SERVICES_MAX: u32 = 262_144;

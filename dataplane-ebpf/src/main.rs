@@ -5,6 +5,8 @@
 //!   balancing for Pod clients (DNAT + connection tracking) and reverse NAT for the
 //!   replies of backends; a RST or ICMP port unreachable for Services without
 //!   usable backends.
+//! - `from_netdev`: TC ingress on the node devices (`--devices`): reverse NAT for
+//!   the replies of backends on other nodes.
 #![no_std]
 #![no_main]
 
@@ -40,6 +42,34 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             TC_ACT_SHOT
         }
     }
+}
+
+/// TC ingress on a node device (`--devices`): traffic from the network. Today:
+/// the replies of backends on other nodes to this node's Pod clients, which
+/// reach this node through the underlay, not through a Pod veth of ours.
+#[classifier]
+pub fn from_netdev(ctx: TcContext) -> i32 {
+    match try_from_netdev(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+fn try_from_netdev(ctx: &TcContext) -> Result<i32, Counter> {
+    let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
+        return Ok(TC_ACT_OK);
+    };
+    if let Some(entry) = ct::lookup(&pkt, CT_DIR_REPLY) {
+        // Hairpin (SNAT) replies only ever come from the Pod's own veth.
+        if entry.flags & ct_flags::SNAT == 0 {
+            let rev_nat_id = entry.rev_nat_id;
+            return reverse_nat(ctx, &pkt, rev_nat_id, None);
+        }
+    }
+    Ok(TC_ACT_OK)
 }
 
 fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {

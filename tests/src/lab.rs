@@ -27,6 +27,9 @@ pub struct LabOptions {
     pub pod_cidr: String,
     /// Start `ferry agent` (false: Pods only, e.g. for a baseline without Ferry).
     pub agent: bool,
+    /// Pod status directory shared with other nodes (a multi-node lab); by
+    /// default the lab's own.
+    pub state_dir: Option<PathBuf>,
 }
 
 impl LabOptions {
@@ -37,6 +40,7 @@ impl LabOptions {
             agent_args: Vec::new(),
             pod_cidr: "10.244.0.0/24".into(),
             agent: true,
+            state_dir: None,
         }
     }
 
@@ -93,7 +97,7 @@ impl Lab {
         let dir = std::env::temp_dir().join(format!("ferry-lab-{prefix}"));
         let _ = fs::remove_dir_all(&dir);
         let manifests_dir = dir.join("manifests");
-        let state_dir = dir.join("state");
+        let state_dir = opts.state_dir.clone().unwrap_or_else(|| dir.join("state"));
         fs::create_dir_all(&manifests_dir)?;
         fs::create_dir_all(&state_dir)?;
         let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/ferry-lab/{node}"));

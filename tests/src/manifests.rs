@@ -76,3 +76,8 @@ spec:
 "#
     )
 }
+
+/// The same Pod manifest, pinned to a node (spec.nodeName).
+pub fn on_node(pod_yaml: &str, node: &str) -> String {
+    pod_yaml.replacen("\nspec:\n", &format!("\nspec:\n  nodeName: {node}\n"), 1)
+}

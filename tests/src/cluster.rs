@@ -1,0 +1,165 @@
+//! A multi-node lab: N lab nodes (each its own network namespace with `ferry
+//! agent` and `ferry shim`) joined by an underlay, plus an "external client"
+//! namespace that reaches the nodes' addresses but not the Pods'.
+//!
+//! ```text
+//!   node 1 netns            node 2 netns             external netns
+//!   eth0 192.168.77.11      eth0 192.168.77.12       eth0 192.168.77.200
+//!   pods 10.244.0.0/24      pods 10.244.1.0/24
+//!        \                       |                        /
+//!         +---------- underlay netns: bridge br0 ---------+
+//! ```
+//!
+//! Node i routes node j's pod CIDR via node j's address; the external client
+//! has no route to any pod CIDR. Every node runs its agent with `--devices
+//! eth0`, its shim with its own pod CIDR, on the same manifests and a shared
+//! Pod status directory (what the API server would be).
+use std::{
+    fs,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::{
+    lab::{Lab, LabOptions},
+    sys,
+};
+
+/// The underlay's /24.
+pub const UNDERLAY: [u8; 3] = [192, 168, 77];
+/// The external client's address on the underlay.
+pub const EXTERNAL_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 200);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub struct Cluster {
+    /// The nodes, in order (node i+1 is `nodes[i]`).
+    pub nodes: Vec<Lab>,
+    /// The external client's namespace.
+    pub external: String,
+    underlay: String,
+    prefix: String,
+    state_dir: PathBuf,
+}
+
+impl Cluster {
+    /// `n` nodes (at least 1) running the manifests; `agent_args` are added to
+    /// every agent's `--devices eth0`.
+    pub fn start(tag: &str, n: usize, manifests: &[(String, String)], agent_args: &[&str]) -> Result<Self> {
+        sys::require_root()?;
+        let k = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("fc{:x}{k}{}", std::process::id() % 0xffff, short(tag));
+        let state_dir = std::env::temp_dir().join(format!("ferry-cluster-{prefix}"));
+        let _ = fs::remove_dir_all(&state_dir);
+        fs::create_dir_all(&state_dir)?;
+        let underlay = format!("{prefix}-ul");
+        let external = format!("{prefix}-ext");
+        let mut cluster = Self { nodes: Vec::new(), external, underlay, prefix, state_dir };
+        cluster.create_underlay()?;
+        for i in 0..n {
+            let mut opts = LabOptions::new(&format!("{tag}{}", i + 1));
+            opts.agent = false;
+            opts.pod_cidr = pod_cidr(i);
+            opts.state_dir = Some(cluster.state_dir.clone());
+            opts.agent_args = ["--devices", "eth0"].iter().chain(agent_args).map(ToString::to_string).collect();
+            opts.manifests = manifests.to_vec();
+            let lab = Lab::start(opts)?;
+            cluster.nodes.push(lab);
+        }
+        for i in 0..n {
+            cluster.wire_node(i)?;
+        }
+        for lab in &mut cluster.nodes {
+            lab.start_agent()?;
+        }
+        Ok(cluster)
+    }
+
+    fn create_underlay(&self) -> Result<()> {
+        let (ul, ext) = (&self.underlay, &self.external);
+        sys::run("ip", &["netns", "add", ul])?;
+        sys::run("ip", &["-n", ul, "link", "set", "lo", "up"])?;
+        sys::run("ip", &["-n", ul, "link", "add", "br0", "type", "bridge"])?;
+        sys::run("ip", &["-n", ul, "link", "set", "br0", "up"])?;
+        sys::run("ip", &["netns", "add", ext])?;
+        sys::run("ip", &["-n", ext, "link", "set", "lo", "up"])?;
+        self.plug(ext, "uext", EXTERNAL_ADDR)
+    }
+
+    /// A veth from `ns` (named eth0 there) into the underlay bridge.
+    fn plug(&self, ns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
+        let ul = &self.underlay;
+        sys::run("ip", &["-n", ul, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        sys::run("ip", &["-n", ul, "link", "set", port, "master", "br0", "up"])?;
+        sys::run("ip", &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
+        sys::run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    fn wire_node(&self, i: usize) -> Result<()> {
+        let node = &self.nodes[i].node;
+        self.plug(node, &format!("u{}", i + 1), node_addr(i))?;
+        for j in (0..self.nodes.len()).filter(|j| *j != i) {
+            sys::run("ip", &["-n", node, "route", "add", &pod_cidr(j), "via", &node_addr(j).to_string()])?;
+        }
+        Ok(())
+    }
+
+    /// Writes (or replaces) a manifest on every node.
+    pub fn write_manifest(&self, file: &str, yaml: &str) -> Result<()> {
+        for lab in &self.nodes {
+            lab.write_manifest(file, yaml)?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every named Pod is ready, wherever it runs.
+    pub fn wait_ready(&self, names: &[&str], timeout: Duration) -> Result<()> {
+        self.nodes[0].wait_ready(names, timeout)
+    }
+
+    /// The node a Pod runs on, and its network namespace.
+    pub fn pod_netns(&self, name: &str) -> Result<String> {
+        self.nodes[0].pod_netns(name)
+    }
+
+    /// Every node's agent and shim logs.
+    pub fn logs(&self) -> String {
+        self.nodes.iter().map(|l| format!("=== {}\n{}", l.node, l.logs())).collect()
+    }
+}
+
+/// Node i's address on the underlay (192.168.77.11 for the first).
+pub fn node_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(UNDERLAY[0], UNDERLAY[1], UNDERLAY[2], 11 + i as u8)
+}
+
+/// Node i's pod CIDR (10.244.i.0/24).
+pub fn pod_cidr(i: usize) -> String {
+    format!("10.244.{i}.0/24")
+}
+
+fn short(tag: &str) -> String {
+    tag.chars().filter(|c| c.is_ascii_alphanumeric()).take(4).collect()
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("cluster {} failed; logs:\n{}", self.prefix, self.logs());
+        }
+        // The nodes first (their shims stop the Pods), then the underlay.
+        self.nodes.clear();
+        sys::delete_netns_with_prefix(&self.prefix);
+        let _ = fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// For messages: "node <i>" of a Pod's record.
+pub fn node_of(cluster: &Cluster, pod: &str) -> Result<String> {
+    cluster.nodes[0].pod(pod).map(|r| r.node).with_context(|| format!("no record of pod {pod}"))
+}
