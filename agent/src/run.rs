@@ -1,39 +1,65 @@
-//! The standalone agent: manifests + Pod status → translate → layout → sync, again
-//! whenever the input changes, and from_pod attached to every Pod veth.
+//! The agent loop, one code path for both sources: a source (manifests + Pod
+//! status files, or the Kubernetes API) produces an `Input`; the Programmer
+//! translates it and writes the difference to the maps; health and metrics
+//! report how that goes; from_pod is attached to every Pod veth.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
 use rtnetlink::MulticastGroup;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc::UnboundedSender,
+};
 
 use crate::{
     dataplane::{self, Dataplane},
+    health::{self, Health},
     maps::{
         kernel::KernelMaps,
         layout::{layout, Ids},
         sync::Syncer,
     },
-    model::Snapshot,
-    sources::{manifests, watch},
+    metrics::{Metrics, Programmed},
+    sources::{cluster, manifests, watch, Input},
     translate::{self, translate},
 };
 
-/// Everything `ferry agent --manifests` needs.
+/// Where the objects come from.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// `--manifests DIR`: YAML files plus the shim's Pod status files.
+    Standalone {
+        manifests: PathBuf,
+        state_dir: PathBuf,
+    },
+    /// The Kubernetes API (in-cluster, or `--kubeconfig`).
+    Cluster { kubeconfig: Option<PathBuf> },
+}
+
+/// Everything `ferry agent` needs.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub manifests: PathBuf,
-    pub state_dir: PathBuf,
+    pub mode: Mode,
     pub node: String,
     pub devices: Vec<String>,
     pub translate: translate::Config,
     pub dataplane: dataplane::Config,
+    /// A sync happens at most this long after the first change of a burst.
     pub debounce: Duration,
+    /// Full resync period (re-translate; writes only if something differs).
+    pub sync_period: Duration,
+    /// /healthz fails when the last successful sync is older than this.
+    pub healthz_timeout: Duration,
+    /// None: not served.
+    pub healthz_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// The sync side: input → maps.
@@ -44,23 +70,22 @@ struct Programmer {
     reported: BTreeSet<String>,
     /// ClusterIPs allocated last time (logged when they change).
     allocated: BTreeMap<String, Ipv4Addr>,
+    /// The node's addresses and pod CIDRs last time (logged when they change).
+    node: Option<crate::model::NodeInfo>,
 }
 
 impl Programmer {
-    fn sync(&mut self, cfg: &Config) -> Result<()> {
+    fn sync(&mut self, input: Input, cfg: &translate::Config) -> Result<Programmed> {
         let started = Instant::now();
-        let mut m = manifests::load_dir(&cfg.manifests);
-        let (pods, pod_errors) = ferry_shim::status::read_all(&cfg.state_dir);
-        for (path, e) in pod_errors {
-            tracing::debug!("skipping unreadable pod record {}: {e}", path.display());
+        let Input { snapshot, errors } = input;
+        if snapshot.node != self.node {
+            if let Some(n) = &snapshot.node {
+                tracing::info!(node = %n.name, addresses = ?n.addresses, pod_cidrs = ?n.pod_cidrs, "node");
+            }
+            self.node = snapshot.node.clone();
         }
-        let snapshot = Snapshot {
-            pods,
-            ..std::mem::take(&mut m.snapshot)
-        };
-        let t = translate(&snapshot, &cfg.translate);
-        let errors: BTreeSet<String> = m
-            .errors
+        let t = translate(&snapshot, cfg);
+        let errors: BTreeSet<String> = errors
             .iter()
             .chain(t.errors.iter())
             .map(ToString::to_string)
@@ -71,6 +96,7 @@ impl Programmer {
         for e in self.reported.difference(&errors) {
             tracing::info!("resolved: {e}");
         }
+        let input_errors = errors.len();
         self.reported = errors;
         for (svc, ip) in &t.allocated {
             if self.allocated.get(svc) != Some(ip) {
@@ -80,8 +106,13 @@ impl Programmer {
         self.allocated = t.allocated;
         let desired = layout(&t.frontends, &mut self.ids);
         let st = self.syncer.sync(&desired).context("writing the BPF maps")?;
+        let backends: usize = t.frontends.iter().map(|f| f.backends.len()).sum();
+        let services: BTreeSet<&str> = t
+            .frontends
+            .iter()
+            .map(|f| f.name.rsplit_once(':').map_or(f.name.as_str(), |(s, _)| s))
+            .collect();
         if st.upserts + st.deletes > 0 {
-            let backends: usize = t.frontends.iter().map(|f| f.backends.len()).sum();
             tracing::info!(
                 frontends = t.frontends.len(),
                 backends,
@@ -93,17 +124,133 @@ impl Programmer {
             );
         } else {
             tracing::debug!(
+                upserts = 0,
+                deletes = 0,
                 total_ms = started.elapsed().as_millis() as u64,
                 "maps already in sync"
             );
         }
-        Ok(())
+        Ok(Programmed {
+            services: services.len(),
+            frontends: t.frontends.len(),
+            backends,
+            input_errors,
+        })
+    }
+}
+
+/// A running source.
+enum Source {
+    Standalone {
+        manifests: PathBuf,
+        state_dir: PathBuf,
+        _watcher: notify::RecommendedWatcher,
+    },
+    Cluster(cluster::Cluster),
+}
+
+impl Source {
+    async fn start(
+        cfg: &Config,
+        tx: UnboundedSender<()>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        match &cfg.mode {
+            Mode::Standalone {
+                manifests,
+                state_dir,
+            } => {
+                let watched = vec![manifests.clone(), ferry_shim::status::pods_dir(state_dir)];
+                let watcher = watch::watch(&watched, tx.clone())?;
+                // Safety net for missed inotify events: a cheap fingerprint.
+                tokio::spawn(async move {
+                    let mut seen = watch::fingerprint(&watched);
+                    let mut tick = tokio::time::interval(Duration::from_secs(2));
+                    loop {
+                        tick.tick().await;
+                        let now = watch::fingerprint(&watched);
+                        if now != seen {
+                            seen = now;
+                            if tx.send(()).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                });
+                Ok(Self::Standalone {
+                    manifests: manifests.clone(),
+                    state_dir: state_dir.clone(),
+                    _watcher: watcher,
+                })
+            }
+            Mode::Cluster { kubeconfig } => {
+                let c = cluster::Cluster::start(
+                    &cluster::Config {
+                        kubeconfig: kubeconfig.clone(),
+                        node: cfg.node.clone(),
+                    },
+                    tx,
+                    metrics,
+                )
+                .await?;
+                Ok(Self::Cluster(c))
+            }
+        }
+    }
+
+    /// The current input; None while the source is not ready (cluster mode
+    /// before every initial list is done).
+    fn load(&self) -> Option<Input> {
+        match self {
+            Self::Standalone {
+                manifests,
+                state_dir,
+                ..
+            } => {
+                let mut m = manifests::load_dir(manifests);
+                let (pods, pod_errors) = ferry_shim::status::read_all(state_dir);
+                for (path, e) in pod_errors {
+                    tracing::debug!("skipping unreadable pod record {}: {e}", path.display());
+                }
+                m.snapshot.pods = pods;
+                Some(m)
+            }
+            Self::Cluster(c) => c.load(),
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Self::Standalone { .. } => "standalone",
+            Self::Cluster(_) => "cluster",
+        }
     }
 }
 
 /// Runs until SIGTERM/SIGINT. The programs and maps stay in place when it stops,
 /// so traffic keeps flowing while the agent restarts.
-pub async fn run_standalone(cfg: Config) -> Result<()> {
+pub async fn run(cfg: Config) -> Result<()> {
+    let health = Arc::new(Health::new(cfg.healthz_timeout));
+    let metrics = Arc::new(Metrics::new(
+        Some(cfg.dataplane.bpffs_dir.clone()),
+        cfg.dataplane.ct_max,
+    ));
+    // Bind first: a port in use is a startup error, not a silent gap.
+    if let Some(addr) = cfg.healthz_addr {
+        let (l, _) = health::bind(addr, "health server (/healthz, /readyz, /livez)")
+            .await
+            .with_context(|| format!("binding --healthz-bind-address {addr}"))?;
+        let h = health.clone();
+        health::spawn_server(l, move |p| h.route(p));
+    }
+    if let Some(addr) = cfg.metrics_addr {
+        let (l, _) = health::bind(addr, "metrics server (/metrics)")
+            .await
+            .with_context(|| format!("binding --metrics-bind-address {addr}"))?;
+        let m = metrics.clone();
+        health::spawn_server(l, move |p| m.route(p));
+    }
+
     let (mut dp, maps) = Dataplane::load(&cfg.dataplane)?;
     let syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let ids = Ids::from_contents(syncer.current());
@@ -112,57 +259,55 @@ pub async fn run_standalone(cfg: Config) -> Result<()> {
         ids,
         reported: BTreeSet::new(),
         allocated: BTreeMap::new(),
+        node: None,
     };
-    tracing::info!(
-        node = %cfg.node,
-        manifests = %cfg.manifests.display(),
-        bpffs = %cfg.dataplane.bpffs_dir.display(),
-        "ferry agent started (standalone)"
-    );
 
     let (conn, handle, mut link_events) =
         rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).context("netlink")?;
     tokio::spawn(conn);
     attach_all(&handle, &mut dp, &cfg.devices).await;
 
-    let watched = vec![
-        cfg.manifests.clone(),
-        ferry_shim::status::pods_dir(&cfg.state_dir),
-    ];
     let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let _watcher = watch::watch(&watched, tx)?;
-    let mut seen = watch::fingerprint(&watched);
-    if let Err(e) = prog.sync(&cfg) {
-        tracing::error!("sync failed: {e:#}");
-    }
+    let source = Source::start(&cfg, tx.clone(), metrics.clone()).await?;
+    tracing::info!(
+        node = %cfg.node,
+        mode = source.describe(),
+        bpffs = %cfg.dataplane.bpffs_dir.display(),
+        "ferry agent started"
+    );
+    // The first sync: at once in standalone mode; in cluster mode as soon as
+    // every initial list is done (the watchers send a change then).
+    let _ = tx.send(());
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut resync = tokio::time::interval(cfg.sync_period);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await;
+    let mut attach_tick = tokio::time::interval(Duration::from_secs(2));
+    // When the first change of a pending burst arrived.
+    let mut pending: Option<tokio::time::Instant> = None;
+    let mut waiting_logged = false;
     loop {
+        let deadline = pending.map(|t| t + cfg.debounce);
         tokio::select! {
             Some(()) = changes.recv() => {
-                // Coalesce a burst of events into one sync.
-                tokio::time::sleep(cfg.debounce).await;
+                pending.get_or_insert_with(tokio::time::Instant::now);
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => {
                 while changes.try_recv().is_ok() {}
-                seen = watch::fingerprint(&watched);
-                if let Err(e) = prog.sync(&cfg) {
-                    tracing::error!("sync failed: {e:#}");
-                }
+                pending = None;
+                sync(&mut prog, &source, &cfg, &health, &metrics, &mut waiting_logged);
+            }
+            _ = resync.tick() => {
+                sync(&mut prog, &source, &cfg, &health, &metrics, &mut waiting_logged);
             }
             Some(_) = link_events.next() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, link_events.next()).await {}
                 attach_all(&handle, &mut dp, &cfg.devices).await;
             }
-            _ = tick.tick() => {
-                let now = watch::fingerprint(&watched);
-                if now != seen {
-                    seen = now;
-                    if let Err(e) = prog.sync(&cfg) {
-                        tracing::error!("sync failed: {e:#}");
-                    }
-                }
+            _ = attach_tick.tick() => {
                 attach_all(&handle, &mut dp, &cfg.devices).await;
             }
             _ = term.recv() => break,
@@ -174,6 +319,45 @@ pub async fn run_standalone(cfg: Config) -> Result<()> {
         cfg.dataplane.bpffs_dir.display()
     );
     Ok(())
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One sync, with its outcome reported to the log, health and metrics.
+fn sync(
+    prog: &mut Programmer,
+    source: &Source,
+    cfg: &Config,
+    health: &Health,
+    metrics: &Metrics,
+    waiting_logged: &mut bool,
+) {
+    let started = Instant::now();
+    let Some(input) = source.load() else {
+        if let Source::Cluster(c) = source {
+            if !*waiting_logged {
+                tracing::info!(waiting_for = ?c.waiting_for(), "not syncing until every initial list is done");
+                *waiting_logged = true;
+            }
+        }
+        return;
+    };
+    match prog.sync(input, &cfg.translate) {
+        Ok(p) => {
+            let took = started.elapsed();
+            metrics.sync_ok(took, p);
+            health.synced();
+        }
+        Err(e) => {
+            metrics.sync_error("map_write");
+            tracing::error!("sync failed: {e:#}");
+        }
+    }
 }
 
 /// Attaches from_pod to every Pod veth not attached yet.

@@ -26,12 +26,17 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub struct Config {
     /// Where ClusterIPs are allocated for Services without spec.clusterIP.
     pub service_cidr: Ipv4Net,
+    /// Standalone mode plays the endpoints controller: endpoints of Services with a
+    /// selector come from the Pods the shim reports. In cluster mode (false) the
+    /// cluster's controller has written EndpointSlices for them, and those count.
+    pub pod_endpoints: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             service_cidr: "10.96.0.0/12".parse().expect("valid CIDR"),
+            pod_endpoints: true,
         }
     }
 }
@@ -145,7 +150,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                 continue;
             }
             claimed.insert((ip, port, proto), v.key.clone());
-            let all = endpoints_of(snapshot, v, sp);
+            let all = endpoints_of(snapshot, v, sp, cfg.pod_endpoints);
             let (usable, fallback) = endpoints::usable(all);
             let mut flags = svc_flags::CLUSTER_IP;
             if fallback {
@@ -323,12 +328,19 @@ fn fnv1a(bytes: &[u8]) -> u32 {
     })
 }
 
-fn endpoints_of(snapshot: &Snapshot, v: &Valid, sp: &ServicePort) -> Vec<Endpoint> {
+fn endpoints_of(
+    snapshot: &Snapshot,
+    v: &Valid,
+    sp: &ServicePort,
+    pod_endpoints: bool,
+) -> Vec<Endpoint> {
     let meta = &v.svc.object.metadata;
     let ns = meta.namespace.as_deref().unwrap_or("default");
     let name = meta.name.as_deref().unwrap_or_default();
-    if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
-        return endpoints::from_pods(ns, selector, sp, &snapshot.pods);
+    if pod_endpoints {
+        if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
+            return endpoints::from_pods(ns, selector, sp, &snapshot.pods);
+        }
     }
     let slices: Vec<_> = snapshot
         .endpoint_slices
@@ -630,6 +642,48 @@ mod tests {
                 terminating: false
             }]
         );
+    }
+
+    #[test]
+    fn cluster_mode_uses_slices_for_services_with_a_selector() {
+        // Two slices of one Service (merged by the service-name label); the Pods
+        // the shim reports do not count in cluster mode.
+        let mut s = Snapshot {
+            services: vec![svc(WEB)],
+            endpoint_slices: vec![
+                slice("metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints:\n- {addresses: [10.0.0.1], nodeName: n1, conditions: {ready: true, serving: true, terminating: false}}\n- {addresses: [10.0.0.2], nodeName: n2, conditions: {ready: false, serving: true, terminating: true}}\nports: [{name: http, port: 8080, protocol: TCP}]\n"),
+                slice("metadata: {name: web-2, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints:\n- {addresses: [10.0.0.3], nodeName: n2, conditions: {ready: true}}\nports: [{name: http, port: 8080, protocol: TCP}]\n"),
+            ],
+            pods: vec![pod("a", [10, 244, 0, 2], true, false)],
+            ..Default::default()
+        };
+        let cfg = Config {
+            pod_endpoints: false,
+            ..Config::default()
+        };
+        let t = translate(&s, &cfg);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let http = t.frontends.iter().find(|f| f.port == 80).unwrap();
+        let addrs: Vec<_> = http.backends.iter().map(|b| b.addr).collect();
+        assert_eq!(addrs, [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 3)]);
+        assert_eq!(http.flags & svc_flags::TERMINATING_FALLBACK, 0);
+        // No ready endpoint left: the serving+terminating one takes new connections.
+        s.endpoint_slices.truncate(1);
+        s.endpoint_slices[0]
+            .object
+            .endpoints
+            .retain(|e| e.addresses[0] == "10.0.0.2");
+        let t = translate(&s, &cfg);
+        let http = t.frontends.iter().find(|f| f.port == 80).unwrap();
+        assert_eq!(
+            http.backends,
+            vec![BackendSpec {
+                addr: Ipv4Addr::new(10, 0, 0, 2),
+                port: 8080,
+                terminating: true
+            }]
+        );
+        assert_ne!(http.flags & svc_flags::TERMINATING_FALLBACK, 0);
     }
 
     #[test]
