@@ -157,6 +157,30 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts the agent in cluster mode, reaching the API through `kubeconfig`
+    /// (a fake API server in the node's namespace, say). Extra flags from
+    /// `LabOptions::agent_args` are appended.
+    pub fn start_cluster_agent(&mut self, kubeconfig: &Path) -> Result<()> {
+        let mut args = vec![
+            "agent".to_string(),
+            "--kubeconfig".into(),
+            path_str(kubeconfig),
+            "--node-name".into(),
+            self.node.clone(),
+            "--bpffs-dir".into(),
+            path_str(&self.bpffs_dir),
+        ];
+        args.extend(self.agent_args.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.agent = Some(self.spawn("agent", &args)?);
+        Ok(())
+    }
+
+    /// The agent's whole log.
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
     /// Stops the agent (SIGTERM), leaving the dataplane and its pinned maps.
     pub fn stop_agent(&mut self) {
         if let Some(child) = self.agent.take() {

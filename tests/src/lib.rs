@@ -8,6 +8,7 @@
 //! is dropped, also when a test panics: processes, network namespaces (the node's
 //! and every Pod's), the pinned BPF maps, and the temporary directories.
 pub mod client;
+pub mod fakeapi;
 pub mod lab;
 pub mod manifests;
 pub mod sys;
