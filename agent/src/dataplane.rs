@@ -80,6 +80,14 @@ pub struct Dataplane {
 
 const BPFFS: &str = "/sys/fs/bpf";
 
+/// Linux capabilities the agent needs, and all it needs (deploy/daemonset.yaml
+/// grants exactly these; a test compares): BPF to create, pin and load maps and
+/// programs; NET_ADMIN to attach TC programs to Pod veths; PERFMON for the
+/// verifier's privileged mode (as Cilium asks for it).
+/// Not SYS_ADMIN: bpffs is mounted into the container, so it is never mounted
+/// and no mount namespace is joined (see `mountns`).
+pub const REQUIRED_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
+
 /// Whether the mount table `mounts` (a /proc/<pid>/mounts) has bpffs at /sys/fs/bpf.
 pub fn has_bpffs(mounts: &str) -> bool {
     mounts.lines().any(|l| {
