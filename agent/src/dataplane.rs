@@ -81,12 +81,13 @@ pub struct Dataplane {
 const BPFFS: &str = "/sys/fs/bpf";
 
 /// Linux capabilities the agent needs, and all it needs (deploy/daemonset.yaml
-/// grants exactly these; a test compares): BPF to create, pin and load maps and
-/// programs; NET_ADMIN to attach TC programs to Pod veths; PERFMON for the
-/// verifier's privileged mode (as Cilium asks for it).
-/// Not SYS_ADMIN: bpffs is mounted into the container, so it is never mounted
-/// and no mount namespace is joined (see `mountns`).
-pub const REQUIRED_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
+/// grants exactly these; tests compare, and run the agent with only these):
+/// BPF to create, pin and load maps and programs; NET_ADMIN to attach TC
+/// programs to Pod veths. Not PERFMON (the verifier accepts from_pod without it;
+/// checked on kernel 6.18), not SYS_ADMIN: bpffs is mounted into the container,
+/// so it is never mounted and no mount namespace is joined (see `mountns`).
+/// Kernels before 5.8 have no CAP_BPF and would need SYS_ADMIN instead.
+pub const REQUIRED_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN"];
 
 /// Whether the mount table `mounts` (a /proc/<pid>/mounts) has bpffs at /sys/fs/bpf.
 pub fn has_bpffs(mounts: &str) -> bool {

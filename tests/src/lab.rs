@@ -176,6 +176,43 @@ impl Lab {
         Ok(())
     }
 
+    /// Starts the agent (standalone mode, like `start_agent`) with only the Linux
+    /// capabilities `caps` (e.g. "BPF"), as a non-privileged container would run
+    /// it. It joins the node's network namespace with nsenter and stays in this
+    /// mount namespace (where bpffs is mounted, as in a container with bpffs
+    /// mounted in), so it needs no capability to switch mount namespaces.
+    pub fn start_agent_with_caps(&mut self, caps: &[&str]) -> Result<()> {
+        let set: String = std::iter::once("-all".to_string())
+            .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
+            .collect::<Vec<_>>()
+            .join(",");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.node))
+            .arg("setpriv")
+            .arg(format!("--inh-caps={set}"))
+            .arg(format!("--ambient-caps={set}"))
+            .arg(format!("--bounding-set={set}"))
+            .arg(&self.ferry)
+            .args(["agent", "--manifests"])
+            .arg(&self.manifests_dir)
+            .args(["--node-name", &self.node, "--state-dir"])
+            .arg(&self.state_dir)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .args(&self.agent_args)
+            .process_group(0)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.agent = Some(cmd.spawn().context("starting ferry agent with nsenter + setpriv")?);
+        Ok(())
+    }
+
     /// The agent's whole log.
     pub fn agent_log(&self) -> String {
         fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
