@@ -211,6 +211,34 @@ impl Collector for DataplaneCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(self.ct_max as i64).encode(m)?;
+        match kernel::read_svc_stats(&self.dir) {
+            Ok(mut stats) => {
+                stats.sort_by(|a, b| a.0.cmp(&b.0));
+                for (name, help, pick) in [
+                    (
+                        "ferry_service_packets",
+                        "Packets sent to a frontend and translated, by frontend",
+                        (|s: &ferry_common::SvcStats| s.packets) as fn(&_) -> u64,
+                    ),
+                    (
+                        "ferry_service_bytes",
+                        "Bytes (at TC ingress) sent to a frontend and translated, by frontend",
+                        |s: &ferry_common::SvcStats| s.bytes,
+                    ),
+                ] {
+                    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                    for (frontend, st) in &stats {
+                        let (service, port) = split_frontend(frontend);
+                        let labels: Labels = vec![
+                            ("service".into(), service.into()),
+                            ("port".into(), port.into()),
+                        ];
+                        ConstCounter::new(pick(st)).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("metrics: reading the service stats map: {e}"),
+        }
         let counters = match kernel::read_counters(&self.dir) {
             Ok(c) => c,
             Err(e) => {
@@ -241,6 +269,12 @@ impl Collector for DataplaneCollector {
         }
         Ok(())
     }
+}
+
+/// `ns/name:port (ClusterIP)` → (`ns/name`, `port`).
+fn split_frontend(full: &str) -> (&str, &str) {
+    let base = full.rsplit_once(" (").map_or(full, |(b, _)| b);
+    base.rsplit_once(':').unwrap_or((base, ""))
 }
 
 #[cfg(test)]
@@ -275,6 +309,10 @@ mod tests {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
         assert_eq!(m.route("/metrics").status, StatusCode::OK);
+        assert_eq!(
+            split_frontend("default/web:http (ClusterIP)"),
+            ("default/web", "http")
+        );
         assert_eq!(m.route("/x").status, StatusCode::NOT_FOUND);
     }
 }

@@ -412,6 +412,16 @@ fn a_pod_reaches_a_clusterip_learned_from_the_api() -> Result<()> {
     if seen.keys().map(String::as_str).collect::<Vec<_>>() != ["echo-a", "echo-b"] {
         bail!("want answers from echo-a and echo-b, got {seen:?}\n{}", lab.logs());
     }
+    // Per-Service traffic counters: at least the 41 connections' packets.
+    let (_, metrics) = http_get(&lab.node, 10249, "/metrics")?;
+    let packets: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("ferry_service_packets_total{") && l.contains("service=\"default/echo\"") && l.contains("port=\"http\""))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no packet counter for default/echo:http in\n{metrics}"))?;
+    assert!(packets >= 41 * 3, "{packets} packets counted for 41 connections");
+    assert!(metrics.contains("ferry_service_bytes_total{service=\"default/echo\",port=\"http\"}"), "{metrics}");
     drop(lab);
     drop(api);
     Ok(())

@@ -1,10 +1,10 @@
 //! The pinned BPF maps, through aya.
 use std::path::Path;
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use ferry_common::{
-    Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceName, ServiceValue, BACKENDS_MAP,
-    COUNTERS_MAP, CT_MAP, REVNAT_MAP, SERVICES_MAP, SVC_NAMES_MAP,
+    Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceName, ServiceValue, SvcStats,
+    BACKENDS_MAP, COUNTERS_MAP, CT_MAP, REVNAT_MAP, SERVICES_MAP, SVC_NAMES_MAP, SVC_STATS_MAP,
 };
 
 use super::{MapContents, MapStore};
@@ -15,6 +15,16 @@ pub struct KernelMaps {
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u16, RevNat>,
     names: HashMap<MapData, u16, ServiceName>,
+    /// Per-frontend traffic (the dataplane writes it; the agent removes the entry
+    /// of a freed reverse-NAT id). None when pins from an older version lack it.
+    stats: Option<PerCpuHashMap<MapData, u16, SvcStats>>,
+}
+
+fn stats_map(data: MapData) -> Result<PerCpuHashMap<MapData, u16, SvcStats>, OpenError> {
+    PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(|source| OpenError::Map {
+        name: SVC_STATS_MAP,
+        source,
+    })
 }
 
 /// Errors opening maps.
@@ -65,6 +75,10 @@ impl KernelMaps {
             backends: hash(BACKENDS_MAP, take(BACKENDS_MAP)?)?,
             revnat: hash(REVNAT_MAP, take(REVNAT_MAP)?)?,
             names: hash(SVC_NAMES_MAP, take(SVC_NAMES_MAP)?)?,
+            stats: match ebpf.take_map(SVC_STATS_MAP) {
+                Some(Map::PerCpuHashMap(d)) => Some(stats_map(d)?),
+                _ => return Err(OpenError::Missing(SVC_STATS_MAP)),
+            },
         })
     }
 
@@ -75,6 +89,7 @@ impl KernelMaps {
             backends: hash(BACKENDS_MAP, from_pin(dir, BACKENDS_MAP)?)?,
             revnat: hash(REVNAT_MAP, from_pin(dir, REVNAT_MAP)?)?,
             names: hash(SVC_NAMES_MAP, from_pin(dir, SVC_NAMES_MAP)?)?,
+            stats: from_pin(dir, SVC_STATS_MAP).ok().map(stats_map).transpose()?,
         })
     }
 }
@@ -117,6 +132,10 @@ impl MapStore for KernelMaps {
     }
     fn del_revnat(&mut self, id: u16) -> Result<(), MapError> {
         ok_if_missing(self.revnat.remove(&id))?;
+        if let Some(stats) = self.stats.as_mut() {
+            // A reused id starts counting from zero.
+            ok_if_missing(stats.remove(&id))?;
+        }
         ok_if_missing(self.names.remove(&id))
     }
 }
@@ -144,5 +163,28 @@ pub fn read_counters(dir: &Path) -> Result<Vec<u64>, OpenError> {
     Ok(arr
         .iter()
         .map(|v| v.map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0))
+        .collect())
+}
+
+/// Per-frontend traffic pinned under `dir`, summed over CPUs, with the frontend's
+/// name (`namespace/name:port (TYPE)`, empty if unnamed).
+pub fn read_svc_stats(dir: &Path) -> Result<Vec<(String, SvcStats)>, OpenError> {
+    let stats = stats_map(from_pin(dir, SVC_STATS_MAP)?)?;
+    let names: HashMap<MapData, u16, ServiceName> =
+        hash(SVC_NAMES_MAP, from_pin(dir, SVC_NAMES_MAP)?)?;
+    Ok(stats
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(id, per_cpu)| {
+            let total = per_cpu.iter().fold(SvcStats::default(), |a, s| SvcStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+            });
+            let name = names
+                .get(&id, 0)
+                .map(|n| n.as_str().to_string())
+                .unwrap_or_default();
+            (name, total)
+        })
         .collect())
 }
