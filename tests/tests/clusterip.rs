@@ -69,7 +69,9 @@ fn split(
 fn tcp_and_udp_are_balanced_over_every_ready_backend() -> Result<()> {
     let lab = echo_lab("split", &["echo-a", "echo-b", "echo-c"], false)?;
     let client = lab.pod_netns("client")?;
-    lab.wait_until(Duration::from_secs(5), "service answers", || Ok(tcp_ask(&client, tcp_vip()).is_ok()))?;
+    // Every backend programmed before counting (the agent syncs shortly after the
+    // Pods turn ready; a loaded machine may see the first backend alone).
+    wait_backends(&lab, &client, &["echo-a", "echo-b", "echo-c"])?;
 
     let tcp = split(&client, 300, |ns| tcp_ask(ns, tcp_vip()))?;
     println!("TCP split over 300 connections: {tcp:?}");
@@ -169,6 +171,11 @@ fn hairpin_a_pod_reaches_itself_through_its_service() -> Result<()> {
     let lab = echo_lab("hairpin", &["echo-a", "echo-b"], false)?;
     let me = lab.pod_netns("echo-a")?;
     lab.wait_until(Duration::from_secs(5), "service answers", || Ok(tcp_ask(&me, tcp_vip()).is_ok()))?;
+    // Both backends programmed before counting (see the split test).
+    lab.wait_until(Duration::from_secs(10), "both backends answer", || {
+        let seen = split(&me, 30, |ns| tcp_ask(ns, tcp_vip()))?;
+        Ok(seen.contains_key("echo-a") && seen.contains_key("echo-b"))
+    })?;
     let tcp = split(&me, 60, |ns| tcp_ask(ns, tcp_vip()))?;
     let udp = split(&me, 60, |ns| udp_ask(ns, udp_vip()))?;
     println!("from echo-a: TCP {tcp:?} UDP {udp:?}");
