@@ -186,7 +186,11 @@ mod tests {
     #[test]
     fn healthz_follows_the_last_sync_and_readyz_the_first() {
         let h = Health::new(Duration::from_millis(200));
-        assert_eq!(h.route("/healthz").status, StatusCode::OK, "grace after start");
+        assert_eq!(
+            h.route("/healthz").status,
+            StatusCode::OK,
+            "grace after start"
+        );
         assert_eq!(h.route("/readyz").status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(h.route("/livez").status, StatusCode::OK);
         std::thread::sleep(Duration::from_millis(250));
@@ -195,8 +199,14 @@ mod tests {
         let r = h.route("/healthz");
         assert_eq!(r.status, StatusCode::OK);
         let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-        assert!(body["lastUpdated"].as_str().unwrap().ends_with('Z'), "{body}");
-        assert!(body["currentTime"].as_str().unwrap().ends_with('Z'), "{body}");
+        assert!(
+            body["lastUpdated"].as_str().unwrap().ends_with('Z'),
+            "{body}"
+        );
+        assert!(
+            body["currentTime"].as_str().unwrap().ends_with('Z'),
+            "{body}"
+        );
         assert_eq!(h.route("/readyz").status, StatusCode::OK);
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(h.route("/healthz").status, StatusCode::SERVICE_UNAVAILABLE);
@@ -206,15 +216,19 @@ mod tests {
     #[tokio::test]
     async fn serves_http_on_an_ephemeral_port() {
         let h = Arc::new(Health::new(Duration::from_secs(60)));
-        let (l, addr) = bind("127.0.0.1:0".parse().unwrap(), "health").await.unwrap();
+        let (l, addr) = bind("127.0.0.1:0".parse().unwrap(), "health")
+            .await
+            .unwrap();
         let h2 = h.clone();
         spawn_server(l, move |p| h2.route(p));
         let get = |path: &'static str| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out
@@ -223,6 +237,9 @@ mod tests {
         h.synced();
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         let hz = get("/healthz").await;
-        assert!(hz.starts_with("HTTP/1.1 200") && hz.contains("lastUpdated"), "{hz}");
+        assert!(
+            hz.starts_with("HTTP/1.1 200") && hz.contains("lastUpdated"),
+            "{hz}"
+        );
     }
 }

@@ -224,11 +224,12 @@ async fn agent(a: AgentArgs) -> Result<()> {
     let pod_endpoints = matches!(mode, run::Mode::Standalone { .. });
     run::run(run::Config {
         mode,
-        node,
+        node: node.clone(),
         devices: a.devices,
         translate: translate::Config {
             service_cidr: a.service_cluster_ip_range,
             pod_endpoints,
+            node: Some(node),
         },
         dataplane: dataplane::Config {
             bpffs_dir,

@@ -75,7 +75,14 @@ struct Programmer {
 }
 
 impl Programmer {
-    fn sync(&mut self, input: Input, cfg: &translate::Config) -> Result<Programmed> {
+    /// `after_change`: the sync follows an input change (or a relist), so a no-op
+    /// is worth an info line; periodic resyncs log it at debug.
+    fn sync(
+        &mut self,
+        input: Input,
+        cfg: &translate::Config,
+        after_change: bool,
+    ) -> Result<Programmed> {
         let started = Instant::now();
         let Input { snapshot, errors } = input;
         if snapshot.node != self.node {
@@ -122,12 +129,19 @@ impl Programmer {
                 total_ms = started.elapsed().as_millis() as u64,
                 "maps synced"
             );
+        } else if after_change {
+            tracing::info!(
+                upserts = 0,
+                deletes = 0,
+                total_ms = started.elapsed().as_millis() as u64,
+                "maps already in sync, nothing written"
+            );
         } else {
             tracing::debug!(
                 upserts = 0,
                 deletes = 0,
                 total_ms = started.elapsed().as_millis() as u64,
-                "maps already in sync"
+                "maps already in sync, nothing written"
             );
         }
         Ok(Programmed {
@@ -150,11 +164,7 @@ enum Source {
 }
 
 impl Source {
-    async fn start(
-        cfg: &Config,
-        tx: UnboundedSender<()>,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self> {
+    async fn start(cfg: &Config, tx: UnboundedSender<()>, metrics: Arc<Metrics>) -> Result<Self> {
         match &cfg.mode {
             Mode::Standalone {
                 manifests,
@@ -297,10 +307,10 @@ pub async fn run(cfg: Config) -> Result<()> {
             _ = sleep_until(deadline), if deadline.is_some() => {
                 while changes.try_recv().is_ok() {}
                 pending = None;
-                sync(&mut prog, &source, &cfg, &health, &metrics, &mut waiting_logged);
+                sync(&mut prog, &source, &cfg, &health, &metrics, &mut waiting_logged, true);
             }
             _ = resync.tick() => {
-                sync(&mut prog, &source, &cfg, &health, &metrics, &mut waiting_logged);
+                sync(&mut prog, &source, &cfg, &health, &metrics, &mut waiting_logged, false);
             }
             Some(_) = link_events.next() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -336,6 +346,7 @@ fn sync(
     health: &Health,
     metrics: &Metrics,
     waiting_logged: &mut bool,
+    after_change: bool,
 ) {
     let started = Instant::now();
     let Some(input) = source.load() else {
@@ -347,7 +358,7 @@ fn sync(
         }
         return;
     };
-    match prog.sync(input, &cfg.translate) {
+    match prog.sync(input, &cfg.translate, after_change) {
         Ok(p) => {
             let took = started.elapsed();
             metrics.sync_ok(took, p);

@@ -30,6 +30,8 @@ pub struct Config {
     /// selector come from the Pods the shim reports. In cluster mode (false) the
     /// cluster's controller has written EndpointSlices for them, and those count.
     pub pod_endpoints: bool,
+    /// This node: endpoints whose nodeName is this node are marked local.
+    pub node: Option<String>,
 }
 
 impl Default for Config {
@@ -37,6 +39,7 @@ impl Default for Config {
         Self {
             service_cidr: "10.96.0.0/12".parse().expect("valid CIDR"),
             pod_endpoints: true,
+            node: None,
         }
     }
 }
@@ -66,6 +69,8 @@ pub struct BackendSpec {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub terminating: bool,
+    /// The endpoint runs on this node (EndpointSlice nodeName, Pod node).
+    pub local: bool,
 }
 
 /// The result: what the maps should hold, and what was wrong with the input.
@@ -173,6 +178,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                         addr: e.addr,
                         port: e.port,
                         terminating: e.terminating,
+                        local: cfg.node.is_some() && e.node == cfg.node,
                     })
                     .collect(),
             });
@@ -504,12 +510,14 @@ mod tests {
                 BackendSpec {
                     addr: Ipv4Addr::new(10, 244, 0, 2),
                     port: 8080,
-                    terminating: false
+                    terminating: false,
+local: false
                 },
                 BackendSpec {
                     addr: Ipv4Addr::new(10, 244, 0, 3),
                     port: 8080,
-                    terminating: false
+                    terminating: false,
+local: false
                 },
             ]
         );
@@ -539,7 +547,8 @@ mod tests {
             vec![BackendSpec {
                 addr: Ipv4Addr::new(10, 244, 0, 2),
                 port: 8080,
-                terminating: true
+                terminating: true,
+local: false
             }]
         );
         assert_ne!(http.flags & svc_flags::TERMINATING_FALLBACK, 0);
@@ -630,7 +639,8 @@ mod tests {
             vec![BackendSpec {
                 addr: Ipv4Addr::new(10, 0, 0, 1),
                 port: 8080,
-                terminating: false
+                terminating: false,
+local: false
             }]
         );
         let legacy = t.frontends.iter().find(|f| f.port == 9000).unwrap();
@@ -639,7 +649,8 @@ mod tests {
             vec![BackendSpec {
                 addr: Ipv4Addr::new(10, 0, 1, 1),
                 port: 9090,
-                terminating: false
+                terminating: false,
+local: false
             }]
         );
     }
@@ -659,6 +670,7 @@ mod tests {
         };
         let cfg = Config {
             pod_endpoints: false,
+            node: Some("n1".into()),
             ..Config::default()
         };
         let t = translate(&s, &cfg);
@@ -666,6 +678,9 @@ mod tests {
         let http = t.frontends.iter().find(|f| f.port == 80).unwrap();
         let addrs: Vec<_> = http.backends.iter().map(|b| b.addr).collect();
         assert_eq!(addrs, [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 3)]);
+        // nodeName tells local from remote.
+        let local: Vec<_> = http.backends.iter().map(|b| b.local).collect();
+        assert_eq!(local, [true, false]);
         assert_eq!(http.flags & svc_flags::TERMINATING_FALLBACK, 0);
         // No ready endpoint left: the serving+terminating one takes new connections.
         s.endpoint_slices.truncate(1);
@@ -680,7 +695,8 @@ mod tests {
             vec![BackendSpec {
                 addr: Ipv4Addr::new(10, 0, 0, 2),
                 port: 8080,
-                terminating: true
+                terminating: true,
+local: false
             }]
         );
         assert_ne!(http.flags & svc_flags::TERMINATING_FALLBACK, 0);

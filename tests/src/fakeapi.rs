@@ -389,16 +389,14 @@ fn decode(s: &str) -> String {
     let mut i = 0;
     while i < b.len() {
         match b[i] {
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(&s[i + 1..i + 3], 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 3;
-                        continue;
-                    }
-                    Err(_) => out.push(b'%'),
+            b'%' if i + 2 < b.len() => match u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                Ok(v) => {
+                    out.push(v);
+                    i += 3;
+                    continue;
                 }
-            }
+                Err(_) => out.push(b'%'),
+            },
             b'+' => out.push(b' '),
             c => out.push(c),
         }
@@ -429,10 +427,10 @@ fn matches(obj: &Value, filter: &[(String, String)]) -> bool {
 fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let q = query(&req);
-    shared.lock().requests.push(format!(
-        "{path}?{}",
-        req.uri().query().unwrap_or("")
-    ));
+    shared
+        .lock()
+        .requests
+        .push(format!("{path}?{}", req.uri().query().unwrap_or("")));
     if req.method() != hyper::Method::GET {
         return json_response(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -442,7 +440,10 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let kinds = [Kind::Service, Kind::EndpointSlice, Kind::Node];
     if let Some(name) = path.strip_prefix("/api/v1/nodes/") {
         let inner = shared.lock();
-        return match inner.objects.get(&(Kind::Node, String::new(), name.to_string())) {
+        return match inner
+            .objects
+            .get(&(Kind::Node, String::new(), name.to_string()))
+        {
             Some(o) => json_response(StatusCode::OK, o),
             None => json_response(
                 StatusCode::NOT_FOUND,
@@ -453,7 +454,11 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let Some(kind) = kinds.into_iter().find(|k| k.path() == path) else {
         return json_response(
             StatusCode::NOT_FOUND,
-            &status(404, "NotFound", &format!("the server could not find {path}")),
+            &status(
+                404,
+                "NotFound",
+                &format!("the server could not find {path}"),
+            ),
         );
     };
     if shared.lock().blocked.contains(&kind) {

@@ -45,13 +45,25 @@ fn load() -> Result<Deploy> {
             if v.is_null() {
                 continue;
             }
-            let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
+            let kind = v
+                .get("kind")
+                .and_then(|k| k.as_str())
+                .unwrap_or("")
+                .to_string();
             let what = || format!("{} document {i} ({kind})", f.display());
             match kind.as_str() {
-                "ServiceAccount" => out.accounts.push(serde_yaml::from_value(v).with_context(what)?),
-                "ClusterRole" => out.roles.push(serde_yaml::from_value(v).with_context(what)?),
-                "ClusterRoleBinding" => out.bindings.push(serde_yaml::from_value(v).with_context(what)?),
-                "DaemonSet" => out.daemonsets.push(serde_yaml::from_value(v).with_context(what)?),
+                "ServiceAccount" => out
+                    .accounts
+                    .push(serde_yaml::from_value(v).with_context(what)?),
+                "ClusterRole" => out
+                    .roles
+                    .push(serde_yaml::from_value(v).with_context(what)?),
+                "ClusterRoleBinding" => out
+                    .bindings
+                    .push(serde_yaml::from_value(v).with_context(what)?),
+                "DaemonSet" => out
+                    .daemonsets
+                    .push(serde_yaml::from_value(v).with_context(what)?),
                 other => bail!("{}: unexpected kind {other:?}", what()),
             }
         }
@@ -68,11 +80,17 @@ fn rbac_grants_exactly_what_the_cluster_source_uses() -> Result<()> {
     let role = &d.roles[0];
     let mut granted = Grant::new();
     for r in role.rules.iter().flatten() {
-        assert!(r.resource_names.is_none() && r.non_resource_urls.is_none(), "{r:?}");
+        assert!(
+            r.resource_names.is_none() && r.non_resource_urls.is_none(),
+            "{r:?}"
+        );
         for g in r.api_groups.iter().flatten() {
             for res in r.resources.iter().flatten() {
                 for v in &r.verbs {
-                    assert!(!g.contains('*') && !res.contains('*') && !v.contains('*'), "no wildcards: {r:?}");
+                    assert!(
+                        !g.contains('*') && !res.contains('*') && !v.contains('*'),
+                        "no wildcards: {r:?}"
+                    );
                     granted.insert((g.clone(), res.clone(), v.clone()));
                 }
             }
@@ -80,9 +98,16 @@ fn rbac_grants_exactly_what_the_cluster_source_uses() -> Result<()> {
     }
     let used: Grant = API_ACCESS
         .iter()
-        .flat_map(|a| a.verbs.iter().map(move |v| (a.group.to_string(), a.resource.to_string(), v.to_string())))
+        .flat_map(|a| {
+            a.verbs
+                .iter()
+                .map(move |v| (a.group.to_string(), a.resource.to_string(), v.to_string()))
+        })
         .collect();
-    assert_eq!(granted, used, "the ClusterRole grants what the agent uses, no more, no less");
+    assert_eq!(
+        granted, used,
+        "the ClusterRole grants what the agent uses, no more, no less"
+    );
 
     // The binding ties that role to the DaemonSet's ServiceAccount.
     assert_eq!(d.accounts.len(), 1);
@@ -99,7 +124,11 @@ fn rbac_grants_exactly_what_the_cluster_source_uses() -> Result<()> {
         "{subjects:?}"
     );
     let ds = &d.daemonsets[0];
-    let spec = ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()).context("pod spec")?;
+    let spec = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .context("pod spec")?;
     assert_eq!(spec.service_account_name, sa.metadata.name);
     assert_eq!(ds.metadata.namespace, sa.metadata.namespace);
     Ok(())
@@ -110,10 +139,17 @@ fn the_daemonset_runs_everywhere_with_only_the_capabilities_the_agent_needs() ->
     let d = load()?;
     assert_eq!(d.daemonsets.len(), 1);
     let ds = &d.daemonsets[0];
-    let spec = ds.spec.as_ref().and_then(|s| s.template.spec.as_ref()).context("pod spec")?;
+    let spec = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .context("pod spec")?;
     assert_eq!(spec.host_network, Some(true), "hostNetwork");
     assert!(
-        spec.tolerations.iter().flatten().any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        spec.tolerations
+            .iter()
+            .flatten()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
         "tolerates every taint"
     );
     assert_eq!(spec.containers.len(), 1);
@@ -123,12 +159,27 @@ fn the_daemonset_runs_everywhere_with_only_the_capabilities_the_agent_needs() ->
     let caps = sc.capabilities.as_ref().context("capabilities")?;
     let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
     let needed: BTreeSet<&str> = REQUIRED_CAPABILITIES.iter().copied().collect();
-    assert_eq!(added, needed, "capabilities.add is exactly REQUIRED_CAPABILITIES");
-    assert!(caps.drop.iter().flatten().any(|c| c == "ALL"), "drops the rest");
+    assert_eq!(
+        added, needed,
+        "capabilities.add is exactly REQUIRED_CAPABILITIES"
+    );
+    assert!(
+        caps.drop.iter().flatten().any(|c| c == "ALL"),
+        "drops the rest"
+    );
 
     // NODE_NAME from the downward API.
-    let node = c.env.iter().flatten().find(|e| e.name == "NODE_NAME").context("NODE_NAME env")?;
-    let field = node.value_from.as_ref().and_then(|v| v.field_ref.as_ref()).context("fieldRef")?;
+    let node = c
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "NODE_NAME")
+        .context("NODE_NAME env")?;
+    let field = node
+        .value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .context("fieldRef")?;
     assert_eq!(field.field_path, "spec.nodeName");
 
     // bpffs from the host (pins outlive the Pod), cgroup v2 read-only.
@@ -138,25 +189,53 @@ fn the_daemonset_runs_everywhere_with_only_the_capabilities_the_agent_needs() ->
         .flatten()
         .filter_map(|v| v.host_path.as_ref().map(|h| h.path.as_str()))
         .collect();
-    assert!(host_paths.contains("/sys/fs/bpf") && host_paths.contains("/sys/fs/cgroup"), "{host_paths:?}");
-    let mounts: BTreeSet<&str> = c.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+    assert!(
+        host_paths.contains("/sys/fs/bpf") && host_paths.contains("/sys/fs/cgroup"),
+        "{host_paths:?}"
+    );
+    let mounts: BTreeSet<&str> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.mount_path.as_str())
+        .collect();
     assert!(mounts.contains("/sys/fs/bpf"), "{mounts:?}");
 
     // Probes on the health port, kube-proxy's 10256.
     let probe_path = |p: Option<&k8s_openapi::api::core::v1::Probe>| {
-        p.and_then(|p| p.http_get.as_ref()).map(|h| (h.path.clone().unwrap_or_default(), h.port.clone()))
+        p.and_then(|p| p.http_get.as_ref())
+            .map(|h| (h.path.clone().unwrap_or_default(), h.port.clone()))
     };
     use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-    assert_eq!(probe_path(c.liveness_probe.as_ref()), Some(("/healthz".into(), IntOrString::Int(10256))));
-    assert_eq!(probe_path(c.readiness_probe.as_ref()), Some(("/readyz".into(), IntOrString::Int(10256))));
-    assert!(c.args.iter().flatten().any(|a| a == "--healthz-bind-address=0.0.0.0:10256"));
+    assert_eq!(
+        probe_path(c.liveness_probe.as_ref()),
+        Some(("/healthz".into(), IntOrString::Int(10256)))
+    );
+    assert_eq!(
+        probe_path(c.readiness_probe.as_ref()),
+        Some(("/readyz".into(), IntOrString::Int(10256)))
+    );
+    assert!(c
+        .args
+        .iter()
+        .flatten()
+        .any(|a| a == "--healthz-bind-address=0.0.0.0:10256"));
 
     // Every flag passed exists in the agent's CLI.
-    let help = ferry_tests::sys::run(&ferry_tests::sys::ferry_bin()?.to_string_lossy(), &["agent", "--help"])?;
+    let help = ferry_tests::sys::run(
+        &ferry_tests::sys::ferry_bin()?.to_string_lossy(),
+        &["agent", "--help"],
+    )?;
     for a in c.args.iter().flatten().filter(|a| a.starts_with("--")) {
         let flag = a.split('=').next().unwrap_or(a);
-        assert!(help.contains(flag), "ferry agent has no flag {flag}:\n{help}");
+        assert!(
+            help.contains(flag),
+            "ferry agent has no flag {flag}:\n{help}"
+        );
     }
-    assert_eq!(c.args.as_ref().and_then(|a| a.first()).map(String::as_str), Some("agent"));
+    assert_eq!(
+        c.args.as_ref().and_then(|a| a.first()).map(String::as_str),
+        Some("agent")
+    );
     Ok(())
 }

@@ -164,11 +164,13 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             };
             slot = next;
             live_backends.insert(t);
-            let flags = if b.terminating {
-                backend_flags::TERMINATING
-            } else {
-                0
-            };
+            let mut flags = 0;
+            if b.terminating {
+                flags |= backend_flags::TERMINATING;
+            }
+            if b.local {
+                flags |= backend_flags::LOCAL;
+            }
             out.backends.insert(
                 id,
                 Backend {
@@ -237,6 +239,7 @@ mod tests {
                     addr: Ipv4Addr::from(*b),
                     port: 8080,
                     terminating: false,
+local: false
                 })
                 .collect(),
         }

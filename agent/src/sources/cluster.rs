@@ -242,7 +242,11 @@ fn spawn_watch(
             match ev {
                 Ok(watcher::Event::InitDone) => {
                     if !flag.swap(true, Ordering::AcqRel) {
-                        tracing::info!(resource = what, objects = reader.len(), "initial list done");
+                        tracing::info!(
+                            resource = what,
+                            objects = reader.len(),
+                            "initial list done"
+                        );
                     } else {
                         tracing::info!(resource = what, objects = reader.len(), "relisted");
                     }
@@ -330,7 +334,12 @@ fn typed<T: DeserializeOwned>(
         Err(e) => {
             let field = e.path().to_string();
             let field = if field == "." { String::new() } else { field };
-            errors.push(InputError::new(SOURCE, object, field, e.into_inner().to_string()));
+            errors.push(InputError::new(
+                SOURCE,
+                object,
+                field,
+                e.into_inner().to_string(),
+            ));
             None
         }
     }
@@ -339,7 +348,11 @@ fn typed<T: DeserializeOwned>(
 fn ns_or_cluster(obj: &DynamicObject) -> String {
     match &obj.metadata.namespace {
         Some(_) => ns_name(&obj.metadata),
-        None => obj.metadata.name.clone().unwrap_or_else(|| "<unnamed>".into()),
+        None => obj
+            .metadata
+            .name
+            .clone()
+            .unwrap_or_else(|| "<unnamed>".into()),
     }
 }
 
@@ -413,7 +426,10 @@ mod tests {
     fn access_lists_only_what_the_watchers_use() {
         for a in API_ACCESS {
             assert!(a.verbs.contains(&"list") && a.verbs.contains(&"watch"));
-            assert!(!a.verbs.iter().any(|v| ["create", "update", "patch", "delete"].contains(v)));
+            assert!(!a
+                .verbs
+                .iter()
+                .any(|v| ["create", "update", "patch", "delete"].contains(v)));
         }
     }
 }
