@@ -6,7 +6,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -158,10 +158,15 @@ enum Source {
     Standalone {
         manifests: PathBuf,
         state_dir: PathBuf,
+        /// The watched directories and their fingerprint when last loaded.
+        watched: Vec<PathBuf>,
+        loaded: Arc<Mutex<Fingerprint>>,
         _watcher: notify::RecommendedWatcher,
     },
     Cluster(cluster::Cluster),
 }
+
+type Fingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
 
 impl Source {
     async fn start(cfg: &Config, tx: UnboundedSender<()>, metrics: Arc<Metrics>) -> Result<Self> {
@@ -172,24 +177,26 @@ impl Source {
             } => {
                 let watched = vec![manifests.clone(), ferry_shim::status::pods_dir(state_dir)];
                 let watcher = watch::watch(&watched, tx.clone())?;
-                // Safety net for missed inotify events: a cheap fingerprint.
+                let loaded = Arc::new(Mutex::new(Fingerprint::new()));
+                // Safety net for missed inotify events: a cheap fingerprint,
+                // compared with the one of the last load.
+                let (dirs, last) = (watched.clone(), loaded.clone());
                 tokio::spawn(async move {
-                    let mut seen = watch::fingerprint(&watched);
                     let mut tick = tokio::time::interval(Duration::from_secs(2));
                     loop {
                         tick.tick().await;
-                        let now = watch::fingerprint(&watched);
-                        if now != seen {
-                            seen = now;
-                            if tx.send(()).is_err() {
-                                break;
-                            }
+                        let now = watch::fingerprint(&dirs);
+                        let changed = *last.lock().unwrap_or_else(|e| e.into_inner()) != now;
+                        if changed && tx.send(()).is_err() {
+                            break;
                         }
                     }
                 });
                 Ok(Self::Standalone {
                     manifests: manifests.clone(),
                     state_dir: state_dir.clone(),
+                    watched,
+                    loaded,
                     _watcher: watcher,
                 })
             }
@@ -215,8 +222,12 @@ impl Source {
             Self::Standalone {
                 manifests,
                 state_dir,
+                watched,
+                loaded,
                 ..
             } => {
+                // Before reading: a change during the read is seen again.
+                *loaded.lock().unwrap_or_else(|e| e.into_inner()) = watch::fingerprint(watched);
                 let mut m = manifests::load_dir(manifests);
                 let (pods, pod_errors) = ferry_shim::status::read_all(state_dir);
                 for (path, e) in pod_errors {

@@ -13,7 +13,9 @@ use tokio::sync::mpsc::UnboundedSender;
 /// Watches `dirs` (recursively); every event sends a `()`.
 pub fn watch(dirs: &[PathBuf], tx: UnboundedSender<()>) -> Result<notify::RecommendedWatcher> {
     let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok() {
+        // Reads (open/close without writing) change nothing; counting them would
+        // make every sync, which reads the files, trigger the next one.
+        if ev.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
             let _ = tx.send(());
         }
     })?;
