@@ -294,6 +294,11 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
         let m = http_get(ns, 10249, "/metrics")?.1;
         Ok(m.contains("ferry_services 1") && m.contains("ferry_backends 1"))
     })?;
+    // Quiet when nothing changes: bookmarks and idle watches cause no syncs.
+    let syncs = |log: &str| count(log, "maps synced") + count(log, "maps already in sync");
+    let before = syncs(&c.lab.agent_log());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(syncs(&c.lab.agent_log()), before, "{}", c.lab.logs());
     Ok(())
 }
 
