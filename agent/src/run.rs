@@ -272,6 +272,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         health::spawn_server(l, move |p| m.route(p));
     }
 
+    // The source first: a bad kubeconfig or a missing in-cluster environment is
+    // reported before anything touches the kernel. Changes queue up meanwhile.
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let source = Source::start(&cfg, tx.clone(), metrics.clone()).await?;
+
     let (mut dp, maps) = Dataplane::load(&cfg.dataplane)?;
     let syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let ids = Ids::from_contents(syncer.current());
@@ -288,8 +293,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     tokio::spawn(conn);
     attach_all(&handle, &mut dp, &cfg.devices).await;
 
-    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let source = Source::start(&cfg, tx.clone(), metrics.clone()).await?;
     tracing::info!(
         node = %cfg.node,
         mode = source.describe(),

@@ -78,7 +78,7 @@ pub enum ClusterError {
         #[source]
         source: kube::config::KubeconfigError,
     },
-    #[error("in-cluster configuration (no --kubeconfig given)")]
+    #[error("in-cluster configuration (outside a cluster, give --kubeconfig PATH, or --manifests DIR for standalone mode)")]
     InCluster(#[source] kube::config::InClusterError),
     #[error("creating the Kubernetes client")]
     Client(#[source] kube::Error),
