@@ -621,6 +621,13 @@ fn a_pod_reaches_a_clusterip_learned_from_the_api() -> Result<()> {
         metrics.contains("ferry_service_bytes_total{service=\"default/echo\",port=\"http\"}"),
         "{metrics}"
     );
+    // The same counters in `ferry svc list -o json`.
+    let rows: Vec<Value> = serde_json::from_str(&lab.ferry(&["svc", "list", "-o", "json"])?)?;
+    let row = rows
+        .iter()
+        .find(|r| r["frontend"] == "10.96.0.10:80")
+        .context("the frontend in svc list")?;
+    assert!(row["packets"].as_u64().unwrap_or(0) >= packets, "{row}");
     drop(lab);
     drop(api);
     Ok(())

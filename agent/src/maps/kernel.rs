@@ -166,12 +166,11 @@ pub fn read_counters(dir: &Path) -> Result<Vec<u64>, OpenError> {
         .collect())
 }
 
-/// Per-frontend traffic pinned under `dir`, summed over CPUs, with the frontend's
-/// name (`namespace/name:port (TYPE)`, empty if unnamed).
-pub fn read_svc_stats(dir: &Path) -> Result<Vec<(String, SvcStats)>, OpenError> {
+/// Per-frontend traffic pinned under `dir`, summed over CPUs, by reverse-NAT id.
+pub fn read_svc_stats_by_id(
+    dir: &Path,
+) -> Result<std::collections::BTreeMap<u16, SvcStats>, OpenError> {
     let stats = stats_map(from_pin(dir, SVC_STATS_MAP)?)?;
-    let names: HashMap<MapData, u16, ServiceName> =
-        hash(SVC_NAMES_MAP, from_pin(dir, SVC_NAMES_MAP)?)?;
     Ok(stats
         .iter()
         .filter_map(Result::ok)
@@ -180,6 +179,20 @@ pub fn read_svc_stats(dir: &Path) -> Result<Vec<(String, SvcStats)>, OpenError> 
                 packets: a.packets + s.packets,
                 bytes: a.bytes + s.bytes,
             });
+            (id, total)
+        })
+        .collect())
+}
+
+/// Per-frontend traffic pinned under `dir`, summed over CPUs, with the frontend's
+/// name (`namespace/name:port (TYPE)`, empty if unnamed).
+pub fn read_svc_stats(dir: &Path) -> Result<Vec<(String, SvcStats)>, OpenError> {
+    let stats = read_svc_stats_by_id(dir)?;
+    let names: HashMap<MapData, u16, ServiceName> =
+        hash(SVC_NAMES_MAP, from_pin(dir, SVC_NAMES_MAP)?)?;
+    Ok(stats
+        .into_iter()
+        .map(|(id, total)| {
             let name = names
                 .get(&id, 0)
                 .map(|n| n.as_str().to_string())
