@@ -234,7 +234,13 @@ fn spawn_watch(
     let ready = Arc::new(AtomicBool::new(false));
     let flag = ready.clone();
     let reader = store.clone();
-    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    // managedFields can be most of an object's size and nothing here reads them.
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, config)
+            .default_backoff()
+            .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None),
+    );
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
