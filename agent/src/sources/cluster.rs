@@ -6,10 +6,11 @@
 //! port number belongs, say) is reported with its name and field and skipped,
 //! instead of failing the whole list and stalling every other Service.
 use std::{
+    collections::{HashMap, HashSet},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
-        Arc,
+        Arc, Mutex,
     },
 };
 
@@ -106,6 +107,7 @@ pub struct Cluster {
     slices: Watched,
     nodes: Watched,
     node: String,
+    typer: Mutex<Typer>,
 }
 
 /// Builds a client from `--kubeconfig` or the in-cluster environment.
@@ -186,6 +188,7 @@ impl Cluster {
             slices,
             nodes,
             node: cfg.node.clone(),
+            typer: Mutex::new(Typer::default()),
         })
     }
 
@@ -211,7 +214,8 @@ impl Cluster {
         if !self.is_ready() {
             return None;
         }
-        Some(build_input(
+        let mut typer = self.typer.lock().unwrap_or_else(|e| e.into_inner());
+        Some(typer.input(
             &self.services.store.state(),
             &self.slices.store.state(),
             &self.nodes.store.state(),
@@ -284,71 +288,121 @@ fn spawn_watch(
 }
 
 /// Types the watched objects (skipping and reporting those that do not fit) and
-/// makes the snapshot translation takes.
-pub fn build_input(
-    services: &[Arc<DynamicObject>],
-    slices: &[Arc<DynamicObject>],
-    nodes: &[Arc<DynamicObject>],
-    node: &str,
-) -> Input {
-    let mut errors = Vec::new();
-    let mut svcs: Vec<Sourced<Service>> = services
-        .iter()
-        .filter_map(|o| typed::<Service>("Service", o, &mut errors))
-        .map(|s| Sourced::new(SOURCE, s))
-        .collect();
-    svcs.sort_by_key(|s| ns_name(&s.object.metadata));
-    let mut eps: Vec<Sourced<EndpointSlice>> = slices
-        .iter()
-        .filter_map(|o| typed::<EndpointSlice>("EndpointSlice", o, &mut errors))
-        .map(|s| Sourced::new(SOURCE, s))
-        .collect();
-    eps.sort_by_key(|s| ns_name(&s.object.metadata));
-    let node = nodes
-        .iter()
-        .find(|n| n.metadata.name.as_deref() == Some(node))
-        .and_then(|o| typed::<Node>("Node", o, &mut errors))
-        .map(node_info);
-    Input {
-        snapshot: Snapshot {
-            services: svcs,
-            endpoint_slices: eps,
-            node,
-            ..Default::default()
-        },
-        errors,
+/// makes the snapshot translation takes. Keeps each object's typed form (or its
+/// error) until its resourceVersion changes, so a sync re-types only what changed.
+#[derive(Default)]
+pub struct Typer {
+    services: Typed<Service>,
+    slices: Typed<EndpointSlice>,
+    nodes: Typed<Node>,
+    /// Conversions done so far (for tests).
+    pub conversions: usize,
+}
+
+/// Cache of one kind: key (uid, else name) → (resourceVersion, typed or error).
+struct Typed<T> {
+    by_key: HashMap<String, (Option<String>, Result<T, InputError>)>,
+}
+
+impl<T> Default for Typed<T> {
+    fn default() -> Self {
+        Self {
+            by_key: HashMap::new(),
+        }
+    }
+}
+
+impl<T: DeserializeOwned + Clone> Typed<T> {
+    fn all(
+        &mut self,
+        kind: &str,
+        objs: &[Arc<DynamicObject>],
+        errors: &mut Vec<InputError>,
+        conversions: &mut usize,
+    ) -> Vec<T> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(objs.len());
+        for o in objs {
+            let key = o.metadata.uid.clone().unwrap_or_else(|| ns_or_cluster(o));
+            let rv = o.metadata.resource_version.clone();
+            let fresh =
+                matches!(self.by_key.get(&key), Some((cached, _)) if rv.is_some() && *cached == rv);
+            if !fresh {
+                *conversions += 1;
+                self.by_key.insert(key.clone(), (rv, typed(kind, o)));
+            }
+            if let Some((_, r)) = self.by_key.get(&key) {
+                match r {
+                    Ok(t) => out.push(t.clone()),
+                    Err(e) => errors.push(e.clone()),
+                }
+            }
+            seen.insert(key);
+        }
+        self.by_key.retain(|k, _| seen.contains(k));
+        out
+    }
+}
+
+impl Typer {
+    pub fn input(
+        &mut self,
+        services: &[Arc<DynamicObject>],
+        slices: &[Arc<DynamicObject>],
+        nodes: &[Arc<DynamicObject>],
+        node: &str,
+    ) -> Input {
+        let mut errors = Vec::new();
+        let n = &mut self.conversions;
+        let mut svcs: Vec<Sourced<Service>> = self
+            .services
+            .all("Service", services, &mut errors, n)
+            .into_iter()
+            .map(|s| Sourced::new(SOURCE, s))
+            .collect();
+        svcs.sort_by_key(|s| ns_name(&s.object.metadata));
+        let mut eps: Vec<Sourced<EndpointSlice>> = self
+            .slices
+            .all("EndpointSlice", slices, &mut errors, n)
+            .into_iter()
+            .map(|s| Sourced::new(SOURCE, s))
+            .collect();
+        eps.sort_by_key(|s| ns_name(&s.object.metadata));
+        let ours: Vec<Arc<DynamicObject>> = nodes
+            .iter()
+            .filter(|o| o.metadata.name.as_deref() == Some(node))
+            .cloned()
+            .collect();
+        let node = self
+            .nodes
+            .all("Node", &ours, &mut errors, n)
+            .into_iter()
+            .next()
+            .map(node_info);
+        errors.sort_by_key(ToString::to_string);
+        Input {
+            snapshot: Snapshot {
+                services: svcs,
+                endpoint_slices: eps,
+                node,
+                ..Default::default()
+            },
+            errors,
+        }
     }
 }
 
 /// One object into its k8s-openapi type; on failure an error naming the object
 /// and the field.
-fn typed<T: DeserializeOwned>(
-    kind: &str,
-    obj: &DynamicObject,
-    errors: &mut Vec<InputError>,
-) -> Option<T> {
+fn typed<T: DeserializeOwned>(kind: &str, obj: &DynamicObject) -> Result<T, InputError> {
     let object = format!("{kind} {}", ns_or_cluster(obj));
-    let value = match serde_json::to_value(obj) {
-        Ok(v) => v,
-        Err(e) => {
-            errors.push(InputError::new(SOURCE, object, "", e.to_string()));
-            return None;
-        }
-    };
-    match serde_path_to_error::deserialize::<_, T>(value) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            let field = e.path().to_string();
-            let field = if field == "." { String::new() } else { field };
-            errors.push(InputError::new(
-                SOURCE,
-                object,
-                field,
-                e.into_inner().to_string(),
-            ));
-            None
-        }
-    }
+    let value = serde_json::to_value(obj)
+        .map_err(|e| InputError::new(SOURCE, object.clone(), "", e.to_string()))?;
+    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        InputError::new(SOURCE, object, field, e.into_inner().to_string())
+    })
 }
 
 fn ns_or_cluster(obj: &DynamicObject) -> String {
@@ -402,18 +456,39 @@ mod tests {
             })),
         ];
         let slices = [obj(serde_json::json!({
-            "metadata": {"name": "good-1", "namespace": "default",
+            "metadata": {"name": "good-1", "namespace": "default", "resourceVersion": "3",
                          "labels": {"kubernetes.io/service-name": "good"}},
             "addressType": "IPv4",
             "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}],
             "ports": [{"port": 8080}]
         }))];
         let nodes = [obj(serde_json::json!({
-            "metadata": {"name": "n1"},
+            "metadata": {"name": "n1", "resourceVersion": "4"},
             "spec": {"podCIDR": "10.244.1.0/24"},
             "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.5"}]}
         }))];
-        let input = build_input(&services, &slices, &nodes, "n1");
+        let mut typer = Typer::default();
+        let input = typer.input(&services, &slices, &nodes, "n1");
+        assert_eq!(typer.conversions, 4);
+        // Unchanged objects are not typed again; the error is reported again.
+        let again = typer.input(&services, &slices, &nodes, "n1");
+        assert_eq!(typer.conversions, 4);
+        assert_eq!(again.errors, input.errors);
+        assert_eq!(again.snapshot.services.len(), 1);
+        // The broken Service is fixed (new resourceVersion): typed again, and a
+        // deleted slice leaves the cache.
+        let fixed = [
+            services[0].clone(),
+            obj(serde_json::json!({
+                "metadata": {"name": "bad", "namespace": "prod", "resourceVersion": "9"},
+                "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 80}]}
+            })),
+        ];
+        let after = typer.input(&fixed, &[], &nodes, "n1");
+        assert_eq!(typer.conversions, 5);
+        assert!(after.errors.is_empty(), "{:?}", after.errors);
+        assert_eq!(after.snapshot.services.len(), 2);
+        assert!(after.snapshot.endpoint_slices.is_empty());
         assert_eq!(input.snapshot.services.len(), 1);
         assert_eq!(input.snapshot.endpoint_slices.len(), 1);
         assert_eq!(input.errors.len(), 1, "{:?}", input.errors);
