@@ -270,19 +270,29 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
     for i in 0..20 {
         let addr = format!("10.244.2.{}", 10 + i);
         let eps: [Ep; 1] = [(addr.as_str(), true, true, false, "n2")];
-        c.api.apply(slice("web-b", "web", &eps, web_slice_ports()))?;
+        c.api
+            .apply(slice("web-b", "web", &eps, web_slice_ports()))?;
     }
     wait_maps(
         &c,
         WAIT,
         &want(&[
-            ("10.96.0.10:53/UDP", &["10.244.1.2:5353", "10.244.2.29:5353"]),
-            ("10.96.0.10:80/TCP", &["10.244.1.2:8080", "10.244.2.29:8080"]),
+            (
+                "10.96.0.10:53/UDP",
+                &["10.244.1.2:5353", "10.244.2.29:5353"],
+            ),
+            (
+                "10.96.0.10:80/TCP",
+                &["10.244.1.2:8080", "10.244.2.29:8080"],
+            ),
             ("10.96.0.20:443/TCP", &["10.244.3.3:8443"]),
         ]),
     )?;
     let syncs = count(&c.lab.agent_log(), "maps synced") - before;
-    assert!((1..=3).contains(&syncs), "{syncs} syncs for a burst of 20 changes");
+    assert!(
+        (1..=3).contains(&syncs),
+        "{syncs} syncs for a burst of 20 changes"
+    );
 
     // An endpoint stops being ready: it leaves the maps.
     c.api.apply(slice(
