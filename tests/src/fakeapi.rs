@@ -317,7 +317,11 @@ impl FakeApi {
 
 impl Drop for FakeApi {
     fn drop(&mut self) {
+        let t = std::time::Instant::now();
         self.stop();
+        if t.elapsed() > Duration::from_secs(5) {
+            eprintln!("fake API server on port {}: stopping took {:?}", self.port, t.elapsed());
+        }
     }
 }
 

@@ -352,12 +352,26 @@ impl Drop for Lab {
         if std::thread::panicking() {
             eprintln!("lab {} failed; logs:\n{}", self.prefix, self.logs());
         }
+        // Each step is timed: a slow one is reported (a loaded machine, or a
+        // process that does not stop).
+        let prefix = self.prefix.clone();
+        let slow = |what: &str, t: Instant| {
+            if t.elapsed() > Duration::from_secs(5) {
+                eprintln!("lab {prefix}: {what} took {:?}", t.elapsed());
+            }
+        };
         // The shim stops its Pods and removes their namespaces on SIGTERM.
+        let t = Instant::now();
         if let Some(child) = self.shim.take() {
             stop(child, Duration::from_secs(15));
         }
+        slow("stopping the shim", t);
+        let t = Instant::now();
         self.stop_agent();
+        slow("stopping the agent", t);
+        let t = Instant::now();
         sys::delete_netns_with_prefix(&self.prefix);
+        slow("deleting the network namespaces", t);
         let _ = fs::remove_dir_all(&self.bpffs_dir);
         let _ = fs::remove_dir(self.bpffs_dir.parent().unwrap_or(Path::new("/nonexistent")));
         let _ = fs::remove_dir_all(&self.dir);
