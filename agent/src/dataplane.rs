@@ -126,6 +126,16 @@ fn replace_short_counters(dir: &Path) {
     }
 }
 
+/// Linux capabilities the agent needs, and all it needs (deploy/daemonset.yaml
+/// grants exactly these; tests compare, and run the agent with only these):
+/// BPF to create, pin and load maps and programs; PERFMON because without it
+/// the verifier refuses the programs (seen on kernel 6.18 once the reject path,
+/// which builds RST and ICMP replies on the stack, was added: EACCES); NET_ADMIN
+/// to attach TC programs. Not SYS_ADMIN: bpffs is mounted
+/// into the container, so it is never mounted and no mount namespace is joined
+/// (see `mountns`). Kernels before 5.8 have no CAP_BPF and would need SYS_ADMIN.
+pub const REQUIRED_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
+
 /// Whether the mount table `mounts` (a /proc/<pid>/mounts) has bpffs at /sys/fs/bpf.
 pub fn has_bpffs(mounts: &str) -> bool {
     mounts.lines().any(|l| {

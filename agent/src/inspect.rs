@@ -56,6 +56,10 @@ pub struct ServiceRow {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity_timeout_seconds: Option<u32>,
     pub backends: Vec<BackendRow>,
+    /// Packets (and their bytes) sent to this frontend and translated, since the
+    /// dataplane was loaded (per-CPU counters, summed).
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 fn ip(a: u32) -> Ipv4Addr {
@@ -87,6 +91,8 @@ fn split_name(full: &str) -> (String, String) {
 /// The Services programmed in the maps under `dir`.
 pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
     let c = contents(dir)?;
+    // Pins from a version without per-Service counters: zeros.
+    let stats = kernel::read_svc_stats_by_id(dir).unwrap_or_default();
     let mut rows = Vec::new();
     for (k, v) in c.services.iter().filter(|(k, _)| k.slot == 0) {
         let full = c
@@ -140,6 +146,8 @@ pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
             affinity_timeout_seconds: (v.flags & svc_flags::AFFINITY != 0)
                 .then_some(v.affinity_timeout),
             backends,
+            packets: stats.get(&v.rev_nat_id).map_or(0, |s| s.packets),
+            bytes: stats.get(&v.rev_nat_id).map_or(0, |s| s.bytes),
         });
     }
     rows.sort_by(|a, b| {
@@ -157,7 +165,7 @@ pub fn print_services(rows: &[ServiceRow], wide: bool) -> String {
         "SERVICE", "PORT", "TYPE", "FRONTEND", "PROTO"
     );
     if wide {
-        let _ = write!(out, "{:<6} {:<20} ", "REVNAT", "FLAGS");
+        let _ = write!(out, "{:<6} {:<20} {:>10} ", "REVNAT", "FLAGS", "PACKETS");
     }
     out.push_str("BACKENDS\n");
     for r in rows {
@@ -172,7 +180,7 @@ pub fn print_services(rows: &[ServiceRow], wide: bool) -> String {
             } else {
                 r.flags.join(",")
             };
-            let _ = write!(out, "{:<6} {:<20} ", r.rev_nat_id, flags);
+            let _ = write!(out, "{:<6} {:<20} {:>10} ", r.rev_nat_id, flags, r.packets);
         }
         let backends: Vec<String> = r
             .backends

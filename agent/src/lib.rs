@@ -2,9 +2,11 @@
 pub mod dataplane;
 pub mod endpoints;
 pub mod error;
+pub mod health;
 pub mod inspect;
 pub mod loader;
 pub mod maps;
+pub mod metrics;
 pub mod model;
 pub mod mountns;
 pub mod run;

@@ -80,9 +80,14 @@ enum Output {
 #[derive(Args)]
 struct AgentArgs {
     /// Standalone mode: Kubernetes YAML in DIR (Services, EndpointSlices, Endpoints;
-    /// Pods and Deployments are the shim's), watched for changes.
+    /// Pods and Deployments are the shim's), watched for changes. Without it the
+    /// agent runs in cluster mode and watches the Kubernetes API.
     #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
+    /// Cluster mode: the kubeconfig to reach the API server with (default: the
+    /// in-cluster service account).
+    #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
     /// Where shims publish Pod status (standalone mode).
     #[arg(long, default_value = ferry_shim::status::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
@@ -104,9 +109,33 @@ struct AgentArgs {
     /// Entries of the connection-tracking map (two per flow).
     #[arg(long, default_value_t = DEFAULT_CT_MAX)]
     ct_map_size: u32,
-    /// Coalesce bursts of changes for this long before syncing.
+    /// Coalesce bursts of changes: a sync happens at most this long after the
+    /// first change of a burst.
     #[arg(long, default_value_t = 100)]
     sync_debounce_ms: u64,
+    /// Full resync period in seconds (re-translates everything; writes only what
+    /// differs). /healthz fails when no sync succeeded for twice this long.
+    #[arg(long, default_value_t = 30)]
+    sync_period_seconds: u64,
+    /// Where /healthz, /readyz and /livez are served (kube-proxy's port); empty
+    /// disables.
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_bind_address: String,
+    /// Where /metrics is served (Prometheus text format; kube-proxy's port); empty
+    /// disables.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_bind_address: String,
+}
+
+/// An optional listen address: empty means off.
+fn listen_addr(flag: &str, value: &str) -> Result<Option<std::net::SocketAddr>> {
+    if value.is_empty() {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .with_context(|| format!("{flag} {value:?}: want IP:PORT (or empty to disable)"))
 }
 
 fn node_name(flag: Option<String>) -> Result<String> {
@@ -175,19 +204,30 @@ fn run() -> Result<()> {
 }
 
 async fn agent(a: AgentArgs) -> Result<()> {
-    let Some(manifests) = a.manifests else {
-        bail!("cluster mode is not implemented yet; use --manifests DIR (standalone mode)");
+    let mode = match a.manifests {
+        Some(manifests) => run::Mode::Standalone {
+            manifests,
+            state_dir: a.state_dir,
+        },
+        None => run::Mode::Cluster {
+            kubeconfig: a.kubeconfig,
+        },
     };
+    if a.sync_period_seconds == 0 {
+        bail!("--sync-period-seconds must be at least 1");
+    }
+    let sync_period = Duration::from_secs(a.sync_period_seconds);
     let node = node_name(a.node.node_name.clone())?;
     let bpffs_dir = match a.node.bpffs_dir {
         Some(d) => d,
         None => dataplane::default_bpffs_dir(&node),
     };
-    run::run_standalone(run::Config {
-        manifests,
-        state_dir: a.state_dir,
+    let pod_endpoints = matches!(mode, run::Mode::Standalone { .. });
+    run::run(run::Config {
+        mode,
         translate: translate::Config {
             service_cidr: a.service_cluster_ip_range,
+            pod_endpoints,
             node: node.clone(),
         },
         node,
@@ -199,6 +239,10 @@ async fn agent(a: AgentArgs) -> Result<()> {
             ct_max: a.ct_map_size,
         },
         debounce: Duration::from_millis(a.sync_debounce_ms),
+        sync_period,
+        healthz_timeout: 2 * sync_period,
+        healthz_addr: listen_addr("--healthz-bind-address", &a.healthz_bind_address)?,
+        metrics_addr: listen_addr("--metrics-bind-address", &a.metrics_bind_address)?,
     })
     .await
 }

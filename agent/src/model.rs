@@ -36,6 +36,19 @@ pub struct Snapshot {
     /// reported, and kept for inspection.
     pub pod_specs: Vec<Sourced<Pod>>,
     pub deployments: Vec<Sourced<Deployment>>,
+    /// This node as the API describes it (cluster mode): its addresses and pod
+    /// CIDRs. Standalone mode has no Node object.
+    pub node: Option<NodeInfo>,
+}
+
+/// What the agent needs of its own Node object.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    /// status.addresses: (type, address), e.g. ("InternalIP", "192.168.1.10").
+    pub addresses: Vec<(String, String)>,
+    /// spec.podCIDRs (or spec.podCIDR).
+    pub pod_cidrs: Vec<String>,
 }
 
 /// `namespace/name` of an object's metadata.

@@ -1,43 +1,65 @@
-//! The standalone agent: manifests + Pod status → translate → layout → sync, again
-//! whenever the input changes, and from_pod attached to every Pod veth.
+//! The agent loop, one code path for both sources: a source (manifests + Pod
+//! status files, or the Kubernetes API) produces an `Input`; the Programmer
+//! translates it and writes the difference to the maps; health and metrics
+//! report how that goes; from_pod is attached to every Pod veth.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
 use rtnetlink::MulticastGroup;
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    sync::mpsc::UnboundedSender,
+};
 
 use crate::{
     dataplane::{self, Dataplane},
+    health::{self, Health},
     maps::{
         kernel::KernelMaps,
         layout::{layout, Ids},
         sync::Syncer,
     },
-    model::Snapshot,
-    sources::{manifests, watch},
+    metrics::{Metrics, Programmed},
+    sources::{cluster, manifests, watch, Input},
     translate::{self, translate},
 };
 
-/// After a change event, wait this long for the writer to finish (a rename is
-/// one event; an editor's write is several in a row).
-const QUIET: Duration = Duration::from_millis(5);
+/// Where the objects come from.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    /// `--manifests DIR`: YAML files plus the shim's Pod status files.
+    Standalone {
+        manifests: PathBuf,
+        state_dir: PathBuf,
+    },
+    /// The Kubernetes API (in-cluster, or `--kubeconfig`).
+    Cluster { kubeconfig: Option<PathBuf> },
+}
 
-/// Everything `ferry agent --manifests` needs.
+/// Everything `ferry agent` needs.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub manifests: PathBuf,
-    pub state_dir: PathBuf,
+    pub mode: Mode,
     pub node: String,
     pub devices: Vec<String>,
     pub translate: translate::Config,
     pub dataplane: dataplane::Config,
+    /// A sync happens at most this long after the first change of a burst.
     pub debounce: Duration,
+    /// Full resync period (re-translate; writes only if something differs).
+    pub sync_period: Duration,
+    /// /healthz fails when the last successful sync is older than this.
+    pub healthz_timeout: Duration,
+    /// None: not served.
+    pub healthz_addr: Option<SocketAddr>,
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 /// The sync side: input → maps.
@@ -48,27 +70,30 @@ struct Programmer {
     reported: BTreeSet<String>,
     /// ClusterIPs allocated last time (logged when they change).
     allocated: BTreeMap<String, Ipv4Addr>,
-    /// Parsed manifest files, re-read only when they change.
-    manifests: manifests::DirCache,
+    /// The node's addresses and pod CIDRs last time (logged when they change).
+    node: Option<crate::model::NodeInfo>,
 }
 
 impl Programmer {
-    fn sync(&mut self, cfg: &Config) -> Result<()> {
+    /// `after_change`: the sync follows an input change (or a relist), so a no-op
+    /// is worth an info line; periodic resyncs log it at debug.
+    fn sync(
+        &mut self,
+        input: Input,
+        cfg: &translate::Config,
+        after_change: bool,
+    ) -> Result<Programmed> {
         let started = Instant::now();
-        let mut m = self.manifests.load(&cfg.manifests);
-        let (pods, pod_errors) = ferry_shim::status::read_all(&cfg.state_dir);
-        for (path, e) in pod_errors {
-            tracing::debug!("skipping unreadable pod record {}: {e}", path.display());
+        let Input { snapshot, errors } = input;
+        if snapshot.node != self.node {
+            if let Some(n) = &snapshot.node {
+                tracing::info!(node = %n.name, addresses = ?n.addresses, pod_cidrs = ?n.pod_cidrs, "node");
+            }
+            self.node = snapshot.node.clone();
         }
-        let snapshot = Snapshot {
-            pods,
-            ..std::mem::take(&mut m.snapshot)
-        };
-        let parsed = started.elapsed();
-        let t = translate(&snapshot, &cfg.translate);
+        let t = translate(&snapshot, cfg);
         let translated = started.elapsed();
-        let errors: BTreeSet<String> = m
-            .errors
+        let errors: BTreeSet<String> = errors
             .iter()
             .chain(t.errors.iter())
             .map(ToString::to_string)
@@ -79,6 +104,7 @@ impl Programmer {
         for e in self.reported.difference(&errors) {
             tracing::info!("resolved: {e}");
         }
+        let input_errors = errors.len();
         self.reported = errors;
         for (svc, ip) in &t.allocated {
             if self.allocated.get(svc) != Some(ip) {
@@ -88,14 +114,18 @@ impl Programmer {
         self.allocated = t.allocated;
         let desired = layout(&t.frontends, &mut self.ids);
         tracing::debug!(
-            parse_ms = parsed.as_millis() as u64,
-            translate_ms = (translated - parsed).as_millis() as u64,
+            translate_ms = translated.as_millis() as u64,
             layout_ms = (started.elapsed() - translated).as_millis() as u64,
             "sync phases"
         );
         let st = self.syncer.sync(&desired).context("writing the BPF maps")?;
+        let backends: usize = t.frontends.iter().map(|f| f.backends.len()).sum();
+        let services: BTreeSet<&str> = t
+            .frontends
+            .iter()
+            .map(|f| f.name.rsplit_once(':').map_or(f.name.as_str(), |(s, _)| s))
+            .collect();
         if st.upserts + st.deletes > 0 {
-            let backends: usize = t.frontends.iter().map(|f| f.backends.len()).sum();
             tracing::info!(
                 frontends = t.frontends.len(),
                 backends,
@@ -107,19 +137,162 @@ impl Programmer {
                 total_ms = started.elapsed().as_millis() as u64,
                 "maps synced"
             );
+        } else if after_change {
+            tracing::info!(
+                upserts = 0,
+                deletes = 0,
+                total_ms = started.elapsed().as_millis() as u64,
+                "maps already in sync, nothing written"
+            );
         } else {
             tracing::debug!(
+                upserts = 0,
+                deletes = 0,
                 total_ms = started.elapsed().as_millis() as u64,
-                "maps already in sync"
+                "maps already in sync, nothing written"
             );
         }
-        Ok(())
+        Ok(Programmed {
+            services: services.len(),
+            frontends: t.frontends.len(),
+            backends,
+            input_errors,
+        })
+    }
+}
+
+/// After a change event, wait this long for the writer to finish (a rename is
+/// one event; an editor's write is several in a row).
+const QUIET: Duration = Duration::from_millis(5);
+
+/// A running source.
+enum Source {
+    Standalone {
+        manifests: PathBuf,
+        state_dir: PathBuf,
+        /// The watched directories and their fingerprint when last loaded.
+        watched: Vec<PathBuf>,
+        loaded: Arc<Mutex<Fingerprint>>,
+        /// Parsed manifest files, re-parsed only when they change.
+        cache: Mutex<manifests::DirCache>,
+        _watcher: notify::RecommendedWatcher,
+    },
+    Cluster(cluster::Cluster),
+}
+
+type Fingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
+
+impl Source {
+    async fn start(cfg: &Config, tx: UnboundedSender<()>, metrics: Arc<Metrics>) -> Result<Self> {
+        match &cfg.mode {
+            Mode::Standalone {
+                manifests,
+                state_dir,
+            } => {
+                let watched = vec![manifests.clone(), ferry_shim::status::pods_dir(state_dir)];
+                let watcher = watch::watch(&watched, tx.clone())?;
+                let loaded = Arc::new(Mutex::new(Fingerprint::new()));
+                // Safety net for missed inotify events: a cheap fingerprint,
+                // compared with the one of the last load.
+                let (dirs, last) = (watched.clone(), loaded.clone());
+                tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(Duration::from_secs(2));
+                    loop {
+                        tick.tick().await;
+                        let now = watch::fingerprint(&dirs);
+                        let changed = *last.lock().unwrap_or_else(|e| e.into_inner()) != now;
+                        if changed && tx.send(()).is_err() {
+                            break;
+                        }
+                    }
+                });
+                Ok(Self::Standalone {
+                    manifests: manifests.clone(),
+                    state_dir: state_dir.clone(),
+                    watched,
+                    loaded,
+                    cache: Mutex::new(manifests::DirCache::default()),
+                    _watcher: watcher,
+                })
+            }
+            Mode::Cluster { kubeconfig } => {
+                let c = cluster::Cluster::start(
+                    &cluster::Config {
+                        kubeconfig: kubeconfig.clone(),
+                        node: cfg.node.clone(),
+                    },
+                    tx,
+                    metrics,
+                )
+                .await?;
+                Ok(Self::Cluster(c))
+            }
+        }
+    }
+
+    /// The current input; None while the source is not ready (cluster mode
+    /// before every initial list is done).
+    fn load(&self) -> Option<Input> {
+        match self {
+            Self::Standalone {
+                manifests,
+                state_dir,
+                watched,
+                loaded,
+                cache,
+                ..
+            } => {
+                // Before reading: a change during the read is seen again.
+                *loaded.lock().unwrap_or_else(|e| e.into_inner()) = watch::fingerprint(watched);
+                let mut m = cache.lock().unwrap_or_else(|e| e.into_inner()).load(manifests);
+                let (pods, pod_errors) = ferry_shim::status::read_all(state_dir);
+                for (path, e) in pod_errors {
+                    tracing::debug!("skipping unreadable pod record {}: {e}", path.display());
+                }
+                m.snapshot.pods = pods;
+                Some(m)
+            }
+            Self::Cluster(c) => c.load(),
+        }
+    }
+
+    fn describe(&self) -> &'static str {
+        match self {
+            Self::Standalone { .. } => "standalone",
+            Self::Cluster(_) => "cluster",
+        }
     }
 }
 
 /// Runs until SIGTERM/SIGINT. The programs and maps stay in place when it stops,
 /// so traffic keeps flowing while the agent restarts.
-pub async fn run_standalone(cfg: Config) -> Result<()> {
+pub async fn run(cfg: Config) -> Result<()> {
+    let health = Arc::new(Health::new(cfg.healthz_timeout));
+    let metrics = Arc::new(Metrics::new(
+        Some(cfg.dataplane.bpffs_dir.clone()),
+        cfg.dataplane.ct_max,
+    ));
+    // Bind first: a port in use is a startup error, not a silent gap.
+    if let Some(addr) = cfg.healthz_addr {
+        let (l, _) = health::bind(addr, "health server (/healthz, /readyz, /livez)")
+            .await
+            .with_context(|| format!("binding --healthz-bind-address {addr}"))?;
+        let h = health.clone();
+        health::spawn_server(l, move |p| h.route(p));
+    }
+    if let Some(addr) = cfg.metrics_addr {
+        let (l, _) = health::bind(addr, "metrics server (/metrics)")
+            .await
+            .with_context(|| format!("binding --metrics-bind-address {addr}"))?;
+        let m = metrics.clone();
+        health::spawn_server(l, move |p| m.route(p));
+    }
+
+    // The source first: a bad kubeconfig or a missing in-cluster environment is
+    // reported before anything touches the kernel. Changes queue up meanwhile.
+    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
+    let source = Source::start(&cfg, tx.clone(), metrics.clone()).await?;
+
     let (mut dp, maps) = Dataplane::load(&cfg.dataplane)?;
     let syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let ids = Ids::from_contents(syncer.current());
@@ -128,63 +301,59 @@ pub async fn run_standalone(cfg: Config) -> Result<()> {
         ids,
         reported: BTreeSet::new(),
         allocated: BTreeMap::new(),
-        manifests: manifests::DirCache::default(),
+        node: None,
     };
-    tracing::info!(
-        node = %cfg.node,
-        manifests = %cfg.manifests.display(),
-        bpffs = %cfg.dataplane.bpffs_dir.display(),
-        "ferry agent started (standalone)"
-    );
 
     let (conn, handle, mut link_events) =
         rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).context("netlink")?;
     tokio::spawn(conn);
     attach_all(&handle, &mut dp, &cfg.devices).await;
 
-    let watched = vec![
-        cfg.manifests.clone(),
-        ferry_shim::status::pods_dir(&cfg.state_dir),
-    ];
-    let (tx, mut changes) = tokio::sync::mpsc::unbounded_channel();
-    let _watcher = watch::watch(&watched, tx)?;
-    let mut seen = watch::fingerprint(&watched);
-    if let Err(e) = prog.sync(&cfg) {
-        tracing::error!("sync failed: {e:#}");
-    }
+    tracing::info!(
+        node = %cfg.node,
+        mode = source.describe(),
+        bpffs = %cfg.dataplane.bpffs_dir.display(),
+        "ferry agent started"
+    );
+    // The first sync: at once in standalone mode; in cluster mode as soon as
+    // every initial list is done (the watchers send a change then).
+    let _ = tx.send(());
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    let mut last_sync = tokio::time::Instant::now();
+    let mut resync = tokio::time::interval(cfg.sync_period);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    resync.tick().await;
+    let mut attach_tick = tokio::time::interval(Duration::from_secs(2));
+    // When the first change of a pending burst arrived, and when the last
+    // change-driven sync ran. A change after a quiet spell syncs at once (after
+    // QUIET, for the writer to finish); changes within `debounce` of the last
+    // sync are coalesced into one sync at the end of that window: at most one
+    // sync per window, and none delayed by more than `debounce`.
+    let mut pending: Option<tokio::time::Instant> = None;
+    let mut last_sync = tokio::time::Instant::now() - cfg.debounce;
+    let mut waiting_logged = false;
     loop {
+        let deadline = pending.map(|t| (t + QUIET).max(last_sync + cfg.debounce));
         tokio::select! {
             Some(()) = changes.recv() => {
-                // A change after a quiet spell is synced at once; changes that
-                // follow within the debounce window are coalesced into one sync
-                // at its end: at most one sync per window, none delayed longer.
-                let due = last_sync + cfg.debounce;
-                tokio::time::sleep_until(due.max(tokio::time::Instant::now() + QUIET).into()).await;
+                pending.get_or_insert_with(tokio::time::Instant::now);
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => {
                 while changes.try_recv().is_ok() {}
+                pending = None;
                 last_sync = tokio::time::Instant::now();
-                seen = watch::fingerprint(&watched);
-                if let Err(e) = prog.sync(&cfg) {
-                    tracing::error!("sync failed: {e:#}");
-                }
+                sync(&mut prog, &source, &cfg, &health, &metrics, &mut waiting_logged, true);
+            }
+            _ = resync.tick() => {
+                sync(&mut prog, &source, &cfg, &health, &metrics, &mut waiting_logged, false);
             }
             Some(_) = link_events.next() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, link_events.next()).await {}
                 attach_all(&handle, &mut dp, &cfg.devices).await;
             }
-            _ = tick.tick() => {
-                let now = watch::fingerprint(&watched);
-                if now != seen {
-                    seen = now;
-                    if let Err(e) = prog.sync(&cfg) {
-                        tracing::error!("sync failed: {e:#}");
-                    }
-                }
+            _ = attach_tick.tick() => {
                 attach_all(&handle, &mut dp, &cfg.devices).await;
             }
             _ = term.recv() => break,
@@ -198,8 +367,47 @@ pub async fn run_standalone(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// Attaches from_pod to every Pod veth and from_netdev to every node device
-/// not attached yet.
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One sync, with its outcome reported to the log, health and metrics.
+fn sync(
+    prog: &mut Programmer,
+    source: &Source,
+    cfg: &Config,
+    health: &Health,
+    metrics: &Metrics,
+    waiting_logged: &mut bool,
+    after_change: bool,
+) {
+    let started = Instant::now();
+    let Some(input) = source.load() else {
+        if let Source::Cluster(c) = source {
+            if !*waiting_logged {
+                tracing::info!(waiting_for = ?c.waiting_for(), "not syncing until every initial list is done");
+                *waiting_logged = true;
+            }
+        }
+        return;
+    };
+    match prog.sync(input, &cfg.translate, after_change) {
+        Ok(p) => {
+            let took = started.elapsed();
+            metrics.sync_ok(took, p);
+            health.synced();
+        }
+        Err(e) => {
+            metrics.sync_error("map_write");
+            tracing::error!("sync failed: {e:#}");
+        }
+    }
+}
+
+/// Attaches from_pod to every Pod veth not attached yet.
 async fn attach_all(handle: &rtnetlink::Handle, dp: &mut Dataplane, devices: &[String]) {
     let links = match dataplane::list_links(handle).await {
         Ok(l) => l,

@@ -30,8 +30,12 @@ pub struct Config {
     /// Where ClusterIPs are allocated for Services without spec.clusterIP.
     pub service_cidr: Ipv4Net,
     /// This node's name: internalTrafficPolicy: Local keeps the endpoints whose
-    /// nodeName equals it.
+    /// nodeName equals it, and endpoints on it are marked local. Empty: unknown.
     pub node: String,
+    /// Standalone mode plays the endpoints controller: endpoints of Services with a
+    /// selector come from the Pods the shim reports. In cluster mode (false) the
+    /// cluster's controller has written EndpointSlices for them, and those count.
+    pub pod_endpoints: bool,
 }
 
 impl Default for Config {
@@ -39,6 +43,7 @@ impl Default for Config {
         Self {
             service_cidr: "10.96.0.0/12".parse().expect("valid CIDR"),
             node: String::new(),
+            pod_endpoints: true,
         }
     }
 }
@@ -79,6 +84,8 @@ pub struct BackendSpec {
     pub addr: Ipv4Addr,
     pub port: u16,
     pub terminating: bool,
+    /// The endpoint runs on this node (EndpointSlice nodeName, Pod node).
+    pub local: bool,
 }
 
 /// The result: what the maps should hold, and what was wrong with the input.
@@ -153,7 +160,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                 continue;
             }
             claimed.insert((ip, port, proto), v.key.clone());
-            let all = endpoints_of(snapshot, &index, v, sp);
+            let all = endpoints_of(snapshot, &index, v, sp, cfg.pod_endpoints);
             let (candidates, remote): (Vec<Endpoint>, Vec<Endpoint>) = if v.itp_local {
                 all.into_iter()
                     .partition(|e| e.node.as_deref() == Some(cfg.node.as_str()))
@@ -165,11 +172,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                 .into_iter()
                 .chain(remote)
                 .filter(|e| !usable.iter().any(|u| (u.addr, u.port) == (e.addr, e.port)))
-                .map(|e| BackendSpec {
-                    addr: e.addr,
-                    port: e.port,
-                    terminating: e.terminating,
-                })
+                .map(|e| backend_spec(&e, cfg))
                 .collect();
             draining.sort();
             draining.dedup_by(|a, b| (a.addr, a.port) == (b.addr, b.port));
@@ -194,14 +197,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                 port,
                 proto,
                 flags,
-                backends: usable
-                    .into_iter()
-                    .map(|e| BackendSpec {
-                        addr: e.addr,
-                        port: e.port,
-                        terminating: e.terminating,
-                    })
-                    .collect(),
+                backends: usable.iter().map(|e| backend_spec(e, cfg)).collect(),
                 draining,
                 affinity_timeout: v.affinity_timeout,
             });
@@ -209,6 +205,15 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
     }
     out.frontends.sort_by_key(Frontend::key);
     out
+}
+
+fn backend_spec(e: &Endpoint, cfg: &Config) -> BackendSpec {
+    BackendSpec {
+        addr: e.addr,
+        port: e.port,
+        terminating: e.terminating,
+        local: !cfg.node.is_empty() && e.node.as_deref() == Some(cfg.node.as_str()),
+    }
 }
 
 /// Checks a Service; returns None when it gets no dataplane entries at all.
@@ -423,11 +428,19 @@ impl<'a> EndpointIndex<'a> {
     }
 }
 
-fn endpoints_of(snapshot: &Snapshot, index: &EndpointIndex, v: &Valid, sp: &ServicePort) -> Vec<Endpoint> {
+fn endpoints_of(
+    snapshot: &Snapshot,
+    index: &EndpointIndex,
+    v: &Valid,
+    sp: &ServicePort,
+    pod_endpoints: bool,
+) -> Vec<Endpoint> {
     let meta = &v.svc.object.metadata;
     let ns = meta.namespace.as_deref().unwrap_or("default");
-    if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
-        return endpoints::from_pods(ns, selector, sp, &snapshot.pods);
+    if pod_endpoints {
+        if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
+            return endpoints::from_pods(ns, selector, sp, &snapshot.pods);
+        }
     }
     let slices = index.slices.get(&v.key).map(Vec::as_slice).unwrap_or_default();
     let mut all = endpoints::from_slices(sp, slices);
@@ -582,12 +595,14 @@ mod tests {
                 BackendSpec {
                     addr: Ipv4Addr::new(10, 244, 0, 2),
                     port: 8080,
-                    terminating: false
+                    terminating: false,
+                    local: false,
                 },
                 BackendSpec {
                     addr: Ipv4Addr::new(10, 244, 0, 3),
                     port: 8080,
-                    terminating: false
+                    terminating: false,
+                    local: false,
                 },
             ]
         );
@@ -617,7 +632,8 @@ mod tests {
             vec![BackendSpec {
                 addr: Ipv4Addr::new(10, 244, 0, 2),
                 port: 8080,
-                terminating: true
+                terminating: true,
+                    local: false,
             }]
         );
         assert_ne!(http.flags & svc_flags::TERMINATING_FALLBACK, 0);
@@ -708,7 +724,8 @@ mod tests {
             vec![BackendSpec {
                 addr: Ipv4Addr::new(10, 0, 0, 1),
                 port: 8080,
-                terminating: false
+                terminating: false,
+                    local: false,
             }]
         );
         let legacy = t.frontends.iter().find(|f| f.port == 9000).unwrap();
@@ -717,9 +734,57 @@ mod tests {
             vec![BackendSpec {
                 addr: Ipv4Addr::new(10, 0, 1, 1),
                 port: 9090,
-                terminating: false
+                terminating: false,
+                    local: false,
             }]
         );
+    }
+
+    #[test]
+    fn cluster_mode_uses_slices_for_services_with_a_selector() {
+        // Two slices of one Service (merged by the service-name label); the Pods
+        // the shim reports do not count in cluster mode.
+        let mut s = Snapshot {
+            services: vec![svc(WEB)],
+            endpoint_slices: vec![
+                slice("metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints:\n- {addresses: [10.0.0.1], nodeName: n1, conditions: {ready: true, serving: true, terminating: false}}\n- {addresses: [10.0.0.2], nodeName: n2, conditions: {ready: false, serving: true, terminating: true}}\nports: [{name: http, port: 8080, protocol: TCP}]\n"),
+                slice("metadata: {name: web-2, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints:\n- {addresses: [10.0.0.3], nodeName: n2, conditions: {ready: true}}\nports: [{name: http, port: 8080, protocol: TCP}]\n"),
+            ],
+            pods: vec![pod("a", [10, 244, 0, 2], true, false)],
+            ..Default::default()
+        };
+        let cfg = Config {
+            pod_endpoints: false,
+            node: "n1".into(),
+            ..Config::default()
+        };
+        let t = translate(&s, &cfg);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let http = t.frontends.iter().find(|f| f.port == 80).unwrap();
+        let addrs: Vec<_> = http.backends.iter().map(|b| b.addr).collect();
+        assert_eq!(addrs, [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 0, 3)]);
+        // nodeName tells local from remote.
+        let local: Vec<_> = http.backends.iter().map(|b| b.local).collect();
+        assert_eq!(local, [true, false]);
+        assert_eq!(http.flags & svc_flags::TERMINATING_FALLBACK, 0);
+        // No ready endpoint left: the serving+terminating one takes new connections.
+        s.endpoint_slices.truncate(1);
+        s.endpoint_slices[0]
+            .object
+            .endpoints
+            .retain(|e| e.addresses[0] == "10.0.0.2");
+        let t = translate(&s, &cfg);
+        let http = t.frontends.iter().find(|f| f.port == 80).unwrap();
+        assert_eq!(
+            http.backends,
+            vec![BackendSpec {
+                addr: Ipv4Addr::new(10, 0, 0, 2),
+                port: 8080,
+                terminating: true,
+                    local: false,
+            }]
+        );
+        assert_ne!(http.flags & svc_flags::TERMINATING_FALLBACK, 0);
     }
 
     #[test]
@@ -878,12 +943,14 @@ mod tests {
                 BackendSpec {
                     addr: Ipv4Addr::new(10, 244, 0, 3),
                     port: 8080,
-                    terminating: false
+                    terminating: false,
+                    local: false,
                 },
                 BackendSpec {
                     addr: Ipv4Addr::new(10, 244, 0, 4),
                     port: 8080,
-                    terminating: true
+                    terminating: true,
+                    local: false,
                 },
             ]
         );

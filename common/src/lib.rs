@@ -34,6 +34,8 @@ pub const AFFINITY_MAP: &str = "FERRY_AFFINITY";
 /// reverse-NAT id → [`ServiceName`], for inspection (`ferry svc list`); the
 /// dataplane never reads it.
 pub const SVC_NAMES_MAP: &str = "FERRY_SVC_NAMES";
+/// Per-CPU traffic of each frontend: reverse-NAT id (`u16`) → [`SvcStats`].
+pub const SVC_STATS_MAP: &str = "FERRY_SVC_STATS";
 
 /// Program names (function names in the eBPF object).
 pub const PROG_FROM_POD: &str = "from_pod";
@@ -244,6 +246,16 @@ pub struct AffinityValue {
     pub _pad: u32,
 }
 
+/// Value of the per-CPU service stats map (key: the frontend's reverse-NAT id,
+/// `u16`): packets and bytes (skb length at TC ingress) sent to the frontend and
+/// translated to a backend. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcStats {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
 /// Indices into the per-CPU counters array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -281,6 +293,7 @@ const _: () = assert!(size_of::<CtValue>() == 24);
 const _: () = assert!(size_of::<ServiceName>() == 128);
 const _: () = assert!(size_of::<AffinityKey>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
+const _: () = assert!(size_of::<SvcStats>() == 16);
 
 /// An IPv4 address in map (wire) order.
 #[inline]
@@ -320,6 +333,7 @@ mod pod {
     unsafe impl aya::Pod for ServiceName {}
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for SvcStats {}
 }
 
 #[cfg(test)]

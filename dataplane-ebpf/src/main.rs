@@ -27,7 +27,7 @@ use ferry_common::{addr_to_map, ct_flags, Backend, Counter, CT_DIR_FORWARD, CT_D
 
 use crate::{
     ct::NewFlow,
-    maps::{count, REVNAT},
+    maps::{count, count_service, REVNAT},
     nat::Side,
     parse::Packet,
 };
@@ -85,6 +85,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     // A packet of a flow we already balanced: same backend while it exists.
     if let Some(entry) = ct::lookup(&pkt, CT_DIR_FORWARD) {
         if let Some(b) = lb::backend(entry.backend_id) {
+            count_service(entry.rev_nat_id, ctx.len());
             let hairpin = entry.flags & ct_flags::SNAT != 0;
             return dnat(ctx, &pkt, &b, hairpin);
         }
@@ -100,6 +101,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         return bounce(ctx);
     }
     let (backend_id, b) = lb::select_backend(&pkt, &svc)?;
+    count_service(svc.rev_nat_id, ctx.len());
     let hairpin = b.addr == pkt.saddr;
     let flow = NewFlow {
         backend_id,

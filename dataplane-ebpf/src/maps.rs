@@ -3,11 +3,11 @@
 //! connection tracking, survive agent restarts.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use ferry_common::{
     AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
-    ServiceName, ServiceValue, COUNTER_COUNT, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
+    ServiceName, ServiceValue, SvcStats, COUNTER_COUNT, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_CT_MAX, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
 };
 
@@ -41,5 +41,26 @@ pub fn count(c: Counter) {
     if let Some(v) = COUNTERS.get_ptr_mut(c as u32) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *v += 1 };
+    }
+}
+
+/// Per-frontend traffic, keyed by reverse-NAT id (the agent removes an entry when
+/// it frees the id).
+#[map(name = "FERRY_SVC_STATS")]
+pub static SVC_STATS: PerCpuHashMap<u16, SvcStats> = PerCpuHashMap::pinned(DEFAULT_REVNAT_MAX, 0);
+
+/// Counts one packet of `bytes` sent to the frontend `rev_nat_id`.
+#[inline(always)]
+pub fn count_service(rev_nat_id: u16, bytes: u32) {
+    match SVC_STATS.get_ptr_mut(rev_nat_id) {
+        // SAFETY: per-CPU value, no concurrent writer on this CPU.
+        Some(s) => unsafe {
+            (*s).packets += 1;
+            (*s).bytes += bytes as u64;
+        },
+        None => {
+            // A full map only loses statistics, never traffic.
+            let _ = SVC_STATS.insert(rev_nat_id, SvcStats { packets: 1, bytes: bytes as u64 }, 0);
+        }
     }
 }

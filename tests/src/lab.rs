@@ -174,8 +174,69 @@ impl Lab {
     }
 
     /// Where the agent's output goes (appended across restarts).
-    pub fn agent_log(&self) -> PathBuf {
+    pub fn agent_log_path(&self) -> PathBuf {
         self.dir.join("agent.log")
+    }
+
+    /// Starts the agent in cluster mode, reaching the API through `kubeconfig`
+    /// (a fake API server in the node's namespace, say). Extra flags from
+    /// `LabOptions::agent_args` are appended.
+    pub fn start_cluster_agent(&mut self, kubeconfig: &Path) -> Result<()> {
+        let mut args = vec![
+            "agent".to_string(),
+            "--kubeconfig".into(),
+            path_str(kubeconfig),
+            "--node-name".into(),
+            self.node.clone(),
+            "--bpffs-dir".into(),
+            path_str(&self.bpffs_dir),
+        ];
+        args.extend(self.agent_args.iter().cloned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.agent = Some(self.spawn("agent", &args)?);
+        Ok(())
+    }
+
+    /// Starts the agent (standalone mode, like `start_agent`) with only the Linux
+    /// capabilities `caps` (e.g. "BPF"), as a non-privileged container would run
+    /// it. It joins the node's network namespace with nsenter and stays in this
+    /// mount namespace (where bpffs is mounted, as in a container with bpffs
+    /// mounted in), so it needs no capability to switch mount namespaces.
+    pub fn start_agent_with_caps(&mut self, caps: &[&str]) -> Result<()> {
+        let set: String = std::iter::once("-all".to_string())
+            .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
+            .collect::<Vec<_>>()
+            .join(",");
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.node))
+            .arg("setpriv")
+            .arg(format!("--inh-caps={set}"))
+            .arg(format!("--ambient-caps={set}"))
+            .arg(format!("--bounding-set={set}"))
+            .arg(&self.ferry)
+            .args(["agent", "--manifests"])
+            .arg(&self.manifests_dir)
+            .args(["--node-name", &self.node, "--state-dir"])
+            .arg(&self.state_dir)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .args(&self.agent_args)
+            .process_group(0)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        self.agent = Some(cmd.spawn().context("starting ferry agent with nsenter + setpriv")?);
+        Ok(())
+    }
+
+    /// The agent's whole log.
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
     /// Stops the agent (SIGTERM), leaving the dataplane and its pinned maps.
@@ -312,12 +373,26 @@ impl Drop for Lab {
         if std::thread::panicking() {
             eprintln!("lab {} failed; logs:\n{}", self.prefix, self.logs());
         }
+        // Each step is timed: a slow one is reported (a loaded machine, or a
+        // process that does not stop).
+        let prefix = self.prefix.clone();
+        let slow = |what: &str, t: Instant| {
+            if t.elapsed() > Duration::from_secs(5) {
+                eprintln!("lab {prefix}: {what} took {:?}", t.elapsed());
+            }
+        };
         // The shim stops its Pods and removes their namespaces on SIGTERM.
+        let t = Instant::now();
         if let Some(child) = self.shim.take() {
             stop(child, Duration::from_secs(15));
         }
+        slow("stopping the shim", t);
+        let t = Instant::now();
         self.stop_agent();
+        slow("stopping the agent", t);
+        let t = Instant::now();
         sys::delete_netns_with_prefix(&self.prefix);
+        slow("deleting the network namespaces", t);
         let _ = fs::remove_dir_all(&self.bpffs_dir);
         let _ = fs::remove_dir(self.bpffs_dir.parent().unwrap_or(Path::new("/nonexistent")));
         let _ = fs::remove_dir_all(&self.dir);

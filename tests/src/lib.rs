@@ -9,6 +9,7 @@
 //! and every Pod's), the pinned BPF maps, and the temporary directories.
 pub mod client;
 pub mod cluster;
+pub mod fakeapi;
 pub mod lab;
 pub mod manifests;
 pub mod sys;

@@ -274,3 +274,21 @@ ports: [{{name: web, port: 8080, protocol: TCP}}]
     })?;
     Ok(())
 }
+
+/// deploy/daemonset.yaml grants only `REQUIRED_CAPABILITIES`, not privileged:
+/// with exactly those the agent loads, pins, attaches and balances traffic.
+#[test]
+fn the_agent_works_with_only_the_capabilities_the_daemonset_grants() -> Result<()> {
+    let opts = LabOptions::new("caps")
+        .manifest("service.yaml", &echo_service("echo", "echo", VIP))
+        .manifest("client.yaml", &client_pod("client"))
+        .manifest("echo-a.yaml", &echo_pod("echo-a", "echo", None))
+        .manifest("echo-b.yaml", &echo_pod("echo-b", "echo", None));
+    let mut lab = Lab::start(LabOptions { agent: false, ..opts })?;
+    lab.start_agent_with_caps(ferry_agent::dataplane::REQUIRED_CAPABILITIES)?;
+    lab.wait_ready(&["echo-a", "echo-b", "client"], READY)?;
+    let client = lab.pod_netns("client")?;
+    wait_backends(&lab, &client, &["echo-a", "echo-b"])?;
+    lab.check_alive()?;
+    Ok(())
+}

@@ -425,3 +425,24 @@ fn session_affinity_sends_new_flows_of_a_client_to_one_backend() {
     }
     assert_eq!(seen.len(), 3, "{seen:?}");
 }
+
+#[test]
+fn translated_packets_are_counted_per_service_and_a_freed_id_starts_from_zero() {
+    let mut fx = Fixture::new("svcstats");
+    fx.service(PROTO_TCP, 80, 7, &[(1, [10, 244, 0, 5], 8080)]);
+    let f = frame(PROTO_TCP, CLIENT, VIP, 40000, 80, false);
+    // A new flow, then a packet of the tracked flow: both counted.
+    for _ in 0..2 {
+        let (verdict, _) = fx.run(&f);
+        assert_eq!(verdict, TC_ACT_OK);
+    }
+    // Not for a service: not counted.
+    fx.run(&frame(PROTO_TCP, CLIENT, [10, 96, 0, 99], 40000, 80, false));
+    let stats = kernel::read_svc_stats(&fx.dir).unwrap();
+    assert_eq!(stats.len(), 1, "{stats:?}");
+    assert_eq!(stats[0].0, "t");
+    assert_eq!(stats[0].1.packets, 2);
+    assert_eq!(stats[0].1.bytes, 2 * f.len() as u64);
+    fx.maps.del_revnat(7).unwrap();
+    assert!(kernel::read_svc_stats(&fx.dir).unwrap().is_empty());
+}

@@ -390,7 +390,7 @@ impl Ctx<'_> {
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?,
             DataPath::Ferry => {
                 files.reset_ferry()?;
-                let log = node.lab.agent_log();
+                let log = node.lab.agent_log_path();
                 let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
                 node.lab.start_agent_on(&files.ferry_dir)?;
                 wait_for_sync(&mut node.lab, &log, from, Some(files.frontends), CONTROL_TIMEOUT)?;
@@ -531,7 +531,7 @@ impl Ctx<'_> {
             )?,
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft_update, CONTROL_TIMEOUT)?,
             DataPath::Ferry => {
-                let log = node.lab.agent_log();
+                let log = node.lab.agent_log_path();
                 let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
                 let started = Instant::now();
                 files.change_ferry()?;

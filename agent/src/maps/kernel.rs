@@ -1,11 +1,11 @@
 //! The pinned BPF maps, through aya.
 use std::{collections::BTreeSet, path::Path};
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use ferry_common::{
     AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceName,
-    ServiceValue, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP, CT_MAP, PROTO_UDP, REVNAT_MAP,
-    SERVICES_MAP, SVC_NAMES_MAP,
+    ServiceValue, SvcStats, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP, CT_MAP, PROTO_UDP,
+    REVNAT_MAP, SERVICES_MAP, SVC_NAMES_MAP, SVC_STATS_MAP,
 };
 
 use super::{Assignment, Forgotten, MapContents, MapStore};
@@ -19,6 +19,16 @@ pub struct KernelMaps {
     /// The dataplane's own state, written by the agent only to forget flows.
     ct: HashMap<MapData, CtKey, CtValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// Per-frontend traffic (the dataplane writes it; the agent removes the entry
+    /// of a freed reverse-NAT id). None when pins from an older version lack it.
+    stats: Option<PerCpuHashMap<MapData, u16, SvcStats>>,
+}
+
+fn stats_map(data: MapData) -> Result<PerCpuHashMap<MapData, u16, SvcStats>, OpenError> {
+    PerCpuHashMap::try_from(Map::PerCpuHashMap(data)).map_err(|source| OpenError::Map {
+        name: SVC_STATS_MAP,
+        source,
+    })
 }
 
 /// Errors opening maps.
@@ -75,6 +85,10 @@ impl KernelMaps {
         let backends = hash(BACKENDS_MAP, take(BACKENDS_MAP)?)?;
         let revnat = hash(REVNAT_MAP, take(REVNAT_MAP)?)?;
         let names = hash(SVC_NAMES_MAP, take(SVC_NAMES_MAP)?)?;
+        let stats = match ebpf.take_map(SVC_STATS_MAP) {
+            Some(Map::PerCpuHashMap(d)) => Some(stats_map(d)?),
+            _ => return Err(OpenError::Missing(SVC_STATS_MAP)),
+        };
         let mut take_lru = |name: &'static str| match ebpf.take_map(name) {
             Some(Map::LruHashMap(d)) => Ok(d),
             _ => Err(OpenError::Missing(name)),
@@ -84,6 +98,7 @@ impl KernelMaps {
             backends,
             revnat,
             names,
+            stats,
             ct: lru(CT_MAP, take_lru(CT_MAP)?)?,
             affinity: lru(AFFINITY_MAP, take_lru(AFFINITY_MAP)?)?,
         })
@@ -98,6 +113,7 @@ impl KernelMaps {
             names: hash(SVC_NAMES_MAP, from_pin(dir, SVC_NAMES_MAP)?)?,
             ct: lru(CT_MAP, from_pin(dir, CT_MAP)?)?,
             affinity: lru(AFFINITY_MAP, from_pin(dir, AFFINITY_MAP)?)?,
+            stats: from_pin(dir, SVC_STATS_MAP).ok().map(stats_map).transpose()?,
         })
     }
 }
@@ -140,6 +156,10 @@ impl MapStore for KernelMaps {
     }
     fn del_revnat(&mut self, id: u16) -> Result<(), MapError> {
         ok_if_missing(self.revnat.remove(&id))?;
+        if let Some(stats) = self.stats.as_mut() {
+            // A reused id starts counting from zero.
+            ok_if_missing(stats.remove(&id))?;
+        }
         ok_if_missing(self.names.remove(&id))
     }
     fn forget_flows(&mut self, gone: &BTreeSet<Assignment>) -> Result<Forgotten, MapError> {
@@ -204,5 +224,41 @@ pub fn read_counters(dir: &Path) -> Result<Vec<u64>, OpenError> {
     Ok(arr
         .iter()
         .map(|v| v.map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0))
+        .collect())
+}
+
+/// Per-frontend traffic pinned under `dir`, summed over CPUs, by reverse-NAT id.
+pub fn read_svc_stats_by_id(
+    dir: &Path,
+) -> Result<std::collections::BTreeMap<u16, SvcStats>, OpenError> {
+    let stats = stats_map(from_pin(dir, SVC_STATS_MAP)?)?;
+    Ok(stats
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(id, per_cpu)| {
+            let total = per_cpu.iter().fold(SvcStats::default(), |a, s| SvcStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+            });
+            (id, total)
+        })
+        .collect())
+}
+
+/// Per-frontend traffic pinned under `dir`, summed over CPUs, with the frontend's
+/// name (`namespace/name:port (TYPE)`, empty if unnamed).
+pub fn read_svc_stats(dir: &Path) -> Result<Vec<(String, SvcStats)>, OpenError> {
+    let stats = read_svc_stats_by_id(dir)?;
+    let names: HashMap<MapData, u16, ServiceName> =
+        hash(SVC_NAMES_MAP, from_pin(dir, SVC_NAMES_MAP)?)?;
+    Ok(stats
+        .into_iter()
+        .map(|(id, total)| {
+            let name = names
+                .get(&id, 0)
+                .map(|n| n.as_str().to_string())
+                .unwrap_or_default();
+            (name, total)
+        })
         .collect())
 }

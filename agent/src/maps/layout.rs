@@ -155,11 +155,8 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             addr: addr_to_map(b.addr.octets()),
             port: port_to_map(b.port),
             proto: f.proto,
-            flags: if b.terminating {
-                backend_flags::TERMINATING
-            } else {
-                0
-            },
+            flags: if b.terminating { backend_flags::TERMINATING } else { 0 }
+                | if b.local { backend_flags::LOCAL } else { 0 },
             node_addr: 0,
         };
         let mut slot: u16 = 0;
@@ -245,6 +242,7 @@ mod tests {
                     addr: Ipv4Addr::from(*b),
                     port: 8080,
                     terminating: false,
+local: false
                 })
                 .collect(),
             draining: Vec::new(),

@@ -1,0 +1,245 @@
+//! Health endpoints, kube-proxy style: `/healthz` (200 while the last sync is
+//! recent, 503 otherwise, with kube-proxy's JSON body), `/readyz` (200 once the
+//! first full sync landed) and `/livez` (200 while the process serves), plus the
+//! tiny HTTP server that `/metrics` shares.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime},
+};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::{
+    body::Incoming,
+    header::{HeaderValue, CONTENT_TYPE},
+    server::conn::http1,
+    service::service_fn,
+    Request, Response, StatusCode,
+};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// What a route answers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(status: StatusCode, body: String) -> Self {
+        Self {
+            status,
+            content_type: "application/json",
+            body,
+        }
+    }
+    pub fn text(status: StatusCode, body: impl Into<String>) -> Self {
+        Self {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+}
+
+/// Serves GET requests on `listener` with `route(path)` until the runtime stops.
+pub fn spawn_server(
+    listener: TcpListener,
+    route: impl Fn(&str) -> Reply + Send + Sync + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let route = Arc::new(route);
+    tokio::spawn(async move {
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!("accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let route = route.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let r = route(req.uri().path());
+                    async move {
+                        let mut resp = Response::new(Full::new(Bytes::from(r.body)));
+                        *resp.status_mut() = r.status;
+                        resp.headers_mut()
+                            .insert(CONTENT_TYPE, HeaderValue::from_static(r.content_type));
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                if let Err(e) = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await
+                {
+                    tracing::debug!("health/metrics connection: {e}");
+                }
+            });
+        }
+    })
+}
+
+/// Binds `addr` (port 0 picks a free port) and says where.
+pub async fn bind(addr: SocketAddr, what: &str) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let l = TcpListener::bind(addr).await?;
+    let local = l.local_addr()?;
+    tracing::info!("{what} listening on http://{local}");
+    Ok((l, local))
+}
+
+/// The agent's health as the sync loop reports it.
+#[derive(Debug)]
+pub struct Health {
+    started: Instant,
+    /// A sync older than this makes /healthz fail.
+    timeout: Duration,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// The last successful sync (monotonic, wall clock).
+    last_sync: Option<(Instant, SystemTime)>,
+}
+
+impl Health {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            started: Instant::now(),
+            timeout,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// A sync wrote the maps (or found them in step).
+    pub fn synced(&self) {
+        self.lock().last_sync = Some((Instant::now(), SystemTime::now()));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A poisoned lock only means a panic elsewhere; the data is still valid.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ready once the first full sync landed.
+    pub fn is_ready(&self) -> bool {
+        self.lock().last_sync.is_some()
+    }
+
+    /// Healthy while the last sync is recent; before the first one, for
+    /// `timeout` after start (the first list may take a while).
+    pub fn is_healthy(&self) -> bool {
+        match self.lock().last_sync {
+            Some((at, _)) => at.elapsed() <= self.timeout,
+            None => self.started.elapsed() <= self.timeout,
+        }
+    }
+
+    /// The routes of the health port.
+    pub fn route(&self, path: &str) -> Reply {
+        match path {
+            "/healthz" => {
+                let last = self.lock().last_sync.map(|(_, t)| t);
+                let body = serde_json::json!({
+                    "lastUpdated": last.map(rfc3339).unwrap_or_default(),
+                    "currentTime": rfc3339(SystemTime::now()),
+                });
+                let status = if self.is_healthy() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                Reply::json(status, body.to_string())
+            }
+            "/readyz" => {
+                if self.is_ready() {
+                    Reply::text(StatusCode::OK, "ok\n")
+                } else {
+                    Reply::text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: the first sync has not been applied\n",
+                    )
+                }
+            }
+            "/livez" => Reply::text(StatusCode::OK, "ok\n"),
+            _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    k8s_openapi::jiff::Timestamp::try_from(t)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_follows_the_last_sync_and_readyz_the_first() {
+        let h = Health::new(Duration::from_millis(200));
+        assert_eq!(
+            h.route("/healthz").status,
+            StatusCode::OK,
+            "grace after start"
+        );
+        assert_eq!(h.route("/readyz").status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(h.route("/livez").status, StatusCode::OK);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(h.route("/healthz").status, StatusCode::SERVICE_UNAVAILABLE);
+        h.synced();
+        let r = h.route("/healthz");
+        assert_eq!(r.status, StatusCode::OK);
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert!(
+            body["lastUpdated"].as_str().unwrap().ends_with('Z'),
+            "{body}"
+        );
+        assert!(
+            body["currentTime"].as_str().unwrap().ends_with('Z'),
+            "{body}"
+        );
+        assert_eq!(h.route("/readyz").status, StatusCode::OK);
+        std::thread::sleep(Duration::from_millis(250));
+        assert_eq!(h.route("/healthz").status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(h.route("/nope").status, StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn serves_http_on_an_ephemeral_port() {
+        let h = Arc::new(Health::new(Duration::from_secs(60)));
+        let (l, addr) = bind("127.0.0.1:0".parse().unwrap(), "health")
+            .await
+            .unwrap();
+        let h2 = h.clone();
+        spawn_server(l, move |p| h2.route(p));
+        let get = |path: &'static str| async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            )
+            .await
+            .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+        h.synced();
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        let hz = get("/healthz").await;
+        assert!(
+            hz.starts_with("HTTP/1.1 200") && hz.contains("lastUpdated"),
+            "{hz}"
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! Prometheus metrics (text format, kube-proxy's names where there is one):
+//! sync latency and outcome, what is programmed, and, read from the pinned maps at
+//! each scrape, connection-tracking use and the dataplane's counters.
+use std::{
+    path::PathBuf,
+    sync::atomic::AtomicU64,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use ferry_common::Counter as DpCounter;
+use hyper::StatusCode;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{prometheus_text, DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{exponential_buckets, Histogram},
+        MetricType,
+    },
+    registry::Registry,
+};
+
+use crate::{health::Reply, maps::kernel};
+
+type Labels = Vec<(String, String)>;
+
+/// The agent's metrics. Shared (`Arc`) by the sync loop, the watchers and the
+/// metrics server.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    sync_duration: Histogram,
+    last_sync: Gauge<f64, AtomicU64>,
+    services: Gauge,
+    frontends: Gauge,
+    backends: Gauge,
+    input_errors: Gauge,
+    sync_errors: Family<Labels, Counter>,
+    watch_errors: Family<Labels, Counter>,
+}
+
+/// What one successful sync programmed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Programmed {
+    pub services: usize,
+    pub frontends: usize,
+    pub backends: usize,
+    pub input_errors: usize,
+}
+
+impl Metrics {
+    /// `bpffs_dir`: where the dataplane's maps are pinned (read at each scrape);
+    /// None leaves the dataplane metrics out (unit tests).
+    pub fn new(bpffs_dir: Option<PathBuf>, ct_max: u32) -> Self {
+        let mut registry = Registry::default();
+        let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
+        registry.register(
+            "ferry_sync_proxy_rules_duration_seconds",
+            "Time to translate the input and write the difference to the BPF maps",
+            sync_duration.clone(),
+        );
+        let last_sync = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "ferry_sync_proxy_rules_last_timestamp_seconds",
+            "When the maps were last synced successfully (Unix time)",
+            last_sync.clone(),
+        );
+        let services = Gauge::default();
+        registry.register(
+            "ferry_services",
+            "Services with at least one frontend programmed",
+            services.clone(),
+        );
+        let frontends = Gauge::default();
+        registry.register(
+            "ferry_frontends",
+            "Frontends (address, port, protocol) programmed",
+            frontends.clone(),
+        );
+        let backends = Gauge::default();
+        registry.register(
+            "ferry_backends",
+            "Backend slots programmed, summed over frontends",
+            backends.clone(),
+        );
+        let input_errors = Gauge::default();
+        registry.register(
+            "ferry_input_errors",
+            "Objects (or fields) skipped because they are invalid, at the last sync",
+            input_errors.clone(),
+        );
+        let sync_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "ferry_sync_errors",
+            "Syncs that failed, by reason",
+            sync_errors.clone(),
+        );
+        let watch_errors = Family::<Labels, Counter>::default();
+        registry.register(
+            "ferry_watch_errors",
+            "Failed list/watch calls to the API server, by resource (retried with backoff)",
+            watch_errors.clone(),
+        );
+        if let Some(dir) = bpffs_dir {
+            registry.register_collector(Box::new(DataplaneCollector { dir, ct_max }));
+        }
+        Self {
+            registry,
+            sync_duration,
+            last_sync,
+            services,
+            frontends,
+            backends,
+            input_errors,
+            sync_errors,
+            watch_errors,
+        }
+    }
+
+    pub fn sync_ok(&self, took: Duration, p: Programmed) {
+        self.sync_duration.observe(took.as_secs_f64());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_sync.set(now.as_secs_f64());
+        self.services.set(p.services as i64);
+        self.frontends.set(p.frontends as i64);
+        self.backends.set(p.backends as i64);
+        self.input_errors.set(p.input_errors as i64);
+    }
+
+    /// reason: `map_write`, `not_ready`, ...
+    pub fn sync_error(&self, reason: &str) {
+        self.sync_errors
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+    }
+
+    pub fn watch_error(&self, resource: &str) {
+        self.watch_errors
+            .get_or_create(&vec![("resource".into(), resource.into())])
+            .inc();
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = String::new();
+        prometheus_text::encode(&mut out, &self.registry)?;
+        Ok(out)
+    }
+
+    /// The route of the metrics port.
+    pub fn route(&self, path: &str) -> Reply {
+        match path {
+            "/metrics" => match self.encode() {
+                Ok(body) => Reply {
+                    status: StatusCode::OK,
+                    content_type: prometheus_text::CONTENT_TYPE,
+                    body,
+                },
+                Err(e) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+            },
+            _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+}
+
+/// Reads the pinned maps at scrape time: conntrack entries and the per-CPU
+/// counters (summed), which live in the kernel and survive agent restarts.
+#[derive(Debug)]
+struct DataplaneCollector {
+    dir: PathBuf,
+    ct_max: u32,
+}
+
+/// Dataplane counters that count drops, with their reason label.
+const DROPS: &[(DpCounter, &str)] = &[
+    (DpCounter::DropNoBackend, "no_backend"),
+    (DpCounter::DropBackendMissing, "backend_missing"),
+    (DpCounter::DropMalformed, "malformed"),
+    (DpCounter::DropCtFull, "ct_full"),
+];
+
+/// The other counters: packets by what happened to them.
+const PACKETS: &[(DpCounter, &str)] = &[
+    (DpCounter::ServiceForward, "service_forward"),
+    (DpCounter::ReverseNat, "reverse_nat"),
+    (DpCounter::CtCreated, "ct_created"),
+];
+
+impl Collector for DataplaneCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        match kernel::read_ct(&self.dir) {
+            Ok(entries) => {
+                let m = encoder.encode_descriptor(
+                    "ferry_conntrack_entries",
+                    "Connection-tracking entries in use (two per flow)",
+                    None,
+                    MetricType::Gauge,
+                )?;
+                ConstGauge::new(entries.len() as i64).encode(m)?;
+            }
+            Err(e) => tracing::debug!("metrics: reading the CT map: {e}"),
+        }
+        let m = encoder.encode_descriptor(
+            "ferry_conntrack_max",
+            "Size of the connection-tracking map (--ct-map-size)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(self.ct_max as i64).encode(m)?;
+        match kernel::read_svc_stats(&self.dir) {
+            Ok(mut stats) => {
+                stats.sort_by(|a, b| a.0.cmp(&b.0));
+                for (name, help, pick) in [
+                    (
+                        "ferry_service_packets",
+                        "Packets sent to a frontend and translated, by frontend",
+                        (|s: &ferry_common::SvcStats| s.packets) as fn(&_) -> u64,
+                    ),
+                    (
+                        "ferry_service_bytes",
+                        "Bytes (at TC ingress) sent to a frontend and translated, by frontend",
+                        |s: &ferry_common::SvcStats| s.bytes,
+                    ),
+                ] {
+                    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                    for (frontend, st) in &stats {
+                        let (service, port) = split_frontend(frontend);
+                        let labels: Labels = vec![
+                            ("service".into(), service.into()),
+                            ("port".into(), port.into()),
+                        ];
+                        ConstCounter::new(pick(st)).encode(m.encode_family(&labels)?)?;
+                    }
+                }
+            }
+            Err(e) => tracing::debug!("metrics: reading the service stats map: {e}"),
+        }
+        let counters = match kernel::read_counters(&self.dir) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!("metrics: reading the counters map: {e}");
+                return Ok(());
+            }
+        };
+        let value = |c: DpCounter| counters.get(c as usize).copied().unwrap_or(0);
+        for (name, help, label, list) in [
+            (
+                "ferry_drops",
+                "Packets the dataplane dropped, by reason",
+                "reason",
+                DROPS,
+            ),
+            (
+                "ferry_packets",
+                "Packets the dataplane handled, by what it did",
+                "kind",
+                PACKETS,
+            ),
+        ] {
+            let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (c, reason) in list {
+                let labels: Labels = vec![(label.into(), (*reason).into())];
+                ConstCounter::new(value(*c)).encode(m.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `ns/name:port (ClusterIP)` → (`ns/name`, `port`).
+fn split_frontend(full: &str) -> (&str, &str) {
+    let base = full.rsplit_once(" (").map_or(full, |(b, _)| b);
+    base.rsplit_once(':').unwrap_or((base, ""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_kube_proxy_style_names() {
+        let m = Metrics::new(None, 1024);
+        m.sync_ok(
+            Duration::from_millis(3),
+            Programmed {
+                services: 2,
+                frontends: 3,
+                backends: 7,
+                input_errors: 1,
+            },
+        );
+        m.sync_error("map_write");
+        m.watch_error("services");
+        let text = m.encode().unwrap();
+        for want in [
+            "ferry_sync_proxy_rules_duration_seconds_count 1",
+            "ferry_services 2",
+            "ferry_frontends 3",
+            "ferry_backends 7",
+            "ferry_input_errors 1",
+            "ferry_sync_errors_total{reason=\"map_write\"} 1",
+            "ferry_watch_errors_total{resource=\"services\"} 1",
+            "# TYPE ferry_sync_proxy_rules_last_timestamp_seconds gauge",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert_eq!(m.route("/metrics").status, StatusCode::OK);
+        assert_eq!(
+            split_frontend("default/web:http (ClusterIP)"),
+            ("default/web", "http")
+        );
+        assert_eq!(m.route("/x").status, StatusCode::NOT_FOUND);
+    }
+}

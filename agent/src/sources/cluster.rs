@@ -1,0 +1,516 @@
+//! Cluster mode: Services, EndpointSlices and this node's Node object from the
+//! Kubernetes API, kept current by kube-rs watchers and reflectors.
+//!
+//! Objects are watched untyped (`DynamicObject`) and typed one by one when a
+//! snapshot is taken, so an object the k8s-openapi types reject (a string where a
+//! port number belongs, say) is reported with its name and field and skipped,
+//! instead of failing the whole list and stalling every other Service.
+use std::{
+    collections::{HashMap, HashSet},
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+};
+
+use futures::StreamExt as _;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    api::{Api, ApiResource, DynamicObject},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{
+        reflector::{self, store::Writer, Store},
+        watcher, WatchStreamExt as _,
+    },
+    Client,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::{
+    error::InputError,
+    metrics::Metrics,
+    model::{ns_name, NodeInfo, Snapshot, Sourced},
+    sources::Input,
+};
+
+/// One kind of access the cluster source needs. The RBAC manifests in deploy/
+/// grant exactly these (a test compares them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ApiAccess {
+    /// API group ("" is the core group).
+    pub group: &'static str,
+    pub resource: &'static str,
+    pub verbs: &'static [&'static str],
+}
+
+/// Everything the cluster source does with the API: list+watch (the watchers) on
+/// the three resources, and one get of this node at start.
+pub const API_ACCESS: &[ApiAccess] = &[
+    ApiAccess {
+        group: "",
+        resource: "services",
+        verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "discovery.k8s.io",
+        resource: "endpointslices",
+        verbs: &["list", "watch"],
+    },
+    ApiAccess {
+        group: "",
+        resource: "nodes",
+        verbs: &["get", "list", "watch"],
+    },
+];
+
+/// Where the objects come from in error messages.
+const SOURCE: &str = "api";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("reading kubeconfig {path}")]
+    Kubeconfig {
+        path: PathBuf,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error("in-cluster configuration (outside a cluster, give --kubeconfig PATH, or --manifests DIR for standalone mode)")]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("creating the Kubernetes client")]
+    Client(#[source] kube::Error),
+}
+
+/// How to reach the API and what to watch.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// A kubeconfig file; None: the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name (its Node object is watched).
+    pub node: String,
+}
+
+/// One watched resource: its reflector store and whether its first list is done.
+struct Watched {
+    what: &'static str,
+    store: Store<DynamicObject>,
+    ready: Arc<AtomicBool>,
+}
+
+/// The running watchers. `load` gives a snapshot once every initial list is done.
+pub struct Cluster {
+    services: Watched,
+    slices: Watched,
+    nodes: Watched,
+    node: String,
+    typer: Mutex<Typer>,
+}
+
+/// Builds a client from `--kubeconfig` or the in-cluster environment.
+pub async fn client(cfg: &Config) -> Result<Client, ClusterError> {
+    let config = match &cfg.kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path).map_err(|source| ClusterError::Kubeconfig {
+                path: path.clone(),
+                source,
+            })?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|source| ClusterError::Kubeconfig {
+                    path: path.clone(),
+                    source,
+                })?
+        }
+        None => kube::Config::incluster().map_err(ClusterError::InCluster)?,
+    };
+    Client::try_from(config).map_err(ClusterError::Client)
+}
+
+impl Cluster {
+    /// Starts the three watchers. Every change (and every completed (re)list)
+    /// sends a `()` on `changes`. Never blocks on the API: an unreachable API
+    /// server is retried with backoff in the background.
+    pub async fn start(
+        cfg: &Config,
+        changes: UnboundedSender<()>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ClusterError> {
+        let client = client(cfg).await?;
+        let node_ar = ApiResource::erase::<Node>(&());
+        let nodes_api: Api<DynamicObject> = Api::all_with(client.clone(), &node_ar);
+        // The one `get`: tells early and clearly when --node-name is wrong.
+        {
+            let api = nodes_api.clone();
+            let node = cfg.node.clone();
+            tokio::spawn(async move {
+                match api.get_opt(&node).await {
+                    Ok(Some(_)) => tracing::info!(node = %node, "found this node in the API"),
+                    Ok(None) => tracing::warn!(
+                        node = %node,
+                        "Node {node} does not exist in the API: check --node-name / NODE_NAME"
+                    ),
+                    Err(e) => tracing::debug!("getting Node {node}: {e}"),
+                }
+            });
+        }
+        let svc_ar = ApiResource::erase::<Service>(&());
+        let slice_ar = ApiResource::erase::<EndpointSlice>(&());
+        let services = spawn_watch(
+            "services",
+            Api::all_with(client.clone(), &svc_ar),
+            svc_ar,
+            watcher::Config::default(),
+            changes.clone(),
+            metrics.clone(),
+        );
+        let slices = spawn_watch(
+            "endpointslices",
+            Api::all_with(client.clone(), &slice_ar),
+            slice_ar,
+            watcher::Config::default(),
+            changes.clone(),
+            metrics.clone(),
+        );
+        let nodes = spawn_watch(
+            "nodes",
+            nodes_api,
+            node_ar,
+            watcher::Config::default().fields(&format!("metadata.name={}", cfg.node)),
+            changes,
+            metrics,
+        );
+        Ok(Self {
+            services,
+            slices,
+            nodes,
+            node: cfg.node.clone(),
+            typer: Mutex::new(Typer::default()),
+        })
+    }
+
+    /// Whether every watcher has finished its first list.
+    pub fn is_ready(&self) -> bool {
+        [&self.services, &self.slices, &self.nodes]
+            .iter()
+            .all(|w| w.ready.load(Ordering::Acquire))
+    }
+
+    /// The resources whose first list is not done yet.
+    pub fn waiting_for(&self) -> Vec<&'static str> {
+        [&self.services, &self.slices, &self.nodes]
+            .iter()
+            .filter(|w| !w.ready.load(Ordering::Acquire))
+            .map(|w| w.what)
+            .collect()
+    }
+
+    /// The current objects, typed; None until every initial list is done (a
+    /// partial view would delete the Services not listed yet).
+    pub fn load(&self) -> Option<Input> {
+        if !self.is_ready() {
+            return None;
+        }
+        let mut typer = self.typer.lock().unwrap_or_else(|e| e.into_inner());
+        Some(typer.input(
+            &self.services.store.state(),
+            &self.slices.store.state(),
+            &self.nodes.store.state(),
+            &self.node,
+        ))
+    }
+}
+
+/// Runs one watcher + reflector in the background.
+fn spawn_watch(
+    what: &'static str,
+    api: Api<DynamicObject>,
+    ar: ApiResource,
+    config: watcher::Config,
+    changes: UnboundedSender<()>,
+    metrics: Arc<Metrics>,
+) -> Watched {
+    let writer: Writer<DynamicObject> = Writer::new(ar);
+    let store = writer.as_reader();
+    let ready = Arc::new(AtomicBool::new(false));
+    let flag = ready.clone();
+    let reader = store.clone();
+    // managedFields can be most of an object's size and nothing here reads them.
+    let stream = reflector::reflector(
+        writer,
+        watcher(api, config)
+            .default_backoff()
+            .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None),
+    );
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut failing = false;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(watcher::Event::InitDone) => {
+                    if !flag.swap(true, Ordering::AcqRel) {
+                        tracing::info!(
+                            resource = what,
+                            objects = reader.len(),
+                            "initial list done"
+                        );
+                    } else {
+                        tracing::info!(resource = what, objects = reader.len(), "relisted");
+                    }
+                    failing = false;
+                    let _ = changes.send(());
+                }
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                    if failing {
+                        tracing::info!(resource = what, "watch resumed");
+                        failing = false;
+                    }
+                    let _ = changes.send(());
+                }
+                Ok(watcher::Event::Init) => tracing::debug!(resource = what, "listing"),
+                Ok(watcher::Event::InitApply(_)) => {}
+                Err(e) => {
+                    metrics.watch_error(what);
+                    // The store keeps the last state; the maps keep serving it.
+                    tracing::warn!(
+                        resource = what,
+                        "watch failed, retrying with backoff (the maps keep the last state): {e}"
+                    );
+                    failing = true;
+                }
+            }
+        }
+    });
+    Watched { what, store, ready }
+}
+
+/// Types the watched objects (skipping and reporting those that do not fit) and
+/// makes the snapshot translation takes. Keeps each object's typed form (or its
+/// error) until its resourceVersion changes, so a sync re-types only what changed.
+#[derive(Default)]
+pub struct Typer {
+    services: Typed<Service>,
+    slices: Typed<EndpointSlice>,
+    nodes: Typed<Node>,
+    /// Conversions done so far (for tests).
+    pub conversions: usize,
+}
+
+/// Cache of one kind: key (uid, else name) → (resourceVersion, typed or error).
+struct Typed<T> {
+    by_key: HashMap<String, (Option<String>, Result<T, InputError>)>,
+}
+
+impl<T> Default for Typed<T> {
+    fn default() -> Self {
+        Self {
+            by_key: HashMap::new(),
+        }
+    }
+}
+
+impl<T: DeserializeOwned + Clone> Typed<T> {
+    fn all(
+        &mut self,
+        kind: &str,
+        objs: &[Arc<DynamicObject>],
+        errors: &mut Vec<InputError>,
+        conversions: &mut usize,
+    ) -> Vec<T> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::with_capacity(objs.len());
+        for o in objs {
+            let key = o.metadata.uid.clone().unwrap_or_else(|| ns_or_cluster(o));
+            let rv = o.metadata.resource_version.clone();
+            let fresh =
+                matches!(self.by_key.get(&key), Some((cached, _)) if rv.is_some() && *cached == rv);
+            if !fresh {
+                *conversions += 1;
+                self.by_key.insert(key.clone(), (rv, typed(kind, o)));
+            }
+            if let Some((_, r)) = self.by_key.get(&key) {
+                match r {
+                    Ok(t) => out.push(t.clone()),
+                    Err(e) => errors.push(e.clone()),
+                }
+            }
+            seen.insert(key);
+        }
+        self.by_key.retain(|k, _| seen.contains(k));
+        out
+    }
+}
+
+impl Typer {
+    pub fn input(
+        &mut self,
+        services: &[Arc<DynamicObject>],
+        slices: &[Arc<DynamicObject>],
+        nodes: &[Arc<DynamicObject>],
+        node: &str,
+    ) -> Input {
+        let mut errors = Vec::new();
+        let n = &mut self.conversions;
+        let mut svcs: Vec<Sourced<Service>> = self
+            .services
+            .all("Service", services, &mut errors, n)
+            .into_iter()
+            .map(|s| Sourced::new(SOURCE, s))
+            .collect();
+        svcs.sort_by_key(|s| ns_name(&s.object.metadata));
+        let mut eps: Vec<Sourced<EndpointSlice>> = self
+            .slices
+            .all("EndpointSlice", slices, &mut errors, n)
+            .into_iter()
+            .map(|s| Sourced::new(SOURCE, s))
+            .collect();
+        eps.sort_by_key(|s| ns_name(&s.object.metadata));
+        let ours: Vec<Arc<DynamicObject>> = nodes
+            .iter()
+            .filter(|o| o.metadata.name.as_deref() == Some(node))
+            .cloned()
+            .collect();
+        let node = self
+            .nodes
+            .all("Node", &ours, &mut errors, n)
+            .into_iter()
+            .next()
+            .map(node_info);
+        errors.sort_by_key(ToString::to_string);
+        Input {
+            snapshot: Snapshot {
+                services: svcs,
+                endpoint_slices: eps,
+                node,
+                ..Default::default()
+            },
+            errors,
+        }
+    }
+}
+
+/// One object into its k8s-openapi type; on failure an error naming the object
+/// and the field.
+fn typed<T: DeserializeOwned>(kind: &str, obj: &DynamicObject) -> Result<T, InputError> {
+    let object = format!("{kind} {}", ns_or_cluster(obj));
+    let value = serde_json::to_value(obj)
+        .map_err(|e| InputError::new(SOURCE, object.clone(), "", e.to_string()))?;
+    serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        InputError::new(SOURCE, object, field, e.into_inner().to_string())
+    })
+}
+
+fn ns_or_cluster(obj: &DynamicObject) -> String {
+    match &obj.metadata.namespace {
+        Some(_) => ns_name(&obj.metadata),
+        None => obj
+            .metadata
+            .name
+            .clone()
+            .unwrap_or_else(|| "<unnamed>".into()),
+    }
+}
+
+fn node_info(n: Node) -> NodeInfo {
+    let status = n.status.unwrap_or_default();
+    let spec = n.spec.unwrap_or_default();
+    let mut pod_cidrs = spec.pod_cidrs.unwrap_or_default();
+    if pod_cidrs.is_empty() {
+        pod_cidrs.extend(spec.pod_cidr);
+    }
+    NodeInfo {
+        name: n.metadata.name.unwrap_or_default(),
+        addresses: status
+            .addresses
+            .unwrap_or_default()
+            .into_iter()
+            .map(|a| (a.type_, a.address))
+            .collect(),
+        pod_cidrs,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(v: serde_json::Value) -> Arc<DynamicObject> {
+        Arc::new(serde_json::from_value(v).expect("a DynamicObject"))
+    }
+
+    #[test]
+    fn a_malformed_object_is_reported_with_its_field_and_the_rest_is_kept() {
+        let services = [
+            obj(serde_json::json!({
+                "metadata": {"name": "good", "namespace": "default", "resourceVersion": "1"},
+                "spec": {"clusterIP": "10.96.0.10", "ports": [{"port": 80}]}
+            })),
+            obj(serde_json::json!({
+                "metadata": {"name": "bad", "namespace": "prod", "resourceVersion": "2"},
+                "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": "eighty"}]}
+            })),
+        ];
+        let slices = [obj(serde_json::json!({
+            "metadata": {"name": "good-1", "namespace": "default", "resourceVersion": "3",
+                         "labels": {"kubernetes.io/service-name": "good"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.1"], "conditions": {"ready": true}}],
+            "ports": [{"port": 8080}]
+        }))];
+        let nodes = [obj(serde_json::json!({
+            "metadata": {"name": "n1", "resourceVersion": "4"},
+            "spec": {"podCIDR": "10.244.1.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.5"}]}
+        }))];
+        let mut typer = Typer::default();
+        let input = typer.input(&services, &slices, &nodes, "n1");
+        assert_eq!(typer.conversions, 4);
+        // Unchanged objects are not typed again; the error is reported again.
+        let again = typer.input(&services, &slices, &nodes, "n1");
+        assert_eq!(typer.conversions, 4);
+        assert_eq!(again.errors, input.errors);
+        assert_eq!(again.snapshot.services.len(), 1);
+        // The broken Service is fixed (new resourceVersion): typed again, and a
+        // deleted slice leaves the cache.
+        let fixed = [
+            services[0].clone(),
+            obj(serde_json::json!({
+                "metadata": {"name": "bad", "namespace": "prod", "resourceVersion": "9"},
+                "spec": {"clusterIP": "10.96.0.11", "ports": [{"port": 80}]}
+            })),
+        ];
+        let after = typer.input(&fixed, &[], &nodes, "n1");
+        assert_eq!(typer.conversions, 5);
+        assert!(after.errors.is_empty(), "{:?}", after.errors);
+        assert_eq!(after.snapshot.services.len(), 2);
+        assert!(after.snapshot.endpoint_slices.is_empty());
+        assert_eq!(input.snapshot.services.len(), 1);
+        assert_eq!(input.snapshot.endpoint_slices.len(), 1);
+        assert_eq!(input.errors.len(), 1, "{:?}", input.errors);
+        let e = input.errors[0].to_string();
+        assert!(e.contains("Service prod/bad"), "{e}");
+        assert!(e.contains("spec.ports[0].port"), "{e}");
+        let node = input.snapshot.node.expect("node info");
+        assert_eq!(node.pod_cidrs, ["10.244.1.0/24"]);
+        assert_eq!(
+            node.addresses,
+            [("InternalIP".to_string(), "192.168.0.5".to_string())]
+        );
+    }
+
+    #[test]
+    fn access_lists_only_what_the_watchers_use() {
+        for a in API_ACCESS {
+            assert!(a.verbs.contains(&"list") && a.verbs.contains(&"watch"));
+            assert!(!a
+                .verbs
+                .iter()
+                .any(|v| ["create", "update", "patch", "delete"].contains(v)));
+        }
+    }
+}

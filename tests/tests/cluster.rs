@@ -1,0 +1,644 @@
+//! Cluster mode end to end: the real `ferry agent` in a lab node namespace, with
+//! `--kubeconfig` pointing at a fake API server (tests/src/fakeapi.rs) that speaks
+//! the list/watch protocol; assertions on the BPF maps (`ferry svc list -o json`),
+//! the health and metrics endpoints, the agent's log and the requests it made.
+use std::{
+    collections::BTreeMap,
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use ferry_tests::{
+    fakeapi::{FakeApi, Kind},
+    in_netns,
+    manifests::{client_pod, echo_pod},
+    tcp_ask, Lab, LabOptions,
+};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(30);
+/// Long enough for kube's watcher backoff after an outage.
+const RECOVER: Duration = Duration::from_secs(60);
+
+/// A lab node whose agent runs in cluster mode against a fake API server that
+/// listens inside the node's namespace. Field order: the lab (and its agent)
+/// goes first when dropped, then the server.
+struct Cluster {
+    lab: Lab,
+    api: FakeApi,
+}
+
+/// Starts the lab and the fake API (with this node's Node object); `setup` adds
+/// objects before the agent starts.
+fn cluster(opts: LabOptions, setup: impl FnOnce(&FakeApi) -> Result<()>) -> Result<Cluster> {
+    let mut lab = Lab::start(LabOptions {
+        agent: false,
+        ..opts
+    })?;
+    let api = FakeApi::start(Some(&lab.node))?;
+    api.apply(node(&lab.node))?;
+    setup(&api)?;
+    let kubeconfig = lab.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    lab.start_cluster_agent(&kubeconfig)?;
+    Ok(Cluster { lab, api })
+}
+
+fn node(name: &str) -> Value {
+    json!({
+        "kind": "Node",
+        "metadata": {"name": name},
+        "spec": {"podCIDR": "10.244.0.0/24", "podCIDRs": ["10.244.0.0/24"]},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.50.2"}]},
+    })
+}
+
+/// A Service with a selector (cluster mode must use its EndpointSlices anyway).
+fn service(name: &str, ip: &str, ports: Value) -> Value {
+    json!({
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {"clusterIP": ip, "selector": {"app": name}, "ports": ports},
+    })
+}
+
+/// An endpoint: (address, ready, serving, terminating, node).
+type Ep<'a> = (&'a str, bool, bool, bool, &'a str);
+
+fn slice(name: &str, svc: &str, eps: &[Ep], ports: Value) -> Value {
+    let endpoints: Vec<Value> = eps
+        .iter()
+        .map(|(addr, ready, serving, terminating, node)| {
+            json!({
+                "addresses": [addr], "nodeName": node,
+                "conditions": {"ready": ready, "serving": serving, "terminating": terminating},
+            })
+        })
+        .collect();
+    json!({
+        "kind": "EndpointSlice",
+        "metadata": {"name": name, "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": ports,
+    })
+}
+
+fn web_ports() -> Value {
+    json!([
+        {"name": "http", "port": 80, "targetPort": 8080},
+        {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353},
+    ])
+}
+fn web_slice_ports() -> Value {
+    json!([
+        {"name": "http", "port": 8080, "protocol": "TCP"},
+        {"name": "dns", "port": 5353, "protocol": "UDP"},
+    ])
+}
+
+/// The maps as `frontend/proto` → sorted backend addresses.
+fn frontends(lab: &Lab) -> Result<BTreeMap<String, Vec<String>>> {
+    let out = lab.ferry(&["svc", "list", "-o", "json"])?;
+    let rows: Vec<Value> = serde_json::from_str(&out).context("svc list -o json")?;
+    let mut m = BTreeMap::new();
+    for r in rows {
+        let key = format!(
+            "{}/{}",
+            r["frontend"].as_str().unwrap_or("?"),
+            r["protocol"].as_str().unwrap_or("?")
+        );
+        let mut backends: Vec<String> = r["backends"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|b| b["address"].as_str().unwrap_or("missing").to_string())
+            .collect();
+        backends.sort();
+        m.insert(key, backends);
+    }
+    Ok(m)
+}
+
+fn want(entries: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
+    entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+        .collect()
+}
+
+fn wait_maps(c: &Cluster, timeout: Duration, expect: &BTreeMap<String, Vec<String>>) -> Result<()> {
+    let mut last = BTreeMap::new();
+    let r = c
+        .lab
+        .wait_until(timeout, &format!("maps == {expect:?}"), || {
+            last = frontends(&c.lab)?;
+            Ok(&last == expect)
+        });
+    r.with_context(|| format!("last seen: {last:?}"))
+}
+
+/// GET http://127.0.0.1:PORT/PATH from inside the node namespace: (status, body).
+fn http_get(netns: &str, port: u16, path: &str) -> Result<(u16, String)> {
+    let path = path.to_string();
+    in_netns(netns, move || -> Result<(u16, String)> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        let code = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no HTTP status")?;
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((code, body))
+    })?
+}
+
+fn count(log: &str, needle: &str) -> usize {
+    log.lines().filter(|l| l.contains(needle)).count()
+}
+
+#[test]
+fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
+    let c = cluster(LabOptions::new("cwatch"), |api| {
+        api.apply(service("web", "10.96.0.10", web_ports()))?;
+        // Two slices of one Service, merged by the service-name label; one
+        // endpoint not ready.
+        api.apply(slice(
+            "web-a",
+            "web",
+            &[
+                ("10.244.1.2", true, true, false, "n1"),
+                ("10.244.1.3", false, false, false, "n1"),
+            ],
+            web_slice_ports(),
+        ))?;
+        api.apply(slice(
+            "web-b",
+            "web",
+            &[("10.244.2.2", true, true, false, "n2")],
+            web_slice_ports(),
+        ))?;
+        api.apply(service(
+            "other",
+            "10.96.0.20",
+            json!([{"port": 443, "targetPort": 8443}]),
+        ))?;
+        api.apply(slice(
+            "other-1",
+            "other",
+            &[("10.244.3.3", true, true, false, "n3")],
+            json!([{"port": 8443, "protocol": "TCP"}]),
+        ))?;
+        Ok(())
+    })?;
+    wait_maps(
+        &c,
+        WAIT,
+        &want(&[
+            ("10.96.0.10:53/UDP", &["10.244.1.2:5353", "10.244.2.2:5353"]),
+            ("10.96.0.10:80/TCP", &["10.244.1.2:8080", "10.244.2.2:8080"]),
+            ("10.96.0.20:443/TCP", &["10.244.3.3:8443"]),
+        ]),
+    )?;
+
+    // Health and metrics, kube-proxy style, on the default ports of the node
+    // namespace.
+    let ns = &c.lab.node;
+    let (code, _) = http_get(ns, 10256, "/readyz")?;
+    assert_eq!(code, 200, "ready after the first sync");
+    let (code, body) = http_get(ns, 10256, "/healthz")?;
+    assert_eq!(code, 200, "{body}");
+    let hz: Value = serde_json::from_str(&body).context("healthz JSON")?;
+    assert!(
+        hz["lastUpdated"].as_str().is_some_and(|s| !s.is_empty()),
+        "{hz}"
+    );
+    assert!(hz["currentTime"].as_str().is_some(), "{hz}");
+    assert_eq!(http_get(ns, 10256, "/livez")?.0, 200);
+    let (code, metrics) = http_get(ns, 10249, "/metrics")?;
+    assert_eq!(code, 200);
+    for m in [
+        "ferry_services 2",
+        "ferry_frontends 3",
+        "ferry_backends 5",
+        "ferry_sync_proxy_rules_duration_seconds_count",
+        "ferry_sync_proxy_rules_last_timestamp_seconds",
+        "ferry_conntrack_entries 0",
+        "ferry_drops_total{reason=\"no_backend\"}",
+    ] {
+        assert!(metrics.contains(m), "metrics lack {m:?}:\n{metrics}");
+    }
+
+    // The watcher's requests: the default list-then-watch strategy, bookmarks,
+    // and only this node.
+    let svc = c.api.requests_for(Kind::Service);
+    assert!(
+        svc.iter().any(|r| !r.contains("watch=true")),
+        "a list: {svc:?}"
+    );
+    assert!(
+        svc.iter().any(|r| r.contains("watch=true")
+            && r.contains("allowWatchBookmarks=true")
+            && r.contains("resourceVersion=")),
+        "a watch from the list's resourceVersion: {svc:?}"
+    );
+    let nodes = c.api.requests_for(Kind::Node);
+    let sel = format!("fieldSelector=metadata.name%3D{}", c.lab.node);
+    assert!(
+        !nodes.is_empty() && nodes.iter().all(|r| r.contains(&sel)),
+        "{nodes:?}"
+    );
+
+    // A burst of changes is coalesced: 20 updates of one slice within
+    // milliseconds give a few syncs (at most --sync-debounce-ms after the first),
+    // not 20, and the maps end at the last state.
+    let before = count(&c.lab.agent_log(), "maps synced");
+    for i in 0..20 {
+        let addr = format!("10.244.2.{}", 10 + i);
+        let eps: [Ep; 1] = [(addr.as_str(), true, true, false, "n2")];
+        c.api
+            .apply(slice("web-b", "web", &eps, web_slice_ports()))?;
+    }
+    wait_maps(
+        &c,
+        WAIT,
+        &want(&[
+            (
+                "10.96.0.10:53/UDP",
+                &["10.244.1.2:5353", "10.244.2.29:5353"],
+            ),
+            (
+                "10.96.0.10:80/TCP",
+                &["10.244.1.2:8080", "10.244.2.29:8080"],
+            ),
+            ("10.96.0.20:443/TCP", &["10.244.3.3:8443"]),
+        ]),
+    )?;
+    let syncs = count(&c.lab.agent_log(), "maps synced") - before;
+    assert!(
+        (1..=3).contains(&syncs),
+        "{syncs} syncs for a burst of 20 changes"
+    );
+
+    // An endpoint stops being ready: it leaves the maps.
+    c.api.apply(slice(
+        "web-b",
+        "web",
+        &[("10.244.2.2", false, false, false, "n2")],
+        web_slice_ports(),
+    ))?;
+    wait_maps(
+        &c,
+        WAIT,
+        &want(&[
+            ("10.96.0.10:53/UDP", &["10.244.1.2:5353"]),
+            ("10.96.0.10:80/TCP", &["10.244.1.2:8080"]),
+            ("10.96.0.20:443/TCP", &["10.244.3.3:8443"]),
+        ]),
+    )?;
+
+    // The Service (and, as the garbage collector would, its slices) is deleted:
+    // everything it had leaves the maps; the other Service stays.
+    assert!(c.api.delete(Kind::Service, "default", "web"));
+    assert!(c.api.delete(Kind::EndpointSlice, "default", "web-a"));
+    assert!(c.api.delete(Kind::EndpointSlice, "default", "web-b"));
+    wait_maps(
+        &c,
+        WAIT,
+        &want(&[("10.96.0.20:443/TCP", &["10.244.3.3:8443"])]),
+    )?;
+    c.lab.wait_until(WAIT, "metrics follow", || {
+        let m = http_get(ns, 10249, "/metrics")?.1;
+        Ok(m.contains("ferry_services 1") && m.contains("ferry_backends 1"))
+    })?;
+    // Quiet when nothing changes: bookmarks and idle watches cause no syncs.
+    let syncs = |log: &str| count(log, "maps synced") + count(log, "maps already in sync");
+    let before = syncs(&c.lab.agent_log());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(syncs(&c.lab.agent_log()), before, "{}", c.lab.logs());
+    Ok(())
+}
+
+#[test]
+fn first_sync_waits_for_every_list_and_an_outage_keeps_the_last_state() -> Result<()> {
+    let mut c = cluster(LabOptions::new("coutage"), |api| {
+        api.apply(service("web", "10.96.0.10", web_ports()))?;
+        api.apply(slice(
+            "web-a",
+            "web",
+            &[("10.244.1.2", true, true, false, "n1")],
+            web_slice_ports(),
+        ))?;
+        api.apply(service(
+            "other",
+            "10.96.0.20",
+            json!([{"port": 443, "targetPort": 8443}]),
+        ))?;
+        api.apply(slice(
+            "other-1",
+            "other",
+            &[("10.244.3.3", true, true, false, "n3")],
+            json!([{"port": 8443, "protocol": "TCP"}]),
+        ))?;
+        // Slices cannot be listed yet: Services alone must not be programmed
+        // (they would have no backends).
+        api.block(Kind::EndpointSlice, true);
+        Ok(())
+    })?;
+    let ns = c.lab.node.clone();
+    c.lab.wait_until(WAIT, "services listed", || {
+        Ok(c.api
+            .requests_for(Kind::Service)
+            .iter()
+            .any(|r| r.contains("watch=true")))
+    })?;
+    std::thread::sleep(Duration::from_secs(2));
+    c.lab.check_alive()?;
+    assert_eq!(
+        frontends(&c.lab)?,
+        BTreeMap::new(),
+        "nothing programmed before every list is done"
+    );
+    assert_eq!(
+        http_get(&ns, 10256, "/readyz")?.0,
+        503,
+        "not ready before the first sync"
+    );
+
+    c.api.block(Kind::EndpointSlice, false);
+    let full = want(&[
+        ("10.96.0.10:53/UDP", &["10.244.1.2:5353"]),
+        ("10.96.0.10:80/TCP", &["10.244.1.2:8080"]),
+        ("10.96.0.20:443/TCP", &["10.244.3.3:8443"]),
+    ]);
+    wait_maps(&c, RECOVER, &full)?;
+    assert_eq!(http_get(&ns, 10256, "/readyz")?.0, 200);
+
+    // The API server dies. Meanwhile the cluster changes and etcd compacts.
+    c.api.stop();
+    assert!(c.api.delete(Kind::Service, "default", "other"));
+    assert!(c.api.delete(Kind::EndpointSlice, "default", "other-1"));
+    c.api.apply(slice(
+        "web-a",
+        "web",
+        &[
+            ("10.244.1.2", true, true, false, "n1"),
+            ("10.244.1.4", true, true, false, "n1"),
+        ],
+        web_slice_ports(),
+    ))?;
+    c.api.compact();
+    std::thread::sleep(Duration::from_secs(3));
+    // The agent keeps serving the last state and stays healthy.
+    c.lab.check_alive()?;
+    assert_eq!(
+        frontends(&c.lab)?,
+        full,
+        "the last state stays during the outage"
+    );
+    assert_eq!(http_get(&ns, 10256, "/healthz")?.0, 200);
+    assert!(c
+        .lab
+        .agent_log()
+        .contains("watch failed, retrying with backoff"));
+
+    // It comes back: the agent's resourceVersion is too old (410), it relists
+    // and converges.
+    c.api.restart()?;
+    wait_maps(
+        &c,
+        RECOVER,
+        &want(&[
+            ("10.96.0.10:53/UDP", &["10.244.1.2:5353", "10.244.1.4:5353"]),
+            ("10.96.0.10:80/TCP", &["10.244.1.2:8080", "10.244.1.4:8080"]),
+        ]),
+    )?;
+    assert!(c.lab.agent_log().contains("relisted"), "{}", c.lab.logs());
+    Ok(())
+}
+
+#[test]
+fn gone_410_mid_watch_relists_and_an_unchanged_relist_writes_nothing() -> Result<()> {
+    let c = cluster(LabOptions::new("cgone"), |api| {
+        api.apply(service("web", "10.96.0.10", web_ports()))?;
+        api.apply(slice(
+            "web-a",
+            "web",
+            &[("10.244.1.2", true, true, false, "n1")],
+            web_slice_ports(),
+        ))?;
+        Ok(())
+    })?;
+    let first = want(&[
+        ("10.96.0.10:53/UDP", &["10.244.1.2:5353"]),
+        ("10.96.0.10:80/TCP", &["10.244.1.2:8080"]),
+    ]);
+    wait_maps(&c, WAIT, &first)?;
+    let lists = |api: &FakeApi| {
+        api.requests_for(Kind::Service)
+            .iter()
+            .filter(|r| !r.contains("watch=true"))
+            .count()
+    };
+    let lists_before = lists(&c.api);
+    let synced_before = count(&c.lab.agent_log(), "maps synced");
+
+    // Every open watch ends with an ERROR event, code 410: the watchers relist.
+    // Nothing changed, so nothing is written.
+    c.api.expire_watches();
+    c.lab.wait_until(RECOVER, "a relist of services", || {
+        Ok(lists(&c.api) > lists_before)
+    })?;
+    c.lab.wait_until(RECOVER, "the relist logged", || {
+        Ok(c.lab.agent_log().contains("relisted"))
+    })?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        count(&c.lab.agent_log(), "maps synced"),
+        synced_before,
+        "an unchanged relist wrote to the maps:\n{}",
+        c.lab.logs()
+    );
+    assert_eq!(frontends(&c.lab)?, first);
+    let log = c.lab.agent_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("maps already in sync, nothing written") && l.contains("upserts")),
+        "the relist's sync logs that it wrote nothing:\n{log}"
+    );
+
+    // After the relist the watch works again.
+    c.api.apply(slice(
+        "web-a",
+        "web",
+        &[("10.244.1.9", true, true, false, "n1")],
+        web_slice_ports(),
+    ))?;
+    wait_maps(
+        &c,
+        WAIT,
+        &want(&[
+            ("10.96.0.10:53/UDP", &["10.244.1.9:5353"]),
+            ("10.96.0.10:80/TCP", &["10.244.1.9:8080"]),
+        ]),
+    )?;
+    Ok(())
+}
+
+#[test]
+fn a_malformed_object_is_reported_and_the_rest_is_programmed() -> Result<()> {
+    let c = cluster(LabOptions::new("cbad"), |api| {
+        api.apply(service("web", "10.96.0.10", web_ports()))?;
+        api.apply(slice(
+            "web-a",
+            "web",
+            &[("10.244.1.2", true, true, false, "n1")],
+            web_slice_ports(),
+        ))?;
+        // Not a Service k8s-openapi accepts: the port is a string.
+        api.apply(service("broken", "10.96.0.30", json!([{"port": "eighty"}])))?;
+        // Valid JSON, invalid value: caught by the translation.
+        api.apply(service("wrongip", "10.96.0.999", json!([{"port": 80}])))?;
+        Ok(())
+    })?;
+    wait_maps(
+        &c,
+        WAIT,
+        &want(&[
+            ("10.96.0.10:53/UDP", &["10.244.1.2:5353"]),
+            ("10.96.0.10:80/TCP", &["10.244.1.2:8080"]),
+        ]),
+    )?;
+    let log = c.lab.agent_log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("Service default/broken"))
+        .with_context(|| format!("no error about Service default/broken:\n{log}"))?;
+    assert!(
+        line.contains("spec.ports[0].port"),
+        "names the field: {line}"
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains("Service default/wrongip"))
+        .with_context(|| format!("no error about Service default/wrongip:\n{log}"))?;
+    assert!(line.contains("spec.clusterIP"), "names the field: {line}");
+
+    // Fixed: programmed, and the error is reported resolved.
+    c.api
+        .apply(service("broken", "10.96.0.30", json!([{"port": 8080}])))?;
+    c.lab.wait_until(WAIT, "the fixed Service programmed", || {
+        Ok(frontends(&c.lab)?.contains_key("10.96.0.30:8080/TCP"))
+    })?;
+    c.lab.wait_until(WAIT, "resolved logged", || {
+        Ok(c.lab
+            .agent_log()
+            .lines()
+            .any(|l| l.contains("resolved") && l.contains("default/broken")))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn a_pod_reaches_a_clusterip_learned_from_the_api() -> Result<()> {
+    // Real Pods (run by the shim) whose addresses reach the agent only through
+    // EndpointSlices served by the fake API.
+    let opts = LabOptions::new("cpkt")
+        .manifest("echo-a.yaml", &echo_pod("echo-a", "echo", None))
+        .manifest("echo-b.yaml", &echo_pod("echo-b", "echo", None))
+        .manifest("client.yaml", &client_pod("client"));
+    let mut lab = Lab::start(LabOptions {
+        agent: false,
+        ..opts
+    })?;
+    lab.wait_ready(&["echo-a", "echo-b", "client"], Duration::from_secs(60))?;
+    let api = FakeApi::start(Some(&lab.node))?;
+    api.apply(node(&lab.node))?;
+    api.apply(service(
+        "echo",
+        "10.96.0.10",
+        json!([{"name": "http", "port": 80, "targetPort": "http"}]),
+    ))?;
+    let mut eps = Vec::new();
+    for p in ["echo-a", "echo-b"] {
+        let ip = lab
+            .pod(p)
+            .and_then(|r| r.pod_ip)
+            .with_context(|| format!("{p} has an IP"))?;
+        eps.push(ip.to_string());
+    }
+    let node_name = lab.node.clone();
+    let list: Vec<Ep> = eps
+        .iter()
+        .map(|ip| (ip.as_str(), true, true, false, node_name.as_str()))
+        .collect();
+    api.apply(slice(
+        "echo-1",
+        "echo",
+        &list,
+        json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+    ))?;
+    let kubeconfig = lab.dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    lab.start_cluster_agent(&kubeconfig)?;
+
+    let client = lab.pod_netns("client")?;
+    let vip: SocketAddr = "10.96.0.10:80".parse()?;
+    lab.wait_until(WAIT, "the ClusterIP answers", || {
+        Ok(tcp_ask(&client, vip).is_ok())
+    })?;
+    let mut seen = BTreeMap::new();
+    for _ in 0..40 {
+        *seen.entry(tcp_ask(&client, vip)?).or_insert(0) += 1;
+    }
+    if seen.keys().map(String::as_str).collect::<Vec<_>>() != ["echo-a", "echo-b"] {
+        bail!(
+            "want answers from echo-a and echo-b, got {seen:?}\n{}",
+            lab.logs()
+        );
+    }
+    // Per-Service traffic counters: at least the 41 connections' packets.
+    let (_, metrics) = http_get(&lab.node, 10249, "/metrics")?;
+    let packets: u64 = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("ferry_service_packets_total{")
+                && l.contains("service=\"default/echo\"")
+                && l.contains("port=\"http\"")
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no packet counter for default/echo:http in\n{metrics}"))?;
+    assert!(
+        packets >= 41 * 3,
+        "{packets} packets counted for 41 connections"
+    );
+    assert!(
+        metrics.contains("ferry_service_bytes_total{service=\"default/echo\",port=\"http\"}"),
+        "{metrics}"
+    );
+    // The same counters in `ferry svc list -o json`.
+    let rows: Vec<Value> = serde_json::from_str(&lab.ferry(&["svc", "list", "-o", "json"])?)?;
+    let row = rows
+        .iter()
+        .find(|r| r["frontend"] == "10.96.0.10:80")
+        .context("the frontend in svc list")?;
+    assert!(row["packets"].as_u64().unwrap_or(0) >= packets, "{row}");
+    drop(lab);
+    drop(api);
+    Ok(())
+}
