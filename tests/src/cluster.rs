@@ -50,6 +50,18 @@ impl Cluster {
     /// `n` nodes (at least 1) running the manifests; `agent_args` are added to
     /// every agent's `--devices eth0`.
     pub fn start(tag: &str, n: usize, manifests: &[(String, String)], agent_args: &[&str]) -> Result<Self> {
+        Self::start_opts(tag, n, manifests, agent_args, true)
+    }
+
+    /// Like [`Cluster::start`]; `agents: false` leaves the agents to the caller
+    /// (`nodes[i].start_agent()`), e.g. for a baseline without Ferry.
+    pub fn start_opts(
+        tag: &str,
+        n: usize,
+        manifests: &[(String, String)],
+        agent_args: &[&str],
+        agents: bool,
+    ) -> Result<Self> {
         sys::require_root()?;
         let k = COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("fc{:x}{k}{}", std::process::id() % 0xffff, short(tag));
@@ -73,8 +85,10 @@ impl Cluster {
         for i in 0..n {
             cluster.wire_node(i)?;
         }
-        for lab in &mut cluster.nodes {
-            lab.start_agent()?;
+        if agents {
+            for lab in &mut cluster.nodes {
+                lab.start_agent()?;
+            }
         }
         Ok(cluster)
     }

@@ -26,7 +26,12 @@ use anyhow::{bail, Context as _, Result};
 use ferry_bench::{
     iptables, loadgen::Report, manifests, nftables, scenario::Scenario, stats::Summary,
 };
-use ferry_tests::{in_netns, Lab, LabOptions};
+use ferry_tests::{
+    cluster::Cluster,
+    in_netns,
+    manifests::{client_pod, on_node},
+    Lab,
+};
 use serde::Serialize;
 
 const SERVERS: usize = 10;
@@ -58,6 +63,9 @@ pub struct Args {
     /// kube-proxy's iptables backend: legacy (x_tables) or nft (iptables-nft).
     #[arg(long, value_enum, default_value_t = IptablesBackend::Legacy)]
     iptables: IptablesBackend,
+    /// Where the servers run (comma-separated: same-node, cross-node; default both).
+    #[arg(long, value_delimiter = ',', value_enum)]
+    topology: Option<Vec<Topology>>,
     /// Only these data paths (comma-separated: no-nat, iptables, nftables, ferry).
     #[arg(long, value_delimiter = ',', value_enum)]
     paths: Option<Vec<DataPath>>,
@@ -80,6 +88,7 @@ impl Args {
             duration: Some(0.5),
             workers: 4,
             paths: None,
+            topology: None,
             iptables: IptablesBackend::Legacy,
             debug: true,
             out: Some(crate::root().join("target/bench/ci")),
@@ -99,6 +108,48 @@ impl IptablesBackend {
         match self {
             IptablesBackend::Legacy => "iptables-legacy-restore",
             IptablesBackend::Nft => "iptables-nft-restore",
+        }
+    }
+}
+
+/// Where the servers run relative to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Topology {
+    /// Client and servers on one node.
+    SameNode,
+    /// The client on node 1, the servers on node 2, across the underlay: the
+    /// client's node translates, the servers' node only routes.
+    CrossNode,
+}
+
+impl Topology {
+    fn title(self) -> &'static str {
+        match self {
+            Topology::SameNode => "client and servers on one node",
+            Topology::CrossNode => "servers on another node",
+        }
+    }
+}
+
+/// One benchmarked case: a topology and a number of Services.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Case {
+    topology: Topology,
+    services: usize,
+}
+
+impl std::fmt::Display for Case {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "N={} {}", self.services, self.title_short())
+    }
+}
+
+impl Case {
+    fn title_short(&self) -> &'static str {
+        match self.topology {
+            Topology::SameNode => "same-node",
+            Topology::CrossNode => "cross-node",
         }
     }
 }
@@ -174,10 +225,11 @@ impl Metric {
     }
 }
 
-/// Samples per (N, metric, path).
-type Samples = BTreeMap<(usize, Metric, DataPath), Vec<f64>>;
+/// Samples per (case, metric, path).
+type Samples = BTreeMap<(Case, Metric, DataPath), Vec<f64>>;
 
 struct Plan {
+    topologies: Vec<Topology>,
     iptables: IptablesBackend,
     ns: Vec<usize>,
     paths: Vec<DataPath>,
@@ -205,7 +257,12 @@ impl Plan {
         if paths.is_empty() {
             bail!("--paths: name at least one data path");
         }
+        let topologies = args.topology.clone().unwrap_or(vec![Topology::SameNode, Topology::CrossNode]);
+        if topologies.is_empty() {
+            bail!("--topology: name at least one");
+        }
         Ok(Self {
+            topologies,
             iptables: args.iptables,
             ns,
             paths,
@@ -237,8 +294,10 @@ pub fn run(args: Args) -> Result<()> {
         files: None,
     };
     let started = Instant::now();
-    for &n in &plan.ns {
-        ctx.bench_n(n)?;
+    for &topology in &plan.topologies {
+        for &n in &plan.ns {
+            ctx.bench_case(Case { topology, services: n })?;
+        }
     }
     let report = Output::new(&plan, ctx.samples, ctx.answered, ctx.notes, started.elapsed());
     report.write(&out_dir)
@@ -277,33 +336,39 @@ spec:
     )
 }
 
-/// A fresh lab node for one measurement of one path: a client Pod and the
-/// server Pods, nothing else. Dropping it removes everything (namespaces,
-/// rules, pinned maps and links, processes).
+/// A fresh lab for one measurement of one path: the client's node (with the
+/// client Pod) and, cross-node, a second node with the server Pods; nothing
+/// else runs. The path is set up on the client's node. Dropping it removes
+/// everything (namespaces, rules, pinned maps and links, processes).
 struct Node {
-    lab: Lab,
+    cluster: Cluster,
     client: String,
     servers: Vec<Ipv4Addr>,
 }
 
 impl Node {
-    fn start(loadgen: &Path) -> Result<Self> {
-        let mut opts = LabOptions::new("bench");
-        opts.agent = false;
-        opts = opts.manifest("client.yaml", &ferry_tests::manifests::client_pod(CLIENT));
+    fn start(loadgen: &Path, topology: Topology) -> Result<Self> {
+        let nodes = match topology {
+            Topology::SameNode => 1,
+            Topology::CrossNode => 2,
+        };
+        let cluster = Cluster::start_opts("bench", nodes, &[], &[], false)?;
+        let client_node = cluster.nodes[0].node.clone();
+        let server_node = cluster.nodes[nodes - 1].node.clone();
+        cluster.write_manifest("client.yaml", &on_node(&client_pod(CLIENT), &client_node))?;
         for i in 0..SERVERS {
-            opts = opts.manifest(&format!("srv-{i}.yaml"), &server_pod(i, loadgen));
+            cluster.write_manifest(&format!("srv-{i}.yaml"), &on_node(&server_pod(i, loadgen), &server_node))?;
         }
-        let lab = Lab::start(opts)?;
         let names: Vec<String> = (0..SERVERS).map(|i| format!("srv-{i}")).collect();
         let mut wait: Vec<&str> = names.iter().map(String::as_str).collect();
         wait.push(CLIENT);
-        lab.wait_ready(&wait, Duration::from_secs(60))?;
+        cluster.wait_ready(&wait, Duration::from_secs(60))?;
+        let lab = &cluster.nodes[0];
         let servers: Vec<Ipv4Addr> = names
             .iter()
             .map(|n| lab.pod(n).and_then(|p| p.pod_ip).with_context(|| format!("pod {n} has no IP")))
             .collect::<Result<_>>()?;
-        let client = lab.pod_netns(CLIENT)?;
+        let client = cluster.pod_netns(CLIENT)?;
         // CRR leaves every closed connection in TIME_WAIT on the client (it
         // closes first, as netperf's TCP_CRR does): let the next measurement
         // reuse those ports. Sysctls of the lab's client namespace only.
@@ -314,7 +379,12 @@ impl Node {
             "",
             CONTROL_TIMEOUT,
         )?;
-        Ok(Self { lab, client, servers })
+        Ok(Self { cluster, client, servers })
+    }
+
+    /// The client's node: where rules are loaded and the agent runs.
+    fn lab(&mut self) -> &mut Lab {
+        &mut self.cluster.nodes[0]
     }
 }
 
@@ -322,8 +392,8 @@ struct Ctx<'a> {
     loadgen: PathBuf,
     plan: &'a Plan,
     samples: Samples,
-    /// Which servers answered the sanity check, per (N, path).
-    answered: BTreeMap<(usize, DataPath), BTreeSet<String>>,
+    /// Which servers answered the sanity check, per (case, path).
+    answered: BTreeMap<(Case, DataPath), BTreeSet<String>>,
     /// What could not be measured, and why (printed under the tables).
     notes: Vec<String>,
     /// The inputs for the current N (regenerated if the Pods' IPs change).
@@ -338,9 +408,11 @@ struct SetUp {
 }
 
 impl Ctx<'_> {
-    fn bench_n(&mut self, n: usize) -> Result<()> {
+    fn bench_case(&mut self, case: Case) -> Result<()> {
+        let n = case.services;
         println!(
-            "\nbench: N = {n} Services x {SERVERS} endpoints, the measured Service last; every path on a fresh lab node"
+            "\nbench: N = {n} Services x {SERVERS} endpoints, the measured Service last, {}; every path on a fresh lab",
+            case.topology.title()
         );
         for round in 0..self.plan.rounds {
             let mut order = self.plan.paths.clone();
@@ -348,18 +420,18 @@ impl Ctx<'_> {
             order.rotate_left(round % k);
             for path in order {
                 check_interrupted()?;
-                let mut node = Node::start(&self.loadgen)?;
+                let mut node = Node::start(&self.loadgen, case.topology)?;
                 let files = self.files_for(n, &node.servers)?;
                 let s = match self.set_up(&mut node, path, &files) {
                     Ok(s) => s,
                     Err(e) if e.is::<TimedOut>() => {
                         println!("  round {} {:<8} set-up: {e}", round + 1, path.name());
-                        self.notes.push(format!("N={n} round {} {}: set-up {e}", round + 1, path.name()));
+                        self.notes.push(format!("{case} round {} {}: set-up {e}", round + 1, path.name()));
                         continue;
                     }
                     Err(e) => return Err(e),
                 };
-                self.measure(&mut node, n, round, path, &files, &s)?;
+                self.measure(&mut node, case, round, path, &files, &s)?;
             }
         }
         Ok(())
@@ -375,14 +447,17 @@ impl Ctx<'_> {
         }
         let scenario = Scenario::new(n, SERVERS, servers)?;
         let changed = scenario.with_measured_endpoint(SERVERS - 1, Ipv4Addr::new(10, 244, 0, 250))?;
-        let dir = std::env::temp_dir().join(format!("ferry-bench-{}-{n}", std::process::id()));
+        // A directory of its own: the Files this replaces removes its own on drop.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("ferry-bench-{}-{n}-{k}", std::process::id()));
         let files = std::rc::Rc::new(Files::write(&dir, &scenario, &changed)?);
         self.files = Some((n, servers.to_vec(), files.clone()));
         Ok(files)
     }
 
     fn set_up(&mut self, node: &mut Node, path: DataPath, files: &Files) -> Result<SetUp> {
-        let ns = node.lab.node.clone();
+        let ns = node.lab().node.clone();
         let started = Instant::now();
         match path {
             DataPath::NoNat => {}
@@ -390,15 +465,15 @@ impl Ctx<'_> {
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?,
             DataPath::Ferry => {
                 files.reset_ferry()?;
-                let log = node.lab.agent_log_path();
+                let log = node.lab().agent_log_path();
                 let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
-                node.lab.start_agent_on(&files.ferry_dir)?;
-                wait_for_sync(&mut node.lab, &log, from, Some(files.frontends), CONTROL_TIMEOUT)?;
+                node.lab().start_agent_on(&files.ferry_dir)?;
+                wait_for_sync(node.lab(), &log, from, Some(files.frontends), CONTROL_TIMEOUT)?;
             }
         }
         let cold_start = started.elapsed();
         let rss_mib = match path {
-            DataPath::Ferry => node.lab.agent_pid().and_then(rss_mib_of),
+            DataPath::Ferry => node.lab().agent_pid().and_then(rss_mib_of),
             _ => None,
         };
         Ok(SetUp { cold_start, rss_mib })
@@ -407,12 +482,13 @@ impl Ctx<'_> {
     fn measure(
         &mut self,
         node: &mut Node,
-        n: usize,
+        case: Case,
         round: usize,
         path: DataPath,
         files: &Files,
         setup: &SetUp,
     ) -> Result<()> {
+        let n = case;
         // no-NAT dials every server directly, as the Service spreads over them,
         // so that both sides load the same ten servers.
         let servers = node.servers.clone();
@@ -480,7 +556,7 @@ impl Ctx<'_> {
                 }
                 Err(e) if e.is::<TimedOut>() => {
                     print!(" | endpoint change: {e}");
-                    self.notes.push(format!("N={n} round {} {}: endpoint change {e}", round + 1, path.name()));
+                    self.notes.push(format!("{case} round {} {}: endpoint change {e}", round + 1, path.name()));
                 }
                 Err(e) => return Err(e),
             }
@@ -489,7 +565,7 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    fn push(&mut self, n: usize, m: Metric, p: DataPath, v: f64) {
+    fn push(&mut self, n: Case, m: Metric, p: DataPath, v: f64) {
         self.samples.entry((n, m, p)).or_default().push(v);
     }
 
@@ -518,7 +594,7 @@ impl Ctx<'_> {
     /// has it: kube-proxy's full iptables-restore, an nft transaction of the
     /// changed chains, ferry's incremental map sync (file change → maps written).
     fn endpoint_change(&self, node: &mut Node, path: DataPath, files: &Files) -> Result<Duration> {
-        let ns = node.lab.node.clone();
+        let ns = node.lab().node.clone();
         let started = Instant::now();
         match path {
             DataPath::NoNat => {}
@@ -531,11 +607,11 @@ impl Ctx<'_> {
             )?,
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft_update, CONTROL_TIMEOUT)?,
             DataPath::Ferry => {
-                let log = node.lab.agent_log_path();
+                let log = node.lab().agent_log_path();
                 let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
                 let started = Instant::now();
                 files.change_ferry()?;
-                wait_for_sync(&mut node.lab, &log, from, None, CONTROL_TIMEOUT)?;
+                wait_for_sync(node.lab(), &log, from, None, CONTROL_TIMEOUT)?;
                 return Ok(started.elapsed());
             }
         }
@@ -764,14 +840,15 @@ struct Output {
     iptables_backend: IptablesBackend,
     /// What could not be measured, and why.
     notes: Vec<String>,
-    /// Which servers answered the sanity check, per N and path.
-    answered: Vec<(usize, DataPath, Vec<String>)>,
+    /// Which servers answered the sanity check, per case and path.
+    answered: Vec<(Case, DataPath, Vec<String>)>,
     results: Vec<Row>,
 }
 
 #[derive(Serialize)]
 struct Row {
-    services: usize,
+    #[serde(flatten)]
+    case: Case,
     metric: Metric,
     path: DataPath,
     #[serde(flatten)]
@@ -783,14 +860,14 @@ impl Output {
     fn new(
         plan: &Plan,
         samples: Samples,
-        answered: BTreeMap<(usize, DataPath), BTreeSet<String>>,
+        answered: BTreeMap<(Case, DataPath), BTreeSet<String>>,
         notes: Vec<String>,
         elapsed: Duration,
     ) -> Self {
         let results = samples
             .into_iter()
-            .filter_map(|((services, metric, path), v)| {
-                Some(Row { services, metric, path, summary: Summary::of(&v)?, samples: v })
+            .filter_map(|((case, metric, path), v)| {
+                Some(Row { case, metric, path, summary: Summary::of(&v)?, samples: v })
             })
             .collect();
         Self {
@@ -814,8 +891,8 @@ impl Output {
         self.iptables_backend.restore()
     }
 
-    fn get(&self, n: usize, m: Metric, p: DataPath) -> Option<&Summary> {
-        self.results.iter().find(|r| r.services == n && r.metric == m && r.path == p).map(|r| &r.summary)
+    fn get(&self, c: Case, m: Metric, p: DataPath) -> Option<&Summary> {
+        self.results.iter().find(|r| r.case == c && r.metric == m && r.path == p).map(|r| &r.summary)
     }
 
     fn markdown(&self) -> String {
@@ -836,7 +913,7 @@ impl Output {
             self.plan_iptables(),
             self.elapsed_s
         ));
-        let ns: BTreeSet<usize> = self.results.iter().map(|r| r.services).collect();
+        let ns: BTreeSet<Case> = self.results.iter().map(|r| r.case).collect();
         let metrics: BTreeSet<Metric> = self.results.iter().map(|r| r.metric).collect();
         for m in metrics {
             let paths: Vec<DataPath> = PATHS
@@ -844,7 +921,7 @@ impl Output {
                 .filter(|p| self.results.iter().any(|r| r.metric == m && r.path == *p))
                 .collect();
             let better = if m.higher_is_better() { "higher is better" } else { "lower is better" };
-            out.push_str(&format!("\n### {} ({better})\n\n| Services |", m.title()));
+            out.push_str(&format!("\n### {} ({better})\n\n| Services, servers |", m.title()));
             for p in &paths {
                 out.push_str(&format!(" {} |", p.name()));
             }
@@ -861,7 +938,11 @@ impl Output {
             }
             out.push('\n');
             for &n in &ns {
-                out.push_str(&format!("| {n} |"));
+                let place = match n.topology {
+                    Topology::SameNode => "same node",
+                    Topology::CrossNode => "other node",
+                };
+                out.push_str(&format!("| {}, {place} |", n.services));
                 for &p in &paths {
                     match self.get(n, m, p) {
                         Some(s) => out.push_str(&format!(" {} ±{:.0}% |", fmt_num(s.median), s.spread_pct())),
@@ -888,8 +969,8 @@ impl Output {
             }
         }
         out.push_str("\nServers that answered the per-round sanity check (60 UDP queries from fresh sockets):\n\n");
-        for (n, p, names) in &self.answered {
-            out.push_str(&format!("- N={n} {}: {}\n", p.name(), names.len()));
+        for (c, p, names) in &self.answered {
+            out.push_str(&format!("- {c} {}: {}\n", p.name(), names.len()));
         }
         out
     }
