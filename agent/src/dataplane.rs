@@ -2,7 +2,8 @@
 //! interfaces come and go: `from_pod` to the Pod veths of this network
 //! namespace, `from_netdev` to the node devices (`--devices`).
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, Ipv4Addr},
     fs, io,
     path::{Path, PathBuf},
 };
@@ -16,12 +17,17 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfError, EbpfLoader,
 };
+use aya::maps::{Array, MapData};
 use ferry_common::{
+    addr_to_map, config, CONFIG_MAP,
     BACKENDS_MAP, COUNTERS_MAP, COUNTER_COUNT, CT_MAP, PROG_FROM_NETDEV, PROG_FROM_POD,
     SERVICES_MAP,
 };
 use futures::TryStreamExt as _;
-use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use rtnetlink::packet_route::{
+    address::{AddressAttribute, AddressMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+};
 use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{
@@ -53,6 +59,10 @@ pub enum DataplaneError {
     },
     #[error("listing links: {0}")]
     Netlink(#[from] rtnetlink::Error),
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    #[error("writing the node settings map: {source}")]
+    ConfigMap { source: aya::maps::MapError },
 }
 
 fn program(what: impl Into<String>) -> impl FnOnce(ProgramError) -> DataplaneError {
@@ -293,6 +303,17 @@ impl Dataplane {
         }
     }
 
+    /// Tells the programs the node address north-south flows to backends on
+    /// other nodes are SNATed to.
+    pub fn set_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), DataplaneError> {
+        let map = self.ebpf.map_mut(CONFIG_MAP).ok_or(DataplaneError::MissingMap(CONFIG_MAP))?;
+        let mut array: Array<&mut MapData, u32> =
+            Array::try_from(map).map_err(|source| DataplaneError::ConfigMap { source })?;
+        array
+            .set(config::NODE_ADDR, addr_to_map(addr.octets()), 0)
+            .map_err(|source| DataplaneError::ConfigMap { source })
+    }
+
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.values().map(|(n, _)| n.as_str())
     }
@@ -386,7 +407,90 @@ pub async fn list_links(handle: &rtnetlink::Handle) -> Result<Vec<LinkMessage>, 
     Ok(handle.link().get().execute().try_collect().await?)
 }
 
+/// Every IPv4 address of this network namespace: (ifindex, address).
+pub async fn list_addresses(handle: &rtnetlink::Handle) -> Result<Vec<(u32, Ipv4Addr)>, DataplaneError> {
+    let msgs: Vec<AddressMessage> = handle.address().get().execute().try_collect().await?;
+    Ok(msgs
+        .iter()
+        .flat_map(|m| {
+            m.attributes.iter().filter_map(move |a| match a {
+                AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
+                    Some((m.header.index, *ip))
+                }
+                _ => None,
+            })
+        })
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect())
+}
+
+/// The addresses NodePorts are served on, as kube-proxy's
+/// `--nodeport-addresses`: with CIDRs, every address of the node within them;
+/// without, the addresses of the node devices. Never loopback. Sorted.
+pub fn nodeport_addresses(
+    addrs: &[(u32, Ipv4Addr)],
+    links: &BTreeMap<u32, String>,
+    devices: &[String],
+    cidrs: &[ipnet::Ipv4Net],
+) -> Vec<Ipv4Addr> {
+    let mut out: Vec<Ipv4Addr> = addrs
+        .iter()
+        .filter(|(_, ip)| !ip.is_loopback())
+        .filter(|(idx, ip)| {
+            if cidrs.is_empty() {
+                links.get(idx).is_some_and(|name| devices.contains(name))
+            } else {
+                cidrs.iter().any(|c| c.contains(ip))
+            }
+        })
+        .map(|(_, ip)| *ip)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Interface names by index.
+pub fn link_names(links: &[LinkMessage]) -> BTreeMap<u32, String> {
+    links
+        .iter()
+        .filter_map(|l| {
+            l.attributes.iter().find_map(|a| match a {
+                LinkAttribute::IfName(n) => Some((l.header.index, n.clone())),
+                _ => None,
+            })
+        })
+        .collect()
+}
+
 /// Pin directory default for a node.
 pub fn default_bpffs_dir(node: &str) -> PathBuf {
     Path::new(BPFFS).join("ferry").join(node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nodeport_addresses_follow_devices_or_cidrs_and_never_loopback() {
+        let links: BTreeMap<u32, String> =
+            [(1, "lo".to_string()), (2, "eth0".to_string()), (3, "eth1".to_string())].into();
+        let addrs = [
+            (1, Ipv4Addr::new(127, 0, 0, 1)),
+            (2, Ipv4Addr::new(192, 168, 77, 11)),
+            (3, Ipv4Addr::new(10, 0, 0, 5)),
+        ];
+        let eth0 = vec!["eth0".to_string()];
+        assert_eq!(nodeport_addresses(&addrs, &links, &eth0, &[]), [Ipv4Addr::new(192, 168, 77, 11)]);
+        let all: Vec<ipnet::Ipv4Net> = vec!["0.0.0.0/0".parse().unwrap()];
+        assert_eq!(
+            nodeport_addresses(&addrs, &links, &eth0, &all),
+            [Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(192, 168, 77, 11)]
+        );
+        let ten: Vec<ipnet::Ipv4Net> = vec!["10.0.0.0/8".parse().unwrap()];
+        assert_eq!(nodeport_addresses(&addrs, &links, &eth0, &ten), [Ipv4Addr::new(10, 0, 0, 5)]);
+        assert!(nodeport_addresses(&addrs, &links, &[], &[]).is_empty());
+    }
 }

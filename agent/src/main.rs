@@ -94,9 +94,17 @@ struct AgentArgs {
     #[command(flatten)]
     node: NodeArgs,
     /// Node devices (comma-separated), e.g. eth0: from-netdev is attached to them
-    /// (replies of backends on other nodes), from-pod to every other veth.
+    /// (NodePort/ExternalIP/LoadBalancer traffic, replies of backends on other
+    /// nodes), from-pod to every other veth.
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
+    /// Serve NodePorts on the node addresses within these CIDRs (comma-separated);
+    /// default: the addresses of --devices. Never loopback.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
+    nodeport_addresses: Vec<ipnet::Ipv4Net>,
+    /// The NodePort range, inclusive (a nodePort outside it is an error).
+    #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
+    service_node_port_range: (u16, u16),
     /// ClusterIPs for Services without spec.clusterIP come from here.
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cluster_ip_range: ipnet::Ipv4Net,
@@ -136,6 +144,17 @@ fn listen_addr(flag: &str, value: &str) -> Result<Option<std::net::SocketAddr>> 
         .parse()
         .map(Some)
         .with_context(|| format!("{flag} {value:?}: want IP:PORT (or empty to disable)"))
+}
+
+/// "LOW-HIGH", 1 <= LOW <= HIGH <= 65535.
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected LOW-HIGH, e.g. 30000-32767"))?;
+    let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("{p:?} is not a port (1-65535)"));
+    let (lo, hi) = (port(lo)?, port(hi)?);
+    if lo > hi {
+        return Err(format!("{lo}-{hi}: the low end is above the high end"));
+    }
+    Ok((lo, hi))
 }
 
 fn node_name(flag: Option<String>) -> Result<String> {
@@ -229,7 +248,10 @@ async fn agent(a: AgentArgs) -> Result<()> {
             service_cidr: a.service_cluster_ip_range,
             pod_endpoints,
             node: node.clone(),
+            nodeport_addrs: Vec::new(),
+            node_port_range: a.service_node_port_range,
         },
+        nodeport_cidrs: a.nodeport_addresses,
         node,
         devices: a.devices,
         dataplane: dataplane::Config {

@@ -181,6 +181,8 @@ const DROPS: &[(DpCounter, &str)] = &[
     (DpCounter::DropBackendMissing, "backend_missing"),
     (DpCounter::DropMalformed, "malformed"),
     (DpCounter::DropCtFull, "ct_full"),
+    (DpCounter::DropNoBackendExternal, "no_backend_external"),
+    (DpCounter::DropSnatPorts, "snat_ports_exhausted"),
 ];
 
 /// The other counters: packets by what happened to them.
@@ -188,6 +190,10 @@ const PACKETS: &[(DpCounter, &str)] = &[
     (DpCounter::ServiceForward, "service_forward"),
     (DpCounter::ReverseNat, "reverse_nat"),
     (DpCounter::CtCreated, "ct_created"),
+    (DpCounter::RejectTcp, "reject_tcp"),
+    (DpCounter::RejectUdp, "reject_udp"),
+    (DpCounter::AffinityHit, "affinity_hit"),
+    (DpCounter::FibMiss, "fib_miss"),
 ];
 
 impl Collector for DataplaneCollector {

@@ -49,6 +49,8 @@ pub struct Config {
     pub mode: Mode,
     pub node: String,
     pub devices: Vec<String>,
+    /// `--nodeport-addresses` (empty: the devices' addresses).
+    pub nodeport_cidrs: Vec<ipnet::Ipv4Net>,
     pub translate: translate::Config,
     pub dataplane: dataplane::Config,
     /// A sync happens at most this long after the first change of a burst.
@@ -72,6 +74,8 @@ struct Programmer {
     allocated: BTreeMap<String, Ipv4Addr>,
     /// The node's addresses and pod CIDRs last time (logged when they change).
     node: Option<crate::model::NodeInfo>,
+    /// Where NodePorts are served (from netlink and `--nodeport-addresses`).
+    nodeport_addrs: Vec<Ipv4Addr>,
 }
 
 impl Programmer {
@@ -302,12 +306,16 @@ pub async fn run(cfg: Config) -> Result<()> {
         reported: BTreeSet::new(),
         allocated: BTreeMap::new(),
         node: None,
+        nodeport_addrs: Vec::new(),
     };
 
     let (conn, handle, mut link_events) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link]).context("netlink")?;
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
+            .context("netlink")?;
     tokio::spawn(conn);
     attach_all(&handle, &mut dp, &cfg.devices).await;
+    let mut node_addr = None;
+    refresh_addresses(&handle, &mut dp, &cfg, &mut prog, &mut node_addr).await;
 
     tracing::info!(
         node = %cfg.node,
@@ -352,6 +360,9 @@ pub async fn run(cfg: Config) -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, link_events.next()).await {}
                 attach_all(&handle, &mut dp, &cfg.devices).await;
+                if refresh_addresses(&handle, &mut dp, &cfg, &mut prog, &mut node_addr).await {
+                    pending.get_or_insert_with(tokio::time::Instant::now);
+                }
             }
             _ = attach_tick.tick() => {
                 attach_all(&handle, &mut dp, &cfg.devices).await;
@@ -394,7 +405,11 @@ fn sync(
         }
         return;
     };
-    match prog.sync(input, &cfg.translate, after_change) {
+    let translate_cfg = translate::Config {
+        nodeport_addrs: prog.nodeport_addrs.clone(),
+        ..cfg.translate.clone()
+    };
+    match prog.sync(input, &translate_cfg, after_change) {
         Ok(p) => {
             let took = started.elapsed();
             metrics.sync_ok(took, p);
@@ -408,6 +423,44 @@ fn sync(
 }
 
 /// Attaches from_pod to every Pod veth not attached yet.
+/// Re-reads the node's addresses: where NodePorts are served and the address
+/// north-south flows are SNATed to (the first address of the first device).
+/// True when the NodePort addresses changed (a sync is due).
+async fn refresh_addresses(
+    handle: &rtnetlink::Handle,
+    dp: &mut Dataplane,
+    cfg: &Config,
+    prog: &mut Programmer,
+    node_addr: &mut Option<Ipv4Addr>,
+) -> bool {
+    let (links, addrs) = match (dataplane::list_links(handle).await, dataplane::list_addresses(handle).await) {
+        (Ok(l), Ok(a)) => (dataplane::link_names(&l), a),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!("listing addresses: {e:#}");
+            return false;
+        }
+    };
+    let primary = cfg.devices.iter().find_map(|d| {
+        addrs.iter().find(|(idx, ip)| links.get(idx) == Some(d) && !ip.is_loopback()).map(|(_, ip)| *ip)
+    });
+    if primary != *node_addr {
+        if let Some(a) = primary {
+            match dp.set_node_addr(a) {
+                Ok(()) => tracing::info!(addr = %a, "node address for SNAT"),
+                Err(e) => tracing::warn!("{e:#}"),
+            }
+        }
+        *node_addr = primary;
+    }
+    let np = dataplane::nodeport_addresses(&addrs, &links, &cfg.devices, &cfg.nodeport_cidrs);
+    if np == prog.nodeport_addrs {
+        return false;
+    }
+    tracing::info!(addresses = ?np, "NodePort addresses");
+    prog.nodeport_addrs = np;
+    true
+}
+
 async fn attach_all(handle: &rtnetlink::Handle, dp: &mut Dataplane, devices: &[String]) {
     let links = match dataplane::list_links(handle).await {
         Ok(l) => l,

@@ -36,6 +36,10 @@ pub struct Config {
     /// selector come from the Pods the shim reports. In cluster mode (false) the
     /// cluster's controller has written EndpointSlices for them, and those count.
     pub pod_endpoints: bool,
+    /// The node addresses NodePorts are served on (`--nodeport-addresses`).
+    pub nodeport_addrs: Vec<Ipv4Addr>,
+    /// `--service-node-port-range`, inclusive.
+    pub node_port_range: (u16, u16),
 }
 
 impl Default for Config {
@@ -44,9 +48,14 @@ impl Default for Config {
             service_cidr: "10.96.0.0/12".parse().expect("valid CIDR"),
             node: String::new(),
             pod_endpoints: true,
+            nodeport_addrs: Vec::new(),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
         }
     }
 }
+
+/// Kubernetes' default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
 
 /// sessionAffinityConfig.clientIP.timeoutSeconds when unset (Kubernetes' default).
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
@@ -117,6 +126,14 @@ struct Valid<'a> {
     affinity_timeout: u32,
     /// internalTrafficPolicy: Local.
     itp_local: bool,
+    /// type NodePort or LoadBalancer: every port gets a NodePort.
+    node_ports: bool,
+    /// spec.externalIPs (valid ones).
+    external_ips: Vec<Ipv4Addr>,
+    /// status.loadBalancer.ingress[].ip and spec.loadBalancerIP (valid ones).
+    lb_ips: Vec<Ipv4Addr>,
+    /// externalTrafficPolicy: Local.
+    etp_local: bool,
 }
 
 pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
@@ -125,7 +142,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
     let mut known: BTreeSet<String> = BTreeSet::new();
     for svc in &snapshot.services {
         known.insert(ns_name(&svc.object.metadata));
-        if let Some(v) = validate(svc, &mut out.errors) {
+        if let Some(v) = validate(svc, cfg, &mut out.errors) {
             valid.push(v);
         }
     }
@@ -142,6 +159,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
         }
     }
 
+    let node_ports = assign_node_ports(&valid, cfg, &mut out.errors);
     let index = EndpointIndex::new(snapshot);
     let mut claimed: BTreeMap<(Ipv4Addr, u16, u8), String> = BTreeMap::new();
     for (v, ip) in valid.iter().zip(ips) {
@@ -161,49 +179,137 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
             }
             claimed.insert((ip, port, proto), v.key.clone());
             let all = endpoints_of(snapshot, &index, v, sp, cfg.pod_endpoints);
-            let (candidates, remote): (Vec<Endpoint>, Vec<Endpoint>) = if v.itp_local {
-                all.into_iter()
-                    .partition(|e| e.node.as_deref() == Some(cfg.node.as_str()))
-            } else {
-                (all, Vec::new())
-            };
-            let (usable, fallback) = endpoints::usable(candidates.clone());
-            let mut draining: Vec<BackendSpec> = candidates
-                .into_iter()
-                .chain(remote)
-                .filter(|e| !usable.iter().any(|u| (u.addr, u.port) == (e.addr, e.port)))
-                .map(|e| backend_spec(&e, cfg))
-                .collect();
-            draining.sort();
-            draining.dedup_by(|a, b| (a.addr, a.port) == (b.addr, b.port));
-            let mut flags = svc_flags::CLUSTER_IP;
-            if fallback {
-                flags |= svc_flags::TERMINATING_FALLBACK;
-            }
+            let mut common = 0;
             if v.affinity_timeout > 0 {
-                flags |= svc_flags::AFFINITY;
-            }
-            if v.itp_local {
-                flags |= svc_flags::ITP_LOCAL;
+                common |= svc_flags::AFFINITY;
             }
             let port_name = sp
                 .name
                 .clone()
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| port.to_string());
-            out.frontends.push(Frontend {
-                name: format!("{}:{port_name}", v.key),
-                addr: ip,
+            let name = format!("{}:{port_name}", v.key);
+            let frontend = |addr, port, flags, (backends, draining, fallback): (Vec<_>, Vec<_>, bool)| Frontend {
+                name: name.clone(),
+                addr,
                 port,
                 proto,
-                flags,
-                backends: usable.iter().map(|e| backend_spec(e, cfg)).collect(),
+                flags: flags | common | if fallback { svc_flags::TERMINATING_FALLBACK } else { 0 },
+                backends,
                 draining,
                 affinity_timeout: v.affinity_timeout,
-            });
+            };
+            let itp = if v.itp_local { svc_flags::ITP_LOCAL } else { 0 };
+            out.frontends.push(frontend(ip, port, svc_flags::CLUSTER_IP | itp, split(&all, v.itp_local, cfg)));
+
+            // North-south frontends: the node's addresses at the NodePort,
+            // externalIPs and LoadBalancer IPs at the Service port.
+            let mut external: Vec<(Ipv4Addr, u16, u32, String)> = Vec::new();
+            if v.node_ports {
+                if let Some(np) = node_ports.get(&(v.key.clone(), i)) {
+                    for a in &cfg.nodeport_addrs {
+                        external.push((*a, *np, svc_flags::NODE_PORT, format!("spec.ports[{i}].nodePort")));
+                    }
+                }
+            }
+            for a in &v.external_ips {
+                external.push((*a, port, svc_flags::EXTERNAL_IP, "spec.externalIPs".into()));
+            }
+            for a in &v.lb_ips {
+                external.push((*a, port, svc_flags::LOAD_BALANCER, "status.loadBalancer.ingress".into()));
+            }
+            if external.is_empty() {
+                continue;
+            }
+            let etp = if v.etp_local { svc_flags::ETP_LOCAL } else { 0 };
+            let backends = split(&all, v.etp_local, cfg);
+            for (addr, eport, kind, field) in external {
+                if let Some(owner) = claimed.get(&(addr, eport, proto)) {
+                    out.errors.push(InputError::new(
+                        &v.svc.source,
+                        format!("Service {}", v.key),
+                        field,
+                        format!("{addr}:{eport}/{} is already used by Service {owner}", proto_name(proto)),
+                    ));
+                    continue;
+                }
+                claimed.insert((addr, eport, proto), v.key.clone());
+                out.frontends.push(frontend(addr, eport, kind | etp, backends.clone()));
+            }
         }
     }
     out.frontends.sort_by_key(Frontend::key);
+    out
+}
+
+/// The endpoints new connections may use (sorted), the ones that only keep
+/// their established connections (sorted: not ready, terminating, or not on
+/// this node when `local_only`), and whether the usable ones are the
+/// serving+terminating fallback.
+fn split(all: &[Endpoint], local_only: bool, cfg: &Config) -> (Vec<BackendSpec>, Vec<BackendSpec>, bool) {
+    let (candidates, remote): (Vec<Endpoint>, Vec<Endpoint>) = if local_only {
+        all.iter().cloned().partition(|e| e.node.as_deref() == Some(cfg.node.as_str()))
+    } else {
+        (all.to_vec(), Vec::new())
+    };
+    let (usable, fallback) = endpoints::usable(candidates.clone());
+    let mut draining: Vec<BackendSpec> = candidates
+        .into_iter()
+        .chain(remote)
+        .filter(|e| !usable.iter().any(|u| (u.addr, u.port) == (e.addr, e.port)))
+        .map(|e| backend_spec(&e, cfg))
+        .collect();
+    draining.sort();
+    draining.dedup_by(|a, b| (a.addr, a.port) == (b.addr, b.port));
+    (usable.iter().map(|e| backend_spec(e, cfg)).collect(), draining, fallback)
+}
+
+/// NodePorts by (Service, port index): explicit ones first (a later Service
+/// asking for a taken one gets an error), then the missing ones allocated as
+/// kube-apiserver would, deterministically here (a stable hash of the Service
+/// port into the range, probing onward), so every node agrees.
+fn assign_node_ports(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError>) -> BTreeMap<(String, usize), u16> {
+    let mut out = BTreeMap::new();
+    let mut taken: BTreeMap<(u16, u8), String> = BTreeMap::new();
+    let mut missing = Vec::new();
+    for v in valid.iter().filter(|v| v.node_ports) {
+        for &(i, sp, _, proto) in &v.ports {
+            let Some(np) = sp.node_port else {
+                missing.push((v, i, proto));
+                continue;
+            };
+            let np = np as u16; // validated: within the range
+            if let Some(owner) = taken.get(&(np, proto)) {
+                errors.push(InputError::new(
+                    &v.svc.source,
+                    format!("Service {}", v.key),
+                    format!("spec.ports[{i}].nodePort"),
+                    format!("{np}/{} is already used by Service {owner}", proto_name(proto)),
+                ));
+                continue;
+            }
+            taken.insert((np, proto), v.key.clone());
+            out.insert((v.key.clone(), i), np);
+        }
+    }
+    let (lo, hi) = cfg.node_port_range;
+    let size = u32::from(hi.saturating_sub(lo)) + 1;
+    for (v, i, proto) in missing {
+        let start = fnv1a(format!("{}:{i}", v.key).as_bytes()) % size;
+        let found = (0..size).map(|k| lo + ((start + k) % size) as u16).find(|p| !taken.contains_key(&(*p, proto)));
+        match found {
+            Some(np) => {
+                taken.insert((np, proto), v.key.clone());
+                out.insert((v.key.clone(), i), np);
+            }
+            None => errors.push(InputError::new(
+                &v.svc.source,
+                format!("Service {}", v.key),
+                format!("spec.ports[{i}].nodePort"),
+                format!("no free NodePort in {lo}-{hi}"),
+            )),
+        }
+    }
     out
 }
 
@@ -217,7 +323,7 @@ fn backend_spec(e: &Endpoint, cfg: &Config) -> BackendSpec {
 }
 
 /// Checks a Service; returns None when it gets no dataplane entries at all.
-fn validate<'a>(svc: &'a Sourced<Service>, errors: &mut Vec<InputError>) -> Option<Valid<'a>> {
+fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputError>) -> Option<Valid<'a>> {
     let key = ns_name(&svc.object.metadata);
     let err = |field: &str, msg: String| {
         InputError::new(&svc.source, format!("Service {key}"), field, msg)
@@ -334,6 +440,65 @@ fn validate<'a>(svc: &'a Sourced<Service>, errors: &mut Vec<InputError>) -> Opti
             return None;
         }
     };
+    // (The type was checked above.)
+    let node_ports = matches!(spec.type_.as_deref(), Some("NodePort") | Some("LoadBalancer"));
+    let (lo, hi) = cfg.node_port_range;
+    ports.retain(|&(i, sp, _, _)| match sp.node_port {
+        Some(np) if node_ports && !(i32::from(lo)..=i32::from(hi)).contains(&np) => {
+            errors.push(err(
+                &format!("spec.ports[{i}].nodePort"),
+                format!("{np} is outside the NodePort range {lo}-{hi} (--service-node-port-range)"),
+            ));
+            false
+        }
+        _ => true,
+    });
+    let addrs = |field: &str, values: Vec<(String, String)>, errors: &mut Vec<InputError>| -> Vec<Ipv4Addr> {
+        let mut out = Vec::new();
+        for (f, v) in values {
+            match v.parse::<Ipv4Addr>() {
+                Ok(a) => out.push(a),
+                Err(_) => errors.push(err(&f, format!("{v:?} is not an IPv4 address ({field})"))),
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    };
+    let external_ips = addrs(
+        "externalIPs",
+        spec.external_ips
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(k, v)| (format!("spec.externalIPs[{k}]"), v.clone()))
+            .collect(),
+        errors,
+    );
+    let mut lb: Vec<(String, String)> = Vec::new();
+    if spec.type_.as_deref() == Some("LoadBalancer") {
+        if let Some(ip) = spec.load_balancer_ip.as_ref().filter(|s| !s.is_empty()) {
+            lb.push(("spec.loadBalancerIP".into(), ip.clone()));
+        }
+        let ingress = svc.object.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+        for (k, ing) in ingress.into_iter().flatten().enumerate() {
+            if let Some(ip) = ing.ip.as_ref().filter(|s| !s.is_empty()) {
+                lb.push((format!("status.loadBalancer.ingress[{k}].ip"), ip.clone()));
+            }
+        }
+    }
+    let lb_ips = addrs("loadBalancer", lb, errors);
+    let etp_local = match spec.external_traffic_policy.as_deref() {
+        None | Some("") | Some("Cluster") => false,
+        Some("Local") => true,
+        Some(other) => {
+            errors.push(err(
+                "spec.externalTrafficPolicy",
+                format!("unknown value {other:?} (Cluster, Local)"),
+            ));
+            return None;
+        }
+    };
     Some(Valid {
         svc,
         spec,
@@ -342,6 +507,10 @@ fn validate<'a>(svc: &'a Sourced<Service>, errors: &mut Vec<InputError>) -> Opti
         ports,
         affinity_timeout,
         itp_local,
+        node_ports,
+        external_ips,
+        lb_ips,
+        etp_local,
     })
 }
 
@@ -1050,5 +1219,58 @@ mod tests {
         let range: Ipv4Net = "10.96.0.0/12".parse().unwrap();
         assert!(t1.frontends.iter().all(|f| range.contains(&f.addr)));
         assert_ne!(t1.frontends[0].addr, t1.frontends[1].addr);
+    }
+
+    #[test]
+    fn nodeport_externalip_and_loadbalancer_frontends() {
+        let y = "metadata: {name: lb, namespace: default, creationTimestamp: \"2026-01-01T00:00:00Z\"}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.30\n  selector: {app: web}\n  externalIPs: [203.0.113.10, nope]\n  externalTrafficPolicy: Local\n  ports:\n  - {name: http, port: 80, targetPort: http, nodePort: 30080}\n  - {name: big, port: 81, targetPort: http, nodePort: 40000}\n  - {name: auto, port: 82, targetPort: http}\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.20}]}}\n";
+        let dup = "metadata: {name: dup, namespace: default, creationTimestamp: \"2026-01-02T00:00:00Z\"}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.31\n  selector: {app: web}\n  ports:\n  - {name: http, port: 80, targetPort: http, nodePort: 30080}\n";
+        let mut remote = pod("r", [10, 244, 1, 2], true, false);
+        remote.node = "n2".into();
+        let s = Snapshot {
+            services: vec![svc(y), svc(dup)],
+            pods: vec![pod("a", [10, 244, 0, 2], true, false), remote],
+            ..Default::default()
+        };
+        let cfg = Config {
+            node: "n1".into(),
+            nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11), Ipv4Addr::new(192, 168, 77, 12)],
+            ..Config::default()
+        };
+        let t = translate(&s, &cfg);
+        let errors: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "s.yaml: Service default/lb: spec.ports[1].nodePort: 40000 is outside the NodePort range 30000-32767 (--service-node-port-range)",
+                "s.yaml: Service default/lb: spec.externalIPs[1]: \"nope\" is not an IPv4 address (externalIPs)",
+                "s.yaml: Service default/dup: spec.ports[0].nodePort: 30080/TCP is already used by Service default/lb",
+            ]
+        );
+        let of = |addr: [u8; 4], port: u16| t.frontends.iter().find(|f| f.addr == Ipv4Addr::from(addr) && f.port == port);
+        // NodePort on every NodePort address; ExternalIP and LoadBalancer IP at
+        // the Service port; externalTrafficPolicy: Local keeps the local backend.
+        for (addr, port, kind) in [
+            ([192, 168, 77, 11], 30080, svc_flags::NODE_PORT),
+            ([192, 168, 77, 12], 30080, svc_flags::NODE_PORT),
+            ([203, 0, 113, 10], 80, svc_flags::EXTERNAL_IP),
+            ([203, 0, 113, 20], 80, svc_flags::LOAD_BALANCER),
+        ] {
+            let f = of(addr, port).unwrap_or_else(|| panic!("{addr:?}:{port} missing: {:?}", t.frontends));
+            assert_eq!(f.flags & kind, kind);
+            assert_ne!(f.flags & svc_flags::ETP_LOCAL, 0);
+            assert_eq!(f.backends.iter().map(|b| (b.addr, b.local)).collect::<Vec<_>>(), [(Ipv4Addr::new(10, 244, 0, 2), true)]);
+            assert_eq!(f.draining.len(), 1, "the remote endpoint keeps its flows only");
+        }
+        // The ClusterIP keeps both endpoints.
+        assert_eq!(of([10, 96, 0, 30], 80).unwrap().backends.len(), 2);
+        // The port without a nodePort gets one in the range, the same every time.
+        let auto: Vec<u16> = t.frontends.iter().filter(|f| f.addr == Ipv4Addr::new(192, 168, 77, 11) && f.port != 30080).map(|f| f.port).collect();
+        assert_eq!(auto.len(), 1, "{:?}", t.frontends);
+        assert!((30000..=32767).contains(&auto[0]));
+        assert!(translate(&s, &cfg).frontends.iter().any(|f| f.port == auto[0]));
+        // No NodePort frontend for the out-of-range port, none for the duplicate.
+        assert!(of([192, 168, 77, 11], 40000).is_none());
+        assert!(!t.frontends.iter().any(|f| f.addr == Ipv4Addr::new(10, 96, 0, 31) && f.backends.is_empty()));
     }
 }

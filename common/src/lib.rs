@@ -36,6 +36,17 @@ pub const AFFINITY_MAP: &str = "FERRY_AFFINITY";
 pub const SVC_NAMES_MAP: &str = "FERRY_SVC_NAMES";
 /// Per-CPU traffic of each frontend: reverse-NAT id (`u16`) → [`SvcStats`].
 pub const SVC_STATS_MAP: &str = "FERRY_SVC_STATS";
+/// Node settings the programs read: an array of `u32` indexed by [`config`].
+pub const CONFIG_MAP: &str = "FERRY_CONFIG";
+
+/// Indices into [`CONFIG_MAP`].
+pub mod config {
+    /// The node's address (wire order) that north-south flows to backends on
+    /// other nodes are SNATed to; 0: not known yet (the packet's destination,
+    /// the node address a NodePort client dialled, is used then).
+    pub const NODE_ADDR: u32 = 0;
+    pub const COUNT: u32 = 4;
+}
 
 /// Program names (function names in the eBPF object).
 pub const PROG_FROM_POD: &str = "from_pod";
@@ -91,10 +102,17 @@ pub mod backend_flags {
 pub mod ct_flags {
     /// Forward-direction entry of a service flow (client → frontend).
     pub const SERVICE: u16 = 1 << 0;
-    /// The source was rewritten too (hairpin); the reply restores the destination.
+    /// The source was rewritten too (hairpin, or a NodePort/ExternalIP/
+    /// LoadBalancer flow to a backend on another node); the reply restores the
+    /// destination.
     pub const SNAT: u16 = 1 << 1;
     /// A FIN or RST was seen; the entry may be reclaimed early.
     pub const CLOSING: u16 = 1 << 2;
+    /// A north-south flow (NodePort, ExternalIP, LoadBalancer): its replies
+    /// carry a node address as source and leave through a node device, so they
+    /// are forwarded by a FIB lookup and redirect, not by the stack (which drops
+    /// packets arriving with one of its own addresses as source).
+    pub const EXTERNAL: u16 = 1 << 3;
 }
 
 /// Direction of a connection-tracking key.
@@ -280,6 +298,13 @@ pub enum Counter {
     RejectUdp = 8,
     /// New connections sent to the client's affinity backend (sessionAffinity).
     AffinityHit = 9,
+    /// A NodePort/ExternalIP/LoadBalancer frontend without usable backends.
+    DropNoBackendExternal = 10,
+    /// No free SNAT port for a north-south flow to a remote backend.
+    DropSnatPorts = 11,
+    /// The FIB lookup for a north-south packet failed (no route); passed to
+    /// the stack.
+    FibMiss = 12,
 }
 
 pub const COUNTER_COUNT: u32 = 16;

@@ -42,15 +42,21 @@ pub struct NewFlow {
     pub backend_addr: u32,
     pub backend_port: u16,
     pub rev_nat_id: u16,
-    /// Hairpin: the source is rewritten to this address (0: not rewritten).
+    /// The source is rewritten to (`snat_addr`, `snat_port`) (0: not
+    /// rewritten): hairpin, or a north-south flow to a backend on another node.
     pub snat_addr: u32,
+    pub snat_port: u16,
+    /// A north-south flow (NodePort, ExternalIP, LoadBalancer).
+    pub external: bool,
 }
 
 /// Records both directions of a new flow. Errors mean the table is full.
 #[inline(always)]
 pub fn create(pkt: &Packet, flow: &NewFlow) -> Result<(), i32> {
     let snat = flow.snat_addr != 0;
-    let flags = if snat { ct_flags::SNAT } else { 0 };
+    let flags = if snat { ct_flags::SNAT } else { 0 }
+        | if flow.external { ct_flags::EXTERNAL } else { 0 };
+    let snat_port = if snat { flow.snat_port } else { pkt.sport };
     let last_seen = now();
     let forward = CtValue {
         last_seen,
@@ -58,14 +64,14 @@ pub fn create(pkt: &Packet, flow: &NewFlow) -> Result<(), i32> {
         rev_nat_id: flow.rev_nat_id,
         flags: ct_flags::SERVICE | flags,
         nat_addr: flow.snat_addr,
-        nat_port: pkt.sport,
+        nat_port: snat_port,
         _pad: 0,
     };
     let reply_key = CtKey {
         saddr: flow.backend_addr,
         daddr: if snat { flow.snat_addr } else { pkt.saddr },
         sport: flow.backend_port,
-        dport: pkt.sport,
+        dport: snat_port,
         proto: pkt.proto,
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
@@ -82,6 +88,26 @@ pub fn create(pkt: &Packet, flow: &NewFlow) -> Result<(), i32> {
     // Reply first: once the forward entry exists, replies must be translatable.
     CT.insert(reply_key, reply, 0)?;
     CT.insert(key(pkt, CT_DIR_FORWARD), forward, 0)
+}
+
+/// Whether the reply tuple (backend → `addr`:`port`) is free for `pkt`'s flow:
+/// unused, or already this very flow's (a retransmitted SYN).
+#[inline(always)]
+pub fn reply_tuple_free(pkt: &Packet, backend_addr: u32, backend_port: u16, addr: u32, port: u16) -> bool {
+    let k = CtKey {
+        saddr: backend_addr,
+        daddr: addr,
+        sport: backend_port,
+        dport: port,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    // SAFETY: copied out at once.
+    match unsafe { CT.get(&k) } {
+        None => true,
+        Some(v) => v.nat_addr == pkt.saddr && v.nat_port == pkt.sport,
+    }
 }
 
 #[inline(always)]

@@ -5,15 +5,19 @@
 //!   balancing for Pod clients (DNAT + connection tracking) and reverse NAT for the
 //!   replies of backends; a RST or ICMP port unreachable for Services without
 //!   usable backends.
-//! - `from_netdev`: TC ingress on the node devices (`--devices`): reverse NAT for
-//!   the replies of backends on other nodes.
+//! - `from_netdev`: TC ingress on the node devices (`--devices`): NodePort,
+//!   ExternalIP and LoadBalancer DNAT (+ SNAT to the node for backends on other
+//!   nodes, see `nodeport`), and reverse NAT for the replies of backends on
+//!   other nodes.
 #![no_std]
 #![no_main]
 
 mod ct;
+mod fib;
 mod lb;
 mod maps;
 mod nat;
+mod nodeport;
 mod parse;
 mod reject;
 
@@ -44,9 +48,9 @@ pub fn from_pod(ctx: TcContext) -> i32 {
     }
 }
 
-/// TC ingress on a node device (`--devices`): traffic from the network. Today:
-/// the replies of backends on other nodes to this node's Pod clients, which
-/// reach this node through the underlay, not through a Pod veth of ours.
+/// TC ingress on a node device (`--devices`): traffic from the network: replies
+/// of backends on other nodes (to our Pods, or to north-south clients we SNATed
+/// for), and new or tracked north-south flows.
 #[classifier]
 pub fn from_netdev(ctx: TcContext) -> i32 {
     match try_from_netdev(&ctx) {
@@ -63,13 +67,32 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Counter> {
         return Ok(TC_ACT_OK);
     };
     if let Some(entry) = ct::lookup(&pkt, CT_DIR_REPLY) {
-        // Hairpin (SNAT) replies only ever come from the Pod's own veth.
-        if entry.flags & ct_flags::SNAT == 0 {
-            let rev_nat_id = entry.rev_nat_id;
-            return reverse_nat(ctx, &pkt, rev_nat_id, None);
+        let (rev_nat_id, flags, nat_addr, nat_port) =
+            (entry.rev_nat_id, entry.flags, entry.nat_addr, entry.nat_port);
+        let external = flags & ct_flags::EXTERNAL != 0;
+        if external {
+            // A remote backend's reply to a north-south client, SNATed to us.
+            let snat = (flags & ct_flags::SNAT != 0).then_some((nat_addr, nat_port));
+            return reverse_nat(ctx, &pkt, rev_nat_id, snat, true);
+        }
+        // A remote backend's reply to one of our Pods. (Hairpin replies only
+        // ever come from the Pod's own veth.)
+        if flags & ct_flags::SNAT == 0 {
+            return reverse_nat(ctx, &pkt, rev_nat_id, None, false);
+        }
+        return Ok(TC_ACT_OK);
+    }
+    if let Some(entry) = ct::lookup(&pkt, CT_DIR_FORWARD) {
+        if entry.flags & ct_flags::EXTERNAL != 0 {
+            if let Some(b) = lb::backend(entry.backend_id) {
+                count_service(entry.rev_nat_id, ctx.len());
+                let snat = (entry.flags & ct_flags::SNAT != 0).then_some((entry.nat_addr, entry.nat_port));
+                return nodeport::forward(ctx, &pkt, &b, snat);
+            }
+            // The backend is gone: balance again (the entries are overwritten).
         }
     }
-    Ok(TC_ACT_OK)
+    nodeport::new_flow(ctx, &pkt)
 }
 
 fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
@@ -78,9 +101,12 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     };
     // A reply of a backend to a client (or to the hairpin address)?
     if let Some(entry) = ct::lookup(&pkt, CT_DIR_REPLY) {
-        let (rev_nat_id, snat, nat_addr, nat_port) =
-            (entry.rev_nat_id, entry.flags & ct_flags::SNAT != 0, entry.nat_addr, entry.nat_port);
-        return reverse_nat(ctx, &pkt, rev_nat_id, snat.then_some((nat_addr, nat_port)));
+        let (rev_nat_id, flags, nat_addr, nat_port) =
+            (entry.rev_nat_id, entry.flags, entry.nat_addr, entry.nat_port);
+        let snat = (flags & ct_flags::SNAT != 0).then_some((nat_addr, nat_port));
+        // A local backend's reply to a north-south client leaves through a
+        // node device; everything else goes back to a Pod of ours.
+        return reverse_nat(ctx, &pkt, rev_nat_id, snat, flags & ct_flags::EXTERNAL != 0);
     }
     // A packet of a flow we already balanced: same backend while it exists.
     if let Some(entry) = ct::lookup(&pkt, CT_DIR_FORWARD) {
@@ -109,6 +135,8 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         backend_port: b.port,
         rev_nat_id: svc.rev_nat_id,
         snat_addr: if hairpin { addr_to_map(HAIRPIN_SNAT_ADDR) } else { 0 },
+        snat_port: pkt.sport,
+        external: false,
     };
     match ct::create(&pkt, &flow) {
         Ok(()) => count(Counter::CtCreated),
@@ -135,13 +163,16 @@ fn dnat(ctx: &TcContext, pkt: &Packet, b: &Backend, hairpin: bool) -> Result<i32
 }
 
 /// Reply direction: source := the frontend the client dialled; with `snat`
-/// (hairpin) also destination := the original client, back into the Pod's veth.
+/// also destination := the original client. Hairpin replies go straight back
+/// into the Pod's veth; `external` (north-south) ones are forwarded by FIB
+/// lookup, since their source is now a node address.
 #[inline(always)]
 fn reverse_nat(
     ctx: &TcContext,
     pkt: &Packet,
     rev_nat_id: u16,
     snat: Option<(u32, u16)>,
+    external: bool,
 ) -> Result<i32, Counter> {
     // SAFETY: copied out at once.
     let Some(frontend) = (unsafe { REVNAT.get(rev_nat_id).copied() }) else {
@@ -151,9 +182,16 @@ fn reverse_nat(
     nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, frontend.addr, pkt.sport, frontend.port)
         .map_err(|_| Counter::DropMalformed)?;
     count(Counter::ReverseNat);
+    let mut client = pkt.daddr;
     if let Some((addr, port)) = snat {
         nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, addr, pkt.dport, port)
             .map_err(|_| Counter::DropMalformed)?;
+        client = addr;
+    }
+    if external {
+        return Ok(fib::redirect(ctx, frontend.addr, client));
+    }
+    if snat.is_some() {
         return bounce(ctx);
     }
     Ok(TC_ACT_OK)

@@ -3,11 +3,11 @@
 //! connection tracking, survive agent restarts.
 use aya_ebpf::{
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use ferry_common::{
     AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
-    ServiceName, ServiceValue, SvcStats, COUNTER_COUNT, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
+    ServiceName, ServiceValue, SvcStats, config, COUNTER_COUNT, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_CT_MAX, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
 };
 
@@ -27,6 +27,16 @@ pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_CT_MAX, 0
 #[map(name = "FERRY_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(DEFAULT_AFFINITY_MAX, 0);
+
+/// Node settings written by the agent (indices: `ferry_common::config`).
+#[map(name = "FERRY_CONFIG")]
+pub static CONFIG: Array<u32> = Array::pinned(config::COUNT, 0);
+
+/// A node setting (0 when unset).
+#[inline(always)]
+pub fn config(index: u32) -> u32 {
+    CONFIG.get(index).copied().unwrap_or(0)
+}
 
 #[map(name = "FERRY_COUNTERS")]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);

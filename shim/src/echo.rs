@@ -26,19 +26,26 @@ pub async fn run(args: EchoArgs) -> Result<()> {
         let name = name.clone();
         tasks.spawn(async move {
             loop {
-                let Ok((s, _)) = l.accept().await else { continue };
-                tokio::spawn(serve_tcp(s, name.clone()));
+                let Ok((s, peer)) = l.accept().await else { continue };
+                tokio::spawn(serve_tcp(s, peer, name.clone()));
             }
         });
     }
     for port in args.udp {
         let s = UdpSocket::bind(("0.0.0.0", port)).await.with_context(|| format!("udp port {port}"))?;
         let reply = format!("{name}\n");
+        let name = name.clone();
         tasks.spawn(async move {
             let mut buf = vec![0u8; 65536];
             loop {
-                if let Ok((_, peer)) = s.recv_from(&mut buf).await {
-                    let _ = s.send_to(reply.as_bytes(), peer).await;
+                if let Ok((n, peer)) = s.recv_from(&mut buf).await {
+                    // "peer": who does the server see? (source NAT checks)
+                    let answer = if buf[..n].trim_ascii() == b"peer" {
+                        format!("{name} {peer}\n")
+                    } else {
+                        reply.clone()
+                    };
+                    let _ = s.send_to(answer.as_bytes(), peer).await;
                 }
             }
         });
@@ -50,7 +57,7 @@ pub async fn run(args: EchoArgs) -> Result<()> {
 
 const HTTP_METHODS: &[&str] = &["GET ", "HEAD ", "POST ", "PUT ", "DELETE ", "OPTIONS ", "PATCH "];
 
-async fn serve_tcp(s: TcpStream, name: Arc<str>) {
+async fn serve_tcp(s: TcpStream, peer: std::net::SocketAddr, name: Arc<str>) {
     let _ = s.set_nodelay(true);
     let (r, mut w) = s.into_split();
     let mut lines = BufReader::new(r).lines();
@@ -72,7 +79,9 @@ async fn serve_tcp(s: TcpStream, name: Arc<str>) {
             return;
         }
         first = false;
-        if w.write_all(format!("{name}\n").as_bytes()).await.is_err() {
+        // "peer": the name and the address the server sees the client at.
+        let answer = if line.trim() == "peer" { format!("{name} {peer}\n") } else { format!("{name}\n") };
+        if w.write_all(answer.as_bytes()).await.is_err() {
             return;
         }
     }

@@ -72,9 +72,38 @@ impl TcpSession {
         Ok(Self { reader: BufReader::new(stream.try_clone()?), stream, peer })
     }
 
+    /// Connects from a given local address and port (e.g. two clients with the
+    /// same source port).
+    pub fn connect_from(netns: &str, local: SocketAddr, addr: SocketAddr) -> Result<Self> {
+        let stream = in_netns(netns, move || -> std::io::Result<TcpStream> {
+            let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            sock.set_reuse_address(true)?;
+            sock.bind(&local.into())?;
+            sock.connect_timeout(&addr.into(), Duration::from_secs(2))?;
+            Ok(sock.into())
+        })?
+        .with_context(|| format!("connecting from {local} to {addr}"))?;
+        stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+        stream.set_nodelay(true)?;
+        let peer = stream.peer_addr()?;
+        Ok(Self { reader: BufReader::new(stream.try_clone()?), stream, peer })
+    }
+
     /// Sends a line and returns the answer line.
     pub fn ask(&mut self) -> Result<String> {
-        self.stream.write_all(b"hello\n")?;
+        self.ask_line("hello")
+    }
+
+    /// Asks the echo server which address it sees this connection from:
+    /// returns (backend name, that address).
+    pub fn ask_peer(&mut self) -> Result<(String, SocketAddr)> {
+        let line = self.ask_line("peer")?;
+        let (name, peer) = line.split_once(' ').with_context(|| format!("unexpected answer {line:?}"))?;
+        Ok((name.to_string(), peer.parse().with_context(|| format!("unexpected answer {line:?}"))?))
+    }
+
+    fn ask_line(&mut self, what: &str) -> Result<String> {
+        self.stream.write_all(format!("{what}\n").as_bytes())?;
         let mut line = String::new();
         let n = self.reader.read_line(&mut line).context("reading the answer")?;
         if n == 0 {

@@ -1,0 +1,98 @@
+//! North-south service traffic arriving on a node device: NodePort (node
+//! address, nodePort), ExternalIPs and LoadBalancer IPs (Service port).
+//!
+//! A local backend gets the packet DNATed with the client's address kept; its
+//! reply goes through from_pod, which restores the frontend and forwards it out
+//! of the device. A backend on another node (externalTrafficPolicy: Cluster)
+//! gets it DNATed and SNATed to this node's address, so that its reply comes
+//! back here, where from_netdev restores both.
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_get_prandom_u32, programs::TcContext};
+use ferry_common::{backend_flags, config, svc_flags, Backend, Counter};
+
+use crate::{
+    ct::{self, NewFlow},
+    fib, lb,
+    maps::{config, count, count_service},
+    nat::{self, Side},
+    parse::Packet,
+};
+
+/// Frontend kinds served from outside the node's Pods.
+const EXTERNAL_KINDS: u32 = svc_flags::NODE_PORT | svc_flags::EXTERNAL_IP | svc_flags::LOAD_BALANCER;
+/// Where SNAT ports are picked when the client's own port is taken (the
+/// kernel's default ephemeral range).
+const SNAT_PORT_MIN: u32 = 32768;
+const SNAT_PORT_SPAN: u32 = 60999 - 32768 + 1;
+/// Random tries after the client's own port.
+const SNAT_TRIES: u32 = 8;
+
+/// A new north-south flow; `Ok(TC_ACT_OK)` untouched when `pkt` is not for an
+/// external frontend.
+#[inline(always)]
+pub fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
+    let Some(svc) = lb::lookup_service(pkt) else {
+        return Ok(TC_ACT_OK);
+    };
+    // ClusterIPs are for Pods and the node itself, not for the network.
+    if svc.flags & EXTERNAL_KINDS == 0 {
+        return Ok(TC_ACT_OK);
+    }
+    if svc.count == 0 {
+        return Err(Counter::DropNoBackendExternal);
+    }
+    let (backend_id, b) = lb::select_backend(pkt, &svc)?;
+    count_service(svc.rev_nat_id, ctx.len());
+    let snat = if b.flags & backend_flags::LOCAL != 0 {
+        None
+    } else {
+        let addr = match config(config::NODE_ADDR) {
+            0 => pkt.daddr,
+            a => a,
+        };
+        Some((addr, snat_port(pkt, &b, addr)?))
+    };
+    let flow = NewFlow {
+        backend_id,
+        backend_addr: b.addr,
+        backend_port: b.port,
+        rev_nat_id: svc.rev_nat_id,
+        snat_addr: snat.map_or(0, |(a, _)| a),
+        snat_port: snat.map_or(0, |(_, p)| p),
+        external: true,
+    };
+    match ct::create(pkt, &flow) {
+        Ok(()) => count(Counter::CtCreated),
+        Err(_) => count(Counter::DropCtFull),
+    }
+    forward(ctx, pkt, &b, snat)
+}
+
+/// DNAT (and SNAT for a remote backend) of a north-south packet; a SNATed
+/// packet has a node address as source and is forwarded by FIB lookup.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, pkt: &Packet, b: &Backend, snat: Option<(u32, u16)>) -> Result<i32, Counter> {
+    nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, b.addr, pkt.dport, b.port).map_err(|_| Counter::DropMalformed)?;
+    count(Counter::ServiceForward);
+    let Some((addr, port)) = snat else {
+        return Ok(TC_ACT_OK);
+    };
+    nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, addr, pkt.sport, port).map_err(|_| Counter::DropMalformed)?;
+    Ok(fib::redirect(ctx, addr, b.addr))
+}
+
+/// The client's own port if the reply tuple is free, else a random free one.
+#[inline(always)]
+fn snat_port(pkt: &Packet, b: &Backend, addr: u32) -> Result<u16, Counter> {
+    if ct::reply_tuple_free(pkt, b.addr, b.port, addr, pkt.sport) {
+        return Ok(pkt.sport);
+    }
+    for _ in 0..SNAT_TRIES {
+        // SAFETY: helper without preconditions.
+        let r = unsafe { bpf_get_prandom_u32() };
+        let port = ((SNAT_PORT_MIN + r % SNAT_PORT_SPAN) as u16).to_be();
+        if ct::reply_tuple_free(pkt, b.addr, b.port, addr, port) {
+            return Ok(port);
+        }
+    }
+    Err(Counter::DropSnatPorts)
+}

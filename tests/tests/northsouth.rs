@@ -1,0 +1,201 @@
+//! North-south traffic on a two-node lab: NodePort, ExternalIPs and
+//! LoadBalancer IPs reached from the external client namespace, which can reach
+//! the nodes' addresses but not the Pods'. One backend runs on each node.
+//! Assertions on what the client received, which backend answered, and which
+//! address the backend saw the client at.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use ferry_tests::{
+    cluster::{node_addr, Cluster, EXTERNAL_ADDR},
+    in_netns,
+    manifests::{echo_pod, on_node},
+    sys, TcpSession,
+};
+
+const READY: Duration = Duration::from_secs(60);
+const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+/// A second address on node 1, outside `--nodeport-addresses`.
+const OTHER_NET_ADDR: Ipv4Addr = Ipv4Addr::new(192, 168, 88, 11);
+
+fn services() -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: default, creationTimestamp: "2026-01-01T00:00:00Z"}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.20
+  selector: {{app: web}}
+  externalIPs: ["{EXTERNAL_IP}"]
+  ports:
+    - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}
+    - {{name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30053}}
+status:
+  loadBalancer:
+    ingress: [{{ip: "{LB_IP}"}}]
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: far, namespace: default}}
+spec:
+  type: NodePort
+  selector: {{app: far}}
+  ports:
+    - {{name: http, port: 80, targetPort: 8080, nodePort: 30081}}
+---
+apiVersion: v1
+kind: Service
+metadata: {{name: clash, namespace: default, creationTimestamp: "2026-01-02T00:00:00Z"}}
+spec:
+  type: NodePort
+  selector: {{app: far}}
+  ports:
+    - {{name: http, port: 80, targetPort: 8080, nodePort: 30080}}
+"#
+    )
+}
+
+/// Two nodes, `web-1` on node 1 and `web-2` on node 2 (also the only `far`
+/// backend); the external client routes the ExternalIP to node 1 and the
+/// LoadBalancer IP to node 2, and has a second address for the SNAT test.
+fn cluster() -> Result<Cluster> {
+    let c = Cluster::start(
+        "ns",
+        2,
+        &[("services.yaml".into(), services())],
+        &["--nodeport-addresses", "192.168.77.0/24"],
+    )?;
+    let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
+    c.write_manifest("web-1.yaml", &on_node(&echo_pod("web-1", "web", None), &n1))?;
+    c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n2))?;
+    c.write_manifest(
+        "far.yaml",
+        &on_node(&echo_pod("far-2", "far", None), &n2),
+    )?;
+    let ext = &c.external;
+    sys::run("ip", &["-n", ext, "route", "add", &format!("{EXTERNAL_IP}/32"), "via", &node_addr(0).to_string()])?;
+    sys::run("ip", &["-n", ext, "route", "add", &format!("{LB_IP}/32"), "via", &node_addr(1).to_string()])?;
+    sys::run("ip", &["-n", ext, "addr", "add", "192.168.77.201/24", "dev", "eth0"])?;
+    // Node 1's second address, and a way for the client to reach it.
+    sys::run("ip", &["-n", &n1, "addr", "add", &format!("{OTHER_NET_ADDR}/24"), "dev", "eth0"])?;
+    sys::run("ip", &["-n", ext, "addr", "add", "192.168.88.200/24", "dev", "eth0"])?;
+    c.wait_ready(&["web-1", "web-2", "far-2"], READY)?;
+    Ok(c)
+}
+
+/// Backend name → the addresses it saw the client at, over `n` connections.
+fn spread(c: &Cluster, to: SocketAddr, n: usize) -> Result<BTreeMap<String, BTreeSet<Ipv4Addr>>> {
+    let mut out: BTreeMap<String, BTreeSet<Ipv4Addr>> = BTreeMap::new();
+    for _ in 0..n {
+        let mut s = TcpSession::connect(&c.external, to)?;
+        assert_eq!(s.peer, to, "the client is connected to what it dialled");
+        let (name, seen) = s.ask_peer()?;
+        let std::net::IpAddr::V4(ip) = seen.ip() else { anyhow::bail!("IPv6 peer {seen}") };
+        out.entry(name).or_default().insert(ip);
+    }
+    Ok(out)
+}
+
+fn wait_serving(c: &Cluster, to: SocketAddr) -> Result<()> {
+    c.nodes[0].wait_until(Duration::from_secs(15), &format!("{to} answering"), || {
+        Ok(TcpSession::connect(&c.external, to).and_then(|mut s| s.ask()).is_ok())
+    })
+}
+
+/// Waits until `to` is answered by every backend in `names` (each agent
+/// programs a backend shortly after its Pod turns ready).
+fn wait_backends(c: &Cluster, to: SocketAddr, names: &[&str]) -> Result<()> {
+    let mut seen = BTreeSet::new();
+    c.nodes[0].wait_until(Duration::from_secs(20), &format!("{to} answered by {names:?}"), || {
+        if let Ok(mut s) = TcpSession::connect(&c.external, to) {
+            if let Ok(name) = s.ask() {
+                seen.insert(name);
+            }
+        }
+        Ok(names.iter().all(|n| seen.contains(*n)))
+    })
+}
+
+#[test]
+fn nodeport_externalip_and_loadbalancer_reach_backends_on_both_nodes() -> Result<()> {
+    let c = cluster()?;
+    let client = EXTERNAL_ADDR;
+    for (i, node) in [node_addr(0), node_addr(1)].into_iter().enumerate() {
+        let to = SocketAddr::from((node, 30080));
+        wait_backends(&c, to, &["web-1", "web-2"])?;
+        let seen = spread(&c, to, 40)?;
+        let names: BTreeSet<&str> = seen.keys().map(String::as_str).collect();
+        assert_eq!(names, BTreeSet::from(["web-1", "web-2"]), "NodePort on node {} reaches both nodes' backends", i + 1);
+        // The backend on the node dialled sees the client itself; the one on
+        // the other node sees the dialled node's address (SNAT, Cluster policy).
+        let (local, remote) = if i == 0 { ("web-1", "web-2") } else { ("web-2", "web-1") };
+        assert_eq!(seen[local], BTreeSet::from([client]), "local backend sees the client");
+        assert_eq!(seen[remote], BTreeSet::from([node]), "remote backend sees node {}'s address", i + 1);
+    }
+    // UDP NodePort: a connected socket only accepts answers from the address
+    // it sent to, so an answer proves the reply was translated back.
+    for node in [node_addr(0), node_addr(1)] {
+        let to = SocketAddr::from((node, 30053));
+        let names = in_netns(&c.external, move || -> Result<BTreeSet<String>> {
+            let mut names = BTreeSet::new();
+            for _ in 0..40 {
+                let s = UdpSocket::bind("0.0.0.0:0")?;
+                s.set_read_timeout(Some(Duration::from_secs(2)))?;
+                s.connect(to)?;
+                s.send(b"hello\n")?;
+                let mut buf = [0u8; 256];
+                let n = s.recv(&mut buf).with_context(|| format!("no UDP answer from {to}"))?;
+                names.insert(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+            }
+            Ok(names)
+        })??;
+        assert_eq!(names, BTreeSet::from(["web-1".to_string(), "web-2".to_string()]), "UDP via {to}");
+    }
+    // ExternalIP (routed to node 1) and LoadBalancer IP (routed to node 2).
+    for to in [SocketAddr::from((EXTERNAL_IP, 80)), SocketAddr::from((LB_IP, 80))] {
+        wait_backends(&c, to, &["web-1", "web-2"])?;
+        let names: BTreeSet<String> = spread(&c, to, 40)?.into_keys().collect();
+        assert_eq!(names, BTreeSet::from(["web-1".to_string(), "web-2".to_string()]), "{to}");
+    }
+    let conntrack = c.nodes[0].ferry(&["ct", "list"])?;
+    assert!(conntrack.contains(&format!("{}:30080", node_addr(0))), "ct list shows NodePort flows:\n{conntrack}");
+    Ok(())
+}
+
+#[test]
+fn snat_ports_collide_nodeport_addresses_are_honoured_and_duplicates_are_refused() -> Result<()> {
+    let c = cluster()?;
+    // Two external clients, the same source port, the same remote backend
+    // through node 1: the second flow gets another SNAT port; both work.
+    let to = SocketAddr::from((node_addr(0), 30081));
+    wait_serving(&c, to)?;
+    let mut a = TcpSession::connect_from(&c.external, "192.168.77.200:40001".parse()?, to)?;
+    let mut b = TcpSession::connect_from(&c.external, "192.168.77.201:40001".parse()?, to)?;
+    for _ in 0..3 {
+        let (na, sa) = a.ask_peer()?;
+        let (nb, sb) = b.ask_peer()?;
+        assert_eq!((na.as_str(), nb.as_str()), ("far-2", "far-2"));
+        assert_eq!((sa.ip(), sb.ip()), (node_addr(0).into(), node_addr(0).into()), "both SNATed to node 1");
+        assert_ne!(sa.port(), sb.port(), "distinct SNAT ports");
+    }
+    // Node 1's address outside --nodeport-addresses: not served (the kernel
+    // refuses, nothing listens there).
+    let outside = SocketAddr::from((OTHER_NET_ADDR, 30080));
+    let err = TcpSession::connect(&c.external, outside).err().context("the NodePort answered outside --nodeport-addresses")?;
+    assert!(format!("{err:#}").contains("refused"), "{err:#}");
+    // The later Service asking for a NodePort already taken: an error naming
+    // it and the field; the earlier keeps it (its backends answered above,
+    // never the later one's far-2).
+    let logs = c.nodes[0].agent_log();
+    assert!(
+        logs.contains("Service default/clash") && logs.contains("spec.ports[0].nodePort") && logs.contains("30080/TCP is already used by Service default/web"),
+        "{logs}"
+    );
+    Ok(())
+}
