@@ -14,7 +14,7 @@ use ferry_agent::{
 };
 use ferry_common::{
     addr_to_map, port_to_map, Backend, Counter, RevNat, ServiceKey, ServiceName, ServiceValue,
-    CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_POD, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_NETDEV, PROG_FROM_POD, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -39,15 +39,21 @@ impl Fixture {
         std::fs::create_dir_all(&dir).expect("pin dir");
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(DATAPLANE_OBJ).expect("load object");
         let maps = KernelMaps::from_ebpf(&mut ebpf).expect("maps");
-        let prog: &mut SchedClassifier =
-            ebpf.program_mut(PROG_FROM_POD).expect("from_pod").try_into().expect("classifier");
-        prog.load().expect("verifier accepts from_pod");
+        for name in [PROG_FROM_POD, PROG_FROM_NETDEV] {
+            let prog: &mut SchedClassifier = ebpf.program_mut(name).expect(name).try_into().expect("classifier");
+            prog.load().unwrap_or_else(|e| panic!("the verifier refuses {name}: {e}"));
+        }
         Self { ebpf, maps, dir }
     }
 
-    /// Runs the program on `frame`: (verdict, output frame).
+    /// Runs from_pod on `frame`: (verdict, output frame).
     fn run(&self, frame: &[u8]) -> (u32, Vec<u8>) {
-        let prog: &SchedClassifier = self.ebpf.program(PROG_FROM_POD).unwrap().try_into().unwrap();
+        self.run_prog(PROG_FROM_POD, frame)
+    }
+
+    /// Runs the program `name` on `frame`: (verdict, output frame).
+    fn run_prog(&self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
+        let prog: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
         let fd = prog.fd().unwrap().as_fd().as_raw_fd();
         let mut out = vec![0u8; frame.len() + 256];
         let mut attr = TestRunAttr {
@@ -89,6 +95,31 @@ impl Fixture {
         self.maps
             .put_service(key(0), ServiceValue { count: ids.len() as u16, rev_nat_id, ..Default::default() })
             .unwrap();
+    }
+
+    /// A north-south frontend `addr`:`port` of kind `flags` (svc_flags) with
+    /// backends (id, ip, port, backend_flags).
+    fn external(&mut self, addr: [u8; 4], port: u16, rev_nat_id: u16, flags: u32, backends: &[(u32, [u8; 4], u16, u8)]) {
+        let key = |slot| ServiceKey { addr: addr_to_map(addr), port: port_to_map(port), slot, proto: PROTO_TCP, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
+        for (i, (id, ip, bport, bflags)) in backends.iter().enumerate() {
+            self.maps
+                .put_backend(*id, Backend { addr: addr_to_map(*ip), port: port_to_map(*bport), proto: PROTO_TCP, flags: *bflags, node_addr: 0 })
+                .unwrap();
+            self.maps.put_service(key(i as u16 + 1), ServiceValue { backend_id: *id, rev_nat_id, ..Default::default() }).unwrap();
+        }
+        self.maps
+            .put_service(key(0), ServiceValue { count: backends.len() as u16, rev_nat_id, flags, ..Default::default() })
+            .unwrap();
+        self.maps
+            .put_revnat(rev_nat_id, RevNat { addr: addr_to_map(addr), port: port_to_map(port), _pad: 0 }, ServiceName::new("np"))
+            .unwrap();
+    }
+
+    /// The node address north-south flows are SNATed to.
+    fn set_node_addr(&mut self, addr: [u8; 4]) {
+        let mut config: aya::maps::Array<_, u32> =
+            aya::maps::Array::try_from(self.ebpf.map_mut(ferry_common::CONFIG_MAP).expect("config map")).unwrap();
+        config.set(ferry_common::config::NODE_ADDR, addr_to_map(addr), 0).unwrap();
     }
 
     fn counter(&self, c: Counter) -> u64 {
@@ -445,4 +476,42 @@ fn translated_packets_are_counted_per_service_and_a_freed_id_starts_from_zero() 
     assert_eq!(stats[0].1.bytes, 2 * f.len() as u64);
     fx.maps.del_revnat(7).unwrap();
     assert!(kernel::read_svc_stats(&fx.dir).unwrap().is_empty());
+}
+
+#[test]
+fn nodeport_to_a_remote_backend_is_dnated_and_snated_and_the_reply_restored() {
+    const NODE: [u8; 4] = [192, 168, 77, 11];
+    const EXT: [u8; 4] = [192, 168, 77, 200];
+    const EXT2: [u8; 4] = [192, 168, 77, 201];
+    const REMOTE: [u8; 4] = [10, 244, 1, 5];
+    let mut fx = Fixture::new("nodeport");
+    fx.external(NODE, 30080, 3, ferry_common::svc_flags::NODE_PORT, &[(1, REMOTE, 8080, 0)]);
+    fx.set_node_addr(NODE);
+    // Client → node:30080 becomes node:45000 → backend:8080 (the client's own
+    // port while it is free), checksums right.
+    let (_, out) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, EXT, NODE, 45000, 30080, false));
+    let p = parse(&out);
+    assert_eq!((p.dst, p.dport), (REMOTE, 8080), "DNAT to the backend");
+    assert_eq!((p.src, p.sport), (NODE, 45000), "SNAT to the node, the client's port");
+    assert_checksums(&out);
+    // A second client with the same source port to the same backend: another port.
+    let (_, out2) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, EXT2, NODE, 45000, 30080, false));
+    let p2 = parse(&out2);
+    assert_eq!(p2.src, NODE);
+    assert_ne!(p2.sport, 45000, "the reply tuple of the first flow is taken");
+    assert_checksums(&out2);
+    // The backend's replies come back to the node and go to each client, from
+    // the address and port it dialled.
+    for (client, snat_port) in [(EXT, 45000), (EXT2, p2.sport)] {
+        let (_, reply) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, REMOTE, NODE, 8080, snat_port, false));
+        let r = parse(&reply);
+        assert_eq!((r.src, r.sport), (NODE, 30080), "from the NodePort");
+        assert_eq!((r.dst, r.dport), (client, 45000), "to the client");
+        assert_checksums(&reply);
+    }
+    // A ClusterIP-only frontend is not served from the network.
+    fx.service(PROTO_TCP, 80, 1, &[(2, [10, 244, 0, 5], 8080)]);
+    let input = frame(PROTO_TCP, EXT, VIP, 45001, 80, false);
+    let (verdict, out) = fx.run_prog(PROG_FROM_NETDEV, &input);
+    assert_eq!((verdict, out), (TC_ACT_OK, input), "untouched");
 }
