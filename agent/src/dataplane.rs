@@ -12,14 +12,14 @@ use aya::{
     programs::{
         links::{FdLink, LinkError, LinkOrder, PinnedLink},
         tc::TcAttachOptions,
-        ProgramError, SchedClassifier, TcAttachType,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
     },
     sys::SyscallError,
     Ebpf, EbpfError, EbpfLoader,
 };
 use aya::maps::{Array, MapData};
 use ferry_common::{
-    addr_to_map, config, CONFIG_MAP,
+    addr_to_map, config, CONFIG_MAP, PROG_SOCK_CONNECT4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
     BACKENDS_MAP, COUNTERS_MAP, COUNTER_COUNT, CT_MAP, PROG_FROM_NETDEV, PROG_FROM_POD,
     SERVICES_MAP,
 };
@@ -61,6 +61,8 @@ pub enum DataplaneError {
     Netlink(#[from] rtnetlink::Error),
     #[error("map {0} is missing from the eBPF object")]
     MissingMap(&'static str),
+    #[error("opening the cgroup {path} (--cgroup-path): {source}")]
+    Cgroup { path: PathBuf, source: io::Error },
     #[error("writing the node settings map: {source}")]
     ConfigMap { source: aya::maps::MapError },
 }
@@ -197,6 +199,14 @@ impl Dataplane {
                 .load()
                 .map_err(program(format!("loading {} (verifier)", hook.program())))?;
         }
+        for name in [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4] {
+            let prog: &mut CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::MissingProgram(name))?
+                .try_into()
+                .map_err(program(format!("{name} is not a cgroup sock_addr program")))?;
+            prog.load().map_err(program(format!("loading {name} (verifier)")))?;
+        }
         Ok((
             Self {
                 ebpf,
@@ -301,6 +311,42 @@ impl Dataplane {
                 }
             }
         }
+    }
+
+    /// Attaches the socket-level load balancer (cgroup connect4, sendmsg4,
+    /// recvmsg4) to the cgroup v2 directory `cgroup`: processes in it (the
+    /// node's own, host network) reach frontends without any packet NAT. The
+    /// links are pinned (`links/<program>-cgroup`): they stay when the agent
+    /// stops; a restarted agent attaches anew, then unpins the old ones.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+        let dir = fs::File::open(cgroup).map_err(|source| DataplaneError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
+        for name in [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4] {
+            let prog: &mut CgroupSockAddr = self
+                .ebpf
+                .program_mut(name)
+                .ok_or(DataplaneError::MissingProgram(name))?
+                .try_into()
+                .map_err(program(format!("{name} is not a cgroup sock_addr program")))?;
+            let id = prog
+                // A bpf_link: several programs per cgroup are allowed anyway; link
+                // creation refuses the multi flag.
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(program(format!("attaching {name} to {}", cgroup.display())))?;
+            let fd_link: FdLink = prog
+                .take_link(id)
+                .map_err(program(format!("link of {name}")))?
+                .try_into()
+                .map_err(link(format!("link of {name}")))?;
+            let pin = self.links_dir.join(format!("{name}-cgroup"));
+            // The old link (a previous agent's) goes once the new one is in.
+            let _ = fs::remove_file(&pin);
+            fd_link.pin(&pin).map_err(|source| DataplaneError::Pin { path: pin.clone(), source })?;
+        }
+        tracing::info!(cgroup = %cgroup.display(), "socket load balancing attached (cgroup connect4/sendmsg4/recvmsg4)");
+        Ok(())
     }
 
     /// Tells the programs the node address north-south flows to backends on
@@ -462,6 +508,24 @@ pub fn link_names(links: &[LinkMessage]) -> BTreeMap<u32, String> {
             })
         })
         .collect()
+}
+
+/// The cgroup v2 root, where the socket load balancer goes by default:
+/// /sys/fs/cgroup when it is cgroup2, else the hybrid layout's
+/// /sys/fs/cgroup/unified.
+pub fn default_cgroup(mounts: &str) -> Option<PathBuf> {
+    let cgroup2: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, target, fstype) = (f.next(), f.next()?, f.next()?);
+            (fstype == "cgroup2").then_some(target)
+        })
+        .collect();
+    ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
+        .into_iter()
+        .find(|p| cgroup2.contains(p))
+        .map(PathBuf::from)
 }
 
 /// Pin directory default for a node.

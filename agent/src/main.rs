@@ -102,6 +102,11 @@ struct AgentArgs {
     /// default: the addresses of --devices. Never loopback.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
     nodeport_addresses: Vec<ipnet::Ipv4Net>,
+    /// cgroup v2 directory for socket-level load balancing of the node's own
+    /// processes (default: the cgroup2 root, /sys/fs/cgroup or
+    /// /sys/fs/cgroup/unified); "none" disables it.
+    #[arg(long, value_name = "PATH")]
+    cgroup_path: Option<PathBuf>,
     /// The NodePort range, inclusive (a nodePort outside it is an error).
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     service_node_port_range: (u16, u16),
@@ -252,6 +257,17 @@ async fn agent(a: AgentArgs) -> Result<()> {
             node_port_range: a.service_node_port_range,
         },
         nodeport_cidrs: a.nodeport_addresses,
+        cgroup: match a.cgroup_path {
+            Some(p) if p.as_os_str() == "none" => None,
+            Some(p) => Some(p),
+            None => {
+                let found = dataplane::default_cgroup(&std::fs::read_to_string("/proc/self/mounts").unwrap_or_default());
+                if found.is_none() {
+                    tracing::warn!("no cgroup v2 mount found: node processes get no socket load balancing (--cgroup-path)");
+                }
+                found
+            }
+        },
         node,
         devices: a.devices,
         dataplane: dataplane::Config {

@@ -51,6 +51,9 @@ pub struct Config {
     pub devices: Vec<String>,
     /// `--nodeport-addresses` (empty: the devices' addresses).
     pub nodeport_cidrs: Vec<ipnet::Ipv4Net>,
+    /// The cgroup v2 directory the socket load balancer is attached to (None:
+    /// not attached).
+    pub cgroup: Option<PathBuf>,
     pub translate: translate::Config,
     pub dataplane: dataplane::Config,
     /// A sync happens at most this long after the first change of a burst.
@@ -314,6 +317,9 @@ pub async fn run(cfg: Config) -> Result<()> {
             .context("netlink")?;
     tokio::spawn(conn);
     attach_all(&handle, &mut dp, &cfg.devices).await;
+    if let Some(cg) = &cfg.cgroup {
+        dp.attach_cgroup(cg)?;
+    }
     let mut node_addr = None;
     refresh_addresses(&handle, &mut dp, &cfg, &mut prog, &mut node_addr).await;
 

@@ -31,6 +31,9 @@ pub const REVNAT_MAP: &str = "FERRY_REVNAT";
 pub const CT_MAP: &str = "FERRY_CT";
 pub const COUNTERS_MAP: &str = "FERRY_COUNTERS";
 pub const AFFINITY_MAP: &str = "FERRY_AFFINITY";
+/// Socket-level load balancing: which frontend a UDP socket's backend stands
+/// for, so replies are reported from the frontend (LRU).
+pub const SOCK_REVNAT_MAP: &str = "FERRY_SOCK_REVNAT";
 /// reverse-NAT id → [`ServiceName`], for inspection (`ferry svc list`); the
 /// dataplane never reads it.
 pub const SVC_NAMES_MAP: &str = "FERRY_SVC_NAMES";
@@ -51,6 +54,12 @@ pub mod config {
 /// Program names (function names in the eBPF object).
 pub const PROG_FROM_POD: &str = "from_pod";
 pub const PROG_FROM_NETDEV: &str = "from_netdev";
+/// cgroup/connect4, sendmsg4, recvmsg4: socket-level load balancing for
+/// processes in the node's own network namespace.
+pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
+pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
+pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
+pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 65_536;
 
 /// Default map sizes; the agent can override them at load time (`--*-map-size`).
 pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
@@ -253,6 +262,19 @@ pub struct AffinityKey {
     pub _pad: u16,
 }
 
+/// Key of the socket reverse-NAT map: a socket and the backend it was sent
+/// to. 16 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SockRevKey {
+    /// bpf_get_socket_cookie().
+    pub cookie: u64,
+    /// Backend address and port, wire order.
+    pub addr: u32,
+    pub port: u16,
+    pub _pad: u16,
+}
+
 /// Value of the session-affinity map. 16 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -319,6 +341,7 @@ const _: () = assert!(size_of::<ServiceName>() == 128);
 const _: () = assert!(size_of::<AffinityKey>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<SvcStats>() == 16);
+const _: () = assert!(size_of::<SockRevKey>() == 16);
 
 /// An IPv4 address in map (wire) order.
 #[inline]
@@ -359,6 +382,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityKey {}
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SvcStats {}
+    unsafe impl aya::Pod for SockRevKey {}
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 //!   balancing for Pod clients (DNAT + connection tracking) and reverse NAT for the
 //!   replies of backends; a RST or ICMP port unreachable for Services without
 //!   usable backends.
+//! - `sock_connect4` / `sock_sendmsg4` / `sock_recvmsg4`: cgroup hooks,
+//!   socket-level load balancing for processes of the node itself (see `sock`).
 //! - `from_netdev`: TC ingress on the node devices (`--devices`): NodePort,
 //!   ExternalIP and LoadBalancer DNAT (+ SNAT to the node for backends on other
 //!   nodes, see `nodeport`), and reverse NAT for the replies of backends on
@@ -19,13 +21,14 @@ mod maps;
 mod nat;
 mod nodeport;
 mod parse;
+mod sock;
 mod reject;
 
 use aya_ebpf::{
     bindings::{TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_redirect,
-    macros::classifier,
-    programs::TcContext,
+    macros::{cgroup_sock_addr, classifier},
+    programs::{SockAddrContext, TcContext},
 };
 use ferry_common::{addr_to_map, ct_flags, Backend, Counter, CT_DIR_FORWARD, CT_DIR_REPLY, HAIRPIN_SNAT_ADDR};
 
@@ -46,6 +49,28 @@ pub fn from_pod(ctx: TcContext) -> i32 {
             TC_ACT_SHOT
         }
     }
+}
+
+/// cgroup connect4: a node process connecting to a frontend (TCP, connected
+/// UDP) is connected to a backend instead.
+#[cgroup_sock_addr(connect4)]
+pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx);
+    1
+}
+
+/// cgroup sendmsg4: an unconnected UDP datagram to a frontend goes to a backend.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx);
+    1
+}
+
+/// cgroup recvmsg4: UDP replies are reported from the frontend addressed.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx);
+    1
 }
 
 /// TC ingress on a node device (`--devices`): traffic from the network: replies

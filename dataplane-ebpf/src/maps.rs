@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use ferry_common::{
     AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
-    ServiceName, ServiceValue, SvcStats, config, COUNTER_COUNT, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
+    ServiceName, ServiceValue, SockRevKey, SvcStats, config, COUNTER_COUNT, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_CT_MAX, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
 };
 
@@ -27,6 +27,10 @@ pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_CT_MAX, 0
 #[map(name = "FERRY_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
     LruHashMap::pinned(DEFAULT_AFFINITY_MAX, 0);
+
+/// Socket-level LB: (socket, backend) → the frontend, for UDP replies.
+#[map(name = "FERRY_SOCK_REVNAT")]
+pub static SOCK_REVNAT: LruHashMap<SockRevKey, RevNat> = LruHashMap::pinned(DEFAULT_SOCK_REVNAT_MAX, 0);
 
 /// Node settings written by the agent (indices: `ferry_common::config`).
 #[map(name = "FERRY_CONFIG")]

@@ -76,6 +76,10 @@ pub struct Lab {
     pub manifests_dir: PathBuf,
     pub state_dir: PathBuf,
     pub bpffs_dir: PathBuf,
+    /// The node's own cgroup (v2): the agent's socket load balancer is attached
+    /// here, and host-network clients of the node run in it (never the
+    /// machine's root cgroup). None without cgroup v2.
+    pub cgroup: Option<PathBuf>,
     ferry: PathBuf,
     agent: Option<Child>,
     shim: Option<Child>,
@@ -101,6 +105,10 @@ impl Lab {
         fs::create_dir_all(&manifests_dir)?;
         fs::create_dir_all(&state_dir)?;
         let bpffs_dir = PathBuf::from(format!("/sys/fs/bpf/ferry-lab/{node}"));
+        let cgroup = ferry_agent_cgroup_root().map(|root| root.join(format!("ferry-lab-{node}")));
+        if let Some(cg) = &cgroup {
+            fs::create_dir_all(cg).with_context(|| format!("creating the cgroup {}", cg.display()))?;
+        }
         let mut lab = Self {
             prefix,
             node,
@@ -108,6 +116,7 @@ impl Lab {
             manifests_dir,
             state_dir,
             bpffs_dir,
+            cgroup,
             ferry,
             agent: None,
             shim: None,
@@ -161,6 +170,8 @@ impl Lab {
             path_str(&self.state_dir),
             "--bpffs-dir".into(),
             path_str(&self.bpffs_dir),
+            "--cgroup-path".into(),
+            self.cgroup.as_deref().map(path_str).unwrap_or_else(|| "none".into()),
         ];
         args.extend(self.agent_args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -190,6 +201,8 @@ impl Lab {
             self.node.clone(),
             "--bpffs-dir".into(),
             path_str(&self.bpffs_dir),
+            "--cgroup-path".into(),
+            self.cgroup.as_deref().map(path_str).unwrap_or_else(|| "none".into()),
         ];
         args.extend(self.agent_args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -224,6 +237,8 @@ impl Lab {
             .arg(&self.state_dir)
             .arg("--bpffs-dir")
             .arg(&self.bpffs_dir)
+            .arg("--cgroup-path")
+            .arg(self.cgroup.as_deref().map(path_str).unwrap_or_else(|| "none".into()))
             .args(&self.agent_args)
             .process_group(0)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
@@ -394,6 +409,11 @@ impl Drop for Lab {
         sys::delete_netns_with_prefix(&self.prefix);
         slow("deleting the network namespaces", t);
         let _ = fs::remove_dir_all(&self.bpffs_dir);
+        if let Some(cg) = &self.cgroup {
+            // Empty by now (the processes in it have exited): rmdir detaches
+            // the socket programs with it.
+            let _ = fs::remove_dir(cg);
+        }
         let _ = fs::remove_dir(self.bpffs_dir.parent().unwrap_or(Path::new("/nonexistent")));
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -420,4 +440,44 @@ fn path_str(p: &Path) -> String {
 
 fn short(tag: &str) -> String {
     tag.chars().filter(|c| c.is_ascii_alphanumeric()).take(4).collect()
+}
+
+/// The cgroup v2 root (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid
+/// machines), where lab nodes get cgroups of their own.
+fn ferry_agent_cgroup_root() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_, target, fstype) = (f.next(), f.next()?, f.next()?);
+            (fstype == "cgroup2").then(|| target.to_string())
+        })
+        .find(|t| t == "/sys/fs/cgroup" || t == "/sys/fs/cgroup/unified")
+        .map(PathBuf::from)
+}
+
+impl Lab {
+    /// Runs `program args` as a process of the node itself (host network: the
+    /// node's network namespace, the node's cgroup), feeding it `input`; its
+    /// standard output.
+    pub fn host_run(&self, program: &str, args: &[&str], input: &str) -> Result<String> {
+        let cg = self.cgroup.as_ref().context("no cgroup v2 on this machine")?;
+        let script = format!("echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"", cg.display());
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.node))
+            .args(["sh", "-c", &script, program])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {program} in node {}", self.node))?;
+        std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!("{program} {args:?} in node {}: {}", self.node, String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
 }
