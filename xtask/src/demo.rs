@@ -54,6 +54,7 @@ pub fn run(once: bool, demo: bool) -> Result<()> {
         let mut ok = true;
         ok &= show_split("TCP", &client, tcp, |ns, a| tcp_ask(ns, a))?;
         ok &= show_split("UDP", &client, udp, |ns, a| udp_ask(ns, a))?;
+        ok &= crate::demo_ns::run()?;
         if once {
             println!("\n$ ferry ct list (first lines)");
             for line in lab.ferry(&["ct", "list"])?.lines().take(8) {

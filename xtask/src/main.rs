@@ -1,6 +1,7 @@
 //! `cargo xtask setup | build | test | run | lab`: everything from a fresh machine.
 mod bench;
 mod demo;
+mod demo_ns;
 mod setup;
 
 use std::process::Command;
