@@ -160,19 +160,22 @@ impl Lab {
     /// Starts (or restarts) the agent on another manifest directory (the
     /// benchmark's Services, which the shim need not parse).
     pub fn start_agent_on(&mut self, manifests: &Path) -> Result<()> {
-        let mut args = vec![
-            "agent".to_string(),
-            "--manifests".into(),
-            path_str(manifests),
+        let state_dir = path_str(&self.state_dir);
+        self.spawn_agent(&["--manifests", &path_str(manifests), "--state-dir", &state_dir])
+    }
+
+    /// Starts `ferry agent <source> --node-name … --bpffs-dir … --cgroup-path …`
+    /// plus the lab's extra agent flags.
+    fn spawn_agent(&mut self, source: &[&str]) -> Result<()> {
+        let mut args: Vec<String> = std::iter::once("agent").chain(source.iter().copied()).map(String::from).collect();
+        args.extend([
             "--node-name".into(),
             self.node.clone(),
-            "--state-dir".into(),
-            path_str(&self.state_dir),
             "--bpffs-dir".into(),
             path_str(&self.bpffs_dir),
             "--cgroup-path".into(),
             self.cgroup.as_deref().map(path_str).unwrap_or_else(|| "none".into()),
-        ];
+        ]);
         args.extend(self.agent_args.iter().cloned());
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.agent = Some(self.spawn("agent", &args)?);
@@ -193,21 +196,7 @@ impl Lab {
     /// (a fake API server in the node's namespace, say). Extra flags from
     /// `LabOptions::agent_args` are appended.
     pub fn start_cluster_agent(&mut self, kubeconfig: &Path) -> Result<()> {
-        let mut args = vec![
-            "agent".to_string(),
-            "--kubeconfig".into(),
-            path_str(kubeconfig),
-            "--node-name".into(),
-            self.node.clone(),
-            "--bpffs-dir".into(),
-            path_str(&self.bpffs_dir),
-            "--cgroup-path".into(),
-            self.cgroup.as_deref().map(path_str).unwrap_or_else(|| "none".into()),
-        ];
-        args.extend(self.agent_args.iter().cloned());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.agent = Some(self.spawn("agent", &args)?);
-        Ok(())
+        self.spawn_agent(&["--kubeconfig", &path_str(kubeconfig)])
     }
 
     /// Starts the agent (standalone mode, like `start_agent`) with only the Linux
