@@ -276,6 +276,8 @@ impl Plan {
 
 pub fn run(args: Args) -> Result<()> {
     let plan = Plan::from(&args)?;
+    // The tree measured: what is built now, not what is checked out at the end.
+    let measured = commit();
     let _ = ctrlc::set_handler(|| INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst));
     let out_dir = args.out.clone().unwrap_or_else(|| crate::root().join("target/bench"));
     build(&plan)?;
@@ -299,7 +301,8 @@ pub fn run(args: Args) -> Result<()> {
             ctx.bench_case(Case { topology, services: n })?;
         }
     }
-    let report = Output::new(&plan, ctx.samples, ctx.answered, ctx.notes, started.elapsed());
+    let mut report = Output::new(&plan, ctx.samples, ctx.answered, ctx.notes, started.elapsed());
+    report.commit = measured;
     report.write(&out_dir)
 }
 
