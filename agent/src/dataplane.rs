@@ -319,6 +319,9 @@ impl Dataplane {
     /// links are pinned (`links/<program>-cgroup`): they stay when the agent
     /// stops; a restarted agent attaches anew, then unpins the old ones.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+        let cookie = own_netns_cookie().map_err(|source| DataplaneError::Cgroup { path: cgroup.to_path_buf(), source })?;
+        self.set_config(config::HOST_NETNS_COOKIE_LO, cookie as u32)?;
+        self.set_config(config::HOST_NETNS_COOKIE_HI, (cookie >> 32) as u32)?;
         let dir = fs::File::open(cgroup).map_err(|source| DataplaneError::Cgroup {
             path: cgroup.to_path_buf(),
             source,
@@ -352,12 +355,14 @@ impl Dataplane {
     /// Tells the programs the node address north-south flows to backends on
     /// other nodes are SNATed to.
     pub fn set_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), DataplaneError> {
+        self.set_config(config::NODE_ADDR, addr_to_map(addr.octets()))
+    }
+
+    fn set_config(&mut self, index: u32, value: u32) -> Result<(), DataplaneError> {
         let map = self.ebpf.map_mut(CONFIG_MAP).ok_or(DataplaneError::MissingMap(CONFIG_MAP))?;
         let mut array: Array<&mut MapData, u32> =
             Array::try_from(map).map_err(|source| DataplaneError::ConfigMap { source })?;
-        array
-            .set(config::NODE_ADDR, addr_to_map(addr.octets()), 0)
-            .map_err(|source| DataplaneError::ConfigMap { source })
+        array.set(index, value, 0).map_err(|source| DataplaneError::ConfigMap { source })
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
@@ -508,6 +513,27 @@ pub fn link_names(links: &[LinkMessage]) -> BTreeMap<u32, String> {
             })
         })
         .collect()
+}
+
+/// The cookie of this process's network namespace (SO_NETNS_COOKIE).
+fn own_netns_cookie() -> io::Result<u64> {
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").or_else(|_| std::net::UdpSocket::bind("0.0.0.0:0"))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: a valid socket and a u64-sized out buffer.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&sock),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// The cgroup v2 root, where the socket load balancer goes by default:

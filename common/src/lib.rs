@@ -48,6 +48,11 @@ pub mod config {
     /// other nodes are SNATed to; 0: not known yet (the packet's destination,
     /// the node address a NodePort client dialled, is used then).
     pub const NODE_ADDR: u32 = 0;
+    /// The node's own network namespace cookie (low and high 32 bits): the
+    /// socket load balancer serves sockets of that namespace only (host
+    /// network), never Pods', whose traffic the TC path handles.
+    pub const HOST_NETNS_COOKIE_LO: u32 = 1;
+    pub const HOST_NETNS_COOKIE_HI: u32 = 2;
     pub const COUNT: u32 = 4;
 }
 

@@ -3,15 +3,36 @@
 //! frontend is pointed at a backend before any packet exists, so the node's
 //! own traffic needs no NAT at all; recvmsg() reports UDP replies as coming from
 //! the frontend the socket addressed.
-use aya_ebpf::{helpers::bpf_get_socket_cookie, programs::SockAddrContext, EbpfContext as _};
-use ferry_common::{RevNat, SockRevKey, PROTO_TCP, PROTO_UDP};
+use aya_ebpf::{
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::SockAddrContext,
+    EbpfContext as _,
+};
+use ferry_common::{config, RevNat, SockRevKey, PROTO_TCP, PROTO_UDP};
 
-use crate::{lb, maps::SOCK_REVNAT, parse::Packet};
+use crate::{
+    lb,
+    maps::{config, SOCK_REVNAT},
+    parse::Packet,
+};
+
+/// Whether the socket is in the node's own network namespace (the agent
+/// writes its cookie before attaching these programs). Pods' sockets are left
+/// to the TC path: per-client affinity, reject, stale-flow flushing apply there.
+#[inline(always)]
+fn host_socket(ctx: &SockAddrContext) -> bool {
+    let want = u64::from(config(config::HOST_NETNS_COOKIE_LO)) | u64::from(config(config::HOST_NETNS_COOKIE_HI)) << 32;
+    // SAFETY: helper on our own context.
+    want != 0 && unsafe { bpf_get_netns_cookie(ctx.as_ptr()) } == want
+}
 
 /// connect4 (TCP and connected UDP) and sendmsg4 (unconnected UDP): the
 /// destination, if it is a frontend with backends, becomes a random backend.
 #[inline(always)]
 pub fn translate(ctx: &SockAddrContext) {
+    if !host_socket(ctx) {
+        return;
+    }
     // SAFETY: the context the kernel passed.
     let sa = unsafe { &mut *ctx.sock_addr };
     let proto = sa.protocol as u8;
