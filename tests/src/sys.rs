@@ -44,9 +44,18 @@ pub fn netns_list() -> Vec<String> {
 }
 
 /// Deletes every network namespace whose name starts with `prefix`.
+/// Deletes the lab's namespaces, first killing any process still in them (a
+/// Pod whose shim was stopped before its grace period ended, say), so that
+/// nothing outlives the test.
 pub fn delete_netns_with_prefix(prefix: &str) {
     for ns in netns_list() {
         if ns.starts_with(prefix) {
+            if let Ok(pids) = run("ip", &["netns", "pids", &ns]) {
+                for pid in pids.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                    // SAFETY: kill(2) on a pid listed in our own test namespace.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
             let _ = run("ip", &["netns", "delete", &ns]);
         }
     }
