@@ -3,6 +3,7 @@ pub mod dataplane;
 pub mod endpoints;
 pub mod error;
 pub mod health;
+pub mod healthcheck;
 pub mod inspect;
 pub mod loader;
 pub mod maps;

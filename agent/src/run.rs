@@ -79,6 +79,8 @@ struct Programmer {
     node: Option<crate::model::NodeInfo>,
     /// Where NodePorts are served (from netlink and `--nodeport-addresses`).
     nodeport_addrs: Vec<Ipv4Addr>,
+    /// healthCheckNodePort servers, matched to each translation.
+    health_checks: crate::healthcheck::HealthCheckServers,
 }
 
 impl Programmer {
@@ -119,6 +121,7 @@ impl Programmer {
             }
         }
         self.allocated = t.allocated;
+        self.health_checks.reconcile(&t.health_checks);
         let desired = layout(&t.frontends, &mut self.ids);
         tracing::debug!(
             translate_ms = translated.as_millis() as u64,
@@ -310,6 +313,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         allocated: BTreeMap::new(),
         node: None,
         nodeport_addrs: Vec::new(),
+        health_checks: Default::default(),
     };
 
     let (conn, handle, mut link_events) =

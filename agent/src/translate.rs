@@ -106,6 +106,19 @@ pub struct Translation {
     /// ClusterIPs allocated for Services without spec.clusterIP
     /// (`namespace/name` → address), for the caller to log.
     pub allocated: BTreeMap<String, Ipv4Addr>,
+    /// healthCheckNodePort → what it reports (Services with
+    /// externalTrafficPolicy: Local and a healthCheckNodePort).
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// What a healthCheckNodePort answers, as kube-proxy's: the Service and how
+/// many of its endpoints are ready on this node (200 when some are, 503 when
+/// none, so load balancers send external traffic only to nodes that serve it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
 }
 
 /// How a Service gets its ClusterIP.
@@ -218,11 +231,23 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
             for a in &v.lb_ips {
                 external.push((*a, port, svc_flags::LOAD_BALANCER, "status.loadBalancer.ingress".into()));
             }
+            let etp = if v.etp_local { svc_flags::ETP_LOCAL } else { 0 };
+            let backends = split(&all, v.etp_local, cfg);
+            if let Some(hc) = v.etp_local.then_some(v.spec.health_check_node_port).flatten() {
+                if let Ok(port) = u16::try_from(hc) {
+                    let meta = &v.svc.object.metadata;
+                    let entry = out.health_checks.entry(port).or_insert_with(|| HealthCheck {
+                        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
+                        name: meta.name.clone().unwrap_or_default(),
+                        local_endpoints: 0,
+                    });
+                    // Local endpoints of the Service (over its ports: the most).
+                    entry.local_endpoints = entry.local_endpoints.max(backends.0.len());
+                }
+            }
             if external.is_empty() {
                 continue;
             }
-            let etp = if v.etp_local { svc_flags::ETP_LOCAL } else { 0 };
-            let backends = split(&all, v.etp_local, cfg);
             for (addr, eport, kind, field) in external {
                 if let Some(owner) = claimed.get(&(addr, eport, proto)) {
                     out.errors.push(InputError::new(

@@ -199,3 +199,56 @@ fn snat_ports_collide_nodeport_addresses_are_honoured_and_duplicates_are_refused
     );
     Ok(())
 }
+
+/// An HTTP GET from the external client: (status code, body).
+fn http_get(c: &Cluster, to: SocketAddr) -> Result<(u16, String)> {
+    in_netns(&c.external, move || -> Result<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no status line")?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
+    })?
+}
+
+#[test]
+fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_tell_the_nodes_apart() -> Result<()> {
+    let svc = r#"apiVersion: v1
+kind: Service
+metadata: {name: loc, namespace: default}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32100
+  selector: {app: loc}
+  ports:
+    - {name: http, port: 80, targetPort: 8080, nodePort: 30090}
+"#;
+    let c = Cluster::start("etp", 2, &[("loc.yaml".into(), svc.into())], &[])?;
+    let n1 = c.nodes[0].node.clone();
+    c.write_manifest("loc-1.yaml", &on_node(&echo_pod("loc-1", "loc", None), &n1))?;
+    c.wait_ready(&["loc-1"], READY)?;
+    // Node 1 has the endpoint: the backend sees the client itself, every time.
+    let on1 = SocketAddr::from((node_addr(0), 30090));
+    wait_serving(&c, on1)?;
+    let seen = spread(&c, on1, 20)?;
+    assert_eq!(seen, BTreeMap::from([("loc-1".to_string(), BTreeSet::from([EXTERNAL_ADDR]))]));
+    // Node 2 has none: it does not serve the Service (kube-proxy drops too).
+    let on2 = SocketAddr::from((node_addr(1), 30090));
+    assert!(TcpSession::connect(&c.external, on2).is_err(), "node 2 must not serve a Local Service without local endpoints");
+    // healthCheckNodePort on every node: 200 with the local count, 503 without.
+    c.nodes[0].wait_until(Duration::from_secs(10), "health checks answering", || {
+        Ok(http_get(&c, SocketAddr::from((node_addr(0), 32100))).is_ok_and(|(s, _)| s == 200))
+    })?;
+    let (status, body) = http_get(&c, SocketAddr::from((node_addr(0), 32100)))?;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"localEndpoints\":1") && body.contains("\"name\":\"loc\""), "{body}");
+    let (status, body) = http_get(&c, SocketAddr::from((node_addr(1), 32100)))?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    Ok(())
+}
