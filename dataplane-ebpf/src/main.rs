@@ -222,9 +222,10 @@ fn reverse_nat(
     Ok(TC_ACT_OK)
 }
 
-/// Sends the packet back out of the interface it arrived on (into the Pod).
+/// Sends the packet back out of the interface it arrived on (into the Pod, or
+/// back to the network on a device).
 #[inline(always)]
-fn bounce(ctx: &TcContext) -> Result<i32, Counter> {
+pub(crate) fn bounce(ctx: &TcContext) -> Result<i32, Counter> {
     parse::swap_macs(ctx).map_err(|_| Counter::DropMalformed)?;
     // SAFETY: reading the ifindex of the skb this program runs on.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };

@@ -15,6 +15,7 @@ use crate::{
     maps::{config, count, count_service},
     nat::{self, Side},
     parse::Packet,
+    reject,
 };
 
 /// Frontend kinds served from outside the node's Pods.
@@ -38,7 +39,16 @@ pub fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
         return Ok(TC_ACT_OK);
     }
     if svc.count == 0 {
-        return Err(Counter::DropNoBackendExternal);
+        // externalTrafficPolicy: Local without a local endpoint: this node does
+        // not serve the Service (kube-proxy drops, so a load balancer's health
+        // check, not the client, finds out). Without any endpoint at all:
+        // refuse at once, like kube-proxy's REJECT rules.
+        if svc.flags & svc_flags::ETP_LOCAL != 0 {
+            return Err(Counter::DropNoBackendExternal);
+        }
+        let answered = reject::rewrite(ctx, pkt)?;
+        count(answered);
+        return crate::bounce(ctx);
     }
     let (backend_id, b) = lb::select_backend(pkt, &svc)?;
     count_service(svc.rev_nat_id, ctx.len());

@@ -51,6 +51,15 @@ spec:
 ---
 apiVersion: v1
 kind: Service
+metadata: {{name: empty, namespace: default}}
+spec:
+  type: NodePort
+  selector: {{app: nobody}}
+  ports:
+    - {{name: http, port: 80, targetPort: 8080, nodePort: 30099}}
+---
+apiVersion: v1
+kind: Service
 metadata: {{name: clash, namespace: default, creationTimestamp: "2026-01-02T00:00:00Z"}}
 spec:
   type: NodePort
@@ -189,6 +198,14 @@ fn snat_ports_collide_nodeport_addresses_are_honoured_and_duplicates_are_refused
     let outside = SocketAddr::from((OTHER_NET_ADDR, 30080));
     let err = TcpSession::connect(&c.external, outside).err().context("the NodePort answered outside --nodeport-addresses")?;
     assert!(format!("{err:#}").contains("refused"), "{err:#}");
+    // A NodePort Service without any endpoint refuses at once (TCP RST from
+    // the address dialled), like kube-proxy's REJECT rules; never a hang.
+    let started = std::time::Instant::now();
+    let err = TcpSession::connect(&c.external, SocketAddr::from((node_addr(0), 30099)))
+        .err()
+        .context("a NodePort without endpoints answered")?;
+    assert!(format!("{err:#}").contains("refused"), "{err:#}");
+    assert!(started.elapsed() < Duration::from_millis(900), "refused only after {:?}", started.elapsed());
     // The later Service asking for a NodePort already taken: an error naming
     // it and the field; the earlier keeps it (its backends answered above,
     // never the later one's far-2).
