@@ -150,10 +150,15 @@ pub const REQUIRED_CAPABILITIES: &[&str] = &["BPF", "NET_ADMIN", "PERFMON"];
 
 /// Whether the mount table `mounts` (a /proc/<pid>/mounts) has bpffs at /sys/fs/bpf.
 pub fn has_bpffs(mounts: &str) -> bool {
-    mounts.lines().any(|l| {
+    mount_points(mounts, "bpf").any(|t| t == BPFFS)
+}
+
+/// The mount points of file systems of type `fstype` in a mount table.
+fn mount_points<'a>(mounts: &'a str, fstype: &'a str) -> impl Iterator<Item = &'a str> {
+    mounts.lines().filter_map(move |l| {
         let mut f = l.split_whitespace();
-        let (_, target, fstype) = (f.next(), f.next(), f.next());
-        target == Some(BPFFS) && fstype == Some("bpf")
+        let (_, target, ty) = (f.next(), f.next()?, f.next()?);
+        (ty == fstype).then_some(target)
     })
 }
 
@@ -377,13 +382,9 @@ pub fn hook_interfaces(links: &[LinkMessage], devices: &[String]) -> BTreeMap<(H
         .into_iter()
         .map(|(idx, name)| ((Hook::FromPod, idx), name))
         .collect();
-    for l in links {
-        let name = l.attributes.iter().find_map(|a| match a {
-            LinkAttribute::IfName(n) => Some(n),
-            _ => None,
-        });
-        if let Some(name) = name.filter(|n| devices.contains(n)) {
-            out.insert((Hook::FromNetdev, l.header.index), name.clone());
+    for (idx, name) in link_names(links) {
+        if devices.contains(&name) {
+            out.insert((Hook::FromNetdev, idx), name);
         }
     }
     out
@@ -540,14 +541,7 @@ fn own_netns_cookie() -> io::Result<u64> {
 /// /sys/fs/cgroup when it is cgroup2, else the hybrid layout's
 /// /sys/fs/cgroup/unified.
 pub fn default_cgroup(mounts: &str) -> Option<PathBuf> {
-    let cgroup2: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (_, target, fstype) = (f.next(), f.next()?, f.next()?);
-            (fstype == "cgroup2").then_some(target)
-        })
-        .collect();
+    let cgroup2: Vec<&str> = mount_points(mounts, "cgroup2").collect();
     ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"]
         .into_iter()
         .find(|p| cgroup2.contains(p))
@@ -562,6 +556,17 @@ pub fn default_bpffs_dir(node: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cgroup2_root_on_unified_and_hybrid_hosts() {
+        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\ncgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\nbpf /sys/fs/bpf bpf rw 0 0\n";
+        assert_eq!(default_cgroup(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert!(has_bpffs(hybrid));
+        let unified = "cgroup2 /sys/fs/cgroup cgroup2 rw 0 0\n";
+        assert_eq!(default_cgroup(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert!(!has_bpffs(unified));
+        assert_eq!(default_cgroup("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"), None);
+    }
 
     #[test]
     fn nodeport_addresses_follow_devices_or_cidrs_and_never_loopback() {

@@ -320,12 +320,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
             .context("netlink")?;
     tokio::spawn(conn);
-    attach_all(&handle, &mut dp, &cfg.devices).await;
+    let mut node_addr = None;
+    follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true).await;
     if let Some(cg) = &cfg.cgroup {
         dp.attach_cgroup(cg)?;
     }
-    let mut node_addr = None;
-    refresh_addresses(&handle, &mut dp, &cfg, &mut prog, &mut node_addr).await;
 
     tracing::info!(
         node = %cfg.node,
@@ -369,13 +368,12 @@ pub async fn run(cfg: Config) -> Result<()> {
             Some(_) = link_events.next() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, link_events.next()).await {}
-                attach_all(&handle, &mut dp, &cfg.devices).await;
-                if refresh_addresses(&handle, &mut dp, &cfg, &mut prog, &mut node_addr).await {
+                if follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true).await {
                     pending.get_or_insert_with(tokio::time::Instant::now);
                 }
             }
             _ = attach_tick.tick() => {
-                attach_all(&handle, &mut dp, &cfg.devices).await;
+                follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, false).await;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -433,19 +431,42 @@ fn sync(
 }
 
 /// Attaches from_pod to every Pod veth not attached yet.
-/// Re-reads the node's addresses: where NodePorts are served and the address
-/// north-south flows are SNATed to (the first address of the first device).
-/// True when the NodePort addresses changed (a sync is due).
-async fn refresh_addresses(
+/// Lists the links once: attaches what is missing and, with `addresses`,
+/// re-reads the node's addresses. True when the NodePort addresses changed (a
+/// sync is due).
+async fn follow_links(
     handle: &rtnetlink::Handle,
     dp: &mut Dataplane,
     cfg: &Config,
     prog: &mut Programmer,
     node_addr: &mut Option<Ipv4Addr>,
+    addresses: bool,
 ) -> bool {
-    let (links, addrs) = match (dataplane::list_links(handle).await, dataplane::list_addresses(handle).await) {
-        (Ok(l), Ok(a)) => (dataplane::link_names(&l), a),
-        (Err(e), _) | (_, Err(e)) => {
+    let links = match dataplane::list_links(handle).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!("listing links: {e:#}");
+            return false;
+        }
+    };
+    attach_all(dp, &links, &cfg.devices);
+    addresses && refresh_addresses(handle, dp, cfg, &dataplane::link_names(&links), prog, node_addr).await
+}
+
+/// Re-reads the node's addresses: where NodePorts are served and the address
+/// north-south flows are SNATed to (the first address of the first device).
+/// True when the NodePort addresses changed.
+async fn refresh_addresses(
+    handle: &rtnetlink::Handle,
+    dp: &mut Dataplane,
+    cfg: &Config,
+    links: &BTreeMap<u32, String>,
+    prog: &mut Programmer,
+    node_addr: &mut Option<Ipv4Addr>,
+) -> bool {
+    let addrs = match dataplane::list_addresses(handle).await {
+        Ok(a) => a,
+        Err(e) => {
             tracing::warn!("listing addresses: {e:#}");
             return false;
         }
@@ -462,7 +483,7 @@ async fn refresh_addresses(
         }
         *node_addr = primary;
     }
-    let np = dataplane::nodeport_addresses(&addrs, &links, &cfg.devices, &cfg.nodeport_cidrs);
+    let np = dataplane::nodeport_addresses(&addrs, links, &cfg.devices, &cfg.nodeport_cidrs);
     if np == prog.nodeport_addrs {
         return false;
     }
@@ -471,15 +492,8 @@ async fn refresh_addresses(
     true
 }
 
-async fn attach_all(handle: &rtnetlink::Handle, dp: &mut Dataplane, devices: &[String]) {
-    let links = match dataplane::list_links(handle).await {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::warn!("listing links: {e:#}");
-            return;
-        }
-    };
-    let wanted = dataplane::hook_interfaces(&links, devices);
+fn attach_all(dp: &mut Dataplane, links: &[rtnetlink::packet_route::link::LinkMessage], devices: &[String]) {
+    let wanted = dataplane::hook_interfaces(links, devices);
     dp.forget_missing(&wanted);
     for ((hook, idx), name) in &wanted {
         if let Err(e) = dp.attach(*hook, name, *idx) {

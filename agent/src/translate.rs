@@ -320,8 +320,8 @@ fn assign_node_ports(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError>
     let (lo, hi) = cfg.node_port_range;
     let size = u32::from(hi.saturating_sub(lo)) + 1;
     for (v, i, proto) in missing {
-        let start = fnv1a(format!("{}:{i}", v.key).as_bytes()) % size;
-        let found = (0..size).map(|k| lo + ((start + k) % size) as u16).find(|p| !taken.contains_key(&(*p, proto)));
+        let found = probe(&format!("{}:{i}", v.key), size, |k| !taken.contains_key(&(lo + k as u16, proto)))
+            .map(|k| lo + k as u16);
         match found {
             Some(np) => {
                 taken.insert((np, proto), v.key.clone());
@@ -570,10 +570,8 @@ fn assign_cluster_ips(
         })
         .collect();
     for i in order {
-        let start = fnv1a(valid[i].key.as_bytes()) % size;
-        let found = (0..size)
-            .map(|k| Ipv4Addr::from(base + 1 + (start + k) % size))
-            .find(|ip| !used.contains(ip));
+        let found = probe(&valid[i].key, size, |k| !used.contains(&Ipv4Addr::from(base + 1 + k)))
+            .map(|k| Ipv4Addr::from(base + 1 + k));
         match found {
             Some(ip) => {
                 used.insert(ip);
@@ -591,6 +589,14 @@ fn assign_cluster_ips(
 }
 
 /// FNV-1a: a stable hash (std's hasher is randomly seeded).
+/// Deterministic allocation in a range of `size`: the first offset `free`
+/// accepts, starting at a stable hash of `key` and probing onward (wrapping).
+/// Same input, same result: on every node and across restarts.
+fn probe(key: &str, size: u32, free: impl Fn(u32) -> bool) -> Option<u32> {
+    let start = fnv1a(key.as_bytes()) % size;
+    (0..size).map(|k| (start + k) % size).find(|k| free(*k))
+}
+
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, b| {
         (h ^ *b as u32).wrapping_mul(0x0100_0193)
