@@ -112,3 +112,17 @@ impl TcpSession {
         Ok(line.trim().to_string())
     }
 }
+
+/// Asks `n` times from `client` and counts the answers (which backend
+/// answered how often).
+pub fn split(
+    client: &str,
+    n: usize,
+    ask: impl Fn(&str) -> Result<String>,
+) -> Result<std::collections::BTreeMap<String, usize>> {
+    let mut counts = std::collections::BTreeMap::new();
+    for _ in 0..n {
+        *counts.entry(ask(client)?).or_insert(0) += 1;
+    }
+    Ok(counts)
+}

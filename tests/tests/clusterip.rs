@@ -1,12 +1,12 @@
 //! ClusterIP end to end: real agent, real shim, real Pods in network namespaces,
 //! real TCP and UDP clients; assertions on what the clients received and which
 //! backend (Pod name) answered.
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Result;
 use ferry_tests::{
     manifests::{client_pod, echo_pod, echo_service},
-    tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
+    split, tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -52,18 +52,6 @@ fn wait_backends(lab: &Lab, client: &str, want: &[&str]) -> Result<()> {
     })
 }
 
-/// Sends `n` requests and counts the answering backends.
-fn split(
-    client: &str,
-    n: usize,
-    ask: impl Fn(&str) -> Result<String>,
-) -> Result<BTreeMap<String, usize>> {
-    let mut counts = BTreeMap::new();
-    for _ in 0..n {
-        *counts.entry(ask(client)?).or_insert(0) += 1;
-    }
-    Ok(counts)
-}
 
 #[test]
 fn tcp_and_udp_are_balanced_over_every_ready_backend() -> Result<()> {

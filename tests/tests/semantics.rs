@@ -14,7 +14,7 @@ use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
     in_netns,
     manifests::{client_pod, echo_pod, echo_service},
-    tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
+    split, tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -23,18 +23,6 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().expect("test address")
 }
 
-/// Which backends answer `n` new connections.
-fn split(
-    client: &str,
-    n: usize,
-    ask: impl Fn(&str) -> Result<String>,
-) -> Result<BTreeMap<String, usize>> {
-    let mut counts = BTreeMap::new();
-    for _ in 0..n {
-        *counts.entry(ask(client)?).or_insert(0) += 1;
-    }
-    Ok(counts)
-}
 
 fn readiness_file(tag: &str, pod: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferry-sem-{tag}-{}", std::process::id()));
