@@ -1,6 +1,7 @@
 //! Loading the eBPF dataplane, pinning its maps, and attaching its programs as
 //! interfaces come and go: `from_pod` to the Pod veths of this network
-//! namespace, `from_netdev` to the node devices (`--devices`).
+//! namespace, `from_netdev` to the node devices (`--devices`), and with
+//! `--xdp` also `xdp_from_netdev` to the node devices.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
@@ -11,8 +12,9 @@ use std::{
 use aya::{
     programs::{
         links::{FdLink, LinkError, LinkOrder, PinnedLink},
-        tc::TcAttachOptions,
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType,
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     sys::SyscallError,
     Ebpf, EbpfError, EbpfLoader,
@@ -21,7 +23,7 @@ use aya::maps::{Array, MapData};
 use ferry_common::{
     addr_to_map, config, CONFIG_MAP, PROG_SOCK_CONNECT4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
     BACKENDS_MAP, COUNTERS_MAP, COUNTER_COUNT, CT_MAP, PROG_FROM_NETDEV, PROG_FROM_POD,
-    SERVICES_MAP,
+    PROG_XDP_FROM_NETDEV, SERVICES_MAP,
 };
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
@@ -86,6 +88,32 @@ pub struct Config {
     pub ct_max: u32,
 }
 
+/// How `--xdp` attaches to the devices (`--xdp-mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdpAttach {
+    /// Native (driver) XDP where the driver has it, generic XDP elsewhere.
+    Auto,
+    /// Native (driver) XDP only; TC only where the driver lacks it.
+    Native,
+    /// Generic (skb) XDP: works on every device, runs after the skb is built.
+    Generic,
+}
+
+impl XdpAttach {
+    /// The modes to try on a device, in order. Auto takes generic XDP on a
+    /// veth: native XDP there can only send a frame back out (XDP_TX) when
+    /// the veth's peer runs XDP or GRO itself, which the peer's namespace
+    /// decides, and frames it cannot send are dropped.
+    pub fn modes(self, veth: bool) -> &'static [XdpMode] {
+        match self {
+            XdpAttach::Auto if veth => &[XdpMode::Skb],
+            XdpAttach::Auto => &[XdpMode::Driver, XdpMode::Skb],
+            XdpAttach::Native => &[XdpMode::Driver],
+            XdpAttach::Generic => &[XdpMode::Skb],
+        }
+    }
+}
+
 /// Where a program is attached (one entry program per hook, as in Cilium).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
@@ -94,16 +122,78 @@ pub enum Hook {
     /// TC ingress of a node device: traffic from the network (replies of
     /// backends on other nodes; NodePort and friends).
     FromNetdev,
+    /// XDP of a node device (`--xdp`), in front of FromNetdev.
+    XdpFromNetdev,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 2] = [Hook::FromPod, Hook::FromNetdev];
+    pub const ALL: [Hook; 3] = [Hook::FromPod, Hook::FromNetdev, Hook::XdpFromNetdev];
 
     pub fn program(self) -> &'static str {
         match self {
             Hook::FromPod => PROG_FROM_POD,
             Hook::FromNetdev => PROG_FROM_NETDEV,
+            Hook::XdpFromNetdev => PROG_XDP_FROM_NETDEV,
         }
+    }
+}
+
+/// A program kind the agent attaches through pinned bpf_links (TCX, XDP).
+trait LinkedProgram {
+    /// Swaps this program into an existing link (a previous agent's pin).
+    fn replace(&mut self, old: FdLink) -> Result<FdLink, String>;
+    /// A new link on `ifname`, and how it was attached (for the log).
+    fn attach_new(&mut self, ifname: &str) -> Result<(FdLink, &'static str), DataplaneError>;
+}
+
+impl LinkedProgram for SchedClassifier {
+    fn replace(&mut self, old: FdLink) -> Result<FdLink, String> {
+        let old: SchedClassifierLink = old.try_into().map_err(|e: LinkError| e.to_string())?;
+        let id = self.attach_to_link(old).map_err(|e| e.to_string())?;
+        self.take_link(id).map_err(|e| e.to_string())?.try_into().map_err(|e: LinkError| e.to_string())
+    }
+
+    fn attach_new(&mut self, ifname: &str) -> Result<(FdLink, &'static str), DataplaneError> {
+        let what = || format!("attaching the TC program to {ifname}");
+        let id = self
+            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(program(what()))?;
+        let link = self.take_link(id).map_err(program(what()))?.try_into().map_err(link(what()))?;
+        Ok((link, "tc ingress"))
+    }
+}
+
+/// The XDP program with the modes to try on a device.
+struct XdpProgram<'a>(&'a mut Xdp, &'static [XdpMode]);
+
+impl LinkedProgram for XdpProgram<'_> {
+    fn replace(&mut self, old: FdLink) -> Result<FdLink, String> {
+        let old: XdpLink = old.try_into().map_err(|e: LinkError| e.to_string())?;
+        let id = self.0.attach_to_link(old).map_err(|e| e.to_string())?;
+        self.0.take_link(id).map_err(|e| e.to_string())?.try_into().map_err(|e: LinkError| e.to_string())
+    }
+
+    /// Tries the allowed modes in order; the error is the last mode's.
+    fn attach_new(&mut self, ifname: &str) -> Result<(FdLink, &'static str), DataplaneError> {
+        let mut last = None;
+        for &mode in self.1 {
+            match self.0.attach(ifname, mode) {
+                Ok(id) => {
+                    let what = || format!("XDP link of {ifname}");
+                    let link = self.0.take_link(id).map_err(program(what()))?.try_into().map_err(link(what()))?;
+                    return Ok((link, if mode == XdpMode::Driver { "xdp native" } else { "xdp generic" }));
+                }
+                Err(e) => {
+                    tracing::debug!(ifname, ?mode, "XDP attach failed: {e}");
+                    last = Some(e);
+                }
+            }
+        }
+        let what = format!("attaching {PROG_XDP_FROM_NETDEV} to {ifname} ({:?})", self.1);
+        Err(match last {
+            Some(source) => DataplaneError::Program { what, source },
+            None => DataplaneError::MissingProgram(PROG_XDP_FROM_NETDEV),
+        })
     }
 }
 
@@ -113,6 +203,8 @@ pub struct Dataplane {
     links_dir: PathBuf,
     /// (hook, ifindex) → (interface name, the pinned TCX link).
     attached: BTreeMap<(Hook, u32), (String, PinnedLink)>,
+    /// Devices (ifindex, name) XDP could not attach to (TC serves them).
+    xdp_refused: BTreeSet<(u32, String)>,
 }
 
 const BPFFS: &str = "/sys/fs/bpf";
@@ -199,11 +291,14 @@ impl Dataplane {
             .load(DATAPLANE_OBJ)?;
         spawn_ebpf_logs(&mut ebpf);
         let maps = KernelMaps::from_ebpf(&mut ebpf)?;
-        for hook in Hook::ALL {
+        for hook in [Hook::FromPod, Hook::FromNetdev] {
             classifier(&mut ebpf, hook)?
                 .load()
                 .map_err(program(format!("loading {} (verifier)", hook.program())))?;
         }
+        xdp_program(&mut ebpf)?
+            .load()
+            .map_err(program(format!("loading {PROG_XDP_FROM_NETDEV} (verifier)")))?;
         for name in [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4] {
             let prog: &mut CgroupSockAddr = ebpf
                 .program_mut(name)
@@ -217,15 +312,17 @@ impl Dataplane {
                 ebpf,
                 links_dir,
                 attached: BTreeMap::new(),
+                xdp_refused: BTreeSet::new(),
             },
             maps,
         ))
     }
 
-    /// Attaches a hook's program at TC ingress (TCX) of an interface. The link is
-    /// pinned, so the program stays attached when the agent stops; a restarted
-    /// agent swaps its program into the pinned link atomically.
-    pub fn attach(&mut self, hook: Hook, ifname: &str, ifindex: u32) -> Result<(), DataplaneError> {
+    /// Attaches a hook's program to an interface: TC ingress (TCX) or, for
+    /// XDP, in the first of `xdp_modes` the device takes. The link is pinned,
+    /// so the program stays attached when the agent stops; a restarted agent
+    /// swaps its program into the pinned link atomically.
+    pub fn attach(&mut self, hook: Hook, ifname: &str, ifindex: u32, xdp_modes: &'static [XdpMode]) -> Result<(), DataplaneError> {
         if self
             .attached
             .get(&(hook, ifindex))
@@ -235,60 +332,24 @@ impl Dataplane {
         }
         let name = hook.program();
         let pin = self.links_dir.join(format!("{name}-{ifindex}"));
-        let prog = classifier(&mut self.ebpf, hook)?;
-        let reused = match PinnedLink::from_pin(&pin) {
-            Ok(old) => {
-                let old = FdLink::from(old)
-                    .try_into()
-                    .map_err(link(format!("pinned link {}", pin.display())))?;
-                match prog.attach_to_link(old) {
-                    Ok(id) => Some(id),
+        let (pinned, how) = match hook {
+            Hook::XdpFromNetdev => {
+                if self.xdp_refused.contains(&(ifindex, ifname.to_string())) {
+                    return Ok(());
+                }
+                match attach_pinned(&mut XdpProgram(xdp_program(&mut self.ebpf)?, xdp_modes), &pin, ifname) {
+                    Ok(p) => p,
                     Err(e) => {
-                        // A link of an interface that is gone (the ifindex was reused).
-                        tracing::debug!(ifname, "stale pinned link: {e}");
-                        let _ = fs::remove_file(&pin);
-                        None
+                        // Said once per device; from_netdev serves it all the same.
+                        tracing::warn!(ifname, "XDP could not attach, falling back to TC only on this device: {e}");
+                        self.xdp_refused.insert((ifindex, ifname.to_string()));
+                        return Ok(());
                     }
                 }
             }
-            Err(LinkError::SyscallError(SyscallError { io_error, .. }))
-                if io_error.kind() == io::ErrorKind::NotFound =>
-            {
-                None
-            }
-            Err(e) => return Err(link(format!("opening pinned link {}", pin.display()))(e)),
+            Hook::FromPod | Hook::FromNetdev => attach_pinned(classifier(&mut self.ebpf, hook)?, &pin, ifname)?,
         };
-        let fresh = reused.is_none();
-        let id = match reused {
-            Some(id) => id,
-            None => prog
-                .attach_with_options(
-                    ifname,
-                    TcAttachType::Ingress,
-                    TcAttachOptions::TcxOrder(LinkOrder::default()),
-                )
-                .map_err(program(format!("attaching {name} to {ifname}")))?,
-        };
-        let what = || format!("link of {ifname}");
-        let fd_link: FdLink = prog
-            .take_link(id)
-            .map_err(program(what()))?
-            .try_into()
-            .map_err(link(what()))?;
-        if fresh {
-            fd_link.pin(&pin).map_err(|source| DataplaneError::Pin {
-                path: pin.clone(),
-                source,
-            })?;
-        }
-        let pinned =
-            PinnedLink::from_pin(&pin).map_err(link(format!("re-opening {}", pin.display())))?;
-        tracing::info!(
-            ifname,
-            ifindex,
-            reused = !fresh,
-            "{name} attached (tc ingress)"
-        );
+        tracing::info!(ifname, ifindex, "{name} attached ({how})");
         self.attached.insert((hook, ifindex), (ifname.to_string(), pinned));
         Ok(())
     }
@@ -375,15 +436,55 @@ impl Dataplane {
     }
 }
 
+/// Reuses the link pinned at `pin` (a previous agent's) or makes a new one
+/// and pins it. Returns the pinned link and how it is attached.
+fn attach_pinned(
+    prog: &mut impl LinkedProgram,
+    pin: &Path,
+    ifname: &str,
+) -> Result<(PinnedLink, &'static str), DataplaneError> {
+    let reused = match PinnedLink::from_pin(pin) {
+        Ok(old) => match prog.replace(FdLink::from(old)) {
+            Ok(link) => Some(link),
+            Err(e) => {
+                // A link of an interface that is gone (the ifindex was reused),
+                // or of another kind.
+                tracing::debug!(ifname, "stale pinned link: {e}");
+                let _ = fs::remove_file(pin);
+                None
+            }
+        },
+        Err(LinkError::SyscallError(SyscallError { io_error, .. })) if io_error.kind() == io::ErrorKind::NotFound => {
+            None
+        }
+        Err(e) => return Err(link(format!("opening pinned link {}", pin.display()))(e)),
+    };
+    let how = match reused {
+        // The pin holds the link already.
+        Some(_) => "reused pinned link",
+        None => {
+            let (fd_link, how) = prog.attach_new(ifname)?;
+            fd_link.pin(pin).map_err(|source| DataplaneError::Pin { path: pin.to_path_buf(), source })?;
+            how
+        }
+    };
+    let pinned = PinnedLink::from_pin(pin).map_err(link(format!("re-opening {}", pin.display())))?;
+    Ok((pinned, how))
+}
+
 /// Where each hook goes: every veth that is not a node device gets from_pod,
-/// every node device present gets from_netdev.
-pub fn hook_interfaces(links: &[LinkMessage], devices: &[String]) -> BTreeMap<(Hook, u32), String> {
+/// every node device present gets from_netdev, and with `xdp` also
+/// xdp_from_netdev.
+pub fn hook_interfaces(links: &[LinkMessage], devices: &[String], xdp: bool) -> BTreeMap<(Hook, u32), String> {
     let mut out: BTreeMap<(Hook, u32), String> = pod_interfaces(links, devices)
         .into_iter()
         .map(|(idx, name)| ((Hook::FromPod, idx), name))
         .collect();
     for (idx, name) in link_names(links) {
         if devices.contains(&name) {
+            if xdp {
+                out.insert((Hook::XdpFromNetdev, idx), name.clone());
+            }
             out.insert((Hook::FromNetdev, idx), name);
         }
     }
@@ -392,25 +493,24 @@ pub fn hook_interfaces(links: &[LinkMessage], devices: &[String]) -> BTreeMap<(H
 
 /// Pod-facing interfaces: every veth that is not a node device.
 pub fn pod_interfaces(links: &[LinkMessage], devices: &[String]) -> BTreeMap<u32, String> {
+    let veths = veths(links);
+    link_names(links)
+        .into_iter()
+        .filter(|(idx, name)| veths.contains(idx) && !devices.contains(name))
+        .collect()
+}
+
+/// The ifindexes of the veths among `links`.
+pub fn veths(links: &[LinkMessage]) -> BTreeSet<u32> {
     links
         .iter()
-        .filter_map(|l| {
-            let mut name = None;
-            let mut veth = false;
-            for a in &l.attributes {
-                match a {
-                    LinkAttribute::IfName(n) => name = Some(n.clone()),
-                    LinkAttribute::LinkInfo(infos) => {
-                        veth |= infos
-                            .iter()
-                            .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)))
-                    }
-                    _ => {}
-                }
-            }
-            let name = name?;
-            (veth && !devices.contains(&name)).then_some((l.header.index, name))
+        .filter(|l| {
+            l.attributes.iter().any(|a| match a {
+                LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))),
+                _ => false,
+            })
         })
+        .map(|l| l.header.index)
         .collect()
 }
 
@@ -421,6 +521,14 @@ fn classifier(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, Datap
         .ok_or(DataplaneError::MissingProgram(name))?
         .try_into()
         .map_err(program(format!("{name} is not a TC classifier")))
+}
+
+/// The XDP program of the object.
+fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
+    ebpf.program_mut(PROG_XDP_FROM_NETDEV)
+        .ok_or(DataplaneError::MissingProgram(PROG_XDP_FROM_NETDEV))?
+        .try_into()
+        .map_err(program(format!("{PROG_XDP_FROM_NETDEV} is not an XDP program")))
 }
 
 /// Forwards `aya-log` records of the programs to our log, if the object has the

@@ -98,6 +98,15 @@ struct AgentArgs {
     /// nodes), from-pod to every other veth.
     #[arg(long, value_delimiter = ',')]
     devices: Vec<String>,
+    /// Also attach XDP to --devices: NodePort/ExternalIP/LoadBalancer flows to
+    /// backends on other nodes, and their replies, are forwarded before the
+    /// kernel builds an skb. Where XDP cannot attach, TC serves alone (logged).
+    #[arg(long)]
+    xdp: bool,
+    /// How --xdp attaches: auto (native where the driver has it, else generic),
+    /// native, or generic.
+    #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+    xdp_mode: dataplane::XdpAttach,
     /// Serve NodePorts on the node addresses within these CIDRs (comma-separated);
     /// default: the addresses of --devices. Never loopback.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
@@ -270,6 +279,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
         },
         node,
         devices: a.devices,
+        xdp: a.xdp.then_some(a.xdp_mode),
         dataplane: dataplane::Config {
             bpffs_dir,
             services_max: a.services_map_size,

@@ -194,6 +194,8 @@ const PACKETS: &[(DpCounter, &str)] = &[
     (DpCounter::RejectUdp, "reject_udp"),
     (DpCounter::AffinityHit, "affinity_hit"),
     (DpCounter::FibMiss, "fib_miss"),
+    (DpCounter::XdpForward, "xdp_forward"),
+    (DpCounter::XdpPassPartialCsum, "xdp_pass_partial_csum"),
 ];
 
 impl Collector for DataplaneCollector {

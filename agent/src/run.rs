@@ -49,6 +49,8 @@ pub struct Config {
     pub mode: Mode,
     pub node: String,
     pub devices: Vec<String>,
+    /// `--xdp` / `--xdp-mode`: XDP on the devices too (None: TC only).
+    pub xdp: Option<dataplane::XdpAttach>,
     /// `--nodeport-addresses` (empty: the devices' addresses).
     pub nodeport_cidrs: Vec<ipnet::Ipv4Net>,
     /// The cgroup v2 directory the socket load balancer is attached to (None:
@@ -449,7 +451,7 @@ async fn follow_links(
             return false;
         }
     };
-    attach_all(dp, &links, &cfg.devices);
+    attach_all(dp, &links, &cfg.devices, cfg.xdp);
     addresses && refresh_addresses(handle, dp, cfg, &dataplane::link_names(&links), prog, node_addr).await
 }
 
@@ -492,11 +494,18 @@ async fn refresh_addresses(
     true
 }
 
-fn attach_all(dp: &mut Dataplane, links: &[rtnetlink::packet_route::link::LinkMessage], devices: &[String]) {
-    let wanted = dataplane::hook_interfaces(links, devices);
+fn attach_all(
+    dp: &mut Dataplane,
+    links: &[rtnetlink::packet_route::link::LinkMessage],
+    devices: &[String],
+    xdp: Option<dataplane::XdpAttach>,
+) {
+    let wanted = dataplane::hook_interfaces(links, devices, xdp.is_some());
     dp.forget_missing(&wanted);
+    let veths = dataplane::veths(links);
     for ((hook, idx), name) in &wanted {
-        if let Err(e) = dp.attach(*hook, name, *idx) {
+        let xdp_modes = xdp.map_or(&[][..], |x| x.modes(veths.contains(idx)));
+        if let Err(e) = dp.attach(*hook, name, *idx, xdp_modes) {
             // The link may have vanished in between; retried on the next event.
             tracing::warn!("{e:#}");
         }

@@ -59,6 +59,9 @@ pub mod config {
 /// Program names (function names in the eBPF object).
 pub const PROG_FROM_POD: &str = "from_pod";
 pub const PROG_FROM_NETDEV: &str = "from_netdev";
+/// XDP on the node devices (`--xdp`): NodePort/LoadBalancer flows to backends
+/// on other nodes, and their replies, forwarded before the stack sees them.
+pub const PROG_XDP_FROM_NETDEV: &str = "xdp_from_netdev";
 /// cgroup/connect4, sendmsg4, recvmsg4: socket-level load balancing for
 /// processes in the node's own network namespace.
 pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
@@ -332,6 +335,13 @@ pub enum Counter {
     /// The FIB lookup for a north-south packet failed (no route); passed to
     /// the stack.
     FibMiss = 12,
+    /// North-south packets XDP translated and sent out itself (XDP_TX or
+    /// XDP_REDIRECT), never reaching TC or the stack.
+    XdpForward = 14,
+    /// North-south packets XDP left to TC because their L4 checksum was only
+    /// the pseudo-header's (checksum offload of a local sender on a virtual
+    /// device: only the skb knows how to finish it).
+    XdpPassPartialCsum = 15,
 }
 
 pub const COUNTER_COUNT: u32 = 16;

@@ -1,11 +1,13 @@
 //! Forwarding north-south packets ourselves: a FIB lookup for the rewritten
-//! packet, then a redirect to the egress device with the neighbour's MAC (or
-//! through the kernel's neighbour resolution when it is not known yet).
+//! packet, then a redirect to the egress device with the neighbour's MAC (at
+//! TC also through the kernel's neighbour resolution when it is not known yet).
 //!
 //! Needed because after SNAT (or reverse NAT of a NodePort reply) the packet's
 //! source is one of the node's own addresses, and the stack drops packets that
 //! arrive with a local source address ("martian source").
 use aya_ebpf::{
+    cty::c_void,
+    EbpfContext as _,
     bindings::{
         bpf_fib_lookup, bpf_redir_neigh, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         TC_ACT_OK,
@@ -15,51 +17,69 @@ use aya_ebpf::{
 };
 use ferry_common::Counter;
 
-use crate::maps::count;
+use crate::{maps::count, parse::set_macs};
 
 const AF_INET: u8 = 2;
-const ETH_ALEN: usize = 6;
+
+/// Where the routing table sends a packet.
+pub enum Route {
+    /// Out of `ifindex` to the next hop `dmac`, from `smac`.
+    Forward { ifindex: u32, dmac: [u8; 6], smac: [u8; 6] },
+    /// Out of `ifindex` to the next hop `nh`, whose MAC is not known yet.
+    NoNeighbour { ifindex: u32, nh: u32 },
+    /// No route (or not forwardable): the stack's business.
+    Miss,
+}
+
+/// Looks up the route of `saddr` → `daddr` as if the packet arrived on
+/// `ifindex`; `ctx` is the program's context (skb or xdp_md).
+#[inline(always)]
+pub fn lookup(ctx: *mut c_void, ifindex: u32, saddr: u32, daddr: u32) -> Route {
+    // SAFETY: an all-zero bpf_fib_lookup is a valid request to fill in.
+    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    p.family = AF_INET;
+    p.ifindex = ifindex;
+    p.__bindgen_anon_3.ipv4_src = saddr;
+    p.__bindgen_anon_4.ipv4_dst = daddr;
+    // SAFETY: ctx is the program's context; p lives on our stack for the call.
+    let rc = unsafe { fib_lookup(ctx, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
+    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
+        return Route::Forward { ifindex: p.ifindex, dmac: p.dmac, smac: p.smac };
+    }
+    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
+        // SAFETY: reading the next hop the lookup wrote (IPv4 family).
+        let nh = unsafe { p.__bindgen_anon_4.ipv4_dst };
+        return Route::NoNeighbour { ifindex: p.ifindex, nh };
+    }
+    Route::Miss
+}
 
 /// Sends the packet (already rewritten: `saddr` → `daddr`) out of the device
 /// the routing table picks. Without a route it is left to the stack.
 #[inline(always)]
 pub fn redirect(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
-    // SAFETY: an all-zero bpf_fib_lookup is a valid request to fill in.
-    let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
-    p.family = AF_INET;
     // SAFETY: reading the skb's ingress ifindex.
-    p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    p.__bindgen_anon_3.ipv4_src = saddr;
-    p.__bindgen_anon_4.ipv4_dst = daddr;
-    // SAFETY: ctx is the skb; p lives on our stack for the call.
-    let rc = unsafe {
-        fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut p,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
-    if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        if ctx.store(0, &p.dmac, 0).is_err() || ctx.store(ETH_ALEN, &p.smac, 0).is_err() {
-            count(Counter::FibMiss);
-            return TC_ACT_OK;
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    match lookup(ctx.as_ptr(), ingress, saddr, daddr) {
+        Route::Forward { ifindex, dmac, smac } => {
+            if set_macs(ctx, &dmac, &smac).is_err() {
+                count(Counter::FibMiss);
+                return TC_ACT_OK;
+            }
+            // SAFETY: helper without memory arguments.
+            unsafe { bpf_redirect(ifindex, 0) as i32 }
         }
-        // SAFETY: helper without memory arguments.
-        return unsafe { bpf_redirect(p.ifindex, 0) } as i32;
+        Route::NoNeighbour { ifindex, nh } => {
+            // SAFETY: an all-zero bpf_redir_neigh is valid; filled in below.
+            let mut n: bpf_redir_neigh = unsafe { core::mem::zeroed() };
+            n.nh_family = AF_INET as u32;
+            n.__bindgen_anon_1.ipv4_nh = nh;
+            // SAFETY: n lives on our stack for the call.
+            unsafe { bpf_redirect_neigh(ifindex, &mut n, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) as i32 }
+        }
+        Route::Miss => {
+            count(Counter::FibMiss);
+            TC_ACT_OK
+        }
     }
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
-        // SAFETY: reading the next hop the lookup wrote (IPv4 family).
-        let nh_addr = unsafe { p.__bindgen_anon_4.ipv4_dst };
-        // SAFETY: an all-zero bpf_redir_neigh is valid; filled in below.
-        let mut nh: bpf_redir_neigh = unsafe { core::mem::zeroed() };
-        nh.nh_family = AF_INET as u32;
-        nh.__bindgen_anon_1.ipv4_nh = nh_addr;
-        // SAFETY: nh lives on our stack for the call.
-        return unsafe {
-            bpf_redirect_neigh(p.ifindex, &mut nh, core::mem::size_of::<bpf_redir_neigh>() as i32, 0)
-        } as i32;
-    }
-    count(Counter::FibMiss);
-    TC_ACT_OK
 }

@@ -11,6 +11,9 @@
 //!   ExternalIP and LoadBalancer DNAT (+ SNAT to the node for backends on other
 //!   nodes, see `nodeport`), and reverse NAT for the replies of backends on
 //!   other nodes.
+//! - `xdp_from_netdev`: XDP on the node devices (`--xdp`), in front of
+//!   from_netdev: forwards the north-south flows to backends on other nodes
+//!   (and their replies) before an skb exists; passes the rest on (see `xdp`).
 #![no_std]
 #![no_main]
 
@@ -23,12 +26,13 @@ mod nodeport;
 mod parse;
 mod sock;
 mod reject;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    bindings::{xdp_action::XDP_DROP, TC_ACT_OK, TC_ACT_SHOT},
     helpers::bpf_redirect,
-    macros::{cgroup_sock_addr, classifier},
-    programs::{SockAddrContext, TcContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
 use ferry_common::{addr_to_map, ct_flags, Backend, Counter, CT_DIR_FORWARD, CT_DIR_REPLY, HAIRPIN_SNAT_ADDR};
 
@@ -83,6 +87,19 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
         Err(reason) => {
             count(reason);
             TC_ACT_SHOT
+        }
+    }
+}
+
+/// XDP on a node device (`--xdp`): the fast path of from_netdev for
+/// north-south flows through this node to other nodes.
+#[xdp]
+pub fn xdp_from_netdev(ctx: XdpContext) -> u32 {
+    match xdp::try_xdp(&ctx) {
+        Ok(verdict) => verdict,
+        Err(reason) => {
+            count(reason);
+            XDP_DROP
         }
     }
 }

@@ -1,13 +1,15 @@
-//! Address and port rewrites with checksums fixed by the kernel helpers
-//! (bpf_l3_csum_replace / bpf_l4_csum_replace), which also handle CHECKSUM_PARTIAL
-//! skbs from veths and UDP's "no checksum" zero.
+//! Address and port rewrites. At TC the checksums are fixed by the kernel
+//! helpers (bpf_l3_csum_replace / bpf_l4_csum_replace), which also handle
+//! CHECKSUM_PARTIAL skbs from veths and UDP's "no checksum" zero. At XDP there
+//! is no skb: the checksums are updated here (RFC 1624), which is right for
+//! complete checksums only (see `xdp::checksum_complete`).
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    programs::TcContext,
+    programs::{TcContext, XdpContext},
 };
 use ferry_common::PROTO_UDP;
 
-use crate::parse::{Packet, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF};
+use crate::parse::{Frame as _, Packet, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF};
 
 /// Which endpoint of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -28,10 +30,7 @@ pub fn rewrite(
     old_port: u16,
     new_port: u16,
 ) -> Result<(), i64> {
-    let (addr_off, port_off) = match side {
-        Side::Src => (IP_SRC_OFF, pkt.l4_off),
-        Side::Dst => (IP_DST_OFF, pkt.l4_off + 2),
-    };
+    let (addr_off, port_off) = offsets(pkt, side);
     let csum_off = pkt.l4_csum_off();
     // UDP: a zero checksum means "none" and must stay zero.
     let mangled_0 = if pkt.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
@@ -50,4 +49,79 @@ pub fn rewrite(
         ctx.store(port_off, &new_port, 0)?;
     }
     Ok(())
+}
+
+/// Offsets of the address and the port of `side`.
+#[inline(always)]
+fn offsets(pkt: &Packet, side: Side) -> (usize, usize) {
+    match side {
+        Side::Src => (IP_SRC_OFF, pkt.l4_off),
+        Side::Dst => (IP_DST_OFF, pkt.l4_off + 2),
+    }
+}
+
+/// [`rewrite`] for XDP, with the IPv4 and L4 checksums updated incrementally
+/// here. The L4 checksum must be complete (a packet from the wire).
+#[inline(always)]
+pub fn rewrite_xdp(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    side: Side,
+    old_addr: u32,
+    new_addr: u32,
+    old_port: u16,
+    new_port: u16,
+) -> Result<(), i64> {
+    let (addr_off, port_off) = offsets(pkt, side);
+    let csum_off = pkt.l4_csum_off();
+    let mut l4: u16 = ctx.load(csum_off)?;
+    // UDP: a zero checksum means "none" and stays zero.
+    let no_l4_csum = pkt.proto == PROTO_UDP && l4 == 0;
+    if old_addr != new_addr {
+        let ip: u16 = ctx.load(IP_CSUM_OFF)?;
+        ctx.store(IP_CSUM_OFF, &csum_replace4(ip, old_addr, new_addr))?;
+        // The address is part of the L4 pseudo-header.
+        l4 = csum_replace4(l4, old_addr, new_addr);
+        ctx.store(addr_off, &new_addr)?;
+    }
+    if old_port != new_port {
+        l4 = csum_replace2(l4, old_port, new_port);
+        ctx.store(port_off, &new_port)?;
+    }
+    if !no_l4_csum {
+        // UDP sends a computed zero as all ones (zero would mean "none").
+        if pkt.proto == PROTO_UDP && l4 == 0 {
+            l4 = 0xffff;
+        }
+        ctx.store(csum_off, &l4)?;
+    }
+    Ok(())
+}
+
+/// One's complement sum folded to 16 bits.
+#[inline(always)]
+pub fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// A checksum after a 32-bit field changed from `old` to `new` (RFC 1624:
+/// HC' = ~(~HC + ~m + m')). Works on values as they lie in the packet, in
+/// whatever byte order they are loaded, as long as all are loaded alike.
+#[inline(always)]
+pub fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
+    let sum = (!csum) as u32
+        + (!(old as u16)) as u32
+        + (!((old >> 16) as u16)) as u32
+        + (new & 0xffff)
+        + (new >> 16);
+    !fold(sum)
+}
+
+/// A checksum after a 16-bit field changed from `old` to `new`.
+#[inline(always)]
+pub fn csum_replace2(csum: u16, old: u16, new: u16) -> u16 {
+    let sum = (!csum) as u32 + (!old) as u32 + new as u32;
+    !fold(sum)
 }

@@ -27,31 +27,34 @@ const SNAT_PORT_SPAN: u32 = 60999 - 32768 + 1;
 /// Random tries after the client's own port.
 const SNAT_TRIES: u32 = 8;
 
-/// A new north-south flow; `Ok(TC_ACT_OK)` untouched when `pkt` is not for an
-/// external frontend.
+/// What a packet arriving on a device is to the north-south path.
+pub enum Arrival {
+    /// Not for a north-south frontend: the stack's.
+    NotOurs,
+    /// For a frontend without a usable endpoint; `etp_local`: because the
+    /// Service's externalTrafficPolicy is Local and none is on this node.
+    NoEndpoint { etp_local: bool },
+    /// A new flow, now tracked: to `backend`, with the source rewritten to
+    /// `snat` when the backend is on another node.
+    Flow { rev_nat_id: u16, backend: Backend, snat: Option<(u32, u16)> },
+}
+
+/// Picks the backend of a new north-south flow and records it in connection
+/// tracking (shared by TC and XDP, so that whichever sees the next packet
+/// of the flow sends it the same way).
 #[inline(always)]
-pub fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
+pub fn open(pkt: &Packet) -> Result<Arrival, Counter> {
     let Some(svc) = lb::lookup_service(pkt) else {
-        return Ok(TC_ACT_OK);
+        return Ok(Arrival::NotOurs);
     };
     // ClusterIPs are for Pods and the node itself, not for the network.
     if svc.flags & EXTERNAL_KINDS == 0 {
-        return Ok(TC_ACT_OK);
+        return Ok(Arrival::NotOurs);
     }
     if svc.count == 0 {
-        // externalTrafficPolicy: Local without a local endpoint: this node does
-        // not serve the Service (kube-proxy drops, so a load balancer's health
-        // check, not the client, finds out). Without any endpoint at all:
-        // refuse at once, like kube-proxy's REJECT rules.
-        if svc.flags & svc_flags::ETP_LOCAL != 0 {
-            return Err(Counter::DropNoBackendExternal);
-        }
-        let answered = reject::rewrite(ctx, pkt)?;
-        count(answered);
-        return crate::bounce(ctx);
+        return Ok(Arrival::NoEndpoint { etp_local: svc.flags & svc_flags::ETP_LOCAL != 0 });
     }
     let (backend_id, b) = lb::select_backend(pkt, &svc)?;
-    count_service(svc.rev_nat_id, ctx.len());
     let snat = if b.flags & backend_flags::LOCAL != 0 {
         None
     } else {
@@ -74,7 +77,29 @@ pub fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
         Ok(()) => count(Counter::CtCreated),
         Err(_) => count(Counter::DropCtFull),
     }
-    forward(ctx, pkt, &b, snat)
+    Ok(Arrival::Flow { rev_nat_id: svc.rev_nat_id, backend: b, snat })
+}
+
+/// A new north-south flow at TC; `Ok(TC_ACT_OK)` untouched when `pkt` is not
+/// for an external frontend.
+#[inline(always)]
+pub fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
+    match open(pkt)? {
+        Arrival::NotOurs => Ok(TC_ACT_OK),
+        // This node does not serve the Service (kube-proxy drops, so a load
+        // balancer's health check, not the client, finds out).
+        Arrival::NoEndpoint { etp_local: true } => Err(Counter::DropNoBackendExternal),
+        // No endpoint at all: refuse at once, like kube-proxy's REJECT rules.
+        Arrival::NoEndpoint { etp_local: false } => {
+            let answered = reject::rewrite(ctx, pkt)?;
+            count(answered);
+            crate::bounce(ctx)
+        }
+        Arrival::Flow { rev_nat_id, backend, snat } => {
+            count_service(rev_nat_id, ctx.len());
+            forward(ctx, pkt, &backend, snat)
+        }
+    }
 }
 
 /// DNAT (and SNAT for a remote backend) of a north-south packet; a SNATed

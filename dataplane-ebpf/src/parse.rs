@@ -1,6 +1,9 @@
-//! Header access: Ethernet → IPv4 → TCP/UDP ports, read with bpf_skb_load_bytes so
-//! non-linear skbs work too.
-use aya_ebpf::programs::TcContext;
+//! Header access: Ethernet → IPv4 → TCP/UDP ports, at TC read with
+//! bpf_skb_load_bytes so non-linear skbs work too, at XDP read directly from the
+//! frame with bounds checks.
+use core::mem::size_of;
+
+use aya_ebpf::programs::{TcContext, XdpContext};
 use ferry_common::{PROTO_TCP, PROTO_UDP};
 
 pub const ETH_HLEN: usize = 14;
@@ -41,9 +44,56 @@ impl Packet {
     }
 }
 
+/// The packet memory of a program: the skb at TC, the frame at XDP.
+pub trait Frame {
+    /// Reads a `T` at byte offset `off` (unaligned).
+    fn load<T>(&self, off: usize) -> Result<T, i64>;
+    /// Writes `v` at byte offset `off`, touching no checksum.
+    fn store<T>(&self, off: usize, v: &T) -> Result<(), i64>;
+}
+
+impl Frame for TcContext {
+    #[inline(always)]
+    fn load<T>(&self, off: usize) -> Result<T, i64> {
+        TcContext::load(self, off)
+    }
+
+    #[inline(always)]
+    fn store<T>(&self, off: usize, v: &T) -> Result<(), i64> {
+        TcContext::store(self, off, v, 0)
+    }
+}
+
+impl Frame for XdpContext {
+    #[inline(always)]
+    fn load<T>(&self, off: usize) -> Result<T, i64> {
+        let p = xdp_ptr::<T>(self, off)?;
+        // SAFETY: p..p+size_of::<T>() lies inside the frame (checked).
+        Ok(unsafe { core::ptr::read_unaligned(p) })
+    }
+
+    #[inline(always)]
+    fn store<T>(&self, off: usize, v: &T) -> Result<(), i64> {
+        let p = xdp_ptr::<T>(self, off)?;
+        // SAFETY: as above; the frame is writable at XDP.
+        unsafe { core::ptr::write_unaligned(p, core::ptr::read(v)) };
+        Ok(())
+    }
+}
+
+/// A pointer to a `T` at `off` in the XDP frame, if all of it is inside.
+#[inline(always)]
+fn xdp_ptr<T>(ctx: &XdpContext, off: usize) -> Result<*mut T, i64> {
+    let start = ctx.data();
+    if start + off + size_of::<T>() > ctx.data_end() {
+        return Err(-1);
+    }
+    Ok((start + off) as *mut T)
+}
+
 /// `Ok(None)`: not IPv4 TCP/UDP, or a fragment: the caller lets it pass untouched.
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Option<Packet>, i64> {
+pub fn parse<F: Frame>(ctx: &F) -> Result<Option<Packet>, i64> {
     let ether_type: u16 = ctx.load(ETH_TYPE_OFF)?;
     if ether_type != ETH_P_IP.to_be() {
         return Ok(None);
@@ -83,4 +133,12 @@ pub fn swap_macs(ctx: &TcContext) -> Result<(), i64> {
     let src: [u8; 6] = ctx.load(ETH_SRC_OFF)?;
     ctx.store(0, &src, 0)?;
     ctx.store(ETH_SRC_OFF, &dst, 0)
+}
+
+/// Writes the Ethernet destination and source, for a packet forwarded to a
+/// next hop.
+#[inline(always)]
+pub fn set_macs<F: Frame>(ctx: &F, dst: &[u8; 6], src: &[u8; 6]) -> Result<(), i64> {
+    ctx.store(0, dst)?;
+    ctx.store(ETH_SRC_OFF, src)
 }

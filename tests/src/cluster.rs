@@ -111,6 +111,11 @@ impl Cluster {
         sys::run("ip", &["-n", ul, "link", "set", port, "master", "br0", "up"])?;
         sys::run("ip", &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         sys::run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
+        // Full checksums on the underlay, as on a wire: without this a veth
+        // carries a sender's packets with the checksum left to "hardware"
+        // (CHECKSUM_PARTIAL), which only the skb knows; XDP would leave all of
+        // them to TC.
+        sys::run("ip", &["netns", "exec", ns, "ethtool", "-K", "eth0", "tx", "off"])?;
         Ok(())
     }
 

@@ -10,6 +10,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use ferry_common::Counter;
 use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     in_netns,
@@ -70,16 +71,23 @@ spec:
     )
 }
 
+/// How the agents run: TC only, or with `--xdp` in front.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Path {
+    Tc,
+    Xdp,
+}
+
 /// Two nodes, `web-1` on node 1 and `web-2` on node 2 (also the only `far`
 /// backend); the external client routes the ExternalIP to node 1 and the
 /// LoadBalancer IP to node 2, and has a second address for the SNAT test.
-fn cluster() -> Result<Cluster> {
-    let c = Cluster::start(
-        "ns",
-        2,
-        &[("services.yaml".into(), services())],
-        &["--nodeport-addresses", "192.168.77.0/24"],
-    )?;
+fn cluster(path: Path) -> Result<Cluster> {
+    let mut args = vec!["--nodeport-addresses", "192.168.77.0/24"];
+    if path == Path::Xdp {
+        args.push("--xdp");
+    }
+    let tag = if path == Path::Xdp { "nsx" } else { "ns" };
+    let c = Cluster::start(tag, 2, &[("services.yaml".into(), services())], &args)?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
     c.write_manifest("web-1.yaml", &on_node(&echo_pod("web-1", "web", None), &n1))?;
     c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n2))?;
@@ -133,7 +141,18 @@ fn wait_backends(c: &Cluster, to: SocketAddr, names: &[&str]) -> Result<()> {
 
 #[test]
 fn nodeport_externalip_and_loadbalancer_reach_backends_on_both_nodes() -> Result<()> {
-    let c = cluster()?;
+    nodeport_externalip_and_loadbalancer(Path::Tc)
+}
+
+/// The same with `--xdp`: the same results, and XDP did forward packets
+/// itself (the flows through a node to the other node's backend).
+#[test]
+fn with_xdp_nodeport_externalip_and_loadbalancer_reach_backends_on_both_nodes() -> Result<()> {
+    nodeport_externalip_and_loadbalancer(Path::Xdp)
+}
+
+fn nodeport_externalip_and_loadbalancer(path: Path) -> Result<()> {
+    let c = cluster(path)?;
     let client = EXTERNAL_ADDR;
     for (i, node) in [node_addr(0), node_addr(1)].into_iter().enumerate() {
         let to = SocketAddr::from((node, 30080));
@@ -174,12 +193,41 @@ fn nodeport_externalip_and_loadbalancer_reach_backends_on_both_nodes() -> Result
     }
     let conntrack = c.nodes[0].ferry(&["ct", "list"])?;
     assert!(conntrack.contains(&format!("{}:30080", node_addr(0))), "ct list shows NodePort flows:\n{conntrack}");
+    assert_xdp(&c, path, &[0, 1])
+}
+
+/// With XDP, every node logged how XDP attached, and the XDP programs of
+/// the nodes in `forwarding` (indices: the nodes that had flows to a backend on
+/// another node) forwarded packets themselves; without, no XDP forwarded.
+fn assert_xdp(c: &Cluster, path: Path, forwarding: &[usize]) -> Result<()> {
+    for (i, node) in c.nodes.iter().enumerate() {
+        let counters = ferry_agent::maps::kernel::read_counters(&node.bpffs_dir)?;
+        let forwarded = counters[Counter::XdpForward as usize];
+        match path {
+            Path::Xdp => {
+                assert!(node.agent_log().contains("xdp_from_netdev attached"), "{}", node.agent_log());
+                if forwarding.contains(&i) {
+                    assert!(forwarded > 0, "node {}: XDP forwarded no packet", i + 1);
+                }
+            }
+            Path::Tc => assert_eq!(forwarded, 0, "node {}: XDP forwarded packets without --xdp", i + 1),
+        }
+    }
     Ok(())
 }
 
 #[test]
 fn snat_ports_collide_nodeport_addresses_are_honoured_and_duplicates_are_refused() -> Result<()> {
-    let c = cluster()?;
+    snat_ports_nodeport_addresses_and_duplicates(Path::Tc)
+}
+
+#[test]
+fn with_xdp_snat_ports_collide_nodeport_addresses_are_honoured_and_duplicates_are_refused() -> Result<()> {
+    snat_ports_nodeport_addresses_and_duplicates(Path::Xdp)
+}
+
+fn snat_ports_nodeport_addresses_and_duplicates(path: Path) -> Result<()> {
+    let c = cluster(path)?;
     // Two external clients, the same source port, the same remote backend
     // through node 1: the second flow gets another SNAT port; both work.
     let to = SocketAddr::from((node_addr(0), 30081));
@@ -214,7 +262,8 @@ fn snat_ports_collide_nodeport_addresses_are_honoured_and_duplicates_are_refused
         logs.contains("Service default/clash") && logs.contains("spec.ports[0].nodePort") && logs.contains("30080/TCP is already used by Service default/web"),
         "{logs}"
     );
-    Ok(())
+    // Node 1 forwarded the flows to far-2 on node 2.
+    assert_xdp(&c, path, &[0])
 }
 
 /// An HTTP GET from the external client: (status code, body).

@@ -26,6 +26,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "kube-proxy's iptables rules, the benchmark's baseline"),
     ("nftables", "kube-proxy's nftables rules, the benchmark's baseline"),
     ("conntrack", "inspecting netfilter connection tracking in the benchmark"),
+    ("ethtool", "the multi-node lab's underlay sends full checksums, like a wire"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,0 +1,134 @@
+//! XDP acceleration on the node devices (`--xdp`): the north-south packets
+//! that only pass through this node, a NodePort/ExternalIP/LoadBalancer flow
+//! to a backend on another node and that backend's replies, are translated
+//! and sent back out before an skb exists (XDP_TX, or XDP_REDIRECT to another
+//! device).
+//!
+//! Everything else goes on to TC (`XDP_PASS`) unchanged: flows to local
+//! backends (delivered by from_netdev, which finds the connection-tracking
+//! entry XDP made), frontends without endpoints (reject or drop), packets
+//! whose next hop has no neighbour entry yet (TC's redirect_neigh resolves
+//! it), and packets whose L4 checksum is incomplete. So XDP and TC always
+//! agree: XDP does a subset of from_netdev's work, with the same maps.
+use aya_ebpf::{
+    bindings::xdp_action::{XDP_PASS, XDP_TX},
+    helpers::bpf_redirect,
+    programs::XdpContext,
+    EbpfContext as _,
+};
+use ferry_common::{ct_flags, Counter, CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_UDP};
+
+use crate::{
+    ct,
+    fib::{self, Route},
+    lb,
+    maps::{count, count_service, REVNAT},
+    nat::{self, fold, Side},
+    nodeport::{self, Arrival},
+    parse::{self, Frame as _, Packet, IP_OFF},
+};
+
+/// The rewrite XDP applies: new (address, port) for both ends.
+struct Translation {
+    src: (u32, u16),
+    dst: (u32, u16),
+}
+
+pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
+    let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
+        return Ok(XDP_PASS);
+    };
+    // A remote backend's reply to a north-south client we SNATed for.
+    if let Some(entry) = ct::lookup(&pkt, CT_DIR_REPLY) {
+        let both = ct_flags::EXTERNAL | ct_flags::SNAT;
+        if entry.flags & both != both {
+            return Ok(XDP_PASS);
+        }
+        let (client, client_port, rev_nat_id) = (entry.nat_addr, entry.nat_port, entry.rev_nat_id);
+        // SAFETY: copied out at once.
+        let Some(frontend) = (unsafe { REVNAT.get(rev_nat_id).copied() }) else {
+            return Ok(XDP_PASS);
+        };
+        let t = Translation { src: (frontend.addr, frontend.port), dst: (client, client_port) };
+        return send(ctx, &pkt, &t, Counter::ReverseNat);
+    }
+    // A north-south flow: tracked already, or new.
+    let (rev_nat_id, backend, snat) = match ct::lookup(&pkt, CT_DIR_FORWARD) {
+        Some(entry) => {
+            if entry.flags & ct_flags::EXTERNAL == 0 {
+                return Ok(XDP_PASS);
+            }
+            let snat = (entry.flags & ct_flags::SNAT != 0).then_some((entry.nat_addr, entry.nat_port));
+            let rev_nat_id = entry.rev_nat_id;
+            // A backend that is gone: TC balances again.
+            let Some(b) = lb::backend(entry.backend_id) else {
+                return Ok(XDP_PASS);
+            };
+            (rev_nat_id, b, snat)
+        }
+        None => match nodeport::open(&pkt)? {
+            Arrival::Flow { rev_nat_id, backend, snat } => (rev_nat_id, backend, snat),
+            Arrival::NotOurs | Arrival::NoEndpoint { .. } => return Ok(XDP_PASS),
+        },
+    };
+    // A local backend: TC delivers it (the entry tells it where).
+    let Some(src) = snat else {
+        return Ok(XDP_PASS);
+    };
+    let t = Translation { src, dst: (backend.addr, backend.port) };
+    let verdict = send(ctx, &pkt, &t, Counter::ServiceForward)?;
+    if verdict != XDP_PASS {
+        count_service(rev_nat_id, (ctx.data_end() - ctx.data()) as u32);
+    }
+    Ok(verdict)
+}
+
+/// Rewrites `pkt` as `t` says and sends it to its next hop, or passes it on
+/// untouched when XDP cannot finish the job (see the module doc).
+#[inline(always)]
+fn send(ctx: &XdpContext, pkt: &Packet, t: &Translation, what: Counter) -> Result<u32, Counter> {
+    if !checksum_complete(ctx, pkt)? {
+        count(Counter::XdpPassPartialCsum);
+        return Ok(XDP_PASS);
+    }
+    let ingress = ctx.ingress_ifindex() as u32;
+    let Route::Forward { ifindex, dmac, smac } = fib::lookup(ctx.as_ptr(), ingress, t.src.0, t.dst.0) else {
+        return Ok(XDP_PASS);
+    };
+    let m = |_| Counter::DropMalformed;
+    nat::rewrite_xdp(ctx, pkt, Side::Dst, pkt.daddr, t.dst.0, pkt.dport, t.dst.1).map_err(m)?;
+    nat::rewrite_xdp(ctx, pkt, Side::Src, pkt.saddr, t.src.0, pkt.sport, t.src.1).map_err(m)?;
+    parse::set_macs(ctx, &dmac, &smac).map_err(m)?;
+    count(what);
+    count(Counter::XdpForward);
+    if ifindex == ingress {
+        return Ok(XDP_TX);
+    }
+    // SAFETY: helper without memory arguments.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
+}
+
+/// Whether the L4 checksum is a full one. A local sender on a virtual device
+/// (a veth) leaves only the pseudo-header's sum in the field for the device to
+/// finish ("checksum offload"); only the skb knows that, so such packets go
+/// on to TC, whose checksum helpers handle them. A full checksum equals that
+/// sum about once in 65536 packets, which then just take the TC path.
+#[inline(always)]
+fn checksum_complete(ctx: &XdpContext, pkt: &Packet) -> Result<bool, Counter> {
+    let m = |_| Counter::DropMalformed;
+    let field: u16 = ctx.load(pkt.l4_csum_off()).map_err(m)?;
+    if pkt.proto == PROTO_UDP && field == 0 {
+        return Ok(true); // no checksum at all
+    }
+    let tot_len = u16::from_be(ctx.load::<u16>(IP_OFF + 2).map_err(m)?);
+    let l4_len = tot_len.wrapping_sub((pkt.l4_off - IP_OFF) as u16);
+    // The pseudo-header as it lies in the packet: addresses, zero + protocol,
+    // L4 length (summed in the same byte order the field is loaded in).
+    let sum = (pkt.saddr & 0xffff)
+        + (pkt.saddr >> 16)
+        + (pkt.daddr & 0xffff)
+        + (pkt.daddr >> 16)
+        + u16::from_ne_bytes([0, pkt.proto]) as u32
+        + u16::from_ne_bytes(l4_len.to_be_bytes()) as u32;
+    Ok(field != fold(sum))
+}
