@@ -1,20 +1,25 @@
-//! Packet tests: the real `from_pod` program runs on crafted frames through
-//! BPF_PROG_TEST_RUN; the tests check rewritten addresses, ports, checksums
-//! (recomputed here from scratch), verdicts and connection tracking.
+//! Packet tests: the real `from_pod`, `from_netdev` and `xdp_from_netdev`
+//! programs run on crafted frames through BPF_PROG_TEST_RUN; the tests check
+//! rewritten addresses, ports, MACs, checksums (recomputed here from scratch),
+//! verdicts and connection tracking.
 use std::{
     net::Ipv4Addr,
     os::fd::{AsFd as _, AsRawFd as _},
     path::PathBuf,
 };
 
-use aya::{programs::SchedClassifier, Ebpf, EbpfLoader};
+use aya::{
+    programs::{SchedClassifier, Xdp},
+    Ebpf, EbpfLoader,
+};
 use ferry_agent::{
     loader::DATAPLANE_OBJ,
     maps::{kernel, kernel::KernelMaps, MapStore as _},
 };
 use ferry_common::{
     addr_to_map, port_to_map, Backend, Counter, RevNat, ServiceKey, ServiceName, ServiceValue,
-    CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_NETDEV, PROG_FROM_POD, PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_XDP_FROM_NETDEV, PROTO_TCP, PROTO_UDP,
+    SCOPE_EXTERNAL,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -43,6 +48,8 @@ impl Fixture {
             let prog: &mut SchedClassifier = ebpf.program_mut(name).expect(name).try_into().expect("classifier");
             prog.load().unwrap_or_else(|e| panic!("the verifier refuses {name}: {e}"));
         }
+        let xdp: &mut Xdp = ebpf.program_mut(PROG_XDP_FROM_NETDEV).expect("xdp").try_into().expect("xdp program");
+        xdp.load().unwrap_or_else(|e| panic!("the verifier refuses {PROG_XDP_FROM_NETDEV}: {e}"));
         Self { ebpf, maps, dir }
     }
 
@@ -54,24 +61,14 @@ impl Fixture {
     /// Runs the program `name` on `frame`: (verdict, output frame).
     fn run_prog(&self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
-        let fd = prog.fd().unwrap().as_fd().as_raw_fd();
-        let mut out = vec![0u8; frame.len() + 256];
-        let mut attr = TestRunAttr {
-            prog_fd: fd as u32,
-            data_size_in: frame.len() as u32,
-            data_size_out: out.len() as u32,
-            data_in: frame.as_ptr() as u64,
-            data_out: out.as_mut_ptr() as u64,
-            repeat: 1,
-            ..Default::default()
-        };
-        // SAFETY: attr points at live buffers of the sizes given.
-        let rc = unsafe {
-            libc::syscall(libc::SYS_bpf, 10 /* BPF_PROG_TEST_RUN */, &mut attr as *mut TestRunAttr, std::mem::size_of::<TestRunAttr>())
-        };
-        assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
-        out.truncate(attr.data_size_out as usize);
-        (attr.retval, out)
+        test_run(prog.fd().unwrap().as_fd().as_raw_fd(), frame)
+    }
+
+    /// The XDP program's fd, for [`test_run`] in another network namespace
+    /// (its FIB lookups use the caller's).
+    fn xdp_fd(&self) -> i32 {
+        let prog: &Xdp = self.ebpf.program(PROG_XDP_FROM_NETDEV).unwrap().try_into().unwrap();
+        prog.fd().unwrap().as_fd().as_raw_fd()
     }
 
     /// A frontend VIP:port with backends (id, ip, port) in its slots.
@@ -131,6 +128,27 @@ impl Drop for Fixture {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Runs the program `fd` on `frame` once: (verdict, output frame).
+fn test_run(fd: i32, frame: &[u8]) -> (u32, Vec<u8>) {
+    let mut out = vec![0u8; frame.len() + 256];
+    let mut attr = TestRunAttr {
+        prog_fd: fd as u32,
+        data_size_in: frame.len() as u32,
+        data_size_out: out.len() as u32,
+        data_in: frame.as_ptr() as u64,
+        data_out: out.as_mut_ptr() as u64,
+        repeat: 1,
+        ..Default::default()
+    };
+    // SAFETY: attr points at live buffers of the sizes given.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, 10 /* BPF_PROG_TEST_RUN */, &mut attr as *mut TestRunAttr, std::mem::size_of::<TestRunAttr>())
+    };
+    assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
+    out.truncate(attr.data_size_out as usize);
+    (attr.retval, out)
 }
 
 /// The BPF_PROG_TEST_RUN part of `union bpf_attr`.
@@ -514,4 +532,125 @@ fn nodeport_to_a_remote_backend_is_dnated_and_snated_and_the_reply_restored() {
     let input = frame(PROTO_TCP, EXT, VIP, 45001, 80, false);
     let (verdict, out) = fx.run_prog(PROG_FROM_NETDEV, &input);
     assert_eq!((verdict, out), (TC_ACT_OK, input), "untouched");
+}
+
+// --- XDP -------------------------------------------------------------------
+
+const XDP_PASS: u32 = 2;
+const XDP_REDIRECT: u32 = 4;
+const NODE_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x11];
+const NODE2_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x12];
+const EXT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xc8];
+
+/// A network namespace for the XDP program's FIB lookups (BPF_PROG_TEST_RUN
+/// looks up routes in the caller's): node 1's address on a veth, node
+/// 2 (routing the Pod CIDR 10.244.1.0/24) and the external client as known
+/// neighbours, forwarding on. Deleted on drop, also when a test fails.
+struct FibNetns(String);
+
+impl FibNetns {
+    fn new(tag: &str) -> Self {
+        let name = format!("ferry-pkt-{}-{tag}", std::process::id());
+        let _ = ferry_tests::sys::run("ip", &["netns", "del", &name]);
+        ferry_tests::sys::run("ip", &["netns", "add", &name]).expect("netns");
+        let ns = Self(name);
+        let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+        let steps: Vec<Vec<String>> = vec![
+            vec!["link".into(), "set".into(), "lo".into(), "up".into()],
+            vec!["link".into(), "add".into(), "d0".into(), "address".into(), mac(NODE_MAC), "type".into(), "veth".into(), "peer".into(), "name".into(), "d0p".into()],
+            vec!["link".into(), "set".into(), "d0p".into(), "up".into()],
+            vec!["addr".into(), "add".into(), "192.168.77.11/24".into(), "dev".into(), "d0".into()],
+            vec!["link".into(), "set".into(), "d0".into(), "up".into()],
+            vec!["neigh".into(), "add".into(), "192.168.77.12".into(), "lladdr".into(), mac(NODE2_MAC), "dev".into(), "d0".into(), "nud".into(), "permanent".into()],
+            vec!["neigh".into(), "add".into(), "192.168.77.200".into(), "lladdr".into(), mac(EXT_MAC), "dev".into(), "d0".into(), "nud".into(), "permanent".into()],
+            vec!["route".into(), "add".into(), "10.244.1.0/24".into(), "via".into(), "192.168.77.12".into()],
+        ];
+        for step in &steps {
+            let mut args = vec!["-n", ns.0.as_str()];
+            args.extend(step.iter().map(String::as_str));
+            ferry_tests::sys::run("ip", &args).expect("netns setup");
+        }
+        ferry_tests::sys::netns_exec(&ns.0, "sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"]).expect("forwarding");
+        ns
+    }
+
+    /// Runs the XDP program `fd` on `frame` inside this namespace.
+    fn run(&self, fd: i32, frame: Vec<u8>) -> (u32, Vec<u8>) {
+        ferry_tests::in_netns(&self.0, move || test_run(fd, &frame)).expect("test run in the netns")
+    }
+}
+
+impl Drop for FibNetns {
+    fn drop(&mut self) {
+        let _ = ferry_tests::sys::run("ip", &["netns", "del", &self.0]);
+    }
+}
+
+fn macs(f: &[u8]) -> ([u8; 6], [u8; 6]) {
+    (f[0..6].try_into().unwrap(), f[6..12].try_into().unwrap())
+}
+
+#[test]
+fn xdp_forwards_nodeport_flows_to_remote_backends_and_their_replies_with_valid_checksums() {
+    const NODE: [u8; 4] = [192, 168, 77, 11];
+    const EXT: [u8; 4] = [192, 168, 77, 200];
+    const REMOTE: [u8; 4] = [10, 244, 1, 5];
+    let mut fx = Fixture::new("xdp");
+    let ns = FibNetns::new("xdp");
+    fx.external(NODE, 30080, 3, ferry_common::svc_flags::NODE_PORT, &[(1, REMOTE, 8080, 0)]);
+    fx.set_node_addr(NODE);
+    let fd = fx.xdp_fd();
+    // Client → node:30080 leaves as node:45000 → backend:8080 towards node 2,
+    // sent by XDP itself (to the veth: a redirect).
+    let (verdict, out) = ns.run(fd, frame(PROTO_TCP, EXT, NODE, 45000, 30080, false));
+    assert_eq!(verdict, XDP_REDIRECT, "XDP sends it out itself");
+    let p = parse(&out);
+    assert_eq!((p.dst, p.dport), (REMOTE, 8080), "DNAT to the backend");
+    assert_eq!((p.src, p.sport), (NODE, 45000), "SNAT to the node");
+    assert_eq!(macs(&out), (NODE2_MAC, NODE_MAC), "to node 2's MAC, from the node's");
+    assert_checksums(&out);
+    assert!(ct_has(&fx, CT_DIR_FORWARD, EXT, 45000), "tracked (TC would find the same entry)");
+    // The backend's reply goes back to the client from the NodePort.
+    let (verdict, reply) = ns.run(fd, frame(PROTO_TCP, REMOTE, NODE, 8080, 45000, false));
+    assert_eq!(verdict, XDP_REDIRECT);
+    let r = parse(&reply);
+    assert_eq!((r.src, r.sport), (NODE, 30080), "from the NodePort");
+    assert_eq!((r.dst, r.dport), (EXT, 45000), "to the client");
+    assert_eq!(macs(&reply).0, EXT_MAC);
+    assert_checksums(&reply);
+    assert_eq!(fx.counter(Counter::XdpForward), 2);
+}
+
+#[test]
+fn xdp_leaves_local_backends_partial_checksums_and_other_traffic_to_tc_untouched() {
+    const NODE: [u8; 4] = [192, 168, 77, 11];
+    const EXT: [u8; 4] = [192, 168, 77, 200];
+    const REMOTE: [u8; 4] = [10, 244, 1, 5];
+    const LOCAL: [u8; 4] = [10, 244, 0, 5];
+    let mut fx = Fixture::new("xdp-pass");
+    let ns = FibNetns::new("xdp-pass");
+    fx.external(NODE, 30080, 3, ferry_common::svc_flags::NODE_PORT, &[(1, REMOTE, 8080, 0)]);
+    fx.external(NODE, 30081, 4, ferry_common::svc_flags::NODE_PORT, &[(2, LOCAL, 8080, ferry_common::backend_flags::LOCAL)]);
+    fx.set_node_addr(NODE);
+    let fd = fx.xdp_fd();
+    // A local backend: TC delivers it, XDP only tracks the flow.
+    let input = frame(PROTO_TCP, EXT, NODE, 45001, 30081, false);
+    let (verdict, out) = ns.run(fd, input.clone());
+    assert_eq!((verdict, &out), (XDP_PASS, &input), "passed on untouched");
+    assert!(ct_has(&fx, CT_DIR_FORWARD, EXT, 45001), "tracked for TC");
+    // The L4 checksum field holding only the pseudo-header sum (a local
+    // sender's checksum offload): left to TC, untouched.
+    let mut partial = frame(PROTO_TCP, EXT, NODE, 45002, 30080, false);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&partial[26..34]);
+    pseudo.extend_from_slice(&[0, PROTO_TCP]);
+    pseudo.extend_from_slice(&((partial.len() - 34) as u16).to_be_bytes());
+    partial[50..52].copy_from_slice(&fold(sum16(&pseudo)).to_be_bytes());
+    let (verdict, out) = ns.run(fd, partial.clone());
+    assert_eq!((verdict, &out), (XDP_PASS, &partial), "partial checksum: passed on untouched");
+    assert_eq!(fx.counter(Counter::XdpPassPartialCsum), 1);
+    // Not a frontend: untouched.
+    let other = frame(PROTO_TCP, EXT, NODE, 45003, 22, false);
+    assert_eq!(ns.run(fd, other.clone()), (XDP_PASS, other));
+    assert_eq!(fx.counter(Counter::XdpForward), 0);
 }
