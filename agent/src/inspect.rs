@@ -1,5 +1,6 @@
-//! `ferry svc list` and `ferry ct list`: what the dataplane uses, read from the
-//! pinned maps (not from the agent's memory), printed like `kubectl get`.
+//! `ferry svc list`, `ferry ct list` and `ferry counters list`: what the
+//! dataplane uses and counted, read from the pinned maps (not from the agent's
+//! memory), printed like `kubectl get`.
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use ferry_common::{
@@ -295,6 +296,36 @@ pub fn print_connections(rows: &[CtRow]) -> String {
             "{:<5} {:<21} {:<21} {:<21} {:<8} {:<14} {:.1}s",
             r.protocol, r.client, r.frontend, r.backend, r.direction, flags, r.age_seconds
         );
+    }
+    out
+}
+
+/// One dataplane counter (summed over CPUs), named as in `/metrics`.
+#[derive(Debug, Serialize)]
+pub struct CounterRow {
+    /// `drop` (ferry_dataplane_drops_total) or `packet`
+    /// (ferry_dataplane_packets_total).
+    pub kind: &'static str,
+    pub name: &'static str,
+    pub value: u64,
+}
+
+/// The dataplane's counters under `dir`.
+pub fn counters(dir: &Path) -> Result<Vec<CounterRow>, InspectError> {
+    let values = kernel::read_counters(dir)?;
+    let named = crate::metrics::DROPS
+        .iter()
+        .map(|(c, name)| ("drop", *c, *name))
+        .chain(crate::metrics::PACKETS.iter().map(|(c, name)| ("packet", *c, *name)));
+    Ok(named
+        .map(|(kind, c, name)| CounterRow { kind, name, value: values.get(c as usize).copied().unwrap_or(0) })
+        .collect())
+}
+
+pub fn print_counters(rows: &[CounterRow]) -> String {
+    let mut out = format!("{:<7} {:<24} VALUE\n", "KIND", "COUNTER");
+    for r in rows {
+        let _ = writeln!(out, "{:<7} {:<24} {}", r.kind, r.name, r.value);
     }
     out
 }

@@ -31,6 +31,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ListCmd,
     },
+    /// The dataplane's packet and drop counters (as in /metrics).
+    Counters {
+        #[command(subcommand)]
+        cmd: ListCmd,
+    },
     /// A tiny kubelet for the lab: runs Pods of a manifest directory as processes.
     Shim(ferry_shim::ShimArgs),
     /// The lab's echo server: answers TCP lines, HTTP and UDP with its name.
@@ -229,6 +234,16 @@ fn run() -> Result<()> {
             let rows = inspect::connections(&node.dir()?)?;
             match output {
                 Output::Table | Output::Wide => print!("{}", inspect::print_connections(&rows)),
+                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
+            }
+            Ok(())
+        }
+        Cmd::Counters {
+            cmd: ListCmd::List { node, output },
+        } => {
+            let rows = inspect::counters(&node.dir()?)?;
+            match output {
+                Output::Table | Output::Wide => print!("{}", inspect::print_counters(&rows)),
                 Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
             }
             Ok(())

@@ -176,7 +176,7 @@ struct DataplaneCollector {
 }
 
 /// Dataplane counters that count drops, with their reason label.
-const DROPS: &[(DpCounter, &str)] = &[
+pub(crate) const DROPS: &[(DpCounter, &str)] = &[
     (DpCounter::DropNoBackend, "no_backend"),
     (DpCounter::DropBackendMissing, "backend_missing"),
     (DpCounter::DropMalformed, "malformed"),
@@ -186,7 +186,7 @@ const DROPS: &[(DpCounter, &str)] = &[
 ];
 
 /// The other counters: packets by what happened to them.
-const PACKETS: &[(DpCounter, &str)] = &[
+pub(crate) const PACKETS: &[(DpCounter, &str)] = &[
     (DpCounter::ServiceForward, "service_forward"),
     (DpCounter::ReverseNat, "reverse_nat"),
     (DpCounter::CtCreated, "ct_created"),

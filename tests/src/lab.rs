@@ -342,6 +342,16 @@ impl Lab {
         sys::netns_exec(&self.node, &path_str(&self.ferry), &all)
     }
 
+    /// A dataplane counter of this node by its `/metrics` name (e.g.
+    /// `xdp_forward`), through `ferry counters list`.
+    pub fn counter(&self, name: &str) -> Result<u64> {
+        let json: serde_json::Value = serde_json::from_str(&self.ferry(&["counters", "list", "-o", "json"])?)?;
+        json.as_array()
+            .and_then(|rows| rows.iter().find(|r| r["name"] == name))
+            .and_then(|r| r["value"].as_u64())
+            .with_context(|| format!("no counter {name} in `ferry counters list`"))
+    }
+
     /// The agent's and the shim's logs (for failure messages).
     pub fn logs(&self) -> String {
         let mut out = String::new();

@@ -10,7 +10,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use ferry_common::Counter;
 use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     in_netns,
@@ -201,8 +200,7 @@ fn nodeport_externalip_and_loadbalancer(path: Path) -> Result<()> {
 /// another node) forwarded packets themselves; without, no XDP forwarded.
 fn assert_xdp(c: &Cluster, path: Path, forwarding: &[usize]) -> Result<()> {
     for (i, node) in c.nodes.iter().enumerate() {
-        let counters = ferry_agent::maps::kernel::read_counters(&node.bpffs_dir)?;
-        let forwarded = counters[Counter::XdpForward as usize];
+        let forwarded = node.counter("xdp_forward")?;
         match path {
             Path::Xdp => {
                 assert!(node.agent_log().contains("xdp_from_netdev attached"), "{}", node.agent_log());

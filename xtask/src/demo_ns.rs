@@ -1,8 +1,9 @@
 //! The north-south part of `cargo xtask run`: a two-node lab with a
-//! LoadBalancer Service (NodePort 30080, an ExternalIP) and one backend per
-//! node; the external client dials each node's NodePort and the ExternalIP,
-//! and the demo prints which backend (on which node) answered and which
-//! address that backend saw the client at.
+//! LoadBalancer Service (NodePort 30080, an ExternalIP, a LoadBalancer IP) and
+//! one backend per node, the agents running with `--xdp`; the external client
+//! dials each node's NodePort, the ExternalIP and the LoadBalancer IP, and the
+//! demo prints which backend (on which node) answered, which address that
+//! backend saw the client at, and how many packets XDP forwarded itself.
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
@@ -13,6 +14,7 @@ use ferry_tests::{
 };
 
 const EXTERNAL_IP: &str = "203.0.113.10";
+const LB_IP: &str = "203.0.113.20";
 const REQUESTS: usize = 20;
 
 const SERVICE: &str = r#"apiVersion: v1
@@ -25,17 +27,21 @@ spec:
   externalIPs: ["203.0.113.10"]
   ports:
     - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+status:
+  loadBalancer:
+    ingress: [{ip: "203.0.113.20"}]
 "#;
 
 /// Runs the demo; false if a path did not reach both backends.
 pub fn run() -> Result<bool> {
     println!("\nlab: north-south: two nodes on an underlay, an external client, a LoadBalancer Service");
-    let c = Cluster::start("demons", 2, &[("web.yaml".into(), SERVICE.into())], &[])?;
+    let c = Cluster::start("demons", 2, &[("web.yaml".into(), SERVICE.into())], &["--xdp"])?;
     let nodes: Vec<String> = c.nodes.iter().map(|l| l.node.clone()).collect();
     for (i, n) in nodes.iter().enumerate() {
         c.write_manifest(&format!("web-{}.yaml", i + 1), &on_node(&echo_pod(&format!("web-{}", i + 1), "web", None), n))?;
     }
     sys::run("ip", &["-n", &c.external, "route", "add", &format!("{EXTERNAL_IP}/32"), "via", &node_addr(0).to_string()])?;
+    sys::run("ip", &["-n", &c.external, "route", "add", &format!("{LB_IP}/32"), "via", &node_addr(1).to_string()])?;
     c.wait_ready(&["web-1", "web-2"], Duration::from_secs(60))?;
     for (i, n) in nodes.iter().enumerate() {
         println!("  node {} netns {n} address {} runs web-{}", i + 1, node_addr(i), i + 1);
@@ -46,6 +52,7 @@ pub fn run() -> Result<bool> {
         ("NodePort on node 1", SocketAddr::from((node_addr(0), 30080))),
         ("NodePort on node 2", SocketAddr::from((node_addr(1), 30080))),
         ("ExternalIP (routed to node 1)", format!("{EXTERNAL_IP}:80").parse()?),
+        ("LoadBalancer IP (routed to node 2)", format!("{LB_IP}:80").parse()?),
     ] {
         // Every agent programs both backends within a moment of them being ready.
         c.nodes[0].wait_until(Duration::from_secs(20), &format!("{to} answered by both backends"), || {
@@ -72,5 +79,9 @@ pub fn run() -> Result<bool> {
     }
     println!("\n  (a backend on the node dialled sees the client; the other node's backend sees the");
     println!("   dialled node's address: SNAT, so that its reply comes back the same way)");
+    for (i, lab) in c.nodes.iter().enumerate() {
+        let xdp = lab.counter("xdp_forward")?;
+        println!("  node {}: {xdp} packets forwarded by XDP itself (to/from the other node's backend)", i + 1);
+    }
     Ok(ok)
 }
