@@ -38,6 +38,11 @@ pub fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
     if svc.flags & EXTERNAL_KINDS == 0 {
         return Ok(TC_ACT_OK);
     }
+    // loadBalancerSourceRanges: a client outside them is dropped before
+    // anything else, even a reject, so it learns nothing about the Service.
+    if !lb::source_allowed(pkt, &svc) {
+        return Err(Counter::DropSourceRange);
+    }
     if svc.count == 0 {
         // externalTrafficPolicy: Local without a local endpoint: this node does
         // not serve the Service (kube-proxy drops, so a load balancer's health
