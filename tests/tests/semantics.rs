@@ -678,6 +678,9 @@ fn load_balancer_source_ranges_admit_only_clients_in_range_on_the_load_balancer_
     assert_eq!(ask_from(&c, &allowed, lb)?, "guarded-1");
     let wide = c.nodes[0].ferry(&["svc", "list", "-o", "wide"])?;
     assert_eq!(wide.matches("source-ranges").count(), 1, "only the LoadBalancer frontend is flagged:\n{wide}");
+    let rows: serde_json::Value = serde_json::from_str(&c.nodes[0].ferry(&["svc", "list", "-o", "json"])?)?;
+    let ranges: Vec<&serde_json::Value> = rows.as_array().context("svc list JSON")?.iter().filter_map(|r| r.get("source_ranges")).collect();
+    assert_eq!(ranges, [&serde_json::json!(["192.168.77.200/32"])], "svc list shows the ranges of the LoadBalancer frontend:\n{rows:#}");
     // The client outside the ranges: dropped, so the connect times out (2 s).
     let started = Instant::now();
     let err = ask_from(&c, other, lb).err().context(".201 got through the LoadBalancer IP")?;
