@@ -609,8 +609,8 @@ fn source_ranges(
         }
     };
     let mut out = Vec::new();
-    for (i, entry) in entries.iter().enumerate() {
-        match parse_source_range(entry.trim()) {
+    for (i, entry) in entries.iter().map(|e| e.trim()).enumerate() {
+        match parse_source_range(entry) {
             Ok(net) => out.push(net),
             Err(why) => errors.push(err(&format!("{field}[{i}]"), format!("{entry:?} {why}; entry skipped"))),
         }
@@ -1490,7 +1490,7 @@ mod tests {
         let lb = t.frontends.iter().find(|f| f.flags & svc_flags::LOAD_BALANCER != 0).expect("the valid entry still applies");
         assert_eq!(lb.source_ranges, ["192.168.77.200/32".parse::<Ipv4Net>().unwrap()]);
         // In the annotation, the entry's index in the list is named.
-        let t = run_lb(lb_svc(&format!("  annotations: {{{SOURCE_RANGES_ANNOTATION}: \"10.0.0.0/8,x\"}}\n"), ""));
+        let t = run_lb(lb_svc(&format!("  annotations: {{{SOURCE_RANGES_ANNOTATION}: \"10.0.0.0/8, x \"}}\n"), ""));
         assert_eq!(
             t.errors[0].to_string(),
             format!("s.yaml: Service shop/lb: metadata.annotations[{SOURCE_RANGES_ANNOTATION}][1]: \"x\" is not an IPv4 CIDR (like 203.0.113.0/24) or address; entry skipped")
