@@ -27,8 +27,9 @@ pub struct KernelMaps {
     /// Per-frontend traffic (the dataplane writes it; the agent removes the entry
     /// of a freed reverse-NAT id). None when pins from an older version lack it.
     stats: Option<PerCpuHashMap<MapData, u16, SvcStats>>,
-    /// loadBalancerSourceRanges (value unused: 1).
-    src_ranges: LpmTrie<MapData, SrcRangeKey, u8>,
+    /// loadBalancerSourceRanges (value unused: 1). None only when inspecting
+    /// pins of an older version that lack it.
+    src_ranges: Option<LpmTrie<MapData, SrcRangeKey, u8>>,
 }
 
 fn src_ranges_map(data: MapData) -> Result<LpmTrie<MapData, SrcRangeKey, u8>, OpenError> {
@@ -123,7 +124,7 @@ impl KernelMaps {
             _ => return Err(OpenError::Missing(SVC_STATS_MAP)),
         };
         let src_ranges = match ebpf.take_map(SRC_RANGES_MAP) {
-            Some(Map::LpmTrie(d)) => src_ranges_map(d)?,
+            Some(Map::LpmTrie(d)) => Some(src_ranges_map(d)?),
             _ => return Err(OpenError::Missing(SRC_RANGES_MAP)),
         };
         let mut take_lru = |name: &'static str| match ebpf.take_map(name) {
@@ -152,9 +153,17 @@ impl KernelMaps {
             ct: lru(CT_MAP, from_pin(dir, CT_MAP)?)?,
             affinity: lru(AFFINITY_MAP, from_pin(dir, AFFINITY_MAP)?)?,
             stats: from_pin(dir, SVC_STATS_MAP).ok().map(stats_map).transpose()?,
-            src_ranges: src_ranges_map(from_pin(dir, SRC_RANGES_MAP)?)?,
+            src_ranges: from_pin(dir, SRC_RANGES_MAP).ok().map(src_ranges_map).transpose()?,
         })
     }
+}
+
+/// Writing source ranges through maps opened from pins that lack the trie.
+fn no_src_ranges() -> MapError {
+    MapError::IoError(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("map {SRC_RANGES_MAP} is not pinned (pins of an older version)"),
+    ))
 }
 
 /// Removing what is already gone is fine.
@@ -175,11 +184,10 @@ impl MapStore for KernelMaps {
             backends: self.backends.iter().collect::<Result<_, _>>()?,
             revnat: self.revnat.iter().collect::<Result<_, _>>()?,
             names: self.names.iter().collect::<Result<_, _>>()?,
-            source_ranges: self
-                .src_ranges
-                .keys()
-                .filter_map(|k| k.map(|k| src_range_of(&k)).transpose())
-                .collect::<Result<_, _>>()?,
+            source_ranges: match &self.src_ranges {
+                Some(t) => t.keys().filter_map(|k| k.map(|k| src_range_of(&k)).transpose()).collect::<Result<_, _>>()?,
+                None => Default::default(),
+            },
         })
     }
     fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), MapError> {
@@ -207,10 +215,13 @@ impl MapStore for KernelMaps {
         ok_if_missing(self.names.remove(&id))
     }
     fn put_source_range(&mut self, r: SourceRange) -> Result<(), MapError> {
-        self.src_ranges.insert(&src_range_key(r), 1, 0)
+        self.src_ranges.as_mut().ok_or_else(no_src_ranges)?.insert(&src_range_key(r), 1, 0)
     }
     fn del_source_range(&mut self, r: SourceRange) -> Result<(), MapError> {
-        ok_if_missing(self.src_ranges.remove(&src_range_key(r)))
+        match self.src_ranges.as_mut() {
+            Some(t) => ok_if_missing(t.remove(&src_range_key(r))),
+            None => Ok(()),
+        }
     }
     fn forget_flows(&mut self, gone: &BTreeSet<Assignment>) -> Result<Forgotten, MapError> {
         let pairs: BTreeSet<(u16, u32)> = gone.iter().map(|(r, b, _)| (*r, *b)).collect();
