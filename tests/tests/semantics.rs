@@ -660,7 +660,7 @@ fn load_balancer_source_ranges_admit_only_clients_in_range_on_the_load_balancer_
         "lbsr",
         1,
         &[("guarded.yaml".into(), guarded_service(Some(r#"["192.168.77.200/32", "not-a-cidr"]"#)))],
-        &["--nodeport-addresses", "192.168.77.0/24"],
+        &["--nodeport-addresses", "192.168.77.0/24", "--src-ranges-map-size", "64"],
     )?;
     let node = c.nodes[0].node.clone();
     c.write_manifest("guarded-1.yaml", &on_node(&echo_pod("guarded-1", "guarded", None), &node))?;
