@@ -40,8 +40,9 @@ impl<S: MapStore> Syncer<S> {
     /// ranges, backends, reverse-NAT and names no longer wanted. So a frontend
     /// that gains `SOURCE_RANGES` finds its ranges already there, and one that
     /// loses it (or a range) stops filtering before its entries go: allowed
-    /// clients are never dropped on the way. On error the maps hold a consistent mix of old and new, and
-    /// the next sync (re-reading nothing; `current` tracks each write) continues.
+    /// clients are never dropped on the way. On error the maps hold a consistent
+    /// mix of old and new, and the next sync (re-reading nothing; `current`
+    /// tracks each write) continues.
     pub fn sync(&mut self, desired: &MapContents) -> Result<SyncStats, S::Error> {
         let start = Instant::now();
         let mut st = SyncStats::default();
