@@ -23,7 +23,7 @@ use aya::maps::{Array, MapData};
 use ferry_common::{
     addr_to_map, config, CONFIG_MAP, PROG_SOCK_CONNECT4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
     BACKENDS_MAP, COUNTERS_MAP, COUNTER_COUNT, CT_MAP, PROG_FROM_NETDEV, PROG_FROM_POD,
-    PROG_XDP_FROM_NETDEV, SERVICES_MAP,
+    PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP,
 };
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
@@ -86,6 +86,7 @@ pub struct Config {
     pub services_max: u32,
     pub backends_max: u32,
     pub ct_max: u32,
+    pub src_ranges_max: u32,
 }
 
 /// How `--xdp` attaches to the devices (`--xdp-mode`).
@@ -288,6 +289,7 @@ impl Dataplane {
             .map_max_entries(SERVICES_MAP, cfg.services_max)
             .map_max_entries(BACKENDS_MAP, cfg.backends_max)
             .map_max_entries(CT_MAP, cfg.ct_max)
+            .map_max_entries(SRC_RANGES_MAP, cfg.src_ranges_max)
             .load(DATAPLANE_OBJ)?;
         spawn_ebpf_logs(&mut ebpf);
         let maps = KernelMaps::from_ebpf(&mut ebpf)?;

@@ -56,6 +56,10 @@ pub struct ServiceRow {
     /// sessionAffinity: ClientIP timeout in seconds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity_timeout_seconds: Option<u32>,
+    /// loadBalancerSourceRanges: the client prefixes this LoadBalancer frontend
+    /// admits (from the source-ranges trie).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub source_ranges: Vec<String>,
     pub backends: Vec<BackendRow>,
     /// Packets (and their bytes) sent to this frontend and translated, since the
     /// dataplane was loaded (per-CPU counters, summed).
@@ -146,6 +150,12 @@ pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
             flags,
             affinity_timeout_seconds: (v.flags & svc_flags::AFFINITY != 0)
                 .then_some(v.affinity_timeout),
+            source_ranges: c
+                .source_ranges
+                .iter()
+                .filter(|(id, _)| *id == v.rev_nat_id)
+                .map(|(_, net)| net.to_string())
+                .collect(),
             backends,
             packets: stats.get(&v.rev_nat_id).map_or(0, |s| s.packets),
             bytes: stats.get(&v.rev_nat_id).map_or(0, |s| s.bytes),

@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_agent::{dataplane, inspect, mountns, run, translate};
-use ferry_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_SERVICES_MAX};
+use ferry_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SRC_RANGES_MAX};
 
 #[derive(Parser)]
 #[command(
@@ -136,6 +136,10 @@ struct AgentArgs {
     /// Entries of the connection-tracking map (two per flow).
     #[arg(long, default_value_t = DEFAULT_CT_MAX)]
     ct_map_size: u32,
+    /// Entries of the loadBalancerSourceRanges trie (one per range and
+    /// LoadBalancer frontend).
+    #[arg(long, default_value_t = DEFAULT_SRC_RANGES_MAX)]
+    src_ranges_map_size: u32,
     /// Coalesce bursts of changes: a sync happens at most this long after the
     /// first change of a burst.
     #[arg(long, default_value_t = 100)]
@@ -300,6 +304,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
             services_max: a.services_map_size,
             backends_max: a.backends_map_size,
             ct_max: a.ct_map_size,
+            src_ranges_max: a.src_ranges_map_size,
         },
         debounce: Duration::from_millis(a.sync_debounce_ms),
         sync_period,

@@ -183,6 +183,7 @@ pub(crate) const DROPS: &[(DpCounter, &str)] = &[
     (DpCounter::DropCtFull, "ct_full"),
     (DpCounter::DropNoBackendExternal, "no_backend_external"),
     (DpCounter::DropSnatPorts, "snat_ports_exhausted"),
+    (DpCounter::DropSourceRange, "source_range"),
 ];
 
 /// The other counters: packets by what happened to them.

@@ -54,6 +54,10 @@ impl Default for Config {
     }
 }
 
+/// The annotation kube-proxy reads when spec.loadBalancerSourceRanges is empty:
+/// comma separated CIDRs.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
 /// Kubernetes' default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
 
@@ -80,6 +84,10 @@ pub struct Frontend {
     pub draining: Vec<BackendSpec>,
     /// sessionAffinity: ClientIP timeout in seconds (0: no affinity).
     pub affinity_timeout: u32,
+    /// loadBalancerSourceRanges (LoadBalancer-IP frontends only, with
+    /// `svc_flags::SOURCE_RANGES`): the client prefixes allowed, sorted, host
+    /// bits cleared. Empty: anyone.
+    pub source_ranges: Vec<Ipv4Net>,
 }
 
 impl Frontend {
@@ -143,8 +151,11 @@ struct Valid<'a> {
     node_ports: bool,
     /// spec.externalIPs (valid ones).
     external_ips: Vec<Ipv4Addr>,
-    /// status.loadBalancer.ingress[].ip and spec.loadBalancerIP (valid ones).
+    /// status.loadBalancer.ingress[].ip and spec.loadBalancerIP (valid ones;
+    /// none when source ranges were given but none is valid: fail closed).
     lb_ips: Vec<Ipv4Addr>,
+    /// The clients allowed on `lb_ips` (empty: anyone).
+    source_ranges: Vec<Ipv4Net>,
     /// externalTrafficPolicy: Local.
     etp_local: bool,
 }
@@ -211,6 +222,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                 backends,
                 draining,
                 affinity_timeout: v.affinity_timeout,
+                source_ranges: Vec::new(),
             };
             let itp = if v.itp_local { svc_flags::ITP_LOCAL } else { 0 };
             out.frontends.push(frontend(ip, port, svc_flags::CLUSTER_IP | itp, split(&all, v.itp_local, cfg)));
@@ -259,7 +271,14 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                     continue;
                 }
                 claimed.insert((addr, eport, proto), v.key.clone());
-                out.frontends.push(frontend(addr, eport, kind | etp, backends.clone()));
+                let mut f = frontend(addr, eport, kind | etp, backends.clone());
+                // Only LoadBalancer IPs are filtered (kube-proxy leaves
+                // NodePorts and externalIPs open too).
+                if kind == svc_flags::LOAD_BALANCER && !v.source_ranges.is_empty() {
+                    f.flags |= svc_flags::SOURCE_RANGES;
+                    f.source_ranges = v.source_ranges.clone();
+                }
+                out.frontends.push(f);
             }
         }
     }
@@ -512,7 +531,25 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
             }
         }
     }
-    let lb_ips = addrs("loadBalancer", lb, errors);
+    let mut lb_ips = addrs("loadBalancer", lb, errors);
+    let source_ranges = if spec.type_.as_deref() == Some("LoadBalancer") {
+        match source_ranges(&svc.object, &err, errors) {
+            SourceRanges::Anyone => Vec::new(),
+            SourceRanges::Only(r) => r,
+            SourceRanges::NoneValid(field) => {
+                // The operator asked for a restriction we cannot honour:
+                // serve no LoadBalancer IP rather than serve it to everyone.
+                errors.push(err(
+                    &field,
+                    "no valid entry: the LoadBalancer IPs are not served (fail closed); ClusterIP, NodePorts and externalIPs are".into(),
+                ));
+                lb_ips.clear();
+                Vec::new()
+            }
+        }
+    } else {
+        Vec::new()
+    };
     let etp_local = match spec.external_traffic_policy.as_deref() {
         None | Some("") | Some("Cluster") => false,
         Some("Local") => true,
@@ -535,8 +572,71 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
         node_ports,
         external_ips,
         lb_ips,
+        source_ranges,
         etp_local,
     })
+}
+
+/// What a LoadBalancer Service's source ranges allow on its LoadBalancer IPs.
+#[derive(Debug, PartialEq, Eq)]
+enum SourceRanges {
+    /// None given (or one of them is 0.0.0.0/0).
+    Anyone,
+    /// Clients in these prefixes (sorted, deduplicated, host bits cleared).
+    Only(Vec<Ipv4Net>),
+    /// Entries were given in the field named, and none is valid.
+    NoneValid(String),
+}
+
+/// spec.loadBalancerSourceRanges, or when it is empty the annotation
+/// [`SOURCE_RANGES_ANNOTATION`] (comma separated), like kube-proxy. An entry
+/// that is not an IPv4 CIDR or address (a bare address is a /32) gets an error
+/// and is skipped; the others apply.
+fn source_ranges(
+    svc: &Service,
+    err: &impl Fn(&str, String) -> InputError,
+    errors: &mut Vec<InputError>,
+) -> SourceRanges {
+    let spec = svc.spec.as_ref().and_then(|s| s.load_balancer_source_ranges.as_ref());
+    let (field, entries): (String, Vec<&str>) = match spec.filter(|r| !r.is_empty()) {
+        Some(r) => ("spec.loadBalancerSourceRanges".into(), r.iter().map(String::as_str).collect()),
+        None => {
+            let annotation = svc.metadata.annotations.as_ref().and_then(|a| a.get(SOURCE_RANGES_ANNOTATION));
+            match annotation.map(|a| a.trim()).filter(|a| !a.is_empty()) {
+                Some(a) => (format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"), a.split(',').collect()),
+                None => return SourceRanges::Anyone,
+            }
+        }
+    };
+    let mut out = Vec::new();
+    for (i, entry) in entries.iter().map(|e| e.trim()).enumerate() {
+        match parse_source_range(entry) {
+            Ok(net) => out.push(net),
+            Err(why) => errors.push(err(&format!("{field}[{i}]"), format!("{entry:?} {why}; entry skipped"))),
+        }
+    }
+    if out.is_empty() {
+        return SourceRanges::NoneValid(field);
+    }
+    if out.iter().any(|n| n.prefix_len() == 0) {
+        return SourceRanges::Anyone;
+    }
+    out.sort();
+    out.dedup();
+    SourceRanges::Only(out)
+}
+
+/// One source range: `a.b.c.d/len`, or `a.b.c.d` for a /32; host bits cleared.
+fn parse_source_range(s: &str) -> Result<Ipv4Net, &'static str> {
+    if s.contains(':') {
+        return Err("is IPv6, which is not supported yet");
+    }
+    let net = if s.contains('/') {
+        s.parse::<Ipv4Net>().ok()
+    } else {
+        s.parse::<Ipv4Addr>().ok().map(Ipv4Net::from)
+    };
+    net.map(|n| n.trunc()).ok_or("is not an IPv4 CIDR (like 203.0.113.0/24) or address")
 }
 
 /// ClusterIPs: explicit ones as given (outside the range is fine, as with a real
@@ -1303,5 +1403,111 @@ mod tests {
         // No NodePort frontend for the out-of-range port, none for the duplicate.
         assert!(of([192, 168, 77, 11], 40000).is_none());
         assert!(!t.frontends.iter().any(|f| f.addr == Ipv4Addr::new(10, 96, 0, 31) && f.backends.is_empty()));
+    }
+
+    /// A LoadBalancer Service at 203.0.113.20 (ingress) with a NodePort and an
+    /// externalIP, and `extra` lines appended to its metadata and spec.
+    fn lb_svc(meta: &str, spec: &str) -> Sourced<Service> {
+        svc(&format!(
+            "metadata:\n  name: lb\n  namespace: shop\n{meta}spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.80\n  externalIPs: [203.0.113.10]\n  ports: [{{name: http, port: 80, nodePort: 30080}}]\n{spec}status: {{loadBalancer: {{ingress: [{{ip: 203.0.113.20}}]}}}}\n"
+        ))
+    }
+
+    fn run_lb(s: Sourced<Service>) -> Translation {
+        let cfg = Config {
+            nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11)],
+            ..Config::default()
+        };
+        translate(&Snapshot { services: vec![s], ..Default::default() }, &cfg)
+    }
+
+    /// (addr, flags, source ranges as text) of every frontend.
+    fn restrictions(t: &Translation) -> Vec<(Ipv4Addr, u32, Vec<String>)> {
+        t.frontends
+            .iter()
+            .map(|f| (f.addr, f.flags & svc_flags::SOURCE_RANGES, f.source_ranges.iter().map(ToString::to_string).collect()))
+            .collect()
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_restrict_only_the_load_balancer_ips() {
+        let t = run_lb(lb_svc("", "  loadBalancerSourceRanges: [192.168.77.200/32, 10.1.2.3/16, 192.168.77.200, \" 172.16.0.0/12 \"]\n"));
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let open = |a: [u8; 4]| (Ipv4Addr::from(a), 0, Vec::<String>::new());
+        assert_eq!(
+            restrictions(&t),
+            [
+                open([10, 96, 0, 80]),
+                open([192, 168, 77, 11]),
+                open([203, 0, 113, 10]),
+                (
+                    Ipv4Addr::new(203, 0, 113, 20),
+                    svc_flags::SOURCE_RANGES,
+                    // Sorted, host bits cleared, a bare address is a /32, duplicates once.
+                    vec!["10.1.0.0/16".to_string(), "172.16.0.0/12".into(), "192.168.77.200/32".into()]
+                ),
+            ],
+            "ClusterIP, NodePort and externalIP stay open"
+        );
+        // 0.0.0.0/0 among them: anyone, no lookup at all.
+        let t = run_lb(lb_svc("", "  loadBalancerSourceRanges: [10.0.0.0/8, 0.0.0.0/0]\n"));
+        assert!(t.frontends.iter().all(|f| f.flags & svc_flags::SOURCE_RANGES == 0 && f.source_ranges.is_empty()));
+        // A NodePort Service has no LoadBalancer IP to restrict.
+        let np = svc("metadata: {name: np}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.81\n  loadBalancerSourceRanges: [bad]\n  ports: [{port: 80}]\n");
+        let t = run_lb(np);
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+    }
+
+    #[test]
+    fn the_source_ranges_annotation_applies_when_the_field_is_empty() {
+        let ann = format!("  annotations: {{{SOURCE_RANGES_ANNOTATION}: \" 192.168.77.200/32, 10.0.0.0/8 \"}}\n");
+        let t = run_lb(lb_svc(&ann, ""));
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let lb = t.frontends.iter().find(|f| f.flags & svc_flags::LOAD_BALANCER != 0).unwrap();
+        assert_eq!(lb.source_ranges, ["10.0.0.0/8".parse::<Ipv4Net>().unwrap(), "192.168.77.200/32".parse().unwrap()]);
+        assert_ne!(lb.flags & svc_flags::SOURCE_RANGES, 0);
+        // The field wins over the annotation.
+        let t = run_lb(lb_svc(&ann, "  loadBalancerSourceRanges: [172.16.0.0/12]\n"));
+        let lb = t.frontends.iter().find(|f| f.flags & svc_flags::LOAD_BALANCER != 0).unwrap();
+        assert_eq!(lb.source_ranges, ["172.16.0.0/12".parse::<Ipv4Net>().unwrap()]);
+        // An empty annotation restricts nothing.
+        let t = run_lb(lb_svc(&format!("  annotations: {{{SOURCE_RANGES_ANNOTATION}: \" \"}}\n"), ""));
+        assert!(t.errors.is_empty() && t.frontends.iter().all(|f| f.flags & svc_flags::SOURCE_RANGES == 0));
+    }
+
+    #[test]
+    fn bad_source_ranges_are_reported_and_skipped() {
+        let t = run_lb(lb_svc("", "  loadBalancerSourceRanges: [192.168.77.200/32, 10.0.0.0/33, \"2001:db8::/32\", nope]\n"));
+        let errors: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            errors,
+            [
+                "s.yaml: Service shop/lb: spec.loadBalancerSourceRanges[1]: \"10.0.0.0/33\" is not an IPv4 CIDR (like 203.0.113.0/24) or address; entry skipped",
+                "s.yaml: Service shop/lb: spec.loadBalancerSourceRanges[2]: \"2001:db8::/32\" is IPv6, which is not supported yet; entry skipped",
+                "s.yaml: Service shop/lb: spec.loadBalancerSourceRanges[3]: \"nope\" is not an IPv4 CIDR (like 203.0.113.0/24) or address; entry skipped",
+            ]
+        );
+        let lb = t.frontends.iter().find(|f| f.flags & svc_flags::LOAD_BALANCER != 0).expect("the valid entry still applies");
+        assert_eq!(lb.source_ranges, ["192.168.77.200/32".parse::<Ipv4Net>().unwrap()]);
+        // In the annotation, the entry's index in the list is named.
+        let t = run_lb(lb_svc(&format!("  annotations: {{{SOURCE_RANGES_ANNOTATION}: \"10.0.0.0/8, x \"}}\n"), ""));
+        assert_eq!(
+            t.errors[0].to_string(),
+            format!("s.yaml: Service shop/lb: metadata.annotations[{SOURCE_RANGES_ANNOTATION}][1]: \"x\" is not an IPv4 CIDR (like 203.0.113.0/24) or address; entry skipped")
+        );
+    }
+
+    #[test]
+    fn no_valid_source_range_leaves_the_load_balancer_ips_out_and_the_rest_working() {
+        let t = run_lb(lb_svc("", "  loadBalancerSourceRanges: [\"10.0.0.0/40\", \"fd00::/8\"]\n"));
+        let errors: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert_eq!(
+            errors[2],
+            "s.yaml: Service shop/lb: spec.loadBalancerSourceRanges: no valid entry: the LoadBalancer IPs are not served (fail closed); ClusterIP, NodePorts and externalIPs are"
+        );
+        let addrs: Vec<Ipv4Addr> = t.frontends.iter().map(|f| f.addr).collect();
+        assert_eq!(addrs, [Ipv4Addr::new(10, 96, 0, 80), Ipv4Addr::new(192, 168, 77, 11), Ipv4Addr::new(203, 0, 113, 10)]);
+        assert!(t.frontends.iter().all(|f| f.flags & (svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES) == 0));
     }
 }

@@ -20,6 +20,8 @@
 //! - [`AFFINITY_MAP`]: LRU session affinity (sessionAffinity: ClientIP),
 //!   [`AffinityKey`] `{client, rev_nat_id}` → [`AffinityValue`] `{backend, last used}`.
 //! - [`COUNTERS_MAP`]: per-CPU counters indexed by [`Counter`].
+//! - [`SRC_RANGES_MAP`]: LPM trie of loadBalancerSourceRanges,
+//!   `{prefixlen, rev_nat_id, addr}` → `u8` (Cilium's lb4_src_range).
 #![no_std]
 
 use core::mem::size_of;
@@ -41,6 +43,11 @@ pub const SVC_NAMES_MAP: &str = "FERRY_SVC_NAMES";
 pub const SVC_STATS_MAP: &str = "FERRY_SVC_STATS";
 /// Node settings the programs read: an array of `u32` indexed by [`config`].
 pub const CONFIG_MAP: &str = "FERRY_CONFIG";
+/// loadBalancerSourceRanges: an LPM trie keyed by [`SrcRangeKey`] (behind the
+/// trie's `u32` prefix length), value `u8` (1, unused). A LoadBalancer
+/// frontend with [`svc_flags::SOURCE_RANGES`] takes new flows only from
+/// clients that match an entry of its reverse-NAT id.
+pub const SRC_RANGES_MAP: &str = "FERRY_SRC_RANGES";
 
 /// Indices into [`CONFIG_MAP`].
 pub mod config {
@@ -75,6 +82,8 @@ pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;
 pub const DEFAULT_REVNAT_MAX: u32 = 65_536;
 pub const DEFAULT_CT_MAX: u32 = 262_144;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
+/// Source-range entries over all LoadBalancer frontends together.
+pub const DEFAULT_SRC_RANGES_MAX: u32 = 16_384;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -101,7 +110,9 @@ pub mod svc_flags {
     pub const ETP_LOCAL: u32 = 1 << 5;
     /// internalTrafficPolicy: Local.
     pub const ITP_LOCAL: u32 = 1 << 6;
-    /// loadBalancerSourceRanges present.
+    /// loadBalancerSourceRanges present (LoadBalancer frontends only): new
+    /// flows only from clients in [`crate::SRC_RANGES_MAP`] for this frontend's
+    /// reverse-NAT id.
     pub const SOURCE_RANGES: u32 = 1 << 7;
     /// The backends in the slots are serving+terminating fallbacks (no ready one).
     pub const TERMINATING_FALLBACK: u32 = 1 << 8;
@@ -294,6 +305,25 @@ pub struct AffinityValue {
     pub _pad: u32,
 }
 
+/// Data of a key of the source-ranges LPM trie ([`SRC_RANGES_MAP`]), behind the
+/// trie's `u32` prefix length (aya's `Key`). The trie matches bits from the
+/// first byte on, so the prefix length of an entry is
+/// [`SRC_RANGE_ID_BITS`] (the reverse-NAT id and padding, matched exactly)
+/// plus the CIDR's length; a lookup uses [`SRC_RANGE_ID_BITS`] + 32. 8 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcRangeKey {
+    /// Reverse-NAT id of the LoadBalancer frontend.
+    pub rev_nat_id: u16,
+    pub _pad: u16,
+    /// Client address (prefix), wire order: the trie compares it bit by bit
+    /// in network order.
+    pub addr: u32,
+}
+
+/// Bits of [`SrcRangeKey`] before the address: reverse-NAT id and padding.
+pub const SRC_RANGE_ID_BITS: u32 = 32;
+
 /// Value of the per-CPU service stats map (key: the frontend's reverse-NAT id,
 /// `u16`): packets and bytes (skb length at TC ingress) sent to the frontend and
 /// translated to a backend. 16 bytes.
@@ -335,6 +365,9 @@ pub enum Counter {
     /// The FIB lookup for a north-south packet failed (no route); passed to
     /// the stack.
     FibMiss = 12,
+    /// A new flow to a LoadBalancer IP from a client outside the Service's
+    /// loadBalancerSourceRanges.
+    DropSourceRange = 13,
     /// North-south packets XDP translated and sent out itself (XDP_TX or
     /// XDP_REDIRECT), never reaching TC or the stack.
     XdpForward = 14,
@@ -344,7 +377,10 @@ pub enum Counter {
     XdpPassPartialCsum = 15,
 }
 
+/// Size of the counters array: room above the last [`Counter`] so that new
+/// counters do not need a new pinned map.
 pub const COUNTER_COUNT: u32 = 16;
+const _: () = assert!((Counter::XdpPassPartialCsum as u32) < COUNTER_COUNT);
 
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);
@@ -357,6 +393,7 @@ const _: () = assert!(size_of::<AffinityKey>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<SvcStats>() == 16);
 const _: () = assert!(size_of::<SockRevKey>() == 16);
+const _: () = assert!(size_of::<SrcRangeKey>() == 8);
 
 /// An IPv4 address in map (wire) order.
 #[inline]
@@ -398,6 +435,7 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for SockRevKey {}
+    unsafe impl aya::Pod for SrcRangeKey {}
 }
 
 #[cfg(test)]
@@ -415,6 +453,8 @@ mod tests {
         assert_eq!(size_of::<CtValue>(), 8 + 4 + 2 + 2 + 4 + 2 + 2);
         assert_eq!(size_of::<AffinityKey>(), 4 + 2 + 2);
         assert_eq!(size_of::<AffinityValue>(), 8 + 4 + 4);
+        assert_eq!(size_of::<SrcRangeKey>(), 2 + 2 + 4);
+        assert_eq!(SRC_RANGE_ID_BITS as usize, 8 * (2 + 2));
     }
 
     #[test]

@@ -1,13 +1,16 @@
 //! Service lookup and backend selection (Cilium's lb4 layout: slot 0 describes
 //! the frontend, slots 1..=count name backends), with session affinity.
-use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
+use aya_ebpf::{
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    maps::lpm_trie::Key,
+};
 use ferry_common::{
     svc_flags, AffinityKey, AffinityValue, Backend, Counter, ServiceKey, ServiceValue,
-    SCOPE_EXTERNAL,
+    SrcRangeKey, SCOPE_EXTERNAL, SRC_RANGE_ID_BITS,
 };
 
 use crate::{
-    maps::{count, AFFINITY, BACKENDS, SERVICES},
+    maps::{count, AFFINITY, BACKENDS, SERVICES, SRC_RANGES},
     parse::Packet,
 };
 
@@ -17,6 +20,30 @@ pub fn lookup_service(pkt: &Packet) -> Option<ServiceValue> {
     let key = service_key(pkt, 0);
     // SAFETY: copied out at once.
     unsafe { SERVICES.get(key).copied() }
+}
+
+/// Whether a new flow from `pkt.saddr` may use the frontend `svc`
+/// (loadBalancerSourceRanges). Frontends without [`svc_flags::SOURCE_RANGES`]
+/// (the agent sets it on LoadBalancer-IP frontends with ranges only; never on
+/// ClusterIP, NodePort or ExternalIP ones, which kube-proxy does not filter
+/// either) cost one bit test. Otherwise the client must match a prefix the
+/// agent stored for the frontend's reverse-NAT id: the key's first
+/// [`SRC_RANGE_ID_BITS`] (id and padding) match exactly, the address by
+/// longest prefix. Uses only the packet, so every hook (TC, XDP) can call it.
+#[inline(always)]
+pub fn source_allowed(pkt: &Packet, svc: &ServiceValue) -> bool {
+    if svc.flags & svc_flags::SOURCE_RANGES == 0 {
+        return true;
+    }
+    let key = Key::new(
+        SRC_RANGE_ID_BITS + 32,
+        SrcRangeKey {
+            rev_nat_id: svc.rev_nat_id,
+            _pad: 0,
+            addr: pkt.saddr,
+        },
+    );
+    SRC_RANGES.get(&key).is_some()
 }
 
 /// A backend by id, if it still exists.

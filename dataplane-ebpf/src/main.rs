@@ -162,6 +162,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(svc) = lb::lookup_service(&pkt) else {
         return Ok(TC_ACT_OK);
     };
+    // A Pod dialling a LoadBalancer IP is held to its loadBalancerSourceRanges
+    // too, as kube-proxy's firewall chain does.
+    if !lb::source_allowed(&pkt, &svc) {
+        return Err(Counter::DropSourceRange);
+    }
     if svc.count == 0 {
         // No usable endpoint: refuse at once, like kube-proxy's REJECT rules.
         let answered = reject::rewrite(ctx, &pkt)?;

@@ -3,11 +3,11 @@
 //! connection tracking, survive agent restarts.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use ferry_common::{
     AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
-    ServiceName, ServiceValue, SockRevKey, SvcStats, config, COUNTER_COUNT, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
+    ServiceName, ServiceValue, SockRevKey, SrcRangeKey, SvcStats, config, DEFAULT_SRC_RANGES_MAX, COUNTER_COUNT, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_CT_MAX, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
 };
 
@@ -31,6 +31,12 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 /// Socket-level LB: (socket, backend) → the frontend, for UDP replies.
 #[map(name = "FERRY_SOCK_REVNAT")]
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, RevNat> = LruHashMap::pinned(DEFAULT_SOCK_REVNAT_MAX, 0);
+
+/// loadBalancerSourceRanges: (reverse-NAT id, client prefix) → 1, read by
+/// `lb::source_allowed` (aya's LpmTrie sets BPF_F_NO_PREALLOC, which LPM tries
+/// require).
+#[map(name = "FERRY_SRC_RANGES")]
+pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8> = LpmTrie::pinned(DEFAULT_SRC_RANGES_MAX, 0);
 
 /// Node settings written by the agent (indices: `ferry_common::config`).
 #[map(name = "FERRY_CONFIG")]

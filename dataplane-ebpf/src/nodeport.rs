@@ -51,6 +51,11 @@ pub fn open(pkt: &Packet) -> Result<Arrival, Counter> {
     if svc.flags & EXTERNAL_KINDS == 0 {
         return Ok(Arrival::NotOurs);
     }
+    // loadBalancerSourceRanges: a client outside them is dropped before
+    // anything else, even a reject, so it learns nothing about the Service.
+    if !lb::source_allowed(pkt, &svc) {
+        return Err(Counter::DropSourceRange);
+    }
     if svc.count == 0 {
         return Ok(Arrival::NoEndpoint { etp_local: svc.flags & svc_flags::ETP_LOCAL != 0 });
     }

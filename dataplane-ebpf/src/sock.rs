@@ -44,6 +44,9 @@ pub fn translate(ctx: &SockAddrContext) {
     let Some(svc) = lb::lookup_service(&pkt) else {
         return;
     };
+    // loadBalancerSourceRanges are not checked here: the client is the node
+    // itself, which kube-proxy lets through too (it accepts node addresses
+    // whatever the ranges say), and a socket has no source address yet.
     // Without backends the connection goes to the frontend and is refused or
     // times out there (as with kube-proxy for node processes without REJECT).
     let Ok((_, b)) = lb::select_backend(&pkt, &svc) else {

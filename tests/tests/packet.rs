@@ -654,3 +654,40 @@ fn xdp_leaves_local_backends_partial_checksums_and_other_traffic_to_tc_untouched
     assert_eq!(ns.run(fd, other.clone()), (XDP_PASS, other));
     assert_eq!(fx.counter(Counter::XdpForward), 0);
 }
+
+#[test]
+fn load_balancer_source_ranges_admit_only_clients_in_range() {
+    use ferry_common::{backend_flags, svc_flags};
+    const LB: [u8; 4] = [203, 0, 113, 20];
+    const LOCAL: [u8; 4] = [10, 244, 0, 5];
+    let mut fx = Fixture::new("srcrange");
+    let restricted = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
+    fx.external(LB, 80, 4, restricted, &[(1, LOCAL, 8080, backend_flags::LOCAL)]);
+    fx.maps.put_source_range((4, "192.168.77.200/32".parse().unwrap())).unwrap();
+    fx.maps.put_source_range((4, "10.1.0.0/16".parse().unwrap())).unwrap();
+    // Another frontend's range admits nobody here.
+    fx.maps.put_source_range((5, "192.168.77.0/24".parse().unwrap())).unwrap();
+    for (client, allowed) in [
+        ([192, 168, 77, 200], true),
+        ([10, 1, 2, 3], true),
+        ([192, 168, 77, 201], false),
+        ([10, 2, 0, 1], false),
+    ] {
+        let (verdict, out) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, client, LB, 45000, 80, false));
+        if allowed {
+            assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, LOCAL), "{client:?} is in range: DNAT");
+        } else {
+            assert_eq!(verdict, TC_ACT_SHOT, "{client:?} is out of range: dropped");
+        }
+    }
+    assert_eq!(fx.counter(Counter::DropSourceRange), 2);
+    // A Pod dialling the LoadBalancer IP is held to the ranges as well.
+    let (verdict, _) = fx.run(&frame(PROTO_TCP, CLIENT, LB, 40000, 80, false));
+    assert_eq!(verdict, TC_ACT_SHOT);
+    assert_eq!(fx.counter(Counter::DropSourceRange), 3);
+    // Without the flag the trie is not consulted: anyone gets in.
+    fx.external(LB, 80, 4, svc_flags::LOAD_BALANCER, &[(1, LOCAL, 8080, backend_flags::LOCAL)]);
+    let (verdict, out) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, [192, 168, 77, 201], LB, 45001, 80, false));
+    assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, LOCAL));
+    assert_eq!(fx.counter(Counter::DropSourceRange), 3);
+}

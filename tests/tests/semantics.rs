@@ -1,6 +1,7 @@
 //! Service semantics users rely on (issue 7), end to end in network namespaces:
 //! reject for Services without endpoints, stale UDP flows, session affinity,
-//! graceful termination, internalTrafficPolicy: Local, named ports and protocols.
+//! graceful termination, internalTrafficPolicy: Local, named ports and protocols,
+//! loadBalancerSourceRanges.
 //! Real agent, shim, Pods and clients; assertions on what clients receive.
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,9 +13,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
+    cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     in_netns,
-    manifests::{client_pod, echo_pod, echo_service},
-    split, tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
+    manifests::{client_pod, echo_pod, echo_service, on_node},
+    split, sys, tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -620,5 +622,86 @@ fn a_rolling_update_under_a_steady_request_stream_loses_nothing() -> Result<()> 
         v2.iter().any(|n| by.contains_key(n.as_str())),
         "the new Pods {v2:?} answered: {by:?}"
     );
+    Ok(())
+}
+
+const SOURCE_RANGES_LB_IP: &str = "203.0.113.40";
+
+/// A LoadBalancer Service `guarded` at [`SOURCE_RANGES_LB_IP`] (NodePort 30180),
+/// with `ranges` (a YAML list) as its loadBalancerSourceRanges when given.
+fn guarded_service(ranges: Option<&str>) -> String {
+    let ranges = ranges.map(|r| format!("  loadBalancerSourceRanges: {r}\n")).unwrap_or_default();
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: guarded, namespace: default}}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.90
+  selector: {{app: guarded}}
+  ports:
+  - {{name: http, port: 80, targetPort: 8080, nodePort: 30180}}
+{ranges}status:
+  loadBalancer:
+    ingress: [{{ip: "{SOURCE_RANGES_LB_IP}"}}]
+"#
+    )
+}
+
+/// One request from the external namespace bound to `from`: the backend's name.
+fn ask_from(c: &Cluster, from: &str, to: SocketAddr) -> Result<String> {
+    TcpSession::connect_from(&c.external, addr(&format!("{from}:0")), to)?.ask()
+}
+
+#[test]
+fn load_balancer_source_ranges_admit_only_clients_in_range_on_the_load_balancer_ip() -> Result<()> {
+    // .200 is allowed; the invalid entry is reported and skipped.
+    let c = Cluster::start(
+        "lbsr",
+        1,
+        &[("guarded.yaml".into(), guarded_service(Some(r#"["192.168.77.200/32", "not-a-cidr"]"#)))],
+        &["--nodeport-addresses", "192.168.77.0/24", "--src-ranges-map-size", "64"],
+    )?;
+    let node = c.nodes[0].node.clone();
+    c.write_manifest("guarded-1.yaml", &on_node(&echo_pod("guarded-1", "guarded", None), &node))?;
+    c.write_manifest("client.yaml", &on_node(&client_pod("client"), &node))?;
+    let ext = &c.external;
+    sys::run("ip", &["-n", ext, "route", "add", &format!("{SOURCE_RANGES_LB_IP}/32"), "via", &node_addr(0).to_string()])?;
+    sys::run("ip", &["-n", ext, "addr", "add", "192.168.77.201/24", "dev", "eth0"])?;
+    c.wait_ready(&["guarded-1", "client"], READY)?;
+    let lb = addr(&format!("{SOURCE_RANGES_LB_IP}:80"));
+    let nodeport = SocketAddr::from((node_addr(0), 30180));
+    let (allowed, other) = (EXTERNAL_ADDR.to_string(), "192.168.77.201");
+    c.nodes[0].wait_until(Duration::from_secs(15), "the allowed client served on the LoadBalancer IP", || {
+        Ok(ask_from(&c, &allowed, lb).is_ok())
+    })?;
+    assert_eq!(ask_from(&c, &allowed, lb)?, "guarded-1");
+    let wide = c.nodes[0].ferry(&["svc", "list", "-o", "wide"])?;
+    assert_eq!(wide.matches("source-ranges").count(), 1, "only the LoadBalancer frontend is flagged:\n{wide}");
+    let rows: serde_json::Value = serde_json::from_str(&c.nodes[0].ferry(&["svc", "list", "-o", "json"])?)?;
+    let ranges: Vec<&serde_json::Value> = rows.as_array().context("svc list JSON")?.iter().filter_map(|r| r.get("source_ranges")).collect();
+    assert_eq!(ranges, [&serde_json::json!(["192.168.77.200/32"])], "svc list shows the ranges of the LoadBalancer frontend:\n{rows:#}");
+    // The client outside the ranges: dropped, so the connect times out (2 s).
+    let started = Instant::now();
+    let err = ask_from(&c, other, lb).err().context(".201 got through the LoadBalancer IP")?;
+    assert!(started.elapsed() < Duration::from_secs(4), "bounded: {:?}", started.elapsed());
+    assert!(format!("{err:#}").contains("timed out"), "a silent drop, not a refusal: {err:#}");
+    // ... but the NodePort is not filtered (kube-proxy does not either).
+    assert_eq!(ask_from(&c, other, nodeport)?, "guarded-1");
+    // A Pod (10.244.0.x, outside the ranges) dialling the LoadBalancer IP is held to them too.
+    let client = c.pod_netns("client")?;
+    assert_eq!(tcp_connect(&client, lb)?.0, Some(ErrorKind::TimedOut), "a Pod outside the ranges");
+    let logs = c.nodes[0].agent_log();
+    assert!(
+        logs.contains("Service default/guarded: spec.loadBalancerSourceRanges[1]: \"not-a-cidr\" is not an IPv4 CIDR"),
+        "the bad entry is reported with its Service and field:\n{logs}"
+    );
+    // The restriction is lifted: everyone gets in, the entries are gone.
+    c.write_manifest("guarded.yaml", &guarded_service(None))?;
+    c.nodes[0].wait_until(Duration::from_secs(15), ".201 served once the ranges are removed", || {
+        Ok(ask_from(&c, other, lb).is_ok_and(|name| name == "guarded-1"))
+    })?;
+    assert_eq!(tcp_connect(&client, lb)?.0, None, "the Pod gets in too");
+    assert!(!c.nodes[0].ferry(&["svc", "list", "-o", "wide"])?.contains("source-ranges"));
     Ok(())
 }

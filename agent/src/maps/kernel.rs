@@ -1,14 +1,19 @@
 //! The pinned BPF maps, through aya.
 use std::{collections::BTreeSet, path::Path};
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap};
-use ferry_common::{
-    AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceName,
-    ServiceValue, SvcStats, AFFINITY_MAP, BACKENDS_MAP, COUNTERS_MAP, CT_MAP, PROTO_UDP,
-    REVNAT_MAP, SERVICES_MAP, SVC_NAMES_MAP, SVC_STATS_MAP,
+use aya::maps::{
+    lpm_trie::{Key, LpmTrie},
+    HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
 };
+use ferry_common::{
+    addr_from_map, addr_to_map, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat,
+    ServiceKey, ServiceName, ServiceValue, SrcRangeKey, SvcStats, AFFINITY_MAP, BACKENDS_MAP,
+    COUNTERS_MAP, CT_MAP, PROTO_UDP, REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS,
+    SVC_NAMES_MAP, SVC_STATS_MAP,
+};
+use ipnet::Ipv4Net;
 
-use super::{Assignment, Forgotten, MapContents, MapStore};
+use super::{Assignment, Forgotten, MapContents, MapStore, SourceRange};
 
 /// The maps the agent writes.
 pub struct KernelMaps {
@@ -22,6 +27,35 @@ pub struct KernelMaps {
     /// Per-frontend traffic (the dataplane writes it; the agent removes the entry
     /// of a freed reverse-NAT id). None when pins from an older version lack it.
     stats: Option<PerCpuHashMap<MapData, u16, SvcStats>>,
+    /// loadBalancerSourceRanges (value unused: 1). None only when inspecting
+    /// pins of an older version that lack it.
+    src_ranges: Option<LpmTrie<MapData, SrcRangeKey, u8>>,
+}
+
+fn src_ranges_map(data: MapData) -> Result<LpmTrie<MapData, SrcRangeKey, u8>, OpenError> {
+    LpmTrie::try_from(Map::LpmTrie(data)).map_err(|source| OpenError::Map {
+        name: SRC_RANGES_MAP,
+        source,
+    })
+}
+
+/// The trie key of a source range: the reverse-NAT id (and padding) matched
+/// exactly, then the prefix.
+fn src_range_key((rev_nat_id, net): SourceRange) -> Key<SrcRangeKey> {
+    let data = SrcRangeKey {
+        rev_nat_id,
+        _pad: 0,
+        addr: addr_to_map(net.network().octets()),
+    };
+    Key::new(SRC_RANGE_ID_BITS + u32::from(net.prefix_len()), data)
+}
+
+/// The source range of a trie key; None for a key no agent writes.
+fn src_range_of(key: &Key<SrcRangeKey>) -> Option<SourceRange> {
+    let len = key.prefix_len().checked_sub(SRC_RANGE_ID_BITS)?;
+    let data = key.data();
+    let net = Ipv4Net::new(addr_from_map(data.addr).into(), u8::try_from(len).ok()?).ok()?;
+    Some((data.rev_nat_id, net.trunc()))
 }
 
 fn stats_map(data: MapData) -> Result<PerCpuHashMap<MapData, u16, SvcStats>, OpenError> {
@@ -89,6 +123,10 @@ impl KernelMaps {
             Some(Map::PerCpuHashMap(d)) => Some(stats_map(d)?),
             _ => return Err(OpenError::Missing(SVC_STATS_MAP)),
         };
+        let src_ranges = match ebpf.take_map(SRC_RANGES_MAP) {
+            Some(Map::LpmTrie(d)) => Some(src_ranges_map(d)?),
+            _ => return Err(OpenError::Missing(SRC_RANGES_MAP)),
+        };
         let mut take_lru = |name: &'static str| match ebpf.take_map(name) {
             Some(Map::LruHashMap(d)) => Ok(d),
             _ => Err(OpenError::Missing(name)),
@@ -99,6 +137,7 @@ impl KernelMaps {
             revnat,
             names,
             stats,
+            src_ranges,
             ct: lru(CT_MAP, take_lru(CT_MAP)?)?,
             affinity: lru(AFFINITY_MAP, take_lru(AFFINITY_MAP)?)?,
         })
@@ -114,8 +153,17 @@ impl KernelMaps {
             ct: lru(CT_MAP, from_pin(dir, CT_MAP)?)?,
             affinity: lru(AFFINITY_MAP, from_pin(dir, AFFINITY_MAP)?)?,
             stats: from_pin(dir, SVC_STATS_MAP).ok().map(stats_map).transpose()?,
+            src_ranges: from_pin(dir, SRC_RANGES_MAP).ok().map(src_ranges_map).transpose()?,
         })
     }
+}
+
+/// Writing source ranges through maps opened from pins that lack the trie.
+fn no_src_ranges() -> MapError {
+    MapError::IoError(std::io::Error::new(
+        std::io::ErrorKind::NotFound,
+        format!("map {SRC_RANGES_MAP} is not pinned (pins of an older version)"),
+    ))
 }
 
 /// Removing what is already gone is fine.
@@ -136,6 +184,10 @@ impl MapStore for KernelMaps {
             backends: self.backends.iter().collect::<Result<_, _>>()?,
             revnat: self.revnat.iter().collect::<Result<_, _>>()?,
             names: self.names.iter().collect::<Result<_, _>>()?,
+            source_ranges: match &self.src_ranges {
+                Some(t) => t.keys().filter_map(|k| k.map(|k| src_range_of(&k)).transpose()).collect::<Result<_, _>>()?,
+                None => Default::default(),
+            },
         })
     }
     fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), MapError> {
@@ -161,6 +213,15 @@ impl MapStore for KernelMaps {
             ok_if_missing(stats.remove(&id))?;
         }
         ok_if_missing(self.names.remove(&id))
+    }
+    fn put_source_range(&mut self, r: SourceRange) -> Result<(), MapError> {
+        self.src_ranges.as_mut().ok_or_else(no_src_ranges)?.insert(&src_range_key(r), 1, 0)
+    }
+    fn del_source_range(&mut self, r: SourceRange) -> Result<(), MapError> {
+        match self.src_ranges.as_mut() {
+            Some(t) => ok_if_missing(t.remove(&src_range_key(r))),
+            None => Ok(()),
+        }
     }
     fn forget_flows(&mut self, gone: &BTreeSet<Assignment>) -> Result<Forgotten, MapError> {
         let pairs: BTreeSet<(u16, u32)> = gone.iter().map(|(r, b, _)| (*r, *b)).collect();
@@ -261,4 +322,22 @@ pub fn read_svc_stats(dir: &Path) -> Result<Vec<(String, SvcStats)>, OpenError> 
             (name, total)
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_range_keys_round_trip_in_wire_order() {
+        let r: SourceRange = (7, "192.168.77.0/24".parse().unwrap());
+        let key = src_range_key(r);
+        assert_eq!(key.prefix_len(), 32 + 24);
+        let data = key.data();
+        assert_eq!((data.rev_nat_id, data._pad), (7, 0));
+        assert_eq!(data.addr.to_ne_bytes(), [192, 168, 77, 0], "the trie compares bytes in network order");
+        assert_eq!(src_range_of(&key), Some(r));
+        assert_eq!(src_range_of(&Key::new(16, data)), None, "shorter than the id: not ours");
+        assert_eq!(src_range_of(&Key::new(32 + 33, data)), None);
+    }
 }

@@ -217,6 +217,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             rev_nat_id,
             ServiceName::new(&format!("{} ({})", f.name, frontend_type(f.flags))),
         );
+        out.source_ranges.extend(f.source_ranges.iter().map(|net| (rev_nat_id, net.trunc())));
     }
     ids.backends.retain(&live_backends);
     ids.frontends.retain(&live_frontends);
@@ -247,6 +248,7 @@ local: false
                 .collect(),
             draining: Vec::new(),
             affinity_timeout: 0,
+            source_ranges: Vec::new(),
         }
     }
 
@@ -275,6 +277,25 @@ local: false
             c.names[&slot0.rev_nat_id].as_str(),
             "default/web:80 (ClusterIP)"
         );
+    }
+
+    #[test]
+    fn source_ranges_are_keyed_by_the_frontends_reverse_nat_id() {
+        let mut ids = Ids::default();
+        let mut lb = fe(80, &[[10, 0, 0, 1]]);
+        lb.addr = Ipv4Addr::new(203, 0, 113, 20);
+        lb.flags = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
+        lb.source_ranges = vec!["192.168.77.200/32".parse().unwrap(), "10.1.0.0/16".parse().unwrap()];
+        let c = layout(&[fe(80, &[[10, 0, 0, 1]]), lb], &mut ids);
+        let lb_id = c
+            .services
+            .iter()
+            .find(|(k, _)| k.slot == 0 && addr_from_map(k.addr) == [203, 0, 113, 20])
+            .unwrap()
+            .1
+            .rev_nat_id;
+        let want: BTreeSet<_> = [(lb_id, "10.1.0.0/16".parse().unwrap()), (lb_id, "192.168.77.200/32".parse().unwrap())].into();
+        assert_eq!(c.source_ranges, want, "only the restricted frontend has entries");
     }
 
     #[test]

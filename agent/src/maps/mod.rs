@@ -8,8 +8,9 @@ pub mod sync;
 use std::collections::{BTreeMap, BTreeSet};
 
 use ferry_common::{Backend, RevNat, ServiceKey, ServiceName, ServiceValue};
+use ipnet::Ipv4Net;
 
-/// The contents of the four maps the agent owns (connection tracking belongs to
+/// The contents of the maps the agent owns (connection tracking belongs to
 /// the dataplane).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct MapContents {
@@ -17,7 +18,13 @@ pub struct MapContents {
     pub backends: BTreeMap<u32, Backend>,
     pub revnat: BTreeMap<u16, RevNat>,
     pub names: BTreeMap<u16, ServiceName>,
+    /// The source-ranges trie's entries.
+    pub source_ranges: BTreeSet<SourceRange>,
 }
+
+/// A loadBalancerSourceRanges entry: (reverse-NAT id of the LoadBalancer
+/// frontend, a client prefix with its host bits cleared).
+pub type SourceRange = (u16, Ipv4Net);
 
 /// A backend in a frontend's slots: (reverse-NAT id, backend id, protocol).
 pub type Assignment = (u16, u32, u8);
@@ -50,6 +57,8 @@ pub trait MapStore {
     fn del_backend(&mut self, id: u32) -> Result<(), Self::Error>;
     fn put_revnat(&mut self, id: u16, v: RevNat, name: ServiceName) -> Result<(), Self::Error>;
     fn del_revnat(&mut self, id: u16) -> Result<(), Self::Error>;
+    fn put_source_range(&mut self, r: SourceRange) -> Result<(), Self::Error>;
+    fn del_source_range(&mut self, r: SourceRange) -> Result<(), Self::Error>;
     /// Forgets the state that ties clients to assignments that ended: UDP
     /// connection-tracking entries (both directions; a UDP "flow" never ends by
     /// itself, so the client's next datagram must be balanced again, as

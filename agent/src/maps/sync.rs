@@ -34,11 +34,15 @@ impl<S: MapStore> Syncer<S> {
 
     /// Writes the difference between the maps and `desired`.
     ///
-    /// Order: 1) backends, reverse-NAT and names that are new or changed;
-    /// 2) backend slots (> 0); 3) frontends (slot 0, with the new count);
-    /// 4) slots and frontends no longer wanted; 5) backends, reverse-NAT and names no
-    /// longer wanted. On error the maps hold a consistent mix of old and new, and
-    /// the next sync (re-reading nothing; `current` tracks each write) continues.
+    /// Order: 1) backends, reverse-NAT, names and source ranges that are new or
+    /// changed; 2) backend slots (> 0); 3) frontends (slot 0, with the new
+    /// count and flags); 4) slots and frontends no longer wanted; 5) source
+    /// ranges, backends, reverse-NAT and names no longer wanted. So a frontend
+    /// that gains `SOURCE_RANGES` finds its ranges already there, and one that
+    /// loses it (or a range) stops filtering before its entries go: allowed
+    /// clients are never dropped on the way. On error the maps hold a consistent
+    /// mix of old and new, and the next sync (re-reading nothing; `current`
+    /// tracks each write) continues.
     pub fn sync(&mut self, desired: &MapContents) -> Result<SyncStats, S::Error> {
         let start = Instant::now();
         let mut st = SyncStats::default();
@@ -64,6 +68,12 @@ impl<S: MapStore> Syncer<S> {
                 st.upserts += 1;
             }
         }
+        let new: Vec<_> = desired.source_ranges.difference(&cur.source_ranges).copied().collect();
+        for r in new {
+            self.store.put_source_range(r)?;
+            cur.source_ranges.insert(r);
+            st.upserts += 1;
+        }
         for pass_slot0 in [false, true] {
             for (k, v) in desired
                 .services
@@ -88,6 +98,12 @@ impl<S: MapStore> Syncer<S> {
         for k in slot0.iter().chain(slots.iter()) {
             self.store.del_service(k)?;
             cur.services.remove(k);
+            st.deletes += 1;
+        }
+        let stale: Vec<_> = cur.source_ranges.difference(&desired.source_ranges).copied().collect();
+        for r in stale {
+            self.store.del_source_range(r)?;
+            cur.source_ranges.remove(&r);
             st.deletes += 1;
         }
         let stale: Vec<u32> = cur
@@ -187,6 +203,16 @@ mod tests {
             self.maps.borrow_mut().names.remove(&id);
             Ok(())
         }
+        fn put_source_range(&mut self, r: crate::maps::SourceRange) -> Result<(), Infallible> {
+            self.log.borrow_mut().push(format!("put range {}/{}", r.0, r.1));
+            self.maps.borrow_mut().source_ranges.insert(r);
+            Ok(())
+        }
+        fn del_source_range(&mut self, r: crate::maps::SourceRange) -> Result<(), Infallible> {
+            self.log.borrow_mut().push(format!("del range {}/{}", r.0, r.1));
+            self.maps.borrow_mut().source_ranges.remove(&r);
+            Ok(())
+        }
         fn forget_flows(
             &mut self,
             gone: &std::collections::BTreeSet<crate::maps::Assignment>,
@@ -218,6 +244,7 @@ local: false
                 .collect(),
             draining: Vec::new(),
             affinity_timeout: 0,
+            source_ranges: Vec::new(),
         }
     }
 
@@ -306,6 +333,47 @@ local: false
             "{log:?}"
         );
         assert_eq!(fake.maps.borrow().backends.len(), 2, "the backend stays");
+    }
+
+    /// A LoadBalancer frontend restricted to `ranges` (none: unrestricted).
+    fn lb(ranges: &[&str]) -> Frontend {
+        let mut f = fe(&[1]);
+        f.addr = Ipv4Addr::new(203, 0, 113, 20);
+        f.flags = svc_flags::LOAD_BALANCER;
+        if !ranges.is_empty() {
+            f.flags |= svc_flags::SOURCE_RANGES;
+        }
+        f.source_ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
+        f
+    }
+
+    #[test]
+    fn source_ranges_are_added_before_the_flag_and_removed_after_it() {
+        let fake = Fake::default();
+        let mut s = Syncer::new(fake.clone()).unwrap();
+        let mut ids = Ids::default();
+        s.sync(&layout(&[lb(&[])], &mut ids)).unwrap();
+        // Restricting: the entries exist before the frontend asks for them.
+        fake.log.borrow_mut().clear();
+        s.sync(&layout(&[lb(&["10.1.0.0/16", "192.168.77.200/32"])], &mut ids)).unwrap();
+        let log = fake.log.borrow().clone();
+        assert_eq!(log, ["put range 1/10.1.0.0/16", "put range 1/192.168.77.200/32", "put svc slot 0 count 1"], "{log:?}");
+        // One range changes: the new one first, the old one after.
+        fake.log.borrow_mut().clear();
+        let st = s.sync(&layout(&[lb(&["10.2.0.0/16", "192.168.77.200/32"])], &mut ids)).unwrap();
+        let log = fake.log.borrow().clone();
+        assert_eq!(log, ["put range 1/10.2.0.0/16", "del range 1/10.1.0.0/16"], "{log:?}");
+        assert_eq!((st.upserts, st.deletes), (1, 1));
+        // Unrestricting: the flag goes before the entries.
+        fake.log.borrow_mut().clear();
+        s.sync(&layout(&[lb(&[])], &mut ids)).unwrap();
+        let log = fake.log.borrow().clone();
+        assert_eq!(log, ["put svc slot 0 count 1", "del range 1/10.2.0.0/16", "del range 1/192.168.77.200/32"], "{log:?}");
+        // The Service goes away: nothing is left behind.
+        s.sync(&layout(&[lb(&["10.2.0.0/16"])], &mut ids)).unwrap();
+        s.sync(&layout(&[], &mut ids)).unwrap();
+        assert_eq!(*fake.maps.borrow(), MapContents::default());
+        assert_eq!(*s.current(), MapContents::default());
     }
 
     #[test]
