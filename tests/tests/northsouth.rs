@@ -225,7 +225,7 @@ fn with_xdp_snat_ports_collide_nodeport_addresses_are_honoured_and_duplicates_ar
 }
 
 fn snat_ports_nodeport_addresses_and_duplicates(path: Path) -> Result<()> {
-    let c = cluster(path)?;
+    let mut c = cluster(path)?;
     // Two external clients, the same source port, the same remote backend
     // through node 1: the second flow gets another SNAT port; both work.
     let to = SocketAddr::from((node_addr(0), 30081));
@@ -261,7 +261,22 @@ fn snat_ports_nodeport_addresses_and_duplicates(path: Path) -> Result<()> {
         "{logs}"
     );
     // Node 1 forwarded the flows to far-2 on node 2.
-    assert_xdp(&c, path, &[0])
+    assert_xdp(&c, path, &[0])?;
+    // An agent restart keeps the programs attached (pinned links, the new
+    // agent swaps its programs in) and the connections going.
+    c.nodes[0].stop_agent();
+    assert_eq!(a.ask_peer()?.0, "far-2", "served while no agent runs");
+    c.nodes[0].start_agent()?;
+    c.nodes[0].wait_until(Duration::from_secs(20), "the restarted agent attached", || {
+        Ok(c.nodes[0].agent_log().matches("from_netdev attached (reused pinned link)").count() >= 1)
+    })?;
+    if path == Path::Xdp {
+        assert!(c.nodes[0].agent_log().contains("xdp_from_netdev attached (reused pinned link)"), "{}", c.nodes[0].agent_log());
+    }
+    for s in [&mut a, &mut b] {
+        assert_eq!(s.ask_peer()?.0, "far-2", "served after the restart");
+    }
+    Ok(())
 }
 
 /// An HTTP GET from the external client: (status code, body).
