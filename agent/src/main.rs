@@ -222,37 +222,24 @@ fn run() -> Result<()> {
         Cmd::Echo(a) => rt.block_on(ferry_shim::run_echo(a)),
         Cmd::Svc {
             cmd: ListCmd::List { node, output },
-        } => {
-            let rows = inspect::services(&node.dir()?)?;
-            match output {
-                Output::Table | Output::Wide => {
-                    print!("{}", inspect::print_services(&rows, output == Output::Wide))
-                }
-                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-            }
-            Ok(())
-        }
+        } => print_list(&inspect::services(&node.dir()?)?, output, inspect::print_services),
         Cmd::Ct {
             cmd: ListCmd::List { node, output },
-        } => {
-            let rows = inspect::connections(&node.dir()?)?;
-            match output {
-                Output::Table | Output::Wide => print!("{}", inspect::print_connections(&rows)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-            }
-            Ok(())
-        }
+        } => print_list(&inspect::connections(&node.dir()?)?, output, |rows, _| inspect::print_connections(rows)),
         Cmd::Counters {
             cmd: ListCmd::List { node, output },
-        } => {
-            let rows = inspect::counters(&node.dir()?)?;
-            match output {
-                Output::Table | Output::Wide => print!("{}", inspect::print_counters(&rows)),
-                Output::Json => println!("{}", serde_json::to_string_pretty(&rows)?),
-            }
-            Ok(())
-        }
+        } => print_list(&inspect::counters(&node.dir()?)?, output, |rows, _| inspect::print_counters(rows)),
     }
+}
+
+/// Prints the rows of an inspection command as a table (`table(rows, wide)`)
+/// or as JSON.
+fn print_list<T: serde::Serialize>(rows: &[T], output: Output, table: impl Fn(&[T], bool) -> String) -> Result<()> {
+    match output {
+        Output::Table | Output::Wide => print!("{}", table(rows, output == Output::Wide)),
+        Output::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+    }
+    Ok(())
 }
 
 async fn agent(a: AgentArgs) -> Result<()> {
