@@ -1,4 +1,4 @@
-//! `cargo xtask run` / `cargo xtask lab`: the lab from lab/manifests, with live
+//! `cargo xtask run` / `cargo xtask lab --nodes 1`: the lab from lab/manifests, with live
 //! traffic through the Services and which backend answered.
 use std::{
     collections::BTreeMap,
@@ -66,6 +66,10 @@ pub fn run(once: bool, demo: bool) -> Result<()> {
             println!("\nlab: demo done; removing everything");
             return Ok(());
         }
+    }
+    if once {
+        println!("\nlab: ready; --once: removing everything");
+        return Ok(());
     }
     println!("\nlab: running; enter a Pod with `ip netns exec {client} bash`. Ctrl-C stops and cleans up.");
     let mut tick = 0u64;
