@@ -34,6 +34,7 @@ pub struct Placement {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Slots {
     pub first: u32,
+    /// The number of nodes (0 is taken as 1).
     pub stride: u32,
 }
 
@@ -49,13 +50,19 @@ impl Slots {
         if self.first >= replicas {
             0
         } else {
-            (replicas - self.first - 1) / self.stride + 1
+            (replicas - self.first - 1) / self.stride.max(1) + 1
         }
+    }
+
+    /// Whether replica index `i` is one of these.
+    pub fn has(&self, i: u64) -> bool {
+        let (first, stride) = (u64::from(self.first), u64::from(self.stride.max(1)));
+        i >= first && (i - first) % stride == 0
     }
 
     /// The `k`-th index of this node.
     pub fn index(&self, k: u32) -> u64 {
-        u64::from(self.first) + u64::from(k) * u64::from(self.stride)
+        u64::from(self.first) + u64::from(k) * u64::from(self.stride.max(1))
     }
 }
 
@@ -172,11 +179,18 @@ mod tests {
                     let mine: Vec<u64> = (0..s.count(replicas)).map(|k| s.index(k)).collect();
                     for i in &mine {
                         assert!(*i < u64::from(replicas));
+                        assert!(s.has(*i));
                         assert_eq!(p.replica_node("default", "echo", *i), *node);
                     }
                     counts.push(mine.len() as u32);
                 }
                 assert_eq!(counts.iter().sum::<u32>(), replicas, "{nodes:?} {replicas}");
+                for i in 0..u64::from(replicas) {
+                    let owners = nodes
+                        .iter()
+                        .filter(|n| p.slots("default", "echo", n).unwrap().has(i));
+                    assert_eq!(owners.count(), 1, "{nodes:?}: index {i}");
+                }
                 let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
                 assert!(max - min <= 1, "{nodes:?} {replicas}: {counts:?}");
             }

@@ -28,6 +28,18 @@ pub struct DeploymentDef {
     pub template: crate::manifests::PodDef,
 }
 
+impl DeploymentDef {
+    /// Whether the Pod `name` (`<deployment>-<i>`) is one this node runs: `i`
+    /// is one of its slots.
+    pub fn owns(&self, name: &str) -> bool {
+        let index = name
+            .strip_prefix(self.name.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|i| i.parse::<u64>().ok());
+        index.is_some_and(|i| self.slots.has(i))
+    }
+}
+
 /// A Pod of the Deployment that runs (not yet asked to stop).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Member {
@@ -232,6 +244,9 @@ mod tests {
         let old = [m("echo-1", false, true), m("echo-3", false, true)];
         assert_eq!(plan(&d, &old, &[]).start, ["echo-5"]);
         assert_eq!(plan(&d, &old, &["echo-5".to_string()]).start, ["echo-7"]);
+        assert!(d.owns("echo-1") && d.owns("echo-7"));
+        assert!(!d.owns("echo-0") && !d.owns("echo-x") && !d.owns("other-1") && !d.owns("echo-"));
+        assert!(dep(3, 1, 0).owns("echo-0"), "a single node owns every index");
     }
 
     #[test]

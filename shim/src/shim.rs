@@ -59,12 +59,13 @@ pub async fn run(args: ShimArgs) -> Result<()> {
         }
         reported = errors;
         stopping.retain(|h| !h.is_finished());
-        // Gone or changed: terminate. A Deployment's Pods go when it goes; while
-        // it exists, rollout plans them.
+        // Gone or changed: terminate. A Deployment's Pods go when it goes, or
+        // when their index is no longer this node's (the Node objects changed);
+        // while it exists, rollout plans them.
         let outdated: Vec<String> = running
             .iter()
             .filter(|(k, h)| match &h.def.owner {
-                Some(d) => !desired.deployments.contains_key(d),
+                Some(d) => desired.deployments.get(d).is_none_or(|d| !d.owns(&h.def.name)),
                 None => desired.pods.get(*k).is_none_or(|d| d.fingerprint != h.def.fingerprint),
             })
             .map(|(k, _)| k.clone())
