@@ -75,7 +75,8 @@ spec:
 /// cluster: the shims (each with `--nodes` of both) run every Pod exactly once
 /// and spread the replicas 2 + 2; each Pod has an address of its node's pod
 /// CIDR; the Service's ClusterIP (from the client) and its NodePort (from the
-/// external client, on either node) reach all four.
+/// external client, on either node) reach all four. Scaled to 2, one stays on
+/// each node.
 #[test]
 fn unpinned_pods_are_spread_over_the_nodes_and_run_once() -> Result<()> {
     let replicas = 4;
@@ -142,5 +143,14 @@ fn unpinned_pods_are_spread_over_the_nodes_and_run_once() -> Result<()> {
         })?;
         assert_eq!(seen, want, "only the replicas answer on {node_port}");
     }
+    // Scaled down to 2: each node keeps the lowest index of its share, so one
+    // replica stays on each node.
+    c.write_manifest("echo.yaml", &echo_deployment("echo", "spread", 2))?;
+    c.nodes[0].wait_until(Duration::from_secs(30), "echo-2 and echo-3 gone", || {
+        let echo: Vec<String> = c.nodes[0].pods().into_iter().filter(|r| r.name.starts_with("echo-")).map(|r| r.name).collect();
+        Ok(echo == ["echo-0", "echo-1"])
+    })?;
+    let on = |name: &str| c.nodes[0].pod(name).map(|r| r.node);
+    assert_ne!(on("echo-0"), on("echo-1"), "one replica per node");
     Ok(())
 }
