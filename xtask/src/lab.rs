@@ -79,7 +79,9 @@ pub fn run(nodes: usize, once: bool) -> Result<()> {
     if let Err(e) = checked {
         println!("lab: WARNING: {e:#}\n(the lab keeps running so you can look)");
     }
-    println!("\nlab: running. Ctrl-C stops and removes everything (namespaces, Pods, pinned maps).");
+    println!(
+        "\nlab: running. Ctrl-C stops and removes everything (namespaces, Pods, pinned maps)."
+    );
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(500));
         for lab in &mut cluster.nodes {
@@ -112,13 +114,19 @@ fn services(manifests: &[(String, String)]) -> Result<Vec<Svc>> {
 
 fn svc_of(file: &str, svc: Service) -> Result<Option<Svc>> {
     let name = svc.metadata.name.unwrap_or_default();
-    let key = format!("{}/{name}", svc.metadata.namespace.as_deref().unwrap_or("default"));
-    let Some(spec) = svc.spec else { return Ok(None) };
+    let key = format!(
+        "{}/{name}",
+        svc.metadata.namespace.as_deref().unwrap_or("default")
+    );
+    let Some(spec) = svc.spec else {
+        return Ok(None);
+    };
     let (Some(ip), Some(selector)) = (spec.cluster_ip, spec.selector) else {
         return Ok(None);
     };
-    let cluster_ip: Ipv4Addr =
-        ip.parse().with_context(|| format!("{file}: Service {key}: spec.clusterIP {ip:?}"))?;
+    let cluster_ip: Ipv4Addr = ip
+        .parse()
+        .with_context(|| format!("{file}: Service {key}: spec.clusterIP {ip:?}"))?;
     let mut ports = Vec::new();
     for p in spec.ports.unwrap_or_default() {
         let port = u16::try_from(p.port)
@@ -129,9 +137,18 @@ fn svc_of(file: &str, svc: Service) -> Result<Option<Svc>> {
             .transpose()
             .with_context(|| format!("{file}: Service {key}: spec.ports.nodePort"))?;
         let protocol = p.protocol.unwrap_or_else(|| "TCP".into());
-        ports.push(SvcPort { port, protocol, node_port });
+        ports.push(SvcPort {
+            port,
+            protocol,
+            node_port,
+        });
     }
-    Ok(Some(Svc { key, cluster_ip, selector, ports }))
+    Ok(Some(Svc {
+        key,
+        cluster_ip,
+        selector,
+        ports,
+    }))
 }
 
 /// Node -> the Pods its shim runs, computed with the shim's own placement
@@ -156,9 +173,15 @@ fn expected_placement(dir: &Path, nodes: &[String]) -> Result<BTreeMap<String, V
 fn check_placement(expected: &BTreeMap<String, Vec<String>>, records: &[PodRecord]) -> Result<()> {
     for (node, pods) in expected {
         for pod in pods {
-            let on: Vec<&str> =
-                records.iter().filter(|r| &r.name == pod).map(|r| r.node.as_str()).collect();
-            ensure!(on == [node.as_str()], "pod {pod} should run on {node} only, runs on {on:?}");
+            let on: Vec<&str> = records
+                .iter()
+                .filter(|r| &r.name == pod)
+                .map(|r| r.node.as_str())
+                .collect();
+            ensure!(
+                on == [node.as_str()],
+                "pod {pod} should run on {node} only, runs on {on:?}"
+            );
         }
     }
     Ok(())
@@ -205,9 +228,15 @@ fn backends<'a>(svc: &Svc, records: &'a [PodRecord]) -> Vec<&'a PodRecord> {
 fn print_services(services: &[Svc], records: &[PodRecord]) {
     println!("\nServices (lab/manifests):");
     for svc in services {
-        let names: Vec<&str> = backends(svc, records).iter().map(|r| r.name.as_str()).collect();
+        let names: Vec<&str> = backends(svc, records)
+            .iter()
+            .map(|r| r.name.as_str())
+            .collect();
         for p in &svc.ports {
-            let node_port = p.node_port.map(|n| format!("  NodePort {n}")).unwrap_or_default();
+            let node_port = p
+                .node_port
+                .map(|n| format!("  NodePort {n}"))
+                .unwrap_or_default();
             println!(
                 "    {:<18} {}:{}/{}{node_port}  backends {}",
                 svc.key,
@@ -225,7 +254,9 @@ fn print_services(services: &[Svc], records: &[PodRecord]) {
 fn print_examples(c: &Cluster, services: &[Svc], records: &[PodRecord]) -> Result<()> {
     let ferry = sys::ferry_bin()?;
     println!("\nTry:");
-    let pod = records.iter().find(|r| r.netns.is_some() && !is_backend(services, r));
+    let pod = records
+        .iter()
+        .find(|r| r.netns.is_some() && !is_backend(services, r));
     if let Some(pod) = pod.or(records.first()) {
         let ns = pod.netns.as_deref().unwrap_or_default();
         for svc in services {
@@ -237,7 +268,10 @@ fn print_examples(c: &Cluster, services: &[Svc], records: &[PodRecord]) -> Resul
                 }
             }
         }
-        println!("    ip netns exec {ns} bash    # a shell in pod {}", pod.name);
+        println!(
+            "    ip netns exec {ns} bash    # a shell in pod {}",
+            pod.name
+        );
     }
     for svc in services {
         for p in svc.ports.iter().filter(|p| p.node_port.is_some()) {
@@ -270,27 +304,45 @@ fn is_backend(services: &[Svc], r: &PodRecord) -> bool {
 /// from the external client on each node's address.
 fn check_services(c: &Cluster, services: &[Svc], records: &[PodRecord]) -> Result<()> {
     for svc in services {
-        let want: BTreeSet<String> = backends(svc, records).iter().map(|r| r.name.clone()).collect();
+        let want: BTreeSet<String> = backends(svc, records)
+            .iter()
+            .map(|r| r.name.clone())
+            .collect();
         if want.is_empty() {
             println!("    {}: no backends, not checked", svc.key);
             continue;
         }
         for p in &svc.ports {
             for (i, lab) in c.nodes.iter().enumerate() {
-                let mine = records.iter().filter(|r| r.node == lab.node && r.netns.is_some());
-                let Some(pod) = mine.clone().find(|r| !want.contains(&r.name)).or(mine.clone().next()) else {
+                let mine = records
+                    .iter()
+                    .filter(|r| r.node == lab.node && r.netns.is_some());
+                let Some(pod) = mine
+                    .clone()
+                    .find(|r| !want.contains(&r.name))
+                    .or(mine.clone().next())
+                else {
                     println!("    node {}: no Pod to ask from", i + 1);
                     continue;
                 };
                 let to = SocketAddr::from((svc.cluster_ip, p.port));
                 let from = pod.netns.clone().unwrap_or_default();
-                let what = format!("{} {to}/{} from pod {} (node {})", svc.key, p.protocol, pod.name, i + 1);
+                let what = format!(
+                    "{} {to}/{} from pod {} (node {})",
+                    svc.key,
+                    p.protocol,
+                    pod.name,
+                    i + 1
+                );
                 answered_by_all(c, &what, &from, to, &p.protocol, &want)?;
             }
             let Some(np) = p.node_port else { continue };
             for i in 0..c.nodes.len() {
                 let to = SocketAddr::from((node_addr(i), np));
-                let what = format!("{} NodePort {to}/{} from the external client", svc.key, p.protocol);
+                let what = format!(
+                    "{} NodePort {to}/{} from the external client",
+                    svc.key, p.protocol
+                );
                 answered_by_all(c, &what, &c.external, to, &p.protocol, &want)?;
             }
         }
@@ -317,7 +369,13 @@ fn answered_by_all(
         seen.insert(who);
         Ok(want.is_subset(&seen))
     })?;
-    ensure!(&seen == want, "{what}: answered by {seen:?}, only {want:?} should");
-    println!("    ok  {what}: answered by {}", seen.into_iter().collect::<Vec<_>>().join(" "));
+    ensure!(
+        &seen == want,
+        "{what}: answered by {seen:?}, only {want:?} should"
+    );
+    println!(
+        "    ok  {what}: answered by {}",
+        seen.into_iter().collect::<Vec<_>>().join(" ")
+    );
     Ok(())
 }
