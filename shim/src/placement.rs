@@ -57,7 +57,7 @@ impl Slots {
     /// Whether replica index `i` is one of these.
     pub fn has(&self, i: u64) -> bool {
         let (first, stride) = (u64::from(self.first), u64::from(self.stride.max(1)));
-        i >= first && (i - first) % stride == 0
+        i >= first && (i - first).is_multiple_of(stride)
     }
 
     /// The `k`-th index of this node.
