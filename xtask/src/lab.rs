@@ -63,6 +63,10 @@ pub fn run(nodes: usize, once: bool) -> Result<()> {
     let pods: Vec<&str> = expected.values().flatten().map(String::as_str).collect();
     println!("lab: waiting for the Pods to be ready: {}", pods.join(", "));
     cluster.wait_ready(&pods, READY)?;
+    if stop.load(Ordering::SeqCst) {
+        println!("lab: interrupted; removing everything");
+        return Ok(());
+    }
     let records = cluster.nodes[0].pods();
     check_placement(&expected, &records)?;
     print_nodes(&cluster, &records);
