@@ -14,6 +14,8 @@ use tokio::process::{Child, Command};
 pub struct PodInfo<'a> {
     pub name: &'a str,
     pub namespace: &'a str,
+    /// The node the Pod was placed on: this shim's, as a shim runs only the
+    /// Pods placed on its node (spec.nodeName, or `crate::placement`).
     pub node: &'a str,
     pub ip: Ipv4Addr,
 }

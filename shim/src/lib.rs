@@ -4,6 +4,7 @@ pub mod echo;
 pub mod manifests;
 pub mod netns;
 pub mod network;
+pub mod placement;
 pub mod pod;
 pub mod probe;
 pub mod rollout;
@@ -21,6 +22,13 @@ pub struct ShimArgs {
     /// Name of this node; Pods with another spec.nodeName are left to other nodes.
     #[arg(long)]
     pub node: String,
+    /// The lab's nodes (comma-separated, this one included): a Pod without
+    /// spec.nodeName runs on exactly one of them, chosen by a hash of its
+    /// namespace/name that every node's shim computes alike (Deployment
+    /// replicas round-robin from a hashed node). Default: the Node objects of
+    /// the manifests; without any, this node runs every such Pod.
+    #[arg(long, value_delimiter = ',')]
+    pub nodes: Vec<String>,
     /// Where Pod status is published for the agents (shared by all nodes of a lab).
     #[arg(long, default_value = status::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,

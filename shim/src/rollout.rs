@@ -5,7 +5,10 @@
 //!
 //! Pods are named `<deployment>-<i>`, `i` the lowest index no Pod of the
 //! Deployment (running or still stopping) uses, so a fresh Deployment of 3 runs
-//! `echo-0`, `echo-1`, `echo-2`. Planning is pure; the shim's loop applies it.
+//! `echo-0`, `echo-1`, `echo-2`. With several nodes each plans its own share of
+//! the replicas with the indices it owns (`DeploymentDef::slots`), and applies
+//! maxSurge / maxUnavailable to that share. Planning is pure; the shim's loop
+//! applies it.
 
 /// A Deployment as the shim runs it.
 #[derive(Clone, Debug, PartialEq)]
@@ -17,8 +20,24 @@ pub struct DeploymentDef {
     pub replicas: u32,
     pub max_surge: u32,
     pub max_unavailable: u32,
+    /// The replica indices this node runs (all of them on a single node; with
+    /// several nodes, `replicas` is this node's share and its Pods are named
+    /// after these indices only, so the nodes never pick the same name).
+    pub slots: crate::placement::Slots,
     /// The Pod template (`name` is the Deployment's; the plan names Pods).
     pub template: crate::manifests::PodDef,
+}
+
+impl DeploymentDef {
+    /// Whether the Pod `name` (`<deployment>-<i>`) is one this node runs: `i`
+    /// is one of its slots.
+    pub fn owns(&self, name: &str) -> bool {
+        let index = name
+            .strip_prefix(self.name.as_str())
+            .and_then(|rest| rest.strip_prefix('-'))
+            .and_then(|i| i.parse::<u64>().ok());
+        index.is_some_and(|i| self.slots.has(i))
+    }
 }
 
 /// A Pod of the Deployment that runs (not yet asked to stop).
@@ -75,11 +94,11 @@ pub fn plan(d: &DeploymentDef, members: &[Member], taken: &[String]) -> Plan {
     }
     // New Pods: up to replicas current ones, at most replicas + maxSurge in all.
     let limit = replicas + d.max_surge as usize;
-    let mut index = 0usize;
+    let mut k = 0u32;
     while current_n < replicas && alive < limit {
         let name = loop {
-            let n = format!("{}-{index}", d.name);
-            index += 1;
+            let n = format!("{}-{}", d.name, d.slots.index(k));
+            k += 1;
             if !members.iter().any(|m| m.name == n) && !taken.contains(&n) {
                 break n;
             }
@@ -128,14 +147,13 @@ mod tests {
     use super::*;
 
     fn dep(replicas: u32, surge: u32, unavailable: u32) -> DeploymentDef {
-        let mut d = crate::manifests::Desired::default();
+        let mut m = crate::manifests::Manifests::default();
         crate::manifests::load_str(
             "d.yaml",
             "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: echo}\nspec:\n  selector: {matchLabels: {app: echo}}\n  template:\n    metadata: {labels: {app: echo}}\n    spec:\n      containers: [{name: e, command: [ferry, echo]}]\n",
-            "n1",
-            &mut d,
+            &mut m,
         );
-        let mut def = d.deployments.remove("default/echo").expect("parsed");
+        let mut def = m.place("n1", &[]).deployments.remove("default/echo").expect("parsed");
         def.replicas = replicas;
         def.max_surge = surge;
         def.max_unavailable = unavailable;
@@ -213,6 +231,22 @@ mod tests {
             &[],
         );
         assert_eq!(p.stop, ["echo-1"]);
+    }
+
+    #[test]
+    fn a_node_names_its_share_after_its_own_indices_only() {
+        // Node 2 of 2 owns the odd indices: of 5 replicas, echo-1 and echo-3.
+        let mut d = dep(2, 1, 0);
+        d.slots = crate::placement::Slots { first: 1, stride: 2 };
+        assert_eq!(plan(&d, &[], &[]).start, ["echo-1", "echo-3"]);
+        // A rolling update surges with the next index of its own, never
+        // another node's.
+        let old = [m("echo-1", false, true), m("echo-3", false, true)];
+        assert_eq!(plan(&d, &old, &[]).start, ["echo-5"]);
+        assert_eq!(plan(&d, &old, &["echo-5".to_string()]).start, ["echo-7"]);
+        assert!(d.owns("echo-1") && d.owns("echo-7"));
+        assert!(!d.owns("echo-0") && !d.owns("echo-x") && !d.owns("other-1") && !d.owns("echo-"));
+        assert!(dep(3, 1, 0).owns("echo-0"), "a single node owns every index");
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::{
 
 pub async fn run(args: ShimArgs) -> Result<()> {
     let gateway = args.pod_cidr.hosts().next().context("--pod-cidr has no host addresses")?;
+    check_nodes(&args)?;
     if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
         tracing::warn!("net.ipv4.ip_forward is 0 in this network namespace: Pods cannot reach each other through the node");
     }
@@ -45,25 +46,26 @@ pub async fn run(args: ShimArgs) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     let max_grace = Duration::from_secs(args.max_grace_seconds);
-    tracing::info!(node = %args.node, cidr = %args.pod_cidr, manifests = %args.manifests.display(), "ferry shim started");
+    tracing::info!(node = %args.node, nodes = ?args.nodes, cidr = %args.pod_cidr, manifests = %args.manifests.display(), "ferry shim started");
 
     let mut running: BTreeMap<String, PodHandle> = BTreeMap::new();
     let mut stopping: Vec<PodHandle> = Vec::new();
     let mut reported: BTreeSet<String> = BTreeSet::new();
     loop {
-        let desired = manifests::load_dir(&args.manifests, &args.node);
+        let desired = manifests::load_dir(&args.manifests).place(&args.node, &args.nodes);
         let errors: BTreeSet<String> = desired.errors.iter().cloned().collect();
         for e in errors.difference(&reported) {
             tracing::error!("{e}");
         }
         reported = errors;
         stopping.retain(|h| !h.is_finished());
-        // Gone or changed: terminate. A Deployment's Pods go when it goes; while
-        // it exists, rollout plans them.
+        // Gone or changed: terminate. A Deployment's Pods go when it goes, or
+        // when their index is no longer this node's (the Node objects changed);
+        // while it exists, rollout plans them.
         let outdated: Vec<String> = running
             .iter()
             .filter(|(k, h)| match &h.def.owner {
-                Some(d) => !desired.deployments.contains_key(d),
+                Some(d) => desired.deployments.get(d).is_none_or(|d| !d.owns(&h.def.name)),
                 None => desired.pods.get(*k).is_none_or(|d| d.fingerprint != h.def.fingerprint),
             })
             .map(|(k, _)| k.clone())
@@ -87,7 +89,9 @@ pub async fn run(args: ShimArgs) -> Result<()> {
                 })
                 .collect();
             // Names a new Pod must not take: stopping Pods, other running Pods and
-            // standalone Pods of the namespace.
+            // standalone Pods of the namespace (also those other nodes run).
+            let ns_prefix = format!("{}/", d.namespace);
+            let elsewhere = desired.elsewhere.iter().filter_map(|k| k.strip_prefix(&ns_prefix).map(str::to_string));
             let taken: Vec<String> = stopping
                 .iter()
                 .map(|h| &h.def)
@@ -95,6 +99,7 @@ pub async fn run(args: ShimArgs) -> Result<()> {
                 .chain(desired.pods.values())
                 .filter(|p| p.namespace == d.namespace)
                 .map(|p| p.name.clone())
+                .chain(elsewhere)
                 .collect();
             let plan = rollout::plan(d, &members, &taken);
             for name in plan.stop {
@@ -144,6 +149,19 @@ pub async fn run(args: ShimArgs) -> Result<()> {
     }
     for h in running.into_values().chain(stopping) {
         h.wait().await;
+    }
+    Ok(())
+}
+
+/// `--nodes`, if given, must name this node: otherwise it would run no Pod
+/// without spec.nodeName, and the ones placed on the missing node would run
+/// nowhere.
+fn check_nodes(args: &ShimArgs) -> Result<()> {
+    if let Some(empty) = args.nodes.iter().find(|n| n.trim().is_empty()) {
+        anyhow::bail!("--nodes {:?}: a node name is empty ({empty:?})", args.nodes.join(","));
+    }
+    if !args.nodes.is_empty() && !args.nodes.contains(&args.node) {
+        anyhow::bail!("--nodes {}: does not include this node (--node {})", args.nodes.join(","), args.node);
     }
     Ok(())
 }

@@ -12,8 +12,9 @@
 //!
 //! Node i routes node j's pod CIDR via node j's address; the external client
 //! has no route to any pod CIDR. Every node runs its agent with `--devices
-//! eth0`, its shim with its own pod CIDR, on the same manifests and a shared
-//! Pod status directory (what the API server would be).
+//! eth0`, its shim with its own pod CIDR and `--nodes <every node>` (a Pod
+//! without spec.nodeName runs on one node the shims agree on), on the same
+//! manifests and a shared Pod status directory (what the API server would be).
 use std::{
     fs,
     net::Ipv4Addr,
@@ -75,6 +76,7 @@ impl Cluster {
         for i in 0..n {
             let mut opts = LabOptions::new(&format!("{tag}{}", i + 1));
             opts.agent = false;
+            opts.shim = false;
             opts.pod_cidr = pod_cidr(i);
             opts.state_dir = Some(cluster.state_dir.clone());
             opts.agent_args = ["--devices", "eth0"].iter().chain(agent_args).map(ToString::to_string).collect();
@@ -84,6 +86,12 @@ impl Cluster {
         }
         for i in 0..n {
             cluster.wire_node(i)?;
+        }
+        // Every shim knows every node: each Pod without spec.nodeName runs on
+        // exactly one of them.
+        let names = cluster.node_names();
+        for lab in &mut cluster.nodes {
+            lab.start_shim(&names)?;
         }
         if agents {
             for lab in &mut cluster.nodes {
@@ -126,6 +134,11 @@ impl Cluster {
             sys::run("ip", &["-n", node, "route", "add", &pod_cidr(j), "via", &node_addr(j).to_string()])?;
         }
         Ok(())
+    }
+
+    /// The nodes' names (their network namespaces), node 1 first.
+    pub fn node_names(&self) -> Vec<String> {
+        self.nodes.iter().map(|l| l.node.clone()).collect()
     }
 
     /// Writes (or replaces) a manifest on every node.

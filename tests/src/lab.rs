@@ -27,6 +27,9 @@ pub struct LabOptions {
     pub pod_cidr: String,
     /// Start `ferry agent` (false: Pods only, e.g. for a baseline without Ferry).
     pub agent: bool,
+    /// Start `ferry shim` (false: the caller starts it with [`Lab::start_shim`],
+    /// e.g. once the names of every node of a multi-node lab are known).
+    pub shim: bool,
     /// Pod status directory shared with other nodes (a multi-node lab); by
     /// default the lab's own.
     pub state_dir: Option<PathBuf>,
@@ -40,6 +43,7 @@ impl LabOptions {
             agent_args: Vec::new(),
             pod_cidr: "10.244.0.0/24".into(),
             agent: true,
+            shim: true,
             state_dir: None,
         }
     }
@@ -84,6 +88,7 @@ pub struct Lab {
     agent: Option<Child>,
     shim: Option<Child>,
     agent_args: Vec<String>,
+    pod_cidr: String,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -121,6 +126,7 @@ impl Lab {
             agent: None,
             shim: None,
             agent_args: opts.agent_args.clone(),
+            pod_cidr: opts.pod_cidr.clone(),
         };
         for (file, yaml) in &opts.manifests {
             lab.write_manifest(file, yaml)?;
@@ -129,18 +135,33 @@ impl Lab {
         if opts.agent {
             lab.start_agent()?;
         }
-        lab.shim = Some(lab.spawn("shim", &[
-            "shim",
-            "--manifests",
-            &path_str(&lab.manifests_dir),
-            "--node",
-            &lab.node,
-            "--state-dir",
-            &path_str(&lab.state_dir),
-            "--pod-cidr",
-            &opts.pod_cidr,
-        ])?);
+        if opts.shim {
+            lab.start_shim(&[])?;
+        }
         Ok(lab)
+    }
+
+    /// Starts `ferry shim` on the lab's manifests; `nodes` (if any) are the
+    /// lab's nodes, over which it spreads the Pods without spec.nodeName
+    /// (`--nodes`; without, this node runs them all).
+    pub fn start_shim(&mut self, nodes: &[String]) -> Result<()> {
+        let mut args: Vec<String> = vec![
+            "shim".into(),
+            "--manifests".into(),
+            path_str(&self.manifests_dir),
+            "--node".into(),
+            self.node.clone(),
+            "--state-dir".into(),
+            path_str(&self.state_dir),
+            "--pod-cidr".into(),
+            self.pod_cidr.clone(),
+        ];
+        if !nodes.is_empty() {
+            args.extend(["--nodes".into(), nodes.join(",")]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.shim = Some(self.spawn("shim", &args)?);
+        Ok(())
     }
 
     fn create_node(&self) -> Result<()> {

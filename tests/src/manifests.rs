@@ -35,6 +35,43 @@ spec:
     )
 }
 
+/// A Deployment of `replicas` echo Pods (as [`echo_pod`], ready once TCP 8080
+/// accepts) labelled `app`, without spec.nodeName: the shims spread them.
+pub fn echo_deployment(name: &str, app: &str, replicas: u32) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels:
+      app: {app}
+  template:
+    metadata:
+      labels:
+        app: {app}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+        - name: echo
+          command: ["ferry", "echo", "--tcp", "8080", "--udp", "8080"]
+          ports:
+            - name: http
+              containerPort: 8080
+            - name: dns
+              containerPort: 8080
+              protocol: UDP
+          readinessProbe:
+            tcpSocket:
+              port: http
+            periodSeconds: 1
+"#
+    )
+}
+
 /// A Pod that only sleeps: a client.
 pub fn client_pod(name: &str) -> String {
     format!(

@@ -1,12 +1,17 @@
 //! Several lab nodes joined by an underlay (tests/src/cluster.rs): each runs its
 //! own agent and shim on the same manifests; Pods say where they run
-//! (spec.nodeName). Real clients, assertions on which backend answered.
-use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+//! (spec.nodeName) or the shims spread them. Real clients, assertions on which
+//! backend answered.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    time::Duration,
+};
 
-use anyhow::Result;
+use anyhow::{ensure, Result};
 use ferry_tests::{
-    cluster::Cluster,
-    manifests::{client_pod, echo_pod, echo_service, on_node},
+    cluster::{node_addr, pod_cidr, Cluster},
+    manifests::{client_pod, echo_deployment, echo_pod, echo_service, on_node},
     tcp_ask, udp_ask, TcpSession,
 };
 
@@ -52,5 +57,100 @@ fn a_pod_reaches_a_clusterip_with_a_backend_on_another_node() -> Result<()> {
         Ok(seen.len() == 2)
     })?;
     assert_eq!(seen, BTreeSet::from(["local".to_string(), "remote".to_string()]));
+    Ok(())
+}
+
+const SPREAD_SERVICE: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: spread, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.30
+  selector: {app: spread}
+  ports:
+    - {name: http, port: 80, targetPort: http, nodePort: 30080}
+"#;
+
+/// A Deployment of 4 and a client Pod, none with spec.nodeName, in a 2-node
+/// cluster: the shims (each with `--nodes` of both) run every Pod exactly once
+/// and spread the replicas 2 + 2; each Pod has an address of its node's pod
+/// CIDR; the Service's ClusterIP (from the client) and its NodePort (from the
+/// external client, on either node) reach all four. Scaled to 2, one stays on
+/// each node.
+#[test]
+fn unpinned_pods_are_spread_over_the_nodes_and_run_once() -> Result<()> {
+    let replicas = 4;
+    let c = Cluster::start(
+        "spread",
+        2,
+        &[
+            ("service.yaml".into(), SPREAD_SERVICE.into()),
+            ("echo.yaml".into(), echo_deployment("echo", "spread", replicas)),
+            ("client.yaml".into(), client_pod("client")),
+        ],
+        &[],
+    )?;
+    let names: Vec<String> = (0..replicas).map(|i| format!("echo-{i}")).collect();
+    let mut wait: Vec<&str> = names.iter().map(String::as_str).collect();
+    wait.push("client");
+    c.wait_ready(&wait, READY)?;
+    // Both shims have run a few loops by now: a Pod run twice, or a replica too
+    // many, would show as a second record or another name.
+    std::thread::sleep(Duration::from_secs(3));
+    let records = c.nodes[0].pods();
+    let mut per_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in &records {
+        let i = c.nodes.iter().position(|l| l.node == r.node);
+        ensure!(i.is_some(), "pod {} on unknown node {}", r.name, r.node);
+        let cidr = pod_cidr(i.unwrap_or(0));
+        let net = cidr.trim_end_matches("0/24");
+        ensure!(
+            r.pod_ip.is_some_and(|ip| ip.to_string().starts_with(net)),
+            "pod {} on {} has address {:?}, not of its node's pod CIDR {cidr}",
+            r.name,
+            r.node,
+            r.pod_ip
+        );
+        per_node.entry(r.node.clone()).or_default().push(r.name.clone());
+    }
+    let mut all: Vec<String> = records.iter().map(|r| r.name.clone()).collect();
+    all.sort();
+    let mut want = names.clone();
+    want.push("client".into());
+    want.sort();
+    assert_eq!(all, want, "every Pod exactly once: {per_node:?}");
+    for lab in &c.nodes {
+        let echo = per_node.get(&lab.node).map_or(0, |p| p.iter().filter(|n| n.starts_with("echo-")).count());
+        assert_eq!(echo, 2, "two of four replicas on {}: {per_node:?}", lab.node);
+    }
+    eprintln!("placement: {per_node:?}");
+
+    let want: BTreeSet<String> = names.iter().cloned().collect();
+    let client = c.pod_netns("client")?;
+    let cluster_ip = addr("10.96.0.30:80");
+    let mut seen = BTreeSet::new();
+    c.nodes[0].wait_until(Duration::from_secs(20), "the ClusterIP reaching every replica", || {
+        seen.insert(tcp_ask(&client, cluster_ip)?);
+        Ok(want.is_subset(&seen))
+    })?;
+    assert_eq!(seen, want, "only the replicas answer");
+    for i in 0..c.nodes.len() {
+        let node_port = SocketAddr::from((node_addr(i), 30080));
+        let mut seen = BTreeSet::new();
+        c.nodes[0].wait_until(Duration::from_secs(20), &format!("NodePort {node_port} reaching every replica"), || {
+            seen.insert(tcp_ask(&c.external, node_port)?);
+            Ok(want.is_subset(&seen))
+        })?;
+        assert_eq!(seen, want, "only the replicas answer on {node_port}");
+    }
+    // Scaled down to 2: each node keeps the lowest index of its share, so one
+    // replica stays on each node.
+    c.write_manifest("echo.yaml", &echo_deployment("echo", "spread", 2))?;
+    c.nodes[0].wait_until(Duration::from_secs(30), "echo-2 and echo-3 gone", || {
+        let echo: Vec<String> = c.nodes[0].pods().into_iter().filter(|r| r.name.starts_with("echo-")).map(|r| r.name).collect();
+        Ok(echo == ["echo-0", "echo-1"])
+    })?;
+    let on = |name: &str| c.nodes[0].pod(name).map(|r| r.node);
+    assert_ne!(on("echo-0"), on("echo-1"), "one replica per node");
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! `cargo xtask run` / `cargo xtask lab`: the lab from lab/manifests, with live
+//! `cargo xtask run` / `cargo xtask lab --nodes 1`: the lab from lab/manifests, with live
 //! traffic through the Services and which backend answered.
 use std::{
     collections::BTreeMap,
@@ -44,9 +44,13 @@ pub fn run(once: bool, demo: bool) -> Result<()> {
     let client = lab.pod_netns(CLIENT)?;
     let tcp: SocketAddr = TCP_SERVICE.parse()?;
     let udp: SocketAddr = UDP_SERVICE.parse()?;
-    // The agent programs the maps within a second of the Pods turning ready.
-    lab.wait_until(Duration::from_secs(10), "the TCP Service answering", || {
-        Ok(tcp_ask(&client, tcp).is_ok())
+    // The agent programs the maps within a second of the Pods turning ready
+    // (later on a busy machine): wait until every backend has answered, not
+    // just the first, or the split below misses one.
+    let mut seen = std::collections::BTreeSet::new();
+    lab.wait_until(Duration::from_secs(20), "the TCP Service answering from every backend", || {
+        seen.insert(tcp_ask(&client, tcp)?);
+        Ok(BACKENDS.iter().all(|b| seen.contains(*b)))
     })?;
 
     println!("\n$ ferry svc list\n{}", lab.ferry(&["svc", "list"])?);
@@ -66,6 +70,10 @@ pub fn run(once: bool, demo: bool) -> Result<()> {
             println!("\nlab: demo done; removing everything");
             return Ok(());
         }
+    }
+    if once {
+        println!("\nlab: ready; --once: removing everything");
+        return Ok(());
     }
     println!("\nlab: running; enter a Pod with `ip netns exec {client} bash`. Ctrl-C stops and cleans up.");
     let mut tick = 0u64;

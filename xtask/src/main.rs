@@ -2,6 +2,7 @@
 mod bench;
 mod demo;
 mod demo_ns;
+mod lab;
 mod setup;
 
 use std::process::Command;
@@ -36,8 +37,19 @@ enum Cmd {
         #[arg(long)]
         once: bool,
     },
-    /// setup + build, start the lab and keep it running until Ctrl-C (no demo traffic).
-    Lab,
+    /// setup + build, start the lab from lab/manifests on N nodes and keep it
+    /// running until Ctrl-C (no demo traffic).
+    Lab {
+        /// Number of nodes: each runs its agent and shim; Pods without
+        /// spec.nodeName are spread over them. 1: the single-node lab of `run`.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=188))]
+        nodes: u8,
+        /// Set up, print, check that every Service answers (ClusterIP from a Pod
+        /// of each node, NodePort from the external client), then remove
+        /// everything and exit (fails if a check fails).
+        #[arg(long)]
+        once: bool,
+    },
     /// setup + release build, then Ferry against kube-proxy's iptables and nftables
     /// rules and against no NAT, side by side; tables under target/bench/.
     Bench(bench::Args),
@@ -69,10 +81,13 @@ fn main() -> Result<()> {
             build(false)?;
             demo::run(once, true)
         }
-        Cmd::Lab => {
+        Cmd::Lab { nodes, once } => {
             setup::run()?;
             build(false)?;
-            demo::run(false, false)
+            match nodes {
+                1 => demo::run(once, false),
+                n => lab::run(usize::from(n), once),
+            }
         }
         Cmd::Bench(args) => {
             setup::run()?;
