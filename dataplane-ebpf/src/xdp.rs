@@ -110,8 +110,9 @@ fn send(ctx: &XdpContext, pkt: &Packet, t: &Translation, what: Counter) -> Resul
 
 /// Whether the L4 checksum is a full one. A local sender on a virtual device
 /// (a veth) leaves only the pseudo-header's sum in the field for the device to
-/// finish ("checksum offload"); only the skb knows that, so such packets go
-/// on to TC, whose checksum helpers handle them. A full checksum equals that
+/// finish ("checksum offload"), and so does GRO for the segments it merged
+/// (which generic XDP sees); only the skb knows that, so such packets go on
+/// to TC, whose checksum helpers handle them. A full checksum equals that
 /// sum about once in 65536 packets, which then just take the TC path.
 #[inline(always)]
 fn checksum_complete(ctx: &XdpContext, pkt: &Packet) -> Result<bool, Counter> {
