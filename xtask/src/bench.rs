@@ -838,7 +838,7 @@ fn node_port_note(n: usize) -> String {
         .map_or((0, 0), |s| (s.node_port_services(), s.node_ports()));
     let rest = n.saturating_sub(services);
     let mut note = format!(
-        "N={n} north-south: {services} NodePort Services ({ports} NodePorts, distinct, in 30000-32767; the measured \
+        "N={n} north-south: NodePort Services {services} of {n} ({ports} NodePorts, distinct, in 30000-32767; the measured \
          Service's on 32765-32767, its HTTP port's the last rule of KUBE-NODEPORTS), externalTrafficPolicy Cluster; \
          iptables and nftables rules and the ferry agent on node 1 only, node 2 only routes"
     );
@@ -1304,10 +1304,10 @@ mod tests {
     #[test]
     fn node_port_note_says_what_stays_cluster_ip() {
         let all = node_port_note(1000);
-        assert!(all.starts_with("N=1000 north-south: 1000 NodePort Services (1002 NodePorts,"), "{all}");
+        assert!(all.starts_with("N=1000 north-south: NodePort Services 1000 of 1000 (1002 NodePorts,"), "{all}");
         assert!(!all.contains("ClusterIP Services"), "{all}");
         let capped = node_port_note(10_000);
-        assert!(capped.contains(": 2766 NodePort Services (2768 NodePorts,"), "{capped}");
+        assert!(capped.contains(": NodePort Services 2766 of 10000 (2768 NodePorts,"), "{capped}");
         assert!(capped.contains("the other 7234 fillers are ClusterIP Services"), "{capped}");
     }
 
