@@ -13,7 +13,7 @@ fn main() -> Result<()> {
     let s = Scenario::new(n, 10, &real)?;
     match kind.as_str() {
         "iptables" => print!("{}", iptables::ruleset(&s, iptables::Mode::Initial, &[])),
-        "nft" => print!("{}", nftables::ruleset(&s)),
+        "nft" => print!("{}", nftables::ruleset(&s, &[])),
         "yaml" => manifests::files(&s).into_iter().for_each(|(_, y)| print!("{y}")),
         other => bail!("unknown kind {other}"),
     }

@@ -7,7 +7,11 @@
 //! KUBE-SVC-<hash>: ! -s clusterCIDR -> KUBE-MARK-MASQ, then one rule per endpoint
 //!   -m statistic --mode random --probability 1/k -j KUBE-SEP-<hash> (last unconditional)
 //! KUBE-SEP-<hash>: -s self -> KUBE-MARK-MASQ (hairpin), DNAT --to-destination ip:port
-//! KUBE-NODEPORTS: last rule of KUBE-SERVICES (addrtype LOCAL)
+//! KUBE-NODEPORTS: last rule of KUBE-SERVICES (addrtype LOCAL); one rule per
+//!   NodePort (linear, in scenario order: the measured Service's last)
+//!   -p tcp --dport 32767 -j KUBE-EXT-<hash>
+//! KUBE-EXT-<hash>: KUBE-MARK-MASQ (externalTrafficPolicy Cluster: the backend
+//!   may be on another node), then -j KUBE-SVC-<hash>
 //! POSTROUTING -> KUBE-POSTROUTING: MASQUERADE what carries mark 0x4000
 //! ```
 //!
@@ -16,7 +20,7 @@
 use std::fmt::Write as _;
 
 use crate::{
-    names::{iptables_endpoint_chain, iptables_service_chain},
+    names::{iptables_endpoint_chain, iptables_external_chain, iptables_service_chain},
     scenario::{Scenario, Service, ServicePort, CLUSTER_CIDR},
 };
 
@@ -46,12 +50,15 @@ pub fn ruleset(scenario: &Scenario, mode: Mode, stale: &[String]) -> String {
     out
 }
 
-/// Every KUBE-SVC/KUBE-SEP chain of a scenario (to find stale ones).
+/// Every KUBE-SVC/KUBE-EXT/KUBE-SEP chain of a scenario (to find stale ones).
 pub fn service_chains(scenario: &Scenario) -> Vec<String> {
     let mut v = Vec::new();
     for s in &scenario.services {
         for p in &s.ports {
             v.push(iptables_service_chain(&s.port_name(p), p.protocol.lower()));
+            if p.node_port.is_some() {
+                v.push(iptables_external_chain(&s.port_name(p), p.protocol.lower()));
+            }
             for ep in &s.endpoints {
                 v.push(sep_chain(s, p, &ep.to_string()));
             }
@@ -155,6 +162,20 @@ fn service_rules(out: &mut String, s: &Service, p: &ServicePort, comments: bool)
     let name = s.port_name(p);
     let proto = p.protocol.lower();
     let svc = iptables_service_chain(&name, proto);
+    if let Some(node_port) = p.node_port {
+        // As kube-proxy writes them for externalTrafficPolicy Cluster (the
+        // comments stay in large cluster mode, as there).
+        let ext = iptables_external_chain(&name, proto);
+        let _ = writeln!(
+            out,
+            "-A KUBE-NODEPORTS -m comment --comment {name} -m {proto} -p {proto} --dport {node_port} -j {ext}"
+        );
+        let _ = writeln!(
+            out,
+            "-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"
+        );
+        let _ = writeln!(out, "-A {ext} -j {svc}");
+    }
     let _ = writeln!(
         out,
         "-A {svc} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
@@ -237,6 +258,36 @@ mod tests {
         for c in service_chains(&scenario(2)) {
             assert!(text.contains(&format!(":{c} - [0:0]\n")), "{c} not declared");
         }
+    }
+
+    #[test]
+    fn node_ports_jump_to_an_external_chain_that_masquerades() {
+        let text = ruleset(&scenario(2).with_node_ports(), Mode::Initial, &[]);
+        let name = "default/measured:http";
+        let (svc, ext) = (iptables_service_chain(name, "tcp"), iptables_external_chain(name, "tcp"));
+        assert!(text.contains(&format!(":{ext} - [0:0]\n")));
+        let nodeports: Vec<&str> = text.lines().filter(|l| l.starts_with("-A KUBE-NODEPORTS ")).collect();
+        assert_eq!(nodeports.len(), 1 + 3, "one per NodePort");
+        assert_eq!(
+            nodeports[3],
+            format!("-A KUBE-NODEPORTS -m comment --comment {name} -m tcp -p tcp --dport 32767 -j {ext}")
+        );
+        assert!(nodeports[2].contains("-m udp -p udp --dport 32766 -j KUBE-EXT-"));
+        let ext_rules: Vec<&str> = text.lines().filter(|l| l.starts_with(&format!("-A {ext} "))).collect();
+        assert_eq!(
+            ext_rules,
+            [
+                format!("-A {ext} -m comment --comment \"masquerade traffic for {name} external destinations\" -j KUBE-MARK-MASQ"),
+                format!("-A {ext} -j {svc}"),
+            ]
+        );
+        // Reached from KUBE-SERVICES for local destinations; masqueraded in
+        // POSTROUTING by the mark.
+        assert!(text.contains("-m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n"));
+        assert!(text.contains("-A KUBE-POSTROUTING -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n"));
+        assert!(service_chains(&scenario(2).with_node_ports()).contains(&ext));
+        // ClusterIP Services have none.
+        assert!(!ruleset(&scenario(2), Mode::Initial, &[]).contains("KUBE-EXT-"));
     }
 
     #[test]

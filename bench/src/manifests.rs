@@ -27,8 +27,9 @@ fn service(out: &mut String, s: &Service) {
         .ports
         .iter()
         .map(|p| {
+            let node_port = p.node_port.map(|np| format!(", nodePort: {np}")).unwrap_or_default();
             format!(
-                "{{name: {}, port: {}, targetPort: {}, protocol: {}}}",
+                "{{name: {}, port: {}, targetPort: {}, protocol: {}{node_port}}}",
                 p.name,
                 p.port,
                 p.target_port,
@@ -36,9 +37,11 @@ fn service(out: &mut String, s: &Service) {
             )
         })
         .collect();
+    // NodePort Services keep the default externalTrafficPolicy (Cluster).
+    let kind = if s.ports.iter().any(|p| p.node_port.is_some()) { "NodePort" } else { "ClusterIP" };
     let _ = writeln!(
         out,
-        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec: {{type: ClusterIP, clusterIP: {}, ports: [{}]}}",
+        "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec: {{type: {kind}, clusterIP: {}, ports: [{}]}}",
         s.name,
         s.namespace,
         s.cluster_ip,
@@ -83,5 +86,17 @@ mod tests {
         assert!(m.contains("{name: dns, port: 53, targetPort: 8080, protocol: UDP}"));
         assert!(m.contains("labels: {kubernetes.io/service-name: measured}"));
         assert!(m.contains("  - {addresses: [\"10.244.0.11\"], conditions: {ready: true}}"));
+        assert!(m.contains("spec: {type: ClusterIP,"));
+    }
+
+    #[test]
+    fn node_port_services_name_their_node_ports() {
+        let real: Vec<Ipv4Addr> = (0..2).map(|i| Ipv4Addr::new(10, 244, 0, 10 + i)).collect();
+        let f = files(&Scenario::new(2, 2, &real).unwrap().with_node_ports());
+        let m = &f[1].1;
+        assert!(m.contains("spec: {type: NodePort, clusterIP: 10.96.0.2, ports: ["));
+        assert!(m.contains("{name: http, port: 80, targetPort: 8080, protocol: TCP, nodePort: 32767}"));
+        assert!(m.contains("{name: dns, port: 53, targetPort: 8080, protocol: UDP, nodePort: 32766}"));
+        assert!(f[0].1.contains("type: NodePort") && f[0].1.contains("nodePort: 30000}"));
     }
 }

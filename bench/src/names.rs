@@ -45,6 +45,13 @@ pub fn iptables_service_chain(service_port_name: &str, protocol: &str) -> String
     format!("KUBE-SVC-{}", port_proto_hash(service_port_name, protocol))
 }
 
+/// `KUBE-EXT-…`: a service port's external traffic chain (NodePort,
+/// externalIPs, LoadBalancer IPs jump here; it marks for masquerade under
+/// externalTrafficPolicy Cluster, then jumps to `KUBE-SVC-…`).
+pub fn iptables_external_chain(service_port_name: &str, protocol: &str) -> String {
+    format!("KUBE-EXT-{}", port_proto_hash(service_port_name, protocol))
+}
+
 /// `KUBE-SEP-…` for an endpoint "ip:port" of a service port.
 pub fn iptables_endpoint_chain(service_port_name: &str, protocol: &str, endpoint: &str) -> String {
     let h = hash32(&format!("{service_port_name}{protocol}{endpoint}"));
@@ -67,6 +74,12 @@ pub fn hash_and_truncate(name: &str) -> String {
 /// `service-HASH-namespace/name/protocol/portName`.
 pub fn nft_service_chain(namespace: &str, name: &str, protocol: &str, port_name: &str) -> String {
     format!("service-{}", hash_and_truncate(&format!("{namespace}/{name}/{protocol}/{port_name}")))
+}
+
+/// `external-HASH-namespace/name/protocol/portName`: the external traffic
+/// chain (what the service-nodeports map points at).
+pub fn nft_external_chain(namespace: &str, name: &str, protocol: &str, port_name: &str) -> String {
+    format!("external-{}", hash_and_truncate(&format!("{namespace}/{name}/{protocol}/{port_name}")))
 }
 
 /// `endpoint-HASH-namespace/name/protocol/portName__ip/port`.
@@ -116,6 +129,11 @@ mod tests {
             "KUBE-SVC-JD5MR3NA4I4DYORP"
         );
         assert_eq!(iptables_endpoint_chain("a/b:c", "tcp", "10.0.0.1:80").len(), 25);
+        // The same hash as the KUBE-SVC chain, another prefix.
+        assert_eq!(
+            iptables_external_chain("default/kubernetes:https", "tcp"),
+            "KUBE-EXT-NPX46M4PTMTKRN6Y"
+        );
     }
 
     /// The examples in kube-proxy's nftables proxier comments.
@@ -126,6 +144,7 @@ mod tests {
             nft_endpoint_chain("ns1", "svc1", "tcp", "p80", "10.180.0.1", 80),
             "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
         );
+        assert_eq!(nft_external_chain("ns1", "svc1", "tcp", "p80"), "external-ULMVA6XW-ns1/svc1/tcp/p80");
     }
 
     #[test]

@@ -9,13 +9,17 @@
 //!   service-…: masquerade mark for non-cluster sources, then
 //!     numgen random mod k vmap { 0 : goto endpoint-…, … }
 //!   endpoint-…: hairpin mark, dnat to ip:port
+//!   services, 2nd rule: ip daddr @nodeport-ips meta l4proto . th dport
+//!     vmap @service-nodeports                           (NodePorts: one lookup)
+//!   service-nodeports: proto . nodePort : goto external-<hash>-ns/name/proto/port
+//!   external-…: masquerade mark (externalTrafficPolicy Cluster), goto service-…
 //!   nat-postrouting -> masquerading (mark 0x4000); filter-forward: new flows to
 //!   ClusterIPs without endpoints/ports are rejected.
 //! ```
-use std::fmt::Write as _;
+use std::{fmt::Write as _, net::Ipv4Addr};
 
 use crate::{
-    names::{nft_endpoint_chain, nft_service_chain},
+    names::{nft_endpoint_chain, nft_external_chain, nft_service_chain},
     scenario::{Scenario, Service, ServicePort, CLUSTER_CIDR},
 };
 
@@ -29,16 +33,28 @@ fn endpoint_chain(s: &Service, p: &ServicePort, ip: &str) -> String {
     nft_endpoint_chain(&s.namespace, &s.name, p.protocol.lower(), &p.name, ip, p.target_port)
 }
 
+fn external_chain(s: &Service, p: &ServicePort) -> String {
+    nft_external_chain(&s.namespace, &s.name, p.protocol.lower(), &p.name)
+}
+
 /// The whole ruleset (kube-proxy's first, full sync): `nft -f` into a namespace.
-pub fn ruleset(scenario: &Scenario) -> String {
+/// `nodeport_ips`: the node's addresses that serve NodePorts (kube-proxy's
+/// nftables mode defaults --nodeport-addresses to the node's primary IPs).
+pub fn ruleset(scenario: &Scenario, nodeport_ips: &[Ipv4Addr]) -> String {
     let mut out = String::with_capacity(scenario.services.len() * 3000);
     let _ = writeln!(out, "add table {T} {{ comment \"rules for kube-proxy\" ; }}");
     let _ = writeln!(out, "flush table {T}");
     base(&mut out);
+    for ip in nodeport_ips {
+        let _ = writeln!(out, "add element {T} nodeport-ips {{ {ip} }}");
+    }
     // Chains first: a rule or map element may only name an existing chain.
     for s in &scenario.services {
         for p in &s.ports {
             let _ = writeln!(out, "add chain {T} {}", service_chain(s, p));
+            if p.node_port.is_some() {
+                let _ = writeln!(out, "add chain {T} {}", external_chain(s, p));
+            }
             for ep in &s.endpoints {
                 let _ = writeln!(out, "add chain {T} {}", endpoint_chain(s, p, &ep.to_string()));
             }
@@ -59,9 +75,26 @@ pub fn ruleset(scenario: &Scenario) -> String {
             for ep in &s.endpoints {
                 endpoint(&mut out, s, p, &ep.to_string());
             }
+            if let Some(node_port) = p.node_port {
+                node_port_rules(&mut out, s, p, node_port);
+            }
         }
     }
     out
+}
+
+/// A NodePort as kube-proxy writes it for externalTrafficPolicy Cluster: the
+/// external chain marks for masquerade (the backend may be on another node)
+/// and goes on to the service chain; the service-nodeports map points at it.
+fn node_port_rules(out: &mut String, s: &Service, p: &ServicePort, node_port: u16) {
+    let ext = external_chain(s, p);
+    let _ = writeln!(out, "add rule {T} {ext} jump mark-for-masquerade");
+    let _ = writeln!(out, "add rule {T} {ext} goto {}", service_chain(s, p));
+    let _ = writeln!(
+        out,
+        "add element {T} service-nodeports {{ {} . {node_port} : goto {ext} }}",
+        p.protocol.lower()
+    );
 }
 
 /// kube-proxy's partial sync after the measured Service's endpoints changed
@@ -163,13 +196,34 @@ mod tests {
 
     #[test]
     fn services_are_one_verdict_map_lookup() {
-        let text = ruleset(&scenario(2));
+        let text = ruleset(&scenario(2), &[]);
         assert!(text.contains("add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips\n"));
         let measured = nft_service_chain("default", "measured", "tcp", "http");
         assert!(text.contains(&format!("add element ip kube-proxy service-ips {{ 10.96.0.2 . tcp . 80 : goto {measured} }}")));
         let ep = nft_endpoint_chain("default", "measured", "tcp", "http", "10.244.0.10", 8080);
         assert!(text.contains(&format!("numgen random mod 3 vmap {{ 0 : goto {ep} ,")));
         assert!(text.contains(&format!("add rule ip kube-proxy {ep} meta l4proto tcp dnat to 10.244.0.10:8080")));
+    }
+
+    #[test]
+    fn node_ports_are_one_more_map_lookup_to_an_external_chain() {
+        let text = ruleset(&scenario(2).with_node_ports(), &[Ipv4Addr::new(192, 168, 77, 11)]);
+        assert!(text.contains("add element ip kube-proxy nodeport-ips { 192.168.77.11 }\n"));
+        assert!(text.contains(
+            "add rule ip kube-proxy services ip daddr @nodeport-ips meta l4proto . th dport vmap @service-nodeports\n"
+        ));
+        let ext = nft_external_chain("default", "measured", "tcp", "http");
+        let svc = nft_service_chain("default", "measured", "tcp", "http");
+        assert!(text.contains(&format!("add chain ip kube-proxy {ext}\n")));
+        assert!(text.contains(&format!("add element ip kube-proxy service-nodeports {{ tcp . 32767 : goto {ext} }}\n")));
+        assert!(text.contains(&format!(
+            "add rule ip kube-proxy {ext} jump mark-for-masquerade\nadd rule ip kube-proxy {ext} goto {svc}\n"
+        )));
+        assert!(text.contains("service-nodeports { udp . 32766 : goto external-"));
+        // The chain exists before the element that names it.
+        assert!(text.find(&format!("add chain ip kube-proxy {ext}")) < text.find(&format!("goto {ext} }}")));
+        assert_eq!(text.matches("add element ip kube-proxy service-nodeports").count(), 1 + 3);
+        assert!(!ruleset(&scenario(2), &[]).contains("external-"));
     }
 
     #[test]

@@ -24,6 +24,9 @@ const FAKE_ENDPOINTS_MAX: u64 = 1 << 17;
 pub const STREAM_PORT: (&str, u16, Protocol, u16) = ("stream", 5201, Protocol::Tcp, 5201);
 pub const UDP_PORT: (&str, u16, Protocol, u16) = ("dns", 53, Protocol::Udp, 8080);
 pub const TCP_PORT: (&str, u16, Protocol, u16) = ("http", 80, Protocol::Tcp, 8080);
+/// Kubernetes' default NodePort range (kube-apiserver's
+/// --service-node-port-range; the agent's default too), inclusive: 2768 ports.
+pub const NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
@@ -55,6 +58,8 @@ pub struct ServicePort {
     pub port: u16,
     pub protocol: Protocol,
     pub target_port: u16,
+    /// Set on the ports of NodePort Services (externalTrafficPolicy Cluster).
+    pub node_port: Option<u16>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -80,7 +85,7 @@ pub struct Scenario {
 }
 
 fn port((name, port, protocol, target_port): (&str, u16, Protocol, u16)) -> ServicePort {
-    ServicePort { name: name.into(), port, protocol, target_port }
+    ServicePort { name: name.into(), port, protocol, target_port, node_port: None }
 }
 
 impl Scenario {
@@ -145,6 +150,41 @@ impl Scenario {
     pub fn frontends(&self) -> usize {
         self.services.iter().map(|s| s.ports.len()).sum()
     }
+
+    /// The same Services as NodePort Services (externalTrafficPolicy Cluster),
+    /// for north-south traffic, as far as the NodePort range allows: a cluster
+    /// has at most one Service port per NodePort (2768 in the default range).
+    /// The measured Service's ports take the range's last ports, in port order
+    /// (so HTTP, last, gets 32767), whatever N is; the fillers take one each
+    /// from the range's start while ports remain, and the fillers beyond that
+    /// stay ClusterIP Services. So up to N = 2766 every Service is a NodePort
+    /// Service, and beyond, the NodePort ruleset is as large as a real cluster's
+    /// can be.
+    pub fn with_node_ports(mut self) -> Self {
+        let (first, last) = NODE_PORT_RANGE;
+        let (measured, fillers) = self.services.split_last_mut().expect("a scenario has the measured Service");
+        let k = measured.ports.len();
+        for (j, p) in measured.ports.iter_mut().enumerate() {
+            p.node_port = Some(last - (k - 1 - j) as u16);
+        }
+        let room = usize::from(last - first) + 1 - k;
+        for (i, s) in fillers.iter_mut().take(room).enumerate() {
+            for p in &mut s.ports {
+                p.node_port = Some(first + i as u16);
+            }
+        }
+        self
+    }
+
+    /// Number of Service ports with a NodePort.
+    pub fn node_ports(&self) -> usize {
+        self.services.iter().flat_map(|s| &s.ports).filter(|p| p.node_port.is_some()).count()
+    }
+
+    /// The Services with NodePorts.
+    pub fn node_port_services(&self) -> usize {
+        self.services.iter().filter(|s| s.ports.iter().any(|p| p.node_port.is_some())).count()
+    }
 }
 
 #[cfg(test)]
@@ -166,6 +206,27 @@ mod tests {
         assert_eq!(s.services[1].endpoints[0], Ipv4Addr::new(10, 128, 0, 2));
         assert_eq!(s.frontends(), 2 + 3);
         assert_eq!(s.services[0].port_name(&s.services[0].ports[0]), "default/filler-00000:http");
+    }
+
+    #[test]
+    fn node_ports_are_distinct_and_fill_the_range_at_most() {
+        let s = Scenario::new(3, 2, &real(2)).unwrap().with_node_ports();
+        let np: Vec<Option<u16>> = s.measured().ports.iter().map(|p| p.node_port).collect();
+        assert_eq!(np, [Some(32765), Some(32766), Some(32767)]);
+        assert_eq!(s.measured().ports[2].name, "http");
+        assert_eq!(s.services[0].ports[0].node_port, Some(30000));
+        assert_eq!(s.services[1].ports[0].node_port, Some(30001));
+        assert_eq!((s.node_ports(), s.node_port_services()), (5, 3));
+        // 2765 fillers + the measured Service's 3 ports: the whole range.
+        let big = Scenario::new(3000, 1, &real(1)).unwrap().with_node_ports();
+        assert_eq!(big.node_ports(), 2768);
+        assert_eq!(big.node_port_services(), 2766);
+        assert_eq!(big.services[2764].ports[0].node_port, Some(32764));
+        assert_eq!(big.services[2765].ports[0].node_port, None);
+        let mut all: Vec<u16> = big.services.iter().flat_map(|s| &s.ports).filter_map(|p| p.node_port).collect();
+        all.sort_unstable();
+        all.dedup();
+        assert_eq!(all.len(), 2768);
     }
 
     #[test]

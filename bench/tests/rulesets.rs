@@ -87,7 +87,7 @@ fn iptables_ruleset_restores_and_resyncs() {
 fn nft_ruleset_loads_and_updates_incrementally() {
     let ns = Netns::new("nft");
     let s = scenario();
-    let text = nftables::ruleset(&s);
+    let text = nftables::ruleset(&s, &[]);
     ns.run("nft", &["-c", "-f", "-"], &text).unwrap();
     ns.run("nft", &["-f", "-"], &text).unwrap();
     let listed = ns.run("nft", &["list", "table", "ip", "kube-proxy"], "").unwrap();
@@ -102,5 +102,24 @@ fn nft_ruleset_loads_and_updates_incrementally() {
     let numgen: Vec<&str> = listed.lines().filter(|l| l.contains("numgen")).collect();
     assert!(numgen.iter().all(|l| !l.contains("__10.244.0.19/")), "{numgen:?}");
     // A full reload over an existing table works too (flush table first).
-    ns.run("nft", &["-f", "-"], &nftables::ruleset(&t)).unwrap();
+    ns.run("nft", &["-f", "-"], &nftables::ruleset(&t, &[])).unwrap();
+}
+
+/// The NodePort rules (KUBE-NODEPORTS → KUBE-EXT-…, nft's service-nodeports
+/// map → external-… chains) load as generated, in both tools.
+#[test]
+fn node_port_rulesets_load() {
+    let ns = Netns::new("np");
+    let s = scenario().with_node_ports();
+    ns.run("iptables-restore", &[], &iptables::ruleset(&s, Mode::Initial, &[])).unwrap();
+    let saved = ns.run("iptables-save", &["-t", "nat"], "").unwrap();
+    assert!(
+        saved.contains("-A KUBE-NODEPORTS -p tcp -m comment --comment \"default/measured:http\" -m tcp --dport 32767 -j KUBE-EXT-"),
+        "{saved}"
+    );
+    assert!(saved.contains("masquerade traffic for default/measured:http external destinations\" -j KUBE-MARK-MASQ"));
+    ns.run("nft", &["-f", "-"], &nftables::ruleset(&s, &[Ipv4Addr::new(192, 168, 77, 11)])).unwrap();
+    let listed = ns.run("nft", &["list", "table", "ip", "kube-proxy"], "").unwrap();
+    assert!(listed.contains("tcp . 32767 : goto external-"), "{listed}");
+    assert!(listed.contains("elements = { 192.168.77.11 }"), "{listed}");
 }

@@ -11,7 +11,14 @@
 //! The order of the paths rotates from round to round.
 //!
 //! Data paths: no-NAT (the client dials a server Pod directly: the limit),
-//! iptables, nftables, ferry. Results go to target/bench/ as Markdown and JSON.
+//! iptables, nftables, ferry, and north-south only ferry-xdp (the same agent
+//! with `--xdp`). Results go to target/bench/ as Markdown and JSON.
+//!
+//! Topologies: same-node and cross-node (a client Pod dials a ClusterIP) by
+//! default; north-south on request (`--topology north-south`): the external
+//! client dials node 1's NodePort and the servers run on node 2, so every flow
+//! is DNAT+SNAT on node 1 and forwarded across the underlay, the replies back
+//! through node 1: what XDP accelerates.
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
@@ -27,10 +34,10 @@ use ferry_bench::{
     iptables, loadgen::Report, manifests, nftables, scenario::Scenario, stats::Summary,
 };
 use ferry_tests::{
-    cluster::Cluster,
+    cluster::{node_addr, pod_cidr, Cluster, EXTERNAL_ADDR},
     in_netns,
     manifests::{client_pod, on_node},
-    Lab,
+    sys, Lab,
 };
 use serde::Serialize;
 
@@ -66,10 +73,12 @@ pub struct Args {
     /// kube-proxy's iptables backend: legacy (x_tables) or nft (iptables-nft).
     #[arg(long, value_enum, default_value_t = IptablesBackend::Legacy)]
     iptables: IptablesBackend,
-    /// Where the servers run (comma-separated: same-node, cross-node; default both).
+    /// Where the client and the servers run (comma-separated: same-node,
+    /// cross-node, north-south; default same-node,cross-node).
     #[arg(long, value_delimiter = ',', value_enum)]
     topology: Option<Vec<Topology>>,
-    /// Only these data paths (comma-separated: no-nat, iptables, nftables, ferry).
+    /// Only these data paths (comma-separated: no-nat, iptables, nftables,
+    /// ferry, ferry-xdp; default all; ferry-xdp is measured north-south only).
     #[arg(long, value_delimiter = ',', value_enum)]
     paths: Option<Vec<DataPath>>,
     /// Use the debug build (checks the harness; figures are not comparable).
@@ -124,6 +133,11 @@ pub enum Topology {
     /// The client on node 1, the servers on node 2, across the underlay: the
     /// client's node translates, the servers' node only routes.
     CrossNode,
+    /// The external client (outside the cluster, no route to Pods) dials node
+    /// 1's NodePort; the servers run on node 2: node 1 translates (DNAT to the
+    /// server, SNAT to its own address, externalTrafficPolicy Cluster) and
+    /// forwards across the underlay; the replies come back through node 1.
+    NorthSouth,
 }
 
 impl Topology {
@@ -131,6 +145,24 @@ impl Topology {
         match self {
             Topology::SameNode => "client and servers on one node",
             Topology::CrossNode => "servers on another node",
+            Topology::NorthSouth => "external client to node 1's NodePort, servers on node 2",
+        }
+    }
+
+    /// The rows' label in the tables.
+    fn place(self) -> &'static str {
+        match self {
+            Topology::SameNode => "same node",
+            Topology::CrossNode => "other node",
+            Topology::NorthSouth => "north-south NodePort",
+        }
+    }
+
+    /// Lab nodes: the servers run on the last.
+    fn nodes(self) -> usize {
+        match self {
+            Topology::SameNode => 1,
+            Topology::CrossNode | Topology::NorthSouth => 2,
         }
     }
 }
@@ -153,6 +185,7 @@ impl Case {
         match self.topology {
             Topology::SameNode => "same-node",
             Topology::CrossNode => "cross-node",
+            Topology::NorthSouth => "north-south",
         }
     }
 }
@@ -166,10 +199,15 @@ pub enum DataPath {
     NoNat,
     Iptables,
     Nftables,
+    /// The agent with TC programs only.
     Ferry,
+    /// The same agent with `--xdp` (default mode: generic XDP on the lab's
+    /// veths) in front of TC.
+    FerryXdp,
 }
 
-const PATHS: [DataPath; 4] = [DataPath::NoNat, DataPath::Iptables, DataPath::Nftables, DataPath::Ferry];
+const PATHS: [DataPath; 5] =
+    [DataPath::NoNat, DataPath::Iptables, DataPath::Nftables, DataPath::Ferry, DataPath::FerryXdp];
 
 impl DataPath {
     fn name(self) -> &'static str {
@@ -178,6 +216,27 @@ impl DataPath {
             DataPath::Iptables => "iptables",
             DataPath::Nftables => "nftables",
             DataPath::Ferry => "ferry",
+            DataPath::FerryXdp => "ferry-xdp",
+        }
+    }
+
+    /// Ferry's agent runs (with or without XDP).
+    fn is_ferry(self) -> bool {
+        matches!(self, DataPath::Ferry | DataPath::FerryXdp)
+    }
+
+    /// XDP acts only on traffic that enters a node device for a
+    /// NodePort/ExternalIP/LoadBalancer frontend with a backend on another
+    /// node (and its replies): elsewhere ferry-xdp would measure ferry again.
+    fn measured_in(self, topology: Topology) -> bool {
+        self != DataPath::FerryXdp || topology == Topology::NorthSouth
+    }
+
+    /// The agent's flags beyond the lab's `--devices eth0`.
+    fn agent_args(self) -> &'static [&'static str] {
+        match self {
+            DataPath::FerryXdp => &["--xdp"],
+            _ => &[],
         }
     }
 }
@@ -236,6 +295,8 @@ struct Plan {
     iptables: IptablesBackend,
     ns: Vec<usize>,
     paths: Vec<DataPath>,
+    /// --paths was given (a path skipped for a topology is then noted).
+    paths_explicit: bool,
     rounds: usize,
     duration: f64,
     workers: usize,
@@ -269,6 +330,7 @@ impl Plan {
             iptables: args.iptables,
             ns,
             paths,
+            paths_explicit: args.paths.is_some(),
             rounds,
             duration,
             workers: args.workers,
@@ -297,6 +359,7 @@ pub fn run(args: Args) -> Result<()> {
         answered: BTreeMap::new(),
         notes: Vec::new(),
         files: None,
+        xdp: Vec::new(),
     };
     let started = Instant::now();
     for &topology in &plan.topologies {
@@ -304,7 +367,7 @@ pub fn run(args: Args) -> Result<()> {
             ctx.bench_case(Case { topology, services: n })?;
         }
     }
-    let mut report = Output::new(&plan, ctx.samples, ctx.answered, ctx.notes, started.elapsed());
+    let mut report = Output::new(&plan, ctx.samples, ctx.answered, ctx.notes, ctx.xdp, started.elapsed());
     report.commit = measured;
     report.write(&out_dir)
 }
@@ -342,39 +405,47 @@ spec:
     )
 }
 
-/// A fresh lab for one measurement of one path: the client's node (with the
-/// client Pod) and, cross-node, a second node with the server Pods; nothing
-/// else runs. The path is set up on the client's node. Dropping it removes
-/// everything (namespaces, rules, pinned maps and links, processes).
+/// A fresh lab for one measurement of one path: node 1 (with the client Pod,
+/// except north-south, where the client is the lab's external namespace) and,
+/// cross-node and north-south, a second node with the server Pods; nothing
+/// else runs. The path is set up on node 1 (the client's node, or north-south
+/// the node dialled). Dropping it removes everything (namespaces, rules,
+/// pinned maps and links, processes).
 struct Node {
     cluster: Cluster,
+    topology: Topology,
+    /// The load generator's network namespace.
     client: String,
     servers: Vec<Ipv4Addr>,
 }
 
 impl Node {
-    fn start(loadgen: &Path, topology: Topology) -> Result<Self> {
-        let nodes = match topology {
-            Topology::SameNode => 1,
-            Topology::CrossNode => 2,
-        };
-        let cluster = Cluster::start_opts("bench", nodes, &[], &[], false)?;
+    /// The lab for `path`: its agent flags are set here (`start_agent_on`
+    /// starts the agent later, timed, if the path is ferry's).
+    fn start(loadgen: &Path, topology: Topology, path: DataPath) -> Result<Self> {
+        let nodes = topology.nodes();
+        let cluster = Cluster::start_opts("bench", nodes, &[], path.agent_args(), false)?;
         let client_node = cluster.nodes[0].node.clone();
         let server_node = cluster.nodes[nodes - 1].node.clone();
-        cluster.write_manifest("client.yaml", &on_node(&client_pod(CLIENT), &client_node))?;
+        let client_pod_runs = topology != Topology::NorthSouth;
+        if client_pod_runs {
+            cluster.write_manifest("client.yaml", &on_node(&client_pod(CLIENT), &client_node))?;
+        }
         for i in 0..SERVERS {
             cluster.write_manifest(&format!("srv-{i}.yaml"), &on_node(&server_pod(i, loadgen), &server_node))?;
         }
         let names: Vec<String> = (0..SERVERS).map(|i| format!("srv-{i}")).collect();
         let mut wait: Vec<&str> = names.iter().map(String::as_str).collect();
-        wait.push(CLIENT);
+        if client_pod_runs {
+            wait.push(CLIENT);
+        }
         cluster.wait_ready(&wait, Duration::from_secs(60))?;
         let lab = &cluster.nodes[0];
         let servers: Vec<Ipv4Addr> = names
             .iter()
             .map(|n| lab.pod(n).and_then(|p| p.pod_ip).with_context(|| format!("pod {n} has no IP")))
             .collect::<Result<_>>()?;
-        let client = cluster.pod_netns(CLIENT)?;
+        let client = if client_pod_runs { cluster.pod_netns(CLIENT)? } else { cluster.external.clone() };
         // CRR leaves every closed connection in TIME_WAIT on the client (it
         // closes first, as netperf's TCP_CRR does): let the next measurement
         // reuse those ports. Sysctls of the lab's client namespace only.
@@ -385,7 +456,35 @@ impl Node {
             "",
             CONTROL_TIMEOUT,
         )?;
-        Ok(Self { cluster, client, servers })
+        if topology == Topology::NorthSouth {
+            // Node 1 sends what it forwards back out the interface it came in
+            // on (the underlay): an ICMP redirect would teach the external
+            // client to skip node 1 for the no-NAT path. Node 1's own
+            // namespace only.
+            netns_stdin(
+                &client_node,
+                "sysctl",
+                &["-qw", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.eth0.send_redirects=0"],
+                "",
+                CONTROL_TIMEOUT,
+            )?;
+        }
+        Ok(Self { cluster, topology, client, servers })
+    }
+
+    /// no-NAT north-south: the same hops as the NodePort paths, without any
+    /// translation. The external client reaches node 2's Pods through node 1
+    /// (which routes them on to node 2), and node 2 sends the replies back
+    /// through node 1 too (with NAT they go to node 1's address). The lab is
+    /// new for every path and round, so these routes live for this one only.
+    fn route_through_node1(&self) -> Result<()> {
+        let via = node_addr(0).to_string();
+        let (ext, node2) = (&self.cluster.external, &self.cluster.nodes[1].node);
+        sys::run("ip", &["-n", ext, "route", "add", &pod_cidr(1), "via", &via])
+            .context("routing the external client to node 2's Pods via node 1")?;
+        sys::run("ip", &["-n", node2, "route", "add", &format!("{EXTERNAL_ADDR}/32"), "via", &via])
+            .context("routing node 2's replies to the external client via node 1")?;
+        Ok(())
     }
 
     /// The client's node: where rules are loaded and the agent runs.
@@ -402,8 +501,24 @@ struct Ctx<'a> {
     answered: BTreeMap<(Case, DataPath), BTreeSet<String>>,
     /// What could not be measured, and why (printed under the tables).
     notes: Vec<String>,
-    /// The inputs for the current N (regenerated if the Pods' IPs change).
-    files: Option<(usize, Vec<Ipv4Addr>, std::rc::Rc<Files>)>,
+    /// The inputs for the current case (regenerated if the Pods' IPs change).
+    files: Option<(Case, Vec<Ipv4Addr>, std::rc::Rc<Files>)>,
+    /// ferry-xdp: how XDP attached on node 1 and what it forwarded itself
+    /// (the xdp_forward counter) in each round.
+    xdp: Vec<XdpRound>,
+}
+
+/// What ferry-xdp's XDP program did in one round: without packets forwarded
+/// by XDP itself, ferry-xdp measured TC again.
+#[derive(Clone, Debug, Serialize)]
+struct XdpRound {
+    #[serde(flatten)]
+    case: Case,
+    round: usize,
+    /// From the agent's log ("xdp_from_netdev attached (…)"), if it attached.
+    attached: Option<String>,
+    /// Node 1's xdp_forward counter after the round's measurements.
+    xdp_forward: u64,
 }
 
 /// What a path's set-up gives: its cold-start time, and for ferry the agent's
@@ -420,14 +535,29 @@ impl Ctx<'_> {
             "\nbench: N = {n} Services x {SERVERS} endpoints, the measured Service last, {}; every path on a fresh lab",
             case.topology.title()
         );
+        let paths: Vec<DataPath> = self.plan.paths.iter().copied().filter(|p| p.measured_in(case.topology)).collect();
+        if self.plan.paths_explicit {
+            for p in self.plan.paths.iter().filter(|p| !p.measured_in(case.topology)) {
+                self.notes.push(format!(
+                    "{case} {}: skipped (XDP only acts on north-south traffic; here it would measure ferry again)",
+                    p.name()
+                ));
+            }
+        }
+        if paths.is_empty() {
+            return Ok(());
+        }
+        if case.topology == Topology::NorthSouth {
+            self.notes.push(node_port_note(n));
+        }
         for round in 0..self.plan.rounds {
-            let mut order = self.plan.paths.clone();
+            let mut order = paths.clone();
             let k = order.len();
             order.rotate_left(round % k);
             for path in order {
                 check_interrupted()?;
-                let mut node = Node::start(&self.loadgen, case.topology)?;
-                let files = self.files_for(n, &node.servers)?;
+                let mut node = Node::start(&self.loadgen, case.topology, path)?;
+                let files = self.files_for(case, &node.servers)?;
                 let s = match self.set_up(&mut node, path, &files) {
                     Ok(s) => s,
                     Err(e) if e.is::<TimedOut>() => {
@@ -443,22 +573,27 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// The scenario files for N and these server IPs (cached: the shim gives
-    /// the same IPs to the same Pods).
-    fn files_for(&mut self, n: usize, servers: &[Ipv4Addr]) -> Result<std::rc::Rc<Files>> {
-        if let Some((cn, cs, f)) = &self.files {
-            if *cn == n && cs == servers {
+    /// The scenario files for a case and these server IPs (cached: the shim
+    /// gives the same IPs to the same Pods). North-south, the Services are
+    /// NodePort Services (see [`Scenario::with_node_ports`]).
+    fn files_for(&mut self, case: Case, servers: &[Ipv4Addr]) -> Result<std::rc::Rc<Files>> {
+        if let Some((cc, cs, f)) = &self.files {
+            if *cc == case && cs == servers {
                 return Ok(f.clone());
             }
         }
-        let scenario = Scenario::new(n, SERVERS, servers)?;
+        let n = case.services;
+        let mut scenario = Scenario::new(n, SERVERS, servers)?;
+        if case.topology == Topology::NorthSouth {
+            scenario = scenario.with_node_ports();
+        }
         let changed = scenario.with_measured_endpoint(SERVERS - 1, Ipv4Addr::new(10, 244, 0, 250))?;
         // A directory of its own: the Files this replaces removes its own on drop.
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let k = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("ferry-bench-{}-{n}-{k}", std::process::id()));
         let files = std::rc::Rc::new(Files::write(&dir, &scenario, &changed)?);
-        self.files = Some((n, servers.to_vec(), files.clone()));
+        self.files = Some((case, servers.to_vec(), files.clone()));
         Ok(files)
     }
 
@@ -466,10 +601,11 @@ impl Ctx<'_> {
         let ns = node.lab().node.clone();
         let started = Instant::now();
         match path {
+            DataPath::NoNat if node.topology == Topology::NorthSouth => node.route_through_node1()?,
             DataPath::NoNat => {}
             DataPath::Iptables => netns_stdin(&ns, self.plan.iptables.restore(), &[], &files.iptables, CONTROL_TIMEOUT)?,
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?,
-            DataPath::Ferry => {
+            DataPath::Ferry | DataPath::FerryXdp => {
                 files.reset_ferry()?;
                 let log = node.lab().agent_log_path();
                 let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
@@ -478,10 +614,7 @@ impl Ctx<'_> {
             }
         }
         let cold_start = started.elapsed();
-        let rss_mib = match path {
-            DataPath::Ferry => node.lab().agent_pid().and_then(rss_mib_of),
-            _ => None,
-        };
+        let rss_mib = if path.is_ferry() { node.lab().agent_pid().and_then(rss_mib_of) } else { None };
         Ok(SetUp { cold_start, rss_mib })
     }
 
@@ -496,13 +629,14 @@ impl Ctx<'_> {
     ) -> Result<()> {
         let n = case;
         // no-NAT dials every server directly, as the Service spreads over them,
-        // so that both sides load the same ten servers.
+        // so that both sides load the same ten servers. The others dial the
+        // measured Service: its ClusterIP, or north-south node 1's NodePort.
         let servers = node.servers.clone();
-        let vip = files.vip;
+        let frontend = files.frontend.clone();
         let target = move |port: u16, direct: u16| -> Vec<SocketAddr> {
             match path {
                 DataPath::NoNat => servers.iter().map(|ip| SocketAddr::from((*ip, direct))).collect(),
-                _ => vec![SocketAddr::from((vip, port))],
+                _ => vec![frontend[&port]],
             }
         };
         let answered = sanity(&node.client, &target(UDP_PORT, SERVER_PORT))?;
@@ -567,7 +701,34 @@ impl Ctx<'_> {
                 Err(e) => return Err(e),
             }
         }
+        if path == DataPath::FerryXdp {
+            self.check_xdp(node, case, round)?;
+        }
         println!();
+        Ok(())
+    }
+
+    /// Records how XDP attached on node 1 and how many packets it forwarded
+    /// itself; none is said loudly in the notes (the comparison with ferry
+    /// would then be TC against TC).
+    fn check_xdp(&mut self, node: &mut Node, case: Case, round: usize) -> Result<()> {
+        let lab = node.lab();
+        let attached = lab
+            .agent_log()
+            .lines()
+            .map(strip_ansi)
+            .find_map(|l| Some(l[l.find("xdp_from_netdev attached (")? + 26..].split(')').next()?.to_string()));
+        let xdp_forward = xdp_forwarded(&lab.node).context("reading node 1's xdp_forward counter")?;
+        print!(" | XDP forwarded {xdp_forward} packets ({})", attached.as_deref().unwrap_or("not attached"));
+        if xdp_forward == 0 {
+            self.notes.push(format!(
+                "**{case} round {} ferry-xdp: XDP FORWARDED NO PACKET** (xdp_forward = 0 on node 1, XDP {}): \
+                 this round measured TC again, not XDP; its ferry-xdp figures compare nothing",
+                round + 1,
+                attached.as_deref().map_or("not attached".into(), |a| format!("attached {a}"))
+            ));
+        }
+        self.xdp.push(XdpRound { case, round: round + 1, attached, xdp_forward });
         Ok(())
     }
 
@@ -612,7 +773,7 @@ impl Ctx<'_> {
                 CONTROL_TIMEOUT,
             )?,
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft_update, CONTROL_TIMEOUT)?,
-            DataPath::Ferry => {
+            DataPath::Ferry | DataPath::FerryXdp => {
                 let log = node.lab().agent_log_path();
                 let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
                 let started = Instant::now();
@@ -649,12 +810,55 @@ fn sanity(client: &str, targets: &[SocketAddr]) -> Result<BTreeSet<String>> {
     })?
 }
 
-/// The inputs of every path for one N.
+/// Node 1's xdp_forward counter (packets XDP forwarded itself), from the
+/// agent's /metrics on node 1 (kube-proxy's metrics port, in the node's
+/// namespace): the agent reads it from the pinned counters map.
+fn xdp_forwarded(node: &str) -> Result<u64> {
+    const SERIES: &str = "ferry_packets_total{kind=\"xdp_forward\"} ";
+    let text = in_netns(node, || -> Result<String> {
+        use std::io::Read as _;
+        let mut s = std::net::TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 10249)), Duration::from_secs(2))
+            .context("connecting to the agent's /metrics")?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    })??;
+    let line = text.lines().find_map(|l| l.strip_prefix(SERIES)).with_context(|| format!("no {SERIES}in /metrics"))?;
+    line.trim().parse().with_context(|| format!("{SERIES}{line}"))
+}
+
+/// How north-south gives the Services NodePorts, for the notes: the NodePort
+/// range fits 2768 Service ports, so beyond N = 2766 some fillers stay ClusterIP.
+fn node_port_note(n: usize) -> String {
+    // The same assignment as the measured scenario's (endpoints do not matter).
+    let (services, ports) = Scenario::new(n, 1, &[Ipv4Addr::UNSPECIFIED])
+        .map(Scenario::with_node_ports)
+        .map_or((0, 0), |s| (s.node_port_services(), s.node_ports()));
+    let rest = n.saturating_sub(services);
+    let mut note = format!(
+        "N={n} north-south: NodePort Services {services} of {n} ({ports} NodePorts, distinct, in 30000-32767; the measured \
+         Service's on 32765-32767, its HTTP port's the last rule of KUBE-NODEPORTS), externalTrafficPolicy Cluster; \
+         iptables and nftables rules and the ferry agent on node 1 only, node 2 only routes"
+    );
+    if rest > 0 {
+        note.push_str(&format!(
+            "; the other {rest} fillers are ClusterIP Services (the NodePort range holds 2768 ports)"
+        ));
+    }
+    note
+}
+
+/// The inputs of every path for one case.
 struct Files {
     dir: PathBuf,
-    /// The measured Service's ClusterIP.
-    vip: Ipv4Addr,
-    /// Service ports in all: what ferry's "maps synced" line counts.
+    /// What the clients dial for each port of the measured Service: its
+    /// ClusterIP, or for a NodePort Service node 1's address at the NodePort.
+    frontend: BTreeMap<u16, SocketAddr>,
+    /// Frontends in all: what ferry's "maps synced" line counts (one per
+    /// Service port, plus one per NodePort: node 1 serves them on its one
+    /// address).
     frontends: usize,
     iptables: String,
     iptables_resync: String,
@@ -685,13 +889,29 @@ impl Files {
         let new_chains: std::collections::HashSet<String> = iptables::service_chains(changed).into_iter().collect();
         let stale: Vec<String> =
             iptables::service_chains(scenario).into_iter().filter(|c| !new_chains.contains(c)).collect();
+        let node1 = node_addr(0);
+        let frontend = scenario
+            .measured()
+            .ports
+            .iter()
+            .map(|p| {
+                let to = match p.node_port {
+                    Some(np) => SocketAddr::from((node1, np)),
+                    None => SocketAddr::from((scenario.measured().cluster_ip, p.port)),
+                };
+                (p.port, to)
+            })
+            .collect();
+        // kube-proxy's nftables mode serves NodePorts on the node's primary
+        // address; without NodePorts the set stays empty, as before.
+        let nodeport_ips = if scenario.node_ports() > 0 { vec![node1] } else { Vec::new() };
         Ok(Self {
             dir: dir.to_path_buf(),
-            vip: scenario.measured().cluster_ip,
-            frontends: scenario.frontends(),
+            frontend,
+            frontends: scenario.frontends() + scenario.node_ports(),
             iptables: iptables::ruleset(scenario, iptables::Mode::Initial, &[]),
             iptables_resync: iptables::ruleset(changed, iptables::Mode::Resync, &stale),
-            nft: nftables::ruleset(scenario),
+            nft: nftables::ruleset(scenario, &nodeport_ips),
             nft_update: nftables::endpoint_update(scenario, changed),
             ferry_dir,
             measured,
@@ -853,6 +1073,8 @@ struct Output {
     notes: Vec<String>,
     /// Which servers answered the sanity check, per case and path.
     answered: Vec<(Case, DataPath, Vec<String>)>,
+    /// ferry-xdp: how XDP attached and what it forwarded, per round.
+    xdp: Vec<XdpRound>,
     results: Vec<Row>,
 }
 
@@ -873,6 +1095,7 @@ impl Output {
         samples: Samples,
         answered: BTreeMap<(Case, DataPath), BTreeSet<String>>,
         notes: Vec<String>,
+        xdp: Vec<XdpRound>,
         elapsed: Duration,
     ) -> Self {
         let results = samples
@@ -894,6 +1117,7 @@ impl Output {
             iptables_backend: plan.iptables,
             notes,
             answered: answered.into_iter().map(|((n, p), s)| (n, p, s.into_iter().collect())).collect(),
+            xdp,
             results,
         }
     }
@@ -911,8 +1135,8 @@ impl Output {
         out.push_str(&format!(
             "Machine: {}, kernel {}, commit {}. `cargo xtask {}` ({} build): {} rounds, {} s per measurement, {} concurrent clients, \
              iptables via {}; took {:.0} s.\n\
-             Each cell: median over rounds (± spread = (max-min)/median). Ratios: ferry's median over the other path's; \
-             for rates > 1 means ferry is faster, for times and CPU < 1 means ferry is cheaper.\n",
+             Each cell: median over rounds (± spread = (max-min)/median). Ratios: a ferry path's median over the other path's \
+             (ferry-xdp's over ferry's too); for rates > 1 means the ferry path is faster, for times and CPU < 1 means it is cheaper.\n",
             self.machine,
             self.kernel,
             self.commit,
@@ -936,47 +1160,49 @@ impl Output {
             for p in &paths {
                 out.push_str(&format!(" {} |", p.name()));
             }
-            let others: Vec<DataPath> = paths.iter().copied().filter(|p| *p != DataPath::Ferry).collect();
-            let ferry = paths.contains(&DataPath::Ferry);
-            if ferry {
-                for p in &others {
-                    out.push_str(&format!(" ferry / {} |", p.name()));
-                }
+            // Each ferry path over every path before it (ferry-xdp over ferry too).
+            let ratios: Vec<(DataPath, DataPath)> = paths
+                .iter()
+                .filter(|f| f.is_ferry())
+                .flat_map(|&f| paths.iter().filter(move |&&o| o < f).map(move |&o| (f, o)))
+                .collect();
+            for (f, o) in &ratios {
+                out.push_str(&format!(" {} / {} |", f.name(), o.name()));
             }
             out.push_str("\n|---:|");
-            for _ in 0..paths.len() + if ferry { others.len() } else { 0 } {
+            for _ in 0..paths.len() + ratios.len() {
                 out.push_str("---:|");
             }
             out.push('\n');
             for &n in &ns {
-                let place = match n.topology {
-                    Topology::SameNode => "same node",
-                    Topology::CrossNode => "other node",
-                };
-                out.push_str(&format!("| {}, {place} |", n.services));
+                out.push_str(&format!("| {}, {} |", n.services, n.topology.place()));
                 for &p in &paths {
                     match self.get(n, m, p) {
                         Some(s) => out.push_str(&format!(" {} ±{:.0}% |", fmt_num(s.median), s.spread_pct())),
                         None => out.push_str(" – |"),
                     }
                 }
-                if ferry {
-                    for &p in &others {
-                        match (self.get(n, m, DataPath::Ferry), self.get(n, m, p)) {
-                            (Some(f), Some(o)) if o.median != 0.0 => {
-                                out.push_str(&format!(" {:.2} |", f.median / o.median))
-                            }
-                            _ => out.push_str(" – |"),
-                        }
+                for &(f, o) in &ratios {
+                    match (self.get(n, m, f), self.get(n, m, o)) {
+                        (Some(f), Some(o)) if o.median != 0.0 => out.push_str(&format!(" {:.2} |", f.median / o.median)),
+                        _ => out.push_str(" – |"),
                     }
                 }
                 out.push('\n');
             }
         }
         if !self.notes.is_empty() {
-            out.push_str("\nNot measured:\n\n");
+            out.push_str("\nNotes (set-up, and what could not be measured):\n\n");
             for note in &self.notes {
                 out.push_str(&format!("- {note}\n"));
+            }
+        }
+        if !self.xdp.is_empty() {
+            out.push_str("\nferry-xdp: XDP on node 1, and the packets it forwarded itself (xdp_forward after each round):\n\n");
+            for x in &self.xdp {
+                let how = x.attached.as_deref().map_or("NOT attached".into(), |a| format!("attached ({a})"));
+                let zero = if x.xdp_forward == 0 { " **(none: TC did all the work)**" } else { "" };
+                out.push_str(&format!("- {} round {}: {how}, xdp_forward {}{zero}\n", x.case, x.round, x.xdp_forward));
             }
         }
         out.push_str("\nServers that answered the per-round sanity check (UDP queries from fresh sockets until all ten answered, at most 400):\n\n");
@@ -1060,6 +1286,64 @@ mod tests {
         assert_eq!(field(&plain, "frontends"), Some(30003));
         assert_eq!(field(&plain, "backends"), Some(10));
         assert_eq!(field(&plain, "upserts"), None);
+    }
+
+    #[test]
+    fn ferry_xdp_is_measured_north_south_only() {
+        assert!(DataPath::FerryXdp.measured_in(Topology::NorthSouth));
+        assert!(!DataPath::FerryXdp.measured_in(Topology::SameNode));
+        assert!(!DataPath::FerryXdp.measured_in(Topology::CrossNode));
+        assert!(PATHS.iter().all(|p| p.measured_in(Topology::NorthSouth)));
+        assert_eq!(DataPath::FerryXdp.agent_args(), ["--xdp"]);
+        assert!(DataPath::Ferry.agent_args().is_empty());
+        // The CI check keeps to the default topologies (north-south is opt-in).
+        let plan = Plan::from(&Args::harness_check()).unwrap();
+        assert_eq!(plan.topologies, [Topology::SameNode, Topology::CrossNode]);
+    }
+
+    #[test]
+    fn node_port_note_says_what_stays_cluster_ip() {
+        let all = node_port_note(1000);
+        assert!(all.starts_with("N=1000 north-south: NodePort Services 1000 of 1000 (1002 NodePorts,"), "{all}");
+        assert!(!all.contains("ClusterIP Services"), "{all}");
+        let capped = node_port_note(10_000);
+        assert!(capped.contains(": NodePort Services 2766 of 10000 (2768 NodePorts,"), "{capped}");
+        assert!(capped.contains("the other 7234 fillers are ClusterIP Services"), "{capped}");
+    }
+
+    #[test]
+    fn ferry_xdp_is_compared_with_ferry_and_the_others() {
+        let case = Case { topology: Topology::NorthSouth, services: 1 };
+        let row = |path, v| Row {
+            case,
+            metric: Metric::CrrPerS,
+            path,
+            summary: Summary::of(&[v]).unwrap(),
+            samples: vec![v],
+        };
+        let out = Output {
+            machine: String::new(),
+            kernel: String::new(),
+            commit: String::new(),
+            command: String::new(),
+            profile: "debug",
+            rounds: 1,
+            duration_s: 1.0,
+            workers: 1,
+            elapsed_s: 1.0,
+            iptables_backend: IptablesBackend::Legacy,
+            notes: Vec::new(),
+            answered: Vec::new(),
+            xdp: vec![XdpRound { case, round: 1, attached: Some("xdp generic".into()), xdp_forward: 0 }],
+            results: vec![row(DataPath::NoNat, 100.0), row(DataPath::Ferry, 80.0), row(DataPath::FerryXdp, 88.0)],
+        };
+        let md = out.markdown();
+        assert!(
+            md.contains("| no-NAT | ferry | ferry-xdp | ferry / no-NAT | ferry-xdp / no-NAT | ferry-xdp / ferry |\n"),
+            "{md}"
+        );
+        assert!(md.contains("| 1, north-south NodePort | 100 ±0% | 80.0 ±0% | 88.0 ±0% | 0.80 | 0.88 | 1.10 |\n"), "{md}");
+        assert!(md.contains("- N=1 north-south round 1: attached (xdp generic), xdp_forward 0 **(none"), "{md}");
     }
 
     #[test]
