@@ -4,34 +4,12 @@
 /// `readiness_file`: if given, the Pod is ready only while that file does not exist.
 pub fn echo_pod(name: &str, app: &str, readiness_file: Option<&str>) -> String {
     let readiness = match readiness_file {
-        Some(f) => format!(
-            "exec:\n              command: [\"sh\", \"-c\", \"test ! -e {f}\"]\n            failureThreshold: 1"
-        ),
-        None => "tcpSocket:\n              port: http".to_string(),
+        Some(f) => format!("exec:\n  command: [\"sh\", \"-c\", \"test ! -e {f}\"]\nfailureThreshold: 1"),
+        None => "tcpSocket:\n  port: http".to_string(),
     };
     format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: default
-  labels:
-    app: {app}
-spec:
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: echo
-      command: ["ferry", "echo", "--tcp", "8080", "--udp", "8080"]
-      ports:
-        - name: http
-          containerPort: 8080
-        - name: dns
-          containerPort: 8080
-          protocol: UDP
-      readinessProbe:
-            {readiness}
-            periodSeconds: 1
-"#
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n    app: {app}\nspec:\n{}",
+        indent(&echo_spec(&readiness), 2)
     )
 }
 
@@ -54,22 +32,35 @@ spec:
       labels:
         app: {app}
     spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-        - name: echo
-          command: ["ferry", "echo", "--tcp", "8080", "--udp", "8080"]
-          ports:
-            - name: http
-              containerPort: 8080
-            - name: dns
-              containerPort: 8080
-              protocol: UDP
-          readinessProbe:
-            tcpSocket:
-              port: http
-            periodSeconds: 1
-"#
+{}"#,
+        indent(&echo_spec("tcpSocket:\n  port: http"), 6)
     )
+}
+
+/// The spec of an echo Pod with the readiness probe `readiness` (its handler
+/// and settings), unindented.
+fn echo_spec(readiness: &str) -> String {
+    format!(
+        r#"terminationGracePeriodSeconds: 1
+containers:
+  - name: echo
+    command: ["ferry", "echo", "--tcp", "8080", "--udp", "8080"]
+    ports:
+      - name: http
+        containerPort: 8080
+      - name: dns
+        containerPort: 8080
+        protocol: UDP
+    readinessProbe:
+{}      periodSeconds: 1
+"#,
+        indent(readiness, 6)
+    )
+}
+
+/// `text` with every non-empty line indented by `n` spaces.
+fn indent(text: &str, n: usize) -> String {
+    text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("{}{l}\n", " ".repeat(n)) }).collect()
 }
 
 /// A Pod that only sleeps: a client.
@@ -117,4 +108,28 @@ spec:
 /// The same Pod manifest, pinned to a node (spec.nodeName).
 pub fn on_node(pod_yaml: &str, node: &str) -> String {
     pod_yaml.replacen("\nspec:\n", &format!("\nspec:\n  nodeName: {node}\n"), 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml(text: &str) -> serde_yaml::Value {
+        serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{e}:\n{text}"))
+    }
+
+    #[test]
+    fn echo_pods_and_deployments_share_one_pod_spec() {
+        let pod = yaml(&on_node(&echo_pod("a", "web", Some("/tmp/x")), "n2"));
+        let probe = &pod["spec"]["containers"][0]["readinessProbe"];
+        assert_eq!(probe["exec"]["command"][2].as_str(), Some("test ! -e /tmp/x"));
+        assert_eq!((probe["failureThreshold"].as_u64(), probe["periodSeconds"].as_u64()), (Some(1), Some(1)));
+        assert_eq!(pod["spec"]["nodeName"].as_str(), Some("n2"));
+        assert_eq!(pod["metadata"]["labels"]["app"].as_str(), Some("web"));
+        let plain = yaml(&echo_pod("b", "web", None));
+        assert_eq!(plain["spec"]["containers"][0]["readinessProbe"]["tcpSocket"]["port"].as_str(), Some("http"));
+        let d = yaml(&echo_deployment("d", "web", 3));
+        assert_eq!(d["spec"]["replicas"].as_u64(), Some(3));
+        assert_eq!(d["spec"]["template"]["spec"], plain["spec"], "the same Pod spec");
+    }
 }
