@@ -33,6 +33,9 @@ pub struct LabOptions {
     /// Pod status directory shared with other nodes (a multi-node lab); by
     /// default the lab's own.
     pub state_dir: Option<PathBuf>,
+    /// Test files outside the lab's directory (readiness files, say), removed
+    /// with the lab.
+    pub scratch: Vec<PathBuf>,
 }
 
 impl LabOptions {
@@ -45,7 +48,14 @@ impl LabOptions {
             agent: true,
             shim: true,
             state_dir: None,
+            scratch: Vec::new(),
         }
+    }
+
+    /// Removes `dir` (and what is in it) when the lab goes.
+    pub fn scratch_dir(mut self, dir: &Path) -> Self {
+        self.scratch.push(dir.to_path_buf());
+        self
     }
 
     pub fn manifest(mut self, file: &str, yaml: &str) -> Self {
@@ -89,6 +99,7 @@ pub struct Lab {
     shim: Option<Child>,
     agent_args: Vec<String>,
     pod_cidr: String,
+    scratch: Vec<PathBuf>,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -127,6 +138,7 @@ impl Lab {
             shim: None,
             agent_args: opts.agent_args.clone(),
             pod_cidr: opts.pod_cidr.clone(),
+            scratch: opts.scratch.clone(),
         };
         for (file, yaml) in &opts.manifests {
             lab.write_manifest(file, yaml)?;
@@ -436,6 +448,9 @@ impl Drop for Lab {
         }
         let _ = fs::remove_dir(self.bpffs_dir.parent().unwrap_or(Path::new("/nonexistent")));
         let _ = fs::remove_dir_all(&self.dir);
+        for d in &self.scratch {
+            let _ = fs::remove_dir_all(d);
+        }
     }
 }
 

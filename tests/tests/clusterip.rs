@@ -26,6 +26,7 @@ fn echo_lab(tag: &str, names: &[&str], readiness_files: bool) -> Result<Lab> {
         .manifest("client.yaml", &client_pod("client"));
     let dir = std::env::temp_dir().join(format!("ferry-ready-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
+    opts = opts.scratch_dir(&dir);
     for n in names {
         let file = dir.join(format!("{n}.notready"));
         let f = readiness_files.then(|| file.to_string_lossy().into_owned());

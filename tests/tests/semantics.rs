@@ -37,7 +37,8 @@ fn readiness_file(tag: &str, pod: &str) -> PathBuf {
 fn lab(tag: &str, names: &[&str], extra: &[(&str, String)]) -> Result<Lab> {
     let mut opts = LabOptions::new(tag)
         .manifest("service.yaml", &echo_service("echo", "echo", "10.96.0.10"))
-        .manifest("client.yaml", &client_pod("client"));
+        .manifest("client.yaml", &client_pod("client"))
+        .scratch_dir(readiness_file(tag, "-").parent().expect("a directory"));
     for n in names {
         let f = readiness_file(tag, n).to_string_lossy().into_owned();
         opts = opts.manifest(&format!("{n}.yaml"), &echo_pod(n, "echo", Some(&f)));
