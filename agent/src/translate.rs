@@ -1157,18 +1157,20 @@ mod tests {
         let slice_yaml = |node: &str| {
             format!("metadata: {{name: loc-1, labels: {{kubernetes.io/service-name: loc}}}}\naddressType: IPv4\nendpoints:\n- {{addresses: [10.0.0.1], nodeName: n1}}\n- {{addresses: [10.0.0.2], nodeName: {node}}}\nports: [{{name: web, port: 8080}}]\n")
         };
-        let cfg = Config {
-            node: "n1".into(),
-            ..Config::default()
-        };
-        let t = translate(
-            &Snapshot {
-                services: vec![svc(local)],
+        // The Service translated on `node`, with loc-1's endpoints on n1 and n2.
+        let on = |node: &str, service: &str| {
+            let cfg = Config {
+                node: node.into(),
+                ..Config::default()
+            };
+            let snapshot = Snapshot {
+                services: vec![svc(service)],
                 endpoint_slices: vec![slice(&slice_yaml("n2"))],
                 ..Default::default()
-            },
-            &cfg,
-        );
+            };
+            translate(&snapshot, &cfg)
+        };
+        let t = on("n1", local);
         let f = &t.frontends[0];
         assert_ne!(f.flags & svc_flags::ITP_LOCAL, 0);
         assert_eq!(
@@ -1182,39 +1184,11 @@ mod tests {
             "the remote one only keeps its flows"
         );
         // On another node: no local endpoint, no backend (the dataplane rejects).
-        let cfg3 = Config {
-            node: "n3".into(),
-            ..Config::default()
-        };
-        let t = translate(
-            &Snapshot {
-                services: vec![svc(local)],
-                endpoint_slices: vec![slice(&slice_yaml("n2"))],
-                ..Default::default()
-            },
-            &cfg3,
-        );
-        assert!(t.frontends[0].backends.is_empty());
+        assert!(on("n3", local).frontends[0].backends.is_empty());
         // Cluster policy (the default) uses both.
-        let t = translate(
-            &Snapshot {
-                services: vec![svc(&local.replace(
-                    "internalTrafficPolicy: Local",
-                    "internalTrafficPolicy: Cluster",
-                ))],
-                endpoint_slices: vec![slice(&slice_yaml("n2"))],
-                ..Default::default()
-            },
-            &cfg3,
-        );
-        assert_eq!(t.frontends[0].backends.len(), 2);
-        let t = translate(
-            &Snapshot {
-                services: vec![svc(&local.replace("Local", "Nearby"))],
-                ..Default::default()
-            },
-            &cfg,
-        );
+        let cluster = local.replace("internalTrafficPolicy: Local", "internalTrafficPolicy: Cluster");
+        assert_eq!(on("n3", &cluster).frontends[0].backends.len(), 2);
+        let t = on("n1", &local.replace("Local", "Nearby"));
         assert!(
             t.errors[0]
                 .to_string()
