@@ -58,8 +58,9 @@ containers:
     )
 }
 
-/// `text` with every non-empty line indented by `n` spaces.
-fn indent(text: &str, n: usize) -> String {
+/// `text` with every non-empty line indented by `n` spaces (to nest a YAML
+/// block).
+pub fn indent(text: &str, n: usize) -> String {
     text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("{}{l}\n", " ".repeat(n)) }).collect()
 }
 

@@ -15,7 +15,7 @@ use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     in_netns,
-    manifests::{client_pod, echo_pod, echo_service, on_node},
+    manifests::{client_pod, echo_pod, echo_service, indent, on_node},
     split, sys, tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
 };
 
@@ -290,27 +290,28 @@ spec:
     Ok(())
 }
 
-/// An echo Pod that, like a well-behaved server, keeps serving after SIGTERM
-/// (it ignores it) until the grace period ends.
+/// The spec of an echo Pod that, like a well-behaved server, keeps serving
+/// after SIGTERM (it ignores it) until the grace period ends; unindented.
+fn draining_echo_spec(grace: u32) -> String {
+    format!(
+        r#"terminationGracePeriodSeconds: {grace}
+containers:
+  - name: echo
+    command: ["sh", "-c", "trap '' TERM; exec ferry echo --tcp 8080 --udp 8080"]
+    ports:
+      - {{name: http, containerPort: 8080}}
+    readinessProbe:
+      tcpSocket: {{port: http}}
+      periodSeconds: 1
+"#
+    )
+}
+
+/// A Pod of [`draining_echo_spec`].
 fn draining_echo_pod(name: &str, grace: u32) -> String {
     format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: {name}
-  namespace: default
-  labels: {{app: echo}}
-spec:
-  terminationGracePeriodSeconds: {grace}
-  containers:
-    - name: echo
-      command: ["sh", "-c", "trap '' TERM; exec ferry echo --tcp 8080 --udp 8080"]
-      ports:
-        - {{name: http, containerPort: 8080}}
-      readinessProbe:
-        tcpSocket: {{port: http}}
-        periodSeconds: 1
-"#
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{app: echo}}\nspec:\n{}",
+        indent(&draining_echo_spec(grace), 2)
     )
 }
 
@@ -529,16 +530,8 @@ spec:
     metadata:
       labels: {{app: echo, version: {version}}}
     spec:
-      terminationGracePeriodSeconds: 3
-      containers:
-        - name: echo
-          command: ["sh", "-c", "trap '' TERM; exec ferry echo --tcp 8080 --udp 8080"]
-          ports:
-            - {{name: http, containerPort: 8080}}
-          readinessProbe:
-            tcpSocket: {{port: http}}
-            periodSeconds: 1
-"#
+{}"#,
+        indent(&draining_echo_spec(3), 6)
     )
 }
 
