@@ -188,11 +188,7 @@ mod tests {
     use std::net::Ipv4Addr;
 
     use super::*;
-
-    fn scenario(n: usize) -> Scenario {
-        let real: Vec<Ipv4Addr> = (0..3).map(|i| Ipv4Addr::new(10, 244, 0, 10 + i)).collect();
-        Scenario::new(n, 3, &real).unwrap()
-    }
+    use crate::scenario::sample as scenario;
 
     #[test]
     fn services_are_one_verdict_map_lookup() {

@@ -187,6 +187,14 @@ impl Scenario {
     }
 }
 
+/// The rulesets' unit tests' scenario: `n` Services of three endpoints,
+/// 10.244.0.10-12 the measured one's.
+#[cfg(test)]
+pub(crate) fn sample(n: usize) -> Scenario {
+    let real: Vec<Ipv4Addr> = (0..3).map(|i| Ipv4Addr::new(10, 244, 0, 10 + i)).collect();
+    Scenario::new(n, 3, &real).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
