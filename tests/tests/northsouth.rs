@@ -5,7 +5,7 @@
 //! address the backend saw the client at.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{Ipv4Addr, SocketAddr},
     time::Duration,
 };
 
@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     in_netns,
+    split, udp_ask,
     manifests::{echo_pod, on_node},
     sys, TcpSession,
 };
@@ -169,19 +170,8 @@ fn nodeport_externalip_and_loadbalancer(path: Path) -> Result<()> {
     // it sent to, so an answer proves the reply was translated back.
     for node in [node_addr(0), node_addr(1)] {
         let to = SocketAddr::from((node, 30053));
-        let names = in_netns(&c.external, move || -> Result<BTreeSet<String>> {
-            let mut names = BTreeSet::new();
-            for _ in 0..40 {
-                let s = UdpSocket::bind("0.0.0.0:0")?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                s.connect(to)?;
-                s.send(b"hello\n")?;
-                let mut buf = [0u8; 256];
-                let n = s.recv(&mut buf).with_context(|| format!("no UDP answer from {to}"))?;
-                names.insert(String::from_utf8_lossy(&buf[..n]).trim().to_string());
-            }
-            Ok(names)
-        })??;
+        let answers = split(&c.external, 40, |ns| udp_ask(ns, to).with_context(|| format!("UDP via {to}")))?;
+        let names: BTreeSet<String> = answers.into_keys().collect();
         assert_eq!(names, BTreeSet::from(["web-1".to_string(), "web-2".to_string()]), "UDP via {to}");
     }
     // ExternalIP (routed to node 1) and LoadBalancer IP (routed to node 2).
