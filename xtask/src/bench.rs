@@ -718,7 +718,7 @@ impl Ctx<'_> {
             .lines()
             .map(strip_ansi)
             .find_map(|l| Some(l[l.find("xdp_from_netdev attached (")? + 26..].split(')').next()?.to_string()));
-        let xdp_forward = xdp_forwarded(&lab.node).context("reading node 1's xdp_forward counter")?;
+        let xdp_forward = lab.counter("xdp_forward").context("reading node 1's xdp_forward counter")?;
         print!(" | XDP forwarded {xdp_forward} packets ({})", attached.as_deref().unwrap_or("not attached"));
         if xdp_forward == 0 {
             self.notes.push(format!(
@@ -808,25 +808,6 @@ fn sanity(client: &str, targets: &[SocketAddr]) -> Result<BTreeSet<String>> {
         }
         Ok(names)
     })?
-}
-
-/// Node 1's xdp_forward counter (packets XDP forwarded itself), from the
-/// agent's /metrics on node 1 (kube-proxy's metrics port, in the node's
-/// namespace): the agent reads it from the pinned counters map.
-fn xdp_forwarded(node: &str) -> Result<u64> {
-    const SERIES: &str = "ferry_packets_total{kind=\"xdp_forward\"} ";
-    let text = in_netns(node, || -> Result<String> {
-        use std::io::Read as _;
-        let mut s = std::net::TcpStream::connect_timeout(&SocketAddr::from(([127, 0, 0, 1], 10249)), Duration::from_secs(2))
-            .context("connecting to the agent's /metrics")?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        Ok(text)
-    })??;
-    let line = text.lines().find_map(|l| l.strip_prefix(SERIES)).with_context(|| format!("no {SERIES}in /metrics"))?;
-    line.trim().parse().with_context(|| format!("{SERIES}{line}"))
 }
 
 /// How north-south gives the Services NodePorts, for the notes: the NodePort
