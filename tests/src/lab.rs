@@ -342,6 +342,22 @@ impl Lab {
         })
     }
 
+    /// Asks with `ask` until every backend in `names` has answered at least
+    /// once: the agent programs each backend shortly after its Pod turns
+    /// ready, so the first answer alone does not mean all are in the maps.
+    pub fn wait_answered_by(
+        &self,
+        what: &str,
+        names: &[&str],
+        mut ask: impl FnMut() -> Result<String>,
+    ) -> Result<()> {
+        let mut seen = std::collections::BTreeSet::new();
+        self.wait_until(Duration::from_secs(20), &format!("{what} answered by {names:?}"), || {
+            seen.insert(ask()?);
+            Ok(names.iter().all(|n| seen.contains(*n)))
+        })
+    }
+
     /// Polls `cond` every 100 ms until it is true or `timeout` passes.
     pub fn wait_until(
         &self,

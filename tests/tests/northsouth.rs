@@ -125,18 +125,9 @@ fn wait_serving(c: &Cluster, to: SocketAddr) -> Result<()> {
     })
 }
 
-/// Waits until `to` is answered by every backend in `names` (each agent
-/// programs a backend shortly after its Pod turns ready).
+/// Waits until `to` is answered by every backend in `names`.
 fn wait_backends(c: &Cluster, to: SocketAddr, names: &[&str]) -> Result<()> {
-    let mut seen = BTreeSet::new();
-    c.nodes[0].wait_until(Duration::from_secs(20), &format!("{to} answered by {names:?}"), || {
-        if let Ok(mut s) = TcpSession::connect(&c.external, to) {
-            if let Ok(name) = s.ask() {
-                seen.insert(name);
-            }
-        }
-        Ok(names.iter().all(|n| seen.contains(*n)))
-    })
+    c.nodes[0].wait_answered_by(&to.to_string(), names, || TcpSession::connect(&c.external, to)?.ask())
 }
 
 #[test]

@@ -168,9 +168,7 @@ fn a_udp_client_moves_to_a_live_backend_when_its_backend_stops_being_used() -> R
     let lab = lab(tag, &["echo-a", "echo-b"], &[])?;
     let client = lab.pod_netns("client")?;
     let vip = addr("10.96.0.10:53");
-    lab.wait_until(Duration::from_secs(10), "UDP answers", || {
-        Ok(udp_ask(&client, vip).is_ok())
-    })?;
+    lab.wait_answered_by("UDP", &["echo-a", "echo-b"], || udp_ask(&client, vip))?;
     let sock = in_netns(&client, move || -> Result<UdpSocket> {
         let s = UdpSocket::bind("0.0.0.0:0")?;
         s.set_read_timeout(Some(Duration::from_millis(200)))?;
@@ -487,10 +485,10 @@ spec:
     let lab = Lab::start(opts)?;
     lab.wait_ready(&["dns-a", "dns-b", "client"], READY)?;
     let client = lab.pod_netns("client")?;
-    lab.wait_until(Duration::from_secs(10), "TCP 53 answers", || {
-        Ok(tcp_ask(&client, addr("10.96.0.70:53")).is_ok())
-    })?;
     let both = ["dns-a", "dns-b"];
+    lab.wait_answered_by("TCP 53", &both, || tcp_ask(&client, addr("10.96.0.70:53")))?;
+    lab.wait_answered_by("UDP 53", &both, || udp_ask(&client, addr("10.96.0.70:53")))?;
+    lab.wait_answered_by("TCP 8053", &both, || tcp_ask(&client, addr("10.96.0.70:8053")))?;
     for (what, counts) in [
         (
             "TCP 53",
