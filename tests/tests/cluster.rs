@@ -598,9 +598,7 @@ fn a_pod_reaches_a_clusterip_learned_from_the_api() -> Result<()> {
 
     let client = lab.pod_netns("client")?;
     let vip: SocketAddr = "10.96.0.10:80".parse()?;
-    lab.wait_until(WAIT, "the ClusterIP answers", || {
-        Ok(tcp_ask(&client, vip).is_ok())
-    })?;
+    lab.wait_answered_by("the ClusterIP", &["echo-a", "echo-b"], || tcp_ask(&client, vip))?;
     let mut seen = BTreeMap::new();
     for _ in 0..40 {
         *seen.entry(tcp_ask(&client, vip)?).or_insert(0) += 1;
