@@ -343,19 +343,22 @@ impl Lab {
     }
 
     /// Asks with `ask` until every backend in `names` has answered at least
-    /// once: the agent programs each backend shortly after its Pod turns
-    /// ready, so the first answer alone does not mean all are in the maps.
-    pub fn wait_answered_by(
+    /// once (the agent programs each backend shortly after its Pod turns
+    /// ready, so the first answer alone does not mean all are in the maps).
+    /// Returns every name that answered, for callers that check no other did.
+    pub fn wait_answered_by<S: AsRef<str>>(
         &self,
         what: &str,
-        names: &[&str],
+        names: &[S],
         mut ask: impl FnMut() -> Result<String>,
-    ) -> Result<()> {
+    ) -> Result<std::collections::BTreeSet<String>> {
+        let names: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
         let mut seen = std::collections::BTreeSet::new();
         self.wait_until(Duration::from_secs(20), &format!("{what} answered by {names:?}"), || {
             seen.insert(ask()?);
             Ok(names.iter().all(|n| seen.contains(*n)))
-        })
+        })?;
+        Ok(seen)
     }
 
     /// Polls `cond` every 100 ms until it is true or `timeout` passes.

@@ -128,19 +128,11 @@ fn unpinned_pods_are_spread_over_the_nodes_and_run_once() -> Result<()> {
     let want: BTreeSet<String> = names.iter().cloned().collect();
     let client = c.pod_netns("client")?;
     let cluster_ip = addr("10.96.0.30:80");
-    let mut seen = BTreeSet::new();
-    c.nodes[0].wait_until(Duration::from_secs(20), "the ClusterIP reaching every replica", || {
-        seen.insert(tcp_ask(&client, cluster_ip)?);
-        Ok(want.is_subset(&seen))
-    })?;
+    let seen = c.nodes[0].wait_answered_by("the ClusterIP", &names, || tcp_ask(&client, cluster_ip))?;
     assert_eq!(seen, want, "only the replicas answer");
     for i in 0..c.nodes.len() {
         let node_port = SocketAddr::from((node_addr(i), 30080));
-        let mut seen = BTreeSet::new();
-        c.nodes[0].wait_until(Duration::from_secs(20), &format!("NodePort {node_port} reaching every replica"), || {
-            seen.insert(tcp_ask(&c.external, node_port)?);
-            Ok(want.is_subset(&seen))
-        })?;
+        let seen = c.nodes[0].wait_answered_by(&format!("NodePort {node_port}"), &names, || tcp_ask(&c.external, node_port))?;
         assert_eq!(seen, want, "only the replicas answer on {node_port}");
     }
     // Scaled down to 2: each node keeps the lowest index of its share, so one

@@ -126,7 +126,7 @@ fn wait_serving(c: &Cluster, to: SocketAddr) -> Result<()> {
 }
 
 /// Waits until `to` is answered by every backend in `names`.
-fn wait_backends(c: &Cluster, to: SocketAddr, names: &[&str]) -> Result<()> {
+fn wait_backends(c: &Cluster, to: SocketAddr, names: &[&str]) -> Result<BTreeSet<String>> {
     c.nodes[0].wait_answered_by(&to.to_string(), names, || TcpSession::connect(&c.external, to)?.ask())
 }
 
