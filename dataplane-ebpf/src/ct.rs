@@ -36,6 +36,15 @@ pub fn lookup(pkt: &Packet, dir: u8) -> Option<&'static mut CtValue> {
     Some(entry)
 }
 
+/// Where an entry's flow has its source rewritten to ([`ct_flags::SNAT`]:
+/// hairpin, or north-south to a backend on another node): the client's
+/// address and port in a reply entry, the SNAT address and port in a
+/// forward one.
+#[inline(always)]
+pub fn snat(entry: &CtValue) -> Option<(u32, u16)> {
+    (entry.flags & ct_flags::SNAT != 0).then_some((entry.nat_addr, entry.nat_port))
+}
+
 /// What a new flow was assigned to.
 pub struct NewFlow {
     pub backend_id: u32,

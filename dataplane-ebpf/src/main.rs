@@ -109,27 +109,21 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Counter> {
         return Ok(TC_ACT_OK);
     };
     if let Some(entry) = ct::lookup(&pkt, CT_DIR_REPLY) {
-        let (rev_nat_id, flags, nat_addr, nat_port) =
-            (entry.rev_nat_id, entry.flags, entry.nat_addr, entry.nat_port);
-        let external = flags & ct_flags::EXTERNAL != 0;
-        if external {
-            // A remote backend's reply to a north-south client, SNATed to us.
-            let snat = (flags & ct_flags::SNAT != 0).then_some((nat_addr, nat_port));
-            return reverse_nat(ctx, &pkt, rev_nat_id, snat, true);
+        let (rev_nat_id, snat) = (entry.rev_nat_id, ct::snat(entry));
+        let external = entry.flags & ct_flags::EXTERNAL != 0;
+        // Hairpin replies only ever come from the Pod's own veth.
+        if !external && snat.is_some() {
+            return Ok(TC_ACT_OK);
         }
-        // A remote backend's reply to one of our Pods. (Hairpin replies only
-        // ever come from the Pod's own veth.)
-        if flags & ct_flags::SNAT == 0 {
-            return reverse_nat(ctx, &pkt, rev_nat_id, None, false);
-        }
-        return Ok(TC_ACT_OK);
+        // A remote backend's reply to a north-south client SNATed to us, or
+        // to one of our Pods.
+        return reverse_nat(ctx, &pkt, rev_nat_id, snat, external);
     }
     if let Some(entry) = ct::lookup(&pkt, CT_DIR_FORWARD) {
         if entry.flags & ct_flags::EXTERNAL != 0 {
             if let Some(b) = lb::backend(entry.backend_id) {
                 count_service(entry.rev_nat_id, ctx.len());
-                let snat = (entry.flags & ct_flags::SNAT != 0).then_some((entry.nat_addr, entry.nat_port));
-                return nodeport::forward(ctx, &pkt, &b, snat);
+                return nodeport::forward(ctx, &pkt, &b, ct::snat(entry));
             }
             // The backend is gone: balance again (the entries are overwritten).
         }
@@ -143,19 +137,16 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     };
     // A reply of a backend to a client (or to the hairpin address)?
     if let Some(entry) = ct::lookup(&pkt, CT_DIR_REPLY) {
-        let (rev_nat_id, flags, nat_addr, nat_port) =
-            (entry.rev_nat_id, entry.flags, entry.nat_addr, entry.nat_port);
-        let snat = (flags & ct_flags::SNAT != 0).then_some((nat_addr, nat_port));
+        let (rev_nat_id, snat) = (entry.rev_nat_id, ct::snat(entry));
         // A local backend's reply to a north-south client leaves through a
         // node device; everything else goes back to a Pod of ours.
-        return reverse_nat(ctx, &pkt, rev_nat_id, snat, flags & ct_flags::EXTERNAL != 0);
+        return reverse_nat(ctx, &pkt, rev_nat_id, snat, entry.flags & ct_flags::EXTERNAL != 0);
     }
     // A packet of a flow we already balanced: same backend while it exists.
     if let Some(entry) = ct::lookup(&pkt, CT_DIR_FORWARD) {
         if let Some(b) = lb::backend(entry.backend_id) {
             count_service(entry.rev_nat_id, ctx.len());
-            let hairpin = entry.flags & ct_flags::SNAT != 0;
-            return dnat(ctx, &pkt, &b, hairpin);
+            return dnat(ctx, &pkt, &b, ct::snat(entry).is_some());
         }
         // The backend is gone: balance again (the entries are overwritten).
     }

@@ -58,8 +58,7 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
             if entry.flags & ct_flags::EXTERNAL == 0 {
                 return Ok(XDP_PASS);
             }
-            let snat = (entry.flags & ct_flags::SNAT != 0).then_some((entry.nat_addr, entry.nat_port));
-            let rev_nat_id = entry.rev_nat_id;
+            let (rev_nat_id, snat) = (entry.rev_nat_id, ct::snat(entry));
             // A backend that is gone: TC balances again.
             let Some(b) = lb::backend(entry.backend_id) else {
                 return Ok(XDP_PASS);
