@@ -267,7 +267,9 @@ pub fn connections(dir: &Path) -> Result<Vec<CtRow>, InspectError> {
             .unwrap_or_else(|| format!("#{} (gone)", v.backend_id));
         let mut flags = vec![];
         for (bit, name) in [
-            (ct_flags::SNAT, "hairpin-snat"),
+            // SNAT alone: hairpin; with north-south: to a backend on another node.
+            (ct_flags::SNAT, "snat"),
+            (ct_flags::EXTERNAL, "north-south"),
             (ct_flags::CLOSING, "closing"),
         ] {
             if v.flags & bit != 0 {
