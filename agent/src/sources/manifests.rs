@@ -22,30 +22,10 @@ pub struct Manifests {
     pub errors: Vec<InputError>,
 }
 
-/// Reads every manifest file of `dir`.
+/// Reads every manifest file of `dir` (once: [`DirCache`] for a directory
+/// read again and again).
 pub fn load_dir(dir: &Path) -> Manifests {
-    let mut out = Manifests::default();
-    let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
-        Ok(entries) => entries
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| is_manifest(p))
-            .collect(),
-        Err(e) => {
-            out.errors.push(InputError::new(
-                dir.display().to_string(),
-                "directory",
-                "",
-                e.to_string(),
-            ));
-            return out;
-        }
-    };
-    files.sort();
-    for path in files {
-        let _ = load_file(&path, &mut out);
-    }
-    out
+    DirCache::default().load(dir)
 }
 
 /// A manifest directory read again and again: files whose size and mtime did
