@@ -257,9 +257,6 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                     entry.local_endpoints = entry.local_endpoints.max(backends.0.len());
                 }
             }
-            if external.is_empty() {
-                continue;
-            }
             for (addr, eport, kind, field) in external {
                 if let Some(owner) = claimed.get(&(addr, eport, proto)) {
                     out.errors.push(InputError::new(
@@ -688,7 +685,6 @@ fn assign_cluster_ips(
     out
 }
 
-/// FNV-1a: a stable hash (std's hasher is randomly seeded).
 /// Deterministic allocation in a range of `size`: the first offset `free`
 /// accepts, starting at a stable hash of `key` and probing onward (wrapping).
 /// Same input, same result: on every node and across restarts.
@@ -697,6 +693,7 @@ fn probe(key: &str, size: u32, free: impl Fn(u32) -> bool) -> Option<u32> {
     (0..size).map(|k| (start + k) % size).find(|k| free(*k))
 }
 
+/// FNV-1a: a stable hash (std's hasher is randomly seeded).
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, b| {
         (h ^ *b as u32).wrapping_mul(0x0100_0193)
@@ -933,7 +930,7 @@ mod tests {
                 addr: Ipv4Addr::new(10, 244, 0, 2),
                 port: 8080,
                 terminating: true,
-                    local: false,
+                local: false,
             }]
         );
         assert_ne!(http.flags & svc_flags::TERMINATING_FALLBACK, 0);
@@ -1025,7 +1022,7 @@ mod tests {
                 addr: Ipv4Addr::new(10, 0, 0, 1),
                 port: 8080,
                 terminating: false,
-                    local: false,
+                local: false,
             }]
         );
         let legacy = t.frontends.iter().find(|f| f.port == 9000).unwrap();
@@ -1035,7 +1032,7 @@ mod tests {
                 addr: Ipv4Addr::new(10, 0, 1, 1),
                 port: 9090,
                 terminating: false,
-                    local: false,
+                local: false,
             }]
         );
     }
@@ -1081,7 +1078,7 @@ mod tests {
                 addr: Ipv4Addr::new(10, 0, 0, 2),
                 port: 8080,
                 terminating: true,
-                    local: false,
+                local: false,
             }]
         );
         assert_ne!(http.flags & svc_flags::TERMINATING_FALLBACK, 0);

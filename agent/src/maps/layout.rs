@@ -243,7 +243,7 @@ mod tests {
                     addr: Ipv4Addr::from(*b),
                     port: 8080,
                     terminating: false,
-local: false
+                    local: false,
                 })
                 .collect(),
             draining: Vec::new(),

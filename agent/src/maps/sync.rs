@@ -239,7 +239,7 @@ mod tests {
                     addr: Ipv4Addr::new(10, 0, 0, *b),
                     port: 8080,
                     terminating: false,
-local: false
+                    local: false,
                 })
                 .collect(),
             draining: Vec::new(),
