@@ -14,7 +14,7 @@ use aya::{
         links::{FdLink, LinkError, LinkOrder, PinnedLink},
         tc::{SchedClassifierLink, TcAttachOptions},
         xdp::XdpLink,
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
     sys::SyscallError,
     Ebpf, EbpfError, EbpfLoader,
@@ -302,12 +302,9 @@ impl Dataplane {
             .load()
             .map_err(program(format!("loading {PROG_XDP_FROM_NETDEV} (verifier)")))?;
         for name in [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4] {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::MissingProgram(name))?
-                .try_into()
-                .map_err(program(format!("{name} is not a cgroup sock_addr program")))?;
-            prog.load().map_err(program(format!("loading {name} (verifier)")))?;
+            sock_addr_program(&mut ebpf, name)?
+                .load()
+                .map_err(program(format!("loading {name} (verifier)")))?;
         }
         Ok((
             Self {
@@ -395,12 +392,7 @@ impl Dataplane {
             source,
         })?;
         for name in [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4] {
-            let prog: &mut CgroupSockAddr = self
-                .ebpf
-                .program_mut(name)
-                .ok_or(DataplaneError::MissingProgram(name))?
-                .try_into()
-                .map_err(program(format!("{name} is not a cgroup sock_addr program")))?;
+            let prog = sock_addr_program(&mut self.ebpf, name)?;
             let id = prog
                 // A bpf_link: several programs per cgroup are allowed anyway; link
                 // creation refuses the multi flag.
@@ -516,21 +508,31 @@ pub fn veths(links: &[LinkMessage]) -> BTreeSet<u32> {
         .collect()
 }
 
-/// A hook's program of the object.
-fn classifier(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, DataplaneError> {
-    let name = hook.program();
+/// The program `name` of the object as the kind `P` (`kind` says which, for
+/// the error when it is another).
+fn program_of<'a, P>(ebpf: &'a mut Ebpf, name: &'static str, kind: &str) -> Result<&'a mut P, DataplaneError>
+where
+    &'a mut P: TryFrom<&'a mut Program, Error = ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or(DataplaneError::MissingProgram(name))?
         .try_into()
-        .map_err(program(format!("{name} is not a TC classifier")))
+        .map_err(program(format!("{name} is not {kind}")))
+}
+
+/// A hook's TC program of the object.
+fn classifier(ebpf: &mut Ebpf, hook: Hook) -> Result<&mut SchedClassifier, DataplaneError> {
+    program_of(ebpf, hook.program(), "a TC classifier")
 }
 
 /// The XDP program of the object.
 fn xdp_program(ebpf: &mut Ebpf) -> Result<&mut Xdp, DataplaneError> {
-    ebpf.program_mut(PROG_XDP_FROM_NETDEV)
-        .ok_or(DataplaneError::MissingProgram(PROG_XDP_FROM_NETDEV))?
-        .try_into()
-        .map_err(program(format!("{PROG_XDP_FROM_NETDEV} is not an XDP program")))
+    program_of(ebpf, PROG_XDP_FROM_NETDEV, "an XDP program")
+}
+
+/// A socket load-balancing program (cgroup connect4, sendmsg4, recvmsg4).
+fn sock_addr_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut CgroupSockAddr, DataplaneError> {
+    program_of(ebpf, name, "a cgroup sock_addr program")
 }
 
 /// Forwards `aya-log` records of the programs to our log, if the object has the
