@@ -466,46 +466,57 @@ fn attach_pinned(
     Ok((pinned, how))
 }
 
-/// Where each hook goes: every veth that is not a node device gets from_pod,
-/// every node device present gets from_netdev, and with `xdp` also
-/// xdp_from_netdev.
-pub fn hook_interfaces(links: &[LinkMessage], devices: &[String], xdp: bool) -> BTreeMap<(Hook, u32), String> {
-    let mut out: BTreeMap<(Hook, u32), String> = pod_interfaces(links, devices)
-        .into_iter()
-        .map(|(idx, name)| ((Hook::FromPod, idx), name))
-        .collect();
-    for (idx, name) in link_names(links) {
-        if devices.contains(&name) {
-            if xdp {
-                out.insert((Hook::XdpFromNetdev, idx), name.clone());
-            }
-            out.insert((Hook::FromNetdev, idx), name);
-        }
-    }
-    out
+/// The interfaces of this network namespace, as attaching the programs needs
+/// them (read once per link event).
+#[derive(Clone, Debug, Default)]
+pub struct Links {
+    /// Interface names by index.
+    pub names: BTreeMap<u32, String>,
+    /// The ifindexes of the veths.
+    pub veths: BTreeSet<u32>,
 }
 
-/// Pod-facing interfaces: every veth that is not a node device.
-pub fn pod_interfaces(links: &[LinkMessage], devices: &[String]) -> BTreeMap<u32, String> {
-    let veths = veths(links);
-    link_names(links)
-        .into_iter()
-        .filter(|(idx, name)| veths.contains(idx) && !devices.contains(name))
-        .collect()
-}
-
-/// The ifindexes of the veths among `links`.
-pub fn veths(links: &[LinkMessage]) -> BTreeSet<u32> {
-    links
-        .iter()
-        .filter(|l| {
-            l.attributes.iter().any(|a| match a {
-                LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))),
-                _ => false,
+impl Links {
+    pub fn new(links: &[LinkMessage]) -> Self {
+        let names = links
+            .iter()
+            .filter_map(|l| {
+                l.attributes.iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some((l.header.index, n.clone())),
+                    _ => None,
+                })
             })
-        })
-        .map(|l| l.header.index)
-        .collect()
+            .collect();
+        let veths = links
+            .iter()
+            .filter(|l| {
+                l.attributes.iter().any(|a| match a {
+                    LinkAttribute::LinkInfo(infos) => infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))),
+                    _ => false,
+                })
+            })
+            .map(|l| l.header.index)
+            .collect();
+        Self { names, veths }
+    }
+
+    /// Where each hook goes: every node device present gets from_netdev, and
+    /// with `xdp` also xdp_from_netdev; every veth that is not a node device
+    /// (a Pod's) gets from_pod.
+    pub fn hooks(&self, devices: &[String], xdp: bool) -> BTreeMap<(Hook, u32), String> {
+        let mut out = BTreeMap::new();
+        for (&idx, name) in &self.names {
+            if devices.contains(name) {
+                out.insert((Hook::FromNetdev, idx), name.clone());
+                if xdp {
+                    out.insert((Hook::XdpFromNetdev, idx), name.clone());
+                }
+            } else if self.veths.contains(&idx) {
+                out.insert((Hook::FromPod, idx), name.clone());
+            }
+        }
+        out
+    }
 }
 
 /// The program `name` of the object as the kind `P` (`kind` says which, for
@@ -567,8 +578,9 @@ fn spawn_ebpf_logs(ebpf: &mut Ebpf) {
 }
 
 /// All links of this network namespace.
-pub async fn list_links(handle: &rtnetlink::Handle) -> Result<Vec<LinkMessage>, DataplaneError> {
-    Ok(handle.link().get().execute().try_collect().await?)
+pub async fn list_links(handle: &rtnetlink::Handle) -> Result<Links, DataplaneError> {
+    let msgs: Vec<LinkMessage> = handle.link().get().execute().try_collect().await?;
+    Ok(Links::new(&msgs))
 }
 
 /// Every IPv4 address of this network namespace: (ifindex, address).
@@ -613,19 +625,6 @@ pub fn nodeport_addresses(
     out.sort();
     out.dedup();
     out
-}
-
-/// Interface names by index.
-pub fn link_names(links: &[LinkMessage]) -> BTreeMap<u32, String> {
-    links
-        .iter()
-        .filter_map(|l| {
-            l.attributes.iter().find_map(|a| match a {
-                LinkAttribute::IfName(n) => Some((l.header.index, n.clone())),
-                _ => None,
-            })
-        })
-        .collect()
 }
 
 /// The cookie of this process's network namespace (SO_NETNS_COOKIE).

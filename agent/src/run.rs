@@ -432,7 +432,6 @@ fn sync(
     }
 }
 
-/// Attaches from_pod to every Pod veth not attached yet.
 /// Lists the links once: attaches what is missing and, with `addresses`,
 /// re-reads the node's addresses. True when the NodePort addresses changed (a
 /// sync is due).
@@ -452,7 +451,7 @@ async fn follow_links(
         }
     };
     attach_all(dp, &links, &cfg.devices, cfg.xdp);
-    addresses && refresh_addresses(handle, dp, cfg, &dataplane::link_names(&links), prog, node_addr).await
+    addresses && refresh_addresses(handle, dp, cfg, &links.names, prog, node_addr).await
 }
 
 /// Re-reads the node's addresses: where NodePorts are served and the address
@@ -494,17 +493,13 @@ async fn refresh_addresses(
     true
 }
 
-fn attach_all(
-    dp: &mut Dataplane,
-    links: &[rtnetlink::packet_route::link::LinkMessage],
-    devices: &[String],
-    xdp: Option<dataplane::XdpAttach>,
-) {
-    let wanted = dataplane::hook_interfaces(links, devices, xdp.is_some());
+/// Attaches every hook's program where it is missing, and forgets the
+/// interfaces that are gone.
+fn attach_all(dp: &mut Dataplane, links: &dataplane::Links, devices: &[String], xdp: Option<dataplane::XdpAttach>) {
+    let wanted = links.hooks(devices, xdp.is_some());
     dp.forget_missing(&wanted);
-    let veths = dataplane::veths(links);
     for ((hook, idx), name) in &wanted {
-        let xdp_modes = xdp.map_or(&[][..], |x| x.modes(veths.contains(idx)));
+        let xdp_modes = xdp.map_or(&[][..], |x| x.modes(links.veths.contains(idx)));
         if let Err(e) = dp.attach(*hook, name, *idx, xdp_modes) {
             // The link may have vanished in between; retried on the next event.
             tracing::warn!("{e:#}");
