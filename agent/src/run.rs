@@ -79,8 +79,10 @@ struct Programmer {
     allocated: BTreeMap<String, Ipv4Addr>,
     /// The node's addresses and pod CIDRs last time (logged when they change).
     node: Option<crate::model::NodeInfo>,
-    /// Where NodePorts are served (from netlink and `--nodeport-addresses`).
-    nodeport_addrs: Vec<Ipv4Addr>,
+    /// What translation needs: `--service-cluster-ip-range` and friends, and
+    /// where NodePorts are served (`nodeport_addrs`, kept current from netlink
+    /// and `--nodeport-addresses`).
+    translate: translate::Config,
     /// healthCheckNodePort servers, matched to each translation.
     health_checks: crate::healthcheck::HealthCheckServers,
 }
@@ -88,12 +90,7 @@ struct Programmer {
 impl Programmer {
     /// `after_change`: the sync follows an input change (or a relist), so a no-op
     /// is worth an info line; periodic resyncs log it at debug.
-    fn sync(
-        &mut self,
-        input: Input,
-        cfg: &translate::Config,
-        after_change: bool,
-    ) -> Result<Programmed> {
+    fn sync(&mut self, input: Input, after_change: bool) -> Result<Programmed> {
         let started = Instant::now();
         let Input { snapshot, errors } = input;
         if snapshot.node != self.node {
@@ -102,7 +99,7 @@ impl Programmer {
             }
             self.node = snapshot.node.clone();
         }
-        let t = translate(&snapshot, cfg);
+        let t = translate(&snapshot, &self.translate);
         let translated = started.elapsed();
         let errors: BTreeSet<String> = errors
             .iter()
@@ -314,7 +311,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         reported: BTreeSet::new(),
         allocated: BTreeMap::new(),
         node: None,
-        nodeport_addrs: Vec::new(),
+        translate: cfg.translate.clone(),
         health_checks: Default::default(),
     };
 
@@ -362,10 +359,10 @@ pub async fn run(cfg: Config) -> Result<()> {
                 while changes.try_recv().is_ok() {}
                 pending = None;
                 last_sync = tokio::time::Instant::now();
-                sync(&mut prog, &source, &cfg, &health, &metrics, &mut waiting_logged, true);
+                sync(&mut prog, &source, &health, &metrics, &mut waiting_logged, true);
             }
             _ = resync.tick() => {
-                sync(&mut prog, &source, &cfg, &health, &metrics, &mut waiting_logged, false);
+                sync(&mut prog, &source, &health, &metrics, &mut waiting_logged, false);
             }
             Some(_) = link_events.next() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -399,7 +396,6 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 fn sync(
     prog: &mut Programmer,
     source: &Source,
-    cfg: &Config,
     health: &Health,
     metrics: &Metrics,
     waiting_logged: &mut bool,
@@ -415,11 +411,7 @@ fn sync(
         }
         return;
     };
-    let translate_cfg = translate::Config {
-        nodeport_addrs: prog.nodeport_addrs.clone(),
-        ..cfg.translate.clone()
-    };
-    match prog.sync(input, &translate_cfg, after_change) {
+    match prog.sync(input, after_change) {
         Ok(p) => {
             let took = started.elapsed();
             metrics.sync_ok(took, p);
@@ -485,11 +477,11 @@ async fn refresh_addresses(
         *node_addr = primary;
     }
     let np = dataplane::nodeport_addresses(&addrs, links, &cfg.devices, &cfg.nodeport_cidrs);
-    if np == prog.nodeport_addrs {
+    if np == prog.translate.nodeport_addrs {
         return false;
     }
     tracing::info!(addresses = ?np, "NodePort addresses");
-    prog.nodeport_addrs = np;
+    prog.translate.nodeport_addrs = np;
     true
 }
 
