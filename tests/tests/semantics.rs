@@ -106,10 +106,7 @@ fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
     let client = lab.pod_netns("client")?;
     wait_programmed(&lab, "10.96.0.40:80")?;
     // A silent drop would show as a timeout after the SYN's (or the datagram's)
-    // retransmission, a second or more. Every attempt must be refused well
-    // before that, and the fastest within 100 ms (the slack for the others is
-    // for a loaded CI machine, not for the dataplane).
-    let (mut fastest_tcp, mut fastest_udp) = (Duration::MAX, Duration::MAX);
+    // retransmission, a second or more. Every attempt is refused within 100 ms.
     for _ in 0..5 {
         let (err, took) = tcp_connect(&client, addr("10.96.0.40:80"))?;
         assert_eq!(
@@ -117,19 +114,15 @@ fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
             Some(ErrorKind::ConnectionRefused),
             "TCP connect to a Service without endpoints"
         );
-        assert!(took < Duration::from_millis(900), "TCP refused only after {took:?}");
-        fastest_tcp = fastest_tcp.min(took);
+        assert!(took < Duration::from_millis(100), "TCP refused only after {took:?}");
         let (err, took) = udp_try(&client, addr("10.96.0.40:53"))?;
         assert_eq!(
             err,
             Some(ErrorKind::ConnectionRefused),
             "UDP to a Service without endpoints"
         );
-        assert!(took < Duration::from_millis(900), "UDP refused only after {took:?}");
-        fastest_udp = fastest_udp.min(took);
+        assert!(took < Duration::from_millis(100), "UDP refused only after {took:?}");
     }
-    assert!(fastest_tcp < Duration::from_millis(100), "TCP refused within 100 ms at best: {fastest_tcp:?}");
-    assert!(fastest_udp < Duration::from_millis(100), "UDP refused within 100 ms at best: {fastest_udp:?}");
     // The Service that has an endpoint still answers, and the reject was counted.
     assert_eq!(tcp_ask(&client, addr("10.96.0.10:80"))?, "echo-a");
     // Its only endpoint turns unready: refused as well (nothing left to use).
