@@ -23,10 +23,10 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 
 use crate::{
-    lab::{Lab, LabOptions},
+    lab::{short, Lab, LabOptions},
     sys,
 };
 
@@ -175,10 +175,6 @@ pub fn pod_cidr(i: usize) -> String {
     format!("10.244.{i}.0/24")
 }
 
-fn short(tag: &str) -> String {
-    tag.chars().filter(|c| c.is_ascii_alphanumeric()).take(4).collect()
-}
-
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
@@ -191,7 +187,3 @@ impl Drop for Cluster {
     }
 }
 
-/// For messages: "node <i>" of a Pod's record.
-pub fn node_of(cluster: &Cluster, pod: &str) -> Result<String> {
-    cluster.nodes[0].pod(pod).map(|r| r.node).with_context(|| format!("no record of pod {pod}"))
-}

@@ -492,7 +492,8 @@ fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
 
-fn short(tag: &str) -> String {
+/// Up to four alphanumerics of a test's tag, for namespace name prefixes.
+pub(crate) fn short(tag: &str) -> String {
     tag.chars().filter(|c| c.is_ascii_alphanumeric()).take(4).collect()
 }
 
