@@ -171,8 +171,7 @@ impl Lab {
         if !nodes.is_empty() {
             args.extend(["--nodes".into(), nodes.join(",")]);
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.shim = Some(self.spawn("shim", &args)?);
+        self.shim = Some(self.spawn("shim", &self.in_node(), &args)?);
         Ok(())
     }
 
@@ -193,14 +192,19 @@ impl Lab {
     /// Starts (or restarts) the agent on another manifest directory (the
     /// benchmark's Services, which the shim need not parse).
     pub fn start_agent_on(&mut self, manifests: &Path) -> Result<()> {
-        let state_dir = path_str(&self.state_dir);
-        self.spawn_agent(&["--manifests", &path_str(manifests), "--state-dir", &state_dir])
+        let source = self.standalone_source(manifests);
+        self.spawn_agent(&self.in_node(), &source)
+    }
+
+    /// The agent's flags for standalone mode on `manifests`.
+    fn standalone_source(&self, manifests: &Path) -> Vec<String> {
+        vec!["--manifests".into(), path_str(manifests), "--state-dir".into(), path_str(&self.state_dir)]
     }
 
     /// Starts `ferry agent <source> --node-name … --bpffs-dir … --cgroup-path …`
-    /// plus the lab's extra agent flags.
-    fn spawn_agent(&mut self, source: &[&str]) -> Result<()> {
-        let mut args: Vec<String> = std::iter::once("agent").chain(source.iter().copied()).map(String::from).collect();
+    /// plus the lab's extra agent flags, through `launcher`.
+    fn spawn_agent(&mut self, launcher: &[String], source: &[String]) -> Result<()> {
+        let mut args: Vec<String> = std::iter::once("agent".to_string()).chain(source.iter().cloned()).collect();
         args.extend([
             "--node-name".into(),
             self.node.clone(),
@@ -210,8 +214,7 @@ impl Lab {
             self.cgroup.as_deref().map(path_str).unwrap_or_else(|| "none".into()),
         ]);
         args.extend(self.agent_args.iter().cloned());
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        self.agent = Some(self.spawn("agent", &args)?);
+        self.agent = Some(self.spawn("agent", launcher, &args)?);
         Ok(())
     }
 
@@ -222,14 +225,14 @@ impl Lab {
 
     /// Where the agent's output goes (appended across restarts).
     pub fn agent_log_path(&self) -> PathBuf {
-        self.dir.join("agent.log")
+        self.log_path("agent")
     }
 
     /// Starts the agent in cluster mode, reaching the API through `kubeconfig`
     /// (a fake API server in the node's namespace, say). Extra flags from
     /// `LabOptions::agent_args` are appended.
     pub fn start_cluster_agent(&mut self, kubeconfig: &Path) -> Result<()> {
-        self.spawn_agent(&["--kubeconfig", &path_str(kubeconfig)])
+        self.spawn_agent(&self.in_node(), &["--kubeconfig".into(), path_str(kubeconfig)])
     }
 
     /// Starts the agent (standalone mode, like `start_agent`) with only the Linux
@@ -242,38 +245,21 @@ impl Lab {
             .chain(caps.iter().map(|c| format!("+{}", c.to_lowercase())))
             .collect::<Vec<_>>()
             .join(",");
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("agent.log"))?;
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net=/run/netns/{}", self.node))
-            .arg("setpriv")
-            .arg(format!("--inh-caps={set}"))
-            .arg(format!("--ambient-caps={set}"))
-            .arg(format!("--bounding-set={set}"))
-            .arg(&self.ferry)
-            .args(["agent", "--manifests"])
-            .arg(&self.manifests_dir)
-            .args(["--node-name", &self.node, "--state-dir"])
-            .arg(&self.state_dir)
-            .arg("--bpffs-dir")
-            .arg(&self.bpffs_dir)
-            .arg("--cgroup-path")
-            .arg(self.cgroup.as_deref().map(path_str).unwrap_or_else(|| "none".into()))
-            .args(&self.agent_args)
-            .process_group(0)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        self.agent = Some(cmd.spawn().context("starting ferry agent with nsenter + setpriv")?);
-        Ok(())
+        let launcher = [
+            "nsenter".to_string(),
+            format!("--net=/run/netns/{}", self.node),
+            "setpriv".into(),
+            format!("--inh-caps={set}"),
+            format!("--ambient-caps={set}"),
+            format!("--bounding-set={set}"),
+        ];
+        let source = self.standalone_source(&self.manifests_dir);
+        self.spawn_agent(&launcher, &source)
     }
 
     /// The agent's whole log.
     pub fn agent_log(&self) -> String {
-        fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+        fs::read_to_string(self.agent_log_path()).unwrap_or_default()
     }
 
     /// Stops the agent (SIGTERM), leaving the dataplane and its pinned maps.
@@ -283,17 +269,23 @@ impl Lab {
         }
     }
 
-    fn spawn(&self, what: &str, args: &[&str]) -> Result<Child> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(format!("{what}.log")))?;
-        let mut full = vec!["netns", "exec", &self.node];
-        let ferry = path_str(&self.ferry);
-        full.push(&ferry);
-        full.extend_from_slice(args);
-        Command::new("ip")
-            .args(&full)
+    /// How the lab runs a process in its node: `ip netns exec NODE`.
+    fn in_node(&self) -> Vec<String> {
+        vec!["ip".into(), "netns".into(), "exec".into(), self.node.clone()]
+    }
+
+    fn log_path(&self, what: &str) -> PathBuf {
+        self.dir.join(format!("{what}.log"))
+    }
+
+    /// Runs `<launcher> ferry <args>`, its output appended to `<what>.log`.
+    fn spawn(&self, what: &str, launcher: &[String], args: &[String]) -> Result<Child> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path(what))?;
+        let (program, launcher_args) = launcher.split_first().context("an empty launcher")?;
+        Command::new(program)
+            .args(launcher_args)
+            .arg(&self.ferry)
+            .args(args)
             // Own process group: a Ctrl-C in the terminal reaches only the lab's
             // owner, which then stops the shim first (it removes its Pods).
             .process_group(0)
@@ -302,7 +294,7 @@ impl Lab {
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
-            .with_context(|| format!("starting ferry {what}"))
+            .with_context(|| format!("starting ferry {what} with {launcher:?}"))
     }
 
     /// Writes (or replaces) a manifest file atomically.
@@ -408,7 +400,7 @@ impl Lab {
     pub fn logs(&self) -> String {
         let mut out = String::new();
         for what in ["agent", "shim"] {
-            let text = fs::read_to_string(self.dir.join(format!("{what}.log"))).unwrap_or_default();
+            let text = fs::read_to_string(self.log_path(what)).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(40).collect();
             out.push_str(&format!("--- {what} log (last {} lines) ---\n", tail.len()));
             for l in tail.into_iter().rev() {
