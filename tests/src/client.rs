@@ -5,7 +5,7 @@
 //! namespace; the resulting socket can then be used from anywhere.
 use std::{
     fs::File,
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream, UdpSocket},
     os::fd::AsRawFd,
     time::Duration,
@@ -27,6 +27,21 @@ pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + '
     })
     .join()
     .map_err(|_| anyhow!("client thread panicked"))?
+}
+
+/// `GET path` over HTTP/1.1 from `netns` to `to`: (status code, body).
+pub fn http_get(netns: &str, to: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n");
+    in_netns(netns, move || -> Result<(u16, String)> {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(request.as_bytes())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status line")?;
+        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
+    })?
 }
 
 /// One TCP request: connect from `netns` to `addr`, send a line, return the answer

@@ -4,21 +4,23 @@
 //! the health and metrics endpoints, the agent's log and the requests it made.
 use std::{
     collections::BTreeMap,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
     fakeapi::{FakeApi, Kind},
-    in_netns,
+    http_get,
     manifests::{client_pod, echo_pod},
-    tcp_ask, Lab, LabOptions,
+    split, tcp_ask, Lab, LabOptions,
 };
 use serde_json::{json, Value};
 
 const WAIT: Duration = Duration::from_secs(30);
+/// The agent's health and metrics ports, inside its node namespace.
+const HEALTHZ: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10256));
+const METRICS: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 10249));
 /// Long enough for kube's watcher backoff after an outage.
 const RECOVER: Duration = Duration::from_secs(60);
 
@@ -32,14 +34,14 @@ struct Cluster {
 
 /// Starts the lab and the fake API (with this node's Node object); `setup` adds
 /// objects before the agent starts.
-fn cluster(opts: LabOptions, setup: impl FnOnce(&FakeApi) -> Result<()>) -> Result<Cluster> {
+fn cluster(opts: LabOptions, setup: impl FnOnce(&Lab, &FakeApi) -> Result<()>) -> Result<Cluster> {
     let mut lab = Lab::start(LabOptions {
         agent: false,
         ..opts
     })?;
     let api = FakeApi::start(Some(&lab.node))?;
     api.apply(node(&lab.node))?;
-    setup(&api)?;
+    setup(&lab, &api)?;
     let kubeconfig = lab.dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig)?;
     lab.start_cluster_agent(&kubeconfig)?;
@@ -141,39 +143,13 @@ fn wait_maps(c: &Cluster, timeout: Duration, expect: &BTreeMap<String, Vec<Strin
     r.with_context(|| format!("last seen: {last:?}"))
 }
 
-/// GET http://127.0.0.1:PORT/PATH from inside the node namespace: (status, body).
-fn http_get(netns: &str, port: u16, path: &str) -> Result<(u16, String)> {
-    let path = path.to_string();
-    in_netns(netns, move || -> Result<(u16, String)> {
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        let code = out
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .context("no HTTP status")?;
-        let body = out
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((code, body))
-    })?
-}
-
 fn count(log: &str, needle: &str) -> usize {
     log.lines().filter(|l| l.contains(needle)).count()
 }
 
 #[test]
 fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
-    let c = cluster(LabOptions::new("cwatch"), |api| {
+    let c = cluster(LabOptions::new("cwatch"), |_, api| {
         api.apply(service("web", "10.96.0.10", web_ports()))?;
         // Two slices of one Service, merged by the service-name label; one
         // endpoint not ready.
@@ -218,9 +194,9 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
     // Health and metrics, kube-proxy style, on the default ports of the node
     // namespace.
     let ns = &c.lab.node;
-    let (code, _) = http_get(ns, 10256, "/readyz")?;
+    let (code, _) = http_get(ns, HEALTHZ, "/readyz")?;
     assert_eq!(code, 200, "ready after the first sync");
-    let (code, body) = http_get(ns, 10256, "/healthz")?;
+    let (code, body) = http_get(ns, HEALTHZ, "/healthz")?;
     assert_eq!(code, 200, "{body}");
     let hz: Value = serde_json::from_str(&body).context("healthz JSON")?;
     assert!(
@@ -228,8 +204,8 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
         "{hz}"
     );
     assert!(hz["currentTime"].as_str().is_some(), "{hz}");
-    assert_eq!(http_get(ns, 10256, "/livez")?.0, 200);
-    let (code, metrics) = http_get(ns, 10249, "/metrics")?;
+    assert_eq!(http_get(ns, HEALTHZ, "/livez")?.0, 200);
+    let (code, metrics) = http_get(ns, METRICS, "/metrics")?;
     assert_eq!(code, 200);
     for m in [
         "ferry_services 2",
@@ -322,7 +298,7 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
         &want(&[("10.96.0.20:443/TCP", &["10.244.3.3:8443"])]),
     )?;
     c.lab.wait_until(WAIT, "metrics follow", || {
-        let m = http_get(ns, 10249, "/metrics")?.1;
+        let m = http_get(ns, METRICS, "/metrics")?.1;
         Ok(m.contains("ferry_services 1") && m.contains("ferry_backends 1"))
     })?;
     // Quiet when nothing changes: bookmarks and idle watches cause no syncs.
@@ -335,7 +311,7 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
 
 #[test]
 fn first_sync_waits_for_every_list_and_an_outage_keeps_the_last_state() -> Result<()> {
-    let mut c = cluster(LabOptions::new("coutage"), |api| {
+    let mut c = cluster(LabOptions::new("coutage"), |_, api| {
         api.apply(service("web", "10.96.0.10", web_ports()))?;
         api.apply(slice(
             "web-a",
@@ -374,7 +350,7 @@ fn first_sync_waits_for_every_list_and_an_outage_keeps_the_last_state() -> Resul
         "nothing programmed before every list is done"
     );
     assert_eq!(
-        http_get(&ns, 10256, "/readyz")?.0,
+        http_get(&ns, HEALTHZ, "/readyz")?.0,
         503,
         "not ready before the first sync"
     );
@@ -386,7 +362,7 @@ fn first_sync_waits_for_every_list_and_an_outage_keeps_the_last_state() -> Resul
         ("10.96.0.20:443/TCP", &["10.244.3.3:8443"]),
     ]);
     wait_maps(&c, RECOVER, &full)?;
-    assert_eq!(http_get(&ns, 10256, "/readyz")?.0, 200);
+    assert_eq!(http_get(&ns, HEALTHZ, "/readyz")?.0, 200);
 
     // The API server dies. Meanwhile the cluster changes and etcd compacts.
     c.api.stop();
@@ -410,7 +386,7 @@ fn first_sync_waits_for_every_list_and_an_outage_keeps_the_last_state() -> Resul
         full,
         "the last state stays during the outage"
     );
-    assert_eq!(http_get(&ns, 10256, "/healthz")?.0, 200);
+    assert_eq!(http_get(&ns, HEALTHZ, "/healthz")?.0, 200);
     assert!(c
         .lab
         .agent_log()
@@ -433,7 +409,7 @@ fn first_sync_waits_for_every_list_and_an_outage_keeps_the_last_state() -> Resul
 
 #[test]
 fn gone_410_mid_watch_relists_and_an_unchanged_relist_writes_nothing() -> Result<()> {
-    let c = cluster(LabOptions::new("cgone"), |api| {
+    let c = cluster(LabOptions::new("cgone"), |_, api| {
         api.apply(service("web", "10.96.0.10", web_ports()))?;
         api.apply(slice(
             "web-a",
@@ -501,7 +477,7 @@ fn gone_410_mid_watch_relists_and_an_unchanged_relist_writes_nothing() -> Result
 
 #[test]
 fn a_malformed_object_is_reported_and_the_rest_is_programmed() -> Result<()> {
-    let c = cluster(LabOptions::new("cbad"), |api| {
+    let c = cluster(LabOptions::new("cbad"), |_, api| {
         api.apply(service("web", "10.96.0.10", web_ports()))?;
         api.apply(slice(
             "web-a",
@@ -561,48 +537,39 @@ fn a_pod_reaches_a_clusterip_learned_from_the_api() -> Result<()> {
         .manifest("echo-a.yaml", &echo_pod("echo-a", "echo", None))
         .manifest("echo-b.yaml", &echo_pod("echo-b", "echo", None))
         .manifest("client.yaml", &client_pod("client"));
-    let mut lab = Lab::start(LabOptions {
-        agent: false,
-        ..opts
+    let c = cluster(opts, |lab, api| {
+        lab.wait_ready(&["echo-a", "echo-b", "client"], Duration::from_secs(60))?;
+        api.apply(service(
+            "echo",
+            "10.96.0.10",
+            json!([{"name": "http", "port": 80, "targetPort": "http"}]),
+        ))?;
+        let mut eps = Vec::new();
+        for p in ["echo-a", "echo-b"] {
+            let ip = lab
+                .pod(p)
+                .and_then(|r| r.pod_ip)
+                .with_context(|| format!("{p} has an IP"))?;
+            eps.push(ip.to_string());
+        }
+        let list: Vec<Ep> = eps
+            .iter()
+            .map(|ip| (ip.as_str(), true, true, false, lab.node.as_str()))
+            .collect();
+        api.apply(slice(
+            "echo-1",
+            "echo",
+            &list,
+            json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+        ))?;
+        Ok(())
     })?;
-    lab.wait_ready(&["echo-a", "echo-b", "client"], Duration::from_secs(60))?;
-    let api = FakeApi::start(Some(&lab.node))?;
-    api.apply(node(&lab.node))?;
-    api.apply(service(
-        "echo",
-        "10.96.0.10",
-        json!([{"name": "http", "port": 80, "targetPort": "http"}]),
-    ))?;
-    let mut eps = Vec::new();
-    for p in ["echo-a", "echo-b"] {
-        let ip = lab
-            .pod(p)
-            .and_then(|r| r.pod_ip)
-            .with_context(|| format!("{p} has an IP"))?;
-        eps.push(ip.to_string());
-    }
-    let node_name = lab.node.clone();
-    let list: Vec<Ep> = eps
-        .iter()
-        .map(|ip| (ip.as_str(), true, true, false, node_name.as_str()))
-        .collect();
-    api.apply(slice(
-        "echo-1",
-        "echo",
-        &list,
-        json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
-    ))?;
-    let kubeconfig = lab.dir.join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
-    lab.start_cluster_agent(&kubeconfig)?;
+    let lab = &c.lab;
 
     let client = lab.pod_netns("client")?;
     let vip: SocketAddr = "10.96.0.10:80".parse()?;
     lab.wait_answered_by("the ClusterIP", &["echo-a", "echo-b"], || tcp_ask(&client, vip))?;
-    let mut seen = BTreeMap::new();
-    for _ in 0..40 {
-        *seen.entry(tcp_ask(&client, vip)?).or_insert(0) += 1;
-    }
+    let seen = split(&client, 40, |ns| tcp_ask(ns, vip))?;
     if seen.keys().map(String::as_str).collect::<Vec<_>>() != ["echo-a", "echo-b"] {
         bail!(
             "want answers from echo-a and echo-b, got {seen:?}\n{}",
@@ -610,7 +577,7 @@ fn a_pod_reaches_a_clusterip_learned_from_the_api() -> Result<()> {
         );
     }
     // Per-Service traffic counters: at least the 41 connections' packets.
-    let (_, metrics) = http_get(&lab.node, 10249, "/metrics")?;
+    let (_, metrics) = http_get(&lab.node, METRICS, "/metrics")?;
     let packets: u64 = metrics
         .lines()
         .find(|l| {
@@ -636,7 +603,5 @@ fn a_pod_reaches_a_clusterip_learned_from_the_api() -> Result<()> {
         .find(|r| r["frontend"] == "10.96.0.10:80")
         .context("the frontend in svc list")?;
     assert!(row["packets"].as_u64().unwrap_or(0) >= packets, "{row}");
-    drop(lab);
-    drop(api);
     Ok(())
 }

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
-    in_netns,
+    http_get,
     split, udp_ask,
     manifests::{echo_pod, on_node},
     sys, TcpSession,
@@ -260,21 +260,6 @@ fn snat_ports_nodeport_addresses_and_duplicates(path: Path) -> Result<()> {
     Ok(())
 }
 
-/// An HTTP GET from the external client: (status code, body).
-fn http_get(c: &Cluster, to: SocketAddr) -> Result<(u16, String)> {
-    in_netns(&c.external, move || -> Result<(u16, String)> {
-        use std::io::{Read as _, Write as _};
-        let mut s = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
-        s.write_all(b"GET / HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no status line")?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Ok((status, body))
-    })?
-}
-
 #[test]
 fn external_traffic_policy_local_keeps_the_client_address_and_health_checks_tell_the_nodes_apart() -> Result<()> {
     let svc = r#"apiVersion: v1
@@ -302,12 +287,12 @@ spec:
     assert!(TcpSession::connect(&c.external, on2).is_err(), "node 2 must not serve a Local Service without local endpoints");
     // healthCheckNodePort on every node: 200 with the local count, 503 without.
     c.nodes[0].wait_until(Duration::from_secs(10), "health checks answering", || {
-        Ok(http_get(&c, SocketAddr::from((node_addr(0), 32100))).is_ok_and(|(s, _)| s == 200))
+        Ok(http_get(&c.external, SocketAddr::from((node_addr(0), 32100)), "/").is_ok_and(|(s, _)| s == 200))
     })?;
-    let (status, body) = http_get(&c, SocketAddr::from((node_addr(0), 32100)))?;
+    let (status, body) = http_get(&c.external, SocketAddr::from((node_addr(0), 32100)), "/")?;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("\"localEndpoints\":1") && body.contains("\"name\":\"loc\""), "{body}");
-    let (status, body) = http_get(&c, SocketAddr::from((node_addr(1), 32100)))?;
+    let (status, body) = http_get(&c.external, SocketAddr::from((node_addr(1), 32100)), "/")?;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"localEndpoints\":0"), "{body}");
     Ok(())
