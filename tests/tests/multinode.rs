@@ -50,13 +50,11 @@ fn a_pod_reaches_a_clusterip_with_a_backend_on_another_node() -> Result<()> {
     // A second backend on the client's own node: both are used.
     c.write_manifest("local.yaml", &on_node(&echo_pod("local", "echo", None), &n1))?;
     c.wait_ready(&["local"], READY)?;
-    let mut seen = BTreeSet::new();
-    c.nodes[0].wait_until(Duration::from_secs(20), "both backends answering", || {
-        seen.insert(tcp_ask(&client, addr("10.96.0.10:80"))?);
-        seen.insert(udp_ask(&client, addr("10.96.0.10:53"))?);
-        Ok(seen.len() == 2)
-    })?;
-    assert_eq!(seen, BTreeSet::from(["local".to_string(), "remote".to_string()]));
+    let both = ["local", "remote"];
+    let seen = c.nodes[0].wait_answered_by("TCP", &both, || tcp_ask(&client, addr("10.96.0.10:80")))?;
+    assert_eq!(seen, BTreeSet::from(both.map(String::from)));
+    let seen = c.nodes[0].wait_answered_by("UDP", &both, || udp_ask(&client, addr("10.96.0.10:53")))?;
+    assert_eq!(seen, BTreeSet::from(both.map(String::from)));
     Ok(())
 }
 
