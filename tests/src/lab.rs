@@ -342,11 +342,22 @@ impl Lab {
         &self,
         what: &str,
         names: &[S],
+        ask: impl FnMut() -> Result<String>,
+    ) -> Result<std::collections::BTreeSet<String>> {
+        self.wait_answered_by_within(Duration::from_secs(20), what, names, ask)
+    }
+
+    /// [`Lab::wait_answered_by`] with another timeout.
+    pub fn wait_answered_by_within<S: AsRef<str>>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        names: &[S],
         mut ask: impl FnMut() -> Result<String>,
     ) -> Result<std::collections::BTreeSet<String>> {
         let names: Vec<&str> = names.iter().map(AsRef::as_ref).collect();
         let mut seen = std::collections::BTreeSet::new();
-        self.wait_until(Duration::from_secs(20), &format!("{what} answered by {names:?}"), || {
+        self.wait_until(timeout, &format!("{what} answered by {names:?}"), || {
             seen.insert(ask()?);
             Ok(names.iter().all(|n| seen.contains(*n)))
         })?;

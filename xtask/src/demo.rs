@@ -47,11 +47,7 @@ pub fn run(once: bool, demo: bool) -> Result<()> {
     // The agent programs the maps within a second of the Pods turning ready
     // (later on a busy machine): wait until every backend has answered, not
     // just the first, or the split below misses one.
-    let mut seen = std::collections::BTreeSet::new();
-    lab.wait_until(Duration::from_secs(20), "the TCP Service answering from every backend", || {
-        seen.insert(tcp_ask(&client, tcp)?);
-        Ok(BACKENDS.iter().all(|b| seen.contains(*b)))
-    })?;
+    lab.wait_answered_by("the TCP Service", BACKENDS, || tcp_ask(&client, tcp))?;
 
     println!("\n$ ferry svc list\n{}", lab.ferry(&["svc", "list"])?);
     if demo {

@@ -55,15 +55,7 @@ pub fn run() -> Result<bool> {
         ("LoadBalancer IP (routed to node 2)", format!("{LB_IP}:80").parse()?),
     ] {
         // Every agent programs both backends within a moment of them being ready.
-        c.nodes[0].wait_until(Duration::from_secs(20), &format!("{to} answered by both backends"), || {
-            let mut seen = std::collections::BTreeSet::new();
-            for _ in 0..10 {
-                if let Ok((name, _)) = TcpSession::connect(&c.external, to).and_then(|mut s| s.ask_peer()) {
-                    seen.insert(name);
-                }
-            }
-            Ok(seen.len() == 2)
-        })?;
+        c.nodes[0].wait_answered_by(&to.to_string(), &["web-1", "web-2"], || TcpSession::connect(&c.external, to)?.ask())?;
         let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
         for _ in 0..REQUESTS {
             let mut s = TcpSession::connect(&c.external, to).with_context(|| format!("connecting to {to}"))?;

@@ -364,14 +364,10 @@ fn answered_by_all(
     protocol: &str,
     want: &BTreeSet<String>,
 ) -> Result<()> {
-    let mut seen = BTreeSet::new();
-    c.nodes[0].wait_until(ANSWER, &format!("{what} answered by {want:?}"), || {
-        let who = match protocol {
-            "UDP" => udp_ask(from, to)?,
-            _ => tcp_ask(from, to)?,
-        };
-        seen.insert(who);
-        Ok(want.is_subset(&seen))
+    let names: Vec<&String> = want.iter().collect();
+    let seen = c.nodes[0].wait_answered_by_within(ANSWER, what, &names, || match protocol {
+        "UDP" => udp_ask(from, to),
+        _ => tcp_ask(from, to),
     })?;
     ensure!(
         &seen == want,
