@@ -67,6 +67,13 @@ pub fn service_chains(scenario: &Scenario) -> Vec<String> {
     v
 }
 
+/// The chains of `before` that `after` no longer has: what a resync from
+/// `before` to `after` deletes (`ruleset(after, Mode::Resync, stale)`).
+pub fn stale_chains(before: &Scenario, after: &Scenario) -> Vec<String> {
+    let now: std::collections::HashSet<String> = service_chains(after).into_iter().collect();
+    service_chains(before).into_iter().filter(|c| !now.contains(c)).collect()
+}
+
 fn sep_chain(s: &Service, p: &ServicePort, ip: &str) -> String {
     iptables_endpoint_chain(&s.port_name(p), p.protocol.lower(), &format!("{ip}:{}", p.target_port))
 }

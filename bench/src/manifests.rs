@@ -17,9 +17,14 @@ pub fn files(scenario: &Scenario) -> Vec<(String, String)> {
     for s in fillers {
         service(&mut out, s);
     }
+    vec![(FILLERS_FILE.into(), out), (MEASURED_FILE.into(), measured_yaml(measured))]
+}
+
+/// The measured Service's file ([`MEASURED_FILE`]) alone.
+pub fn measured_yaml(measured: &Service) -> String {
     let mut m = String::new();
     service(&mut m, measured);
-    vec![(FILLERS_FILE.into(), out), (MEASURED_FILE.into(), m)]
+    m
 }
 
 fn service(out: &mut String, s: &Service) {

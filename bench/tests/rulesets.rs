@@ -71,9 +71,7 @@ fn iptables_ruleset_restores_and_resyncs() {
 
     // One endpoint replaced, as kube-proxy resyncs: --noflush, stale chains deleted.
     let t = s.with_measured_endpoint(9, Ipv4Addr::new(10, 244, 0, 99)).unwrap();
-    let new_chains = iptables::service_chains(&t);
-    let stale: Vec<String> =
-        iptables::service_chains(&s).into_iter().filter(|c| !new_chains.contains(c)).collect();
+    let stale = iptables::stale_chains(&s, &t);
     assert_eq!(stale.len(), 3, "one endpoint chain per port of the measured Service");
     ns.run("iptables-restore", &["--noflush"], &iptables::ruleset(&t, Mode::Resync, &stale)).unwrap();
     let saved = ns.run("iptables-save", &["-t", "nat"], "").unwrap();

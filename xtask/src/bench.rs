@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use ferry_bench::{
-    iptables, loadgen::Report, manifests, nftables, scenario::Scenario, stats::Summary,
+    iptables, loadgen::Report, manifests, nftables, scenario::{self, Scenario}, stats::Summary,
 };
 use ferry_tests::{
     cluster::{node_addr, pod_cidr, Cluster, EXTERNAL_ADDR},
@@ -46,12 +46,15 @@ const SERVERS: usize = 10;
 /// servers in 400 random picks with a probability of about 1e-17).
 const SANITY_QUERIES: usize = 400;
 const CLIENT: &str = "client";
-const TCP_PORT: u16 = 80;
-const UDP_PORT: u16 = 53;
-const STREAM_PORT: u16 = 5201;
-/// The servers' ports (targetPorts; what no-NAT dials).
-const SERVER_PORT: u16 = 8080;
-const SERVER_SINK: u16 = 5201;
+/// The measured Service's ports, as the scenario defines them.
+const TCP_PORT: u16 = scenario::TCP_PORT.1;
+const UDP_PORT: u16 = scenario::UDP_PORT.1;
+const STREAM_PORT: u16 = scenario::STREAM_PORT.1;
+/// The servers' ports (targetPorts; what no-NAT dials): one for TCP and UDP
+/// requests, one for the stream.
+const SERVER_PORT: u16 = scenario::TCP_PORT.3;
+const SERVER_SINK: u16 = scenario::STREAM_PORT.3;
+const _: () = assert!(scenario::UDP_PORT.3 == SERVER_PORT);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
@@ -367,8 +370,7 @@ pub fn run(args: Args) -> Result<()> {
             ctx.bench_case(Case { topology, services: n })?;
         }
     }
-    let mut report = Output::new(&plan, ctx.samples, ctx.answered, ctx.notes, ctx.xdp, started.elapsed());
-    report.commit = measured;
+    let report = Output::new(&plan, measured, ctx.samples, ctx.answered, ctx.notes, ctx.xdp, started.elapsed());
     report.write(&out_dir)
 }
 
@@ -855,21 +857,12 @@ impl Files {
         let _ = fs::remove_dir_all(dir);
         let ferry_dir = dir.join("manifests");
         fs::create_dir_all(&ferry_dir)?;
-        let mut measured = String::new();
         for (file, yaml) in manifests::files(scenario) {
-            if file == manifests::MEASURED_FILE {
-                measured = yaml.clone();
-            }
             fs::write(ferry_dir.join(&file), yaml)?;
         }
-        let measured_changed = manifests::files(changed)
-            .into_iter()
-            .find(|(f, _)| f == manifests::MEASURED_FILE)
-            .map(|(_, y)| y)
-            .context("no measured file")?;
-        let new_chains: std::collections::HashSet<String> = iptables::service_chains(changed).into_iter().collect();
-        let stale: Vec<String> =
-            iptables::service_chains(scenario).into_iter().filter(|c| !new_chains.contains(c)).collect();
+        let measured = manifests::measured_yaml(scenario.measured());
+        let measured_changed = manifests::measured_yaml(changed.measured());
+        let stale = iptables::stale_chains(scenario, changed);
         let node1 = node_addr(0);
         let frontend = scenario
             .measured()
@@ -1071,8 +1064,10 @@ struct Row {
 }
 
 impl Output {
+    /// `commit`: the tree measured (`git describe` when the run started).
     fn new(
         plan: &Plan,
+        commit: String,
         samples: Samples,
         answered: BTreeMap<(Case, DataPath), BTreeSet<String>>,
         notes: Vec<String>,
@@ -1087,7 +1082,7 @@ impl Output {
             .collect();
         Self {
             machine: machine(),
-            commit: commit(),
+            commit,
             kernel: fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
             command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
             profile: plan.profile,
