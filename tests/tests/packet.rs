@@ -73,34 +73,33 @@ impl Fixture {
 
     /// A frontend VIP:port with backends (id, ip, port) in its slots.
     fn service(&mut self, proto: u8, port: u16, rev_nat_id: u16, backends: &[(u32, [u8; 4], u16)]) {
-        for (id, ip, bport) in backends {
-            self.maps
-                .put_backend(*id, Backend { addr: addr_to_map(*ip), port: port_to_map(*bport), proto, flags: 0, node_addr: 0 })
-                .unwrap();
-        }
-        self.slots(proto, port, rev_nat_id, &backends.iter().map(|b| b.0).collect::<Vec<_>>());
-        self.maps
-            .put_revnat(rev_nat_id, RevNat { addr: addr_to_map(VIP), port: port_to_map(port), _pad: 0 }, ServiceName::new("t"))
-            .unwrap();
+        let backends: Vec<_> = backends.iter().map(|&(id, ip, bport)| (id, ip, bport, 0)).collect();
+        self.frontend(VIP, proto, port, rev_nat_id, 0, &backends, "t");
     }
 
-    fn slots(&mut self, proto: u8, port: u16, rev_nat_id: u16, ids: &[u32]) {
-        let key = |slot| ServiceKey { addr: addr_to_map(VIP), port: port_to_map(port), slot, proto, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
-        for (i, id) in ids.iter().enumerate() {
-            self.maps.put_service(key(i as u16 + 1), ServiceValue { backend_id: *id, rev_nat_id, ..Default::default() }).unwrap();
-        }
-        self.maps
-            .put_service(key(0), ServiceValue { count: ids.len() as u16, rev_nat_id, ..Default::default() })
-            .unwrap();
-    }
-
-    /// A north-south frontend `addr`:`port` of kind `flags` (svc_flags) with
-    /// backends (id, ip, port, backend_flags).
+    /// A north-south frontend `addr`:`port` (TCP) of kind `flags` (svc_flags)
+    /// with backends (id, ip, port, backend_flags).
     fn external(&mut self, addr: [u8; 4], port: u16, rev_nat_id: u16, flags: u32, backends: &[(u32, [u8; 4], u16, u8)]) {
-        let key = |slot| ServiceKey { addr: addr_to_map(addr), port: port_to_map(port), slot, proto: PROTO_TCP, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
+        self.frontend(addr, PROTO_TCP, port, rev_nat_id, flags, backends, "np");
+    }
+
+    /// Any frontend: its backends, slots 1..=n naming them, slot 0 with the
+    /// count and `flags`, and its reverse-NAT entry.
+    #[allow(clippy::too_many_arguments)]
+    fn frontend(
+        &mut self,
+        addr: [u8; 4],
+        proto: u8,
+        port: u16,
+        rev_nat_id: u16,
+        flags: u32,
+        backends: &[(u32, [u8; 4], u16, u8)],
+        name: &str,
+    ) {
+        let key = |slot| ServiceKey { addr: addr_to_map(addr), port: port_to_map(port), slot, proto, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
         for (i, (id, ip, bport, bflags)) in backends.iter().enumerate() {
             self.maps
-                .put_backend(*id, Backend { addr: addr_to_map(*ip), port: port_to_map(*bport), proto: PROTO_TCP, flags: *bflags, node_addr: 0 })
+                .put_backend(*id, Backend { addr: addr_to_map(*ip), port: port_to_map(*bport), proto, flags: *bflags, node_addr: 0 })
                 .unwrap();
             self.maps.put_service(key(i as u16 + 1), ServiceValue { backend_id: *id, rev_nat_id, ..Default::default() }).unwrap();
         }
@@ -108,7 +107,7 @@ impl Fixture {
             .put_service(key(0), ServiceValue { count: backends.len() as u16, rev_nat_id, flags, ..Default::default() })
             .unwrap();
         self.maps
-            .put_revnat(rev_nat_id, RevNat { addr: addr_to_map(addr), port: port_to_map(port), _pad: 0 }, ServiceName::new("np"))
+            .put_revnat(rev_nat_id, RevNat { addr: addr_to_map(addr), port: port_to_map(port), _pad: 0 }, ServiceName::new(name))
             .unwrap();
     }
 
