@@ -188,10 +188,18 @@ fn service_rules(out: &mut String, s: &Service, p: &ServicePort, comments: bool)
         "-A {svc} -m comment --comment \"{name} cluster IP\" -m {proto} -p {proto} -d {}/32 --dport {} ! -s {CLUSTER_CIDR} -j KUBE-MARK-MASQ",
         s.cluster_ip, p.port
     );
-    let k = s.endpoints.len();
-    for (i, ep) in s.endpoints.iter().enumerate() {
-        let ip = ep.to_string();
-        let sep = sep_chain(s, p, &ip);
+    // (address, its KUBE-SEP chain): the chain name is a hash, made once.
+    let eps: Vec<(String, String)> = s
+        .endpoints
+        .iter()
+        .map(|ep| {
+            let ip = ep.to_string();
+            let sep = sep_chain(s, p, &ip);
+            (ip, sep)
+        })
+        .collect();
+    let k = eps.len();
+    for (i, (ip, sep)) in eps.iter().enumerate() {
         let comment = if comments {
             format!("-m comment --comment \"{name} -> {ip}:{}\" ", p.target_port)
         } else {
@@ -205,9 +213,7 @@ fn service_rules(out: &mut String, s: &Service, p: &ServicePort, comments: bool)
             let _ = writeln!(out, "-A {svc} {comment}-j {sep}");
         }
     }
-    for ep in &s.endpoints {
-        let ip = ep.to_string();
-        let sep = sep_chain(s, p, &ip);
+    for (ip, sep) in &eps {
         let comment = if comments { format!("-m comment --comment {name} ") } else { String::new() };
         let _ = writeln!(out, "-A {sep} {comment}-s {ip}/32 -j KUBE-MARK-MASQ");
         let _ = writeln!(
