@@ -22,7 +22,7 @@ use aya::{
 use aya::maps::{Array, MapData};
 use ferry_common::{
     addr_to_map, config, CONFIG_MAP, PROG_SOCK_CONNECT4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
-    BACKENDS_MAP, COUNTERS_MAP, COUNTER_COUNT, CT_MAP, PROG_FROM_NETDEV, PROG_FROM_POD,
+    BACKENDS_MAP, COUNTERS_MAP, COUNTER_COUNT, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_POD,
     PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP,
 };
 use futures::TryStreamExt as _;
@@ -85,8 +85,21 @@ pub struct Config {
     pub bpffs_dir: PathBuf,
     pub services_max: u32,
     pub backends_max: u32,
-    pub ct_max: u32,
+    pub ct: crate::ct::Sizes,
     pub src_ranges_max: u32,
+}
+
+/// Connection-tracking lifetimes and the SNAT port range, as the programs
+/// read them from the node settings map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtConfig {
+    pub timeout_tcp_syn: std::time::Duration,
+    pub timeout_tcp: std::time::Duration,
+    pub timeout_tcp_close: std::time::Duration,
+    pub timeout_udp: std::time::Duration,
+    pub timeout_udp_stream: std::time::Duration,
+    /// Inclusive, host order.
+    pub snat_ports: (u16, u16),
 }
 
 /// How `--xdp` attaches to the devices (`--xdp-mode`).
@@ -288,7 +301,8 @@ impl Dataplane {
             .default_map_pin_directory(dir)
             .map_max_entries(SERVICES_MAP, cfg.services_max)
             .map_max_entries(BACKENDS_MAP, cfg.backends_max)
-            .map_max_entries(CT_MAP, cfg.ct_max)
+            .map_max_entries(CT_TCP_MAP, cfg.ct.tcp)
+            .map_max_entries(CT_ANY_MAP, cfg.ct.any)
             .map_max_entries(SRC_RANGES_MAP, cfg.src_ranges_max)
             .load(DATAPLANE_OBJ)?;
         spawn_ebpf_logs(&mut ebpf);
@@ -418,6 +432,24 @@ impl Dataplane {
         self.set_config(config::NODE_ADDR, addr_to_map(addr.octets()))
     }
 
+    /// Tells the programs the connection-tracking lifetimes and the SNAT
+    /// port range.
+    pub fn set_ct_config(&mut self, c: &CtConfig) -> Result<(), DataplaneError> {
+        let secs = |d: std::time::Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX).max(1);
+        for (index, value) in [
+            (config::CT_TIMEOUT_TCP_SYN, secs(c.timeout_tcp_syn)),
+            (config::CT_TIMEOUT_TCP, secs(c.timeout_tcp)),
+            (config::CT_TIMEOUT_TCP_CLOSE, secs(c.timeout_tcp_close)),
+            (config::CT_TIMEOUT_UDP, secs(c.timeout_udp)),
+            (config::CT_TIMEOUT_UDP_STREAM, secs(c.timeout_udp_stream)),
+            (config::SNAT_PORT_MIN, u32::from(c.snat_ports.0)),
+            (config::SNAT_PORT_MAX, u32::from(c.snat_ports.1)),
+        ] {
+            self.set_config(index, value)?;
+        }
+        Ok(())
+    }
+
     fn set_config(&mut self, index: u32, value: u32) -> Result<(), DataplaneError> {
         let map = self.ebpf.map_mut(CONFIG_MAP).ok_or(DataplaneError::MissingMap(CONFIG_MAP))?;
         let mut array: Array<&mut MapData, u32> =
@@ -427,6 +459,25 @@ impl Dataplane {
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.values().map(|(n, _)| n.as_str())
+    }
+}
+
+/// Warns when the SNAT port range overlaps the node's ephemeral port range
+/// (`net.ipv4.ip_local_port_range`): the node's own connections to a backend
+/// could then take a port a north-south flow holds, or the other way round.
+pub fn warn_if_snat_ports_are_ephemeral(snat: (u16, u16)) {
+    let Ok(text) = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range") else {
+        return;
+    };
+    let mut it = text.split_whitespace().filter_map(|p| p.parse::<u16>().ok());
+    if let (Some(lo), Some(hi)) = (it.next(), it.next()) {
+        if snat.0 <= hi && lo <= snat.1 {
+            tracing::warn!(
+                snat = %format!("{}-{}", snat.0, snat.1),
+                ephemeral = %format!("{lo}-{hi}"),
+                "--snat-port-range overlaps net.ipv4.ip_local_port_range: reserve it there (ip_local_reserved_ports) or choose another range"
+            );
+        }
     }
 }
 

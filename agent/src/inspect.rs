@@ -230,22 +230,26 @@ pub struct CtRow {
     pub client: String,
     /// The frontend it dialled (reverse-NAT entry), or `#id (gone)`.
     pub frontend: String,
-    /// The backend it was given, or `#id (gone)`.
+    /// The backend it was given (address:port, with ` (gone)` once the
+    /// backend left every Service; established flows keep it).
     pub backend: String,
     /// `forward` (client → frontend) or `reply` (backend → client).
     pub direction: &'static str,
+    /// syn-sent, established, closing (TCP); unreplied, replied (UDP).
+    pub state: &'static str,
     pub flags: Vec<&'static str>,
-    /// Seconds since the last packet.
+    /// Seconds since the flow was created.
     pub age_seconds: f64,
+    /// Seconds until the entry expires without traffic (0: expired, the
+    /// garbage collector's to delete).
+    pub expires_in_seconds: f64,
 }
 
 /// Connection-tracking entries under `dir`.
 pub fn connections(dir: &Path) -> Result<Vec<CtRow>, InspectError> {
     let entries = kernel::read_ct(dir)?;
     let c = contents(dir)?;
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0);
+    let now = crate::ct::monotonic_ns();
     let mut rows = Vec::new();
     for (k, v) in entries {
         let forward = k.dir == CT_DIR_FORWARD;
@@ -260,11 +264,10 @@ pub fn connections(dir: &Path) -> Result<Vec<CtRow>, InspectError> {
             .get(&v.rev_nat_id)
             .map(|r| format!("{}:{}", ip(r.addr), port_from_map(r.port)))
             .unwrap_or_else(|| format!("#{} (gone)", v.rev_nat_id));
-        let backend = c
-            .backends
-            .get(&v.backend_id)
-            .map(endpoint)
-            .unwrap_or_else(|| format!("#{} (gone)", v.backend_id));
+        let mut backend = format!("{}:{}", ip(v.backend_addr), port_from_map(v.backend_port));
+        if !c.backends.contains_key(&v.backend_id) {
+            backend.push_str(" (gone)");
+        }
         let mut flags = vec![];
         for (bit, name) in [
             // SNAT alone: hairpin; with north-south: to a backend on another node.
@@ -282,8 +285,10 @@ pub fn connections(dir: &Path) -> Result<Vec<CtRow>, InspectError> {
             frontend,
             backend,
             direction: if forward { "forward" } else { "reply" },
+            state: crate::ct::State::of(&k, &v).name(),
             flags,
-            age_seconds: now.saturating_sub(v.last_seen) as f64 / 1e9,
+            age_seconds: now.saturating_sub(v.created) as f64 / 1e9,
+            expires_in_seconds: v.expires.saturating_sub(now) as f64 / 1e9,
         });
     }
     rows.sort_by(|a, b| {
@@ -294,8 +299,8 @@ pub fn connections(dir: &Path) -> Result<Vec<CtRow>, InspectError> {
 
 pub fn print_connections(rows: &[CtRow]) -> String {
     let mut out = format!(
-        "{:<5} {:<21} {:<21} {:<21} {:<8} {:<14} AGE\n",
-        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "DIR", "FLAGS"
+        "{:<5} {:<21} {:<21} {:<28} {:<8} {:<12} {:<20} {:>9} EXPIRES-IN\n",
+        "PROTO", "CLIENT", "FRONTEND", "BACKEND", "DIR", "STATE", "FLAGS", "AGE"
     );
     for r in rows {
         let flags = if r.flags.is_empty() {
@@ -305,8 +310,8 @@ pub fn print_connections(rows: &[CtRow]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<5} {:<21} {:<21} {:<21} {:<8} {:<14} {:.1}s",
-            r.protocol, r.client, r.frontend, r.backend, r.direction, flags, r.age_seconds
+            "{:<5} {:<21} {:<21} {:<28} {:<8} {:<12} {:<20} {:>8.1}s {:.1}s",
+            r.protocol, r.client, r.frontend, r.backend, r.direction, r.state, flags, r.age_seconds, r.expires_in_seconds
         );
     }
     out

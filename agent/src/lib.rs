@@ -1,4 +1,5 @@
 //! The Ferry agent: sources → translation → map layout → syncer → kernel.
+pub mod ct;
 pub mod dataplane;
 pub mod endpoints;
 pub mod error;

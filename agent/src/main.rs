@@ -4,7 +4,7 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_agent::{dataplane, inspect, mountns, run, translate};
-use ferry_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SRC_RANGES_MAX};
+use ferry_common::{ct_timeouts, DEFAULT_BACKENDS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SNAT_PORTS, DEFAULT_SRC_RANGES_MAX};
 
 #[derive(Parser)]
 #[command(
@@ -133,9 +133,39 @@ struct AgentArgs {
     /// Entries of the backends map.
     #[arg(long, default_value_t = DEFAULT_BACKENDS_MAX)]
     backends_map_size: u32,
-    /// Entries of the connection-tracking map (two per flow).
-    #[arg(long, default_value_t = DEFAULT_CT_MAX)]
-    ct_map_size: u32,
+    /// Entries of the TCP connection-tracking table (two per flow). A plain
+    /// hash: established flows are never evicted for room; when it is full,
+    /// new TCP flows are tracked in the any-table. Default: from the node's
+    /// memory (0.25% of it, as Cilium's bpf-map-dynamic-size-ratio), at least
+    /// 131072.
+    #[arg(long)]
+    ct_map_size: Option<u32>,
+    /// Entries of the connection-tracking table for UDP (and TCP overflow),
+    /// LRU. Default: half the TCP table's.
+    #[arg(long)]
+    ct_any_map_size: Option<u32>,
+    /// Lifetime of an established TCP flow after its last packet
+    /// (kube-proxy's conntrack.tcpEstablishedTimeout).
+    #[arg(long, value_parser = parse_duration, default_value = secs(ct_timeouts::TCP))]
+    ct_timeout_tcp: Duration,
+    /// Lifetime of a TCP flow the backend has not answered (SYN sent).
+    #[arg(long, value_parser = parse_duration, default_value = secs(ct_timeouts::TCP_SYN))]
+    ct_timeout_tcp_syn: Duration,
+    /// Lifetime of a TCP flow after a FIN or RST.
+    #[arg(long, value_parser = parse_duration, default_value = secs(ct_timeouts::TCP_CLOSE))]
+    ct_timeout_tcp_close: Duration,
+    /// Lifetime of a UDP flow the backend has not answered (kube-proxy's
+    /// conntrack.udpTimeout).
+    #[arg(long, value_parser = parse_duration, default_value = secs(ct_timeouts::UDP))]
+    ct_timeout_udp: Duration,
+    /// Lifetime of a UDP flow the backend answered (conntrack.udpStreamTimeout).
+    #[arg(long, value_parser = parse_duration, default_value = secs(ct_timeouts::UDP_STREAM))]
+    ct_timeout_udp_stream: Duration,
+    /// Source ports of north-south flows SNATed to a backend on another node,
+    /// inclusive. Keep it outside net.ipv4.ip_local_port_range (the agent
+    /// warns otherwise) so the node's own connections never collide.
+    #[arg(long, value_parser = parse_port_range, default_value = port_range(DEFAULT_SNAT_PORTS))]
+    snat_port_range: (u16, u16),
     /// Entries of the loadBalancerSourceRanges trie (one per range and
     /// LoadBalancer frontend).
     #[arg(long, default_value_t = DEFAULT_SRC_RANGES_MAX)]
@@ -167,6 +197,54 @@ fn listen_addr(flag: &str, value: &str) -> Result<Option<std::net::SocketAddr>> 
         .parse()
         .map(Some)
         .with_context(|| format!("{flag} {value:?}: want IP:PORT (or empty to disable)"))
+}
+
+/// A duration: "90s", "10m", "24h" (humantime), or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (e.g. 30s, 10m, 24h)"))?,
+    };
+    if d < Duration::from_secs(1) {
+        return Err(format!("{s:?}: at least 1s"));
+    }
+    Ok(d)
+}
+
+/// A flag default of `n` seconds.
+fn secs(n: u32) -> clap::builder::OsStr {
+    format!("{n}s").into()
+}
+
+/// A flag default "LOW-HIGH".
+fn port_range((lo, hi): (u16, u16)) -> clap::builder::OsStr {
+    format!("{lo}-{hi}").into()
+}
+
+/// The default size of the TCP connection-tracking table on a node with
+/// `mem_bytes` of memory: 0.25% of it (Cilium's bpf-map-dynamic-size-ratio)
+/// at about 128 bytes an entry (key, value, the kernel's element header),
+/// between 131072 and 4194304 entries.
+fn ct_tcp_size_for(mem_bytes: u64) -> u32 {
+    let entries = mem_bytes / 400 / 128;
+    entries.clamp(131_072, 4_194_304) as u32
+}
+
+/// MemTotal of /proc/meminfo in bytes.
+fn mem_total() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim();
+    kb.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// The connection-tracking table sizes: the flags, or derived from memory.
+fn ct_sizes(tcp: Option<u32>, any: Option<u32>) -> Result<ferry_agent::ct::Sizes> {
+    let tcp = tcp.unwrap_or_else(|| mem_total().map_or(ferry_common::DEFAULT_CT_TCP_MAX, ct_tcp_size_for));
+    let any = any.unwrap_or((tcp / 2).max(ferry_common::DEFAULT_CT_ANY_MAX.min(tcp)));
+    if tcp == 0 || any == 0 {
+        bail!("--ct-map-size and --ct-any-map-size must be at least 1");
+    }
+    Ok(ferry_agent::ct::Sizes { tcp, any })
 }
 
 /// "LOW-HIGH", 1 <= LOW <= HIGH <= 65535.
@@ -290,8 +368,16 @@ async fn agent(a: AgentArgs) -> Result<()> {
             bpffs_dir,
             services_max: a.services_map_size,
             backends_max: a.backends_map_size,
-            ct_max: a.ct_map_size,
+            ct: ct_sizes(a.ct_map_size, a.ct_any_map_size)?,
             src_ranges_max: a.src_ranges_map_size,
+        },
+        ct: dataplane::CtConfig {
+            timeout_tcp_syn: a.ct_timeout_tcp_syn,
+            timeout_tcp: a.ct_timeout_tcp,
+            timeout_tcp_close: a.ct_timeout_tcp_close,
+            timeout_udp: a.ct_timeout_udp,
+            timeout_udp_stream: a.ct_timeout_udp_stream,
+            snat_ports: a.snat_port_range,
         },
         debounce: Duration::from_millis(a.sync_debounce_ms),
         sync_period,

@@ -53,7 +53,7 @@ pub struct Programmed {
 impl Metrics {
     /// `bpffs_dir`: where the dataplane's maps are pinned (read at each scrape);
     /// None leaves the dataplane metrics out (unit tests).
-    pub fn new(bpffs_dir: Option<PathBuf>, ct_max: u32) -> Self {
+    pub fn new(bpffs_dir: Option<PathBuf>, ct: crate::ct::Sizes, gc: crate::ct::GcReport) -> Self {
         let mut registry = Registry::default();
         let sync_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         registry.register(
@@ -104,7 +104,7 @@ impl Metrics {
             watch_errors.clone(),
         );
         if let Some(dir) = bpffs_dir {
-            registry.register_collector(Box::new(DataplaneCollector { dir, ct_max }));
+            registry.register_collector(Box::new(DataplaneCollector { dir, ct, gc }));
         }
         Self {
             registry,
@@ -167,12 +167,31 @@ impl Metrics {
     }
 }
 
-/// Reads the pinned maps at scrape time: conntrack entries and the per-CPU
-/// counters (summed), which live in the kernel and survive agent restarts.
+/// Reads the pinned maps at scrape time: the per-CPU counters (summed) and
+/// per-frontend stats, which live in the kernel and survive agent restarts;
+/// and connection-tracking use as the garbage collector last counted it
+/// (walking a table of a million entries on every scrape is not an option).
 #[derive(Debug)]
 struct DataplaneCollector {
     dir: PathBuf,
-    ct_max: u32,
+    ct: crate::ct::Sizes,
+    gc: crate::ct::GcReport,
+}
+
+/// A gauge or counter family with one `table` label per connection-tracking
+/// table.
+fn encode_per_table(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    values: [u64; 2],
+) -> Result<(), std::fmt::Error> {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (table, v) in ["tcp", "any"].into_iter().zip(values) {
+        let labels: Labels = vec![("table".into(), table.into())];
+        ConstGauge::new(v as i64).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 /// Dataplane counters that count drops, with their reason label.
@@ -197,29 +216,44 @@ pub(crate) const PACKETS: &[(DpCounter, &str)] = &[
     (DpCounter::FibMiss, "fib_miss"),
     (DpCounter::XdpForward, "xdp_forward"),
     (DpCounter::XdpPassPartialCsum, "xdp_pass_partial_csum"),
+    (DpCounter::CtTcpFull, "ct_tcp_full"),
+    (DpCounter::CtExpired, "ct_expired"),
+    (DpCounter::CtStaleRebalanced, "ct_stale_rebalanced"),
 ];
 
 impl Collector for DataplaneCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        match kernel::read_ct(&self.dir) {
-            Ok(entries) => {
-                let m = encoder.encode_descriptor(
-                    "ferry_conntrack_entries",
-                    "Connection-tracking entries in use (two per flow)",
-                    None,
-                    MetricType::Gauge,
-                )?;
-                ConstGauge::new(entries.len() as i64).encode(m)?;
-            }
-            Err(e) => tracing::debug!("metrics: reading the CT map: {e}"),
-        }
-        let m = encoder.encode_descriptor(
+        encode_per_table(
+            &mut encoder,
             "ferry_conntrack_max",
-            "Size of the connection-tracking map (--ct-map-size)",
-            None,
-            MetricType::Gauge,
+            "Size of each connection-tracking table (--ct-map-size: tcp, --ct-any-map-size: any)",
+            [u64::from(self.ct.tcp), u64::from(self.ct.any)],
         )?;
-        ConstGauge::new(self.ct_max as i64).encode(m)?;
+        let gc = *self.gc.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(gc) = gc {
+            encode_per_table(
+                &mut encoder,
+                "ferry_conntrack_entries",
+                "Connection-tracking entries in use (two per flow), as the garbage collector last counted them",
+                [gc.tcp_entries, gc.any_entries],
+            )?;
+            let m = encoder.encode_descriptor(
+                "ferry_conntrack_gc_deleted",
+                "Connection-tracking entries of dead flows the garbage collector deleted",
+                None,
+                MetricType::Counter,
+            )?;
+            ConstCounter::new(gc.deleted).encode(m)?;
+            let m = encoder.encode_descriptor("ferry_conntrack_gc_runs", "Garbage collector runs", None, MetricType::Counter)?;
+            ConstCounter::new(gc.runs).encode(m)?;
+            let m = encoder.encode_descriptor(
+                "ferry_conntrack_gc_duration_seconds",
+                "How long the last garbage collector run took",
+                None,
+                MetricType::Gauge,
+            )?;
+            ConstGauge::<f64>::new(gc.last_duration.as_secs_f64()).encode(m)?;
+        }
         match kernel::read_svc_stats(&self.dir) {
             Ok(mut stats) => {
                 stats.sort_by(|a, b| a.0.cmp(&b.0));
@@ -292,7 +326,7 @@ mod tests {
 
     #[test]
     fn exposition_has_kube_proxy_style_names() {
-        let m = Metrics::new(None, 1024);
+        let m = Metrics::new(None, crate::ct::Sizes { tcp: 1024, any: 512 }, Default::default());
         m.sync_ok(
             Duration::from_millis(3),
             Programmed {

@@ -58,6 +58,8 @@ pub struct Config {
     pub cgroup: Option<PathBuf>,
     pub translate: translate::Config,
     pub dataplane: dataplane::Config,
+    /// Connection-tracking lifetimes and the SNAT port range.
+    pub ct: dataplane::CtConfig,
     /// A sync happens at most this long after the first change of a burst.
     pub debounce: Duration,
     /// Full resync period (re-translate; writes only if something differs).
@@ -277,9 +279,11 @@ impl Source {
 /// so traffic keeps flowing while the agent restarts.
 pub async fn run(cfg: Config) -> Result<()> {
     let health = Arc::new(Health::new(cfg.healthz_timeout));
+    let gc_report = crate::ct::GcReport::default();
     let metrics = Arc::new(Metrics::new(
         Some(cfg.dataplane.bpffs_dir.clone()),
-        cfg.dataplane.ct_max,
+        cfg.dataplane.ct,
+        gc_report.clone(),
     ));
     // Bind first: a port in use is a startup error, not a silent gap.
     if let Some(addr) = cfg.healthz_addr {
@@ -303,6 +307,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let source = Source::start(&cfg, tx.clone(), metrics.clone()).await?;
 
     let (mut dp, maps) = Dataplane::load(&cfg.dataplane)?;
+    dp.set_ct_config(&cfg.ct)?;
+    dataplane::warn_if_snat_ports_are_ephemeral(cfg.ct.snat_ports);
+    tokio::spawn(crate::ct::run_gc(cfg.dataplane.bpffs_dir.clone(), cfg.dataplane.ct, gc_report));
     let syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let ids = Ids::from_contents(syncer.current());
     let mut prog = Programmer {

@@ -16,7 +16,12 @@
 //!   `1..=count` name the backend ids to choose from.
 //! - [`BACKENDS_MAP`]: backend id → [`Backend`] `{ip, port}`.
 //! - [`REVNAT_MAP`]: reverse-NAT id → [`RevNat`] `{vip, port}` for replies.
-//! - [`CT_MAP`]: LRU connection tracking, [`CtKey`] → [`CtValue`].
+//! - [`CT_TCP_MAP`] and [`CT_ANY_MAP`]: connection tracking, [`CtKey`] →
+//!   [`CtValue`], TCP apart from everything else (Cilium's ct4_global and
+//!   ct_any4_global) so that a UDP storm cannot evict established TCP flows.
+//!   The TCP table is a plain hash: its entries go only when they expire (the
+//!   agent's garbage collector) or close, never to make room; when it is full,
+//!   new TCP flows are tracked in the LRU any-table instead (and counted).
 //! - [`AFFINITY_MAP`]: LRU session affinity (sessionAffinity: ClientIP),
 //!   [`AffinityKey`] `{client, rev_nat_id}` → [`AffinityValue`] `{backend, last used}`.
 //! - [`COUNTERS_MAP`]: per-CPU counters indexed by [`Counter`].
@@ -30,7 +35,12 @@ use core::mem::size_of;
 pub const SERVICES_MAP: &str = "FERRY_SERVICES";
 pub const BACKENDS_MAP: &str = "FERRY_BACKENDS";
 pub const REVNAT_MAP: &str = "FERRY_REVNAT";
-pub const CT_MAP: &str = "FERRY_CT";
+/// TCP flows (a plain hash: never evicted, only expired).
+pub const CT_TCP_MAP: &str = "FERRY_CT_TCP";
+/// UDP flows, and TCP flows that did not fit in the TCP table (LRU).
+pub const CT_ANY_MAP: &str = "FERRY_CT_ANY";
+/// Both connection-tracking tables.
+pub const CT_MAPS: [&str; 2] = [CT_TCP_MAP, CT_ANY_MAP];
 pub const COUNTERS_MAP: &str = "FERRY_COUNTERS";
 pub const AFFINITY_MAP: &str = "FERRY_AFFINITY";
 /// Socket-level load balancing: which frontend a UDP socket's backend stands
@@ -60,8 +70,41 @@ pub mod config {
     /// network), never Pods', whose traffic the TC path handles.
     pub const HOST_NETNS_COOKIE_LO: u32 = 1;
     pub const HOST_NETNS_COOKIE_HI: u32 = 2;
-    pub const COUNT: u32 = 4;
+    /// Connection-tracking lifetimes in seconds (0: the built-in default,
+    /// [`super::ct_timeouts`]); an entry expires this long after the last
+    /// packet that refreshed it.
+    pub const CT_TIMEOUT_TCP_SYN: u32 = 8;
+    pub const CT_TIMEOUT_TCP: u32 = 9;
+    pub const CT_TIMEOUT_TCP_CLOSE: u32 = 10;
+    pub const CT_TIMEOUT_UDP: u32 = 11;
+    pub const CT_TIMEOUT_UDP_STREAM: u32 = 12;
+    /// The source ports north-south flows to backends on other nodes are
+    /// SNATed to, inclusive, host order (0: [`super::DEFAULT_SNAT_PORTS`]).
+    pub const SNAT_PORT_MIN: u32 = 13;
+    pub const SNAT_PORT_MAX: u32 = 14;
+    pub const COUNT: u32 = 32;
 }
+
+/// Built-in connection-tracking lifetimes in seconds, as kube-proxy
+/// configures netfilter (`conntrack.tcpEstablishedTimeout` 24 h, UDP 30 s)
+/// and Cilium its CT (SYN 60 s, closing 10 s, replied UDP 120 s).
+pub mod ct_timeouts {
+    /// A TCP flow whose backend has not answered yet (SYN sent).
+    pub const TCP_SYN: u32 = 60;
+    /// An established TCP flow (the backend answered).
+    pub const TCP: u32 = 86_400;
+    /// After a FIN or RST in either direction.
+    pub const TCP_CLOSE: u32 = 10;
+    /// A UDP flow the backend has not answered.
+    pub const UDP: u32 = 30;
+    /// A UDP flow the backend answered (a "stream").
+    pub const UDP_STREAM: u32 = 120;
+}
+
+/// Default SNAT source ports: outside Linux's default ephemeral range
+/// (`ip_local_port_range` 32768-60999), so the node's own connections never
+/// collide with them, and below the default NodePort range (30000-32767).
+pub const DEFAULT_SNAT_PORTS: (u16, u16) = (10_000, 29_999);
 
 /// Program names (function names in the eBPF object).
 pub const PROG_FROM_POD: &str = "from_pod";
@@ -80,7 +123,10 @@ pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 65_536;
 pub const DEFAULT_SERVICES_MAX: u32 = 262_144;
 pub const DEFAULT_BACKENDS_MAX: u32 = 262_144;
 pub const DEFAULT_REVNAT_MAX: u32 = 65_536;
-pub const DEFAULT_CT_MAX: u32 = 262_144;
+/// Connection-tracking tables when their size is not given and cannot be
+/// derived from the node's memory (see the agent's `--ct-map-size`).
+pub const DEFAULT_CT_TCP_MAX: u32 = 524_288;
+pub const DEFAULT_CT_ANY_MAX: u32 = 262_144;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
 /// Source-range entries over all LoadBalancer frontends together.
 pub const DEFAULT_SRC_RANGES_MAX: u32 = 16_384;
@@ -134,13 +180,17 @@ pub mod ct_flags {
     /// LoadBalancer flow to a backend on another node); the reply restores the
     /// destination.
     pub const SNAT: u16 = 1 << 1;
-    /// A FIN or RST was seen; the entry may be reclaimed early.
+    /// A FIN or RST was seen in this entry's direction: the flow is ending,
+    /// and the entry lives only `CT_TIMEOUT_TCP_CLOSE` past its last packet.
     pub const CLOSING: u16 = 1 << 2;
     /// A north-south flow (NodePort, ExternalIP, LoadBalancer): its replies
     /// carry a node address as source and leave through a node device, so they
     /// are forwarded by a FIB lookup and redirect, not by the stack (which drops
     /// packets arriving with one of its own addresses as source).
     pub const EXTERNAL: u16 = 1 << 3;
+    /// The backend has answered (TCP: established; UDP: a stream). Set on
+    /// both entries of the flow by the first reply.
+    pub const REPLIED: u16 = 1 << 4;
 }
 
 /// Direction of a connection-tracking key.
@@ -249,12 +299,21 @@ pub struct CtKey {
     pub _pad: [u8; 2],
 }
 
-/// Value of the connection-tracking map. 24 bytes.
+/// Value of the connection-tracking tables. 40 bytes.
+///
+/// The state of a flow is its protocol and flags: TCP without
+/// [`ct_flags::REPLIED`] is SYN-sent, with it established, with
+/// [`ct_flags::CLOSING`] closing; UDP is unreplied or replied (a stream).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtValue {
-    /// `bpf_ktime_get_ns()` of the last packet.
-    pub last_seen: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) when the flow was created.
+    pub created: u64,
+    /// CLOCK_MONOTONIC nanoseconds after which the entry is expired: the last
+    /// refreshing packet plus the lifetime of the flow's state. An expired
+    /// entry is treated as absent by the dataplane and deleted by the
+    /// agent's garbage collector.
+    pub expires: u64,
     /// Backend the flow was assigned to.
     pub backend_id: u32,
     /// Reverse-NAT id of the frontend the client dialled.
@@ -264,9 +323,16 @@ pub struct CtValue {
     /// With `SNAT`: forward entry: the source address written; reply entry: the
     /// client address to restore as destination. Wire order.
     pub nat_addr: u32,
-    /// With `SNAT`: the port counterpart of `nat_addr`, wire order.
+    /// Forward entry: the source port the backend sees (the SNAT port, or the
+    /// client's own). Reply entry: the client's port. Wire order.
     pub nat_port: u16,
     pub _pad: u16,
+    /// The backend's address and port (wire order), so that an established
+    /// flow keeps reaching its backend after the backend left the Service
+    /// (as netfilter's conntrack does for kube-proxy).
+    pub backend_addr: u32,
+    pub backend_port: u16,
+    pub _pad2: u16,
 }
 
 /// Key of the session-affinity map. 8 bytes.
@@ -375,19 +441,27 @@ pub enum Counter {
     /// the pseudo-header's (checksum offload of a local sender on a virtual
     /// device: only the skb knows how to finish it).
     XdpPassPartialCsum = 15,
+    /// New TCP flows tracked in the any-table because the TCP table was full
+    /// (they can be evicted there; raise `--ct-map-size`).
+    CtTcpFull = 16,
+    /// Tracked flows found expired by the dataplane and treated as new.
+    CtExpired = 17,
+    /// A new connection (TCP SYN) on a tuple still tracked for a finished or
+    /// stale flow: balanced afresh instead of sent to the old backend.
+    CtStaleRebalanced = 18,
 }
 
 /// Size of the counters array: room above the last [`Counter`] so that new
 /// counters do not need a new pinned map.
-pub const COUNTER_COUNT: u32 = 16;
-const _: () = assert!((Counter::XdpPassPartialCsum as u32) < COUNTER_COUNT);
+pub const COUNTER_COUNT: u32 = 32;
+const _: () = assert!((Counter::CtStaleRebalanced as u32) < COUNTER_COUNT);
 
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);
 const _: () = assert!(size_of::<Backend>() == 12);
 const _: () = assert!(size_of::<RevNat>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
-const _: () = assert!(size_of::<CtValue>() == 24);
+const _: () = assert!(size_of::<CtValue>() == 40);
 const _: () = assert!(size_of::<ServiceName>() == 128);
 const _: () = assert!(size_of::<AffinityKey>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
@@ -450,7 +524,7 @@ mod tests {
         assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<RevNat>(), 4 + 2 + 2);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
-        assert_eq!(size_of::<CtValue>(), 8 + 4 + 2 + 2 + 4 + 2 + 2);
+        assert_eq!(size_of::<CtValue>(), 8 + 8 + 4 + 2 + 2 + 4 + 2 + 2 + 4 + 2 + 2);
         assert_eq!(size_of::<AffinityKey>(), 4 + 2 + 2);
         assert_eq!(size_of::<AffinityValue>(), 8 + 4 + 4);
         assert_eq!(size_of::<SrcRangeKey>(), 2 + 2 + 4);

@@ -1,12 +1,32 @@
-//! Connection tracking: one LRU entry per direction of a service flow.
+//! Connection tracking: one entry per direction of a service flow, TCP in a
+//! table of its own (see `ferry_common::CT_TCP_MAP`).
 //!
 //! FORWARD entries are keyed by the packet as the client sends it (to the
 //! frontend) and name the backend; REPLY entries are keyed by the reply as the
 //! backend sends it and carry what reverse NAT must restore.
+//!
+//! Lifetimes, in the style of netfilter and Cilium: every packet pushes its
+//! entry's `expires` out by the lifetime of the flow's state (SYN-sent,
+//! established, closing; UDP unreplied or replied; `lifetime_ns`). A flow is
+//! alive while one of its entries is unexpired, unless a closing entry has
+//! expired; a dead flow is treated as absent here, and deleted by the agent's
+//! garbage collector (same rule, `agent/src/ct.rs`).
 use aya_ebpf::helpers::bpf_ktime_get_ns;
-use ferry_common::{ct_flags, CtKey, CtValue, CT_DIR_FORWARD, CT_DIR_REPLY};
+use ferry_common::{
+    backend_flags, config, ct_flags, ct_timeouts, Backend, Counter, CtKey, CtValue, RevNat,
+    CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_TCP,
+};
 
-use crate::{maps::CT, parse::Packet};
+use crate::{
+    lb,
+    maps::{config, count, CT_ANY, CT_TCP, REVNAT},
+    parse::Packet,
+};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
+const EEXIST: i32 = -17;
 
 /// The key of `pkt`'s own tuple in direction `dir`.
 #[inline(always)]
@@ -22,18 +42,66 @@ pub fn key(pkt: &Packet, dir: u8) -> CtKey {
     }
 }
 
-/// The entry for `pkt` in direction `dir`, refreshed (last seen, closing).
+/// The entry of `k`: TCP flows live in the TCP table, or in the any-table
+/// when the TCP table had no room; everything else in the any-table.
 #[inline(always)]
-pub fn lookup(pkt: &Packet, dir: u8) -> Option<&'static mut CtValue> {
-    let entry = CT.get_ptr_mut(key(pkt, dir))?;
-    // SAFETY: a valid map value pointer; racing updates of these plain fields are
-    // harmless (timestamps and sticky flags).
-    let entry = unsafe { &mut *entry };
-    entry.last_seen = now();
-    if pkt.closing() {
-        entry.flags |= ct_flags::CLOSING;
+fn find(k: &CtKey) -> Option<&'static mut CtValue> {
+    let p = match (k.proto == PROTO_TCP).then(|| CT_TCP.get_ptr_mut(k)).flatten() {
+        Some(p) => p,
+        None => CT_ANY.get_ptr_mut(k)?,
+    };
+    // SAFETY: a valid map value pointer; racing updates of its plain fields
+    // store the same kind of values (timestamps, sticky flags).
+    Some(unsafe { &mut *p })
+}
+
+#[inline(always)]
+fn remove(k: &CtKey) {
+    if k.proto == PROTO_TCP {
+        let _ = CT_TCP.remove(k);
     }
-    Some(entry)
+    let _ = CT_ANY.remove(k);
+}
+
+/// How long an entry of a `proto` flow with `flags` lives past its last packet.
+#[inline(always)]
+fn lifetime_ns(proto: u8, flags: u16) -> u64 {
+    let replied = flags & ct_flags::REPLIED != 0;
+    let (index, default) = if proto != PROTO_TCP {
+        if replied {
+            (config::CT_TIMEOUT_UDP_STREAM, ct_timeouts::UDP_STREAM)
+        } else {
+            (config::CT_TIMEOUT_UDP, ct_timeouts::UDP)
+        }
+    } else if flags & ct_flags::CLOSING != 0 {
+        (config::CT_TIMEOUT_TCP_CLOSE, ct_timeouts::TCP_CLOSE)
+    } else if replied {
+        (config::CT_TIMEOUT_TCP, ct_timeouts::TCP)
+    } else {
+        (config::CT_TIMEOUT_TCP_SYN, ct_timeouts::TCP_SYN)
+    };
+    let secs = match config(index) {
+        0 => default,
+        s => s,
+    };
+    u64::from(secs) * NS_PER_SEC
+}
+
+/// Pushes `e`'s expiry out for a packet seen `now`. Every CPU writing the
+/// same cache line on every packet costs more than a second of slack, so an
+/// expiry that moves by less than that is left alone (a shorter lifetime,
+/// e.g. on closing, is always written).
+#[inline(always)]
+fn refresh(e: &mut CtValue, proto: u8, now: u64) {
+    let expires = now + lifetime_ns(proto, e.flags);
+    if expires < e.expires || expires > e.expires + NS_PER_SEC {
+        e.expires = expires;
+    }
+}
+
+#[inline(always)]
+fn expired(e: &CtValue, now: u64) -> bool {
+    now > e.expires
 }
 
 /// Where an entry's flow has its source rewritten to ([`ct_flags::SNAT`]:
@@ -45,11 +113,160 @@ pub fn snat(entry: &CtValue) -> Option<(u32, u16)> {
     (entry.flags & ct_flags::SNAT != 0).then_some((entry.nat_addr, entry.nat_port))
 }
 
+/// The reply key of the flow whose forward entry is `fwd`, for a client at
+/// `client` (the forward key's source address).
+#[inline(always)]
+fn reply_key_of(client: u32, proto: u8, fwd: &CtValue) -> CtKey {
+    CtKey {
+        saddr: fwd.backend_addr,
+        daddr: snat(fwd).map_or(client, |(a, _)| a),
+        sport: fwd.backend_port,
+        dport: fwd.nat_port,
+        proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    }
+}
+
+/// The forward key of the flow whose reply entry is `rep`, to `frontend`.
+#[inline(always)]
+fn forward_key_of(proto: u8, rep: &CtValue, frontend: &RevNat) -> CtKey {
+    CtKey {
+        saddr: rep.nat_addr,
+        daddr: frontend.addr,
+        sport: rep.nat_port,
+        dport: frontend.port,
+        proto,
+        dir: CT_DIR_FORWARD,
+        _pad: [0; 2],
+    }
+}
+
+/// The frontend of reverse-NAT id `id`, if the Service still exists.
+#[inline(always)]
+fn frontend(id: u16) -> Option<RevNat> {
+    // SAFETY: copied out at once.
+    unsafe { REVNAT.get(id).copied() }
+}
+
+/// Whether the flow of `e` is over, given its other entry `other` (if any):
+/// a closing entry that expired ends it, otherwise both must have expired.
+#[inline(always)]
+fn dead(e: &CtValue, other: Option<&CtValue>, now: u64) -> bool {
+    if !expired(e, now) {
+        return false;
+    }
+    e.flags & ct_flags::CLOSING != 0 || other.is_none_or(|o| expired(o, now))
+}
+
+/// A tracked flow in the client → backend direction.
+pub struct Forward {
+    pub rev_nat_id: u16,
+    /// The backend's address and port, wire order.
+    pub backend: (u32, u16),
+    pub snat: Option<(u32, u16)>,
+    /// North-south (NodePort, ExternalIP, LoadBalancer).
+    pub external: bool,
+}
+
+/// The tracked flow `pkt` (client → frontend) belongs to, refreshed. None
+/// when `pkt` starts a new flow: nothing is tracked for its tuple, or what is
+/// tracked is dead or stale (see `usable`); the stale entries are removed
+/// then, so the caller can balance the packet afresh.
+#[inline(always)]
+pub fn forward(pkt: &Packet) -> Option<Forward> {
+    let k = key(pkt, CT_DIR_FORWARD);
+    let e = find(&k)?;
+    let now = now();
+    if !usable(pkt, e, now) {
+        remove(&reply_key_of(pkt.saddr, pkt.proto, e));
+        remove(&k);
+        return None;
+    }
+    if pkt.closing() {
+        e.flags |= ct_flags::CLOSING;
+    }
+    refresh(e, pkt.proto, now);
+    Some(Forward {
+        rev_nat_id: e.rev_nat_id,
+        backend: (e.backend_addr, e.backend_port),
+        snat: snat(e),
+        external: e.flags & ct_flags::EXTERNAL != 0,
+    })
+}
+
+/// Whether the forward entry `e` still decides where `pkt` goes:
+/// - not when the flow is dead (expired);
+/// - a TCP SYN opens a new connection: it keeps the entry's backend only
+///   when it is a retransmission (the flow never got an answer) and the
+///   backend still takes new flows; a SYN on an answered or closing flow is
+///   a client reusing its port, balanced afresh;
+/// - other TCP packets keep their backend even after it left the Service
+///   (established connections run to their end, as with kube-proxy);
+/// - a UDP flow is balanced afresh once its backend is gone.
+#[inline(always)]
+fn usable(pkt: &Packet, e: &CtValue, now: u64) -> bool {
+    if expired(e, now) {
+        // SAFETY: copied out at once.
+        let reply = find(&reply_key_of(pkt.saddr, pkt.proto, e)).map(|r| *r);
+        if dead(e, reply.as_ref(), now) {
+            count(Counter::CtExpired);
+            return false;
+        }
+    }
+    if pkt.proto != PROTO_TCP {
+        return lb::backend(e.backend_id).is_some();
+    }
+    if !pkt.opening() {
+        return true;
+    }
+    let fresh = e.flags & (ct_flags::REPLIED | ct_flags::CLOSING) == 0
+        && lb::backend(e.backend_id).is_some_and(|b| b.flags & backend_flags::TERMINATING == 0);
+    if !fresh {
+        count(Counter::CtStaleRebalanced);
+    }
+    fresh
+}
+
+/// A tracked flow in the backend → client direction.
+pub struct Reply {
+    /// The frontend the client dialled; None when the Service was deleted
+    /// under a live flow.
+    pub frontend: Option<RevNat>,
+    /// The client to restore as destination (SNATed flows).
+    pub snat: Option<(u32, u16)>,
+    pub flags: u16,
+}
+
+/// The tracked flow `pkt` is a reply of, refreshed. The first reply marks
+/// both entries [`ct_flags::REPLIED`] (TCP established, UDP a stream).
+#[inline(always)]
+pub fn reply(pkt: &Packet) -> Option<Reply> {
+    let e = find(&key(pkt, CT_DIR_REPLY))?;
+    let now = now();
+    let frontend = frontend(e.rev_nat_id);
+    if pkt.closing() {
+        e.flags |= ct_flags::CLOSING;
+    }
+    if e.flags & ct_flags::REPLIED == 0 {
+        e.flags |= ct_flags::REPLIED;
+        if let Some(fwd) = frontend.and_then(|f| find(&forward_key_of(pkt.proto, e, &f))) {
+            fwd.flags |= ct_flags::REPLIED;
+            refresh(fwd, pkt.proto, now);
+        }
+    }
+    refresh(e, pkt.proto, now);
+    Some(Reply {
+        frontend,
+        snat: snat(e),
+        flags: e.flags,
+    })
+}
+
 /// What a new flow was assigned to.
 pub struct NewFlow {
     pub backend_id: u32,
-    pub backend_addr: u32,
-    pub backend_port: u16,
+    pub backend: Backend,
     pub rev_nat_id: u16,
     /// The source is rewritten to (`snat_addr`, `snat_port`) (0: not
     /// rewritten): hairpin, or a north-south flow to a backend on another node.
@@ -59,63 +276,102 @@ pub struct NewFlow {
     pub external: bool,
 }
 
-/// Records both directions of a new flow. Errors mean the table is full.
+/// Why a new flow was not recorded.
+pub enum CreateError {
+    /// The reply tuple belongs to another live flow (an SNAT port taken).
+    Taken,
+    /// No room.
+    Full,
+}
+
+/// Records both directions of a new flow. With `claim`, the reply tuple is
+/// taken only if no live flow has it (an atomic insert: SNAT ports are never
+/// shared); without, it is overwritten (it is unique to the client's tuple).
 #[inline(always)]
-pub fn create(pkt: &Packet, flow: &NewFlow) -> Result<(), i32> {
+pub fn create(pkt: &Packet, flow: &NewFlow, claim: bool) -> Result<(), CreateError> {
     let snat = flow.snat_addr != 0;
     let flags = if snat { ct_flags::SNAT } else { 0 }
         | if flow.external { ct_flags::EXTERNAL } else { 0 };
-    let snat_port = if snat { flow.snat_port } else { pkt.sport };
-    let last_seen = now();
-    let forward = CtValue {
-        last_seen,
-        backend_id: flow.backend_id,
-        rev_nat_id: flow.rev_nat_id,
-        flags: ct_flags::SERVICE | flags,
-        nat_addr: flow.snat_addr,
-        nat_port: snat_port,
-        _pad: 0,
-    };
+    let nat_port = if snat { flow.snat_port } else { pkt.sport };
+    let now = now();
+    let expires = now + lifetime_ns(pkt.proto, flags);
     let reply_key = CtKey {
-        saddr: flow.backend_addr,
+        saddr: flow.backend.addr,
         daddr: if snat { flow.snat_addr } else { pkt.saddr },
-        sport: flow.backend_port,
-        dport: snat_port,
+        sport: flow.backend.port,
+        dport: nat_port,
         proto: pkt.proto,
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    let reply = CtValue {
-        last_seen,
+    let entry = |flags, nat_addr, nat_port| CtValue {
+        created: now,
+        expires,
         backend_id: flow.backend_id,
         rev_nat_id: flow.rev_nat_id,
         flags,
-        nat_addr: pkt.saddr,
-        nat_port: pkt.sport,
+        nat_addr,
+        nat_port,
         _pad: 0,
+        backend_addr: flow.backend.addr,
+        backend_port: flow.backend.port,
+        _pad2: 0,
     };
+    let reply = entry(flags, pkt.saddr, pkt.sport);
+    let forward = entry(ct_flags::SERVICE | flags, flow.snat_addr, nat_port);
+    if claim {
+        reclaim_if_dead(&reply_key, now);
+        if find(&reply_key).is_some() {
+            return Err(CreateError::Taken);
+        }
+    }
     // Reply first: once the forward entry exists, replies must be translatable.
-    CT.insert(reply_key, reply, 0)?;
-    CT.insert(key(pkt, CT_DIR_FORWARD), forward, 0)
+    let how = if claim { BPF_NOEXIST } else { BPF_ANY };
+    let tcp = pkt.proto == PROTO_TCP;
+    let in_tcp = tcp && match CT_TCP.insert(&reply_key, &reply, how) {
+        Ok(()) => true,
+        Err(EEXIST) => return Err(CreateError::Taken),
+        Err(_) => {
+            count(Counter::CtTcpFull);
+            false
+        }
+    };
+    if in_tcp {
+        return CT_TCP.insert(&key(pkt, CT_DIR_FORWARD), &forward, BPF_ANY).map_err(|_| {
+            let _ = CT_TCP.remove(&reply_key);
+            CreateError::Full
+        });
+    }
+    match CT_ANY.insert(&reply_key, &reply, how) {
+        Ok(()) => {}
+        Err(EEXIST) => return Err(CreateError::Taken),
+        Err(_) => return Err(CreateError::Full),
+    }
+    CT_ANY.insert(&key(pkt, CT_DIR_FORWARD), &forward, BPF_ANY).map_err(|_| CreateError::Full)
 }
 
-/// Whether the reply tuple (backend → `addr`:`port`) is free for `pkt`'s flow:
-/// unused, or already this very flow's (a retransmitted SYN).
+/// Frees the reply tuple `k` if the flow holding it is dead (an expired
+/// entry is as good as absent), so that its SNAT port can be claimed.
 #[inline(always)]
-pub fn reply_tuple_free(pkt: &Packet, backend_addr: u32, backend_port: u16, addr: u32, port: u16) -> bool {
-    let k = CtKey {
-        saddr: backend_addr,
-        daddr: addr,
-        sport: backend_port,
-        dport: port,
-        proto: pkt.proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
+fn reclaim_if_dead(k: &CtKey, now: u64) {
+    let Some(e) = find(k) else {
+        return;
     };
-    // SAFETY: copied out at once.
-    match unsafe { CT.get(&k) } {
-        None => true,
-        Some(v) => v.nat_addr == pkt.saddr && v.nat_port == pkt.sport,
+    if !expired(e, now) {
+        return;
+    }
+    let fwd_key = frontend(e.rev_nat_id).map(|f| forward_key_of(k.proto, e, &f));
+    // The forward entry of this very flow (its tuple may have moved on to
+    // another flow since), copied out.
+    let fwd = fwd_key.and_then(|fk| {
+        let f = *find(&fk)?;
+        (reply_key_of(fk.saddr, k.proto, &f) == *k).then_some((fk, f))
+    });
+    if dead(e, fwd.as_ref().map(|(_, f)| f), now) {
+        if let Some((fk, _)) = fwd {
+            remove(&fk);
+        }
+        remove(k);
     }
 }
 

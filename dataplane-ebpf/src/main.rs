@@ -34,11 +34,11 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use ferry_common::{addr_to_map, ct_flags, Backend, Counter, CT_DIR_FORWARD, CT_DIR_REPLY, HAIRPIN_SNAT_ADDR};
+use ferry_common::{addr_to_map, ct_flags, Counter, HAIRPIN_SNAT_ADDR};
 
 use crate::{
     ct::NewFlow,
-    maps::{count, count_service, REVNAT},
+    maps::{count, count_service},
     nat::Side,
     parse::Packet,
 };
@@ -108,24 +108,20 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
         return Ok(TC_ACT_OK);
     };
-    if let Some(entry) = ct::lookup(&pkt, CT_DIR_REPLY) {
-        let (rev_nat_id, snat) = (entry.rev_nat_id, ct::snat(entry));
-        let external = entry.flags & ct_flags::EXTERNAL != 0;
+    if let Some(r) = ct::reply(&pkt) {
+        let external = r.flags & ct_flags::EXTERNAL != 0;
         // Hairpin replies only ever come from the Pod's own veth.
-        if !external && snat.is_some() {
+        if !external && r.snat.is_some() {
             return Ok(TC_ACT_OK);
         }
         // A remote backend's reply to a north-south client SNATed to us, or
         // to one of our Pods.
-        return reverse_nat(ctx, &pkt, rev_nat_id, snat, external);
+        return reverse_nat(ctx, &pkt, &r, external);
     }
-    if let Some(entry) = ct::lookup(&pkt, CT_DIR_FORWARD) {
-        if entry.flags & ct_flags::EXTERNAL != 0 {
-            if let Some(b) = lb::backend(entry.backend_id) {
-                count_service(entry.rev_nat_id, ctx.len());
-                return nodeport::forward(ctx, &pkt, &b, ct::snat(entry));
-            }
-            // The backend is gone: balance again (the entries are overwritten).
+    if let Some(f) = ct::forward(&pkt) {
+        if f.external {
+            count_service(f.rev_nat_id, ctx.len());
+            return nodeport::forward(ctx, &pkt, f.backend, f.snat);
         }
     }
     nodeport::new_flow(ctx, &pkt)
@@ -135,20 +131,16 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
         return Ok(TC_ACT_OK);
     };
-    // A reply of a backend to a client (or to the hairpin address)?
-    if let Some(entry) = ct::lookup(&pkt, CT_DIR_REPLY) {
-        let (rev_nat_id, snat) = (entry.rev_nat_id, ct::snat(entry));
-        // A local backend's reply to a north-south client leaves through a
-        // node device; everything else goes back to a Pod of ours.
-        return reverse_nat(ctx, &pkt, rev_nat_id, snat, entry.flags & ct_flags::EXTERNAL != 0);
+    // A reply of a backend to a client (or to the hairpin address)? A local
+    // backend's reply to a north-south client leaves through a node device;
+    // everything else goes back to a Pod of ours.
+    if let Some(r) = ct::reply(&pkt) {
+        return reverse_nat(ctx, &pkt, &r, r.flags & ct_flags::EXTERNAL != 0);
     }
-    // A packet of a flow we already balanced: same backend while it exists.
-    if let Some(entry) = ct::lookup(&pkt, CT_DIR_FORWARD) {
-        if let Some(b) = lb::backend(entry.backend_id) {
-            count_service(entry.rev_nat_id, ctx.len());
-            return dnat(ctx, &pkt, &b, ct::snat(entry).is_some());
-        }
-        // The backend is gone: balance again (the entries are overwritten).
+    // A packet of a flow we already balanced.
+    if let Some(f) = ct::forward(&pkt) {
+        count_service(f.rev_nat_id, ctx.len());
+        return dnat(ctx, &pkt, f.backend, f.snat.is_some());
     }
     let Some(svc) = lb::lookup_service(&pkt) else {
         return Ok(TC_ACT_OK);
@@ -164,31 +156,33 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         count(answered);
         return bounce(ctx);
     }
-    let (backend_id, b) = lb::select_backend(&pkt, &svc)?;
+    let (backend_id, backend) = lb::select_backend(&pkt, &svc)?;
     count_service(svc.rev_nat_id, ctx.len());
-    let hairpin = b.addr == pkt.saddr;
+    let hairpin = backend.addr == pkt.saddr;
     let flow = NewFlow {
         backend_id,
-        backend_addr: b.addr,
-        backend_port: b.port,
+        backend,
         rev_nat_id: svc.rev_nat_id,
         snat_addr: if hairpin { addr_to_map(HAIRPIN_SNAT_ADDR) } else { 0 },
         snat_port: pkt.sport,
         external: false,
     };
-    match ct::create(&pkt, &flow) {
+    // The reply tuple is unique to the client's own tuple: overwritten, never
+    // contended.
+    match ct::create(&pkt, &flow, false) {
         Ok(()) => count(Counter::CtCreated),
         // Keep the node working when the table is full: this packet still goes.
         Err(_) => count(Counter::DropCtFull),
     }
-    dnat(ctx, &pkt, &b, hairpin)
+    dnat(ctx, &pkt, (backend.addr, backend.port), hairpin)
 }
 
-/// Forward direction: destination := backend; for hairpin also source := the
-/// hairpin address, and the packet goes straight back into the Pod's veth.
+/// Forward direction: destination := the backend (address, port); for
+/// hairpin also source := the hairpin address, and the packet goes straight
+/// back into the Pod's veth.
 #[inline(always)]
-fn dnat(ctx: &TcContext, pkt: &Packet, b: &Backend, hairpin: bool) -> Result<i32, Counter> {
-    nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, b.addr, pkt.dport, b.port)
+fn dnat(ctx: &TcContext, pkt: &Packet, backend: (u32, u16), hairpin: bool) -> Result<i32, Counter> {
+    nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, backend.0, pkt.dport, backend.1)
         .map_err(|_| Counter::DropMalformed)?;
     count(Counter::ServiceForward);
     if hairpin {
@@ -200,28 +194,19 @@ fn dnat(ctx: &TcContext, pkt: &Packet, b: &Backend, hairpin: bool) -> Result<i32
     Ok(TC_ACT_OK)
 }
 
-/// Reply direction: source := the frontend the client dialled; with `snat`
+/// Reply direction: source := the frontend the client dialled; with SNAT
 /// also destination := the original client. Hairpin replies go straight back
 /// into the Pod's veth; `external` (north-south) ones are forwarded by FIB
 /// lookup, since their source is now a node address.
 #[inline(always)]
-fn reverse_nat(
-    ctx: &TcContext,
-    pkt: &Packet,
-    rev_nat_id: u16,
-    snat: Option<(u32, u16)>,
-    external: bool,
-) -> Result<i32, Counter> {
-    // SAFETY: copied out at once.
-    let Some(frontend) = (unsafe { REVNAT.get(rev_nat_id).copied() }) else {
-        // The Service was deleted under a live flow.
-        return Err(Counter::DropBackendMissing);
-    };
+fn reverse_nat(ctx: &TcContext, pkt: &Packet, r: &ct::Reply, external: bool) -> Result<i32, Counter> {
+    // The Service was deleted under a live flow.
+    let frontend = r.frontend.ok_or(Counter::DropBackendMissing)?;
     nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, frontend.addr, pkt.sport, frontend.port)
         .map_err(|_| Counter::DropMalformed)?;
     count(Counter::ReverseNat);
     let mut client = pkt.daddr;
-    if let Some((addr, port)) = snat {
+    if let Some((addr, port)) = r.snat {
         nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, addr, pkt.dport, port)
             .map_err(|_| Counter::DropMalformed)?;
         client = addr;
@@ -229,7 +214,7 @@ fn reverse_nat(
     if external {
         return Ok(fib::redirect(ctx, frontend.addr, client));
     }
-    if snat.is_some() {
+    if r.snat.is_some() {
         return bounce(ctx);
     }
     Ok(TC_ACT_OK)

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use ferry_common::{
     AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
     ServiceName, ServiceValue, SockRevKey, SrcRangeKey, SvcStats, config, DEFAULT_SRC_RANGES_MAX, COUNTER_COUNT, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
-    DEFAULT_CT_MAX, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
+    DEFAULT_CT_ANY_MAX, DEFAULT_CT_TCP_MAX, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
 };
 
 #[map(name = "FERRY_SERVICES")]
@@ -21,8 +21,15 @@ pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_BACKENDS_MA
 #[map(name = "FERRY_REVNAT")]
 pub static REVNAT: HashMap<u16, RevNat> = HashMap::pinned(DEFAULT_REVNAT_MAX, 0);
 
-#[map(name = "FERRY_CT")]
-pub static CT: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_CT_MAX, 0);
+/// TCP connection tracking: a plain hash, so established flows are never
+/// evicted to make room; entries go when they expire (see `ct`).
+#[map(name = "FERRY_CT_TCP")]
+pub static CT_TCP: HashMap<CtKey, CtValue> = HashMap::pinned(DEFAULT_CT_TCP_MAX, 0);
+
+/// Connection tracking of UDP, and of TCP flows the TCP table had no room
+/// for (LRU).
+#[map(name = "FERRY_CT_ANY")]
+pub static CT_ANY: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_CT_ANY_MAX, 0);
 
 #[map(name = "FERRY_AFFINITY")]
 pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =

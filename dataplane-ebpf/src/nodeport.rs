@@ -7,10 +7,10 @@
 //! gets it DNATed and SNATed to this node's address, so that its reply comes
 //! back here, where from_netdev restores both.
 use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_get_prandom_u32, programs::TcContext};
-use ferry_common::{backend_flags, config, svc_flags, Backend, Counter};
+use ferry_common::{backend_flags, config, svc_flags, Counter, DEFAULT_SNAT_PORTS};
 
 use crate::{
-    ct::{self, NewFlow},
+    ct::{self, CreateError, NewFlow},
     fib, lb,
     maps::{config, count, count_service},
     nat::{self, Side},
@@ -20,12 +20,9 @@ use crate::{
 
 /// Frontend kinds served from outside the node's Pods.
 const EXTERNAL_KINDS: u32 = svc_flags::NODE_PORT | svc_flags::EXTERNAL_IP | svc_flags::LOAD_BALANCER;
-/// Where SNAT ports are picked when the client's own port is taken (the
-/// kernel's default ephemeral range).
-const SNAT_PORT_MIN: u32 = 32768;
-const SNAT_PORT_SPAN: u32 = 60999 - 32768 + 1;
-/// Random tries after the client's own port.
-const SNAT_TRIES: u32 = 8;
+/// Random SNAT ports tried for a new flow before giving up (Cilium's
+/// SNAT_COLLISION_RETRIES is of the same order).
+const SNAT_TRIES: u32 = 16;
 
 /// What a packet arriving on a device is to the north-south path.
 pub enum Arrival {
@@ -34,9 +31,9 @@ pub enum Arrival {
     /// For a frontend without a usable endpoint; `etp_local`: because the
     /// Service's externalTrafficPolicy is Local and none is on this node.
     NoEndpoint { etp_local: bool },
-    /// A new flow, now tracked: to `backend`, with the source rewritten to
-    /// `snat` when the backend is on another node.
-    Flow { rev_nat_id: u16, backend: Backend, snat: Option<(u32, u16)> },
+    /// A new flow, now tracked: to `backend` (address, port), with the
+    /// source rewritten to `snat` when the backend is on another node.
+    Flow { rev_nat_id: u16, backend: (u32, u16), snat: Option<(u32, u16)> },
 }
 
 /// Picks the backend of a new north-south flow and records it in connection
@@ -59,30 +56,61 @@ pub fn open(pkt: &Packet) -> Result<Arrival, Counter> {
     if svc.count == 0 {
         return Ok(Arrival::NoEndpoint { etp_local: svc.flags & svc_flags::ETP_LOCAL != 0 });
     }
-    let (backend_id, b) = lb::select_backend(pkt, &svc)?;
-    let snat = if b.flags & backend_flags::LOCAL != 0 {
+    let (backend_id, backend) = lb::select_backend(pkt, &svc)?;
+    let mut flow = NewFlow {
+        backend_id,
+        backend,
+        rev_nat_id: svc.rev_nat_id,
+        snat_addr: 0,
+        snat_port: 0,
+        external: true,
+    };
+    let snat = if backend.flags & backend_flags::LOCAL != 0 {
+        track(ct::create(pkt, &flow, false));
         None
     } else {
-        let addr = match config(config::NODE_ADDR) {
+        flow.snat_addr = match config(config::NODE_ADDR) {
             0 => pkt.daddr,
             a => a,
         };
-        Some((addr, snat_port(pkt, &b, addr)?))
+        Some((flow.snat_addr, claim_snat_port(pkt, &mut flow)?))
     };
-    let flow = NewFlow {
-        backend_id,
-        backend_addr: b.addr,
-        backend_port: b.port,
-        rev_nat_id: svc.rev_nat_id,
-        snat_addr: snat.map_or(0, |(a, _)| a),
-        snat_port: snat.map_or(0, |(_, p)| p),
-        external: true,
+    Ok(Arrival::Flow { rev_nat_id: svc.rev_nat_id, backend: (backend.addr, backend.port), snat })
+}
+
+/// Counts the outcome of recording a new flow. A flow that could not be
+/// recorded still goes (the node keeps working; its replies may not).
+#[inline(always)]
+fn track(r: Result<(), CreateError>) {
+    count(if r.is_ok() { Counter::CtCreated } else { Counter::DropCtFull });
+}
+
+/// Records `flow` with an SNAT port of its own: random ports of the SNAT
+/// range (`--snat-port-range`), each claimed atomically with the flow's
+/// reply tuple, so no two flows ever share one; a port comes free when its
+/// flow's entries expire or close. Returns the port (wire order).
+#[inline(always)]
+fn claim_snat_port(pkt: &Packet, flow: &mut NewFlow) -> Result<u16, Counter> {
+    let (min, max) = match (config(config::SNAT_PORT_MIN), config(config::SNAT_PORT_MAX)) {
+        (lo, hi) if lo != 0 && lo <= hi && hi <= 0xffff => (lo, hi),
+        _ => (u32::from(DEFAULT_SNAT_PORTS.0), u32::from(DEFAULT_SNAT_PORTS.1)),
     };
-    match ct::create(pkt, &flow) {
-        Ok(()) => count(Counter::CtCreated),
-        Err(_) => count(Counter::DropCtFull),
+    let span = max - min + 1;
+    for _ in 0..SNAT_TRIES {
+        // SAFETY: helper without preconditions.
+        let r = unsafe { bpf_get_prandom_u32() };
+        // (No `%`: its divide-by-zero panic path is not a program the
+        // verifier accepts.)
+        flow.snat_port = ((min + r.checked_rem(span).unwrap_or(0)) as u16).to_be();
+        match ct::create(pkt, flow, true) {
+            Err(CreateError::Taken) => continue,
+            created => {
+                track(created);
+                return Ok(flow.snat_port);
+            }
+        }
     }
-    Ok(Arrival::Flow { rev_nat_id: svc.rev_nat_id, backend: b, snat })
+    Err(Counter::DropSnatPorts)
 }
 
 /// A new north-south flow at TC; `Ok(TC_ACT_OK)` untouched when `pkt` is not
@@ -102,37 +130,21 @@ pub fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
         }
         Arrival::Flow { rev_nat_id, backend, snat } => {
             count_service(rev_nat_id, ctx.len());
-            forward(ctx, pkt, &backend, snat)
+            forward(ctx, pkt, backend, snat)
         }
     }
 }
 
-/// DNAT (and SNAT for a remote backend) of a north-south packet; a SNATed
-/// packet has a node address as source and is forwarded by FIB lookup.
+/// DNAT (and SNAT for a remote backend) of a north-south packet to
+/// `backend` (address, port); a SNATed packet has a node address as source
+/// and is forwarded by FIB lookup.
 #[inline(always)]
-pub fn forward(ctx: &TcContext, pkt: &Packet, b: &Backend, snat: Option<(u32, u16)>) -> Result<i32, Counter> {
-    nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, b.addr, pkt.dport, b.port).map_err(|_| Counter::DropMalformed)?;
+pub fn forward(ctx: &TcContext, pkt: &Packet, backend: (u32, u16), snat: Option<(u32, u16)>) -> Result<i32, Counter> {
+    nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, backend.0, pkt.dport, backend.1).map_err(|_| Counter::DropMalformed)?;
     count(Counter::ServiceForward);
     let Some((addr, port)) = snat else {
         return Ok(TC_ACT_OK);
     };
     nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, addr, pkt.sport, port).map_err(|_| Counter::DropMalformed)?;
-    Ok(fib::redirect(ctx, addr, b.addr))
-}
-
-/// The client's own port if the reply tuple is free, else a random free one.
-#[inline(always)]
-fn snat_port(pkt: &Packet, b: &Backend, addr: u32) -> Result<u16, Counter> {
-    if ct::reply_tuple_free(pkt, b.addr, b.port, addr, pkt.sport) {
-        return Ok(pkt.sport);
-    }
-    for _ in 0..SNAT_TRIES {
-        // SAFETY: helper without preconditions.
-        let r = unsafe { bpf_get_prandom_u32() };
-        let port = ((SNAT_PORT_MIN + r % SNAT_PORT_SPAN) as u16).to_be();
-        if ct::reply_tuple_free(pkt, b.addr, b.port, addr, port) {
-            return Ok(port);
-        }
-    }
-    Err(Counter::DropSnatPorts)
+    Ok(fib::redirect(ctx, addr, backend.0))
 }

@@ -16,7 +16,9 @@ pub const IP_SRC_OFF: usize = IP_OFF + 12;
 pub const IP_DST_OFF: usize = IP_OFF + 16;
 const TCP_FLAGS_OFF: usize = 13;
 pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// The fields of an IPv4 TCP/UDP packet the load balancer works with. Addresses and
 /// ports in wire order, as in the maps.
@@ -41,6 +43,12 @@ impl Packet {
     #[inline(always)]
     pub fn closing(&self) -> bool {
         self.tcp_flags & (TCP_FIN | TCP_RST) != 0
+    }
+
+    /// A TCP SYN without ACK: a client opening a connection.
+    #[inline(always)]
+    pub fn opening(&self) -> bool {
+        self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
     }
 }
 

@@ -9,12 +9,9 @@
 use aya_ebpf::{helpers::bpf_skb_change_tail, programs::TcContext};
 use ferry_common::{Counter, PROTO_TCP};
 
-use crate::parse::{Packet, ETH_HLEN, IP_OFF, TCP_RST};
+use crate::parse::{Packet, ETH_HLEN, IP_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 const IPPROTO_ICMP: u8 = 1;
-const TCP_ACK: u8 = 0x10;
-const TCP_SYN: u8 = 0x02;
-const TCP_FIN: u8 = 0x01;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
 /// The original IPv4 header (without options) and 8 bytes of its UDP header.

@@ -16,13 +16,12 @@ use aya_ebpf::{
     programs::XdpContext,
     EbpfContext as _,
 };
-use ferry_common::{ct_flags, Counter, CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_UDP};
+use ferry_common::{ct_flags, Counter, PROTO_UDP};
 
 use crate::{
     ct,
     fib::{self, Route},
-    lb,
-    maps::{count, count_service, REVNAT},
+    maps::{count, count_service},
     nat::{self, fold, Side},
     nodeport::{self, Arrival},
     parse::{self, Frame as _, Packet, IP_OFF},
@@ -39,32 +38,18 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         return Ok(XDP_PASS);
     };
     // A remote backend's reply to a north-south client we SNATed for.
-    if let Some(entry) = ct::lookup(&pkt, CT_DIR_REPLY) {
+    if let Some(r) = ct::reply(&pkt) {
         let both = ct_flags::EXTERNAL | ct_flags::SNAT;
-        if entry.flags & both != both {
-            return Ok(XDP_PASS);
-        }
-        let (client, client_port, rev_nat_id) = (entry.nat_addr, entry.nat_port, entry.rev_nat_id);
-        // SAFETY: copied out at once.
-        let Some(frontend) = (unsafe { REVNAT.get(rev_nat_id).copied() }) else {
+        let (Some(frontend), Some(client), true) = (r.frontend, r.snat, r.flags & both == both) else {
             return Ok(XDP_PASS);
         };
-        let t = Translation { src: (frontend.addr, frontend.port), dst: (client, client_port) };
+        let t = Translation { src: (frontend.addr, frontend.port), dst: client };
         return send(ctx, &pkt, &t, Counter::ReverseNat);
     }
     // A north-south flow: tracked already, or new.
-    let (rev_nat_id, backend, snat) = match ct::lookup(&pkt, CT_DIR_FORWARD) {
-        Some(entry) => {
-            if entry.flags & ct_flags::EXTERNAL == 0 {
-                return Ok(XDP_PASS);
-            }
-            let (rev_nat_id, snat) = (entry.rev_nat_id, ct::snat(entry));
-            // A backend that is gone: TC balances again.
-            let Some(b) = lb::backend(entry.backend_id) else {
-                return Ok(XDP_PASS);
-            };
-            (rev_nat_id, b, snat)
-        }
+    let (rev_nat_id, backend, snat) = match ct::forward(&pkt) {
+        Some(f) if f.external => (f.rev_nat_id, f.backend, f.snat),
+        Some(_) => return Ok(XDP_PASS),
         None => match nodeport::open(&pkt)? {
             Arrival::Flow { rev_nat_id, backend, snat } => (rev_nat_id, backend, snat),
             Arrival::NotOurs | Arrival::NoEndpoint { .. } => return Ok(XDP_PASS),
@@ -74,7 +59,7 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     let Some(src) = snat else {
         return Ok(XDP_PASS);
     };
-    let t = Translation { src, dst: (backend.addr, backend.port) };
+    let t = Translation { src, dst: backend };
     let verdict = send(ctx, &pkt, &t, Counter::ServiceForward)?;
     if verdict != XDP_PASS {
         count_service(rev_nat_id, (ctx.data_end() - ctx.data()) as u32);

@@ -213,7 +213,7 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
         "ferry_backends 5",
         "ferry_sync_proxy_rules_duration_seconds_count",
         "ferry_sync_proxy_rules_last_timestamp_seconds",
-        "ferry_conntrack_entries 0",
+        "ferry_conntrack_entries{table=\"tcp\"} 0",
         "ferry_drops_total{reason=\"no_backend\"}",
     ] {
         assert!(metrics.contains(m), "metrics lack {m:?}:\n{metrics}");

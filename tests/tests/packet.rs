@@ -17,7 +17,7 @@ use ferry_agent::{
     maps::{kernel, kernel::KernelMaps, MapStore as _},
 };
 use ferry_common::{
-    addr_to_map, port_to_map, Backend, Counter, RevNat, ServiceKey, ServiceName, ServiceValue,
+    addr_to_map, ct_flags, port_from_map, port_to_map, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey, ServiceName, ServiceValue,
     CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_XDP_FROM_NETDEV, PROTO_TCP, PROTO_UDP,
     SCOPE_EXTERNAL,
 };
@@ -37,12 +37,23 @@ struct Fixture {
 
 impl Fixture {
     fn new(tag: &str) -> Self {
+        Self::with_ct_tcp_size(tag, None)
+    }
+
+    /// With the TCP connection-tracking table of `tcp_size` entries (None:
+    /// the object's default).
+    fn with_ct_tcp_size(tag: &str, tcp_size: Option<u32>) -> Self {
         assert!(unsafe { libc::geteuid() } == 0, "packet tests need root (BPF); run `cargo xtask test` as root");
         ferry_tests::sys::ensure_bpffs().expect("bpffs");
         let dir = PathBuf::from(format!("/sys/fs/bpf/ferry-packet-test-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("pin dir");
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&dir).load(DATAPLANE_OBJ).expect("load object");
+        let mut loader = EbpfLoader::new();
+        loader.default_map_pin_directory(&dir);
+        if let Some(n) = tcp_size {
+            loader.map_max_entries(ferry_common::CT_TCP_MAP, n);
+        }
+        let mut ebpf = loader.load(DATAPLANE_OBJ).expect("load object");
         let maps = KernelMaps::from_ebpf(&mut ebpf).expect("maps");
         for name in [PROG_FROM_POD, PROG_FROM_NETDEV] {
             let prog: &mut SchedClassifier = ebpf.program_mut(name).expect(name).try_into().expect("classifier");
@@ -113,9 +124,46 @@ impl Fixture {
 
     /// The node address north-south flows are SNATed to.
     fn set_node_addr(&mut self, addr: [u8; 4]) {
+        self.set_config(ferry_common::config::NODE_ADDR, addr_to_map(addr));
+    }
+
+    /// A node setting (`ferry_common::config`).
+    fn set_config(&mut self, index: u32, value: u32) {
         let mut config: aya::maps::Array<_, u32> =
             aya::maps::Array::try_from(self.ebpf.map_mut(ferry_common::CONFIG_MAP).expect("config map")).unwrap();
-        config.set(ferry_common::config::NODE_ADDR, addr_to_map(addr), 0).unwrap();
+        config.set(index, value, 0).unwrap();
+    }
+
+    /// The connection-tracking entry of direction `dir` whose key starts
+    /// at `src`:`sport`.
+    fn ct(&self, dir: u8, src: [u8; 4], sport: u16) -> Option<(CtKey, CtValue)> {
+        kernel::read_ct(&self.dir)
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| k.dir == dir && k.saddr == addr_to_map(src) && k.sport == port_to_map(sport))
+    }
+
+    /// Rewrites a connection-tracking entry in whichever table holds it.
+    fn put_ct(&self, k: CtKey, v: CtValue) {
+        for (name, lru) in [(ferry_common::CT_TCP_MAP, false), (ferry_common::CT_ANY_MAP, true)] {
+            let data = aya::maps::MapData::from_pin(self.dir.join(name)).unwrap();
+            let map = if lru { aya::maps::Map::LruHashMap(data) } else { aya::maps::Map::HashMap(data) };
+            let mut t: aya::maps::HashMap<_, CtKey, CtValue> = aya::maps::HashMap::try_from(map).unwrap();
+            if t.get(&k, 0).is_ok() {
+                t.insert(k, v, 0).unwrap();
+                return;
+            }
+        }
+        panic!("no entry {k:?}");
+    }
+
+    /// Makes both entries of the flow from `client`:`sport` (to a frontend,
+    /// backend `backend`:`bport`) expired.
+    fn age(&self, client: [u8; 4], sport: u16, backend: [u8; 4], bport: u16) {
+        for (dir, src, port) in [(CT_DIR_FORWARD, client, sport), (CT_DIR_REPLY, backend, bport)] {
+            let (k, v) = self.ct(dir, src, port).expect("tracked");
+            self.put_ct(k, CtValue { expires: 1, ..v });
+        }
     }
 
     fn counter(&self, c: Counter) -> u64 {
@@ -504,22 +552,25 @@ fn nodeport_to_a_remote_backend_is_dnated_and_snated_and_the_reply_restored() {
     let mut fx = Fixture::new("nodeport");
     fx.external(NODE, 30080, 3, ferry_common::svc_flags::NODE_PORT, &[(1, REMOTE, 8080, 0)]);
     fx.set_node_addr(NODE);
-    // Client → node:30080 becomes node:45000 → backend:8080 (the client's own
-    // port while it is free), checksums right.
+    // Client → node:30080 becomes node:P → backend:8080 with P from the SNAT
+    // port range (outside the node's ephemeral ports), checksums right.
     let (_, out) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, EXT, NODE, 45000, 30080, false));
     let p = parse(&out);
     assert_eq!((p.dst, p.dport), (REMOTE, 8080), "DNAT to the backend");
-    assert_eq!((p.src, p.sport), (NODE, 45000), "SNAT to the node, the client's port");
+    assert_eq!(p.src, NODE, "SNAT to the node");
+    let range = ferry_common::DEFAULT_SNAT_PORTS.0..=ferry_common::DEFAULT_SNAT_PORTS.1;
+    assert!(range.contains(&p.sport), "SNAT port {} in {range:?}", p.sport);
     assert_checksums(&out);
     // A second client with the same source port to the same backend: another port.
     let (_, out2) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, EXT2, NODE, 45000, 30080, false));
     let p2 = parse(&out2);
     assert_eq!(p2.src, NODE);
-    assert_ne!(p2.sport, 45000, "the reply tuple of the first flow is taken");
+    assert!(range.contains(&p2.sport));
+    assert_ne!(p2.sport, p.sport, "the reply tuple of the first flow is taken");
     assert_checksums(&out2);
     // The backend's replies come back to the node and go to each client, from
     // the address and port it dialled.
-    for (client, snat_port) in [(EXT, 45000), (EXT2, p2.sport)] {
+    for (client, snat_port) in [(EXT, p.sport), (EXT2, p2.sport)] {
         let (_, reply) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, REMOTE, NODE, 8080, snat_port, false));
         let r = parse(&reply);
         assert_eq!((r.src, r.sport), (NODE, 30080), "from the NodePort");
@@ -599,18 +650,19 @@ fn xdp_forwards_nodeport_flows_to_remote_backends_and_their_replies_with_valid_c
     fx.external(NODE, 30080, 3, ferry_common::svc_flags::NODE_PORT, &[(1, REMOTE, 8080, 0)]);
     fx.set_node_addr(NODE);
     let fd = fx.xdp_fd();
-    // Client → node:30080 leaves as node:45000 → backend:8080 towards node 2,
+    // Client → node:30080 leaves as node:P → backend:8080 towards node 2,
     // sent by XDP itself (to the veth: a redirect).
     let (verdict, out) = ns.run(fd, frame(PROTO_TCP, EXT, NODE, 45000, 30080, false));
     assert_eq!(verdict, XDP_REDIRECT, "XDP sends it out itself");
     let p = parse(&out);
     assert_eq!((p.dst, p.dport), (REMOTE, 8080), "DNAT to the backend");
-    assert_eq!((p.src, p.sport), (NODE, 45000), "SNAT to the node");
+    assert_eq!(p.src, NODE, "SNAT to the node");
+    assert!((ferry_common::DEFAULT_SNAT_PORTS.0..=ferry_common::DEFAULT_SNAT_PORTS.1).contains(&p.sport));
     assert_eq!(macs(&out), (NODE2_MAC, NODE_MAC), "to node 2's MAC, from the node's");
     assert_checksums(&out);
     assert!(ct_has(&fx, CT_DIR_FORWARD, EXT, 45000), "tracked (TC would find the same entry)");
     // The backend's reply goes back to the client from the NodePort.
-    let (verdict, reply) = ns.run(fd, frame(PROTO_TCP, REMOTE, NODE, 8080, 45000, false));
+    let (verdict, reply) = ns.run(fd, frame(PROTO_TCP, REMOTE, NODE, 8080, p.sport, false));
     assert_eq!(verdict, XDP_REDIRECT);
     let r = parse(&reply);
     assert_eq!((r.src, r.sport), (NODE, 30080), "from the NodePort");
@@ -689,4 +741,165 @@ fn load_balancer_source_ranges_admit_only_clients_in_range() {
     let (verdict, out) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, [192, 168, 77, 201], LB, 45001, 80, false));
     assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, LOCAL));
     assert_eq!(fx.counter(Counter::DropSourceRange), 3);
+}
+
+// --- connection tracking ---------------------------------------------------
+
+const SYN: u8 = 0x02;
+const FIN: u8 = 0x01;
+const ACK: u8 = 0x10;
+const SEC: u64 = 1_000_000_000;
+
+/// `f` (TCP) with other flags, checksum recomputed.
+fn with_flags(mut f: Vec<u8>, flags: u8) -> Vec<u8> {
+    f[47] = flags;
+    let c = l4_checksum(&f);
+    f[50..52].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// The lifetime an entry was given, in whole seconds (rounded).
+fn lifetime(v: &CtValue) -> u64 {
+    (v.expires - ferry_agent::ct::monotonic_ns() + SEC / 2) / SEC
+}
+
+#[test]
+fn tcp_flows_go_syn_sent_established_closing_with_the_configured_lifetimes() {
+    let mut fx = Fixture::new("ctstate");
+    const B: [u8; 4] = [10, 244, 0, 5];
+    fx.service(PROTO_TCP, 80, 1, &[(1, B, 8080)]);
+    fx.set_config(ferry_common::config::CT_TIMEOUT_TCP, 1000);
+    fx.set_config(ferry_common::config::CT_TIMEOUT_TCP_CLOSE, 7);
+    fx.run(&frame(PROTO_TCP, CLIENT, VIP, 46000, 80, false));
+    let (fk, fwd) = fx.ct(CT_DIR_FORWARD, CLIENT, 46000).expect("forward entry");
+    assert_eq!(fwd.flags & ct_flags::REPLIED, 0, "SYN sent");
+    assert_eq!(ferry_agent::ct::State::of(&fk, &fwd).name(), "syn-sent");
+    assert_eq!(lifetime(&fwd), u64::from(ferry_common::ct_timeouts::TCP_SYN), "the built-in SYN lifetime");
+    // The backend's SYN-ACK: both entries established, with the configured lifetime.
+    fx.run(&with_flags(frame(PROTO_TCP, B, CLIENT, 8080, 46000, false), SYN | ACK));
+    for (dir, src, port) in [(CT_DIR_FORWARD, CLIENT, 46000), (CT_DIR_REPLY, B, 8080)] {
+        let (k, v) = fx.ct(dir, src, port).unwrap();
+        assert_eq!(ferry_agent::ct::State::of(&k, &v).name(), "established", "{dir}");
+        assert_eq!(lifetime(&v), 1000, "{dir}");
+    }
+    // The client's FIN: its entry is closing, with the closing lifetime.
+    let (verdict, out) = fx.run(&with_flags(frame(PROTO_TCP, CLIENT, VIP, 46000, 80, false), FIN | ACK));
+    assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, B), "still to its backend");
+    let (k, v) = fx.ct(CT_DIR_FORWARD, CLIENT, 46000).unwrap();
+    assert_eq!(ferry_agent::ct::State::of(&k, &v).name(), "closing");
+    assert_eq!(lifetime(&v), 7);
+    // UDP: unreplied, then a stream.
+    fx.service(PROTO_UDP, 53, 2, &[(2, B, 5353)]);
+    fx.run(&frame(PROTO_UDP, CLIENT, VIP, 46001, 53, false));
+    let (_, v) = fx.ct(CT_DIR_FORWARD, CLIENT, 46001).unwrap();
+    assert_eq!(lifetime(&v), u64::from(ferry_common::ct_timeouts::UDP));
+    fx.run(&frame(PROTO_UDP, B, CLIENT, 5353, 46001, false));
+    let (_, v) = fx.ct(CT_DIR_FORWARD, CLIENT, 46001).unwrap();
+    assert_eq!(lifetime(&v), u64::from(ferry_common::ct_timeouts::UDP_STREAM));
+}
+
+#[test]
+fn an_expired_flow_is_balanced_afresh_unless_its_other_direction_lives() {
+    let mut fx = Fixture::new("ctexp");
+    const A: [u8; 4] = [10, 244, 0, 5];
+    const B: [u8; 4] = [10, 244, 0, 6];
+    fx.service(PROTO_UDP, 53, 1, &[(1, A, 5353)]);
+    let query = frame(PROTO_UDP, CLIENT, VIP, 47000, 53, false);
+    assert_eq!(parse(&fx.run(&query).1).dst, A);
+    fx.run(&frame(PROTO_UDP, A, CLIENT, 5353, 47000, false));
+    // A now also serves, and is no longer the only one: B joins the slots.
+    fx.service(PROTO_UDP, 53, 1, &[(2, B, 5353)]);
+    // Only the forward entry expired: the backend still answers, the flow lives.
+    let (k, v) = fx.ct(CT_DIR_FORWARD, CLIENT, 47000).unwrap();
+    fx.put_ct(k, CtValue { expires: 1, ..v });
+    assert_eq!(parse(&fx.run(&query).1).dst, A, "alive through its reply direction");
+    assert_eq!(fx.counter(Counter::CtExpired), 0);
+    // Both expired: the flow is dead, and the next datagram is a new flow.
+    fx.age(CLIENT, 47000, A, 5353);
+    assert_eq!(parse(&fx.run(&query).1).dst, B, "balanced afresh (B is the only slot)");
+    assert_eq!(fx.counter(Counter::CtExpired), 1);
+    assert!(fx.ct(CT_DIR_REPLY, A, 5353).is_none(), "the dead flow's reply entry is gone");
+}
+
+#[test]
+fn established_connections_keep_a_removed_backend_but_a_reused_port_is_balanced_afresh() {
+    let mut fx = Fixture::new("ctstale");
+    const A: [u8; 4] = [10, 244, 0, 5];
+    const B: [u8; 4] = [10, 244, 0, 6];
+    fx.service(PROTO_TCP, 80, 1, &[(1, A, 8080)]);
+    let syn = frame(PROTO_TCP, CLIENT, VIP, 48000, 80, false);
+    assert_eq!(parse(&fx.run(&syn).1).dst, A);
+    fx.run(&with_flags(frame(PROTO_TCP, A, CLIENT, 8080, 48000, false), SYN | ACK));
+    // A leaves the Service and every map (kube-proxy leaves its conntrack
+    // entries: the connection runs to its end).
+    fx.service(PROTO_TCP, 80, 1, &[(2, B, 8080)]);
+    fx.maps.del_backend(1).unwrap();
+    let data = with_flags(syn.clone(), ACK);
+    for _ in 0..3 {
+        assert_eq!(parse(&fx.run(&data).1).dst, A, "the established connection keeps its backend");
+    }
+    // The client reuses its port for a new connection: a SYN on an answered
+    // flow is not a retransmission; it goes to a backend that serves.
+    let (verdict, out) = fx.run(&syn);
+    assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, B));
+    assert_eq!(fx.counter(Counter::CtStaleRebalanced), 1);
+    assert!(fx.ct(CT_DIR_REPLY, A, 8080).is_none(), "the old flow's reply entry is gone");
+    // UDP: once its backend is gone, the next datagram goes to one that serves.
+    fx.service(PROTO_UDP, 53, 2, &[(3, A, 5353)]);
+    let dgram = frame(PROTO_UDP, CLIENT, VIP, 48001, 53, false);
+    assert_eq!(parse(&fx.run(&dgram).1).dst, A);
+    fx.service(PROTO_UDP, 53, 2, &[(4, B, 5353)]);
+    fx.maps.del_backend(3).unwrap();
+    assert_eq!(parse(&fx.run(&dgram).1).dst, B);
+}
+
+#[test]
+fn snat_ports_are_claimed_once_and_come_free_when_their_flow_is_dead() {
+    const NODE: [u8; 4] = [192, 168, 77, 11];
+    const REMOTE: [u8; 4] = [10, 244, 1, 5];
+    let mut fx = Fixture::new("snatports");
+    fx.external(NODE, 30080, 3, ferry_common::svc_flags::NODE_PORT, &[(1, REMOTE, 8080, 0)]);
+    fx.set_node_addr(NODE);
+    // A range of two ports.
+    fx.set_config(ferry_common::config::SNAT_PORT_MIN, 20000);
+    fx.set_config(ferry_common::config::SNAT_PORT_MAX, 20001);
+    let client = |i: u8| [192, 168, 77, 200 + i];
+    let mut ports = std::collections::BTreeSet::new();
+    for i in 0..2 {
+        // (Forwarded by a FIB lookup that finds no route here: TC_ACT_OK.)
+        let (verdict, out) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, client(i), NODE, 45000, 30080, false));
+        assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, REMOTE));
+        ports.insert(parse(&out).sport);
+    }
+    assert_eq!(ports, [20000, 20001].into(), "each flow its own port");
+    // Both taken: a third flow is dropped and counted, never given a taken port.
+    let third = frame(PROTO_TCP, client(2), NODE, 45000, 30080, false);
+    assert_eq!(fx.run_prog(PROG_FROM_NETDEV, &third).0, TC_ACT_SHOT);
+    assert_eq!(fx.counter(Counter::DropSnatPorts), 1);
+    // The first flow ends (both entries expired): its port is free again.
+    let (_, fwd) = fx.ct(CT_DIR_FORWARD, client(0), 45000).unwrap();
+    let freed = port_from_map(fwd.nat_port);
+    fx.age(client(0), 45000, REMOTE, 8080);
+    let (verdict, out) = fx.run_prog(PROG_FROM_NETDEV, &third);
+    assert_eq!((verdict, parse(&out).sport), (TC_ACT_OK, freed));
+    // Its reply goes to the third client, not to the first.
+    let (_, reply) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, REMOTE, NODE, 8080, freed, false));
+    assert_eq!(parse(&reply).dst, client(2));
+}
+
+#[test]
+fn a_full_tcp_table_tracks_new_flows_in_the_any_table() {
+    let mut fx = Fixture::with_ct_tcp_size("cttcpfull", Some(4));
+    const A: [u8; 4] = [10, 244, 0, 5];
+    fx.service(PROTO_TCP, 80, 1, &[(1, A, 8080)]);
+    for sport in 49000..49003u16 {
+        fx.run(&frame(PROTO_TCP, CLIENT, VIP, sport, 80, false));
+    }
+    // Two flows fill the TCP table (four entries); the third is tracked all the same.
+    assert_eq!(fx.counter(Counter::CtTcpFull), 1);
+    assert_eq!(fx.counter(Counter::CtCreated), 3);
+    for sport in 49000..49003u16 {
+        let (_, out) = fx.run(&frame(PROTO_TCP, A, CLIENT, 8080, sport, false));
+        assert_eq!((parse(&out).src, parse(&out).sport), (VIP, 80), "reply of flow {sport} reverse-NATed");
+    }
 }

@@ -8,7 +8,7 @@ use aya::maps::{
 use ferry_common::{
     addr_from_map, addr_to_map, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat,
     ServiceKey, ServiceName, ServiceValue, SrcRangeKey, SvcStats, AFFINITY_MAP, BACKENDS_MAP,
-    COUNTERS_MAP, CT_MAP, PROTO_UDP, REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS,
+    COUNTERS_MAP, CT_ANY_MAP, PROTO_UDP, REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS,
     SVC_NAMES_MAP, SVC_STATS_MAP,
 };
 use ipnet::Ipv4Net;
@@ -21,8 +21,9 @@ pub struct KernelMaps {
     backends: HashMap<MapData, u32, Backend>,
     revnat: HashMap<MapData, u16, RevNat>,
     names: HashMap<MapData, u16, ServiceName>,
-    /// The dataplane's own state, written by the agent only to forget flows.
-    ct: HashMap<MapData, CtKey, CtValue>,
+    /// The dataplane's any-table (UDP flows), written by the agent only to
+    /// forget flows; dead flows of both tables are the GC's (`crate::ct`).
+    ct_any: HashMap<MapData, CtKey, CtValue>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     /// Per-frontend traffic (the dataplane writes it; the agent removes the entry
     /// of a freed reverse-NAT id). None when pins from an older version lack it.
@@ -85,7 +86,7 @@ pub enum OpenError {
     },
 }
 
-fn from_pin(dir: &Path, name: &'static str) -> Result<MapData, OpenError> {
+pub(crate) fn from_pin(dir: &Path, name: &'static str) -> Result<MapData, OpenError> {
     let path = dir.join(name);
     MapData::from_pin(&path).map_err(|source| OpenError::Pin {
         name,
@@ -138,7 +139,7 @@ impl KernelMaps {
             names,
             stats,
             src_ranges,
-            ct: lru(CT_MAP, take_lru(CT_MAP)?)?,
+            ct_any: lru(CT_ANY_MAP, take_lru(CT_ANY_MAP)?)?,
             affinity: lru(AFFINITY_MAP, take_lru(AFFINITY_MAP)?)?,
         })
     }
@@ -150,7 +151,7 @@ impl KernelMaps {
             backends: hash(BACKENDS_MAP, from_pin(dir, BACKENDS_MAP)?)?,
             revnat: hash(REVNAT_MAP, from_pin(dir, REVNAT_MAP)?)?,
             names: hash(SVC_NAMES_MAP, from_pin(dir, SVC_NAMES_MAP)?)?,
-            ct: lru(CT_MAP, from_pin(dir, CT_MAP)?)?,
+            ct_any: lru(CT_ANY_MAP, from_pin(dir, CT_ANY_MAP)?)?,
             affinity: lru(AFFINITY_MAP, from_pin(dir, AFFINITY_MAP)?)?,
             stats: from_pin(dir, SVC_STATS_MAP).ok().map(stats_map).transpose()?,
             src_ranges: from_pin(dir, SRC_RANGES_MAP).ok().map(src_ranges_map).transpose()?,
@@ -234,7 +235,7 @@ impl MapStore for KernelMaps {
         if !udp.is_empty() {
             // Entries may be evicted or added while we walk; skip read errors.
             let stale: Vec<CtKey> = self
-                .ct
+                .ct_any
                 .iter()
                 .filter_map(Result::ok)
                 .filter(|(k, v)| {
@@ -243,7 +244,7 @@ impl MapStore for KernelMaps {
                 .map(|(k, _)| k)
                 .collect();
             for k in stale {
-                ok_if_missing(self.ct.remove(&k))?;
+                ok_if_missing(self.ct_any.remove(&k))?;
                 out.ct += 1;
             }
         }
@@ -262,16 +263,15 @@ impl MapStore for KernelMaps {
     }
 }
 
-/// Connection-tracking entries pinned under `dir`.
+/// Connection-tracking entries pinned under `dir`, of both tables.
 pub fn read_ct(dir: &Path) -> Result<Vec<(CtKey, CtValue)>, OpenError> {
-    let data = from_pin(dir, CT_MAP)?;
-    let ct: HashMap<MapData, CtKey, CtValue> =
-        HashMap::try_from(Map::LruHashMap(data)).map_err(|source| OpenError::Map {
-            name: CT_MAP,
-            source,
-        })?;
-    // Entries can be evicted mid-iteration; skip the ones that vanished.
-    Ok(ct.iter().filter_map(Result::ok).collect())
+    Ok(crate::ct::Tables::open(dir)?.read().0.into_iter().collect())
+}
+
+/// The reverse-NAT map pinned under `dir`.
+pub fn read_revnat(dir: &Path) -> Result<std::collections::BTreeMap<u16, RevNat>, OpenError> {
+    let revnat: HashMap<MapData, u16, RevNat> = hash(REVNAT_MAP, from_pin(dir, REVNAT_MAP)?)?;
+    Ok(revnat.iter().filter_map(Result::ok).collect())
 }
 
 /// The dataplane's counters, summed over CPUs, indexed by `ferry_common::Counter`.
