@@ -196,12 +196,17 @@ impl Tables {
         (all, counts)
     }
 
-    /// Deletes `k` from whichever table holds it: which one (0: TCP, 1: any).
-    fn delete(&mut self, k: &CtKey) -> Option<usize> {
-        if k.proto == PROTO_TCP && self.tcp.remove(k).is_ok() {
-            return Some(0);
+    /// Deletes `k` from whichever table holds it if its value is still `was`
+    /// (the dataplane may have re-created the entry for a new flow of the
+    /// same tuple since it was read): which table (0: TCP, 1: any).
+    fn delete_if_unchanged(&mut self, k: &CtKey, was: &CtValue) -> Option<usize> {
+        let tables = [&mut self.tcp, &mut self.any];
+        for (i, t) in tables.into_iter().enumerate() {
+            if t.get(k, 0).ok().as_ref() == Some(was) {
+                return t.remove(k).is_ok().then_some(i);
+            }
         }
-        self.any.remove(k).is_ok().then_some(1)
+        None
     }
 
     /// One collection: deletes the dead flows. Returns (entries per table
@@ -211,7 +216,7 @@ impl Tables {
         let dead = dead_keys(&entries, revnat, monotonic_ns());
         let mut deleted = 0;
         for k in &dead {
-            if let Some(table) = self.delete(k) {
+            if let Some(table) = self.delete_if_unchanged(k, &entries[k]) {
                 deleted += 1;
                 counts[table] = counts[table].saturating_sub(1);
             }

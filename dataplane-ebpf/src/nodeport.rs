@@ -22,7 +22,7 @@ use crate::{
 const EXTERNAL_KINDS: u32 = svc_flags::NODE_PORT | svc_flags::EXTERNAL_IP | svc_flags::LOAD_BALANCER;
 /// Random SNAT ports tried for a new flow before giving up (Cilium's
 /// SNAT_COLLISION_RETRIES is of the same order).
-const SNAT_TRIES: u32 = 16;
+const SNAT_TRIES: u32 = 32;
 
 /// What a packet arriving on a device is to the north-south path.
 pub enum Arrival {
