@@ -248,7 +248,9 @@ pub async fn run_gc(dir: PathBuf, sizes: Sizes, report: GcReport) {
                 runs += 1;
                 let fill = (counts[0] as f64 / f64::from(sizes.tcp.max(1))).max(counts[1] as f64 / f64::from(sizes.any.max(1)));
                 let before = counts[0] + counts[1] + deleted;
-                interval = next_interval(interval, fill, deleted as f64 / before.max(1) as f64);
+                // A walk of a million entries costs seconds of CPU: at most a
+                // fifth of a core goes to collecting, however full the tables.
+                interval = next_interval(interval, fill, deleted as f64 / before.max(1) as f64).max(took * 4);
                 tracing::debug!(tcp = counts[0], any = counts[1], deleted, took_ms = took.as_millis() as u64, next_s = interval.as_secs_f64(), "conntrack GC");
                 *report.lock().unwrap_or_else(|e| e.into_inner()) = Some(GcStats {
                     tcp_entries: counts[0],

@@ -90,6 +90,11 @@ pub struct Args {
     /// Where the results go (default target/bench).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Instead of the data paths: the conntrack garbage collector on a TCP
+    /// table of this many entries, half of them dead (e.g. 1000000), against
+    /// a read-only walk of the same table.
+    #[arg(long, value_name = "ENTRIES")]
+    gc: Option<u32>,
 }
 
 impl Args {
@@ -107,6 +112,7 @@ impl Args {
             iptables: IptablesBackend::Legacy,
             debug: true,
             out: Some(crate::root().join("target/bench/ci")),
+            gc: None,
         }
     }
 }
@@ -343,6 +349,10 @@ impl Plan {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(entries) = args.gc {
+        println!("xtask: the conntrack garbage collector at {entries} entries (release build)");
+        return crate::run_cmd(crate::cargo().args(["run", "--quiet", "--release", "-p", "ferry", "--example", "ct_gc_bench", "--", "--entries", &entries.to_string()]));
+    }
     let plan = Plan::from(&args)?;
     // The tree measured: what is built now, not what is checked out at the end.
     let measured = commit();
