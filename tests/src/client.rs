@@ -104,6 +104,13 @@ impl TcpSession {
         Ok(Self { reader: BufReader::new(stream.try_clone()?), stream, peer })
     }
 
+    /// Closes the connection with a RST (SO_LINGER 0): no TIME_WAIT, so the
+    /// client's port can be used again at once.
+    pub fn abort(self) -> Result<()> {
+        socket2::SockRef::from(&self.stream).set_linger(Some(Duration::ZERO))?;
+        Ok(())
+    }
+
     /// Sends a line and returns the answer line.
     pub fn ask(&mut self) -> Result<String> {
         self.ask_line("hello")

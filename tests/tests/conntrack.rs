@@ -13,8 +13,8 @@ use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster},
     in_netns,
-    manifests::{echo_pod, on_node},
-    sys, TcpSession,
+    manifests::{client_pod, echo_pod, echo_service, on_node},
+    client::udp_ask_on, split, sys, tcp_ask, Lab, LabOptions, TcpSession,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -155,5 +155,153 @@ fn forty_thousand_nodeport_connections_to_a_remote_backend_all_succeed() -> Resu
     eprintln!("40000 connections in {took:?} ({:.0}/s), {failed} failed, {retried} SYNs found no SNAT port at first", 40_000.0 / took.as_secs_f64());
     assert_eq!(failed, 0, "every connection succeeds; first error: {first_error:?}\n{}", c.logs());
     assert_eq!(names, BTreeSet::from(["far-2".to_string()]));
+    Ok(())
+}
+
+/// An echo Pod labelled `app: web` and `role: <role>`.
+fn web_pod(name: &str, role: &str) -> String {
+    echo_pod(name, "web", None).replace("    app: web\n", &format!("    app: web\n    role: {role}\n"))
+}
+
+/// The `web` Service (10.96.0.50) selecting `selector` (a YAML flow map).
+fn web_service(selector: &str) -> String {
+    echo_service("web", "web", "10.96.0.50").replace("  selector:\n    app: web\n", &format!("  selector: {selector}\n"))
+}
+
+#[test]
+fn kill_9_and_restart_under_load_breaks_no_connection_and_misroutes_none() -> Result<()> {
+    let web: SocketAddr = "10.96.0.50:80".parse()?;
+    let fresh: SocketAddr = "10.96.0.52:80".parse()?;
+    let mut lab = Lab::start(
+        LabOptions::new("ctkill")
+            .manifest("web.yaml", &web_service("{app: web}"))
+            .manifest("old.yaml", &echo_service("old", "old", "10.96.0.51"))
+            .manifest("web-a.yaml", &web_pod("web-a", "a"))
+            .manifest("web-b.yaml", &web_pod("web-b", "b"))
+            .manifest("old-1.yaml", &echo_pod("old-1", "old", None))
+            .manifest("client.yaml", &client_pod("client")),
+    )?;
+    lab.wait_ready(&["web-a", "web-b", "old-1", "client"], READY)?;
+    let client = lab.pod_netns("client")?;
+    lab.wait_answered_by(&web.to_string(), &["web-a", "web-b"], || tcp_ask(&client, web))?;
+    // Established connections to both backends.
+    let mut sessions = Vec::new();
+    for _ in 0..60 {
+        let mut s = TcpSession::connect(&client, web)?;
+        let name = s.ask()?;
+        sessions.push((s, name));
+        let on = |b: &str| sessions.iter().filter(|(_, n)| n == b).count();
+        if on("web-a") >= 2 && on("web-b") >= 2 {
+            break;
+        }
+    }
+    assert!(sessions.iter().any(|(_, n)| n == "web-a"), "a connection on web-a");
+    // New connections all along, counting failures.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, client) = (stop.clone(), client.clone());
+        std::thread::spawn(move || {
+            let (mut ok, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match tcp_ask(&client, web) {
+                    Ok(_) => ok += 1,
+                    Err(e) => failed.push(format!("{e:#}")),
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (ok, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    // kill -9; meanwhile web-a leaves the Service (it keeps running), `old`
+    // is deleted and `fresh` created.
+    let pid = lab.agent_pid().context("agent pid")?;
+    // SAFETY: signalling the agent process this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+    lab.stop_agent();
+    lab.write_manifest("web.yaml", &web_service("{role: b}"))?;
+    lab.remove_manifest("old.yaml")?;
+    lab.write_manifest("fresh.yaml", &echo_service("fresh", "old", "10.96.0.52"))?;
+    std::thread::sleep(Duration::from_millis(500));
+    lab.start_agent()?;
+    lab.wait_answered_by(&fresh.to_string(), &["old-1"], || tcp_ask(&client, fresh))?;
+    lab.wait_until(Duration::from_secs(10), "web served by web-b alone", || {
+        Ok(split(&client, 20, |ns| tcp_ask(ns, web))?.keys().eq(["web-b"].iter()))
+    })?;
+    // Nothing misrouted: new connections reach only what each Service selects now.
+    let after = split(&client, 40, |ns| tcp_ask(ns, web))?;
+    assert_eq!(after.keys().collect::<Vec<_>>(), ["web-b"], "{after:?}");
+    let fresh_split = split(&client, 20, |ns| tcp_ask(ns, fresh))?;
+    assert_eq!(fresh_split.keys().collect::<Vec<_>>(), ["old-1"], "{fresh_split:?}");
+    // Nothing broken: every established connection still reaches its backend,
+    // web-a's too (it left the Service while the agent was down; kube-proxy
+    // lets such connections run to their end).
+    for (i, (s, name)) in sessions.iter_mut().enumerate() {
+        let again = s.ask().with_context(|| format!("session {i} (on {name}) after the restart\n{}", lab.logs()))?;
+        assert_eq!(&again, name, "session {i}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = load.join().map_err(|_| anyhow::anyhow!("load thread panicked"))?;
+    assert!(ok > 20, "the load ran: {ok} connections");
+    assert!(failed.is_empty(), "{} of {} new connections failed during the restart: {:?}", failed.len(), ok + failed.len(), failed.first());
+    Ok(())
+}
+
+/// One TCP connection from `netns`, local port `port`, to `to`: asks a line and
+/// aborts (RST, so the port is free again at once). The backend that answered.
+fn ask_from_port(netns: &str, port: u16, to: SocketAddr) -> Result<String> {
+    let mut s = TcpSession::connect_from(netns, SocketAddr::from(([0, 0, 0, 0], port)), to)?;
+    let name = s.ask()?;
+    s.abort()?;
+    Ok(name)
+}
+
+#[test]
+fn a_client_reusing_its_port_after_its_backend_left_reaches_a_remaining_one() -> Result<()> {
+    let tag = "ctreuse";
+    let dir = std::env::temp_dir().join(format!("ferry-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let notready = |pod: &str| dir.join(format!("{pod}.notready"));
+    let mut opts = LabOptions::new(tag)
+        .scratch_dir(&dir)
+        .manifest("service.yaml", &echo_service("echo", "echo", "10.96.0.10"))
+        .manifest("client.yaml", &client_pod("client"));
+    for pod in ["echo-a", "echo-b"] {
+        let f = notready(pod).to_string_lossy().into_owned();
+        opts = opts.manifest(&format!("{pod}.yaml"), &echo_pod(pod, "echo", Some(&f)));
+    }
+    let lab = Lab::start(opts)?;
+    lab.wait_ready(&["echo-a", "echo-b", "client"], READY)?;
+    let client = lab.pod_netns("client")?;
+    let (tcp, udp): (SocketAddr, SocketAddr) = ("10.96.0.10:80".parse()?, "10.96.0.10:53".parse()?);
+    lab.wait_answered_by(&tcp.to_string(), &["echo-a", "echo-b"], || tcp_ask(&client, tcp))?;
+    // TCP and UDP from fixed source ports; whichever backend each got leaves
+    // the Service (not ready: it keeps running and stays in the backends map
+    // for the connections it has, like a terminating endpoint).
+    let first = ask_from_port(&client, 41000, tcp)?;
+    let udp_sock = in_netns(&client, move || -> Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:41001")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.connect(udp)?;
+        Ok(s)
+    })??;
+    let udp_first = udp_ask_on(&udp_sock)?;
+    let gone = first.clone();
+    std::fs::write(notready(&gone), "")?;
+    let other = if gone == "echo-a" { "echo-b" } else { "echo-a" };
+    lab.wait_until(Duration::from_secs(15), &format!("{gone} out of the Service"), || {
+        Ok(split(&client, 20, |ns| tcp_ask(ns, tcp))?.keys().eq([other].iter()))
+    })?;
+    // The same 4-tuples again: a new connection, and the next datagram, go to
+    // the backend that remains.
+    for i in 0..3 {
+        assert_eq!(ask_from_port(&client, 41000, tcp)?, other, "TCP from the reused port, try {i}");
+    }
+    if udp_first == gone {
+        assert_eq!(udp_ask_on(&udp_sock)?, other, "UDP from the same socket after its backend left");
+    } else {
+        // Its backend stayed: the socket keeps it.
+        assert_eq!(udp_ask_on(&udp_sock)?, udp_first);
+    }
     Ok(())
 }
