@@ -23,6 +23,11 @@ use crate::{
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// A Service served by another proxy (kube-proxy's `--service-proxy-name`
+/// semantics: any value but Ferry's own means not ours; Ferry has none).
+const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// A Service marked headless by label: no proxying.
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 /// Settings translation depends on.
 #[derive(Clone, Debug)]
@@ -373,6 +378,14 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
         errors.push(err("metadata.name", "missing".into()));
         return None;
     }
+    // Services another proxy serves, and those marked headless: kube-proxy's
+    // informers leave them out (label selector `!service.kubernetes.io/
+    // service-proxy-name,!service.kubernetes.io/headless`), and so does Ferry.
+    // They are served again as soon as the label goes away.
+    let labels = svc.object.metadata.labels.as_ref();
+    if [SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL].iter().any(|l| labels.is_some_and(|m| m.contains_key(*l))) {
+        return None;
+    }
     let Some(spec) = svc.object.spec.as_ref() else {
         errors.push(err("spec", "missing".into()));
         return None;
@@ -522,7 +535,9 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
             lb.push(("spec.loadBalancerIP".into(), ip.clone()));
         }
         let ingress = svc.object.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
-        for (k, ing) in ingress.into_iter().flatten().enumerate() {
+        // ipMode Proxy: the load balancer proxies to the nodes, so traffic to
+        // its IP must reach it, not be short-circuited here (kube-proxy >= 1.30).
+        for (k, ing) in ingress.into_iter().flatten().enumerate().filter(|(_, i)| i.ip_mode.as_deref() != Some("Proxy")) {
             if let Some(ip) = ing.ip.as_ref().filter(|s| !s.is_empty()) {
                 lb.push((format!("status.loadBalancer.ingress[{k}].ip"), ip.clone()));
             }
@@ -950,6 +965,28 @@ mod tests {
         };
         let t = run(&s);
         assert!(t.frontends.is_empty() && t.errors.is_empty(), "{t:?}");
+    }
+
+    #[test]
+    fn services_of_another_proxy_or_labelled_headless_are_left_out_until_the_label_goes() {
+        let web = |labels: &str| svc(&format!("metadata: {{name: web, labels: {{{labels}}}}}\nspec: {{clusterIP: 10.96.0.20, ports: [{{port: 80}}]}}\n"));
+        for label in ["service.kubernetes.io/service-proxy-name: other", "service.kubernetes.io/headless: \"\""] {
+            let t = run(&Snapshot { services: vec![web(label)], ..Default::default() });
+            assert!(t.frontends.is_empty() && t.errors.is_empty(), "{label}: {t:?}");
+        }
+        let t = run(&Snapshot { services: vec![web("app: web")], ..Default::default() });
+        assert_eq!(t.frontends.len(), 1, "served once the label is gone");
+    }
+
+    #[test]
+    fn load_balancer_ingress_in_proxy_ip_mode_is_not_served_on_the_node() {
+        let mut lb = lb_svc("", "");
+        let ing = lb.object.status.as_mut().unwrap().load_balancer.as_mut().unwrap().ingress.as_mut().unwrap();
+        ing[0].ip_mode = Some("Proxy".into());
+        ing.push(k8s_openapi::api::core::v1::LoadBalancerIngress { ip: Some("203.0.113.21".into()), ip_mode: Some("VIP".into()), ..Default::default() });
+        let t = run_lb(lb);
+        let lb_ips: Vec<Ipv4Addr> = t.frontends.iter().filter(|f| f.flags & svc_flags::LOAD_BALANCER != 0).map(|f| f.addr).collect();
+        assert_eq!(lb_ips, [Ipv4Addr::new(203, 0, 113, 21)], "only the VIP-mode ingress");
     }
 
     #[test]
