@@ -219,6 +219,7 @@ pub(crate) const PACKETS: &[(DpCounter, &str)] = &[
     (DpCounter::CtTcpFull, "ct_tcp_full"),
     (DpCounter::CtExpired, "ct_expired"),
     (DpCounter::CtStaleRebalanced, "ct_stale_rebalanced"),
+    (DpCounter::NodePortLocalReply, "nodeport_local_reply"),
 ];
 
 impl Collector for DataplaneCollector {

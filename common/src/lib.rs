@@ -449,12 +449,15 @@ pub enum Counter {
     /// A new connection (TCP SYN) on a tuple still tracked for a finished or
     /// stale flow: balanced afresh instead of sent to the old backend.
     CtStaleRebalanced = 18,
+    /// A packet to a NodePort that answered a connection of the node's own
+    /// (a local client whose port was the NodePort): left to the stack.
+    NodePortLocalReply = 19,
 }
 
 /// Size of the counters array: room above the last [`Counter`] so that new
 /// counters do not need a new pinned map.
 pub const COUNTER_COUNT: u32 = 32;
-const _: () = assert!((Counter::CtStaleRebalanced as u32) < COUNTER_COUNT);
+const _: () = assert!((Counter::NodePortLocalReply as u32) < COUNTER_COUNT);
 
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);

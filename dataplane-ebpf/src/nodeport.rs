@@ -6,8 +6,13 @@
 //! of the device. A backend on another node (externalTrafficPolicy: Cluster)
 //! gets it DNATed and SNATed to this node's address, so that its reply comes
 //! back here, where from_netdev restores both.
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_get_prandom_u32, programs::TcContext};
-use ferry_common::{backend_flags, config, svc_flags, Counter, DEFAULT_SNAT_PORTS};
+use aya_ebpf::{
+    bindings::{bpf_sock_tuple, TC_ACT_OK},
+    helpers::{bpf_get_prandom_u32, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release},
+    programs::TcContext,
+    EbpfContext,
+};
+use ferry_common::{backend_flags, config, svc_flags, Counter, DEFAULT_SNAT_PORTS, PROTO_TCP};
 
 use crate::{
     ct::{self, CreateError, NewFlow},
@@ -40,12 +45,19 @@ pub enum Arrival {
 /// tracking (shared by TC and XDP, so that whichever sees the next packet
 /// of the flow sends it the same way).
 #[inline(always)]
-pub fn open(pkt: &Packet) -> Result<Arrival, Counter> {
+pub fn open<C: EbpfContext>(ctx: &C, pkt: &Packet) -> Result<Arrival, Counter> {
     let Some(svc) = lb::lookup_service(pkt) else {
         return Ok(Arrival::NotOurs);
     };
     // ClusterIPs are for Pods and the node itself, not for the network.
     if svc.flags & EXTERNAL_KINDS == 0 {
+        return Ok(Arrival::NotOurs);
+    }
+    // A node address and a NodePort as destination, yet the answer to a
+    // connection of the node's own (a local client whose ephemeral port
+    // happened to be the NodePort): the stack's, never a new flow.
+    if svc.flags & svc_flags::NODE_PORT != 0 && local_client(ctx, pkt) {
+        count(Counter::NodePortLocalReply);
         return Ok(Arrival::NotOurs);
     }
     // loadBalancerSourceRanges: a client outside them is dropped before
@@ -76,6 +88,48 @@ pub fn open(pkt: &Packet) -> Result<Arrival, Counter> {
         Some((flow.snat_addr, claim_snat_port(pkt, &mut flow)?))
     };
     Ok(Arrival::Flow { rev_nat_id: svc.rev_nat_id, backend: (backend.addr, backend.port), snat })
+}
+
+/// Whether `pkt` belongs to a connection of a socket on this node: a TCP
+/// socket that is not listening (connecting or established), or a connected
+/// UDP socket whose peer sent it. A listener on the NodePort does not count:
+/// NodePort traffic to it is still the Service's, as with kube-proxy.
+#[inline(always)]
+fn local_client<C: EbpfContext>(ctx: &C, pkt: &Packet) -> bool {
+    const TCP_LISTEN: u32 = 10;
+    const BPF_F_CURRENT_NETNS: u64 = u64::MAX; // (u64)-1
+    // SAFETY: all-zero is a valid tuple (plain integers); the IPv4 member is
+    // written before use.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    tuple.__bindgen_anon_1.ipv4.saddr = pkt.saddr;
+    tuple.__bindgen_anon_1.ipv4.daddr = pkt.daddr;
+    tuple.__bindgen_anon_1.ipv4.sport = pkt.sport;
+    tuple.__bindgen_anon_1.ipv4.dport = pkt.dport;
+    let size = core::mem::size_of::<u32>() as u32 * 3;
+    let tcp = pkt.proto == PROTO_TCP;
+    // SAFETY: the helpers read `size` bytes of the tuple on our stack; a
+    // returned socket is released below before anything else happens.
+    let sk = unsafe {
+        if tcp {
+            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, BPF_F_CURRENT_NETNS, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, BPF_F_CURRENT_NETNS, 0)
+        }
+    };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: a socket the helper returned, read before it is released.
+    let ours = unsafe {
+        if tcp {
+            (*sk).state != TCP_LISTEN
+        } else {
+            (*sk).dst_ip4 == pkt.saddr && (*sk).dst_port == pkt.sport
+        }
+    };
+    // SAFETY: releasing the reference the lookup took.
+    unsafe { bpf_sk_release(sk as *mut _) };
+    ours
 }
 
 /// Counts the outcome of recording a new flow. A flow that could not be
@@ -117,7 +171,7 @@ fn claim_snat_port(pkt: &Packet, flow: &mut NewFlow) -> Result<u16, Counter> {
 /// for an external frontend.
 #[inline(always)]
 pub fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
-    match open(pkt)? {
+    match open(ctx, pkt)? {
         Arrival::NotOurs => Ok(TC_ACT_OK),
         // This node does not serve the Service (kube-proxy drops, so a load
         // balancer's health check, not the client, finds out).

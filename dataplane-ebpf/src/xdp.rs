@@ -50,7 +50,7 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     let (rev_nat_id, backend, snat) = match ct::forward(&pkt) {
         Some(f) if f.external => (f.rev_nat_id, f.backend, f.snat),
         Some(_) => return Ok(XDP_PASS),
-        None => match nodeport::open(&pkt)? {
+        None => match nodeport::open(ctx, &pkt)? {
             Arrival::Flow { rev_nat_id, backend, snat } => (rev_nat_id, backend, snat),
             Arrival::NotOurs | Arrival::NoEndpoint { .. } => return Ok(XDP_PASS),
         },

@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
-    cluster::{node_addr, Cluster},
+    cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     in_netns,
     manifests::{client_pod, echo_pod, echo_service, on_node},
     client::udp_ask_on, split, sys, tcp_ask, Lab, LabOptions, TcpSession,
@@ -303,5 +303,59 @@ fn a_client_reusing_its_port_after_its_backend_left_reaches_a_remaining_one() ->
         // Its backend stayed: the socket keeps it.
         assert_eq!(udp_ask_on(&udp_sock)?, udp_first);
     }
+    Ok(())
+}
+
+#[test]
+fn answers_to_the_nodes_own_connections_from_a_nodeport_number_are_not_taken_for_nodeport_traffic() -> Result<()> {
+    let c = Cluster::start("ctnpreply", 1, &[("services.yaml".into(), services())], &[])?;
+    let n1 = c.nodes[0].node.clone();
+    c.write_manifest("web-1.yaml", &on_node(&echo_pod("web-1", "web", None), &n1))?;
+    c.wait_ready(&["web-1"], READY)?;
+    let nodeport = SocketAddr::from((node_addr(0), 30080));
+    c.nodes[0].wait_answered_by(&nodeport.to_string(), &["web-1"], || TcpSession::connect(&c.external, nodeport)?.ask())?;
+    // A server outside the cluster, and a process of node 1 whose connection
+    // to it happens to use 30080 (TCP) and 30053 (UDP) as its own ports.
+    let listener = in_netns(&c.external, || std::net::TcpListener::bind((EXTERNAL_ADDR, 9000)))??;
+    let server = std::thread::spawn(move || -> Result<()> {
+        let (mut s, _) = listener.accept()?;
+        let mut line = String::new();
+        BufReader::new(s.try_clone()?).read_line(&mut line)?;
+        s.write_all(format!("outside heard {}", line).as_bytes())?;
+        Ok(())
+    });
+    let udp_server = in_netns(&c.external, || UdpSocket::bind((EXTERNAL_ADDR, 9001)))??;
+    let udp_echo = std::thread::spawn(move || -> Result<()> {
+        let mut buf = [0u8; 64];
+        udp_server.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let (n, from) = udp_server.recv_from(&mut buf)?;
+        udp_server.send_to(&buf[..n], from)?;
+        Ok(())
+    });
+    let (tcp_answer, udp_answer) = in_netns(&n1, move || -> Result<(String, String)> {
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        sock.bind(&SocketAddr::from((node_addr(0), 30080)).into())?;
+        sock.connect_timeout(&SocketAddr::from((EXTERNAL_ADDR, 9000)).into(), Duration::from_secs(3))?;
+        let mut s: TcpStream = sock.into();
+        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.write_all(b"node\n")?;
+        let mut line = String::new();
+        BufReader::new(&s).read_line(&mut line)?;
+        let u = UdpSocket::bind((node_addr(0), 30053))?;
+        u.set_read_timeout(Some(Duration::from_secs(3)))?;
+        u.connect((EXTERNAL_ADDR, 9001))?;
+        u.send(b"ping")?;
+        let mut buf = [0u8; 64];
+        let n = u.recv(&mut buf)?;
+        Ok((line.trim().to_string(), String::from_utf8_lossy(&buf[..n]).into_owned()))
+    })?
+    .with_context(|| format!("node 1's own connections from its NodePort numbers\n{}", c.logs()))?;
+    assert_eq!(tcp_answer, "outside heard node");
+    assert_eq!(udp_answer, "ping");
+    server.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    udp_echo.join().map_err(|_| anyhow::anyhow!("udp server panicked"))??;
+    assert!(c.nodes[0].counter("nodeport_local_reply")? >= 2, "counted");
+    // The NodePorts still serve clients.
+    assert_eq!(TcpSession::connect(&c.external, nodeport)?.ask()?, "web-1");
     Ok(())
 }
