@@ -273,14 +273,21 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                     continue;
                 }
                 claimed.insert((addr, eport, proto), v.key.clone());
-                let mut f = frontend(addr, eport, kind | etp, backends.clone());
-                // Only LoadBalancer IPs are filtered (kube-proxy leaves
-                // NodePorts and externalIPs open too).
-                if kind == svc_flags::LOAD_BALANCER && !v.source_ranges.is_empty() {
-                    f.flags |= svc_flags::SOURCE_RANGES;
-                    f.source_ranges = v.source_ranges.clone();
+                // externalTrafficPolicy: Local is for clients outside the
+                // cluster: Pods and the node's processes reach every node's
+                // endpoints through an internal-scope twin (kube-proxy's
+                // short-circuit of in-cluster traffic to external addresses).
+                let twin = v.etp_local.then(|| frontend(addr, eport, kind | svc_flags::INTERNAL, split(&all, false, cfg)));
+                let twin_flag = if twin.is_some() { svc_flags::INTERNAL_TWIN } else { 0 };
+                for mut f in std::iter::once(frontend(addr, eport, kind | etp | twin_flag, backends.clone())).chain(twin) {
+                    // Only LoadBalancer IPs are filtered (kube-proxy leaves
+                    // NodePorts and externalIPs open too).
+                    if kind == svc_flags::LOAD_BALANCER && !v.source_ranges.is_empty() {
+                        f.flags |= svc_flags::SOURCE_RANGES;
+                        f.source_ranges = v.source_ranges.clone();
+                    }
+                    out.frontends.push(f);
                 }
-                out.frontends.push(f);
             }
         }
     }
@@ -1404,13 +1411,40 @@ mod tests {
         // The ClusterIP keeps both endpoints.
         assert_eq!(of([10, 96, 0, 30], 80).unwrap().backends.len(), 2);
         // The port without a nodePort gets one in the range, the same every time.
-        let auto: Vec<u16> = t.frontends.iter().filter(|f| f.addr == Ipv4Addr::new(192, 168, 77, 11) && f.port != 30080).map(|f| f.port).collect();
+        // (Outside clients' frontends: each also has an in-cluster twin.)
+        let auto: Vec<u16> = t.frontends.iter().filter(|f| f.addr == Ipv4Addr::new(192, 168, 77, 11) && f.port != 30080 && f.flags & svc_flags::INTERNAL == 0).map(|f| f.port).collect();
         assert_eq!(auto.len(), 1, "{:?}", t.frontends);
         assert!((30000..=32767).contains(&auto[0]));
         assert!(translate(&s, &cfg).frontends.iter().any(|f| f.port == auto[0]));
         // No NodePort frontend for the out-of-range port, none for the duplicate.
         assert!(of([192, 168, 77, 11], 40000).is_none());
         assert!(!t.frontends.iter().any(|f| f.addr == Ipv4Addr::new(10, 96, 0, 31) && f.backends.is_empty()));
+    }
+
+    #[test]
+    fn external_traffic_policy_local_gets_an_in_cluster_twin_with_every_nodes_endpoints() {
+        let y = "metadata: {name: lb}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.30\n  externalTrafficPolicy: Local\n  externalIPs: [203.0.113.10]\n  ports: [{name: http, port: 80, nodePort: 30080}]\nstatus: {loadBalancer: {ingress: [{ip: 203.0.113.20}]}}\n";
+        let s = Snapshot {
+            services: vec![svc(y)],
+            endpoint_slices: vec![slice("metadata: {name: lb-1, labels: {kubernetes.io/service-name: lb}}\naddressType: IPv4\nendpoints:\n- {addresses: [10.0.0.1], nodeName: n1}\n- {addresses: [10.0.0.2], nodeName: n2}\nports: [{name: http, port: 8080}]\n")],
+            ..Default::default()
+        };
+        let cfg = Config { node: "n1".into(), nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11)], ..Config::default() };
+        let t = translate(&s, &cfg);
+        let addrs = |f: &Frontend| f.backends.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>();
+        for (addr, port) in [([192, 168, 77, 11], 30080), ([203, 0, 113, 10], 80), ([203, 0, 113, 20], 80)] {
+            let of: Vec<&Frontend> = t.frontends.iter().filter(|f| f.addr == Ipv4Addr::from(addr) && f.port == port).collect();
+            assert_eq!(of.len(), 2, "{addr:?}: {of:?}");
+            let (ext, twin) = (of[0], of[1]);
+            assert_eq!(ext.flags & (svc_flags::ETP_LOCAL | svc_flags::INTERNAL_TWIN), svc_flags::ETP_LOCAL | svc_flags::INTERNAL_TWIN);
+            assert_eq!(addrs(ext), ["10.0.0.1"], "outside clients: this node's endpoints");
+            assert_eq!(twin.flags & (svc_flags::ETP_LOCAL | svc_flags::INTERNAL), svc_flags::INTERNAL);
+            assert_eq!(addrs(twin), ["10.0.0.1", "10.0.0.2"], "in-cluster clients: every node's");
+        }
+        // The ClusterIP has no twin, and externalTrafficPolicy: Cluster makes none.
+        assert_eq!(t.frontends.iter().filter(|f| f.addr == Ipv4Addr::new(10, 96, 0, 30)).count(), 1);
+        let t = translate(&Snapshot { services: vec![svc(&y.replace("Local", "Cluster"))], ..s.clone() }, &cfg);
+        assert!(t.frontends.iter().all(|f| f.flags & (svc_flags::INTERNAL | svc_flags::INTERNAL_TWIN) == 0));
     }
 
     /// A LoadBalancer Service at 203.0.113.20 (ingress) with a NodePort and an

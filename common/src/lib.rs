@@ -140,7 +140,12 @@ pub const PROTO_UDP: u8 = 17;
 /// does the same) and restores it on the reply. 169.254.42.1, wire order.
 pub const HAIRPIN_SNAT_ADDR: [u8; 4] = [169, 254, 42, 1];
 
-/// Lookup scope of a service key (room for internalTrafficPolicy: Local later).
+/// Lookup scope of a service key. Every frontend has an external-scope entry;
+/// a NodePort, ExternalIP or LoadBalancer frontend whose Service has
+/// `externalTrafficPolicy: Local` also has an internal-scope twin with the
+/// endpoints of every node, used by clients inside the cluster (Pods and the
+/// node's own processes), as kube-proxy short-circuits them (Cilium's
+/// two-scope lookup). The external entry carries [`svc_flags::INTERNAL_TWIN`].
 pub const SCOPE_EXTERNAL: u8 = 0;
 pub const SCOPE_INTERNAL: u8 = 1;
 
@@ -162,6 +167,12 @@ pub mod svc_flags {
     pub const SOURCE_RANGES: u32 = 1 << 7;
     /// The backends in the slots are serving+terminating fallbacks (no ready one).
     pub const TERMINATING_FALLBACK: u32 = 1 << 8;
+    /// An internal-scope twin of this frontend exists for in-cluster clients
+    /// (see [`super::SCOPE_INTERNAL`]).
+    pub const INTERNAL_TWIN: u32 = 1 << 9;
+    /// This entry is the internal-scope twin (keyed with
+    /// [`super::SCOPE_INTERNAL`]).
+    pub const INTERNAL: u32 = 1 << 10;
 }
 
 /// `Backend::flags` bits.
@@ -183,8 +194,8 @@ pub mod ct_flags {
     /// A FIN or RST was seen in this entry's direction: the flow is ending,
     /// and the entry lives only `CT_TIMEOUT_TCP_CLOSE` past its last packet.
     pub const CLOSING: u16 = 1 << 2;
-    /// A north-south flow (NodePort, ExternalIP, LoadBalancer): its replies
-    /// carry a node address as source and leave through a node device, so they
+    /// A north-south flow (NodePort, ExternalIP, LoadBalancer), or a Pod's
+    /// flow to a NodePort: its replies carry a node address as source, so they
     /// are forwarded by a FIB lookup and redirect, not by the stack (which drops
     /// packets arriving with one of its own addresses as source).
     pub const EXTERNAL: u16 = 1 << 3;

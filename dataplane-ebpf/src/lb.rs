@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use ferry_common::{
     svc_flags, AffinityKey, AffinityValue, Backend, Counter, ServiceKey, ServiceValue,
-    SrcRangeKey, SCOPE_EXTERNAL, SRC_RANGE_ID_BITS,
+    SrcRangeKey, SCOPE_EXTERNAL, SCOPE_INTERNAL, SRC_RANGE_ID_BITS,
 };
 
 use crate::{
@@ -14,12 +14,41 @@ use crate::{
     parse::Packet,
 };
 
-/// The frontend `pkt` is addressed to, if any.
+/// A frontend as one scope of the services map has it.
+#[derive(Clone, Copy)]
+pub struct Service {
+    pub value: ServiceValue,
+    /// The scope its slots are looked up in.
+    pub scope: u8,
+}
+
+/// The frontend `pkt` is addressed to, as clients from outside the cluster
+/// see it (external scope).
 #[inline(always)]
-pub fn lookup_service(pkt: &Packet) -> Option<ServiceValue> {
-    let key = service_key(pkt, 0);
+pub fn lookup_service(pkt: &Packet) -> Option<Service> {
+    lookup(pkt, SCOPE_EXTERNAL)
+}
+
+/// The frontend `pkt` is addressed to, as clients inside the cluster (Pods,
+/// the node's processes) see it: the internal-scope twin where the frontend
+/// has one (externalTrafficPolicy: Local, short-circuited to every node's
+/// endpoints as kube-proxy does), else the frontend itself.
+#[inline(always)]
+pub fn lookup_service_in_cluster(pkt: &Packet) -> Option<Service> {
+    let svc = lookup(pkt, SCOPE_EXTERNAL)?;
+    if svc.value.flags & svc_flags::INTERNAL_TWIN != 0 {
+        if let Some(twin) = lookup(pkt, SCOPE_INTERNAL) {
+            return Some(twin);
+        }
+    }
+    Some(svc)
+}
+
+#[inline(always)]
+fn lookup(pkt: &Packet, scope: u8) -> Option<Service> {
     // SAFETY: copied out at once.
-    unsafe { SERVICES.get(key).copied() }
+    let value = unsafe { SERVICES.get(service_key(pkt, scope, 0)).copied() }?;
+    Some(Service { value, scope })
 }
 
 /// Whether a new flow from `pkt.saddr` may use the frontend `svc`
@@ -31,7 +60,8 @@ pub fn lookup_service(pkt: &Packet) -> Option<ServiceValue> {
 /// [`SRC_RANGE_ID_BITS`] (id and padding) match exactly, the address by
 /// longest prefix. Uses only the packet, so every hook (TC, XDP) can call it.
 #[inline(always)]
-pub fn source_allowed(pkt: &Packet, svc: &ServiceValue) -> bool {
+pub fn source_allowed(pkt: &Packet, svc: &Service) -> bool {
+    let svc = &svc.value;
     if svc.flags & svc_flags::SOURCE_RANGES == 0 {
         return true;
     }
@@ -58,7 +88,8 @@ pub fn backend(id: u32) -> Option<Backend> {
 /// backend exists (the agent removes entries of backends that leave the
 /// Service), otherwise one chosen uniformly at random among the slots.
 #[inline(always)]
-pub fn select_backend(pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Backend), Counter> {
+pub fn select_backend(pkt: &Packet, service: &Service) -> Result<(u32, Backend), Counter> {
+    let svc = &service.value;
     let affinity = svc.flags & svc_flags::AFFINITY != 0;
     let key = AffinityKey {
         client: pkt.saddr,
@@ -82,7 +113,7 @@ pub fn select_backend(pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Backend)
             }
         }
     }
-    let (id, b) = random_backend(pkt, svc)?;
+    let (id, b) = random_backend(pkt, svc, service.scope)?;
     if affinity {
         let value = AffinityValue {
             last_used: now,
@@ -96,7 +127,7 @@ pub fn select_backend(pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Backend)
 }
 
 #[inline(always)]
-fn random_backend(pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Backend), Counter> {
+fn random_backend(pkt: &Packet, svc: &ServiceValue, scope: u8) -> Result<(u32, Backend), Counter> {
     if svc.count == 0 {
         return Err(Counter::DropNoBackend);
     }
@@ -104,20 +135,20 @@ fn random_backend(pkt: &Packet, svc: &ServiceValue) -> Result<(u32, Backend), Co
     let r = unsafe { bpf_get_prandom_u32() };
     let slot = (r % svc.count as u32) as u16 + 1;
     // SAFETY: copied out at once.
-    let slot_value = unsafe { SERVICES.get(service_key(pkt, slot)).copied() };
+    let slot_value = unsafe { SERVICES.get(service_key(pkt, scope, slot)).copied() };
     let id = slot_value.ok_or(Counter::DropBackendMissing)?.backend_id;
     let b = backend(id).ok_or(Counter::DropBackendMissing)?;
     Ok((id, b))
 }
 
 #[inline(always)]
-fn service_key(pkt: &Packet, slot: u16) -> ServiceKey {
+fn service_key(pkt: &Packet, scope: u8, slot: u16) -> ServiceKey {
     ServiceKey {
         addr: pkt.daddr,
         port: pkt.dport,
         slot,
         proto: pkt.proto,
-        scope: SCOPE_EXTERNAL,
+        scope,
         _pad: [0; 2],
     }
 }

@@ -34,7 +34,7 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use ferry_common::{addr_to_map, ct_flags, Counter, HAIRPIN_SNAT_ADDR};
+use ferry_common::{addr_to_map, ct_flags, svc_flags, Counter, HAIRPIN_SNAT_ADDR};
 
 use crate::{
     ct::NewFlow,
@@ -142,7 +142,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         count_service(f.rev_nat_id, ctx.len());
         return dnat(ctx, &pkt, f.backend, f.snat.is_some());
     }
-    let Some(svc) = lb::lookup_service(&pkt) else {
+    let Some(svc) = lb::lookup_service_in_cluster(&pkt) else {
         return Ok(TC_ACT_OK);
     };
     // A Pod dialling a LoadBalancer IP is held to its loadBalancerSourceRanges
@@ -150,22 +150,25 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     if !lb::source_allowed(&pkt, &svc) {
         return Err(Counter::DropSourceRange);
     }
-    if svc.count == 0 {
+    if svc.value.count == 0 {
         // No usable endpoint: refuse at once, like kube-proxy's REJECT rules.
         let answered = reject::rewrite(ctx, &pkt)?;
         count(answered);
         return bounce(ctx);
     }
     let (backend_id, backend) = lb::select_backend(&pkt, &svc)?;
-    count_service(svc.rev_nat_id, ctx.len());
+    count_service(svc.value.rev_nat_id, ctx.len());
     let hairpin = backend.addr == pkt.saddr;
     let flow = NewFlow {
         backend_id,
         backend,
-        rev_nat_id: svc.rev_nat_id,
+        rev_nat_id: svc.value.rev_nat_id,
         snat_addr: if hairpin { addr_to_map(HAIRPIN_SNAT_ADDR) } else { 0 },
         snat_port: pkt.sport,
-        external: false,
+        // A Pod dialling a NodePort: the replies carry a node address as
+        // source, which the stack would drop as a martian; they are
+        // forwarded by FIB lookup like north-south ones.
+        external: svc.value.flags & svc_flags::NODE_PORT != 0,
     };
     // The reply tuple is unique to the client's own tuple: overwritten, never
     // contended.

@@ -46,9 +46,10 @@ pub enum Arrival {
 /// of the flow sends it the same way).
 #[inline(always)]
 pub fn open<C: EbpfContext>(ctx: &C, pkt: &Packet) -> Result<Arrival, Counter> {
-    let Some(svc) = lb::lookup_service(pkt) else {
+    let Some(service) = lb::lookup_service(pkt) else {
         return Ok(Arrival::NotOurs);
     };
+    let svc = &service.value;
     // ClusterIPs are for Pods and the node itself, not for the network.
     if svc.flags & EXTERNAL_KINDS == 0 {
         return Ok(Arrival::NotOurs);
@@ -62,13 +63,13 @@ pub fn open<C: EbpfContext>(ctx: &C, pkt: &Packet) -> Result<Arrival, Counter> {
     }
     // loadBalancerSourceRanges: a client outside them is dropped before
     // anything else, even a reject, so it learns nothing about the Service.
-    if !lb::source_allowed(pkt, &svc) {
+    if !lb::source_allowed(pkt, &service) {
         return Err(Counter::DropSourceRange);
     }
     if svc.count == 0 {
         return Ok(Arrival::NoEndpoint { etp_local: svc.flags & svc_flags::ETP_LOCAL != 0 });
     }
-    let (backend_id, backend) = lb::select_backend(pkt, &svc)?;
+    let (backend_id, backend) = lb::select_backend(pkt, &service)?;
     let mut flow = NewFlow {
         backend_id,
         backend,

@@ -41,7 +41,7 @@ pub fn translate(ctx: &SockAddrContext) {
     }
     let (vip, vport) = (sa.user_ip4, sa.user_port as u16);
     let pkt = Packet { l4_off: 0, proto, saddr: 0, daddr: vip, sport: 0, dport: vport, tcp_flags: 0 };
-    let Some(svc) = lb::lookup_service(&pkt) else {
+    let Some(svc) = lb::lookup_service_in_cluster(&pkt) else {
         return;
     };
     // loadBalancerSourceRanges are not checked here: the client is the node

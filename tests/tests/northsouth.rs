@@ -14,8 +14,8 @@ use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     http_get,
     split, udp_ask,
-    manifests::{echo_pod, on_node},
-    sys, TcpSession,
+    manifests::{client_pod, echo_pod, on_node},
+    sys, tcp_ask, TcpSession,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -295,5 +295,56 @@ spec:
     let (status, body) = http_get(&c.external, SocketAddr::from((node_addr(1), 32100)), "/")?;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"localEndpoints\":0"), "{body}");
+    Ok(())
+}
+
+#[test]
+fn in_cluster_clients_reach_an_external_traffic_policy_local_service_from_a_node_without_its_endpoint() -> Result<()> {
+    // kube-proxy short-circuits Pods and node processes dialling a
+    // LoadBalancer IP, an ExternalIP or a NodePort to every endpoint of the
+    // Service: externalTrafficPolicy: Local is for outside clients only.
+    let svc = r#"apiVersion: v1
+kind: Service
+metadata: {name: loc, namespace: default}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Local
+  selector: {app: loc}
+  externalIPs: [203.0.113.31]
+  ports:
+    - {name: http, port: 80, targetPort: 8080, nodePort: 30091}
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.30}]
+"#;
+    let c = Cluster::start("etpin", 2, &[("loc.yaml".into(), svc.into())], &[])?;
+    let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
+    c.write_manifest("loc-1.yaml", &on_node(&echo_pod("loc-1", "loc", None), &n1))?;
+    c.write_manifest("client.yaml", &on_node(&client_pod("client"), &n2))?;
+    c.wait_ready(&["loc-1", "client"], READY)?;
+    let pod = c.pod_netns("client")?;
+    let targets = [
+        ("LoadBalancer IP", SocketAddr::from(([203, 0, 113, 30], 80))),
+        ("ExternalIP", SocketAddr::from(([203, 0, 113, 31], 80))),
+        ("NodePort of node 2", SocketAddr::from((node_addr(1), 30091))),
+    ];
+    for (what, to) in targets {
+        // A Pod on node 2, which has no endpoint of the Service.
+        let answer = c.nodes[1].wait_answered_by(&format!("{what} {to} from a Pod on node 2"), &["loc-1"], || tcp_ask(&pod, to))?;
+        assert_eq!(answer, BTreeSet::from(["loc-1".to_string()]), "{what}");
+        // A process of node 2 itself (socket-level load balancing).
+        let args = ["-T2".to_string(), "-".to_string(), format!("TCP:{to}")];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let host = c.nodes[1].wait_answered_by(&format!("{what} {to} from node 2 itself"), &["loc-1"], || {
+            Ok(c.nodes[1].host_run("socat", &args, "hello\n")?.trim().to_string())
+        })?;
+        assert_eq!(host, BTreeSet::from(["loc-1".to_string()]), "{what} from the node");
+    }
+    // Outside clients still get externalTrafficPolicy: Local: node 2 does not
+    // serve its NodePort to them.
+    assert!(TcpSession::connect(&c.external, SocketAddr::from((node_addr(1), 30091))).is_err(), "node 2 must not serve outside clients");
+    assert_eq!(TcpSession::connect(&c.external, SocketAddr::from((node_addr(0), 30091)))?.ask()?, "loc-1");
+    let svcs = c.nodes[1].ferry(&["svc", "list", "-o", "wide"])?;
+    assert!(svcs.contains("in-cluster"), "svc list shows the in-cluster twins:\n{svcs}");
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::{
 
 use ferry_common::{
     addr_from_map, addr_to_map, backend_flags, port_from_map, port_to_map, Backend, RevNat,
-    ServiceKey, ServiceName, ServiceValue, SCOPE_EXTERNAL,
+    svc_flags, ServiceKey, ServiceName, ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL,
 };
 
 use super::MapContents;
@@ -148,7 +148,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             port: port_to_map(f.port),
             slot,
             proto: f.proto,
-            scope: SCOPE_EXTERNAL,
+            scope: if f.flags & svc_flags::INTERNAL != 0 { SCOPE_INTERNAL } else { SCOPE_EXTERNAL },
             _pad: [0; 2],
         };
         let backend_value = |b: &crate::translate::BackendSpec| Backend {
