@@ -194,10 +194,8 @@ pub mod ct_flags {
     /// A FIN or RST was seen in this entry's direction: the flow is ending,
     /// and the entry lives only `CT_TIMEOUT_TCP_CLOSE` past its last packet.
     pub const CLOSING: u16 = 1 << 2;
-    /// A north-south flow (NodePort, ExternalIP, LoadBalancer), or a Pod's
-    /// flow to a NodePort: its replies carry a node address as source, so they
-    /// are forwarded by a FIB lookup and redirect, not by the stack (which drops
-    /// packets arriving with one of its own addresses as source).
+    /// A north-south flow (NodePort, ExternalIP, LoadBalancer) from a client
+    /// outside the cluster.
     pub const EXTERNAL: u16 = 1 << 3;
     /// The backend has answered (TCP: established; UDP: a stream). Set on
     /// both entries of the flow by the first reply.

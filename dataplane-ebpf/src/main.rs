@@ -34,7 +34,7 @@ use aya_ebpf::{
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use ferry_common::{addr_to_map, ct_flags, svc_flags, Counter, HAIRPIN_SNAT_ADDR};
+use ferry_common::{addr_to_map, ct_flags, Counter, HAIRPIN_SNAT_ADDR};
 
 use crate::{
     ct::NewFlow,
@@ -116,7 +116,7 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Counter> {
         }
         // A remote backend's reply to a north-south client SNATed to us, or
         // to one of our Pods.
-        return reverse_nat(ctx, &pkt, &r, external);
+        return reverse_nat(ctx, &pkt, &r);
     }
     if let Some(f) = ct::forward(&pkt) {
         if f.external {
@@ -135,7 +135,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     // backend's reply to a north-south client leaves through a node device;
     // everything else goes back to a Pod of ours.
     if let Some(r) = ct::reply(&pkt) {
-        return reverse_nat(ctx, &pkt, &r, r.flags & ct_flags::EXTERNAL != 0);
+        return reverse_nat(ctx, &pkt, &r);
     }
     // A packet of a flow we already balanced.
     if let Some(f) = ct::forward(&pkt) {
@@ -165,10 +165,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         rev_nat_id: svc.value.rev_nat_id,
         snat_addr: if hairpin { addr_to_map(HAIRPIN_SNAT_ADDR) } else { 0 },
         snat_port: pkt.sport,
-        // A Pod dialling a NodePort: the replies carry a node address as
-        // source, which the stack would drop as a martian; they are
-        // forwarded by FIB lookup like north-south ones.
-        external: svc.value.flags & svc_flags::NODE_PORT != 0,
+        external: false,
     };
     // The reply tuple is unique to the client's own tuple: overwritten, never
     // contended.
@@ -180,9 +177,11 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     dnat(ctx, &pkt, (backend.addr, backend.port), hairpin)
 }
 
-/// Forward direction: destination := the backend (address, port); for
-/// hairpin also source := the hairpin address, and the packet goes straight
-/// back into the Pod's veth.
+/// Forward direction: destination := the backend (address, port), sent
+/// straight to the backend's device by FIB lookup (so the node's netfilter
+/// sees neither direction of a translated flow, and cannot call its packets
+/// INVALID); for hairpin also source := the hairpin address, and the packet
+/// goes straight back into the Pod's veth.
 #[inline(always)]
 fn dnat(ctx: &TcContext, pkt: &Packet, backend: (u32, u16), hairpin: bool) -> Result<i32, Counter> {
     nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, backend.0, pkt.dport, backend.1)
@@ -194,15 +193,17 @@ fn dnat(ctx: &TcContext, pkt: &Packet, backend: (u32, u16), hairpin: bool) -> Re
             .map_err(|_| Counter::DropMalformed)?;
         return bounce(ctx);
     }
-    Ok(TC_ACT_OK)
+    Ok(fib::redirect(ctx, pkt.saddr, backend.0))
 }
 
 /// Reply direction: source := the frontend the client dialled; with SNAT
 /// also destination := the original client. Hairpin replies go straight back
-/// into the Pod's veth; `external` (north-south) ones are forwarded by FIB
-/// lookup, since their source is now a node address.
+/// into the Pod's veth; all others are forwarded to the client by FIB lookup,
+/// past the node's stack: their source may now be a node address (which the
+/// stack drops as a martian), and netfilter, which never saw the flow, would
+/// take them for INVALID.
 #[inline(always)]
-fn reverse_nat(ctx: &TcContext, pkt: &Packet, r: &ct::Reply, external: bool) -> Result<i32, Counter> {
+fn reverse_nat(ctx: &TcContext, pkt: &Packet, r: &ct::Reply) -> Result<i32, Counter> {
     // The Service was deleted under a live flow.
     let frontend = r.frontend.ok_or(Counter::DropBackendMissing)?;
     nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, frontend.addr, pkt.sport, frontend.port)
@@ -214,13 +215,11 @@ fn reverse_nat(ctx: &TcContext, pkt: &Packet, r: &ct::Reply, external: bool) -> 
             .map_err(|_| Counter::DropMalformed)?;
         client = addr;
     }
-    if external {
-        return Ok(fib::redirect(ctx, frontend.addr, client));
-    }
-    if r.snat.is_some() {
+    // Hairpin: SNAT without a north-south client.
+    if r.snat.is_some() && r.flags & ct_flags::EXTERNAL == 0 {
         return bounce(ctx);
     }
-    Ok(TC_ACT_OK)
+    Ok(fib::redirect(ctx, frontend.addr, client))
 }
 
 /// Sends the packet back out of the interface it arrived on (into the Pod, or

@@ -197,8 +197,9 @@ pub fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
 pub fn forward(ctx: &TcContext, pkt: &Packet, backend: (u32, u16), snat: Option<(u32, u16)>) -> Result<i32, Counter> {
     nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, backend.0, pkt.dport, backend.1).map_err(|_| Counter::DropMalformed)?;
     count(Counter::ServiceForward);
+    // A local backend: straight to its veth, past netfilter (see `dnat`).
     let Some((addr, port)) = snat else {
-        return Ok(TC_ACT_OK);
+        return Ok(fib::redirect(ctx, pkt.saddr, backend.0));
     };
     nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, addr, pkt.sport, port).map_err(|_| Counter::DropMalformed)?;
     Ok(fib::redirect(ctx, addr, backend.0))

@@ -287,7 +287,9 @@ spec:
     assert!(TcpSession::connect(&c.external, on2).is_err(), "node 2 must not serve a Local Service without local endpoints");
     // healthCheckNodePort on every node: 200 with the local count, 503 without.
     c.nodes[0].wait_until(Duration::from_secs(10), "health checks answering", || {
-        Ok(http_get(&c.external, SocketAddr::from((node_addr(0), 32100)), "/").is_ok_and(|(s, _)| s == 200))
+        Ok(http_get(&c.external, SocketAddr::from((node_addr(0), 32100)), "/").is_ok_and(|(s, _)| s == 200)
+            // Node 2's server starts with its own agent's sync.
+            && http_get(&c.external, SocketAddr::from((node_addr(1), 32100)), "/").is_ok())
     })?;
     let (status, body) = http_get(&c.external, SocketAddr::from((node_addr(0), 32100)), "/")?;
     assert_eq!(status, 200, "{body}");

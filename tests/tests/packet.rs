@@ -160,10 +160,15 @@ impl Fixture {
     /// Makes both entries of the flow from `client`:`sport` (to a frontend,
     /// backend `backend`:`bport`) expired.
     fn age(&self, client: [u8; 4], sport: u16, backend: [u8; 4], bport: u16) {
-        for (dir, src, port) in [(CT_DIR_FORWARD, client, sport), (CT_DIR_REPLY, backend, bport)] {
-            let (k, v) = self.ct(dir, src, port).expect("tracked");
-            self.put_ct(k, CtValue { expires: 1, ..v });
-        }
+        let (fk, fv) = self.ct(CT_DIR_FORWARD, client, sport).expect("tracked");
+        // The reply entry of this very flow: to the port the backend saw.
+        let (rk, rv) = kernel::read_ct(&self.dir)
+            .unwrap()
+            .into_iter()
+            .find(|(k, _)| k.dir == CT_DIR_REPLY && (k.saddr, k.sport, k.dport) == (addr_to_map(backend), port_to_map(bport), fv.nat_port))
+            .expect("reply tracked");
+        self.put_ct(fk, CtValue { expires: 1, ..fv });
+        self.put_ct(rk, CtValue { expires: 1, ..rv });
     }
 
     fn counter(&self, c: Counter) -> u64 {
