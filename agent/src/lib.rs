@@ -10,6 +10,7 @@ pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod mountns;
+pub mod pinlock;
 pub mod run;
 pub mod sources;
 pub mod translate;

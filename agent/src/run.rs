@@ -276,6 +276,10 @@ impl Source {
 /// Runs until SIGTERM/SIGINT. The programs and maps stay in place when it stops,
 /// so traffic keeps flowing while the agent restarts.
 pub async fn run(cfg: Config) -> Result<()> {
+    // First of all: a second agent for the same pin directory stops here,
+    // before it binds a port or touches a map or a link.
+    dataplane::ensure_bpffs()?;
+    let _pin_lock = crate::pinlock::acquire(&cfg.dataplane.bpffs_dir)?;
     let health = Arc::new(Health::new(cfg.healthz_timeout));
     let metrics = Arc::new(Metrics::new(
         Some(cfg.dataplane.bpffs_dir.clone()),
