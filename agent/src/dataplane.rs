@@ -428,6 +428,11 @@ impl Dataplane {
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.values().map(|(n, _)| n.as_str())
     }
+
+    /// The devices XDP could not attach to (TC serves them alone).
+    pub fn xdp_refused(&self) -> impl Iterator<Item = &str> {
+        self.xdp_refused.iter().map(|(_, n)| n.as_str())
+    }
 }
 
 /// Reuses the link pinned at `pin` (a previous agent's) or makes a new one

@@ -1,4 +1,5 @@
 //! The Ferry agent: sources → translation → map layout → syncer → kernel.
+pub mod bpfsys;
 pub mod dataplane;
 pub mod endpoints;
 pub mod error;
@@ -11,6 +12,7 @@ pub mod metrics;
 pub mod model;
 pub mod mountns;
 pub mod pinlock;
+pub mod status;
 pub mod run;
 pub mod sources;
 pub mod translate;

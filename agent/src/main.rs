@@ -3,7 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferry_agent::{dataplane, inspect, mountns, run, translate};
+use ferry_agent::{dataplane, inspect, mountns, run, status, translate};
 use ferry_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SRC_RANGES_MAX};
 
 #[derive(Parser)]
@@ -36,6 +36,9 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ListCmd,
     },
+    /// Is this node healthy? Agent, syncs, attached programs, map fill, drops
+    /// (exits 1 when unhealthy: usable as a probe).
+    Status(StatusArgs),
     /// A tiny kubelet for the lab: runs Pods of a manifest directory as processes.
     Shim(ferry_shim::ShimArgs),
     /// The lab's echo server: answers TCP lines, HTTP and UDP with its name.
@@ -60,6 +63,43 @@ impl NodeArgs {
             None => dataplane::default_bpffs_dir(&node_name(self.node_name.clone())?),
         })
     }
+}
+
+/// Where the agent writes its status report for `ferry status`.
+#[derive(Args)]
+struct StatusFileArg {
+    /// The agent's status report (default: /run/ferry/status/<node-name>.json);
+    /// for the agent, empty disables it.
+    #[arg(long, value_name = "PATH")]
+    status_file: Option<PathBuf>,
+}
+
+impl StatusFileArg {
+    /// None: disabled (an empty path).
+    fn path(&self, node: &str) -> Option<PathBuf> {
+        match &self.status_file {
+            Some(p) if p.as_os_str().is_empty() => None,
+            Some(p) => Some(p.clone()),
+            None => Some(status::default_status_file(node)),
+        }
+    }
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    #[command(flatten)]
+    status_file: StatusFileArg,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = StatusOutput::Table)]
+    output: StatusOutput,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StatusOutput {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -156,6 +196,8 @@ struct AgentArgs {
     /// disables.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: String,
+    #[command(flatten)]
+    status_file: StatusFileArg,
 }
 
 /// An optional listen address: empty means off.
@@ -220,6 +262,7 @@ fn run() -> Result<()> {
         Cmd::Agent(a) => rt.block_on(agent(a)),
         Cmd::Shim(a) => rt.block_on(ferry_shim::run_shim(a)),
         Cmd::Echo(a) => rt.block_on(ferry_shim::run_echo(a)),
+        Cmd::Status(a) => rt.block_on(print_status(a)),
         Cmd::Svc {
             cmd: ListCmd::List { node, output },
         } => print_list(&inspect::services(&node.dir()?)?, output, inspect::print_services),
@@ -238,6 +281,24 @@ fn print_list<T: serde::Serialize>(rows: &[T], output: Output, table: impl Fn(&[
     match output {
         Output::Table | Output::Wide => print!("{}", table(rows, output == Output::Wide)),
         Output::Json => println!("{}", serde_json::to_string_pretty(rows)?),
+    }
+    Ok(())
+}
+
+/// `ferry status`: prints the status; an unhealthy node is an error (exit 1).
+async fn print_status(a: StatusArgs) -> Result<()> {
+    let node = node_name(a.node.node_name.clone())?;
+    let opts = status::Options {
+        bpffs_dir: a.node.dir()?,
+        status_file: a.status_file.path(&node).unwrap_or_else(|| status::default_status_file(&node)),
+    };
+    let s = status::gather(&opts).await?;
+    match a.output {
+        StatusOutput::Table => print!("{}", status::print(&s)),
+        StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+    }
+    if !s.healthy {
+        bail!("unhealthy: {}", s.problems.join("; "));
     }
     Ok(())
 }
@@ -262,6 +323,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
         None => dataplane::default_bpffs_dir(&node),
     };
     let pod_endpoints = matches!(mode, run::Mode::Standalone { .. });
+    let status_file = a.status_file.path(&node);
     run::run(run::Config {
         mode,
         translate: translate::Config {
@@ -298,6 +360,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
         healthz_timeout: 2 * sync_period,
         healthz_addr: listen_addr("--healthz-bind-address", &a.healthz_bind_address)?,
         metrics_addr: listen_addr("--metrics-bind-address", &a.metrics_bind_address)?,
+        status_file,
     })
     .await
 }

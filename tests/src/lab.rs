@@ -220,9 +220,48 @@ impl Lab {
             path_str(&self.bpffs_dir),
             "--cgroup-path".into(),
             self.cgroup.as_deref().map(path_str).unwrap_or_else(|| "none".into()),
+            "--status-file".into(),
+            path_str(&self.status_file()),
         ]);
         args.extend(self.agent_args.iter().cloned());
         args
+    }
+
+    /// Where the agent writes its status report (`--status-file`).
+    pub fn status_file(&self) -> PathBuf {
+        self.dir.join("status.json")
+    }
+
+    /// `ferry status -o json` for this node: whether it exited 0 (healthy),
+    /// the JSON, and its standard error.
+    pub fn status(&self) -> Result<(bool, serde_json::Value, String)> {
+        let out = self.ferry_unchecked(&[
+            "status",
+            "-o",
+            "json",
+            "--node-name",
+            &self.node,
+            "--status-file",
+            &path_str(&self.status_file()),
+        ])?;
+        let json = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!("ferry status printed no JSON: {}", String::from_utf8_lossy(&out.stderr))
+        })?;
+        Ok((out.status.success(), json, String::from_utf8_lossy(&out.stderr).into_owned()))
+    }
+
+    /// Runs `ferry <args> --bpffs-dir <the lab's>` in the node, whatever its
+    /// exit status.
+    pub fn ferry_unchecked(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.node])
+            .arg(&self.ferry)
+            .args(args)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running ferry {args:?} in {}", self.node))
     }
 
     /// Runs another `ferry agent` in the node, as the lab would start it (the

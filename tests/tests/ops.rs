@@ -50,3 +50,87 @@ fn a_second_agent_for_the_same_pin_directory_is_refused_and_the_first_keeps_serv
     }
     Ok(())
 }
+
+/// The rows of `status["programs"]` for `interface` and `program`.
+fn program_rows<'a>(status: &'a serde_json::Value, interface: &str, program: &str) -> Vec<&'a serde_json::Value> {
+    status["programs"]
+        .as_array()
+        .map(|rows| rows.iter().filter(|r| r["interface"] == interface && r["program"] == program).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<()> {
+    // Two frontends (TCP 80, UDP 53) with one backend each: exactly the 4
+    // slots of a 4-entry services map. nodev0 does not exist (yet).
+    let opts = LabOptions::new("status");
+    let opts = LabOptions {
+        agent_args: vec!["--devices".into(), "nodev0".into(), "--services-map-size".into(), "4".into()],
+        ..opts
+    };
+    let (mut lab, _client) = serving_lab(opts)?;
+    let pid = lab.agent_pid().context("the lab's agent")?;
+    let (healthy, s, stderr) = lab.status()?;
+    let text = serde_json::to_string_pretty(&s)?;
+    assert!(!healthy, "a missing --devices entry is a problem (exit 1):\n{text}");
+    assert!(stderr.contains("unhealthy") && stderr.contains("nodev0"), "{stderr}");
+    assert_eq!(s["agent"]["running"], true, "{text}");
+    assert_eq!(s["agent"]["reporting"], true, "{text}");
+    assert_eq!(s["agent"]["pid"], pid, "{text}");
+    assert_eq!(s["agent"]["mode"], "standalone", "{text}");
+    assert!(s["sync"]["generation"].as_u64().unwrap_or(0) >= 1, "{text}");
+    assert!(s["sync"]["age_seconds"].as_f64().is_some_and(|a| a < 60.0), "{text}");
+    let missing = program_rows(&s, "nodev0", "from_netdev");
+    assert!(
+        missing.len() == 1 && missing[0]["attached"] == false
+            && missing[0]["error"].as_str().unwrap_or("").contains("no such interface"),
+        "nodev0 is reported as not attached:\n{text}"
+    );
+    // from_pod on each Pod veth of the node, as the kernel lists TCX programs.
+    let pods = s["programs"].as_array().map_or(0, |rows| {
+        rows.iter().filter(|r| r["program"] == "from_pod" && r["hook"] == "tcx ingress" && r["attached"] == true).count()
+    });
+    assert_eq!(pods, 2, "from_pod on the veths of echo-a and client:\n{text}");
+    if lab.cgroup.is_some() {
+        let cg = s["programs"].as_array().map_or(0, |rows| {
+            rows.iter().filter(|r| r["hook"] == "cgroup" && r["attached"] == true).count()
+        });
+        assert_eq!(cg, 3, "connect4, sendmsg4 and recvmsg4 on the node's cgroup:\n{text}");
+    }
+    let services = s["maps"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "FERRY_SERVICES"))
+        .with_context(|| format!("no FERRY_SERVICES row:\n{text}"))?;
+    assert_eq!((services["entries"].as_u64(), services["max"].as_u64()), (Some(4), Some(4)), "{text}");
+    assert_eq!(services["warning"], true, "a full map is flagged:\n{text}");
+    assert!(
+        s["warnings"].as_array().is_some_and(|w| w.iter().any(|w| w.as_str().unwrap_or("").contains("FERRY_SERVICES"))),
+        "{text}"
+    );
+    assert_eq!(s["services"]["services"], 1, "{text}");
+    assert_eq!(s["services"]["frontends"], 2, "{text}");
+    assert_eq!(s["services"]["backends"], 2, "one backend per port (TCP http, UDP 8080):\n{text}");
+    assert!(s["features"].as_array().is_some_and(|f| f.iter().any(|f| f["name"] == "tc_program" && f["available"] == true)), "{text}");
+
+    // The device appears: the agent attaches from_netdev, the problem is gone
+    // (the full map stays a warning, not a failure).
+    ferry_tests::sys::netns_exec(&lab.node, "ip", &["link", "add", "nodev0", "type", "veth", "peer", "name", "nodev0p"])?;
+    ferry_tests::sys::netns_exec(&lab.node, "ip", &["link", "set", "nodev0", "up"])?;
+    lab.wait_until(Duration::from_secs(15), "ferry status healthy once nodev0 exists", || {
+        let (healthy, s, _) = lab.status()?;
+        let attached = program_rows(&s, "nodev0", "from_netdev").iter().any(|r| r["attached"] == true);
+        Ok(healthy && attached)
+    })?;
+    let table = lab.ferry(&["status", "--node-name", &lab.node, "--status-file", &lab.status_file().display().to_string()])?;
+    println!("ferry status:\n{table}");
+    assert!(table.starts_with("Health:      OK"), "{table}");
+    assert!(table.contains("nodev0") && table.contains("FERRY_SERVICES"), "{table}");
+
+    // No agent: unhealthy, and said so.
+    lab.stop_agent();
+    let (healthy, s, _) = lab.status()?;
+    assert!(!healthy && s["agent"]["running"] == false, "{s:#}");
+    assert!(!lab.status_file().exists(), "the agent removes its report when it stops");
+    lab.check_alive().ok();
+    Ok(())
+}
