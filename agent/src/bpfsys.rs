@@ -1,7 +1,8 @@
-//! The three bpf(2) commands aya 0.14 does not expose for objects we did not
-//! create: open a pinned object as a raw fd (`BPF_OBJ_GET`), detach a link
-//! even while other processes hold it (`BPF_LINK_DETACH`), and walk a map's
-//! keys whatever their type (`BPF_MAP_GET_NEXT_KEY`, to count entries).
+//! The bpf(2) commands aya 0.14 does not expose for objects we did not
+//! create: open a pinned object or a link by id as a raw fd (`BPF_OBJ_GET`,
+//! `BPF_LINK_GET_FD_BY_ID`), detach a link even while other processes hold it
+//! (`BPF_LINK_DETACH`), and walk a map's keys whatever their type
+//! (`BPF_MAP_GET_NEXT_KEY`, to count entries).
 use std::{
     ffi::CString,
     io,
@@ -14,6 +15,7 @@ use std::{
 
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_GET_FD_BY_ID: libc::c_long = 30;
 const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// A `union bpf_attr` large enough for the commands above (the kernel
@@ -53,6 +55,13 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> io::Result<libc::c_long> {
     }
 }
 
+/// A command that returns a new fd.
+fn new_fd(cmd: libc::c_long, attr: &mut Attr) -> io::Result<OwnedFd> {
+    let fd = bpf(cmd, attr)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
 /// Opens the object pinned at `path` (map, program or link).
 pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_bytes())
@@ -60,9 +69,15 @@ pub fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     // struct { __aligned_u64 pathname; __u32 bpf_fd; __u32 file_flags; ... }
     let mut attr = Attr::new();
     attr.put_u64(0, c.as_ptr() as u64);
-    let fd = bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: the kernel returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    new_fd(BPF_OBJ_GET, &mut attr)
+}
+
+/// Opens the link with id `id`.
+pub fn link_get_fd_by_id(id: u32) -> io::Result<OwnedFd> {
+    // struct { __u32 link_id; __u32 next_id; __u32 open_flags; }
+    let mut attr = Attr::new();
+    attr.put_u32(0, id);
+    new_fd(BPF_LINK_GET_FD_BY_ID, &mut attr)
 }
 
 /// Detaches the link `link` from its hook (the link object lives on, empty,

@@ -1,5 +1,6 @@
 //! The Ferry agent: sources → translation → map layout → syncer → kernel.
 pub mod bpfsys;
+pub mod cleanup;
 pub mod dataplane;
 pub mod endpoints;
 pub mod error;

@@ -39,6 +39,9 @@ enum Cmd {
     /// Is this node healthy? Agent, syncs, attached programs, map fill, drops
     /// (exits 1 when unhealthy: usable as a probe).
     Status(StatusArgs),
+    /// Remove Ferry from this node: detach every program it attached and
+    /// remove its pin directory (refused while an agent runs, unless --force).
+    Cleanup(CleanupArgs),
     /// A tiny kubelet for the lab: runs Pods of a manifest directory as processes.
     Shim(ferry_shim::ShimArgs),
     /// The lab's echo server: answers TCP lines, HTTP and UDP with its name.
@@ -94,6 +97,18 @@ struct StatusArgs {
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = StatusOutput::Table)]
     output: StatusOutput,
+}
+
+#[derive(Args)]
+struct CleanupArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    #[command(flatten)]
+    status_file: StatusFileArg,
+    /// Clean up even while an agent holds the pin directory (it then serves
+    /// nothing until restarted).
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -263,6 +278,7 @@ fn run() -> Result<()> {
         Cmd::Shim(a) => rt.block_on(ferry_shim::run_shim(a)),
         Cmd::Echo(a) => rt.block_on(ferry_shim::run_echo(a)),
         Cmd::Status(a) => rt.block_on(print_status(a)),
+        Cmd::Cleanup(a) => rt.block_on(cleanup(a)),
         Cmd::Svc {
             cmd: ListCmd::List { node, output },
         } => print_list(&inspect::services(&node.dir()?)?, output, inspect::print_services),
@@ -299,6 +315,20 @@ async fn print_status(a: StatusArgs) -> Result<()> {
     }
     if !s.healthy {
         bail!("unhealthy: {}", s.problems.join("; "));
+    }
+    Ok(())
+}
+
+/// `ferry cleanup`: says what it removed.
+async fn cleanup(a: CleanupArgs) -> Result<()> {
+    let node = node_name(a.node.node_name.clone())?;
+    let dir = a.node.dir()?;
+    let done = ferry_agent::cleanup::cleanup(&dir, a.status_file.path(&node).as_deref(), a.force).await?;
+    for line in &done {
+        println!("{line}");
+    }
+    if done.is_empty() {
+        println!("nothing of Ferry's found for {}", dir.display());
     }
     Ok(())
 }

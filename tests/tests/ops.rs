@@ -134,3 +134,103 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
     lab.check_alive().ok();
     Ok(())
 }
+
+/// Ferry's programs as the kernel lists them for the node: `bpftool net show`
+/// in its network namespace (XDP; this bpftool does not list TCX) and
+/// `bpftool cgroup tree` of its cgroup.
+fn kernel_listing(lab: &Lab) -> Result<String> {
+    let mut out = ferry_tests::sys::netns_exec(&lab.node, "bpftool", &["net", "show"])?;
+    if let Some(cg) = &lab.cgroup {
+        out.push_str(&ferry_tests::sys::run("bpftool", &["cgroup", "tree", &cg.display().to_string()])?);
+    }
+    Ok(out)
+}
+
+const FERRY_PROGRAMS: [&str; 6] =
+    ["from_pod", "from_netdev", "xdp_from_netdev", "sock_connect4", "sock_sendmsg4", "sock_recvmsg4"];
+
+/// The programs process `pid` holds (its fds of programs and links, from
+/// /proc/PID/fdinfo), by id, named as `bpftool prog show` lists them.
+fn programs_of(pid: u32) -> Result<Vec<(u64, String)>> {
+    let mut ids = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
+        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+        ids.extend(info.lines().filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse::<u64>().ok()));
+    }
+    ids.into_iter()
+        .map(|id| {
+            let json: serde_json::Value =
+                serde_json::from_str(&ferry_tests::sys::run("bpftool", &["-j", "prog", "show", "id", &id.to_string()])?)?;
+            Ok((id, json["name"].as_str().unwrap_or_default().to_string()))
+        })
+        .collect()
+}
+
+/// Whether the kernel still has program `id` (attached somewhere, or held).
+fn program_exists(id: u64) -> bool {
+    ferry_tests::sys::run("bpftool", &["prog", "show", "id", &id.to_string()]).is_ok()
+}
+
+#[test]
+fn cleanup_leaves_no_program_or_pin_and_a_later_agent_starts_clean() -> Result<()> {
+    let opts = LabOptions {
+        agent_args: vec!["--devices".into(), "nodev0".into(), "--xdp".into()],
+        ..LabOptions::new("cleanup")
+    };
+    let (mut lab, client) = serving_lab(opts)?;
+    ferry_tests::sys::netns_exec(&lab.node, "ip", &["link", "add", "nodev0", "type", "veth", "peer", "name", "nodev0p"])?;
+    ferry_tests::sys::netns_exec(&lab.node, "ip", &["link", "set", "nodev0", "up"])?;
+    lab.wait_until(Duration::from_secs(15), "XDP on nodev0", || Ok(kernel_listing(&lab)?.contains("nodev0")))?;
+    let before = kernel_listing(&lab)?;
+    println!("before cleanup:\n{before}");
+    let pid = lab.agent_pid().context("the lab's agent")?;
+    let programs = programs_of(pid)?;
+    println!("the agent's programs: {programs:?}");
+    let expected: &[&str] = if lab.cgroup.is_some() { &FERRY_PROGRAMS } else { &FERRY_PROGRAMS[..3] };
+    for p in expected {
+        assert!(programs.iter().any(|(_, n)| n == p), "the agent holds {p}: {programs:?}");
+    }
+    assert!(before.contains("nodev0") && (lab.cgroup.is_none() || before.contains("sock_connect4")), "{before}");
+    let (node, status_file) = (lab.node.clone(), lab.status_file().display().to_string());
+    let cleanup = ["cleanup", "--node-name", node.as_str(), "--status-file", status_file.as_str()];
+
+    // Refused while the agent runs.
+    let out = lab.ferry_unchecked(&cleanup)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "refused while an agent runs: {stderr}");
+    assert!(
+        stderr.contains(&format!("(PID {pid}) holds the pin directory {}", lab.bpffs_dir.display())),
+        "{stderr}"
+    );
+    assert!(lab.bpffs_dir.is_dir() && kernel_listing(&lab)? == before, "nothing was removed");
+
+    // Stopped, the programs stay attached (held by the pinned links) until cleanup.
+    lab.stop_agent();
+    assert!(programs.iter().all(|(id, _)| program_exists(*id)), "the pins keep every program");
+    let out = lab.ferry_unchecked(&cleanup)?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("ferry cleanup:\n{stdout}");
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let after = kernel_listing(&lab)?;
+    println!("after cleanup:\n{after}");
+    assert!(!after.contains("nodev0"), "XDP is still attached after cleanup:\n{after}");
+    for p in FERRY_PROGRAMS {
+        assert!(!after.contains(p), "{p} is still attached after cleanup:\n{after}");
+    }
+    // A program attached anywhere (TCX included) would still exist.
+    for (id, name) in &programs {
+        assert!(!program_exists(*id), "program {id} ({name}) still exists after cleanup");
+    }
+    assert!(!lab.bpffs_dir.exists(), "the pin directory {} is gone", lab.bpffs_dir.display());
+    let again = lab.ferry_unchecked(&cleanup)?;
+    assert!(
+        again.status.success() && String::from_utf8_lossy(&again.stdout).contains("nothing of Ferry's found"),
+        "a second cleanup finds nothing: {again:?}"
+    );
+
+    // A later agent starts from scratch and serves.
+    lab.start_agent()?;
+    lab.wait_answered_by("the ClusterIP after cleanup", &["echo-a"], || tcp_ask(&client, vip()))?;
+    lab.wait_until(Duration::from_secs(15), "a healthy node after cleanup", || Ok(lab.status()?.0))?;
+    Ok(())
+}

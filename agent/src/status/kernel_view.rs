@@ -48,14 +48,15 @@ pub struct MapRow {
 }
 
 /// An interface of this network namespace.
-struct Iface {
-    index: u32,
-    name: String,
+pub(crate) struct Iface {
+    pub index: u32,
+    pub name: String,
     /// XDP attach mode and program id, if any.
-    xdp: Option<(XdpAttached, u32)>,
+    pub xdp: Option<(XdpAttached, u32)>,
 }
 
-async fn interfaces() -> Result<Vec<Iface>, String> {
+/// The interfaces of this network namespace.
+pub(crate) async fn interfaces() -> Result<Vec<Iface>, String> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
     let task = tokio::spawn(conn);
     let msgs: Result<Vec<LinkMessage>, _> = handle.link().get().execute().try_collect().await;
@@ -102,7 +103,7 @@ fn xdp_hook(mode: XdpAttached) -> &'static str {
 
 /// Names of loaded programs by id (names are cut at 15 bytes by the kernel;
 /// Ferry's are shorter).
-fn program_names() -> HashMap<u32, String> {
+pub(crate) fn program_names() -> HashMap<u32, String> {
     aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .map(|p| (p.id(), p.name_as_str().unwrap_or_default().to_string()))
@@ -147,15 +148,22 @@ fn row(interface: &str, ifindex: Option<u32>, hook: &str, program: &str, error: 
 }
 
 fn tcx_rows(i: &Iface) -> Vec<ProgramRow> {
-    // An interface without TCX programs (or a kernel without TCX) has none of ours.
-    let Ok((_, progs)) = SchedClassifier::query_tcx(&i.name, TcAttachType::Ingress) else {
+    ferry_tcx_programs(&i.name)
+        .iter()
+        .map(|(n, _)| row(&i.name, Some(i.index), "tcx ingress", n, None))
+        .collect()
+}
+
+/// Ferry's programs at TCX ingress of `ifname`: (name, program id). An
+/// interface without TCX programs (or a kernel without TCX) has none.
+pub(crate) fn ferry_tcx_programs(ifname: &str) -> Vec<(String, u32)> {
+    let Ok((_, progs)) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress) else {
         return Vec::new();
     };
     progs
         .iter()
-        .filter_map(|p| p.name_as_str())
-        .filter(|n| [PROG_FROM_POD, PROG_FROM_NETDEV].contains(n))
-        .map(|n| row(&i.name, Some(i.index), "tcx ingress", n, None))
+        .filter_map(|p| Some((p.name_as_str()?.to_string(), p.id())))
+        .filter(|(n, _)| [PROG_FROM_POD, PROG_FROM_NETDEV].contains(&n.as_str()))
         .collect()
 }
 
@@ -187,7 +195,7 @@ fn cgroup_rows(dir: &Path, report: Option<&AgentReport>, names: &HashMap<u32, St
 }
 
 /// (file name, path) of every pin under `<dir>/links`.
-fn link_pins(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
+pub(crate) fn link_pins(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
     let mut out: Vec<_> = std::fs::read_dir(dir.join("links"))
         .map(|entries| {
             entries

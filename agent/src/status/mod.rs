@@ -4,7 +4,7 @@
 //! directory, the maps' fill, and the programs actually attached to this
 //! network namespace's interfaces and to the cgroup.
 pub mod report;
-mod kernel_view;
+pub(crate) mod kernel_view;
 mod table;
 
 use std::path::{Path, PathBuf};
