@@ -8,6 +8,7 @@ pub mod health;
 pub mod healthcheck;
 pub mod inspect;
 pub mod loader;
+pub mod logging;
 pub mod maps;
 pub mod metrics;
 pub mod model;

@@ -3,7 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferry_agent::{dataplane, inspect, mountns, run, status, translate};
+use ferry_agent::{dataplane, inspect, logging, mountns, run, status, translate};
 use ferry_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SRC_RANGES_MAX};
 
 #[derive(Parser)]
@@ -15,6 +15,10 @@ use ferry_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_SERVICES_MAX, D
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log format on standard error: text (coloured only on a terminal) or
+    /// json (one object per line, for log pipelines).
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text, value_name = "FORMAT")]
+    log_format: logging::LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -258,13 +262,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    logging::init(cli.log_format);
     // Before any thread exists (setns into a mount namespace requires it).
     if let Some(pid) = mountns::rejoin_launcher_mount_ns()? {
         tracing::debug!(

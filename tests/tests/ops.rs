@@ -48,6 +48,10 @@ fn a_second_agent_for_the_same_pin_directory_is_refused_and_the_first_keeps_serv
     for _ in 0..5 {
         assert_eq!(tcp_ask(&client, vip())?, "echo-a", "the first agent keeps serving");
     }
+    // Its log goes to a file, not a terminal: text without colour codes.
+    let log = lab.agent_log();
+    assert!(log.contains("ferry agent started"), "{log}");
+    assert!(!log.contains('\x1b'), "no ANSI escape sequences in a redirected log:\n{log}");
     Ok(())
 }
 
@@ -174,7 +178,7 @@ fn program_exists(id: u64) -> bool {
 #[test]
 fn cleanup_leaves_no_program_or_pin_and_a_later_agent_starts_clean() -> Result<()> {
     let opts = LabOptions {
-        agent_args: vec!["--devices".into(), "nodev0".into(), "--xdp".into()],
+        agent_args: vec!["--devices".into(), "nodev0".into(), "--xdp".into(), "--log-format".into(), "json".into()],
         ..LabOptions::new("cleanup")
     };
     let (mut lab, client) = serving_lab(opts)?;
@@ -232,5 +236,18 @@ fn cleanup_leaves_no_program_or_pin_and_a_later_agent_starts_clean() -> Result<(
     lab.start_agent()?;
     lab.wait_answered_by("the ClusterIP after cleanup", &["echo-a"], || tcp_ask(&client, vip()))?;
     lab.wait_until(Duration::from_secs(15), "a healthy node after cleanup", || Ok(lab.status()?.0))?;
+    assert_json_log(&lab.agent_log());
     Ok(())
+}
+
+/// Every line of a `--log-format json` log is one JSON object with a level
+/// and a message, and the agent's start is among them.
+fn assert_json_log(log: &str) {
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["fields"]["message"].is_string()), "{log}");
+    assert!(lines.iter().any(|l| l["fields"]["message"] == "ferry agent started" && l["fields"]["mode"] == "standalone"), "{log}");
 }
