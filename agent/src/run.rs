@@ -336,7 +336,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             .context("netlink")?;
     tokio::spawn(conn);
     let mut node_addr = None;
-    follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true, &reporter).await;
+    let outcomes = Outcomes {
+        reporter: &reporter,
+        metrics: &metrics,
+    };
+    follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true, outcomes).await;
     if let Some(cg) = &cfg.cgroup {
         dp.attach_cgroup(cg)?;
     }
@@ -383,12 +387,12 @@ pub async fn run(cfg: Config) -> Result<()> {
             Some(_) = link_events.next() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, link_events.next()).await {}
-                if follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true, &reporter).await {
+                if follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true, outcomes).await {
                     pending.get_or_insert_with(tokio::time::Instant::now);
                 }
             }
             _ = attach_tick.tick() => {
-                follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, false, &reporter).await;
+                follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, false, outcomes).await;
                 reporter.update(|r| r.api = source.watch_states());
                 reporter.write_logged();
             }
@@ -448,6 +452,13 @@ fn sync(
     reporter.write_logged();
 }
 
+/// Where attach outcomes go: the status report and /metrics.
+#[derive(Clone, Copy)]
+struct Outcomes<'a> {
+    reporter: &'a Reporter,
+    metrics: &'a Metrics,
+}
+
 /// Lists the links once: attaches what is missing and, with `addresses`,
 /// re-reads the node's addresses. True when the NodePort addresses changed (a
 /// sync is due).
@@ -458,7 +469,7 @@ async fn follow_links(
     prog: &mut Programmer,
     node_addr: &mut Option<Ipv4Addr>,
     addresses: bool,
-    reporter: &Reporter,
+    out: Outcomes<'_>,
 ) -> bool {
     let links = match dataplane::list_links(handle).await {
         Ok(l) => l,
@@ -468,7 +479,8 @@ async fn follow_links(
         }
     };
     let errors = attach_all(dp, &links, &cfg.devices, cfg.xdp);
-    reporter.update(|r| {
+    out.metrics.set_attach_errors(errors.len());
+    out.reporter.update(|r| {
         r.attach_errors = errors;
         r.xdp_refused = dp.xdp_refused().map(str::to_string).collect();
     });

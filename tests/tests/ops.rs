@@ -251,3 +251,76 @@ fn assert_json_log(log: &str) {
     assert!(lines.iter().all(|l| l["level"].is_string() && l["fields"]["message"].is_string()), "{log}");
     assert!(lines.iter().any(|l| l["fields"]["message"] == "ferry agent started" && l["fields"]["mode"] == "standalone"), "{log}");
 }
+
+/// The metric names of an exposition: every sample line's name and every
+/// `# TYPE` name.
+fn exported_names(exposition: &str) -> std::collections::BTreeSet<String> {
+    exposition
+        .lines()
+        .filter_map(|line| match line.strip_prefix("# TYPE ") {
+            Some(rest) => rest.split_whitespace().next(),
+            None if line.starts_with('#') || line.is_empty() => None,
+            None => line.split(['{', ' ']).next(),
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// The `ferry_*` metric names a file mentions.
+fn mentioned_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("ferry_") {
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        // `ferry_*` in prose is not a metric.
+        if end > "ferry_".len() {
+            out.insert(tail[..end].to_string());
+        }
+        rest = &tail[end.max(1)..];
+    }
+    out
+}
+
+#[test]
+fn metrics_named_by_the_dashboard_and_alerts_exist() -> Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring");
+    let dashboard = std::fs::read_to_string(dir.join("ferry-dashboard.json"))?;
+    let alerts = std::fs::read_to_string(dir.join("ferry-alerts.yaml"))?;
+    let dash_json: serde_json::Value = serde_json::from_str(&dashboard).context("the dashboard is JSON")?;
+    assert!(dash_json["panels"].as_array().is_some_and(|p| !p.is_empty()));
+    let rules: serde_yaml::Value = serde_yaml::from_str(&alerts).context("the alerts are YAML")?;
+    let alert_names: Vec<&str> = rules["groups"][0]["rules"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["alert"].as_str())
+        .collect();
+    for want in ["FerrySyncFailing", "FerryMapNearlyFull", "FerryAttachErrors", "FerryDropsRising"] {
+        assert!(alert_names.contains(&want), "alert {want} is defined: {alert_names:?}");
+    }
+
+    // What the agent exports, from its registry via /metrics (with pinned maps,
+    // so the dataplane's metrics are there too).
+    let (lab, _client) = serving_lab(LabOptions::new("metricnames"))?;
+    let node = lab.node.clone();
+    let (code, body) = ferry_tests::http_get(&node, "127.0.0.1:10249".parse()?, "/metrics")?;
+    assert_eq!(code, 200, "{body}");
+    let mut exported = exported_names(&body);
+    // Label families appear once they have a child: the agent's registry with
+    // one of each (the same registry the agent serves).
+    let registry = ferry_agent::metrics::Metrics::new(None, 1);
+    registry.sync_error("map_write");
+    registry.watch_error("services");
+    exported.extend(exported_names(&registry.encode()?));
+    for must in ["ferry_attach_errors", "ferry_map_entries", "ferry_drops_total", "ferry_sync_errors_total"] {
+        assert!(exported.contains(must), "{must} is exported:\n{body}");
+    }
+    for (file, text) in [("ferry-dashboard.json", &dashboard), ("ferry-alerts.yaml", &alerts)] {
+        let mentioned = mentioned_names(text);
+        assert!(mentioned.len() >= 5, "{file} names metrics: {mentioned:?}");
+        let unknown: Vec<&String> = mentioned.iter().filter(|m| !exported.contains(*m)).collect();
+        assert!(unknown.is_empty(), "{file} names metrics the agent does not export: {unknown:?}\nexported: {exported:?}");
+    }
+    Ok(())
+}

@@ -5,6 +5,7 @@
 //! network namespace's interfaces and to the cgroup.
 pub mod report;
 pub(crate) mod kernel_view;
+mod metrics;
 mod table;
 
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 pub use report::{default_status_file, AgentReport, Reporter};
+pub use metrics::MapFillCollector;
 pub use table::print;
 
 use crate::{inspect, pinlock};
