@@ -7,6 +7,7 @@ pub mod error;
 pub mod health;
 pub mod healthcheck;
 pub mod inspect;
+pub mod kubeproxy;
 pub mod loader;
 pub mod logging;
 pub mod maps;

@@ -3,7 +3,7 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferry_agent::{dataplane, inspect, logging, mountns, run, status, translate};
+use ferry_agent::{dataplane, inspect, kubeproxy, logging, mountns, run, status, translate};
 use ferry_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SRC_RANGES_MAX};
 
 #[derive(Parser)]
@@ -78,15 +78,15 @@ struct StatusFileArg {
     /// The agent's status report (default: /run/ferry/status/<node-name>.json);
     /// for the agent, empty disables it.
     #[arg(long, value_name = "PATH")]
-    status_file: Option<PathBuf>,
+    status_file: Option<String>,
 }
 
 impl StatusFileArg {
     /// None: disabled (an empty path).
     fn path(&self, node: &str) -> Option<PathBuf> {
         match &self.status_file {
-            Some(p) if p.as_os_str().is_empty() => None,
-            Some(p) => Some(p.clone()),
+            Some(p) if p.is_empty() => None,
+            Some(p) => Some(PathBuf::from(p)),
             None => Some(status::default_status_file(node)),
         }
     }
@@ -217,6 +217,11 @@ struct AgentArgs {
     metrics_bind_address: String,
     #[command(flatten)]
     status_file: StatusFileArg,
+    /// kube-proxy's rules on the node at start (KUBE-SERVICES in iptables
+    /// legacy or nft, the nftables table kube-proxy): warn (log them with the
+    /// cleanup command), fail (refuse to start) or ignore (do not look).
+    #[arg(long, value_enum, default_value_t = kubeproxy::KubeProxyRules::Warn, value_name = "MODE")]
+    kube_proxy_rules: kubeproxy::KubeProxyRules,
 }
 
 /// An optional listen address: empty means off.
@@ -390,6 +395,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
         healthz_addr: listen_addr("--healthz-bind-address", &a.healthz_bind_address)?,
         metrics_addr: listen_addr("--metrics-bind-address", &a.metrics_bind_address)?,
         status_file,
+        kube_proxy_rules: a.kube_proxy_rules,
     })
     .await
 }

@@ -70,6 +70,8 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Where `ferry status` finds the agent's report (None: not written).
     pub status_file: Option<PathBuf>,
+    /// What to do about kube-proxy's rules found at start.
+    pub kube_proxy_rules: crate::kubeproxy::KubeProxyRules,
 }
 
 /// The sync side: input → maps.
@@ -292,6 +294,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     dataplane::ensure_bpffs()?;
     let _pin_lock = crate::pinlock::acquire(&cfg.dataplane.bpffs_dir)?;
     let reporter = Reporter::new(cfg.status_file.clone(), initial_report(&cfg));
+    crate::kubeproxy::check(cfg.kube_proxy_rules)?;
     let health = Arc::new(Health::new(cfg.healthz_timeout));
     let metrics = Arc::new(Metrics::new(
         Some(cfg.dataplane.bpffs_dir.clone()),

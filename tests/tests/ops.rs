@@ -324,3 +324,40 @@ fn metrics_named_by_the_dashboard_and_alerts_exist() -> Result<()> {
     }
     Ok(())
 }
+
+const KUBE_PROXY_WARNING: &str = "kube-proxy's rules are on this node";
+
+#[test]
+fn kube_proxy_rules_are_reported_at_start_and_nothing_is_said_without_them() -> Result<()> {
+    // Without: silent.
+    let (clean, _) = serving_lab(LabOptions::new("nokp"))?;
+    let log = clean.agent_log();
+    assert!(log.contains("ferry agent started") && !log.contains("kube-proxy"), "{log}");
+    drop(clean);
+
+    // With KUBE-SERVICES in iptables-nft's and iptables-legacy's nat table
+    // of the node (its own network namespace) before the agent starts.
+    let mut lab = Lab::start(LabOptions { agent: false, ..LabOptions::new("kp") })?;
+    for iptables in ["iptables", "iptables-legacy"] {
+        ferry_tests::sys::netns_exec(&lab.node, iptables, &["-t", "nat", "-N", "KUBE-SERVICES"])?;
+    }
+    lab.start_agent()?;
+    lab.wait_until(Duration::from_secs(15), "the agent started", || Ok(lab.agent_log().contains("ferry agent started")))?;
+    let log = lab.agent_log();
+    let warning = log.lines().find(|l| l.contains(KUBE_PROXY_WARNING)).with_context(|| format!("no warning:\n{log}"))?;
+    for want in [
+        "WARN",
+        "iptables-nft: chain KUBE-SERVICES in nftables table ip nat",
+        "iptables-legacy: chain KUBE-SERVICES in table nat",
+        "kube-proxy --cleanup",
+    ] {
+        assert!(warning.contains(want), "{want:?} in the warning: {warning}");
+    }
+
+    // --kube-proxy-rules=fail: refuses to start, saying why.
+    lab.stop_agent();
+    let (status, out) = lab.agent_once(&["--kube-proxy-rules", "fail"], Duration::from_secs(10))?;
+    assert!(status.is_some_and(|s| !s.success()), "refused: {status:?}\n{out}");
+    assert!(out.contains(KUBE_PROXY_WARNING) && out.contains("--kube-proxy-rules=warn"), "{out}");
+    Ok(())
+}
