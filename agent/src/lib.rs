@@ -8,6 +8,7 @@ pub mod health;
 pub mod healthcheck;
 pub mod inspect;
 pub mod kubeproxy;
+pub mod kubeproxyconfig;
 pub mod loader;
 pub mod logging;
 pub mod maps;

@@ -2,8 +2,8 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferry_agent::{dataplane, inspect, kubeproxy, logging, mountns, run, status, translate};
+use clap::{parser::ValueSource, ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
+use ferry_agent::{dataplane, inspect, kubeproxy, kubeproxyconfig, logging, mountns, run, status, translate};
 use ferry_common::{DEFAULT_BACKENDS_MAX, DEFAULT_CT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SRC_RANGES_MAX};
 
 #[derive(Parser)]
@@ -143,6 +143,12 @@ enum Output {
 
 #[derive(Args)]
 struct AgentArgs {
+    /// A kube-proxy configuration file (KubeProxyConfiguration,
+    /// kubeproxy.config.k8s.io/v1alpha1): the fields that mean the same here set
+    /// the matching flags (flags on the command line win); the others are
+    /// logged by name.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Standalone mode: Kubernetes YAML in DIR (Services, EndpointSlices, Endpoints;
     /// Pods and Deployments are the shim's), watched for changes. Without it the
     /// agent runs in cluster mode and watches the Kubernetes API.
@@ -267,7 +273,8 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     logging::init(cli.log_format);
     // Before any thread exists (setns into a mount namespace requires it).
     if let Some(pid) = mountns::rejoin_launcher_mount_ns()? {
@@ -278,7 +285,10 @@ fn run() -> Result<()> {
     }
     let rt = tokio::runtime::Runtime::new()?;
     match cli.cmd {
-        Cmd::Agent(a) => rt.block_on(agent(a)),
+        Cmd::Agent(a) => {
+            let cfg = agent_config(a, matches.subcommand_matches("agent"))?;
+            rt.block_on(run::run(cfg))
+        }
         Cmd::Shim(a) => rt.block_on(ferry_shim::run_shim(a)),
         Cmd::Echo(a) => rt.block_on(ferry_shim::run_echo(a)),
         Cmd::Status(a) => rt.block_on(print_status(a)),
@@ -337,7 +347,46 @@ async fn cleanup(a: CleanupArgs) -> Result<()> {
     Ok(())
 }
 
-async fn agent(a: AgentArgs) -> Result<()> {
+/// Applies `--config FILE` to the flags that were not given (on the command
+/// line or by environment): the file overrides defaults, flags override the
+/// file.
+fn apply_config_file(a: &mut AgentArgs, given: Option<&ArgMatches>) -> Result<()> {
+    let Some(path) = a.config.clone() else {
+        return Ok(());
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let loaded = kubeproxyconfig::load(&path, cpus)?;
+    for field in &loaded.ignored {
+        tracing::warn!(file = %path.display(), "--config: {field}");
+    }
+    let unset = |id: &str| {
+        !matches!(
+            given.and_then(|m| m.value_source(id)),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let s = loaded.settings;
+    set(unset("node_name"), &mut a.node.node_name, s.node_name.map(Some));
+    set(unset("kubeconfig") && a.manifests.is_none(), &mut a.kubeconfig, s.kubeconfig.map(Some));
+    set(unset("healthz_bind_address"), &mut a.healthz_bind_address, s.healthz_bind_address);
+    set(unset("metrics_bind_address"), &mut a.metrics_bind_address, s.metrics_bind_address);
+    set(unset("nodeport_addresses"), &mut a.nodeport_addresses, s.nodeport_addresses);
+    set(unset("ct_map_size"), &mut a.ct_map_size, s.ct_map_size);
+    set(unset("sync_period_seconds"), &mut a.sync_period_seconds, s.sync_period_seconds);
+    set(unset("sync_debounce_ms"), &mut a.sync_debounce_ms, s.sync_debounce_ms);
+    Ok(())
+}
+
+/// `*slot = value` when `unset` and the file has a value.
+fn set<T>(unset: bool, slot: &mut T, value: Option<T>) {
+    if let (true, Some(v)) = (unset, value) {
+        *slot = v;
+    }
+}
+
+/// The agent's configuration from its flags (and `--config`).
+fn agent_config(mut a: AgentArgs, given: Option<&ArgMatches>) -> Result<run::Config> {
+    apply_config_file(&mut a, given)?;
     let mode = match a.manifests {
         Some(manifests) => run::Mode::Standalone {
             manifests,
@@ -358,7 +407,7 @@ async fn agent(a: AgentArgs) -> Result<()> {
     };
     let pod_endpoints = matches!(mode, run::Mode::Standalone { .. });
     let status_file = a.status_file.path(&node);
-    run::run(run::Config {
+    Ok(run::Config {
         mode,
         translate: translate::Config {
             service_cidr: a.service_cluster_ip_range,
@@ -397,5 +446,66 @@ async fn agent(a: AgentArgs) -> Result<()> {
         status_file,
         kube_proxy_rules: a.kube_proxy_rules,
     })
-    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent's configuration for a command line.
+    fn config(args: &[&str]) -> run::Config {
+        let m = Cli::command().try_get_matches_from(args).unwrap();
+        let Cmd::Agent(a) = Cli::from_arg_matches(&m).unwrap().cmd else {
+            panic!("not the agent: {args:?}")
+        };
+        agent_config(a, m.subcommand_matches("agent")).unwrap()
+    }
+
+    #[test]
+    fn a_kube_proxy_configuration_drives_the_same_config_as_the_flags_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("ferry-kpconfig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kube-proxy.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+             kind: KubeProxyConfiguration\n\
+             hostnameOverride: node-7\n\
+             clientConnection: {kubeconfig: /etc/kube/kp.conf}\n\
+             healthzBindAddress: 127.0.0.1:10266\n\
+             metricsBindAddress: 127.0.0.1:10267\n\
+             nodePortAddresses: [192.168.0.0/16]\n\
+             conntrack: {maxPerCore: 1, min: 100000}\n\
+             syncPeriod: 45s\n\
+             minSyncPeriod: 250ms\n\
+             mode: ipvs\n",
+        )
+        .unwrap();
+        let path = file.display().to_string();
+        let from_file = config(&["ferry", "agent", "--config", &path, "--cgroup-path", "none"]);
+        let from_flags = config(&[
+            "ferry", "agent", "--node-name", "node-7", "--kubeconfig", "/etc/kube/kp.conf",
+            "--healthz-bind-address", "127.0.0.1:10266", "--metrics-bind-address", "127.0.0.1:10267",
+            "--nodeport-addresses", "192.168.0.0/16", "--ct-map-size", "200000",
+            "--sync-period-seconds", "45", "--sync-debounce-ms", "250", "--cgroup-path", "none",
+        ]);
+        assert_eq!(format!("{from_file:?}"), format!("{from_flags:?}"));
+        assert_eq!(from_file.dataplane.ct_max, 200000, "100000 connections, two entries each");
+
+        let mixed = config(&[
+            "ferry", "agent", "--config", &path, "--healthz-bind-address", "127.0.0.1:1", "--node-name", "n2",
+            "--cgroup-path", "none",
+        ]);
+        assert_eq!(mixed.healthz_addr, Some("127.0.0.1:1".parse().unwrap()), "the flag wins");
+        assert_eq!(mixed.node, "n2", "the flag wins");
+        assert_eq!(mixed.metrics_addr, from_file.metrics_addr, "the file still sets the rest");
+        assert_eq!(mixed.sync_period, Duration::from_secs(45));
+
+        let standalone = config(&["ferry", "agent", "--config", &path, "--manifests", "/tmp", "--cgroup-path", "none"]);
+        assert!(
+            matches!(standalone.mode, run::Mode::Standalone { .. }),
+            "clientConnection.kubeconfig does not turn --manifests into cluster mode"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -361,3 +361,33 @@ fn kube_proxy_rules_are_reported_at_start_and_nothing_is_said_without_them() -> 
     assert!(out.contains(KUBE_PROXY_WARNING) && out.contains("--kube-proxy-rules=warn"), "{out}");
     Ok(())
 }
+
+#[test]
+fn a_kube_proxy_configuration_file_drives_the_agent() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("ferry-kpconfig-lab-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("kube-proxy.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+         kind: KubeProxyConfiguration\n\
+         healthzBindAddress: 127.0.0.1:10266\n\
+         metricsBindAddress: 127.0.0.1:10267\n\
+         clusterCIDR: 10.244.0.0/16\n\
+         notAField: 1\n",
+    )?;
+    let opts = LabOptions {
+        agent_args: vec!["--config".into(), file.display().to_string()],
+        ..LabOptions::new("kpconf").scratch_dir(&dir)
+    };
+    let (lab, _client) = serving_lab(opts)?;
+    let (code, _) = ferry_tests::http_get(&lab.node, "127.0.0.1:10266".parse()?, "/readyz")?;
+    assert_eq!(code, 200, "/readyz where healthzBindAddress says");
+    let (code, body) = ferry_tests::http_get(&lab.node, "127.0.0.1:10267".parse()?, "/metrics")?;
+    assert!(code == 200 && body.contains("ferry_services 1"), "/metrics where metricsBindAddress says: {body}");
+    assert!(ferry_tests::http_get(&lab.node, "127.0.0.1:10256".parse()?, "/readyz").is_err(), "not on the default port");
+    let log = lab.agent_log();
+    assert!(log.contains("--config: notAField: unknown field"), "{log}");
+    assert!(log.contains("--config: clusterCIDR: not used"), "{log}");
+    Ok(())
+}
