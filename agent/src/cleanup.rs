@@ -40,7 +40,11 @@ pub type Done = Vec<String>;
 
 /// Removes Ferry's attachments and pins for the pin directory `dir`. Must run
 /// in the node's network namespace (for the interfaces' attachments).
-pub async fn cleanup(dir: &Path, status_file: Option<&Path>, force: bool) -> Result<Done, CleanupError> {
+pub async fn cleanup(
+    dir: &Path,
+    status_file: Option<&Path>,
+    force: bool,
+) -> Result<Done, CleanupError> {
     if let Some(pid) = pinlock::held_by(dir)? {
         if !force {
             return Err(CleanupError::AgentRunning {
@@ -48,7 +52,10 @@ pub async fn cleanup(dir: &Path, status_file: Option<&Path>, force: bool) -> Res
                 pid,
             });
         }
-        tracing::warn!("an agent holds {}; going on (--force): it will serve nothing", dir.display());
+        tracing::warn!(
+            "an agent holds {}; going on (--force): it will serve nothing",
+            dir.display()
+        );
     }
     let mut done = Done::new();
     let mut left = Vec::new();
@@ -66,7 +73,10 @@ pub async fn cleanup(dir: &Path, status_file: Option<&Path>, force: bool) -> Res
             path: dir.to_path_buf(),
             source,
         })?;
-        done.push(format!("removed the pin directory {} (and its maps)", dir.display()));
+        done.push(format!(
+            "removed the pin directory {} (and its maps)",
+            dir.display()
+        ));
     }
     if let Some(f) = status_file.filter(|f| f.exists()) {
         if std::fs::remove_file(f).is_ok() {
@@ -117,13 +127,17 @@ async fn detach_unpinned() -> Result<(Done, Vec<String>), CleanupError> {
         .collect();
     for (link, prog) in &links {
         match bpfsys::link_get_fd_by_id(*link).and_then(|fd| bpfsys::link_detach(fd.as_fd())) {
-            Ok(()) => done.push(format!("detached link {link} of program {prog} (not pinned)")),
+            Ok(()) => done.push(format!(
+                "detached link {link} of program {prog} (not pinned)"
+            )),
             Err(e) => left.push(format!("link {link} of program {prog}: {e}")),
         }
     }
     for (id, name, ifname) in progs {
         if !links.iter().any(|(_, p)| *p == id) {
-            left.push(format!("{name} (program {id}) on {ifname} is attached without a link"));
+            left.push(format!(
+                "{name} (program {id}) on {ifname} is attached without a link"
+            ));
         }
     }
     Ok((done, left))

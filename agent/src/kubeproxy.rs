@@ -40,9 +40,14 @@ pub enum Finding {
 impl fmt::Display for Finding {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Legacy { table } => write!(f, "iptables-legacy: chain KUBE-SERVICES in table {table}"),
+            Self::Legacy { table } => {
+                write!(f, "iptables-legacy: chain KUBE-SERVICES in table {table}")
+            }
             Self::NftChain { family, table } => {
-                write!(f, "iptables-nft: chain KUBE-SERVICES in nftables table {family} {table}")
+                write!(
+                    f,
+                    "iptables-nft: chain KUBE-SERVICES in nftables table {family} {table}"
+                )
             }
             Self::NftTable { family } => write!(f, "nftables: table {family} kube-proxy"),
         }
@@ -56,7 +61,9 @@ impl Finding {
             Self::Legacy { .. } | Self::NftChain { .. } => {
                 "kube-proxy --cleanup (from the kube-proxy image, on the host network)".into()
             }
-            Self::NftTable { family } => format!("nft delete table {family} kube-proxy (or kube-proxy --cleanup)"),
+            Self::NftTable { family } => {
+                format!("nft delete table {family} kube-proxy (or kube-proxy --cleanup)")
+            }
         }
     }
 }
@@ -73,7 +80,11 @@ pub enum KubeProxyError {
 }
 
 fn list(found: &[Finding]) -> String {
-    found.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+    found
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn cleanups(found: &[Finding]) -> String {
@@ -126,7 +137,9 @@ pub fn detect() -> (Vec<Finding>, Vec<String>) {
     for table in tables.lines().map(str::trim).filter(|t| !t.is_empty()) {
         match legacy_chains(table) {
             Ok(chains) if chains.iter().any(|c| c == KUBE_SERVICES) => {
-                found.push(Finding::Legacy { table: table.to_string() })
+                found.push(Finding::Legacy {
+                    table: table.to_string(),
+                })
             }
             Ok(_) => {}
             Err(e) => errors.push(format!("reading ip_tables table {table}: {e}")),
@@ -157,7 +170,10 @@ fn nft_findings(chains: &[NftChain]) -> Vec<Finding> {
     for (family, table, chain) in chains {
         let family = family_name(*family);
         if chain == KUBE_SERVICES && table != "kube-proxy" {
-            out.push(Finding::NftChain { family, table: table.clone() });
+            out.push(Finding::NftChain {
+                family,
+                table: table.clone(),
+            });
         }
         let t = Finding::NftTable { family };
         if table == "kube-proxy" && !out.contains(&t) {
@@ -226,7 +242,10 @@ fn parse_chain_dump(buf: &[u8], out: &mut Vec<NftChain>) -> io::Result<bool> {
     while at + 16 <= buf.len() {
         let len = u32_at(buf, at).ok_or_else(truncated)? as usize;
         let kind = u16_at(buf, at + 4).ok_or_else(truncated)?;
-        let msg = buf.get(at..at + len).filter(|_| len >= 16).ok_or_else(truncated)?;
+        let msg = buf
+            .get(at..at + len)
+            .filter(|_| len >= 16)
+            .ok_or_else(truncated)?;
         match kind {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
@@ -300,7 +319,15 @@ fn legacy_chains(table: &str) -> io::Result<Vec<String>> {
 fn getsockopt(sock: &std::net::UdpSocket, opt: libc::c_int, buf: &mut [u8]) -> io::Result<()> {
     let mut len = buf.len() as libc::socklen_t;
     // SAFETY: `buf` is valid for `len` bytes for the call.
-    let rc = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::IPPROTO_IP, opt, buf.as_mut_ptr().cast(), &mut len) };
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            opt,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
     if rc == 0 {
         Ok(())
     } else {
@@ -313,11 +340,18 @@ fn getsockopt(sock: &std::net::UdpSocket, opt: libc::c_int, buf: &mut [u8]) -> i
 fn error_targets(table: &[u8]) -> Vec<String> {
     let mut out = Vec::new();
     let mut at = 0;
-    while let (Some(target), Some(next)) = (u16_at(table, at + ENTRY_TARGET_OFFSET), u16_at(table, at + ENTRY_NEXT_OFFSET)) {
+    while let (Some(target), Some(next)) = (
+        u16_at(table, at + ENTRY_TARGET_OFFSET),
+        u16_at(table, at + ENTRY_NEXT_OFFSET),
+    ) {
         let t = at + target as usize;
         if let Some(header) = table.get(t..t + TARGET_HEADER) {
             if cstr(&header[2..31]) == "ERROR" {
-                let data = cstr(table.get(t + TARGET_HEADER..at + next as usize).unwrap_or_default());
+                let data = cstr(
+                    table
+                        .get(t + TARGET_HEADER..at + next as usize)
+                        .unwrap_or_default(),
+                );
                 if data != "ERROR" {
                     out.push(data);
                 }
@@ -370,18 +404,31 @@ mod tests {
         let mut chains = Vec::new();
         assert!(!parse_chain_dump(&buf, &mut chains).unwrap(), "no DONE yet");
         assert_eq!(chains.len(), 5);
-        assert_eq!(chains[1], (2, "nat".to_string(), "KUBE-SERVICES".to_string()));
+        assert_eq!(
+            chains[1],
+            (2, "nat".to_string(), "KUBE-SERVICES".to_string())
+        );
         assert!(parse_chain_dump(&nlmsg(NLMSG_DONE, &[0; 4]), &mut chains).unwrap());
         assert_eq!(
             nft_findings(&chains),
             vec![
-                Finding::NftChain { family: "ip", table: "nat".into() },
+                Finding::NftChain {
+                    family: "ip",
+                    table: "nat".into()
+                },
                 Finding::NftTable { family: "ip6" },
             ]
         );
-        let err = parse_chain_dump(&nlmsg(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes()), &mut chains).unwrap_err();
+        let err = parse_chain_dump(
+            &nlmsg(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes()),
+            &mut chains,
+        )
+        .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
-        assert!(parse_chain_dump(&buf[..30], &mut Vec::new()).is_err(), "truncated");
+        assert!(
+            parse_chain_dump(&buf[..30], &mut Vec::new()).is_err(),
+            "truncated"
+        );
     }
 
     /// An ipt_entry with a target of `name` and `data`.

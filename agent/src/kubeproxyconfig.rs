@@ -3,7 +3,11 @@
 //! is. The fields that mean the same thing here become the matching flags'
 //! values (flags given on the command line win); every other field is
 //! reported by name, with why it does not apply.
-use std::{net::SocketAddr, path::{Path, PathBuf}, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde_yaml::{Mapping, Value};
 
@@ -43,11 +47,21 @@ pub struct Loaded {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not YAML: {source}")]
-    Yaml { path: PathBuf, source: serde_yaml::Error },
+    Yaml {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
     #[error("{path}: {field}: {message}")]
-    Field { path: PathBuf, field: String, message: String },
+    Field {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
 }
 
 /// Reads `path`; `cpus` scales conntrack.maxPerCore.
@@ -83,12 +97,27 @@ fn bad(field: &str, message: impl Into<String>) -> Parse {
 
 /// Fields kube-proxy has that do nothing here, and why.
 const NO_EQUIVALENT: &[(&str, &str)] = &[
-    ("bindAddress", "Ferry serves Services in the kernel, it binds no proxy address"),
+    (
+        "bindAddress",
+        "Ferry serves Services in the kernel, it binds no proxy address",
+    ),
     ("bindAddressHardFail", "Ferry binds no proxy address"),
-    ("clusterCIDR", "Ferry tells Pod traffic by interface (Pod veths), not by CIDR"),
-    ("detectLocalMode", "Ferry tells Pod traffic by interface (Pod veths)"),
-    ("detectLocal", "Ferry tells Pod traffic by interface (Pod veths)"),
-    ("mode", "Ferry is the proxy (eBPF); there is no mode to choose"),
+    (
+        "clusterCIDR",
+        "Ferry tells Pod traffic by interface (Pod veths), not by CIDR",
+    ),
+    (
+        "detectLocalMode",
+        "Ferry tells Pod traffic by interface (Pod veths)",
+    ),
+    (
+        "detectLocal",
+        "Ferry tells Pod traffic by interface (Pod veths)",
+    ),
+    (
+        "mode",
+        "Ferry is the proxy (eBPF); there is no mode to choose",
+    ),
     ("portRange", "deprecated in kube-proxy, and unused"),
     ("oomScoreAdj", "set the Pod's resources instead"),
     ("enableProfiling", "not implemented"),
@@ -97,14 +126,22 @@ const NO_EQUIVALENT: &[(&str, &str)] = &[
     ("winkernel", "Windows only"),
     ("windowsRunAsService", "Windows only"),
     ("logging", "use --log-format and RUST_LOG"),
-    ("configSyncPeriod", "Ferry watches the objects; there is no config resync"),
-    ("masqueradeAll", "Ferry SNATs only what needs it (hairpin, remote backends of external traffic)"),
+    (
+        "configSyncPeriod",
+        "Ferry watches the objects; there is no config resync",
+    ),
+    (
+        "masqueradeAll",
+        "Ferry SNATs only what needs it (hairpin, remote backends of external traffic)",
+    ),
 ];
 
 /// Reads a KubeProxyConfiguration document; `cpus` scales maxPerCore.
 pub fn parse(text: &str, cpus: u32) -> Result<Loaded, Parse> {
     let doc: Value = serde_yaml::from_str(text).map_err(Parse::Yaml)?;
-    let map = doc.as_mapping().ok_or_else(|| bad("(document)", "expected a mapping"))?;
+    let map = doc
+        .as_mapping()
+        .ok_or_else(|| bad("(document)", "expected a mapping"))?;
     let mut out = Loaded::default();
     check_type(map)?;
     for (key, value) in map {
@@ -120,7 +157,10 @@ pub fn parse(text: &str, cpus: u32) -> Result<Loaded, Parse> {
 fn check_type(map: &Mapping) -> Result<(), Parse> {
     let get = |k: &str| map.get(k).and_then(Value::as_str);
     if get("apiVersion") != Some(API_VERSION) {
-        return Err(bad("apiVersion", format!("want {API_VERSION}, got {:?}", get("apiVersion"))));
+        return Err(bad(
+            "apiVersion",
+            format!("want {API_VERSION}, got {:?}", get("apiVersion")),
+        ));
     }
     if get("kind") != Some(KIND) {
         return Err(bad("kind", format!("want {KIND}, got {:?}", get("kind"))));
@@ -136,7 +176,9 @@ fn field(key: &str, value: &Value, cpus: u32, out: &mut Loaded) -> Result<(), Pa
         "hostnameOverride" => s.node_name = non_empty(string(key, value)?),
         "healthzBindAddress" => s.healthz_bind_address = Some(bind_address(key, value)?),
         "metricsBindAddress" => s.metrics_bind_address = Some(bind_address(key, value)?),
-        "nodePortAddresses" => s.nodeport_addresses = node_port_addresses(key, value, &mut out.ignored)?,
+        "nodePortAddresses" => {
+            s.nodeport_addresses = node_port_addresses(key, value, &mut out.ignored)?
+        }
         "clientConnection" => client_connection(value, out)?,
         "conntrack" => conntrack(value, cpus, out)?,
         "syncPeriod" => s.sync_period_seconds = Some(seconds(key, value)?),
@@ -152,7 +194,9 @@ fn field(key: &str, value: &Value, cpus: u32, out: &mut Loaded) -> Result<(), Pa
 }
 
 fn string(field: &str, v: &Value) -> Result<String, Parse> {
-    v.as_str().map(str::to_string).ok_or_else(|| bad(field, "expected a string"))
+    v.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| bad(field, "expected a string"))
 }
 
 fn non_empty(s: String) -> Option<String> {
@@ -163,7 +207,8 @@ fn non_empty(s: String) -> Option<String> {
 fn bind_address(field: &str, v: &Value) -> Result<String, Parse> {
     let s = string(field, v)?;
     if !s.is_empty() {
-        s.parse::<SocketAddr>().map_err(|e| bad(field, format!("{s:?}: want IP:PORT: {e}")))?;
+        s.parse::<SocketAddr>()
+            .map_err(|e| bad(field, format!("{s:?}: want IP:PORT: {e}")))?;
     }
     Ok(s)
 }
@@ -175,7 +220,9 @@ fn node_port_addresses(
     v: &Value,
     ignored: &mut Vec<String>,
 ) -> Result<Option<Vec<ipnet::Ipv4Net>>, Parse> {
-    let items = v.as_sequence().ok_or_else(|| bad(field, "expected a list of CIDRs"))?;
+    let items = v
+        .as_sequence()
+        .ok_or_else(|| bad(field, "expected a list of CIDRs"))?;
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let at = format!("{field}[{i}]");
@@ -183,9 +230,9 @@ fn node_port_addresses(
         match s.parse::<ipnet::IpNet>() {
             Ok(ipnet::IpNet::V4(n)) => out.push(n),
             Ok(ipnet::IpNet::V6(_)) => ignored.push(format!("{at}: {s}: IPv6 is not supported")),
-            Err(_) if s == "primary" => {
-                ignored.push(format!("{at}: primary: the default already (the addresses of --devices)"))
-            }
+            Err(_) if s == "primary" => ignored.push(format!(
+                "{at}: primary: the default already (the addresses of --devices)"
+            )),
             Err(e) => return Err(bad(&at, format!("{s:?}: {e}"))),
         }
     }
@@ -193,7 +240,8 @@ fn node_port_addresses(
 }
 
 fn mapping<'a>(field: &str, v: &'a Value) -> Result<&'a Mapping, Parse> {
-    v.as_mapping().ok_or_else(|| bad(field, "expected a mapping"))
+    v.as_mapping()
+        .ok_or_else(|| bad(field, "expected a mapping"))
 }
 
 /// Walks a nested mapping: `f(key, value)` for each field, unknown ones named
@@ -229,7 +277,11 @@ fn client_connection(v: &Value, out: &mut Loaded) -> Result<(), Parse> {
 fn conntrack(v: &Value, cpus: u32, out: &mut Loaded) -> Result<(), Parse> {
     let (mut per_core, mut min) = (None, None);
     each("conntrack", v, out, |key, path, value, _| {
-        let int = || value.as_u64().ok_or_else(|| bad(path, "expected a non-negative integer"));
+        let int = || {
+            value
+                .as_u64()
+                .ok_or_else(|| bad(path, "expected a non-negative integer"))
+        };
         Ok(match key {
             "maxPerCore" => {
                 per_core = Some(int()?);
@@ -247,8 +299,12 @@ fn conntrack(v: &Value, cpus: u32, out: &mut Loaded) -> Result<(), Parse> {
         return Ok(());
     };
     let connections = (per_core * u64::from(cpus)).max(min.unwrap_or(0));
-    let entries = u32::try_from(connections * 2)
-        .map_err(|_| bad("conntrack.maxPerCore", format!("{connections} connections is too many")))?;
+    let entries = u32::try_from(connections * 2).map_err(|_| {
+        bad(
+            "conntrack.maxPerCore",
+            format!("{connections} connections is too many"),
+        )
+    })?;
     out.settings.ct_map_size = Some(entries);
     Ok(())
 }
@@ -275,8 +331,12 @@ fn proxier(key: &str, v: &Value, out: &mut Loaded) -> Result<(), Parse> {
 fn feature_gates(v: &Value, ignored: &mut Vec<String>) -> Result<(), Parse> {
     for (k, value) in mapping("featureGates", v)? {
         let gate = k.as_str().unwrap_or_default();
-        let on = value.as_bool().ok_or_else(|| bad(&format!("featureGates.{gate}"), "expected true or false"))?;
-        ignored.push(format!("featureGates.{gate}={on}: Ferry has no feature gates; its behaviour is fixed"));
+        let on = value
+            .as_bool()
+            .ok_or_else(|| bad(&format!("featureGates.{gate}"), "expected true or false"))?;
+        ignored.push(format!(
+            "featureGates.{gate}={on}: Ferry has no feature gates; its behaviour is fixed"
+        ));
     }
     Ok(())
 }
@@ -295,7 +355,12 @@ fn millis(field: &str, v: &Value) -> Result<u64, Parse> {
 
 fn duration(field: &str, v: &Value) -> Result<Duration, Parse> {
     let s = string(field, v)?;
-    go_duration(&s).ok_or_else(|| bad(field, format!("{s:?}: want a duration like 30s, 1m0s or 500ms")))
+    go_duration(&s).ok_or_else(|| {
+        bad(
+            field,
+            format!("{s:?}: want a duration like 30s, 1m0s or 500ms"),
+        )
+    })
 }
 
 /// A Go duration string: `0`, or numbers with units h, m, s, ms, us/µs, ns.
@@ -309,7 +374,9 @@ pub fn go_duration(s: &str) -> Option<Duration> {
         let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
         let value: f64 = rest[..num_end].parse().ok()?;
         rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let scale = match &rest[..unit_end] {
             "h" => 3600.0,
             "m" => 60.0,
@@ -382,7 +449,11 @@ fancyNewThing: 3
             "featureGates.SomeGate=true",
             "fancyNewThing: unknown field",
         ] {
-            assert!(l.ignored.iter().any(|i| i.starts_with(name)), "{name} is reported: {:#?}", l.ignored);
+            assert!(
+                l.ignored.iter().any(|i| i.starts_with(name)),
+                "{name} is reported: {:#?}",
+                l.ignored
+            );
         }
         assert_eq!(l.ignored.len(), 9, "{:#?}", l.ignored);
     }
@@ -403,7 +474,9 @@ fancyNewThing: 3
                 other => panic!("{body}: {other:?}"),
             }
         }
-        assert!(matches!(parse("kind: KubeProxyConfiguration\n", 1), Err(Parse::Field(f, _)) if f == "apiVersion"));
+        assert!(
+            matches!(parse("kind: KubeProxyConfiguration\n", 1), Err(Parse::Field(f, _)) if f == "apiVersion")
+        );
         assert!(matches!(parse("[", 1), Err(Parse::Yaml(_))));
     }
 

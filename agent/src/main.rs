@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node agent: program Services into the eBPF dataplane.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Services and their backends, as programmed in the maps.
     Svc {
         #[command(subcommand)]
@@ -286,7 +286,7 @@ fn run() -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     match cli.cmd {
         Cmd::Agent(a) => {
-            let cfg = agent_config(a, matches.subcommand_matches("agent"))?;
+            let cfg = agent_config(*a, matches.subcommand_matches("agent"))?;
             rt.block_on(run::run(cfg))
         }
         Cmd::Shim(a) => rt.block_on(ferry_shim::run_shim(a)),
@@ -458,7 +458,7 @@ mod tests {
         let Cmd::Agent(a) = Cli::from_arg_matches(&m).unwrap().cmd else {
             panic!("not the agent: {args:?}")
         };
-        agent_config(a, m.subcommand_matches("agent")).unwrap()
+        agent_config(*a, m.subcommand_matches("agent")).unwrap()
     }
 
     #[test]

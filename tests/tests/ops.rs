@@ -29,37 +29,62 @@ fn serving_lab(opts: LabOptions) -> Result<(Lab, String)> {
 }
 
 #[test]
-fn a_second_agent_for_the_same_pin_directory_is_refused_and_the_first_keeps_serving() -> Result<()> {
+fn a_second_agent_for_the_same_pin_directory_is_refused_and_the_first_keeps_serving() -> Result<()>
+{
     let (mut lab, client) = serving_lab(LabOptions::new("pinlock"))?;
     let pid = lab.agent_pid().context("the lab's agent")?;
     // Other ports: were the lock missing, the second agent would start.
     let (status, out) = lab.agent_once(
-        &["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", ""],
+        &[
+            "--healthz-bind-address",
+            "127.0.0.1:0",
+            "--metrics-bind-address",
+            "",
+        ],
         Duration::from_secs(10),
     )?;
     let status = status.with_context(|| format!("the second agent kept running:\n{out}"))?;
-    assert!(!status.success(), "the second agent exits non-zero: {status}\n{out}");
+    assert!(
+        !status.success(),
+        "the second agent exits non-zero: {status}\n{out}"
+    );
     let dir = lab.bpffs_dir.display().to_string();
     assert!(
-        out.contains(&format!("already uses the pin directory {dir}")) && out.contains(&format!("(PID {pid})")),
+        out.contains(&format!("already uses the pin directory {dir}"))
+            && out.contains(&format!("(PID {pid})")),
         "the refusal names the directory and the running agent's PID {pid}:\n{out}"
     );
     lab.check_alive()?;
     for _ in 0..5 {
-        assert_eq!(tcp_ask(&client, vip())?, "echo-a", "the first agent keeps serving");
+        assert_eq!(
+            tcp_ask(&client, vip())?,
+            "echo-a",
+            "the first agent keeps serving"
+        );
     }
     // Its log goes to a file, not a terminal: text without colour codes.
     let log = lab.agent_log();
     assert!(log.contains("ferry agent started"), "{log}");
-    assert!(!log.contains('\x1b'), "no ANSI escape sequences in a redirected log:\n{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "no ANSI escape sequences in a redirected log:\n{log}"
+    );
     Ok(())
 }
 
 /// The rows of `status["programs"]` for `interface` and `program`.
-fn program_rows<'a>(status: &'a serde_json::Value, interface: &str, program: &str) -> Vec<&'a serde_json::Value> {
+fn program_rows<'a>(
+    status: &'a serde_json::Value,
+    interface: &str,
+    program: &str,
+) -> Vec<&'a serde_json::Value> {
     status["programs"]
         .as_array()
-        .map(|rows| rows.iter().filter(|r| r["interface"] == interface && r["program"] == program).collect())
+        .map(|rows| {
+            rows.iter()
+                .filter(|r| r["interface"] == interface && r["program"] == program)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -69,72 +94,140 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
     // slots of a 4-entry services map. nodev0 does not exist (yet).
     let opts = LabOptions::new("status");
     let opts = LabOptions {
-        agent_args: vec!["--devices".into(), "nodev0".into(), "--services-map-size".into(), "4".into()],
+        agent_args: vec![
+            "--devices".into(),
+            "nodev0".into(),
+            "--services-map-size".into(),
+            "4".into(),
+        ],
         ..opts
     };
     let (mut lab, _client) = serving_lab(opts)?;
     let pid = lab.agent_pid().context("the lab's agent")?;
     let (healthy, s, stderr) = lab.status()?;
     let text = serde_json::to_string_pretty(&s)?;
-    assert!(!healthy, "a missing --devices entry is a problem (exit 1):\n{text}");
-    assert!(stderr.contains("unhealthy") && stderr.contains("nodev0"), "{stderr}");
+    assert!(
+        !healthy,
+        "a missing --devices entry is a problem (exit 1):\n{text}"
+    );
+    assert!(
+        stderr.contains("unhealthy") && stderr.contains("nodev0"),
+        "{stderr}"
+    );
     assert_eq!(s["agent"]["running"], true, "{text}");
     assert_eq!(s["agent"]["reporting"], true, "{text}");
     assert_eq!(s["agent"]["pid"], pid, "{text}");
     assert_eq!(s["agent"]["mode"], "standalone", "{text}");
     assert!(s["sync"]["generation"].as_u64().unwrap_or(0) >= 1, "{text}");
-    assert!(s["sync"]["age_seconds"].as_f64().is_some_and(|a| a < 60.0), "{text}");
+    assert!(
+        s["sync"]["age_seconds"].as_f64().is_some_and(|a| a < 60.0),
+        "{text}"
+    );
     let missing = program_rows(&s, "nodev0", "from_netdev");
     assert!(
-        missing.len() == 1 && missing[0]["attached"] == false
-            && missing[0]["error"].as_str().unwrap_or("").contains("no such interface"),
+        missing.len() == 1
+            && missing[0]["attached"] == false
+            && missing[0]["error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("no such interface"),
         "nodev0 is reported as not attached:\n{text}"
     );
     // from_pod on each Pod veth of the node, as the kernel lists TCX programs.
     let pods = s["programs"].as_array().map_or(0, |rows| {
-        rows.iter().filter(|r| r["program"] == "from_pod" && r["hook"] == "tcx ingress" && r["attached"] == true).count()
+        rows.iter()
+            .filter(|r| {
+                r["program"] == "from_pod" && r["hook"] == "tcx ingress" && r["attached"] == true
+            })
+            .count()
     });
-    assert_eq!(pods, 2, "from_pod on the veths of echo-a and client:\n{text}");
+    assert_eq!(
+        pods, 2,
+        "from_pod on the veths of echo-a and client:\n{text}"
+    );
     if lab.cgroup.is_some() {
         let cg = s["programs"].as_array().map_or(0, |rows| {
-            rows.iter().filter(|r| r["hook"] == "cgroup" && r["attached"] == true).count()
+            rows.iter()
+                .filter(|r| r["hook"] == "cgroup" && r["attached"] == true)
+                .count()
         });
-        assert_eq!(cg, 3, "connect4, sendmsg4 and recvmsg4 on the node's cgroup:\n{text}");
+        assert_eq!(
+            cg, 3,
+            "connect4, sendmsg4 and recvmsg4 on the node's cgroup:\n{text}"
+        );
     }
     let services = s["maps"]
         .as_array()
         .and_then(|m| m.iter().find(|m| m["name"] == "FERRY_SERVICES"))
         .with_context(|| format!("no FERRY_SERVICES row:\n{text}"))?;
-    assert_eq!((services["entries"].as_u64(), services["max"].as_u64()), (Some(4), Some(4)), "{text}");
+    assert_eq!(
+        (services["entries"].as_u64(), services["max"].as_u64()),
+        (Some(4), Some(4)),
+        "{text}"
+    );
     assert_eq!(services["warning"], true, "a full map is flagged:\n{text}");
     assert!(
-        s["warnings"].as_array().is_some_and(|w| w.iter().any(|w| w.as_str().unwrap_or("").contains("FERRY_SERVICES"))),
+        s["warnings"].as_array().is_some_and(|w| w
+            .iter()
+            .any(|w| w.as_str().unwrap_or("").contains("FERRY_SERVICES"))),
         "{text}"
     );
     assert_eq!(s["services"]["services"], 1, "{text}");
     assert_eq!(s["services"]["frontends"], 2, "{text}");
-    assert_eq!(s["services"]["backends"], 2, "one backend per port (TCP http, UDP 8080):\n{text}");
-    assert!(s["features"].as_array().is_some_and(|f| f.iter().any(|f| f["name"] == "tc_program" && f["available"] == true)), "{text}");
+    assert_eq!(
+        s["services"]["backends"], 2,
+        "one backend per port (TCP http, UDP 8080):\n{text}"
+    );
+    assert!(
+        s["features"].as_array().is_some_and(|f| f
+            .iter()
+            .any(|f| f["name"] == "tc_program" && f["available"] == true)),
+        "{text}"
+    );
 
     // The device appears: the agent attaches from_netdev, the problem is gone
     // (the full map stays a warning, not a failure).
-    ferry_tests::sys::netns_exec(&lab.node, "ip", &["link", "add", "nodev0", "type", "veth", "peer", "name", "nodev0p"])?;
+    ferry_tests::sys::netns_exec(
+        &lab.node,
+        "ip",
+        &[
+            "link", "add", "nodev0", "type", "veth", "peer", "name", "nodev0p",
+        ],
+    )?;
     ferry_tests::sys::netns_exec(&lab.node, "ip", &["link", "set", "nodev0", "up"])?;
-    lab.wait_until(Duration::from_secs(15), "ferry status healthy once nodev0 exists", || {
-        let (healthy, s, _) = lab.status()?;
-        let attached = program_rows(&s, "nodev0", "from_netdev").iter().any(|r| r["attached"] == true);
-        Ok(healthy && attached)
-    })?;
-    let table = lab.ferry(&["status", "--node-name", &lab.node, "--status-file", &lab.status_file().display().to_string()])?;
+    lab.wait_until(
+        Duration::from_secs(15),
+        "ferry status healthy once nodev0 exists",
+        || {
+            let (healthy, s, _) = lab.status()?;
+            let attached = program_rows(&s, "nodev0", "from_netdev")
+                .iter()
+                .any(|r| r["attached"] == true);
+            Ok(healthy && attached)
+        },
+    )?;
+    let table = lab.ferry(&[
+        "status",
+        "--node-name",
+        &lab.node,
+        "--status-file",
+        &lab.status_file().display().to_string(),
+    ])?;
     println!("ferry status:\n{table}");
     assert!(table.starts_with("Health:      OK"), "{table}");
-    assert!(table.contains("nodev0") && table.contains("FERRY_SERVICES"), "{table}");
+    assert!(
+        table.contains("nodev0") && table.contains("FERRY_SERVICES"),
+        "{table}"
+    );
 
     // No agent: unhealthy, and said so.
     lab.stop_agent();
     let (healthy, s, _) = lab.status()?;
     assert!(!healthy && s["agent"]["running"] == false, "{s:#}");
-    assert!(!lab.status_file().exists(), "the agent removes its report when it stops");
+    assert!(
+        !lab.status_file().exists(),
+        "the agent removes its report when it stops"
+    );
     lab.check_alive().ok();
     Ok(())
 }
@@ -145,13 +238,22 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
 fn kernel_listing(lab: &Lab) -> Result<String> {
     let mut out = ferry_tests::sys::netns_exec(&lab.node, "bpftool", &["net", "show"])?;
     if let Some(cg) = &lab.cgroup {
-        out.push_str(&ferry_tests::sys::run("bpftool", &["cgroup", "tree", &cg.display().to_string()])?);
+        out.push_str(&ferry_tests::sys::run(
+            "bpftool",
+            &["cgroup", "tree", &cg.display().to_string()],
+        )?);
     }
     Ok(out)
 }
 
-const FERRY_PROGRAMS: [&str; 6] =
-    ["from_pod", "from_netdev", "xdp_from_netdev", "sock_connect4", "sock_sendmsg4", "sock_recvmsg4"];
+const FERRY_PROGRAMS: [&str; 6] = [
+    "from_pod",
+    "from_netdev",
+    "xdp_from_netdev",
+    "sock_connect4",
+    "sock_sendmsg4",
+    "sock_recvmsg4",
+];
 
 /// The programs process `pid` holds (its fds of programs and links, from
 /// /proc/PID/fdinfo), by id, named as `bpftool prog show` lists them.
@@ -159,12 +261,17 @@ fn programs_of(pid: u32) -> Result<Vec<(u64, String)>> {
     let mut ids = std::collections::BTreeSet::new();
     for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
         let info = std::fs::read_to_string(e.path()).unwrap_or_default();
-        ids.extend(info.lines().filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse::<u64>().ok()));
+        ids.extend(
+            info.lines()
+                .filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse::<u64>().ok()),
+        );
     }
     ids.into_iter()
         .map(|id| {
-            let json: serde_json::Value =
-                serde_json::from_str(&ferry_tests::sys::run("bpftool", &["-j", "prog", "show", "id", &id.to_string()])?)?;
+            let json: serde_json::Value = serde_json::from_str(&ferry_tests::sys::run(
+                "bpftool",
+                &["-j", "prog", "show", "id", &id.to_string()],
+            )?)?;
             Ok((id, json["name"].as_str().unwrap_or_default().to_string()))
         })
         .collect()
@@ -178,64 +285,130 @@ fn program_exists(id: u64) -> bool {
 #[test]
 fn cleanup_leaves_no_program_or_pin_and_a_later_agent_starts_clean() -> Result<()> {
     let opts = LabOptions {
-        agent_args: vec!["--devices".into(), "nodev0".into(), "--xdp".into(), "--log-format".into(), "json".into()],
+        agent_args: vec![
+            "--devices".into(),
+            "nodev0".into(),
+            "--xdp".into(),
+            "--log-format".into(),
+            "json".into(),
+        ],
         ..LabOptions::new("cleanup")
     };
     let (mut lab, client) = serving_lab(opts)?;
-    ferry_tests::sys::netns_exec(&lab.node, "ip", &["link", "add", "nodev0", "type", "veth", "peer", "name", "nodev0p"])?;
+    ferry_tests::sys::netns_exec(
+        &lab.node,
+        "ip",
+        &[
+            "link", "add", "nodev0", "type", "veth", "peer", "name", "nodev0p",
+        ],
+    )?;
     ferry_tests::sys::netns_exec(&lab.node, "ip", &["link", "set", "nodev0", "up"])?;
-    lab.wait_until(Duration::from_secs(15), "XDP on nodev0", || Ok(kernel_listing(&lab)?.contains("nodev0")))?;
+    lab.wait_until(Duration::from_secs(15), "XDP on nodev0", || {
+        Ok(kernel_listing(&lab)?.contains("nodev0"))
+    })?;
     let before = kernel_listing(&lab)?;
     println!("before cleanup:\n{before}");
     let pid = lab.agent_pid().context("the lab's agent")?;
     let programs = programs_of(pid)?;
     println!("the agent's programs: {programs:?}");
-    let expected: &[&str] = if lab.cgroup.is_some() { &FERRY_PROGRAMS } else { &FERRY_PROGRAMS[..3] };
+    let expected: &[&str] = if lab.cgroup.is_some() {
+        &FERRY_PROGRAMS
+    } else {
+        &FERRY_PROGRAMS[..3]
+    };
     for p in expected {
-        assert!(programs.iter().any(|(_, n)| n == p), "the agent holds {p}: {programs:?}");
+        assert!(
+            programs.iter().any(|(_, n)| n == p),
+            "the agent holds {p}: {programs:?}"
+        );
     }
-    assert!(before.contains("nodev0") && (lab.cgroup.is_none() || before.contains("sock_connect4")), "{before}");
+    assert!(
+        before.contains("nodev0") && (lab.cgroup.is_none() || before.contains("sock_connect4")),
+        "{before}"
+    );
     let (node, status_file) = (lab.node.clone(), lab.status_file().display().to_string());
-    let cleanup = ["cleanup", "--node-name", node.as_str(), "--status-file", status_file.as_str()];
+    let cleanup = [
+        "cleanup",
+        "--node-name",
+        node.as_str(),
+        "--status-file",
+        status_file.as_str(),
+    ];
 
     // Refused while the agent runs.
     let out = lab.ferry_unchecked(&cleanup)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "refused while an agent runs: {stderr}");
     assert!(
-        stderr.contains(&format!("(PID {pid}) holds the pin directory {}", lab.bpffs_dir.display())),
+        !out.status.success(),
+        "refused while an agent runs: {stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "(PID {pid}) holds the pin directory {}",
+            lab.bpffs_dir.display()
+        )),
         "{stderr}"
     );
-    assert!(lab.bpffs_dir.is_dir() && kernel_listing(&lab)? == before, "nothing was removed");
+    assert!(
+        lab.bpffs_dir.is_dir() && kernel_listing(&lab)? == before,
+        "nothing was removed"
+    );
 
     // Stopped, the programs stay attached (held by the pinned links) until cleanup.
     lab.stop_agent();
-    assert!(programs.iter().all(|(id, _)| program_exists(*id)), "the pins keep every program");
+    assert!(
+        programs.iter().all(|(id, _)| program_exists(*id)),
+        "the pins keep every program"
+    );
     let out = lab.ferry_unchecked(&cleanup)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("ferry cleanup:\n{stdout}");
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let after = kernel_listing(&lab)?;
     println!("after cleanup:\n{after}");
-    assert!(!after.contains("nodev0"), "XDP is still attached after cleanup:\n{after}");
+    assert!(
+        !after.contains("nodev0"),
+        "XDP is still attached after cleanup:\n{after}"
+    );
     for p in FERRY_PROGRAMS {
-        assert!(!after.contains(p), "{p} is still attached after cleanup:\n{after}");
+        assert!(
+            !after.contains(p),
+            "{p} is still attached after cleanup:\n{after}"
+        );
     }
     // A program attached anywhere (TCX included) would still exist.
     for (id, name) in &programs {
-        assert!(!program_exists(*id), "program {id} ({name}) still exists after cleanup");
+        assert!(
+            !program_exists(*id),
+            "program {id} ({name}) still exists after cleanup"
+        );
     }
-    assert!(!lab.bpffs_dir.exists(), "the pin directory {} is gone", lab.bpffs_dir.display());
+    assert!(
+        !lab.bpffs_dir.exists(),
+        "the pin directory {} is gone",
+        lab.bpffs_dir.display()
+    );
     let again = lab.ferry_unchecked(&cleanup)?;
     assert!(
-        again.status.success() && String::from_utf8_lossy(&again.stdout).contains("nothing of Ferry's found"),
+        again.status.success()
+            && String::from_utf8_lossy(&again.stdout).contains("nothing of Ferry's found"),
         "a second cleanup finds nothing: {again:?}"
     );
 
     // A later agent starts from scratch and serves.
     lab.start_agent()?;
-    lab.wait_answered_by("the ClusterIP after cleanup", &["echo-a"], || tcp_ask(&client, vip()))?;
-    lab.wait_until(Duration::from_secs(15), "a healthy node after cleanup", || Ok(lab.status()?.0))?;
+    lab.wait_answered_by("the ClusterIP after cleanup", &["echo-a"], || {
+        tcp_ask(&client, vip())
+    })?;
+    lab.wait_until(
+        Duration::from_secs(15),
+        "a healthy node after cleanup",
+        || Ok(lab.status()?.0),
+    )?;
     assert_json_log(&lab.agent_log());
     Ok(())
 }
@@ -248,8 +421,19 @@ fn assert_json_log(log: &str) {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
         .collect();
-    assert!(lines.iter().all(|l| l["level"].is_string() && l["fields"]["message"].is_string()), "{log}");
-    assert!(lines.iter().any(|l| l["fields"]["message"] == "ferry agent started" && l["fields"]["mode"] == "standalone"), "{log}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["level"].is_string() && l["fields"]["message"].is_string()),
+        "{log}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["message"] == "ferry agent started"
+                && l["fields"]["mode"] == "standalone"),
+        "{log}"
+    );
 }
 
 /// The metric names of an exposition: every sample line's name and every
@@ -272,7 +456,9 @@ fn mentioned_names(text: &str) -> std::collections::BTreeSet<String> {
     let mut rest = text;
     while let Some(i) = rest.find("ferry_") {
         let tail = &rest[i..];
-        let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
         // `ferry_*` in prose is not a metric.
         if end > "ferry_".len() {
             out.insert(tail[..end].to_string());
@@ -287,8 +473,11 @@ fn metrics_named_by_the_dashboard_and_alerts_exist() -> Result<()> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring");
     let dashboard = std::fs::read_to_string(dir.join("ferry-dashboard.json"))?;
     let alerts = std::fs::read_to_string(dir.join("ferry-alerts.yaml"))?;
-    let dash_json: serde_json::Value = serde_json::from_str(&dashboard).context("the dashboard is JSON")?;
-    assert!(dash_json["panels"].as_array().is_some_and(|p| !p.is_empty()));
+    let dash_json: serde_json::Value =
+        serde_json::from_str(&dashboard).context("the dashboard is JSON")?;
+    assert!(dash_json["panels"]
+        .as_array()
+        .is_some_and(|p| !p.is_empty()));
     let rules: serde_yaml::Value = serde_yaml::from_str(&alerts).context("the alerts are YAML")?;
     let alert_names: Vec<&str> = rules["groups"][0]["rules"]
         .as_sequence()
@@ -296,8 +485,16 @@ fn metrics_named_by_the_dashboard_and_alerts_exist() -> Result<()> {
         .flatten()
         .filter_map(|r| r["alert"].as_str())
         .collect();
-    for want in ["FerrySyncFailing", "FerryMapNearlyFull", "FerryAttachErrors", "FerryDropsRising"] {
-        assert!(alert_names.contains(&want), "alert {want} is defined: {alert_names:?}");
+    for want in [
+        "FerrySyncFailing",
+        "FerryMapNearlyFull",
+        "FerryAttachErrors",
+        "FerryDropsRising",
+    ] {
+        assert!(
+            alert_names.contains(&want),
+            "alert {want} is defined: {alert_names:?}"
+        );
     }
 
     // What the agent exports, from its registry via /metrics (with pinned maps,
@@ -313,14 +510,28 @@ fn metrics_named_by_the_dashboard_and_alerts_exist() -> Result<()> {
     registry.sync_error("map_write");
     registry.watch_error("services");
     exported.extend(exported_names(&registry.encode()?));
-    for must in ["ferry_attach_errors", "ferry_map_entries", "ferry_drops_total", "ferry_sync_errors_total"] {
+    for must in [
+        "ferry_attach_errors",
+        "ferry_map_entries",
+        "ferry_drops_total",
+        "ferry_sync_errors_total",
+    ] {
         assert!(exported.contains(must), "{must} is exported:\n{body}");
     }
-    for (file, text) in [("ferry-dashboard.json", &dashboard), ("ferry-alerts.yaml", &alerts)] {
+    for (file, text) in [
+        ("ferry-dashboard.json", &dashboard),
+        ("ferry-alerts.yaml", &alerts),
+    ] {
         let mentioned = mentioned_names(text);
         assert!(mentioned.len() >= 5, "{file} names metrics: {mentioned:?}");
-        let unknown: Vec<&String> = mentioned.iter().filter(|m| !exported.contains(*m)).collect();
-        assert!(unknown.is_empty(), "{file} names metrics the agent does not export: {unknown:?}\nexported: {exported:?}");
+        let unknown: Vec<&String> = mentioned
+            .iter()
+            .filter(|m| !exported.contains(*m))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} names metrics the agent does not export: {unknown:?}\nexported: {exported:?}"
+        );
     }
     Ok(())
 }
@@ -332,19 +543,30 @@ fn kube_proxy_rules_are_reported_at_start_and_nothing_is_said_without_them() -> 
     // Without: silent.
     let (clean, _) = serving_lab(LabOptions::new("nokp"))?;
     let log = clean.agent_log();
-    assert!(log.contains("ferry agent started") && !log.contains("kube-proxy"), "{log}");
+    assert!(
+        log.contains("ferry agent started") && !log.contains("kube-proxy"),
+        "{log}"
+    );
     drop(clean);
 
     // With KUBE-SERVICES in iptables-nft's and iptables-legacy's nat table
     // of the node (its own network namespace) before the agent starts.
-    let mut lab = Lab::start(LabOptions { agent: false, ..LabOptions::new("kp") })?;
+    let mut lab = Lab::start(LabOptions {
+        agent: false,
+        ..LabOptions::new("kp")
+    })?;
     for iptables in ["iptables", "iptables-legacy"] {
         ferry_tests::sys::netns_exec(&lab.node, iptables, &["-t", "nat", "-N", "KUBE-SERVICES"])?;
     }
     lab.start_agent()?;
-    lab.wait_until(Duration::from_secs(15), "the agent started", || Ok(lab.agent_log().contains("ferry agent started")))?;
+    lab.wait_until(Duration::from_secs(15), "the agent started", || {
+        Ok(lab.agent_log().contains("ferry agent started"))
+    })?;
     let log = lab.agent_log();
-    let warning = log.lines().find(|l| l.contains(KUBE_PROXY_WARNING)).with_context(|| format!("no warning:\n{log}"))?;
+    let warning = log
+        .lines()
+        .find(|l| l.contains(KUBE_PROXY_WARNING))
+        .with_context(|| format!("no warning:\n{log}"))?;
     for want in [
         "WARN",
         "iptables-nft: chain KUBE-SERVICES in nftables table ip nat",
@@ -357,8 +579,14 @@ fn kube_proxy_rules_are_reported_at_start_and_nothing_is_said_without_them() -> 
     // --kube-proxy-rules=fail: refuses to start, saying why.
     lab.stop_agent();
     let (status, out) = lab.agent_once(&["--kube-proxy-rules", "fail"], Duration::from_secs(10))?;
-    assert!(status.is_some_and(|s| !s.success()), "refused: {status:?}\n{out}");
-    assert!(out.contains(KUBE_PROXY_WARNING) && out.contains("--kube-proxy-rules=warn"), "{out}");
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "refused: {status:?}\n{out}"
+    );
+    assert!(
+        out.contains(KUBE_PROXY_WARNING) && out.contains("--kube-proxy-rules=warn"),
+        "{out}"
+    );
     Ok(())
 }
 
@@ -384,8 +612,14 @@ fn a_kube_proxy_configuration_file_drives_the_agent() -> Result<()> {
     let (code, _) = ferry_tests::http_get(&lab.node, "127.0.0.1:10266".parse()?, "/readyz")?;
     assert_eq!(code, 200, "/readyz where healthzBindAddress says");
     let (code, body) = ferry_tests::http_get(&lab.node, "127.0.0.1:10267".parse()?, "/metrics")?;
-    assert!(code == 200 && body.contains("ferry_services 1"), "/metrics where metricsBindAddress says: {body}");
-    assert!(ferry_tests::http_get(&lab.node, "127.0.0.1:10256".parse()?, "/readyz").is_err(), "not on the default port");
+    assert!(
+        code == 200 && body.contains("ferry_services 1"),
+        "/metrics where metricsBindAddress says: {body}"
+    );
+    assert!(
+        ferry_tests::http_get(&lab.node, "127.0.0.1:10256".parse()?, "/readyz").is_err(),
+        "not on the default port"
+    );
     let log = lab.agent_log();
     assert!(log.contains("--config: notAField: unknown field"), "{log}");
     assert!(log.contains("--config: clusterCIDR: not used"), "{log}");

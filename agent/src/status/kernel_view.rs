@@ -1,11 +1,7 @@
 //! What the kernel says: the programs attached to this network namespace's
 //! interfaces (TCX ingress, XDP and its mode) and through the pinned cgroup
 //! links, and how full each pinned map is.
-use std::{
-    collections::HashMap,
-    os::fd::AsFd as _,
-    path::Path,
-};
+use std::{collections::HashMap, os::fd::AsFd as _, path::Path};
 
 use aya::{
     maps::{MapInfo, MapType},
@@ -61,7 +57,11 @@ pub(crate) async fn interfaces() -> Result<Vec<Iface>, String> {
     let task = tokio::spawn(conn);
     let msgs: Result<Vec<LinkMessage>, _> = handle.link().get().execute().try_collect().await;
     task.abort();
-    Ok(msgs.map_err(|e| e.to_string())?.iter().filter_map(iface).collect())
+    Ok(msgs
+        .map_err(|e| e.to_string())?
+        .iter()
+        .filter_map(iface)
+        .collect())
 }
 
 fn iface(m: &LinkMessage) -> Option<Iface> {
@@ -136,7 +136,13 @@ pub async fn programs(dir: &Path, report: Option<&AgentReport>) -> Result<Vec<Pr
     Ok(rows)
 }
 
-fn row(interface: &str, ifindex: Option<u32>, hook: &str, program: &str, error: Option<String>) -> ProgramRow {
+fn row(
+    interface: &str,
+    ifindex: Option<u32>,
+    hook: &str,
+    program: &str,
+    error: Option<String>,
+) -> ProgramRow {
     ProgramRow {
         interface: interface.to_string(),
         ifindex,
@@ -168,7 +174,11 @@ pub(crate) fn ferry_tcx_programs(ifname: &str) -> Vec<(String, u32)> {
 }
 
 /// The socket load balancer's pinned links (`links/<program>-cgroup`).
-fn cgroup_rows(dir: &Path, report: Option<&AgentReport>, names: &HashMap<u32, String>) -> Vec<ProgramRow> {
+fn cgroup_rows(
+    dir: &Path,
+    report: Option<&AgentReport>,
+    names: &HashMap<u32, String>,
+) -> Vec<ProgramRow> {
     let wanted = report.and_then(|r| r.cgroup.as_ref());
     let cgroup = wanted.map_or_else(|| "cgroup".to_string(), |c| c.display().to_string());
     let mut rows: Vec<ProgramRow> = link_pins(dir)
@@ -177,13 +187,23 @@ fn cgroup_rows(dir: &Path, report: Option<&AgentReport>, names: &HashMap<u32, St
         .map(|(file, path)| {
             let id = PinnedLink::from_pin(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|l| aya::programs::links::FdLink::from(l).info().map_err(|e| e.to_string()));
+                .and_then(|l| {
+                    aya::programs::links::FdLink::from(l)
+                        .info()
+                        .map_err(|e| e.to_string())
+                });
             match id {
                 Ok(info) => {
                     let program = names.get(&info.program_id()).cloned().unwrap_or_default();
                     row(&cgroup, None, "cgroup", &program, None)
                 }
-                Err(e) => row(&cgroup, None, "cgroup", &file, Some(format!("pinned link {}: {e}", path.display()))),
+                Err(e) => row(
+                    &cgroup,
+                    None,
+                    "cgroup",
+                    &file,
+                    Some(format!("pinned link {}: {e}", path.display())),
+                ),
             }
         })
         .collect();
@@ -215,7 +235,15 @@ fn expected_but_missing(r: &AgentReport, ifaces: &[Iface], rows: &[ProgramRow]) 
     let mut out: Vec<ProgramRow> = r
         .attach_errors
         .iter()
-        .map(|e| row(&e.interface, None, "tcx ingress", &e.program, Some(e.error.clone())))
+        .map(|e| {
+            row(
+                &e.interface,
+                None,
+                "tcx ingress",
+                &e.program,
+                Some(e.error.clone()),
+            )
+        })
         .collect();
     let has = |dev: &str, prog: &str| rows.iter().any(|p| p.interface == dev && p.program == prog);
     for dev in &r.devices {
@@ -225,7 +253,13 @@ fn expected_but_missing(r: &AgentReport, ifaces: &[Iface], rows: &[ProgramRow]) 
                 None => "not attached: no such interface in this network namespace (--devices)",
                 Some(_) => "not attached",
             };
-            out.push(row(dev, index, "tcx ingress", PROG_FROM_NETDEV, Some(why.into())));
+            out.push(row(
+                dev,
+                index,
+                "tcx ingress",
+                PROG_FROM_NETDEV,
+                Some(why.into()),
+            ));
         }
         if r.xdp.is_some() && index.is_some() && !has(dev, PROG_XDP_FROM_NETDEV) {
             let why = if r.xdp_refused.contains(dev) {
@@ -233,7 +267,13 @@ fn expected_but_missing(r: &AgentReport, ifaces: &[Iface], rows: &[ProgramRow]) 
             } else {
                 "not attached"
             };
-            out.push(row(dev, index, "xdp", PROG_XDP_FROM_NETDEV, Some(why.into())));
+            out.push(row(
+                dev,
+                index,
+                "xdp",
+                PROG_XDP_FROM_NETDEV,
+                Some(why.into()),
+            ));
         }
     }
     out
@@ -246,7 +286,9 @@ fn foreign_netns_hint(dir: &Path, rows: &[ProgramRow]) -> Option<ProgramRow> {
         .iter()
         .filter_map(|(file, _)| file.rsplit_once('-')?.1.parse().ok())
         .collect();
-    let seen = rows.iter().any(|r| r.attached && r.ifindex.is_some_and(|i| pinned.contains(&i)));
+    let seen = rows
+        .iter()
+        .any(|r| r.attached && r.ifindex.is_some_and(|i| pinned.contains(&i)));
     (!pinned.is_empty() && !seen).then(|| {
         row(
             "-",
@@ -265,14 +307,23 @@ fn foreign_netns_hint(dir: &Path, rows: &[ProgramRow]) -> Option<ProgramRow> {
 /// Every pinned map of `dir`: entries against max_entries.
 pub fn maps(dir: &Path) -> Vec<MapRow> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_file())).map(|e| e.path()).collect())
+        .map(|d| {
+            d.flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                .map(|e| e.path())
+                .collect()
+        })
         .unwrap_or_default();
     files.sort();
     files.iter().map(|p| map_row(p)).collect()
 }
 
 fn map_row(path: &Path) -> MapRow {
-    let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let name = path
+        .file_name()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .into_owned();
     let info = match MapInfo::from_pin(path) {
         Ok(i) => i,
         Err(e) => {
@@ -299,10 +350,14 @@ fn map_row(path: &Path) -> MapRow {
     } else {
         (None, None)
     };
-    let percent = entries.filter(|_| max > 0).map(|n| f64::from(n) * 100.0 / f64::from(max));
+    let percent = entries
+        .filter(|_| max > 0)
+        .map(|n| f64::from(n) * 100.0 / f64::from(max));
     MapRow {
         name,
-        type_: type_.map(|t| format!("{t:?}")).unwrap_or_else(|| "unknown".into()),
+        type_: type_
+            .map(|t| format!("{t:?}"))
+            .unwrap_or_else(|| "unknown".into()),
         entries,
         max,
         percent,
@@ -315,6 +370,10 @@ fn map_row(path: &Path) -> MapRow {
 fn has_keys(t: MapType) -> bool {
     matches!(
         t,
-        MapType::Hash | MapType::PerCpuHash | MapType::LruHash | MapType::LruPerCpuHash | MapType::LpmTrie
+        MapType::Hash
+            | MapType::PerCpuHash
+            | MapType::LruHash
+            | MapType::LruPerCpuHash
+            | MapType::LpmTrie
     )
 }

@@ -18,7 +18,10 @@ pub struct MapFillCollector {
 
 impl Collector for MapFillCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let rows: Vec<MapRow> = maps(&self.dir).into_iter().filter(|m| m.entries.is_some()).collect();
+        let rows: Vec<MapRow> = maps(&self.dir)
+            .into_iter()
+            .filter(|m| m.entries.is_some())
+            .collect();
         for (name, help, pick) in [
             (
                 "ferry_map_entries",

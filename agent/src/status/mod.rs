@@ -3,17 +3,17 @@
 //! errors), checked against the kernel for the rest: who holds the pin
 //! directory, the maps' fill, and the programs actually attached to this
 //! network namespace's interfaces and to the cgroup.
-pub mod report;
 pub(crate) mod kernel_view;
 mod metrics;
+pub mod report;
 mod table;
 
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-pub use report::{default_status_file, AgentReport, Reporter};
 pub use metrics::MapFillCollector;
+pub use report::{default_status_file, AgentReport, Reporter};
 pub use table::print;
 
 use crate::{inspect, pinlock};
@@ -174,10 +174,16 @@ fn agent_view(s: &mut Status, opts: &Options) -> Result<Option<AgentReport>, Sta
     s.agent.api = report.api.clone();
     for w in &report.api {
         if let Some(e) = &w.error {
-            s.warnings.push(format!("API: the {} watch is failing (retried): {e}", w.resource));
+            s.warnings.push(format!(
+                "API: the {} watch is failing (retried): {e}",
+                w.resource
+            ));
         }
         if !w.listed {
-            s.warnings.push(format!("API: the initial list of {} is not done", w.resource));
+            s.warnings.push(format!(
+                "API: the initial list of {} is not done",
+                w.resource
+            ));
         }
     }
     Ok(Some(report))
@@ -253,9 +259,12 @@ fn map_problems(s: &mut Status) {
 fn dataplane_view(s: &mut Status, dir: &Path) {
     match inspect::services(dir) {
         Ok(rows) => {
-            let services: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.service.as_str()).collect();
-            let backends: std::collections::BTreeSet<u32> =
-                rows.iter().flat_map(|r| r.backends.iter().filter_map(|b| b.id)).collect();
+            let services: std::collections::BTreeSet<&str> =
+                rows.iter().map(|r| r.service.as_str()).collect();
+            let backends: std::collections::BTreeSet<u32> = rows
+                .iter()
+                .flat_map(|r| r.backends.iter().filter_map(|b| b.id))
+                .collect();
             s.services = Some(Counts {
                 services: services.len(),
                 frontends: rows.len(),
@@ -265,7 +274,12 @@ fn dataplane_view(s: &mut Status, dir: &Path) {
         Err(e) => s.problems.push(format!("reading the service maps: {e}")),
     }
     match inspect::counters(dir) {
-        Ok(rows) => s.drops = rows.into_iter().filter(|r| r.kind == "drop" && r.value > 0).collect(),
+        Ok(rows) => {
+            s.drops = rows
+                .into_iter()
+                .filter(|r| r.kind == "drop" && r.value > 0)
+                .collect()
+        }
         Err(e) => s.problems.push(format!("reading the counters: {e}")),
     }
 }

@@ -34,7 +34,11 @@ pub fn print(s: &Status) -> String {
     programs(&mut out, s);
     maps(&mut out, s);
     if !s.drops.is_empty() {
-        let drops: Vec<String> = s.drops.iter().map(|d| format!("{}={}", d.name, d.value)).collect();
+        let drops: Vec<String> = s
+            .drops
+            .iter()
+            .map(|d| format!("{}={}", d.name, d.value))
+            .collect();
         let _ = writeln!(out, "Drops:       {}", drops.join(" "));
     }
     if !s.features.is_empty() {
@@ -62,7 +66,10 @@ fn agent(out: &mut String, s: &Status) {
     let a = &s.agent;
     let state = match (a.running, a.reporting) {
         (false, _) => "not running".to_string(),
-        (true, false) => format!("running (PID {}), not reporting", or_dash(a.pid.map(|p| p.to_string()).as_deref())),
+        (true, false) => format!(
+            "running (PID {}), not reporting",
+            or_dash(a.pid.map(|p| p.to_string()).as_deref())
+        ),
         (true, true) => format!(
             "running (PID {}), version {}, up {}",
             or_dash(a.pid.map(|p| p.to_string()).as_deref()),
@@ -101,19 +108,31 @@ fn programs(out: &mut String, s: &Status) {
         let _ = writeln!(out, "  <none attached>");
         return;
     }
-    let _ = writeln!(out, "  {:<24} {:<12} {:<16} STATE", "INTERFACE", "HOOK", "PROGRAM");
+    let _ = writeln!(
+        out,
+        "  {:<24} {:<12} {:<16} STATE",
+        "INTERFACE", "HOOK", "PROGRAM"
+    );
     for p in &s.programs {
         let state = match &p.error {
             None => "attached".to_string(),
             Some(e) => format!("ERROR: {e}"),
         };
-        let _ = writeln!(out, "  {:<24} {:<12} {:<16} {state}", p.interface, p.hook, p.program);
+        let _ = writeln!(
+            out,
+            "  {:<24} {:<12} {:<16} {state}",
+            p.interface, p.hook, p.program
+        );
     }
 }
 
 fn maps(out: &mut String, s: &Status) {
     let _ = writeln!(out, "Maps:");
-    let _ = writeln!(out, "  {:<20} {:<14} {:>9} {:>9} {:>6}", "NAME", "TYPE", "ENTRIES", "MAX", "FILL");
+    let _ = writeln!(
+        out,
+        "  {:<20} {:<14} {:>9} {:>9} {:>6}",
+        "NAME", "TYPE", "ENTRIES", "MAX", "FILL"
+    );
     for m in &s.maps {
         let entries = m.entries.map_or("-".to_string(), |n| n.to_string());
         let fill = m.percent.map_or("-".to_string(), |p| format!("{p:.0}%"));
@@ -122,6 +141,10 @@ fn maps(out: &mut String, s: &Status) {
             (None, true) => "  WARNING".to_string(),
             _ => String::new(),
         };
-        let _ = writeln!(out, "  {:<20} {:<14} {entries:>9} {:>9} {fill:>6}{flag}", m.name, m.type_, m.max);
+        let _ = writeln!(
+            out,
+            "  {:<20} {:<14} {entries:>9} {:>9} {fill:>6}{flag}",
+            m.name, m.type_, m.max
+        );
     }
 }
