@@ -625,3 +625,62 @@ fn a_kube_proxy_configuration_file_drives_the_agent() -> Result<()> {
     assert!(log.contains("--config: clusterCIDR: not used"), "{log}");
     Ok(())
 }
+
+/// The TCX/XDP links process `pid` holds, from /proc/PID/fdinfo: their
+/// interface indexes (0 once detached).
+fn interface_links_of(pid: u32) -> Result<Vec<u64>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
+        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+        let field = |name: &str| {
+            info.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+        };
+        if field("link_type:").is_some_and(|t| t == "tcx" || t == "xdp") {
+            out.push(
+                field("ifindex:")
+                    .and_then(|i| i.parse().ok())
+                    .unwrap_or(u64::MAX),
+            );
+        }
+    }
+    Ok(out)
+}
+
+#[test]
+fn cleanup_force_detaches_links_a_running_agent_holds_even_without_their_pins() -> Result<()> {
+    let (lab, client) = serving_lab(LabOptions::new("force"))?;
+    let pid = lab.agent_pid().context("the lab's agent")?;
+    let before = interface_links_of(pid)?;
+    assert!(
+        before.len() == 2 && before.iter().all(|i| *i > 0),
+        "from_pod on two veths: {before:?}"
+    );
+    // Lose the pins of the interface links: only the agent holds them now.
+    for e in std::fs::read_dir(lab.bpffs_dir.join("links"))?.flatten() {
+        if e.file_name().to_string_lossy().starts_with("from_pod-") {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    assert_eq!(
+        tcp_ask(&client, vip())?,
+        "echo-a",
+        "still attached, held by the agent"
+    );
+    let out = lab.ferry_unchecked(&["cleanup", "--force", "--node-name", &lab.node])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("ferry cleanup --force:\n{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("(not pinned)").count(), 2, "{stdout}");
+    let after = interface_links_of(pid)?;
+    assert!(
+        after.len() == 2 && after.iter().all(|i| *i == 0),
+        "the agent's links are detached: {after:?}"
+    );
+    assert!(!lab.bpffs_dir.exists());
+    Ok(())
+}
