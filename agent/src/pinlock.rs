@@ -50,18 +50,30 @@ pub fn acquire(dir: &Path) -> Result<PinLock, PinLockError> {
         path: dir.to_path_buf(),
         source,
     })?;
-    match try_flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
-        Ok(()) => Ok(PinLock { _dir: file }),
-        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Err(PinLockError::Held {
-            path: dir.to_path_buf(),
-            holder: holder(dir),
-        }),
-        Err(source) => Err(PinLockError::Lock {
-            path: dir.to_path_buf(),
-            source,
-        }),
+    // `held_by` (ferry status, ferry cleanup) holds a shared lock for an
+    // instant: a few tries tell that from an agent, which holds it for good.
+    for _ in 0..PROBE_TRIES {
+        match try_flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(()) => return Ok(PinLock { _dir: file }),
+            Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(source) => {
+                return Err(PinLockError::Lock {
+                    path: dir.to_path_buf(),
+                    source,
+                })
+            }
+        }
     }
+    Err(PinLockError::Held {
+        path: dir.to_path_buf(),
+        holder: holder(dir),
+    })
 }
+
+/// Tries, 20 ms apart, before the lock counts as held.
+const PROBE_TRIES: u32 = 10;
 
 /// Whether some process holds the lock on `dir`, and which (None inside:
 /// held, but the holder is not visible in /proc/locks, e.g. another PID
@@ -147,6 +159,23 @@ mod tests {
             None,
             "a missing directory is not held"
         );
+    }
+
+    #[test]
+    fn a_status_probe_at_the_same_moment_does_not_refuse_the_agent() {
+        let dir = std::env::temp_dir().join(format!("ferry-pinlock-probe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let probe = File::open(&dir).unwrap();
+        try_flock(&probe, libc::LOCK_SH | libc::LOCK_NB).unwrap();
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(60));
+            drop(probe);
+        });
+        let lock = acquire(&dir);
+        release.join().unwrap();
+        assert!(lock.is_ok(), "{lock:?}");
+        drop(lock);
+        std::fs::remove_dir(&dir).unwrap();
     }
 
     #[test]
