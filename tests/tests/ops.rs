@@ -99,6 +99,7 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
             "nodev0".into(),
             "--services-map-size".into(),
             "4".into(),
+            "--xdp".into(),
         ],
         ..opts
     };
@@ -203,7 +204,10 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
             let attached = program_rows(&s, "nodev0", "from_netdev")
                 .iter()
                 .any(|r| r["attached"] == true);
-            Ok(healthy && attached)
+            let xdp = program_rows(&s, "nodev0", "xdp_from_netdev")
+                .iter()
+                .any(|r| r["attached"] == true && r["hook"] == "xdp generic");
+            Ok(healthy && attached && xdp)
         },
     )?;
     let table = lab.ferry(&[
