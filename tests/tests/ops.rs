@@ -72,6 +72,17 @@ fn a_second_agent_for_the_same_pin_directory_is_refused_and_the_first_keeps_serv
     Ok(())
 }
 
+/// Creates the node device `nodev0` (a veth; its peer `nodev0p` is another
+/// veth of the node) in the lab's node namespace, up.
+fn add_nodev0(lab: &Lab) -> Result<()> {
+    let ip = |args: &[&str]| ferry_tests::sys::netns_exec(&lab.node, "ip", args);
+    ip(&[
+        "link", "add", "nodev0", "type", "veth", "peer", "name", "nodev0p",
+    ])?;
+    ip(&["link", "set", "nodev0", "up"])?;
+    Ok(())
+}
+
 /// The rows of `status["programs"]` for `interface` and `program`.
 fn program_rows<'a>(
     status: &'a serde_json::Value,
@@ -188,14 +199,7 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
 
     // The device appears: the agent attaches from_netdev, the problem is gone
     // (the full map stays a warning, not a failure).
-    ferry_tests::sys::netns_exec(
-        &lab.node,
-        "ip",
-        &[
-            "link", "add", "nodev0", "type", "veth", "peer", "name", "nodev0p",
-        ],
-    )?;
-    ferry_tests::sys::netns_exec(&lab.node, "ip", &["link", "set", "nodev0", "up"])?;
+    add_nodev0(&lab)?;
     lab.wait_until(
         Duration::from_secs(15),
         "ferry status healthy once nodev0 exists",
@@ -299,14 +303,7 @@ fn cleanup_leaves_no_program_or_pin_and_a_later_agent_starts_clean() -> Result<(
         ..LabOptions::new("cleanup")
     };
     let (mut lab, client) = serving_lab(opts)?;
-    ferry_tests::sys::netns_exec(
-        &lab.node,
-        "ip",
-        &[
-            "link", "add", "nodev0", "type", "veth", "peer", "name", "nodev0p",
-        ],
-    )?;
-    ferry_tests::sys::netns_exec(&lab.node, "ip", &["link", "set", "nodev0", "up"])?;
+    add_nodev0(&lab)?;
     lab.wait_until(Duration::from_secs(15), "XDP on nodev0", || {
         Ok(kernel_listing(&lab)?.contains("nodev0"))
     })?;
