@@ -83,6 +83,26 @@ pub struct Counts {
     pub backends: usize,
 }
 
+impl Status {
+    /// Nothing looked at yet.
+    fn empty(opts: &Options) -> Self {
+        Self {
+            healthy: false,
+            problems: Vec::new(),
+            warnings: Vec::new(),
+            bpffs_dir: opts.bpffs_dir.clone(),
+            status_file: opts.status_file.clone(),
+            agent: AgentView::default(),
+            sync: None,
+            programs: Vec::new(),
+            maps: Vec::new(),
+            services: None,
+            drops: Vec::new(),
+            features: Vec::new(),
+        }
+    }
+}
+
 /// Errors that keep `ferry status` from saying anything.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {
@@ -95,20 +115,7 @@ pub enum StatusError {
 /// Looks at the node. Must run in the node's network namespace (where the
 /// agent runs: `ip netns exec`, the host, or the agent's container).
 pub async fn gather(opts: &Options) -> Result<Status, StatusError> {
-    let mut s = Status {
-        healthy: false,
-        problems: Vec::new(),
-        warnings: Vec::new(),
-        bpffs_dir: opts.bpffs_dir.clone(),
-        status_file: opts.status_file.clone(),
-        agent: AgentView::default(),
-        sync: None,
-        programs: Vec::new(),
-        maps: Vec::new(),
-        services: None,
-        drops: Vec::new(),
-        features: Vec::new(),
-    };
+    let mut s = Status::empty(opts);
     if !opts.bpffs_dir.is_dir() {
         s.problems.push(format!(
             "no pin directory {}: Ferry has not run on this node (or --node-name/--bpffs-dir name another)",
@@ -281,5 +288,107 @@ fn dataplane_view(s: &mut Status, dir: &Path) {
                 .collect()
         }
         Err(e) => s.problems.push(format!("reading the counters: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> Status {
+        Status::empty(&Options {
+            bpffs_dir: "/nonexistent".into(),
+            status_file: "/nonexistent.json".into(),
+        })
+    }
+
+    fn report(started_ago: f64, synced_ago: Option<f64>) -> AgentReport {
+        let now = report::unix_now();
+        AgentReport {
+            started_at: now - started_ago,
+            last_sync: synced_ago.map(|a| now - a),
+            sync_timeout_seconds: 60.0,
+            sync_generation: 3,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn syncs_are_judged_against_the_healthz_limit() {
+        for (r, problem) in [
+            (report(10.0, None), None),
+            (
+                report(100.0, None),
+                Some("no successful sync since the agent started"),
+            ),
+            (report(100.0, Some(5.0)), None),
+            (
+                report(300.0, Some(200.0)),
+                Some("the last successful sync was 200s ago (more than 60s)"),
+            ),
+        ] {
+            let mut s = status();
+            sync_view(&mut s, &r);
+            match problem {
+                None => assert!(s.problems.is_empty(), "{:?}", s.problems),
+                Some(p) => assert!(
+                    s.problems.len() == 1 && s.problems[0].starts_with(p),
+                    "{:?}",
+                    s.problems
+                ),
+            }
+            assert_eq!(s.sync.as_ref().map(|y| y.generation), Some(3));
+        }
+        let mut s = status();
+        sync_view(
+            &mut s,
+            &AgentReport {
+                last_sync_error: Some("map full".into()),
+                ..report(1.0, Some(1.0))
+            },
+        );
+        assert_eq!(s.problems, ["the last sync failed: map full"]);
+    }
+
+    #[test]
+    fn attach_errors_are_problems_xdp_fallbacks_and_full_maps_warnings() {
+        let mut s = status();
+        let row = |hook: &str, error: Option<&str>| ProgramRow {
+            interface: "eth0".into(),
+            ifindex: Some(2),
+            hook: hook.into(),
+            program: "p".into(),
+            attached: error.is_none(),
+            error: error.map(Into::into),
+        };
+        s.programs = vec![
+            row("tcx ingress", None),
+            row("tcx ingress", Some("EBUSY")),
+            row("xdp", Some("no driver")),
+        ];
+        program_problems(&mut s);
+        assert_eq!(s.problems, ["p on eth0 (tcx ingress): EBUSY"]);
+        assert_eq!(s.warnings, ["p on eth0 (xdp): no driver"]);
+        s.maps = vec![MapRow {
+            name: "FERRY_CT".into(),
+            type_: "LruHash".into(),
+            entries: Some(95),
+            max: 100,
+            percent: Some(95.0),
+            warning: true,
+            error: None,
+        }];
+        map_problems(&mut s);
+        assert_eq!(
+            s.warnings[1],
+            "map FERRY_CT is 95% full (95 of 100 entries)"
+        );
+        assert_eq!(s.problems.len(), 1, "a full map is a warning");
+        let text = print(&s);
+        assert!(text.starts_with("Health:      UNHEALTHY"), "{text}");
+        assert!(
+            text.contains("ERROR: EBUSY") && text.contains("95%  WARNING"),
+            "{text}"
+        );
     }
 }

@@ -127,6 +127,9 @@ fn programs(out: &mut String, s: &Status) {
 }
 
 fn maps(out: &mut String, s: &Status) {
+    if s.maps.is_empty() {
+        return;
+    }
     let _ = writeln!(out, "Maps:");
     let _ = writeln!(
         out,
