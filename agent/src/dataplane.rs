@@ -460,6 +460,11 @@ impl Dataplane {
     pub fn attached(&self) -> impl Iterator<Item = &str> {
         self.attached.values().map(|(n, _)| n.as_str())
     }
+
+    /// The devices XDP could not attach to (TC serves them alone).
+    pub fn xdp_refused(&self) -> impl Iterator<Item = &str> {
+        self.xdp_refused.iter().map(|(_, n)| n.as_str())
+    }
 }
 
 /// Warns when the SNAT port range overlaps the node's ephemeral port range

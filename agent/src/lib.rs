@@ -1,4 +1,6 @@
 //! The Ferry agent: sources → translation → map layout → syncer → kernel.
+pub mod bpfsys;
+pub mod cleanup;
 pub mod ct;
 pub mod dataplane;
 pub mod endpoints;
@@ -6,11 +8,16 @@ pub mod error;
 pub mod health;
 pub mod healthcheck;
 pub mod inspect;
+pub mod kubeproxy;
+pub mod kubeproxyconfig;
 pub mod loader;
+pub mod logging;
 pub mod maps;
 pub mod metrics;
 pub mod model;
 pub mod mountns;
+pub mod pinlock;
+pub mod status;
 pub mod run;
 pub mod sources;
 pub mod translate;

@@ -2,8 +2,8 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use ferry_agent::{dataplane, inspect, mountns, run, translate};
+use clap::{parser::ValueSource, ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
+use ferry_agent::{dataplane, inspect, kubeproxy, kubeproxyconfig, logging, mountns, run, status, translate};
 use ferry_common::{ct_timeouts, DEFAULT_BACKENDS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SNAT_PORTS, DEFAULT_SRC_RANGES_MAX};
 
 #[derive(Parser)]
@@ -15,12 +15,16 @@ use ferry_common::{ct_timeouts, DEFAULT_BACKENDS_MAX, DEFAULT_SERVICES_MAX, DEFA
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Log format on standard error: text (coloured only on a terminal) or
+    /// json (one object per line, for log pipelines).
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Text, value_name = "FORMAT")]
+    log_format: logging::LogFormat,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the node agent: program Services into the eBPF dataplane.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Services and their backends, as programmed in the maps.
     Svc {
         #[command(subcommand)]
@@ -36,6 +40,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ListCmd,
     },
+    /// Is this node healthy? Agent, syncs, attached programs, map fill, drops
+    /// (exits 1 when unhealthy: usable as a probe).
+    Status(StatusArgs),
+    /// Remove Ferry from this node: detach every program it attached and
+    /// remove its pin directory (refused while an agent runs, unless --force).
+    Cleanup(CleanupArgs),
     /// A tiny kubelet for the lab: runs Pods of a manifest directory as processes.
     Shim(ferry_shim::ShimArgs),
     /// The lab's echo server: answers TCP lines, HTTP and UDP with its name.
@@ -62,6 +72,55 @@ impl NodeArgs {
     }
 }
 
+/// Where the agent writes its status report for `ferry status`.
+#[derive(Args)]
+struct StatusFileArg {
+    /// The agent's status report (default: /run/ferry/status/<node-name>.json);
+    /// for the agent, empty disables it.
+    #[arg(long, value_name = "PATH")]
+    status_file: Option<String>,
+}
+
+impl StatusFileArg {
+    /// None: disabled (an empty path).
+    fn path(&self, node: &str) -> Option<PathBuf> {
+        match &self.status_file {
+            Some(p) if p.is_empty() => None,
+            Some(p) => Some(PathBuf::from(p)),
+            None => Some(status::default_status_file(node)),
+        }
+    }
+}
+
+#[derive(Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    #[command(flatten)]
+    status_file: StatusFileArg,
+    /// Output format.
+    #[arg(short, long, value_enum, default_value_t = StatusOutput::Table)]
+    output: StatusOutput,
+}
+
+#[derive(Args)]
+struct CleanupArgs {
+    #[command(flatten)]
+    node: NodeArgs,
+    #[command(flatten)]
+    status_file: StatusFileArg,
+    /// Clean up even while an agent holds the pin directory (it then serves
+    /// nothing until restarted).
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum StatusOutput {
+    Table,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum ListCmd {
     List {
@@ -84,6 +143,12 @@ enum Output {
 
 #[derive(Args)]
 struct AgentArgs {
+    /// A kube-proxy configuration file (KubeProxyConfiguration,
+    /// kubeproxy.config.k8s.io/v1alpha1): the fields that mean the same here set
+    /// the matching flags (flags on the command line win); the others are
+    /// logged by name.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Standalone mode: Kubernetes YAML in DIR (Services, EndpointSlices, Endpoints;
     /// Pods and Deployments are the shim's), watched for changes. Without it the
     /// agent runs in cluster mode and watches the Kubernetes API.
@@ -186,6 +251,13 @@ struct AgentArgs {
     /// disables.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_bind_address: String,
+    #[command(flatten)]
+    status_file: StatusFileArg,
+    /// kube-proxy's rules on the node at start (KUBE-SERVICES in iptables
+    /// legacy or nft, the nftables table kube-proxy): warn (log them with the
+    /// cleanup command), fail (refuse to start) or ignore (do not look).
+    #[arg(long, value_enum, default_value_t = kubeproxy::KubeProxyRules::Warn, value_name = "MODE")]
+    kube_proxy_rules: kubeproxy::KubeProxyRules,
 }
 
 /// An optional listen address: empty means off.
@@ -279,13 +351,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    logging::init(cli.log_format);
     // Before any thread exists (setns into a mount namespace requires it).
     if let Some(pid) = mountns::rejoin_launcher_mount_ns()? {
         tracing::debug!(
@@ -295,9 +363,14 @@ fn run() -> Result<()> {
     }
     let rt = tokio::runtime::Runtime::new()?;
     match cli.cmd {
-        Cmd::Agent(a) => rt.block_on(agent(a)),
+        Cmd::Agent(a) => {
+            let cfg = agent_config(*a, matches.subcommand_matches("agent"))?;
+            rt.block_on(run::run(cfg))
+        }
         Cmd::Shim(a) => rt.block_on(ferry_shim::run_shim(a)),
         Cmd::Echo(a) => rt.block_on(ferry_shim::run_echo(a)),
+        Cmd::Status(a) => rt.block_on(print_status(a)),
+        Cmd::Cleanup(a) => rt.block_on(cleanup(a)),
         Cmd::Svc {
             cmd: ListCmd::List { node, output },
         } => print_list(&inspect::services(&node.dir()?)?, output, inspect::print_services),
@@ -320,7 +393,81 @@ fn print_list<T: serde::Serialize>(rows: &[T], output: Output, table: impl Fn(&[
     Ok(())
 }
 
-async fn agent(a: AgentArgs) -> Result<()> {
+/// `ferry status`: prints the status; an unhealthy node is an error (exit 1).
+async fn print_status(a: StatusArgs) -> Result<()> {
+    let node = node_name(a.node.node_name.clone())?;
+    let opts = status::Options {
+        bpffs_dir: a.node.dir()?,
+        status_file: a.status_file.path(&node).unwrap_or_else(|| status::default_status_file(&node)),
+    };
+    let s = status::gather(&opts).await?;
+    match a.output {
+        StatusOutput::Table => print!("{}", status::print(&s)),
+        StatusOutput::Json => println!("{}", serde_json::to_string_pretty(&s)?),
+    }
+    if !s.healthy {
+        bail!("unhealthy: {}", s.problems.join("; "));
+    }
+    Ok(())
+}
+
+/// `ferry cleanup`: says what it removed.
+async fn cleanup(a: CleanupArgs) -> Result<()> {
+    let node = node_name(a.node.node_name.clone())?;
+    let dir = a.node.dir()?;
+    let done = ferry_agent::cleanup::cleanup(&dir, a.status_file.path(&node).as_deref(), a.force).await?;
+    for line in &done {
+        println!("{line}");
+    }
+    if done.is_empty() {
+        println!("nothing of Ferry's found for {}", dir.display());
+    }
+    Ok(())
+}
+
+/// Applies `--config FILE` to the flags that were not given (on the command
+/// line or by environment): the file overrides defaults, flags override the
+/// file.
+fn apply_config_file(a: &mut AgentArgs, given: Option<&ArgMatches>) -> Result<()> {
+    let Some(path) = a.config.clone() else {
+        return Ok(());
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let loaded = kubeproxyconfig::load(&path, cpus)?;
+    for field in &loaded.ignored {
+        tracing::warn!(file = %path.display(), "--config: {field}");
+    }
+    let unset = |id: &str| {
+        !matches!(
+            given.and_then(|m| m.value_source(id)),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        )
+    };
+    let s = loaded.settings;
+    set(unset("node_name"), &mut a.node.node_name, s.node_name.map(Some));
+    set(unset("kubeconfig") && a.manifests.is_none(), &mut a.kubeconfig, s.kubeconfig.map(Some));
+    set(unset("healthz_bind_address"), &mut a.healthz_bind_address, s.healthz_bind_address);
+    set(unset("metrics_bind_address"), &mut a.metrics_bind_address, s.metrics_bind_address);
+    set(unset("nodeport_addresses"), &mut a.nodeport_addresses, s.nodeport_addresses);
+    set(unset("ct_map_size"), &mut a.ct_map_size, s.ct_map_size.map(Some));
+    set(unset("ct_timeout_tcp"), &mut a.ct_timeout_tcp, s.ct_timeout_tcp);
+    set(unset("ct_timeout_udp"), &mut a.ct_timeout_udp, s.ct_timeout_udp);
+    set(unset("ct_timeout_udp_stream"), &mut a.ct_timeout_udp_stream, s.ct_timeout_udp_stream);
+    set(unset("sync_period_seconds"), &mut a.sync_period_seconds, s.sync_period_seconds);
+    set(unset("sync_debounce_ms"), &mut a.sync_debounce_ms, s.sync_debounce_ms);
+    Ok(())
+}
+
+/// `*slot = value` when `unset` and the file has a value.
+fn set<T>(unset: bool, slot: &mut T, value: Option<T>) {
+    if let (true, Some(v)) = (unset, value) {
+        *slot = v;
+    }
+}
+
+/// The agent's configuration from its flags (and `--config`).
+fn agent_config(mut a: AgentArgs, given: Option<&ArgMatches>) -> Result<run::Config> {
+    apply_config_file(&mut a, given)?;
     let mode = match a.manifests {
         Some(manifests) => run::Mode::Standalone {
             manifests,
@@ -340,7 +487,8 @@ async fn agent(a: AgentArgs) -> Result<()> {
         None => dataplane::default_bpffs_dir(&node),
     };
     let pod_endpoints = matches!(mode, run::Mode::Standalone { .. });
-    run::run(run::Config {
+    let status_file = a.status_file.path(&node);
+    Ok(run::Config {
         mode,
         translate: translate::Config {
             service_cidr: a.service_cluster_ip_range,
@@ -384,6 +532,72 @@ async fn agent(a: AgentArgs) -> Result<()> {
         healthz_timeout: 2 * sync_period,
         healthz_addr: listen_addr("--healthz-bind-address", &a.healthz_bind_address)?,
         metrics_addr: listen_addr("--metrics-bind-address", &a.metrics_bind_address)?,
+        status_file,
+        kube_proxy_rules: a.kube_proxy_rules,
     })
-    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent's configuration for a command line.
+    fn config(args: &[&str]) -> run::Config {
+        let m = Cli::command().try_get_matches_from(args).unwrap();
+        let Cmd::Agent(a) = Cli::from_arg_matches(&m).unwrap().cmd else {
+            panic!("not the agent: {args:?}")
+        };
+        agent_config(*a, m.subcommand_matches("agent")).unwrap()
+    }
+
+    #[test]
+    fn a_kube_proxy_configuration_drives_the_same_config_as_the_flags_and_flags_win() {
+        let dir = std::env::temp_dir().join(format!("ferry-kpconfig-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("kube-proxy.yaml");
+        std::fs::write(
+            &file,
+            "apiVersion: kubeproxy.config.k8s.io/v1alpha1\n\
+             kind: KubeProxyConfiguration\n\
+             hostnameOverride: node-7\n\
+             clientConnection: {kubeconfig: /etc/kube/kp.conf}\n\
+             healthzBindAddress: 127.0.0.1:10266\n\
+             metricsBindAddress: 127.0.0.1:10267\n\
+             nodePortAddresses: [192.168.0.0/16]\n\
+             conntrack: {maxPerCore: 1, min: 100000, tcpEstablishedTimeout: 2h0m0s, udpStreamTimeout: 5m0s}\n\
+             syncPeriod: 45s\n\
+             minSyncPeriod: 250ms\n\
+             mode: ipvs\n",
+        )
+        .unwrap();
+        let path = file.display().to_string();
+        let from_file = config(&["ferry", "agent", "--config", &path, "--cgroup-path", "none"]);
+        let from_flags = config(&[
+            "ferry", "agent", "--node-name", "node-7", "--kubeconfig", "/etc/kube/kp.conf",
+            "--healthz-bind-address", "127.0.0.1:10266", "--metrics-bind-address", "127.0.0.1:10267",
+            "--nodeport-addresses", "192.168.0.0/16", "--ct-map-size", "200000", "--ct-timeout-tcp", "2h",
+            "--ct-timeout-udp-stream", "300",
+            "--sync-period-seconds", "45", "--sync-debounce-ms", "250", "--cgroup-path", "none",
+        ]);
+        assert_eq!(format!("{from_file:?}"), format!("{from_flags:?}"));
+        assert_eq!(from_file.dataplane.ct.tcp, 200000, "100000 connections, two entries each");
+        assert_eq!(from_file.ct.timeout_tcp, Duration::from_secs(7200), "conntrack.tcpEstablishedTimeout");
+        assert_eq!(from_file.ct.timeout_udp_stream, Duration::from_secs(300), "conntrack.udpStreamTimeout");
+
+        let mixed = config(&[
+            "ferry", "agent", "--config", &path, "--healthz-bind-address", "127.0.0.1:1", "--node-name", "n2",
+            "--cgroup-path", "none",
+        ]);
+        assert_eq!(mixed.healthz_addr, Some("127.0.0.1:1".parse().unwrap()), "the flag wins");
+        assert_eq!(mixed.node, "n2", "the flag wins");
+        assert_eq!(mixed.metrics_addr, from_file.metrics_addr, "the file still sets the rest");
+        assert_eq!(mixed.sync_period, Duration::from_secs(45));
+
+        let standalone = config(&["ferry", "agent", "--config", &path, "--manifests", "/tmp", "--cgroup-path", "none"]);
+        assert!(
+            matches!(standalone.mode, run::Mode::Standalone { .. }),
+            "clientConnection.kubeconfig does not turn --manifests into cluster mode"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -39,6 +39,7 @@ pub struct Metrics {
     input_errors: Gauge,
     sync_errors: Family<Labels, Counter>,
     watch_errors: Family<Labels, Counter>,
+    attach_errors: Gauge,
 }
 
 /// What one successful sync programmed.
@@ -103,7 +104,14 @@ impl Metrics {
             "Failed list/watch calls to the API server, by resource (retried with backoff)",
             watch_errors.clone(),
         );
+        let attach_errors = Gauge::default();
+        registry.register(
+            "ferry_attach_errors",
+            "Programs that failed to attach at the last attach pass (retried every 2 s)",
+            attach_errors.clone(),
+        );
         if let Some(dir) = bpffs_dir {
+            registry.register_collector(Box::new(crate::status::MapFillCollector { dir: dir.clone() }));
             registry.register_collector(Box::new(DataplaneCollector { dir, ct, gc }));
         }
         Self {
@@ -116,7 +124,13 @@ impl Metrics {
             input_errors,
             sync_errors,
             watch_errors,
+            attach_errors,
         }
+    }
+
+    /// Attach errors of the last attach pass.
+    pub fn set_attach_errors(&self, n: usize) {
+        self.attach_errors.set(n as i64);
     }
 
     pub fn sync_ok(&self, took: Duration, p: Programmed) {

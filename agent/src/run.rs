@@ -28,6 +28,7 @@ use crate::{
     },
     metrics::{Metrics, Programmed},
     sources::{cluster, manifests, watch, Input},
+    status::report::{detect_features, unix_now, AgentReport, AttachError, Reporter, WatchState},
     translate::{self, translate},
 };
 
@@ -69,6 +70,10 @@ pub struct Config {
     /// None: not served.
     pub healthz_addr: Option<SocketAddr>,
     pub metrics_addr: Option<SocketAddr>,
+    /// Where `ferry status` finds the agent's report (None: not written).
+    pub status_file: Option<PathBuf>,
+    /// What to do about kube-proxy's rules found at start.
+    pub kube_proxy_rules: crate::kubeproxy::KubeProxyRules,
 }
 
 /// The sync side: input → maps.
@@ -267,6 +272,14 @@ impl Source {
         }
     }
 
+    /// Cluster mode: the state of each watch.
+    fn watch_states(&self) -> Vec<WatchState> {
+        match self {
+            Self::Standalone { .. } => Vec::new(),
+            Self::Cluster(c) => c.watch_states(),
+        }
+    }
+
     fn describe(&self) -> &'static str {
         match self {
             Self::Standalone { .. } => "standalone",
@@ -278,6 +291,12 @@ impl Source {
 /// Runs until SIGTERM/SIGINT. The programs and maps stay in place when it stops,
 /// so traffic keeps flowing while the agent restarts.
 pub async fn run(cfg: Config) -> Result<()> {
+    // First of all: a second agent for the same pin directory stops here,
+    // before it binds a port or touches a map or a link.
+    dataplane::ensure_bpffs()?;
+    let _pin_lock = crate::pinlock::acquire(&cfg.dataplane.bpffs_dir)?;
+    let reporter = Reporter::new(cfg.status_file.clone(), initial_report(&cfg));
+    crate::kubeproxy::check(cfg.kube_proxy_rules)?;
     let health = Arc::new(Health::new(cfg.healthz_timeout));
     let gc_report = crate::ct::GcReport::default();
     let metrics = Arc::new(Metrics::new(
@@ -327,7 +346,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             .context("netlink")?;
     tokio::spawn(conn);
     let mut node_addr = None;
-    follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true).await;
+    let outcomes = Outcomes {
+        reporter: &reporter,
+        metrics: &metrics,
+    };
+    follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true, outcomes).await;
     if let Some(cg) = &cfg.cgroup {
         dp.attach_cgroup(cg)?;
     }
@@ -366,25 +389,28 @@ pub async fn run(cfg: Config) -> Result<()> {
                 while changes.try_recv().is_ok() {}
                 pending = None;
                 last_sync = tokio::time::Instant::now();
-                sync(&mut prog, &source, &health, &metrics, &mut waiting_logged, true);
+                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, true);
             }
             _ = resync.tick() => {
-                sync(&mut prog, &source, &health, &metrics, &mut waiting_logged, false);
+                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, false);
             }
             Some(_) = link_events.next() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, link_events.next()).await {}
-                if follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true).await {
+                if follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true, outcomes).await {
                     pending.get_or_insert_with(tokio::time::Instant::now);
                 }
             }
             _ = attach_tick.tick() => {
-                follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, false).await;
+                follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, false, outcomes).await;
+                reporter.update(|r| r.api = source.watch_states());
+                reporter.write_logged();
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
+    reporter.remove();
     tracing::info!(
         "stopping; programs and maps stay pinned in {}",
         cfg.dataplane.bpffs_dir.display()
@@ -400,11 +426,13 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// One sync, with its outcome reported to the log, health and metrics.
+#[allow(clippy::too_many_arguments)]
 fn sync(
     prog: &mut Programmer,
     source: &Source,
     health: &Health,
     metrics: &Metrics,
+    reporter: &Reporter,
     waiting_logged: &mut bool,
     after_change: bool,
 ) {
@@ -423,12 +451,22 @@ fn sync(
             let took = started.elapsed();
             metrics.sync_ok(took, p);
             health.synced();
+            reporter.synced();
         }
         Err(e) => {
             metrics.sync_error("map_write");
             tracing::error!("sync failed: {e:#}");
+            reporter.update(|r| r.last_sync_error = Some(format!("{e:#}")));
         }
     }
+    reporter.write_logged();
+}
+
+/// Where attach outcomes go: the status report and /metrics.
+#[derive(Clone, Copy)]
+struct Outcomes<'a> {
+    reporter: &'a Reporter,
+    metrics: &'a Metrics,
 }
 
 /// Lists the links once: attaches what is missing and, with `addresses`,
@@ -441,6 +479,7 @@ async fn follow_links(
     prog: &mut Programmer,
     node_addr: &mut Option<Ipv4Addr>,
     addresses: bool,
+    out: Outcomes<'_>,
 ) -> bool {
     let links = match dataplane::list_links(handle).await {
         Ok(l) => l,
@@ -449,7 +488,12 @@ async fn follow_links(
             return false;
         }
     };
-    attach_all(dp, &links, &cfg.devices, cfg.xdp);
+    let errors = attach_all(dp, &links, &cfg.devices, cfg.xdp);
+    out.metrics.set_attach_errors(errors.len());
+    out.reporter.update(|r| {
+        r.attach_errors = errors;
+        r.xdp_refused = dp.xdp_refused().map(str::to_string).collect();
+    });
     addresses && refresh_addresses(handle, dp, cfg, &links.names, prog, node_addr).await
 }
 
@@ -493,15 +537,49 @@ async fn refresh_addresses(
 }
 
 /// Attaches every hook's program where it is missing, and forgets the
-/// interfaces that are gone.
-fn attach_all(dp: &mut Dataplane, links: &dataplane::Links, devices: &[String], xdp: Option<dataplane::XdpAttach>) {
+/// interfaces that are gone. Returns the attach errors of this pass.
+fn attach_all(
+    dp: &mut Dataplane,
+    links: &dataplane::Links,
+    devices: &[String],
+    xdp: Option<dataplane::XdpAttach>,
+) -> Vec<AttachError> {
     let wanted = links.hooks(devices, xdp.is_some());
     dp.forget_missing(&wanted);
+    let mut errors = Vec::new();
     for ((hook, idx), name) in &wanted {
         let xdp_modes = xdp.map_or(&[][..], |x| x.modes(links.veths.contains(idx)));
         if let Err(e) = dp.attach(*hook, name, *idx, xdp_modes) {
             // The link may have vanished in between; retried on the next event.
             tracing::warn!("{e:#}");
+            errors.push(AttachError {
+                program: hook.program().to_string(),
+                interface: name.clone(),
+                error: format!("{e:#}"),
+            });
         }
+    }
+    errors
+}
+
+/// The report as the agent starts.
+fn initial_report(cfg: &Config) -> AgentReport {
+    AgentReport {
+        pid: std::process::id(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        node: cfg.node.clone(),
+        mode: match cfg.mode {
+            Mode::Standalone { .. } => "standalone",
+            Mode::Cluster { .. } => "cluster",
+        }
+        .to_string(),
+        bpffs_dir: cfg.dataplane.bpffs_dir.clone(),
+        started_at: unix_now(),
+        sync_timeout_seconds: cfg.healthz_timeout.as_secs_f64(),
+        devices: cfg.devices.clone(),
+        xdp: cfg.xdp.map(|x| format!("{x:?}").to_lowercase()),
+        cgroup: cfg.cgroup.clone(),
+        features: detect_features(),
+        ..Default::default()
     }
 }

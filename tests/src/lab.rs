@@ -204,6 +204,14 @@ impl Lab {
     /// Starts `ferry agent <source> --node-name … --bpffs-dir … --cgroup-path …`
     /// plus the lab's extra agent flags, through `launcher`.
     fn spawn_agent(&mut self, launcher: &[String], source: &[String]) -> Result<()> {
+        let args = self.agent_command(source);
+        self.agent = Some(self.spawn("agent", launcher, &args)?);
+        Ok(())
+    }
+
+    /// `agent <source> --node-name … --bpffs-dir … --cgroup-path …` plus the
+    /// lab's extra agent flags.
+    fn agent_command(&self, source: &[String]) -> Vec<String> {
         let mut args: Vec<String> = std::iter::once("agent".to_string()).chain(source.iter().cloned()).collect();
         args.extend([
             "--node-name".into(),
@@ -212,10 +220,82 @@ impl Lab {
             path_str(&self.bpffs_dir),
             "--cgroup-path".into(),
             self.cgroup.as_deref().map(path_str).unwrap_or_else(|| "none".into()),
+            "--status-file".into(),
+            path_str(&self.status_file()),
         ]);
         args.extend(self.agent_args.iter().cloned());
-        self.agent = Some(self.spawn("agent", launcher, &args)?);
-        Ok(())
+        args
+    }
+
+    /// Where the agent writes its status report (`--status-file`).
+    pub fn status_file(&self) -> PathBuf {
+        self.dir.join("status.json")
+    }
+
+    /// `ferry status -o json` for this node: whether it exited 0 (healthy),
+    /// the JSON, and its standard error.
+    pub fn status(&self) -> Result<(bool, serde_json::Value, String)> {
+        let out = self.ferry_unchecked(&[
+            "status",
+            "-o",
+            "json",
+            "--node-name",
+            &self.node,
+            "--status-file",
+            &path_str(&self.status_file()),
+        ])?;
+        let json = serde_json::from_slice(&out.stdout).with_context(|| {
+            format!("ferry status printed no JSON: {}", String::from_utf8_lossy(&out.stderr))
+        })?;
+        Ok((out.status.success(), json, String::from_utf8_lossy(&out.stderr).into_owned()))
+    }
+
+    /// Runs `ferry <args> --bpffs-dir <the lab's>` in the node, whatever its
+    /// exit status.
+    pub fn ferry_unchecked(&self, args: &[&str]) -> Result<std::process::Output> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.node])
+            .arg(&self.ferry)
+            .args(args)
+            .arg("--bpffs-dir")
+            .arg(&self.bpffs_dir)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running ferry {args:?} in {}", self.node))
+    }
+
+    /// Runs another `ferry agent` in the node, as the lab would start it (the
+    /// lab's manifests, node name, pin directory) plus `extra` flags, for at most
+    /// `timeout`: its exit status (None: still running at the deadline, then
+    /// killed) and its output. For agents expected to refuse to start.
+    pub fn agent_once(&self, extra: &[&str], timeout: Duration) -> Result<(Option<std::process::ExitStatus>, String)> {
+        let mut args = self.agent_command(&self.standalone_source(&self.manifests_dir));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out_path = self.log_path("agent-once");
+        let _ = fs::remove_file(&out_path);
+        let out = fs::File::create(&out_path)?;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.node])
+            .arg(&self.ferry)
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .context("starting a second ferry agent")?;
+        let start = Instant::now();
+        let status = loop {
+            if let Some(s) = child.try_wait()? {
+                break Some(s);
+            }
+            if start.elapsed() > timeout {
+                stop(child, Duration::from_secs(5));
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        Ok((status, fs::read_to_string(&out_path).unwrap_or_default()))
     }
 
     /// The agent's process id (`ip netns exec` execs it, so this is the agent).

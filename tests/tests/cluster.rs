@@ -354,6 +354,17 @@ fn first_sync_waits_for_every_list_and_an_outage_keeps_the_last_state() -> Resul
         503,
         "not ready before the first sync"
     );
+    // `ferry status` says which list is missing.
+    let (_, status, _) = c.lab.status()?;
+    assert_eq!(status["agent"]["mode"], "cluster", "{status:#}");
+    let listed = |s: &serde_json::Value, what: &str| {
+        s["agent"]["api"]
+            .as_array()
+            .and_then(|a| a.iter().find(|w| w["resource"] == what))
+            .map(|w| w["listed"].clone())
+    };
+    assert_eq!(listed(&status, "services"), Some(json!(true)), "{status:#}");
+    assert_eq!(listed(&status, "endpointslices"), Some(json!(false)), "{status:#}");
 
     c.api.block(Kind::EndpointSlice, false);
     let full = want(&[
@@ -391,6 +402,12 @@ fn first_sync_waits_for_every_list_and_an_outage_keeps_the_last_state() -> Resul
         .lab
         .agent_log()
         .contains("watch failed, retrying with backoff"));
+    c.lab.wait_until(Duration::from_secs(10), "ferry status naming the failing watch", || {
+        let (_, s, _) = c.lab.status()?;
+        Ok(s["warnings"].as_array().is_some_and(|w| {
+            w.iter().any(|w| w.as_str().is_some_and(|w| w.contains("watch is failing")))
+        }))
+    })?;
 
     // It comes back: the agent's resourceVersion is too old (410), it relists
     // and converges.

@@ -99,6 +99,8 @@ struct Watched {
     what: &'static str,
     store: Store<DynamicObject>,
     ready: Arc<AtomicBool>,
+    /// The watch's last error while it fails; None once it works again.
+    failing: Arc<Mutex<Option<String>>>,
 }
 
 /// The running watchers. `load` gives a snapshot once every initial list is done.
@@ -208,6 +210,18 @@ impl Cluster {
             .collect()
     }
 
+    /// Each watched resource: its first list done, its current error.
+    pub fn watch_states(&self) -> Vec<crate::status::report::WatchState> {
+        [&self.services, &self.slices, &self.nodes]
+            .iter()
+            .map(|w| crate::status::report::WatchState {
+                resource: w.what.to_string(),
+                listed: w.ready.load(Ordering::Acquire),
+                error: w.failing.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            })
+            .collect()
+    }
+
     /// The current objects, typed; None until every initial list is done (a
     /// partial view would delete the Services not listed yet).
     pub fn load(&self) -> Option<Input> {
@@ -238,6 +252,9 @@ fn spawn_watch(
     let ready = Arc::new(AtomicBool::new(false));
     let flag = ready.clone();
     let reader = store.clone();
+    let failing_state = Arc::new(Mutex::new(None));
+    let last_error = failing_state.clone();
+    let set_error = move |e: Option<String>| *last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
     // managedFields can be most of an object's size and nothing here reads them.
     let stream = reflector::reflector(
         writer,
@@ -261,12 +278,14 @@ fn spawn_watch(
                         tracing::info!(resource = what, objects = reader.len(), "relisted");
                     }
                     failing = false;
+                    set_error(None);
                     let _ = changes.send(());
                 }
                 Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
                     if failing {
                         tracing::info!(resource = what, "watch resumed");
                         failing = false;
+                        set_error(None);
                     }
                     let _ = changes.send(());
                 }
@@ -280,11 +299,17 @@ fn spawn_watch(
                         "watch failed, retrying with backoff (the maps keep the last state): {e}"
                     );
                     failing = true;
+                    set_error(Some(e.to_string()));
                 }
             }
         }
     });
-    Watched { what, store, ready }
+    Watched {
+        what,
+        store,
+        ready,
+        failing: failing_state,
+    }
 }
 
 /// Types the watched objects (skipping and reporting those that do not fit) and
