@@ -507,7 +507,7 @@ fn metrics_named_by_the_dashboard_and_alerts_exist() -> Result<()> {
     let mut exported = exported_names(&body);
     // Label families appear once they have a child: the agent's registry with
     // one of each (the same registry the agent serves).
-    let registry = ferry_agent::metrics::Metrics::new(None, 1);
+    let registry = ferry_agent::metrics::Metrics::new(None, ferry_agent::ct::Sizes { tcp: 1, any: 1 }, Default::default());
     registry.sync_error("map_write");
     registry.watch_error("services");
     exported.extend(exported_names(&registry.encode()?));
