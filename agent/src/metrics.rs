@@ -234,6 +234,7 @@ pub(crate) const PACKETS: &[(DpCounter, &str)] = &[
     (DpCounter::CtExpired, "ct_expired"),
     (DpCounter::CtStaleRebalanced, "ct_stale_rebalanced"),
     (DpCounter::NodePortLocalReply, "nodeport_local_reply"),
+    (DpCounter::FragNeeded, "frag_needed"),
 ];
 
 impl Collector for DataplaneCollector {

@@ -461,12 +461,15 @@ pub enum Counter {
     /// A packet to a NodePort that answered a connection of the node's own
     /// (a local client whose port was the NodePort): left to the stack.
     NodePortLocalReply = 19,
+    /// A translated packet too big for its egress device (DF set): answered
+    /// with an ICMP "fragmentation needed" quoting it untranslated.
+    FragNeeded = 20,
 }
 
 /// Size of the counters array: room above the last [`Counter`] so that new
 /// counters do not need a new pinned map.
 pub const COUNTER_COUNT: u32 = 32;
-const _: () = assert!((Counter::NodePortLocalReply as u32) < COUNTER_COUNT);
+const _: () = assert!((Counter::FragNeeded as u32) < COUNTER_COUNT);
 
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);

@@ -4,12 +4,17 @@
 //!
 //! Needed because after SNAT (or reverse NAT of a NodePort reply) the packet's
 //! source is one of the node's own addresses, and the stack drops packets that
-//! arrive with a local source address ("martian source").
+//! arrive with a local source address ("martian source"); and so that the
+//! node's netfilter never sees half a translated flow.
+//!
+//! The route is chosen before the packet is rewritten (`route`), so that a
+//! packet too big for the egress device can still be answered with an ICMP
+//! "fragmentation needed" quoting it as its sender sent it.
 use aya_ebpf::{
     cty::c_void,
     EbpfContext as _,
     bindings::{
-        bpf_fib_lookup, bpf_redir_neigh, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+        bpf_fib_lookup, bpf_redir_neigh, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
         TC_ACT_OK,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
@@ -27,24 +32,45 @@ pub enum Route {
     Forward { ifindex: u32, dmac: [u8; 6], smac: [u8; 6] },
     /// Out of `ifindex` to the next hop `nh`, whose MAC is not known yet.
     NoNeighbour { ifindex: u32, nh: u32 },
+    /// The packet is bigger than the egress device's `mtu` (at TC, where the
+    /// kernel checks the skb: a GSO packet passes, its segments are cut to
+    /// the connection's MSS).
+    FragNeeded { mtu: u32 },
     /// No route (or not forwardable): the stack's business.
     Miss,
 }
 
-/// Looks up the route of `saddr` → `daddr` as if the packet arrived on
-/// `ifindex`; `ctx` is the program's context (skb or xdp_md).
+/// The route of the packet once it is rewritten to `saddr` → `daddr`,
+/// looked up before the rewrite (the kernel checks the skb against the
+/// egress device's MTU).
 #[inline(always)]
-pub fn lookup(ctx: *mut c_void, ifindex: u32, saddr: u32, daddr: u32) -> Route {
+pub fn route(ctx: &TcContext, saddr: u32, daddr: u32) -> Route {
+    // SAFETY: reading the skb's ingress ifindex.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    lookup(ctx.as_ptr(), ingress, saddr, daddr, 0)
+}
+
+/// Looks up the route of `saddr` → `daddr` as if the packet arrived on
+/// `ifindex`; `ctx` is the program's context (skb or xdp_md). With
+/// `tot_len` (the IPv4 total length; 0: unchecked) a packet bigger than the
+/// egress MTU gets no route (XDP leaves it to TC, which answers it).
+#[inline(always)]
+pub fn lookup(ctx: *mut c_void, ifindex: u32, saddr: u32, daddr: u32, tot_len: u16) -> Route {
     // SAFETY: an all-zero bpf_fib_lookup is a valid request to fill in.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     p.ifindex = ifindex;
+    p.__bindgen_anon_1.tot_len = tot_len;
     p.__bindgen_anon_3.ipv4_src = saddr;
     p.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: ctx is the program's context; p lives on our stack for the call.
     let rc = unsafe { fib_lookup(ctx, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
         return Route::Forward { ifindex: p.ifindex, dmac: p.dmac, smac: p.smac };
+    }
+    if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
+        // SAFETY: reading the MTU the lookup wrote.
+        return Route::FragNeeded { mtu: u32::from(unsafe { p.__bindgen_anon_1.mtu_result }) };
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // SAFETY: reading the next hop the lookup wrote (IPv4 family).
@@ -54,13 +80,11 @@ pub fn lookup(ctx: *mut c_void, ifindex: u32, saddr: u32, daddr: u32) -> Route {
     Route::Miss
 }
 
-/// Sends the packet (already rewritten: `saddr` → `daddr`) out of the device
-/// the routing table picks. Without a route it is left to the stack.
+/// Sends the (rewritten) packet along `route`. Without a route, or when it
+/// is too big and may be fragmented, it is left to the stack.
 #[inline(always)]
-pub fn redirect(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
-    // SAFETY: reading the skb's ingress ifindex.
-    let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    match lookup(ctx.as_ptr(), ingress, saddr, daddr) {
+pub fn send(ctx: &TcContext, route: Route) -> i32 {
+    match route {
         Route::Forward { ifindex, dmac, smac } => {
             if set_macs(ctx, &dmac, &smac).is_err() {
                 count(Counter::FibMiss);
@@ -77,6 +101,7 @@ pub fn redirect(ctx: &TcContext, saddr: u32, daddr: u32) -> i32 {
             // SAFETY: n lives on our stack for the call.
             unsafe { bpf_redirect_neigh(ifindex, &mut n, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) as i32 }
         }
+        Route::FragNeeded { .. } => TC_ACT_OK,
         Route::Miss => {
             count(Counter::FibMiss);
             TC_ACT_OK

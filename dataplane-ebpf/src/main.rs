@@ -184,16 +184,15 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
 /// goes straight back into the Pod's veth.
 #[inline(always)]
 fn dnat(ctx: &TcContext, pkt: &Packet, backend: (u32, u16), hairpin: bool) -> Result<i32, Counter> {
-    nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, backend.0, pkt.dport, backend.1)
-        .map_err(|_| Counter::DropMalformed)?;
     count(Counter::ServiceForward);
-    if hairpin {
-        let snat = addr_to_map(HAIRPIN_SNAT_ADDR);
-        nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, snat, pkt.sport, pkt.sport)
-            .map_err(|_| Counter::DropMalformed)?;
-        return bounce(ctx);
+    if !hairpin {
+        return nat::translate_and_send(ctx, pkt, (pkt.saddr, pkt.sport), backend);
     }
-    Ok(fib::redirect(ctx, pkt.saddr, backend.0))
+    let m = |_| Counter::DropMalformed;
+    nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, backend.0, pkt.dport, backend.1).map_err(m)?;
+    let snat = addr_to_map(HAIRPIN_SNAT_ADDR);
+    nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, snat, pkt.sport, pkt.sport).map_err(m)?;
+    bounce(ctx)
 }
 
 /// Reply direction: source := the frontend the client dialled; with SNAT
@@ -206,20 +205,17 @@ fn dnat(ctx: &TcContext, pkt: &Packet, backend: (u32, u16), hairpin: bool) -> Re
 fn reverse_nat(ctx: &TcContext, pkt: &Packet, r: &ct::Reply) -> Result<i32, Counter> {
     // The Service was deleted under a live flow.
     let frontend = r.frontend.ok_or(Counter::DropBackendMissing)?;
-    nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, frontend.addr, pkt.sport, frontend.port)
-        .map_err(|_| Counter::DropMalformed)?;
     count(Counter::ReverseNat);
-    let mut client = pkt.daddr;
-    if let Some((addr, port)) = r.snat {
-        nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, addr, pkt.dport, port)
-            .map_err(|_| Counter::DropMalformed)?;
-        client = addr;
-    }
+    let src = (frontend.addr, frontend.port);
+    let dst = r.snat.unwrap_or((pkt.daddr, pkt.dport));
     // Hairpin: SNAT without a north-south client.
     if r.snat.is_some() && r.flags & ct_flags::EXTERNAL == 0 {
+        let m = |_| Counter::DropMalformed;
+        nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, src.0, pkt.sport, src.1).map_err(m)?;
+        nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, dst.0, pkt.dport, dst.1).map_err(m)?;
         return bounce(ctx);
     }
-    Ok(fib::redirect(ctx, frontend.addr, client))
+    nat::translate_and_send(ctx, pkt, src, dst)
 }
 
 /// Sends the packet back out of the interface it arrived on (into the Pod, or

@@ -7,9 +7,39 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
-use ferry_common::PROTO_UDP;
+use ferry_common::{Counter, PROTO_UDP};
 
-use crate::parse::{Frame as _, Packet, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF};
+use crate::{
+    fib::{self, Route},
+    maps::count,
+    parse::{Frame as _, Packet, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
+    reject,
+};
+
+/// Rewrites `pkt` to come from `src` and go to `dst` (address, port; wire
+/// order) and sends it to the device its new destination is routed to, past
+/// the node's stack (`fib`). A packet that would be too big for that device
+/// and may not be fragmented (DF) is answered instead, back to its sender,
+/// with an ICMP "fragmentation needed" quoting it untranslated, so that path
+/// MTU discovery works through the translation; one that may be is left to
+/// the stack, translated, to fragment.
+#[inline(always)]
+pub fn translate_and_send(ctx: &TcContext, pkt: &Packet, src: (u32, u16), dst: (u32, u16)) -> Result<i32, Counter> {
+    let route = fib::route(ctx, src.0, dst.0);
+    if let (Route::FragNeeded { mtu }, true) = (&route, pkt.dont_fragment) {
+        reject::fragmentation_needed(ctx, pkt, *mtu)?;
+        count(Counter::FragNeeded);
+        return crate::bounce(ctx);
+    }
+    let m = |_| Counter::DropMalformed;
+    if dst != (pkt.daddr, pkt.dport) {
+        rewrite(ctx, pkt, Side::Dst, pkt.daddr, dst.0, pkt.dport, dst.1).map_err(m)?;
+    }
+    if src != (pkt.saddr, pkt.sport) {
+        rewrite(ctx, pkt, Side::Src, pkt.saddr, src.0, pkt.sport, src.1).map_err(m)?;
+    }
+    Ok(fib::send(ctx, route))
+}
 
 /// Which endpoint of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]

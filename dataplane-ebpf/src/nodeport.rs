@@ -16,9 +16,9 @@ use ferry_common::{backend_flags, config, svc_flags, Counter, DEFAULT_SNAT_PORTS
 
 use crate::{
     ct::{self, CreateError, NewFlow},
-    fib, lb,
+    lb,
     maps::{config, count, count_service},
-    nat::{self, Side},
+    nat,
     parse::Packet,
     reject,
 };
@@ -190,17 +190,10 @@ pub fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
     }
 }
 
-/// DNAT (and SNAT for a remote backend) of a north-south packet to
-/// `backend` (address, port); a SNATed packet has a node address as source
-/// and is forwarded by FIB lookup.
+/// DNAT (and SNAT to the node for a remote backend) of a north-south packet
+/// to `backend` (address, port), sent to the backend's device by FIB lookup.
 #[inline(always)]
 pub fn forward(ctx: &TcContext, pkt: &Packet, backend: (u32, u16), snat: Option<(u32, u16)>) -> Result<i32, Counter> {
-    nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, backend.0, pkt.dport, backend.1).map_err(|_| Counter::DropMalformed)?;
     count(Counter::ServiceForward);
-    // A local backend: straight to its veth, past netfilter (see `dnat`).
-    let Some((addr, port)) = snat else {
-        return Ok(fib::redirect(ctx, pkt.saddr, backend.0));
-    };
-    nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, addr, pkt.sport, port).map_err(|_| Counter::DropMalformed)?;
-    Ok(fib::redirect(ctx, addr, backend.0))
+    nat::translate_and_send(ctx, pkt, snat.unwrap_or((pkt.saddr, pkt.sport)), backend)
 }

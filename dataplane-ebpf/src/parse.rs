@@ -30,6 +30,8 @@ pub struct Packet {
     pub sport: u16,
     pub dport: u16,
     pub tcp_flags: u8,
+    /// IPv4 "don't fragment".
+    pub dont_fragment: bool,
 }
 
 impl Packet {
@@ -130,6 +132,7 @@ pub fn parse<F: Frame>(ctx: &F) -> Result<Option<Packet>, i64> {
         sport: ctx.load(l4_off)?,
         dport: ctx.load(l4_off + 2)?,
         tcp_flags,
+        dont_fragment: frags & 0x4000 != 0,
     }))
 }
 

@@ -6,6 +6,11 @@
 //! The packet is rewritten in place into the answer (new IPv4 and L4 headers,
 //! checksums computed from scratch, length set with bpf_skb_change_tail); the
 //! caller sends it back out of the veth it came from, i.e. into the client Pod.
+//!
+//! The same ICMP builder answers a packet too big for the device its
+//! translated form would leave by ("fragmentation needed", with that MTU),
+//! quoting the packet as its sender sent it, so path MTU discovery works
+//! through the translation (`fragmentation_needed`).
 use aya_ebpf::{helpers::bpf_skb_change_tail, programs::TcContext};
 use ferry_common::{Counter, PROTO_TCP};
 
@@ -14,6 +19,7 @@ use crate::parse::{Packet, ETH_HLEN, IP_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN}
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
 const ICMP_PORT_UNREACH: u8 = 3;
+const ICMP_FRAG_NEEDED: u8 = 4;
 /// The original IPv4 header (without options) and 8 bytes of its UDP header.
 const QUOTE_LEN: usize = 28;
 
@@ -26,7 +32,7 @@ pub fn rewrite(ctx: &TcContext, pkt: &Packet) -> Result<Counter, Counter> {
         tcp_rst(ctx, pkt)?;
         Ok(Counter::RejectTcp)
     } else {
-        icmp_port_unreachable(ctx, pkt)?;
+        icmp_unreachable(ctx, pkt, ICMP_PORT_UNREACH, 0)?;
         Ok(Counter::RejectUdp)
     }
 }
@@ -75,10 +81,19 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), Counter> {
     ctx.store(IP_OFF, &h, 0).map_err(m)
 }
 
-/// ICMP destination unreachable (port) quoting the IPv4 header and the first 8
-/// bytes of the datagram, from the ClusterIP the client sent to.
+/// Rewrites `pkt` (as its sender sent it: untranslated) into an ICMP
+/// "fragmentation needed" with the next hop's `mtu`, from the address it was
+/// sent to.
 #[inline(always)]
-fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), Counter> {
+pub fn fragmentation_needed(ctx: &TcContext, pkt: &Packet, mtu: u32) -> Result<(), Counter> {
+    icmp_unreachable(ctx, pkt, ICMP_FRAG_NEEDED, mtu as u16)
+}
+
+/// ICMP destination unreachable (`code`; `mtu` for fragmentation needed)
+/// quoting the IPv4 header and the first 8 bytes of the datagram, from the
+/// address the sender sent to (the ClusterIP, for a client).
+#[inline(always)]
+fn icmp_unreachable(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result<(), Counter> {
     if pkt.l4_off != IP_OFF + 20 {
         // IPv4 options: not quoted (Pods practically never send them).
         return Err(Counter::DropNoBackend);
@@ -94,7 +109,8 @@ fn icmp_port_unreachable(ctx: &TcContext, pkt: &Packet) -> Result<(), Counter> {
         pkt.saddr,
     );
     h[20] = ICMP_DEST_UNREACH;
-    h[21] = ICMP_PORT_UNREACH;
+    h[21] = code;
+    h[26..28].copy_from_slice(&mtu.to_be_bytes());
     h[28..28 + QUOTE_LEN].copy_from_slice(&quote);
     let csum = fold(sum16(&h[20..], 0));
     h[22..24].copy_from_slice(&csum.to_be_bytes());

@@ -24,7 +24,7 @@ use crate::{
     maps::{count, count_service},
     nat::{self, fold, Side},
     nodeport::{self, Arrival},
-    parse::{self, Frame as _, Packet, IP_OFF},
+    parse::{self, Frame as _, Packet, IP_CSUM_OFF, IP_OFF},
 };
 
 /// The rewrite XDP applies: new (address, port) for both ends.
@@ -75,11 +75,19 @@ fn send(ctx: &XdpContext, pkt: &Packet, t: &Translation, what: Counter) -> Resul
         count(Counter::XdpPassPartialCsum);
         return Ok(XDP_PASS);
     }
+    let m = |_| Counter::DropMalformed;
+    let tot_len = u16::from_be(ctx.load::<u16>(IP_OFF + 2).map_err(m)?);
+    // A packet about to expire is the stack's (it answers "time exceeded").
+    let ttl: u8 = ctx.load(IP_OFF + 8).map_err(m)?;
+    if ttl <= 1 {
+        return Ok(XDP_PASS);
+    }
     let ingress = ctx.ingress_ifindex() as u32;
-    let Route::Forward { ifindex, dmac, smac } = fib::lookup(ctx.as_ptr(), ingress, t.src.0, t.dst.0) else {
+    // Too big for the egress device: TC answers "fragmentation needed".
+    let Route::Forward { ifindex, dmac, smac } = fib::lookup(ctx.as_ptr(), ingress, t.src.0, t.dst.0, tot_len) else {
         return Ok(XDP_PASS);
     };
-    let m = |_| Counter::DropMalformed;
+    decrement_ttl(ctx).map_err(m)?;
     nat::rewrite_xdp(ctx, pkt, Side::Dst, pkt.daddr, t.dst.0, pkt.dport, t.dst.1).map_err(m)?;
     nat::rewrite_xdp(ctx, pkt, Side::Src, pkt.saddr, t.src.0, pkt.sport, t.src.1).map_err(m)?;
     parse::set_macs(ctx, &dmac, &smac).map_err(m)?;
@@ -90,6 +98,18 @@ fn send(ctx: &XdpContext, pkt: &Packet, t: &Translation, what: Counter) -> Resul
     }
     // SAFETY: helper without memory arguments.
     Ok(unsafe { bpf_redirect(ifindex, 0) } as u32)
+}
+
+/// A router's hop: TTL - 1, with the IPv4 checksum updated (the TTL is the
+/// high byte of the 16-bit word at offset 8, beside the protocol).
+#[inline(always)]
+fn decrement_ttl(ctx: &XdpContext) -> Result<(), i64> {
+    let word: u16 = ctx.load(IP_OFF + 8)?;
+    let csum: u16 = ctx.load(IP_CSUM_OFF)?;
+    let [ttl, proto] = word.to_ne_bytes();
+    let new = u16::from_ne_bytes([ttl - 1, proto]);
+    ctx.store(IP_OFF + 8, &new)?;
+    ctx.store(IP_CSUM_OFF, &nat::csum_replace2(csum, word, new))
 }
 
 /// Whether the L4 checksum is a full one. A local sender on a virtual device

@@ -75,6 +75,13 @@ impl Fixture {
         test_run(prog.fd().unwrap().as_fd().as_raw_fd(), frame)
     }
 
+    /// The fd of the TC program `name`, for [`test_run`] in another network
+    /// namespace (its FIB lookups use the caller's).
+    fn tc_fd(&self, name: &str) -> i32 {
+        let prog: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
+        prog.fd().unwrap().as_fd().as_raw_fd()
+    }
+
     /// The XDP program's fd, for [`test_run`] in another network namespace
     /// (its FIB lookups use the caller's).
     fn xdp_fd(&self) -> i32 {
@@ -240,7 +247,11 @@ fn sum16(data: &[u8]) -> u32 {
 
 /// Ethernet + IPv4 + TCP (SYN) or UDP with correct checksums.
 fn frame(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, udp_zero_csum: bool) -> Vec<u8> {
-    let payload = b"hello";
+    frame_with(proto, src, dst, sport, dport, udp_zero_csum, b"hello")
+}
+
+/// [`frame`] with `payload`.
+fn frame_with(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, udp_zero_csum: bool, payload: &[u8]) -> Vec<u8> {
     let l4_len = if proto == PROTO_TCP { 20 } else { 8 } + payload.len();
     let mut f = vec![0u8; 14 + 20 + l4_len];
     f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
@@ -907,4 +918,49 @@ fn a_full_tcp_table_tracks_new_flows_in_the_any_table() {
         let (_, out) = fx.run(&frame(PROTO_TCP, A, CLIENT, 8080, sport, false));
         assert_eq!((parse(&out).src, parse(&out).sport), (VIP, 80), "reply of flow {sport} reverse-NATed");
     }
+}
+
+// --- path MTU ----------------------------------------------------------------
+
+/// `f` with "don't fragment" set, IPv4 checksum recomputed.
+fn dont_fragment(mut f: Vec<u8>) -> Vec<u8> {
+    f[20] |= 0x40;
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = !fold(sum16(&f[14..34]));
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+#[test]
+fn a_translated_packet_too_big_for_its_device_is_answered_with_fragmentation_needed_quoting_it_untranslated() {
+    const REMOTE: [u8; 4] = [10, 244, 1, 5];
+    let mut fx = Fixture::new("mtu");
+    let ns = FibNetns::new("mtu");
+    // The route to the backend leaves by a device with a 1400-byte MTU.
+    ferry_tests::sys::run("ip", &["-n", &ns.0, "link", "set", "d0", "mtu", "1400"]).expect("mtu");
+    fx.service(PROTO_TCP, 80, 1, &[(1, REMOTE, 8080)]);
+    let fd = fx.tc_fd(PROG_FROM_POD);
+    let big = dont_fragment(frame_with(PROTO_TCP, CLIENT, VIP, 47500, 80, false, &[7u8; 1460]));
+    assert_eq!(big.len(), 14 + 1500);
+    let (verdict, out) = ns.run(fd, big.clone());
+    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back to the client (fib misses: {})", fx.counter(Counter::FibMiss));
+    assert_eq!(out[23], 1, "ICMP");
+    let icmp = &out[34..];
+    assert_eq!((icmp[0], icmp[1]), (3, 4), "destination unreachable, fragmentation needed");
+    assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1400, "the next hop's MTU");
+    let p = parse(&out);
+    assert_eq!((p.src, p.dst), (VIP, CLIENT), "from the ClusterIP the client dialled, to the client");
+    // The quote is the client's packet as it sent it: to the ClusterIP.
+    assert_eq!(&icmp[8..8 + 28], &big[14..14 + 28], "the untranslated IPv4 header and ports");
+    assert_eq!(fold(sum16(&out[14..34])), 0xffff, "IPv4 checksum");
+    assert_eq!(fold(sum16(icmp)), 0xffff, "ICMP checksum");
+    assert_eq!(fx.counter(Counter::FragNeeded), 1);
+    // Without DF it is translated and left to the stack, which fragments it.
+    let frag_ok = frame_with(PROTO_TCP, CLIENT, VIP, 47501, 80, false, &[7u8; 1460]);
+    let (verdict, out) = ns.run(fd, frag_ok);
+    assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, REMOTE));
+    // One that fits is translated and sent to the backend's device itself.
+    let (verdict, out) = ns.run(fd, dont_fragment(frame(PROTO_TCP, CLIENT, VIP, 47502, 80, false)));
+    assert_eq!((verdict, parse(&out).dst), (TC_ACT_REDIRECT, REMOTE));
+    assert_checksums(&out);
 }
