@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod loader;
 pub mod maps;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod mountns;
 pub mod run;
