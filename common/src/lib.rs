@@ -60,7 +60,18 @@ pub mod config {
     /// network), never Pods', whose traffic the TC path handles.
     pub const HOST_NETNS_COOKIE_LO: u32 = 1;
     pub const HOST_NETNS_COOKIE_HI: u32 = 2;
-    pub const COUNT: u32 = 4;
+    /// The last backend id and reverse-NAT id the agent handed out (its
+    /// allocators' cursors; 0: none yet). Kept here so that a restarted agent
+    /// goes on after them instead of handing out again an id freed just before
+    /// the restart, which connection-tracking entries may still carry. Only
+    /// the agent reads them.
+    pub const LAST_BACKEND_ID: u32 = 3;
+    pub const LAST_REVNAT_ID: u32 = 4;
+    /// Entries of the array: room above the last index so that new settings
+    /// need no new map (a pinned array of another size is copied over).
+    pub const COUNT: u32 = 32;
+    /// Every index above, for the test that they are distinct and below COUNT.
+    pub const ALL: [u32; 5] = [NODE_ADDR, HOST_NETNS_COOKIE_LO, HOST_NETNS_COOKIE_HI, LAST_BACKEND_ID, LAST_REVNAT_ID];
 }
 
 /// Program names (function names in the eBPF object).
@@ -455,6 +466,14 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 8 + 4 + 4);
         assert_eq!(size_of::<SrcRangeKey>(), 2 + 2 + 4);
         assert_eq!(SRC_RANGE_ID_BITS as usize, 8 * (2 + 2));
+    }
+
+    #[test]
+    fn config_indices_are_distinct_and_fit_the_array() {
+        for (i, a) in config::ALL.iter().enumerate() {
+            assert!(*a < config::COUNT, "config index {a} >= config::COUNT");
+            assert!(!config::ALL[i + 1..].contains(a), "config index {a} used twice");
+        }
     }
 
     #[test]

@@ -9,7 +9,10 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo};
 use aya_obj::generated::bpf_map_type;
-use ferry_agent::dataplane::{Config, Dataplane};
+use ferry_agent::{
+    dataplane::{Config, Dataplane},
+    maps::{IdCursors, MapStore as _},
+};
 use ferry_common::{
     config, AffinityKey, AffinityValue, CtKey, CtValue, AFFINITY_MAP, CONFIG_MAP, COUNTERS_MAP,
     COUNTER_COUNT, CT_MAP, SERVICES_MAP,
@@ -217,8 +220,19 @@ async fn pinned_maps_of_another_shape_are_migrated() {
         "a restart with the same flags keeps every map"
     );
 
+    // The id cursors the agent keeps in the config array survive restarts.
+    let (dp, mut maps) = Dataplane::load(&cfg(d, 128)).expect("third load");
+    let cursors = IdCursors {
+        backend: 4_000_000_000,
+        revnat: 65_000,
+    };
+    maps.put_cursors(cursors).expect("writing the cursors");
+    drop((dp, maps));
+
     // A smaller CT: as many flows as fit are copied.
-    drop(Dataplane::load(&cfg(d, 4)).expect("third load"));
+    let (dp, maps) = Dataplane::load(&cfg(d, 4)).expect("fourth load");
+    assert_eq!(maps.read_all().expect("reading the maps").cursors, cursors);
+    drop((dp, maps));
     assert_eq!(info(d, CT_MAP).max_entries(), 4);
     assert_eq!(ct(d).keys().count(), 4, "4 of the 10 flows fit");
 }

@@ -1,19 +1,19 @@
 //! The pinned BPF maps, through aya.
-use std::{collections::BTreeSet, path::Path};
+use std::{collections::BTreeSet, os::fd::AsFd as _, path::Path};
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
 };
 use ferry_common::{
-    addr_from_map, addr_to_map, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat,
+    addr_from_map, addr_to_map, config, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat,
     ServiceKey, ServiceName, ServiceValue, SrcRangeKey, SvcStats, AFFINITY_MAP, BACKENDS_MAP,
-    COUNTERS_MAP, CT_MAP, PROTO_UDP, REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS,
+    CONFIG_MAP, COUNTERS_MAP, CT_MAP, PROTO_UDP, REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS,
     SVC_NAMES_MAP, SVC_STATS_MAP,
 };
 use ipnet::Ipv4Net;
 
-use super::{Assignment, Forgotten, MapContents, MapStore, SourceRange};
+use super::{Assignment, Forgotten, IdCursors, MapContents, MapStore, SourceRange};
 
 /// The maps the agent writes.
 pub struct KernelMaps {
@@ -30,6 +30,25 @@ pub struct KernelMaps {
     /// loadBalancerSourceRanges (value unused: 1). None only when inspecting
     /// pins of an older version that lack it.
     src_ranges: Option<LpmTrie<MapData, SrcRangeKey, u8>>,
+    /// The node settings array, where the id cursors are kept (the agent's
+    /// own handle: the dataplane writes the node settings through another).
+    config: Array<MapData, u32>,
+}
+
+fn config_map(data: MapData) -> Result<Array<MapData, u32>, OpenError> {
+    Array::try_from(Map::Array(data)).map_err(|source| OpenError::Map { name: CONFIG_MAP, source })
+}
+
+/// A second handle on the object's config array.
+fn config_of(ebpf: &aya::Ebpf) -> Result<Array<MapData, u32>, OpenError> {
+    let Some(Map::Array(data)) = ebpf.map(CONFIG_MAP) else {
+        return Err(OpenError::Missing(CONFIG_MAP));
+    };
+    let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| OpenError::Map {
+        name: CONFIG_MAP,
+        source: MapError::IoError(e),
+    })?;
+    config_map(MapData::from_fd(fd).map_err(|source| OpenError::Map { name: CONFIG_MAP, source })?)
 }
 
 fn src_ranges_map(data: MapData) -> Result<LpmTrie<MapData, SrcRangeKey, u8>, OpenError> {
@@ -127,11 +146,13 @@ impl KernelMaps {
             Some(Map::LpmTrie(d)) => Some(src_ranges_map(d)?),
             _ => return Err(OpenError::Missing(SRC_RANGES_MAP)),
         };
+        let config = config_of(ebpf)?;
         let mut take_lru = |name: &'static str| match ebpf.take_map(name) {
             Some(Map::LruHashMap(d)) => Ok(d),
             _ => Err(OpenError::Missing(name)),
         };
         Ok(Self {
+            config,
             services,
             backends,
             revnat,
@@ -154,6 +175,7 @@ impl KernelMaps {
             affinity: lru(AFFINITY_MAP, from_pin(dir, AFFINITY_MAP)?)?,
             stats: from_pin(dir, SVC_STATS_MAP).ok().map(stats_map).transpose()?,
             src_ranges: from_pin(dir, SRC_RANGES_MAP).ok().map(src_ranges_map).transpose()?,
+            config: config_map(from_pin(dir, CONFIG_MAP)?)?,
         })
     }
 }
@@ -188,7 +210,15 @@ impl MapStore for KernelMaps {
                 Some(t) => t.keys().filter_map(|k| k.map(|k| src_range_of(&k)).transpose()).collect::<Result<_, _>>()?,
                 None => Default::default(),
             },
+            cursors: IdCursors {
+                backend: self.config.get(&config::LAST_BACKEND_ID, 0)?,
+                revnat: self.config.get(&config::LAST_REVNAT_ID, 0)?,
+            },
         })
+    }
+    fn put_cursors(&mut self, c: IdCursors) -> Result<(), MapError> {
+        self.config.set(config::LAST_BACKEND_ID, c.backend, 0)?;
+        self.config.set(config::LAST_REVNAT_ID, c.revnat, 0)
     }
     fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), MapError> {
         self.services.insert(k, v, 0)

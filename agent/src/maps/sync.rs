@@ -48,6 +48,12 @@ impl<S: MapStore> Syncer<S> {
         let mut st = SyncStats::default();
         let before = assignments(&self.current);
         let cur = &mut self.current;
+        // Before any entry that carries an id handed out since the last write.
+        if cur.cursors != desired.cursors {
+            self.store.put_cursors(desired.cursors)?;
+            cur.cursors = desired.cursors;
+            st.upserts += 1;
+        }
         for (id, b) in &desired.backends {
             if cur.backends.get(id) != Some(b) {
                 self.store.put_backend(*id, *b)?;
@@ -213,6 +219,11 @@ mod tests {
             self.maps.borrow_mut().source_ranges.remove(&r);
             Ok(())
         }
+        fn put_cursors(&mut self, c: crate::maps::IdCursors) -> Result<(), Infallible> {
+            self.log.borrow_mut().push(format!("put cursors {}/{}", c.backend, c.revnat));
+            self.maps.borrow_mut().cursors = c;
+            Ok(())
+        }
         fn forget_flows(
             &mut self,
             gone: &std::collections::BTreeSet<crate::maps::Assignment>,
@@ -224,6 +235,11 @@ mod tests {
             }
             Ok(Forgotten::default())
         }
+    }
+
+    /// `c` with the id cursors left out (they stay when every entry is gone).
+    fn without_cursors(c: &MapContents) -> MapContents {
+        MapContents { cursors: Default::default(), ..c.clone() }
     }
 
     fn fe(backends: &[u8]) -> Frontend {
@@ -256,11 +272,12 @@ mod tests {
         let st = s.sync(&layout(&[fe(&[1, 2, 3])], &mut ids)).unwrap();
         assert_eq!(
             st.upserts,
-            3 + 1 + 4,
-            "3 backends, 1 revnat, 4 service entries"
+            1 + 3 + 1 + 4,
+            "the id cursors, 3 backends, 1 revnat, 4 service entries"
         );
         let log = fake.log.borrow().clone();
         let pos = |p: &str| log.iter().position(|l| l.starts_with(p)).unwrap();
+        assert_eq!(log[0], "put cursors 3/1", "the cursors before the ids they cover: {log:?}");
         assert!(pos("put backend") < pos("put svc slot 1"), "{log:?}");
         assert!(
             log.iter()
@@ -308,7 +325,7 @@ mod tests {
             "flows are forgotten last: {log:?}"
         );
         assert_eq!(log.iter().filter(|l| l.starts_with("forget")).count(), 2);
-        assert_eq!(*fake.maps.borrow(), MapContents::default());
+        assert_eq!(without_cursors(&fake.maps.borrow()), MapContents::default());
     }
 
     #[test]
@@ -372,8 +389,8 @@ mod tests {
         // The Service goes away: nothing is left behind.
         s.sync(&layout(&[lb(&["10.2.0.0/16"])], &mut ids)).unwrap();
         s.sync(&layout(&[], &mut ids)).unwrap();
-        assert_eq!(*fake.maps.borrow(), MapContents::default());
-        assert_eq!(*s.current(), MapContents::default());
+        assert_eq!(without_cursors(&fake.maps.borrow()), MapContents::default());
+        assert_eq!(*s.current(), *fake.maps.borrow());
     }
 
     #[test]
@@ -388,5 +405,6 @@ mod tests {
         let mut ids2 = Ids::from_contents(again.current());
         let st = again.sync(&layout(&[fe(&[1, 2])], &mut ids2)).unwrap();
         assert_eq!((st.upserts, st.deletes), (0, 0));
+        assert!(fake.log.borrow().is_empty(), "{:?}", fake.log.borrow());
     }
 }
