@@ -200,6 +200,11 @@ fn ok_if_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 impl MapStore for KernelMaps {
     type Error = MapError;
 
+    /// E2BIG from a full hash map, ENOSPC from a full LPM trie.
+    fn is_full(e: &MapError) -> bool {
+        matches!(e, MapError::SyscallError(s) if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)))
+    }
+
     fn read_all(&self) -> Result<MapContents, MapError> {
         Ok(MapContents {
             services: self.services.iter().collect::<Result<_, _>>()?,

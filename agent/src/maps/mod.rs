@@ -61,6 +61,8 @@ pub struct Forgotten {
 /// Access to the maps: aya's pinned maps in production, a BTreeMap in tests.
 pub trait MapStore {
     type Error: std::error::Error + Send + Sync + 'static;
+    /// Whether a write failed because the map is full.
+    fn is_full(e: &Self::Error) -> bool;
     fn read_all(&self) -> Result<MapContents, Self::Error>;
     fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Self::Error>;
     fn del_service(&mut self, k: &ServiceKey) -> Result<(), Self::Error>;
