@@ -2,10 +2,7 @@
 //! flags) are migrated when the agent loads the dataplane: flow state copied
 //! into a resized map, maps the agent rewrites recreated, and pins that match
 //! reused as they are. Needs root (BPF) but no network namespace.
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::{fs, path::Path};
 
 use aya::maps::{Array, HashMap, Map, MapData, MapInfo};
 use aya_obj::generated::bpf_map_type;
@@ -17,15 +14,7 @@ use ferry_common::{
     config, AffinityKey, AffinityValue, CtKey, CtValue, AFFINITY_MAP, CONFIG_MAP, COUNTERS_MAP,
     COUNTER_COUNT, CT_MAP, SERVICES_MAP,
 };
-
-/// A private pin directory, removed at the end (also when the test fails).
-struct PinDir(PathBuf);
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
+use ferry_tests::sys::PinDir;
 
 /// Creates and pins a map `name` of the given shape in `dir`.
 fn pin(dir: &Path, name: &str, map_type: bpf_map_type, key: u32, value: u32, max: u32) -> MapData {
@@ -89,13 +78,7 @@ async fn pinned_maps_of_another_shape_are_migrated() {
         unsafe { libc::geteuid() } == 0,
         "this test needs root (BPF)"
     );
-    ferry_tests::sys::ensure_bpffs().expect("bpffs");
-    let dir = PinDir(PathBuf::from(format!(
-        "/sys/fs/bpf/ferry-migrate-test-{}",
-        std::process::id()
-    )));
-    let _ = fs::remove_dir_all(&dir.0);
-    fs::create_dir_all(&dir.0).expect("pin dir");
+    let dir = PinDir::new("migrate-test").expect("pin dir");
     let d = dir.0.as_path();
 
     // An older agent's pins: a small CT with 10 flows, an affinity map with a
