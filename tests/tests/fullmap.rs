@@ -12,31 +12,21 @@ use ferry_agent::{
         sync::Syncer,
         MapContents, MapStore as _,
     },
-    translate::{BackendSpec, Frontend},
+    translate::Frontend,
 };
-use ferry_common::{port_from_map, svc_flags, PROTO_TCP};
+use ferry_common::port_from_map;
 use ferry_tests::sys::PinDir;
 
 /// A ClusterIP frontend 10.96.0.10:`port` with `n` backends.
 fn frontend(port: u16, n: u8) -> Frontend {
-    Frontend {
-        name: format!("default/web:{port}"),
-        addr: Ipv4Addr::new(10, 96, 0, 10),
+    let addrs = (1..=n).map(|i| Ipv4Addr::new(10, 0, port as u8, i));
+    Frontend::cluster_ip(
+        format!("default/web:{port}"),
+        Ipv4Addr::new(10, 96, 0, 10),
         port,
-        proto: PROTO_TCP,
-        flags: svc_flags::CLUSTER_IP,
-        backends: (1..=n)
-            .map(|i| BackendSpec {
-                addr: Ipv4Addr::new(10, 0, port as u8, i),
-                port: 8080,
-                terminating: false,
-                local: false,
-            })
-            .collect(),
-        draining: Vec::new(),
-        affinity_timeout: 0,
-        source_ranges: Vec::new(),
-    }
+        addrs,
+        8080,
+    )
 }
 
 /// Entries of the services map by frontend port.

@@ -243,29 +243,11 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::BackendSpec;
     use ferry_common::{svc_flags, PROTO_TCP};
 
     fn fe(port: u16, backends: &[[u8; 4]]) -> Frontend {
-        Frontend {
-            name: format!("default/web:{port}"),
-            addr: Ipv4Addr::new(10, 96, 0, 10),
-            port,
-            proto: PROTO_TCP,
-            flags: svc_flags::CLUSTER_IP,
-            backends: backends
-                .iter()
-                .map(|b| BackendSpec {
-                    addr: Ipv4Addr::from(*b),
-                    port: 8080,
-                    terminating: false,
-                    local: false,
-                })
-                .collect(),
-            draining: Vec::new(),
-            affinity_timeout: 0,
-            source_ranges: Vec::new(),
-        }
+        let addrs = backends.iter().map(|b| Ipv4Addr::from(*b));
+        Frontend::cluster_ip(format!("default/web:{port}"), Ipv4Addr::new(10, 96, 0, 10), port, addrs, 8080)
     }
 
     #[test]

@@ -607,14 +607,12 @@ fn frontend_entries(desired: &MapContents, k0: &ServiceKey, v0: &ServiceValue) -
 mod tests {
     use std::{cell::RefCell, net::Ipv4Addr, rc::Rc};
 
-    use ferry_common::{
-        svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, PROTO_TCP,
-    };
+    use ferry_common::{svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue};
 
     use super::*;
     use crate::{
         maps::layout::{layout, Ids},
-        translate::{BackendSpec, Frontend},
+        translate::Frontend,
     };
 
     /// An in-memory map store that logs every write; the services map
@@ -767,25 +765,14 @@ mod tests {
 
     /// A ClusterIP frontend on `port` with backends 10.0.0.`b`:8080.
     fn fe_on(port: u16, backends: &[u8]) -> Frontend {
-        Frontend {
-            name: format!("default/web:{port}"),
-            addr: Ipv4Addr::new(10, 96, 0, 10),
+        let addrs = backends.iter().map(|b| Ipv4Addr::new(10, 0, 0, *b));
+        Frontend::cluster_ip(
+            format!("default/web:{port}"),
+            Ipv4Addr::new(10, 96, 0, 10),
             port,
-            proto: PROTO_TCP,
-            flags: svc_flags::CLUSTER_IP,
-            backends: backends
-                .iter()
-                .map(|b| BackendSpec {
-                    addr: Ipv4Addr::new(10, 0, 0, *b),
-                    port: 8080,
-                    terminating: false,
-                    local: false,
-                })
-                .collect(),
-            draining: Vec::new(),
-            affinity_timeout: 0,
-            source_ranges: Vec::new(),
-        }
+            addrs,
+            8080,
+        )
     }
 
     #[test]
