@@ -77,7 +77,12 @@ pub struct PinDir(pub PathBuf);
 
 impl PinDir {
     /// `/sys/fs/bpf/ferry-<tag>-<pid>`, empty (bpffs mounted if missing).
+    /// Fails unless running as root (BPF).
     pub fn new(tag: &str) -> Result<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("this test needs root (BPF)");
+        }
         ensure_bpffs()?;
         let dir = PathBuf::from(format!("/sys/fs/bpf/ferry-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

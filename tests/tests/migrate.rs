@@ -74,10 +74,6 @@ fn map_ids(dir: &Path) -> Vec<(String, u32)> {
 
 #[tokio::test]
 async fn pinned_maps_of_another_shape_are_migrated() {
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "this test needs root (BPF)"
-    );
     let dir = PinDir::new("migrate-test").expect("pin dir");
     let d = dir.0.as_path();
 
