@@ -194,7 +194,7 @@ pub fn expected(
 }
 
 /// Compares the pins in `dir` with `expected` and unpins those that differ
-/// (logging what changed). Returns the copies to finish with [`finish`] after
+/// (logging what changed), and the maps `expected` does not have. Returns the copies to finish with [`finish`] after
 /// the loader has created the new maps.
 pub fn prepare(
     dir: &Path,
@@ -235,13 +235,36 @@ pub fn prepare(
                 });
             }
         }
-        fs::remove_file(&path).map_err(|source| MigrateError::Unpin {
-            name: name.clone(),
-            path: path.clone(),
-            source,
-        })?;
+        unpin(name, &path)?;
     }
+    remove_unknown(dir, expected)?;
     Ok(copies)
+}
+
+fn unpin(name: &str, path: &Path) -> Result<(), MigrateError> {
+    fs::remove_file(path).map_err(|source| MigrateError::Unpin {
+        name: name.to_string(),
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Unpins the maps in `dir` this build does not declare (maps of another
+/// version): nothing would use or ever free them otherwise. Only maps: links,
+/// directories and other files stay.
+fn remove_unknown(dir: &Path, expected: &BTreeMap<String, Shape>) -> Result<(), MigrateError> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if expected.contains_key(&name) || MapInfo::from_pin(e.path()).is_err() {
+            continue;
+        }
+        tracing::info!(map = %name, "unpinning a map this build does not have");
+        unpin(&name, &e.path())?;
+    }
+    Ok(())
 }
 
 /// Copies the entries of the old maps into the new ones the loader pinned in

@@ -139,11 +139,17 @@ async fn pinned_maps_of_another_shape_are_migrated() {
             8,
         );
         pin(d, SERVICES_MAP, bpf_map_type::BPF_MAP_TYPE_HASH, 12, 16, 16);
+        pin(d, "FERRY_GONE", bpf_map_type::BPF_MAP_TYPE_HASH, 4, 4, 4);
     }
 
     let (dp, maps) =
         Dataplane::load(&cfg(d, 128)).expect("loading the dataplane over the old pins");
     drop((dp, maps));
+    assert!(
+        !d.join("FERRY_GONE").exists(),
+        "a map this build does not have is unpinned"
+    );
+    assert!(d.join("links").is_dir(), "only maps are unpinned");
     assert_eq!(
         info(d, CT_MAP).max_entries(),
         128,
