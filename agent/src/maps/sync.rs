@@ -948,6 +948,34 @@ mod tests {
         assert!(fake.log.borrow().is_empty(), "{:?}", fake.log.borrow());
     }
 
+    #[test]
+    fn ids_freed_before_a_restart_are_not_handed_out_after_it() {
+        let fake = Fake::default();
+        let mut s = Syncer::new(fake.clone()).unwrap();
+        let mut ids = Ids::default();
+        let a = layout(&[fe_on(80, &[1, 2])], &mut ids);
+        ok(s.sync(&a));
+        ok(s.sync(&layout(&[], &mut ids)));
+        // Restart: the maps hold no entry, only the cursors.
+        let mut again = Syncer::new(fake.clone()).unwrap();
+        let mut ids = Ids::from_contents(again.current());
+        let b = layout(&[fe_on(81, &[3, 4])], &mut ids);
+        ok(again.sync(&b));
+        let a_ids: BTreeSet<u32> = a.backends.keys().copied().collect();
+        assert!(
+            b.backends.keys().all(|id| !a_ids.contains(id)),
+            "{a_ids:?} / {:?}",
+            b.backends.keys()
+        );
+        assert!(
+            b.revnat.keys().all(|id| !a.revnat.contains_key(id)),
+            "{:?} / {:?}",
+            a.revnat,
+            b.revnat
+        );
+        assert_eq!(fake.maps.borrow().cursors, b.cursors);
+    }
+
     /// The frontends' entries in the services map of `c`, by port.
     fn services_by_port(c: &MapContents) -> std::collections::BTreeMap<u16, usize> {
         let mut out = std::collections::BTreeMap::new();
