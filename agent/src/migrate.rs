@@ -163,10 +163,10 @@ pub struct PendingCopy {
 
 /// How a copy went.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Copied {
-    pub copied: u64,
+struct Copied {
+    copied: u64,
     /// Entries that did not fit (or could not be written).
-    pub lost: u64,
+    lost: u64,
 }
 
 /// The shapes this build expects of the pinned maps of `object`: its
@@ -194,8 +194,9 @@ pub fn expected(
 }
 
 /// Compares the pins in `dir` with `expected` and unpins those that differ
-/// (logging what changed), and the maps `expected` does not have. Returns the copies to finish with [`finish`] after
-/// the loader has created the new maps.
+/// (logging what changed), and the maps `expected` does not have. Returns
+/// the copies to finish with [`finish`] after the loader has created the new
+/// maps.
 pub fn prepare(
     dir: &Path,
     expected: &BTreeMap<String, Shape>,
@@ -269,30 +270,27 @@ fn remove_unknown(dir: &Path, expected: &BTreeMap<String, Shape>) -> Result<(), 
 
 /// Copies the entries of the old maps into the new ones the loader pinned in
 /// `dir`, as many as fit, and logs how many were copied and lost.
-pub fn finish(dir: &Path, copies: Vec<PendingCopy>) -> Vec<(String, Copied)> {
-    copies
-        .into_iter()
-        .map(|c| {
-            let path = dir.join(&c.name);
-            let done = match MapData::from_pin(&path) {
-                Ok(new) => copy_entries(
-                    &RawMap::new(c.old.fd().as_fd(), &c.pinned),
-                    &RawMap::new(new.fd().as_fd(), &c.want),
-                ),
-                Err(e) => {
-                    tracing::warn!(map = %c.name, "opening the new map at {}: {e}", path.display());
-                    Copied::default()
-                }
-            };
-            let (old, new) = (c.pinned.max_entries, c.want.max_entries);
-            if done.lost > 0 {
-                tracing::warn!(map = %c.name, old, new, copied = done.copied, lost = done.lost, "resized the pinned map; entries that did not fit are lost");
-            } else {
-                tracing::info!(map = %c.name, old, new, copied = done.copied, "resized the pinned map; every entry copied");
+pub fn finish(dir: &Path, copies: Vec<PendingCopy>) {
+    for c in copies {
+        let path = dir.join(&c.name);
+        let new = match MapData::from_pin(&path) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::warn!(map = %c.name, "opening the new map at {}: {e}; the old entries are lost", path.display());
+                continue;
             }
-            (c.name, done)
-        })
-        .collect()
+        };
+        let done = copy_entries(
+            &RawMap::new(c.old.fd().as_fd(), &c.pinned),
+            &RawMap::new(new.fd().as_fd(), &c.want),
+        );
+        let (old, new) = (c.pinned.max_entries, c.want.max_entries);
+        if done.lost > 0 {
+            tracing::warn!(map = %c.name, old, new, copied = done.copied, lost = done.lost, "resized the pinned map; entries that did not fit are lost");
+        } else {
+            tracing::info!(map = %c.name, old, new, copied = done.copied, "resized the pinned map; every entry copied");
+        }
+    }
 }
 
 /// The load failed after [`prepare`]: the old maps of `copies` go back to
