@@ -15,6 +15,16 @@ fn main() -> anyhow::Result<()> {
         .no_deps()
         .exec()
         .context("cargo metadata")?;
+    // aya-build reruns on changes to the eBPF crate only; the map layout it
+    // compiles in (ferry-common: map sizes, config indices) must rebuild it too.
+    let common = metadata
+        .packages
+        .iter()
+        .find(|p| p.name.as_str() == "ferry-common")
+        .ok_or_else(|| anyhow!("ferry-common package not found"))?;
+    if let Some(dir) = common.manifest_path.parent() {
+        println!("cargo:rerun-if-changed={dir}");
+    }
     let ebpf = metadata
         .packages
         .into_iter()

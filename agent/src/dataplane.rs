@@ -22,7 +22,7 @@ use aya::{
 use aya::maps::{Array, MapData};
 use ferry_common::{
     addr_to_map, config, CONFIG_MAP, PROG_SOCK_CONNECT4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
-    BACKENDS_MAP, COUNTERS_MAP, COUNTER_COUNT, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_POD,
+    BACKENDS_MAP, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_POD,
     PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP,
 };
 use futures::TryStreamExt as _;
@@ -35,6 +35,7 @@ use tokio::io::{unix::AsyncFd, Interest};
 use crate::{
     loader::DATAPLANE_OBJ,
     maps::kernel::{KernelMaps, OpenError},
+    migrate::{self, MigrateError},
 };
 
 /// What can go wrong loading and attaching the dataplane.
@@ -48,6 +49,8 @@ pub enum DataplaneError {
     Load(#[from] EbpfError),
     #[error(transparent)]
     Maps(#[from] OpenError),
+    #[error("checking the pinned maps against this build: {0}")]
+    Migrate(#[from] MigrateError),
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
     #[error("{what}: {source}")]
@@ -87,6 +90,20 @@ pub struct Config {
     pub backends_max: u32,
     pub ct: crate::ct::Sizes,
     pub src_ranges_max: u32,
+}
+
+impl Config {
+    /// The maps whose max_entries the agent sets (flags), as the loader and
+    /// the migration of pinned maps both need them.
+    pub fn max_entries(&self) -> [(&'static str, u32); 5] {
+        [
+            (SERVICES_MAP, self.services_max),
+            (BACKENDS_MAP, self.backends_max),
+            (CT_TCP_MAP, self.ct.tcp),
+            (CT_ANY_MAP, self.ct.any),
+            (SRC_RANGES_MAP, self.src_ranges_max),
+        ]
+    }
 }
 
 /// Connection-tracking lifetimes and the SNAT port range, as the programs
@@ -223,27 +240,6 @@ pub struct Dataplane {
 
 const BPFFS: &str = "/sys/fs/bpf";
 
-/// A counters map pinned by an older agent with fewer counters than this one
-/// has is unpinned, so the loader creates a new one: the programs would not count
-/// the new counters otherwise. Counters are statistics, not flow state; every
-/// other map is reused as it is.
-fn replace_short_counters(dir: &Path) {
-    let path = dir.join(COUNTERS_MAP);
-    let Ok(info) = aya::maps::MapInfo::from_pin(&path) else {
-        return;
-    };
-    if info.max_entries() < COUNTER_COUNT {
-        tracing::info!(
-            old = info.max_entries(),
-            new = COUNTER_COUNT,
-            "replacing the pinned counters map (more counters now)"
-        );
-        if let Err(e) = fs::remove_file(&path) {
-            tracing::warn!("removing {}: {e}", path.display());
-        }
-    }
-}
-
 /// Linux capabilities the agent needs, and all it needs (deploy/daemonset.yaml
 /// grants exactly these; tests compare, and run the agent with only these):
 /// BPF to create, pin and load maps and programs; PERFMON because without it
@@ -286,8 +282,10 @@ pub fn ensure_bpffs() -> Result<(), DataplaneError> {
 
 impl Dataplane {
     /// Loads the object, reusing maps already pinned in `cfg.bpffs_dir` (so
-    /// connection tracking survives restarts), and loads the programs. Must run
-    /// inside a tokio runtime (the eBPF log reader, if any, is a task).
+    /// connection tracking survives restarts) where they still match this
+    /// build and its flags (the others are migrated: see `migrate`), and loads
+    /// the programs. Must run inside a tokio runtime (the eBPF log reader, if
+    /// any, is a task).
     pub fn load(cfg: &Config) -> Result<(Self, KernelMaps), DataplaneError> {
         ensure_bpffs()?;
         let dir = &cfg.bpffs_dir;
@@ -296,30 +294,22 @@ impl Dataplane {
             path: links_dir.clone(),
             source,
         })?;
-        replace_short_counters(dir);
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(dir)
-            .map_max_entries(SERVICES_MAP, cfg.services_max)
-            .map_max_entries(BACKENDS_MAP, cfg.backends_max)
-            .map_max_entries(CT_TCP_MAP, cfg.ct.tcp)
-            .map_max_entries(CT_ANY_MAP, cfg.ct.any)
-            .map_max_entries(SRC_RANGES_MAP, cfg.src_ranges_max)
-            .load(DATAPLANE_OBJ)?;
+        let max_entries = cfg.max_entries();
+        let copies = migrate::prepare(dir, &migrate::expected(DATAPLANE_OBJ, &max_entries)?)?;
+        let mut ebpf = match load_object(dir, &max_entries) {
+            Ok(ebpf) => ebpf,
+            Err(e) => {
+                // The programs still attached use the old maps: pinned again,
+                // the next start migrates them anew.
+                migrate::restore(dir, copies);
+                return Err(e);
+            }
+        };
+        // Right before the programs are swapped in: flows the old programs
+        // create from now on are in the old maps only.
+        migrate::finish(dir, copies);
         spawn_ebpf_logs(&mut ebpf);
         let maps = KernelMaps::from_ebpf(&mut ebpf)?;
-        for hook in [Hook::FromPod, Hook::FromNetdev] {
-            classifier(&mut ebpf, hook)?
-                .load()
-                .map_err(program(format!("loading {} (verifier)", hook.program())))?;
-        }
-        xdp_program(&mut ebpf)?
-            .load()
-            .map_err(program(format!("loading {PROG_XDP_FROM_NETDEV} (verifier)")))?;
-        for name in [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4] {
-            sock_addr_program(&mut ebpf, name)?
-                .load()
-                .map_err(program(format!("loading {name} (verifier)")))?;
-        }
         Ok((
             Self {
                 ebpf,
@@ -484,6 +474,31 @@ pub fn warn_if_snat_ports_are_ephemeral(snat: (u16, u16)) {
             );
         }
     }
+}
+
+/// The object with its maps pinned in `dir` (created or reused) and every
+/// program loaded (verified), not attached.
+fn load_object(dir: &Path, max_entries: &[(&'static str, u32)]) -> Result<Ebpf, DataplaneError> {
+    let mut loader = EbpfLoader::new();
+    loader.default_map_pin_directory(dir);
+    for &(name, max) in max_entries {
+        loader.map_max_entries(name, max);
+    }
+    let mut ebpf = loader.load(DATAPLANE_OBJ)?;
+    for hook in [Hook::FromPod, Hook::FromNetdev] {
+        classifier(&mut ebpf, hook)?
+            .load()
+            .map_err(program(format!("loading {} (verifier)", hook.program())))?;
+    }
+    xdp_program(&mut ebpf)?
+        .load()
+        .map_err(program(format!("loading {PROG_XDP_FROM_NETDEV} (verifier)")))?;
+    for name in [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4] {
+        sock_addr_program(&mut ebpf, name)?
+            .load()
+            .map_err(program(format!("loading {name} (verifier)")))?;
+    }
+    Ok(ebpf)
 }
 
 /// Reuses the link pinned at `pin` (a previous agent's) or makes a new one

@@ -106,6 +106,8 @@ pub struct Health {
 struct State {
     /// The last successful sync (monotonic, wall clock).
     last_sync: Option<(Instant, SystemTime)>,
+    /// What that sync could not write to the maps (the rest is serving).
+    not_programmed: Vec<String>,
 }
 
 impl Health {
@@ -117,9 +119,11 @@ impl Health {
         }
     }
 
-    /// A sync wrote the maps (or found them in step).
-    pub fn synced(&self) {
-        self.lock().last_sync = Some((Instant::now(), SystemTime::now()));
+    /// A sync wrote the maps (or found them in step), all but `not_programmed`.
+    pub fn synced<'a>(&self, not_programmed: impl IntoIterator<Item = &'a String>) {
+        let mut st = self.lock();
+        st.last_sync = Some((Instant::now(), SystemTime::now()));
+        st.not_programmed = not_programmed.into_iter().cloned().collect();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -145,11 +149,18 @@ impl Health {
     pub fn route(&self, path: &str) -> Reply {
         match path {
             "/healthz" => {
-                let last = self.lock().last_sync.map(|(_, t)| t);
-                let body = serde_json::json!({
+                let (last, not_programmed) = {
+                    let st = self.lock();
+                    (st.last_sync.map(|(_, t)| t), st.not_programmed.clone())
+                };
+                let mut body = serde_json::json!({
                     "lastUpdated": last.map(rfc3339).unwrap_or_default(),
                     "currentTime": rfc3339(SystemTime::now()),
                 });
+                // Still healthy: everything else is served.
+                if !not_programmed.is_empty() {
+                    body["notProgrammed"] = serde_json::json!(not_programmed);
+                }
                 let status = if self.is_healthy() {
                     StatusCode::OK
                 } else {
@@ -195,10 +206,14 @@ mod tests {
         assert_eq!(h.route("/livez").status, StatusCode::OK);
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(h.route("/healthz").status, StatusCode::SERVICE_UNAVAILABLE);
-        h.synced();
+        h.synced(&["frontend default/big:80 (ClusterIP) not programmed: the map is full".to_string()]);
         let r = h.route("/healthz");
-        assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(r.status, StatusCode::OK, "the rest is served");
         let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["notProgrammed"][0], "frontend default/big:80 (ClusterIP) not programmed: the map is full", "{body}");
+        h.synced(&[]);
+        let body: serde_json::Value = serde_json::from_str(&h.route("/healthz").body).unwrap();
+        assert!(body.get("notProgrammed").is_none(), "{body}");
         assert!(
             body["lastUpdated"].as_str().unwrap().ends_with('Z'),
             "{body}"
@@ -234,7 +249,7 @@ mod tests {
             out
         };
         assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
-        h.synced();
+        h.synced(&[]);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         let hz = get("/healthz").await;
         assert!(

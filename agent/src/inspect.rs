@@ -79,7 +79,7 @@ fn contents(dir: &Path) -> Result<MapContents, InspectError> {
     kernel::KernelMaps::from_pins(dir)?
         .read_all()
         .map_err(|source| InspectError::Read {
-            map: "services/backends/revnat/names",
+            map: "services/backends/revnat/names/config",
             source,
         })
 }

@@ -14,6 +14,7 @@ pub mod loader;
 pub mod logging;
 pub mod maps;
 pub mod metrics;
+pub mod migrate;
 pub mod model;
 pub mod mountns;
 pub mod pinlock;

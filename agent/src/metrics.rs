@@ -37,6 +37,7 @@ pub struct Metrics {
     frontends: Gauge,
     backends: Gauge,
     input_errors: Gauge,
+    not_programmed: Gauge,
     sync_errors: Family<Labels, Counter>,
     watch_errors: Family<Labels, Counter>,
     attach_errors: Gauge,
@@ -49,6 +50,8 @@ pub struct Programmed {
     pub frontends: usize,
     pub backends: usize,
     pub input_errors: usize,
+    /// Objects the sync could not write to the maps (a full map, ...).
+    pub not_programmed: usize,
 }
 
 impl Metrics {
@@ -92,6 +95,12 @@ impl Metrics {
             "Objects (or fields) skipped because they are invalid, at the last sync",
             input_errors.clone(),
         );
+        let not_programmed = Gauge::default();
+        registry.register(
+            "ferry_sync_not_programmed",
+            "Objects (frontends, backends) the last sync could not write to the maps, e.g. a full map; the rest was written",
+            not_programmed.clone(),
+        );
         let sync_errors = Family::<Labels, Counter>::default();
         registry.register(
             "ferry_sync_errors",
@@ -122,6 +131,7 @@ impl Metrics {
             frontends,
             backends,
             input_errors,
+            not_programmed,
             sync_errors,
             watch_errors,
             attach_errors,
@@ -143,9 +153,11 @@ impl Metrics {
         self.frontends.set(p.frontends as i64);
         self.backends.set(p.backends as i64);
         self.input_errors.set(p.input_errors as i64);
+        self.not_programmed.set(p.not_programmed as i64);
     }
 
-    /// reason: `map_write`, `not_ready`, ...
+    /// reason: `map_write`, `not_programmed` (a sync that wrote all but some
+    /// objects), ...
     pub fn sync_error(&self, reason: &str) {
         self.sync_errors
             .get_or_create(&vec![("reason".into(), reason.into())])
@@ -350,6 +362,7 @@ mod tests {
                 frontends: 3,
                 backends: 7,
                 input_errors: 1,
+                not_programmed: 2,
             },
         );
         m.sync_error("map_write");
@@ -361,6 +374,7 @@ mod tests {
             "ferry_frontends 3",
             "ferry_backends 7",
             "ferry_input_errors 1",
+            "ferry_sync_not_programmed 2",
             "ferry_sync_errors_total{reason=\"map_write\"} 1",
             "ferry_watch_errors_total{resource=\"services\"} 1",
             "# TYPE ferry_sync_proxy_rules_last_timestamp_seconds gauge",

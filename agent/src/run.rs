@@ -82,6 +82,8 @@ struct Programmer {
     ids: Ids,
     /// Errors reported last time (each is logged once, when it appears).
     reported: BTreeSet<String>,
+    /// What the last sync could not write to the maps (logged the same way).
+    not_programmed: BTreeSet<String>,
     /// ClusterIPs allocated last time (logged when they change).
     allocated: BTreeMap<String, Ipv4Addr>,
     /// The node's addresses and pod CIDRs last time (logged when they change).
@@ -97,7 +99,7 @@ struct Programmer {
 impl Programmer {
     /// `after_change`: the sync follows an input change (or a relist), so a no-op
     /// is worth an info line; periodic resyncs log it at debug.
-    fn sync(&mut self, input: Input, after_change: bool) -> Result<Programmed> {
+    fn sync(&mut self, input: Input, after_change: bool) -> Programmed {
         let started = Instant::now();
         let Input { snapshot, errors } = input;
         if snapshot.node != self.node {
@@ -113,12 +115,7 @@ impl Programmer {
             .chain(t.errors.iter())
             .map(ToString::to_string)
             .collect();
-        for e in errors.difference(&self.reported) {
-            tracing::error!("{e}");
-        }
-        for e in self.reported.difference(&errors) {
-            tracing::info!("resolved: {e}");
-        }
+        report_changes(&self.reported, &errors);
         let input_errors = errors.len();
         self.reported = errors;
         for (svc, ip) in &t.allocated {
@@ -134,7 +131,10 @@ impl Programmer {
             layout_ms = (started.elapsed() - translated).as_millis() as u64,
             "sync phases"
         );
-        let st = self.syncer.sync(&desired).context("writing the BPF maps")?;
+        let st = self.syncer.sync(&desired);
+        let failed: BTreeSet<String> = st.failed.iter().map(ToString::to_string).collect();
+        report_changes(&self.not_programmed, &failed);
+        self.not_programmed = failed;
         let backends: usize = t.frontends.iter().map(|f| f.backends.len()).sum();
         let services: BTreeSet<&str> = t
             .frontends
@@ -168,12 +168,24 @@ impl Programmer {
                 "maps already in sync, nothing written"
             );
         }
-        Ok(Programmed {
+        Programmed {
             services: services.len(),
             frontends: t.frontends.len(),
             backends,
             input_errors,
-        })
+            not_programmed: self.not_programmed.len(),
+        }
+    }
+}
+
+/// Logs the messages of `now` that were not in `before` (at error), and says
+/// which of `before` are resolved: each problem is logged once, when it appears.
+fn report_changes(before: &BTreeSet<String>, now: &BTreeSet<String>) {
+    for e in now.difference(before) {
+        tracing::error!("{e}");
+    }
+    for e in before.difference(now) {
+        tracing::info!("resolved: {e}");
     }
 }
 
@@ -335,6 +347,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         syncer,
         ids,
         reported: BTreeSet::new(),
+        not_programmed: BTreeSet::new(),
         allocated: BTreeMap::new(),
         node: None,
         translate: cfg.translate.clone(),
@@ -446,18 +459,16 @@ fn sync(
         }
         return;
     };
-    match prog.sync(input, after_change) {
-        Ok(p) => {
-            let took = started.elapsed();
-            metrics.sync_ok(took, p);
-            health.synced();
-            reporter.synced();
-        }
-        Err(e) => {
-            metrics.sync_error("map_write");
-            tracing::error!("sync failed: {e:#}");
-            reporter.update(|r| r.last_sync_error = Some(format!("{e:#}")));
-        }
+    let p = prog.sync(input, after_change);
+    metrics.sync_ok(started.elapsed(), p);
+    // What could be written is: still a sync (healthy), with what is missing
+    // named by /healthz and the status report.
+    health.synced(&prog.not_programmed);
+    reporter.synced();
+    if p.not_programmed > 0 {
+        metrics.sync_error("not_programmed");
+        let missing = prog.not_programmed.iter().cloned().collect::<Vec<_>>().join("; ");
+        reporter.update(|r| r.last_sync_error = Some(missing));
     }
     reporter.write_logged();
 }

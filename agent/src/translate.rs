@@ -99,6 +99,33 @@ impl Frontend {
     pub fn key(&self) -> (Ipv4Addr, u16, u8) {
         (self.addr, self.port, self.proto)
     }
+
+    /// What translation makes of a plain TCP ClusterIP Service port `name`
+    /// on `addr:port`: its ready endpoints `backends` (on other nodes), all on
+    /// `backend_port`. For tests of what comes after translation.
+    pub fn cluster_ip(
+        name: impl Into<String>,
+        addr: Ipv4Addr,
+        port: u16,
+        backends: impl IntoIterator<Item = Ipv4Addr>,
+        backend_port: u16,
+    ) -> Self {
+        let backends = backends
+            .into_iter()
+            .map(|addr| BackendSpec { addr, port: backend_port, terminating: false, local: false })
+            .collect();
+        Self {
+            name: name.into(),
+            addr,
+            port,
+            proto: PROTO_TCP,
+            flags: svc_flags::CLUSTER_IP,
+            backends,
+            draining: Vec::new(),
+            affinity_timeout: 0,
+            source_ranges: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]

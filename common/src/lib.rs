@@ -70,6 +70,13 @@ pub mod config {
     /// network), never Pods', whose traffic the TC path handles.
     pub const HOST_NETNS_COOKIE_LO: u32 = 1;
     pub const HOST_NETNS_COOKIE_HI: u32 = 2;
+    /// The last backend id and reverse-NAT id the agent handed out (its
+    /// allocators' cursors; 0: none yet). Kept here so that a restarted agent
+    /// goes on after them instead of handing out again an id freed just before
+    /// the restart, which connection-tracking entries may still carry. Only
+    /// the agent reads them.
+    pub const LAST_BACKEND_ID: u32 = 3;
+    pub const LAST_REVNAT_ID: u32 = 4;
     /// Connection-tracking lifetimes in seconds (0: the built-in default,
     /// [`super::ct_timeouts`]); an entry expires this long after the last
     /// packet that refreshed it.
@@ -82,7 +89,24 @@ pub mod config {
     /// SNATed to, inclusive, host order (0: [`super::DEFAULT_SNAT_PORTS`]).
     pub const SNAT_PORT_MIN: u32 = 13;
     pub const SNAT_PORT_MAX: u32 = 14;
+    /// Entries of the array: room above the last index so that new settings
+    /// need no new map (a pinned array of another size is copied over).
     pub const COUNT: u32 = 32;
+    /// Every index above, for the test that they are distinct and below COUNT.
+    pub const ALL: [u32; 12] = [
+        NODE_ADDR,
+        HOST_NETNS_COOKIE_LO,
+        HOST_NETNS_COOKIE_HI,
+        LAST_BACKEND_ID,
+        LAST_REVNAT_ID,
+        CT_TIMEOUT_TCP_SYN,
+        CT_TIMEOUT_TCP,
+        CT_TIMEOUT_TCP_CLOSE,
+        CT_TIMEOUT_UDP,
+        CT_TIMEOUT_UDP_STREAM,
+        SNAT_PORT_MIN,
+        SNAT_PORT_MAX,
+    ];
 }
 
 /// Built-in connection-tracking lifetimes in seconds, as kube-proxy
@@ -544,6 +568,14 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 8 + 4 + 4);
         assert_eq!(size_of::<SrcRangeKey>(), 2 + 2 + 4);
         assert_eq!(SRC_RANGE_ID_BITS as usize, 8 * (2 + 2));
+    }
+
+    #[test]
+    fn config_indices_are_distinct_and_fit_the_array() {
+        for (i, a) in config::ALL.iter().enumerate() {
+            assert!(*a < config::COUNT, "config index {a} >= config::COUNT");
+            assert!(!config::ALL[i + 1..].contains(a), "config index {a} used twice");
+        }
     }
 
     #[test]

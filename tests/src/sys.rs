@@ -70,6 +70,33 @@ pub fn ensure_bpffs() -> Result<()> {
     run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map(|_| ())
 }
 
+/// A private pin directory under /sys/fs/bpf for a test that loads the
+/// dataplane without a network namespace; removed with its pins when dropped
+/// (also when the test fails).
+pub struct PinDir(pub PathBuf);
+
+impl PinDir {
+    /// `/sys/fs/bpf/ferry-<tag>-<pid>`, empty (bpffs mounted if missing).
+    /// Fails unless running as root (BPF).
+    pub fn new(tag: &str) -> Result<Self> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("this test needs root (BPF)");
+        }
+        ensure_bpffs()?;
+        let dir = PathBuf::from(format!("/sys/fs/bpf/ferry-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+}
+
+impl Drop for PinDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The `ferry` binary to test: $FERRY_BIN, else the one cargo built next to the
 /// running executable (target/<profile>/ferry).
 pub fn ferry_bin() -> Result<PathBuf> {

@@ -1,19 +1,19 @@
 //! The pinned BPF maps, through aya.
-use std::{collections::BTreeSet, path::Path};
+use std::{collections::BTreeSet, os::fd::AsFd as _, path::Path};
 
 use aya::maps::{
     lpm_trie::{Key, LpmTrie},
-    HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
+    Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
 };
 use ferry_common::{
-    addr_from_map, addr_to_map, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat,
+    addr_from_map, addr_to_map, config, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat,
     ServiceKey, ServiceName, ServiceValue, SrcRangeKey, SvcStats, AFFINITY_MAP, BACKENDS_MAP,
-    COUNTERS_MAP, CT_ANY_MAP, PROTO_UDP, REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS,
+    CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP, PROTO_UDP, REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS,
     SVC_NAMES_MAP, SVC_STATS_MAP,
 };
 use ipnet::Ipv4Net;
 
-use super::{Assignment, Forgotten, MapContents, MapStore, SourceRange};
+use super::{Assignment, Forgotten, IdCursors, MapContents, MapStore, SourceRange};
 
 /// The maps the agent writes.
 pub struct KernelMaps {
@@ -31,6 +31,25 @@ pub struct KernelMaps {
     /// loadBalancerSourceRanges (value unused: 1). None only when inspecting
     /// pins of an older version that lack it.
     src_ranges: Option<LpmTrie<MapData, SrcRangeKey, u8>>,
+    /// The node settings array, where the id cursors are kept (the agent's
+    /// own handle: the dataplane writes the node settings through another).
+    config: Array<MapData, u32>,
+}
+
+fn config_map(data: MapData) -> Result<Array<MapData, u32>, OpenError> {
+    Array::try_from(Map::Array(data)).map_err(|source| OpenError::Map { name: CONFIG_MAP, source })
+}
+
+/// A second handle on the object's config array.
+fn config_of(ebpf: &aya::Ebpf) -> Result<Array<MapData, u32>, OpenError> {
+    let Some(Map::Array(data)) = ebpf.map(CONFIG_MAP) else {
+        return Err(OpenError::Missing(CONFIG_MAP));
+    };
+    let fd = data.fd().as_fd().try_clone_to_owned().map_err(|e| OpenError::Map {
+        name: CONFIG_MAP,
+        source: MapError::IoError(e),
+    })?;
+    config_map(MapData::from_fd(fd).map_err(|source| OpenError::Map { name: CONFIG_MAP, source })?)
 }
 
 fn src_ranges_map(data: MapData) -> Result<LpmTrie<MapData, SrcRangeKey, u8>, OpenError> {
@@ -128,11 +147,13 @@ impl KernelMaps {
             Some(Map::LpmTrie(d)) => Some(src_ranges_map(d)?),
             _ => return Err(OpenError::Missing(SRC_RANGES_MAP)),
         };
+        let config = config_of(ebpf)?;
         let mut take_lru = |name: &'static str| match ebpf.take_map(name) {
             Some(Map::LruHashMap(d)) => Ok(d),
             _ => Err(OpenError::Missing(name)),
         };
         Ok(Self {
+            config,
             services,
             backends,
             revnat,
@@ -155,6 +176,7 @@ impl KernelMaps {
             affinity: lru(AFFINITY_MAP, from_pin(dir, AFFINITY_MAP)?)?,
             stats: from_pin(dir, SVC_STATS_MAP).ok().map(stats_map).transpose()?,
             src_ranges: from_pin(dir, SRC_RANGES_MAP).ok().map(src_ranges_map).transpose()?,
+            config: config_map(from_pin(dir, CONFIG_MAP)?)?,
         })
     }
 }
@@ -179,6 +201,11 @@ fn ok_if_missing(r: Result<(), MapError>) -> Result<(), MapError> {
 impl MapStore for KernelMaps {
     type Error = MapError;
 
+    /// E2BIG from a full hash map, ENOSPC from a full LPM trie.
+    fn is_full(e: &MapError) -> bool {
+        matches!(e, MapError::SyscallError(s) if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC)))
+    }
+
     fn read_all(&self) -> Result<MapContents, MapError> {
         Ok(MapContents {
             services: self.services.iter().collect::<Result<_, _>>()?,
@@ -189,7 +216,15 @@ impl MapStore for KernelMaps {
                 Some(t) => t.keys().filter_map(|k| k.map(|k| src_range_of(&k)).transpose()).collect::<Result<_, _>>()?,
                 None => Default::default(),
             },
+            cursors: IdCursors {
+                backend: self.config.get(&config::LAST_BACKEND_ID, 0)?,
+                revnat: self.config.get(&config::LAST_REVNAT_ID, 0)?,
+            },
         })
+    }
+    fn put_cursors(&mut self, c: IdCursors) -> Result<(), MapError> {
+        self.config.set(config::LAST_BACKEND_ID, c.backend, 0)?;
+        self.config.set(config::LAST_REVNAT_ID, c.revnat, 0)
     }
     fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), MapError> {
         self.services.insert(k, v, 0)

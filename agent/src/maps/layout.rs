@@ -14,7 +14,7 @@ use ferry_common::{
     svc_flags, ServiceKey, ServiceName, ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL,
 };
 
-use super::MapContents;
+use super::{IdCursors, MapContents};
 use crate::translate::{frontend_type, Frontend};
 
 type Tuple = (Ipv4Addr, u16, u8);
@@ -44,6 +44,14 @@ impl Allocator {
         self.ids.insert(t, id);
         self.used.insert(id);
         self.last = self.last.max(id);
+    }
+
+    /// Goes on after `cursor`, the last id a previous agent handed out (0:
+    /// unknown, as with pins of an older version: after the highest live id).
+    fn resume(&mut self, cursor: u32) {
+        if cursor != 0 {
+            self.last = cursor.min(self.max);
+        }
     }
 
     /// The id of `t`; None only when every id is taken.
@@ -98,7 +106,7 @@ impl Default for Ids {
 }
 
 impl Ids {
-    /// The ids already in the maps (agent restart).
+    /// The ids already in the maps, and the allocators' cursors (agent restart).
     pub fn from_contents(c: &MapContents) -> Self {
         let mut ids = Self::default();
         for (id, b) in &c.backends {
@@ -119,7 +127,14 @@ impl Ids {
             );
             ids.frontends.insert(t, u32::from(v.rev_nat_id));
         }
+        ids.backends.resume(c.cursors.backend);
+        ids.frontends.resume(c.cursors.revnat);
         ids
+    }
+
+    /// The allocators' cursors, to keep with the maps.
+    pub fn cursors(&self) -> IdCursors {
+        IdCursors { backend: self.backends.last, revnat: self.frontends.last }
     }
 
     fn backend(&mut self, t: Tuple) -> Option<u32> {
@@ -221,35 +236,18 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
     }
     ids.backends.retain(&live_backends);
     ids.frontends.retain(&live_frontends);
+    out.cursors = ids.cursors();
     out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::BackendSpec;
     use ferry_common::{svc_flags, PROTO_TCP};
 
     fn fe(port: u16, backends: &[[u8; 4]]) -> Frontend {
-        Frontend {
-            name: format!("default/web:{port}"),
-            addr: Ipv4Addr::new(10, 96, 0, 10),
-            port,
-            proto: PROTO_TCP,
-            flags: svc_flags::CLUSTER_IP,
-            backends: backends
-                .iter()
-                .map(|b| BackendSpec {
-                    addr: Ipv4Addr::from(*b),
-                    port: 8080,
-                    terminating: false,
-                    local: false,
-                })
-                .collect(),
-            draining: Vec::new(),
-            affinity_timeout: 0,
-            source_ranges: Vec::new(),
-        }
+        let addrs = backends.iter().map(|b| Ipv4Addr::from(*b));
+        Frontend::cluster_ip(format!("default/web:{port}"), Ipv4Addr::new(10, 96, 0, 10), port, addrs, 8080)
     }
 
     #[test]
@@ -328,6 +326,38 @@ mod tests {
         a.retain(&[t(1), t(3)].into());
         assert_eq!(a.get(t(4)), Some(2), "wraps to the freed id");
         assert_eq!(a.get(t(1)), Some(1), "live keys keep their id");
+    }
+
+    /// The id of the only backend and the reverse-NAT id of the only frontend of `c`.
+    fn only_ids(c: &MapContents) -> (u32, u16) {
+        assert_eq!((c.backends.len(), c.revnat.len()), (1, 1), "{c:?}");
+        (*c.backends.keys().next().unwrap(), *c.revnat.keys().next().unwrap())
+    }
+
+    #[test]
+    fn a_restarted_agent_does_not_hand_out_ids_freed_before_the_restart() {
+        let mut ids = Ids::default();
+        let a = layout(&[fe(80, &[[10, 0, 0, 1]])], &mut ids);
+        let gone = layout(&[], &mut ids);
+        assert!(gone.backends.is_empty() && gone.revnat.is_empty());
+        // Restart: nothing live in the maps, only the cursors.
+        let mut fresh = Ids::from_contents(&gone);
+        let b = layout(&[fe(81, &[[10, 0, 0, 2]])], &mut fresh);
+        let ((a_backend, a_revnat), (b_backend, b_revnat)) = (only_ids(&a), only_ids(&b));
+        assert_ne!(b_backend, a_backend, "B's backend got A's freed backend id");
+        assert_ne!(b_revnat, a_revnat, "B's frontend got A's freed reverse-NAT id");
+        assert_eq!(b.cursors, IdCursors { backend: b_backend, revnat: u32::from(b_revnat) });
+    }
+
+    #[test]
+    fn pins_without_cursors_resume_after_the_highest_live_id() {
+        let mut ids = Ids::default();
+        let c = layout(&[fe(80, &[[10, 0, 0, 1], [10, 0, 0, 2]])], &mut ids);
+        let old = MapContents { cursors: IdCursors::default(), ..c.clone() };
+        let mut fresh = Ids::from_contents(&old);
+        assert_eq!(fresh.cursors(), c.cursors);
+        let next = layout(&[fe(80, &[[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 3]])], &mut fresh);
+        assert_eq!(next.cursors.backend, c.cursors.backend + 1);
     }
 
     #[test]

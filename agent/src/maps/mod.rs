@@ -20,6 +20,17 @@ pub struct MapContents {
     pub names: BTreeMap<u16, ServiceName>,
     /// The source-ranges trie's entries.
     pub source_ranges: BTreeSet<SourceRange>,
+    /// The id allocators' cursors (in the config array).
+    pub cursors: IdCursors,
+}
+
+/// The last backend id and reverse-NAT id handed out (0: none): a restarted
+/// agent goes on after them, so an id freed just before the restart is not
+/// handed out again while connection-tracking entries may carry it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IdCursors {
+    pub backend: u32,
+    pub revnat: u32,
 }
 
 /// A loadBalancerSourceRanges entry: (reverse-NAT id of the LoadBalancer
@@ -50,6 +61,8 @@ pub struct Forgotten {
 /// Access to the maps: aya's pinned maps in production, a BTreeMap in tests.
 pub trait MapStore {
     type Error: std::error::Error + Send + Sync + 'static;
+    /// Whether a write failed because the map is full.
+    fn is_full(e: &Self::Error) -> bool;
     fn read_all(&self) -> Result<MapContents, Self::Error>;
     fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Self::Error>;
     fn del_service(&mut self, k: &ServiceKey) -> Result<(), Self::Error>;
@@ -59,6 +72,7 @@ pub trait MapStore {
     fn del_revnat(&mut self, id: u16) -> Result<(), Self::Error>;
     fn put_source_range(&mut self, r: SourceRange) -> Result<(), Self::Error>;
     fn del_source_range(&mut self, r: SourceRange) -> Result<(), Self::Error>;
+    fn put_cursors(&mut self, c: IdCursors) -> Result<(), Self::Error>;
     /// Forgets the state that ties clients to assignments that ended: UDP
     /// connection-tracking entries (both directions; a UDP "flow" never ends by
     /// itself, so the client's next datagram must be balanced again, as

@@ -1,18 +1,164 @@
 //! Keeps the maps equal to the desired contents by writing only the difference,
 //! in an order that never lets the dataplane see a slot naming a missing backend
-//! or a frontend whose count exceeds its slots.
-use std::time::{Duration, Instant};
+//! or a frontend whose count exceeds its slots, deleting what is no longer used
+//! before adding (so a nearly full map converges), and frontend by frontend: one
+//! that does not fit is reported by name and the others are written.
+use std::{
+    collections::BTreeSet,
+    fmt,
+    time::{Duration, Instant},
+};
 
-use super::{assignments, Forgotten, MapContents, MapStore};
+use ferry_common::{
+    addr_from_map, port_from_map, svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue,
+};
 
-/// What one sync wrote.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+use super::{assignments, Assignment, Forgotten, MapContents, MapStore, SourceRange};
+
+/// What one sync wrote, and what it could not.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SyncStats {
     pub upserts: usize,
     pub deletes: usize,
     /// UDP flows and affinity entries of assignments that ended.
     pub forgotten: Forgotten,
     pub duration: Duration,
+    /// Objects left as they were (or out) because a write failed; the rest
+    /// was written.
+    pub failed: Vec<SyncFailure>,
+}
+
+/// The maps the sync writes, for messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Table {
+    Services,
+    Backends,
+    /// Reverse NAT and the names map (written together).
+    RevNat,
+    SourceRanges,
+    /// The id cursors in the config array.
+    Config,
+    /// Connection tracking and affinity (flows forgotten).
+    Flows,
+}
+
+impl Table {
+    fn name(self) -> &'static str {
+        match self {
+            Table::Services => "services map",
+            Table::Backends => "backends map",
+            Table::RevNat => "reverse-NAT/names maps",
+            Table::SourceRanges => "source-ranges map",
+            Table::Config => "config map",
+            Table::Flows => "connection-tracking/affinity maps",
+        }
+    }
+
+    /// The flag that sizes the map.
+    fn size_flag(self) -> Option<&'static str> {
+        match self {
+            Table::Services => Some("--services-map-size"),
+            Table::Backends => Some("--backends-map-size"),
+            Table::SourceRanges => Some("--src-ranges-map-size"),
+            Table::RevNat | Table::Config | Table::Flows => None,
+        }
+    }
+}
+
+/// A write that failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteError {
+    pub table: Table,
+    /// What was written: `writing slot 3`, `deleting backend 7`.
+    pub action: String,
+    /// The map was full.
+    pub full: bool,
+    pub error: String,
+}
+
+/// An object the sync could not (fully) program, and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SyncFailure {
+    /// `frontend default/web:http (ClusterIP)`, `backend 7 (10.0.0.1:8080)`, ...
+    pub object: String,
+    pub cause: WriteError,
+}
+
+impl fmt::Display for SyncFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.cause;
+        write!(
+            f,
+            "{} not programmed: {} in the {}",
+            self.object,
+            c.action,
+            c.table.name()
+        )?;
+        if c.full {
+            write!(f, ": the map is full")?;
+            if let Some(flag) = c.table.size_flag() {
+                write!(f, " (raise {flag})")?;
+            }
+        }
+        write!(f, ": {}", c.error)
+    }
+}
+
+/// One entry of the maps the agent owns.
+#[derive(Clone, Copy, Debug)]
+enum Entry {
+    Backend(u32, Backend),
+    RevNat(u16, RevNat, ServiceName),
+    Range(SourceRange),
+    Service(ServiceKey, ServiceValue),
+}
+
+/// The key of an [`Entry`], to delete it.
+#[derive(Clone, Copy, Debug)]
+enum Key {
+    Backend(u32),
+    RevNat(u16),
+    Range(SourceRange),
+    Service(ServiceKey),
+}
+
+impl Entry {
+    fn key(&self) -> Key {
+        match *self {
+            Entry::Backend(id, _) => Key::Backend(id),
+            Entry::RevNat(id, ..) => Key::RevNat(id),
+            Entry::Range(r) => Key::Range(r),
+            Entry::Service(k, _) => Key::Service(k),
+        }
+    }
+}
+
+impl Key {
+    fn table(&self) -> Table {
+        match self {
+            Key::Backend(_) => Table::Backends,
+            Key::RevNat(_) => Table::RevNat,
+            Key::Range(_) => Table::SourceRanges,
+            Key::Service(_) => Table::Services,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Key::Backend(id) => format!("backend {id}"),
+            Key::RevNat(id) => format!("reverse-NAT id {id}"),
+            Key::Range((id, net)) => format!("source range {net} of reverse-NAT id {id}"),
+            Key::Service(k) => format!("slot {}", k.slot),
+        }
+    }
+}
+
+/// Whether the maps hold an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Held {
+    Absent,
+    Differs,
+    Same,
 }
 
 /// Holds what is in the maps (read once at start, then kept in step).
@@ -32,191 +178,564 @@ impl<S: MapStore> Syncer<S> {
         &self.current
     }
 
-    /// Writes the difference between the maps and `desired`.
+    /// Writes the difference between the maps and `desired`. A failed write
+    /// never stops the sync: the object it belongs to is left as it was (or
+    /// out, if new), reported in [`SyncStats::failed`], and tried again next
+    /// time; everything else is written.
     ///
-    /// Order: 1) backends, reverse-NAT, names and source ranges that are new or
-    /// changed; 2) backend slots (> 0); 3) frontends (slot 0, with the new
-    /// count and flags); 4) slots and frontends no longer wanted; 5) source
-    /// ranges, backends, reverse-NAT and names no longer wanted. So a frontend
-    /// that gains `SOURCE_RANGES` finds its ranges already there, and one that
-    /// loses it (or a range) stops filtering before its entries go: allowed
-    /// clients are never dropped on the way. On error the maps hold a consistent
-    /// mix of old and new, and the next sync (re-reading nothing; `current`
-    /// tracks each write) continues.
-    pub fn sync(&mut self, desired: &MapContents) -> Result<SyncStats, S::Error> {
+    /// Order: 1) frontends that keep fewer slots get their lower count (an
+    /// update: needs no room); 2) what nothing refers to any more goes:
+    /// frontends no longer wanted (slot 0 first, then their slots), slots
+    /// beyond their frontend's count, source ranges no filtering frontend
+    /// needs, backends no slot names, reverse-NAT ids no entry carries; 3) the
+    /// id cursors, before any entry with a new id; 4) frontend by frontend:
+    /// its new backends, reverse-NAT entry, source ranges and slots, then its
+    /// slot 0 (a frontend whose additions do not all fit takes them back, so
+    /// it uses no room), then its changed entries in the same order; then
+    /// draining backends (no slot); 5) step 2 again for what step 4 freed;
+    /// 6) flows of ended assignments are forgotten. So a frontend that gains
+    /// `SOURCE_RANGES` finds its ranges there, and one that loses it (or a
+    /// range) stops filtering before its entries go.
+    pub fn sync(&mut self, desired: &MapContents) -> SyncStats {
         let start = Instant::now();
-        let mut st = SyncStats::default();
         let before = assignments(&self.current);
-        let cur = &mut self.current;
-        for (id, b) in &desired.backends {
-            if cur.backends.get(id) != Some(b) {
-                self.store.put_backend(*id, *b)?;
-                cur.backends.insert(*id, *b);
-                st.upserts += 1;
+        let mut w = Writes {
+            store: &mut self.store,
+            cur: &mut self.current,
+            st: SyncStats::default(),
+        };
+        w.shrink(desired);
+        w.delete_unused(desired);
+        if w.cursors(desired) {
+            for (k, v) in desired.services.iter().filter(|(k, _)| k.slot == 0) {
+                w.frontend(desired, k, v);
+            }
+            w.draining(desired);
+        }
+        w.delete_unused(desired);
+        w.forget(&before);
+        let mut st = w.st;
+        st.duration = start.elapsed();
+        st
+    }
+}
+
+/// One sync's writes: each updates `cur` and the stats when it succeeds.
+struct Writes<'a, S: MapStore> {
+    store: &'a mut S,
+    cur: &'a mut MapContents,
+    st: SyncStats,
+}
+
+impl<S: MapStore> Writes<'_, S> {
+    fn error(&self, table: Table, action: String, e: S::Error) -> WriteError {
+        WriteError {
+            table,
+            action,
+            full: S::is_full(&e),
+            error: e.to_string(),
+        }
+    }
+
+    fn fail(&mut self, object: String, cause: WriteError) {
+        self.st.failed.push(SyncFailure { object, cause });
+    }
+
+    fn held(&self, e: &Entry) -> Held {
+        let same = match *e {
+            Entry::Backend(id, b) => self.cur.backends.get(&id).map(|c| *c == b),
+            Entry::RevNat(id, r, n) => self
+                .cur
+                .revnat
+                .get(&id)
+                .map(|c| *c == r && self.cur.names.get(&id) == Some(&n)),
+            Entry::Range(r) => self.cur.source_ranges.contains(&r).then_some(true),
+            Entry::Service(k, v) => self.cur.services.get(&k).map(|c| *c == v),
+        };
+        match same {
+            None => Held::Absent,
+            Some(false) => Held::Differs,
+            Some(true) => Held::Same,
+        }
+    }
+
+    fn put(&mut self, e: &Entry) -> Result<(), WriteError> {
+        let key = e.key();
+        let r = match *e {
+            Entry::Backend(id, b) => self.store.put_backend(id, b),
+            Entry::RevNat(id, r, n) => self.store.put_revnat(id, r, n),
+            Entry::Range(r) => self.store.put_source_range(r),
+            Entry::Service(k, v) => self.store.put_service(k, v),
+        };
+        r.map_err(|err| self.error(key.table(), format!("writing {}", key.describe()), err))?;
+        match *e {
+            Entry::Backend(id, b) => {
+                self.cur.backends.insert(id, b);
+            }
+            Entry::RevNat(id, r, n) => {
+                self.cur.revnat.insert(id, r);
+                self.cur.names.insert(id, n);
+            }
+            Entry::Range(r) => {
+                self.cur.source_ranges.insert(r);
+            }
+            Entry::Service(k, v) => {
+                self.cur.services.insert(k, v);
             }
         }
-        for (id, r) in &desired.revnat {
-            let name = desired
-                .names
-                .get(id)
-                .copied()
-                .unwrap_or(ferry_common::ServiceName::new(""));
-            if cur.revnat.get(id) != Some(r) || cur.names.get(id) != Some(&name) {
-                self.store.put_revnat(*id, *r, name)?;
-                cur.revnat.insert(*id, *r);
-                cur.names.insert(*id, name);
-                st.upserts += 1;
+        self.st.upserts += 1;
+        Ok(())
+    }
+
+    fn del(&mut self, key: Key) -> Result<(), WriteError> {
+        let r = match key {
+            Key::Backend(id) => self.store.del_backend(id),
+            Key::RevNat(id) => self.store.del_revnat(id),
+            Key::Range(r) => self.store.del_source_range(r),
+            Key::Service(k) => self.store.del_service(&k),
+        };
+        r.map_err(|err| self.error(key.table(), format!("deleting {}", key.describe()), err))?;
+        match key {
+            Key::Backend(id) => {
+                self.cur.backends.remove(&id);
+            }
+            Key::RevNat(id) => {
+                self.cur.revnat.remove(&id);
+                self.cur.names.remove(&id);
+            }
+            Key::Range(r) => {
+                self.cur.source_ranges.remove(&r);
+            }
+            Key::Service(k) => {
+                self.cur.services.remove(&k);
             }
         }
-        let new: Vec<_> = desired.source_ranges.difference(&cur.source_ranges).copied().collect();
-        for r in new {
-            self.store.put_source_range(r)?;
-            cur.source_ranges.insert(r);
-            st.upserts += 1;
+        self.st.deletes += 1;
+        Ok(())
+    }
+
+    /// `frontend <name>` of reverse-NAT id `id` (the desired name, else the
+    /// current one, else the key).
+    fn frontend_name(&self, desired: &MapContents, id: u16, k: &ServiceKey) -> String {
+        match desired.names.get(&id).or(self.cur.names.get(&id)) {
+            Some(n) if !n.as_str().is_empty() => format!("frontend {}", n.as_str()),
+            _ => format!(
+                "frontend {}:{}/{}",
+                std::net::Ipv4Addr::from(addr_from_map(k.addr)),
+                port_from_map(k.port),
+                k.proto
+            ),
         }
-        for pass_slot0 in [false, true] {
-            for (k, v) in desired
-                .services
-                .iter()
-                .filter(|(k, _)| (k.slot == 0) == pass_slot0)
-            {
-                if cur.services.get(k) != Some(v) {
-                    self.store.put_service(*k, *v)?;
-                    cur.services.insert(*k, *v);
-                    st.upserts += 1;
-                }
+    }
+
+    fn backend_name(&self, desired: &MapContents, id: u32) -> String {
+        match desired.backends.get(&id).or(self.cur.backends.get(&id)) {
+            Some(b) => format!(
+                "backend {id} ({}:{})",
+                std::net::Ipv4Addr::from(addr_from_map(b.addr)),
+                port_from_map(b.port)
+            ),
+            None => format!("backend {id}"),
+        }
+    }
+
+    /// Step 1: the frontends that keep fewer slots get their lower count.
+    fn shrink(&mut self, desired: &MapContents) {
+        let lower: Vec<_> = desired
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot == 0)
+            .filter_map(|(k, want)| {
+                let have = self.cur.services.get(k)?;
+                (want.count < have.count).then_some((
+                    *k,
+                    ServiceValue {
+                        count: want.count,
+                        ..*have
+                    },
+                ))
+            })
+            .collect();
+        for (k, v) in lower {
+            if let Err(e) = self.put(&Entry::Service(k, v)) {
+                let name = self.frontend_name(desired, v.rev_nat_id, &k);
+                self.fail(name, e);
             }
         }
-        // Frontends first, then their slots, so no frontend points past its slots.
-        let stale: Vec<_> = cur
+    }
+
+    /// Steps 2 and 5: deletes the entries `desired` does not have that nothing
+    /// in the maps refers to any more.
+    fn delete_unused(&mut self, desired: &MapContents) {
+        let stale: Vec<ServiceKey> = self
+            .cur
             .services
             .keys()
             .filter(|k| !desired.services.contains_key(k))
             .copied()
             .collect();
         let (slot0, slots): (Vec<_>, Vec<_>) = stale.into_iter().partition(|k| k.slot == 0);
-        for k in slot0.iter().chain(slots.iter()) {
-            self.store.del_service(k)?;
-            cur.services.remove(k);
-            st.deletes += 1;
+        for k in slot0 {
+            self.delete_service(desired, k);
         }
-        let stale: Vec<_> = cur.source_ranges.difference(&desired.source_ranges).copied().collect();
-        for r in stale {
-            self.store.del_source_range(r)?;
-            cur.source_ranges.remove(&r);
-            st.deletes += 1;
+        for k in slots {
+            let frontend = ServiceKey { slot: 0, ..k };
+            let counted = self
+                .cur
+                .services
+                .get(&frontend)
+                .is_some_and(|f| f.count >= k.slot);
+            if !counted {
+                self.delete_service(desired, k);
+            }
         }
-        let stale: Vec<u32> = cur
+        let stale: Vec<SourceRange> = self
+            .cur
+            .source_ranges
+            .difference(&desired.source_ranges)
+            .copied()
+            .collect();
+        let unused: Vec<SourceRange> = stale
+            .into_iter()
+            .filter(|r| self.range_unused(desired, r.0))
+            .collect();
+        for r in unused {
+            if let Err(e) = self.del(Key::Range(r)) {
+                let name = format!("source ranges of reverse-NAT id {}", r.0);
+                self.fail(name, e);
+            }
+        }
+        let named: BTreeSet<u32> = self
+            .cur
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot > 0)
+            .map(|(_, v)| v.backend_id)
+            .collect();
+        let stale: Vec<u32> = self
+            .cur
             .backends
             .keys()
-            .filter(|id| !desired.backends.contains_key(id))
+            .filter(|id| !desired.backends.contains_key(id) && !named.contains(id))
             .copied()
             .collect();
         for id in stale {
-            self.store.del_backend(id)?;
-            cur.backends.remove(&id);
-            st.deletes += 1;
+            if let Err(e) = self.del(Key::Backend(id)) {
+                let name = self.backend_name(desired, id);
+                self.fail(name, e);
+            }
         }
-        let stale: Vec<u16> = cur
+        let carried: BTreeSet<u16> = self.cur.services.values().map(|v| v.rev_nat_id).collect();
+        let stale: Vec<u16> = self
+            .cur
             .revnat
             .keys()
-            .filter(|id| !desired.revnat.contains_key(id))
+            .filter(|id| !desired.revnat.contains_key(id) && !carried.contains(id))
             .copied()
             .collect();
         for id in stale {
-            self.store.del_revnat(id)?;
-            cur.revnat.remove(&id);
-            cur.names.remove(&id);
-            st.deletes += 1;
+            if let Err(e) = self.del(Key::RevNat(id)) {
+                self.fail(format!("reverse-NAT id {id}"), e);
+            }
         }
-        // Last: the slots no longer name these backends, so no new flow can
-        // recreate what is forgotten here.
-        let gone: std::collections::BTreeSet<_> =
-            before.difference(&assignments(cur)).copied().collect();
-        if !gone.is_empty() {
-            st.forgotten = self.store.forget_flows(&gone)?;
-        }
-        st.duration = start.elapsed();
-        Ok(st)
     }
+
+    fn delete_service(&mut self, desired: &MapContents, k: ServiceKey) {
+        if let Err(e) = self.del(Key::Service(k)) {
+            let id = self.cur.services.get(&k).map_or(0, |v| v.rev_nat_id);
+            let name = self.frontend_name(desired, id, &k);
+            self.fail(name, e);
+        }
+    }
+
+    /// Whether the stale source ranges of reverse-NAT id `id` may go: no
+    /// frontend filters with them, or its desired ranges are all in place
+    /// and it still filters (so no allowed client is refused meanwhile).
+    fn range_unused(&self, desired: &MapContents, id: u16) -> bool {
+        let filters = |c: &MapContents| {
+            c.services.iter().any(|(k, v)| {
+                k.slot == 0 && v.rev_nat_id == id && v.flags & svc_flags::SOURCE_RANGES != 0
+            })
+        };
+        let all_in = desired
+            .source_ranges
+            .iter()
+            .filter(|r| r.0 == id)
+            .all(|r| self.cur.source_ranges.contains(r));
+        !filters(self.cur) || (filters(desired) && all_in)
+    }
+
+    /// Step 3: the id cursors. False when they could not be written: then no
+    /// entry with a new id may be.
+    fn cursors(&mut self, desired: &MapContents) -> bool {
+        if self.cur.cursors == desired.cursors {
+            return true;
+        }
+        match self.store.put_cursors(desired.cursors) {
+            Ok(()) => {
+                self.cur.cursors = desired.cursors;
+                self.st.upserts += 1;
+                true
+            }
+            Err(e) => {
+                let e = self.error(Table::Config, "writing the id cursors".into(), e);
+                self.fail("every new or changed frontend and backend".into(), e);
+                false
+            }
+        }
+    }
+
+    /// Step 4 for one frontend (`k0`, `v0`: its slot 0).
+    fn frontend(&mut self, desired: &MapContents, k0: &ServiceKey, v0: &ServiceValue) {
+        let entries = frontend_entries(desired, k0, v0);
+        let mut added = Vec::new();
+        let mut result = Ok(());
+        let absent: Vec<Entry> = entries
+            .iter()
+            .filter(|e| self.held(e) == Held::Absent)
+            .copied()
+            .collect();
+        for e in &absent {
+            result = self.put(e);
+            if result.is_err() {
+                break;
+            }
+            added.push(e.key());
+        }
+        if result.is_err() {
+            // Nothing refers to the additions yet (slot 0 is written last).
+            for key in added.into_iter().rev() {
+                let _ = self.del(key);
+            }
+        } else {
+            let changed: Vec<Entry> = entries
+                .iter()
+                .filter(|e| self.held(e) == Held::Differs)
+                .copied()
+                .collect();
+            result = changed.iter().try_for_each(|e| self.put(e));
+        }
+        if let Err(e) = result {
+            let name = self.frontend_name(desired, v0.rev_nat_id, k0);
+            self.fail(name, e);
+        }
+    }
+
+    /// Step 4, last: backends no slot names (draining endpoints: established
+    /// flows keep them).
+    fn draining(&mut self, desired: &MapContents) {
+        let named: BTreeSet<u32> = desired
+            .services
+            .iter()
+            .filter(|(k, _)| k.slot > 0)
+            .map(|(_, v)| v.backend_id)
+            .collect();
+        for (id, b) in desired
+            .backends
+            .iter()
+            .filter(|(id, _)| !named.contains(id))
+        {
+            let e = Entry::Backend(*id, *b);
+            if self.held(&e) != Held::Same {
+                if let Err(err) = self.put(&e) {
+                    let name = self.backend_name(desired, *id);
+                    self.fail(name, err);
+                }
+            }
+        }
+    }
+
+    /// Step 6: flows of assignments that ended (`before` minus what the maps
+    /// assign now). Last: the slots no longer name these backends, so no new
+    /// flow can recreate what is forgotten here.
+    fn forget(&mut self, before: &BTreeSet<Assignment>) {
+        let gone: BTreeSet<_> = before.difference(&assignments(self.cur)).copied().collect();
+        if gone.is_empty() {
+            return;
+        }
+        match self.store.forget_flows(&gone) {
+            Ok(f) => self.st.forgotten = f,
+            Err(e) => {
+                let e = self.error(
+                    Table::Flows,
+                    "forgetting their UDP flows and affinity".into(),
+                    e,
+                );
+                self.fail(format!("{} ended backend assignments", gone.len()), e);
+            }
+        }
+    }
+}
+
+/// The entries frontend `k0` needs, in the order they may be written: the
+/// backends its slots name, its reverse-NAT entry, its source ranges, its
+/// slots, and its slot 0.
+fn frontend_entries(desired: &MapContents, k0: &ServiceKey, v0: &ServiceValue) -> Vec<Entry> {
+    let id = v0.rev_nat_id;
+    let slots: Vec<(ServiceKey, ServiceValue)> = (1..=v0.count)
+        .filter_map(|slot| {
+            let k = ServiceKey { slot, ..*k0 };
+            desired.services.get(&k).map(|v| (k, *v))
+        })
+        .collect();
+    let backends: BTreeSet<u32> = slots.iter().map(|(_, v)| v.backend_id).collect();
+    let mut out: Vec<Entry> = backends
+        .iter()
+        .filter_map(|b| desired.backends.get(b).map(|v| Entry::Backend(*b, *v)))
+        .collect();
+    if let Some(r) = desired.revnat.get(&id) {
+        let name = desired
+            .names
+            .get(&id)
+            .copied()
+            .unwrap_or(ServiceName::new(""));
+        out.push(Entry::RevNat(id, *r, name));
+    }
+    out.extend(
+        desired
+            .source_ranges
+            .iter()
+            .filter(|r| r.0 == id)
+            .map(|r| Entry::Range(*r)),
+    );
+    out.extend(slots.into_iter().map(|(k, v)| Entry::Service(k, v)));
+    out.push(Entry::Service(*k0, *v0));
+    out
 }
 
 #[cfg(test)]
 mod tests {
-    use std::{cell::RefCell, convert::Infallible, net::Ipv4Addr, rc::Rc};
+    use std::{cell::RefCell, net::Ipv4Addr, rc::Rc};
 
-    use ferry_common::{
-        svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue, PROTO_TCP,
-    };
+    use ferry_common::{svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue};
 
     use super::*;
     use crate::{
         maps::layout::{layout, Ids},
-        translate::{BackendSpec, Frontend},
+        translate::Frontend,
     };
 
-    /// An in-memory map store that logs every write.
+    /// An in-memory map store that logs every write; the services map
+    /// refuses new keys beyond its capacity, as a full BPF hash map does
+    /// (updates of existing keys still work).
     #[derive(Clone, Default)]
     struct Fake {
         maps: Rc<RefCell<MapContents>>,
         log: Rc<RefCell<Vec<String>>>,
+        services_cap: Rc<std::cell::Cell<Option<usize>>>,
+        /// Writes after which the dataplane would have seen a frontend
+        /// counting a missing slot, a slot naming a missing backend, or a
+        /// frontend without its reverse-NAT entry.
+        violations: Rc<RefCell<Vec<String>>>,
+    }
+
+    impl Fake {
+        fn check(&self, after: &str) {
+            let m = self.maps.borrow();
+            for (k, v) in m.services.iter().filter(|(k, _)| k.slot == 0) {
+                let broken = (1..=v.count).any(|slot| {
+                    m.services
+                        .get(&ServiceKey { slot, ..*k })
+                        .is_none_or(|s| !m.backends.contains_key(&s.backend_id))
+                }) || !m.revnat.contains_key(&v.rev_nat_id);
+                if broken {
+                    self.violations
+                        .borrow_mut()
+                        .push(format!("after {after}: frontend {}:{}", k.addr, k.port));
+                }
+            }
+        }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("map full (E2BIG)")]
+    struct Full;
+
+    /// Whether a map of `len` entries (capacity `cap`) refuses `key`.
+    fn refuses<K: Ord, V>(
+        m: &std::collections::BTreeMap<K, V>,
+        key: &K,
+        cap: Option<usize>,
+    ) -> bool {
+        cap.is_some_and(|cap| !m.contains_key(key) && m.len() >= cap)
     }
 
     impl MapStore for Fake {
-        type Error = Infallible;
-        fn read_all(&self) -> Result<MapContents, Infallible> {
+        type Error = Full;
+        fn is_full(_: &Full) -> bool {
+            true
+        }
+        fn read_all(&self) -> Result<MapContents, Full> {
             Ok(self.maps.borrow().clone())
         }
-        fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Infallible> {
+        fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Full> {
+            if refuses(&self.maps.borrow().services, &k, self.services_cap.get()) {
+                return Err(Full);
+            }
             self.log
                 .borrow_mut()
                 .push(format!("put svc slot {} count {}", k.slot, v.count));
             self.maps.borrow_mut().services.insert(k, v);
+            self.check("put svc");
             Ok(())
         }
-        fn del_service(&mut self, k: &ServiceKey) -> Result<(), Infallible> {
+        fn del_service(&mut self, k: &ServiceKey) -> Result<(), Full> {
             self.log
                 .borrow_mut()
                 .push(format!("del svc slot {}", k.slot));
             self.maps.borrow_mut().services.remove(k);
+            self.check("del svc");
             Ok(())
         }
-        fn put_backend(&mut self, id: u32, v: Backend) -> Result<(), Infallible> {
+        fn put_backend(&mut self, id: u32, v: Backend) -> Result<(), Full> {
             self.log.borrow_mut().push(format!("put backend {id}"));
             self.maps.borrow_mut().backends.insert(id, v);
             Ok(())
         }
-        fn del_backend(&mut self, id: u32) -> Result<(), Infallible> {
+        fn del_backend(&mut self, id: u32) -> Result<(), Full> {
             self.log.borrow_mut().push(format!("del backend {id}"));
             self.maps.borrow_mut().backends.remove(&id);
+            self.check("del backend");
             Ok(())
         }
-        fn put_revnat(&mut self, id: u16, v: RevNat, n: ServiceName) -> Result<(), Infallible> {
+        fn put_revnat(&mut self, id: u16, v: RevNat, n: ServiceName) -> Result<(), Full> {
             self.log.borrow_mut().push(format!("put revnat {id}"));
             self.maps.borrow_mut().revnat.insert(id, v);
             self.maps.borrow_mut().names.insert(id, n);
             Ok(())
         }
-        fn del_revnat(&mut self, id: u16) -> Result<(), Infallible> {
+        fn del_revnat(&mut self, id: u16) -> Result<(), Full> {
             self.log.borrow_mut().push(format!("del revnat {id}"));
             self.maps.borrow_mut().revnat.remove(&id);
             self.maps.borrow_mut().names.remove(&id);
+            self.check("del revnat");
             Ok(())
         }
-        fn put_source_range(&mut self, r: crate::maps::SourceRange) -> Result<(), Infallible> {
-            self.log.borrow_mut().push(format!("put range {}/{}", r.0, r.1));
+        fn put_source_range(&mut self, r: crate::maps::SourceRange) -> Result<(), Full> {
+            self.log
+                .borrow_mut()
+                .push(format!("put range {}/{}", r.0, r.1));
             self.maps.borrow_mut().source_ranges.insert(r);
             Ok(())
         }
-        fn del_source_range(&mut self, r: crate::maps::SourceRange) -> Result<(), Infallible> {
-            self.log.borrow_mut().push(format!("del range {}/{}", r.0, r.1));
+        fn del_source_range(&mut self, r: crate::maps::SourceRange) -> Result<(), Full> {
+            self.log
+                .borrow_mut()
+                .push(format!("del range {}/{}", r.0, r.1));
             self.maps.borrow_mut().source_ranges.remove(&r);
+            Ok(())
+        }
+        fn put_cursors(&mut self, c: crate::maps::IdCursors) -> Result<(), Full> {
+            self.log
+                .borrow_mut()
+                .push(format!("put cursors {}/{}", c.backend, c.revnat));
+            self.maps.borrow_mut().cursors = c;
             Ok(())
         }
         fn forget_flows(
             &mut self,
             gone: &std::collections::BTreeSet<crate::maps::Assignment>,
-        ) -> Result<Forgotten, Infallible> {
+        ) -> Result<Forgotten, Full> {
             for (rev, id, proto) in gone {
                 self.log
                     .borrow_mut()
@@ -226,26 +745,34 @@ mod tests {
         }
     }
 
-    fn fe(backends: &[u8]) -> Frontend {
-        Frontend {
-            name: "default/web:80".into(),
-            addr: Ipv4Addr::new(10, 96, 0, 10),
-            port: 80,
-            proto: PROTO_TCP,
-            flags: svc_flags::CLUSTER_IP,
-            backends: backends
-                .iter()
-                .map(|b| BackendSpec {
-                    addr: Ipv4Addr::new(10, 0, 0, *b),
-                    port: 8080,
-                    terminating: false,
-                    local: false,
-                })
-                .collect(),
-            draining: Vec::new(),
-            affinity_timeout: 0,
-            source_ranges: Vec::new(),
+    /// `c` with the id cursors left out (they stay when every entry is gone).
+    fn without_cursors(c: &MapContents) -> MapContents {
+        MapContents {
+            cursors: Default::default(),
+            ..c.clone()
         }
+    }
+
+    /// The stats of a sync that wrote everything.
+    fn ok(st: SyncStats) -> SyncStats {
+        assert!(st.failed.is_empty(), "{:?}", st.failed);
+        st
+    }
+
+    fn fe(backends: &[u8]) -> Frontend {
+        fe_on(80, backends)
+    }
+
+    /// A ClusterIP frontend on `port` with backends 10.0.0.`b`:8080.
+    fn fe_on(port: u16, backends: &[u8]) -> Frontend {
+        let addrs = backends.iter().map(|b| Ipv4Addr::new(10, 0, 0, *b));
+        Frontend::cluster_ip(
+            format!("default/web:{port}"),
+            Ipv4Addr::new(10, 96, 0, 10),
+            port,
+            addrs,
+            8080,
+        )
     }
 
     #[test]
@@ -253,14 +780,18 @@ mod tests {
         let fake = Fake::default();
         let mut s = Syncer::new(fake.clone()).unwrap();
         let mut ids = Ids::default();
-        let st = s.sync(&layout(&[fe(&[1, 2, 3])], &mut ids)).unwrap();
+        let st = ok(s.sync(&layout(&[fe(&[1, 2, 3])], &mut ids)));
         assert_eq!(
             st.upserts,
-            3 + 1 + 4,
-            "3 backends, 1 revnat, 4 service entries"
+            1 + 3 + 1 + 4,
+            "the id cursors, 3 backends, 1 revnat, 4 service entries"
         );
         let log = fake.log.borrow().clone();
         let pos = |p: &str| log.iter().position(|l| l.starts_with(p)).unwrap();
+        assert_eq!(
+            log[0], "put cursors 3/1",
+            "the cursors before the ids they cover: {log:?}"
+        );
         assert!(pos("put backend") < pos("put svc slot 1"), "{log:?}");
         assert!(
             log.iter()
@@ -272,12 +803,12 @@ mod tests {
 
         // Nothing changed: nothing written.
         fake.log.borrow_mut().clear();
-        let st = s.sync(&layout(&[fe(&[1, 2, 3])], &mut ids)).unwrap();
+        let st = ok(s.sync(&layout(&[fe(&[1, 2, 3])], &mut ids)));
         assert_eq!((st.upserts, st.deletes), (0, 0));
         assert!(fake.log.borrow().is_empty());
 
         // One backend less: the count shrinks before its slot and backend go.
-        let st = s.sync(&layout(&[fe(&[1, 2])], &mut ids)).unwrap();
+        let st = ok(s.sync(&layout(&[fe(&[1, 2])], &mut ids)));
         let log = fake.log.borrow().clone();
         assert_eq!(
             log,
@@ -294,7 +825,7 @@ mod tests {
 
         // Service gone: frontend first, then slots, then backends and revnat.
         fake.log.borrow_mut().clear();
-        s.sync(&layout(&[], &mut ids)).unwrap();
+        ok(s.sync(&layout(&[], &mut ids)));
         let log = fake.log.borrow().clone();
         assert_eq!(log[0], "del svc slot 0", "{log:?}");
         let revnat = log
@@ -308,7 +839,7 @@ mod tests {
             "flows are forgotten last: {log:?}"
         );
         assert_eq!(log.iter().filter(|l| l.starts_with("forget")).count(), 2);
-        assert_eq!(*fake.maps.borrow(), MapContents::default());
+        assert_eq!(without_cursors(&fake.maps.borrow()), MapContents::default());
     }
 
     #[test]
@@ -316,12 +847,12 @@ mod tests {
         let fake = Fake::default();
         let mut s = Syncer::new(fake.clone()).unwrap();
         let mut ids = Ids::default();
-        s.sync(&layout(&[fe(&[1, 2])], &mut ids)).unwrap();
+        ok(s.sync(&layout(&[fe(&[1, 2])], &mut ids)));
         fake.log.borrow_mut().clear();
         // .2 turns terminating: no slot, still a backend (established flows).
         let mut f = fe(&[1]);
         f.draining = fe(&[2]).backends;
-        s.sync(&layout(&[f], &mut ids)).unwrap();
+        ok(s.sync(&layout(&[f], &mut ids)));
         let log = fake.log.borrow().clone();
         assert_eq!(
             log,
@@ -352,28 +883,54 @@ mod tests {
         let fake = Fake::default();
         let mut s = Syncer::new(fake.clone()).unwrap();
         let mut ids = Ids::default();
-        s.sync(&layout(&[lb(&[])], &mut ids)).unwrap();
+        ok(s.sync(&layout(&[lb(&[])], &mut ids)));
         // Restricting: the entries exist before the frontend asks for them.
         fake.log.borrow_mut().clear();
-        s.sync(&layout(&[lb(&["10.1.0.0/16", "192.168.77.200/32"])], &mut ids)).unwrap();
+        ok(s.sync(&layout(
+            &[lb(&["10.1.0.0/16", "192.168.77.200/32"])],
+            &mut ids,
+        )));
         let log = fake.log.borrow().clone();
-        assert_eq!(log, ["put range 1/10.1.0.0/16", "put range 1/192.168.77.200/32", "put svc slot 0 count 1"], "{log:?}");
+        assert_eq!(
+            log,
+            [
+                "put range 1/10.1.0.0/16",
+                "put range 1/192.168.77.200/32",
+                "put svc slot 0 count 1"
+            ],
+            "{log:?}"
+        );
         // One range changes: the new one first, the old one after.
         fake.log.borrow_mut().clear();
-        let st = s.sync(&layout(&[lb(&["10.2.0.0/16", "192.168.77.200/32"])], &mut ids)).unwrap();
+        let st = ok(s.sync(&layout(
+            &[lb(&["10.2.0.0/16", "192.168.77.200/32"])],
+            &mut ids,
+        )));
         let log = fake.log.borrow().clone();
-        assert_eq!(log, ["put range 1/10.2.0.0/16", "del range 1/10.1.0.0/16"], "{log:?}");
+        assert_eq!(
+            log,
+            ["put range 1/10.2.0.0/16", "del range 1/10.1.0.0/16"],
+            "{log:?}"
+        );
         assert_eq!((st.upserts, st.deletes), (1, 1));
         // Unrestricting: the flag goes before the entries.
         fake.log.borrow_mut().clear();
-        s.sync(&layout(&[lb(&[])], &mut ids)).unwrap();
+        ok(s.sync(&layout(&[lb(&[])], &mut ids)));
         let log = fake.log.borrow().clone();
-        assert_eq!(log, ["put svc slot 0 count 1", "del range 1/10.2.0.0/16", "del range 1/192.168.77.200/32"], "{log:?}");
+        assert_eq!(
+            log,
+            [
+                "put svc slot 0 count 1",
+                "del range 1/10.2.0.0/16",
+                "del range 1/192.168.77.200/32"
+            ],
+            "{log:?}"
+        );
         // The Service goes away: nothing is left behind.
-        s.sync(&layout(&[lb(&["10.2.0.0/16"])], &mut ids)).unwrap();
-        s.sync(&layout(&[], &mut ids)).unwrap();
-        assert_eq!(*fake.maps.borrow(), MapContents::default());
-        assert_eq!(*s.current(), MapContents::default());
+        ok(s.sync(&layout(&[lb(&["10.2.0.0/16"])], &mut ids)));
+        ok(s.sync(&layout(&[], &mut ids)));
+        assert_eq!(without_cursors(&fake.maps.borrow()), MapContents::default());
+        assert_eq!(*s.current(), *fake.maps.borrow());
     }
 
     #[test]
@@ -381,12 +938,125 @@ mod tests {
         let fake = Fake::default();
         let mut ids = Ids::default();
         let desired = layout(&[fe(&[1, 2])], &mut ids);
-        Syncer::new(fake.clone()).unwrap().sync(&desired).unwrap();
+        ok(Syncer::new(fake.clone()).unwrap().sync(&desired));
         // A restarted agent: same desired state, no writes at all.
         fake.log.borrow_mut().clear();
         let mut again = Syncer::new(fake.clone()).unwrap();
         let mut ids2 = Ids::from_contents(again.current());
-        let st = again.sync(&layout(&[fe(&[1, 2])], &mut ids2)).unwrap();
+        let st = ok(again.sync(&layout(&[fe(&[1, 2])], &mut ids2)));
         assert_eq!((st.upserts, st.deletes), (0, 0));
+        assert!(fake.log.borrow().is_empty(), "{:?}", fake.log.borrow());
+    }
+
+    #[test]
+    fn ids_freed_before_a_restart_are_not_handed_out_after_it() {
+        let fake = Fake::default();
+        let mut s = Syncer::new(fake.clone()).unwrap();
+        let mut ids = Ids::default();
+        let a = layout(&[fe_on(80, &[1, 2])], &mut ids);
+        ok(s.sync(&a));
+        ok(s.sync(&layout(&[], &mut ids)));
+        // Restart: the maps hold no entry, only the cursors.
+        let mut again = Syncer::new(fake.clone()).unwrap();
+        let mut ids = Ids::from_contents(again.current());
+        let b = layout(&[fe_on(81, &[3, 4])], &mut ids);
+        ok(again.sync(&b));
+        let a_ids: BTreeSet<u32> = a.backends.keys().copied().collect();
+        assert!(
+            b.backends.keys().all(|id| !a_ids.contains(id)),
+            "{a_ids:?} / {:?}",
+            b.backends.keys()
+        );
+        assert!(
+            b.revnat.keys().all(|id| !a.revnat.contains_key(id)),
+            "{:?} / {:?}",
+            a.revnat,
+            b.revnat
+        );
+        assert_eq!(fake.maps.borrow().cursors, b.cursors);
+    }
+
+    /// The frontends' entries in the services map of `c`, by port.
+    fn services_by_port(c: &MapContents) -> std::collections::BTreeMap<u16, usize> {
+        let mut out = std::collections::BTreeMap::new();
+        for k in c.services.keys() {
+            *out.entry(ferry_common::port_from_map(k.port)).or_default() += 1;
+        }
+        out
+    }
+
+    /// An empty store whose services map holds `cap` entries, its syncer, and ids.
+    fn with_services_cap(cap: usize) -> (Fake, Syncer<Fake>, Ids) {
+        let fake = Fake::default();
+        fake.services_cap.set(Some(cap));
+        let s = Syncer::new(fake.clone()).unwrap();
+        (fake, s, Ids::default())
+    }
+
+    #[test]
+    fn a_nearly_full_services_map_converges_by_deleting_first() {
+        let (fake, mut s, mut ids) = with_services_cap(8);
+        ok(s.sync(&layout(&[fe_on(80, &[1, 2]), fe_on(81, &[3, 4])], &mut ids)));
+        assert_eq!(fake.maps.borrow().services.len(), 6);
+        // :80 goes, :82 (5 entries) comes: 6 + 5 > 8 unless :80 goes first.
+        fake.log.borrow_mut().clear();
+        let desired = layout(&[fe_on(81, &[3, 4]), fe_on(82, &[5, 6, 7, 8])], &mut ids);
+        ok(s.sync(&desired));
+        assert_eq!(fake.maps.borrow().services, desired.services);
+        assert_eq!(*fake.maps.borrow(), *s.current());
+        let log = fake.log.borrow().clone();
+        let first_put = log.iter().position(|l| l.starts_with("put svc")).unwrap();
+        let deleted_first = log[..first_put].iter().filter(|l| l.starts_with("del svc"));
+        assert_eq!(deleted_first.count(), 3, "{log:?}");
+        assert_eq!(*fake.violations.borrow(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_frontend_that_does_not_fit_is_named_and_the_rest_are_written() {
+        let (fake, mut s, mut ids) = with_services_cap(8);
+        ok(s.sync(&layout(&[fe_on(80, &[1, 2])], &mut ids)));
+        // :80 changes a backend, :81 (7 entries) cannot fit, :82 (2) can.
+        let frontends = [
+            fe_on(80, &[1, 3]),
+            fe_on(81, &[11, 12, 13, 14, 15, 16]),
+            fe_on(82, &[21]),
+        ];
+        let desired = layout(&frontends, &mut ids);
+        let st = s.sync(&desired);
+        let failed: Vec<String> = st.failed.iter().map(ToString::to_string).collect();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(
+            failed[0]
+                .starts_with("frontend default/web:81 (ClusterIP) not programmed: writing slot ")
+                && failed[0]
+                    .contains("in the services map: the map is full (raise --services-map-size)"),
+            "{failed:?}"
+        );
+        let m = fake.maps.borrow().clone();
+        assert_eq!(services_by_port(&m), [(80, 3), (82, 2)].into(), "{m:?}");
+        for port in [80, 82] {
+            let mut want = desired.clone();
+            want.services
+                .retain(|k, _| ferry_common::port_from_map(k.port) == port);
+            let have: std::collections::BTreeMap<_, _> = m
+                .services
+                .iter()
+                .filter(|(k, _)| ferry_common::port_from_map(k.port) == port)
+                .map(|(k, v)| (*k, *v))
+                .collect();
+            assert_eq!(have, want.services, ":{port} is written as desired");
+        }
+        assert_eq!(
+            m.backends.len(),
+            3,
+            "the additions of :81 were taken back: {:?}",
+            m.backends
+        );
+        assert_eq!(m, *s.current());
+        assert_eq!(*fake.violations.borrow(), Vec::<String>::new());
+        // Room made: the next sync writes :81.
+        fake.services_cap.set(Some(16));
+        ok(s.sync(&desired));
+        assert_eq!(fake.maps.borrow().services, desired.services);
     }
 }
