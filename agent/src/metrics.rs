@@ -247,6 +247,7 @@ pub(crate) const PACKETS: &[(DpCounter, &str)] = &[
     (DpCounter::CtStaleRebalanced, "ct_stale_rebalanced"),
     (DpCounter::NodePortLocalReply, "nodeport_local_reply"),
     (DpCounter::FragNeeded, "frag_needed"),
+    (DpCounter::IcmpErrorTranslated, "icmp_error_translated"),
 ];
 
 impl Collector for DataplaneCollector {

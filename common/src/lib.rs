@@ -488,12 +488,15 @@ pub enum Counter {
     /// A translated packet too big for its egress device (DF set): answered
     /// with an ICMP "fragmentation needed" quoting it untranslated.
     FragNeeded = 20,
+    /// ICMP errors about a translated flow (quoting it as the backend got
+    /// it) translated back and sent to the client.
+    IcmpErrorTranslated = 21,
 }
 
 /// Size of the counters array: room above the last [`Counter`] so that new
 /// counters do not need a new pinned map.
 pub const COUNTER_COUNT: u32 = 32;
-const _: () = assert!((Counter::FragNeeded as u32) < COUNTER_COUNT);
+const _: () = assert!((Counter::IcmpErrorTranslated as u32) < COUNTER_COUNT);
 
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);

@@ -263,6 +263,14 @@ pub fn reply(pkt: &Packet) -> Option<Reply> {
     })
 }
 
+/// The flow whose reply entry is `k`, for an ICMP error quoting one of its
+/// packets: read only (an error is no sign of life).
+#[inline(always)]
+pub fn quoted(k: &CtKey) -> Option<Reply> {
+    let e = find(k)?;
+    Some(Reply { frontend: frontend(e.rev_nat_id), snat: snat(e), flags: e.flags })
+}
+
 /// What a new flow was assigned to.
 pub struct NewFlow {
     pub backend_id: u32,

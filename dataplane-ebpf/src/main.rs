@@ -19,6 +19,7 @@
 
 mod ct;
 mod fib;
+mod icmp;
 mod lb;
 mod maps;
 mod nat;
@@ -106,7 +107,8 @@ pub fn xdp_from_netdev(ctx: XdpContext) -> u32 {
 
 fn try_from_netdev(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
-        return Ok(TC_ACT_OK);
+        // An ICMP error about a flow to a backend on another node.
+        return Ok(icmp::reverse(ctx)?.unwrap_or(TC_ACT_OK));
     };
     if let Some(r) = ct::reply(&pkt) {
         let external = r.flags & ct_flags::EXTERNAL != 0;
@@ -129,7 +131,8 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Counter> {
 
 fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
-        return Ok(TC_ACT_OK);
+        // An ICMP error a local backend sent about a flow to it.
+        return Ok(icmp::reverse(ctx)?.unwrap_or(TC_ACT_OK));
     };
     // A reply of a backend to a client (or to the hairpin address)? A local
     // backend's reply to a north-south client leaves through a node device;

@@ -964,3 +964,91 @@ fn a_translated_packet_too_big_for_its_device_is_answered_with_fragmentation_nee
     assert_eq!((verdict, parse(&out).dst), (TC_ACT_REDIRECT, REMOTE));
     assert_checksums(&out);
 }
+
+// --- ICMP errors ---------------------------------------------------------------
+
+/// An ICMP error (`kind`, `code`) from `src` to `dst` quoting `quoted` (an
+/// IPv4 packet, or its beginning), with correct checksums.
+fn icmp_error(src: [u8; 4], dst: [u8; 4], kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let icmp_len = 8 + quoted.len();
+    let mut f = vec![0u8; 14 + 20 + icmp_len];
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + icmp_len) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 1;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let c = !fold(sum16(ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f[34] = kind;
+    f[35] = code;
+    f[42..].copy_from_slice(quoted);
+    let c = !fold(sum16(&f[34..]));
+    f[36..38].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+/// The IPv4 header and 8-byte UDP header (no payload) of a datagram, as it
+/// would be quoted whole, checksums right.
+fn udp_header_only(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let mut f = frame_with(PROTO_UDP, src, dst, sport, dport, false, &[]);
+    f.drain(..14);
+    f
+}
+
+/// Asserts every checksum of an ICMP error frame: outer IPv4, ICMP, quoted
+/// IPv4, and the quoted UDP one (the quote holding the whole datagram).
+fn assert_icmp_checksums(f: &[u8]) {
+    assert_eq!(fold(sum16(&f[14..34])), 0xffff, "outer IPv4 checksum");
+    assert_eq!(fold(sum16(&f[34..])), 0xffff, "ICMP checksum");
+    let inner = &f[42..];
+    assert_eq!(fold(sum16(&inner[..20])), 0xffff, "quoted IPv4 checksum");
+    let mut pseudo = inner[12..20].to_vec();
+    pseudo.extend_from_slice(&[0, PROTO_UDP, 0, 8]);
+    assert_eq!(fold(sum16(&pseudo) + sum16(&inner[20..28])), 0xffff, "quoted UDP checksum");
+}
+
+#[test]
+fn icmp_errors_about_translated_flows_reach_the_client_translated_back() {
+    let mut fx = Fixture::new("icmp");
+    const B: [u8; 4] = [10, 244, 0, 6];
+    fx.service(PROTO_UDP, 53, 1, &[(1, B, 5353)]);
+    // The client's datagram to the ClusterIP, as the backend got it.
+    let sent = frame_with(PROTO_UDP, CLIENT, VIP, 41000, 53, false, &[]);
+    assert_eq!(parse(&fx.run(&sent).1).dst, B);
+    // The backend answers "port unreachable", quoting the datagram it got.
+    let err = icmp_error(B, CLIENT, 3, 3, &udp_header_only(CLIENT, B, 41000, 5353));
+    let (_, out) = fx.run(&err);
+    let p = parse(&out);
+    assert_eq!((p.src, p.dst), (VIP, CLIENT), "from the ClusterIP, to the client");
+    let q = &out[42..];
+    assert_eq!((&q[12..16], &q[16..20]), (&CLIENT[..], &VIP[..]), "the quote names the ClusterIP");
+    assert_eq!((u16::from_be_bytes([q[20], q[21]]), u16::from_be_bytes([q[22], q[23]])), (41000, 53));
+    assert_icmp_checksums(&out);
+    assert_eq!(fx.counter(Counter::IcmpErrorTranslated), 1);
+    // An error about a flow nobody tracks passes untouched.
+    let stray = icmp_error(B, CLIENT, 3, 3, &udp_header_only(CLIENT, B, 41001, 5353));
+    assert_eq!(fx.run(&stray), (TC_ACT_OK, stray.clone()));
+
+    // North-south to a backend on another node: a router on the way says
+    // "fragmentation needed" to the node about the SNATed packet; the client
+    // gets it about its own packet to the NodePort.
+    const NODE: [u8; 4] = [192, 168, 77, 11];
+    const EXT: [u8; 4] = [192, 168, 77, 200];
+    const REMOTE: [u8; 4] = [10, 244, 1, 5];
+    const ROUTER: [u8; 4] = [192, 168, 77, 1];
+    fx.frontend(NODE, PROTO_UDP, 30053, 3, ferry_common::svc_flags::NODE_PORT, &[(2, REMOTE, 5353, 0)], "np");
+    fx.set_node_addr(NODE);
+    let (_, fwd) = fx.run_prog(PROG_FROM_NETDEV, &frame_with(PROTO_UDP, EXT, NODE, 45000, 30053, false, &[]));
+    let snat_port = parse(&fwd).sport;
+    let err = icmp_error(ROUTER, NODE, 3, 4, &udp_header_only(NODE, REMOTE, snat_port, 5353));
+    let (_, out) = fx.run_prog(PROG_FROM_NETDEV, &err);
+    let p = parse(&out);
+    assert_eq!((p.src, p.dst), (ROUTER, EXT), "from the router still, to the client");
+    let q = &out[42..];
+    assert_eq!((&q[12..16], &q[16..20]), (&EXT[..], &NODE[..]));
+    assert_eq!((u16::from_be_bytes([q[20], q[21]]), u16::from_be_bytes([q[22], q[23]])), (45000, 30053));
+    assert_icmp_checksums(&out);
+}
