@@ -1,0 +1,96 @@
+//! Path MTU through the translation: the underlay (the nodes' and the
+//! external client's devices) has an MTU of 1400 while the Pods use 1500.
+//! A Pod's 1500-byte packets to a Service whose backend is on the other node
+//! are too big for the underlay: the dataplane answers them with ICMP
+//! "fragmentation needed" quoting them as the Pod sent them (to the
+//! ClusterIP), so the Pod's TCP lowers its path MTU instead of blackholing.
+//! 300 KB up and down through ClusterIP and NodePort, with real clients.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use anyhow::{ensure, Context as _, Result};
+use ferry_tests::{
+    cluster::{node_addr, Cluster},
+    in_netns,
+    manifests::{client_pod, on_node},
+    sys,
+};
+
+const SERVICE: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: bulk, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.40
+  selector: {app: bulk}
+  ports:
+    - {name: data, port: 80, targetPort: 9000, nodePort: 30400}
+"#;
+
+/// A Pod that echoes every byte it gets back (socat + cat).
+const ECHO_POD: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: bulk
+  namespace: default
+  labels: {app: bulk}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: cat
+      command: ["socat", "TCP-LISTEN:9000,fork,reuseaddr", "EXEC:cat"]
+      ports: [{name: data, containerPort: 9000}]
+      readinessProbe:
+        tcpSocket: {port: 9000}
+        periodSeconds: 1
+"#;
+
+const SIZE: usize = 300 * 1024;
+
+/// Sends 300 KB to `to` from `netns` and reads them back: the bytes match.
+fn round_trip(netns: &str, to: SocketAddr) -> Result<()> {
+    in_netns(netns, move || -> Result<()> {
+        let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.set_write_timeout(Some(Duration::from_secs(20)))?;
+        let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
+        let mut writer = s.try_clone()?;
+        let sent = data.clone();
+        let upload = std::thread::spawn(move || writer.write_all(&sent).and_then(|()| writer.shutdown(std::net::Shutdown::Write)));
+        let mut back = Vec::with_capacity(SIZE);
+        (&s).read_to_end(&mut back).context("reading the echo")?;
+        upload.join().map_err(|_| anyhow::anyhow!("upload thread panicked"))?.context("uploading")?;
+        ensure!(back.len() == SIZE, "{} of {SIZE} bytes came back", back.len());
+        ensure!(back == data, "the bytes came back changed");
+        Ok(())
+    })?
+}
+
+#[test]
+fn three_hundred_kilobytes_each_way_through_a_1400_byte_underlay() -> Result<()> {
+    let c = Cluster::start("mtu", 2, &[("bulk.yaml".into(), SERVICE.into())], &[])?;
+    let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
+    for ns in [&n1, &n2, &c.external] {
+        sys::run("ip", &["-n", ns, "link", "set", "eth0", "mtu", "1400"])?;
+    }
+    c.write_manifest("bulk-pod.yaml", &on_node(ECHO_POD, &n2))?;
+    c.write_manifest("client.yaml", &on_node(&client_pod("client"), &n1))?;
+    c.wait_ready(&["bulk", "client"], Duration::from_secs(60))?;
+    let pod = c.pod_netns("client")?;
+    // Segments as the Pod's TCP makes them (no offload merging them), so
+    // each one meets the MTU check on its own.
+    sys::netns_exec(&pod, "ethtool", &["-K", "eth0", "tso", "off", "gso", "off"])?;
+    let clusterip: SocketAddr = "10.96.0.40:80".parse()?;
+    c.nodes[0].wait_until(Duration::from_secs(20), "the ClusterIP answering", || {
+        Ok(in_netns(&pod, move || TcpStream::connect_timeout(&clusterip, Duration::from_secs(1)).is_ok())?)
+    })?;
+    round_trip(&pod, clusterip).with_context(|| format!("ClusterIP from a Pod on node 1\n{}", c.logs()))?;
+    let too_big = c.nodes[0].counter("frag_needed")?;
+    assert!(too_big > 0, "the Pod's 1500-byte packets were answered with fragmentation-needed");
+    // NodePort from outside, to the backend on node 2 through node 1 (SNAT).
+    round_trip(&c.external, SocketAddr::from((node_addr(0), 30400))).with_context(|| format!("NodePort from outside\n{}", c.logs()))?;
+    Ok(())
+}
