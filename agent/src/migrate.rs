@@ -14,7 +14,7 @@ use std::{
 use aya::maps::{MapData, MapError, MapInfo, MapType};
 use aya_obj::{generated::bpf_map_type, maps::PinningType};
 use ferry_common::{
-    AFFINITY_MAP, BACKENDS_MAP, CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP, CT_TCP_MAP, REVNAT_MAP, SERVICES_MAP,
+    AFFINITY_MAP, BACKENDS_MAP, CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP, CT_TCP_MAP, FRAGS_MAP, REVNAT_MAP, SERVICES_MAP,
     SOCK_REVNAT_MAP, SRC_RANGES_MAP, SVC_NAMES_MAP, SVC_STATS_MAP,
 };
 
@@ -35,7 +35,7 @@ pub const REWRITTEN: &[&str] = &[
 /// differs only in max_entries is copied into the new map; any other difference
 /// loses the entries, with a warning. A map of the object in neither list is
 /// treated as state.
-pub const STATE: &[&str] = &[CT_TCP_MAP, CT_ANY_MAP, AFFINITY_MAP, SOCK_REVNAT_MAP, CONFIG_MAP];
+pub const STATE: &[&str] = &[CT_TCP_MAP, CT_ANY_MAP, FRAGS_MAP, AFFINITY_MAP, SOCK_REVNAT_MAP, CONFIG_MAP];
 
 /// What a map looks like to the kernel.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -41,6 +41,11 @@ pub const CT_TCP_MAP: &str = "FERRY_CT_TCP";
 pub const CT_ANY_MAP: &str = "FERRY_CT_ANY";
 /// Both connection-tracking tables.
 pub const CT_MAPS: [&str; 2] = [CT_TCP_MAP, CT_ANY_MAP];
+/// IPv4 fragments: the ports of a datagram's first fragment, keyed by
+/// [`FragKey`], for the fragments after it, which carry no L4 header (LRU;
+/// Cilium's IPV4_FRAG_DATAGRAMS_MAP).
+pub const FRAGS_MAP: &str = "FERRY_FRAGS";
+pub const DEFAULT_FRAGS_MAX: u32 = 8_192;
 pub const COUNTERS_MAP: &str = "FERRY_COUNTERS";
 pub const AFFINITY_MAP: &str = "FERRY_AFFINITY";
 /// Socket-level load balancing: which frontend a UDP socket's backend stands
@@ -368,6 +373,26 @@ pub struct CtValue {
     pub _pad2: u16,
 }
 
+/// Key of the fragments map: a datagram as its fragments name it. 12 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    /// The IPv4 identification field, wire order.
+    pub id: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// Value of the fragments map: the datagram's ports, wire order. 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+
 /// Key of the session-affinity map. 8 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -510,6 +535,8 @@ const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<SvcStats>() == 16);
 const _: () = assert!(size_of::<SockRevKey>() == 16);
 const _: () = assert!(size_of::<SrcRangeKey>() == 8);
+const _: () = assert!(size_of::<FragKey>() == 12);
+const _: () = assert!(size_of::<FragPorts>() == 4);
 
 /// An IPv4 address in map (wire) order.
 #[inline]
@@ -552,6 +579,8 @@ mod pod {
     unsafe impl aya::Pod for SvcStats {}
     unsafe impl aya::Pod for SockRevKey {}
     unsafe impl aya::Pod for SrcRangeKey {}
+    unsafe impl aya::Pod for FragKey {}
+    unsafe impl aya::Pod for FragPorts {}
 }
 
 #[cfg(test)]

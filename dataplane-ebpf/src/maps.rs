@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use ferry_common::{
-    AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
+    AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, FragKey, FragPorts, RevNat, ServiceKey, DEFAULT_FRAGS_MAX,
     ServiceName, ServiceValue, SockRevKey, SrcRangeKey, SvcStats, config, DEFAULT_SRC_RANGES_MAX, COUNTER_COUNT, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_CT_ANY_MAX, DEFAULT_CT_TCP_MAX, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
 };
@@ -25,6 +25,11 @@ pub static REVNAT: HashMap<u16, RevNat> = HashMap::pinned(DEFAULT_REVNAT_MAX, 0)
 /// evicted to make room; entries go when they expire (see `ct`).
 #[map(name = "FERRY_CT_TCP")]
 pub static CT_TCP: HashMap<CtKey, CtValue> = HashMap::pinned(DEFAULT_CT_TCP_MAX, 0);
+
+/// IPv4 fragments: the ports of each datagram's first fragment, for the
+/// fragments after it (`parse`).
+#[map(name = "FERRY_FRAGS")]
+pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(DEFAULT_FRAGS_MAX, 0);
 
 /// Connection tracking of UDP, and of TCP flows the TCP table had no room
 /// for (LRU).

@@ -49,7 +49,9 @@ pub enum Side {
 }
 
 /// Rewrites the source or destination address and port of `pkt` from
-/// (`old_addr`, `old_port`) to (`new_addr`, `new_port`).
+/// (`old_addr`, `old_port`) to (`new_addr`, `new_port`). A fragment after
+/// the first has no L4 header: only its address changes (the datagram's L4
+/// checksum, in the first fragment, was fixed there for both).
 #[inline(always)]
 pub fn rewrite(
     ctx: &TcContext,
@@ -61,6 +63,13 @@ pub fn rewrite(
     new_port: u16,
 ) -> Result<(), i64> {
     let (addr_off, port_off) = offsets(pkt, side);
+    if pkt.later_fragment {
+        if old_addr != new_addr {
+            ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
+            ctx.store(addr_off, &new_addr, 0)?;
+        }
+        return Ok(());
+    }
     let csum_off = pkt.l4_csum_off();
     // UDP: a zero checksum means "none" and must stay zero.
     let mangled_0 = if pkt.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };

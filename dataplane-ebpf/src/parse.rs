@@ -4,7 +4,9 @@
 use core::mem::size_of;
 
 use aya_ebpf::programs::{TcContext, XdpContext};
-use ferry_common::{PROTO_TCP, PROTO_UDP};
+use ferry_common::{FragKey, FragPorts, PROTO_TCP, PROTO_UDP};
+
+use crate::maps::FRAGS;
 
 pub const ETH_HLEN: usize = 14;
 const ETH_SRC_OFF: usize = 6;
@@ -15,6 +17,10 @@ pub const IP_CSUM_OFF: usize = IP_OFF + 10;
 pub const IP_SRC_OFF: usize = IP_OFF + 12;
 pub const IP_DST_OFF: usize = IP_OFF + 16;
 const TCP_FLAGS_OFF: usize = 13;
+/// IPv4 flags and fragment offset (host order).
+const IP_DF: u16 = 0x4000;
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET_MASK: u16 = 0x1fff;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
@@ -32,6 +38,11 @@ pub struct Packet {
     pub tcp_flags: u8,
     /// IPv4 "don't fragment".
     pub dont_fragment: bool,
+    /// A fragment of a datagram (the first or a later one).
+    pub fragment: bool,
+    /// A fragment after the first: no L4 header (the ports come from the
+    /// first fragment); only its addresses are rewritten.
+    pub later_fragment: bool,
 }
 
 impl Packet {
@@ -101,7 +112,13 @@ fn xdp_ptr<T>(ctx: &XdpContext, off: usize) -> Result<*mut T, i64> {
     Ok((start + off) as *mut T)
 }
 
-/// `Ok(None)`: not IPv4 TCP/UDP, or a fragment: the caller lets it pass untouched.
+/// `Ok(None)`: not IPv4 TCP/UDP, or a fragment after a first one this node
+/// did not see: the caller lets it pass untouched.
+///
+/// Fragments: the first one carries the ports and is recorded (source,
+/// destination, IP id, protocol → ports) in `FRAGS`; the ones after it take
+/// their ports from there, so every fragment of a datagram follows the same
+/// flow (and only its addresses are rewritten: [`Packet::later_fragment`]).
 #[inline(always)]
 pub fn parse<F: Frame>(ctx: &F) -> Result<Option<Packet>, i64> {
     let ether_type: u16 = ctx.load(ETH_TYPE_OFF)?;
@@ -113,26 +130,40 @@ pub fn parse<F: Frame>(ctx: &F) -> Result<Option<Packet>, i64> {
     if vihl >> 4 != 4 || ihl < 5 {
         return Ok(None);
     }
-    // More-fragments or a fragment offset: no ports to translate on (not supported).
     let frags = u16::from_be(ctx.load(IP_OFF + 6)?);
-    if frags & 0x3fff != 0 {
-        return Ok(None);
-    }
     let proto: u8 = ctx.load(IP_OFF + 9)?;
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Ok(None);
     }
+    let (saddr, daddr): (u32, u32) = (ctx.load(IP_SRC_OFF)?, ctx.load(IP_DST_OFF)?);
     let l4_off = IP_OFF + ihl * 4;
-    let tcp_flags = if proto == PROTO_TCP { ctx.load(l4_off + TCP_FLAGS_OFF)? } else { 0 };
+    let fragment = FragKey { saddr, daddr, id: ctx.load(IP_OFF + 4)?, proto, _pad: 0 };
+    let (sport, dport, later_fragment) = if frags & IP_OFFSET_MASK != 0 {
+        // SAFETY: copied out at once.
+        let Some(p) = (unsafe { FRAGS.get(&fragment).copied() }) else {
+            return Ok(None);
+        };
+        (p.sport, p.dport, true)
+    } else {
+        let ports = FragPorts { sport: ctx.load(l4_off)?, dport: ctx.load(l4_off + 2)? };
+        if frags & IP_MF != 0 {
+            // A full table only costs the fragments of the oldest datagrams (LRU).
+            let _ = FRAGS.insert(&fragment, &ports, 0);
+        }
+        (ports.sport, ports.dport, false)
+    };
+    let tcp_flags = if proto == PROTO_TCP && !later_fragment { ctx.load(l4_off + TCP_FLAGS_OFF)? } else { 0 };
     Ok(Some(Packet {
         l4_off,
         proto,
-        saddr: ctx.load(IP_SRC_OFF)?,
-        daddr: ctx.load(IP_DST_OFF)?,
-        sport: ctx.load(l4_off)?,
-        dport: ctx.load(l4_off + 2)?,
+        saddr,
+        daddr,
+        sport,
+        dport,
         tcp_flags,
-        dont_fragment: frags & 0x4000 != 0,
+        dont_fragment: frags & IP_DF != 0,
+        fragment: frags & (IP_MF | IP_OFFSET_MASK) != 0,
+        later_fragment,
     }))
 }
 

@@ -28,6 +28,10 @@ const QUOTE_LEN: usize = 28;
 /// it with that reason.
 #[inline(always)]
 pub fn rewrite(ctx: &TcContext, pkt: &Packet) -> Result<Counter, Counter> {
+    // The first fragment is answered; the ones after it are dropped with it.
+    if pkt.later_fragment {
+        return Err(Counter::DropNoBackend);
+    }
     if pkt.proto == PROTO_TCP {
         tcp_rst(ctx, pkt)?;
         Ok(Counter::RejectTcp)

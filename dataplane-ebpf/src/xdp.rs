@@ -37,6 +37,10 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
         return Ok(XDP_PASS);
     };
+    // Fragments are TC's (their L4 checksum spans other packets).
+    if pkt.fragment {
+        return Ok(XDP_PASS);
+    }
     // A remote backend's reply to a north-south client we SNATed for.
     if let Some(r) = ct::reply(&pkt) {
         let both = ct_flags::EXTERNAL | ct_flags::SNAT;

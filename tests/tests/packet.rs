@@ -1052,3 +1052,68 @@ fn icmp_errors_about_translated_flows_reach_the_client_translated_back() {
     assert_eq!((u16::from_be_bytes([q[20], q[21]]), u16::from_be_bytes([q[22], q[23]])), (45000, 30053));
     assert_icmp_checksums(&out);
 }
+
+// --- IP fragments ------------------------------------------------------------
+
+/// A UDP datagram from `src`:`sport` to `dst`:`dport` with `payload`, cut
+/// into two IPv4 fragments at `split` bytes of the UDP segment (a multiple
+/// of 8), IP id `id`: (first fragment with the UDP header, second without).
+fn fragmented(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8], split: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
+    let whole = frame_with(PROTO_UDP, src, dst, sport, dport, false, payload);
+    let segment = &whole[34..];
+    let piece = |data: &[u8], offset: usize, more: bool| {
+        let mut f = whole[..34].to_vec();
+        f.extend_from_slice(data);
+        f[16..18].copy_from_slice(&((20 + data.len()) as u16).to_be_bytes());
+        f[18..20].copy_from_slice(&id.to_be_bytes());
+        let flags = (offset / 8) as u16 | if more { 0x2000 } else { 0 };
+        f[20..22].copy_from_slice(&flags.to_be_bytes());
+        f[24..26].copy_from_slice(&[0, 0]);
+        let c = !fold(sum16(&f[14..34]));
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f
+    };
+    (piece(&segment[..split], 0, true), piece(&segment[split..], split, false))
+}
+
+/// The UDP checksum of a datagram reassembled from `first` and `second`,
+/// computed from scratch (with the field as it is: 0xffff means right).
+fn reassembled_udp_checksum(first: &[u8], second: &[u8]) -> u16 {
+    let mut segment = first[34..].to_vec();
+    segment.extend_from_slice(&second[34..]);
+    let mut pseudo = first[26..34].to_vec();
+    pseudo.extend_from_slice(&[0, PROTO_UDP]);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    fold(sum16(&pseudo) + sum16(&segment))
+}
+
+#[test]
+fn every_fragment_of_a_datagram_follows_its_first_both_ways() {
+    let mut fx = Fixture::new("frags");
+    const B: [u8; 4] = [10, 244, 0, 6];
+    fx.service(PROTO_UDP, 53, 1, &[(1, B, 5353)]);
+    let payload: Vec<u8> = (0..2992).map(|i| (i % 199) as u8).collect();
+    let (first, second) = fragmented(CLIENT, VIP, 42000, 53, &payload, 1480, 0x1234);
+    let (_, f1) = fx.run(&first);
+    let (_, f2) = fx.run(&second);
+    for (what, f) in [("first", &f1), ("second", &f2)] {
+        assert_eq!((&f[26..30], &f[30..34]), (&CLIENT[..], &B[..]), "{what} fragment to the backend");
+        assert_eq!(fold(sum16(&f[14..34])), 0xffff, "{what} fragment's IPv4 checksum");
+    }
+    assert_eq!(parse(&f1).dport, 5353, "the port, in the first fragment");
+    assert_eq!(&f2[34..], &second[34..], "the second fragment's data untouched");
+    assert_eq!(reassembled_udp_checksum(&f1, &f2), 0xffff, "the datagram's UDP checksum is right once reassembled");
+    // The backend's answer, fragmented too, comes back from the ClusterIP.
+    let (r1, r2) = fragmented(B, CLIENT, 5353, 42000, &payload, 1480, 0x4321);
+    let (_, o1) = fx.run(&r1);
+    let (_, o2) = fx.run(&r2);
+    for f in [&o1, &o2] {
+        assert_eq!((&f[26..30], &f[30..34]), (&VIP[..], &CLIENT[..]));
+        assert_eq!(fold(sum16(&f[14..34])), 0xffff);
+    }
+    assert_eq!(parse(&o1).sport, 53);
+    assert_eq!(reassembled_udp_checksum(&o1, &o2), 0xffff);
+    // A later fragment whose first one was never seen passes untouched.
+    let (_, orphan) = fragmented(CLIENT, VIP, 42001, 53, &payload, 1480, 0x9999);
+    assert_eq!(fx.run(&orphan), (TC_ACT_OK, orphan.clone()));
+}
