@@ -5,9 +5,11 @@
 //! "fragmentation needed" quoting them as the Pod sent them (to the
 //! ClusterIP), so the Pod's TCP lowers its path MTU instead of blackholing.
 //! 300 KB up and down through ClusterIP and NodePort, with real clients.
+//! And 3,000-byte UDP datagrams, which travel as IP fragments, both ways
+//! through ClusterIP and NodePort.
 use std::{
     io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -28,6 +30,7 @@ spec:
   selector: {app: bulk}
   ports:
     - {name: data, port: 80, targetPort: 9000, nodePort: 30400}
+    - {name: dgram, port: 53, protocol: UDP, targetPort: 9001, nodePort: 30401}
 "#;
 
 /// A Pod that echoes every byte it gets back (socat + cat).
@@ -46,9 +49,12 @@ spec:
       readinessProbe:
         tcpSocket: {port: 9000}
         periodSeconds: 1
+    - name: dgram
+      command: ["socat", "UDP-RECVFROM:9001,fork", "EXEC:cat"]
 "#;
 
 const SIZE: usize = 300 * 1024;
+const DGRAM: usize = 3000;
 
 /// Sends 300 KB to `to` from `netns` and reads them back: the bytes match.
 fn round_trip(netns: &str, to: SocketAddr) -> Result<()> {
@@ -92,5 +98,43 @@ fn three_hundred_kilobytes_each_way_through_a_1400_byte_underlay() -> Result<()>
     assert!(too_big > 0, "the Pod's 1500-byte packets were answered with fragmentation-needed");
     // NodePort from outside, to the backend on node 2 through node 1 (SNAT).
     round_trip(&c.external, SocketAddr::from((node_addr(0), 30400))).with_context(|| format!("NodePort from outside\n{}", c.logs()))?;
+    Ok(())
+}
+
+/// A 3,000-byte datagram to `to` from `netns` (sent as two fragments), and
+/// the same bytes back (two fragments again).
+fn datagram_round_trip(netns: &str, to: SocketAddr) -> Result<()> {
+    in_netns(netns, move || -> Result<()> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.connect(to)?;
+        let data: Vec<u8> = (0..DGRAM).map(|i| (i % 241) as u8).collect();
+        s.send(&data)?;
+        let mut back = vec![0u8; 4000];
+        let n = s.recv(&mut back).context("no answer")?;
+        ensure!(back[..n] == data[..], "{n} bytes came back, not the 3000 sent");
+        Ok(())
+    })?
+}
+
+#[test]
+fn three_thousand_byte_udp_datagrams_both_ways_through_clusterip_and_nodeport() -> Result<()> {
+    let c = Cluster::start("frag", 2, &[("bulk.yaml".into(), SERVICE.into())], &[])?;
+    let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
+    c.write_manifest("bulk-pod.yaml", &on_node(ECHO_POD, &n2))?;
+    c.write_manifest("client.yaml", &on_node(&client_pod("client"), &n1))?;
+    c.wait_ready(&["bulk", "client"], Duration::from_secs(60))?;
+    let pod = c.pod_netns("client")?;
+    let node1 = &c.nodes[0];
+    for (what, netns, to) in [
+        ("ClusterIP from a Pod", pod.as_str(), SocketAddr::from(([10, 96, 0, 40], 53))),
+        ("NodePort from outside", c.external.as_str(), SocketAddr::from((node_addr(0), 30401))),
+    ] {
+        // The first datagrams may race the agent's first sync.
+        node1.wait_until(Duration::from_secs(20), &format!("{what}: 3000 bytes there and back"), || Ok(datagram_round_trip(netns, to).is_ok()))?;
+        for i in 0..5 {
+            datagram_round_trip(netns, to).with_context(|| format!("{what}, datagram {i}\n{}", c.logs()))?;
+        }
+    }
     Ok(())
 }
