@@ -138,6 +138,10 @@ pub const DEFAULT_SNAT_PORTS: (u16, u16) = (10_000, 29_999);
 /// Program names (function names in the eBPF object).
 pub const PROG_FROM_POD: &str = "from_pod";
 pub const PROG_FROM_NETDEV: &str = "from_netdev";
+/// TC egress of the node devices and of the Pod veths: replies of
+/// host-network backends, which leave through the node's own stack.
+pub const PROG_TO_NETDEV: &str = "to_netdev";
+pub const PROG_TO_POD: &str = "to_pod";
 /// XDP on the node devices (`--xdp`): NodePort/LoadBalancer flows to backends
 /// on other nodes, and their replies, forwarded before the stack sees them.
 pub const PROG_XDP_FROM_NETDEV: &str = "xdp_from_netdev";

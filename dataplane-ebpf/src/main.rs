@@ -14,6 +14,10 @@
 //! - `xdp_from_netdev`: XDP on the node devices (`--xdp`), in front of
 //!   from_netdev: forwards the north-south flows to backends on other nodes
 //!   (and their replies) before an skb exists; passes the rest on (see `xdp`).
+//! - `to_netdev` / `to_pod`: TC egress of the node devices and of the Pod
+//!   veths: replies that the node's own stack sends (host-network backends:
+//!   the API server, node-local DNS, ingress controllers) are reverse
+//!   translated on their way out, where no ingress hook sees them.
 #![no_std]
 #![no_main]
 
@@ -90,6 +94,56 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
             TC_ACT_SHOT
         }
     }
+}
+
+/// TC egress of a node device: a host-network backend's replies to clients
+/// outside the node (NodePort and friends, or Pods on other nodes).
+#[classifier]
+pub fn to_netdev(ctx: TcContext) -> i32 {
+    from_host(&ctx)
+}
+
+/// TC egress of the host side of a Pod's veth: a host-network backend's
+/// replies to a Pod of this node.
+#[classifier]
+pub fn to_pod(ctx: TcContext) -> i32 {
+    from_host(&ctx)
+}
+
+/// Reverse NAT of the replies the node's stack itself sends (a local
+/// host-network backend): only locally generated packets (no ingress
+/// device), which no ingress hook has seen, are looked up; the packet then
+/// leaves where the stack routed it.
+#[inline(always)]
+fn from_host(ctx: &TcContext) -> i32 {
+    // SAFETY: reading the skb this program runs on.
+    if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
+        return TC_ACT_OK;
+    }
+    match try_from_host(ctx) {
+        Ok(()) => TC_ACT_OK,
+        Err(reason) => {
+            count(reason);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+fn try_from_host(ctx: &TcContext) -> Result<(), Counter> {
+    let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
+        return Ok(());
+    };
+    let Some(r) = ct::reply(&pkt) else {
+        return Ok(());
+    };
+    let frontend = r.frontend.ok_or(Counter::DropBackendMissing)?;
+    let m = |_| Counter::DropMalformed;
+    nat::rewrite(ctx, &pkt, Side::Src, pkt.saddr, frontend.addr, pkt.sport, frontend.port).map_err(m)?;
+    if let Some((addr, port)) = r.snat {
+        nat::rewrite(ctx, &pkt, Side::Dst, pkt.daddr, addr, pkt.dport, port).map_err(m)?;
+    }
+    count(Counter::ReverseNat);
+    Ok(())
 }
 
 /// XDP on a node device (`--xdp`): the fast path of from_netdev for

@@ -55,7 +55,7 @@ impl Fixture {
         }
         let mut ebpf = loader.load(DATAPLANE_OBJ).expect("load object");
         let maps = KernelMaps::from_ebpf(&mut ebpf).expect("maps");
-        for name in [PROG_FROM_POD, PROG_FROM_NETDEV] {
+        for name in [PROG_FROM_POD, PROG_FROM_NETDEV, ferry_common::PROG_TO_POD, ferry_common::PROG_TO_NETDEV] {
             let prog: &mut SchedClassifier = ebpf.program_mut(name).expect(name).try_into().expect("classifier");
             prog.load().unwrap_or_else(|e| panic!("the verifier refuses {name}: {e}"));
         }
@@ -1116,4 +1116,30 @@ fn every_fragment_of_a_datagram_follows_its_first_both_ways() {
     // A later fragment whose first one was never seen passes untouched.
     let (_, orphan) = fragmented(CLIENT, VIP, 42001, 53, &payload, 1480, 0x9999);
     assert_eq!(fx.run(&orphan), (TC_ACT_OK, orphan.clone()));
+}
+
+// --- host-network backends -----------------------------------------------------
+
+#[test]
+fn replies_of_a_host_network_backend_are_reverse_translated_on_their_way_out() {
+    let mut fx = Fixture::new("hostnet");
+    // The backend is a process of the node itself (hostNetwork).
+    const NODE: [u8; 4] = [192, 168, 77, 11];
+    fx.service(PROTO_TCP, 80, 1, &[(1, NODE, 6443)]);
+    let (_, out) = fx.run(&frame(PROTO_TCP, CLIENT, VIP, 43500, 80, false));
+    assert_eq!((parse(&out).dst, parse(&out).dport), (NODE, 6443));
+    // Its reply leaves through the node's stack: out of the Pod's veth
+    // (to_pod) or a device (to_netdev), where it gets the ClusterIP back.
+    for prog in [ferry_common::PROG_TO_POD, ferry_common::PROG_TO_NETDEV] {
+        let reply = with_flags(frame(PROTO_TCP, NODE, CLIENT, 6443, 43500, false), SYN | ACK);
+        let (verdict, out) = fx.run_prog(prog, &reply);
+        assert_eq!(verdict, TC_ACT_OK, "{prog}: continues where the stack sent it");
+        let p = parse(&out);
+        assert_eq!((p.src, p.sport), (VIP, 80), "{prog}: from the ClusterIP");
+        assert_eq!((p.dst, p.dport), (CLIENT, 43500), "{prog}");
+        assert_checksums(&out);
+    }
+    // Anything else leaves untouched.
+    let other = frame(PROTO_TCP, NODE, CLIENT, 22, 43501, false);
+    assert_eq!(fx.run_prog(ferry_common::PROG_TO_POD, &other), (TC_ACT_OK, other.clone()));
 }
