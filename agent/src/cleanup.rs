@@ -105,7 +105,7 @@ async fn detach_unpinned() -> Result<(Done, Vec<String>), CleanupError> {
     let names = program_names();
     let mut progs: BTreeSet<(u32, String, String)> = BTreeSet::new();
     for i in &ifaces {
-        for (name, id) in ferry_tcx_programs(&i.name) {
+        for (name, id, _) in ferry_tcx_programs(&i.name) {
             progs.insert((id, name, i.name.clone()));
         }
         if let Some((_, id)) = i.xdp {

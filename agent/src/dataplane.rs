@@ -22,7 +22,7 @@ use aya::{
 use aya::maps::{Array, MapData};
 use ferry_common::{
     addr_to_map, config, CONFIG_MAP, PROG_SOCK_CONNECT4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
-    BACKENDS_MAP, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_POD,
+    BACKENDS_MAP, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD,
     PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP,
 };
 use futures::TryStreamExt as _;
@@ -155,17 +155,37 @@ pub enum Hook {
     FromNetdev,
     /// XDP of a node device (`--xdp`), in front of FromNetdev.
     XdpFromNetdev,
+    /// TC egress of the host side of a Pod's veth: what the node's stack
+    /// sends a Pod (replies of host-network backends).
+    ToPod,
+    /// TC egress of a node device: what the node's stack sends out
+    /// (replies of host-network backends).
+    ToNetdev,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 3] = [Hook::FromPod, Hook::FromNetdev, Hook::XdpFromNetdev];
+    pub const ALL: [Hook; 5] = [Hook::FromPod, Hook::FromNetdev, Hook::XdpFromNetdev, Hook::ToPod, Hook::ToNetdev];
+    /// The hooks with a TC program, and where each attaches.
+    pub const TC: [(Hook, TcAttachType); 4] = [
+        (Hook::FromPod, TcAttachType::Ingress),
+        (Hook::FromNetdev, TcAttachType::Ingress),
+        (Hook::ToPod, TcAttachType::Egress),
+        (Hook::ToNetdev, TcAttachType::Egress),
+    ];
 
     pub fn program(self) -> &'static str {
         match self {
             Hook::FromPod => PROG_FROM_POD,
             Hook::FromNetdev => PROG_FROM_NETDEV,
             Hook::XdpFromNetdev => PROG_XDP_FROM_NETDEV,
+            Hook::ToPod => PROG_TO_POD,
+            Hook::ToNetdev => PROG_TO_NETDEV,
         }
+    }
+
+    /// Where a TC hook's program attaches (None: XDP).
+    fn tc_attach_type(self) -> Option<TcAttachType> {
+        Self::TC.iter().find(|(h, _)| *h == self).map(|(_, t)| *t)
     }
 }
 
@@ -177,20 +197,24 @@ trait LinkedProgram {
     fn attach_new(&mut self, ifname: &str) -> Result<(FdLink, &'static str), DataplaneError>;
 }
 
-impl LinkedProgram for SchedClassifier {
+/// A TC program with the direction it attaches in.
+struct TcProgram<'a>(&'a mut SchedClassifier, TcAttachType);
+
+impl LinkedProgram for TcProgram<'_> {
     fn replace(&mut self, old: FdLink) -> Result<FdLink, String> {
         let old: SchedClassifierLink = old.try_into().map_err(|e: LinkError| e.to_string())?;
-        let id = self.attach_to_link(old).map_err(|e| e.to_string())?;
-        self.take_link(id).map_err(|e| e.to_string())?.try_into().map_err(|e: LinkError| e.to_string())
+        let id = self.0.attach_to_link(old).map_err(|e| e.to_string())?;
+        self.0.take_link(id).map_err(|e| e.to_string())?.try_into().map_err(|e: LinkError| e.to_string())
     }
 
     fn attach_new(&mut self, ifname: &str) -> Result<(FdLink, &'static str), DataplaneError> {
         let what = || format!("attaching the TC program to {ifname}");
         let id = self
-            .attach_with_options(ifname, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .0
+            .attach_with_options(ifname, self.1, TcAttachOptions::TcxOrder(LinkOrder::default()))
             .map_err(program(what()))?;
-        let link = self.take_link(id).map_err(program(what()))?.try_into().map_err(link(what()))?;
-        Ok((link, "tc ingress"))
+        let link = self.0.take_link(id).map_err(program(what()))?.try_into().map_err(link(what()))?;
+        Ok((link, if self.1 == TcAttachType::Egress { "tc egress" } else { "tc ingress" }))
     }
 }
 
@@ -350,7 +374,10 @@ impl Dataplane {
                     }
                 }
             }
-            Hook::FromPod | Hook::FromNetdev => attach_pinned(classifier(&mut self.ebpf, hook)?, &pin, ifname)?,
+            Hook::FromPod | Hook::FromNetdev | Hook::ToPod | Hook::ToNetdev => {
+                let direction = hook.tc_attach_type().unwrap_or(TcAttachType::Ingress);
+                attach_pinned(&mut TcProgram(classifier(&mut self.ebpf, hook)?, direction), &pin, ifname)?
+            }
         };
         tracing::info!(ifname, ifindex, "{name} attached ({how})");
         self.attached.insert((hook, ifindex), (ifname.to_string(), pinned));
@@ -485,7 +512,7 @@ fn load_object(dir: &Path, max_entries: &[(&'static str, u32)]) -> Result<Ebpf, 
         loader.map_max_entries(name, max);
     }
     let mut ebpf = loader.load(DATAPLANE_OBJ)?;
-    for hook in [Hook::FromPod, Hook::FromNetdev] {
+    for (hook, _) in Hook::TC {
         classifier(&mut ebpf, hook)?
             .load()
             .map_err(program(format!("loading {} (verifier)", hook.program())))?;
@@ -571,19 +598,21 @@ impl Links {
         Self { names, veths }
     }
 
-    /// Where each hook goes: every node device present gets from_netdev, and
-    /// with `xdp` also xdp_from_netdev; every veth that is not a node device
-    /// (a Pod's) gets from_pod.
+    /// Where each hook goes: every node device present gets from_netdev and
+    /// to_netdev, and with `xdp` also xdp_from_netdev; every veth that is not
+    /// a node device (a Pod's) gets from_pod and to_pod.
     pub fn hooks(&self, devices: &[String], xdp: bool) -> BTreeMap<(Hook, u32), String> {
         let mut out = BTreeMap::new();
         for (&idx, name) in &self.names {
-            if devices.contains(name) {
-                out.insert((Hook::FromNetdev, idx), name.clone());
-                if xdp {
-                    out.insert((Hook::XdpFromNetdev, idx), name.clone());
-                }
+            let hooks: &[Hook] = if devices.contains(name) {
+                if xdp { &[Hook::FromNetdev, Hook::ToNetdev, Hook::XdpFromNetdev] } else { &[Hook::FromNetdev, Hook::ToNetdev] }
             } else if self.veths.contains(&idx) {
-                out.insert((Hook::FromPod, idx), name.clone());
+                &[Hook::FromPod, Hook::ToPod]
+            } else {
+                &[]
+            };
+            for hook in hooks {
+                out.insert((*hook, idx), name.clone());
             }
         }
         out

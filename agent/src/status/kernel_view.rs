@@ -7,7 +7,7 @@ use aya::{
     maps::{MapInfo, MapType},
     programs::{links::PinnedLink, SchedClassifier, TcAttachType},
 };
-use ferry_common::{PROG_FROM_NETDEV, PROG_FROM_POD, PROG_XDP_FROM_NETDEV};
+use ferry_common::{PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, PROG_XDP_FROM_NETDEV};
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached};
 use serde::Serialize;
@@ -156,20 +156,25 @@ fn row(
 fn tcx_rows(i: &Iface) -> Vec<ProgramRow> {
     ferry_tcx_programs(&i.name)
         .iter()
-        .map(|(n, _)| row(&i.name, Some(i.index), "tcx ingress", n, None))
+        .map(|(n, _, hook)| row(&i.name, Some(i.index), hook, n, None))
         .collect()
 }
 
-/// Ferry's programs at TCX ingress of `ifname`: (name, program id). An
-/// interface without TCX programs (or a kernel without TCX) has none.
-pub(crate) fn ferry_tcx_programs(ifname: &str) -> Vec<(String, u32)> {
-    let Ok((_, progs)) = SchedClassifier::query_tcx(ifname, TcAttachType::Ingress) else {
-        return Vec::new();
-    };
-    progs
-        .iter()
-        .filter_map(|p| Some((p.name_as_str()?.to_string(), p.id())))
-        .filter(|(n, _)| [PROG_FROM_POD, PROG_FROM_NETDEV].contains(&n.as_str()))
+/// Ferry's programs at TCX ingress and egress of `ifname`: (name, program
+/// id, "tcx ingress" or "tcx egress"). An interface without TCX programs (or
+/// a kernel without TCX) has none.
+pub(crate) fn ferry_tcx_programs(ifname: &str) -> Vec<(String, u32, &'static str)> {
+    let ours = [PROG_FROM_POD, PROG_FROM_NETDEV, PROG_TO_POD, PROG_TO_NETDEV];
+    [(TcAttachType::Ingress, "tcx ingress"), (TcAttachType::Egress, "tcx egress")]
+        .into_iter()
+        .filter_map(|(direction, hook)| Some((SchedClassifier::query_tcx(ifname, direction).ok()?.1, hook)))
+        .flat_map(|(progs, hook)| {
+            progs
+                .iter()
+                .filter_map(|p| Some((p.name_as_str()?.to_string(), p.id(), hook)))
+                .filter(|(n, _, _)| ours.contains(&n.as_str()))
+                .collect::<Vec<_>>()
+        })
         .collect()
 }
 

@@ -1,0 +1,125 @@
+//! Host-network backends: a Service whose endpoint is a process of the node
+//! itself (like the `kubernetes` Service's API server, a node-local DNS
+//! cache, an ingress controller with hostNetwork). Its replies leave through
+//! the node's own stack, not a Pod's veth: the dataplane reverse-translates
+//! them at TC egress (to_pod, to_netdev). Real clients: a Pod on the same
+//! node and one on the other node (ClusterIP, TCP and UDP), and the external
+//! client through the NodePort.
+use std::{
+    collections::BTreeSet,
+    net::SocketAddr,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use ferry_tests::{
+    cluster::{node_addr, Cluster},
+    manifests::{client_pod, on_node},
+    sys, tcp_ask, udp_ask, TcpSession,
+};
+
+/// A selectorless Service with a NodePort, and its slice: node 1's address,
+/// port 8090, on node 1.
+fn manifests(node1: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: hostsvc, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.50
+  ports:
+    - {{name: tcp, port: 443, targetPort: 8090, nodePort: 30443}}
+    - {{name: udp, port: 53, protocol: UDP, targetPort: 8090}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: hostsvc-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: hostsvc}}
+addressType: IPv4
+endpoints:
+  - addresses: ["{}"]
+    nodeName: {node1}
+    conditions: {{ready: true}}
+ports:
+  - {{name: tcp, port: 8090, protocol: TCP}}
+  - {{name: udp, port: 8090, protocol: UDP}}
+"#,
+        node_addr(0)
+    )
+}
+
+/// The host-network backend, processes of node 1 itself, killed on drop:
+/// `ferry echo` on TCP 8090, and on UDP 8090 a socat bound to the node's
+/// address (a UDP server on a wildcard address answers from whatever source
+/// the route to the client picks, which matches no flow, with kube-proxy
+/// either: host-network UDP servers bind their address, as node-local DNS
+/// caches do).
+struct HostProcesses(Vec<Child>);
+
+impl HostProcesses {
+    fn start(node: &str) -> Result<Self> {
+        let ferry = sys::ferry_bin()?.display().to_string();
+        let udp = format!("UDP-RECVFROM:8090,bind={},fork", node_addr(0));
+        let commands: [Vec<&str>; 2] = [
+            vec![&ferry, "echo", "--tcp", "8090", "--name", "host-1"],
+            vec!["socat", &udp, "SYSTEM:echo host-1"],
+        ];
+        let mut started = Self(Vec::new());
+        for cmd in commands {
+            let child = Command::new("ip")
+                .args(["netns", "exec", node])
+                .args(&cmd)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting {cmd:?} in {node}"))?;
+            started.0.push(child);
+        }
+        Ok(started)
+    }
+}
+
+impl Drop for HostProcesses {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+#[test]
+fn a_host_network_backend_answers_pods_on_both_nodes_and_outside_clients() -> Result<()> {
+    let c = Cluster::start("hostbe", 2, &[], &[])?;
+    let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
+    let _servers = HostProcesses::start(&n1)?;
+    c.write_manifest("hostsvc.yaml", &manifests(&n1))?;
+    c.write_manifest("near.yaml", &on_node(&client_pod("near"), &n1))?;
+    c.write_manifest("far.yaml", &on_node(&client_pod("far"), &n2))?;
+    c.wait_ready(&["near", "far"], Duration::from_secs(60))?;
+    let only = BTreeSet::from(["host-1".to_string()]);
+    let tcp: SocketAddr = "10.96.0.50:443".parse()?;
+    let udp: SocketAddr = "10.96.0.50:53".parse()?;
+    for pod in ["near", "far"] {
+        let ns = c.pod_netns(pod)?;
+        let seen = c.nodes[0].wait_answered_by(&format!("ClusterIP TCP from {pod}"), &["host-1"], || tcp_ask(&ns, tcp))?;
+        assert_eq!(seen, only, "{pod}");
+        // Several round trips on one connection: every reply comes from the ClusterIP.
+        let mut s = TcpSession::connect(&ns, tcp)?;
+        assert_eq!(s.peer, tcp);
+        for _ in 0..3 {
+            assert_eq!(s.ask()?, "host-1", "{pod}: one connection");
+        }
+        // UDP: a connected socket takes answers only from where it sent to.
+        let seen = c.nodes[0].wait_answered_by(&format!("ClusterIP UDP from {pod}"), &["host-1"], || udp_ask(&ns, udp))?;
+        assert_eq!(seen, only, "{pod} UDP");
+    }
+    let nodeport = SocketAddr::from((node_addr(0), 30443));
+    let seen = c.nodes[0].wait_answered_by("NodePort from outside", &["host-1"], || TcpSession::connect(&c.external, nodeport)?.ask())?;
+    assert_eq!(seen, only);
+    Ok(())
+}
