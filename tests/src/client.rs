@@ -148,3 +148,24 @@ pub fn split(
     }
     Ok(counts)
 }
+
+/// Sends `size` bytes to `to` from `netns` (an echo that sends back all it
+/// gets, such as [`crate::manifests::cat_pod`]), uploading while it reads,
+/// and checks that the same bytes came back.
+pub fn bulk_round_trip(netns: &str, to: SocketAddr, size: usize) -> Result<()> {
+    in_netns(netns, move || -> Result<()> {
+        let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
+        s.set_read_timeout(Some(Duration::from_secs(20)))?;
+        s.set_write_timeout(Some(Duration::from_secs(20)))?;
+        let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let (mut writer, sent) = (s.try_clone()?, data.clone());
+        let upload = std::thread::spawn(move || writer.write_all(&sent).and_then(|()| writer.shutdown(std::net::Shutdown::Write)));
+        let mut back = Vec::with_capacity(size);
+        (&s).read_to_end(&mut back).context("reading the echo")?;
+        upload.join().map_err(|_| anyhow!("upload thread panicked"))?.context("uploading")?;
+        if back != data {
+            bail!("{} of {size} bytes came back{}", back.len(), if back.len() == size { ", changed" } else { "" });
+        }
+        Ok(())
+    })?
+}

@@ -134,3 +134,38 @@ mod tests {
         assert_eq!(d["spec"]["template"]["spec"], plain["spec"], "the same Pod spec");
     }
 }
+
+/// A Pod `name` labelled `app` that sends back every byte it gets: TCP on
+/// 9000 (ready once it accepts) and UDP datagrams on 9001 (socat + cat).
+pub fn cat_pod(name: &str, app: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: default, labels: {{app: {app}}}}}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+    - name: tcp
+      command: ["socat", "TCP-LISTEN:9000,fork,reuseaddr", "EXEC:cat"]
+      ports: [{{name: data, containerPort: 9000}}]
+      readinessProbe:
+        tcpSocket: {{port: 9000}}
+        periodSeconds: 1
+    - name: udp
+      command: ["socat", "UDP-RECVFROM:9001,fork", "EXEC:cat"]
+"#
+    )
+}
+
+/// A NodePort Service `np` selecting `app: echo`: TCP 8081 → 8080 on
+/// nodePort 30080, UDP 5353 → 8080 on nodePort 30053.
+pub const ECHO_NODEPORT_SERVICE: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: np, namespace: default}
+spec:
+  type: NodePort
+  selector: {app: echo}
+  ports:
+    - {name: http, port: 8081, targetPort: 8080, nodePort: 30080}
+    - {name: dns, port: 5353, protocol: UDP, targetPort: 8080, nodePort: 30053}
+"#;

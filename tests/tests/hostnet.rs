@@ -7,19 +7,9 @@ use std::{collections::BTreeSet, time::Duration};
 use anyhow::Result;
 use ferry_tests::{
     cluster::{node_addr, Cluster},
-    manifests::{echo_pod, echo_service, on_node},
+    manifests::{echo_pod, echo_service, on_node, ECHO_NODEPORT_SERVICE},
 };
 
-const NODEPORT_SVC: &str = r#"apiVersion: v1
-kind: Service
-metadata: {name: np, namespace: default}
-spec:
-  type: NodePort
-  selector: {app: echo}
-  ports:
-    - {name: http, port: 8081, targetPort: 8080, nodePort: 30080}
-    - {name: dns, port: 5353, protocol: UDP, targetPort: 8080, nodePort: 30053}
-"#;
 
 #[test]
 fn node_processes_reach_clusterip_and_nodeport_over_tcp_and_udp() -> Result<()> {
@@ -28,7 +18,7 @@ fn node_processes_reach_clusterip_and_nodeport_over_tcp_and_udp() -> Result<()> 
         2,
         &[
             ("service.yaml".into(), echo_service("echo", "echo", "10.96.0.10")),
-            ("np.yaml".into(), NODEPORT_SVC.to_string()),
+            ("np.yaml".into(), ECHO_NODEPORT_SERVICE.to_string()),
         ],
         &[],
     )?;

@@ -8,16 +8,16 @@
 //! And 3,000-byte UDP datagrams, which travel as IP fragments, both ways
 //! through ClusterIP and NodePort.
 use std::{
-    io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream, UdpSocket},
     time::Duration,
 };
 
 use anyhow::{ensure, Context as _, Result};
 use ferry_tests::{
+    client::bulk_round_trip,
     cluster::{node_addr, Cluster},
     in_netns,
-    manifests::{client_pod, on_node},
+    manifests::{cat_pod, client_pod, on_node},
     sys,
 };
 
@@ -33,47 +33,8 @@ spec:
     - {name: dgram, port: 53, protocol: UDP, targetPort: 9001, nodePort: 30401}
 "#;
 
-/// A Pod that echoes every byte it gets back (socat + cat).
-const ECHO_POD: &str = r#"apiVersion: v1
-kind: Pod
-metadata:
-  name: bulk
-  namespace: default
-  labels: {app: bulk}
-spec:
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: cat
-      command: ["socat", "TCP-LISTEN:9000,fork,reuseaddr", "EXEC:cat"]
-      ports: [{name: data, containerPort: 9000}]
-      readinessProbe:
-        tcpSocket: {port: 9000}
-        periodSeconds: 1
-    - name: dgram
-      command: ["socat", "UDP-RECVFROM:9001,fork", "EXEC:cat"]
-"#;
-
 const SIZE: usize = 300 * 1024;
 const DGRAM: usize = 3000;
-
-/// Sends 300 KB to `to` from `netns` and reads them back: the bytes match.
-fn round_trip(netns: &str, to: SocketAddr) -> Result<()> {
-    in_netns(netns, move || -> Result<()> {
-        let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(20)))?;
-        s.set_write_timeout(Some(Duration::from_secs(20)))?;
-        let data: Vec<u8> = (0..SIZE).map(|i| (i % 251) as u8).collect();
-        let mut writer = s.try_clone()?;
-        let sent = data.clone();
-        let upload = std::thread::spawn(move || writer.write_all(&sent).and_then(|()| writer.shutdown(std::net::Shutdown::Write)));
-        let mut back = Vec::with_capacity(SIZE);
-        (&s).read_to_end(&mut back).context("reading the echo")?;
-        upload.join().map_err(|_| anyhow::anyhow!("upload thread panicked"))?.context("uploading")?;
-        ensure!(back.len() == SIZE, "{} of {SIZE} bytes came back", back.len());
-        ensure!(back == data, "the bytes came back changed");
-        Ok(())
-    })?
-}
 
 #[test]
 fn three_hundred_kilobytes_each_way_through_a_1400_byte_underlay() -> Result<()> {
@@ -82,7 +43,7 @@ fn three_hundred_kilobytes_each_way_through_a_1400_byte_underlay() -> Result<()>
     for ns in [&n1, &n2, &c.external] {
         sys::run("ip", &["-n", ns, "link", "set", "eth0", "mtu", "1400"])?;
     }
-    c.write_manifest("bulk-pod.yaml", &on_node(ECHO_POD, &n2))?;
+    c.write_manifest("bulk-pod.yaml", &on_node(&cat_pod("bulk", "bulk"), &n2))?;
     c.write_manifest("client.yaml", &on_node(&client_pod("client"), &n1))?;
     c.wait_ready(&["bulk", "client"], Duration::from_secs(60))?;
     let pod = c.pod_netns("client")?;
@@ -93,11 +54,11 @@ fn three_hundred_kilobytes_each_way_through_a_1400_byte_underlay() -> Result<()>
     c.nodes[0].wait_until(Duration::from_secs(20), "the ClusterIP answering", || {
         Ok(in_netns(&pod, move || TcpStream::connect_timeout(&clusterip, Duration::from_secs(1)).is_ok())?)
     })?;
-    round_trip(&pod, clusterip).with_context(|| format!("ClusterIP from a Pod on node 1\n{}", c.logs()))?;
+    bulk_round_trip(&pod, clusterip, SIZE).with_context(|| format!("ClusterIP from a Pod on node 1\n{}", c.logs()))?;
     let too_big = c.nodes[0].counter("frag_needed")?;
     assert!(too_big > 0, "the Pod's 1500-byte packets were answered with fragmentation-needed");
     // NodePort from outside, to the backend on node 2 through node 1 (SNAT).
-    round_trip(&c.external, SocketAddr::from((node_addr(0), 30400))).with_context(|| format!("NodePort from outside\n{}", c.logs()))?;
+    bulk_round_trip(&c.external, SocketAddr::from((node_addr(0), 30400)), SIZE).with_context(|| format!("NodePort from outside\n{}", c.logs()))?;
     Ok(())
 }
 
@@ -121,7 +82,7 @@ fn datagram_round_trip(netns: &str, to: SocketAddr) -> Result<()> {
 fn three_thousand_byte_udp_datagrams_both_ways_through_clusterip_and_nodeport() -> Result<()> {
     let c = Cluster::start("frag", 2, &[("bulk.yaml".into(), SERVICE.into())], &[])?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
-    c.write_manifest("bulk-pod.yaml", &on_node(ECHO_POD, &n2))?;
+    c.write_manifest("bulk-pod.yaml", &on_node(&cat_pod("bulk", "bulk"), &n2))?;
     c.write_manifest("client.yaml", &on_node(&client_pod("client"), &n1))?;
     c.wait_ready(&["bulk", "client"], Duration::from_secs(60))?;
     let pod = c.pod_netns("client")?;

@@ -10,19 +10,10 @@ use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 use anyhow::Result;
 use ferry_tests::{
     cluster::{node_addr, Cluster},
-    manifests::{client_pod, echo_pod, echo_service, on_node},
+    manifests::{client_pod, echo_pod, echo_service, on_node, ECHO_NODEPORT_SERVICE},
     sys, udp_ask, TcpSession,
 };
 
-const NODEPORT_SVC: &str = r#"apiVersion: v1
-kind: Service
-metadata: {name: np, namespace: default}
-spec:
-  type: NodePort
-  selector: {app: echo}
-  ports:
-    - {name: http, port: 8081, targetPort: 8080, nodePort: 30080}
-"#;
 
 /// Three round trips on one connection: the backend that answered them all.
 fn conversation(netns: &str, to: SocketAddr) -> Result<String> {
@@ -39,7 +30,7 @@ fn translated_flows_pass_kube_proxys_invalid_drop_rules() -> Result<()> {
     let c = Cluster::start(
         "nfinv",
         2,
-        &[("service.yaml".into(), echo_service("echo", "echo", "10.96.0.10")), ("np.yaml".into(), NODEPORT_SVC.into())],
+        &[("service.yaml".into(), echo_service("echo", "echo", "10.96.0.10")), ("np.yaml".into(), ECHO_NODEPORT_SERVICE.into())],
         &[],
     )?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());

@@ -4,18 +4,13 @@
 //! `--devices` beside eth0. Pods reach a backend on the other node through
 //! the tunnel (ClusterIP, TCP and UDP, 300 KB each way), and the external
 //! client reaches it through node 1's NodePort, SNATed into the tunnel.
-use std::{
-    collections::BTreeSet,
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpStream},
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
-use anyhow::{ensure, Context as _, Result};
+use anyhow::{Context as _, Result};
 use ferry_tests::{
+    client::bulk_round_trip,
     cluster::{node_addr, pod_cidr, Cluster},
-    in_netns,
-    manifests::{client_pod, echo_pod, on_node},
+    manifests::{cat_pod, client_pod, echo_pod, on_node},
     sys, tcp_ask, udp_ask, TcpSession,
 };
 
@@ -56,35 +51,8 @@ fn build_overlay(c: &Cluster) -> Result<()> {
     Ok(())
 }
 
-/// 300 KB to `to` and the same bytes back (the echo Pod's `cat`).
-fn bulk(netns: &str, to: SocketAddr) -> Result<()> {
-    in_netns(netns, move || -> Result<()> {
-        let s = TcpStream::connect_timeout(&to, Duration::from_secs(3))?;
-        s.set_read_timeout(Some(Duration::from_secs(20)))?;
-        let data: Vec<u8> = (0..300 * 1024).map(|i| (i % 253) as u8).collect();
-        let (mut w, sent) = (s.try_clone()?, data.clone());
-        let up = std::thread::spawn(move || w.write_all(&sent).and_then(|()| w.shutdown(std::net::Shutdown::Write)));
-        let mut back = Vec::new();
-        (&s).read_to_end(&mut back)?;
-        up.join().map_err(|_| anyhow::anyhow!("upload panicked"))??;
-        ensure!(back == data, "{} bytes came back, not the {} sent", back.len(), data.len());
-        Ok(())
-    })?
-}
-
-const CAT_POD: &str = r#"apiVersion: v1
-kind: Pod
-metadata: {name: cat, namespace: default, labels: {app: cat}}
-spec:
-  terminationGracePeriodSeconds: 1
-  containers:
-    - name: cat
-      command: ["socat", "TCP-LISTEN:9000,fork,reuseaddr", "EXEC:cat"]
-      readinessProbe:
-        tcpSocket: {port: 9000}
-        periodSeconds: 1
----
-apiVersion: v1
+/// The `cat` Service in front of the echo-everything Pod.
+const CAT_SERVICE: &str = r#"apiVersion: v1
 kind: Service
 metadata: {name: cat, namespace: default}
 spec:
@@ -99,7 +67,7 @@ fn services_work_across_a_vxlan_overlay() -> Result<()> {
     build_overlay(&c)?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
     c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n2))?;
-    c.write_manifest("cat.yaml", &on_node(CAT_POD, &n2))?;
+    c.write_manifest("cat.yaml", &format!("{}---\n{CAT_SERVICE}", on_node(&cat_pod("cat", "cat"), &n2)))?;
     c.write_manifest("client.yaml", &on_node(&client_pod("client"), &n1))?;
     c.wait_ready(&["web-2", "cat", "client"], Duration::from_secs(60))?;
     let pod = c.pod_netns("client")?;
@@ -113,7 +81,7 @@ fn services_work_across_a_vxlan_overlay() -> Result<()> {
     // Full-size segments from the Pod, one by one: the tunnel's MTU (1450)
     // answers them with fragmentation-needed, then they fit.
     sys::netns_exec(&pod, "ethtool", &["-K", "eth0", "tso", "off", "gso", "off"])?;
-    bulk(&pod, "10.96.0.61:80".parse()?).with_context(|| format!("300 KB through the overlay\n{}", c.logs()))?;
+    bulk_round_trip(&pod, "10.96.0.61:80".parse()?, 300 * 1024).with_context(|| format!("300 KB through the overlay\n{}", c.logs()))?;
     // NodePort on node 1 from outside, to the backend on node 2: SNATed and
     // sent into the tunnel; the reply comes back out of it.
     let nodeport = SocketAddr::from((node_addr(0), 30600));
