@@ -72,6 +72,22 @@ pub enum DataplaneError {
     ConfigMap { source: aya::maps::MapError },
 }
 
+/// An error with its causes ("attaching …: `bpf_link_create` failed:
+/// Numerical result out of range"): aya's syscall errors keep the errno in
+/// their source. A cause already at the end of the text is not repeated.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out = format!("{out}: {text}");
+        }
+        cause = c.source();
+    }
+    out
+}
+
 fn program(what: impl Into<String>) -> impl FnOnce(ProgramError) -> DataplaneError {
     let what = what.into();
     move |source| DataplaneError::Program { what, source }
@@ -426,7 +442,7 @@ impl Dataplane {
                     Ok((p, how)) => (Some(p), how),
                     Err(e) => {
                         // Said once per device; from_netdev serves it all the same.
-                        tracing::warn!(ifname, "XDP could not attach, falling back to TC only on this device: {e}");
+                        tracing::warn!(ifname, "XDP could not attach, falling back to TC only on this device: {}", with_causes(&e));
                         self.xdp_refused.insert((ifindex, ifname.to_string()));
                         return Ok(());
                     }
@@ -911,6 +927,21 @@ pub fn default_bpffs_dir(node: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_carry_their_causes_once() {
+        let e = DataplaneError::Program {
+            what: "attaching from_pod to eth0".into(),
+            source: ProgramError::SyscallError(SyscallError {
+                call: "bpf_link_create",
+                io_error: io::Error::from_raw_os_error(libc::ERANGE),
+            }),
+        };
+        let text = with_causes(&e);
+        assert!(text.starts_with("attaching from_pod to eth0: `bpf_link_create` failed: "), "{text}");
+        assert!(text.contains("out of range"), "{text}");
+        assert_eq!(text.matches("out of range").count(), 1, "{text}");
+    }
 
     #[test]
     fn tc_attach_probes_only_for_auto() {
