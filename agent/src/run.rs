@@ -339,6 +339,7 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let (mut dp, maps) = Dataplane::load(&cfg.dataplane)?;
     dp.set_ct_config(&cfg.ct)?;
+    reporter.update(|r| r.tc_hook = Some(dp.tc_mode().hook().to_string()));
     dataplane::warn_if_snat_ports_are_ephemeral(cfg.ct.snat_ports);
     tokio::spawn(crate::ct::run_gc(cfg.dataplane.bpffs_dir.clone(), cfg.dataplane.ct, gc_report));
     let syncer = Syncer::new(maps).context("reading the pinned maps")?;
@@ -565,11 +566,12 @@ fn attach_all(
         let xdp_modes = xdp.map_or(&[][..], |x| x.modes(links.veths.contains(idx)));
         if let Err(e) = dp.attach(*hook, name, *idx, xdp_modes) {
             // The link may have vanished in between; retried on the next event.
-            tracing::warn!("{e:#}");
+            let error = dataplane::with_causes(&e);
+            tracing::warn!("{error}");
             errors.push(AttachError {
                 program: hook.program().to_string(),
                 interface: name.clone(),
-                error: format!("{e:#}"),
+                error,
             });
         }
     }
