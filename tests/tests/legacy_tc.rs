@@ -275,3 +275,48 @@ fn xdp_native_refused_falls_back_to_tc_and_keeps_serving() -> Result<()> {
     lab.wait_answered_by("the NodePort", &["web-1"], || TcpSession::connect(&c.external, nodeport())?.ask())?;
     Ok(())
 }
+
+/// interface → the hooks `ferry status` shows Ferry's TC programs on.
+fn tc_hooks(lab: &Lab) -> Result<BTreeMap<String, Vec<String>>> {
+    let (_, status, stderr) = lab.status()?;
+    let rows = status["programs"].as_array().with_context(|| format!("status programs: {stderr}"))?;
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for r in rows.iter().filter(|r| r["program"] == "from_pod" && r["attached"] == true) {
+        let (dev, hook) = (r["interface"].as_str().unwrap_or_default(), r["hook"].as_str().unwrap_or_default());
+        out.entry(dev.to_string()).or_default().push(hook.to_string());
+    }
+    Ok(out)
+}
+
+/// An agent restarted with the other `--tc-attach` takes the other agent's
+/// attachment away once its own is in: never both (a packet would be
+/// translated twice), never none.
+#[test]
+fn switching_tc_attach_modes_leaves_one_attachment_per_veth() -> Result<()> {
+    let opts = LabOptions::new("tcswitch")
+        .manifest("service.yaml", &ferry_tests::manifests::echo_service("web", "web", VIP))
+        .manifest("web.yaml", &echo_pod("web-1", "web", None))
+        .manifest("client.yaml", &client_pod("client"));
+    let mut lab = Lab::start(opts)?;
+    lab.wait_ready(&["web-1", "client"], READY)?;
+    let client = lab.pod_netns("client")?;
+    lab.wait_answered_by("the ClusterIP", &["web-1"], || tcp_ask(&client, vip()))?;
+    let tcx = tc_hooks(&lab)?;
+    assert!(tcx.len() >= 2 && tcx.values().all(|h| h == &["tcx ingress"]), "auto on this kernel: TCX: {tcx:?}");
+
+    lab.stop_agent();
+    let (_, out) = lab.agent_once(&["--tc-attach", "netlink"], Duration::from_secs(4))?;
+    let netlink = tc_hooks(&lab)?;
+    assert_eq!(netlink.keys().collect::<Vec<_>>(), tcx.keys().collect::<Vec<_>>(), "{out}");
+    assert!(netlink.values().all(|h| h == &["tc ingress (netlink)"]), "netlink only, the TCX links detached: {netlink:?}\n{out}");
+    assert_eq!(tcp_ask(&client, vip())?, "web-1", "served by the filters with no agent");
+
+    lab.start_agent()?;
+    lab.wait_until(Duration::from_secs(15), "TCX only again", || {
+        let hooks = tc_hooks(&lab)?;
+        Ok(hooks.keys().eq(tcx.keys()) && hooks.values().all(|h| h == &["tcx ingress"]))
+    })?;
+    assert!(ferry_filters(&lab.node)?.values().all(Vec::is_empty), "the netlink filters are gone");
+    assert_eq!(tcp_ask(&client, vip())?, "web-1");
+    Ok(())
+}
