@@ -692,24 +692,15 @@ fn attach_netlink(prog: &mut SchedClassifier, ifname: &str) -> Result<&'static s
 
 /// Deletes Ferry's netlink filter from `ifname`, if there is one (none is
 /// the usual case: only an agent that ran with `--tc-attach netlink` leaves
-/// one). Errors are logged only.
-pub fn remove_netlink_filter(ifname: &str) -> bool {
+/// one). Failing is logged only (no filter, no clsact qdisc).
+fn remove_netlink_filter(ifname: &str) {
     let handle = TcHandle::from(NETLINK_HANDLE);
-    match SchedClassifierLink::attached(ifname, TcAttachType::Ingress, NETLINK_PRIORITY, handle, None) {
-        Ok(link) => match link.detach() {
-            Ok(()) => {
-                tracing::info!(ifname, "removed Ferry's netlink TC filter (now attached with TCX)");
-                true
-            }
-            Err(e) => {
-                tracing::debug!(ifname, "no netlink TC filter of Ferry's to remove: {e}");
-                false
-            }
-        },
-        Err(e) => {
-            tracing::debug!(ifname, "{e}");
-            false
-        }
+    let removed = SchedClassifierLink::attached(ifname, TcAttachType::Ingress, NETLINK_PRIORITY, handle, None)
+        .map_err(|e| e.to_string())
+        .and_then(|link| link.detach().map_err(|e| e.to_string()));
+    match removed {
+        Ok(()) => tracing::info!(ifname, "removed Ferry's netlink TC filter (now attached with TCX)"),
+        Err(e) => tracing::debug!(ifname, "no netlink TC filter of Ferry's to remove: {e}"),
     }
 }
 

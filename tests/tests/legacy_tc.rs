@@ -177,6 +177,7 @@ fn netlink_tc_serves_keeps_one_filter_across_restarts_and_cleanup_removes_it() -
     })?;
     std::thread::sleep(Duration::from_millis(300));
     let (ok, failed) = traffic.stop();
+    println!("requests across the restart: {ok} answered, {} failed", failed.len());
     assert!(failed.is_empty(), "no request failed across the restart ({ok} answered): {failed:?}");
     assert!(ok > 20, "traffic ran across the restart: {ok} answers");
     let after = one_filter_each(&node)?;
