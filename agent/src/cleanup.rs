@@ -1,7 +1,7 @@
 //! `ferry cleanup`: removes Ferry from a node. Detaches every link the agent
 //! pinned under `<pin dir>/links` (TCX, XDP, cgroup), then any Ferry program
 //! still attached to an interface of this network namespace through a link
-//! nobody pinned, removes the pin directory (which frees the maps) and the
+//! nobody pinned or a netlink tc filter (`--tc-attach netlink`), removes the pin directory (which frees the maps) and the
 //! status file. Refuses while an agent holds the pin directory, unless forced.
 use std::{
     collections::BTreeSet,
@@ -10,11 +10,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use aya::programs::{
+    links::Link as _,
+    tc::{SchedClassifierLink, TcHandle},
+};
 use ferry_common::PROG_XDP_FROM_NETDEV;
 
 use crate::{
     bpfsys, pinlock,
-    status::kernel_view::{ferry_tcx_programs, interfaces, link_pins, program_names},
+    status::kernel_view::{ferry_tcx_programs, interfaces, link_pins, program_names, Iface},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +106,7 @@ fn detach_pinned(path: &Path) -> io::Result<()> {
 /// done and what could not be.
 async fn detach_unpinned() -> Result<(Done, Vec<String>), CleanupError> {
     let ifaces = interfaces().await.map_err(CleanupError::Netlink)?;
+    let (mut done, mut left) = remove_tc_filters(&ifaces);
     let names = program_names();
     let mut progs: BTreeSet<(u32, String, String)> = BTreeSet::new();
     for i in &ifaces {
@@ -114,7 +119,6 @@ async fn detach_unpinned() -> Result<(Done, Vec<String>), CleanupError> {
             }
         }
     }
-    let (mut done, mut left) = (Done::new(), Vec::new());
     if progs.is_empty() {
         return Ok((done, left));
     }
@@ -141,4 +145,25 @@ async fn detach_unpinned() -> Result<(Done, Vec<String>), CleanupError> {
         }
     }
     Ok((done, left))
+}
+
+/// Deletes Ferry's netlink tc filters (clsact ingress and egress) from the
+/// interfaces.
+/// Returns what was done and what could not be.
+fn remove_tc_filters(ifaces: &[Iface]) -> (Done, Vec<String>) {
+    let (mut done, mut left) = (Done::new(), Vec::new());
+    for i in ifaces {
+        for f in &i.tc_filters {
+            let what = format!(
+                "the tc filter of {} on {} (priority {}, handle {:#x})",
+                f.program, i.name, f.priority, f.handle
+            );
+            let link = SchedClassifierLink::attached(&i.name, f.direction, f.priority, TcHandle::from(f.handle), None);
+            match link.map_err(|e| e.to_string()).and_then(|l| l.detach().map_err(|e| e.to_string())) {
+                Ok(()) => done.push(format!("removed {what}")),
+                Err(e) => left.push(format!("{what}: {e}")),
+            }
+        }
+    }
+    (done, left)
 }

@@ -11,8 +11,8 @@ use std::{
 
 use aya::{
     programs::{
-        links::{FdLink, LinkError, LinkOrder, PinnedLink},
-        tc::{SchedClassifierLink, TcAttachOptions},
+        links::{FdLink, Link as _, LinkError, LinkOrder, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
         xdp::XdpLink,
         CgroupAttachMode, CgroupSockAddr, Program, ProgramError, SchedClassifier, TcAttachType, Xdp, XdpMode,
     },
@@ -72,6 +72,22 @@ pub enum DataplaneError {
     ConfigMap { source: aya::maps::MapError },
 }
 
+/// An error with its causes ("attaching …: `bpf_link_create` failed:
+/// Numerical result out of range"): aya's syscall errors keep the errno in
+/// their source. A cause already at the end of the text is not repeated.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.ends_with(&text) {
+            out = format!("{out}: {text}");
+        }
+        cause = c.source();
+    }
+    out
+}
+
 fn program(what: impl Into<String>) -> impl FnOnce(ProgramError) -> DataplaneError {
     let what = what.into();
     move |source| DataplaneError::Program { what, source }
@@ -86,6 +102,8 @@ fn link(what: impl Into<String>) -> impl FnOnce(LinkError) -> DataplaneError {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub bpffs_dir: PathBuf,
+    /// How the TC programs attach (`--tc-attach`).
+    pub tc_attach: TcAttach,
     pub services_max: u32,
     pub backends_max: u32,
     pub ct: crate::ct::Sizes,
@@ -144,6 +162,87 @@ impl XdpAttach {
         }
     }
 }
+
+/// How the TC programs attach (`--tc-attach`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX where the kernel has it (probed once at start), netlink otherwise.
+    Auto,
+    /// TCX links (kernel 6.6+), pinned: a restarted agent swaps its program in.
+    Tcx,
+    /// A cls_bpf filter on the clsact qdisc (any kernel), at Ferry's own
+    /// priority and handle: a restarted agent replaces it in place.
+    Netlink,
+}
+
+/// The mechanism the TC programs attach with, once `auto` is resolved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TcMode {
+    Tcx,
+    Netlink,
+}
+
+impl TcMode {
+    /// The ingress hook's name in logs, the status report and `ferry status`.
+    pub fn hook(self) -> &'static str {
+        self.hook_in(TcAttachType::Ingress)
+    }
+
+    /// The hook's name for programs attached in `direction`.
+    pub fn hook_in(self, direction: TcAttachType) -> &'static str {
+        match (self, direction == TcAttachType::Egress) {
+            (TcMode::Tcx, false) => "tcx ingress",
+            (TcMode::Tcx, true) => "tcx egress",
+            (TcMode::Netlink, false) => "tc ingress (netlink)",
+            (TcMode::Netlink, true) => "tc egress (netlink)",
+        }
+    }
+}
+
+impl TcAttach {
+    /// The mechanism to use: `auto` asks `has_tcx` (called at most once).
+    pub fn resolve(self, has_tcx: impl FnOnce() -> bool) -> TcMode {
+        match self {
+            TcAttach::Tcx => TcMode::Tcx,
+            TcAttach::Netlink => TcMode::Netlink,
+            TcAttach::Auto if has_tcx() => TcMode::Tcx,
+            TcAttach::Auto => TcMode::Netlink,
+        }
+    }
+}
+
+/// Whether the kernel has TCX (6.6+): a TCX query on the loopback device,
+/// which attaches nothing. Kernels without TCX refuse the attach type
+/// (EINVAL); on any other error the kernel version decides.
+pub fn probe_tcx() -> bool {
+    match SchedClassifier::query_tcx("lo", TcAttachType::Ingress) {
+        Ok(_) => true,
+        Err(e) if matches!(os_error(&e), Some(libc::EINVAL | libc::EOPNOTSUPP)) => false,
+        Err(e) => {
+            use aya::util::KernelVersion;
+            let at_least = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+            tracing::warn!("probing TCX: {e}; going by the kernel version (TCX: {at_least})");
+            at_least
+        }
+    }
+}
+
+/// The errno behind an attach or query error, where there is one.
+fn os_error(e: &ProgramError) -> Option<i32> {
+    match e {
+        ProgramError::SyscallError(SyscallError { io_error, .. }) => io_error.raw_os_error(),
+        ProgramError::TcError(TcError::NetlinkError(n)) | ProgramError::NetlinkError(n) => n.raw_os_error(),
+        ProgramError::TcError(TcError::IoError(io)) => io.raw_os_error(),
+        _ => None,
+    }
+}
+
+/// Ferry's cls_bpf filter on clsact ingress (`--tc-attach netlink`): a
+/// priority and handle of its own, so a restarted agent finds and replaces
+/// its filter instead of adding a second one. Priority 16 runs before filters
+/// added with tc's defaults (49152 and up); Cilium uses 1 and handle 1.
+pub const NETLINK_PRIORITY: u16 = 16;
+pub const NETLINK_HANDLE: u32 = 0xf3;
 
 /// Where a program is attached (one entry program per hook, as in Cilium).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -214,7 +313,7 @@ impl LinkedProgram for TcProgram<'_> {
             .attach_with_options(ifname, self.1, TcAttachOptions::TcxOrder(LinkOrder::default()))
             .map_err(program(what()))?;
         let link = self.0.take_link(id).map_err(program(what()))?.try_into().map_err(link(what()))?;
-        Ok((link, if self.1 == TcAttachType::Egress { "tc egress" } else { "tc ingress" }))
+        Ok((link, TcMode::Tcx.hook_in(self.1)))
     }
 }
 
@@ -256,8 +355,11 @@ impl LinkedProgram for XdpProgram<'_> {
 pub struct Dataplane {
     ebpf: Ebpf,
     links_dir: PathBuf,
-    /// (hook, ifindex) → (interface name, the pinned TCX link).
-    attached: BTreeMap<(Hook, u32), (String, PinnedLink)>,
+    /// How the TC programs attach (`--tc-attach`, resolved at load).
+    tc_mode: TcMode,
+    /// (hook, ifindex) → (interface name, the pinned link: none for a
+    /// netlink filter, which the interface itself holds).
+    attached: BTreeMap<(Hook, u32), (String, Option<PinnedLink>)>,
     /// Devices (ifindex, name) XDP could not attach to (TC serves them).
     xdp_refused: BTreeSet<(u32, String)>,
 }
@@ -334,10 +436,13 @@ impl Dataplane {
         migrate::finish(dir, copies);
         spawn_ebpf_logs(&mut ebpf);
         let maps = KernelMaps::from_ebpf(&mut ebpf)?;
+        let tc_mode = cfg.tc_attach.resolve(probe_tcx);
+        tracing::info!(tc_attach = ?cfg.tc_attach, "TC programs attach as {}", tc_mode.hook());
         Ok((
             Self {
                 ebpf,
                 links_dir,
+                tc_mode,
                 attached: BTreeMap::new(),
                 xdp_refused: BTreeSet::new(),
             },
@@ -345,10 +450,10 @@ impl Dataplane {
         ))
     }
 
-    /// Attaches a hook's program to an interface: TC ingress (TCX) or, for
-    /// XDP, in the first of `xdp_modes` the device takes. The link is pinned,
-    /// so the program stays attached when the agent stops; a restarted agent
-    /// swaps its program into the pinned link atomically.
+    /// Attaches a hook's program to an interface: TC ingress (a pinned TCX
+    /// link, or Ferry's netlink filter) or, for XDP, in the first of
+    /// `xdp_modes` the device takes. Either way the program stays attached when
+    /// the agent stops, and a restarted agent swaps its program in atomically.
     pub fn attach(&mut self, hook: Hook, ifname: &str, ifindex: u32, xdp_modes: &'static [XdpMode]) -> Result<(), DataplaneError> {
         if self
             .attached
@@ -365,23 +470,45 @@ impl Dataplane {
                     return Ok(());
                 }
                 match attach_pinned(&mut XdpProgram(xdp_program(&mut self.ebpf)?, xdp_modes), &pin, ifname) {
-                    Ok(p) => p,
+                    Ok((p, how)) => (Some(p), how),
                     Err(e) => {
                         // Said once per device; from_netdev serves it all the same.
-                        tracing::warn!(ifname, "XDP could not attach, falling back to TC only on this device: {e}");
+                        tracing::warn!(ifname, "XDP could not attach, falling back to TC only on this device: {}", with_causes(&e));
                         self.xdp_refused.insert((ifindex, ifname.to_string()));
                         return Ok(());
                     }
                 }
             }
-            Hook::FromPod | Hook::FromNetdev | Hook::ToPod | Hook::ToNetdev => {
-                let direction = hook.tc_attach_type().unwrap_or(TcAttachType::Ingress);
-                attach_pinned(&mut TcProgram(classifier(&mut self.ebpf, hook)?, direction), &pin, ifname)?
-            }
+            Hook::FromPod | Hook::FromNetdev | Hook::ToPod | Hook::ToNetdev => self.attach_tc(hook, &pin, ifname)?,
         };
         tracing::info!(ifname, ifindex, "{name} attached ({how})");
         self.attached.insert((hook, ifindex), (ifname.to_string(), pinned));
         Ok(())
+    }
+
+    /// Attaches a TC hook's program the way `tc_mode` says, then removes what
+    /// the other way left from an agent started with another `--tc-attach`
+    /// (both would run).
+    fn attach_tc(&mut self, hook: Hook, pin: &Path, ifname: &str) -> Result<(Option<PinnedLink>, &'static str), DataplaneError> {
+        let direction = hook.tc_attach_type().unwrap_or(TcAttachType::Ingress);
+        let prog = classifier(&mut self.ebpf, hook)?;
+        match self.tc_mode {
+            TcMode::Tcx => {
+                let (pinned, how) = attach_pinned(&mut TcProgram(prog, direction), pin, ifname)?;
+                remove_netlink_filter(ifname, direction);
+                Ok((Some(pinned), how))
+            }
+            TcMode::Netlink => {
+                let how = attach_netlink(prog, ifname, direction)?;
+                remove_tcx_pin(pin);
+                Ok((None, how))
+            }
+        }
+    }
+
+    /// How the TC programs attach.
+    pub fn tc_mode(&self) -> TcMode {
+        self.tc_mode
     }
 
     /// Forgets interfaces that are gone (or no longer for this hook) and
@@ -562,6 +689,63 @@ fn attach_pinned(
     };
     let pinned = PinnedLink::from_pin(pin).map_err(link(format!("re-opening {}", pin.display())))?;
     Ok((pinned, how))
+}
+
+/// Attaches `prog` as Ferry's filter on clsact `direction` of `ifname` (the
+/// qdisc is added when missing): replaces the filter a previous agent left at
+/// Ferry's priority and handle, atomically, or creates it. Netlink filters
+/// are no bpf_links and cannot be pinned, and aya deletes the filter when its
+/// link is dropped: the link is forgotten, so the filter outlives the agent
+/// (as a pinned TCX link does) until `ferry cleanup` or the interface goes.
+fn attach_netlink(prog: &mut SchedClassifier, ifname: &str, direction: TcAttachType) -> Result<&'static str, DataplaneError> {
+    let what = || format!("attaching the TC program to {ifname} (netlink)");
+    match tc::qdisc_add_clsact(ifname) {
+        Ok(()) => {}
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(program(format!("adding the clsact qdisc to {ifname}"))(e.into())),
+    }
+    let handle = TcHandle::from(NETLINK_HANDLE);
+    let ours = SchedClassifierLink::attached(ifname, direction, NETLINK_PRIORITY, handle, None)
+        .map_err(|e| program(what())(TcError::IoError(e).into()))?;
+    let egress = direction == TcAttachType::Egress;
+    let (id, how) = match prog.attach_to_link(ours) {
+        Ok(id) => (id, if egress { "tc egress (netlink), replaced Ferry's filter" } else { "tc ingress (netlink), replaced Ferry's filter" }),
+        Err(e) if os_error(&e) == Some(libc::ENOENT) => {
+            let opts = NlOptions { priority: NETLINK_PRIORITY, handle, classid: None };
+            let id = prog.attach_with_options(ifname, direction, TcAttachOptions::Netlink(opts)).map_err(program(what()))?;
+            (id, if egress { "tc egress (netlink), new filter" } else { "tc ingress (netlink), new filter" })
+        }
+        Err(e) => return Err(program(what())(e)),
+    };
+    std::mem::forget(prog.take_link(id).map_err(program(what()))?);
+    Ok(how)
+}
+
+/// Deletes Ferry's netlink filter in `direction` from `ifname`, if there is
+/// one (none is the usual case: only an agent that ran with `--tc-attach
+/// netlink` leaves one). Failing is logged only (no filter, no qdisc).
+fn remove_netlink_filter(ifname: &str, direction: TcAttachType) {
+    let handle = TcHandle::from(NETLINK_HANDLE);
+    let removed = SchedClassifierLink::attached(ifname, direction, NETLINK_PRIORITY, handle, None)
+        .map_err(|e| e.to_string())
+        .and_then(|link| link.detach().map_err(|e| e.to_string()));
+    match removed {
+        Ok(()) => tracing::info!(ifname, "removed Ferry's netlink TC filter (now attached with TCX)"),
+        Err(e) => tracing::debug!(ifname, "no netlink TC filter of Ferry's to remove: {e}"),
+    }
+}
+
+/// Detaches and unpins the TCX link pinned at `pin`, if any (an agent that
+/// ran with TCX left it).
+fn remove_tcx_pin(pin: &Path) {
+    let Ok(fd) = crate::bpfsys::obj_get(pin) else {
+        return;
+    };
+    match crate::bpfsys::link_detach(std::os::fd::AsFd::as_fd(&fd)) {
+        Ok(()) => tracing::info!(pin = %pin.display(), "detached the TCX link (now attached with netlink)"),
+        Err(e) => tracing::warn!(pin = %pin.display(), "detaching the TCX link: {e}"),
+    }
+    let _ = fs::remove_file(pin);
 }
 
 /// The interfaces of this network namespace, as attaching the programs needs
@@ -767,6 +951,30 @@ pub fn default_bpffs_dir(node: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_carry_their_causes_once() {
+        let e = DataplaneError::Program {
+            what: "attaching from_pod to eth0".into(),
+            source: ProgramError::SyscallError(SyscallError {
+                call: "bpf_link_create",
+                io_error: io::Error::from_raw_os_error(libc::ERANGE),
+            }),
+        };
+        let text = with_causes(&e);
+        assert!(text.starts_with("attaching from_pod to eth0: `bpf_link_create` failed: "), "{text}");
+        assert!(text.contains("out of range"), "{text}");
+        assert_eq!(text.matches("out of range").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn tc_attach_probes_only_for_auto() {
+        let never = || -> bool { panic!("probed although the mode was given") };
+        assert_eq!(TcAttach::Tcx.resolve(never), TcMode::Tcx);
+        assert_eq!(TcAttach::Netlink.resolve(never), TcMode::Netlink);
+        assert_eq!(TcAttach::Auto.resolve(|| true), TcMode::Tcx);
+        assert_eq!(TcAttach::Auto.resolve(|| false), TcMode::Netlink);
+    }
 
     #[test]
     fn cgroup2_root_on_unified_and_hybrid_hosts() {

@@ -108,6 +108,8 @@ struct State {
     last_sync: Option<(Instant, SystemTime)>,
     /// What that sync could not write to the maps (the rest is serving).
     not_programmed: Vec<String>,
+    /// Programs that must be attached and are not: not ready while any is.
+    unattached: Vec<String>,
 }
 
 impl Health {
@@ -126,14 +128,28 @@ impl Health {
         st.not_programmed = not_programmed.into_iter().cloned().collect();
     }
 
+    /// The programs the last attach pass could not attach (or the devices it
+    /// could not find), each with the reason; empty when all are attached.
+    pub fn attached(&self, unattached: Vec<String>) {
+        self.lock().unattached = unattached;
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         // A poisoned lock only means a panic elsewhere; the data is still valid.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Ready once the first full sync landed.
-    pub fn is_ready(&self) -> bool {
-        self.lock().last_sync.is_some()
+    /// Ready once the first full sync landed and while every program that
+    /// must be attached is; else why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        let st = self.lock();
+        if st.last_sync.is_none() {
+            return Err("the first sync has not been applied".into());
+        }
+        if !st.unattached.is_empty() {
+            return Err(format!("not attached: {}", st.unattached.join("; ")));
+        }
+        Ok(())
     }
 
     /// Healthy while the last sync is recent; before the first one, for
@@ -168,16 +184,10 @@ impl Health {
                 };
                 Reply::json(status, body.to_string())
             }
-            "/readyz" => {
-                if self.is_ready() {
-                    Reply::text(StatusCode::OK, "ok\n")
-                } else {
-                    Reply::text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: the first sync has not been applied\n",
-                    )
-                }
-            }
+            "/readyz" => match self.readiness() {
+                Ok(()) => Reply::text(StatusCode::OK, "ok\n"),
+                Err(why) => Reply::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+            },
             "/livez" => Reply::text(StatusCode::OK, "ok\n"),
             _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
         }
@@ -226,6 +236,19 @@ mod tests {
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(h.route("/healthz").status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(h.route("/nope").status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn readyz_fails_naming_what_is_not_attached_and_recovers() {
+        let h = Health::new(Duration::from_secs(60));
+        h.synced(&[]);
+        h.attached(vec!["from_netdev on eth1: no such interface (--devices)".into()]);
+        let r = h.route("/readyz");
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(r.body.contains("from_netdev on eth1: no such interface"), "{}", r.body);
+        assert_eq!(h.route("/healthz").status, StatusCode::OK, "syncing goes on");
+        h.attached(Vec::new());
+        assert_eq!(h.route("/readyz").status, StatusCode::OK);
     }
 
     #[tokio::test]

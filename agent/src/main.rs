@@ -177,6 +177,11 @@ struct AgentArgs {
     /// native, or generic.
     #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
     xdp_mode: dataplane::XdpAttach,
+    /// How the TC programs attach: tcx (bpf_links, kernel 6.6+), netlink
+    /// (a cls_bpf filter on the clsact qdisc, any kernel), or auto (TCX where
+    /// the kernel has it, probed at start; netlink otherwise).
+    #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+    tc_attach: dataplane::TcAttach,
     /// Serve NodePorts on the node addresses within these CIDRs (comma-separated);
     /// default: the addresses of --devices. Never loopback.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
@@ -514,6 +519,7 @@ fn agent_config(mut a: AgentArgs, given: Option<&ArgMatches>) -> Result<run::Con
         xdp: a.xdp.then_some(a.xdp_mode),
         dataplane: dataplane::Config {
             bpffs_dir,
+            tc_attach: a.tc_attach,
             services_max: a.services_map_size,
             backends_max: a.backends_map_size,
             ct: ct_sizes(a.ct_map_size, a.ct_any_map_size)?,

@@ -339,6 +339,7 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let (mut dp, maps) = Dataplane::load(&cfg.dataplane)?;
     dp.set_ct_config(&cfg.ct)?;
+    reporter.update(|r| r.tc_hook = Some(dp.tc_mode().hook().to_string()));
     dataplane::warn_if_snat_ports_are_ephemeral(cfg.ct.snat_ports);
     tokio::spawn(crate::ct::run_gc(cfg.dataplane.bpffs_dir.clone(), cfg.dataplane.ct, gc_report));
     let syncer = Syncer::new(maps).context("reading the pinned maps")?;
@@ -362,6 +363,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let outcomes = Outcomes {
         reporter: &reporter,
         metrics: &metrics,
+        health: &health,
     };
     follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true, outcomes).await;
     if let Some(cg) = &cfg.cgroup {
@@ -473,11 +475,12 @@ fn sync(
     reporter.write_logged();
 }
 
-/// Where attach outcomes go: the status report and /metrics.
+/// Where attach outcomes go: the status report, /metrics and /readyz.
 #[derive(Clone, Copy)]
 struct Outcomes<'a> {
     reporter: &'a Reporter,
     metrics: &'a Metrics,
+    health: &'a Health,
 }
 
 /// Lists the links once: attaches what is missing and, with `addresses`,
@@ -500,6 +503,7 @@ async fn follow_links(
         }
     };
     let errors = attach_all(dp, &links, &cfg.devices, cfg.xdp);
+    out.health.attached(unattached(&errors, &cfg.devices, &links));
     out.metrics.set_attach_errors(errors.len());
     out.reporter.update(|r| {
         r.attach_errors = errors;
@@ -562,15 +566,28 @@ fn attach_all(
         let xdp_modes = xdp.map_or(&[][..], |x| x.modes(links.veths.contains(idx)));
         if let Err(e) = dp.attach(*hook, name, *idx, xdp_modes) {
             // The link may have vanished in between; retried on the next event.
-            tracing::warn!("{e:#}");
+            let error = dataplane::with_causes(&e);
+            tracing::warn!("{error}");
             errors.push(AttachError {
                 program: hook.program().to_string(),
                 interface: name.clone(),
-                error: format!("{e:#}"),
+                error,
             });
         }
     }
     errors
+}
+
+/// What keeps the agent from being ready: every program that failed to
+/// attach, and every `--devices` entry this network namespace lacks (its
+/// from_netdev cannot be attached). XDP falling back to TC is not in it.
+fn unattached(errors: &[AttachError], devices: &[String], links: &dataplane::Links) -> Vec<String> {
+    let failed = errors.iter().map(|e| format!("{} on {}: {}", e.program, e.interface, e.error));
+    let missing = devices
+        .iter()
+        .filter(|d| !links.names.values().any(|n| n == *d))
+        .map(|d| format!("{} on {d}: no such interface (--devices)", ferry_common::PROG_FROM_NETDEV));
+    failed.chain(missing).collect()
 }
 
 /// The report as the agent starts.
@@ -592,5 +609,32 @@ fn initial_report(cfg: &Config) -> AgentReport {
         cgroup: cfg.cgroup.clone(),
         features: detect_features(),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unattached_names_failed_attaches_and_missing_devices() {
+        let links = dataplane::Links {
+            names: [(1, "lo".to_string()), (2, "eth0".to_string()), (3, "veth1".to_string())].into(),
+            veths: [3].into(),
+        };
+        let errors = vec![AttachError {
+            program: "from_pod".into(),
+            interface: "veth1".into(),
+            error: "Operation not supported".into(),
+        }];
+        let devices = vec!["eth0".to_string(), "eth1".to_string()];
+        assert_eq!(
+            unattached(&errors, &devices, &links),
+            [
+                "from_pod on veth1: Operation not supported",
+                "from_netdev on eth1: no such interface (--devices)"
+            ]
+        );
+        assert!(unattached(&[], &devices[..1], &links).is_empty());
     }
 }

@@ -136,6 +136,12 @@ impl Cluster {
         Ok(())
     }
 
+    /// The underlay's network namespace (the bridge br0, and the node i+1's
+    /// eth0 peer `u{i+1}`).
+    pub fn underlay(&self) -> &str {
+        &self.underlay
+    }
+
     /// The nodes' names (their network namespaces), node 1 first.
     pub fn node_names(&self) -> Vec<String> {
         self.nodes.iter().map(|l| l.node.clone()).collect()

@@ -43,6 +43,7 @@ async fn a_frontend_that_does_not_fit_the_kernel_map_is_named_and_the_rest_are_w
     let dir = PinDir::new("fullmap-test").expect("pin dir");
     let cfg = Config {
         bpffs_dir: dir.0.clone(),
+        tc_attach: ferry_agent::dataplane::TcAttach::Auto,
         services_max: 8,
         backends_max: 64,
         ct: ferry_agent::ct::Sizes { tcp: 1024, any: 1024 },

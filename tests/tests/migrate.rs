@@ -51,6 +51,7 @@ fn ct(dir: &Path) -> HashMap<MapData, CtKey, CtValue> {
 fn cfg(dir: &Path, ct_max: u32) -> Config {
     Config {
         bpffs_dir: dir.to_path_buf(),
+        tc_attach: ferry_agent::dataplane::TcAttach::Auto,
         services_max: 64,
         backends_max: 64,
         ct: ferry_agent::ct::Sizes { tcp: 64, any: ct_max },

@@ -9,11 +9,14 @@ use aya::{
 };
 use ferry_common::{PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, PROG_XDP_FROM_NETDEV};
 use futures::TryStreamExt as _;
-use rtnetlink::packet_route::link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached};
+use rtnetlink::packet_route::{
+    link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
+    tc::{TcAttribute, TcFilterBpfOption, TcMessage, TcOption},
+};
 use serde::Serialize;
 
 use super::{report::AgentReport, MAP_WARN_PERCENT};
-use crate::bpfsys;
+use crate::{bpfsys, dataplane::TcMode};
 
 /// One program on one hook, or one that should be and is not.
 #[derive(Debug, Serialize, PartialEq)]
@@ -49,6 +52,21 @@ pub(crate) struct Iface {
     pub name: String,
     /// XDP attach mode and program id, if any.
     pub xdp: Option<(XdpAttached, u32)>,
+    /// Ferry's programs in cls_bpf filters on clsact ingress (`--tc-attach
+    /// netlink`).
+    pub tc_filters: Vec<TcFilter>,
+}
+
+/// A cls_bpf filter on clsact ingress or egress that runs one of Ferry's TC
+/// programs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TcFilter {
+    pub direction: TcAttachType,
+    pub program: String,
+    pub program_id: u32,
+    pub priority: u16,
+    /// major << 16 | minor.
+    pub handle: u32,
 }
 
 /// The interfaces of this network namespace.
@@ -56,12 +74,69 @@ pub(crate) async fn interfaces() -> Result<Vec<Iface>, String> {
     let (conn, handle, _) = rtnetlink::new_connection().map_err(|e| e.to_string())?;
     let task = tokio::spawn(conn);
     let msgs: Result<Vec<LinkMessage>, _> = handle.link().get().execute().try_collect().await;
+    let mut out: Vec<Iface> = match msgs {
+        Ok(m) => m.iter().filter_map(iface).collect(),
+        Err(e) => {
+            task.abort();
+            return Err(e.to_string());
+        }
+    };
+    for i in &mut out {
+        i.tc_filters = ferry_tc_filters(&handle, i.index).await;
+    }
     task.abort();
-    Ok(msgs
-        .map_err(|e| e.to_string())?
-        .iter()
-        .filter_map(iface)
-        .collect())
+    Ok(out)
+}
+
+/// Ferry's cls_bpf filters on clsact ingress and egress of interface
+/// `index` (none where there is no clsact qdisc).
+async fn ferry_tc_filters(handle: &rtnetlink::Handle, index: u32) -> Vec<TcFilter> {
+    let Ok(index) = i32::try_from(index) else {
+        return Vec::new();
+    };
+    let ours = [PROG_FROM_POD, PROG_FROM_NETDEV, PROG_TO_POD, PROG_TO_NETDEV];
+    let mut out = Vec::new();
+    for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let get = handle.traffic_filter(index).get();
+        let get = if direction == TcAttachType::Egress { get.egress() } else { get.ingress() };
+        let msgs: Vec<TcMessage> = get.execute().try_collect().await.unwrap_or_default();
+        out.extend(
+            msgs.iter()
+                .filter_map(|m| tc_filter(m, direction))
+                .filter(|f| ours.contains(&f.program.as_str())),
+        );
+    }
+    out
+}
+
+/// A cls_bpf filter with its program, from a filter dump message of
+/// `direction`.
+fn tc_filter(m: &TcMessage, direction: TcAttachType) -> Option<TcFilter> {
+    let opts = m.attributes.iter().find_map(|a| match a {
+        TcAttribute::Options(o) => Some(o),
+        _ => None,
+    })?;
+    let bpf = || {
+        opts.iter().filter_map(|o| match o {
+            TcOption::Bpf(b) => Some(b),
+            _ => None,
+        })
+    };
+    let program = bpf().find_map(|b| match b {
+        TcFilterBpfOption::ProgName(n) => Some(n.clone()),
+        _ => None,
+    })?;
+    let program_id = bpf().find_map(|b| match b {
+        TcFilterBpfOption::ProgId(id) => Some(*id),
+        _ => None,
+    })?;
+    Some(TcFilter {
+        direction,
+        program,
+        program_id,
+        priority: (m.header.info >> 16) as u16,
+        handle: (u32::from(m.header.handle.major) << 16) | u32::from(m.header.handle.minor),
+    })
 }
 
 fn iface(m: &LinkMessage) -> Option<Iface> {
@@ -77,6 +152,7 @@ fn iface(m: &LinkMessage) -> Option<Iface> {
         index: m.header.index,
         name,
         xdp,
+        tc_filters: Vec::new(),
     })
 }
 
@@ -118,7 +194,7 @@ pub async fn programs(dir: &Path, report: Option<&AgentReport>) -> Result<Vec<Pr
     let names = program_names();
     let mut rows = Vec::new();
     for i in &ifaces {
-        rows.extend(tcx_rows(i));
+        rows.extend(tc_rows(i));
         if let Some((mode, id)) = i.xdp {
             let program = names.get(&id).cloned().unwrap_or_default();
             if program == PROG_XDP_FROM_NETDEV {
@@ -153,11 +229,16 @@ fn row(
     }
 }
 
-fn tcx_rows(i: &Iface) -> Vec<ProgramRow> {
-    ferry_tcx_programs(&i.name)
+/// Ferry's TC programs on an interface: through TCX and netlink filters.
+fn tc_rows(i: &Iface) -> Vec<ProgramRow> {
+    let tcx = ferry_tcx_programs(&i.name)
+        .into_iter()
+        .map(|(n, _, hook)| row(&i.name, Some(i.index), hook, &n, None));
+    let netlink = i
+        .tc_filters
         .iter()
-        .map(|(n, _, hook)| row(&i.name, Some(i.index), hook, n, None))
-        .collect()
+        .map(|f| row(&i.name, Some(i.index), TcMode::Netlink.hook_in(f.direction), &f.program, None));
+    tcx.chain(netlink).collect()
 }
 
 /// Ferry's programs at TCX ingress and egress of `ifname`: (name, program
@@ -237,6 +318,7 @@ pub(crate) fn link_pins(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
 /// kernel does not show: from-netdev on each `--devices` entry, XDP on each
 /// with `--xdp`.
 fn expected_but_missing(r: &AgentReport, ifaces: &[Iface], rows: &[ProgramRow]) -> Vec<ProgramRow> {
+    let tc_hook = r.tc_hook.as_deref().unwrap_or("tc ingress");
     let mut out: Vec<ProgramRow> = r
         .attach_errors
         .iter()
@@ -244,7 +326,7 @@ fn expected_but_missing(r: &AgentReport, ifaces: &[Iface], rows: &[ProgramRow]) 
             row(
                 &e.interface,
                 None,
-                "tcx ingress",
+                tc_hook,
                 &e.program,
                 Some(e.error.clone()),
             )
@@ -261,7 +343,7 @@ fn expected_but_missing(r: &AgentReport, ifaces: &[Iface], rows: &[ProgramRow]) 
             out.push(row(
                 dev,
                 index,
-                "tcx ingress",
+                tc_hook,
                 PROG_FROM_NETDEV,
                 Some(why.into()),
             ));
@@ -381,4 +463,33 @@ fn has_keys(t: MapType) -> bool {
             | MapType::LruPerCpuHash
             | MapType::LpmTrie
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use rtnetlink::packet_route::tc::TcHandle;
+
+    use super::*;
+
+    #[test]
+    fn a_cls_bpf_filter_dump_names_program_id_priority_and_handle() {
+        let mut m = TcMessage::default();
+        m.header.info = (16 << 16) | 0x0300;
+        m.header.handle = TcHandle { major: 0, minor: 0xf3 };
+        m.attributes = vec![
+            TcAttribute::Kind("bpf".into()),
+            TcAttribute::Options(vec![
+                TcOption::Bpf(TcFilterBpfOption::ProgName("from_pod".into())),
+                TcOption::Bpf(TcFilterBpfOption::ProgId(42)),
+            ]),
+        ];
+        let f = tc_filter(&m, TcAttachType::Egress).expect("a bpf filter");
+        assert_eq!(
+            f,
+            TcFilter { direction: TcAttachType::Egress, program: "from_pod".into(), program_id: 42, priority: 16, handle: 0xf3 }
+        );
+        // The priority's own entry carries no program.
+        m.attributes.truncate(1);
+        assert_eq!(tc_filter(&m, TcAttachType::Ingress), None);
+    }
 }

@@ -58,6 +58,10 @@ pub struct AgentReport {
     pub devices: Vec<String>,
     /// `--xdp-mode` when `--xdp` is on.
     pub xdp: Option<String>,
+    /// The hook the TC programs attach to (`--tc-attach` resolved): `tcx
+    /// ingress` or `tc ingress (netlink)`.
+    #[serde(default)]
+    pub tc_hook: Option<String>,
     /// Devices where XDP could not attach (TC serves them alone).
     #[serde(default)]
     pub xdp_refused: Vec<String>,
