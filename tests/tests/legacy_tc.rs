@@ -159,8 +159,9 @@ fn netlink_tc_serves_keeps_one_filter_across_restarts_and_cleanup_removes_it() -
     let (_, status, stderr) = c.nodes[0].status()?;
     let rows = status["programs"].as_array().context("status programs")?;
     for dev in before.keys() {
-        let hooks: Vec<&serde_json::Value> = rows.iter().filter(|r| r["interface"] == dev.as_str()).map(|r| &r["hook"]).collect();
-        assert_eq!(hooks, ["tc ingress (netlink)"], "ferry status shows {dev} attached through netlink only: {status:#}\n{stderr}");
+        let mut hooks: Vec<&str> = rows.iter().filter(|r| r["interface"] == dev.as_str()).filter_map(|r| r["hook"].as_str()).collect();
+        hooks.sort_unstable();
+        assert_eq!(hooks, ["tc egress (netlink)", "tc ingress (netlink)"], "ferry status shows {dev} attached through netlink only, both ways: {status:#}\n{stderr}");
     }
 
     // Stopped, then restarted, with traffic all along: the filters stay while
