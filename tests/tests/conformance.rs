@@ -1,0 +1,227 @@
+//! Kubernetes Service conformance (issue 19): the sig-network e2e behaviours
+//! (test/e2e/network/service.go, networking.go, loadbalancer.go) and Cilium's
+//! connectivity tests that Ferry's other tests do not already cover, one test per
+//! behaviour, each named after the test it mirrors (in its doc comment). Real
+//! agent, shim, Pods and clients in network namespaces; assertions on which
+//! backend answered, or that nothing did. Nothing is restarted unless the test
+//! says so: every change is a manifest rewritten under a running agent.
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+use ferry_tests::{
+    cluster::{node_addr, Cluster},
+    manifests::{client_pod, echo_pod, echo_service, on_node},
+    tcp_ask, udp_ask, Lab, LabOptions,
+};
+
+const READY: Duration = Duration::from_secs(60);
+/// How long a change to a manifest may take to show in the dataplane.
+const CONVERGE: Duration = Duration::from_secs(15);
+const LB_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("test address")
+}
+
+/// Whether an answer came from one of `backends`: Ok(true) when it did,
+/// Ok(false) when nothing answered (refused, unreachable, timed out), an error
+/// when something else answered (a wrong backend is never "not served").
+fn answered_by(backends: &[&str], answer: Result<String>) -> Result<bool> {
+    match answer {
+        Ok(name) if backends.contains(&name.as_str()) => Ok(true),
+        Ok(name) => bail!("answered by {name:?}, not one of {backends:?}"),
+        Err(_) => Ok(false),
+    }
+}
+
+/// `metadata:` of a Service manifest with `labels` (YAML flow mapping, may be
+/// empty) added.
+fn with_labels(yaml: &str, labels: &str) -> String {
+    if labels.is_empty() {
+        return yaml.to_string();
+    }
+    yaml.replacen("  namespace: default\n", &format!("  namespace: default\n  labels: {{{labels}}}\n"), 1)
+}
+
+/// A lab with echo Pods `echo-a`, `echo-b`, a client, a Service `plain` at
+/// 10.96.0.11 (never labelled: shows the agent has synced) and `extra`.
+fn echo_lab(tag: &str, extra: &[(&str, String)]) -> Result<(Lab, String)> {
+    let mut opts = LabOptions::new(tag)
+        .manifest("plain.yaml", &echo_service("plain", "echo", "10.96.0.11"))
+        .manifest("client.yaml", &client_pod("client"))
+        .manifest("echo-a.yaml", &echo_pod("echo-a", "echo", None))
+        .manifest("echo-b.yaml", &echo_pod("echo-b", "echo", None));
+    for (file, yaml) in extra {
+        opts = opts.manifest(file, yaml);
+    }
+    let lab = Lab::start(opts)?;
+    lab.wait_ready(&["echo-a", "echo-b", "client"], READY)?;
+    let client = lab.pod_netns("client")?;
+    lab.wait_answered_by("plain TCP", &["echo-a", "echo-b"], || tcp_ask(&client, addr("10.96.0.11:80")))?;
+    Ok((lab, client))
+}
+
+const ECHO: [&str; 2] = ["echo-a", "echo-b"];
+
+/// Whether `vip` (TCP and UDP) of the labelled Service answers, from the client.
+fn echo_served(client: &str) -> Result<(bool, bool)> {
+    Ok((
+        answered_by(&ECHO, tcp_ask(client, addr("10.96.0.10:80")))?,
+        answered_by(&ECHO, udp_ask(client, addr("10.96.0.10:53")))?,
+    ))
+}
+
+/// e2e service.go "should implement service.kubernetes.io/service-proxy-name"
+/// and "should implement service.kubernetes.io/headless": a Service carrying
+/// either label gets no frontend (TCP and UDP answer nothing while an unlabelled
+/// Service on the same Pods answers), and is served again within seconds of
+/// the label's removal, by the same agent process.
+#[test]
+fn should_implement_service_proxy_name_and_headless_labels() -> Result<()> {
+    let labelled = |labels: &str| with_labels(&echo_service("echo", "echo", "10.96.0.10"), labels);
+    let (mut lab, client) =
+        echo_lab("labels", &[("echo.yaml", labelled("service.kubernetes.io/service-proxy-name: other"))])?;
+    let agent = lab.agent_pid();
+    for (label, value) in [("service-proxy-name", "other"), ("headless", "\"\"")] {
+        let l = format!("service.kubernetes.io/{label}: {value}");
+        lab.write_manifest("echo.yaml", &labelled(&l))?;
+        lab.wait_until(CONVERGE, &format!("the {label} Service to stop answering"), || {
+            Ok(echo_served(&client)? == (false, false))
+        })?;
+        // The agent has synced (the unlabelled Service answers) and still
+        // programs nothing for the labelled one.
+        assert!(answered_by(&ECHO, tcp_ask(&client, addr("10.96.0.11:80")))?, "the unlabelled Service answers");
+        assert_eq!(echo_served(&client)?, (false, false), "labelled {label}: TCP and UDP answer nothing");
+        let list = lab.ferry(&["svc", "list"])?;
+        assert!(!list.contains("10.96.0.10"), "labelled {label} but programmed:\n{list}");
+
+        lab.write_manifest("echo.yaml", &labelled(""))?;
+        let start = Instant::now();
+        lab.wait_answered_by_within(CONVERGE, "TCP after the label's removal", &ECHO, || {
+            tcp_ask(&client, addr("10.96.0.10:80"))
+        })?;
+        lab.wait_answered_by_within(CONVERGE, "UDP after the label's removal", &ECHO, || {
+            udp_ask(&client, addr("10.96.0.10:53"))
+        })?;
+        eprintln!("{label}: served by both backends {:?} after the label went", start.elapsed());
+    }
+    lab.check_alive()?;
+    assert_eq!(lab.agent_pid(), agent, "the same agent throughout");
+    Ok(())
+}
+
+/// The `web` Service of the type-change test as `kind`, selecting `app: web`
+/// with TCP 80 and UDP 53 (NodePorts 30080 and 30053 when the type has them).
+fn web_as(kind: &str) -> String {
+    let head = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n";
+    let (spec, node_ports, status) = match kind {
+        "ExternalName" => ("  type: ExternalName\n  externalName: web.example.org\n".to_string(), false, ""),
+        "ClusterIP" => ("  type: ClusterIP\n  clusterIP: 10.96.0.30\n".to_string(), false, ""),
+        "NodePort" => ("  type: NodePort\n  clusterIP: 10.96.0.30\n".to_string(), true, ""),
+        "LoadBalancer" => (
+            "  type: LoadBalancer\n  clusterIP: 10.96.0.30\n".to_string(),
+            true,
+            "status:\n  loadBalancer:\n    ingress: [{ip: \"203.0.113.20\"}]\n",
+        ),
+        other => panic!("no Service type {other}"),
+    };
+    let np = |n: u16| if node_ports { format!(", nodePort: {n}") } else { String::new() };
+    format!(
+        "{head}{spec}  ports:\n    - {{name: http, port: 80, targetPort: 8080{}}}\n    - {{name: dns, port: 53, protocol: UDP, targetPort: 8080{}}}\n{status}",
+        np(30080),
+        np(30053)
+    )
+}
+
+/// What answers, from a Pod and from outside the cluster.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+struct Reach {
+    cluster_ip_tcp: bool,
+    cluster_ip_udp: bool,
+    node_port_tcp: bool,
+    node_port_udp: bool,
+    load_balancer: bool,
+}
+
+const WEB: [&str; 2] = ["web-1", "web-2"];
+
+fn reach(c: &Cluster, client: &str) -> Result<Reach> {
+    let node = node_addr(0);
+    let ext = &c.external;
+    Ok(Reach {
+        cluster_ip_tcp: answered_by(&WEB, tcp_ask(client, addr("10.96.0.30:80")))?,
+        cluster_ip_udp: answered_by(&WEB, udp_ask(client, addr("10.96.0.30:53")))?,
+        node_port_tcp: answered_by(&WEB, tcp_ask(ext, SocketAddr::from((node, 30080))))?,
+        node_port_udp: answered_by(&WEB, udp_ask(ext, SocketAddr::from((node, 30053))))?,
+        load_balancer: answered_by(&WEB, tcp_ask(ext, SocketAddr::from((LB_IP, 80))))?,
+    })
+}
+
+/// e2e service.go "should be able to change the type from ExternalName to
+/// ClusterIP", "... from ClusterIP to ExternalName", "... from NodePort to
+/// ExternalName", "should be able to update NodePorts with two same port
+/// numbers but different protocols" and loadbalancer.go "should be able to
+/// change the type and ports of a TCP service": one Service goes ExternalName →
+/// ClusterIP → NodePort → LoadBalancer → ClusterIP → ExternalName in place;
+/// after each change the ClusterIP (from a Pod), the NodePorts and the
+/// LoadBalancer IP (from outside) answer exactly when the type has them: a
+/// released NodePort answers nothing.
+#[test]
+fn should_be_able_to_change_the_type_in_place_and_release_node_ports() -> Result<()> {
+    let c = Cluster::start(
+        "types",
+        1,
+        &[("web.yaml".into(), web_as("ExternalName")), ("client.yaml".into(), client_pod("client"))],
+        &["--nodeport-addresses", "192.168.77.0/24"],
+    )?;
+    let n1 = c.nodes[0].node.clone();
+    c.write_manifest("web-1.yaml", &on_node(&echo_pod("web-1", "web", None), &n1))?;
+    c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n1))?;
+    ferry_tests::sys::run("ip", &["-n", &c.external, "route", "add", &format!("{LB_IP}/32"), "via", &node_addr(0).to_string()])?;
+    c.wait_ready(&["web-1", "web-2", "client"], READY)?;
+    let client = c.pod_netns("client")?;
+    let lab = &c.nodes[0];
+    let agent = lab.agent_pid();
+    let nothing = Reach { cluster_ip_tcp: false, cluster_ip_udp: false, node_port_tcp: false, node_port_udp: false, load_balancer: false };
+    let cluster_ip = Reach { cluster_ip_tcp: true, cluster_ip_udp: true, ..nothing };
+    let node_port = Reach { node_port_tcp: true, node_port_udp: true, ..cluster_ip };
+    let load_balancer = Reach { load_balancer: true, ..node_port };
+    for (kind, want) in [
+        ("ExternalName", nothing),
+        ("ClusterIP", cluster_ip),
+        ("NodePort", node_port),
+        ("LoadBalancer", load_balancer),
+        ("ClusterIP", cluster_ip),
+        ("ExternalName", nothing),
+    ] {
+        c.write_manifest("web.yaml", &web_as(kind))?;
+        let start = Instant::now();
+        let mut last = None;
+        lab.wait_until(CONVERGE, &format!("{kind}: {want:?}"), || {
+            let now = reach(&c, &client)?;
+            last = Some(now);
+            Ok(now == want)
+        })?;
+        eprintln!("{kind}: {want:?} after {:?}", start.elapsed());
+        // Both backends answer where something should.
+        if want.cluster_ip_tcp {
+            lab.wait_answered_by(&format!("{kind} ClusterIP"), &WEB, || tcp_ask(&client, addr("10.96.0.30:80")))?;
+        }
+        if want.node_port_tcp {
+            lab.wait_answered_by(&format!("{kind} NodePort"), &WEB, || {
+                tcp_ask(&c.external, SocketAddr::from((node_addr(0), 30080)))
+            })?;
+        }
+        // And it stays so (not one lucky probe).
+        assert_eq!(reach(&c, &client)?, want, "{kind}, again");
+        let list = lab.ferry(&["svc", "list"])?;
+        assert_eq!(list.contains(":30080"), want.node_port_tcp, "{kind}: NodePort 30080 in svc list:\n{list}");
+    }
+    for l in &c.nodes {
+        assert_eq!(l.agent_pid(), agent, "no restart");
+    }
+    Ok(())
+}
