@@ -26,12 +26,16 @@ pub struct Endpoint {
 }
 
 /// Endpoints of `port` of a Service with a selector: the Pods in its namespace whose
-/// labels match, that have an IP and run.
+/// labels match, that have an IP and run. With `publish_not_ready`
+/// (spec.publishNotReadyAddresses) every such Pod is ready, as the EndpointSlice
+/// controller marks it (`ready = publishNotReadyAddresses || (podReady &&
+/// !terminating)`); `serving` stays the Pod's own readiness.
 pub fn from_pods(
     namespace: &str,
     selector: &BTreeMap<String, String>,
     port: &ServicePort,
     pods: &[PodRecord],
+    publish_not_ready: bool,
 ) -> Vec<Endpoint> {
     let protocol = port.protocol.as_deref().unwrap_or("TCP");
     pods.iter()
@@ -52,7 +56,7 @@ pub fn from_pods(
             Some(Endpoint {
                 addr,
                 port: target,
-                ready: p.ready && !p.terminating,
+                ready: publish_not_ready || (p.ready && !p.terminating),
                 serving: p.ready,
                 terminating: p.terminating,
                 node: Some(p.node.clone()),
@@ -228,7 +232,7 @@ mod tests {
         let selector: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
         let port: ServicePort =
             serde_json::from_str(r#"{"port": 80, "targetPort": "web"}"#).expect("valid port");
-        let eps = from_pods("default", &selector, &port, &pods);
+        let eps = from_pods("default", &selector, &port, &pods, false);
         assert_eq!(eps.len(), 1);
         assert_eq!(
             (eps[0].addr, eps[0].port),
@@ -237,6 +241,41 @@ mod tests {
         // A named port the Pod does not have: the Pod is no endpoint of that port.
         let port: ServicePort =
             serde_json::from_str(r#"{"port": 80, "targetPort": "nope"}"#).expect("valid port");
-        assert!(from_pods("default", &selector, &port, &pods).is_empty());
+        assert!(from_pods("default", &selector, &port, &pods, false).is_empty());
+    }
+
+    #[test]
+    fn publish_not_ready_addresses_makes_unready_and_terminating_pods_ready() {
+        let pod = |ready: bool, terminating: bool| PodRecord {
+            name: format!("p-{ready}-{terminating}"),
+            namespace: "default".into(),
+            node: "n1".into(),
+            labels: [("app".to_string(), "web".to_string())].into(),
+            ports: Vec::new(),
+            pod_ip: Some(Ipv4Addr::new(10, 244, 0, 2 + u8::from(ready) + 2 * u8::from(terminating))),
+            host_ip: None,
+            phase: "Running".into(),
+            ready,
+            terminating,
+            netns: None,
+            restarts: 0,
+        };
+        let pods = [pod(true, false), pod(false, false), pod(true, true), pod(false, true)];
+        let selector: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        let port: ServicePort = serde_json::from_str(r#"{"port": 80, "targetPort": 8080}"#).expect("valid port");
+        let conditions = |publish| {
+            from_pods("default", &selector, &port, &pods, publish)
+                .iter()
+                .map(|e| (e.ready, e.serving, e.terminating))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            conditions(false),
+            [(true, true, false), (false, false, false), (false, true, true), (false, false, true)]
+        );
+        assert_eq!(
+            conditions(true),
+            [(true, true, false), (true, false, false), (true, true, true), (true, false, true)]
+        );
     }
 }

@@ -285,8 +285,13 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                         name: meta.name.clone().unwrap_or_default(),
                         local_endpoints: 0,
                     });
-                    // Local endpoints of the Service (over its ports: the most).
-                    entry.local_endpoints = entry.local_endpoints.max(backends.0.len());
+                    // Local ready endpoints of the Service (over its ports: the
+                    // most). Terminating ones taking new connections as the
+                    // last resort do not count: the node answers 503 and load
+                    // balancers drain it, as kube-proxy does (KEP-1669).
+                    let (usable, _, fallback) = &backends;
+                    let ready = if *fallback { 0 } else { usable.len() };
+                    entry.local_endpoints = entry.local_endpoints.max(ready);
                 }
             }
             for (addr, eport, kind, field) in external {
@@ -785,7 +790,8 @@ fn endpoints_of(
     let ns = meta.namespace.as_deref().unwrap_or("default");
     if pod_endpoints {
         if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
-            return endpoints::from_pods(ns, selector, sp, &snapshot.pods);
+            let publish_not_ready = v.spec.publish_not_ready_addresses.unwrap_or(false);
+            return endpoints::from_pods(ns, selector, sp, &snapshot.pods, publish_not_ready);
         }
     }
     let slices = index.slices.get(&v.key).map(Vec::as_slice).unwrap_or_default();
@@ -986,6 +992,34 @@ mod tests {
         // No Pods: the frontend exists with no backends.
         s.pods.clear();
         assert!(run(&s).frontends.iter().all(|f| f.backends.is_empty()));
+    }
+
+    #[test]
+    fn health_check_counts_local_ready_endpoints_and_no_terminating_fallback() {
+        let y = "metadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports: [{name: http, port: 80, targetPort: http, nodePort: 30080}]\n";
+        let cfg = Config { node: "n1".into(), nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11)], ..Config::default() };
+        let count = |pods: Vec<PodRecord>| {
+            let t = translate(&Snapshot { services: vec![svc(y)], pods, ..Default::default() }, &cfg);
+            assert!(t.errors.is_empty(), "{:?}", t.errors);
+            t.health_checks.get(&32000).map(|h| h.local_endpoints)
+        };
+        let ready = pod("a", [10, 244, 0, 2], true, false);
+        let terminating = pod("b", [10, 244, 0, 3], true, true);
+        assert_eq!(count(vec![ready.clone(), terminating.clone()]), Some(1));
+        // Only a serving+terminating endpoint left: it takes new connections
+        // (the fallback), but the node reports none, so load balancers drain it.
+        assert_eq!(count(vec![terminating]), Some(0));
+        assert_eq!(count(Vec::new()), Some(0));
+    }
+
+    #[test]
+    fn publish_not_ready_addresses_serves_pods_that_are_not_ready() {
+        let y = "metadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  publishNotReadyAddresses: true\n  ports: [{name: http, port: 80, targetPort: http}]\n";
+        let unready = pod("a", [10, 244, 0, 2], false, false);
+        let t = run(&Snapshot { services: vec![svc(y)], pods: vec![unready.clone()], ..Default::default() });
+        assert_eq!(t.frontends[0].backends.iter().map(|b| b.addr).collect::<Vec<_>>(), [Ipv4Addr::new(10, 244, 0, 2)]);
+        let t = run(&Snapshot { services: vec![svc(WEB)], pods: vec![unready], ..Default::default() });
+        assert!(t.frontends.iter().all(|f| f.backends.is_empty()), "without it, no backend");
     }
 
     #[test]
