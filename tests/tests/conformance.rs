@@ -6,15 +6,17 @@
 //! backend answered, or that nothing did. Nothing is restarted unless the test
 //! says so: every change is a manifest rewritten under a running agent.
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster},
-    manifests::{client_pod, echo_pod, echo_service, on_node},
-    tcp_ask, udp_ask, Lab, LabOptions,
+    http_get,
+    manifests::{client_pod, draining_echo_pod, echo_pod, echo_service, on_node},
+    split, tcp_ask, udp_ask, Lab, LabOptions,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -223,5 +225,121 @@ fn should_be_able_to_change_the_type_in_place_and_release_node_ports() -> Result
     for l in &c.nodes {
         assert_eq!(l.agent_pid(), agent, "no restart");
     }
+    Ok(())
+}
+
+/// `GET /` on node `i`'s healthCheckNodePort 32000 from the external client:
+/// the status and the `localEndpoints` it reports.
+fn health(c: &Cluster, i: usize) -> Result<(u16, u64)> {
+    let (status, body) = http_get(&c.external, SocketAddr::from((node_addr(i), 32000)), "/")?;
+    let v: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("health check body {body:?}"))?;
+    let n = v["localEndpoints"].as_u64().with_context(|| format!("no localEndpoints in {body}"))?;
+    Ok((status, n))
+}
+
+/// Which backends answer `n` new connections from the external client to `to`.
+fn external_split(c: &Cluster, to: SocketAddr, n: usize) -> Result<BTreeMap<String, usize>> {
+    split(&c.external, n, |ns| tcp_ask(ns, to))
+}
+
+/// e2e service.go "should fallback to local terminating endpoints when there
+/// are no ready endpoints with externalTrafficPolicy=Local" and "should
+/// fallback to terminating endpoints when there are no ready endpoints with
+/// externallTrafficPolicy=Cluster" (sic), with loadbalancer.go's health check
+/// of ETP=Local: `web-1` (node 1) drains for 30 s after its deletion, `web-2`
+/// (node 2) stays ready. Through node 1, the Local Service falls back to its
+/// only local endpoint, terminating (never to node 2's ready one), while its
+/// healthCheckNodePort answers 503 with 0 local endpoints so load balancers
+/// drain the node; the Cluster Service prefers the ready endpoint on node 2.
+#[test]
+fn should_fallback_to_terminating_endpoints_only_without_ready_ones_for_both_traffic_policies() -> Result<()> {
+    let svc = |name: &str, policy: &str, node_port: u16, extra: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: NodePort\n  externalTrafficPolicy: {policy}\n{extra}  selector: {{app: web}}\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {node_port}}}]\n"
+        )
+    };
+    let services = format!(
+        "{}---\n{}",
+        svc("local", "Local", 30080, "  healthCheckNodePort: 32000\n"),
+        svc("cluster", "Cluster", 30081, "")
+    );
+    let c = Cluster::start("term", 2, &[("web.yaml".into(), services)], &["--nodeport-addresses", "192.168.77.0/24"])?;
+    let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
+    c.write_manifest("web-1.yaml", &on_node(&draining_echo_pod("web-1", "web", 30), &n1))?;
+    c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n2))?;
+    c.wait_ready(&["web-1", "web-2"], READY)?;
+    let lab = &c.nodes[0];
+    let local = SocketAddr::from((node_addr(0), 30080));
+    let cluster = SocketAddr::from((node_addr(0), 30081));
+    lab.wait_answered_by("Local via node 1", &["web-1"], || tcp_ask(&c.external, local))?;
+    lab.wait_answered_by("Cluster via node 1", &WEB, || tcp_ask(&c.external, cluster))?;
+    lab.wait_until(CONVERGE, "health checks 200 on both nodes", || {
+        Ok(health(&c, 0).is_ok_and(|h| h == (200, 1)) && health(&c, 1).is_ok_and(|h| h == (200, 1)))
+    })?;
+    let seen = external_split(&c, local, 20)?;
+    assert_eq!(seen.keys().collect::<Vec<_>>(), ["web-1"], "Local: the local endpoint only: {seen:?}");
+
+    // Delete web-1 (from every node's manifests): it terminates for 30 s,
+    // still serving.
+    for node in &c.nodes {
+        node.remove_manifest("web-1.yaml")?;
+    }
+    lab.wait_until(CONVERGE, "web-1 terminating", || Ok(lab.pod("web-1").is_some_and(|p| p.terminating)))?;
+    lab.wait_until(CONVERGE, "node 1's health check to report no ready local endpoint", || {
+        Ok(health(&c, 0).is_ok_and(|h| h == (503, 0)))
+    })?;
+    lab.wait_until(CONVERGE, "Cluster to leave the terminating endpoint", || {
+        Ok(!external_split(&c, cluster, 10)?.contains_key("web-1"))
+    })?;
+    let local_seen = external_split(&c, local, 20)?;
+    let cluster_seen = external_split(&c, cluster, 20)?;
+    let (h1, h2) = (health(&c, 0)?, health(&c, 1)?);
+    assert!(lab.pod("web-1").is_some_and(|p| p.terminating), "web-1 still terminating while measured");
+    assert_eq!(
+        local_seen.keys().collect::<Vec<_>>(),
+        ["web-1"],
+        "Local, no ready local endpoint: the local terminating one, never node 2's: {local_seen:?}"
+    );
+    assert_eq!(cluster_seen.keys().collect::<Vec<_>>(), ["web-2"], "Cluster: the ready endpoint only: {cluster_seen:?}");
+    assert_eq!(h1, (503, 0), "node 1: only a terminating local endpoint");
+    assert_eq!(h2, (200, 1), "node 2: its ready endpoint");
+    Ok(())
+}
+
+/// e2e service.go "should create endpoints for unready pods"
+/// (publishNotReadyAddresses): a Pod whose readiness probe fails is served by
+/// a Service that publishes not-ready addresses, and not by one that does not.
+/// In standalone mode the agent plays the EndpointSlice controller over the
+/// shim's Pod records.
+#[test]
+fn should_create_endpoints_for_unready_pods() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("ferry-conf-unready-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let never = dir.join("never-ready");
+    std::fs::write(&never, b"")?;
+    let svc = |name: &str, ip: &str, publish: bool| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  clusterIP: {ip}\n  publishNotReadyAddresses: {publish}\n  selector: {{app: unready}}\n  ports: [{{name: http, port: 80, targetPort: 8080}}]\n"
+        )
+    };
+    let opts = LabOptions::new("unready")
+        .scratch_dir(&dir)
+        .manifest("client.yaml", &client_pod("client"))
+        .manifest("published.yaml", &svc("published", "10.96.0.12", true))
+        .manifest("unpublished.yaml", &svc("unpublished", "10.96.0.13", false))
+        .manifest("unready.yaml", &echo_pod("unready", "unready", Some(&never.to_string_lossy())));
+    let lab = Lab::start(opts)?;
+    lab.wait_ready(&["client"], READY)?;
+    lab.wait_until(READY, "the unready Pod running with an IP", || {
+        Ok(lab.pod("unready").is_some_and(|p| p.phase == "Running" && p.pod_ip.is_some()))
+    })?;
+    let client = lab.pod_netns("client")?;
+    lab.wait_answered_by("the published Service", &["unready"], || tcp_ask(&client, addr("10.96.0.12:80")))?;
+    assert!(lab.pod("unready").is_some_and(|p| !p.ready), "the Pod is still not ready");
+    let seen = split(&client, 10, |ns| tcp_ask(ns, addr("10.96.0.12:80")))?;
+    assert_eq!(seen.get("unready"), Some(&10), "{seen:?}");
+    let list = lab.ferry(&["svc", "list"])?;
+    assert!(list.contains("10.96.0.13:80"), "the unpublished Service is programmed:\n{list}");
+    assert!(tcp_ask(&client, addr("10.96.0.13:80")).is_err(), "a Service that does not publish them has no endpoint");
     Ok(())
 }
