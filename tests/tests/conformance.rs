@@ -16,7 +16,7 @@ use ferry_tests::{
     cluster::{node_addr, Cluster},
     http_get,
     manifests::{client_pod, draining_echo_pod, echo_pod, echo_service, on_node},
-    split, tcp_ask, udp_ask, Lab, LabOptions,
+    split, tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -341,5 +341,61 @@ fn should_create_endpoints_for_unready_pods() -> Result<()> {
     let list = lab.ferry(&["svc", "list"])?;
     assert!(list.contains("10.96.0.13:80"), "the unpublished Service is programmed:\n{list}");
     assert!(tcp_ask(&client, addr("10.96.0.13:80")).is_err(), "a Service that does not publish them has no endpoint");
+    Ok(())
+}
+
+/// A Service `multi` at 10.96.0.14 selecting the echo Pods, with TCP and UDP
+/// on each of the ports 8001-8010 (20 ports), named `{prefix}-tcp-N` and
+/// `{prefix}-udp-N`.
+fn multi_port_service(prefix: &str) -> String {
+    let mut ports = String::new();
+    for n in 1..=10 {
+        for proto in ["TCP", "UDP"] {
+            let lower = proto.to_lowercase();
+            ports.push_str(&format!(
+                "    - {{name: {prefix}-{lower}-{n}, port: {}, protocol: {proto}, targetPort: 8080}}\n",
+                8000 + n
+            ));
+        }
+    }
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: multi, namespace: default}}\nspec:\n  clusterIP: 10.96.0.14\n  selector: {{app: echo}}\n  ports:\n{ports}"
+    )
+}
+
+/// e2e service.go "should serve multiport endpoints from pods" and "should be
+/// able to update service type to NodePort listening on same port number but
+/// different protocol", at scale: one Service with 20 ports, TCP and UDP on
+/// the same ten numbers, every one answered by both backends; then every port
+/// renamed in place: an established connection keeps its backend and every
+/// port is still answered.
+#[test]
+fn should_serve_multiport_endpoints_with_tcp_and_udp_on_one_port_and_survive_a_rename() -> Result<()> {
+    let (lab, client) = echo_lab("multiport", &[("multi.yaml", multi_port_service("a"))])?;
+    let all_answer = |what: &str| -> Result<()> {
+        for n in 1..=10u16 {
+            let to = SocketAddr::from(([10, 96, 0, 14], 8000 + n));
+            lab.wait_answered_by(&format!("{what} TCP {to}"), &ECHO, || tcp_ask(&client, to))?;
+            lab.wait_answered_by(&format!("{what} UDP {to}"), &ECHO, || udp_ask(&client, to))?;
+        }
+        Ok(())
+    };
+    all_answer("before the rename")?;
+    let list = lab.ferry(&["svc", "list"])?;
+    assert_eq!(list.matches("10.96.0.14:").count(), 20, "20 frontends:\n{list}");
+    assert!(list.contains("a-udp-7"), "port names in svc list:\n{list}");
+
+    let mut held = TcpSession::connect(&client, addr("10.96.0.14:8005"))?;
+    let backend = held.ask()?;
+    lab.write_manifest("multi.yaml", &multi_port_service("b"))?;
+    lab.wait_until(CONVERGE, "the renamed ports in svc list", || {
+        let list = lab.ferry(&["svc", "list"])?;
+        Ok(list.contains("b-udp-7") && !list.contains("a-udp-7"))
+    })?;
+    for i in 0..5 {
+        assert_eq!(held.ask().with_context(|| format!("request {i} after the rename"))?, backend, "the same backend");
+    }
+    all_answer("after the rename")?;
+    assert_eq!(held.ask()?, backend, "still the same backend");
     Ok(())
 }
