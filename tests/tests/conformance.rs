@@ -6,7 +6,7 @@
 //! backend answered, or that nothing did. Nothing is restarted unless the test
 //! says so: every change is a manifest rewritten under a running agent.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr},
     time::{Duration, Instant},
 };
@@ -397,5 +397,86 @@ fn should_serve_multiport_endpoints_with_tcp_and_udp_on_one_port_and_survive_a_r
     }
     all_answer("after the rename")?;
     assert_eq!(held.ask()?, backend, "still the same backend");
+    Ok(())
+}
+
+/// The `sticky` Service: NodePort 30080 over `app: web`, with ClientIP
+/// affinity of `timeout` seconds, or none.
+fn sticky(timeout: Option<u32>) -> String {
+    let affinity = match timeout {
+        Some(t) => format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}\n"),
+        None => "  sessionAffinity: None\n".to_string(),
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: sticky, namespace: default}}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.40\n  selector: {{app: web}}\n{affinity}  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: 30080}}]\n"
+    )
+}
+
+/// e2e service.go "should have session affinity work for service with type
+/// clusterIP", "... for NodePort service", "should be able to switch session
+/// affinity for service with type clusterIP", "... for NodePort service" and
+/// "should have session affinity timeout work for NodePort service": three
+/// backends; with ClientIP affinity 15 consecutive connections of a Pod (to
+/// the ClusterIP) and of an external client (to the NodePort) each reach one
+/// backend; after the timeout (1 s, the least the API allows, plus margin) of
+/// silence the choice is made afresh (over bounded rounds more than one backend
+/// is chosen); switched off, new connections spread again; switched on, they
+/// stick again. The agent is never restarted.
+#[test]
+fn should_have_session_affinity_work_switch_and_time_out_for_clusterip_and_nodeport() -> Result<()> {
+    let backends = ["web-1", "web-2", "web-3"];
+    let c = Cluster::start(
+        "affinity",
+        1,
+        &[("sticky.yaml".into(), sticky(None)), ("client.yaml".into(), client_pod("client"))],
+        &["--nodeport-addresses", "192.168.77.0/24"],
+    )?;
+    let n1 = c.nodes[0].node.clone();
+    for b in backends {
+        c.write_manifest(&format!("{b}.yaml"), &on_node(&echo_pod(b, "web", None), &n1))?;
+    }
+    c.wait_ready(&["web-1", "web-2", "web-3", "client"], READY)?;
+    let lab = &c.nodes[0];
+    let pod = c.pod_netns("client")?;
+    let vip = addr("10.96.0.40:80");
+    let node_port = SocketAddr::from((node_addr(0), 30080));
+    let clients = [(pod.as_str(), vip), (c.external.as_str(), node_port)];
+    let spread = |what: &str| -> Result<()> {
+        for (ns, to) in clients {
+            lab.wait_answered_by(&format!("{what}: {to}"), &backends, || tcp_ask(ns, to))?;
+        }
+        Ok(())
+    };
+    let sticks = |ns: &str, to: SocketAddr| -> Result<bool> { Ok(split(ns, 15, |ns| tcp_ask(ns, to))?.len() == 1) };
+    spread("without affinity")?;
+
+    for round in ["on", "on again"] {
+        c.write_manifest("sticky.yaml", &sticky(Some(1)))?;
+        for (ns, to) in clients {
+            lab.wait_until(CONVERGE, &format!("affinity {round}: 15 connections to {to}, one backend"), || sticks(ns, to))?;
+            for _ in 0..3 {
+                let seen = split(ns, 15, |ns| tcp_ask(ns, to))?;
+                assert_eq!(seen.len(), 1, "affinity {round}, {to}: 15 consecutive connections, one backend: {seen:?}");
+            }
+        }
+        let json = lab.ferry(&["svc", "list", "-o", "json"])?;
+        assert!(json.contains("\"affinity_timeout_seconds\": 1"), "svc list shows the timeout:\n{json}");
+
+        // Silence for longer than the timeout: each next connection is
+        // balanced afresh. Any one round stays with 1/3; 12 rounds all
+        // staying is (1/3)^11 while expiry works, never when it does not.
+        let mut chosen = BTreeSet::new();
+        for _ in 0..12 {
+            std::thread::sleep(Duration::from_millis(2500));
+            chosen.insert(tcp_ask(&c.external, node_port)?);
+            if chosen.len() > 1 {
+                break;
+            }
+        }
+        assert!(chosen.len() > 1, "affinity {round} never expired after 1 s of silence: {chosen:?}");
+
+        c.write_manifest("sticky.yaml", &sticky(None))?;
+        spread("affinity switched off")?;
+    }
     Ok(())
 }
