@@ -7,14 +7,14 @@
 //! says so: every change is a manifest rewritten under a running agent.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr, UdpSocket},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster},
-    http_get,
+    http_get, in_netns,
     manifests::{client_pod, draining_echo_pod, echo_pod, echo_service, on_node},
     split, tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
 };
@@ -477,6 +477,86 @@ fn should_have_session_affinity_work_switch_and_time_out_for_clusterip_and_nodep
 
         c.write_manifest("sticky.yaml", &sticky(None))?;
         spread("affinity switched off")?;
+    }
+    Ok(())
+}
+
+/// One UDP datagram of `size` bytes from `netns` to `to`: the answer.
+fn udp_ask_sized(netns: &str, to: SocketAddr, size: usize) -> Result<String> {
+    in_netns(netns, move || -> Result<String> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.connect(to)?;
+        let mut payload = vec![b'x'; size];
+        payload[size - 1] = b'\n';
+        assert_eq!(s.send(&payload)?, size, "sent whole");
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf).context("no UDP answer")?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    })?
+}
+
+/// The `web` NodePort Service (TCP 80/30080, UDP 53/30053) on one node with
+/// `web-1` and `web-2`, and a client Pod: the Pod's and the external client's
+/// namespaces with the ClusterIP and the NodePort (TCP, UDP) each reaches,
+/// once every backend answers small requests on each.
+fn large_request_cluster(tag: &str) -> Result<(Cluster, Vec<(String, SocketAddr, SocketAddr)>)> {
+    let c = Cluster::start(
+        tag,
+        1,
+        &[("web.yaml".into(), web_as("NodePort")), ("client.yaml".into(), client_pod("client"))],
+        &["--nodeport-addresses", "192.168.77.0/24"],
+    )?;
+    let n1 = c.nodes[0].node.clone();
+    c.write_manifest("web-1.yaml", &on_node(&echo_pod("web-1", "web", None), &n1))?;
+    c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n1))?;
+    c.wait_ready(&["web-1", "web-2", "client"], READY)?;
+    let paths = vec![
+        (c.pod_netns("client")?, addr("10.96.0.30:80"), addr("10.96.0.30:53")),
+        (c.external.clone(), SocketAddr::from((node_addr(0), 30080)), SocketAddr::from((node_addr(0), 30053))),
+    ];
+    for (ns, tcp, udp) in &paths {
+        c.nodes[0].wait_answered_by(&format!("small requests to {tcp}"), &WEB, || tcp_ask(ns, *tcp))?;
+        c.nodes[0].wait_answered_by(&format!("small datagrams to {udp}"), &WEB, || udp_ask(ns, *udp))?;
+    }
+    Ok((c, paths))
+}
+
+/// e2e networking.go "should be able to handle large requests: http",
+/// through a ClusterIP from a Pod and a NodePort from outside: HTTP requests of
+/// over 2,000 bytes (more than one segment on the 1500-byte MTU) reach a
+/// backend, whose answer comes back.
+#[test]
+fn should_be_able_to_handle_large_requests_http() -> Result<()> {
+    let (_c, paths) = large_request_cluster("largetcp")?;
+    let path = format!("/{}", "p".repeat(2000));
+    for (ns, tcp, _) in &paths {
+        let seen = split(ns, 10, |ns| {
+            let (status, body) = http_get(ns, *tcp, &path)?;
+            anyhow::ensure!(status == 200, "HTTP {status}");
+            Ok(body.trim().to_string())
+        })?;
+        assert!(seen.keys().all(|k| WEB.contains(&k.as_str())), "2,000-byte HTTP requests to {tcp}: {seen:?}");
+    }
+    Ok(())
+}
+
+/// e2e networking.go "should be able to handle large requests: udp", through
+/// a ClusterIP from a Pod and a NodePort from outside: 1,400-byte datagrams
+/// (one packet) are answered, and 2,000-byte ones (two IPv4 fragments) must
+/// be too. Ignored: the dataplane translates the first fragment (it has the
+/// UDP header) but not the second (no ports to look up), so the backend never
+/// reassembles the datagram; it needs fragment tracking in dataplane-ebpf/
+/// (README, "Kubernetes conformance"). Run with `--ignored` to see it.
+#[test]
+#[ignore = "IPv4 fragments after the first are not translated (needs dataplane fragment tracking)"]
+fn should_be_able_to_handle_large_requests_udp() -> Result<()> {
+    let (_c, paths) = large_request_cluster("largeudp")?;
+    for (ns, _, udp) in &paths {
+        for size in [1400, 2000] {
+            let seen = split(ns, 10, |ns| udp_ask_sized(ns, *udp, size).with_context(|| format!("{size} bytes to {udp}")))?;
+            assert!(seen.keys().all(|k| WEB.contains(&k.as_str())), "{size}-byte datagrams to {udp}: {seen:?}");
+        }
     }
     Ok(())
 }
