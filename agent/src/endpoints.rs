@@ -91,7 +91,8 @@ pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>]) -> Ve
             let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
             for a in &ep.addresses {
-                if let Ok(addr) = a.parse::<Ipv4Addr>() {
+                // Bad spellings are reported by translate's checks.
+                if let Ok(addr) = crate::translate::parse_ipv4(a) {
                     out.push(Endpoint {
                         addr,
                         port: target,
@@ -127,7 +128,7 @@ pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints) -> Vec<Endpoint
         ];
         for (addrs, ready) in sets {
             for a in addrs {
-                if let Ok(addr) = a.ip.parse::<Ipv4Addr>() {
+                if let Ok(addr) = crate::translate::parse_ipv4(&a.ip) {
                     out.push(Endpoint {
                         addr,
                         port: target,

@@ -560,3 +560,28 @@ fn should_be_able_to_handle_large_requests_udp() -> Result<()> {
     }
     Ok(())
 }
+
+/// Ferry's own rule (Kubernetes' strict IP validation, KEP-4858; e2e has no
+/// test): a clusterIP spelled with leading zeros ("10.96.0.010": 10.96.0.10 to
+/// Go's sloppy parser, 10.96.0.8 to inet_aton) is refused with an error naming
+/// the Service and the field; neither reading is served, the other Services
+/// are; once spelled plainly it is served, by the same agent.
+#[test]
+fn a_cluster_ip_with_leading_zeros_is_refused_by_name_and_never_misread() -> Result<()> {
+    let octal = |ip: &str| echo_service("odd", "echo", ip).replace("clusterIP: ", "clusterIP: \"").replace("\n  selector", "\"\n  selector");
+    let (lab, client) = echo_lab("oddip", &[("odd.yaml", octal("10.96.0.010"))])?;
+    lab.wait_until(CONVERGE, "the error in the agent's log", || {
+        Ok(lab.agent_log().contains("Service default/odd: spec.clusterIP: \"10.96.0.010\": not an IPv4 address: leading zeros"))
+    })?;
+    let list = lab.ferry(&["svc", "list"])?;
+    for reading in ["10.96.0.10:", "10.96.0.8:"] {
+        assert!(!list.contains(reading), "{reading} programmed:\n{list}");
+    }
+    for reading in ["10.96.0.10:80", "10.96.0.8:80"] {
+        assert!(!answered_by(&ECHO, tcp_ask(&client, addr(reading)))?, "{reading} answers");
+    }
+    assert!(answered_by(&ECHO, tcp_ask(&client, addr("10.96.0.11:80")))?, "the other Service answers");
+    lab.write_manifest("odd.yaml", &octal("10.96.0.10"))?;
+    lab.wait_answered_by_within(CONVERGE, "the plainly spelled ClusterIP", &ECHO, || tcp_ask(&client, addr("10.96.0.10:80")))?;
+    Ok(())
+}
