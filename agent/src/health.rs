@@ -108,6 +108,8 @@ struct State {
     last_sync: Option<(Instant, SystemTime)>,
     /// What that sync could not write to the maps (the rest is serving).
     not_programmed: Vec<String>,
+    /// API resources whose list/watch is failing now, with the error.
+    api_failing: Vec<String>,
 }
 
 impl Health {
@@ -124,6 +126,12 @@ impl Health {
         let mut st = self.lock();
         st.last_sync = Some((Instant::now(), SystemTime::now()));
         st.not_programmed = not_programmed.into_iter().cloned().collect();
+    }
+
+    /// The API resources whose list/watch is failing now ("services: error"):
+    /// /readyz names them while the maps serve the last good state.
+    pub fn api_failing(&self, failing: Vec<String>) {
+        self.lock().api_failing = failing;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -169,8 +177,17 @@ impl Health {
                 Reply::json(status, body.to_string())
             }
             "/readyz" => {
-                if self.is_ready() {
+                // Still ready while the API is in trouble: the maps serve the
+                // last good state (failing closed would change nothing in them),
+                // and the body says what is stale.
+                let failing = self.lock().api_failing.clone();
+                if self.is_ready() && failing.is_empty() {
                     Reply::text(StatusCode::OK, "ok\n")
+                } else if self.is_ready() {
+                    Reply::text(
+                        StatusCode::OK,
+                        format!("ok: serving the last good state; failing API watches: {}\n", failing.join("; ")),
+                    )
                 } else {
                     Reply::text(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -223,6 +240,15 @@ mod tests {
             "{body}"
         );
         assert_eq!(h.route("/readyz").status, StatusCode::OK);
+        assert_eq!(h.route("/readyz").body, "ok\n");
+        // The API in trouble: still ready (the last good state is served),
+        // and the body names the failing watch.
+        h.api_failing(vec!["services: 410 Gone".into()]);
+        let r = h.route("/readyz");
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.body.contains("failing API watches: services: 410 Gone"), "{}", r.body);
+        h.api_failing(Vec::new());
+        assert_eq!(h.route("/readyz").body, "ok\n");
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(h.route("/healthz").status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(h.route("/nope").status, StatusCode::NOT_FOUND);
