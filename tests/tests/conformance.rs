@@ -14,6 +14,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster},
+    client::udp_ask_on,
     http_get, in_netns,
     manifests::{client_pod, draining_echo_pod, echo_pod, echo_service, on_node},
     split, tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
@@ -281,9 +282,7 @@ fn should_fallback_to_terminating_endpoints_only_without_ready_ones_for_both_tra
 
     // Delete web-1 (from every node's manifests): it terminates for 30 s,
     // still serving.
-    for node in &c.nodes {
-        node.remove_manifest("web-1.yaml")?;
-    }
+    c.remove_manifest("web-1.yaml")?;
     lab.wait_until(CONVERGE, "web-1 terminating", || Ok(lab.pod("web-1").is_some_and(|p| p.terminating)))?;
     lab.wait_until(CONVERGE, "node 1's health check to report no ready local endpoint", || {
         Ok(health(&c, 0).is_ok_and(|h| h == (503, 0)))
@@ -583,5 +582,50 @@ fn a_cluster_ip_with_leading_zeros_is_refused_by_name_and_never_misread() -> Res
     assert!(answered_by(&ECHO, tcp_ask(&client, addr("10.96.0.11:80")))?, "the other Service answers");
     lab.write_manifest("odd.yaml", &octal("10.96.0.10"))?;
     lab.wait_answered_by_within(CONVERGE, "the plainly spelled ClusterIP", &ECHO, || tcp_ask(&client, addr("10.96.0.10:80")))?;
+    Ok(())
+}
+
+/// conntrack.go "should be able to preserve UDP traffic when server pod
+/// cycles for a NodePort service": an external client sends from one fixed
+/// source port to a NodePort; its backend Pod is deleted and another one
+/// created; the same socket is answered by the new Pod within seconds (the
+/// stale flow to the deleted Pod is not kept).
+#[test]
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_service() -> Result<()> {
+    let c = Cluster::start("udpcycle", 1, &[("web.yaml".into(), web_as("NodePort"))], &["--nodeport-addresses", "192.168.77.0/24"])?;
+    let n1 = c.nodes[0].node.clone();
+    c.write_manifest("web-1.yaml", &on_node(&echo_pod("web-1", "web", None), &n1))?;
+    c.wait_ready(&["web-1"], READY)?;
+    let lab = &c.nodes[0];
+    let to = SocketAddr::from((node_addr(0), 30053));
+    let sock = in_netns(&c.external, move || -> Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:54321")?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        s.connect(to)?;
+        Ok(s)
+    })??;
+    lab.wait_until(CONVERGE, "web-1 answering the fixed-port client", || Ok(udp_ask_on(&sock)? == "web-1"))?;
+
+    c.remove_manifest("web-1.yaml")?;
+    c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n1))?;
+    // The client keeps sending while the Pods are swapped.
+    let mut before = BTreeMap::<String, usize>::new();
+    let mut ask = || {
+        let a = udp_ask_on(&sock).unwrap_or_else(|_| "(nothing)".into());
+        *before.entry(a.clone()).or_default() += 1;
+        a
+    };
+    lab.wait_until(READY, "web-2 ready", || {
+        ask();
+        Ok(lab.pod("web-2").is_some_and(|p| p.ready))
+    })?;
+    let since = Instant::now();
+    lab.wait_until(Duration::from_secs(5), "web-2 answering the same socket within 5 s of turning ready", || {
+        Ok(ask() == "web-2")
+    })?;
+    eprintln!("web-2 answered the fixed-port socket {:?} after turning ready; before: {before:?}", since.elapsed());
+    for _ in 0..5 {
+        assert_eq!(udp_ask_on(&sock)?, "web-2", "and keeps answering");
+    }
     Ok(())
 }
