@@ -244,39 +244,4 @@ mod tests {
             serde_json::from_str(r#"{"port": 80, "targetPort": "nope"}"#).expect("valid port");
         assert!(from_pods("default", &selector, &port, &pods, false).is_empty());
     }
-
-    #[test]
-    fn publish_not_ready_addresses_makes_unready_and_terminating_pods_ready() {
-        let pod = |ready: bool, terminating: bool| PodRecord {
-            name: format!("p-{ready}-{terminating}"),
-            namespace: "default".into(),
-            node: "n1".into(),
-            labels: [("app".to_string(), "web".to_string())].into(),
-            ports: Vec::new(),
-            pod_ip: Some(Ipv4Addr::new(10, 244, 0, 2 + u8::from(ready) + 2 * u8::from(terminating))),
-            host_ip: None,
-            phase: "Running".into(),
-            ready,
-            terminating,
-            netns: None,
-            restarts: 0,
-        };
-        let pods = [pod(true, false), pod(false, false), pod(true, true), pod(false, true)];
-        let selector: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
-        let port: ServicePort = serde_json::from_str(r#"{"port": 80, "targetPort": 8080}"#).expect("valid port");
-        let conditions = |publish| {
-            from_pods("default", &selector, &port, &pods, publish)
-                .iter()
-                .map(|e| (e.ready, e.serving, e.terminating))
-                .collect::<Vec<_>>()
-        };
-        assert_eq!(
-            conditions(false),
-            [(true, true, false), (false, false, false), (false, true, true), (false, false, true)]
-        );
-        assert_eq!(
-            conditions(true),
-            [(true, true, false), (true, false, false), (true, true, true), (true, false, true)]
-        );
-    }
 }

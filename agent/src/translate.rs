@@ -1073,6 +1073,31 @@ mod tests {
         assert_eq!(t.frontends[0].backends.iter().map(|b| b.addr).collect::<Vec<_>>(), [Ipv4Addr::new(10, 244, 0, 2)]);
         let t = run(&Snapshot { services: vec![svc(WEB)], pods: vec![unready], ..Default::default() });
         assert!(t.frontends.iter().all(|f| f.backends.is_empty()), "without it, no backend");
+        // The conditions, as the EndpointSlice controller sets them: ready =
+        // publishNotReadyAddresses || (podReady && !terminating), serving =
+        // podReady.
+        let pods = [
+            pod("a", [10, 244, 0, 2], true, false),
+            pod("b", [10, 244, 0, 3], false, false),
+            pod("c", [10, 244, 0, 4], true, true),
+            pod("d", [10, 244, 0, 5], false, true),
+        ];
+        let selector: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        let port: ServicePort = serde_json::from_str(r#"{"port": 80, "targetPort": 8080}"#).expect("valid port");
+        let conditions = |publish| {
+            endpoints::from_pods("default", &selector, &port, &pods, publish)
+                .iter()
+                .map(|e| (e.ready, e.serving, e.terminating))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            conditions(false),
+            [(true, true, false), (false, false, false), (false, true, true), (false, false, true)]
+        );
+        assert_eq!(
+            conditions(true),
+            [(true, true, false), (true, false, false), (true, true, true), (true, false, true)]
+        );
     }
 
     #[test]

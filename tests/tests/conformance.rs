@@ -139,6 +139,28 @@ fn web_as(kind: &str) -> String {
     )
 }
 
+/// One node serving NodePorts on its underlay address, with `services`, echo
+/// Pods `backends` (labelled `app: web`) and a client Pod on it, and the
+/// external client routing the LoadBalancer IP to the node; once the Pods are
+/// ready.
+fn one_node_cluster(tag: &str, services: String, backends: &[&str]) -> Result<Cluster> {
+    let c = Cluster::start(
+        tag,
+        1,
+        &[("services.yaml".into(), services), ("client.yaml".into(), client_pod("client"))],
+        &["--nodeport-addresses", "192.168.77.0/24"],
+    )?;
+    let n1 = c.nodes[0].node.clone();
+    for b in backends {
+        c.write_manifest(&format!("{b}.yaml"), &on_node(&echo_pod(b, "web", None), &n1))?;
+    }
+    ferry_tests::sys::run("ip", &["-n", &c.external, "route", "add", &format!("{LB_IP}/32"), "via", &node_addr(0).to_string()])?;
+    let mut pods = backends.to_vec();
+    pods.push("client");
+    c.wait_ready(&pods, READY)?;
+    Ok(c)
+}
+
 /// What answers, from a Pod and from outside the cluster.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
 struct Reach {
@@ -174,17 +196,7 @@ fn reach(c: &Cluster, client: &str) -> Result<Reach> {
 /// released NodePort answers nothing.
 #[test]
 fn should_be_able_to_change_the_type_in_place_and_release_node_ports() -> Result<()> {
-    let c = Cluster::start(
-        "types",
-        1,
-        &[("web.yaml".into(), web_as("ExternalName")), ("client.yaml".into(), client_pod("client"))],
-        &["--nodeport-addresses", "192.168.77.0/24"],
-    )?;
-    let n1 = c.nodes[0].node.clone();
-    c.write_manifest("web-1.yaml", &on_node(&echo_pod("web-1", "web", None), &n1))?;
-    c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n1))?;
-    ferry_tests::sys::run("ip", &["-n", &c.external, "route", "add", &format!("{LB_IP}/32"), "via", &node_addr(0).to_string()])?;
-    c.wait_ready(&["web-1", "web-2", "client"], READY)?;
+    let c = one_node_cluster("types", web_as("ExternalName"), &WEB)?;
     let client = c.pod_netns("client")?;
     let lab = &c.nodes[0];
     let agent = lab.agent_pid();
@@ -200,7 +212,7 @@ fn should_be_able_to_change_the_type_in_place_and_release_node_ports() -> Result
         ("ClusterIP", cluster_ip),
         ("ExternalName", nothing),
     ] {
-        c.write_manifest("web.yaml", &web_as(kind))?;
+        c.write_manifest("services.yaml", &web_as(kind))?;
         let start = Instant::now();
         let mut last = None;
         lab.wait_until(CONVERGE, &format!("{kind}: {want:?}"), || {
@@ -424,17 +436,7 @@ fn sticky(timeout: Option<u32>) -> String {
 #[test]
 fn should_have_session_affinity_work_switch_and_time_out_for_clusterip_and_nodeport() -> Result<()> {
     let backends = ["web-1", "web-2", "web-3"];
-    let c = Cluster::start(
-        "affinity",
-        1,
-        &[("sticky.yaml".into(), sticky(None)), ("client.yaml".into(), client_pod("client"))],
-        &["--nodeport-addresses", "192.168.77.0/24"],
-    )?;
-    let n1 = c.nodes[0].node.clone();
-    for b in backends {
-        c.write_manifest(&format!("{b}.yaml"), &on_node(&echo_pod(b, "web", None), &n1))?;
-    }
-    c.wait_ready(&["web-1", "web-2", "web-3", "client"], READY)?;
+    let c = one_node_cluster("affinity", sticky(None), &backends)?;
     let lab = &c.nodes[0];
     let pod = c.pod_netns("client")?;
     let vip = addr("10.96.0.40:80");
@@ -450,7 +452,7 @@ fn should_have_session_affinity_work_switch_and_time_out_for_clusterip_and_nodep
     spread("without affinity")?;
 
     for round in ["on", "on again"] {
-        c.write_manifest("sticky.yaml", &sticky(Some(1)))?;
+        c.write_manifest("services.yaml", &sticky(Some(1)))?;
         for (ns, to) in clients {
             lab.wait_until(CONVERGE, &format!("affinity {round}: 15 connections to {to}, one backend"), || sticks(ns, to))?;
             for _ in 0..3 {
@@ -474,7 +476,7 @@ fn should_have_session_affinity_work_switch_and_time_out_for_clusterip_and_nodep
         }
         assert!(chosen.len() > 1, "affinity {round} never expired after 1 s of silence: {chosen:?}");
 
-        c.write_manifest("sticky.yaml", &sticky(None))?;
+        c.write_manifest("services.yaml", &sticky(None))?;
         spread("affinity switched off")?;
     }
     Ok(())
@@ -500,16 +502,7 @@ fn udp_ask_sized(netns: &str, to: SocketAddr, size: usize) -> Result<String> {
 /// namespaces with the ClusterIP and the NodePort (TCP, UDP) each reaches,
 /// once every backend answers small requests on each.
 fn large_request_cluster(tag: &str) -> Result<(Cluster, Vec<(String, SocketAddr, SocketAddr)>)> {
-    let c = Cluster::start(
-        tag,
-        1,
-        &[("web.yaml".into(), web_as("NodePort")), ("client.yaml".into(), client_pod("client"))],
-        &["--nodeport-addresses", "192.168.77.0/24"],
-    )?;
-    let n1 = c.nodes[0].node.clone();
-    c.write_manifest("web-1.yaml", &on_node(&echo_pod("web-1", "web", None), &n1))?;
-    c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n1))?;
-    c.wait_ready(&["web-1", "web-2", "client"], READY)?;
+    let c = one_node_cluster(tag, web_as("NodePort"), &WEB)?;
     let paths = vec![
         (c.pod_netns("client")?, addr("10.96.0.30:80"), addr("10.96.0.30:53")),
         (c.external.clone(), SocketAddr::from((node_addr(0), 30080)), SocketAddr::from((node_addr(0), 30053))),
