@@ -13,8 +13,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
-    cluster::{node_addr, Cluster},
     client::udp_ask_on,
+    cluster::{node_addr, Cluster},
     http_get, in_netns,
     manifests::{client_pod, draining_echo_pod, echo_pod, echo_service, on_node},
     split, tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
@@ -46,7 +46,11 @@ fn with_labels(yaml: &str, labels: &str) -> String {
     if labels.is_empty() {
         return yaml.to_string();
     }
-    yaml.replacen("  namespace: default\n", &format!("  namespace: default\n  labels: {{{labels}}}\n"), 1)
+    yaml.replacen(
+        "  namespace: default\n",
+        &format!("  namespace: default\n  labels: {{{labels}}}\n"),
+        1,
+    )
 }
 
 /// A lab with echo Pods `echo-a`, `echo-b`, a client, a Service `plain` at
@@ -63,7 +67,9 @@ fn echo_lab(tag: &str, extra: &[(&str, String)]) -> Result<(Lab, String)> {
     let lab = Lab::start(opts)?;
     lab.wait_ready(&["echo-a", "echo-b", "client"], READY)?;
     let client = lab.pod_netns("client")?;
-    lab.wait_answered_by("plain TCP", &["echo-a", "echo-b"], || tcp_ask(&client, addr("10.96.0.11:80")))?;
+    lab.wait_answered_by("plain TCP", &["echo-a", "echo-b"], || {
+        tcp_ask(&client, addr("10.96.0.11:80"))
+    })?;
     Ok((lab, client))
 }
 
@@ -85,21 +91,38 @@ fn echo_served(client: &str) -> Result<(bool, bool)> {
 #[test]
 fn should_implement_service_proxy_name_and_headless_labels() -> Result<()> {
     let labelled = |labels: &str| with_labels(&echo_service("echo", "echo", "10.96.0.10"), labels);
-    let (mut lab, client) =
-        echo_lab("labels", &[("echo.yaml", labelled("service.kubernetes.io/service-proxy-name: other"))])?;
+    let (mut lab, client) = echo_lab(
+        "labels",
+        &[(
+            "echo.yaml",
+            labelled("service.kubernetes.io/service-proxy-name: other"),
+        )],
+    )?;
     let agent = lab.agent_pid();
     for (label, value) in [("service-proxy-name", "other"), ("headless", "\"\"")] {
         let l = format!("service.kubernetes.io/{label}: {value}");
         lab.write_manifest("echo.yaml", &labelled(&l))?;
-        lab.wait_until(CONVERGE, &format!("the {label} Service to stop answering"), || {
-            Ok(echo_served(&client)? == (false, false))
-        })?;
+        lab.wait_until(
+            CONVERGE,
+            &format!("the {label} Service to stop answering"),
+            || Ok(echo_served(&client)? == (false, false)),
+        )?;
         // The agent has synced (the unlabelled Service answers) and still
         // programs nothing for the labelled one.
-        assert!(answered_by(&ECHO, tcp_ask(&client, addr("10.96.0.11:80")))?, "the unlabelled Service answers");
-        assert_eq!(echo_served(&client)?, (false, false), "labelled {label}: TCP and UDP answer nothing");
+        assert!(
+            answered_by(&ECHO, tcp_ask(&client, addr("10.96.0.11:80")))?,
+            "the unlabelled Service answers"
+        );
+        assert_eq!(
+            echo_served(&client)?,
+            (false, false),
+            "labelled {label}: TCP and UDP answer nothing"
+        );
         let list = lab.ferry(&["svc", "list"])?;
-        assert!(!list.contains("10.96.0.10"), "labelled {label} but programmed:\n{list}");
+        assert!(
+            !list.contains("10.96.0.10"),
+            "labelled {label} but programmed:\n{list}"
+        );
 
         lab.write_manifest("echo.yaml", &labelled(""))?;
         let start = Instant::now();
@@ -109,7 +132,10 @@ fn should_implement_service_proxy_name_and_headless_labels() -> Result<()> {
         lab.wait_answered_by_within(CONVERGE, "UDP after the label's removal", &ECHO, || {
             udp_ask(&client, addr("10.96.0.10:53"))
         })?;
-        eprintln!("{label}: served by both backends {:?} after the label went", start.elapsed());
+        eprintln!(
+            "{label}: served by both backends {:?} after the label went",
+            start.elapsed()
+        );
     }
     lab.check_alive()?;
     assert_eq!(lab.agent_pid(), agent, "the same agent throughout");
@@ -121,9 +147,21 @@ fn should_implement_service_proxy_name_and_headless_labels() -> Result<()> {
 fn web_as(kind: &str) -> String {
     let head = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n";
     let (spec, node_ports, status) = match kind {
-        "ExternalName" => ("  type: ExternalName\n  externalName: web.example.org\n".to_string(), false, ""),
-        "ClusterIP" => ("  type: ClusterIP\n  clusterIP: 10.96.0.30\n".to_string(), false, ""),
-        "NodePort" => ("  type: NodePort\n  clusterIP: 10.96.0.30\n".to_string(), true, ""),
+        "ExternalName" => (
+            "  type: ExternalName\n  externalName: web.example.org\n".to_string(),
+            false,
+            "",
+        ),
+        "ClusterIP" => (
+            "  type: ClusterIP\n  clusterIP: 10.96.0.30\n".to_string(),
+            false,
+            "",
+        ),
+        "NodePort" => (
+            "  type: NodePort\n  clusterIP: 10.96.0.30\n".to_string(),
+            true,
+            "",
+        ),
         "LoadBalancer" => (
             "  type: LoadBalancer\n  clusterIP: 10.96.0.30\n".to_string(),
             true,
@@ -131,7 +169,13 @@ fn web_as(kind: &str) -> String {
         ),
         other => panic!("no Service type {other}"),
     };
-    let np = |n: u16| if node_ports { format!(", nodePort: {n}") } else { String::new() };
+    let np = |n: u16| {
+        if node_ports {
+            format!(", nodePort: {n}")
+        } else {
+            String::new()
+        }
+    };
     format!(
         "{head}{spec}  ports:\n    - {{name: http, port: 80, targetPort: 8080{}}}\n    - {{name: dns, port: 53, protocol: UDP, targetPort: 8080{}}}\n{status}",
         np(30080),
@@ -147,14 +191,31 @@ fn one_node_cluster(tag: &str, services: String, backends: &[&str]) -> Result<Cl
     let c = Cluster::start(
         tag,
         1,
-        &[("services.yaml".into(), services), ("client.yaml".into(), client_pod("client"))],
+        &[
+            ("services.yaml".into(), services),
+            ("client.yaml".into(), client_pod("client")),
+        ],
         &["--nodeport-addresses", "192.168.77.0/24"],
     )?;
     let n1 = c.nodes[0].node.clone();
     for b in backends {
-        c.write_manifest(&format!("{b}.yaml"), &on_node(&echo_pod(b, "web", None), &n1))?;
+        c.write_manifest(
+            &format!("{b}.yaml"),
+            &on_node(&echo_pod(b, "web", None), &n1),
+        )?;
     }
-    ferry_tests::sys::run("ip", &["-n", &c.external, "route", "add", &format!("{LB_IP}/32"), "via", &node_addr(0).to_string()])?;
+    ferry_tests::sys::run(
+        "ip",
+        &[
+            "-n",
+            &c.external,
+            "route",
+            "add",
+            &format!("{LB_IP}/32"),
+            "via",
+            &node_addr(0).to_string(),
+        ],
+    )?;
     let mut pods = backends.to_vec();
     pods.push("client");
     c.wait_ready(&pods, READY)?;
@@ -200,10 +261,27 @@ fn should_be_able_to_change_the_type_in_place_and_release_node_ports() -> Result
     let client = c.pod_netns("client")?;
     let lab = &c.nodes[0];
     let agent = lab.agent_pid();
-    let nothing = Reach { cluster_ip_tcp: false, cluster_ip_udp: false, node_port_tcp: false, node_port_udp: false, load_balancer: false };
-    let cluster_ip = Reach { cluster_ip_tcp: true, cluster_ip_udp: true, ..nothing };
-    let node_port = Reach { node_port_tcp: true, node_port_udp: true, ..cluster_ip };
-    let load_balancer = Reach { load_balancer: true, ..node_port };
+    let nothing = Reach {
+        cluster_ip_tcp: false,
+        cluster_ip_udp: false,
+        node_port_tcp: false,
+        node_port_udp: false,
+        load_balancer: false,
+    };
+    let cluster_ip = Reach {
+        cluster_ip_tcp: true,
+        cluster_ip_udp: true,
+        ..nothing
+    };
+    let node_port = Reach {
+        node_port_tcp: true,
+        node_port_udp: true,
+        ..cluster_ip
+    };
+    let load_balancer = Reach {
+        load_balancer: true,
+        ..node_port
+    };
     for (kind, want) in [
         ("ExternalName", nothing),
         ("ClusterIP", cluster_ip),
@@ -223,7 +301,9 @@ fn should_be_able_to_change_the_type_in_place_and_release_node_ports() -> Result
         eprintln!("{kind}: {want:?} after {:?}", start.elapsed());
         // Both backends answer where something should.
         if want.cluster_ip_tcp {
-            lab.wait_answered_by(&format!("{kind} ClusterIP"), &WEB, || tcp_ask(&client, addr("10.96.0.30:80")))?;
+            lab.wait_answered_by(&format!("{kind} ClusterIP"), &WEB, || {
+                tcp_ask(&client, addr("10.96.0.30:80"))
+            })?;
         }
         if want.node_port_tcp {
             lab.wait_answered_by(&format!("{kind} NodePort"), &WEB, || {
@@ -233,7 +313,11 @@ fn should_be_able_to_change_the_type_in_place_and_release_node_ports() -> Result
         // And it stays so (not one lucky probe).
         assert_eq!(reach(&c, &client)?, want, "{kind}, again");
         let list = lab.ferry(&["svc", "list"])?;
-        assert_eq!(list.contains(":30080"), want.node_port_tcp, "{kind}: NodePort 30080 in svc list:\n{list}");
+        assert_eq!(
+            list.contains(":30080"),
+            want.node_port_tcp,
+            "{kind}: NodePort 30080 in svc list:\n{list}"
+        );
     }
     for l in &c.nodes {
         assert_eq!(l.agent_pid(), agent, "no restart");
@@ -245,8 +329,11 @@ fn should_be_able_to_change_the_type_in_place_and_release_node_ports() -> Result
 /// the status and the `localEndpoints` it reports.
 fn health(c: &Cluster, i: usize) -> Result<(u16, u64)> {
     let (status, body) = http_get(&c.external, SocketAddr::from((node_addr(i), 32000)), "/")?;
-    let v: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("health check body {body:?}"))?;
-    let n = v["localEndpoints"].as_u64().with_context(|| format!("no localEndpoints in {body}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("health check body {body:?}"))?;
+    let n = v["localEndpoints"]
+        .as_u64()
+        .with_context(|| format!("no localEndpoints in {body}"))?;
     Ok((status, n))
 }
 
@@ -265,7 +352,8 @@ fn external_split(c: &Cluster, to: SocketAddr, n: usize) -> Result<BTreeMap<Stri
 /// healthCheckNodePort answers 503 with 0 local endpoints so load balancers
 /// drain the node; the Cluster Service prefers the ready endpoint on node 2.
 #[test]
-fn should_fallback_to_terminating_endpoints_only_without_ready_ones_for_both_traffic_policies() -> Result<()> {
+fn should_fallback_to_terminating_endpoints_only_without_ready_ones_for_both_traffic_policies(
+) -> Result<()> {
     let svc = |name: &str, policy: &str, node_port: u16, extra: &str| {
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: NodePort\n  externalTrafficPolicy: {policy}\n{extra}  selector: {{app: web}}\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {node_port}}}]\n"
@@ -276,42 +364,72 @@ fn should_fallback_to_terminating_endpoints_only_without_ready_ones_for_both_tra
         svc("local", "Local", 30080, "  healthCheckNodePort: 32000\n"),
         svc("cluster", "Cluster", 30081, "")
     );
-    let c = Cluster::start("term", 2, &[("web.yaml".into(), services)], &["--nodeport-addresses", "192.168.77.0/24"])?;
+    let c = Cluster::start(
+        "term",
+        2,
+        &[("web.yaml".into(), services)],
+        &["--nodeport-addresses", "192.168.77.0/24"],
+    )?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
-    c.write_manifest("web-1.yaml", &on_node(&draining_echo_pod("web-1", "web", 30), &n1))?;
+    c.write_manifest(
+        "web-1.yaml",
+        &on_node(&draining_echo_pod("web-1", "web", 30), &n1),
+    )?;
     c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n2))?;
     c.wait_ready(&["web-1", "web-2"], READY)?;
     let lab = &c.nodes[0];
     let local = SocketAddr::from((node_addr(0), 30080));
     let cluster = SocketAddr::from((node_addr(0), 30081));
-    lab.wait_answered_by("Local via node 1", &["web-1"], || tcp_ask(&c.external, local))?;
+    lab.wait_answered_by("Local via node 1", &["web-1"], || {
+        tcp_ask(&c.external, local)
+    })?;
     lab.wait_answered_by("Cluster via node 1", &WEB, || tcp_ask(&c.external, cluster))?;
     lab.wait_until(CONVERGE, "health checks 200 on both nodes", || {
-        Ok(health(&c, 0).is_ok_and(|h| h == (200, 1)) && health(&c, 1).is_ok_and(|h| h == (200, 1)))
+        Ok(
+            health(&c, 0).is_ok_and(|h| h == (200, 1))
+                && health(&c, 1).is_ok_and(|h| h == (200, 1)),
+        )
     })?;
     let seen = external_split(&c, local, 20)?;
-    assert_eq!(seen.keys().collect::<Vec<_>>(), ["web-1"], "Local: the local endpoint only: {seen:?}");
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        ["web-1"],
+        "Local: the local endpoint only: {seen:?}"
+    );
 
     // Delete web-1 (from every node's manifests): it terminates for 30 s,
     // still serving.
     c.remove_manifest("web-1.yaml")?;
-    lab.wait_until(CONVERGE, "web-1 terminating", || Ok(lab.pod("web-1").is_some_and(|p| p.terminating)))?;
-    lab.wait_until(CONVERGE, "node 1's health check to report no ready local endpoint", || {
-        Ok(health(&c, 0).is_ok_and(|h| h == (503, 0)))
+    lab.wait_until(CONVERGE, "web-1 terminating", || {
+        Ok(lab.pod("web-1").is_some_and(|p| p.terminating))
     })?;
-    lab.wait_until(CONVERGE, "Cluster to leave the terminating endpoint", || {
-        Ok(!external_split(&c, cluster, 10)?.contains_key("web-1"))
-    })?;
+    lab.wait_until(
+        CONVERGE,
+        "node 1's health check to report no ready local endpoint",
+        || Ok(health(&c, 0).is_ok_and(|h| h == (503, 0))),
+    )?;
+    lab.wait_until(
+        CONVERGE,
+        "Cluster to leave the terminating endpoint",
+        || Ok(!external_split(&c, cluster, 10)?.contains_key("web-1")),
+    )?;
     let local_seen = external_split(&c, local, 20)?;
     let cluster_seen = external_split(&c, cluster, 20)?;
     let (h1, h2) = (health(&c, 0)?, health(&c, 1)?);
-    assert!(lab.pod("web-1").is_some_and(|p| p.terminating), "web-1 still terminating while measured");
+    assert!(
+        lab.pod("web-1").is_some_and(|p| p.terminating),
+        "web-1 still terminating while measured"
+    );
     assert_eq!(
         local_seen.keys().collect::<Vec<_>>(),
         ["web-1"],
         "Local, no ready local endpoint: the local terminating one, never node 2's: {local_seen:?}"
     );
-    assert_eq!(cluster_seen.keys().collect::<Vec<_>>(), ["web-2"], "Cluster: the ready endpoint only: {cluster_seen:?}");
+    assert_eq!(
+        cluster_seen.keys().collect::<Vec<_>>(),
+        ["web-2"],
+        "Cluster: the ready endpoint only: {cluster_seen:?}"
+    );
     assert_eq!(h1, (503, 0), "node 1: only a terminating local endpoint");
     assert_eq!(h2, (200, 1), "node 2: its ready endpoint");
     Ok(())
@@ -338,20 +456,36 @@ fn should_create_endpoints_for_unready_pods() -> Result<()> {
         .manifest("client.yaml", &client_pod("client"))
         .manifest("published.yaml", &svc("published", "10.96.0.12", true))
         .manifest("unpublished.yaml", &svc("unpublished", "10.96.0.13", false))
-        .manifest("unready.yaml", &echo_pod("unready", "unready", Some(&never.to_string_lossy())));
+        .manifest(
+            "unready.yaml",
+            &echo_pod("unready", "unready", Some(&never.to_string_lossy())),
+        );
     let lab = Lab::start(opts)?;
     lab.wait_ready(&["client"], READY)?;
     lab.wait_until(READY, "the unready Pod running with an IP", || {
-        Ok(lab.pod("unready").is_some_and(|p| p.phase == "Running" && p.pod_ip.is_some()))
+        Ok(lab
+            .pod("unready")
+            .is_some_and(|p| p.phase == "Running" && p.pod_ip.is_some()))
     })?;
     let client = lab.pod_netns("client")?;
-    lab.wait_answered_by("the published Service", &["unready"], || tcp_ask(&client, addr("10.96.0.12:80")))?;
-    assert!(lab.pod("unready").is_some_and(|p| !p.ready), "the Pod is still not ready");
+    lab.wait_answered_by("the published Service", &["unready"], || {
+        tcp_ask(&client, addr("10.96.0.12:80"))
+    })?;
+    assert!(
+        lab.pod("unready").is_some_and(|p| !p.ready),
+        "the Pod is still not ready"
+    );
     let seen = split(&client, 10, |ns| tcp_ask(ns, addr("10.96.0.12:80")))?;
     assert_eq!(seen.get("unready"), Some(&10), "{seen:?}");
     let list = lab.ferry(&["svc", "list"])?;
-    assert!(list.contains("10.96.0.13:80"), "the unpublished Service is programmed:\n{list}");
-    assert!(tcp_ask(&client, addr("10.96.0.13:80")).is_err(), "a Service that does not publish them has no endpoint");
+    assert!(
+        list.contains("10.96.0.13:80"),
+        "the unpublished Service is programmed:\n{list}"
+    );
+    assert!(
+        tcp_ask(&client, addr("10.96.0.13:80")).is_err(),
+        "a Service that does not publish them has no endpoint"
+    );
     Ok(())
 }
 
@@ -381,7 +515,8 @@ fn multi_port_service(prefix: &str) -> String {
 /// renamed in place: an established connection keeps its backend and every
 /// port is still answered.
 #[test]
-fn should_serve_multiport_endpoints_with_tcp_and_udp_on_one_port_and_survive_a_rename() -> Result<()> {
+fn should_serve_multiport_endpoints_with_tcp_and_udp_on_one_port_and_survive_a_rename() -> Result<()>
+{
     let (lab, client) = echo_lab("multiport", &[("multi.yaml", multi_port_service("a"))])?;
     let all_answer = |what: &str| -> Result<()> {
         for n in 1..=10u16 {
@@ -393,7 +528,11 @@ fn should_serve_multiport_endpoints_with_tcp_and_udp_on_one_port_and_survive_a_r
     };
     all_answer("before the rename")?;
     let list = lab.ferry(&["svc", "list"])?;
-    assert_eq!(list.matches("10.96.0.14:").count(), 20, "20 frontends:\n{list}");
+    assert_eq!(
+        list.matches("10.96.0.14:").count(),
+        20,
+        "20 frontends:\n{list}"
+    );
     assert!(list.contains("a-udp-7"), "port names in svc list:\n{list}");
 
     let mut held = TcpSession::connect(&client, addr("10.96.0.14:8005"))?;
@@ -404,7 +543,12 @@ fn should_serve_multiport_endpoints_with_tcp_and_udp_on_one_port_and_survive_a_r
         Ok(list.contains("b-udp-7") && !list.contains("a-udp-7"))
     })?;
     for i in 0..5 {
-        assert_eq!(held.ask().with_context(|| format!("request {i} after the rename"))?, backend, "the same backend");
+        assert_eq!(
+            held.ask()
+                .with_context(|| format!("request {i} after the rename"))?,
+            backend,
+            "the same backend"
+        );
     }
     all_answer("after the rename")?;
     assert_eq!(held.ask()?, backend, "still the same backend");
@@ -434,7 +578,8 @@ fn sticky(timeout: Option<u32>) -> String {
 /// is chosen); switched off, new connections spread again; switched on, they
 /// stick again. The agent is never restarted.
 #[test]
-fn should_have_session_affinity_work_switch_and_time_out_for_clusterip_and_nodeport() -> Result<()> {
+fn should_have_session_affinity_work_switch_and_time_out_for_clusterip_and_nodeport() -> Result<()>
+{
     let backends = ["web-1", "web-2", "web-3"];
     let c = one_node_cluster("affinity", sticky(None), &backends)?;
     let lab = &c.nodes[0];
@@ -448,20 +593,33 @@ fn should_have_session_affinity_work_switch_and_time_out_for_clusterip_and_nodep
         }
         Ok(())
     };
-    let sticks = |ns: &str, to: SocketAddr| -> Result<bool> { Ok(split(ns, 15, |ns| tcp_ask(ns, to))?.len() == 1) };
+    let sticks = |ns: &str, to: SocketAddr| -> Result<bool> {
+        Ok(split(ns, 15, |ns| tcp_ask(ns, to))?.len() == 1)
+    };
     spread("without affinity")?;
 
     for round in ["on", "on again"] {
         c.write_manifest("services.yaml", &sticky(Some(1)))?;
         for (ns, to) in clients {
-            lab.wait_until(CONVERGE, &format!("affinity {round}: 15 connections to {to}, one backend"), || sticks(ns, to))?;
+            lab.wait_until(
+                CONVERGE,
+                &format!("affinity {round}: 15 connections to {to}, one backend"),
+                || sticks(ns, to),
+            )?;
             for _ in 0..3 {
                 let seen = split(ns, 15, |ns| tcp_ask(ns, to))?;
-                assert_eq!(seen.len(), 1, "affinity {round}, {to}: 15 consecutive connections, one backend: {seen:?}");
+                assert_eq!(
+                    seen.len(),
+                    1,
+                    "affinity {round}, {to}: 15 consecutive connections, one backend: {seen:?}"
+                );
             }
         }
         let json = lab.ferry(&["svc", "list", "-o", "json"])?;
-        assert!(json.contains("\"affinity_timeout_seconds\": 1"), "svc list shows the timeout:\n{json}");
+        assert!(
+            json.contains("\"affinity_timeout_seconds\": 1"),
+            "svc list shows the timeout:\n{json}"
+        );
 
         // Silence for longer than the timeout: each next connection is
         // balanced afresh. Any one round stays with 1/3; 12 rounds all
@@ -474,7 +632,10 @@ fn should_have_session_affinity_work_switch_and_time_out_for_clusterip_and_nodep
                 break;
             }
         }
-        assert!(chosen.len() > 1, "affinity {round} never expired after 1 s of silence: {chosen:?}");
+        assert!(
+            chosen.len() > 1,
+            "affinity {round} never expired after 1 s of silence: {chosen:?}"
+        );
 
         c.write_manifest("services.yaml", &sticky(None))?;
         spread("affinity switched off")?;
@@ -497,19 +658,34 @@ fn udp_ask_sized(netns: &str, to: SocketAddr, size: usize) -> Result<String> {
     })?
 }
 
+/// A client's namespace and the TCP and UDP addresses of a Service it reaches.
+type Path = (String, SocketAddr, SocketAddr);
+
 /// The `web` NodePort Service (TCP 80/30080, UDP 53/30053) on one node with
 /// `web-1` and `web-2`, and a client Pod: the Pod's and the external client's
 /// namespaces with the ClusterIP and the NodePort (TCP, UDP) each reaches,
 /// once every backend answers small requests on each.
-fn large_request_cluster(tag: &str) -> Result<(Cluster, Vec<(String, SocketAddr, SocketAddr)>)> {
+fn large_request_cluster(tag: &str) -> Result<(Cluster, Vec<Path>)> {
     let c = one_node_cluster(tag, web_as("NodePort"), &WEB)?;
     let paths = vec![
-        (c.pod_netns("client")?, addr("10.96.0.30:80"), addr("10.96.0.30:53")),
-        (c.external.clone(), SocketAddr::from((node_addr(0), 30080)), SocketAddr::from((node_addr(0), 30053))),
+        (
+            c.pod_netns("client")?,
+            addr("10.96.0.30:80"),
+            addr("10.96.0.30:53"),
+        ),
+        (
+            c.external.clone(),
+            SocketAddr::from((node_addr(0), 30080)),
+            SocketAddr::from((node_addr(0), 30053)),
+        ),
     ];
     for (ns, tcp, udp) in &paths {
-        c.nodes[0].wait_answered_by(&format!("small requests to {tcp}"), &WEB, || tcp_ask(ns, *tcp))?;
-        c.nodes[0].wait_answered_by(&format!("small datagrams to {udp}"), &WEB, || udp_ask(ns, *udp))?;
+        c.nodes[0].wait_answered_by(&format!("small requests to {tcp}"), &WEB, || {
+            tcp_ask(ns, *tcp)
+        })?;
+        c.nodes[0].wait_answered_by(&format!("small datagrams to {udp}"), &WEB, || {
+            udp_ask(ns, *udp)
+        })?;
     }
     Ok((c, paths))
 }
@@ -528,7 +704,10 @@ fn should_be_able_to_handle_large_requests_http() -> Result<()> {
             anyhow::ensure!(status == 200, "HTTP {status}");
             Ok(body.trim().to_string())
         })?;
-        assert!(seen.keys().all(|k| WEB.contains(&k.as_str())), "2,000-byte HTTP requests to {tcp}: {seen:?}");
+        assert!(
+            seen.keys().all(|k| WEB.contains(&k.as_str())),
+            "2,000-byte HTTP requests to {tcp}: {seen:?}"
+        );
     }
     Ok(())
 }
@@ -546,8 +725,13 @@ fn should_be_able_to_handle_large_requests_udp() -> Result<()> {
     let (_c, paths) = large_request_cluster("largeudp")?;
     for (ns, _, udp) in &paths {
         for size in [1400, 2000] {
-            let seen = split(ns, 10, |ns| udp_ask_sized(ns, *udp, size).with_context(|| format!("{size} bytes to {udp}")))?;
-            assert!(seen.keys().all(|k| WEB.contains(&k.as_str())), "{size}-byte datagrams to {udp}: {seen:?}");
+            let seen = split(ns, 10, |ns| {
+                udp_ask_sized(ns, *udp, size).with_context(|| format!("{size} bytes to {udp}"))
+            })?;
+            assert!(
+                seen.keys().all(|k| WEB.contains(&k.as_str())),
+                "{size}-byte datagrams to {udp}: {seen:?}"
+            );
         }
     }
     Ok(())
@@ -560,7 +744,11 @@ fn should_be_able_to_handle_large_requests_udp() -> Result<()> {
 /// are; once spelled plainly it is served, by the same agent.
 #[test]
 fn a_cluster_ip_with_leading_zeros_is_refused_by_name_and_never_misread() -> Result<()> {
-    let octal = |ip: &str| echo_service("odd", "echo", ip).replace("clusterIP: ", "clusterIP: \"").replace("\n  selector", "\"\n  selector");
+    let octal = |ip: &str| {
+        echo_service("odd", "echo", ip)
+            .replace("clusterIP: ", "clusterIP: \"")
+            .replace("\n  selector", "\"\n  selector")
+    };
     let (lab, client) = echo_lab("oddip", &[("odd.yaml", octal("10.96.0.010"))])?;
     lab.wait_until(CONVERGE, "the error in the agent's log", || {
         Ok(lab.agent_log().contains("Service default/odd: spec.clusterIP: \"10.96.0.010\": not an IPv4 address: leading zeros"))
@@ -570,11 +758,19 @@ fn a_cluster_ip_with_leading_zeros_is_refused_by_name_and_never_misread() -> Res
         assert!(!list.contains(reading), "{reading} programmed:\n{list}");
     }
     for reading in ["10.96.0.10:80", "10.96.0.8:80"] {
-        assert!(!answered_by(&ECHO, tcp_ask(&client, addr(reading)))?, "{reading} answers");
+        assert!(
+            !answered_by(&ECHO, tcp_ask(&client, addr(reading)))?,
+            "{reading} answers"
+        );
     }
-    assert!(answered_by(&ECHO, tcp_ask(&client, addr("10.96.0.11:80")))?, "the other Service answers");
+    assert!(
+        answered_by(&ECHO, tcp_ask(&client, addr("10.96.0.11:80")))?,
+        "the other Service answers"
+    );
     lab.write_manifest("odd.yaml", &octal("10.96.0.10"))?;
-    lab.wait_answered_by_within(CONVERGE, "the plainly spelled ClusterIP", &ECHO, || tcp_ask(&client, addr("10.96.0.10:80")))?;
+    lab.wait_answered_by_within(CONVERGE, "the plainly spelled ClusterIP", &ECHO, || {
+        tcp_ask(&client, addr("10.96.0.10:80"))
+    })?;
     Ok(())
 }
 
@@ -584,8 +780,14 @@ fn a_cluster_ip_with_leading_zeros_is_refused_by_name_and_never_misread() -> Res
 /// created; the same socket is answered by the new Pod within seconds (the
 /// stale flow to the deleted Pod is not kept).
 #[test]
-fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_service() -> Result<()> {
-    let c = Cluster::start("udpcycle", 1, &[("web.yaml".into(), web_as("NodePort"))], &["--nodeport-addresses", "192.168.77.0/24"])?;
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_service(
+) -> Result<()> {
+    let c = Cluster::start(
+        "udpcycle",
+        1,
+        &[("web.yaml".into(), web_as("NodePort"))],
+        &["--nodeport-addresses", "192.168.77.0/24"],
+    )?;
     let n1 = c.nodes[0].node.clone();
     c.write_manifest("web-1.yaml", &on_node(&echo_pod("web-1", "web", None), &n1))?;
     c.wait_ready(&["web-1"], READY)?;
@@ -597,7 +799,9 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_
         s.connect(to)?;
         Ok(s)
     })??;
-    lab.wait_until(CONVERGE, "web-1 answering the fixed-port client", || Ok(udp_ask_on(&sock)? == "web-1"))?;
+    lab.wait_until(CONVERGE, "web-1 answering the fixed-port client", || {
+        Ok(udp_ask_on(&sock)? == "web-1")
+    })?;
 
     c.remove_manifest("web-1.yaml")?;
     c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n1))?;
@@ -613,10 +817,15 @@ fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_
         Ok(lab.pod("web-2").is_some_and(|p| p.ready))
     })?;
     let since = Instant::now();
-    lab.wait_until(Duration::from_secs(5), "web-2 answering the same socket within 5 s of turning ready", || {
-        Ok(ask() == "web-2")
-    })?;
-    eprintln!("web-2 answered the fixed-port socket {:?} after turning ready; before: {before:?}", since.elapsed());
+    lab.wait_until(
+        Duration::from_secs(5),
+        "web-2 answering the same socket within 5 s of turning ready",
+        || Ok(ask() == "web-2"),
+    )?;
+    eprintln!(
+        "web-2 answered the fixed-port socket {:?} after turning ready; before: {before:?}",
+        since.elapsed()
+    );
     for _ in 0..5 {
         assert_eq!(udp_ask_on(&sock)?, "web-2", "and keeps answering");
     }
@@ -637,9 +846,19 @@ fn tcp_sequence_numbers(stream: &std::net::TcpStream) -> Result<(u32, u32)> {
     let set = |opt: libc::c_int, v: libc::c_int| -> Result<()> {
         // SAFETY: setsockopt on a socket we own, with an int-sized value.
         let rc = unsafe {
-            libc::setsockopt(fd, libc::IPPROTO_TCP, opt, (&v as *const libc::c_int).cast(), size_of::<libc::c_int>() as u32)
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                size_of::<libc::c_int>() as u32,
+            )
         };
-        anyhow::ensure!(rc == 0, "setsockopt({opt}, {v}): {}", std::io::Error::last_os_error());
+        anyhow::ensure!(
+            rc == 0,
+            "setsockopt({opt}, {v}): {}",
+            std::io::Error::last_os_error()
+        );
         Ok(())
     };
     let seq = |queue: libc::c_int| -> Result<u32> {
@@ -647,8 +866,20 @@ fn tcp_sequence_numbers(stream: &std::net::TcpStream) -> Result<(u32, u32)> {
         let mut v: u32 = 0;
         let mut len = size_of::<u32>() as libc::socklen_t;
         // SAFETY: getsockopt into a u32 of the length given.
-        let rc = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ, (&mut v as *mut u32).cast(), &mut len) };
-        anyhow::ensure!(rc == 0, "getsockopt(TCP_QUEUE_SEQ): {}", std::io::Error::last_os_error());
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                TCP_QUEUE_SEQ,
+                (&mut v as *mut u32).cast(),
+                &mut len,
+            )
+        };
+        anyhow::ensure!(
+            rc == 0,
+            "getsockopt(TCP_QUEUE_SEQ): {}",
+            std::io::Error::last_os_error()
+        );
         Ok(v)
     };
     set(TCP_REPAIR, 1)?;
@@ -663,8 +894,17 @@ const RST_ACK: u8 = 0x14;
 /// Sends one bare TCP segment (`flags`, no payload) from `netns` through a
 /// raw socket: the kernel adds the IPv4 header, from `from`'s address (the
 /// namespace's own); the TCP checksum is computed here.
-fn inject_tcp(netns: &str, from: SocketAddr, to: SocketAddr, seq: u32, ack: u32, flags: u8) -> Result<()> {
-    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (from, to) else { bail!("IPv4 only") };
+fn inject_tcp(
+    netns: &str,
+    from: SocketAddr,
+    to: SocketAddr,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+) -> Result<()> {
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (from, to) else {
+        bail!("IPv4 only")
+    };
     let mut seg = [0u8; 20];
     seg[0..2].copy_from_slice(&src.port().to_be_bytes());
     seg[2..4].copy_from_slice(&dst.port().to_be_bytes());
@@ -674,7 +914,10 @@ fn inject_tcp(netns: &str, from: SocketAddr, to: SocketAddr, seq: u32, ack: u32,
     seg[13] = flags;
     seg[14..16].copy_from_slice(&64240u16.to_be_bytes());
     let mut sum: u32 = 0;
-    let mut add = |b: &[u8]| b.chunks(2).for_each(|c| sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])));
+    let mut add = |b: &[u8]| {
+        b.chunks(2)
+            .for_each(|c| sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+    };
     add(&src.ip().octets());
     add(&dst.ip().octets());
     add(&[0, libc::IPPROTO_TCP as u8, 0, seg.len() as u8]);
@@ -684,7 +927,11 @@ fn inject_tcp(netns: &str, from: SocketAddr, to: SocketAddr, seq: u32, ack: u32,
     }
     seg[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     in_netns(netns, move || -> Result<()> {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::TCP))?;
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::RAW,
+            Some(socket2::Protocol::TCP),
+        )?;
         s.send_to(&seg, &SocketAddr::from((*dst.ip(), 0)).into())?;
         Ok(())
     })?
@@ -699,32 +946,54 @@ fn inject_tcp(netns: &str, from: SocketAddr, to: SocketAddr, seq: u32, ack: u32,
 /// stray segment's ack is exactly what the backend would accept in an RST: the
 /// test fails if the dataplane leaves the backend's segment untranslated.
 #[test]
-fn proxy_implementation_should_not_be_vulnerable_to_the_invalid_conntrack_state_bug() -> Result<()> {
-    let (lab, client) = echo_lab("invalid", &[("echo.yaml", echo_service("echo", "echo", "10.96.0.10"))])?;
+fn proxy_implementation_should_not_be_vulnerable_to_the_invalid_conntrack_state_bug() -> Result<()>
+{
+    let (lab, client) = echo_lab(
+        "invalid",
+        &[("echo.yaml", echo_service("echo", "echo", "10.96.0.10"))],
+    )?;
     let vip = addr("10.96.0.10:80");
     lab.wait_answered_by("the Service", &ECHO, || tcp_ask(&client, vip))?;
     let mut session = TcpSession::connect(&client, vip)?;
     let backend = session.ask()?;
     let local = session.stream().local_addr()?;
-    let backend_addr = SocketAddr::from((lab.pod(&backend).and_then(|p| p.pod_ip).context("backend IP")?, 8080));
+    let backend_addr = SocketAddr::from((
+        lab.pod(&backend)
+            .and_then(|p| p.pod_ip)
+            .context("backend IP")?,
+        8080,
+    ));
     let backend_ns = lab.pod_netns(&backend)?;
     for round in 0..3u32 {
         let (snd, rcv) = tcp_sequence_numbers(session.stream())?;
         // Far outside the client's receive window, ack exactly the client's
         // next byte: what the backend would expect.
-        inject_tcp(&backend_ns, backend_addr, local, rcv.wrapping_add(1 << 30), snd, ACK)?;
+        inject_tcp(
+            &backend_ns,
+            backend_addr,
+            local,
+            rcv.wrapping_add(1 << 30),
+            snd,
+            ACK,
+        )?;
         // And the client's own stray segment towards the Service.
         inject_tcp(&client, local, vip, snd.wrapping_add(1 << 30), rcv, ACK)?;
         // The stray segments are handled (or answered) by now: a round trip
         // on the connection itself comes after them.
         assert_eq!(
-            session.ask().with_context(|| format!("round {round}: the connection after stray segments"))?,
+            session
+                .ask()
+                .with_context(|| format!("round {round}: the connection after stray segments"))?,
             backend,
             "round {round}: the same backend"
         );
     }
     // Still open after a pause (an RST would have closed it by now).
-    lab.wait_until(Duration::from_secs(2), "a request on the same connection", || Ok(session.ask()? == backend))?;
+    lab.wait_until(
+        Duration::from_secs(2),
+        "a request on the same connection",
+        || Ok(session.ask()? == backend),
+    )?;
 
     // The control: what the client sends when it gets the backend's segment
     // untranslated (from an address it has no connection with) is an RST with
@@ -734,6 +1003,10 @@ fn proxy_implementation_should_not_be_vulnerable_to_the_invalid_conntrack_state_
     // would have caught an untranslated stray segment.
     let (snd, rcv) = tcp_sequence_numbers(session.stream())?;
     inject_tcp(&client, local, backend_addr, snd, rcv, RST_ACK)?;
-    lab.wait_until(Duration::from_secs(5), "the connection reset by the control RST", || Ok(session.ask().is_err()))?;
+    lab.wait_until(
+        Duration::from_secs(5),
+        "the connection reset by the control RST",
+        || Ok(session.ask().is_err()),
+    )?;
     Ok(())
 }
