@@ -26,12 +26,16 @@ pub struct Endpoint {
 }
 
 /// Endpoints of `port` of a Service with a selector: the Pods in its namespace whose
-/// labels match, that have an IP and run.
+/// labels match, that have an IP and run. With `publish_not_ready`
+/// (spec.publishNotReadyAddresses) every such Pod is ready, as the EndpointSlice
+/// controller marks it (`ready = publishNotReadyAddresses || (podReady &&
+/// !terminating)`); `serving` stays the Pod's own readiness.
 pub fn from_pods(
     namespace: &str,
     selector: &BTreeMap<String, String>,
     port: &ServicePort,
     pods: &[PodRecord],
+    publish_not_ready: bool,
 ) -> Vec<Endpoint> {
     let protocol = port.protocol.as_deref().unwrap_or("TCP");
     pods.iter()
@@ -52,7 +56,7 @@ pub fn from_pods(
             Some(Endpoint {
                 addr,
                 port: target,
-                ready: p.ready && !p.terminating,
+                ready: publish_not_ready || (p.ready && !p.terminating),
                 serving: p.ready,
                 terminating: p.terminating,
                 node: Some(p.node.clone()),
@@ -87,7 +91,8 @@ pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>]) -> Ve
             let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
             let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
             for a in &ep.addresses {
-                if let Ok(addr) = a.parse::<Ipv4Addr>() {
+                // Bad spellings are reported by translate's checks.
+                if let Ok(addr) = crate::translate::parse_ipv4(a) {
                     out.push(Endpoint {
                         addr,
                         port: target,
@@ -123,7 +128,7 @@ pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints) -> Vec<Endpoint
         ];
         for (addrs, ready) in sets {
             for a in addrs {
-                if let Ok(addr) = a.ip.parse::<Ipv4Addr>() {
+                if let Ok(addr) = crate::translate::parse_ipv4(&a.ip) {
                     out.push(Endpoint {
                         addr,
                         port: target,
@@ -228,7 +233,7 @@ mod tests {
         let selector: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
         let port: ServicePort =
             serde_json::from_str(r#"{"port": 80, "targetPort": "web"}"#).expect("valid port");
-        let eps = from_pods("default", &selector, &port, &pods);
+        let eps = from_pods("default", &selector, &port, &pods, false);
         assert_eq!(eps.len(), 1);
         assert_eq!(
             (eps[0].addr, eps[0].port),
@@ -237,6 +242,6 @@ mod tests {
         // A named port the Pod does not have: the Pod is no endpoint of that port.
         let port: ServicePort =
             serde_json::from_str(r#"{"port": 80, "targetPort": "nope"}"#).expect("valid port");
-        assert!(from_pods("default", &selector, &port, &pods).is_empty());
+        assert!(from_pods("default", &selector, &port, &pods, false).is_empty());
     }
 }

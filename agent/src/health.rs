@@ -110,6 +110,8 @@ struct State {
     not_programmed: Vec<String>,
     /// Programs that must be attached and are not: not ready while any is.
     unattached: Vec<String>,
+    /// API resources whose list/watch is failing now, with the error.
+    api_failing: Vec<String>,
 }
 
 impl Health {
@@ -132,6 +134,12 @@ impl Health {
     /// could not find), each with the reason; empty when all are attached.
     pub fn attached(&self, unattached: Vec<String>) {
         self.lock().unattached = unattached;
+    }
+
+    /// The API resources whose list/watch is failing now ("services: error"):
+    /// /readyz names them while the maps serve the last good state.
+    pub fn api_failing(&self, failing: Vec<String>) {
+        self.lock().api_failing = failing;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -184,9 +192,22 @@ impl Health {
                 };
                 Reply::json(status, body.to_string())
             }
+            // Still ready while the API is in trouble: the maps serve the last
+            // good state (failing closed would change nothing in them), and
+            // the body says what is stale.
             "/readyz" => match self.readiness() {
-                Ok(()) => Reply::text(StatusCode::OK, "ok\n"),
                 Err(why) => Reply::text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                Ok(()) => {
+                    let failing = self.lock().api_failing.clone();
+                    if failing.is_empty() {
+                        Reply::text(StatusCode::OK, "ok\n")
+                    } else {
+                        Reply::text(
+                            StatusCode::OK,
+                            format!("ok: serving the last good state; failing API watches: {}\n", failing.join("; ")),
+                        )
+                    }
+                }
             },
             "/livez" => Reply::text(StatusCode::OK, "ok\n"),
             _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
@@ -233,6 +254,15 @@ mod tests {
             "{body}"
         );
         assert_eq!(h.route("/readyz").status, StatusCode::OK);
+        assert_eq!(h.route("/readyz").body, "ok\n");
+        // The API in trouble: still ready (the last good state is served),
+        // and the body names the failing watch.
+        h.api_failing(vec!["services: 410 Gone".into()]);
+        let r = h.route("/readyz");
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(r.body.contains("failing API watches: services: 410 Gone"), "{}", r.body);
+        h.api_failing(Vec::new());
+        assert_eq!(h.route("/readyz").body, "ok\n");
         std::thread::sleep(Duration::from_millis(250));
         assert_eq!(h.route("/healthz").status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(h.route("/nope").status, StatusCode::NOT_FOUND);

@@ -40,6 +40,7 @@ pub struct Metrics {
     not_programmed: Gauge,
     sync_errors: Family<Labels, Counter>,
     watch_errors: Family<Labels, Counter>,
+    watch_failing: Family<Labels, Gauge>,
     attach_errors: Gauge,
 }
 
@@ -113,6 +114,12 @@ impl Metrics {
             "Failed list/watch calls to the API server, by resource (retried with backoff)",
             watch_errors.clone(),
         );
+        let watch_failing = Family::<Labels, Gauge>::default();
+        registry.register(
+            "ferry_watch_failing",
+            "1 while the list/watch of a resource is failing (the maps keep serving the last good state), else 0",
+            watch_failing.clone(),
+        );
         let attach_errors = Gauge::default();
         registry.register(
             "ferry_attach_errors",
@@ -134,8 +141,14 @@ impl Metrics {
             not_programmed,
             sync_errors,
             watch_errors,
+            watch_failing,
             attach_errors,
         }
+    }
+
+    /// Whether the list/watch of `resource` is failing now.
+    pub fn set_watch_failing(&self, resource: &str, failing: bool) {
+        self.watch_failing.get_or_create(&vec![("resource".into(), resource.into())]).set(i64::from(failing));
     }
 
     /// Attach errors of the last attach pass.

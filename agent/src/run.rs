@@ -418,7 +418,14 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
             _ = attach_tick.tick() => {
                 follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, false, outcomes).await;
-                reporter.update(|r| r.api = source.watch_states());
+                let states = source.watch_states();
+                for w in &states {
+                    metrics.set_watch_failing(&w.resource, w.error.is_some());
+                }
+                health.api_failing(
+                    states.iter().filter_map(|w| w.error.as_ref().map(|e| format!("{}: {e}", w.resource))).collect(),
+                );
+                reporter.update(|r| r.api = states);
                 reporter.write_logged();
             }
             _ = term.recv() => break,

@@ -203,6 +203,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
         }
     }
     check_orphans(snapshot, &known, &mut out.errors);
+    check_endpoint_addresses(snapshot, &mut out.errors);
 
     // Earlier Services win conflicts: creation time, then name (kube-apiserver
     // would have refused the later one).
@@ -285,8 +286,13 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                         name: meta.name.clone().unwrap_or_default(),
                         local_endpoints: 0,
                     });
-                    // Local endpoints of the Service (over its ports: the most).
-                    entry.local_endpoints = entry.local_endpoints.max(backends.0.len());
+                    // Local ready endpoints of the Service (over its ports: the
+                    // most). Terminating ones taking new connections as the
+                    // last resort do not count: the node answers 503 and load
+                    // balancers drain it, as kube-proxy does (KEP-1669).
+                    let (usable, _, fallback) = &backends;
+                    let ready = if *fallback { 0 } else { usable.len() };
+                    entry.local_endpoints = entry.local_endpoints.max(ready);
                 }
             }
             for (addr, eport, kind, field) in external {
@@ -438,14 +444,9 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
     let ip = match spec.cluster_ip.as_deref() {
         Some("None") => return None, // headless: DNS only.
         None | Some("") => ClusterIp::Allocate,
-        Some(s) => match s.parse::<Ipv4Addr>() {
+        Some(s) => match parse_ipv4(s) {
             Ok(ip) => ClusterIp::Explicit(ip),
-            Err(_) => {
-                let why = if s.contains(':') {
-                    "IPv6 is not supported yet"
-                } else {
-                    "not an IPv4 address"
-                };
+            Err(why) => {
                 errors.push(err("spec.clusterIP", format!("{s:?}: {why}")));
                 return None;
             }
@@ -544,9 +545,9 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
     let addrs = |field: &str, values: Vec<(String, String)>, errors: &mut Vec<InputError>| -> Vec<Ipv4Addr> {
         let mut out = Vec::new();
         for (f, v) in values {
-            match v.parse::<Ipv4Addr>() {
+            match parse_ipv4(&v) {
                 Ok(a) => out.push(a),
-                Err(_) => errors.push(err(&f, format!("{v:?} is not an IPv4 address ({field})"))),
+                Err(why) => errors.push(err(&f, format!("{v:?} is {why} ({field})"))),
             }
         }
         out.sort();
@@ -785,7 +786,8 @@ fn endpoints_of(
     let ns = meta.namespace.as_deref().unwrap_or("default");
     if pod_endpoints {
         if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
-            return endpoints::from_pods(ns, selector, sp, &snapshot.pods);
+            let publish_not_ready = v.spec.publish_not_ready_addresses.unwrap_or(false);
+            return endpoints::from_pods(ns, selector, sp, &snapshot.pods, publish_not_ready);
         }
     }
     let slices = index.slices.get(&v.key).map(Vec::as_slice).unwrap_or_default();
@@ -803,6 +805,63 @@ fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Opti
         .as_ref()?
         .get(SERVICE_NAME_LABEL)
         .cloned()
+}
+
+/// An IPv4 address as a Kubernetes object spells it: dotted decimal only.
+/// Leading zeros ("010.096.000.010": octal to inet_aton, decimal to Go's
+/// ParseIPSloppy, so two proxies would disagree) and surrounding whitespace are
+/// refused rather than guessed at; the error says why.
+pub fn parse_ipv4(s: &str) -> Result<Ipv4Addr, &'static str> {
+    if let Ok(a) = s.parse::<Ipv4Addr>() {
+        return Ok(a);
+    }
+    let octets: Vec<&str> = s.split('.').collect();
+    let numeric = octets.len() == 4 && octets.iter().all(|o| !o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()));
+    Err(if s.trim() != s {
+        "not an IPv4 address: it has surrounding whitespace"
+    } else if s.contains(':') {
+        "IPv6, not supported yet"
+    } else if numeric && octets.iter().any(|o| o.len() > 1 && o.starts_with('0')) {
+        "not an IPv4 address: leading zeros are ambiguous (octal to some parsers, decimal to others); write it without them"
+    } else {
+        "not an IPv4 address"
+    })
+}
+
+/// Endpoint addresses that are no IPv4 address: each named with its object
+/// and field (the endpoint is left out of every Service).
+fn check_endpoint_addresses(snapshot: &Snapshot, errors: &mut Vec<InputError>) {
+    for s in snapshot.endpoint_slices.iter().filter(|s| s.object.address_type == "IPv4") {
+        for (i, ep) in s.object.endpoints.iter().enumerate() {
+            for (j, a) in ep.addresses.iter().enumerate() {
+                if let Err(why) = parse_ipv4(a) {
+                    errors.push(InputError::new(
+                        &s.source,
+                        format!("EndpointSlice {}", ns_name(&s.object.metadata)),
+                        format!("endpoints[{i}].addresses[{j}]"),
+                        format!("{a:?} is {why}; the endpoint is left out"),
+                    ));
+                }
+            }
+        }
+    }
+    for e in &snapshot.endpoints {
+        for (i, subset) in e.object.subsets.iter().flatten().enumerate() {
+            let sets = [("addresses", &subset.addresses), ("notReadyAddresses", &subset.not_ready_addresses)];
+            for (field, addrs) in sets {
+                for (j, a) in addrs.iter().flatten().enumerate() {
+                    if let Err(why) = parse_ipv4(&a.ip) {
+                        errors.push(InputError::new(
+                            &e.source,
+                            format!("Endpoints {}", ns_name(&e.object.metadata)),
+                            format!("subsets[{i}].{field}[{j}].ip"),
+                            format!("{:?} is {why}; the endpoint is left out", a.ip),
+                        ));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// EndpointSlices and Endpoints must belong to a Service we know.
@@ -986,6 +1045,110 @@ mod tests {
         // No Pods: the frontend exists with no backends.
         s.pods.clear();
         assert!(run(&s).frontends.iter().all(|f| f.backends.is_empty()));
+    }
+
+    #[test]
+    fn health_check_counts_local_ready_endpoints_and_no_terminating_fallback() {
+        let y = "metadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports: [{name: http, port: 80, targetPort: http, nodePort: 30080}]\n";
+        let cfg = Config { node: "n1".into(), nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11)], ..Config::default() };
+        let count = |pods: Vec<PodRecord>| {
+            let t = translate(&Snapshot { services: vec![svc(y)], pods, ..Default::default() }, &cfg);
+            assert!(t.errors.is_empty(), "{:?}", t.errors);
+            t.health_checks.get(&32000).map(|h| h.local_endpoints)
+        };
+        let ready = pod("a", [10, 244, 0, 2], true, false);
+        let terminating = pod("b", [10, 244, 0, 3], true, true);
+        assert_eq!(count(vec![ready.clone(), terminating.clone()]), Some(1));
+        // Only a serving+terminating endpoint left: it takes new connections
+        // (the fallback), but the node reports none, so load balancers drain it.
+        assert_eq!(count(vec![terminating]), Some(0));
+        assert_eq!(count(Vec::new()), Some(0));
+    }
+
+    #[test]
+    fn publish_not_ready_addresses_serves_pods_that_are_not_ready() {
+        let y = "metadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  publishNotReadyAddresses: true\n  ports: [{name: http, port: 80, targetPort: http}]\n";
+        let unready = pod("a", [10, 244, 0, 2], false, false);
+        let t = run(&Snapshot { services: vec![svc(y)], pods: vec![unready.clone()], ..Default::default() });
+        assert_eq!(t.frontends[0].backends.iter().map(|b| b.addr).collect::<Vec<_>>(), [Ipv4Addr::new(10, 244, 0, 2)]);
+        let t = run(&Snapshot { services: vec![svc(WEB)], pods: vec![unready], ..Default::default() });
+        assert!(t.frontends.iter().all(|f| f.backends.is_empty()), "without it, no backend");
+        // The conditions, as the EndpointSlice controller sets them: ready =
+        // publishNotReadyAddresses || (podReady && !terminating), serving =
+        // podReady.
+        let pods = [
+            pod("a", [10, 244, 0, 2], true, false),
+            pod("b", [10, 244, 0, 3], false, false),
+            pod("c", [10, 244, 0, 4], true, true),
+            pod("d", [10, 244, 0, 5], false, true),
+        ];
+        let selector: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
+        let port: ServicePort = serde_json::from_str(r#"{"port": 80, "targetPort": 8080}"#).expect("valid port");
+        let conditions = |publish| {
+            endpoints::from_pods("default", &selector, &port, &pods, publish)
+                .iter()
+                .map(|e| (e.ready, e.serving, e.terminating))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            conditions(false),
+            [(true, true, false), (false, false, false), (false, true, true), (false, false, true)]
+        );
+        assert_eq!(
+            conditions(true),
+            [(true, true, false), (true, false, false), (true, true, true), (true, false, true)]
+        );
+    }
+
+    #[test]
+    fn unusual_ip_spellings_are_refused_with_the_object_and_field_never_misread() {
+        assert_eq!(parse_ipv4("10.96.0.10"), Ok(Ipv4Addr::new(10, 96, 0, 10)));
+        for bad in ["010.096.000.010", "10.96.0.010", " 10.96.0.10", "10.96.0.10 ", "0x0a.96.0.10", "10.96.10", "167772170"] {
+            let why = parse_ipv4(bad).expect_err(bad);
+            assert!(why.starts_with("not an IPv4 address"), "{bad}: {why}");
+        }
+        assert!(parse_ipv4("10.96.0.010").unwrap_err().contains("leading zeros"));
+        assert!(parse_ipv4(" 10.96.0.10").unwrap_err().contains("whitespace"));
+        let services = [
+            "metadata: {name: octal, namespace: default}\nspec:\n  clusterIP: \"010.096.000.010\"\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+            "metadata: {name: ext, namespace: default}\nspec:\n  clusterIP: 10.96.0.20\n  externalIPs: [\" 203.0.113.10\", \"203.0.113.011\", 203.0.113.12]\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+        ];
+        let s = Snapshot {
+            services: services.iter().map(|y| svc(y)).collect(),
+            endpoint_slices: vec![slice(
+                "metadata: {name: ext-1, namespace: default, labels: {kubernetes.io/service-name: ext}}\naddressType: IPv4\nendpoints:\n- addresses: [\"010.244.000.002\"]\n- addresses: [10.244.0.3]\nports: [{name: http, port: 8080}]\n",
+            )],
+            endpoints: vec![Sourced::new(
+                "e.yaml",
+                serde_yaml::from_str::<Endpoints>(
+                    "metadata: {name: ext, namespace: default}\nsubsets: [{addresses: [{ip: \"10.244.0.04\"}], ports: [{name: http, port: 8080}]}]\n",
+                )
+                .expect("test endpoints parse"),
+            )],
+            ..Default::default()
+        };
+        let t = run(&s);
+        let errors: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
+        for want in [
+            "Service default/octal: spec.clusterIP: \"010.096.000.010\": not an IPv4 address: leading zeros",
+            "Service default/ext: spec.externalIPs[0]: \" 203.0.113.10\" is not an IPv4 address: it has surrounding whitespace",
+            "Service default/ext: spec.externalIPs[1]: \"203.0.113.011\" is not an IPv4 address: leading zeros",
+            "EndpointSlice default/ext-1: endpoints[0].addresses[0]: \"010.244.000.002\" is not an IPv4 address: leading zeros",
+            "Endpoints default/ext: subsets[0].addresses[0].ip: \"10.244.0.04\" is not an IPv4 address: leading zeros",
+        ] {
+            assert!(errors.iter().any(|e| e.contains(want)), "no error {want:?} in {errors:#?}");
+        }
+        assert_eq!(errors.len(), 5, "{errors:#?}");
+        // Nothing misread: no octal (8.78.0.8) or decimal reading of the bad
+        // spellings, the good externalIP and endpoint served.
+        let frontends: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> =
+            t.frontends.iter().map(|f| (f.addr, f.backends.iter().map(|b| b.addr).collect())).collect();
+        let good = vec![Ipv4Addr::new(10, 244, 0, 3)];
+        assert_eq!(
+            frontends,
+            [(Ipv4Addr::new(10, 96, 0, 20), good.clone()), (Ipv4Addr::new(203, 0, 113, 12), good)],
+            "{frontends:?}"
+        );
     }
 
     #[test]

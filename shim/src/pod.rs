@@ -250,7 +250,10 @@ async fn run(
         .iter()
         .map(|c| Running::new(c.clone(), container::environment(c, &info), log(&c.name)))
         .collect();
+    // Published at once: a Pod whose readiness probe never passes is Running
+    // all the same (a publishNotReadyAddresses Service serves it).
     rec.phase = "Running".into();
+    publish(&ctx, &rec);
     let grace = loop {
         // Containers: exits, restarts.
         for r in cs.iter_mut() {

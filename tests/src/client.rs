@@ -111,6 +111,11 @@ impl TcpSession {
         Ok(())
     }
 
+    /// The connection's socket (its local address, socket options).
+    pub fn stream(&self) -> &TcpStream {
+        &self.stream
+    }
+
     /// Sends a line and returns the answer line.
     pub fn ask(&mut self) -> Result<String> {
         self.ask_line("hello")

@@ -155,6 +155,14 @@ impl Cluster {
         Ok(())
     }
 
+    /// Removes a manifest from every node.
+    pub fn remove_manifest(&self, file: &str) -> Result<()> {
+        for lab in &self.nodes {
+            lab.remove_manifest(file)?;
+        }
+        Ok(())
+    }
+
     /// Waits until every named Pod is ready, wherever it runs.
     pub fn wait_ready(&self, names: &[&str], timeout: Duration) -> Result<()> {
         self.nodes[0].wait_ready(names, timeout)

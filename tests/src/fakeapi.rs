@@ -5,8 +5,10 @@
 //! - `GET /api/v1/services`, `/apis/discovery.k8s.io/v1/endpointslices`,
 //!   `/api/v1/nodes` (with `fieldSelector=metadata.name=X` / `metadata.namespace=X`):
 //!   a JSON list with `metadata.resourceVersion` (items without kind/apiVersion,
-//!   as the real server sends them); `limit` is accepted and everything fits in
-//!   one page (no `continue`).
+//!   as the real server sends them); `limit` is honoured, pages chained by a
+//!   `continue` token. [`FakeApi::paginate`] makes pages smaller than asked
+//!   (the server may) and can make every continuation fail with 410 Expired,
+//!   so a client only ever gets part of a list.
 //! - the same with `watch=true&resourceVersion=N`: newline-delimited
 //!   ADDED/MODIFIED/DELETED events after N, BOOKMARK events every second when
 //!   `allowWatchBookmarks=true`, the stream ends after `timeoutSeconds`.
@@ -95,6 +97,10 @@ struct Inner {
     requests: Vec<String>,
     /// Resources whose requests fail with 503 (an unhealthy apiserver).
     blocked: Vec<Kind>,
+    /// At most this many items per list page (None: `limit` alone).
+    page_cap: Option<usize>,
+    /// Continued lists (second page on) get 410 Expired.
+    continue_expired: bool,
 }
 
 #[derive(Debug)]
@@ -301,6 +307,16 @@ impl FakeApi {
         }
     }
 
+    /// Serves lists in pages of at most `page_cap` items, and with
+    /// `continue_expired` answers every continuation with 410 Expired, as
+    /// kube-apiserver does when the continue token has been compacted: a
+    /// client then has only the first page of the list.
+    pub fn paginate(&self, page_cap: Option<usize>, continue_expired: bool) {
+        let mut inner = self.shared.lock();
+        inner.page_cap = page_cap;
+        inner.continue_expired = continue_expired;
+    }
+
     /// Every request so far (`path?query`).
     pub fn requests(&self) -> Vec<String> {
         self.shared.lock().requests.clone()
@@ -476,11 +492,39 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         return watch_response(shared, kind, &q, filter);
     }
     let inner = shared.lock();
-    let items: Vec<Value> = inner
+    // `continue` is "<resourceVersion>:<offset>" (opaque to clients).
+    let offset = match q.get("continue").filter(|c| !c.is_empty()) {
+        None => 0,
+        Some(_) if inner.continue_expired => {
+            return json_response(
+                StatusCode::GONE,
+                &status(410, "Expired", "The provided continue parameter is too old to display a consistent list result."),
+            );
+        }
+        Some(c) => match c.split_once(':').and_then(|(_, o)| o.parse::<usize>().ok()) {
+            Some(o) => o,
+            None => {
+                return json_response(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "invalid continue token"));
+            }
+        },
+    };
+    let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0);
+    let page = match (limit, inner.page_cap) {
+        (Some(l), Some(c)) => l.min(c),
+        (l, c) => l.or(c).unwrap_or(usize::MAX),
+    };
+    let all: Vec<&Value> = inner
         .objects
         .iter()
         .filter(|((k, _, _), o)| *k == kind && matches(o, &filter))
-        .map(|(_, o)| {
+        .map(|(_, o)| o)
+        .collect();
+    let more = all.len() > offset.saturating_add(page);
+    let items: Vec<Value> = all
+        .into_iter()
+        .skip(offset)
+        .take(page)
+        .map(|o| {
             let mut o = o.clone();
             if let Some(m) = o.as_object_mut() {
                 m.remove("kind");
@@ -494,7 +538,11 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         &json!({
             "kind": format!("{}List", kind.name()),
             "apiVersion": kind.api_version(),
-            "metadata": {"resourceVersion": inner.rv.to_string()},
+            "metadata": if more {
+                json!({"resourceVersion": inner.rv.to_string(), "continue": format!("{}:{}", inner.rv, offset + page)})
+            } else {
+                json!({"resourceVersion": inner.rv.to_string()})
+            },
             "items": items,
         }),
     )

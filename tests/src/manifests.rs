@@ -58,6 +58,31 @@ containers:
     )
 }
 
+/// The spec of an echo Pod that, like a well-behaved server, keeps serving
+/// after SIGTERM (it ignores it) until the grace period ends; unindented.
+pub fn draining_echo_spec(grace: u32) -> String {
+    format!(
+        r#"terminationGracePeriodSeconds: {grace}
+containers:
+  - name: echo
+    command: ["sh", "-c", "trap '' TERM; exec ferry echo --tcp 8080 --udp 8080"]
+    ports:
+      - {{name: http, containerPort: 8080}}
+    readinessProbe:
+      tcpSocket: {{port: http}}
+      periodSeconds: 1
+"#
+    )
+}
+
+/// A Pod of [`draining_echo_spec`] labelled `app`.
+pub fn draining_echo_pod(name: &str, app: &str, grace: u32) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{app: {app}}}\nspec:\n{}",
+        indent(&draining_echo_spec(grace), 2)
+    )
+}
+
 /// `text` with every non-empty line indented by `n` spaces (to nest a YAML
 /// block).
 pub fn indent(text: &str, n: usize) -> String {

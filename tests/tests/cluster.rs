@@ -492,6 +492,82 @@ fn gone_410_mid_watch_relists_and_an_unchanged_relist_writes_nothing() -> Result
     Ok(())
 }
 
+/// A metric's value by its full sample name (with labels), if exposed.
+fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Issue 19, API server trouble: a relist that only ever gets its first page
+/// (every continuation answered 410 Expired) is a partial list. The agent
+/// keeps serving the last good state (a partial list must not delete the
+/// Services on the pages it never got), says so on /readyz, in
+/// ferry_watch_failing and ferry_watch_errors, and converges once whole lists
+/// come back. (Outages and 410 on a watch: the two tests above.)
+#[test]
+fn a_partial_list_keeps_the_last_good_state_is_reported_and_converges() -> Result<()> {
+    let names = ["a", "b", "c"];
+    let mut c = cluster(LabOptions::new("cpartial"), |_, api| {
+        for (i, n) in names.iter().enumerate() {
+            api.apply(service(n, &format!("10.96.0.{}", 10 + i), json!([{"name": "http", "port": 80, "targetPort": 8080}])))?;
+            api.apply(slice(
+                &format!("{n}-1"),
+                n,
+                &[(&format!("10.244.1.{}", 2 + i), true, true, false, "n1")],
+                json!([{"name": "http", "port": 8080, "protocol": "TCP"}]),
+            ))?;
+        }
+        Ok(())
+    })?;
+    let ns = c.lab.node.clone();
+    let full = want(&[
+        ("10.96.0.10:80/TCP", &["10.244.1.2:8080"]),
+        ("10.96.0.11:80/TCP", &["10.244.1.3:8080"]),
+        ("10.96.0.12:80/TCP", &["10.244.1.4:8080"]),
+    ]);
+    wait_maps(&c, WAIT, &full)?;
+    assert_eq!(http_get(&ns, HEALTHZ, "/readyz")?, (200, "ok\n".to_string()));
+
+    // Lists come one object a page and continuations expire; the watches end
+    // with 410, so every watcher relists, and gets one object of each kind.
+    // Meanwhile `c` is deleted: only a whole list may take it away.
+    c.api.paginate(Some(1), true);
+    assert!(c.api.delete(Kind::Service, "default", "c"));
+    assert!(c.api.delete(Kind::EndpointSlice, "default", "c-1"));
+    let expired = |api: &FakeApi| api.requests_for(Kind::Service).iter().filter(|r| r.contains("continue=")).count();
+    c.api.expire_watches();
+    c.lab.wait_until(RECOVER, "two continued service lists (and their 410s)", || Ok(expired(&c.api) >= 2))?;
+    c.lab.wait_until(WAIT, "/readyz and metrics naming the failing watch", || {
+        let (code, body) = http_get(&ns, HEALTHZ, "/readyz")?;
+        let m = http_get(&ns, METRICS, "/metrics")?.1;
+        Ok(code == 200
+            && body.contains("failing API watches") && body.contains("services")
+            && metric(&m, "ferry_watch_failing{resource=\"services\"}") == Some(1.0))
+    })?;
+    let m = http_get(&ns, METRICS, "/metrics")?.1;
+    let errors = metric(&m, "ferry_watch_errors_total{resource=\"services\"}").unwrap_or(0.0);
+    assert!(errors >= 1.0, "ferry_watch_errors_total for services: {errors}\n{m}");
+    c.lab.check_alive()?;
+    assert_eq!(frontends(&c.lab)?, full, "a partial list changes nothing: the last good state stays");
+
+    // Whole lists again: the agent converges (c goes), and says it is well.
+    c.api.paginate(Some(1), false);
+    wait_maps(
+        &c,
+        RECOVER,
+        &want(&[("10.96.0.10:80/TCP", &["10.244.1.2:8080"]), ("10.96.0.11:80/TCP", &["10.244.1.3:8080"])]),
+    )?;
+    assert!(
+        c.api.requests_for(Kind::Service).iter().any(|r| r.contains("continue=")),
+        "the lists were paged"
+    );
+    c.lab.wait_until(WAIT, "/readyz and metrics well again", || {
+        let body = http_get(&ns, HEALTHZ, "/readyz")?.1;
+        let m = http_get(&ns, METRICS, "/metrics")?.1;
+        Ok(body == "ok\n" && metric(&m, "ferry_watch_failing{resource=\"services\"}") == Some(0.0))
+    })?;
+    Ok(())
+}
+
 #[test]
 fn a_malformed_object_is_reported_and_the_rest_is_programmed() -> Result<()> {
     let c = cluster(LabOptions::new("cbad"), |_, api| {

@@ -15,7 +15,7 @@ use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     in_netns,
-    manifests::{client_pod, echo_pod, echo_service, indent, on_node},
+    manifests::{client_pod, draining_echo_pod, draining_echo_spec, echo_pod, echo_service, indent, on_node},
     split, sys, tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
 };
 
@@ -281,38 +281,13 @@ spec:
     Ok(())
 }
 
-/// The spec of an echo Pod that, like a well-behaved server, keeps serving
-/// after SIGTERM (it ignores it) until the grace period ends; unindented.
-fn draining_echo_spec(grace: u32) -> String {
-    format!(
-        r#"terminationGracePeriodSeconds: {grace}
-containers:
-  - name: echo
-    command: ["sh", "-c", "trap '' TERM; exec ferry echo --tcp 8080 --udp 8080"]
-    ports:
-      - {{name: http, containerPort: 8080}}
-    readinessProbe:
-      tcpSocket: {{port: http}}
-      periodSeconds: 1
-"#
-    )
-}
-
-/// A Pod of [`draining_echo_spec`].
-fn draining_echo_pod(name: &str, grace: u32) -> String {
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels: {{app: echo}}\nspec:\n{}",
-        indent(&draining_echo_spec(grace), 2)
-    )
-}
-
 #[test]
 fn connections_to_a_terminating_endpoint_continue_and_it_is_the_last_resort() -> Result<()> {
     let opts = LabOptions::new("graceful")
         .manifest("service.yaml", &echo_service("echo", "echo", "10.96.0.10"))
         .manifest("client.yaml", &client_pod("client"))
-        .manifest("echo-a.yaml", &draining_echo_pod("echo-a", 20))
-        .manifest("echo-b.yaml", &draining_echo_pod("echo-b", 20));
+        .manifest("echo-a.yaml", &draining_echo_pod("echo-a", "echo", 20))
+        .manifest("echo-b.yaml", &draining_echo_pod("echo-b", "echo", 20));
     let lab = Lab::start(opts)?;
     lab.wait_ready(&["echo-a", "echo-b", "client"], READY)?;
     let client = lab.pod_netns("client")?;
