@@ -303,15 +303,7 @@ pub fn create(pkt: &Packet, flow: &NewFlow, claim: bool) -> Result<(), CreateErr
     let nat_port = if snat { flow.snat_port } else { pkt.sport };
     let now = now();
     let expires = now + lifetime_ns(pkt.proto, flags);
-    let reply_key = CtKey {
-        saddr: flow.backend.addr,
-        daddr: if snat { flow.snat_addr } else { pkt.saddr },
-        sport: flow.backend.port,
-        dport: nat_port,
-        proto: pkt.proto,
-        dir: CT_DIR_REPLY,
-        _pad: [0; 2],
-    };
+    let reply_key = reply_key_for(pkt, flow);
     let entry = |flags, nat_addr, nat_port| CtValue {
         created: now,
         expires,
@@ -356,6 +348,30 @@ pub fn create(pkt: &Packet, flow: &NewFlow, claim: bool) -> Result<(), CreateErr
         Err(_) => return Err(CreateError::Full),
     }
     CT_ANY.insert(&key(pkt, CT_DIR_FORWARD), &forward, BPF_ANY).map_err(|_| CreateError::Full)
+}
+
+/// The reply key a new flow would have: the backend answering the client,
+/// or the SNAT address and port.
+#[inline(always)]
+fn reply_key_for(pkt: &Packet, flow: &NewFlow) -> CtKey {
+    let snat = flow.snat_addr != 0;
+    CtKey {
+        saddr: flow.backend.addr,
+        daddr: if snat { flow.snat_addr } else { pkt.saddr },
+        sport: flow.backend.port,
+        dport: if snat { flow.snat_port } else { pkt.sport },
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    }
+}
+
+/// Whether `flow`'s reply tuple (its SNAT port) looks free: nothing holds
+/// it, or only an expired entry (which `create` reclaims if its flow is
+/// dead). A cheap test for choosing a port; `create` claims it atomically.
+#[inline(always)]
+pub fn reply_tuple_free(pkt: &Packet, flow: &NewFlow) -> bool {
+    find(&reply_key_for(pkt, flow)).is_none_or(|e| expired(e, now()))
 }
 
 /// Frees the reply tuple `k` if the flow holding it is dead (an expired

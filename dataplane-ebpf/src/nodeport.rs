@@ -151,21 +151,31 @@ fn claim_snat_port(pkt: &Packet, flow: &mut NewFlow) -> Result<u16, Counter> {
         _ => (u32::from(DEFAULT_SNAT_PORTS.0), u32::from(DEFAULT_SNAT_PORTS.1)),
     };
     let span = max - min + 1;
+    // Look for a free port with lookups only (a small loop body keeps the
+    // verifier quick), then claim it; losing the claim to a flow created on
+    // another CPU meanwhile costs this packet (the client retransmits).
+    let mut found = false;
     for _ in 0..SNAT_TRIES {
         // SAFETY: helper without preconditions.
         let r = unsafe { bpf_get_prandom_u32() };
         // (No `%`: its divide-by-zero panic path is not a program the
         // verifier accepts.)
         flow.snat_port = ((min + r.checked_rem(span).unwrap_or(0)) as u16).to_be();
-        match ct::create(pkt, flow, true) {
-            Err(CreateError::Taken) => continue,
-            created => {
-                track(created);
-                return Ok(flow.snat_port);
-            }
+        if ct::reply_tuple_free(pkt, flow) {
+            found = true;
+            break;
         }
     }
-    Err(Counter::DropSnatPorts)
+    if !found {
+        return Err(Counter::DropSnatPorts);
+    }
+    match ct::create(pkt, flow, true) {
+        Err(CreateError::Taken) => Err(Counter::DropSnatPorts),
+        created => {
+            track(created);
+            Ok(flow.snat_port)
+        }
+    }
 }
 
 /// A new north-south flow at TC; `Ok(TC_ACT_OK)` untouched when `pkt` is not
