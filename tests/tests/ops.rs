@@ -254,9 +254,11 @@ fn kernel_listing(lab: &Lab) -> Result<String> {
     Ok(out)
 }
 
-const FERRY_PROGRAMS: [&str; 6] = [
+const FERRY_PROGRAMS: [&str; 8] = [
     "from_pod",
     "from_netdev",
+    "to_pod",
+    "to_netdev",
     "xdp_from_netdev",
     "sock_connect4",
     "sock_sendmsg4",
@@ -654,12 +656,13 @@ fn cleanup_force_detaches_links_a_running_agent_holds_even_without_their_pins() 
     let pid = lab.agent_pid().context("the lab's agent")?;
     let before = interface_links_of(pid)?;
     assert!(
-        before.len() == 2 && before.iter().all(|i| *i > 0),
-        "from_pod on two veths: {before:?}"
+        before.len() == 4 && before.iter().all(|i| *i > 0),
+        "from_pod and to_pod on two veths: {before:?}"
     );
     // Lose the pins of the interface links: only the agent holds them now.
     for e in std::fs::read_dir(lab.bpffs_dir.join("links"))?.flatten() {
-        if e.file_name().to_string_lossy().starts_with("from_pod-") {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("from_pod-") || name.starts_with("to_pod-") {
             std::fs::remove_file(e.path())?;
         }
     }
@@ -676,10 +679,10 @@ fn cleanup_force_detaches_links_a_running_agent_holds_even_without_their_pins() 
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(stdout.matches("(not pinned)").count(), 2, "{stdout}");
+    assert_eq!(stdout.matches("(not pinned)").count(), 4, "{stdout}");
     let after = interface_links_of(pid)?;
     assert!(
-        after.len() == 2 && after.iter().all(|i| *i == 0),
+        after.len() == 4 && after.iter().all(|i| *i == 0),
         "the agent's links are detached: {after:?}"
     );
     assert!(!lab.bpffs_dir.exists());
