@@ -5,7 +5,6 @@
 use std::{
     net::Ipv4Addr,
     os::fd::{AsFd as _, AsRawFd as _},
-    path::PathBuf,
 };
 
 use aya::{
@@ -32,10 +31,15 @@ const CLIENT: [u8; 4] = [10, 244, 0, 2];
 struct Fixture {
     ebpf: Ebpf,
     maps: KernelMaps,
-    dir: PathBuf,
+    /// The pin directory, removed on drop (also when a load fails).
+    pins: ferry_tests::sys::PinDir,
 }
 
 impl Fixture {
+    fn dir(&self) -> &std::path::Path {
+        &self.pins.0
+    }
+
     fn new(tag: &str) -> Self {
         Self::with_ct_tcp_size(tag, None)
     }
@@ -43,13 +47,10 @@ impl Fixture {
     /// With the TCP connection-tracking table of `tcp_size` entries (None:
     /// the object's default).
     fn with_ct_tcp_size(tag: &str, tcp_size: Option<u32>) -> Self {
-        assert!(unsafe { libc::geteuid() } == 0, "packet tests need root (BPF); run `cargo xtask test` as root");
-        ferry_tests::sys::ensure_bpffs().expect("bpffs");
-        let dir = PathBuf::from(format!("/sys/fs/bpf/ferry-packet-test-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("pin dir");
+        let pins = ferry_tests::sys::PinDir::new(&format!("packet-test-{tag}"))
+            .expect("a pin directory (packet tests need root: run `cargo xtask test` as root)");
         let mut loader = EbpfLoader::new();
-        loader.default_map_pin_directory(&dir);
+        loader.default_map_pin_directory(&pins.0);
         if let Some(n) = tcp_size {
             loader.map_max_entries(ferry_common::CT_TCP_MAP, n);
         }
@@ -61,7 +62,7 @@ impl Fixture {
         }
         let xdp: &mut Xdp = ebpf.program_mut(PROG_XDP_FROM_NETDEV).expect("xdp").try_into().expect("xdp program");
         xdp.load().unwrap_or_else(|e| panic!("the verifier refuses {PROG_XDP_FROM_NETDEV}: {e}"));
-        Self { ebpf, maps, dir }
+        Self { ebpf, maps, pins }
     }
 
     /// Runs from_pod on `frame`: (verdict, output frame).
@@ -144,7 +145,7 @@ impl Fixture {
     /// The connection-tracking entry of direction `dir` whose key starts
     /// at `src`:`sport`.
     fn ct(&self, dir: u8, src: [u8; 4], sport: u16) -> Option<(CtKey, CtValue)> {
-        kernel::read_ct(&self.dir)
+        kernel::read_ct(self.dir())
             .unwrap()
             .into_iter()
             .find(|(k, _)| k.dir == dir && k.saddr == addr_to_map(src) && k.sport == port_to_map(sport))
@@ -153,7 +154,7 @@ impl Fixture {
     /// Rewrites a connection-tracking entry in whichever table holds it.
     fn put_ct(&self, k: CtKey, v: CtValue) {
         for (name, lru) in [(ferry_common::CT_TCP_MAP, false), (ferry_common::CT_ANY_MAP, true)] {
-            let data = aya::maps::MapData::from_pin(self.dir.join(name)).unwrap();
+            let data = aya::maps::MapData::from_pin(self.dir().join(name)).unwrap();
             let map = if lru { aya::maps::Map::LruHashMap(data) } else { aya::maps::Map::HashMap(data) };
             let mut t: aya::maps::HashMap<_, CtKey, CtValue> = aya::maps::HashMap::try_from(map).unwrap();
             if t.get(&k, 0).is_ok() {
@@ -169,7 +170,7 @@ impl Fixture {
     fn age(&self, client: [u8; 4], sport: u16, backend: [u8; 4], bport: u16) {
         let (fk, fv) = self.ct(CT_DIR_FORWARD, client, sport).expect("tracked");
         // The reply entry of this very flow: to the port the backend saw.
-        let (rk, rv) = kernel::read_ct(&self.dir)
+        let (rk, rv) = kernel::read_ct(self.dir())
             .unwrap()
             .into_iter()
             .find(|(k, _)| k.dir == CT_DIR_REPLY && (k.saddr, k.sport, k.dport) == (addr_to_map(backend), port_to_map(bport), fv.nat_port))
@@ -179,15 +180,10 @@ impl Fixture {
     }
 
     fn counter(&self, c: Counter) -> u64 {
-        kernel::read_counters(&self.dir).unwrap()[c as usize]
+        kernel::read_counters(self.dir()).unwrap()[c as usize]
     }
 }
 
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Runs the program `fd` on `frame` once: (verdict, output frame).
 fn test_run(fd: i32, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -332,7 +328,7 @@ fn assert_checksums(f: &[u8]) {
 }
 
 fn ct_has(fx: &Fixture, dir: u8, src: [u8; 4], sport: u16) -> bool {
-    kernel::read_ct(&fx.dir)
+    kernel::read_ct(fx.dir())
         .unwrap()
         .iter()
         .any(|(k, _)| k.dir == dir && k.saddr == addr_to_map(src) && k.sport == port_to_map(sport))
@@ -550,13 +546,13 @@ fn translated_packets_are_counted_per_service_and_a_freed_id_starts_from_zero() 
     }
     // Not for a service: not counted.
     fx.run(&frame(PROTO_TCP, CLIENT, [10, 96, 0, 99], 40000, 80, false));
-    let stats = kernel::read_svc_stats(&fx.dir).unwrap();
+    let stats = kernel::read_svc_stats(fx.dir()).unwrap();
     assert_eq!(stats.len(), 1, "{stats:?}");
     assert_eq!(stats[0].0, "t");
     assert_eq!(stats[0].1.packets, 2);
     assert_eq!(stats[0].1.bytes, 2 * f.len() as u64);
     fx.maps.del_revnat(7).unwrap();
-    assert!(kernel::read_svc_stats(&fx.dir).unwrap().is_empty());
+    assert!(kernel::read_svc_stats(fx.dir()).unwrap().is_empty());
 }
 
 #[test]
