@@ -4,12 +4,17 @@
 //! `--devices` beside eth0. Pods reach a backend on the other node through
 //! the tunnel (ClusterIP, TCP and UDP, 300 KB each way), and the external
 //! client reaches it through node 1's NodePort, SNATed into the tunnel.
-use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::{SocketAddr, TcpStream},
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result};
 use ferry_tests::{
     client::bulk_round_trip,
     cluster::{node_addr, pod_cidr, Cluster},
+    in_netns,
     manifests::{cat_pod, client_pod, echo_pod, on_node},
     sys, tcp_ask, udp_ask, TcpSession,
 };
@@ -81,7 +86,11 @@ fn services_work_across_a_vxlan_overlay() -> Result<()> {
     // Full-size segments from the Pod, one by one: the tunnel's MTU (1450)
     // answers them with fragmentation-needed, then they fit.
     sys::netns_exec(&pod, "ethtool", &["-K", "eth0", "tso", "off", "gso", "off"])?;
-    bulk_round_trip(&pod, "10.96.0.61:80".parse()?, 300 * 1024).with_context(|| format!("300 KB through the overlay\n{}", c.logs()))?;
+    let cat: SocketAddr = "10.96.0.61:80".parse()?;
+    node1.wait_until(Duration::from_secs(20), "the cat Service answering", || {
+        Ok(in_netns(&pod, move || TcpStream::connect_timeout(&cat, Duration::from_secs(1)).is_ok())?)
+    })?;
+    bulk_round_trip(&pod, cat, 300 * 1024).with_context(|| format!("300 KB through the overlay\n{}", c.logs()))?;
     // NodePort on node 1 from outside, to the backend on node 2: SNATed and
     // sent into the tunnel; the reply comes back out of it.
     let nodeport = SocketAddr::from((node_addr(0), 30600));
