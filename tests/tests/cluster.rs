@@ -531,11 +531,15 @@ fn a_partial_list_keeps_the_last_good_state_is_reported_and_converges() -> Resul
     // with 410, so every watcher relists, and gets one object of each kind.
     // Meanwhile `c` is deleted: only a whole list may take it away.
     c.api.paginate(Some(1), true);
-    assert!(c.api.delete(Kind::Service, "default", "c"));
-    assert!(c.api.delete(Kind::EndpointSlice, "default", "c-1"));
     let expired = |api: &FakeApi| api.requests_for(Kind::Service).iter().filter(|r| r.contains("continue=")).count();
     c.api.expire_watches();
     c.lab.wait_until(RECOVER, "two continued service lists (and their 410s)", || Ok(expired(&c.api) >= 2))?;
+    // Only now, with no watch left to tell of it (a live watch would, and
+    // rightly), `c` goes.
+    assert!(c.api.delete(Kind::Service, "default", "c"));
+    assert!(c.api.delete(Kind::EndpointSlice, "default", "c-1"));
+    let seen = expired(&c.api);
+    c.lab.wait_until(RECOVER, "another continued service list after the deletion", || Ok(expired(&c.api) > seen))?;
     c.lab.wait_until(WAIT, "/readyz and metrics naming the failing watch", || {
         let (code, body) = http_get(&ns, HEALTHZ, "/readyz")?;
         let m = http_get(&ns, METRICS, "/metrics")?.1;
