@@ -22,13 +22,13 @@ use aya::{
 use aya::maps::{Array, MapData};
 use ferry_common::{
     addr_to_map, config, CONFIG_MAP, PROG_SOCK_CONNECT4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
-    BACKENDS_MAP, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD,
+    BACKENDS_MAP, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_NETDEV_L3, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_NETDEV_L3, PROG_TO_POD,
     PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP,
 };
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
     address::{AddressAttribute, AddressMessage},
-    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkLayerType, LinkMessage},
 };
 use tokio::io::{unix::AsyncFd, Interest};
 
@@ -260,16 +260,30 @@ pub enum Hook {
     /// TC egress of a node device: what the node's stack sends out
     /// (replies of host-network backends).
     ToNetdev,
+    /// FromNetdev and ToNetdev on a node device without an Ethernet header
+    /// (IPIP, GRE, WireGuard: an "L3 device"; no XDP there).
+    FromNetdevL3,
+    ToNetdevL3,
 }
 
 impl Hook {
-    pub const ALL: [Hook; 5] = [Hook::FromPod, Hook::FromNetdev, Hook::XdpFromNetdev, Hook::ToPod, Hook::ToNetdev];
+    pub const ALL: [Hook; 7] = [
+        Hook::FromPod,
+        Hook::FromNetdev,
+        Hook::XdpFromNetdev,
+        Hook::ToPod,
+        Hook::ToNetdev,
+        Hook::FromNetdevL3,
+        Hook::ToNetdevL3,
+    ];
     /// The hooks with a TC program, and where each attaches.
-    pub const TC: [(Hook, TcAttachType); 4] = [
+    pub const TC: [(Hook, TcAttachType); 6] = [
         (Hook::FromPod, TcAttachType::Ingress),
         (Hook::FromNetdev, TcAttachType::Ingress),
         (Hook::ToPod, TcAttachType::Egress),
         (Hook::ToNetdev, TcAttachType::Egress),
+        (Hook::FromNetdevL3, TcAttachType::Ingress),
+        (Hook::ToNetdevL3, TcAttachType::Egress),
     ];
 
     pub fn program(self) -> &'static str {
@@ -279,6 +293,8 @@ impl Hook {
             Hook::XdpFromNetdev => PROG_XDP_FROM_NETDEV,
             Hook::ToPod => PROG_TO_POD,
             Hook::ToNetdev => PROG_TO_NETDEV,
+            Hook::FromNetdevL3 => PROG_FROM_NETDEV_L3,
+            Hook::ToNetdevL3 => PROG_TO_NETDEV_L3,
         }
     }
 
@@ -479,7 +495,9 @@ impl Dataplane {
                     }
                 }
             }
-            Hook::FromPod | Hook::FromNetdev | Hook::ToPod | Hook::ToNetdev => self.attach_tc(hook, &pin, ifname)?,
+            Hook::FromPod | Hook::FromNetdev | Hook::ToPod | Hook::ToNetdev | Hook::FromNetdevL3 | Hook::ToNetdevL3 => {
+                self.attach_tc(hook, &pin, ifname)?
+            }
         };
         tracing::info!(ifname, ifindex, "{name} attached ({how})");
         self.attached.insert((hook, ifindex), (ifname.to_string(), pinned));
@@ -756,6 +774,9 @@ pub struct Links {
     pub names: BTreeMap<u32, String>,
     /// The ifindexes of the veths.
     pub veths: BTreeSet<u32>,
+    /// The ifindexes of devices without an Ethernet header (IPIP, GRE,
+    /// WireGuard, PPP: the link types the kernel's redirect treats so).
+    pub l3: BTreeSet<u32>,
 }
 
 impl Links {
@@ -779,16 +800,20 @@ impl Links {
             })
             .map(|l| l.header.index)
             .collect();
-        Self { names, veths }
+        let l3 = links.iter().filter(|l| is_l3(l.header.link_layer_type)).map(|l| l.header.index).collect();
+        Self { names, veths, l3 }
     }
 
     /// Where each hook goes: every node device present gets from_netdev and
-    /// to_netdev, and with `xdp` also xdp_from_netdev; every veth that is not
-    /// a node device (a Pod's) gets from_pod and to_pod.
+    /// to_netdev (their L3 twins on a device without an Ethernet header),
+    /// and with `xdp` also xdp_from_netdev (not on L3 devices); every veth
+    /// that is not a node device (a Pod's) gets from_pod and to_pod.
     pub fn hooks(&self, devices: &[String], xdp: bool) -> BTreeMap<(Hook, u32), String> {
         let mut out = BTreeMap::new();
         for (&idx, name) in &self.names {
-            let hooks: &[Hook] = if devices.contains(name) {
+            let hooks: &[Hook] = if devices.contains(name) && self.l3.contains(&idx) {
+                &[Hook::FromNetdevL3, Hook::ToNetdevL3]
+            } else if devices.contains(name) {
                 if xdp { &[Hook::FromNetdev, Hook::ToNetdev, Hook::XdpFromNetdev] } else { &[Hook::FromNetdev, Hook::ToNetdev] }
             } else if self.veths.contains(&idx) {
                 &[Hook::FromPod, Hook::ToPod]
@@ -801,6 +826,13 @@ impl Links {
         }
         out
     }
+}
+
+/// Whether a link type has no Ethernet header: the types for which the
+/// kernel's bpf_redirect strips the MAC header (`dev_is_mac_header_xmit`).
+fn is_l3(t: LinkLayerType) -> bool {
+    use LinkLayerType as T;
+    matches!(t, T::Tunnel | T::Tunnel6 | T::Sit | T::Ipgre | T::Ip6gre | T::Void | T::None | T::Rawip | T::Pimreg | T::Ppp)
 }
 
 /// The program `name` of the object as the kind `P` (`kind` says which, for

@@ -628,6 +628,7 @@ mod tests {
         let links = dataplane::Links {
             names: [(1, "lo".to_string()), (2, "eth0".to_string()), (3, "veth1".to_string())].into(),
             veths: [3].into(),
+            l3: Default::default(),
         };
         let errors = vec![AttachError {
             program: "from_pod".into(),
@@ -643,5 +644,29 @@ mod tests {
             ]
         );
         assert!(unattached(&[], &devices[..1], &links).is_empty());
+    }
+
+    #[test]
+    fn l3_devices_get_the_l3_programs_and_no_xdp() {
+        let links = dataplane::Links {
+            names: [(2, "eth0".to_string()), (3, "veth1".to_string()), (4, "wg0".to_string())].into(),
+            veths: [3].into(),
+            l3: [4].into(),
+        };
+        let devices = vec!["eth0".to_string(), "wg0".to_string()];
+        let hooks: Vec<_> = links.hooks(&devices, true).into_iter().map(|((h, i), n)| (h, i, n)).collect();
+        use dataplane::Hook::*;
+        assert_eq!(
+            hooks,
+            [
+                (FromPod, 3, "veth1".to_string()),
+                (FromNetdev, 2, "eth0".to_string()),
+                (XdpFromNetdev, 2, "eth0".to_string()),
+                (ToPod, 3, "veth1".to_string()),
+                (ToNetdev, 2, "eth0".to_string()),
+                (FromNetdevL3, 4, "wg0".to_string()),
+                (ToNetdevL3, 4, "wg0".to_string()),
+            ]
+        );
     }
 }

@@ -18,6 +18,8 @@
 //!   veths: replies that the node's own stack sends (host-network backends:
 //!   the API server, node-local DNS, ingress controllers) are reverse
 //!   translated on their way out, where no ingress hook sees them.
+//! - `from_netdev_l3` / `to_netdev_l3`: the same two on node devices without
+//!   an Ethernet header (IPIP, GRE, WireGuard; see `parse`).
 #![no_std]
 #![no_main]
 
@@ -51,13 +53,17 @@ use crate::{
 /// TC ingress on the host side of a Pod's veth: traffic the Pod sends.
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    match try_from_pod(&ctx) {
-        Ok(verdict) => verdict,
-        Err(reason) => {
-            count(reason);
-            TC_ACT_SHOT
-        }
-    }
+    verdict(try_from_pod(&ctx))
+}
+
+/// A TC ingress program's verdict: a packet it cannot handle is counted
+/// (why) and dropped.
+#[inline(always)]
+fn verdict(r: Result<i32, Counter>) -> i32 {
+    r.unwrap_or_else(|reason| {
+        count(reason);
+        TC_ACT_SHOT
+    })
 }
 
 /// cgroup connect4: a node process connecting to a frontend (TCP, connected
@@ -87,40 +93,60 @@ pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
 /// for), and new or tracked north-south flows.
 #[classifier]
 pub fn from_netdev(ctx: TcContext) -> i32 {
-    match try_from_netdev(&ctx) {
-        Ok(verdict) => verdict,
-        Err(reason) => {
-            count(reason);
-            TC_ACT_SHOT
-        }
+    verdict(try_from_netdev(&ctx))
+}
+
+/// TC ingress on a node device without an Ethernet header (an L3 device:
+/// IPIP, GRE, WireGuard): from_netdev, once an Ethernet header is pushed in
+/// front of the IPv4 packet (see `parse::push_ethernet`).
+#[classifier]
+pub fn from_netdev_l3(ctx: TcContext) -> i32 {
+    if !parse::is_ipv4(&ctx) {
+        return TC_ACT_OK;
     }
+    if parse::push_ethernet(&ctx).is_err() {
+        count(Counter::DropMalformed);
+        return TC_ACT_SHOT;
+    }
+    verdict(try_from_netdev(&ctx))
 }
 
 /// TC egress of a node device: a host-network backend's replies to clients
 /// outside the node (NodePort and friends, or Pods on other nodes).
 #[classifier]
 pub fn to_netdev(ctx: TcContext) -> i32 {
-    from_host(&ctx)
+    from_host::<false>(&ctx)
+}
+
+/// TC egress of a node device without an Ethernet header: as to_netdev, on
+/// the IPv4 header at offset 0.
+#[classifier]
+pub fn to_netdev_l3(ctx: TcContext) -> i32 {
+    if !parse::is_ipv4(&ctx) {
+        return TC_ACT_OK;
+    }
+    from_host::<true>(&ctx)
 }
 
 /// TC egress of the host side of a Pod's veth: a host-network backend's
 /// replies to a Pod of this node.
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    from_host(&ctx)
+    from_host::<false>(&ctx)
 }
 
 /// Reverse NAT of the replies the node's stack itself sends (a local
 /// host-network backend): only locally generated packets (no ingress
 /// device), which no ingress hook has seen, are looked up; the packet then
-/// leaves where the stack routed it.
+/// leaves where the stack routed it. `L3`: the device has no Ethernet
+/// header.
 #[inline(always)]
-fn from_host(ctx: &TcContext) -> i32 {
+fn from_host<const L3: bool>(ctx: &TcContext) -> i32 {
     // SAFETY: reading the skb this program runs on.
     if unsafe { (*ctx.skb.skb).ingress_ifindex } != 0 {
         return TC_ACT_OK;
     }
-    match try_from_host(ctx) {
+    match try_from_host::<L3>(ctx) {
         Ok(()) => TC_ACT_OK,
         Err(reason) => {
             count(reason);
@@ -129,8 +155,10 @@ fn from_host(ctx: &TcContext) -> i32 {
     }
 }
 
-fn try_from_host(ctx: &TcContext) -> Result<(), Counter> {
-    let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
+#[inline(always)]
+fn try_from_host<const L3: bool>(ctx: &TcContext) -> Result<(), Counter> {
+    let parsed = if L3 { parse::parse_l3(ctx) } else { parse::parse(ctx) };
+    let Some(pkt) = parsed.map_err(|_| Counter::DropMalformed)? else {
         return Ok(());
     };
     let Some(r) = ct::reply(&pkt) else {

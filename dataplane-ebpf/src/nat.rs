@@ -12,7 +12,7 @@ use ferry_common::{Counter, PROTO_UDP};
 use crate::{
     fib::{self, Route},
     maps::count,
-    parse::{Frame as _, Packet, IP_CSUM_OFF, IP_DST_OFF, IP_SRC_OFF},
+    parse::{Frame as _, Packet},
     reject,
 };
 
@@ -65,7 +65,7 @@ pub fn rewrite(
     let (addr_off, port_off) = offsets(pkt, side);
     if pkt.later_fragment {
         if old_addr != new_addr {
-            ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
+            ctx.l3_csum_replace(pkt.ip_csum_off(), old_addr as u64, new_addr as u64, 4)?;
             ctx.store(addr_off, &new_addr, 0)?;
         }
         return Ok(());
@@ -80,7 +80,7 @@ pub fn rewrite(
             new_addr as u64,
             BPF_F_PSEUDO_HDR as u64 | mangled_0 | 4,
         )?;
-        ctx.l3_csum_replace(IP_CSUM_OFF, old_addr as u64, new_addr as u64, 4)?;
+        ctx.l3_csum_replace(pkt.ip_csum_off(), old_addr as u64, new_addr as u64, 4)?;
         ctx.store(addr_off, &new_addr, 0)?;
     }
     if old_port != new_port {
@@ -94,8 +94,8 @@ pub fn rewrite(
 #[inline(always)]
 fn offsets(pkt: &Packet, side: Side) -> (usize, usize) {
     match side {
-        Side::Src => (IP_SRC_OFF, pkt.l4_off),
-        Side::Dst => (IP_DST_OFF, pkt.l4_off + 2),
+        Side::Src => (pkt.ip_src_off(), pkt.l4_off),
+        Side::Dst => (pkt.ip_src_off() + 4, pkt.l4_off + 2),
     }
 }
 
@@ -117,8 +117,8 @@ pub fn rewrite_xdp(
     // UDP: a zero checksum means "none" and stays zero.
     let no_l4_csum = pkt.proto == PROTO_UDP && l4 == 0;
     if old_addr != new_addr {
-        let ip: u16 = ctx.load(IP_CSUM_OFF)?;
-        ctx.store(IP_CSUM_OFF, &csum_replace4(ip, old_addr, new_addr))?;
+        let ip: u16 = ctx.load(pkt.ip_csum_off())?;
+        ctx.store(pkt.ip_csum_off(), &csum_replace4(ip, old_addr, new_addr))?;
         // The address is part of the L4 pseudo-header.
         l4 = csum_replace4(l4, old_addr, new_addr);
         ctx.store(addr_off, &new_addr)?;

@@ -1,9 +1,19 @@
 //! Header access: Ethernet → IPv4 → TCP/UDP ports, at TC read with
 //! bpf_skb_load_bytes so non-linear skbs work too, at XDP read directly from the
 //! frame with bounds checks.
+//!
+//! Devices without an Ethernet header (IPIP, GRE, WireGuard: "L3 devices")
+//! carry the IPv4 header at offset 0: at their ingress an Ethernet header is
+//! pushed in front ([`push_ethernet`]), so that every path below, and a
+//! redirect into a Pod's veth, works unchanged; at their egress only the
+//! reverse translation runs, on [`parse_l3`]'s offsets
+//! ([`Packet::l3_off`]).
 use core::mem::size_of;
 
-use aya_ebpf::programs::{TcContext, XdpContext};
+use aya_ebpf::{
+    helpers::bpf_skb_change_head,
+    programs::{TcContext, XdpContext},
+};
 use ferry_common::{FragKey, FragPorts, PROTO_TCP, PROTO_UDP};
 
 use crate::maps::FRAGS;
@@ -29,6 +39,9 @@ pub const TCP_ACK: u8 = 0x10;
 /// The fields of an IPv4 TCP/UDP packet the load balancer works with. Addresses and
 /// ports in wire order, as in the maps.
 pub struct Packet {
+    /// Offset of the IPv4 header: [`IP_OFF`] behind Ethernet, 0 on an L3
+    /// device's egress.
+    pub l3_off: usize,
     pub l4_off: usize,
     pub proto: u8,
     pub saddr: u32,
@@ -46,6 +59,18 @@ pub struct Packet {
 }
 
 impl Packet {
+    /// Offset of the IPv4 header checksum.
+    #[inline(always)]
+    pub fn ip_csum_off(&self) -> usize {
+        self.l3_off + 10
+    }
+
+    /// Offset of the IPv4 source address (the destination follows it).
+    #[inline(always)]
+    pub fn ip_src_off(&self) -> usize {
+        self.l3_off + 12
+    }
+
     /// Offset of the L4 checksum field.
     #[inline(always)]
     pub fn l4_csum_off(&self) -> usize {
@@ -125,19 +150,55 @@ pub fn parse<F: Frame>(ctx: &F) -> Result<Option<Packet>, i64> {
     if ether_type != ETH_P_IP.to_be() {
         return Ok(None);
     }
-    let vihl: u8 = ctx.load(IP_OFF)?;
+    parse_ip(ctx, IP_OFF)
+}
+
+/// [`parse`] for a frame without an Ethernet header (an L3 device's
+/// egress), whose `skb->protocol` the caller has found IPv4.
+#[inline(always)]
+pub fn parse_l3(ctx: &TcContext) -> Result<Option<Packet>, i64> {
+    parse_ip(ctx, 0)
+}
+
+/// Whether the skb is IPv4 (`skb->protocol`): on an L3 device, where no
+/// Ethernet header says so.
+#[inline(always)]
+pub fn is_ipv4(ctx: &TcContext) -> bool {
+    ctx.skb.protocol() == u32::from(ETH_P_IP.to_be())
+}
+
+/// Pushes an Ethernet header (zero MACs, type IPv4) in front of an L3
+/// device's IPv4 packet. The kernel moves the skb's MAC header to it: the
+/// stack, if the packet is passed on, skips it again (at TC ingress the MAC
+/// header's length is pulled after the program), and a redirect out of an L3
+/// device strips it; a redirect into an Ethernet device uses it, with the
+/// MACs the FIB lookup gave.
+#[inline(always)]
+pub fn push_ethernet(ctx: &TcContext) -> Result<(), i64> {
+    // SAFETY: helper on our own skb; no memory arguments.
+    let rc = unsafe { bpf_skb_change_head(ctx.skb.skb as *mut _, ETH_HLEN as u32, 0) };
+    if rc != 0 {
+        return Err(rc);
+    }
+    ctx.store(ETH_TYPE_OFF, &ETH_P_IP.to_be(), 0)
+}
+
+/// The IPv4 header at `l3`, then TCP/UDP.
+#[inline(always)]
+fn parse_ip<F: Frame>(ctx: &F, l3: usize) -> Result<Option<Packet>, i64> {
+    let vihl: u8 = ctx.load(l3)?;
     let ihl = (vihl & 0x0f) as usize;
     if vihl >> 4 != 4 || ihl < 5 {
         return Ok(None);
     }
-    let frags = u16::from_be(ctx.load(IP_OFF + 6)?);
-    let proto: u8 = ctx.load(IP_OFF + 9)?;
+    let frags = u16::from_be(ctx.load(l3 + 6)?);
+    let proto: u8 = ctx.load(l3 + 9)?;
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Ok(None);
     }
-    let (saddr, daddr): (u32, u32) = (ctx.load(IP_SRC_OFF)?, ctx.load(IP_DST_OFF)?);
-    let l4_off = IP_OFF + ihl * 4;
-    let fragment = FragKey { saddr, daddr, id: ctx.load(IP_OFF + 4)?, proto, _pad: 0 };
+    let (saddr, daddr): (u32, u32) = (ctx.load(l3 + 12)?, ctx.load(l3 + 16)?);
+    let l4_off = l3 + ihl * 4;
+    let fragment = FragKey { saddr, daddr, id: ctx.load(l3 + 4)?, proto, _pad: 0 };
     let (sport, dport, later_fragment) = if frags & IP_OFFSET_MASK != 0 {
         // SAFETY: copied out at once.
         let Some(p) = (unsafe { FRAGS.get(&fragment).copied() }) else {
@@ -154,6 +215,7 @@ pub fn parse<F: Frame>(ctx: &F) -> Result<Option<Packet>, i64> {
     };
     let tcp_flags = if proto == PROTO_TCP && !later_fragment { ctx.load(l4_off + TCP_FLAGS_OFF)? } else { 0 };
     Ok(Some(Packet {
+        l3_off: l3,
         l4_off,
         proto,
         saddr,

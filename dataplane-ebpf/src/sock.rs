@@ -40,7 +40,7 @@ pub fn translate(ctx: &SockAddrContext) {
         return;
     }
     let (vip, vport) = (sa.user_ip4, sa.user_port as u16);
-    let pkt = Packet { l4_off: 0, proto, saddr: 0, daddr: vip, sport: 0, dport: vport, tcp_flags: 0, dont_fragment: false, fragment: false, later_fragment: false };
+    let pkt = Packet { l3_off: 0, l4_off: 0, proto, saddr: 0, daddr: vip, sport: 0, dport: vport, tcp_flags: 0, dont_fragment: false, fragment: false, later_fragment: false };
     let Some(svc) = lb::lookup_service_in_cluster(&pkt) else {
         return;
     };

@@ -194,3 +194,36 @@ spec:
     - {name: http, port: 8081, targetPort: 8080, nodePort: 30080}
     - {name: dns, port: 5353, protocol: UDP, targetPort: 8080, nodePort: 30053}
 "#;
+
+/// `hostsvc`, a selectorless NodePort Service (ClusterIP 10.96.0.50; TCP
+/// 443, NodePort 30443, and UDP 53) and its slice: one host-network
+/// endpoint, `addr` port 8090 on node `node`.
+pub fn host_network_service(node: &str, addr: std::net::Ipv4Addr) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: hostsvc, namespace: default}}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.50
+  ports:
+    - {{name: tcp, port: 443, targetPort: 8090, nodePort: 30443}}
+    - {{name: udp, port: 53, protocol: UDP, targetPort: 8090}}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: hostsvc-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: hostsvc}}
+addressType: IPv4
+endpoints:
+  - addresses: ["{addr}"]
+    nodeName: {node}
+    conditions: {{ready: true}}
+ports:
+  - {{name: tcp, port: 8090, protocol: TCP}}
+  - {{name: udp, port: 8090, protocol: UDP}}
+"#
+    )
+}

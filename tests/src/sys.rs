@@ -31,6 +31,36 @@ pub fn netns_exec(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
     run("ip", &all)
 }
 
+/// Long-running commands in network namespaces (servers, tunnels), killed
+/// when dropped, so that a failing test leaves none behind.
+#[derive(Default)]
+pub struct Processes(Vec<std::process::Child>);
+
+impl Processes {
+    /// Starts `cmd` (program and arguments) in `ns`, output discarded.
+    pub fn spawn_in(&mut self, ns: &str, cmd: &[&str]) -> Result<()> {
+        let child = Command::new("ip")
+            .args(["netns", "exec", ns])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {cmd:?} in {ns}"))?;
+        self.0.push(child);
+        Ok(())
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Names of all network namespaces (`ip netns list`).
 pub fn netns_list() -> Vec<String> {
     run("ip", &["netns", "list"])

@@ -5,52 +5,14 @@
 //! them at TC egress (to_pod, to_netdev). Real clients: a Pod on the same
 //! node and one on the other node (ClusterIP, TCP and UDP), and the external
 //! client through the NodePort.
-use std::{
-    collections::BTreeSet,
-    net::SocketAddr,
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use ferry_tests::{
     cluster::{node_addr, Cluster},
-    manifests::{client_pod, on_node},
+    manifests::{client_pod, host_network_service, on_node},
     sys, tcp_ask, udp_ask, TcpSession,
 };
-
-/// A selectorless Service with a NodePort, and its slice: node 1's address,
-/// port 8090, on node 1.
-fn manifests(node1: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Service
-metadata: {{name: hostsvc, namespace: default}}
-spec:
-  type: NodePort
-  clusterIP: 10.96.0.50
-  ports:
-    - {{name: tcp, port: 443, targetPort: 8090, nodePort: 30443}}
-    - {{name: udp, port: 53, protocol: UDP, targetPort: 8090}}
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: hostsvc-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: hostsvc}}
-addressType: IPv4
-endpoints:
-  - addresses: ["{}"]
-    nodeName: {node1}
-    conditions: {{ready: true}}
-ports:
-  - {{name: tcp, port: 8090, protocol: TCP}}
-  - {{name: udp, port: 8090, protocol: UDP}}
-"#,
-        node_addr(0)
-    )
-}
 
 /// The host-network backend, processes of node 1 itself, killed on drop:
 /// `ferry echo` on TCP 8090, and on UDP 8090 a socat bound to the node's
@@ -58,46 +20,21 @@ ports:
 /// the route to the client picks, which matches no flow, with kube-proxy
 /// either: host-network UDP servers bind their address, as node-local DNS
 /// caches do).
-struct HostProcesses(Vec<Child>);
-
-impl HostProcesses {
-    fn start(node: &str) -> Result<Self> {
-        let ferry = sys::ferry_bin()?.display().to_string();
-        let udp = format!("UDP-RECVFROM:8090,bind={},fork", node_addr(0));
-        let commands: [Vec<&str>; 2] = [
-            vec![&ferry, "echo", "--tcp", "8090", "--name", "host-1"],
-            vec!["socat", &udp, "SYSTEM:echo host-1"],
-        ];
-        let mut started = Self(Vec::new());
-        for cmd in commands {
-            let child = Command::new("ip")
-                .args(["netns", "exec", node])
-                .args(&cmd)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .with_context(|| format!("starting {cmd:?} in {node}"))?;
-            started.0.push(child);
-        }
-        Ok(started)
-    }
-}
-
-impl Drop for HostProcesses {
-    fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+fn host_processes(node: &str) -> Result<sys::Processes> {
+    let ferry = sys::ferry_bin()?.display().to_string();
+    let udp = format!("UDP-RECVFROM:8090,bind={},fork", node_addr(0));
+    let mut started = sys::Processes::default();
+    started.spawn_in(node, &[&ferry, "echo", "--tcp", "8090", "--name", "host-1"])?;
+    started.spawn_in(node, &["socat", &udp, "SYSTEM:echo host-1"])?;
+    Ok(started)
 }
 
 #[test]
 fn a_host_network_backend_answers_pods_on_both_nodes_and_outside_clients() -> Result<()> {
     let c = Cluster::start("hostbe", 2, &[], &[])?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
-    let _servers = HostProcesses::start(&n1)?;
-    c.write_manifest("hostsvc.yaml", &manifests(&n1))?;
+    let _servers = host_processes(&n1)?;
+    c.write_manifest("hostsvc.yaml", &host_network_service(&n1, node_addr(0)))?;
     c.write_manifest("near.yaml", &on_node(&client_pod("near"), &n1))?;
     c.write_manifest("far.yaml", &on_node(&client_pod("far"), &n2))?;
     c.wait_ready(&["near", "far"], Duration::from_secs(60))?;

@@ -7,7 +7,7 @@ use aya::{
     maps::{MapInfo, MapType},
     programs::{links::PinnedLink, SchedClassifier, TcAttachType},
 };
-use ferry_common::{PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD, PROG_XDP_FROM_NETDEV};
+use ferry_common::{PROGS_TC, PROG_FROM_NETDEV, PROG_FROM_NETDEV_L3, PROG_XDP_FROM_NETDEV};
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
     link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
@@ -94,7 +94,7 @@ async fn ferry_tc_filters(handle: &rtnetlink::Handle, index: u32) -> Vec<TcFilte
     let Ok(index) = i32::try_from(index) else {
         return Vec::new();
     };
-    let ours = [PROG_FROM_POD, PROG_FROM_NETDEV, PROG_TO_POD, PROG_TO_NETDEV];
+    let ours = PROGS_TC;
     let mut out = Vec::new();
     for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
         let get = handle.traffic_filter(index).get();
@@ -245,7 +245,7 @@ fn tc_rows(i: &Iface) -> Vec<ProgramRow> {
 /// id, "tcx ingress" or "tcx egress"). An interface without TCX programs (or
 /// a kernel without TCX) has none.
 pub(crate) fn ferry_tcx_programs(ifname: &str) -> Vec<(String, u32, &'static str)> {
-    let ours = [PROG_FROM_POD, PROG_FROM_NETDEV, PROG_TO_POD, PROG_TO_NETDEV];
+    let ours = PROGS_TC;
     [(TcAttachType::Ingress, "tcx ingress"), (TcAttachType::Egress, "tcx egress")]
         .into_iter()
         .filter_map(|(direction, hook)| Some((SchedClassifier::query_tcx(ifname, direction).ok()?.1, hook)))
@@ -335,7 +335,7 @@ fn expected_but_missing(r: &AgentReport, ifaces: &[Iface], rows: &[ProgramRow]) 
     let has = |dev: &str, prog: &str| rows.iter().any(|p| p.interface == dev && p.program == prog);
     for dev in &r.devices {
         let index = ifaces.iter().find(|i| &i.name == dev).map(|i| i.index);
-        if !has(dev, PROG_FROM_NETDEV) && !r.attach_errors.iter().any(|e| &e.interface == dev) {
+        if !has(dev, PROG_FROM_NETDEV) && !has(dev, PROG_FROM_NETDEV_L3) && !r.attach_errors.iter().any(|e| &e.interface == dev) {
             let why = match index {
                 None => "not attached: no such interface in this network namespace (--devices)",
                 Some(_) => "not attached",
@@ -348,7 +348,8 @@ fn expected_but_missing(r: &AgentReport, ifaces: &[Iface], rows: &[ProgramRow]) 
                 Some(why.into()),
             ));
         }
-        if r.xdp.is_some() && index.is_some() && !has(dev, PROG_XDP_FROM_NETDEV) {
+        // L3 devices get no XDP program (see Links::hooks).
+        if r.xdp.is_some() && index.is_some() && !has(dev, PROG_XDP_FROM_NETDEV) && !has(dev, PROG_FROM_NETDEV_L3) {
             let why = if r.xdp_refused.contains(dev) {
                 "XDP could not attach in the allowed modes (--xdp-mode); TC serves this device alone"
             } else {
