@@ -33,8 +33,7 @@ pub enum Route {
     /// Out of `ifindex` to the next hop `nh`, whose MAC is not known yet.
     NoNeighbour { ifindex: u32, nh: u32 },
     /// The packet is bigger than the egress device's `mtu` (at TC, where the
-    /// kernel checks the skb: a GSO packet passes, its segments are cut to
-    /// the connection's MSS).
+    /// kernel checks the skb: a GSO packet by the size of its segments).
     FragNeeded { mtu: u32 },
     /// No route (or not forwardable): the stack's business.
     Miss,

@@ -161,7 +161,8 @@ mod tests {
 }
 
 /// A Pod `name` labelled `app` that sends back every byte it gets: TCP on
-/// 9000 (ready once it accepts) and UDP datagrams on 9001 (socat + cat).
+/// 9000 (ready once it accepts) and UDP datagrams on 9001, up to 64 KiB
+/// (socat + cat).
 pub fn cat_pod(name: &str, app: &str) -> String {
     format!(
         r#"apiVersion: v1
@@ -177,7 +178,7 @@ spec:
         tcpSocket: {{port: 9000}}
         periodSeconds: 1
     - name: udp
-      command: ["socat", "UDP-RECVFROM:9001,fork", "EXEC:cat"]
+      command: ["socat", "-b", "65536", "UDP-RECVFROM:9001,fork", "EXEC:cat"]
 "#
     )
 }

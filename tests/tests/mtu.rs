@@ -5,8 +5,10 @@
 //! "fragmentation needed" quoting them as the Pod sent them (to the
 //! ClusterIP), so the Pod's TCP lowers its path MTU instead of blackholing.
 //! 300 KB up and down through ClusterIP and NodePort, with real clients.
-//! And 3,000-byte UDP datagrams, which travel as IP fragments, both ways
-//! through ClusterIP and NodePort.
+//! And UDP datagrams of 3,000 and 65,000 bytes, which travel as IP
+//! fragments (2 and 45), both ways through every frontend kind: ClusterIP,
+//! NodePort (remote backend, SNATed), ExternalIP, LoadBalancer (local
+//! backend).
 use std::{
     net::{SocketAddr, TcpStream, UdpSocket},
     time::Duration,
@@ -25,16 +27,26 @@ const SERVICE: &str = r#"apiVersion: v1
 kind: Service
 metadata: {name: bulk, namespace: default}
 spec:
-  type: NodePort
+  type: LoadBalancer
   clusterIP: 10.96.0.40
   selector: {app: bulk}
+  externalIPs: [203.0.113.40]
   ports:
     - {name: data, port: 80, targetPort: 9000, nodePort: 30400}
     - {name: dgram, port: 53, protocol: UDP, targetPort: 9001, nodePort: 30401}
+status:
+  loadBalancer:
+    ingress: [{ip: 203.0.113.41}]
 "#;
+/// The ExternalIP, routed by the external client to node 1 (the backend
+/// is on node 2), and the LoadBalancer IP, routed to node 2.
+const EXTERNAL_IP: [u8; 4] = [203, 0, 113, 40];
+const LB_IP: [u8; 4] = [203, 0, 113, 41];
 
 const SIZE: usize = 300 * 1024;
 const DGRAM: usize = 3000;
+/// Near the largest UDP payload IPv4 carries (65,507).
+const BIG_DGRAM: usize = 65_000;
 
 #[test]
 fn three_hundred_kilobytes_each_way_through_a_1400_byte_underlay() -> Result<()> {
@@ -47,41 +59,50 @@ fn three_hundred_kilobytes_each_way_through_a_1400_byte_underlay() -> Result<()>
     c.write_manifest("client.yaml", &on_node(&client_pod("client"), &n1))?;
     c.wait_ready(&["bulk", "client"], Duration::from_secs(60))?;
     let pod = c.pod_netns("client")?;
-    // Segments as the Pod's TCP makes them (no offload merging them), so
-    // each one meets the MTU check on its own.
-    sys::netns_exec(&pod, "ethtool", &["-K", "eth0", "tso", "off", "gso", "off"])?;
     let clusterip: SocketAddr = "10.96.0.40:80".parse()?;
     c.nodes[0].wait_until(Duration::from_secs(20), "the ClusterIP answering", || {
         Ok(in_netns(&pod, move || TcpStream::connect_timeout(&clusterip, Duration::from_secs(1)).is_ok())?)
     })?;
-    bulk_round_trip(&pod, clusterip, SIZE).with_context(|| format!("ClusterIP from a Pod on node 1\n{}", c.logs()))?;
+    // With the veth's offloads (TSO/GSO, as Pods have them): the kernel
+    // checks a GSO packet's segments against the egress MTU in the FIB
+    // lookup, so they too are answered with fragmentation-needed.
+    bulk_round_trip(&pod, clusterip, SIZE).with_context(|| format!("ClusterIP from a Pod on node 1, GSO\n{}", c.logs()))?;
     let too_big = c.nodes[0].counter("frag_needed")?;
-    assert!(too_big > 0, "the Pod's 1500-byte packets were answered with fragmentation-needed");
+    assert!(too_big > 0, "the Pod's GSO segments of 1500 bytes were answered with fragmentation-needed");
+    // Segments as the Pod's TCP makes them (no offload merging them), each
+    // meeting the MTU check on its own (the Pod's route cache now knows the
+    // path MTU).
+    sys::netns_exec(&pod, "ethtool", &["-K", "eth0", "tso", "off", "gso", "off"])?;
+    bulk_round_trip(&pod, clusterip, SIZE).with_context(|| format!("ClusterIP from a Pod on node 1\n{}", c.logs()))?;
     // NodePort from outside, to the backend on node 2 through node 1 (SNAT).
     bulk_round_trip(&c.external, SocketAddr::from((node_addr(0), 30400)), SIZE).with_context(|| format!("NodePort from outside\n{}", c.logs()))?;
     Ok(())
 }
 
-/// A 3,000-byte datagram to `to` from `netns` (sent as two fragments), and
-/// the same bytes back (two fragments again).
-fn datagram_round_trip(netns: &str, to: SocketAddr) -> Result<()> {
+/// A datagram of `size` bytes to `to` from `netns` (sent as fragments),
+/// and the same bytes back (fragments again).
+fn datagram_round_trip(netns: &str, to: SocketAddr, size: usize) -> Result<()> {
     in_netns(netns, move || -> Result<()> {
         let s = UdpSocket::bind("0.0.0.0:0")?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         s.connect(to)?;
-        let data: Vec<u8> = (0..DGRAM).map(|i| (i % 241) as u8).collect();
+        let data: Vec<u8> = (0..size).map(|i| (i % 241) as u8).collect();
         s.send(&data)?;
-        let mut back = vec![0u8; 4000];
+        let mut back = vec![0u8; 65536];
         let n = s.recv(&mut back).context("no answer")?;
-        ensure!(back[..n] == data[..], "{n} bytes came back, not the 3000 sent");
+        ensure!(back[..n] == data[..], "{n} bytes came back, not the {size} sent");
         Ok(())
     })?
 }
 
 #[test]
-fn three_thousand_byte_udp_datagrams_both_ways_through_clusterip_and_nodeport() -> Result<()> {
+fn udp_datagrams_up_to_64_kib_both_ways_through_every_frontend_kind() -> Result<()> {
     let c = Cluster::start("frag", 2, &[("bulk.yaml".into(), SERVICE.into())], &[])?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
+    for (ip, node) in [(EXTERNAL_IP, 0), (LB_IP, 1)] {
+        let ip = std::net::Ipv4Addr::from(ip);
+        sys::run("ip", &["-n", &c.external, "route", "add", &format!("{ip}/32"), "via", &node_addr(node).to_string()])?;
+    }
     c.write_manifest("bulk-pod.yaml", &on_node(&cat_pod("bulk", "bulk"), &n2))?;
     c.write_manifest("client.yaml", &on_node(&client_pod("client"), &n1))?;
     c.wait_ready(&["bulk", "client"], Duration::from_secs(60))?;
@@ -90,11 +111,15 @@ fn three_thousand_byte_udp_datagrams_both_ways_through_clusterip_and_nodeport() 
     for (what, netns, to) in [
         ("ClusterIP from a Pod", pod.as_str(), SocketAddr::from(([10, 96, 0, 40], 53))),
         ("NodePort from outside", c.external.as_str(), SocketAddr::from((node_addr(0), 30401))),
+        ("ExternalIP from outside", c.external.as_str(), SocketAddr::from((EXTERNAL_IP, 53))),
+        ("LoadBalancer IP from outside", c.external.as_str(), SocketAddr::from((LB_IP, 53))),
     ] {
         // The first datagrams may race the agent's first sync.
-        node1.wait_until(Duration::from_secs(20), &format!("{what}: 3000 bytes there and back"), || Ok(datagram_round_trip(netns, to).is_ok()))?;
-        for i in 0..5 {
-            datagram_round_trip(netns, to).with_context(|| format!("{what}, datagram {i}\n{}", c.logs()))?;
+        node1.wait_until(Duration::from_secs(20), &format!("{what}: {DGRAM} bytes there and back"), || {
+            Ok(datagram_round_trip(netns, to, DGRAM).is_ok())
+        })?;
+        for size in [DGRAM, DGRAM, BIG_DGRAM, BIG_DGRAM] {
+            datagram_round_trip(netns, to, size).with_context(|| format!("{what}, {size} bytes\n{}", c.logs()))?;
         }
     }
     Ok(())
