@@ -270,6 +270,11 @@ enum Metric {
     AgentRssMib,
     /// Failed connections/requests in the measurements (timeouts, resets).
     Errors,
+    /// Time in Ferry's BPF programs per CRR connection (all hooks, from the
+    /// kernel's run-time statistics).
+    CrrBpfNs,
+    /// Time in Ferry's BPF programs per RR request (both directions).
+    RrBpfNs,
 }
 
 impl Metric {
@@ -288,6 +293,8 @@ impl Metric {
             Metric::EndpointChangeMs => "Control plane: one endpoint change reaching the dataplane, ms",
             Metric::AgentRssMib => "Agent resident memory with N Services, MiB",
             Metric::Errors => "Failed requests per round (connect errors, timeouts, resets)",
+            Metric::CrrBpfNs => "Time in Ferry's BPF programs per CRR connection (kernel run-time statistics), ns",
+            Metric::RrBpfNs => "Time in Ferry's BPF programs per RR request, both directions (kernel run-time statistics), ns",
         }
     }
 
@@ -365,14 +372,20 @@ pub fn run(args: Args) -> Result<()> {
     for tool in [plan.iptables.restore(), "nft"] {
         which(tool).with_context(|| format!("{tool} is missing: run `cargo xtask setup`"))?;
     }
+    let mut notes = Vec::new();
+    let stats = crate::bpfstats::enable();
+    if let Err(e) = &stats {
+        notes.push(format!("no BPF run-time statistics: {e:#}"));
+    }
     let mut ctx = Ctx {
         loadgen: bin.join("ferry-loadgen"),
         plan: &plan,
         samples: Samples::new(),
         answered: BTreeMap::new(),
-        notes: Vec::new(),
+        notes,
         files: None,
         xdp: Vec::new(),
+        bpf_stats: stats.is_ok(),
     };
     let started = Instant::now();
     for &topology in &plan.topologies {
@@ -518,6 +531,8 @@ struct Ctx<'a> {
     /// ferry-xdp: how XDP attached on node 1 and what it forwarded itself
     /// (the xdp_forward counter) in each round.
     xdp: Vec<XdpRound>,
+    /// The kernel counts BPF run time (see bpfstats).
+    bpf_stats: bool,
 }
 
 /// What ferry-xdp's XDP program did in one round: without packets forwarded
@@ -672,8 +687,21 @@ impl Ctx<'_> {
             self.push(n, Metric::AgentRssMib, path, rss);
         }
         let workers = self.plan.workers;
+        // Ferry's programs' run time around CRR and RR (see bpfstats).
+        let agent = if path.is_ferry() && self.bpf_stats { node.lab().agent_pid() } else { None };
+        let bpf = || agent.map(crate::bpfstats::of_process).transpose();
+        let bpf_before = bpf()?;
         let crr = self.loadgen(&node.client, "crr", target(TCP_PORT, SERVER_PORT), workers)?;
+        let bpf_crr = bpf()?;
         let rr = self.loadgen(&node.client, "rr", target(TCP_PORT, SERVER_PORT), workers)?;
+        let bpf_rr = bpf()?;
+        if let (Some(a), Some(b), Some(c)) = (&bpf_before, &bpf_crr, &bpf_rr) {
+            for (m, runs, report) in [(Metric::CrrBpfNs, crate::bpfstats::delta(a, b), &crr), (Metric::RrBpfNs, crate::bpfstats::delta(b, c), &rr)] {
+                if report.requests > 0 {
+                    self.push(n, m, path, runs.ns as f64 / report.requests as f64);
+                }
+            }
+        }
         let udp = self.loadgen(&node.client, "udp", target(UDP_PORT, SERVER_PORT), workers)?;
         let stream = self.loadgen(&node.client, "stream", target(STREAM_PORT, SERVER_SINK), 1)?;
         for (m, v) in [
@@ -1122,7 +1150,8 @@ impl Output {
             "Machine: {}, kernel {}, commit {}. `cargo xtask {}` ({} build): {} rounds, {} s per measurement, {} concurrent clients, \
              iptables via {}; took {:.0} s.\n\
              Each cell: median over rounds (± spread = (max-min)/median). Ratios: a ferry path's median over the other path's \
-             (ferry-xdp's over ferry's too); for rates > 1 means the ferry path is faster, for times and CPU < 1 means it is cheaper.\n",
+             (ferry-xdp's over ferry's too); for rates > 1 means the ferry path is faster, for times and CPU < 1 means it is cheaper. \
+             A cell in parentheses has a spread over {NOISY_PCT}%: noise, not a result, and so is a ratio in parentheses.\n",
             self.machine,
             self.kernel,
             self.commit,
@@ -1164,12 +1193,16 @@ impl Output {
                 out.push_str(&format!("| {}, {} |", n.services, n.topology.place()));
                 for &p in &paths {
                     match self.get(n, m, p) {
+                        Some(s) if noisy(s) => out.push_str(&format!(" ({} ±{:.0}%) |", fmt_num(s.median), s.spread_pct())),
                         Some(s) => out.push_str(&format!(" {} ±{:.0}% |", fmt_num(s.median), s.spread_pct())),
                         None => out.push_str(" – |"),
                     }
                 }
                 for &(f, o) in &ratios {
                     match (self.get(n, m, f), self.get(n, m, o)) {
+                        (Some(f), Some(o)) if o.median != 0.0 && (noisy(f) || noisy(o)) => {
+                            out.push_str(&format!(" ({:.2}) |", f.median / o.median))
+                        }
                         (Some(f), Some(o)) if o.median != 0.0 => out.push_str(&format!(" {:.2} |", f.median / o.median)),
                         _ => out.push_str(" – |"),
                     }
@@ -1214,6 +1247,14 @@ impl Output {
         println!("\n{md}\nbench: written to {}/latest.md and latest.json (and bench-{stamp}.*)", dir.display());
         Ok(())
     }
+}
+
+/// A cell whose rounds spread more than this (percent of the median)
+/// decides nothing.
+const NOISY_PCT: f64 = 10.0;
+
+fn noisy(s: &Summary) -> bool {
+    s.spread_pct() > NOISY_PCT
 }
 
 fn fmt_num(v: f64) -> String {

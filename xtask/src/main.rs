@@ -1,5 +1,6 @@
 //! `cargo xtask setup | build | test | run | lab`: everything from a fresh machine.
 mod bench;
+mod bpfstats;
 mod demo;
 mod demo_ns;
 mod lab;
