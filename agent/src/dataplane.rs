@@ -23,7 +23,8 @@ use aya::maps::{Array, MapData};
 use ferry_common::{
     addr_to_map, config, CONFIG_MAP, PROG_SOCK_CONNECT4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
     BACKENDS_MAP, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD,
-    PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP,
+    PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP, MAGLEV_MAP, DEFAULT_MAGLEV_TABLES,
+    DEFAULT_MAGLEV_TABLE_SIZE,
 };
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
@@ -108,18 +109,34 @@ pub struct Config {
     pub backends_max: u32,
     pub ct: crate::ct::Sizes,
     pub src_ranges_max: u32,
+    /// Maglev tables (`--maglev-table-size`, `--maglev-tables`).
+    pub maglev: MaglevConfig,
+}
+
+/// The Maglev map's shape: `tables` tables of `table_size` entries (a prime).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevConfig {
+    pub table_size: u32,
+    pub tables: u32,
+}
+
+impl Default for MaglevConfig {
+    fn default() -> Self {
+        Self { table_size: DEFAULT_MAGLEV_TABLE_SIZE, tables: DEFAULT_MAGLEV_TABLES }
+    }
 }
 
 impl Config {
     /// The maps whose max_entries the agent sets (flags), as the loader and
     /// the migration of pinned maps both need them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 5] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 6] {
         [
             (SERVICES_MAP, self.services_max),
             (BACKENDS_MAP, self.backends_max),
             (CT_TCP_MAP, self.ct.tcp),
             (CT_ANY_MAP, self.ct.any),
             (SRC_RANGES_MAP, self.src_ranges_max),
+            (MAGLEV_MAP, self.maglev.table_size.saturating_mul(self.maglev.tables)),
         ]
     }
 }
@@ -592,6 +609,12 @@ impl Dataplane {
             self.set_config(index, value)?;
         }
         Ok(())
+    }
+
+    /// Tells the programs the size of a Maglev table (before any table is
+    /// written: the agent reads the pinned tables back with it).
+    pub fn set_maglev_table_size(&mut self, m: u32) -> Result<(), DataplaneError> {
+        self.set_config(config::MAGLEV_TABLE_SIZE, m)
     }
 
     fn set_config(&mut self, index: u32, value: u32) -> Result<(), DataplaneError> {

@@ -339,11 +339,13 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let (mut dp, maps) = Dataplane::load(&cfg.dataplane)?;
     dp.set_ct_config(&cfg.ct)?;
+    dp.set_maglev_table_size(cfg.dataplane.maglev.table_size)?;
     reporter.update(|r| r.tc_hook = Some(dp.tc_mode().hook().to_string()));
     dataplane::warn_if_snat_ports_are_ephemeral(cfg.ct.snat_ports);
     tokio::spawn(crate::ct::run_gc(cfg.dataplane.bpffs_dir.clone(), cfg.dataplane.ct, gc_report));
     let syncer = Syncer::new(maps).context("reading the pinned maps")?;
-    let ids = Ids::from_contents(syncer.current());
+    let maglev = cfg.dataplane.maglev;
+    let ids = Ids::from_contents(syncer.current(), maglev.table_size, maglev.tables);
     let mut prog = Programmer {
         syncer,
         ids,

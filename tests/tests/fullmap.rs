@@ -48,6 +48,7 @@ async fn a_frontend_that_does_not_fit_the_kernel_map_is_named_and_the_rest_are_w
         backends_max: 64,
         ct: ferry_agent::ct::Sizes { tcp: 1024, any: 1024 },
         src_ranges_max: 64,
+        maglev: Default::default(),
     };
     let (_dp, maps) = Dataplane::load(&cfg).expect("loading the dataplane");
     let mut syncer = Syncer::new(maps).expect("reading the maps");

@@ -448,7 +448,9 @@ fn node_info(n: Node) -> NodeInfo {
     if pod_cidrs.is_empty() {
         pod_cidrs.extend(spec.pod_cidr);
     }
+    let zone = n.metadata.labels.as_ref().and_then(|l| l.get(crate::model::ZONE_LABEL)).cloned();
     NodeInfo {
+        zone,
         name: n.metadata.name.unwrap_or_default(),
         addresses: status
             .addresses
