@@ -9,7 +9,7 @@ use ferry_common::{
     addr_from_map, addr_to_map, config, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat,
     ServiceKey, ServiceName, ServiceValue, SrcRangeKey, SvcStats, AFFINITY_MAP, BACKENDS_MAP,
     CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP, PROTO_UDP, REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS,
-    SVC_NAMES_MAP, SVC_STATS_MAP, MAGLEV_MAP, svc_flags,
+    SVC_NAMES_MAP, SVC_STATS_MAP, MAGLEV_MAP,
 };
 use ipnet::Ipv4Net;
 
@@ -217,12 +217,7 @@ impl KernelMaps {
         let Some(map) = self.maglev.as_ref().filter(|_| m > 0) else {
             return Ok(out);
         };
-        let used: BTreeSet<u32> = services
-            .iter()
-            .filter(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV != 0)
-            .map(|(_, v)| v.backend_id)
-            .collect();
-        for index in used {
+        for index in super::maglev_tables_in_use(services) {
             let Some(base) = index.checked_mul(m).filter(|b| b.checked_add(m).is_some_and(|end| end <= map.len())) else {
                 continue;
             };

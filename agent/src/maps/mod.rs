@@ -56,6 +56,16 @@ pub fn assignments(c: &MapContents) -> BTreeSet<Assignment> {
         .collect()
 }
 
+/// The Maglev tables the frontends of `services` name (slot 0 with
+/// `svc_flags::MAGLEV`: its `backend_id` is the table index).
+pub fn maglev_tables_in_use(services: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeSet<u32> {
+    services
+        .iter()
+        .filter(|(k, v)| k.slot == 0 && v.flags & ferry_common::svc_flags::MAGLEV != 0)
+        .map(|(_, v)| v.backend_id)
+        .collect()
+}
+
 /// What [`MapStore::forget_flows`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Forgotten {

@@ -14,7 +14,7 @@ use ferry_common::{
     addr_from_map, port_from_map, svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue,
 };
 
-use super::{assignments, Assignment, Forgotten, MapContents, MapStore, SourceRange};
+use super::{assignments, maglev_tables_in_use, Assignment, Forgotten, MapContents, MapStore, SourceRange};
 
 /// What one sync wrote, and what it could not.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -455,13 +455,7 @@ impl<S: MapStore> Writes<'_, S> {
             }
         }
         // Backends the slots or a Maglev table in use name.
-        let tables: BTreeSet<u32> = self
-            .cur
-            .services
-            .iter()
-            .filter(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV != 0)
-            .map(|(_, v)| v.backend_id)
-            .collect();
+        let tables = maglev_tables_in_use(&self.cur.services);
         let named: BTreeSet<u32> = self
             .cur
             .services
@@ -483,13 +477,7 @@ impl<S: MapStore> Writes<'_, S> {
                 self.fail(name, e);
             }
         }
-        let named: BTreeSet<u32> = self
-            .cur
-            .services
-            .iter()
-            .filter(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV != 0)
-            .map(|(_, v)| v.backend_id)
-            .collect();
+        let named = maglev_tables_in_use(&self.cur.services);
         let stale: Vec<u32> = self
             .cur
             .maglev
@@ -751,12 +739,7 @@ mod tests {
         fn read_all(&self) -> Result<MapContents, Full> {
             let mut c = self.maps.borrow().clone();
             // As the kernel store: only the tables frontends name are read.
-            let used: BTreeSet<u32> = c
-                .services
-                .iter()
-                .filter(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV != 0)
-                .map(|(_, v)| v.backend_id)
-                .collect();
+            let used = crate::maps::maglev_tables_in_use(&c.services);
             c.maglev.retain(|i, _| used.contains(i));
             Ok(c)
         }
