@@ -104,6 +104,8 @@ struct MaglevIds {
     tables: Allocator<MaglevKey>,
     /// Computed tables (indices into the key), kept while their set is live.
     computed: BTreeMap<MaglevKey, Arc<Vec<u32>>>,
+    /// Maglev frontends the last layout found no free table for.
+    without_table: usize,
 }
 
 /// Backend ids (per {ip, port, proto}) and reverse-NAT ids (per frontend
@@ -124,6 +126,7 @@ impl Default for Ids {
                 size: ferry_common::DEFAULT_MAGLEV_TABLE_SIZE,
                 tables: Allocator::new(ferry_common::DEFAULT_MAGLEV_TABLES),
                 computed: BTreeMap::new(),
+                without_table: 0,
             },
         }
     }
@@ -156,7 +159,7 @@ impl Ids {
     /// Maglev tables of `size` entries (a prime), at most `tables` of them
     /// (`--maglev-table-size`, `--maglev-tables`).
     pub fn with_maglev(mut self, size: u32, tables: u32) -> Self {
-        self.maglev = MaglevIds { size, tables: Allocator::new(tables), computed: BTreeMap::new() };
+        self.maglev = MaglevIds { size, tables: Allocator::new(tables), computed: BTreeMap::new(), without_table: 0 };
         self
     }
 
@@ -233,6 +236,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
     let mut live_backends = BTreeSet::new();
     let mut live_frontends = BTreeSet::new();
     let mut live_tables = BTreeSet::new();
+    let mut no_table: Vec<&str> = Vec::new();
     for f in frontends {
         let Some(rev_nat_id) = ids.revnat(f.key()) else {
             tracing::error!(frontend = %f.name, "no free reverse-NAT id; frontend left out");
@@ -307,10 +311,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
                         table_index = index;
                         flags |= svc_flags::MAGLEV;
                     }
-                    None => tracing::error!(
-                        frontend = %f.name,
-                        "no free Maglev table (raise --maglev-tables); new flows pick their backend at random"
-                    ),
+                    None => no_table.push(f.name.as_str()),
                 }
             }
         }
@@ -340,6 +341,17 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
     }
     ids.backends.retain(&live_backends);
     ids.frontends.retain(&live_frontends);
+    // Said once per change of their number, not at every sync.
+    if no_table.len() != ids.maglev.without_table {
+        ids.maglev.without_table = no_table.len();
+        if !no_table.is_empty() {
+            tracing::error!(
+                frontends = no_table.len(),
+                first = %no_table.iter().take(5).copied().collect::<Vec<_>>().join(", "),
+                "no free Maglev table for these frontends (raise --maglev-tables); their new flows pick a backend at random"
+            );
+        }
+    }
     ids.maglev.tables.retain(&live_tables);
     ids.maglev.computed.retain(|k, _| live_tables.contains(k));
     out.cursors = ids.cursors();
