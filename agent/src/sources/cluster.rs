@@ -531,6 +531,20 @@ mod tests {
     }
 
     #[test]
+    fn the_nodes_zone_label_reaches_the_snapshot_for_topology_aware_routing() {
+        let nodes = [obj(serde_json::json!({
+            "metadata": {"name": "n1", "resourceVersion": "4", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+            "spec": {"podCIDR": "10.244.1.0/24"}
+        }))];
+        let input = Typer::default().input(&[], &[], &nodes, "n1");
+        assert_eq!(input.snapshot.node.as_ref().and_then(|n| n.zone.as_deref()), Some("zone-a"));
+        assert_eq!(input.snapshot.zone_of("n1"), Some("zone-a"));
+        assert_eq!(input.snapshot.zone_of("n2"), None);
+        let unlabelled = [obj(serde_json::json!({"metadata": {"name": "n1", "resourceVersion": "5"}}))];
+        assert_eq!(Typer::default().input(&[], &[], &unlabelled, "n1").snapshot.zone_of("n1"), None);
+    }
+
+    #[test]
     fn access_lists_only_what_the_watchers_use() {
         for a in API_ACCESS {
             assert!(a.verbs.contains(&"list") && a.verbs.contains(&"watch"));
