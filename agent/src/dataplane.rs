@@ -452,6 +452,7 @@ impl Dataplane {
         // create from now on are in the old maps only.
         migrate::finish(dir, copies);
         spawn_ebpf_logs(&mut ebpf);
+        set_maglev_table_size(&mut ebpf, cfg.maglev.table_size)?;
         let maps = KernelMaps::from_ebpf(&mut ebpf)?;
         let tc_mode = cfg.tc_attach.resolve(probe_tcx);
         tracing::info!(tc_attach = ?cfg.tc_attach, "TC programs attach as {}", tc_mode.hook());
@@ -611,12 +612,6 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Tells the programs the size of a Maglev table (before any table is
-    /// written: the agent reads the pinned tables back with it).
-    pub fn set_maglev_table_size(&mut self, m: u32) -> Result<(), DataplaneError> {
-        self.set_config(config::MAGLEV_TABLE_SIZE, m)
-    }
-
     fn set_config(&mut self, index: u32, value: u32) -> Result<(), DataplaneError> {
         let map = self.ebpf.map_mut(CONFIG_MAP).ok_or(DataplaneError::MissingMap(CONFIG_MAP))?;
         let mut array: Array<&mut MapData, u32> =
@@ -632,6 +627,30 @@ impl Dataplane {
     pub fn xdp_refused(&self) -> impl Iterator<Item = &str> {
         self.xdp_refused.iter().map(|(_, n)| n.as_str())
     }
+}
+
+/// Tells the programs the size of a Maglev table, before the agent reads the
+/// pinned tables back with it. When a previous agent used another size, its
+/// tables mean nothing with the new one: the programs are told 0 (Maglev
+/// frontends pick at random), the tables are zeroed (an empty entry means
+/// random too), and the first sync writes them anew.
+fn set_maglev_table_size(ebpf: &mut Ebpf, m: u32) -> Result<(), DataplaneError> {
+    let config_err = |source| DataplaneError::ConfigMap { source };
+    let map = ebpf.map_mut(CONFIG_MAP).ok_or(DataplaneError::MissingMap(CONFIG_MAP))?;
+    let mut cfg: Array<&mut MapData, u32> = Array::try_from(map).map_err(config_err)?;
+    let old = cfg.get(&config::MAGLEV_TABLE_SIZE, 0).map_err(config_err)?;
+    if old != 0 && old != m {
+        tracing::info!(old, new = m, "the Maglev table size changed: tables are rewritten (new flows pick at random meanwhile)");
+        cfg.set(config::MAGLEV_TABLE_SIZE, 0, 0).map_err(config_err)?;
+        let map = ebpf.map_mut(MAGLEV_MAP).ok_or(DataplaneError::MissingMap(MAGLEV_MAP))?;
+        let mut tables: Array<&mut MapData, u32> = Array::try_from(map).map_err(config_err)?;
+        for i in 0..tables.len() {
+            tables.set(i, 0, 0).map_err(config_err)?;
+        }
+        let map = ebpf.map_mut(CONFIG_MAP).ok_or(DataplaneError::MissingMap(CONFIG_MAP))?;
+        cfg = Array::try_from(map).map_err(config_err)?;
+    }
+    cfg.set(config::MAGLEV_TABLE_SIZE, m, 0).map_err(config_err)
 }
 
 /// Warns when the SNAT port range overlaps the node's ephemeral port range

@@ -339,7 +339,6 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     let (mut dp, maps) = Dataplane::load(&cfg.dataplane)?;
     dp.set_ct_config(&cfg.ct)?;
-    dp.set_maglev_table_size(cfg.dataplane.maglev.table_size)?;
     reporter.update(|r| r.tc_hook = Some(dp.tc_mode().hook().to_string()));
     dataplane::warn_if_snat_ports_are_ephemeral(cfg.ct.snat_ports);
     tokio::spawn(crate::ct::run_gc(cfg.dataplane.bpffs_dir.clone(), cfg.dataplane.ct, gc_report));

@@ -129,7 +129,7 @@ pub fn select_backend(pkt: &Packet, service: &Service, chooser: Chooser) -> Resu
     }
     let maglev = chooser == Chooser::Flow && svc.flags & svc_flags::MAGLEV != 0;
     let (id, b) = match maglev.then(|| maglev_backend(pkt, svc)).flatten() {
-        Some(found) => found?,
+        Some(found) => found,
         None => random_backend(pkt, svc, service.scope)?,
     };
     if affinity {
@@ -144,27 +144,22 @@ pub fn select_backend(pkt: &Packet, service: &Service, chooser: Chooser) -> Resu
     Ok((id, b))
 }
 
-/// The backend the frontend's Maglev table names for `pkt`; None when the
-/// table size is not known yet (the agent writes it before any table).
+/// The backend the frontend's Maglev table names for `pkt`; None (the
+/// caller picks at random) when the table size is not known, or the entry is
+/// empty or names a backend that is gone: only while the agent rewrites the
+/// tables (a new table size) or a sync is under way.
 #[inline(always)]
-fn maglev_backend(pkt: &Packet, svc: &ServiceValue) -> Option<Result<(u32, Backend), Counter>> {
+fn maglev_backend(pkt: &Packet, svc: &ServiceValue) -> Option<(u32, Backend)> {
     let m = config(cfg::MAGLEV_TABLE_SIZE);
     if m == 0 {
         return None;
     }
-    if svc.count == 0 {
-        return Some(Err(Counter::DropNoBackend));
-    }
     let h = maglev_flow_hash(pkt.saddr, pkt.sport, pkt.dport, pkt.proto);
     let index = svc.backend_id.wrapping_mul(m).wrapping_add(h % m);
-    let found = match MAGLEV.get(index).copied() {
-        Some(id) if id != 0 => backend(id).map(|b| (id, b)).ok_or(Counter::DropBackendMissing),
-        _ => Err(Counter::DropBackendMissing),
-    };
-    if found.is_ok() {
-        count(Counter::MaglevSelected);
-    }
-    Some(found)
+    let id = MAGLEV.get(index).copied().filter(|id| *id != 0)?;
+    let b = backend(id)?;
+    count(Counter::MaglevSelected);
+    Some((id, b))
 }
 
 #[inline(always)]

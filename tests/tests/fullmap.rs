@@ -90,7 +90,7 @@ async fn a_frontend_that_does_not_fit_the_kernel_map_is_named_and_the_rest_are_w
 #[tokio::test]
 async fn maglev_tables_round_trip_through_the_kernel_map() {
     let dir = PinDir::new("maglev-test").expect("pin dir");
-    let maglev = MaglevConfig { table_size: 251, tables: 4 };
+    let maglev = MaglevConfig { table_size: 251, tables: 3 };
     let cfg = Config {
         bpffs_dir: dir.0.clone(),
         tc_attach: ferry_agent::dataplane::TcAttach::Auto,
@@ -100,8 +100,7 @@ async fn maglev_tables_round_trip_through_the_kernel_map() {
         src_ranges_max: 64,
         maglev,
     };
-    let (mut dp, maps) = Dataplane::load(&cfg).expect("loading the dataplane");
-    dp.set_maglev_table_size(maglev.table_size).expect("table size");
+    let (dp, maps) = Dataplane::load(&cfg).expect("loading the dataplane");
     let mut syncer = Syncer::new(maps).expect("reading the maps");
     let mut ids = Ids::from_contents(syncer.current(), maglev.table_size, maglev.tables);
     let with_maglev = |n: u8| {
@@ -126,7 +125,7 @@ async fn maglev_tables_round_trip_through_the_kernel_map() {
         assert!(per_backend.values().all(|c| c.abs_diff(251 / usize::from(n)) <= 1), "{per_backend:?}");
     }
     let info = aya::maps::MapInfo::from_pin(dir.0.join(ferry_common::MAGLEV_MAP)).expect("the Maglev map's pin");
-    assert_eq!(info.max_entries(), 4 * 251, "sized by the flags");
+    assert_eq!(info.max_entries(), 3 * 251, "sized by the flags");
     // A restarted agent reads the table back and has nothing to write.
     drop(syncer);
     let mut again = Syncer::new(KernelMaps::from_pins(&dir.0).expect("pins")).expect("reading the maps");
@@ -134,4 +133,23 @@ async fn maglev_tables_round_trip_through_the_kernel_map() {
     let st = again.sync(&layout(&[with_maglev(2)], &mut ids));
     assert!(st.failed.is_empty(), "{:?}", st.failed);
     assert_eq!((st.upserts, st.deletes), (0, 0));
+    // Another table size, the same map size (3 x 251 = 251 x 3: the pinned
+    // array is reused): the old tables are zeroed, then rewritten whole.
+    drop((again, dp));
+    let cfg = Config { maglev: MaglevConfig { table_size: 3, tables: 251 }, ..cfg };
+    let (_dp, maps) = Dataplane::load(&cfg).expect("loading the dataplane again");
+    let mut syncer = Syncer::new(maps).expect("reading the maps");
+    let reused = aya::maps::MapInfo::from_pin(dir.0.join(ferry_common::MAGLEV_MAP)).expect("the Maglev map's pin");
+    assert_eq!(reused.id(), info.id(), "the same array, so the agent zeroed it");
+    let stale = &syncer.current().maglev;
+    assert!(!stale.is_empty() && stale.values().all(|t| t.iter().all(|id| *id == 0)), "zeroed: {stale:?}");
+    let mut ids = Ids::from_contents(syncer.current(), 3, 251);
+    let st = syncer.sync(&layout(&[with_maglev(2)], &mut ids));
+    assert!(st.failed.is_empty(), "{:?}", st.failed);
+    let kernel = KernelMaps::from_pins(&dir.0).expect("opening the pins").read_all().expect("reading the pins");
+    assert_eq!(kernel, *syncer.current());
+    let slot0 = kernel.services.iter().find(|(k, _)| k.slot == 0).unwrap().1;
+    let table = &kernel.maglev[&slot0.backend_id];
+    assert_eq!(table.len(), 3);
+    assert!(table.iter().all(|id| kernel.backends.contains_key(id)));
 }
