@@ -129,6 +129,8 @@ fn maglev_through_both_nodes(xdp: bool) -> Result<()> {
     for (name, n) in &spread {
         ensure!(n.abs_diff(even) * 100 <= even * 10, "{name} got {n} of {} ports (even: {even}): {spread:?}", ports().len());
     }
+    let wide = c.nodes[0].ferry(&["svc", "list", "-o", "wide"])?;
+    ensure!(wide.lines().filter(|l| l.contains("default/web") && l.contains("maglev")).count() >= 2, "svc list shows the flag:\n{wide}");
     for lab in &c.nodes {
         ensure!(lab.counter("maglev_selected")? >= ports().len() as u64, "{}: maglev_selected counted", lab.node);
         if xdp {
