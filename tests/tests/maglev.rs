@@ -163,6 +163,17 @@ fn maglev_through_both_nodes(xdp: bool) -> Result<()> {
     );
     ensure!(moved >= on_removed, "every port of web-3 moved");
     ensure!(moved_others * 100 <= ports().len() * 3, "{moved_others} ports of remaining backends moved");
+
+    // Session affinity wins over Maglev (as in Cilium): new connections of
+    // the client, whatever their port, go to its first backend.
+    c.write_manifest("web.yaml", &SERVICE.replace("  selector: {app: web}\n", "  selector: {app: web}\n  sessionAffinity: ClientIP\n"))?;
+    let to = SocketAddr::from((node_addr(0), NODE_PORT));
+    c.nodes[0].wait_until(Duration::from_secs(20), "affinity in force", || {
+        TcpSession::connect(&c.external, to)?.ask()?;
+        Ok(c.nodes[0].counter("affinity_hit")? > 0)
+    })?;
+    let sticky = split(&c.external, 30, |ns| TcpSession::connect(ns, to)?.ask())?;
+    ensure!(sticky.len() == 1, "30 connections from 30 ports with affinity: {sticky:?}");
     Ok(())
 }
 
