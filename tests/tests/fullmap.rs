@@ -29,6 +29,19 @@ fn frontend(port: u16, n: u8) -> Frontend {
     )
 }
 
+/// A small dataplane pinned in `dir`: `services_max` services-map entries.
+fn config(dir: &PinDir, services_max: u32, maglev: MaglevConfig) -> Config {
+    Config {
+        bpffs_dir: dir.0.clone(),
+        tc_attach: ferry_agent::dataplane::TcAttach::Auto,
+        services_max,
+        backends_max: 64,
+        ct: ferry_agent::ct::Sizes { tcp: 1024, any: 1024 },
+        src_ranges_max: 64,
+        maglev,
+    }
+}
+
 /// Entries of the services map by frontend port.
 fn by_port(c: &MapContents) -> BTreeMap<u16, usize> {
     let mut out = BTreeMap::new();
@@ -41,15 +54,7 @@ fn by_port(c: &MapContents) -> BTreeMap<u16, usize> {
 #[tokio::test]
 async fn a_frontend_that_does_not_fit_the_kernel_map_is_named_and_the_rest_are_written() {
     let dir = PinDir::new("fullmap-test").expect("pin dir");
-    let cfg = Config {
-        bpffs_dir: dir.0.clone(),
-        tc_attach: ferry_agent::dataplane::TcAttach::Auto,
-        services_max: 8,
-        backends_max: 64,
-        ct: ferry_agent::ct::Sizes { tcp: 1024, any: 1024 },
-        src_ranges_max: 64,
-        maglev: Default::default(),
-    };
+    let cfg = config(&dir, 8, MaglevConfig::default());
     let (_dp, maps) = Dataplane::load(&cfg).expect("loading the dataplane");
     let mut syncer = Syncer::new(maps).expect("reading the maps");
     let mut ids = Ids::from_contents(syncer.current(), cfg.maglev.table_size, cfg.maglev.tables);
@@ -91,15 +96,7 @@ async fn a_frontend_that_does_not_fit_the_kernel_map_is_named_and_the_rest_are_w
 async fn maglev_tables_round_trip_through_the_kernel_map() {
     let dir = PinDir::new("maglev-test").expect("pin dir");
     let maglev = MaglevConfig { table_size: 251, tables: 3 };
-    let cfg = Config {
-        bpffs_dir: dir.0.clone(),
-        tc_attach: ferry_agent::dataplane::TcAttach::Auto,
-        services_max: 64,
-        backends_max: 64,
-        ct: ferry_agent::ct::Sizes { tcp: 1024, any: 1024 },
-        src_ranges_max: 64,
-        maglev,
-    };
+    let cfg = config(&dir, 64, maglev);
     let (dp, maps) = Dataplane::load(&cfg).expect("loading the dataplane");
     let mut syncer = Syncer::new(maps).expect("reading the maps");
     let mut ids = Ids::from_contents(syncer.current(), maglev.table_size, maglev.tables);
