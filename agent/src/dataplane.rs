@@ -23,7 +23,8 @@ use aya::maps::{Array, MapData};
 use ferry_common::{
     addr_to_map, config, CONFIG_MAP, PROG_SOCK_CONNECT4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
     BACKENDS_MAP, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_NETDEV_L3, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_NETDEV_L3, PROG_TO_POD,
-    PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP,
+    PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP, MAGLEV_MAP, DEFAULT_MAGLEV_TABLES,
+    DEFAULT_MAGLEV_TABLE_SIZE,
 };
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
@@ -108,18 +109,34 @@ pub struct Config {
     pub backends_max: u32,
     pub ct: crate::ct::Sizes,
     pub src_ranges_max: u32,
+    /// Maglev tables (`--maglev-table-size`, `--maglev-tables`).
+    pub maglev: MaglevConfig,
+}
+
+/// The Maglev map's shape: `tables` tables of `table_size` entries (a prime).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaglevConfig {
+    pub table_size: u32,
+    pub tables: u32,
+}
+
+impl Default for MaglevConfig {
+    fn default() -> Self {
+        Self { table_size: DEFAULT_MAGLEV_TABLE_SIZE, tables: DEFAULT_MAGLEV_TABLES }
+    }
 }
 
 impl Config {
     /// The maps whose max_entries the agent sets (flags), as the loader and
     /// the migration of pinned maps both need them.
-    pub fn max_entries(&self) -> [(&'static str, u32); 5] {
+    pub fn max_entries(&self) -> [(&'static str, u32); 6] {
         [
             (SERVICES_MAP, self.services_max),
             (BACKENDS_MAP, self.backends_max),
             (CT_TCP_MAP, self.ct.tcp),
             (CT_ANY_MAP, self.ct.any),
             (SRC_RANGES_MAP, self.src_ranges_max),
+            (MAGLEV_MAP, self.maglev.table_size.saturating_mul(self.maglev.tables)),
         ]
     }
 }
@@ -451,6 +468,7 @@ impl Dataplane {
         // create from now on are in the old maps only.
         migrate::finish(dir, copies);
         spawn_ebpf_logs(&mut ebpf);
+        set_maglev_table_size(&mut ebpf, cfg.maglev.table_size)?;
         let maps = KernelMaps::from_ebpf(&mut ebpf)?;
         let tc_mode = cfg.tc_attach.resolve(probe_tcx);
         tracing::info!(tc_attach = ?cfg.tc_attach, "TC programs attach as {}", tc_mode.hook());
@@ -627,6 +645,30 @@ impl Dataplane {
     pub fn xdp_refused(&self) -> impl Iterator<Item = &str> {
         self.xdp_refused.iter().map(|(_, n)| n.as_str())
     }
+}
+
+/// Tells the programs the size of a Maglev table, before the agent reads the
+/// pinned tables back with it. When a previous agent used another size, its
+/// tables mean nothing with the new one: the programs are told 0 (Maglev
+/// frontends pick at random), the tables are zeroed (an empty entry means
+/// random too), and the first sync writes them anew.
+fn set_maglev_table_size(ebpf: &mut Ebpf, m: u32) -> Result<(), DataplaneError> {
+    let config_err = |source| DataplaneError::ConfigMap { source };
+    let map = ebpf.map_mut(CONFIG_MAP).ok_or(DataplaneError::MissingMap(CONFIG_MAP))?;
+    let mut cfg: Array<&mut MapData, u32> = Array::try_from(map).map_err(config_err)?;
+    let old = cfg.get(&config::MAGLEV_TABLE_SIZE, 0).map_err(config_err)?;
+    if old != 0 && old != m {
+        tracing::info!(old, new = m, "the Maglev table size changed: tables are rewritten (new flows pick at random meanwhile)");
+        cfg.set(config::MAGLEV_TABLE_SIZE, 0, 0).map_err(config_err)?;
+        let map = ebpf.map_mut(MAGLEV_MAP).ok_or(DataplaneError::MissingMap(MAGLEV_MAP))?;
+        let mut tables: Array<&mut MapData, u32> = Array::try_from(map).map_err(config_err)?;
+        for i in 0..tables.len() {
+            tables.set(i, 0, 0).map_err(config_err)?;
+        }
+        let map = ebpf.map_mut(CONFIG_MAP).ok_or(DataplaneError::MissingMap(CONFIG_MAP))?;
+        cfg = Array::try_from(map).map_err(config_err)?;
+    }
+    cfg.set(config::MAGLEV_TABLE_SIZE, m, 0).map_err(config_err)
 }
 
 /// Warns when the SNAT port range overlaps the node's ephemeral port range

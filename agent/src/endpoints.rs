@@ -23,6 +23,9 @@ pub struct Endpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node: Option<String>,
+    /// hints.forZones: the zones whose clients should use this endpoint
+    /// (topology-aware routing; empty: no hint).
+    pub zone_hints: Vec<String>,
 }
 
 /// Endpoints of `port` of a Service with a selector: the Pods in its namespace whose
@@ -60,6 +63,7 @@ pub fn from_pods(
                 serving: p.ready,
                 terminating: p.terminating,
                 node: Some(p.node.clone()),
+                zone_hints: Vec::new(),
             })
         })
         .collect()
@@ -100,6 +104,12 @@ pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>]) -> Ve
                         serving,
                         terminating,
                         node: ep.node_name.clone(),
+                        zone_hints: ep
+                            .hints
+                            .iter()
+                            .flat_map(|h| h.for_zones.iter().flatten())
+                            .map(|z| z.name.clone())
+                            .collect(),
                     });
                 }
             }
@@ -136,12 +146,38 @@ pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints) -> Vec<Endpoint
                         serving: ready,
                         terminating: false,
                         node: a.node_name.clone(),
+                        zone_hints: Vec::new(),
                     });
                 }
             }
         }
     }
     out
+}
+
+/// Whether the endpoints' zone hints apply on a node in `zone`, as kube-proxy
+/// decides (`canUseTopology`, pkg/proxy/topology.go): every ready endpoint
+/// has a hint and at least one ready endpoint is hinted for `zone`. Else all
+/// endpoints are used: hints missing, or none left for the zone.
+pub fn can_use_topology(all: &[Endpoint], zone: &str) -> bool {
+    let mut for_zone = false;
+    for e in all.iter().filter(|e| e.ready) {
+        if e.zone_hints.is_empty() {
+            return false;
+        }
+        for_zone |= e.zone_hints.iter().any(|z| z == zone);
+    }
+    for_zone
+}
+
+/// Plays the EndpointSlice controller for `trafficDistribution: PreferClose`
+/// (standalone mode): each endpoint is hinted for the zone of its node
+/// (`zone_of`); endpoints on a node of unknown zone get no hint, which turns
+/// the hints off for the whole Service (see [`can_use_topology`]).
+pub fn hint_own_zones<'a>(all: &mut [Endpoint], zone_of: impl Fn(&str) -> Option<&'a str>) {
+    for e in all {
+        e.zone_hints = e.node.as_deref().and_then(&zone_of).map(|z| vec![z.to_string()]).unwrap_or_default();
+    }
 }
 
 /// The endpoints that take new connections: the ready ones; if none is ready, the
@@ -176,6 +212,7 @@ mod tests {
             serving,
             terminating,
             node: None,
+            zone_hints: Vec::new(),
         }
     }
 

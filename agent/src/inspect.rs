@@ -135,6 +135,7 @@ pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
             (svc_flags::ITP_LOCAL, "itp-local"),
             (svc_flags::SOURCE_RANGES, "source-ranges"),
             (svc_flags::TERMINATING_FALLBACK, "terminating-fallback"),
+            (svc_flags::MAGLEV, "maglev"),
             // The twin Pods and node processes use (externalTrafficPolicy: Local).
             (svc_flags::INTERNAL, "in-cluster"),
         ] {

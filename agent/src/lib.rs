@@ -11,6 +11,7 @@ pub mod inspect;
 pub mod kubeproxy;
 pub mod kubeproxyconfig;
 pub mod loader;
+pub mod maglev;
 pub mod logging;
 pub mod maps;
 pub mod metrics;

@@ -236,6 +236,22 @@ struct AgentArgs {
     /// warns otherwise) so the node's own connections never collide.
     #[arg(long, value_parser = parse_port_range, default_value = port_range(DEFAULT_SNAT_PORTS))]
     snat_port_range: (u16, u16),
+    /// How new flows pick their backend: `random` (kube-proxy's) or `maglev`
+    /// (consistent hashing of the client's address and port: every node
+    /// picks the same backend for the same connection, and a backend change
+    /// moves about 1/N of the clients). Per Service: the annotation
+    /// `ferry.dev/lb-algorithm: random|maglev`.
+    #[arg(long, value_enum, default_value_t = translate::LbAlgorithm::Random, value_name = "ALGORITHM")]
+    lb_algorithm: translate::LbAlgorithm,
+    /// Entries of one Maglev table: a prime, at most 131071 (Cilium's
+    /// default 16381). Must be the same on every node.
+    #[arg(long, default_value_t = ferry_common::DEFAULT_MAGLEV_TABLE_SIZE, value_parser = parse_maglev_table_size)]
+    maglev_table_size: u32,
+    /// Maglev tables the map holds (4 bytes × table size each): one per
+    /// distinct backend set of the Maglev frontends, plus one while a set
+    /// changes. Frontends beyond pick at random (logged).
+    #[arg(long, default_value_t = ferry_common::DEFAULT_MAGLEV_TABLES, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    maglev_tables: u32,
     /// Entries of the loadBalancerSourceRanges trie (one per range and
     /// LoadBalancer frontend).
     #[arg(long, default_value_t = DEFAULT_SRC_RANGES_MAX)]
@@ -322,6 +338,15 @@ fn ct_sizes(tcp: Option<u32>, any: Option<u32>) -> Result<ferry_agent::ct::Sizes
         bail!("--ct-map-size and --ct-any-map-size must be at least 1");
     }
     Ok(ferry_agent::ct::Sizes { tcp, any })
+}
+
+/// A Maglev table size: a prime, 3 to 131071 (Cilium's upper bound).
+fn parse_maglev_table_size(s: &str) -> Result<u32, String> {
+    let m: u32 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(3..=131_071).contains(&m) || !ferry_agent::maglev::is_prime(m) {
+        return Err(format!("{m} is not a prime between 3 and 131071 (e.g. 251, 1021, 4093, 16381, 65521)"));
+    }
+    Ok(m)
 }
 
 /// "LOW-HIGH", 1 <= LOW <= HIGH <= 65535.
@@ -501,6 +526,7 @@ fn agent_config(mut a: AgentArgs, given: Option<&ArgMatches>) -> Result<run::Con
             node: node.clone(),
             nodeport_addrs: Vec::new(),
             node_port_range: a.service_node_port_range,
+            lb_algorithm: a.lb_algorithm,
         },
         nodeport_cidrs: a.nodeport_addresses,
         cgroup: match a.cgroup_path {
@@ -524,6 +550,7 @@ fn agent_config(mut a: AgentArgs, given: Option<&ArgMatches>) -> Result<run::Con
             backends_max: a.backends_map_size,
             ct: ct_sizes(a.ct_map_size, a.ct_any_map_size)?,
             src_ranges_max: a.src_ranges_map_size,
+            maglev: dataplane::MaglevConfig { table_size: a.maglev_table_size, tables: a.maglev_tables },
         },
         ct: dataplane::CtConfig {
             timeout_tcp_syn: a.ct_timeout_tcp_syn,

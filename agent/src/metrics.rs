@@ -261,6 +261,7 @@ pub(crate) const PACKETS: &[(DpCounter, &str)] = &[
     (DpCounter::NodePortLocalReply, "nodeport_local_reply"),
     (DpCounter::FragNeeded, "frag_needed"),
     (DpCounter::IcmpErrorTranslated, "icmp_error_translated"),
+    (DpCounter::MaglevSelected, "maglev_selected"),
 ];
 
 impl Collector for DataplaneCollector {

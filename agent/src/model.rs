@@ -2,7 +2,7 @@
 use ferry_shim::status::PodRecord;
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{Endpoints, Pod, Service},
+    core::v1::{Endpoints, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 
@@ -39,6 +39,29 @@ pub struct Snapshot {
     /// This node as the API describes it (cluster mode): its addresses and pod
     /// CIDRs. Standalone mode has no Node object.
     pub node: Option<NodeInfo>,
+    /// Nodes declared in the manifests (standalone mode: the lab's nodes with
+    /// their `topology.kubernetes.io/zone` labels).
+    pub nodes: Vec<Sourced<Node>>,
+}
+
+/// The Node label naming its zone (topology-aware routing).
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
+impl Snapshot {
+    /// The zone of node `name`: its Node's [`ZONE_LABEL`] (cluster mode: the
+    /// agent's own Node; standalone: the Node manifests). None when unknown
+    /// or empty.
+    pub fn zone_of(&self, name: &str) -> Option<&str> {
+        if let Some(n) = self.node.as_ref().filter(|n| n.name == name) {
+            return n.zone.as_deref().filter(|z| !z.is_empty());
+        }
+        self.nodes
+            .iter()
+            .find(|n| n.object.metadata.name.as_deref() == Some(name))
+            .and_then(|n| n.object.metadata.labels.as_ref()?.get(ZONE_LABEL))
+            .map(String::as_str)
+            .filter(|z| !z.is_empty())
+    }
 }
 
 /// What the agent needs of its own Node object.
@@ -49,6 +72,8 @@ pub struct NodeInfo {
     pub addresses: Vec<(String, String)>,
     /// spec.podCIDRs (or spec.podCIDR).
     pub pod_cidrs: Vec<String>,
+    /// The label `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
 }
 
 /// `namespace/name` of an object's metadata.

@@ -343,7 +343,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     dataplane::warn_if_snat_ports_are_ephemeral(cfg.ct.snat_ports);
     tokio::spawn(crate::ct::run_gc(cfg.dataplane.bpffs_dir.clone(), cfg.dataplane.ct, gc_report));
     let syncer = Syncer::new(maps).context("reading the pinned maps")?;
-    let ids = Ids::from_contents(syncer.current());
+    let maglev = cfg.dataplane.maglev;
+    let ids = Ids::from_contents(syncer.current(), maglev.table_size, maglev.tables);
     let mut prog = Programmer {
         syncer,
         ids,

@@ -45,7 +45,25 @@ pub struct Config {
     pub nodeport_addrs: Vec<Ipv4Addr>,
     /// `--service-node-port-range`, inclusive.
     pub node_port_range: (u16, u16),
+    /// `--lb-algorithm`: how new flows pick a backend unless the Service's
+    /// [`LB_ALGORITHM_ANNOTATION`] says otherwise.
+    pub lb_algorithm: LbAlgorithm,
 }
+
+/// How a new flow picks its backend among a frontend's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbAlgorithm {
+    /// Uniformly at random (kube-proxy's behaviour).
+    #[default]
+    Random,
+    /// Maglev consistent hashing over the client address and port: every
+    /// node picks the same backend for the same client connection.
+    Maglev,
+}
+
+/// Per-Service choice of [`LbAlgorithm`] (`random` or `maglev`), over
+/// `--lb-algorithm` (Cilium's `service.cilium.io/lb-algorithm`).
+pub const LB_ALGORITHM_ANNOTATION: &str = "ferry.dev/lb-algorithm";
 
 impl Default for Config {
     fn default() -> Self {
@@ -55,6 +73,7 @@ impl Default for Config {
             pod_endpoints: true,
             nodeport_addrs: Vec::new(),
             node_port_range: DEFAULT_NODE_PORT_RANGE,
+            lb_algorithm: LbAlgorithm::Random,
         }
     }
 }
@@ -190,6 +209,11 @@ struct Valid<'a> {
     source_ranges: Vec<Ipv4Net>,
     /// externalTrafficPolicy: Local.
     etp_local: bool,
+    /// New flows pick their backend by Maglev.
+    maglev: bool,
+    /// spec.trafficDistribution: PreferClose (standalone mode hints each
+    /// endpoint for its node's zone, as the EndpointSlice controller does).
+    prefer_close: bool,
 }
 
 pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
@@ -217,6 +241,9 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
     }
 
     let node_ports = assign_node_ports(&valid, cfg, &mut out.errors);
+    // Topology-aware routing: this node's zone, for the endpoints' hints.
+    let zone = snapshot.zone_of(&cfg.node);
+    let split = |all: &[Endpoint], local_only: bool| split(all, local_only, cfg, zone);
     let index = EndpointIndex::new(snapshot);
     let mut claimed: BTreeMap<(Ipv4Addr, u16, u8), String> = BTreeMap::new();
     for (v, ip) in valid.iter().zip(ips) {
@@ -240,6 +267,9 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
             if v.affinity_timeout > 0 {
                 common |= svc_flags::AFFINITY;
             }
+            if v.maglev {
+                common |= svc_flags::MAGLEV;
+            }
             let port_name = sp
                 .name
                 .clone()
@@ -258,7 +288,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                 source_ranges: Vec::new(),
             };
             let itp = if v.itp_local { svc_flags::ITP_LOCAL } else { 0 };
-            out.frontends.push(frontend(ip, port, svc_flags::CLUSTER_IP | itp, split(&all, v.itp_local, cfg)));
+            out.frontends.push(frontend(ip, port, svc_flags::CLUSTER_IP | itp, split(&all, v.itp_local)));
 
             // North-south frontends: the node's addresses at the NodePort,
             // externalIPs and LoadBalancer IPs at the Service port.
@@ -277,7 +307,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                 external.push((*a, port, svc_flags::LOAD_BALANCER, "status.loadBalancer.ingress".into()));
             }
             let etp = if v.etp_local { svc_flags::ETP_LOCAL } else { 0 };
-            let backends = split(&all, v.etp_local, cfg);
+            let backends = split(&all, v.etp_local);
             if let Some(hc) = v.etp_local.then_some(v.spec.health_check_node_port).flatten() {
                 if let Ok(port) = u16::try_from(hc) {
                     let meta = &v.svc.object.metadata;
@@ -310,7 +340,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                 // cluster: Pods and the node's processes reach every node's
                 // endpoints through an internal-scope twin (kube-proxy's
                 // short-circuit of in-cluster traffic to external addresses).
-                let twin = v.etp_local.then(|| frontend(addr, eport, kind | svc_flags::INTERNAL, split(&all, false, cfg)));
+                let twin = v.etp_local.then(|| frontend(addr, eport, kind | svc_flags::INTERNAL, split(&all, false)));
                 let twin_flag = if twin.is_some() { svc_flags::INTERNAL_TWIN } else { 0 };
                 for mut f in std::iter::once(frontend(addr, eport, kind | etp | twin_flag, backends.clone())).chain(twin) {
                     // Only LoadBalancer IPs are filtered (kube-proxy leaves
@@ -329,12 +359,16 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
 }
 
 /// The endpoints new connections may use (sorted), the ones that only keep
-/// their established connections (sorted: not ready, terminating, or not on
-/// this node when `local_only`), and whether the usable ones are the
-/// serving+terminating fallback.
-fn split(all: &[Endpoint], local_only: bool, cfg: &Config) -> (Vec<BackendSpec>, Vec<BackendSpec>, bool) {
+/// their established connections (sorted: not ready, terminating, not on
+/// this node when `local_only`, or hinted for other zones), and whether the
+/// usable ones are the serving+terminating fallback. Without `local_only`
+/// (kube-proxy's "cluster endpoints"), zone hints apply when this node's
+/// `zone` is known and [`endpoints::can_use_topology`] says so.
+fn split(all: &[Endpoint], local_only: bool, cfg: &Config, zone: Option<&str>) -> (Vec<BackendSpec>, Vec<BackendSpec>, bool) {
     let (candidates, remote): (Vec<Endpoint>, Vec<Endpoint>) = if local_only {
         all.iter().cloned().partition(|e| e.node.as_deref() == Some(cfg.node.as_str()))
+    } else if let Some(zone) = zone.filter(|z| endpoints::can_use_topology(all, z)) {
+        all.iter().cloned().partition(|e| e.zone_hints.iter().any(|h| h == zone))
     } else {
         (all.to_vec(), Vec::new())
     };
@@ -608,6 +642,22 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
             return None;
         }
     };
+    let annotation = svc.object.metadata.annotations.as_ref().and_then(|a| a.get(LB_ALGORITHM_ANNOTATION));
+    let maglev = match annotation.map(|a| a.trim()) {
+        None => cfg.lb_algorithm == LbAlgorithm::Maglev,
+        Some("maglev") => true,
+        Some("random") => false,
+        Some(other) => {
+            errors.push(err(
+                &format!("metadata.annotations[{LB_ALGORITHM_ANNOTATION}]"),
+                format!("unknown value {other:?} (random, maglev); --lb-algorithm applies"),
+            ));
+            cfg.lb_algorithm == LbAlgorithm::Maglev
+        }
+    };
+    // kube-proxy reads only the hints; the EndpointSlice controller writes
+    // them for PreferClose (and PreferSameZone, its 1.34 name).
+    let prefer_close = matches!(spec.traffic_distribution.as_deref(), Some("PreferClose") | Some("PreferSameZone"));
     Some(Valid {
         svc,
         spec,
@@ -621,6 +671,8 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
         lb_ips,
         source_ranges,
         etp_local,
+        maglev,
+        prefer_close,
     })
 }
 
@@ -787,7 +839,11 @@ fn endpoints_of(
     if pod_endpoints {
         if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
             let publish_not_ready = v.spec.publish_not_ready_addresses.unwrap_or(false);
-            return endpoints::from_pods(ns, selector, sp, &snapshot.pods, publish_not_ready);
+            let mut all = endpoints::from_pods(ns, selector, sp, &snapshot.pods, publish_not_ready);
+            if v.prefer_close {
+                endpoints::hint_own_zones(&mut all, |node| snapshot.zone_of(node));
+            }
+            return all;
         }
     }
     let slices = index.slices.get(&v.key).map(Vec::as_slice).unwrap_or_default();
@@ -966,6 +1022,126 @@ mod tests {
 
     fn run(s: &Snapshot) -> Translation {
         translate(s, &Config::default())
+    }
+
+    /// A selector-less Service `zoned` with one EndpointSlice whose
+    /// endpoints are given as (last octet, zone hints, ready).
+    fn zoned(extra_spec: &str, eps: &[(u8, &[&str], bool)]) -> Snapshot {
+        let mut y = String::from("apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: zoned-1, namespace: default, labels: {kubernetes.io/service-name: zoned}}\naddressType: IPv4\nports: [{name: http, port: 8080}]\nendpoints:\n");
+        for (last, zones, ready) in eps {
+            let hints = if zones.is_empty() {
+                String::new()
+            } else {
+                format!(", hints: {{forZones: [{}]}}", zones.iter().map(|z| format!("{{name: {z}}}")).collect::<Vec<_>>().join(", "))
+            };
+            y += &format!("- {{addresses: [10.244.0.{last}], conditions: {{ready: {ready}}}{hints}}}\n");
+        }
+        Snapshot {
+            services: vec![svc(&format!("metadata: {{name: zoned, namespace: default}}\nspec:\n  clusterIP: 10.96.0.20\n  ports: [{{name: http, port: 80}}]\n{extra_spec}"))],
+            endpoint_slices: vec![slice(&y)],
+            nodes: vec![node("n1", "zone-a"), node("n2", "zone-b")],
+            ..Default::default()
+        }
+    }
+
+    fn node(name: &str, zone: &str) -> Sourced<k8s_openapi::api::core::v1::Node> {
+        let y = format!("metadata: {{name: {name}, labels: {{topology.kubernetes.io/zone: {zone}}}}}\n");
+        Sourced::new("nodes.yaml", serde_yaml::from_str(&y).expect("test node parses"))
+    }
+
+    /// The last octets of the usable and of the draining backends of the
+    /// only frontend, translated on node `node`.
+    fn usable_on(s: &Snapshot, node: &str) -> (Vec<u8>, Vec<u8>) {
+        let t = translate(s, &Config { node: node.into(), ..Config::default() });
+        assert!(t.errors.is_empty(), "{:?}", t.errors);
+        let f = &t.frontends[0];
+        let last = |b: &[BackendSpec]| b.iter().map(|b| b.addr.octets()[3]).collect();
+        (last(&f.backends), last(&f.draining))
+    }
+
+    #[test]
+    fn zone_hints_keep_a_zones_clients_on_its_endpoints_as_kube_proxy_does() {
+        let s = zoned("", &[(1, &["zone-a"], true), (2, &["zone-a"], true), (3, &["zone-b"], true)]);
+        assert_eq!(usable_on(&s, "n1"), (vec![1, 2], vec![3]), "zone-a: its two endpoints; the other drains");
+        assert_eq!(usable_on(&s, "n2"), (vec![3], vec![1, 2]));
+        // A node without a zone label, or an unknown node: every endpoint.
+        assert_eq!(usable_on(&s, "n9"), (vec![1, 2, 3], vec![]));
+        // No endpoint hinted for the zone (they went away): every endpoint.
+        let s = zoned("", &[(3, &["zone-b"], true), (4, &["zone-b"], true)]);
+        assert_eq!(usable_on(&s, "n1"), (vec![3, 4], vec![]));
+        // The zone's only endpoint is not ready: hints of ready endpoints only count.
+        let s = zoned("", &[(1, &["zone-a"], false), (3, &["zone-b"], true)]);
+        assert_eq!(usable_on(&s, "n1"), (vec![3], vec![1]));
+        // One ready endpoint without a hint turns the hints off.
+        let s = zoned("", &[(1, &["zone-a"], true), (3, &[], true)]);
+        assert_eq!(usable_on(&s, "n1"), (vec![1, 3], vec![]));
+        // An endpoint may serve several zones.
+        let s = zoned("", &[(1, &["zone-a", "zone-b"], true), (3, &["zone-b"], true)]);
+        assert_eq!(usable_on(&s, "n2"), (vec![1, 3], vec![]));
+        assert_eq!(usable_on(&s, "n1"), (vec![1], vec![3]));
+    }
+
+    #[test]
+    fn zone_hints_do_not_apply_under_local_traffic_policies() {
+        let mut s = zoned("  internalTrafficPolicy: Local\n", &[(1, &["zone-a"], true), (3, &["zone-b"], true)]);
+        // Local policy: endpoints on this node (none here have a node), no topology.
+        assert_eq!(usable_on(&s, "n1"), (vec![], vec![1, 3]));
+        s.services = vec![svc("metadata: {name: zoned, namespace: default}\nspec:\n  type: NodePort\n  externalTrafficPolicy: Local\n  clusterIP: 10.96.0.20\n  ports: [{name: http, port: 80, nodePort: 30080}]\n")];
+        let cfg = Config { node: "n1".into(), nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11)], ..Config::default() };
+        let t = translate(&s, &cfg);
+        let np = t.frontends.iter().find(|f| f.flags & svc_flags::NODE_PORT != 0 && f.flags & svc_flags::INTERNAL == 0).unwrap();
+        assert!(np.backends.is_empty(), "externalTrafficPolicy: Local uses local endpoints only");
+        let cluster_ip = t.frontends.iter().find(|f| f.flags & svc_flags::CLUSTER_IP != 0).unwrap();
+        assert_eq!(cluster_ip.backends.iter().map(|b| b.addr.octets()[3]).collect::<Vec<_>>(), [1], "the ClusterIP follows the hints");
+    }
+
+    #[test]
+    fn prefer_close_hints_each_pod_for_its_nodes_zone_in_standalone_mode() {
+        let y = "metadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  trafficDistribution: PreferClose\n  ports: [{name: http, port: 80, targetPort: 8080}]\n";
+        let on = |name: &str, ip: u8, node: &str| PodRecord { node: node.into(), ..pod(name, [10, 244, 0, ip], true, false) };
+        let mut s = Snapshot {
+            services: vec![svc(y)],
+            pods: vec![on("a", 1, "n1"), on("b", 2, "n2"), on("c", 3, "n2")],
+            nodes: vec![node("n1", "zone-a"), node("n2", "zone-b")],
+            ..Default::default()
+        };
+        assert_eq!(usable_on(&s, "n1"), (vec![1], vec![2, 3]));
+        assert_eq!(usable_on(&s, "n2"), (vec![2, 3], vec![1]));
+        // zone-a's Pod goes: n1 falls back to every endpoint.
+        s.pods.remove(0);
+        assert_eq!(usable_on(&s, "n1"), (vec![2, 3], vec![]));
+        // A Pod on a node of unknown zone: no hints at all (as the controller).
+        s.pods.push(on("d", 4, "n3"));
+        assert_eq!(usable_on(&s, "n2"), (vec![2, 3, 4], vec![]));
+        // Without trafficDistribution the Pods get no hints.
+        s.services = vec![svc(&y.replace("  trafficDistribution: PreferClose\n", ""))];
+        s.pods = vec![on("a", 1, "n1"), on("b", 2, "n2")];
+        assert_eq!(usable_on(&s, "n1"), (vec![1, 2], vec![]));
+    }
+
+    #[test]
+    fn the_lb_algorithm_comes_from_the_flag_or_the_services_annotation() {
+        let with = |ann: &str| {
+            let y = WEB.replace("metadata: {name: web, namespace: default}", &format!("metadata: {{name: web, namespace: default{ann}}}"));
+            Snapshot { services: vec![svc(&y)], pods: vec![pod("a", [10, 244, 0, 2], true, false)], ..Default::default() }
+        };
+        let maglev = |s: &Snapshot, algo: LbAlgorithm| {
+            let t = translate(s, &Config { lb_algorithm: algo, ..Config::default() });
+            let flags: Vec<bool> = t.frontends.iter().map(|f| f.flags & svc_flags::MAGLEV != 0).collect();
+            (flags, t.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>())
+        };
+        let none: Vec<String> = vec![];
+        assert_eq!(maglev(&with(""), LbAlgorithm::Random), (vec![false, false], none.clone()));
+        assert_eq!(maglev(&with(""), LbAlgorithm::Maglev), (vec![true, true], none.clone()));
+        let ann = |v: &str| with(&format!(", annotations: {{{LB_ALGORITHM_ANNOTATION}: {v}}}"));
+        assert_eq!(maglev(&ann("maglev"), LbAlgorithm::Random), (vec![true, true], none.clone()));
+        assert_eq!(maglev(&ann("random"), LbAlgorithm::Maglev), (vec![false, false], none));
+        let (flags, errors) = maglev(&ann("ring-hash"), LbAlgorithm::Random);
+        assert_eq!(flags, [false, false], "a bad value: the flag applies");
+        assert_eq!(
+            errors,
+            [format!("s.yaml: Service default/web: metadata.annotations[{LB_ALGORITHM_ANNOTATION}]: unknown value \"ring-hash\" (random, maglev); --lb-algorithm applies")]
+        );
     }
 
     #[test]

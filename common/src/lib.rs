@@ -63,6 +63,44 @@ pub const CONFIG_MAP: &str = "FERRY_CONFIG";
 /// frontend with [`svc_flags::SOURCE_RANGES`] takes new flows only from
 /// clients that match an entry of its reverse-NAT id.
 pub const SRC_RANGES_MAP: &str = "FERRY_SRC_RANGES";
+/// Maglev lookup tables: an array of `u32` backend ids, `tables × M` entries
+/// (M = [`config::MAGLEV_TABLE_SIZE`], a prime). Table `t` occupies
+/// `t*M .. (t+1)*M`; a frontend with [`svc_flags::MAGLEV`] names its table in
+/// slot 0's `backend_id`, and a new flow takes entry
+/// `t*M + maglev_flow_hash(..) % M`. The agent writes a changed table into a
+/// free table index and then switches slot 0 to it (one map update), so the
+/// dataplane never sees half a table.
+pub const MAGLEV_MAP: &str = "FERRY_MAGLEV";
+/// Cilium's default Maglev table size (`--bpf-lb-maglev-table-size`), a prime.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u32 = 16_381;
+/// Tables the Maglev map has room for (`--maglev-tables`).
+pub const DEFAULT_MAGLEV_TABLES: u32 = 64;
+
+/// The hash a Maglev frontend picks its table entry by, identical on every
+/// node (this function is compiled into both the dataplane and the agent):
+/// over the client address and port, the destination port and the protocol,
+/// all as on the wire. The destination address is left out on purpose: a
+/// client reaching a NodePort through node 1's address or node 2's (ECMP,
+/// round-robin DNS over nodes, a drained node) hashes alike and, the tables
+/// being computed from the backends alone, gets the same backend. Mixing is
+/// murmur3's 32-bit finaliser, so that neighbouring source ports spread.
+#[inline(always)]
+pub const fn maglev_flow_hash(saddr: u32, sport: u16, dport: u16, proto: u8) -> u32 {
+    let mut h = 0x9e37_79b9u32 ^ proto as u32;
+    h = fmix32(h ^ saddr);
+    h = fmix32(h ^ (((sport as u32) << 16) | dport as u32));
+    h
+}
+
+#[inline(always)]
+const fn fmix32(mut h: u32) -> u32 {
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^= h >> 16;
+    h
+}
 
 /// Indices into [`CONFIG_MAP`].
 pub mod config {
@@ -94,11 +132,14 @@ pub mod config {
     /// SNATed to, inclusive, host order (0: [`super::DEFAULT_SNAT_PORTS`]).
     pub const SNAT_PORT_MIN: u32 = 13;
     pub const SNAT_PORT_MAX: u32 = 14;
+    /// Entries of one Maglev table (M, a prime; `--maglev-table-size`).
+    /// 0: unknown, Maglev frontends then pick at random.
+    pub const MAGLEV_TABLE_SIZE: u32 = 15;
     /// Entries of the array: room above the last index so that new settings
     /// need no new map (a pinned array of another size is copied over).
     pub const COUNT: u32 = 32;
     /// Every index above, for the test that they are distinct and below COUNT.
-    pub const ALL: [u32; 12] = [
+    pub const ALL: [u32; 13] = [
         NODE_ADDR,
         HOST_NETNS_COOKIE_LO,
         HOST_NETNS_COOKIE_HI,
@@ -111,6 +152,7 @@ pub mod config {
         CT_TIMEOUT_UDP_STREAM,
         SNAT_PORT_MIN,
         SNAT_PORT_MAX,
+        MAGLEV_TABLE_SIZE,
     ];
 }
 
@@ -213,6 +255,10 @@ pub mod svc_flags {
     /// This entry is the internal-scope twin (keyed with
     /// [`super::SCOPE_INTERNAL`]).
     pub const INTERNAL: u32 = 1 << 10;
+    /// New flows pick their backend by Maglev consistent hashing: slot 0's
+    /// `backend_id` is the index of the frontend's table in
+    /// [`crate::MAGLEV_MAP`] (the slots still name the backends).
+    pub const MAGLEV: u32 = 1 << 11;
 }
 
 /// `Backend::flags` bits.
@@ -265,7 +311,8 @@ pub struct ServiceKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceValue {
-    /// Slot > 0: the backend id this slot names. Slot 0: unused (0).
+    /// Slot > 0: the backend id this slot names. Slot 0: with
+    /// [`svc_flags::MAGLEV`], the frontend's Maglev table index; else 0.
     pub backend_id: u32,
     /// Slot 0: number of backend slots. Slot > 0: unused.
     pub count: u16,
@@ -527,12 +574,14 @@ pub enum Counter {
     /// ICMP errors about a translated flow (quoting it as the backend got
     /// it) translated back and sent to the client.
     IcmpErrorTranslated = 21,
+    /// New flows whose backend a Maglev table chose.
+    MaglevSelected = 22,
 }
 
 /// Size of the counters array: room above the last [`Counter`] so that new
 /// counters do not need a new pinned map.
 pub const COUNTER_COUNT: u32 = 32;
-const _: () = assert!((Counter::IcmpErrorTranslated as u32) < COUNTER_COUNT);
+const _: () = assert!((Counter::MaglevSelected as u32) < COUNTER_COUNT);
 
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);

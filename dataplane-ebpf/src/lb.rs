@@ -5,12 +5,12 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
 };
 use ferry_common::{
-    svc_flags, AffinityKey, AffinityValue, Backend, Counter, ServiceKey, ServiceValue,
+    config as cfg, maglev_flow_hash, svc_flags, AffinityKey, AffinityValue, Backend, Counter, ServiceKey, ServiceValue,
     SrcRangeKey, SCOPE_EXTERNAL, SCOPE_INTERNAL, SRC_RANGE_ID_BITS,
 };
 
 use crate::{
-    maps::{count, AFFINITY, BACKENDS, SERVICES, SRC_RANGES},
+    maps::{config, count, AFFINITY, BACKENDS, MAGLEV, SERVICES, SRC_RANGES},
     parse::Packet,
 };
 
@@ -83,12 +83,26 @@ pub fn backend(id: u32) -> Option<Backend> {
     unsafe { BACKENDS.get(id).copied() }
 }
 
+/// What a backend is chosen for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Chooser {
+    /// A packet of a new flow (TC, XDP): Maglev frontends hash its tuple.
+    Flow,
+    /// A socket at connect()/sendmsg() (socket LB): it has no source address
+    /// or port yet, so a hash would send every socket to one backend: always
+    /// random.
+    Socket,
+}
+
 /// The backend for a new flow to a frontend with `svc.count > 0`: with
 /// sessionAffinity the client's previous backend while its entry is fresh and the
 /// backend exists (the agent removes entries of backends that leave the
-/// Service), otherwise one chosen uniformly at random among the slots.
+/// Service; affinity wins over Maglev, as in Cilium), otherwise, for a
+/// [`svc_flags::MAGLEV`] frontend and a flow, the backend its Maglev table
+/// names for the flow's hash (the same on every node), else one chosen
+/// uniformly at random among the slots.
 #[inline(always)]
-pub fn select_backend(pkt: &Packet, service: &Service) -> Result<(u32, Backend), Counter> {
+pub fn select_backend(pkt: &Packet, service: &Service, chooser: Chooser) -> Result<(u32, Backend), Counter> {
     let svc = &service.value;
     let affinity = svc.flags & svc_flags::AFFINITY != 0;
     let key = AffinityKey {
@@ -113,7 +127,11 @@ pub fn select_backend(pkt: &Packet, service: &Service) -> Result<(u32, Backend),
             }
         }
     }
-    let (id, b) = random_backend(pkt, svc, service.scope)?;
+    let maglev = chooser == Chooser::Flow && svc.flags & svc_flags::MAGLEV != 0;
+    let (id, b) = match maglev.then(|| maglev_backend(pkt, svc)).flatten() {
+        Some(found) => found,
+        None => random_backend(pkt, svc, service.scope)?,
+    };
     if affinity {
         let value = AffinityValue {
             last_used: now,
@@ -124,6 +142,24 @@ pub fn select_backend(pkt: &Packet, service: &Service) -> Result<(u32, Backend),
         let _ = AFFINITY.insert(&key, &value, 0);
     }
     Ok((id, b))
+}
+
+/// The backend the frontend's Maglev table names for `pkt`; None (the
+/// caller picks at random) when the table size is not known, or the entry is
+/// empty or names a backend that is gone: only while the agent rewrites the
+/// tables (a new table size) or a sync is under way.
+#[inline(always)]
+fn maglev_backend(pkt: &Packet, svc: &ServiceValue) -> Option<(u32, Backend)> {
+    let m = config(cfg::MAGLEV_TABLE_SIZE);
+    if m == 0 {
+        return None;
+    }
+    let h = maglev_flow_hash(pkt.saddr, pkt.sport, pkt.dport, pkt.proto);
+    let index = svc.backend_id.wrapping_mul(m).wrapping_add(h % m);
+    let id = MAGLEV.get(index).copied().filter(|id| *id != 0)?;
+    let b = backend(id)?;
+    count(Counter::MaglevSelected);
+    Some((id, b))
 }
 
 #[inline(always)]

@@ -241,7 +241,7 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         count(answered);
         return bounce(ctx);
     }
-    let (backend_id, backend) = lb::select_backend(&pkt, &svc)?;
+    let (backend_id, backend) = lb::select_backend(&pkt, &svc, lb::Chooser::Flow)?;
     count_service(svc.value.rev_nat_id, ctx.len());
     let hairpin = backend.addr == pkt.saddr;
     let flow = NewFlow {

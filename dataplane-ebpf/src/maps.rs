@@ -9,6 +9,7 @@ use ferry_common::{
     AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, FragKey, FragPorts, RevNat, ServiceKey, DEFAULT_FRAGS_MAX,
     ServiceName, ServiceValue, SockRevKey, SrcRangeKey, SvcStats, config, DEFAULT_SRC_RANGES_MAX, COUNTER_COUNT, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_CT_ANY_MAX, DEFAULT_CT_TCP_MAX, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
+    DEFAULT_MAGLEV_TABLES, DEFAULT_MAGLEV_TABLE_SIZE,
 };
 
 #[map(name = "FERRY_SERVICES")]
@@ -49,6 +50,12 @@ pub static SOCK_REVNAT: LruHashMap<SockRevKey, RevNat> = LruHashMap::pinned(DEFA
 /// require).
 #[map(name = "FERRY_SRC_RANGES")]
 pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8> = LpmTrie::pinned(DEFAULT_SRC_RANGES_MAX, 0);
+
+/// Maglev lookup tables (`ferry_common::MAGLEV_MAP`): table `t`, entry `i`
+/// at `t * M + i` names a backend id; sized by the agent
+/// (`--maglev-tables` × `--maglev-table-size`).
+#[map(name = "FERRY_MAGLEV")]
+pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_TABLES * DEFAULT_MAGLEV_TABLE_SIZE, 0);
 
 /// Node settings written by the agent (indices: `ferry_common::config`).
 #[map(name = "FERRY_CONFIG")]

@@ -69,7 +69,7 @@ pub fn open<C: EbpfContext>(ctx: &C, pkt: &Packet) -> Result<Arrival, Counter> {
     if svc.count == 0 {
         return Ok(Arrival::NoEndpoint { etp_local: svc.flags & svc_flags::ETP_LOCAL != 0 });
     }
-    let (backend_id, backend) = lb::select_backend(pkt, &service)?;
+    let (backend_id, backend) = lb::select_backend(pkt, &service, lb::Chooser::Flow)?;
     let mut flow = NewFlow {
         backend_id,
         backend,

@@ -49,7 +49,7 @@ pub fn translate(ctx: &SockAddrContext) {
     // whatever the ranges say), and a socket has no source address yet.
     // Without backends the connection goes to the frontend and is refused or
     // times out there (as with kube-proxy for node processes without REJECT).
-    let Ok((_, b)) = lb::select_backend(&pkt, &svc) else {
+    let Ok((_, b)) = lb::select_backend(&pkt, &svc, lb::Chooser::Socket) else {
         return;
     };
     if proto == PROTO_UDP {

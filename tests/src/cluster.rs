@@ -155,6 +155,21 @@ impl Cluster {
         Ok(())
     }
 
+    /// Writes `nodes.yaml` on every node: a `kind: Node` per lab node, node i
+    /// labelled `topology.kubernetes.io/zone: zones[i]` (as a cloud
+    /// provider labels Nodes; the agents read their own zone from it).
+    pub fn write_node_manifests(&self, zones: &[&str]) -> Result<()> {
+        let yaml: Vec<String> = self
+            .node_names()
+            .iter()
+            .zip(zones)
+            .map(|(name, zone)| {
+                format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    topology.kubernetes.io/zone: {zone}\n")
+            })
+            .collect();
+        self.write_manifest("nodes.yaml", &yaml.join("---\n"))
+    }
+
     /// Removes a manifest from every node.
     pub fn remove_manifest(&self, file: &str) -> Result<()> {
         for lab in &self.nodes {

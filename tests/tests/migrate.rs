@@ -56,6 +56,7 @@ fn cfg(dir: &Path, ct_max: u32) -> Config {
         backends_max: 64,
         ct: ferry_agent::ct::Sizes { tcp: 64, any: ct_max },
         src_ranges_max: 64,
+        maglev: Default::default(),
     }
 }
 

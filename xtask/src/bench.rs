@@ -12,7 +12,7 @@
 //!
 //! Data paths: no-NAT (the client dials a server Pod directly: the limit),
 //! iptables, nftables, ferry, and north-south only ferry-xdp (the same agent
-//! with `--xdp`). Results go to target/bench/ as Markdown and JSON.
+//! with `--xdp`) and ferry-maglev (with `--lb-algorithm maglev`). Results go to target/bench/ as Markdown and JSON.
 //!
 //! Topologies: same-node and cross-node (a client Pod dials a ClusterIP) by
 //! default; north-south on request (`--topology north-south`): the external
@@ -81,7 +81,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_enum)]
     topology: Option<Vec<Topology>>,
     /// Only these data paths (comma-separated: no-nat, iptables, nftables,
-    /// ferry, ferry-xdp; default all; ferry-xdp is measured north-south only).
+    /// ferry, ferry-xdp, ferry-maglev; default all; ferry-xdp and
+    /// ferry-maglev are measured north-south only).
     #[arg(long, value_delimiter = ',', value_enum)]
     paths: Option<Vec<DataPath>>,
     /// Use the debug build (checks the harness; figures are not comparable).
@@ -213,10 +214,19 @@ pub enum DataPath {
     /// The same agent with `--xdp` (default mode: generic XDP on the lab's
     /// veths) in front of TC.
     FerryXdp,
+    /// The agent (TC) with `--lb-algorithm maglev`: backends chosen by a
+    /// Maglev table lookup instead of a random slot.
+    FerryMaglev,
 }
 
-const PATHS: [DataPath; 5] =
-    [DataPath::NoNat, DataPath::Iptables, DataPath::Nftables, DataPath::Ferry, DataPath::FerryXdp];
+const PATHS: [DataPath; 6] = [
+    DataPath::NoNat,
+    DataPath::Iptables,
+    DataPath::Nftables,
+    DataPath::Ferry,
+    DataPath::FerryXdp,
+    DataPath::FerryMaglev,
+];
 
 impl DataPath {
     fn name(self) -> &'static str {
@@ -226,25 +236,32 @@ impl DataPath {
             DataPath::Nftables => "nftables",
             DataPath::Ferry => "ferry",
             DataPath::FerryXdp => "ferry-xdp",
+            DataPath::FerryMaglev => "ferry-maglev",
         }
     }
 
     /// Ferry's agent runs (with or without XDP).
     fn is_ferry(self) -> bool {
-        matches!(self, DataPath::Ferry | DataPath::FerryXdp)
+        matches!(self, DataPath::Ferry | DataPath::FerryXdp | DataPath::FerryMaglev)
     }
 
     /// XDP acts only on traffic that enters a node device for a
     /// NodePort/ExternalIP/LoadBalancer frontend with a backend on another
     /// node (and its replies): elsewhere ferry-xdp would measure ferry again.
+    /// ferry-maglev is the north-south row of the issue (Maglev against
+    /// random, SNAT both).
     fn measured_in(self, topology: Topology) -> bool {
-        self != DataPath::FerryXdp || topology == Topology::NorthSouth
+        !matches!(self, DataPath::FerryXdp | DataPath::FerryMaglev) || topology == Topology::NorthSouth
     }
 
     /// The agent's flags beyond the lab's `--devices eth0`.
     fn agent_args(self) -> &'static [&'static str] {
         match self {
             DataPath::FerryXdp => &["--xdp"],
+            // Every Service has its own backends, so its own table: 10,000
+            // tables of 251 entries (10 MB) instead of the default 16381
+            // (the lookup per new flow is the same whatever the size).
+            DataPath::FerryMaglev => &["--lb-algorithm", "maglev", "--maglev-table-size", "251", "--maglev-tables", "10240"],
             _ => &[],
         }
     }
@@ -632,7 +649,7 @@ impl Ctx<'_> {
             DataPath::NoNat => {}
             DataPath::Iptables => netns_stdin(&ns, self.plan.iptables.restore(), &[], &files.iptables, CONTROL_TIMEOUT)?,
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?,
-            DataPath::Ferry | DataPath::FerryXdp => {
+            DataPath::Ferry | DataPath::FerryXdp | DataPath::FerryMaglev => {
                 files.reset_ferry()?;
                 let log = node.lab().agent_log_path();
                 let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
@@ -813,7 +830,7 @@ impl Ctx<'_> {
                 CONTROL_TIMEOUT,
             )?,
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft_update, CONTROL_TIMEOUT)?,
-            DataPath::Ferry | DataPath::FerryXdp => {
+            DataPath::Ferry | DataPath::FerryXdp | DataPath::FerryMaglev => {
                 let log = node.lab().agent_log_path();
                 let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
                 let started = Instant::now();
@@ -1322,6 +1339,9 @@ mod tests {
         assert!(!DataPath::FerryXdp.measured_in(Topology::CrossNode));
         assert!(PATHS.iter().all(|p| p.measured_in(Topology::NorthSouth)));
         assert_eq!(DataPath::FerryXdp.agent_args(), ["--xdp"]);
+        assert!(DataPath::FerryMaglev.measured_in(Topology::NorthSouth));
+        assert!(!DataPath::FerryMaglev.measured_in(Topology::SameNode));
+        assert_eq!(DataPath::FerryMaglev.agent_args()[..2], ["--lb-algorithm", "maglev"]);
         assert!(DataPath::Ferry.agent_args().is_empty());
         // The CI check keeps to the default topologies (north-south is opt-in).
         let plan = Plan::from(&Args::harness_check()).unwrap();

@@ -9,7 +9,7 @@ use ferry_common::{
     addr_from_map, addr_to_map, config, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat,
     ServiceKey, ServiceName, ServiceValue, SrcRangeKey, SvcStats, AFFINITY_MAP, BACKENDS_MAP,
     CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP, PROTO_UDP, REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS,
-    SVC_NAMES_MAP, SVC_STATS_MAP,
+    SVC_NAMES_MAP, SVC_STATS_MAP, MAGLEV_MAP,
 };
 use ipnet::Ipv4Net;
 
@@ -34,6 +34,12 @@ pub struct KernelMaps {
     /// The node settings array, where the id cursors are kept (the agent's
     /// own handle: the dataplane writes the node settings through another).
     config: Array<MapData, u32>,
+    /// Maglev tables. None only when inspecting pins of an older version.
+    maglev: Option<Array<MapData, u32>>,
+}
+
+fn maglev_map(data: MapData) -> Result<Array<MapData, u32>, OpenError> {
+    Array::try_from(Map::Array(data)).map_err(|source| OpenError::Map { name: MAGLEV_MAP, source })
 }
 
 fn config_map(data: MapData) -> Result<Array<MapData, u32>, OpenError> {
@@ -148,12 +154,17 @@ impl KernelMaps {
             _ => return Err(OpenError::Missing(SRC_RANGES_MAP)),
         };
         let config = config_of(ebpf)?;
+        let maglev = match ebpf.take_map(MAGLEV_MAP) {
+            Some(Map::Array(d)) => Some(maglev_map(d)?),
+            _ => return Err(OpenError::Missing(MAGLEV_MAP)),
+        };
         let mut take_lru = |name: &'static str| match ebpf.take_map(name) {
             Some(Map::LruHashMap(d)) => Ok(d),
             _ => Err(OpenError::Missing(name)),
         };
         Ok(Self {
             config,
+            maglev,
             services,
             backends,
             revnat,
@@ -177,16 +188,44 @@ impl KernelMaps {
             stats: from_pin(dir, SVC_STATS_MAP).ok().map(stats_map).transpose()?,
             src_ranges: from_pin(dir, SRC_RANGES_MAP).ok().map(src_ranges_map).transpose()?,
             config: config_map(from_pin(dir, CONFIG_MAP)?)?,
+            maglev: from_pin(dir, MAGLEV_MAP).ok().map(maglev_map).transpose()?,
         })
     }
 }
 
-/// Writing source ranges through maps opened from pins that lack the trie.
-fn no_src_ranges() -> MapError {
+/// Writing through maps opened from pins that lack `name`.
+fn not_pinned(name: &str) -> MapError {
     MapError::IoError(std::io::Error::new(
         std::io::ErrorKind::NotFound,
-        format!("map {SRC_RANGES_MAP} is not pinned (pins of an older version)"),
+        format!("map {name} is not pinned (pins of an older version)"),
     ))
+}
+
+fn no_src_ranges() -> MapError {
+    not_pinned(SRC_RANGES_MAP)
+}
+
+impl KernelMaps {
+    /// The Maglev tables the frontends of `services` name, read back with
+    /// the table size in the config array (none while it is 0).
+    fn read_maglev(
+        &self,
+        services: &std::collections::BTreeMap<ServiceKey, ServiceValue>,
+    ) -> Result<std::collections::BTreeMap<u32, std::sync::Arc<Vec<u32>>>, MapError> {
+        let mut out = std::collections::BTreeMap::new();
+        let m = self.config.get(&config::MAGLEV_TABLE_SIZE, 0)?;
+        let Some(map) = self.maglev.as_ref().filter(|_| m > 0) else {
+            return Ok(out);
+        };
+        for index in super::maglev_tables_in_use(services) {
+            let Some(base) = index.checked_mul(m).filter(|b| b.checked_add(m).is_some_and(|end| end <= map.len())) else {
+                continue;
+            };
+            let table = (base..base + m).map(|i| map.get(&i, 0)).collect::<Result<Vec<u32>, _>>()?;
+            out.insert(index, std::sync::Arc::new(table));
+        }
+        Ok(out)
+    }
 }
 
 /// Removing what is already gone is fine.
@@ -207,8 +246,10 @@ impl MapStore for KernelMaps {
     }
 
     fn read_all(&self) -> Result<MapContents, MapError> {
+        let services: std::collections::BTreeMap<ServiceKey, ServiceValue> = self.services.iter().collect::<Result<_, _>>()?;
         Ok(MapContents {
-            services: self.services.iter().collect::<Result<_, _>>()?,
+            maglev: self.read_maglev(&services)?,
+            services,
             backends: self.backends.iter().collect::<Result<_, _>>()?,
             revnat: self.revnat.iter().collect::<Result<_, _>>()?,
             names: self.names.iter().collect::<Result<_, _>>()?,
@@ -221,6 +262,14 @@ impl MapStore for KernelMaps {
                 revnat: self.config.get(&config::LAST_REVNAT_ID, 0)?,
             },
         })
+    }
+    fn put_maglev(&mut self, index: u32, table: &[u32]) -> Result<(), MapError> {
+        let map = self.maglev.as_mut().ok_or_else(|| not_pinned(MAGLEV_MAP))?;
+        let base = index.checked_mul(table.len() as u32).ok_or(MapError::OutOfBounds { index, max_entries: map.len() })?;
+        for (i, id) in table.iter().enumerate() {
+            map.set(base + i as u32, id, 0)?;
+        }
+        Ok(())
     }
     fn put_cursors(&mut self, c: IdCursors) -> Result<(), MapError> {
         self.config.set(config::LAST_BACKEND_ID, c.backend, 0)?;

@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
+    sync::Arc,
 };
 
 use ferry_common::{
@@ -23,14 +24,14 @@ type Tuple = (Ipv4Addr, u16, u8);
 /// next free id after the last one handed out (wrapping within `1..=max`), so a
 /// freed id is reused only after the whole space went round.
 #[derive(Clone, Debug)]
-struct Allocator {
-    ids: BTreeMap<Tuple, u32>,
+struct Allocator<K = Tuple> {
+    ids: BTreeMap<K, u32>,
     used: BTreeSet<u32>,
     last: u32,
     max: u32,
 }
 
-impl Allocator {
+impl<K: Ord + Clone> Allocator<K> {
     fn new(max: u32) -> Self {
         Self {
             ids: BTreeMap::new(),
@@ -40,7 +41,7 @@ impl Allocator {
         }
     }
 
-    fn insert(&mut self, t: Tuple, id: u32) {
+    fn insert(&mut self, t: K, id: u32) {
         self.ids.insert(t, id);
         self.used.insert(id);
         self.last = self.last.max(id);
@@ -55,7 +56,7 @@ impl Allocator {
     }
 
     /// The id of `t`; None only when every id is taken.
-    fn get(&mut self, t: Tuple) -> Option<u32> {
+    fn get(&mut self, t: K) -> Option<u32> {
         if let Some(id) = self.ids.get(&t) {
             return Some(*id);
         }
@@ -76,7 +77,7 @@ impl Allocator {
     }
 
     /// Forgets the ids of keys not in `live`.
-    fn retain(&mut self, live: &BTreeSet<Tuple>) {
+    fn retain(&mut self, live: &BTreeSet<K>) {
         let used = &mut self.used;
         self.ids.retain(|t, id| {
             let keep = live.contains(t);
@@ -88,12 +89,32 @@ impl Allocator {
     }
 }
 
+/// The backends a Maglev table is computed from: {ip, port, proto} of each,
+/// sorted. Frontends with the same backends share one table.
+type MaglevKey = Vec<Tuple>;
+
+/// Maglev tables: their size M and indices in the Maglev map, one per
+/// distinct backend set, allocated like ids so that a changed set gets a
+/// fresh index (written whole before its frontends switch to it) and the old
+/// one is reused only after the others went round.
+#[derive(Clone, Debug)]
+struct MaglevIds {
+    size: u32,
+    /// Table index + 1 per backend set.
+    tables: Allocator<MaglevKey>,
+    /// Computed tables (indices into the key), kept while their set is live.
+    computed: BTreeMap<MaglevKey, Arc<Vec<u32>>>,
+    /// Maglev frontends the last layout found no free table for.
+    without_table: usize,
+}
+
 /// Backend ids (per {ip, port, proto}) and reverse-NAT ids (per frontend
 /// {vip, port, proto}); rebuilt from the maps' contents when the agent starts.
 #[derive(Clone, Debug)]
 pub struct Ids {
     backends: Allocator,
     frontends: Allocator,
+    maglev: MaglevIds,
 }
 
 impl Default for Ids {
@@ -101,14 +122,51 @@ impl Default for Ids {
         Self {
             backends: Allocator::new(u32::MAX),
             frontends: Allocator::new(u32::from(u16::MAX)),
+            maglev: MaglevIds {
+                size: ferry_common::DEFAULT_MAGLEV_TABLE_SIZE,
+                tables: Allocator::new(ferry_common::DEFAULT_MAGLEV_TABLES),
+                computed: BTreeMap::new(),
+                without_table: 0,
+            },
         }
     }
 }
 
+/// The Maglev key of a frontend's slotted backends (id, tuple).
+fn sorted_key(slots: &[(u32, Tuple)]) -> MaglevKey {
+    let mut key: MaglevKey = slots.iter().map(|(_, t)| *t).collect();
+    key.sort();
+    key.dedup();
+    key
+}
+
+/// The Maglev key of the backends of frontend `k0` (slot 0) in `c`: what
+/// its slots name. None when a slot or backend is missing.
+fn maglev_key(c: &MapContents, k0: &ServiceKey, count: u16) -> Option<MaglevKey> {
+    let mut key = (1..=count)
+        .map(|slot| {
+            let id = c.services.get(&ServiceKey { slot, ..*k0 })?.backend_id;
+            let b = c.backends.get(&id)?;
+            Some((Ipv4Addr::from(addr_from_map(b.addr)), port_from_map(b.port), b.proto))
+        })
+        .collect::<Option<Vec<_>>>()?;
+    key.sort();
+    key.dedup();
+    Some(key)
+}
+
 impl Ids {
-    /// The ids already in the maps, and the allocators' cursors (agent restart).
-    pub fn from_contents(c: &MapContents) -> Self {
-        let mut ids = Self::default();
+    /// Maglev tables of `size` entries (a prime), at most `tables` of them
+    /// (`--maglev-table-size`, `--maglev-tables`).
+    pub fn with_maglev(mut self, size: u32, tables: u32) -> Self {
+        self.maglev = MaglevIds { size, tables: Allocator::new(tables), computed: BTreeMap::new(), without_table: 0 };
+        self
+    }
+
+    /// The ids already in the maps, and the allocators' cursors (agent
+    /// restart), with Maglev tables as [`Ids::with_maglev`] says.
+    pub fn from_contents(c: &MapContents, maglev_size: u32, maglev_tables: u32) -> Self {
+        let mut ids = Self::default().with_maglev(maglev_size, maglev_tables);
         for (id, b) in &c.backends {
             ids.backends.insert(
                 (
@@ -126,6 +184,11 @@ impl Ids {
                 k.proto,
             );
             ids.frontends.insert(t, u32::from(v.rev_nat_id));
+            if v.flags & svc_flags::MAGLEV != 0 && v.backend_id < maglev_tables {
+                if let Some(key) = maglev_key(c, k, v.count) {
+                    ids.maglev.tables.insert(key, v.backend_id + 1);
+                }
+            }
         }
         ids.backends.resume(c.cursors.backend);
         ids.frontends.resume(c.cursors.revnat);
@@ -144,6 +207,26 @@ impl Ids {
     fn revnat(&mut self, t: Tuple) -> Option<u16> {
         self.frontends.get(t).and_then(|id| u16::try_from(id).ok())
     }
+
+    /// The index and contents (backend ids) of the Maglev table over `slots`
+    /// (backend id and {ip, port, proto} of each); None when every table
+    /// index is taken.
+    fn maglev_table(&mut self, slots: &[(u32, Tuple)]) -> Option<(u32, Arc<Vec<u32>>)> {
+        let key = sorted_key(slots);
+        let index = self.maglev.tables.get(key.clone())? - 1;
+        let size = self.maglev.size;
+        let positions = self
+            .maglev
+            .computed
+            .entry(key.clone())
+            .or_insert_with_key(|key| {
+                let backends: Vec<(Ipv4Addr, u16)> = key.iter().map(|(a, p, _)| (*a, *p)).collect();
+                Arc::new(crate::maglev::table(&backends, size))
+            })
+            .clone();
+        let ids: BTreeMap<Tuple, u32> = slots.iter().map(|(id, t)| (*t, *id)).collect();
+        Some((index, Arc::new(positions.iter().map(|&i| ids[&key[i as usize]]).collect())))
+    }
 }
 
 /// The map contents for `frontends`. A frontend or backend that gets no id (all
@@ -152,6 +235,8 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
     let mut out = MapContents::default();
     let mut live_backends = BTreeSet::new();
     let mut live_frontends = BTreeSet::new();
+    let mut live_tables = BTreeSet::new();
+    let mut no_table: Vec<&str> = Vec::new();
     for f in frontends {
         let Some(rev_nat_id) = ids.revnat(f.key()) else {
             tracing::error!(frontend = %f.name, "no free reverse-NAT id; frontend left out");
@@ -175,6 +260,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             node_addr: 0,
         };
         let mut slot: u16 = 0;
+        let mut slotted: Vec<(u32, Tuple)> = Vec::new();
         for b in &f.backends {
             let t = (b.addr, b.port, f.proto);
             let Some(id) = ids.backend(t) else {
@@ -186,6 +272,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
                 break;
             };
             slot = next;
+            slotted.push((id, t));
             live_backends.insert(t);
             out.backends.insert(id, backend_value(b));
             out.services.insert(
@@ -210,13 +297,31 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
                 out.backends.entry(id).or_insert_with(|| backend_value(b));
             }
         }
+        // Maglev: the frontend names its table in slot 0 (a frontend
+        // without backends needs none: it rejects).
+        let mut flags = f.flags;
+        let mut table_index = 0;
+        if flags & svc_flags::MAGLEV != 0 {
+            flags &= !svc_flags::MAGLEV;
+            if !slotted.is_empty() {
+                match ids.maglev_table(&slotted) {
+                    Some((index, table)) => {
+                        live_tables.insert(sorted_key(&slotted));
+                        out.maglev.insert(index, table);
+                        table_index = index;
+                        flags |= svc_flags::MAGLEV;
+                    }
+                    None => no_table.push(f.name.as_str()),
+                }
+            }
+        }
         out.services.insert(
             key(0),
             ServiceValue {
-                backend_id: 0,
+                backend_id: table_index,
                 count: slot,
                 rev_nat_id,
-                flags: f.flags,
+                flags,
                 affinity_timeout: f.affinity_timeout,
             },
         );
@@ -236,6 +341,19 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
     }
     ids.backends.retain(&live_backends);
     ids.frontends.retain(&live_frontends);
+    // Said once per change of their number, not at every sync.
+    if no_table.len() != ids.maglev.without_table {
+        ids.maglev.without_table = no_table.len();
+        if !no_table.is_empty() {
+            tracing::error!(
+                frontends = no_table.len(),
+                first = %no_table.iter().take(5).copied().collect::<Vec<_>>().join(", "),
+                "no free Maglev table for these frontends (raise --maglev-tables); their new flows pick a backend at random"
+            );
+        }
+    }
+    ids.maglev.tables.retain(&live_tables);
+    ids.maglev.computed.retain(|k, _| live_tables.contains(k));
     out.cursors = ids.cursors();
     out
 }
@@ -341,7 +459,7 @@ mod tests {
         let gone = layout(&[], &mut ids);
         assert!(gone.backends.is_empty() && gone.revnat.is_empty());
         // Restart: nothing live in the maps, only the cursors.
-        let mut fresh = Ids::from_contents(&gone);
+        let mut fresh = Ids::from_contents(&gone, 251, 4);
         let b = layout(&[fe(81, &[[10, 0, 0, 2]])], &mut fresh);
         let ((a_backend, a_revnat), (b_backend, b_revnat)) = (only_ids(&a), only_ids(&b));
         assert_ne!(b_backend, a_backend, "B's backend got A's freed backend id");
@@ -354,7 +472,7 @@ mod tests {
         let mut ids = Ids::default();
         let c = layout(&[fe(80, &[[10, 0, 0, 1], [10, 0, 0, 2]])], &mut ids);
         let old = MapContents { cursors: IdCursors::default(), ..c.clone() };
-        let mut fresh = Ids::from_contents(&old);
+        let mut fresh = Ids::from_contents(&old, 251, 4);
         assert_eq!(fresh.cursors(), c.cursors);
         let next = layout(&[fe(80, &[[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 3]])], &mut fresh);
         assert_eq!(next.cursors.backend, c.cursors.backend + 1);
@@ -367,7 +485,7 @@ mod tests {
             &[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])],
             &mut ids,
         );
-        let mut fresh = Ids::from_contents(&c1);
+        let mut fresh = Ids::from_contents(&c1, 251, 4);
         let c2 = layout(
             &[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])],
             &mut fresh,

@@ -5,7 +5,10 @@ pub mod kernel;
 pub mod layout;
 pub mod sync;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use ferry_common::{Backend, RevNat, ServiceKey, ServiceName, ServiceValue};
 use ipnet::Ipv4Net;
@@ -22,6 +25,10 @@ pub struct MapContents {
     pub source_ranges: BTreeSet<SourceRange>,
     /// The id allocators' cursors (in the config array).
     pub cursors: IdCursors,
+    /// Maglev tables in use: table index → the backend id of each of its M
+    /// entries (read back from the kernel only for the indices frontends
+    /// name).
+    pub maglev: BTreeMap<u32, Arc<Vec<u32>>>,
 }
 
 /// The last backend id and reverse-NAT id handed out (0: none): a restarted
@@ -49,6 +56,16 @@ pub fn assignments(c: &MapContents) -> BTreeSet<Assignment> {
         .collect()
 }
 
+/// The Maglev tables the frontends of `services` name (slot 0 with
+/// `svc_flags::MAGLEV`: its `backend_id` is the table index).
+pub fn maglev_tables_in_use(services: &BTreeMap<ServiceKey, ServiceValue>) -> BTreeSet<u32> {
+    services
+        .iter()
+        .filter(|(k, v)| k.slot == 0 && v.flags & ferry_common::svc_flags::MAGLEV != 0)
+        .map(|(_, v)| v.backend_id)
+        .collect()
+}
+
 /// What [`MapStore::forget_flows`] removed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Forgotten {
@@ -73,6 +90,9 @@ pub trait MapStore {
     fn put_source_range(&mut self, r: SourceRange) -> Result<(), Self::Error>;
     fn del_source_range(&mut self, r: SourceRange) -> Result<(), Self::Error>;
     fn put_cursors(&mut self, c: IdCursors) -> Result<(), Self::Error>;
+    /// Writes the whole Maglev table `index` (never one a frontend uses:
+    /// a changed table gets a fresh index).
+    fn put_maglev(&mut self, index: u32, table: &[u32]) -> Result<(), Self::Error>;
     /// Forgets the state that ties clients to assignments that ended: UDP
     /// connection-tracking entries (both directions; a UDP "flow" never ends by
     /// itself, so the client's next datagram must be balanced again, as

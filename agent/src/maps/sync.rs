@@ -4,7 +4,8 @@
 //! before adding (so a nearly full map converges), and frontend by frontend: one
 //! that does not fit is reported by name and the others are written.
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
     fmt,
     time::{Duration, Instant},
 };
@@ -13,7 +14,7 @@ use ferry_common::{
     addr_from_map, port_from_map, svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue,
 };
 
-use super::{assignments, Assignment, Forgotten, MapContents, MapStore, SourceRange};
+use super::{assignments, maglev_tables_in_use, Assignment, Forgotten, MapContents, MapStore, SourceRange};
 
 /// What one sync wrote, and what it could not.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -40,6 +41,7 @@ pub enum Table {
     Config,
     /// Connection tracking and affinity (flows forgotten).
     Flows,
+    Maglev,
 }
 
 impl Table {
@@ -51,6 +53,7 @@ impl Table {
             Table::SourceRanges => "source-ranges map",
             Table::Config => "config map",
             Table::Flows => "connection-tracking/affinity maps",
+            Table::Maglev => "Maglev map",
         }
     }
 
@@ -60,6 +63,7 @@ impl Table {
             Table::Services => Some("--services-map-size"),
             Table::Backends => Some("--backends-map-size"),
             Table::SourceRanges => Some("--src-ranges-map-size"),
+            Table::Maglev => Some("--maglev-tables"),
             Table::RevNat | Table::Config | Table::Flows => None,
         }
     }
@@ -111,6 +115,8 @@ enum Entry {
     RevNat(u16, RevNat, ServiceName),
     Range(SourceRange),
     Service(ServiceKey, ServiceValue),
+    /// A Maglev table by index (its contents: the desired ones).
+    Maglev(u32),
 }
 
 /// The key of an [`Entry`], to delete it.
@@ -120,6 +126,7 @@ enum Key {
     RevNat(u16),
     Range(SourceRange),
     Service(ServiceKey),
+    Maglev(u32),
 }
 
 impl Entry {
@@ -129,6 +136,7 @@ impl Entry {
             Entry::RevNat(id, ..) => Key::RevNat(id),
             Entry::Range(r) => Key::Range(r),
             Entry::Service(k, _) => Key::Service(k),
+            Entry::Maglev(i) => Key::Maglev(i),
         }
     }
 }
@@ -140,6 +148,7 @@ impl Key {
             Key::RevNat(_) => Table::RevNat,
             Key::Range(_) => Table::SourceRanges,
             Key::Service(_) => Table::Services,
+            Key::Maglev(_) => Table::Maglev,
         }
     }
 
@@ -149,6 +158,7 @@ impl Key {
             Key::RevNat(id) => format!("reverse-NAT id {id}"),
             Key::Range((id, net)) => format!("source range {net} of reverse-NAT id {id}"),
             Key::Service(k) => format!("slot {}", k.slot),
+            Key::Maglev(i) => format!("Maglev table {i}"),
         }
     }
 }
@@ -203,6 +213,7 @@ impl<S: MapStore> Syncer<S> {
             store: &mut self.store,
             cur: &mut self.current,
             st: SyncStats::default(),
+            tables: desired.maglev.clone(),
         };
         w.shrink(desired);
         w.delete_unused(desired);
@@ -225,6 +236,8 @@ struct Writes<'a, S: MapStore> {
     store: &'a mut S,
     cur: &'a mut MapContents,
     st: SyncStats,
+    /// The desired Maglev tables.
+    tables: BTreeMap<u32, Arc<Vec<u32>>>,
 }
 
 impl<S: MapStore> Writes<'_, S> {
@@ -251,6 +264,7 @@ impl<S: MapStore> Writes<'_, S> {
                 .map(|c| *c == r && self.cur.names.get(&id) == Some(&n)),
             Entry::Range(r) => self.cur.source_ranges.contains(&r).then_some(true),
             Entry::Service(k, v) => self.cur.services.get(&k).map(|c| *c == v),
+            Entry::Maglev(i) => self.cur.maglev.get(&i).map(|c| self.tables.get(&i) == Some(c)),
         };
         match same {
             None => Held::Absent,
@@ -266,6 +280,10 @@ impl<S: MapStore> Writes<'_, S> {
             Entry::RevNat(id, r, n) => self.store.put_revnat(id, r, n),
             Entry::Range(r) => self.store.put_source_range(r),
             Entry::Service(k, v) => self.store.put_service(k, v),
+            Entry::Maglev(i) => match self.tables.get(&i) {
+                Some(t) => self.store.put_maglev(i, t),
+                None => Ok(()),
+            },
         };
         r.map_err(|err| self.error(key.table(), format!("writing {}", key.describe()), err))?;
         match *e {
@@ -282,6 +300,11 @@ impl<S: MapStore> Writes<'_, S> {
             Entry::Service(k, v) => {
                 self.cur.services.insert(k, v);
             }
+            Entry::Maglev(i) => {
+                if let Some(t) = self.tables.get(&i) {
+                    self.cur.maglev.insert(i, t.clone());
+                }
+            }
         }
         self.st.upserts += 1;
         Ok(())
@@ -293,6 +316,8 @@ impl<S: MapStore> Writes<'_, S> {
             Key::RevNat(id) => self.store.del_revnat(id),
             Key::Range(r) => self.store.del_source_range(r),
             Key::Service(k) => self.store.del_service(&k),
+            // An array has nothing to delete: the table is only forgotten.
+            Key::Maglev(_) => Ok(()),
         };
         r.map_err(|err| self.error(key.table(), format!("deleting {}", key.describe()), err))?;
         match key {
@@ -308,6 +333,11 @@ impl<S: MapStore> Writes<'_, S> {
             }
             Key::Service(k) => {
                 self.cur.services.remove(&k);
+            }
+            Key::Maglev(i) => {
+                // Only forgotten: nothing was written.
+                self.cur.maglev.remove(&i);
+                return Ok(());
             }
         }
         self.st.deletes += 1;
@@ -347,21 +377,40 @@ impl<S: MapStore> Writes<'_, S> {
             .filter(|(k, _)| k.slot == 0)
             .filter_map(|(k, want)| {
                 let have = self.cur.services.get(k)?;
-                (want.count < have.count).then_some((
-                    *k,
-                    ServiceValue {
-                        count: want.count,
-                        ..*have
-                    },
-                ))
+                (want.count < have.count).then_some((*k, *want, *have))
             })
             .collect();
-        for (k, v) in lower {
+        for (k, want, have) in lower {
+            let mut v = ServiceValue { count: want.count, ..have };
+            // A Maglev table may name the backends that are about to go:
+            // switch to the new table now if it can be written (it names
+            // only backends the maps hold), else pick at random among the
+            // remaining slots until step 4 writes it.
+            if have.flags & svc_flags::MAGLEV != 0 {
+                v.flags &= !svc_flags::MAGLEV;
+                v.backend_id = 0;
+                if want.flags & svc_flags::MAGLEV != 0 && self.maglev_writable(want.backend_id) {
+                    let table = Entry::Maglev(want.backend_id);
+                    let written = self.held(&table) == Held::Same || self.put(&table).is_ok();
+                    if written {
+                        v.flags |= svc_flags::MAGLEV;
+                        v.backend_id = want.backend_id;
+                    }
+                }
+            }
             if let Err(e) = self.put(&Entry::Service(k, v)) {
                 let name = self.frontend_name(desired, v.rev_nat_id, &k);
                 self.fail(name, e);
             }
         }
+    }
+
+    /// Whether the desired Maglev table `index` names only backends the maps
+    /// hold already.
+    fn maglev_writable(&self, index: u32) -> bool {
+        self.tables
+            .get(&index)
+            .is_some_and(|t| t.iter().all(|id| self.cur.backends.contains_key(id)))
     }
 
     /// Steps 2 and 5: deletes the entries `desired` does not have that nothing
@@ -405,12 +454,15 @@ impl<S: MapStore> Writes<'_, S> {
                 self.fail(name, e);
             }
         }
+        // Backends the slots or a Maglev table in use name.
+        let tables = maglev_tables_in_use(&self.cur.services);
         let named: BTreeSet<u32> = self
             .cur
             .services
             .iter()
             .filter(|(k, _)| k.slot > 0)
             .map(|(_, v)| v.backend_id)
+            .chain(tables.iter().filter_map(|i| self.cur.maglev.get(i)).flat_map(|t| t.iter().copied()))
             .collect();
         let stale: Vec<u32> = self
             .cur
@@ -424,6 +476,17 @@ impl<S: MapStore> Writes<'_, S> {
                 let name = self.backend_name(desired, id);
                 self.fail(name, e);
             }
+        }
+        let named = maglev_tables_in_use(&self.cur.services);
+        let stale: Vec<u32> = self
+            .cur
+            .maglev
+            .keys()
+            .filter(|i| !desired.maglev.contains_key(i) && !named.contains(i))
+            .copied()
+            .collect();
+        for i in stale {
+            let _ = self.del(Key::Maglev(i));
         }
         let carried: BTreeSet<u16> = self.cur.services.values().map(|v| v.rev_nat_id).collect();
         let stale: Vec<u16> = self
@@ -599,6 +662,10 @@ fn frontend_entries(desired: &MapContents, k0: &ServiceKey, v0: &ServiceValue) -
             .map(|r| Entry::Range(*r)),
     );
     out.extend(slots.into_iter().map(|(k, v)| Entry::Service(k, v)));
+    if v0.flags & svc_flags::MAGLEV != 0 {
+        // Before slot 0 switches to it.
+        out.push(Entry::Maglev(v0.backend_id));
+    }
     out.push(Entry::Service(*k0, *v0));
     out
 }
@@ -624,8 +691,10 @@ mod tests {
         log: Rc<RefCell<Vec<String>>>,
         services_cap: Rc<std::cell::Cell<Option<usize>>>,
         /// Writes after which the dataplane would have seen a frontend
-        /// counting a missing slot, a slot naming a missing backend, or a
-        /// frontend without its reverse-NAT entry.
+        /// counting a missing slot, a slot naming a missing backend, a
+        /// frontend without its reverse-NAT entry, or a Maglev frontend whose
+        /// table is missing or names a missing backend (or was rewritten in
+        /// use).
         violations: Rc<RefCell<Vec<String>>>,
     }
 
@@ -637,7 +706,9 @@ mod tests {
                     m.services
                         .get(&ServiceKey { slot, ..*k })
                         .is_none_or(|s| !m.backends.contains_key(&s.backend_id))
-                }) || !m.revnat.contains_key(&v.rev_nat_id);
+                }) || !m.revnat.contains_key(&v.rev_nat_id)
+                    || (v.flags & svc_flags::MAGLEV != 0
+                        && m.maglev.get(&v.backend_id).is_none_or(|t| t.is_empty() || t.iter().any(|id| !m.backends.contains_key(id))));
                 if broken {
                     self.violations
                         .borrow_mut()
@@ -666,7 +737,11 @@ mod tests {
             true
         }
         fn read_all(&self) -> Result<MapContents, Full> {
-            Ok(self.maps.borrow().clone())
+            let mut c = self.maps.borrow().clone();
+            // As the kernel store: only the tables frontends name are read.
+            let used = crate::maps::maglev_tables_in_use(&c.services);
+            c.maglev.retain(|i, _| used.contains(i));
+            Ok(c)
         }
         fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Full> {
             if refuses(&self.maps.borrow().services, &k, self.services_cap.get()) {
@@ -723,6 +798,17 @@ mod tests {
                 .borrow_mut()
                 .push(format!("del range {}/{}", r.0, r.1));
             self.maps.borrow_mut().source_ranges.remove(&r);
+            Ok(())
+        }
+        fn put_maglev(&mut self, index: u32, table: &[u32]) -> Result<(), Full> {
+            self.log.borrow_mut().push(format!("put maglev {index}"));
+            let in_use = self.maps.borrow().services.iter().any(|(k, v)| {
+                k.slot == 0 && v.flags & svc_flags::MAGLEV != 0 && v.backend_id == index
+            });
+            if in_use {
+                self.violations.borrow_mut().push(format!("Maglev table {index} rewritten while a frontend uses it"));
+            }
+            self.maps.borrow_mut().maglev.insert(index, Arc::new(table.to_vec()));
             Ok(())
         }
         fn put_cursors(&mut self, c: crate::maps::IdCursors) -> Result<(), Full> {
@@ -933,6 +1019,87 @@ mod tests {
         assert_eq!(*s.current(), *fake.maps.borrow());
     }
 
+    fn maglev(backends: &[u8]) -> Frontend {
+        let mut f = fe(backends);
+        f.flags |= svc_flags::MAGLEV;
+        f
+    }
+
+    /// The backend address each entry of the Maglev table of the only
+    /// frontend names.
+    fn maglev_addrs(c: &MapContents) -> Vec<[u8; 4]> {
+        let v0 = c.services.iter().find(|(k, _)| k.slot == 0).unwrap().1;
+        assert_ne!(v0.flags & svc_flags::MAGLEV, 0);
+        c.maglev[&v0.backend_id].iter().map(|id| ferry_common::addr_from_map(c.backends[id].addr)).collect()
+    }
+
+    #[test]
+    fn a_changed_maglev_table_is_written_whole_at_a_fresh_index_before_its_frontend_switches() {
+        let fake = Fake::default();
+        let mut s = Syncer::new(fake.clone()).unwrap();
+        let mut ids = Ids::default().with_maglev(251, 4);
+        ok(s.sync(&layout(&[maglev(&[1, 2, 3])], &mut ids)));
+        let log = fake.log.borrow().clone();
+        let (table, slot0) = (
+            log.iter().position(|l| l == "put maglev 0").expect("table 0 written"),
+            log.iter().position(|l| l.starts_with("put svc slot 0")).unwrap(),
+        );
+        assert!(table < slot0, "{log:?}");
+        let before = maglev_addrs(&fake.maps.borrow());
+        assert_eq!(before.len(), 251);
+        // Backend .3 leaves: a new table at index 1, then slot 0.
+        fake.log.borrow_mut().clear();
+        ok(s.sync(&layout(&[maglev(&[1, 2])], &mut ids)));
+        let log = fake.log.borrow().clone();
+        let (table, slot0) = (
+            log.iter().position(|l| l == "put maglev 1").expect("table 1 written"),
+            log.iter().position(|l| l.starts_with("put svc slot 0")).unwrap(),
+        );
+        assert!(table < slot0, "{log:?}");
+        assert!(!log.iter().any(|l| l == "put maglev 0"), "the table in use is never rewritten: {log:?}");
+        let after = maglev_addrs(&fake.maps.borrow());
+        // Entries of .1 and .2 (two thirds) mostly stay where they were.
+        let kept = before.iter().zip(&after).filter(|(b, a)| b == a).count();
+        assert!(kept >= 150, "{kept} of 251 entries kept");
+        assert_eq!(s.current().maglev.keys().copied().collect::<Vec<_>>(), [1], "table 0 forgotten");
+        assert!(fake.violations.borrow().is_empty(), "{:?}", fake.violations.borrow());
+        // A restarted agent finds the table and writes nothing.
+        fake.log.borrow_mut().clear();
+        let mut again = Syncer::new(fake.clone()).unwrap();
+        let mut ids2 = Ids::from_contents(again.current(), 251, 4);
+        let st = ok(again.sync(&layout(&[maglev(&[1, 2])], &mut ids2)));
+        assert_eq!((st.upserts, st.deletes), (0, 0), "{:?}", fake.log.borrow());
+        // Without backends the frontend needs no table; random again: none.
+        ok(again.sync(&layout(&[maglev(&[])], &mut ids2)));
+        assert!(again.current().maglev.is_empty());
+        ok(again.sync(&layout(&[fe(&[1, 2])], &mut ids2)));
+        assert!(again.current().maglev.is_empty());
+        let v0 = *again.current().services.iter().find(|(k, _)| k.slot == 0).unwrap().1;
+        assert_eq!((v0.flags & svc_flags::MAGLEV, v0.backend_id), (0, 0));
+    }
+
+    #[test]
+    fn frontends_with_the_same_backends_share_a_table_and_full_tables_fall_back_to_random() {
+        let fake = Fake::default();
+        let mut s = Syncer::new(fake.clone()).unwrap();
+        let mut ids = Ids::default().with_maglev(251, 2);
+        let mut np = maglev(&[1, 2]);
+        np.addr = Ipv4Addr::new(192, 168, 77, 11);
+        np.port = 30080;
+        np.flags = svc_flags::NODE_PORT | svc_flags::MAGLEV;
+        let other = |port, b: &[u8]| {
+            let mut f = maglev(b);
+            f.port = port;
+            f
+        };
+        let c = layout(&[maglev(&[1, 2]), np, other(81, &[3]), other(82, &[4])], &mut ids);
+        assert_eq!(c.maglev.len(), 2, "two distinct backend sets, two tables");
+        let random: Vec<_> = c.services.iter().filter(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV == 0).collect();
+        assert_eq!(random.len(), 1, "the third set found no free table: {random:?}");
+        ok(s.sync(&c));
+        assert!(fake.violations.borrow().is_empty(), "{:?}", fake.violations.borrow());
+    }
+
     #[test]
     fn starts_from_what_the_maps_hold() {
         let fake = Fake::default();
@@ -942,7 +1109,7 @@ mod tests {
         // A restarted agent: same desired state, no writes at all.
         fake.log.borrow_mut().clear();
         let mut again = Syncer::new(fake.clone()).unwrap();
-        let mut ids2 = Ids::from_contents(again.current());
+        let mut ids2 = Ids::from_contents(again.current(), ferry_common::DEFAULT_MAGLEV_TABLE_SIZE, ferry_common::DEFAULT_MAGLEV_TABLES);
         let st = ok(again.sync(&layout(&[fe(&[1, 2])], &mut ids2)));
         assert_eq!((st.upserts, st.deletes), (0, 0));
         assert!(fake.log.borrow().is_empty(), "{:?}", fake.log.borrow());
@@ -958,7 +1125,7 @@ mod tests {
         ok(s.sync(&layout(&[], &mut ids)));
         // Restart: the maps hold no entry, only the cursors.
         let mut again = Syncer::new(fake.clone()).unwrap();
-        let mut ids = Ids::from_contents(again.current());
+        let mut ids = Ids::from_contents(again.current(), ferry_common::DEFAULT_MAGLEV_TABLE_SIZE, ferry_common::DEFAULT_MAGLEV_TABLES);
         let b = layout(&[fe_on(81, &[3, 4])], &mut ids);
         ok(again.sync(&b));
         let a_ids: BTreeSet<u32> = a.backends.keys().copied().collect();

@@ -448,7 +448,9 @@ fn node_info(n: Node) -> NodeInfo {
     if pod_cidrs.is_empty() {
         pod_cidrs.extend(spec.pod_cidr);
     }
+    let zone = n.metadata.labels.as_ref().and_then(|l| l.get(crate::model::ZONE_LABEL)).cloned();
     NodeInfo {
+        zone,
         name: n.metadata.name.unwrap_or_default(),
         addresses: status
             .addresses
@@ -526,6 +528,20 @@ mod tests {
             node.addresses,
             [("InternalIP".to_string(), "192.168.0.5".to_string())]
         );
+    }
+
+    #[test]
+    fn the_nodes_zone_label_reaches_the_snapshot_for_topology_aware_routing() {
+        let nodes = [obj(serde_json::json!({
+            "metadata": {"name": "n1", "resourceVersion": "4", "labels": {"topology.kubernetes.io/zone": "zone-a"}},
+            "spec": {"podCIDR": "10.244.1.0/24"}
+        }))];
+        let input = Typer::default().input(&[], &[], &nodes, "n1");
+        assert_eq!(input.snapshot.node.as_ref().and_then(|n| n.zone.as_deref()), Some("zone-a"));
+        assert_eq!(input.snapshot.zone_of("n1"), Some("zone-a"));
+        assert_eq!(input.snapshot.zone_of("n2"), None);
+        let unlabelled = [obj(serde_json::json!({"metadata": {"name": "n1", "resourceVersion": "5"}}))];
+        assert_eq!(Typer::default().input(&[], &[], &unlabelled, "n1").snapshot.zone_of("n1"), None);
     }
 
     #[test]

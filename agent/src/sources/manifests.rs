@@ -95,6 +95,7 @@ impl Manifests {
         a.pods.extend_from_slice(&b.pods);
         a.pod_specs.extend_from_slice(&b.pod_specs);
         a.deployments.extend_from_slice(&b.deployments);
+        a.nodes.extend_from_slice(&b.nodes);
         self.errors.extend_from_slice(&other.errors);
     }
 }
@@ -179,6 +180,13 @@ pub fn load_str(source: &str, text: &str, out: &mut Manifests) -> bool {
                 &object,
                 value,
                 &mut out.snapshot.pod_specs,
+                &mut out.errors,
+            ),
+            ("v1", "Node") => push(
+                source,
+                &object,
+                value,
+                &mut out.snapshot.nodes,
                 &mut out.errors,
             ),
             ("apps/v1", "Deployment") => push(
