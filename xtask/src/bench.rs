@@ -403,6 +403,7 @@ pub fn run(args: Args) -> Result<()> {
         files: None,
         xdp: Vec::new(),
         bpf_stats: stats.is_ok(),
+        bpf: Vec::new(),
     };
     let started = Instant::now();
     for &topology in &plan.topologies {
@@ -410,7 +411,8 @@ pub fn run(args: Args) -> Result<()> {
             ctx.bench_case(Case { topology, services: n })?;
         }
     }
-    let report = Output::new(&plan, measured, ctx.samples, ctx.answered, ctx.notes, ctx.xdp, started.elapsed());
+    let mut report = Output::new(&plan, measured, ctx.samples, ctx.answered, ctx.notes, ctx.xdp, started.elapsed());
+    report.bpf = ctx.bpf;
     report.write(&out_dir)
 }
 
@@ -550,6 +552,23 @@ struct Ctx<'a> {
     xdp: Vec<XdpRound>,
     /// The kernel counts BPF run time (see bpfstats).
     bpf_stats: bool,
+    /// Per program, per round: what it cost under CRR and RR.
+    bpf: Vec<BpfRow>,
+}
+
+/// One of Ferry's programs under one load in one round.
+#[derive(Clone, Debug, Serialize)]
+struct BpfRow {
+    #[serde(flatten)]
+    case: Case,
+    path: DataPath,
+    round: usize,
+    /// "crr" or "rr".
+    mode: &'static str,
+    program: String,
+    /// Runs of the program per connection (CRR) or request (RR).
+    runs_per_request: f64,
+    ns_per_run: f64,
 }
 
 /// What ferry-xdp's XDP program did in one round: without packets forwarded
@@ -713,9 +732,17 @@ impl Ctx<'_> {
         let rr = self.loadgen(&node.client, "rr", target(TCP_PORT, SERVER_PORT), workers)?;
         let bpf_rr = bpf()?;
         if let (Some(a), Some(b), Some(c)) = (&bpf_before, &bpf_crr, &bpf_rr) {
-            for (m, runs, report) in [(Metric::CrrBpfNs, crate::bpfstats::delta(a, b), &crr), (Metric::RrBpfNs, crate::bpfstats::delta(b, c), &rr)] {
-                if report.requests > 0 {
-                    self.push(n, m, path, runs.ns as f64 / report.requests as f64);
+            for (m, mode, (from, to), report) in [(Metric::CrrBpfNs, "crr", (a, b), &crr), (Metric::RrBpfNs, "rr", (b, c), &rr)] {
+                if report.requests == 0 {
+                    continue;
+                }
+                let requests = report.requests as f64;
+                self.push(n, m, path, crate::bpfstats::delta(from, to).ns as f64 / requests);
+                for (program, runs) in crate::bpfstats::delta_by_name(from, to) {
+                    if runs.count > 0 {
+                        let ns_per_run = runs.ns as f64 / runs.count as f64;
+                        self.bpf.push(BpfRow { case, path, round: round + 1, mode, program, runs_per_request: runs.count as f64 / requests, ns_per_run });
+                    }
                 }
             }
         }
@@ -1104,6 +1131,8 @@ struct Output {
     answered: Vec<(Case, DataPath, Vec<String>)>,
     /// ferry-xdp: how XDP attached and what it forwarded, per round.
     xdp: Vec<XdpRound>,
+    /// Ferry's programs one by one, per round (kernel run-time statistics).
+    bpf: Vec<BpfRow>,
     results: Vec<Row>,
 }
 
@@ -1149,6 +1178,7 @@ impl Output {
             notes,
             answered: answered.into_iter().map(|((n, p), s)| (n, p, s.into_iter().collect())).collect(),
             xdp,
+            bpf: Vec::new(),
             results,
         }
     }
@@ -1241,9 +1271,38 @@ impl Output {
                 out.push_str(&format!("- {} round {}: {how}, xdp_forward {}{zero}\n", x.case, x.round, x.xdp_forward));
             }
         }
+        out.push_str(&self.bpf_markdown());
         out.push_str("\nServers that answered the per-round sanity check (UDP queries from fresh sockets until all ten answered, at most 400):\n\n");
         for (c, p, names) in &self.answered {
             out.push_str(&format!("- {c} {}: {}\n", p.name(), names.len()));
+        }
+        out
+    }
+
+    /// Ferry's programs one by one: runs per request and ns per run,
+    /// medians over the rounds.
+    fn bpf_markdown(&self) -> String {
+        let mut cells: BTreeMap<(Case, DataPath, &str, &str), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+        for r in &self.bpf {
+            let cell = cells.entry((r.case, r.path, r.mode, r.program.as_str())).or_default();
+            cell.0.push(r.runs_per_request);
+            cell.1.push(r.ns_per_run);
+        }
+        if cells.is_empty() {
+            return String::new();
+        }
+        let mut out = String::from(
+            "\nFerry's BPF programs one by one (kernel run-time statistics; medians over rounds): runs per CRR connection or RR \
+             request, and nanoseconds per run:\n\n| case | path | load | program | runs per request | ns per run |\n|---|---|---|---|---:|---:|\n",
+        );
+        for ((case, path, mode, program), (runs, ns)) in cells {
+            let median = |v: &[f64]| Summary::of(v).map_or(0.0, |s| s.median);
+            out.push_str(&format!(
+                "| {case} | {} | {mode} | {program} | {:.1} | {} |\n",
+                path.name(),
+                median(&runs),
+                fmt_num(median(&ns))
+            ));
         }
         out
     }

@@ -47,13 +47,23 @@ pub fn of_process(pid: u32) -> Result<BTreeMap<u32, (String, Runs)>> {
         .collect())
 }
 
-/// What ran between two snapshots, summed over the programs (a program
-/// loaded in between counts from zero).
-pub fn delta(before: &BTreeMap<u32, (String, Runs)>, after: &BTreeMap<u32, (String, Runs)>) -> Runs {
-    after.iter().fold(Runs::default(), |sum, (id, (_, a))| {
+/// What ran between two snapshots, per program name (one program on
+/// several interfaces is one program; a program loaded in between counts
+/// from zero).
+pub fn delta_by_name(before: &BTreeMap<u32, (String, Runs)>, after: &BTreeMap<u32, (String, Runs)>) -> BTreeMap<String, Runs> {
+    let mut out: BTreeMap<String, Runs> = BTreeMap::new();
+    for (id, (name, a)) in after {
         let b = before.get(id).map(|(_, r)| *r).unwrap_or_default();
-        Runs { ns: sum.ns + a.ns.saturating_sub(b.ns), count: sum.count + a.count.saturating_sub(b.count) }
-    })
+        let sum = out.entry(name.clone()).or_default();
+        sum.ns += a.ns.saturating_sub(b.ns);
+        sum.count += a.count.saturating_sub(b.count);
+    }
+    out
+}
+
+/// [`delta_by_name`] summed over the programs.
+pub fn delta(before: &BTreeMap<u32, (String, Runs)>, after: &BTreeMap<u32, (String, Runs)>) -> Runs {
+    delta_by_name(before, after).into_values().fold(Runs::default(), |s, r| Runs { ns: s.ns + r.ns, count: s.count + r.count })
 }
 
 #[cfg(test)]
@@ -70,5 +80,9 @@ mod tests {
             (3, ("from_netdev".into(), r(70, 2))),
         ]);
         assert_eq!(delta(&before, &after), r(370, 5));
+        let by_name = delta_by_name(&before, &after);
+        assert_eq!(by_name["from_pod"], r(300, 3));
+        assert_eq!(by_name["to_pod"], r(0, 0));
+        assert_eq!(by_name["from_netdev"], r(70, 2));
     }
 }
