@@ -261,6 +261,8 @@ pub(crate) const PACKETS: &[(DpCounter, &str)] = &[
     (DpCounter::NodePortLocalReply, "nodeport_local_reply"),
     (DpCounter::FragNeeded, "frag_needed"),
     (DpCounter::IcmpErrorTranslated, "icmp_error_translated"),
+    (DpCounter::SockForward, "sock_forward"),
+    (DpCounter::SockReject, "sock_reject"),
 ];
 
 impl Collector for DataplaneCollector {

@@ -254,7 +254,7 @@ fn kernel_listing(lab: &Lab) -> Result<String> {
     Ok(out)
 }
 
-const FERRY_PROGRAMS: [&str; 8] = [
+const FERRY_PROGRAMS: [&str; 13] = [
     "from_pod",
     "from_netdev",
     "to_pod",
@@ -263,6 +263,11 @@ const FERRY_PROGRAMS: [&str; 8] = [
     "sock_connect4",
     "sock_sendmsg4",
     "sock_recvmsg4",
+    "sock_peer4",
+    "sock_connect6",
+    "sock_sendmsg6",
+    "sock_recvmsg6",
+    "sock_peer6",
 ];
 
 /// The programs process `pid` holds (its fds of programs and links, from

@@ -1,0 +1,289 @@
+//! Socket-level load balancing for Pods (issue 16): real clients in Pods (a
+//! Pod's network namespace, the node's cgroup where the shim runs Pods), the
+//! real agent; assertions on what the clients received, which backend
+//! answered, what getpeername() said, and on the connection-tracking table
+//! (`ferry ct list`), which the socket path must leave untouched.
+use std::{
+    collections::BTreeSet,
+    io::{BufRead as _, BufReader, ErrorKind, Write as _},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV6, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use ferry_tests::{
+    manifests::{client_pod, echo_pod, echo_service},
+    tcp_ask, Lab, LabOptions,
+};
+use socket2::{Domain, Socket, Type};
+
+const READY: Duration = Duration::from_secs(60);
+const BACKENDS: [&str; 3] = ["echo-0", "echo-1", "echo-2"];
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("test address")
+}
+
+const EMPTY_SVC: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  clusterIP: 10.96.0.40
+  selector: {app: nothing-matches}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 8080}
+"#;
+
+/// A lab with echo Pods `names` behind `echo` (10.96.0.10: TCP 80, UDP 53),
+/// a Service without endpoints (10.96.0.40) and a client Pod.
+fn lab(tag: &str, names: &[&str]) -> Result<Lab> {
+    let mut opts = LabOptions::new(tag)
+        .manifest("service.yaml", &echo_service("echo", "echo", "10.96.0.10"))
+        .manifest("empty.yaml", EMPTY_SVC)
+        .manifest("client.yaml", &client_pod("client"));
+    for n in names {
+        opts = opts.manifest(&format!("{n}.yaml"), &echo_pod(n, "echo", None));
+    }
+    let lab = Lab::start(opts)?;
+    if lab.cgroup.is_none() {
+        bail!("socket load balancing needs cgroup v2");
+    }
+    let mut all = names.to_vec();
+    all.push("client");
+    lab.wait_ready(&all, READY)?;
+    lab.wait_until(Duration::from_secs(10), "Services programmed", || {
+        let list = lab.ferry(&["svc", "list"])?;
+        Ok(list.contains("10.96.0.40:80") && names.iter().all(|n| lab.pod(n).and_then(|p| p.pod_ip).is_some_and(|ip| list.contains(&ip.to_string()))))
+    })?;
+    Ok(lab)
+}
+
+/// One line over a connected TCP stream.
+fn ask_on(stream: &TcpStream) -> Result<String> {
+    stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+    (&*stream).write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).context("reading the answer")?;
+    Ok(line.trim().to_string())
+}
+
+/// A TCP connection from Pod `netns` (socket in the node's cgroup) to `to`:
+/// the backend that answered and the peer getpeername() reports.
+fn pod_tcp(lab: &Lab, netns: &str, to: SocketAddr) -> Result<(String, SocketAddr)> {
+    let s = lab.in_pod(netns, move || TcpStream::connect_timeout(&to, Duration::from_secs(2)))??;
+    let peer = s.peer_addr()?;
+    Ok((ask_on(&s)?, peer))
+}
+
+/// One datagram from an unconnected UDP socket of Pod `netns` to `to`: the
+/// answer and the address recvfrom() reports it from.
+fn pod_udp_sendto(sock: &UdpSocket, to: SocketAddr) -> Result<(String, SocketAddr)> {
+    sock.send_to(b"hello\n", to)?;
+    let mut buf = [0u8; 512];
+    let (n, from) = sock.recv_from(&mut buf).context("no UDP answer")?;
+    Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
+}
+
+/// Connection-tracking entries of the node for `frontend` (e.g.
+/// "10.96.0.10:80"), both tables.
+fn ct_rows(lab: &Lab, frontend: &str) -> Result<Vec<serde_json::Value>> {
+    let rows: Vec<serde_json::Value> = serde_json::from_str(&lab.ferry(&["ct", "list", "-o", "json"])?)?;
+    Ok(rows.into_iter().filter(|r| r["frontend"].as_str().is_some_and(|f| f.contains(frontend))).collect())
+}
+
+#[test]
+fn pods_reach_every_backend_at_the_socket_without_connection_tracking() -> Result<()> {
+    let lab = lab("socklb", &BACKENDS)?;
+    let client = lab.pod_netns("client")?;
+    let (tcp, udp) = (addr("10.96.0.10:80"), addr("10.96.0.10:53"));
+    let forwarded_before = lab.counter("sock_forward")?;
+
+    // TCP: 60 connections, one after the other.
+    let mut names = BTreeSet::new();
+    for i in 0..60 {
+        let (name, peer) = pod_tcp(&lab, &client, tcp).with_context(|| format!("TCP connection {i}"))?;
+        assert_eq!(peer, tcp, "getpeername() of connection {i} is the ClusterIP:port, not the backend");
+        names.insert(name);
+    }
+    assert_eq!(names, BACKENDS.iter().map(|s| s.to_string()).collect(), "TCP answered by every backend");
+
+    // UDP: 60 datagrams from one unconnected socket; each answer is reported
+    // from the ClusterIP:port it was sent to.
+    let sock = lab.in_pod(&client, || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    })??;
+    let mut names = BTreeSet::new();
+    for i in 0..60 {
+        let (name, from) = pod_udp_sendto(&sock, udp).with_context(|| format!("UDP datagram {i}"))?;
+        assert_eq!(from, udp, "UDP answer {i} is reported from the ClusterIP:port");
+        names.insert(name);
+    }
+    assert_eq!(names, BACKENDS.iter().map(|s| s.to_string()).collect(), "UDP answered by every backend");
+
+    // Nothing was translated per packet: no connection-tracking entry.
+    let tracked = ct_rows(&lab, "10.96.0.10")?;
+    assert!(tracked.is_empty(), "socket-LB flows left connection-tracking entries: {tracked:#?}");
+    let forwarded = lab.counter("sock_forward")? - forwarded_before;
+    assert!(forwarded >= 120, "sock_forward counted {forwarded} of 120 sockets");
+
+    // Hairpin: a backend reaching its own Service gets itself too (its socket
+    // is connected to its own address: no SNAT needed).
+    let echo0 = lab.pod_netns("echo-0")?;
+    lab.wait_answered_by("echo-0 through its own Service", &["echo-0"], || {
+        let (name, peer) = pod_tcp(&lab, &echo0, tcp)?;
+        anyhow::ensure!(peer == tcp, "getpeername() {peer}");
+        Ok(name)
+    })?;
+
+    // The control: a client of the same Pod outside the node's cgroup takes
+    // the TC path, which tracks its flow (so the check above can fail).
+    tcp_ask(&client, tcp)?;
+    let tracked = ct_rows(&lab, "10.96.0.10:80")?;
+    assert!(!tracked.is_empty(), "the TC path's flow is tracked");
+    Ok(())
+}
+
+#[test]
+fn connect_to_a_service_without_endpoints_fails_with_econnrefused_at_once() -> Result<()> {
+    let lab = lab("sockrej", &["echo-0"])?;
+    let client = lab.pod_netns("client")?;
+    let rejected_before = lab.counter("sock_reject")?;
+    for i in 0..5 {
+        let (err, took) = lab.in_pod(&client, || {
+            let start = Instant::now();
+            let r = TcpStream::connect_timeout(&addr("10.96.0.40:80"), Duration::from_secs(3));
+            (r.err().map(|e| e.kind()), start.elapsed())
+        })?;
+        assert_eq!(err, Some(ErrorKind::ConnectionRefused), "TCP connect {i} to a Service without endpoints");
+        assert!(took < Duration::from_millis(100), "TCP connect {i} refused only after {took:?}");
+        // UDP: connect() itself is refused, and so is an unconnected send.
+        let (connect, send) = lab.in_pod(&client, || -> std::io::Result<_> {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            let send = s.send_to(b"hello\n", addr("10.96.0.40:53")).err().map(|e| e.kind());
+            Ok((s.connect(addr("10.96.0.40:53")).err().map(|e| e.kind()), send))
+        })??;
+        assert_eq!(connect, Some(ErrorKind::ConnectionRefused), "UDP connect {i}");
+        assert_eq!(send, Some(ErrorKind::ConnectionRefused), "UDP sendto {i}");
+    }
+    let rejected = lab.counter("sock_reject")? - rejected_before;
+    assert!(rejected >= 15, "sock_reject counted {rejected} of 15");
+    // The Service with an endpoint still answers.
+    assert_eq!(pod_tcp(&lab, &client, addr("10.96.0.10:80"))?.0, "echo-0");
+    Ok(())
+}
+
+#[test]
+fn a_connected_udp_socket_moves_to_a_remaining_backend_when_its_backend_is_removed() -> Result<()> {
+    let lab = lab("sockstale", &["echo-a", "echo-b"])?;
+    let client = lab.pod_netns("client")?;
+    let vip = addr("10.96.0.10:53");
+    let sock = lab.in_pod(&client, move || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_millis(200)))?;
+        s.connect(vip)?;
+        Ok(s)
+    })??;
+    assert_eq!(sock.peer_addr()?, vip, "getpeername() of the connected UDP socket");
+    let ask = |s: &UdpSocket| -> Option<String> {
+        s.send(b"hello\n").ok()?;
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    };
+    let mine = ask(&sock).context("first UDP answer")?;
+    for _ in 0..5 {
+        assert_eq!(ask(&sock).as_deref(), Some(mine.as_str()), "the socket keeps its backend");
+    }
+    let other = if mine == "echo-a" { "echo-b" } else { "echo-a" };
+    // Its backend is deleted: the Pod goes (1 s grace) and leaves the Service.
+    lab.remove_manifest(&format!("{mine}.yaml"))?;
+    let since = Instant::now();
+    let mut answers = Vec::new();
+    loop {
+        let a = ask(&sock);
+        if a.as_deref() == Some(other) {
+            break;
+        }
+        answers.push(a);
+        if since.elapsed() > Duration::from_secs(2) {
+            bail!("the same connected UDP socket still got {answers:?} 2 s after {mine} was deleted\n{}", lab.logs());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!("moved to {other} {:?} after {mine} was deleted ({} datagrams before)", since.elapsed(), answers.len());
+    for _ in 0..5 {
+        assert_eq!(ask(&sock).as_deref(), Some(other), "and stays there");
+    }
+    // The socket never reconnected: its peer is still the Service (the
+    // answers above arrived on it, so they came from that address).
+    assert_eq!(sock.peer_addr()?, vip, "getpeername() after the move");
+    Ok(())
+}
+
+#[test]
+fn an_ipv4_mapped_ipv6_socket_of_a_pod_reaches_an_ipv4_service() -> Result<()> {
+    let lab = lab("sock6", &BACKENDS)?;
+    let client = lab.pod_netns("client")?;
+    let mapped = |port| SocketAddr::V6(SocketAddrV6::new(Ipv4Addr::new(10, 96, 0, 10).to_ipv6_mapped(), port, 0, 0));
+    let (tcp, udp) = (mapped(80), mapped(53));
+    let dual = |ty: Type| -> std::io::Result<Socket> {
+        let s = Socket::new(Domain::IPV6, ty, None)?;
+        s.set_only_v6(false)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    };
+    let mut names = BTreeSet::new();
+    for i in 0..30 {
+        let s = lab.in_pod(&client, move || -> std::io::Result<TcpStream> {
+            let s = dual(Type::STREAM)?;
+            s.connect_timeout(&tcp.into(), Duration::from_secs(2))?;
+            Ok(s.into())
+        })??;
+        assert_eq!(s.peer_addr()?, tcp, "getpeername() of IPv6 connection {i}");
+        names.insert(ask_on(&s)?);
+    }
+    assert_eq!(names, BACKENDS.iter().map(|s| s.to_string()).collect(), "TCP over IPv4-mapped IPv6");
+    let sock: UdpSocket = lab.in_pod(&client, move || dual(Type::DGRAM).map(UdpSocket::from))??;
+    let mut names = BTreeSet::new();
+    for i in 0..30 {
+        let (name, from) = pod_udp_sendto(&sock, udp).with_context(|| format!("UDP datagram {i} over IPv6"))?;
+        assert_eq!(from, udp, "UDP answer {i} is reported from the mapped ClusterIP:port");
+        names.insert(name);
+    }
+    assert_eq!(names, BACKENDS.iter().map(|s| s.to_string()).collect(), "UDP over IPv4-mapped IPv6");
+    let tracked = ct_rows(&lab, "10.96.0.10")?;
+    assert!(tracked.is_empty(), "IPv6 socket-LB flows left connection-tracking entries: {tracked:#?}");
+    Ok(())
+}
+
+#[test]
+fn skipped_namespaces_and_socket_lb_pods_false_leave_pods_to_the_tc_path() -> Result<()> {
+    let mut lab = lab("sockskip", &["echo-0"])?;
+    let client = lab.pod_netns("client")?;
+    let echo0 = lab.pod_netns("echo-0")?;
+    let tcp = addr("10.96.0.10:80");
+    // The client's namespace is skipped: its connection is tracked (TC path),
+    // echo-0's still is not.
+    lab.restart_agent_with(&["--socket-lb-skip-netns", &client])?;
+    let forwarded = lab.counter("sock_forward")?;
+    lab.wait_until(Duration::from_secs(10), "the client's flow tracked", || {
+        let (name, peer) = pod_tcp(&lab, &client, tcp)?;
+        anyhow::ensure!(name == "echo-0" && peer == tcp, "{name} {peer}");
+        Ok(!ct_rows(&lab, "10.96.0.10:80")?.is_empty())
+    })?;
+    let before = ct_rows(&lab, "10.96.0.10:80")?.len();
+    assert_eq!(pod_tcp(&lab, &echo0, tcp)?.0, "echo-0");
+    assert_eq!(ct_rows(&lab, "10.96.0.10:80")?.len(), before, "echo-0's connection is not tracked");
+    assert!(lab.counter("sock_forward")? > forwarded, "echo-0's socket was translated");
+    // --socket-lb-pods=false: no Pod gets socket LB (the node's own still does).
+    lab.restart_agent_with(&["--socket-lb-pods=false"])?;
+    lab.wait_until(Duration::from_secs(10), "echo-0's flow tracked", || {
+        let before = ct_rows(&lab, "10.96.0.10:80")?.len();
+        assert_eq!(pod_tcp(&lab, &echo0, tcp)?.0, "echo-0");
+        Ok(ct_rows(&lab, "10.96.0.10:80")?.len() > before)
+    })?;
+    Ok(())
+}
