@@ -1,6 +1,6 @@
 //! Operating Ferry: one agent per pin directory, `ferry status`, `ferry
 //! cleanup`, and the kube-proxy rules check at start.
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
 use ferry_tests::{
@@ -158,14 +158,16 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
         "from_pod on the veths of echo-a and client:\n{text}"
     );
     if lab.cgroup.is_some() {
-        let cg = s["programs"].as_array().map_or(0, |rows| {
+        let cg: BTreeSet<&str> = s["programs"].as_array().map_or(BTreeSet::new(), |rows| {
             rows.iter()
                 .filter(|r| r["hook"] == "cgroup" && r["attached"] == true)
-                .count()
+                .filter_map(|r| r["program"].as_str())
+                .collect()
         });
         assert_eq!(
-            cg, 3,
-            "connect4, sendmsg4 and recvmsg4 on the node's cgroup:\n{text}"
+            cg,
+            FERRY_PROGRAMS[5..].iter().copied().collect::<BTreeSet<_>>(),
+            "connect, sendmsg, recvmsg and getpeername (4 and 6) on the node's cgroup:\n{text}"
         );
     }
     let services = s["maps"]
