@@ -287,3 +287,77 @@ fn skipped_namespaces_and_socket_lb_pods_false_leave_pods_to_the_tc_path() -> Re
     })?;
     Ok(())
 }
+
+#[test]
+fn traffic_policies_and_affinity_hold_for_pod_sockets() -> Result<()> {
+    let lab = lab("sockpol", &BACKENDS)?;
+    let client = lab.pod_netns("client")?;
+    let ip = lab.pod("echo-0").and_then(|p| p.pod_ip).context("echo-0 has an IP")?;
+    // Manual EndpointSlices: echo-0's address, on this node or said to be on
+    // another one.
+    let svc = |name: &str, ip4: &str, policy: &str, node: &str| {
+        format!(
+            r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {ip4}
+  internalTrafficPolicy: {policy}
+  ports: [{{name: web, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+endpoints: [{{addresses: ["{ip}"], nodeName: {node}, conditions: {{ready: true}}}}]
+ports: [{{name: web, port: 8080, protocol: TCP}}]
+"#
+        )
+    };
+    lab.write_manifest("local-here.yaml", &svc("local-here", "10.96.0.61", "Local", &lab.node))?;
+    lab.write_manifest("local-remote.yaml", &svc("local-remote", "10.96.0.62", "Local", "some-other-node"))?;
+    lab.write_manifest("cluster-remote.yaml", &svc("cluster-remote", "10.96.0.63", "Cluster", "some-other-node"))?;
+    lab.write_manifest(
+        "sticky.yaml",
+        r#"apiVersion: v1
+kind: Service
+metadata: {name: sticky, namespace: default}
+spec:
+  clusterIP: 10.96.0.50
+  selector: {app: echo}
+  sessionAffinity: ClientIP
+  ports: [{name: http, port: 80, targetPort: http}]
+"#,
+    )?;
+    lab.wait_until(Duration::from_secs(10), "the Services programmed", || {
+        let list = lab.ferry(&["svc", "list"])?;
+        Ok(["10.96.0.61:80", "10.96.0.62:80", "10.96.0.63:80", "10.96.0.50:80"].iter().all(|a| list.contains(a)))
+    })?;
+    std::thread::sleep(Duration::from_millis(300));
+    // internalTrafficPolicy at the socket: Local with a local endpoint and
+    // Cluster with a remote one are served, without tracking; Local without a
+    // local endpoint is refused at connect().
+    for a in ["10.96.0.61:80", "10.96.0.63:80"] {
+        let (name, peer) = pod_tcp(&lab, &client, addr(a))?;
+        assert_eq!((name.as_str(), peer), ("echo-0", addr(a)), "{a}");
+        let tracked = ct_rows(&lab, a)?;
+        assert!(tracked.is_empty(), "{a} was tracked: {tracked:#?}");
+    }
+    let refused = lab.in_pod(&client, || TcpStream::connect_timeout(&addr("10.96.0.62:80"), Duration::from_secs(3)).err().map(|e| e.kind()))?;
+    assert_eq!(refused, Some(ErrorKind::ConnectionRefused), "Local without a local endpoint");
+    // sessionAffinity: ClientIP is per client address, which a socket does not
+    // have at connect(): the TC path serves it (tracked), and one client
+    // keeps one backend over 30 new connections.
+    let mut seen = BTreeSet::new();
+    for _ in 0..30 {
+        let (name, peer) = pod_tcp(&lab, &client, addr("10.96.0.50:80"))?;
+        assert_eq!(peer, addr("10.96.0.50:80"));
+        seen.insert(name);
+    }
+    assert_eq!(seen.len(), 1, "30 connections of one client, one backend: {seen:?}");
+    assert!(!ct_rows(&lab, "10.96.0.50:80")?.is_empty(), "affinity flows take the TC path");
+    Ok(())
+}
