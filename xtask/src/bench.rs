@@ -11,8 +11,10 @@
 //! The order of the paths rotates from round to round.
 //!
 //! Data paths: no-NAT (the client dials a server Pod directly: the limit),
-//! iptables, nftables, ferry, and north-south only ferry-xdp (the same agent
-//! with `--xdp`). Results go to target/bench/ as Markdown and JSON.
+//! iptables, nftables, ferry (the TC path: `--socket-lb-pods=false`), ferry
+//! (socket LB) (the same agent with socket-level load balancing for Pods, the
+//! load generator in the node's cgroup), and north-south only ferry-xdp (the
+//! same agent with `--xdp`). Results go to target/bench/ as Markdown and JSON.
 //!
 //! Topologies: same-node and cross-node (a client Pod dials a ClusterIP) by
 //! default; north-south on request (`--topology north-south`): the external
@@ -81,7 +83,8 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_enum)]
     topology: Option<Vec<Topology>>,
     /// Only these data paths (comma-separated: no-nat, iptables, nftables,
-    /// ferry, ferry-xdp; default all; ferry-xdp is measured north-south only).
+    /// ferry, ferry-socklb, ferry-xdp; default all; ferry-socklb is measured
+    /// same-node and cross-node only, ferry-xdp north-south only).
     #[arg(long, value_delimiter = ',', value_enum)]
     paths: Option<Vec<DataPath>>,
     /// Use the debug build (checks the harness; figures are not comparable).
@@ -208,15 +211,26 @@ pub enum DataPath {
     NoNat,
     Iptables,
     Nftables,
-    /// The agent with TC programs only.
+    /// The agent with TC programs only (socket LB for Pods off).
     Ferry,
+    /// The same agent with socket-level load balancing for Pods (its
+    /// default): the load generator runs in the node's cgroup, as a Pod's
+    /// processes do, so its TCP connections are pointed at a backend at
+    /// connect() (its UDP sockets are connected: those stay per packet).
+    FerrySocklb,
     /// The same agent with `--xdp` (default mode: generic XDP on the lab's
     /// veths) in front of TC.
     FerryXdp,
 }
 
-const PATHS: [DataPath; 5] =
-    [DataPath::NoNat, DataPath::Iptables, DataPath::Nftables, DataPath::Ferry, DataPath::FerryXdp];
+const PATHS: [DataPath; 6] = [
+    DataPath::NoNat,
+    DataPath::Iptables,
+    DataPath::Nftables,
+    DataPath::Ferry,
+    DataPath::FerrySocklb,
+    DataPath::FerryXdp,
+];
 
 impl DataPath {
     fn name(self) -> &'static str {
@@ -225,26 +239,34 @@ impl DataPath {
             DataPath::Iptables => "iptables",
             DataPath::Nftables => "nftables",
             DataPath::Ferry => "ferry",
+            DataPath::FerrySocklb => "ferry (socket LB)",
             DataPath::FerryXdp => "ferry-xdp",
         }
     }
 
     /// Ferry's agent runs (with or without XDP).
     fn is_ferry(self) -> bool {
-        matches!(self, DataPath::Ferry | DataPath::FerryXdp)
+        matches!(self, DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp)
     }
 
     /// XDP acts only on traffic that enters a node device for a
     /// NodePort/ExternalIP/LoadBalancer frontend with a backend on another
     /// node (and its replies): elsewhere ferry-xdp would measure ferry again.
+    /// Socket LB serves sockets of the node and its Pods, never an external
+    /// client's: north-south it would measure ferry again.
     fn measured_in(self, topology: Topology) -> bool {
-        self != DataPath::FerryXdp || topology == Topology::NorthSouth
+        match self {
+            DataPath::FerryXdp => topology == Topology::NorthSouth,
+            DataPath::FerrySocklb => topology != Topology::NorthSouth,
+            _ => true,
+        }
     }
 
     /// The agent's flags beyond the lab's `--devices eth0`.
     fn agent_args(self) -> &'static [&'static str] {
         match self {
-            DataPath::FerryXdp => &["--xdp"],
+            DataPath::Ferry => &["--socket-lb-pods=false"],
+            DataPath::FerryXdp => &["--xdp", "--socket-lb-pods=false"],
             _ => &[],
         }
     }
@@ -617,7 +639,7 @@ impl Ctx<'_> {
             DataPath::NoNat => {}
             DataPath::Iptables => netns_stdin(&ns, self.plan.iptables.restore(), &[], &files.iptables, CONTROL_TIMEOUT)?,
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?,
-            DataPath::Ferry | DataPath::FerryXdp => {
+            DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp => {
                 files.reset_ferry()?;
                 let log = node.lab().agent_log_path();
                 let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
@@ -672,10 +694,33 @@ impl Ctx<'_> {
             self.push(n, Metric::AgentRssMib, path, rss);
         }
         let workers = self.plan.workers;
-        let crr = self.loadgen(&node.client, "crr", target(TCP_PORT, SERVER_PORT), workers)?;
-        let rr = self.loadgen(&node.client, "rr", target(TCP_PORT, SERVER_PORT), workers)?;
-        let udp = self.loadgen(&node.client, "udp", target(UDP_PORT, SERVER_PORT), workers)?;
-        let stream = self.loadgen(&node.client, "stream", target(STREAM_PORT, SERVER_SINK), 1)?;
+        // ferry (socket LB): the load generator runs in node 1's cgroup, where
+        // the agent's socket hooks are (as the shim's Pods do).
+        let cgroup = match path {
+            DataPath::FerrySocklb => Some(node.lab().cgroup.clone().context("ferry (socket LB) needs cgroup v2")?),
+            _ => None,
+        };
+        let sock_forward_before = if cgroup.is_some() { node.lab().counter("sock_forward")? } else { 0 };
+        let client_ns = node.client.clone();
+        let client = (client_ns.as_str(), cgroup.as_deref());
+        let crr = self.loadgen(client, "crr", target(TCP_PORT, SERVER_PORT), workers)?;
+        let rr = self.loadgen(client, "rr", target(TCP_PORT, SERVER_PORT), workers)?;
+        let udp = self.loadgen(client, "udp", target(UDP_PORT, SERVER_PORT), workers)?;
+        let stream = self.loadgen(client, "stream", target(STREAM_PORT, SERVER_SINK), 1)?;
+        if cgroup.is_some() {
+            // Without sockets translated at connect(), this round measured the
+            // TC path again.
+            let translated = node.lab().counter("sock_forward")? - sock_forward_before;
+            print!(" | sockets translated {translated}");
+            if translated < crr.requests {
+                self.notes.push(format!(
+                    "**{case} round {} ferry (socket LB): only {translated} sockets translated at connect() for {} CRR \
+                     connections**: part of this round took the TC path",
+                    round + 1,
+                    crr.requests
+                ));
+            }
+        }
         for (m, v) in [
             (Metric::CrrPerS, Some(crr.requests_per_s)),
             (Metric::CrrCpuUs, crr.cpu_us_per_request),
@@ -748,10 +793,17 @@ impl Ctx<'_> {
         self.samples.entry((n, m, p)).or_default().push(v);
     }
 
-    fn loadgen(&self, client: &str, mode: &str, targets: Vec<SocketAddr>, workers: usize) -> Result<Report> {
+    /// Runs `ferry-loadgen MODE` in the client's network namespace (and, if
+    /// given, in a cgroup).
+    fn loadgen(&self, (client, cgroup): (&str, Option<&Path>), mode: &str, targets: Vec<SocketAddr>, workers: usize) -> Result<Report> {
         let target = targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-        let out = Command::new("ip")
-            .args(["netns", "exec", client])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", client]);
+        if let Some(cg) = cgroup {
+            let script = format!("echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"", cg.display());
+            cmd.args(["sh", "-c", &script]);
+        }
+        let out = cmd
             .arg(&self.loadgen)
             .args([mode, "--target", &target])
             .args(["--duration", &self.plan.duration.to_string(), "--workers", &workers.to_string()])
@@ -785,7 +837,7 @@ impl Ctx<'_> {
                 CONTROL_TIMEOUT,
             )?,
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft_update, CONTROL_TIMEOUT)?,
-            DataPath::Ferry | DataPath::FerryXdp => {
+            DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp => {
                 let log = node.lab().agent_log_path();
                 let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
                 let started = Instant::now();
@@ -1279,9 +1331,14 @@ mod tests {
         assert!(DataPath::FerryXdp.measured_in(Topology::NorthSouth));
         assert!(!DataPath::FerryXdp.measured_in(Topology::SameNode));
         assert!(!DataPath::FerryXdp.measured_in(Topology::CrossNode));
-        assert!(PATHS.iter().all(|p| p.measured_in(Topology::NorthSouth)));
-        assert_eq!(DataPath::FerryXdp.agent_args(), ["--xdp"]);
-        assert!(DataPath::Ferry.agent_args().is_empty());
+        assert!(!DataPath::FerrySocklb.measured_in(Topology::NorthSouth));
+        assert!(DataPath::FerrySocklb.measured_in(Topology::SameNode));
+        assert!(DataPath::FerrySocklb.measured_in(Topology::CrossNode));
+        assert!(PATHS.iter().filter(|p| **p != DataPath::FerrySocklb).all(|p| p.measured_in(Topology::NorthSouth)));
+        assert_eq!(DataPath::FerryXdp.agent_args(), ["--xdp", "--socket-lb-pods=false"]);
+        // ferry is the TC path; ferry (socket LB) the agent's default.
+        assert_eq!(DataPath::Ferry.agent_args(), ["--socket-lb-pods=false"]);
+        assert!(DataPath::FerrySocklb.agent_args().is_empty());
         // The CI check keeps to the default topologies (north-south is opt-in).
         let plan = Plan::from(&Args::harness_check()).unwrap();
         assert_eq!(plan.topologies, [Topology::SameNode, Topology::CrossNode]);
