@@ -12,8 +12,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
-    manifests::{client_pod, echo_pod, echo_service},
-    tcp_ask, Lab, LabOptions,
+    manifests::{client_pod, echo_pod, echo_service, itp_service, sticky_service, EMPTY_SVC},
+    tcp_ask, udp_try_on, udp_wait_moved, Lab, LabOptions,
 };
 use socket2::{Domain, Socket, Type};
 
@@ -23,17 +23,6 @@ const BACKENDS: [&str; 3] = ["echo-0", "echo-1", "echo-2"];
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("test address")
 }
-
-const EMPTY_SVC: &str = r#"apiVersion: v1
-kind: Service
-metadata: {name: empty, namespace: default}
-spec:
-  clusterIP: 10.96.0.40
-  selector: {app: nothing-matches}
-  ports:
-  - {name: http, port: 80, targetPort: 8080}
-  - {name: dns, port: 53, protocol: UDP, targetPort: 8080}
-"#;
 
 /// A lab with echo Pods `names` behind `echo` (10.96.0.10: TCP 80, UDP 53),
 /// a Service without endpoints (10.96.0.40) and a client Pod.
@@ -85,6 +74,22 @@ fn pod_udp_sendto(sock: &UdpSocket, to: SocketAddr) -> Result<(String, SocketAdd
     Ok((String::from_utf8_lossy(&buf[..n]).trim().to_string(), from))
 }
 
+/// `n` datagrams from `sock` to `to`: the backends that answered; every
+/// answer must be reported from `to`.
+fn udp_names(sock: &UdpSocket, to: SocketAddr, n: usize) -> Result<BTreeSet<String>> {
+    let mut names = BTreeSet::new();
+    for i in 0..n {
+        let (name, from) = pod_udp_sendto(sock, to).with_context(|| format!("UDP datagram {i} to {to}"))?;
+        assert_eq!(from, to, "UDP answer {i} is reported from the address it was sent to");
+        names.insert(name);
+    }
+    Ok(names)
+}
+
+fn all_backends() -> BTreeSet<String> {
+    BACKENDS.iter().map(|s| s.to_string()).collect()
+}
+
 /// Connection-tracking entries of the node for `frontend` (e.g.
 /// "10.96.0.10:80"), both tables.
 fn ct_rows(lab: &Lab, frontend: &str) -> Result<Vec<serde_json::Value>> {
@@ -106,7 +111,7 @@ fn pods_reach_every_backend_at_the_socket_without_connection_tracking() -> Resul
         assert_eq!(peer, tcp, "getpeername() of connection {i} is the ClusterIP:port, not the backend");
         names.insert(name);
     }
-    assert_eq!(names, BACKENDS.iter().map(|s| s.to_string()).collect(), "TCP answered by every backend");
+    assert_eq!(names, all_backends(), "TCP answered by every backend");
 
     // UDP: 60 datagrams from one unconnected socket; each answer is reported
     // from the ClusterIP:port it was sent to.
@@ -115,13 +120,7 @@ fn pods_reach_every_backend_at_the_socket_without_connection_tracking() -> Resul
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         Ok(s)
     })??;
-    let mut names = BTreeSet::new();
-    for i in 0..60 {
-        let (name, from) = pod_udp_sendto(&sock, udp).with_context(|| format!("UDP datagram {i}"))?;
-        assert_eq!(from, udp, "UDP answer {i} is reported from the ClusterIP:port");
-        names.insert(name);
-    }
-    assert_eq!(names, BACKENDS.iter().map(|s| s.to_string()).collect(), "UDP answered by every backend");
+    assert_eq!(udp_names(&sock, udp, 60)?, all_backends(), "UDP answered by every backend");
 
     // Nothing was translated per packet: no connection-tracking entry.
     let tracked = ct_rows(&lab, "10.96.0.10")?;
@@ -187,35 +186,18 @@ fn a_connected_udp_socket_moves_to_a_remaining_backend_when_its_backend_is_remov
         Ok(s)
     })??;
     assert_eq!(sock.peer_addr()?, vip, "getpeername() of the connected UDP socket");
-    let ask = |s: &UdpSocket| -> Option<String> {
-        s.send(b"hello\n").ok()?;
-        let mut buf = [0u8; 512];
-        let n = s.recv(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-    };
-    let mine = ask(&sock).context("first UDP answer")?;
+    let mine = udp_try_on(&sock).context("first UDP answer")?;
     for _ in 0..5 {
-        assert_eq!(ask(&sock).as_deref(), Some(mine.as_str()), "the socket keeps its backend");
+        assert_eq!(udp_try_on(&sock).as_deref(), Some(mine.as_str()), "the socket keeps its backend");
     }
     let other = if mine == "echo-a" { "echo-b" } else { "echo-a" };
     // Its backend is deleted: the Pod goes (1 s grace) and leaves the Service.
     lab.remove_manifest(&format!("{mine}.yaml"))?;
-    let since = Instant::now();
-    let mut answers = Vec::new();
-    loop {
-        let a = ask(&sock);
-        if a.as_deref() == Some(other) {
-            break;
-        }
-        answers.push(a);
-        if since.elapsed() > Duration::from_secs(2) {
-            bail!("the same connected UDP socket still got {answers:?} 2 s after {mine} was deleted\n{}", lab.logs());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    println!("moved to {other} {:?} after {mine} was deleted ({} datagrams before)", since.elapsed(), answers.len());
+    let (took, before) = udp_wait_moved(&sock, other, Duration::from_secs(2))
+        .with_context(|| format!("after {mine} was deleted\n{}", lab.logs()))?;
+    println!("moved to {other} {took:?} after {mine} was deleted ({} datagrams before)", before.len());
     for _ in 0..5 {
-        assert_eq!(ask(&sock).as_deref(), Some(other), "and stays there");
+        assert_eq!(udp_try_on(&sock).as_deref(), Some(other), "and stays there");
     }
     // The socket never reconnected: its peer is still the Service (the
     // answers above arrived on it, so they came from that address).
@@ -245,15 +227,9 @@ fn an_ipv4_mapped_ipv6_socket_of_a_pod_reaches_an_ipv4_service() -> Result<()> {
         assert_eq!(s.peer_addr()?, tcp, "getpeername() of IPv6 connection {i}");
         names.insert(ask_on(&s)?);
     }
-    assert_eq!(names, BACKENDS.iter().map(|s| s.to_string()).collect(), "TCP over IPv4-mapped IPv6");
+    assert_eq!(names, all_backends(), "TCP over IPv4-mapped IPv6");
     let sock: UdpSocket = lab.in_pod(&client, move || dual(Type::DGRAM).map(UdpSocket::from))??;
-    let mut names = BTreeSet::new();
-    for i in 0..30 {
-        let (name, from) = pod_udp_sendto(&sock, udp).with_context(|| format!("UDP datagram {i} over IPv6"))?;
-        assert_eq!(from, udp, "UDP answer {i} is reported from the mapped ClusterIP:port");
-        names.insert(name);
-    }
-    assert_eq!(names, BACKENDS.iter().map(|s| s.to_string()).collect(), "UDP over IPv4-mapped IPv6");
+    assert_eq!(udp_names(&sock, udp, 30)?, all_backends(), "UDP over IPv4-mapped IPv6");
     let tracked = ct_rows(&lab, "10.96.0.10")?;
     assert!(tracked.is_empty(), "IPv6 socket-LB flows left connection-tracking entries: {tracked:#?}");
     Ok(())
@@ -295,43 +271,11 @@ fn traffic_policies_and_affinity_hold_for_pod_sockets() -> Result<()> {
     let ip = lab.pod("echo-0").and_then(|p| p.pod_ip).context("echo-0 has an IP")?;
     // Manual EndpointSlices: echo-0's address, on this node or said to be on
     // another one.
-    let svc = |name: &str, ip4: &str, policy: &str, node: &str| {
-        format!(
-            r#"apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  clusterIP: {ip4}
-  internalTrafficPolicy: {policy}
-  ports: [{{name: web, port: 80, targetPort: 8080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-endpoints: [{{addresses: ["{ip}"], nodeName: {node}, conditions: {{ready: true}}}}]
-ports: [{{name: web, port: 8080, protocol: TCP}}]
-"#
-        )
-    };
+    let svc = |name: &str, ip4: &str, policy: &str, node: &str| itp_service(name, ip4, policy, &ip.to_string(), node);
     lab.write_manifest("local-here.yaml", &svc("local-here", "10.96.0.61", "Local", &lab.node))?;
     lab.write_manifest("local-remote.yaml", &svc("local-remote", "10.96.0.62", "Local", "some-other-node"))?;
     lab.write_manifest("cluster-remote.yaml", &svc("cluster-remote", "10.96.0.63", "Cluster", "some-other-node"))?;
-    lab.write_manifest(
-        "sticky.yaml",
-        r#"apiVersion: v1
-kind: Service
-metadata: {name: sticky, namespace: default}
-spec:
-  clusterIP: 10.96.0.50
-  selector: {app: echo}
-  sessionAffinity: ClientIP
-  ports: [{name: http, port: 80, targetPort: http}]
-"#,
-    )?;
+    lab.write_manifest("sticky.yaml", &sticky_service(10800))?;
     lab.wait_until(Duration::from_secs(10), "the Services programmed", || {
         let list = lab.ferry(&["svc", "list"])?;
         Ok(["10.96.0.61:80", "10.96.0.62:80", "10.96.0.63:80", "10.96.0.50:80"].iter().all(|a| list.contains(a)))
