@@ -21,7 +21,7 @@ use aya::{
 };
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use ferry_common::{
-    addr_to_map, config, CONFIG_MAP, PROG_SOCK_ALL, SOCK_LB_SKIP_MAP,
+    addr_to_map, config, CONFIG_MAP, PROG_SOCK_ALL, SOCK_LB_SKIP_MAP, SOCK_SET_RETVAL,
     BACKENDS_MAP, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_POD,
     PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP,
 };
@@ -668,8 +668,14 @@ pub fn warn_if_snat_ports_are_ephemeral(snat: (u16, u16)) {
 /// The object with its maps pinned in `dir` (created or reused) and every
 /// program loaded (verified), not attached.
 fn load_object(dir: &Path, max_entries: &[(&'static str, u32)]) -> Result<Ebpf, DataplaneError> {
+    // connect() refused with ECONNREFUSED needs bpf_set_retval (5.18); the
+    // programs leave the call out before (the call then fails with EPERM).
+    let set_retval = u32::from(
+        aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 18, 0)),
+    );
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(dir);
+    loader.override_global(SOCK_SET_RETVAL, &set_retval, true);
     for &(name, max) in max_entries {
         loader.map_max_entries(name, max);
     }

@@ -175,6 +175,9 @@ pub const PROG_SOCK_ALL: [&str; 8] = [
     PROG_SOCK_RECVMSG6,
     PROG_SOCK_PEER6,
 ];
+/// A global of the socket programs (`u32`): 1 where the kernel has
+/// `bpf_set_retval` (5.18+), set by the agent at load time.
+pub const SOCK_SET_RETVAL: &str = "SOCK_SET_RETVAL";
 /// Network namespaces (cookie, `u64`) whose sockets the socket load balancer
 /// leaves alone (`--socket-lb-skip-netns`): their traffic goes the TC path.
 pub const SOCK_LB_SKIP_MAP: &str = "FERRY_SOCK_LB_SKIP";

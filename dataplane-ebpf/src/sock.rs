@@ -44,6 +44,12 @@ pub const ALLOW: i32 = 1;
 const REJECT: i32 = 0;
 /// `-ECONNREFUSED`: what connect() fails with, as for a refused SYN.
 const ECONNREFUSED: i32 = 111;
+/// 1 where the kernel has `bpf_set_retval` (5.18), set by the agent at load
+/// time (read-only data: the verifier knows the value and never looks at the
+/// call on older kernels, which would refuse the program).
+#[unsafe(no_mangle)]
+static SOCK_SET_RETVAL: u32 = 0;
+
 /// The third word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), wire order.
 const V4_MAPPED: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
 
@@ -151,9 +157,13 @@ pub fn translate(ctx: &SockAddrContext, family: Family, hook: Hook) -> i32 {
         // (and from_pod's RST) do: connect() or sendmsg() fails with
         // ECONNREFUSED, TCP and UDP alike.
         count(Counter::SockReject);
-        // SAFETY: helper without memory arguments; cgroup programs may set
-        // the return value of the syscall.
-        unsafe { bpf_set_retval(-ECONNREFUSED) };
+        // SAFETY: a global the loader sets; read as the kernel has it.
+        if unsafe { core::ptr::read_volatile(&SOCK_SET_RETVAL) } != 0 {
+            // SAFETY: helper without memory arguments; cgroup programs may
+            // set the return value of the syscall.
+            unsafe { bpf_set_retval(-ECONNREFUSED) };
+        }
+        // Without it (kernels before 5.18) the call fails with EPERM.
         return REJECT;
     }
     // Left to from_pod (see the module's documentation): affinity is per
