@@ -12,7 +12,8 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
-    manifests::{client_pod, echo_pod, echo_service, itp_service, sticky_service, EMPTY_SVC},
+    cluster::Cluster,
+    manifests::{client_pod, echo_pod, echo_service, itp_service, on_node, sticky_service, EMPTY_SVC},
     tcp_ask, udp_try_on, udp_wait_moved, Lab, LabOptions,
 };
 use socket2::{Domain, Socket, Type};
@@ -344,5 +345,38 @@ fn a_tcp_connect_to_a_backend_removed_meanwhile_fails_fast() -> Result<()> {
         "connect() to a backend deleted meanwhile: {err:?} after {took:?}"
     );
     assert!(took < Duration::from_secs(5), "connect() failed only after {took:?}");
+    Ok(())
+}
+
+#[test]
+fn a_pod_reaches_backends_on_both_nodes_at_the_socket() -> Result<()> {
+    let c = Cluster::start("sockx", 2, &[("service.yaml".into(), echo_service("echo", "echo", "10.96.0.10"))], &[])?;
+    let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
+    c.write_manifest("client.yaml", &on_node(&client_pod("client"), &n1))?;
+    c.write_manifest("local.yaml", &on_node(&echo_pod("local", "echo", None), &n1))?;
+    c.write_manifest("remote.yaml", &on_node(&echo_pod("remote", "echo", None), &n2))?;
+    c.wait_ready(&["client", "local", "remote"], READY)?;
+    let client = c.pod_netns("client")?;
+    let node1 = &c.nodes[0];
+    let (tcp, udp) = (addr("10.96.0.10:80"), addr("10.96.0.10:53"));
+    let both: BTreeSet<String> = ["local", "remote"].map(String::from).into();
+    let seen = node1.wait_answered_by("TCP from a Pod of node 1", &["local", "remote"], || {
+        let (name, peer) = pod_tcp(node1, &client, tcp)?;
+        anyhow::ensure!(peer == tcp, "getpeername() {peer}");
+        Ok(name)
+    })?;
+    assert_eq!(seen, both);
+    let sock = node1.in_pod(&client, || -> std::io::Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    })??;
+    assert_eq!(udp_names(&sock, udp, 40)?, both, "UDP from a Pod of node 1");
+    // Neither node tracked anything: the remote backend got a plain
+    // Pod-to-Pod flow.
+    for (i, node) in c.nodes.iter().enumerate() {
+        let tracked = ct_rows(node, "10.96.0.10")?;
+        assert!(tracked.is_empty(), "node {} tracked socket-LB flows: {tracked:#?}", i + 1);
+    }
     Ok(())
 }
