@@ -633,4 +633,19 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn socket_lb_serves_pods_by_default_and_the_escape_hatches_parse() {
+        let default = config(&["ferry", "agent", "--manifests", "/tmp", "--cgroup-path", "none"]);
+        assert!(default.socket_lb_pods, "on by default");
+        assert!(default.socket_lb_skip.is_empty());
+        let off = config(&[
+            "ferry", "agent", "--manifests", "/tmp", "--cgroup-path", "none", "--socket-lb-pods=false",
+            "--socket-lb-skip-netns", "pod-a,/proc/1/ns/net",
+        ]);
+        assert!(!off.socket_lb_pods);
+        assert_eq!(off.socket_lb_skip, [PathBuf::from("/run/netns/pod-a"), PathBuf::from("/proc/1/ns/net")]);
+        let bad = Cli::command().try_get_matches_from(["ferry", "agent", "--manifests", "/tmp", "--socket-lb-pods=maybe"]);
+        assert!(bad.is_err_and(|e| e.to_string().contains("--socket-lb-pods")), "a bad value names the flag");
+    }
 }
