@@ -635,6 +635,12 @@ fn initial_report(cfg: &Config) -> AgentReport {
         devices: cfg.devices.clone(),
         xdp: cfg.xdp.map(|x| format!("{x:?}").to_lowercase()),
         cgroup: cfg.cgroup.clone(),
+        socket_lb: cfg.cgroup.as_ref().map(|cg| {
+            let whose = if cfg.socket_lb_pods { "node and Pods" } else { "node only" };
+            let skipped: Vec<String> = cfg.socket_lb_skip.iter().map(|p| p.display().to_string()).collect();
+            let skipped = if skipped.is_empty() { String::new() } else { format!(", skipping {}", skipped.join(", ")) };
+            format!("{whose} (cgroup {}){skipped}", cg.display())
+        }),
         features: detect_features(),
         ..Default::default()
     }

@@ -169,6 +169,8 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
             FERRY_PROGRAMS[5..].iter().copied().collect::<BTreeSet<_>>(),
             "connect, sendmsg, recvmsg and getpeername (4 and 6) on the node's cgroup:\n{text}"
         );
+        let lb = s["agent"]["socket_lb"].as_str().unwrap_or_default();
+        assert!(lb.starts_with("node and Pods (cgroup "), "socket LB for the node and its Pods:\n{text}");
     }
     let services = s["maps"]
         .as_array()
