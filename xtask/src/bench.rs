@@ -797,12 +797,21 @@ impl Ctx<'_> {
     /// given, in a cgroup).
     fn loadgen(&self, (client, cgroup): (&str, Option<&Path>), mode: &str, targets: Vec<SocketAddr>, workers: usize) -> Result<Report> {
         let target = targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", client]);
-        if let Some(cg) = cgroup {
-            let script = format!("echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"", cg.display());
-            cmd.args(["sh", "-c", &script]);
-        }
+        let mut cmd = match cgroup {
+            // Join the cgroup first: `ip netns exec` mounts a fresh /sys, which
+            // has no cgroup2 mount; the cgroup is inherited across the exec.
+            Some(cg) => {
+                let mut cmd = Command::new("sh");
+                let script = format!("echo $$ > {}/cgroup.procs && exec ip netns exec {client} \"$0\" \"$@\"", cg.display());
+                cmd.args(["-c", &script]);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", client]);
+                cmd
+            }
+        };
         let out = cmd
             .arg(&self.loadgen)
             .args([mode, "--target", &target])
