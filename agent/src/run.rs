@@ -507,7 +507,7 @@ fn refresh_sock_lb_skip(dp: &mut Dataplane, netns: &[PathBuf], first: bool) {
     match dp.set_sock_lb_skip(netns) {
         Ok(missing) => {
             for (path, e) in missing.iter().filter(|_| first) {
-                tracing::info!(netns = %path.display(), "--socket-lb-skip-netns: not there yet ({e}); looked up again every 2 s");
+                tracing::warn!(netns = %path.display(), "--socket-lb-skip-netns: cannot read its netns cookie yet ({e}; entering a namespace needs CAP_SYS_ADMIN); tried again every 2 s");
             }
         }
         Err(e) => tracing::warn!("{e}"),
