@@ -380,3 +380,35 @@ fn a_pod_reaches_backends_on_both_nodes_at_the_socket() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn the_nodes_own_sockets_get_the_same_hooks() -> Result<()> {
+    let lab = lab("socknode", &BACKENDS)?;
+    // The node's own network namespace, in the node's cgroup: a host process.
+    let node = lab.node.clone();
+    let tcp = addr("10.96.0.10:80");
+    let mut names = BTreeSet::new();
+    for _ in 0..30 {
+        let (name, peer) = pod_tcp(&lab, &node, tcp)?;
+        assert_eq!(peer, tcp, "getpeername() of a node process's connection");
+        names.insert(name);
+    }
+    assert_eq!(names, all_backends(), "TCP from the node");
+    let mapped = SocketAddr::V6(SocketAddrV6::new(Ipv4Addr::new(10, 96, 0, 10).to_ipv6_mapped(), 80, 0, 0));
+    let s = lab.in_pod(&node, move || -> std::io::Result<TcpStream> {
+        let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        s.set_only_v6(false)?;
+        s.connect_timeout(&mapped.into(), Duration::from_secs(2))?;
+        Ok(s.into())
+    })??;
+    assert_eq!(s.peer_addr()?, mapped, "getpeername() of an IPv4-mapped connection from the node");
+    assert!(BACKENDS.contains(&ask_on(&s)?.as_str()));
+    let refused = lab.in_pod(&node, || {
+        let start = Instant::now();
+        let r = TcpStream::connect_timeout(&addr("10.96.0.40:80"), Duration::from_secs(3));
+        (r.err().map(|e| e.kind()), start.elapsed())
+    })?;
+    assert_eq!(refused.0, Some(ErrorKind::ConnectionRefused), "a node process's connect to a Service without endpoints");
+    assert!(refused.1 < Duration::from_millis(100), "refused after {:?}", refused.1);
+    Ok(())
+}
