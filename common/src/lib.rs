@@ -100,11 +100,17 @@ pub mod config {
     /// 0: only the node's own (`--socket-lb-pods=false`, Cilium's
     /// `bpf-lb-sock-hostns-only`).
     pub const SOCK_LB_PODS: u32 = 15;
+    /// Set to 1 by the dataplane before it first tracks a TCP flow in the
+    /// any-table (the TCP table was full), never cleared: until then a TCP
+    /// packet's lookups skip the any-table (two hash lookups fewer for every
+    /// TCP packet that is not translated, e.g. of connections socket LB
+    /// pointed at a backend).
+    pub const TCP_IN_ANY: u32 = 16;
     /// Entries of the array: room above the last index so that new settings
     /// need no new map (a pinned array of another size is copied over).
     pub const COUNT: u32 = 32;
     /// Every index above, for the test that they are distinct and below COUNT.
-    pub const ALL: [u32; 13] = [
+    pub const ALL: [u32; 14] = [
         NODE_ADDR,
         HOST_NETNS_COOKIE_LO,
         HOST_NETNS_COOKIE_HI,
@@ -118,6 +124,7 @@ pub mod config {
         SNAT_PORT_MIN,
         SNAT_PORT_MAX,
         SOCK_LB_PODS,
+        TCP_IN_ANY,
     ];
 }
 
