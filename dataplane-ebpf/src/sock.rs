@@ -145,17 +145,26 @@ pub fn translate(ctx: &SockAddrContext, family: Family, hook: Hook) -> i32 {
     let Some(svc) = lb::lookup_service_in_cluster(&pkt) else {
         return ALLOW;
     };
-    // loadBalancerSourceRanges need the client's address, which a socket
-    // does not have yet: a Pod's connection to such a frontend is left to
-    // from_pod. The node's own sockets are not checked: kube-proxy lets node
-    // addresses through whatever the ranges say.
-    if owner == Owner::Pod && svc.value.flags & svc_flags::SOURCE_RANGES != 0 {
-        return ALLOW;
+    if owner == Owner::Pod {
+        // loadBalancerSourceRanges need the client's address, which a socket
+        // does not have yet: a Pod's connection to such a frontend is left
+        // to from_pod. The node's own sockets are not checked: kube-proxy
+        // lets node addresses through whatever the ranges say.
+        if svc.value.flags & svc_flags::SOURCE_RANGES != 0 {
+            return ALLOW;
+        }
+        // A connected UDP socket keeps the frontend's address: from_pod
+        // translates (or refuses) each datagram, so the socket follows
+        // backend changes, also from no endpoint to some (see the module's
+        // documentation).
+        if proto == PROTO_UDP && hook == Hook::Connect {
+            return ALLOW;
+        }
     }
     if svc.value.count == 0 {
         // No usable endpoint: refuse at once, as kube-proxy's REJECT rules
         // (and from_pod's RST) do: connect() or sendmsg() fails with
-        // ECONNREFUSED, TCP and UDP alike.
+        // ECONNREFUSED.
         count(Counter::SockReject);
         // SAFETY: a global the loader sets; read as the kernel has it.
         if unsafe { core::ptr::read_volatile(&SOCK_SET_RETVAL) } != 0 {
@@ -166,9 +175,8 @@ pub fn translate(ctx: &SockAddrContext, family: Family, hook: Hook) -> i32 {
         // Without it (kernels before 5.18) the call fails with EPERM.
         return REJECT;
     }
-    // Left to from_pod (see the module's documentation): affinity is per
-    // client address; a connected UDP socket must follow backend changes.
-    if owner == Owner::Pod && (svc.value.flags & svc_flags::AFFINITY != 0 || (proto == PROTO_UDP && hook == Hook::Connect)) {
+    // sessionAffinity is per client address: left to from_pod for Pods.
+    if owner == Owner::Pod && svc.value.flags & svc_flags::AFFINITY != 0 {
         return ALLOW;
     }
     let Ok((_, b)) = lb::select_backend(&pkt, &svc) else {

@@ -159,17 +159,26 @@ fn connect_to_a_service_without_endpoints_fails_with_econnrefused_at_once() -> R
         })?;
         assert_eq!(err, Some(ErrorKind::ConnectionRefused), "TCP connect {i} to a Service without endpoints");
         assert!(took < Duration::from_millis(100), "TCP connect {i} refused only after {took:?}");
-        // UDP: connect() itself is refused, and so is an unconnected send.
-        let (connect, send) = lab.in_pod(&client, || -> std::io::Result<_> {
+        // UDP: an unconnected send is refused at the socket. A connected
+        // socket keeps the Service address (the per-packet path, see
+        // sock.rs): its first datagram is answered with ICMP port
+        // unreachable, which it reads as ECONNREFUSED at once.
+        let (send, recv, took) = lab.in_pod(&client, || -> std::io::Result<_> {
             let s = UdpSocket::bind("0.0.0.0:0")?;
             let send = s.send_to(b"hello\n", addr("10.96.0.40:53")).err().map(|e| e.kind());
-            Ok((s.connect(addr("10.96.0.40:53")).err().map(|e| e.kind()), send))
+            s.set_read_timeout(Some(Duration::from_secs(2)))?;
+            s.connect(addr("10.96.0.40:53"))?;
+            let start = Instant::now();
+            s.send(b"hello\n")?;
+            let recv = s.recv(&mut [0u8; 64]).err().map(|e| e.kind());
+            Ok((send, recv, start.elapsed()))
         })??;
-        assert_eq!(connect, Some(ErrorKind::ConnectionRefused), "UDP connect {i}");
         assert_eq!(send, Some(ErrorKind::ConnectionRefused), "UDP sendto {i}");
+        assert_eq!(recv, Some(ErrorKind::ConnectionRefused), "connected UDP {i}");
+        assert!(took < Duration::from_millis(100), "connected UDP {i} refused only after {took:?}");
     }
     let rejected = lab.counter("sock_reject")? - rejected_before;
-    assert!(rejected >= 15, "sock_reject counted {rejected} of 15");
+    assert!(rejected >= 10, "sock_reject counted {rejected} of 10 (TCP connects, UDP sends)");
     // The Service with an endpoint still answers.
     assert_eq!(pod_tcp(&lab, &client, addr("10.96.0.10:80"))?.0, "echo-0");
     Ok(())
