@@ -19,9 +19,9 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfError, EbpfLoader,
 };
-use aya::maps::{Array, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use ferry_common::{
-    addr_to_map, config, CONFIG_MAP, PROG_SOCK_CONNECT4, PROG_SOCK_RECVMSG4, PROG_SOCK_SENDMSG4,
+    addr_to_map, config, CONFIG_MAP, PROG_SOCK_ALL, SOCK_LB_SKIP_MAP, SOCK_SET_RETVAL,
     BACKENDS_MAP, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_NETDEV_L3, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_NETDEV_L3, PROG_TO_POD,
     PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP, MAGLEV_MAP, DEFAULT_MAGLEV_TABLES,
     DEFAULT_MAGLEV_TABLE_SIZE,
@@ -71,6 +71,8 @@ pub enum DataplaneError {
     Cgroup { path: PathBuf, source: io::Error },
     #[error("writing the node settings map: {source}")]
     ConfigMap { source: aya::maps::MapError },
+    #[error("writing {SOCK_LB_SKIP_MAP} (--socket-lb-skip-netns): {source}")]
+    SkipMap { source: aya::maps::MapError },
 }
 
 /// An error with its causes ("attaching …: `bpf_link_create` failed:
@@ -573,19 +575,22 @@ impl Dataplane {
     }
 
     /// Attaches the socket-level load balancer (cgroup connect4, sendmsg4,
-    /// recvmsg4) to the cgroup v2 directory `cgroup`: processes in it (the
-    /// node's own, host network) reach frontends without any packet NAT. The
-    /// links are pinned (`links/<program>-cgroup`): they stay when the agent
-    /// stops; a restarted agent attaches anew, then unpins the old ones.
-    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), DataplaneError> {
+    /// recvmsg4, getpeername4 and their IPv6 twins) to the cgroup v2
+    /// directory `cgroup`: sockets of processes in it reach frontends without
+    /// any packet NAT, those of the node's own network namespace always, those
+    /// of other namespaces (Pods) when `pods` (`--socket-lb-pods`). The links
+    /// are pinned (`links/<program>-cgroup`): they stay when the agent stops;
+    /// a restarted agent attaches anew, then unpins the old ones.
+    pub fn attach_cgroup(&mut self, cgroup: &Path, pods: bool) -> Result<(), DataplaneError> {
         let cookie = own_netns_cookie().map_err(|source| DataplaneError::Cgroup { path: cgroup.to_path_buf(), source })?;
         self.set_config(config::HOST_NETNS_COOKIE_LO, cookie as u32)?;
         self.set_config(config::HOST_NETNS_COOKIE_HI, (cookie >> 32) as u32)?;
+        self.set_config(config::SOCK_LB_PODS, u32::from(pods))?;
         let dir = fs::File::open(cgroup).map_err(|source| DataplaneError::Cgroup {
             path: cgroup.to_path_buf(),
             source,
         })?;
-        for name in [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4] {
+        for name in PROG_SOCK_ALL {
             let prog = sock_addr_program(&mut self.ebpf, name)?;
             let id = prog
                 // A bpf_link: several programs per cgroup are allowed anyway; link
@@ -602,8 +607,38 @@ impl Dataplane {
             let _ = fs::remove_file(&pin);
             fd_link.pin(&pin).map_err(|source| DataplaneError::Pin { path: pin.clone(), source })?;
         }
-        tracing::info!(cgroup = %cgroup.display(), "socket load balancing attached (cgroup connect4/sendmsg4/recvmsg4)");
+        let whose = if pods { "the node's and Pods' sockets" } else { "the node's own sockets only" };
+        tracing::info!(cgroup = %cgroup.display(), "socket load balancing attached (cgroup connect, sendmsg, recvmsg, getpeername; IPv4 and IPv4-mapped IPv6) for {whose}");
         Ok(())
+    }
+
+    /// Makes `FERRY_SOCK_LB_SKIP` hold exactly the cookies of the network
+    /// namespaces `netns` (`--socket-lb-skip-netns`) that exist now: their
+    /// sockets are left to the TC path. A namespace that does not exist (yet)
+    /// is skipped and looked up again at the next call. Returns the namespaces
+    /// that could not be resolved, with why.
+    pub fn set_sock_lb_skip(&mut self, netns: &[PathBuf]) -> Result<Vec<(PathBuf, io::Error)>, DataplaneError> {
+        let mut want = BTreeSet::new();
+        let mut missing = Vec::new();
+        for path in netns {
+            match netns_cookie_of(path) {
+                Ok(c) => {
+                    want.insert(c);
+                }
+                Err(e) => missing.push((path.clone(), e)),
+            }
+        }
+        let map = self.ebpf.map_mut(SOCK_LB_SKIP_MAP).ok_or(DataplaneError::MissingMap(SOCK_LB_SKIP_MAP))?;
+        let mut skip: BpfHashMap<&mut MapData, u64, u8> =
+            BpfHashMap::try_from(map).map_err(|source| DataplaneError::SkipMap { source })?;
+        let have: BTreeSet<u64> = skip.keys().flatten().collect();
+        for c in have.difference(&want) {
+            let _ = skip.remove(c);
+        }
+        for c in want.difference(&have) {
+            skip.insert(c, 1, 0).map_err(|source| DataplaneError::SkipMap { source })?;
+        }
+        Ok(missing)
     }
 
     /// Tells the programs the node address north-south flows to backends on
@@ -693,8 +728,14 @@ pub fn warn_if_snat_ports_are_ephemeral(snat: (u16, u16)) {
 /// The object with its maps pinned in `dir` (created or reused) and every
 /// program loaded (verified), not attached.
 fn load_object(dir: &Path, max_entries: &[(&'static str, u32)]) -> Result<Ebpf, DataplaneError> {
+    // connect() refused with ECONNREFUSED needs bpf_set_retval (5.18); the
+    // programs leave the call out before (the call then fails with EPERM).
+    let set_retval = u32::from(
+        aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 18, 0)),
+    );
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(dir);
+    loader.override_global(SOCK_SET_RETVAL, &set_retval, true);
     for &(name, max) in max_entries {
         loader.map_max_entries(name, max);
     }
@@ -707,7 +748,7 @@ fn load_object(dir: &Path, max_entries: &[(&'static str, u32)]) -> Result<Ebpf, 
     xdp_program(&mut ebpf)?
         .load()
         .map_err(program(format!("loading {PROG_XDP_FROM_NETDEV} (verifier)")))?;
-    for name in [PROG_SOCK_CONNECT4, PROG_SOCK_SENDMSG4, PROG_SOCK_RECVMSG4] {
+    for name in PROG_SOCK_ALL {
         sock_addr_program(&mut ebpf, name)?
             .load()
             .map_err(program(format!("loading {name} (verifier)")))?;
@@ -1004,6 +1045,22 @@ fn own_netns_cookie() -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(cookie)
+}
+
+/// The cookie of the network namespace at `path` (a bind mount such as
+/// /run/netns/NAME, or /proc/PID/ns/net), read from a socket made in it on a
+/// short-lived thread.
+fn netns_cookie_of(path: &Path) -> io::Result<u64> {
+    let ns = fs::File::open(path)?;
+    std::thread::spawn(move || {
+        // SAFETY: setns on this thread only, with a valid fd.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        own_netns_cookie()
+    })
+    .join()
+    .map_err(|_| io::Error::other("netns cookie thread panicked"))?
 }
 
 /// The cgroup v2 root, where the socket load balancer goes by default:

@@ -186,11 +186,26 @@ struct AgentArgs {
     /// default: the addresses of --devices. Never loopback.
     #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
     nodeport_addresses: Vec<ipnet::Ipv4Net>,
-    /// cgroup v2 directory for socket-level load balancing of the node's own
-    /// processes (default: the cgroup2 root, /sys/fs/cgroup or
-    /// /sys/fs/cgroup/unified); "none" disables it.
+    /// cgroup v2 directory for socket-level load balancing of the processes
+    /// in it: the node's own and, with --socket-lb-pods, Pods' (default: the
+    /// cgroup2 root, /sys/fs/cgroup or /sys/fs/cgroup/unified, which holds
+    /// every Pod); "none" disables it.
     #[arg(long, value_name = "PATH")]
     cgroup_path: Option<PathBuf>,
+    /// Socket-level load balancing for Pods too (sockets of network
+    /// namespaces other than the node's, in --cgroup-path): ClusterIPs are
+    /// translated at connect()/sendmsg(), no packet NAT or connection
+    /// tracking. false: the node's own sockets only (Cilium's
+    /// bpf-lb-sock-hostns-only); Pods' traffic then takes the TC path.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    socket_lb_pods: bool,
+    /// Network namespaces (comma-separated; a NAME means /run/netns/NAME, or a
+    /// path such as /proc/PID/ns/net) whose sockets socket-level load
+    /// balancing leaves to the TC path (runtimes that need per-packet
+    /// translation); looked up again every 2 s, so one created later counts
+    /// once it exists.
+    #[arg(long, value_delimiter = ',', value_name = "NETNS,...")]
+    socket_lb_skip_netns: Vec<String>,
     /// The NodePort range, inclusive (a nodePort outside it is an error).
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     service_node_port_range: (u16, u16),
@@ -350,6 +365,16 @@ fn parse_maglev_table_size(s: &str) -> Result<u32, String> {
 }
 
 /// "LOW-HIGH", 1 <= LOW <= HIGH <= 65535.
+/// `--socket-lb-skip-netns` entries: a bare name is one of `ip netns`'s
+/// (/run/netns/NAME), anything with a slash a path.
+fn netns_path(name: &str) -> PathBuf {
+    if name.contains('/') {
+        PathBuf::from(name)
+    } else {
+        std::path::Path::new("/run/netns").join(name)
+    }
+}
+
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (lo, hi) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected LOW-HIGH, e.g. 30000-32767"))?;
     let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("{p:?} is not a port (1-65535)"));
@@ -540,6 +565,8 @@ fn agent_config(mut a: AgentArgs, given: Option<&ArgMatches>) -> Result<run::Con
                 found
             }
         },
+        socket_lb_pods: a.socket_lb_pods,
+        socket_lb_skip: a.socket_lb_skip_netns.iter().map(|n| netns_path(n)).collect(),
         node,
         devices: a.devices,
         xdp: a.xdp.then_some(a.xdp_mode),
@@ -632,5 +659,20 @@ mod tests {
             "clientConnection.kubeconfig does not turn --manifests into cluster mode"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn socket_lb_serves_pods_by_default_and_the_escape_hatches_parse() {
+        let default = config(&["ferry", "agent", "--manifests", "/tmp", "--cgroup-path", "none"]);
+        assert!(default.socket_lb_pods, "on by default");
+        assert!(default.socket_lb_skip.is_empty());
+        let off = config(&[
+            "ferry", "agent", "--manifests", "/tmp", "--cgroup-path", "none", "--socket-lb-pods=false",
+            "--socket-lb-skip-netns", "pod-a,/proc/1/ns/net",
+        ]);
+        assert!(!off.socket_lb_pods);
+        assert_eq!(off.socket_lb_skip, [PathBuf::from("/run/netns/pod-a"), PathBuf::from("/proc/1/ns/net")]);
+        let bad = Cli::command().try_get_matches_from(["ferry", "agent", "--manifests", "/tmp", "--socket-lb-pods=maybe"]);
+        assert!(bad.is_err_and(|e| e.to_string().contains("--socket-lb-pods")), "a bad value names the flag");
     }
 }

@@ -262,6 +262,8 @@ pub(crate) const PACKETS: &[(DpCounter, &str)] = &[
     (DpCounter::FragNeeded, "frag_needed"),
     (DpCounter::IcmpErrorTranslated, "icmp_error_translated"),
     (DpCounter::MaglevSelected, "maglev_selected"),
+    (DpCounter::SockForward, "sock_forward"),
+    (DpCounter::SockReject, "sock_reject"),
 ];
 
 impl Collector for DataplaneCollector {

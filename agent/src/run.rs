@@ -57,6 +57,10 @@ pub struct Config {
     /// The cgroup v2 directory the socket load balancer is attached to (None:
     /// not attached).
     pub cgroup: Option<PathBuf>,
+    /// `--socket-lb-pods`: the socket load balancer serves Pods' sockets too.
+    pub socket_lb_pods: bool,
+    /// `--socket-lb-skip-netns`: network namespaces it leaves to the TC path.
+    pub socket_lb_skip: Vec<PathBuf>,
     pub translate: translate::Config,
     pub dataplane: dataplane::Config,
     /// Connection-tracking lifetimes and the SNAT port range.
@@ -368,7 +372,8 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
     follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true, outcomes).await;
     if let Some(cg) = &cfg.cgroup {
-        dp.attach_cgroup(cg)?;
+        dp.attach_cgroup(cg, cfg.socket_lb_pods)?;
+        refresh_sock_lb_skip(&mut dp, &cfg.socket_lb_skip, true);
     }
 
     tracing::info!(
@@ -419,6 +424,9 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
             _ = attach_tick.tick() => {
                 follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, false, outcomes).await;
+                if cfg.cgroup.is_some() && !cfg.socket_lb_skip.is_empty() {
+                    refresh_sock_lb_skip(&mut dp, &cfg.socket_lb_skip, false);
+                }
                 let states = source.watch_states();
                 for w in &states {
                     metrics.set_watch_failing(&w.resource, w.error.is_some());
@@ -494,6 +502,19 @@ struct Outcomes<'a> {
 /// Lists the links once: attaches what is missing and, with `addresses`,
 /// re-reads the node's addresses. True when the NodePort addresses changed (a
 /// sync is due).
+/// Writes the cookies of the `--socket-lb-skip-netns` namespaces that exist
+/// into the dataplane; at start (`first`) it says which do not exist yet.
+fn refresh_sock_lb_skip(dp: &mut Dataplane, netns: &[PathBuf], first: bool) {
+    match dp.set_sock_lb_skip(netns) {
+        Ok(missing) => {
+            for (path, e) in missing.iter().filter(|_| first) {
+                tracing::warn!(netns = %path.display(), "--socket-lb-skip-netns: cannot read its netns cookie yet ({e}; entering a namespace needs CAP_SYS_ADMIN); tried again every 2 s");
+            }
+        }
+        Err(e) => tracing::warn!("{e}"),
+    }
+}
+
 async fn follow_links(
     handle: &rtnetlink::Handle,
     dp: &mut Dataplane,
@@ -615,6 +636,12 @@ fn initial_report(cfg: &Config) -> AgentReport {
         devices: cfg.devices.clone(),
         xdp: cfg.xdp.map(|x| format!("{x:?}").to_lowercase()),
         cgroup: cfg.cgroup.clone(),
+        socket_lb: cfg.cgroup.as_ref().map(|cg| {
+            let whose = if cfg.socket_lb_pods { "node and Pods" } else { "node only" };
+            let skipped: Vec<String> = cfg.socket_lb_skip.iter().map(|p| p.display().to_string()).collect();
+            let skipped = if skipped.is_empty() { String::new() } else { format!(", skipping {}", skipped.join(", ")) };
+            format!("{whose} (cgroup {}){skipped}", cg.display())
+        }),
         features: detect_features(),
         ..Default::default()
     }

@@ -109,8 +109,9 @@ pub mod config {
     /// the node address a NodePort client dialled, is used then).
     pub const NODE_ADDR: u32 = 0;
     /// The node's own network namespace cookie (low and high 32 bits): the
-    /// socket load balancer serves sockets of that namespace only (host
-    /// network), never Pods', whose traffic the TC path handles.
+    /// socket load balancer always serves sockets of that namespace (host
+    /// network); those of other namespaces (Pods) only with
+    /// [`SOCK_LB_PODS`].
     pub const HOST_NETNS_COOKIE_LO: u32 = 1;
     pub const HOST_NETNS_COOKIE_HI: u32 = 2;
     /// The last backend id and reverse-NAT id the agent handed out (its
@@ -135,11 +136,22 @@ pub mod config {
     /// Entries of one Maglev table (M, a prime; `--maglev-table-size`).
     /// 0: unknown, Maglev frontends then pick at random.
     pub const MAGLEV_TABLE_SIZE: u32 = 15;
+    /// 1: the socket load balancer serves sockets of every network namespace
+    /// in its cgroup (Pods too), except those in [`super::SOCK_LB_SKIP_MAP`];
+    /// 0: only the node's own (`--socket-lb-pods=false`, Cilium's
+    /// `bpf-lb-sock-hostns-only`).
+    pub const SOCK_LB_PODS: u32 = 16;
+    /// Set to 1 by the dataplane before it first tracks a TCP flow in the
+    /// any-table (the TCP table was full), never cleared: until then a TCP
+    /// packet's lookups skip the any-table (two hash lookups fewer for every
+    /// TCP packet that is not translated, e.g. of connections socket LB
+    /// pointed at a backend).
+    pub const TCP_IN_ANY: u32 = 17;
     /// Entries of the array: room above the last index so that new settings
     /// need no new map (a pinned array of another size is copied over).
     pub const COUNT: u32 = 32;
     /// Every index above, for the test that they are distinct and below COUNT.
-    pub const ALL: [u32; 13] = [
+    pub const ALL: [u32; 15] = [
         NODE_ADDR,
         HOST_NETNS_COOKIE_LO,
         HOST_NETNS_COOKIE_HI,
@@ -153,6 +165,8 @@ pub mod config {
         SNAT_PORT_MIN,
         SNAT_PORT_MAX,
         MAGLEV_TABLE_SIZE,
+        SOCK_LB_PODS,
+        TCP_IN_ANY,
     ];
 }
 
@@ -194,11 +208,36 @@ pub const PROGS_TC: [&str; 6] =
 /// XDP on the node devices (`--xdp`): NodePort/LoadBalancer flows to backends
 /// on other nodes, and their replies, forwarded before the stack sees them.
 pub const PROG_XDP_FROM_NETDEV: &str = "xdp_from_netdev";
-/// cgroup/connect4, sendmsg4, recvmsg4: socket-level load balancing for
-/// processes in the node's own network namespace.
+/// cgroup/connect4, sendmsg4, recvmsg4, getpeername4 and their IPv6 twins
+/// (IPv4-mapped addresses): socket-level load balancing for the node's own
+/// processes and for Pods. Kernel program names hold 15 characters, hence
+/// `sock_peer4` for getpeername4.
 pub const PROG_SOCK_CONNECT4: &str = "sock_connect4";
 pub const PROG_SOCK_SENDMSG4: &str = "sock_sendmsg4";
 pub const PROG_SOCK_RECVMSG4: &str = "sock_recvmsg4";
+pub const PROG_SOCK_PEER4: &str = "sock_peer4";
+pub const PROG_SOCK_CONNECT6: &str = "sock_connect6";
+pub const PROG_SOCK_SENDMSG6: &str = "sock_sendmsg6";
+pub const PROG_SOCK_RECVMSG6: &str = "sock_recvmsg6";
+pub const PROG_SOCK_PEER6: &str = "sock_peer6";
+/// Every socket program, in the order the agent attaches them.
+pub const PROG_SOCK_ALL: [&str; 8] = [
+    PROG_SOCK_CONNECT4,
+    PROG_SOCK_SENDMSG4,
+    PROG_SOCK_RECVMSG4,
+    PROG_SOCK_PEER4,
+    PROG_SOCK_CONNECT6,
+    PROG_SOCK_SENDMSG6,
+    PROG_SOCK_RECVMSG6,
+    PROG_SOCK_PEER6,
+];
+/// A global of the socket programs (`u32`): 1 where the kernel has
+/// `bpf_set_retval` (5.18+), set by the agent at load time.
+pub const SOCK_SET_RETVAL: &str = "SOCK_SET_RETVAL";
+/// Network namespaces (cookie, `u64`) whose sockets the socket load balancer
+/// leaves alone (`--socket-lb-skip-netns`): their traffic goes the TC path.
+pub const SOCK_LB_SKIP_MAP: &str = "FERRY_SOCK_LB_SKIP";
+pub const DEFAULT_SOCK_LB_SKIP_MAX: u32 = 1024;
 pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 65_536;
 
 /// Default map sizes; the agent can override them at load time (`--*-map-size`).
@@ -576,12 +615,18 @@ pub enum Counter {
     IcmpErrorTranslated = 21,
     /// New flows whose backend a Maglev table chose.
     MaglevSelected = 22,
+    /// Sockets pointed at a backend by the socket load balancer (connect,
+    /// or an unconnected UDP send): no packet of theirs is translated.
+    SockForward = 23,
+    /// connect() or an unconnected UDP send to a frontend without usable
+    /// backends failed with ECONNREFUSED at the socket.
+    SockReject = 24,
 }
 
 /// Size of the counters array: room above the last [`Counter`] so that new
 /// counters do not need a new pinned map.
 pub const COUNTER_COUNT: u32 = 32;
-const _: () = assert!((Counter::MaglevSelected as u32) < COUNTER_COUNT);
+const _: () = assert!((Counter::SockReject as u32) < COUNTER_COUNT);
 
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);

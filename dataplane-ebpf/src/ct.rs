@@ -19,7 +19,7 @@ use ferry_common::{
 
 use crate::{
     lb,
-    maps::{config, count, CT_ANY, CT_TCP, REVNAT},
+    maps::{config, count, CONFIG, CT_ANY, CT_TCP, REVNAT},
     parse::Packet,
 };
 
@@ -48,6 +48,8 @@ pub fn key(pkt: &Packet, dir: u8) -> CtKey {
 fn find(k: &CtKey) -> Option<&'static mut CtValue> {
     let p = match (k.proto == PROTO_TCP).then(|| CT_TCP.get_ptr_mut(k)).flatten() {
         Some(p) => p,
+        // No TCP flow was ever tracked in the any-table (config TCP_IN_ANY).
+        None if k.proto == PROTO_TCP && config(config::TCP_IN_ANY) == 0 => return None,
         None => CT_ANY.get_ptr_mut(k)?,
     };
     // SAFETY: a valid map value pointer; racing updates of its plain fields
@@ -333,6 +335,12 @@ pub fn create(pkt: &Packet, flow: &NewFlow, claim: bool) -> Result<(), CreateErr
         Err(EEXIST) => return Err(CreateError::Taken),
         Err(_) => {
             count(Counter::CtTcpFull);
+            // Before the insert: lookups of TCP flows look in the any-table
+            // from now on.
+            if let Some(v) = CONFIG.get_ptr_mut(config::TCP_IN_ANY) {
+                // SAFETY: an array slot; every writer stores 1.
+                unsafe { *v = 1 };
+            }
             false
         }
     };

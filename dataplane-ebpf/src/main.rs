@@ -5,8 +5,9 @@
 //!   balancing for Pod clients (DNAT + connection tracking) and reverse NAT for the
 //!   replies of backends; a RST or ICMP port unreachable for Services without
 //!   usable backends.
-//! - `sock_connect4` / `sock_sendmsg4` / `sock_recvmsg4`: cgroup hooks,
-//!   socket-level load balancing for processes of the node itself (see `sock`).
+//! - `sock_connect4` / `sock_sendmsg4` / `sock_recvmsg4` / `sock_peer4` (and
+//!   their IPv6 twins for IPv4-mapped addresses): cgroup hooks, socket-level
+//!   load balancing for the node's own processes and for Pods (see `sock`).
 //! - `from_netdev`: TC ingress on the node devices (`--devices`): NodePort,
 //!   ExternalIP and LoadBalancer DNAT (+ SNAT to the node for backends on other
 //!   nodes, see `nodeport`), and reverse NAT for the replies of backends on
@@ -48,6 +49,7 @@ use crate::{
     maps::{count, count_service},
     nat::Side,
     parse::Packet,
+    sock::{Family, Hook},
 };
 
 /// TC ingress on the host side of a Pod's veth: traffic the Pod sends.
@@ -66,26 +68,50 @@ fn verdict(r: Result<i32, Counter>) -> i32 {
     })
 }
 
-/// cgroup connect4: a node process connecting to a frontend (TCP, connected
-/// UDP) is connected to a backend instead.
+/// cgroup connect4: a socket of the node or of a Pod connecting to a frontend
+/// is connected to a backend instead (see `sock`).
 #[cgroup_sock_addr(connect4)]
 pub fn sock_connect4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx);
-    1
+    sock::translate(&ctx, Family::V4, Hook::Connect)
 }
 
 /// cgroup sendmsg4: an unconnected UDP datagram to a frontend goes to a backend.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn sock_sendmsg4(ctx: SockAddrContext) -> i32 {
-    sock::translate(&ctx);
-    1
+    sock::translate(&ctx, Family::V4, Hook::Sendmsg)
 }
 
 /// cgroup recvmsg4: UDP replies are reported from the frontend addressed.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn sock_recvmsg4(ctx: SockAddrContext) -> i32 {
-    sock::reverse(&ctx);
-    1
+    sock::reverse(&ctx, Family::V4)
+}
+
+/// cgroup getpeername4: a socket pointed at a backend reports the frontend.
+#[cgroup_sock_addr(getpeername4)]
+pub fn sock_peer4(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Family::V4)
+}
+
+/// The IPv6 twins, for IPv4-mapped addresses of dual-stack sockets.
+#[cgroup_sock_addr(connect6)]
+pub fn sock_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, Family::V6, Hook::Connect)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn sock_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, Family::V6, Hook::Sendmsg)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn sock_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Family::V6)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn sock_peer6(ctx: SockAddrContext) -> i32 {
+    sock::reverse(&ctx, Family::V6)
 }
 
 /// TC ingress on a node device (`--devices`): traffic from the network: replies

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use ferry_common::{
     AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, FragKey, FragPorts, RevNat, ServiceKey, DEFAULT_FRAGS_MAX,
-    ServiceName, ServiceValue, SockRevKey, SrcRangeKey, SvcStats, config, DEFAULT_SRC_RANGES_MAX, COUNTER_COUNT, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
+    ServiceName, ServiceValue, SockRevKey, SrcRangeKey, SvcStats, config, DEFAULT_SRC_RANGES_MAX, COUNTER_COUNT, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOCK_LB_SKIP_MAX, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_CT_ANY_MAX, DEFAULT_CT_TCP_MAX, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
     DEFAULT_MAGLEV_TABLES, DEFAULT_MAGLEV_TABLE_SIZE,
 };
@@ -44,6 +44,11 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
 /// Socket-level LB: (socket, backend) → the frontend, for UDP replies.
 #[map(name = "FERRY_SOCK_REVNAT")]
 pub static SOCK_REVNAT: LruHashMap<SockRevKey, RevNat> = LruHashMap::pinned(DEFAULT_SOCK_REVNAT_MAX, 0);
+
+/// Network namespaces (cookie) the socket load balancer leaves to the TC path
+/// (`--socket-lb-skip-netns`).
+#[map(name = "FERRY_SOCK_LB_SKIP")]
+pub static SOCK_LB_SKIP: HashMap<u64, u8> = HashMap::pinned(DEFAULT_SOCK_LB_SKIP_MAX, 0);
 
 /// loadBalancerSourceRanges: (reverse-NAT id, client prefix) → 1, read by
 /// `lb::source_allowed` (aya's LpmTrie sets BPF_F_NO_PREALLOC, which LPM tries

@@ -35,6 +35,12 @@ pub struct ShimArgs {
     /// This node's pod CIDR; its first address is the pods' gateway.
     #[arg(long, default_value = "10.244.0.0/24")]
     pub pod_cidr: ipnet::Ipv4Net,
+    /// A cgroup v2 directory the shim, and with it every Pod process it starts,
+    /// runs in (the kubelet's kubepods cgroup): the node's agent attaches its
+    /// socket load balancer there (`ferry agent --cgroup-path`). Default:
+    /// stay where started.
+    #[arg(long, value_name = "PATH")]
+    pub pod_cgroup: Option<PathBuf>,
     /// Upper bound on a Pod's terminationGracePeriodSeconds.
     #[arg(long, default_value_t = 30)]
     pub max_grace_seconds: u64,

@@ -20,6 +20,12 @@ use crate::{
 pub async fn run(args: ShimArgs) -> Result<()> {
     let gateway = args.pod_cidr.hosts().next().context("--pod-cidr has no host addresses")?;
     check_nodes(&args)?;
+    if let Some(cg) = &args.pod_cgroup {
+        // Every Pod process is forked from here and inherits the cgroup.
+        let procs = cg.join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .with_context(|| format!("joining the cgroup {} (--pod-cgroup): writing {}", cg.display(), procs.display()))?;
+    }
     if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
         tracing::warn!("net.ipv4.ip_forward is 0 in this network namespace: Pods cannot reach each other through the node");
     }

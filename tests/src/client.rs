@@ -70,6 +70,33 @@ pub fn udp_ask_on(sock: &UdpSocket) -> Result<String> {
     Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
 }
 
+/// One datagram on a connected UDP socket: the answer, or None (no answer
+/// within the socket's read timeout, or an error).
+pub fn udp_try_on(sock: &UdpSocket) -> Option<String> {
+    sock.send(b"hello\n").ok()?;
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+}
+
+/// Asks on `sock` every 50 ms until `other` answers: how long that took and
+/// the answers before (None: no answer). Fails once `limit` has passed.
+pub fn udp_wait_moved(sock: &UdpSocket, other: &str, limit: Duration) -> Result<(Duration, Vec<Option<String>>)> {
+    let since = std::time::Instant::now();
+    let mut answers = Vec::new();
+    loop {
+        let a = udp_try_on(sock);
+        if a.as_deref() == Some(other) {
+            return Ok((since.elapsed(), answers));
+        }
+        answers.push(a);
+        if since.elapsed() > limit {
+            bail!("the same UDP socket still got {answers:?} after {limit:?}, never {other}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A persistent TCP connection to a Service: ask repeatedly on the same flow.
 pub struct TcpSession {
     reader: BufReader<TcpStream>,

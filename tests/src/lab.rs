@@ -171,6 +171,12 @@ impl Lab {
         if !nodes.is_empty() {
             args.extend(["--nodes".into(), nodes.join(",")]);
         }
+        if let Some(cg) = &self.cgroup {
+            // The node's Pods run in the node's cgroup, where the agent's
+            // socket load balancer is attached (as the kubelet's kubepods
+            // cgroup sits under the root a real agent attaches to).
+            args.extend(["--pod-cgroup".into(), path_str(cg)]);
+        }
         self.shim = Some(self.spawn("shim", &self.in_node(), &args)?);
         Ok(())
     }
@@ -340,6 +346,13 @@ impl Lab {
     /// The agent's whole log.
     pub fn agent_log(&self) -> String {
         fs::read_to_string(self.agent_log_path()).unwrap_or_default()
+    }
+
+    /// Restarts the agent with `extra` flags added to the lab's.
+    pub fn restart_agent_with(&mut self, extra: &[&str]) -> Result<()> {
+        self.stop_agent();
+        self.agent_args.extend(extra.iter().map(|s| s.to_string()));
+        self.start_agent()
     }
 
     /// Stops the agent (SIGTERM), leaving the dataplane and its pinned maps.
@@ -580,6 +593,23 @@ pub(crate) fn short(tag: &str) -> String {
     tag.chars().filter(|c| c.is_ascii_alphanumeric()).take(4).collect()
 }
 
+/// Moves this whole process into the cgroup `cg`.
+fn join_cgroup(cg: &Path) -> Result<()> {
+    fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
+        .with_context(|| format!("moving the test process into {}", cg.display()))
+}
+
+/// Moves the process back into its cgroup when dropped.
+struct CgroupReturn(PathBuf);
+
+impl Drop for CgroupReturn {
+    fn drop(&mut self) {
+        if let Err(e) = join_cgroup(&self.0) {
+            eprintln!("{e:#}");
+        }
+    }
+}
+
 /// The cgroup v2 root (/sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid
 /// machines), where lab nodes get cgroups of their own.
 fn ferry_agent_cgroup_root() -> Option<PathBuf> {
@@ -596,6 +626,25 @@ fn ferry_agent_cgroup_root() -> Option<PathBuf> {
 }
 
 impl Lab {
+    /// Runs `f` on a thread inside the network namespace `netns` (a Pod's)
+    /// while this process is in the node's cgroup, so that the sockets `f`
+    /// creates belong to the node's cgroup as a Pod process's do (the shim
+    /// runs Pods there): the node's socket load balancer serves them. The
+    /// process goes back to its own cgroup afterwards (also when `f` panics).
+    /// Every thread of the process moves meanwhile, so tests using it run
+    /// one at a time (`--test-threads=1`, as `cargo xtask test` runs them).
+    pub fn in_pod<T: Send + 'static>(&self, netns: &str, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+        let cg = self.cgroup.as_ref().context("no cgroup v2 on this machine")?;
+        let root = ferry_agent_cgroup_root().context("no cgroup v2 root")?;
+        let own = fs::read_to_string("/proc/self/cgroup")?;
+        let own = own.lines().find_map(|l| l.strip_prefix("0::")).context("not in a cgroup v2")?;
+        let back = CgroupReturn(root.join(own.trim().trim_start_matches('/')));
+        join_cgroup(cg)?;
+        let out = crate::client::in_netns(netns, f);
+        drop(back);
+        out
+    }
+
     /// Runs `program args` as a process of the node itself (host network: the
     /// node's network namespace, the node's cgroup), feeding it `input`; its
     /// standard output.

@@ -14,5 +14,5 @@ pub mod lab;
 pub mod manifests;
 pub mod sys;
 
-pub use client::{http_get, in_netns, split, tcp_ask, udp_ask, TcpSession};
+pub use client::{http_get, in_netns, split, tcp_ask, udp_ask, udp_try_on, udp_wait_moved, TcpSession};
 pub use lab::{Lab, LabOptions};

@@ -228,3 +228,59 @@ ports:
 "#
     )
 }
+
+/// A selector-less Service `name` at `cluster_ip` (TCP 80 -> 8080) with
+/// `internalTrafficPolicy: policy` and a manual EndpointSlice of one ready
+/// endpoint `endpoint` said to run on `node`.
+pub fn itp_service(name: &str, cluster_ip: &str, policy: &str, endpoint: &str, node: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: default}}
+spec:
+  clusterIP: {cluster_ip}
+  internalTrafficPolicy: {policy}
+  ports: [{{name: web, port: 80, targetPort: 8080}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: default
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+endpoints: [{{addresses: ["{endpoint}"], nodeName: {node}, conditions: {{ready: true}}}}]
+ports: [{{name: web, port: 8080, protocol: TCP}}]
+"#
+    )
+}
+
+/// A Service without endpoints at 10.96.0.40 (TCP 80, UDP 53): its selector
+/// matches nothing.
+pub const EMPTY_SVC: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  clusterIP: 10.96.0.40
+  selector: {app: nothing-matches}
+  ports:
+  - {name: http, port: 80, targetPort: 8080}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 8080}
+"#;
+
+/// `sticky` at 10.96.0.50:80 over the Pods labelled `app: echo`, with
+/// `sessionAffinity: ClientIP` for `timeout_seconds`.
+pub fn sticky_service(timeout_seconds: u32) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Service
+metadata: {{name: sticky, namespace: default}}
+spec:
+  clusterIP: 10.96.0.50
+  selector: {{app: echo}}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {timeout_seconds}}}}}
+  ports: [{{name: http, port: 80, targetPort: http}}]
+"#
+    )
+}

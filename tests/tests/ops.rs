@@ -1,6 +1,6 @@
 //! Operating Ferry: one agent per pin directory, `ferry status`, `ferry
 //! cleanup`, and the kube-proxy rules check at start.
-use std::{net::SocketAddr, time::Duration};
+use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
 use ferry_tests::{
@@ -158,15 +158,19 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
         "from_pod on the veths of echo-a and client:\n{text}"
     );
     if lab.cgroup.is_some() {
-        let cg = s["programs"].as_array().map_or(0, |rows| {
+        let cg: BTreeSet<&str> = s["programs"].as_array().map_or(BTreeSet::new(), |rows| {
             rows.iter()
                 .filter(|r| r["hook"] == "cgroup" && r["attached"] == true)
-                .count()
+                .filter_map(|r| r["program"].as_str())
+                .collect()
         });
         assert_eq!(
-            cg, 3,
-            "connect4, sendmsg4 and recvmsg4 on the node's cgroup:\n{text}"
+            cg,
+            FERRY_PROGRAMS[5..].iter().copied().collect::<BTreeSet<_>>(),
+            "connect, sendmsg, recvmsg and getpeername (4 and 6) on the node's cgroup:\n{text}"
         );
+        let lb = s["agent"]["socket_lb"].as_str().unwrap_or_default();
+        assert!(lb.starts_with("node and Pods (cgroup "), "socket LB for the node and its Pods:\n{text}");
     }
     let services = s["maps"]
         .as_array()
@@ -254,7 +258,7 @@ fn kernel_listing(lab: &Lab) -> Result<String> {
     Ok(out)
 }
 
-const FERRY_PROGRAMS: [&str; 8] = [
+const FERRY_PROGRAMS: [&str; 13] = [
     "from_pod",
     "from_netdev",
     "to_pod",
@@ -263,6 +267,11 @@ const FERRY_PROGRAMS: [&str; 8] = [
     "sock_connect4",
     "sock_sendmsg4",
     "sock_recvmsg4",
+    "sock_peer4",
+    "sock_connect6",
+    "sock_sendmsg6",
+    "sock_recvmsg6",
+    "sock_peer6",
 ];
 
 /// The programs process `pid` holds (its fds of programs and links, from

@@ -11,12 +11,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     in_netns,
-    manifests::{client_pod, draining_echo_pod, draining_echo_spec, echo_pod, echo_service, indent, on_node},
-    split, sys, tcp_ask, udp_ask, Lab, LabOptions, TcpSession,
+    manifests::{client_pod, draining_echo_pod, draining_echo_spec, echo_pod, echo_service, indent, itp_service, on_node, sticky_service, EMPTY_SVC},
+    split, sys, tcp_ask, udp_ask, udp_try_on, udp_wait_moved, Lab, LabOptions, TcpSession,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -84,17 +84,6 @@ fn udp_try(netns: &str, to: SocketAddr) -> Result<(Option<ErrorKind>, Duration)>
         Ok((r.err().map(|e| e.kind()), start.elapsed()))
     })?
 }
-
-const EMPTY_SVC: &str = r#"apiVersion: v1
-kind: Service
-metadata: {name: empty, namespace: default}
-spec:
-  clusterIP: 10.96.0.40
-  selector: {app: nothing-matches}
-  ports:
-  - {name: http, port: 80, targetPort: 8080}
-  - {name: dns, port: 53, protocol: UDP, targetPort: 8080}
-"#;
 
 #[test]
 fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
@@ -168,12 +157,7 @@ fn a_udp_client_moves_to_a_live_backend_when_its_backend_stops_being_used() -> R
         s.connect(vip)?;
         Ok(s)
     })??;
-    let ask = |s: &UdpSocket| -> Option<String> {
-        s.send(b"hello\n").ok()?;
-        let mut buf = [0u8; 512];
-        let n = s.recv(&mut buf).ok()?;
-        Some(String::from_utf8_lossy(&buf[..n]).trim().to_string())
-    };
+    let ask = udp_try_on;
     let mine = ask(&sock).context("first UDP answer")?;
     for _ in 0..5 {
         assert_eq!(
@@ -188,27 +172,9 @@ fn a_udp_client_moves_to_a_live_backend_when_its_backend_stops_being_used() -> R
     lab.wait_until(Duration::from_secs(10), "backend not ready", || {
         Ok(lab.pod(&mine).is_some_and(|p| !p.ready))
     })?;
-    let since = Instant::now();
-    let mut answers = Vec::new();
-    loop {
-        let a = ask(&sock);
-        if a.as_deref() == Some(other) {
-            break;
-        }
-        answers.push(a);
-        if since.elapsed() > Duration::from_secs(1) {
-            bail!(
-                "the same UDP socket still got {answers:?} 1 s after {mine} was taken out\n{}",
-                lab.logs()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    println!(
-        "moved to {other} after {:?} ({} datagrams before)",
-        since.elapsed(),
-        answers.len()
-    );
+    let (took, before) = udp_wait_moved(&sock, other, Duration::from_secs(1))
+        .with_context(|| format!("after {mine} was taken out\n{}", lab.logs()))?;
+    println!("moved to {other} after {took:?} ({} datagrams before)", before.len());
     for _ in 0..5 {
         assert_eq!(ask(&sock).as_deref(), Some(other), "and stays there");
     }
@@ -218,18 +184,9 @@ fn a_udp_client_moves_to_a_live_backend_when_its_backend_stops_being_used() -> R
 #[test]
 fn session_affinity_holds_for_new_connections_and_expires() -> Result<()> {
     let tag = "affinity";
-    let aff = r#"apiVersion: v1
-kind: Service
-metadata: {name: sticky, namespace: default}
-spec:
-  clusterIP: 10.96.0.50
-  selector: {app: echo}
-  sessionAffinity: ClientIP
-  sessionAffinityConfig: {clientIP: {timeoutSeconds: 2}}
-  ports: [{name: http, port: 80, targetPort: http}]
-"#;
+    let aff = sticky_service(2);
     let names = ["echo-a", "echo-b", "echo-c", "echo-d"];
-    let lab = lab(tag, &names, &[("sticky.yaml", aff.to_string())])?;
+    let lab = lab(tag, &names, &[("sticky.yaml", aff)])?;
     let client = lab.pod_netns("client")?;
     let vip = addr("10.96.0.50:80");
     lab.wait_until(Duration::from_secs(10), "all backends programmed", || {
@@ -352,28 +309,7 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() -> Result<()> 
         .pod("echo-a")
         .and_then(|p| p.pod_ip)
         .context("echo-a has an IP")?;
-    let svc = |name: &str, ip4: &str, policy: &str, node: &str| {
-        format!(
-            r#"apiVersion: v1
-kind: Service
-metadata: {{name: {name}, namespace: default}}
-spec:
-  clusterIP: {ip4}
-  internalTrafficPolicy: {policy}
-  ports: [{{name: web, port: 80, targetPort: 8080}}]
----
-apiVersion: discovery.k8s.io/v1
-kind: EndpointSlice
-metadata:
-  name: {name}-1
-  namespace: default
-  labels: {{kubernetes.io/service-name: {name}}}
-addressType: IPv4
-endpoints: [{{addresses: ["{ip}"], nodeName: {node}, conditions: {{ready: true}}}}]
-ports: [{{name: web, port: 8080, protocol: TCP}}]
-"#
-        )
-    };
+    let svc = |name: &str, ip4: &str, policy: &str, node: &str| itp_service(name, ip4, policy, &ip.to_string(), node);
     lab.write_manifest(
         "local-here.yaml",
         &svc("local-here", "10.96.0.61", "Local", &lab.node),

@@ -11,8 +11,11 @@
 //! The order of the paths rotates from round to round.
 //!
 //! Data paths: no-NAT (the client dials a server Pod directly: the limit),
-//! iptables, nftables, ferry, and north-south only ferry-xdp (the same agent
-//! with `--xdp`) and ferry-maglev (with `--lb-algorithm maglev`). Results go to target/bench/ as Markdown and JSON.
+//! iptables, nftables, ferry (the TC path: `--socket-lb-pods=false`), ferry
+//! (socket LB) (the same agent with socket-level load balancing for Pods, the
+//! load generator in the node's cgroup), and north-south only ferry-xdp (the
+//! same agent with `--xdp`) and ferry-maglev (with `--lb-algorithm maglev`).
+//! Results go to target/bench/ as Markdown and JSON.
 //!
 //! Topologies: same-node and cross-node (a client Pod dials a ClusterIP) by
 //! default; north-south on request (`--topology north-south`): the external
@@ -81,8 +84,9 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_enum)]
     topology: Option<Vec<Topology>>,
     /// Only these data paths (comma-separated: no-nat, iptables, nftables,
-    /// ferry, ferry-xdp, ferry-maglev; default all; ferry-xdp and
-    /// ferry-maglev are measured north-south only).
+    /// ferry, ferry-socklb, ferry-xdp, ferry-maglev; default all; ferry-socklb
+    /// is measured same-node and cross-node only, ferry-xdp and ferry-maglev
+    /// north-south only).
     #[arg(long, value_delimiter = ',', value_enum)]
     paths: Option<Vec<DataPath>>,
     /// Use the debug build (checks the harness; figures are not comparable).
@@ -209,8 +213,13 @@ pub enum DataPath {
     NoNat,
     Iptables,
     Nftables,
-    /// The agent with TC programs only.
+    /// The agent with TC programs only (socket LB for Pods off).
     Ferry,
+    /// The same agent with socket-level load balancing for Pods (its
+    /// default): the load generator runs in the node's cgroup, as a Pod's
+    /// processes do, so its TCP connections are pointed at a backend at
+    /// connect() (its UDP sockets are connected: those stay per packet).
+    FerrySocklb,
     /// The same agent with `--xdp` (default mode: generic XDP on the lab's
     /// veths) in front of TC.
     FerryXdp,
@@ -219,11 +228,12 @@ pub enum DataPath {
     FerryMaglev,
 }
 
-const PATHS: [DataPath; 6] = [
+const PATHS: [DataPath; 7] = [
     DataPath::NoNat,
     DataPath::Iptables,
     DataPath::Nftables,
     DataPath::Ferry,
+    DataPath::FerrySocklb,
     DataPath::FerryXdp,
     DataPath::FerryMaglev,
 ];
@@ -235,6 +245,7 @@ impl DataPath {
             DataPath::Iptables => "iptables",
             DataPath::Nftables => "nftables",
             DataPath::Ferry => "ferry",
+            DataPath::FerrySocklb => "ferry (socket LB)",
             DataPath::FerryXdp => "ferry-xdp",
             DataPath::FerryMaglev => "ferry-maglev",
         }
@@ -242,26 +253,34 @@ impl DataPath {
 
     /// Ferry's agent runs (with or without XDP).
     fn is_ferry(self) -> bool {
-        matches!(self, DataPath::Ferry | DataPath::FerryXdp | DataPath::FerryMaglev)
+        matches!(self, DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev)
     }
 
     /// XDP acts only on traffic that enters a node device for a
     /// NodePort/ExternalIP/LoadBalancer frontend with a backend on another
     /// node (and its replies): elsewhere ferry-xdp would measure ferry again.
-    /// ferry-maglev is the north-south row of the issue (Maglev against
-    /// random, SNAT both).
+    /// Socket LB serves sockets of the node and its Pods, never an external
+    /// client's: north-south it would measure ferry again. ferry-maglev is
+    /// the north-south row of Maglev against random (SNAT both).
     fn measured_in(self, topology: Topology) -> bool {
-        !matches!(self, DataPath::FerryXdp | DataPath::FerryMaglev) || topology == Topology::NorthSouth
+        match self {
+            DataPath::FerryXdp | DataPath::FerryMaglev => topology == Topology::NorthSouth,
+            DataPath::FerrySocklb => topology != Topology::NorthSouth,
+            _ => true,
+        }
     }
 
     /// The agent's flags beyond the lab's `--devices eth0`.
     fn agent_args(self) -> &'static [&'static str] {
         match self {
-            DataPath::FerryXdp => &["--xdp"],
+            DataPath::Ferry => &["--socket-lb-pods=false"],
+            DataPath::FerryXdp => &["--xdp", "--socket-lb-pods=false"],
             // Every Service has its own backends, so its own table: 10,000
             // tables of 251 entries (10 MB) instead of the default 16381
             // (the lookup per new flow is the same whatever the size).
-            DataPath::FerryMaglev => &["--lb-algorithm", "maglev", "--maglev-table-size", "251", "--maglev-tables", "10240"],
+            DataPath::FerryMaglev => {
+                &["--lb-algorithm", "maglev", "--maglev-table-size", "251", "--maglev-tables", "10240", "--socket-lb-pods=false"]
+            }
             _ => &[],
         }
     }
@@ -668,7 +687,7 @@ impl Ctx<'_> {
             DataPath::NoNat => {}
             DataPath::Iptables => netns_stdin(&ns, self.plan.iptables.restore(), &[], &files.iptables, CONTROL_TIMEOUT)?,
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?,
-            DataPath::Ferry | DataPath::FerryXdp | DataPath::FerryMaglev => {
+            DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev => {
                 files.reset_ferry()?;
                 let log = node.lab().agent_log_path();
                 let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
@@ -723,13 +742,22 @@ impl Ctx<'_> {
             self.push(n, Metric::AgentRssMib, path, rss);
         }
         let workers = self.plan.workers;
+        // ferry (socket LB): the load generator runs in node 1's cgroup, where
+        // the agent's socket hooks are (as the shim's Pods do).
+        let cgroup = match path {
+            DataPath::FerrySocklb => Some(node.lab().cgroup.clone().context("ferry (socket LB) needs cgroup v2")?),
+            _ => None,
+        };
+        let sock_forward_before = if cgroup.is_some() { node.lab().counter("sock_forward")? } else { 0 };
+        let client_ns = node.client.clone();
+        let client = (client_ns.as_str(), cgroup.as_deref());
         // Ferry's programs' run time around CRR and RR (see bpfstats).
         let agent = if path.is_ferry() && self.bpf_stats { node.lab().agent_pid() } else { None };
         let bpf = || agent.map(crate::bpfstats::of_process).transpose();
         let bpf_before = bpf()?;
-        let crr = self.loadgen(&node.client, "crr", target(TCP_PORT, SERVER_PORT), workers)?;
+        let crr = self.loadgen(client, "crr", target(TCP_PORT, SERVER_PORT), workers)?;
         let bpf_crr = bpf()?;
-        let rr = self.loadgen(&node.client, "rr", target(TCP_PORT, SERVER_PORT), workers)?;
+        let rr = self.loadgen(client, "rr", target(TCP_PORT, SERVER_PORT), workers)?;
         let bpf_rr = bpf()?;
         if let (Some(a), Some(b), Some(c)) = (&bpf_before, &bpf_crr, &bpf_rr) {
             for (m, mode, (from, to), report) in [(Metric::CrrBpfNs, "crr", (a, b), &crr), (Metric::RrBpfNs, "rr", (b, c), &rr)] {
@@ -746,8 +774,22 @@ impl Ctx<'_> {
                 }
             }
         }
-        let udp = self.loadgen(&node.client, "udp", target(UDP_PORT, SERVER_PORT), workers)?;
-        let stream = self.loadgen(&node.client, "stream", target(STREAM_PORT, SERVER_SINK), 1)?;
+        let udp = self.loadgen(client, "udp", target(UDP_PORT, SERVER_PORT), workers)?;
+        let stream = self.loadgen(client, "stream", target(STREAM_PORT, SERVER_SINK), 1)?;
+        if cgroup.is_some() {
+            // Without sockets translated at connect(), this round measured the
+            // TC path again.
+            let translated = node.lab().counter("sock_forward")? - sock_forward_before;
+            print!(" | sockets translated {translated}");
+            if translated < crr.requests {
+                self.notes.push(format!(
+                    "**{case} round {} ferry (socket LB): only {translated} sockets translated at connect() for {} CRR \
+                     connections**: part of this round took the TC path",
+                    round + 1,
+                    crr.requests
+                ));
+            }
+        }
         for (m, v) in [
             (Metric::CrrPerS, Some(crr.requests_per_s)),
             (Metric::CrrCpuUs, crr.cpu_us_per_request),
@@ -820,10 +862,26 @@ impl Ctx<'_> {
         self.samples.entry((n, m, p)).or_default().push(v);
     }
 
-    fn loadgen(&self, client: &str, mode: &str, targets: Vec<SocketAddr>, workers: usize) -> Result<Report> {
+    /// Runs `ferry-loadgen MODE` in the client's network namespace (and, if
+    /// given, in a cgroup).
+    fn loadgen(&self, (client, cgroup): (&str, Option<&Path>), mode: &str, targets: Vec<SocketAddr>, workers: usize) -> Result<Report> {
         let target = targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
-        let out = Command::new("ip")
-            .args(["netns", "exec", client])
+        let mut cmd = match cgroup {
+            // Join the cgroup first: `ip netns exec` mounts a fresh /sys, which
+            // has no cgroup2 mount; the cgroup is inherited across the exec.
+            Some(cg) => {
+                let mut cmd = Command::new("sh");
+                let script = format!("echo $$ > {}/cgroup.procs && exec ip netns exec {client} \"$0\" \"$@\"", cg.display());
+                cmd.args(["-c", &script]);
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", client]);
+                cmd
+            }
+        };
+        let out = cmd
             .arg(&self.loadgen)
             .args([mode, "--target", &target])
             .args(["--duration", &self.plan.duration.to_string(), "--workers", &workers.to_string()])
@@ -857,7 +915,7 @@ impl Ctx<'_> {
                 CONTROL_TIMEOUT,
             )?,
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft_update, CONTROL_TIMEOUT)?,
-            DataPath::Ferry | DataPath::FerryXdp | DataPath::FerryMaglev => {
+            DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev => {
                 let log = node.lab().agent_log_path();
                 let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
                 let started = Instant::now();
@@ -1396,12 +1454,17 @@ mod tests {
         assert!(DataPath::FerryXdp.measured_in(Topology::NorthSouth));
         assert!(!DataPath::FerryXdp.measured_in(Topology::SameNode));
         assert!(!DataPath::FerryXdp.measured_in(Topology::CrossNode));
-        assert!(PATHS.iter().all(|p| p.measured_in(Topology::NorthSouth)));
-        assert_eq!(DataPath::FerryXdp.agent_args(), ["--xdp"]);
+        assert!(!DataPath::FerrySocklb.measured_in(Topology::NorthSouth));
+        assert!(DataPath::FerrySocklb.measured_in(Topology::SameNode));
+        assert!(DataPath::FerrySocklb.measured_in(Topology::CrossNode));
+        assert!(PATHS.iter().filter(|p| **p != DataPath::FerrySocklb).all(|p| p.measured_in(Topology::NorthSouth)));
+        assert_eq!(DataPath::FerryXdp.agent_args(), ["--xdp", "--socket-lb-pods=false"]);
         assert!(DataPath::FerryMaglev.measured_in(Topology::NorthSouth));
         assert!(!DataPath::FerryMaglev.measured_in(Topology::SameNode));
         assert_eq!(DataPath::FerryMaglev.agent_args()[..2], ["--lb-algorithm", "maglev"]);
-        assert!(DataPath::Ferry.agent_args().is_empty());
+        // ferry is the TC path; ferry (socket LB) the agent's default.
+        assert_eq!(DataPath::Ferry.agent_args(), ["--socket-lb-pods=false"]);
+        assert!(DataPath::FerrySocklb.agent_args().is_empty());
         // The CI check keeps to the default topologies (north-south is opt-in).
         let plan = Plan::from(&Args::harness_check()).unwrap();
         assert_eq!(plan.topologies, [Topology::SameNode, Topology::CrossNode]);
@@ -1441,6 +1504,7 @@ mod tests {
             notes: Vec::new(),
             answered: Vec::new(),
             xdp: vec![XdpRound { case, round: 1, attached: Some("xdp generic".into()), xdp_forward: 0 }],
+            bpf: Vec::new(),
             results: vec![row(DataPath::NoNat, 100.0), row(DataPath::Ferry, 80.0), row(DataPath::FerryXdp, 88.0)],
         };
         let md = out.markdown();

@@ -62,6 +62,8 @@ pub struct AgentView {
     pub node: Option<String>,
     pub mode: Option<String>,
     pub uptime_seconds: Option<f64>,
+    /// Whose sockets the socket load balancer serves (see the report).
+    pub socket_lb: Option<String>,
     /// Cluster mode: each watched resource.
     pub api: Vec<report::WatchState>,
 }
@@ -177,6 +179,7 @@ fn agent_view(s: &mut Status, opts: &Options) -> Result<Option<AgentReport>, Sta
     s.agent.version = Some(report.version.clone());
     s.agent.node = Some(report.node.clone());
     s.agent.mode = Some(report.mode.clone());
+    s.agent.socket_lb = report.socket_lb.clone();
     s.agent.uptime_seconds = Some(report::unix_now() - report.started_at);
     s.agent.api = report.api.clone();
     for w in &report.api {

@@ -71,6 +71,11 @@ pub struct AgentReport {
     /// `--cgroup-path`: the socket load balancer is attached there (the agent
     /// does not start when it cannot attach it).
     pub cgroup: Option<PathBuf>,
+    /// Whose sockets the socket load balancer serves: `node and Pods`,
+    /// `node only` (`--socket-lb-pods=false`), with the skipped namespaces;
+    /// None without `--cgroup-path`.
+    #[serde(default)]
+    pub socket_lb: Option<String>,
     /// Kernel features, probed at start.
     #[serde(default)]
     pub features: Vec<Feature>,

@@ -88,6 +88,9 @@ fn agent(out: &mut String, s: &Status) {
         };
         let _ = writeln!(out, "Mode:        {mode}{api}");
     }
+    if let Some(lb) = &a.socket_lb {
+        let _ = writeln!(out, "Socket LB:   {lb}");
+    }
 }
 
 fn sync(out: &mut String, s: &Status) {
