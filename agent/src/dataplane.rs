@@ -24,7 +24,7 @@ use ferry_common::{
     addr_to_map, config, CONFIG_MAP, PROG_SOCK_ALL, SOCK_LB_SKIP_MAP, SOCK_SET_RETVAL,
     BACKENDS_MAP, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_NETDEV_L3, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_NETDEV_L3, PROG_TO_POD,
     PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP, MAGLEV_MAP, DEFAULT_MAGLEV_TABLES,
-    DEFAULT_MAGLEV_TABLE_SIZE,
+    DEFAULT_MAGLEV_TABLE_SIZE, NODE_ADDRS_MAP, NODE_ADDRS_MAX,
 };
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
@@ -73,6 +73,8 @@ pub enum DataplaneError {
     ConfigMap { source: aya::maps::MapError },
     #[error("writing {SOCK_LB_SKIP_MAP} (--socket-lb-skip-netns): {source}")]
     SkipMap { source: aya::maps::MapError },
+    #[error("writing the node addresses map: {source}")]
+    NodeAddrsMap { source: aya::maps::MapError },
 }
 
 /// An error with its causes ("attaching …: `bpf_link_create` failed:
@@ -645,6 +647,28 @@ impl Dataplane {
     /// other nodes are SNATed to.
     pub fn set_node_addr(&mut self, addr: Ipv4Addr) -> Result<(), DataplaneError> {
         self.set_config(config::NODE_ADDR, addr_to_map(addr.octets()))
+    }
+
+    /// Tells the programs the node's own addresses (`addrs`, every address
+    /// of its network namespace): a translated packet to one of them is
+    /// delivered by the stack (counted as `fib_local`, not `fib_miss`).
+    /// Writes only what differs; at most [`NODE_ADDRS_MAX`] are kept.
+    pub fn set_node_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
+        let map = self.ebpf.map_mut(NODE_ADDRS_MAP).ok_or(DataplaneError::MissingMap(NODE_ADDRS_MAP))?;
+        let err = |source| DataplaneError::NodeAddrsMap { source };
+        let mut m: BpfHashMap<&mut MapData, u32, u8> = BpfHashMap::try_from(map).map_err(err)?;
+        let want: BTreeSet<u32> = addrs.iter().take(NODE_ADDRS_MAX as usize).map(|a| addr_to_map(a.octets())).collect();
+        if addrs.len() > want.len() {
+            tracing::warn!(addresses = addrs.len(), kept = want.len(), "the node has more addresses than its map holds");
+        }
+        let have: BTreeSet<u32> = m.keys().collect::<Result<_, _>>().map_err(err)?;
+        for gone in have.difference(&want) {
+            m.remove(gone).map_err(err)?;
+        }
+        for new in want.difference(&have) {
+            m.insert(new, 1, 0).map_err(err)?;
+        }
+        Ok(())
     }
 
     /// Tells the programs the connection-tracking lifetimes and the SNAT

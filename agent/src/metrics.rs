@@ -253,6 +253,7 @@ pub(crate) const PACKETS: &[(DpCounter, &str)] = &[
     (DpCounter::RejectUdp, "reject_udp"),
     (DpCounter::AffinityHit, "affinity_hit"),
     (DpCounter::FibMiss, "fib_miss"),
+    (DpCounter::FibLocal, "fib_local"),
     (DpCounter::XdpForward, "xdp_forward"),
     (DpCounter::XdpPassPartialCsum, "xdp_pass_partial_csum"),
     (DpCounter::CtTcpFull, "ct_tcp_full"),

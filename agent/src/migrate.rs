@@ -15,7 +15,7 @@ use aya::maps::{MapData, MapError, MapInfo, MapType};
 use aya_obj::{generated::bpf_map_type, maps::PinningType};
 use ferry_common::{
     AFFINITY_MAP, BACKENDS_MAP, CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP, CT_TCP_MAP, FRAGS_MAP, REVNAT_MAP, SERVICES_MAP,
-    SOCK_LB_SKIP_MAP, SOCK_REVNAT_MAP, SRC_RANGES_MAP, SVC_NAMES_MAP, SVC_STATS_MAP, MAGLEV_MAP,
+    NODE_ADDRS_MAP, SOCK_LB_SKIP_MAP, SOCK_REVNAT_MAP, SRC_RANGES_MAP, SVC_NAMES_MAP, SVC_STATS_MAP, MAGLEV_MAP,
 };
 
 /// Maps the agent rewrites after every start, or statistics: a pin that does
@@ -26,6 +26,7 @@ pub const REWRITTEN: &[&str] = &[
     REVNAT_MAP,
     SVC_NAMES_MAP,
     SRC_RANGES_MAP,
+    NODE_ADDRS_MAP,
     COUNTERS_MAP,
     SVC_STATS_MAP,
     MAGLEV_MAP,

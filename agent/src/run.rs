@@ -559,6 +559,12 @@ async fn refresh_addresses(
             return false;
         }
     };
+    // Every address of the node: translated packets to them are delivered
+    // locally (host-network backends), not FIB misses.
+    let all: BTreeSet<Ipv4Addr> = addrs.iter().map(|(_, ip)| *ip).collect();
+    if let Err(e) = dp.set_node_addrs(&all) {
+        tracing::warn!("{e:#}");
+    }
     let primary = cfg.devices.iter().find_map(|d| {
         addrs.iter().find(|(idx, ip)| links.get(idx) == Some(d) && !ip.is_loopback()).map(|(_, ip)| *ip)
     });

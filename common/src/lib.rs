@@ -27,6 +27,10 @@
 //! - [`COUNTERS_MAP`]: per-CPU counters indexed by [`Counter`].
 //! - [`SRC_RANGES_MAP`]: LPM trie of loadBalancerSourceRanges,
 //!   `{prefixlen, rev_nat_id, addr}` → `u8` (Cilium's lb4_src_range).
+//! - [`NODE_ADDRS_MAP`]: the node's own IPv4 addresses (wire order) → `u8`
+//!   (1), kept current by the agent: a translated packet to one of them is
+//!   delivered by the node's stack, not forwarded (counted apart from a FIB
+//!   miss).
 #![no_std]
 
 use core::mem::size_of;
@@ -101,6 +105,8 @@ const fn fmix32(mut h: u32) -> u32 {
     h ^= h >> 16;
     h
 }
+/// The node's own IPv4 addresses: a hash, address (wire order) → `u8` (1).
+pub const NODE_ADDRS_MAP: &str = "FERRY_NODE_ADDRS";
 
 /// Indices into [`CONFIG_MAP`].
 pub mod config {
@@ -251,6 +257,8 @@ pub const DEFAULT_CT_ANY_MAX: u32 = 262_144;
 pub const DEFAULT_AFFINITY_MAX: u32 = 65_536;
 /// Source-range entries over all LoadBalancer frontends together.
 pub const DEFAULT_SRC_RANGES_MAX: u32 = 16_384;
+/// Addresses of the node ([`NODE_ADDRS_MAP`]); more are left out (logged).
+pub const NODE_ADDRS_MAX: u32 = 256;
 
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
@@ -583,8 +591,9 @@ pub enum Counter {
     DropNoBackendExternal = 10,
     /// No free SNAT port for a north-south flow to a remote backend.
     DropSnatPorts = 11,
-    /// The FIB lookup for a north-south packet failed (no route); passed to
-    /// the stack.
+    /// The FIB lookup for a translated packet found no route (or one it
+    /// does not forward: blackhole, unreachable, forwarding disabled, ...);
+    /// passed to the stack. Local destinations are [`Counter::FibLocal`].
     FibMiss = 12,
     /// A new flow to a LoadBalancer IP from a client outside the Service's
     /// loadBalancerSourceRanges.
@@ -621,12 +630,16 @@ pub enum Counter {
     /// connect() or an unconnected UDP send to a frontend without usable
     /// backends failed with ECONNREFUSED at the socket.
     SockReject = 24,
+    /// A translated packet whose new destination is an address of the node
+    /// itself (a host-network backend, or a client process of the node): not
+    /// forwarded, left to the stack to deliver. Not a [`Counter::FibMiss`].
+    FibLocal = 25,
 }
 
 /// Size of the counters array: room above the last [`Counter`] so that new
 /// counters do not need a new pinned map.
 pub const COUNTER_COUNT: u32 = 32;
-const _: () = assert!((Counter::SockReject as u32) < COUNTER_COUNT);
+const _: () = assert!((Counter::FibLocal as u32) < COUNTER_COUNT);
 
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);

@@ -14,15 +14,18 @@ use aya_ebpf::{
     cty::c_void,
     EbpfContext as _,
     bindings::{
-        bpf_fib_lookup, bpf_redir_neigh, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
-        TC_ACT_OK,
+        bpf_fib_lookup, bpf_redir_neigh, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
+        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
     },
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
 };
 use ferry_common::Counter;
 
-use crate::{maps::count, parse::set_macs};
+use crate::{
+    maps::{count, is_node_addr},
+    parse::set_macs,
+};
 
 const AF_INET: u8 = 2;
 
@@ -35,6 +38,15 @@ pub enum Route {
     /// The packet is bigger than the egress device's `mtu` (at TC, where the
     /// kernel checks the skb: a GSO packet by the size of its segments).
     FragNeeded { mtu: u32 },
+    /// "Not forwarded" (BPF_FIB_LKUP_RET_NOT_FWDED): the kernel says the same
+    /// for a destination that is an address of the node itself (the route
+    /// is of type local: delivered, not forwarded) and for one without any
+    /// route (a failed lookup). [`route`] tells them apart ([`Route::Local`],
+    /// [`Route::Miss`]) by the node's addresses.
+    NotForwarded,
+    /// An address of the node itself (a host-network backend, or a client
+    /// process of the node): the stack delivers it.
+    Local,
     /// No route (or not forwardable): the stack's business.
     Miss,
 }
@@ -46,7 +58,13 @@ pub enum Route {
 pub fn route(ctx: &TcContext, saddr: u32, daddr: u32) -> Route {
     // SAFETY: reading the skb's ingress ifindex.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    lookup(ctx.as_ptr(), ingress, saddr, daddr, 0)
+    match lookup(ctx.as_ptr(), ingress, saddr, daddr, 0) {
+        // The kernel does not say which: the agent keeps the node's
+        // addresses in a map.
+        Route::NotForwarded if is_node_addr(daddr) => Route::Local,
+        Route::NotForwarded => Route::Miss,
+        r => r,
+    }
 }
 
 /// Looks up the route of `saddr` → `daddr` as if the packet arrived on
@@ -76,11 +94,15 @@ pub fn lookup(ctx: *mut c_void, ifindex: u32, saddr: u32, daddr: u32, tot_len: u
         let nh = unsafe { p.__bindgen_anon_4.ipv4_dst };
         return Route::NoNeighbour { ifindex: p.ifindex, nh };
     }
+    if rc == BPF_FIB_LKUP_RET_NOT_FWDED as i64 {
+        return Route::NotForwarded;
+    }
     Route::Miss
 }
 
-/// Sends the (rewritten) packet along `route`. Without a route, or when it
-/// is too big and may be fragmented, it is left to the stack.
+/// Sends the (rewritten) packet along `route`. To an address of the node,
+/// without a route, or when it is too big and may be fragmented, it is left
+/// to the stack.
 #[inline(always)]
 pub fn send(ctx: &TcContext, route: Route) -> i32 {
     match route {
@@ -101,7 +123,11 @@ pub fn send(ctx: &TcContext, route: Route) -> i32 {
             unsafe { bpf_redirect_neigh(ifindex, &mut n, core::mem::size_of::<bpf_redir_neigh>() as i32, 0) as i32 }
         }
         Route::FragNeeded { .. } => TC_ACT_OK,
-        Route::Miss => {
+        Route::Local => {
+            count(Counter::FibLocal);
+            TC_ACT_OK
+        }
+        Route::NotForwarded | Route::Miss => {
             count(Counter::FibMiss);
             TC_ACT_OK
         }

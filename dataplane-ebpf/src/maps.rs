@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use ferry_common::{
     AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, FragKey, FragPorts, RevNat, ServiceKey, DEFAULT_FRAGS_MAX,
-    ServiceName, ServiceValue, SockRevKey, SrcRangeKey, SvcStats, config, DEFAULT_SRC_RANGES_MAX, COUNTER_COUNT, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOCK_LB_SKIP_MAX, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
+    ServiceName, ServiceValue, SockRevKey, SrcRangeKey, SvcStats, config, DEFAULT_SRC_RANGES_MAX, NODE_ADDRS_MAX, COUNTER_COUNT, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOCK_LB_SKIP_MAX, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
     DEFAULT_CT_ANY_MAX, DEFAULT_CT_TCP_MAX, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
     DEFAULT_MAGLEV_TABLES, DEFAULT_MAGLEV_TABLE_SIZE,
 };
@@ -61,6 +61,16 @@ pub static SRC_RANGES: LpmTrie<SrcRangeKey, u8> = LpmTrie::pinned(DEFAULT_SRC_RA
 /// (`--maglev-tables` × `--maglev-table-size`).
 #[map(name = "FERRY_MAGLEV")]
 pub static MAGLEV: Array<u32> = Array::pinned(DEFAULT_MAGLEV_TABLES * DEFAULT_MAGLEV_TABLE_SIZE, 0);
+/// The node's own addresses (wire order → 1), written by the agent.
+#[map(name = "FERRY_NODE_ADDRS")]
+pub static NODE_ADDRS: HashMap<u32, u8> = HashMap::pinned(NODE_ADDRS_MAX, 0);
+
+/// Whether `addr` (wire order) is one of the node's own addresses.
+#[inline(always)]
+pub fn is_node_addr(addr: u32) -> bool {
+    // SAFETY: the value is only tested for presence.
+    unsafe { NODE_ADDRS.get(&addr) }.is_some()
+}
 
 /// Node settings written by the agent (indices: `ferry_common::config`).
 #[map(name = "FERRY_CONFIG")]

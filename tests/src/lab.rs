@@ -95,6 +95,8 @@ pub struct Lab {
     /// machine's root cgroup). None without cgroup v2.
     pub cgroup: Option<PathBuf>,
     ferry: PathBuf,
+    /// The binary the agent runs from, when not `ferry` (an upgrade).
+    agent_bin: Option<PathBuf>,
     agent: Option<Child>,
     shim: Option<Child>,
     agent_args: Vec<String>,
@@ -134,6 +136,7 @@ impl Lab {
             bpffs_dir,
             cgroup,
             ferry,
+            agent_bin: None,
             agent: None,
             shim: None,
             agent_args: opts.agent_args.clone(),
@@ -211,7 +214,7 @@ impl Lab {
     /// plus the lab's extra agent flags, through `launcher`.
     fn spawn_agent(&mut self, launcher: &[String], source: &[String]) -> Result<()> {
         let args = self.agent_command(source);
-        self.agent = Some(self.spawn("agent", launcher, &args)?);
+        self.agent = Some(self.spawn_bin(self.agent_binary(), "agent", launcher, &args)?);
         Ok(())
     }
 
@@ -282,7 +285,7 @@ impl Lab {
         let out = fs::File::create(&out_path)?;
         let mut child = Command::new("ip")
             .args(["netns", "exec", &self.node])
-            .arg(&self.ferry)
+            .arg(self.agent_binary())
             .args(&args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -362,6 +365,35 @@ impl Lab {
         }
     }
 
+    /// Kills the agent with SIGKILL (no chance to clean up or to finish
+    /// anything it was writing) and reaps it.
+    pub fn kill_agent(&mut self) -> Result<()> {
+        if let Some(mut child) = self.agent.take() {
+            child.kill().context("SIGKILL to the agent")?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The binary the agent runs from (by default the one the shim and
+    /// `ferry` commands run from).
+    pub fn agent_binary(&self) -> &Path {
+        self.agent_bin.as_deref().unwrap_or(&self.ferry)
+    }
+
+    /// Starts the agent from another binary file from now on (an upgrade: a
+    /// copy of the build at another path, say); takes effect at the next
+    /// start.
+    pub fn set_agent_binary(&mut self, binary: &Path) {
+        self.agent_bin = Some(binary.to_path_buf());
+    }
+
+    /// The extra flags the agent is started with (`LabOptions::agent_args`),
+    /// to change for the next start (another map size, say).
+    pub fn agent_args_mut(&mut self) -> &mut Vec<String> {
+        &mut self.agent_args
+    }
+
     /// How the lab runs a process in its node: `ip netns exec NODE`.
     fn in_node(&self) -> Vec<String> {
         vec!["ip".into(), "netns".into(), "exec".into(), self.node.clone()]
@@ -373,11 +405,16 @@ impl Lab {
 
     /// Runs `<launcher> ferry <args>`, its output appended to `<what>.log`.
     fn spawn(&self, what: &str, launcher: &[String], args: &[String]) -> Result<Child> {
+        self.spawn_bin(&self.ferry, what, launcher, args)
+    }
+
+    /// Runs `<launcher> <binary> <args>`, its output appended to `<what>.log`.
+    fn spawn_bin(&self, binary: &Path, what: &str, launcher: &[String], args: &[String]) -> Result<Child> {
         let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path(what))?;
         let (program, launcher_args) = launcher.split_first().context("an empty launcher")?;
         Command::new(program)
             .args(launcher_args)
-            .arg(&self.ferry)
+            .arg(binary)
             .args(args)
             // Own process group: a Ctrl-C in the terminal reaches only the lab's
             // owner, which then stops the shim first (it removes its Pods).

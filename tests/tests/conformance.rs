@@ -1006,3 +1006,605 @@ fn proxy_implementation_should_not_be_vulnerable_to_the_invalid_conntrack_state_
     )?;
     Ok(())
 }
+
+/// The conn-disrupt Service: `web` at 10.96.0.40, TCP 80 and UDP 53 to 8080 on
+/// NodePorts 30080 and 30053, over `app: web`.
+const DISRUPT_SERVICE: &str = r#"apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: NodePort
+  clusterIP: 10.96.0.40
+  selector: {app: web}
+  ports:
+    - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+    - {name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30053}
+"#;
+
+/// A long-lived flow of the conn-disrupt test: a TCP connection or a
+/// connected UDP socket, the backend that answered it first, and why it broke
+/// if it did.
+struct Held {
+    path: &'static str,
+    sock: HeldSocket,
+    backend: String,
+    broken: Option<String>,
+}
+
+enum HeldSocket {
+    Tcp(std::net::TcpStream),
+    Udp(UdpSocket),
+}
+
+/// How long a held flow may take to answer: TCP retransmits what a moment
+/// without a program might drop; a UDP datagram is sent up to three times.
+const HELD_TCP_TIMEOUT: Duration = Duration::from_secs(5);
+const HELD_UDP_TIMEOUT: Duration = Duration::from_secs(1);
+const HELD_UDP_TRIES: usize = 3;
+
+impl Held {
+    fn send(&mut self) -> std::io::Result<()> {
+        use std::io::Write as _;
+        match &mut self.sock {
+            HeldSocket::Tcp(s) => s.write_all(b"hello\n"),
+            HeldSocket::Udp(s) => s.send(b"hello\n").map(drop),
+        }
+    }
+
+    /// The answer to what [`Held::send`] sent; UDP datagrams are sent again
+    /// when no answer comes (`resent` counts them).
+    fn receive(&mut self, resent: &mut usize) -> Result<String> {
+        use std::io::Read as _;
+        match &mut self.sock {
+            HeldSocket::Tcp(s) => {
+                let mut line = Vec::new();
+                let mut chunk = [0u8; 64];
+                while !line.ends_with(b"\n") {
+                    let n = s.read(&mut chunk).context("reading the answer")?;
+                    if n == 0 {
+                        bail!("closed by the other end");
+                    }
+                    line.extend_from_slice(&chunk[..n]);
+                }
+                Ok(String::from_utf8_lossy(&line).trim().to_string())
+            }
+            HeldSocket::Udp(s) => {
+                let mut buf = [0u8; 256];
+                for attempt in 1..=HELD_UDP_TRIES {
+                    match s.recv(&mut buf) {
+                        Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string()),
+                        Err(e) if attempt == HELD_UDP_TRIES => {
+                            return Err(e).context(format!("no answer to {attempt} datagrams"))
+                        }
+                        Err(_) => {
+                            *resent += 1;
+                            s.send(b"hello\n")?;
+                        }
+                    }
+                }
+                unreachable!("the last attempt returns")
+            }
+        }
+    }
+}
+
+/// One exchange on every held flow not yet broken, pipelined: a line out on
+/// each, then each answer read. A flow that gets no answer, or an answer from
+/// another backend than its first, is broken. Returns the UDP datagrams sent
+/// again.
+fn exchange(held: &mut [Held]) -> usize {
+    for h in held.iter_mut().filter(|h| h.broken.is_none()) {
+        if let Err(e) = h.send() {
+            h.broken = Some(format!("sending: {e}"));
+        }
+    }
+    let mut resent = 0;
+    for h in held.iter_mut().filter(|h| h.broken.is_none()) {
+        match h.receive(&mut resent) {
+            Ok(name) if h.backend.is_empty() => h.backend = name,
+            Ok(name) if name == h.backend => {}
+            Ok(name) => h.broken = Some(format!("answered by {name}, not {}", h.backend)),
+            Err(e) => h.broken = Some(format!("{e:#}")),
+        }
+    }
+    resent
+}
+
+/// Opens `n` long-lived flows from `netns` to `to` (TCP connections, or
+/// connected UDP sockets) and learns each one's backend.
+fn hold(netns: &str, path: &'static str, to: SocketAddr, tcp: bool, n: usize) -> Result<Vec<Held>> {
+    let socks = in_netns(netns, move || -> Result<Vec<HeldSocket>> {
+        (0..n)
+            .map(|_| {
+                let sock = if tcp {
+                    let s = std::net::TcpStream::connect_timeout(&to, HELD_TCP_TIMEOUT)?;
+                    s.set_nodelay(true)?;
+                    s.set_read_timeout(Some(HELD_TCP_TIMEOUT))?;
+                    HeldSocket::Tcp(s)
+                } else {
+                    let s = UdpSocket::bind("0.0.0.0:0")?;
+                    s.set_read_timeout(Some(HELD_UDP_TIMEOUT))?;
+                    s.connect(to)?;
+                    HeldSocket::Udp(s)
+                };
+                Ok::<_, std::io::Error>(sock)
+            })
+            .enumerate()
+            .map(|(i, s)| s.with_context(|| format!("{path}: opening flow {i} to {to}")))
+            .collect()
+    })??;
+    let mut held: Vec<Held> = socks
+        .into_iter()
+        .map(|sock| Held {
+            path,
+            sock,
+            backend: String::new(),
+            broken: None,
+        })
+        .collect();
+    exchange(&mut held);
+    if let Some(h) = held.iter().find(|h| h.broken.is_some()) {
+        bail!(
+            "{path}: a flow failed before the test began: {:?}",
+            h.broken
+        );
+    }
+    Ok(held)
+}
+
+/// Whether the agent is down: odd while it is (from the kill or stop until
+/// the new one is ready), counted up at each change.
+type AgentDown = std::sync::Arc<std::sync::atomic::AtomicU64>;
+
+/// What a stream of new connections saw.
+#[derive(Debug, Default)]
+struct LoadReport {
+    ok: usize,
+    /// Failures of attempts that overlapped no downtime of the agent.
+    failed: Vec<String>,
+    /// Failures of attempts made (at least partly) while the agent was down.
+    failed_while_down: Vec<String>,
+    /// Attempts while the agent was down, successful or not.
+    while_down: usize,
+    /// UDP datagrams sent again for want of an answer.
+    resent: usize,
+    /// The slowest successful attempt, and how many took over a second.
+    slowest: Duration,
+    slow: usize,
+}
+
+/// One new TCP connection or UDP socket from the calling thread's network
+/// namespace to `to`: a line sent, the backend's name back.
+fn new_flow(tcp: bool, to: SocketAddr, resent: &mut usize) -> Result<String> {
+    let mut h = Held {
+        path: "new",
+        sock: if tcp {
+            let s = std::net::TcpStream::connect_timeout(&to, HELD_TCP_TIMEOUT)
+                .context("connecting")?;
+            s.set_read_timeout(Some(HELD_TCP_TIMEOUT))?;
+            HeldSocket::Tcp(s)
+        } else {
+            let s = UdpSocket::bind("0.0.0.0:0")?;
+            s.set_read_timeout(Some(HELD_UDP_TIMEOUT))?;
+            s.connect(to)?;
+            HeldSocket::Udp(s)
+        },
+        backend: String::new(),
+        broken: None,
+    };
+    h.send()?;
+    h.receive(resent)
+}
+
+/// New flows from `netns` at a steady rate, TCP to `tcp` and UDP to `udp` in
+/// turn, every `every`, until `stop`; each must be answered by one of
+/// `backends`. Runs on a thread of its own.
+fn steady_load(
+    netns: String,
+    (tcp, udp): (SocketAddr, SocketAddr),
+    backends: &'static [&'static str],
+    every: Duration,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    down: AgentDown,
+) -> std::thread::JoinHandle<Result<LoadReport>> {
+    use std::sync::atomic::Ordering::SeqCst;
+    std::thread::spawn(move || {
+        in_netns(&netns, move || {
+            let mut r = LoadReport::default();
+            let start = Instant::now();
+            for i in 0u32.. {
+                if stop.load(SeqCst) {
+                    break;
+                }
+                let (is_tcp, to) = if i % 2 == 0 {
+                    (true, tcp)
+                } else {
+                    (false, udp)
+                };
+                let before = down.load(SeqCst);
+                let t = Instant::now();
+                let result = new_flow(is_tcp, to, &mut r.resent).and_then(|name| {
+                    if backends.contains(&name.as_str()) {
+                        Ok(())
+                    } else {
+                        bail!("answered by {name:?}")
+                    }
+                });
+                let took = t.elapsed();
+                let during_downtime = before % 2 == 1 || down.load(SeqCst) != before;
+                r.while_down += usize::from(during_downtime);
+                match result {
+                    Ok(()) => {
+                        r.ok += 1;
+                        r.slowest = r.slowest.max(took);
+                        r.slow += usize::from(took > Duration::from_secs(1));
+                    }
+                    Err(e) => {
+                        let what = format!("{} to {to}: {e:#}", if is_tcp { "TCP" } else { "UDP" });
+                        if during_downtime {
+                            r.failed_while_down.push(what);
+                        } else {
+                            r.failed.push(what);
+                        }
+                    }
+                }
+                // A steady rate: the next one on schedule, without catching up.
+                let next = start + every * (i + 1);
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+            }
+            r
+        })
+    })
+}
+
+const DISRUPT_BACKENDS: [&str; 4] = ["web-1", "web-2", "web-3", "web-4"];
+
+/// Waits until a round of the held flows that began after now has completed
+/// (two more rounds).
+fn full_round(lab: &Lab, rounds: &std::sync::atomic::AtomicUsize, what: &str) -> Result<()> {
+    let now = rounds.load(std::sync::atomic::Ordering::SeqCst);
+    lab.wait_until(Duration::from_secs(60), what, || {
+        Ok(rounds.load(std::sync::atomic::Ordering::SeqCst) >= now + 2)
+    })
+}
+
+/// `--flag value` in `args` set to `value` (added if missing).
+fn set_flag(args: &mut Vec<String>, flag: &str, value: &str) {
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args[i + 1] = value.to_string(),
+        None => args.extend([flag.to_string(), value.to_string()]),
+    }
+}
+
+/// Written to the standard error as it is, not captured by the test harness:
+/// the counts show in every run's log, passed or failed.
+fn report(text: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stderr().lock().write_all(text.as_bytes());
+}
+
+/// Cilium's conn-disrupt test (its connectivity suite's "no-interrupted-
+/// connections" check around an agent restart and upgrade), at scale: 4
+/// backends behind one Service; 2,000 TCP connections and 200 connected UDP
+/// sockets held from two client Pods to its ClusterIP, and 500 TCP + 100 UDP
+/// from outside the cluster to its NodePort, each exchanging a line in turn the
+/// whole time; new TCP connections and UDP sockets opened at a steady rate
+/// from a Pod and from outside. Meanwhile the agent is killed with SIGKILL
+/// (down for 2 s) and started again, stopped and started again, then upgraded:
+/// stopped and started from another binary file, on the same pins, with
+/// connection-tracking tables twice as large (the pinned tables are migrated:
+/// every flow copied into new maps while the old programs still run, then the
+/// programs swapped). Every held flow must keep being answered by the backend
+/// that answered it first, and no new connection may fail, also while the
+/// agent is down (the programs stay attached and serve from the pinned maps).
+#[test]
+fn conn_disrupt_no_connection_breaks_across_kill_9_restart_and_upgrade_under_load() -> Result<()> {
+    use std::sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst},
+        Arc,
+    };
+    // Thousands of sockets here, hundreds in each echo Pod (which inherits
+    // the limit through the shim).
+    let mut nofile = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit on a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut nofile) == 0 && nofile.rlim_cur < 16384 {
+            nofile.rlim_cur = nofile.rlim_max.min(65536);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &nofile);
+        }
+    }
+    let (ct_before, ct_after) = (("65536", "32768"), ("131072", "65536"));
+    let mut c = Cluster::start(
+        "disrupt",
+        1,
+        &[
+            ("web.yaml".into(), DISRUPT_SERVICE.into()),
+            ("client-1.yaml".into(), client_pod("client-1")),
+            ("client-2.yaml".into(), client_pod("client-2")),
+        ],
+        &[
+            "--nodeport-addresses",
+            "192.168.77.0/24",
+            "--ct-map-size",
+            ct_before.0,
+            "--ct-any-map-size",
+            ct_before.1,
+        ],
+    )?;
+    let n1 = c.nodes[0].node.clone();
+    for b in DISRUPT_BACKENDS {
+        c.write_manifest(
+            &format!("{b}.yaml"),
+            &on_node(&echo_pod(b, "web", None), &n1),
+        )?;
+    }
+    let mut pods = DISRUPT_BACKENDS.to_vec();
+    pods.extend(["client-1", "client-2"]);
+    c.wait_ready(&pods, READY)?;
+    let (vip_tcp, vip_udp) = (addr("10.96.0.40:80"), addr("10.96.0.40:53"));
+    let (np_tcp, np_udp) = (
+        SocketAddr::from((node_addr(0), 30080)),
+        SocketAddr::from((node_addr(0), 30053)),
+    );
+    let clients = [c.pod_netns("client-1")?, c.pod_netns("client-2")?];
+    let external = c.external.clone();
+    {
+        let lab = &c.nodes[0];
+        for (ns, tcp, udp) in [(&clients[0], vip_tcp, vip_udp), (&external, np_tcp, np_udp)] {
+            lab.wait_answered_by(&tcp.to_string(), &DISRUPT_BACKENDS, || tcp_ask(ns, tcp))?;
+            lab.wait_answered_by(&udp.to_string(), &DISRUPT_BACKENDS, || udp_ask(ns, udp))?;
+        }
+    }
+
+    let opened = Instant::now();
+    let mut held = Vec::new();
+    for ns in &clients {
+        held.extend(hold(ns, "ClusterIP TCP", vip_tcp, true, 1000)?);
+        held.extend(hold(ns, "ClusterIP UDP", vip_udp, false, 100)?);
+    }
+    held.extend(hold(&external, "NodePort TCP", np_tcp, true, 500)?);
+    held.extend(hold(&external, "NodePort UDP", np_udp, false, 100)?);
+    let paths = [
+        "ClusterIP TCP",
+        "ClusterIP UDP",
+        "NodePort TCP",
+        "NodePort UDP",
+    ];
+    for path in paths {
+        let on: BTreeSet<&str> = held
+            .iter()
+            .filter(|h| h.path == path)
+            .map(|h| h.backend.as_str())
+            .collect();
+        assert_eq!(
+            on,
+            BTreeSet::from(DISRUPT_BACKENDS),
+            "{path} flows on every backend"
+        );
+    }
+    report(&format!(
+        "conn-disrupt: {} flows held, opened in {:?}\n",
+        held.len(),
+        opened.elapsed()
+    ));
+
+    // The held flows exchange a line each, round after round, on a thread of
+    // their own; `rounds` counts the completed rounds.
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicUsize::new(0));
+    let holder = {
+        let (stop, rounds) = (stop.clone(), rounds.clone());
+        std::thread::spawn(move || {
+            let (mut resent, mut slowest) = (0, Duration::ZERO);
+            while !stop.load(SeqCst) {
+                let t = Instant::now();
+                resent += exchange(&mut held);
+                slowest = slowest.max(t.elapsed());
+                rounds.fetch_add(1, SeqCst);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            (held, resent, slowest)
+        })
+    };
+    let down: AgentDown = Arc::new(AtomicU64::new(0));
+    let every = Duration::from_millis(20);
+    let loads = [
+        steady_load(
+            clients[0].clone(),
+            (vip_tcp, vip_udp),
+            &DISRUPT_BACKENDS,
+            every,
+            stop.clone(),
+            down.clone(),
+        ),
+        steady_load(
+            external.clone(),
+            (np_tcp, np_udp),
+            &DISRUPT_BACKENDS,
+            every,
+            stop.clone(),
+            down.clone(),
+        ),
+    ];
+    std::thread::sleep(Duration::from_secs(2));
+    full_round(
+        &c.nodes[0],
+        &rounds,
+        "a round of the held flows before any restart",
+    )?;
+
+    // The agent goes down (`kill`: SIGKILL, else SIGTERM), stays down for
+    // `pause`, and starts again; the time until its /readyz said 200.
+    let restart = |lab: &mut Lab, kill: bool, pause: Duration| -> Result<Duration> {
+        let old = lab.agent_pid();
+        let t = Instant::now();
+        down.fetch_add(1, SeqCst);
+        if kill {
+            lab.kill_agent()?;
+        } else {
+            lab.stop_agent();
+        }
+        std::thread::sleep(pause);
+        lab.start_agent()?;
+        let readyz = SocketAddr::from(([127, 0, 0, 1], 10256));
+        let node = lab.node.clone();
+        lab.wait_until(Duration::from_secs(30), "the agent ready again", || {
+            Ok(http_get(&node, readyz, "/readyz").is_ok_and(|(code, _)| code == 200))
+        })?;
+        down.fetch_add(1, SeqCst);
+        lab.check_alive()?;
+        assert_ne!(lab.agent_pid(), old, "a new agent process");
+        Ok(t.elapsed())
+    };
+    let mut downtime = Vec::new();
+    downtime.push((
+        "SIGKILL",
+        restart(&mut c.nodes[0], true, Duration::from_secs(2))?,
+    ));
+    full_round(
+        &c.nodes[0],
+        &rounds,
+        "a round of the held flows after the SIGKILL",
+    )?;
+    downtime.push(("restart", restart(&mut c.nodes[0], false, Duration::ZERO)?));
+    full_round(
+        &c.nodes[0],
+        &rounds,
+        "a round of the held flows after the restart",
+    )?;
+
+    // The upgrade: another binary file, larger connection-tracking tables.
+    let lab = &mut c.nodes[0];
+    let next = lab.dir.join("ferry-next");
+    std::fs::copy(lab.agent_binary(), &next).context("copying the agent's binary")?;
+    lab.set_agent_binary(&next);
+    set_flag(lab.agent_args_mut(), "--ct-map-size", ct_after.0);
+    set_flag(lab.agent_args_mut(), "--ct-any-map-size", ct_after.1);
+    let log_before = lab.agent_log().len();
+    downtime.push(("upgrade", restart(lab, false, Duration::ZERO)?));
+    let pid = lab.agent_pid().context("the agent's pid")?;
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/exe"))?,
+        next,
+        "the agent runs from the new binary"
+    );
+    // What the upgrade did to the pinned tables: each map's line of the log
+    // ("resized the pinned map; every entry copied ... copied=N") and its size
+    // now (checked last, after the flows).
+    let upgrade_log = lab.agent_log()[log_before..].to_string();
+    let mut migrated = Vec::new();
+    for (map, size) in [
+        (ferry_common::CT_TCP_MAP, ct_after.0),
+        (ferry_common::CT_ANY_MAP, ct_after.1),
+    ] {
+        let line = upgrade_log
+            .lines()
+            .find(|l| l.contains("resized the pinned map") && l.contains(map))
+            .map(str::to_string);
+        let entries = aya::maps::MapInfo::from_pin(lab.bpffs_dir.join(map))?.max_entries();
+        migrated.push((map, size, line, entries));
+    }
+    full_round(
+        &c.nodes[0],
+        &rounds,
+        "a round of the held flows after the upgrade",
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    stop.store(true, SeqCst);
+    let (held, resent, slowest_round) = holder
+        .join()
+        .map_err(|_| anyhow::anyhow!("the holder thread panicked"))?;
+    let [a, b] = loads.map(|l| l.join());
+    let (a, b) = (
+        a.map_err(|_| anyhow::anyhow!("a load thread panicked"))??,
+        b.map_err(|_| anyhow::anyhow!("a load thread panicked"))??,
+    );
+
+    let mut out = format!(
+        "conn-disrupt: agent downtime (kill or stop to /readyz 200): {}\n",
+        downtime
+            .iter()
+            .map(|(what, d)| format!("{what} {d:.2?}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for (map, _, line, entries) in &migrated {
+        let copied = line
+            .as_deref()
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("copied=")))
+            .unwrap_or("no");
+        out.push_str(&format!(
+            "conn-disrupt: upgrade: {map} now {entries} entries, {copied} entries copied\n"
+        ));
+    }
+    for path in paths {
+        let of: Vec<&Held> = held.iter().filter(|h| h.path == path).collect();
+        let broken = of.iter().filter(|h| h.broken.is_some()).count();
+        out.push_str(&format!(
+            "conn-disrupt: held {path}: {} held, {broken} broken\n",
+            of.len()
+        ));
+    }
+    out.push_str(&format!(
+        "conn-disrupt: held flows: {} rounds, the slowest {slowest_round:.2?}, {resent} UDP datagrams sent again\n",
+        rounds.load(SeqCst)
+    ));
+    for (who, r) in [
+        ("from a Pod to the ClusterIP", &a),
+        ("from outside to the NodePort", &b),
+    ] {
+        out.push_str(&format!(
+            "conn-disrupt: new flows {who}: {} ok, {} failed, {} failed while the agent was down \
+             ({} made then), slowest {:.2?}, {} over 1 s, {} UDP datagrams sent again\n",
+            r.ok,
+            r.failed.len(),
+            r.failed_while_down.len(),
+            r.while_down,
+            r.slowest,
+            r.slow,
+            r.resent
+        ));
+    }
+    report(&out);
+
+    let broken: Vec<String> = held
+        .iter()
+        .filter_map(|h| {
+            Some(format!(
+                "{} on {}: {}",
+                h.path,
+                h.backend,
+                h.broken.as_ref()?
+            ))
+        })
+        .collect();
+    assert!(
+        broken.is_empty(),
+        "{} held flows broke, the first: {:?}\n{}",
+        broken.len(),
+        broken.first(),
+        c.logs()
+    );
+    for (who, r) in [("a Pod", &a), ("outside", &b)] {
+        assert!(
+            r.ok > 100 && r.while_down > 0,
+            "the load from {who} ran: {r:?}"
+        );
+        assert!(
+            r.failed.is_empty() && r.failed_while_down.is_empty(),
+            "new flows from {who} failed: {:?} / while the agent was down: {:?}",
+            r.failed,
+            r.failed_while_down
+        );
+    }
+    for (map, size, line, entries) in migrated {
+        let line = line.with_context(|| format!("{map} was not migrated:\n{upgrade_log}"))?;
+        assert!(line.contains("every entry copied"), "{line}");
+        assert_eq!(entries.to_string(), size, "{map} resized");
+    }
+    Ok(())
+}

@@ -58,5 +58,11 @@ fn a_host_network_backend_answers_pods_on_both_nodes_and_outside_clients() -> Re
     let nodeport = SocketAddr::from((node_addr(0), 30443));
     let seen = c.nodes[0].wait_answered_by("NodePort from outside", &["host-1"], || TcpSession::connect(&c.external, nodeport)?.ask())?;
     assert_eq!(seen, only);
+    // On node 1 the translated packets to its own address (from `near` and
+    // from outside) were delivered by its stack: counted as such, never as
+    // FIB misses.
+    let (local, miss) = (c.nodes[0].counter("fib_local")?, c.nodes[0].counter("fib_miss")?);
+    assert!(local > 0, "fib_local on node 1: {local}");
+    assert_eq!(miss, 0, "fib_miss on node 1 (fib_local {local})");
     Ok(())
 }

@@ -135,6 +135,13 @@ impl Fixture {
         self.set_config(ferry_common::config::NODE_ADDR, addr_to_map(addr));
     }
 
+    /// One of the node's own addresses, as the agent lists them.
+    fn add_node_addr(&mut self, addr: [u8; 4]) {
+        let mut addrs: aya::maps::HashMap<_, u32, u8> =
+            aya::maps::HashMap::try_from(self.ebpf.map_mut(ferry_common::NODE_ADDRS_MAP).expect("node addresses map")).unwrap();
+        addrs.insert(addr_to_map(addr), 1, 0).unwrap();
+    }
+
     /// A node setting (`ferry_common::config`).
     fn set_config(&mut self, index: u32, value: u32) {
         let mut config: aya::maps::Array<_, u32> =
@@ -959,6 +966,49 @@ fn a_translated_packet_too_big_for_its_device_is_answered_with_fragmentation_nee
     let (verdict, out) = ns.run(fd, dont_fragment(frame(PROTO_TCP, CLIENT, VIP, 47502, 80, false)));
     assert_eq!((verdict, parse(&out).dst), (TC_ACT_REDIRECT, REMOTE));
     assert_checksums(&out);
+}
+
+/// A translated packet whose new destination is an address of the node
+/// itself (a host-network backend: the API server, a node-local DNS cache)
+/// is not forwarded by the FIB lookup but delivered by the stack: counted as
+/// `fib_local`, not as a `fib_miss`, which stays for destinations without a
+/// route (the kernel answers "not forwarded" to both: the node's addresses,
+/// which the agent writes to a map, tell them apart). From a Pod to a
+/// ClusterIP and from outside to a NodePort.
+#[test]
+fn a_translated_packet_to_an_address_of_the_node_counts_as_local_delivery_not_as_a_fib_miss() {
+    const NODE: [u8; 4] = [192, 168, 77, 11];
+    const EXT: [u8; 4] = [192, 168, 77, 200];
+    // No route leads there (the namespace has no default route).
+    const NOWHERE: [u8; 4] = [10, 99, 0, 5];
+    const VIP2: [u8; 4] = [10, 96, 0, 11];
+    let mut fx = Fixture::new("fiblocal");
+    let ns = FibNetns::new("fiblocal");
+    let local = ferry_common::backend_flags::LOCAL;
+    fx.service(PROTO_TCP, 443, 1, &[(1, NODE, 8090)]);
+    fx.external(NODE, 30443, 2, ferry_common::svc_flags::NODE_PORT, &[(2, NODE, 8090, local)]);
+    fx.frontend(VIP2, PROTO_TCP, 80, 3, 0, &[(3, NOWHERE, 8080, 0)], "nowhere");
+    fx.set_node_addr(NODE);
+    fx.add_node_addr(NODE);
+    let counts = |fx: &Fixture| (fx.counter(Counter::FibLocal), fx.counter(Counter::FibMiss));
+
+    let (verdict, out) = ns.run(fx.tc_fd(PROG_FROM_POD), frame(PROTO_TCP, CLIENT, VIP, 47600, 443, false));
+    let p = parse(&out);
+    assert_eq!((verdict, p.dst, p.dport), (TC_ACT_OK, NODE, 8090), "translated and left to the stack");
+    assert_checksums(&out);
+    assert_eq!(counts(&fx), (1, 0), "a Pod to the ClusterIP: (fib_local, fib_miss)");
+
+    let (verdict, out) = ns.run(fx.tc_fd(PROG_FROM_NETDEV), frame(PROTO_TCP, EXT, NODE, 45600, 30443, false));
+    let p = parse(&out);
+    assert_eq!((verdict, p.src, p.dst, p.dport), (TC_ACT_OK, EXT, NODE, 8090), "translated, the client kept");
+    assert_checksums(&out);
+    assert_eq!(counts(&fx), (2, 0), "outside to the NodePort: (fib_local, fib_miss)");
+
+    // A backend no route leads to is still a miss (left to the stack, which
+    // answers it as unreachable).
+    let (verdict, out) = ns.run(fx.tc_fd(PROG_FROM_POD), frame(PROTO_TCP, CLIENT, VIP2, 47601, 80, false));
+    assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, NOWHERE));
+    assert_eq!(counts(&fx), (2, 1), "no route: (fib_local, fib_miss)");
 }
 
 // --- ICMP errors ---------------------------------------------------------------
