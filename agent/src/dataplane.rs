@@ -399,6 +399,9 @@ pub struct Dataplane {
     attached: BTreeMap<(Hook, u32), (String, Option<PinnedLink>)>,
     /// Devices (ifindex, name) XDP could not attach to (TC serves them).
     xdp_refused: BTreeSet<(u32, String)>,
+    /// A new Maglev table size the programs are told only once the new
+    /// programs are attached (see [`Dataplane::maglev_size_after_attach`]).
+    maglev_size_pending: Option<u32>,
 }
 
 const BPFFS: &str = "/sys/fs/bpf";
@@ -472,7 +475,7 @@ impl Dataplane {
         // create from now on are in the old maps only.
         migrate::finish(dir, copies);
         spawn_ebpf_logs(&mut ebpf);
-        set_maglev_table_size(&mut ebpf, cfg.maglev.table_size)?;
+        let maglev_size_pending = set_maglev_table_size(&mut ebpf, cfg.maglev.table_size)?;
         let maps = KernelMaps::from_ebpf(&mut ebpf)?;
         let tc_mode = cfg.tc_attach.resolve(probe_tcx);
         tracing::info!(tc_attach = ?cfg.tc_attach, "TC programs attach as {}", tc_mode.hook());
@@ -483,9 +486,21 @@ impl Dataplane {
                 tc_mode,
                 attached: BTreeMap::new(),
                 xdp_refused: BTreeSet::new(),
+                maglev_size_pending,
             },
             maps,
         ))
+    }
+
+    /// After the first attach: tells the (new) programs a changed Maglev
+    /// table size. Until now it was 0 (random), because the previous agent's
+    /// programs, still attached until swapped, share the config array and
+    /// would have indexed their tables with the new size.
+    pub fn maglev_size_after_attach(&mut self) -> Result<(), DataplaneError> {
+        let Some(m) = self.maglev_size_pending.take() else {
+            return Ok(());
+        };
+        self.set_config(config::MAGLEV_TABLE_SIZE, m)
     }
 
     /// Attaches a hook's program to an interface: TC ingress (a pinned TCX
@@ -710,8 +725,10 @@ impl Dataplane {
 /// pinned tables back with it. When a previous agent used another size, its
 /// tables mean nothing with the new one: the programs are told 0 (Maglev
 /// frontends pick at random), the tables are zeroed (an empty entry means
-/// random too), and the first sync writes them anew.
-fn set_maglev_table_size(ebpf: &mut Ebpf, m: u32) -> Result<(), DataplaneError> {
+/// random too), and the new size is returned, to be told once the new
+/// programs are attached (the old ones still run until then, on their own
+/// tables); the first sync writes the tables anew.
+fn set_maglev_table_size(ebpf: &mut Ebpf, m: u32) -> Result<Option<u32>, DataplaneError> {
     let config_err = |source| DataplaneError::ConfigMap { source };
     let map = ebpf.map_mut(CONFIG_MAP).ok_or(DataplaneError::MissingMap(CONFIG_MAP))?;
     let mut cfg: Array<&mut MapData, u32> = Array::try_from(map).map_err(config_err)?;
@@ -724,10 +741,10 @@ fn set_maglev_table_size(ebpf: &mut Ebpf, m: u32) -> Result<(), DataplaneError> 
         for i in 0..tables.len() {
             tables.set(i, 0, 0).map_err(config_err)?;
         }
-        let map = ebpf.map_mut(CONFIG_MAP).ok_or(DataplaneError::MissingMap(CONFIG_MAP))?;
-        cfg = Array::try_from(map).map_err(config_err)?;
+        return Ok(Some(m));
     }
-    cfg.set(config::MAGLEV_TABLE_SIZE, m, 0).map_err(config_err)
+    cfg.set(config::MAGLEV_TABLE_SIZE, m, 0).map_err(config_err)?;
+    Ok(None)
 }
 
 /// Warns when the SNAT port range overlaps the node's ephemeral port range

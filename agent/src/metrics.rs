@@ -265,6 +265,7 @@ pub(crate) const PACKETS: &[(DpCounter, &str)] = &[
     (DpCounter::MaglevSelected, "maglev_selected"),
     (DpCounter::SockForward, "sock_forward"),
     (DpCounter::SockReject, "sock_reject"),
+    (DpCounter::L3OuterHeader, "l3_outer_header"),
 ];
 
 impl Collector for DataplaneCollector {

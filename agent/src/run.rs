@@ -375,6 +375,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         dp.attach_cgroup(cg, cfg.socket_lb_pods)?;
         refresh_sock_lb_skip(&mut dp, &cfg.socket_lb_skip, true);
     }
+    // Only now that the new programs replaced the old ones (see there).
+    dp.maglev_size_after_attach()?;
 
     tracing::info!(
         node = %cfg.node,

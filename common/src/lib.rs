@@ -634,12 +634,16 @@ pub enum Counter {
     /// itself (a host-network backend, or a client process of the node): not
     /// forwarded, left to the stack to deliver. Not a [`Counter::FibMiss`].
     FibLocal = 25,
+    /// A packet at an L3 device's hook whose data does not start at its
+    /// IPv4 header (the kernel left outer headers in front, as IPIP and GRE
+    /// devices do at ingress): passed on untouched.
+    L3OuterHeader = 26,
 }
 
 /// Size of the counters array: room above the last [`Counter`] so that new
 /// counters do not need a new pinned map.
 pub const COUNTER_COUNT: u32 = 32;
-const _: () = assert!((Counter::FibLocal as u32) < COUNTER_COUNT);
+const _: () = assert!((Counter::L3OuterHeader as u32) < COUNTER_COUNT);
 
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);

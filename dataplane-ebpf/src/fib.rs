@@ -36,7 +36,8 @@ pub enum Route {
     /// Out of `ifindex` to the next hop `nh`, whose MAC is not known yet.
     NoNeighbour { ifindex: u32, nh: u32 },
     /// The packet is bigger than the egress device's `mtu` (at TC, where the
-    /// kernel checks the skb: a GSO packet by the size of its segments).
+    /// kernel checks the skb: a GSO packet passes whatever its segments'
+    /// size, see `is_skb_forwardable`).
     FragNeeded { mtu: u32 },
     /// "Not forwarded" (BPF_FIB_LKUP_RET_NOT_FWDED): the kernel says the same
     /// for a destination that is an address of the node itself (the route

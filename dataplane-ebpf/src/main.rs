@@ -127,7 +127,7 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
 /// front of the IPv4 packet (see `parse::push_ethernet`).
 #[classifier]
 pub fn from_netdev_l3(ctx: TcContext) -> i32 {
-    if !parse::is_ipv4(&ctx) {
+    if !l3_ipv4(&ctx) {
         return TC_ACT_OK;
     }
     if parse::push_ethernet(&ctx).is_err() {
@@ -148,10 +148,24 @@ pub fn to_netdev(ctx: TcContext) -> i32 {
 /// the IPv4 header at offset 0.
 #[classifier]
 pub fn to_netdev_l3(ctx: TcContext) -> i32 {
-    if !parse::is_ipv4(&ctx) {
+    if !l3_ipv4(&ctx) {
         return TC_ACT_OK;
     }
     from_host::<true>(&ctx)
+}
+
+/// An IPv4 packet at an L3 device's hook whose data starts at the IPv4
+/// header; one with outer headers in front is counted and left alone.
+#[inline(always)]
+fn l3_ipv4(ctx: &TcContext) -> bool {
+    if !parse::is_ipv4(ctx) {
+        return false;
+    }
+    if !parse::starts_at_network_header(ctx) {
+        count(Counter::L3OuterHeader);
+        return false;
+    }
+    true
 }
 
 /// TC egress of the host side of a Pod's veth: a host-network backend's

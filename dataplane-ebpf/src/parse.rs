@@ -11,7 +11,8 @@
 use core::mem::size_of;
 
 use aya_ebpf::{
-    helpers::bpf_skb_change_head,
+    bindings::bpf_hdr_start_off::BPF_HDR_START_NET,
+    helpers::{bpf_skb_change_head, bpf_skb_load_bytes_relative},
     programs::{TcContext, XdpContext},
 };
 use ferry_common::{FragKey, FragPorts, PROTO_TCP, PROTO_UDP};
@@ -165,6 +166,23 @@ pub fn parse_l3(ctx: &TcContext) -> Result<Option<Packet>, i64> {
 #[inline(always)]
 pub fn is_ipv4(ctx: &TcContext) -> bool {
     ctx.skb.protocol() == u32::from(ETH_P_IP.to_be())
+}
+
+/// Whether the skb's data starts at its IPv4 header, as on TUN and
+/// WireGuard devices; IPIP and GRE devices leave their outer headers in
+/// front at ingress (the MAC header is the tunnel's), which no offset here
+/// expects.
+#[inline(always)]
+pub fn starts_at_network_header(ctx: &TcContext) -> bool {
+    let Ok(at_start) = ctx.load::<[u8; 20]>(0) else {
+        return false;
+    };
+    let mut net = [0u8; 20];
+    // SAFETY: `net` lives on our stack for the call and is 20 bytes long.
+    let rc = unsafe {
+        bpf_skb_load_bytes_relative(ctx.skb.skb as *const _, 0, net.as_mut_ptr() as *mut _, 20, BPF_HDR_START_NET)
+    };
+    rc == 0 && at_start == net
 }
 
 /// Pushes an Ethernet header (zero MACs, type IPv4) in front of an L3

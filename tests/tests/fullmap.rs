@@ -134,7 +134,12 @@ async fn maglev_tables_round_trip_through_the_kernel_map() {
     // array is reused): the old tables are zeroed, then rewritten whole.
     drop((again, dp));
     let cfg = Config { maglev: MaglevConfig { table_size: 3, tables: 251 }, ..cfg };
-    let (_dp, maps) = Dataplane::load(&cfg).expect("loading the dataplane again");
+    let (mut dp, maps) = Dataplane::load(&cfg).expect("loading the dataplane again");
+    // Until the new programs are attached, the old ones (still attached in
+    // a real node) index their own tables: they are told size 0, random.
+    let told = || KernelMaps::from_pins(&dir.0).expect("pins").read_all().expect("reading the pins").maglev;
+    assert!(told().is_empty(), "no table size told before the programs are swapped");
+    dp.maglev_size_after_attach().expect("telling the new size");
     let mut syncer = Syncer::new(maps).expect("reading the maps");
     let reused = aya::maps::MapInfo::from_pin(dir.0.join(ferry_common::MAGLEV_MAP)).expect("the Maglev map's pin");
     assert_eq!(reused.id(), info.id(), "the same array, so the agent zeroed it");

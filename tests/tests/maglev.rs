@@ -143,13 +143,15 @@ fn maglev_through_both_nodes(xdp: bool) -> Result<()> {
     let rest: Vec<(String, Ipv4Addr)> = backends.iter().filter(|(n, _)| n != "web-3").cloned().collect();
     let want = predicted(&rest);
     let probe = ports().find(|p| via1[p] == "web-3").context("a port on web-3")?;
-    c.nodes[0].wait_until(Duration::from_secs(20), "web-3's ports to move", || {
-        let to = SocketAddr::from((node_addr(0), NODE_PORT));
-        let mut s = TcpSession::connect_from(&c.external, SocketAddr::from((EXTERNAL_ADDR, probe)), to)?;
-        let name = s.ask()?;
-        s.abort()?;
-        Ok(name != "web-3")
-    })?;
+    for i in 0..2 {
+        c.nodes[i].wait_until(Duration::from_secs(20), &format!("web-3's ports to move on node {}", i + 1), || {
+            let to = SocketAddr::from((node_addr(i), NODE_PORT));
+            let mut s = TcpSession::connect_from(&c.external, SocketAddr::from((EXTERNAL_ADDR, probe)), to)?;
+            let name = s.ask()?;
+            s.abort()?;
+            Ok(name != "web-3")
+        })?;
+    }
     let (after1, after2) = (answers(&c, 0)?, answers(&c, 1)?);
     ensure!(ports().all(|p| after1[&p] == after2[&p]), "after the removal the nodes still agree");
     ensure!(ports().all(|p| after1[&p] == want[&p]), "after the removal: the table over three backends");

@@ -215,6 +215,11 @@ fn over_l3_devices(tag: &str, agent_args: &[&str]) -> Result<()> {
     for _ in 0..3 {
         assert_eq!(s.ask()?, "host-1", "one connection, several round trips");
     }
+    // TUN devices start at the IPv4 header: nothing was passed over for
+    // outer headers.
+    for lab in &c.nodes {
+        assert_eq!(lab.counter("l3_outer_header")?, 0, "{}", lab.node);
+    }
     // It all went through the TUN devices.
     for (ns, dev) in [(&n1, "tun0"), (&n1, "xt0")] {
         let sent: u64 = sys::netns_exec(ns, "cat", &[&format!("/sys/class/net/{dev}/statistics/tx_packets")])?.trim().parse()?;

@@ -275,6 +275,24 @@ impl<S: MapStore> Writes<'_, S> {
 
     fn put(&mut self, e: &Entry) -> Result<(), WriteError> {
         let key = e.key();
+        // A table a frontend's slot 0 names in the maps is never rewritten:
+        // its new flows would be balanced by a half-written table, or by
+        // another Service's (the allocator frees an index once no desired
+        // frontend wants it, while a frontend whose switch failed still names
+        // it). The frontend that wants it waits, random, until it is free.
+        // A zeroed table (another --maglev-table-size) means random already:
+        // it is rewritten where it is.
+        if let Entry::Maglev(i) = *e {
+            let zeroed = self.cur.maglev.get(&i).is_some_and(|t| t.iter().all(|id| *id == 0));
+            if !zeroed && self.held(e) == Held::Differs && maglev_tables_in_use(&self.cur.services).contains(&i) {
+                return Err(WriteError {
+                    table: Table::Maglev,
+                    action: format!("writing {}", key.describe()),
+                    full: false,
+                    error: "a frontend in the maps still uses this table".into(),
+                });
+            }
+        }
         let r = match *e {
             Entry::Backend(id, b) => self.store.put_backend(id, b),
             Entry::RevNat(id, r, n) => self.store.put_revnat(id, r, n),
@@ -551,6 +569,18 @@ impl<S: MapStore> Writes<'_, S> {
     /// Step 4 for one frontend (`k0`, `v0`: its slot 0).
     fn frontend(&mut self, desired: &MapContents, k0: &ServiceKey, v0: &ServiceValue) {
         let entries = frontend_entries(desired, k0, v0);
+        // Its Maglev table first, whole, whatever the maps hold at that index
+        // (an index freed by the allocator may still hold another set's
+        // table): slot 0 names it only once it is there.
+        if let Some(table) = entries.iter().find(|e| matches!(e, Entry::Maglev(_))) {
+            if self.held(table) != Held::Same {
+                if let Err(e) = self.put(table) {
+                    let name = self.frontend_name(desired, v0.rev_nat_id, k0);
+                    self.fail(name, e);
+                    return;
+                }
+            }
+        }
         let mut added = Vec::new();
         let mut result = Ok(());
         let absent: Vec<Entry> = entries
@@ -1076,6 +1106,44 @@ mod tests {
         assert!(again.current().maglev.is_empty());
         let v0 = *again.current().services.iter().find(|(k, _)| k.slot == 0).unwrap().1;
         assert_eq!((v0.flags & svc_flags::MAGLEV, v0.backend_id), (0, 0));
+    }
+
+    #[test]
+    fn a_table_still_named_by_a_frontend_whose_switch_failed_is_never_given_to_another() {
+        let fake = Fake::default();
+        let mut s = Syncer::new(fake.clone()).unwrap();
+        let mut ids = Ids::default().with_maglev(251, 2);
+        ok(s.sync(&layout(&[maglev(&[1, 2, 3])], &mut ids)));
+        let a_table = |c: &MapContents| c.services.iter().find(|(k, v)| k.slot == 0 && k.port == ferry_common::port_to_map(80)).map(|(_, v)| v.backend_id);
+        assert_eq!(a_table(s.current()), Some(0));
+        // A grows a slot while the services map is full: its switch to a new
+        // table fails, and it keeps naming table 0, which the allocator has
+        // freed (no desired frontend wants A's old backend set).
+        fake.services_cap.set(Some(fake.maps.borrow().services.len()));
+        let st = s.sync(&layout(&[maglev(&[1, 2, 3, 4])], &mut ids));
+        assert!(!st.failed.is_empty(), "A could not switch");
+        assert_eq!(a_table(s.current()), Some(0));
+        // Another Service with Maglev gets index 0 from the allocator (the
+        // only free one): its table must not be written over A's.
+        fake.services_cap.set(None);
+        let mut c = maglev(&[5, 6]);
+        c.port = 81;
+        let st = s.sync(&layout(&[maglev(&[1, 2, 3, 4]), c.clone()], &mut ids));
+        assert!(fake.violations.borrow().is_empty(), "{:?}", fake.violations.borrow());
+        // Both converge once A has moved off table 0.
+        let st2 = s.sync(&layout(&[maglev(&[1, 2, 3, 4]), c], &mut ids));
+        assert!(fake.violations.borrow().is_empty(), "{:?}", fake.violations.borrow());
+        assert!(st2.failed.is_empty(), "converged: {:?} (the sync before: {:?})", st2.failed, st.failed);
+        let tables: BTreeSet<u32> = crate::maps::maglev_tables_in_use(&s.current().services);
+        assert_eq!(tables.len(), 2, "A and C each on a table of their own: {tables:?}");
+        // And each table names exactly its own frontend's backends, also
+        // after the sync in which C first wanted index 0.
+        let m = s.current();
+        for (k, v) in m.services.iter().filter(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV != 0) {
+            let slots: BTreeSet<u32> = (1..=v.count).map(|slot| m.services[&ServiceKey { slot, ..*k }].backend_id).collect();
+            let named: BTreeSet<u32> = m.maglev[&v.backend_id].iter().copied().collect();
+            assert_eq!(named, slots, "port {}", ferry_common::port_from_map(k.port));
+        }
     }
 
     #[test]
