@@ -35,7 +35,11 @@ fn main() -> anyhow::Result<()> {
         .parent()
         .ok_or_else(|| anyhow!("no parent of {}", ebpf.manifest_path))?;
     aya_build::build_ebpf(
-        [Package { name: ebpf.name.as_str(), root_dir: root_dir.as_str(), ..Default::default() }],
+        [Package {
+            name: ebpf.name.as_str(),
+            root_dir: root_dir.as_str(),
+            ..Default::default()
+        }],
         Toolchain::Custom(&toolchain),
     )
     .with_context(|| {

@@ -48,16 +48,59 @@ fn run(dir: &std::path::Path, entries: u32) -> Result<()> {
     let fill = Instant::now();
     for i in 0..flows {
         // Every other flow expired an hour ago; the rest live for a day.
-        let expires = if i % 2 == 0 { now.saturating_sub(3_600_000_000_000) } else { now + 86_400_000_000_000 };
+        let expires = if i % 2 == 0 {
+            now.saturating_sub(3_600_000_000_000)
+        } else {
+            now + 86_400_000_000_000
+        };
         let client = 0x0a00_0000 | i;
-        let v = CtValue { expires, rev_nat_id: 1, flags: ct_flags::REPLIED, backend_addr: 0x0a63_0001, backend_port: 80, nat_port: 1000, ..Default::default() };
-        let fwd = CtKey { saddr: client, daddr: 0x0a60_000a, sport: 1000, dport: 80, proto: PROTO_TCP, dir: CT_DIR_FORWARD, _pad: [0; 2] };
-        let rep = CtKey { saddr: 0x0a63_0001, daddr: client, sport: 80, dport: 1000, proto: PROTO_TCP, dir: CT_DIR_REPLY, _pad: [0; 2] };
-        table.insert(fwd, CtValue { flags: v.flags | ct_flags::SERVICE, ..v }, 0)?;
+        let v = CtValue {
+            expires,
+            rev_nat_id: 1,
+            flags: ct_flags::REPLIED,
+            backend_addr: 0x0a63_0001,
+            backend_port: 80,
+            nat_port: 1000,
+            ..Default::default()
+        };
+        let fwd = CtKey {
+            saddr: client,
+            daddr: 0x0a60_000a,
+            sport: 1000,
+            dport: 80,
+            proto: PROTO_TCP,
+            dir: CT_DIR_FORWARD,
+            _pad: [0; 2],
+        };
+        let rep = CtKey {
+            saddr: 0x0a63_0001,
+            daddr: client,
+            sport: 80,
+            dport: 1000,
+            proto: PROTO_TCP,
+            dir: CT_DIR_REPLY,
+            _pad: [0; 2],
+        };
+        table.insert(
+            fwd,
+            CtValue {
+                flags: v.flags | ct_flags::SERVICE,
+                ..v
+            },
+            0,
+        )?;
         table.insert(rep, CtValue { nat_addr: client, ..v }, 0)?;
     }
     eprintln!("filled {} entries in {:.1}s", flows * 2, fill.elapsed().as_secs_f64());
-    let revnat: BTreeMap<u16, RevNat> = [(1, RevNat { addr: 0x0a60_000a, port: 80, _pad: 0 })].into();
+    let revnat: BTreeMap<u16, RevNat> = [(
+        1,
+        RevNat {
+            addr: 0x0a60_000a,
+            port: 80,
+            _pad: 0,
+        },
+    )]
+    .into();
     let mut tables = ct::Tables::open(dir)?;
 
     let (cpu, t) = (cpu_seconds(), Instant::now());
@@ -69,12 +112,23 @@ fn run(dir: &std::path::Path, entries: u32) -> Result<()> {
     let (cpu, t) = (cpu_seconds(), Instant::now());
     let (left, deleted) = tables.collect(&revnat);
     let (gc_s, gc_cpu) = (t.elapsed().as_secs_f64(), cpu_seconds() - cpu);
-    anyhow::ensure!(deleted == u64::from(flows), "deleted {deleted}, expected the {flows} dead entries");
+    anyhow::ensure!(
+        deleted == u64::from(flows),
+        "deleted {deleted}, expected the {flows} dead entries"
+    );
     anyhow::ensure!(left[0] == u64::from(flows), "{} left, expected {flows}", left[0]);
 
     println!("| conntrack GC, {walked} entries (half dead) | wall s | CPU s | entries walked/s | dead deleted/s | vs walk only |");
     println!("|---|---|---|---|---|---|");
-    println!("| walk only (baseline) | {walk_s:.2} | {walk_cpu:.2} | {:.0} | - | 1.00x |", walked as f64 / walk_s);
-    println!("| collect (walk + delete) | {gc_s:.2} | {gc_cpu:.2} | {:.0} | {:.0} | {:.2}x |", walked as f64 / gc_s, deleted as f64 / gc_s, gc_s / walk_s);
+    println!(
+        "| walk only (baseline) | {walk_s:.2} | {walk_cpu:.2} | {:.0} | - | 1.00x |",
+        walked as f64 / walk_s
+    );
+    println!(
+        "| collect (walk + delete) | {gc_s:.2} | {gc_cpu:.2} | {:.0} | {:.0} | {:.2}x |",
+        walked as f64 / gc_s,
+        deleted as f64 / gc_s,
+        gc_s / walk_s
+    );
     Ok(())
 }

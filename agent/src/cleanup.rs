@@ -44,11 +44,7 @@ pub type Done = Vec<String>;
 
 /// Removes Ferry's attachments and pins for the pin directory `dir`. Must run
 /// in the node's network namespace (for the interfaces' attachments).
-pub async fn cleanup(
-    dir: &Path,
-    status_file: Option<&Path>,
-    force: bool,
-) -> Result<Done, CleanupError> {
+pub async fn cleanup(dir: &Path, status_file: Option<&Path>, force: bool) -> Result<Done, CleanupError> {
     if let Some(pid) = pinlock::held_by(dir)? {
         if !force {
             return Err(CleanupError::AgentRunning {
@@ -77,10 +73,7 @@ pub async fn cleanup(
             path: dir.to_path_buf(),
             source,
         })?;
-        done.push(format!(
-            "removed the pin directory {} (and its maps)",
-            dir.display()
-        ));
+        done.push(format!("removed the pin directory {} (and its maps)", dir.display()));
     }
     if let Some(f) = status_file.filter(|f| f.exists()) {
         if std::fs::remove_file(f).is_ok() {
@@ -131,17 +124,13 @@ async fn detach_unpinned() -> Result<(Done, Vec<String>), CleanupError> {
         .collect();
     for (link, prog) in &links {
         match bpfsys::link_get_fd_by_id(*link).and_then(|fd| bpfsys::link_detach(fd.as_fd())) {
-            Ok(()) => done.push(format!(
-                "detached link {link} of program {prog} (not pinned)"
-            )),
+            Ok(()) => done.push(format!("detached link {link} of program {prog} (not pinned)")),
             Err(e) => left.push(format!("link {link} of program {prog}: {e}")),
         }
     }
     for (id, name, ifname) in progs {
         if !links.iter().any(|(_, p)| *p == id) {
-            left.push(format!(
-                "{name} (program {id}) on {ifname} is attached without a link"
-            ));
+            left.push(format!("{name} (program {id}) on {ifname} is attached without a link"));
         }
     }
     Ok((done, left))
@@ -159,7 +148,10 @@ fn remove_tc_filters(ifaces: &[Iface]) -> (Done, Vec<String>) {
                 f.program, i.name, f.priority, f.handle
             );
             let link = SchedClassifierLink::attached(&i.name, f.direction, f.priority, TcHandle::from(f.handle), None);
-            match link.map_err(|e| e.to_string()).and_then(|l| l.detach().map_err(|e| e.to_string())) {
+            match link
+                .map_err(|e| e.to_string())
+                .and_then(|l| l.detach().map_err(|e| e.to_string()))
+            {
                 Ok(()) => done.push(format!("removed {what}")),
                 Err(e) => left.push(format!("{what}: {e}")),
             }

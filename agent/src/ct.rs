@@ -16,9 +16,7 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-use ferry_common::{
-    ct_flags, CtKey, CtValue, RevNat, CT_ANY_MAP, CT_DIR_FORWARD, CT_DIR_REPLY, CT_TCP_MAP, PROTO_TCP,
-};
+use ferry_common::{ct_flags, CtKey, CtValue, RevNat, CT_ANY_MAP, CT_DIR_FORWARD, CT_DIR_REPLY, CT_TCP_MAP, PROTO_TCP};
 
 use crate::maps::kernel::{self, OpenError};
 
@@ -179,7 +177,10 @@ impl Tables {
         let open = |name: &'static str, wrap: fn(MapData) -> Map| {
             HashMap::try_from(wrap(kernel::from_pin(dir, name)?)).map_err(|source| OpenError::Map { name, source })
         };
-        Ok(Self { tcp: open(CT_TCP_MAP, Map::HashMap)?, any: open(CT_ANY_MAP, Map::LruHashMap)? })
+        Ok(Self {
+            tcp: open(CT_TCP_MAP, Map::HashMap)?,
+            any: open(CT_ANY_MAP, Map::LruHashMap)?,
+        })
     }
 
     /// Every entry of both tables (entries that vanish mid-walk are skipped),
@@ -246,12 +247,20 @@ pub async fn run_gc(dir: PathBuf, sizes: Sizes, report: GcReport) {
             Ok(Ok((counts, deleted, took))) => {
                 total += deleted;
                 runs += 1;
-                let fill = (counts[0] as f64 / f64::from(sizes.tcp.max(1))).max(counts[1] as f64 / f64::from(sizes.any.max(1)));
+                let fill = (counts[0] as f64 / f64::from(sizes.tcp.max(1)))
+                    .max(counts[1] as f64 / f64::from(sizes.any.max(1)));
                 let before = counts[0] + counts[1] + deleted;
                 // A walk of a million entries costs seconds of CPU: at most a
                 // fifth of a core goes to collecting, however full the tables.
                 interval = next_interval(interval, fill, deleted as f64 / before.max(1) as f64).max(took * 4);
-                tracing::debug!(tcp = counts[0], any = counts[1], deleted, took_ms = took.as_millis() as u64, next_s = interval.as_secs_f64(), "conntrack GC");
+                tracing::debug!(
+                    tcp = counts[0],
+                    any = counts[1],
+                    deleted,
+                    took_ms = took.as_millis() as u64,
+                    next_s = interval.as_secs_f64(),
+                    "conntrack GC"
+                );
                 *report.lock().unwrap_or_else(|e| e.into_inner()) = Some(GcStats {
                     tcp_entries: counts[0],
                     any_entries: counts[1],
@@ -278,7 +287,15 @@ mod tests {
     const VIP: [u8; 4] = [10, 96, 0, 10];
 
     fn revnat() -> BTreeMap<u16, RevNat> {
-        [(7, RevNat { addr: addr_to_map(VIP), port: port_to_map(80), _pad: 0 })].into()
+        [(
+            7,
+            RevNat {
+                addr: addr_to_map(VIP),
+                port: port_to_map(80),
+                _pad: 0,
+            },
+        )]
+        .into()
     }
 
     /// Both entries of a flow from CLIENT:`sport` to VIP:80 balanced to
@@ -296,9 +313,28 @@ mod tests {
             backend_port: port_to_map(8080),
             ..Default::default()
         };
-        let fwd = CtKey { saddr: addr_to_map(CLIENT), daddr: addr_to_map(VIP), sport: port_to_map(sport), dport: port_to_map(80), proto, dir: CT_DIR_FORWARD, _pad: [0; 2] };
-        let rep = CtKey { saddr: addr_to_map(BACKEND), daddr: addr_to_map(CLIENT), sport: port_to_map(8080), dport: port_to_map(sport), proto, dir: CT_DIR_REPLY, _pad: [0; 2] };
-        [(fwd, v(ct_flags::SERVICE, 0, port_to_map(sport), fwd_exp)), (rep, v(0, addr_to_map(CLIENT), port_to_map(sport), rep_exp))]
+        let fwd = CtKey {
+            saddr: addr_to_map(CLIENT),
+            daddr: addr_to_map(VIP),
+            sport: port_to_map(sport),
+            dport: port_to_map(80),
+            proto,
+            dir: CT_DIR_FORWARD,
+            _pad: [0; 2],
+        };
+        let rep = CtKey {
+            saddr: addr_to_map(BACKEND),
+            daddr: addr_to_map(CLIENT),
+            sport: port_to_map(8080),
+            dport: port_to_map(sport),
+            proto,
+            dir: CT_DIR_REPLY,
+            _pad: [0; 2],
+        };
+        [
+            (fwd, v(ct_flags::SERVICE, 0, port_to_map(sport), fwd_exp)),
+            (rep, v(0, addr_to_map(CLIENT), port_to_map(sport), rep_exp)),
+        ]
     }
 
     fn table(flows: &[[(CtKey, CtValue); 2]]) -> BTreeMap<CtKey, CtValue> {
@@ -339,9 +375,21 @@ mod tests {
     fn states_follow_the_flags() {
         let [(k, v), (rk, _)] = flow(PROTO_TCP, 1, 0, 0, 0);
         assert_eq!(State::of(&k, &v), State::SynSent);
-        let replied = CtValue { flags: ct_flags::REPLIED, ..v };
+        let replied = CtValue {
+            flags: ct_flags::REPLIED,
+            ..v
+        };
         assert_eq!(State::of(&k, &replied), State::Established);
-        assert_eq!(State::of(&rk, &CtValue { flags: ct_flags::REPLIED | ct_flags::CLOSING, ..v }), State::Closing);
+        assert_eq!(
+            State::of(
+                &rk,
+                &CtValue {
+                    flags: ct_flags::REPLIED | ct_flags::CLOSING,
+                    ..v
+                }
+            ),
+            State::Closing
+        );
         let [(u, uv), _] = flow(PROTO_UDP, 1, 0, 0, 0);
         assert_eq!(State::of(&u, &uv), State::Unreplied);
         assert_eq!(State::of(&u, &replied), State::Replied);

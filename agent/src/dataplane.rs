@@ -4,11 +4,12 @@
 //! `--xdp` also `xdp_from_netdev` to the node devices.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{IpAddr, Ipv4Addr},
     fs, io,
+    net::{IpAddr, Ipv4Addr},
     path::{Path, PathBuf},
 };
 
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use aya::{
     programs::{
         links::{FdLink, Link as _, LinkError, LinkOrder, PinnedLink},
@@ -19,12 +20,11 @@ use aya::{
     sys::SyscallError,
     Ebpf, EbpfError, EbpfLoader,
 };
-use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use ferry_common::{
-    addr_to_map, config, CONFIG_MAP, PROG_SOCK_ALL, SOCK_LB_SKIP_MAP, SOCK_SET_RETVAL,
-    BACKENDS_MAP, CT_ANY_MAP, CT_TCP_MAP, PROG_FROM_NETDEV, PROG_FROM_NETDEV_L3, PROG_FROM_POD, PROG_TO_NETDEV, PROG_TO_NETDEV_L3, PROG_TO_POD,
-    PROG_XDP_FROM_NETDEV, SERVICES_MAP, SRC_RANGES_MAP, MAGLEV_MAP, DEFAULT_MAGLEV_TABLES,
-    DEFAULT_MAGLEV_TABLE_SIZE, NODE_ADDRS_MAP, NODE_ADDRS_MAX,
+    addr_to_map, config, BACKENDS_MAP, CONFIG_MAP, CT_ANY_MAP, CT_TCP_MAP, DEFAULT_MAGLEV_TABLES,
+    DEFAULT_MAGLEV_TABLE_SIZE, MAGLEV_MAP, NODE_ADDRS_MAP, NODE_ADDRS_MAX, PROG_FROM_NETDEV, PROG_FROM_NETDEV_L3,
+    PROG_FROM_POD, PROG_SOCK_ALL, PROG_TO_NETDEV, PROG_TO_NETDEV_L3, PROG_TO_POD, PROG_XDP_FROM_NETDEV, SERVICES_MAP,
+    SOCK_LB_SKIP_MAP, SOCK_SET_RETVAL, SRC_RANGES_MAP,
 };
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
@@ -59,10 +59,7 @@ pub enum DataplaneError {
     #[error("{what}: {source}")]
     Link { what: String, source: LinkError },
     #[error("pinning the link at {path}: {source}")]
-    Pin {
-        path: PathBuf,
-        source: aya::pin::PinError,
-    },
+    Pin { path: PathBuf, source: aya::pin::PinError },
     #[error("listing links: {0}")]
     Netlink(#[from] rtnetlink::Error),
     #[error("map {0} is missing from the eBPF object")]
@@ -126,7 +123,10 @@ pub struct MaglevConfig {
 
 impl Default for MaglevConfig {
     fn default() -> Self {
-        Self { table_size: DEFAULT_MAGLEV_TABLE_SIZE, tables: DEFAULT_MAGLEV_TABLES }
+        Self {
+            table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+            tables: DEFAULT_MAGLEV_TABLES,
+        }
     }
 }
 
@@ -340,7 +340,11 @@ impl LinkedProgram for TcProgram<'_> {
     fn replace(&mut self, old: FdLink) -> Result<FdLink, String> {
         let old: SchedClassifierLink = old.try_into().map_err(|e: LinkError| e.to_string())?;
         let id = self.0.attach_to_link(old).map_err(|e| e.to_string())?;
-        self.0.take_link(id).map_err(|e| e.to_string())?.try_into().map_err(|e: LinkError| e.to_string())
+        self.0
+            .take_link(id)
+            .map_err(|e| e.to_string())?
+            .try_into()
+            .map_err(|e: LinkError| e.to_string())
     }
 
     fn attach_new(&mut self, ifname: &str) -> Result<(FdLink, &'static str), DataplaneError> {
@@ -349,7 +353,12 @@ impl LinkedProgram for TcProgram<'_> {
             .0
             .attach_with_options(ifname, self.1, TcAttachOptions::TcxOrder(LinkOrder::default()))
             .map_err(program(what()))?;
-        let link = self.0.take_link(id).map_err(program(what()))?.try_into().map_err(link(what()))?;
+        let link = self
+            .0
+            .take_link(id)
+            .map_err(program(what()))?
+            .try_into()
+            .map_err(link(what()))?;
         Ok((link, TcMode::Tcx.hook_in(self.1)))
     }
 }
@@ -361,7 +370,11 @@ impl LinkedProgram for XdpProgram<'_> {
     fn replace(&mut self, old: FdLink) -> Result<FdLink, String> {
         let old: XdpLink = old.try_into().map_err(|e: LinkError| e.to_string())?;
         let id = self.0.attach_to_link(old).map_err(|e| e.to_string())?;
-        self.0.take_link(id).map_err(|e| e.to_string())?.try_into().map_err(|e: LinkError| e.to_string())
+        self.0
+            .take_link(id)
+            .map_err(|e| e.to_string())?
+            .try_into()
+            .map_err(|e: LinkError| e.to_string())
     }
 
     /// Tries the allowed modes in order; the error is the last mode's.
@@ -371,8 +384,20 @@ impl LinkedProgram for XdpProgram<'_> {
             match self.0.attach(ifname, mode) {
                 Ok(id) => {
                     let what = || format!("XDP link of {ifname}");
-                    let link = self.0.take_link(id).map_err(program(what()))?.try_into().map_err(link(what()))?;
-                    return Ok((link, if mode == XdpMode::Driver { "xdp native" } else { "xdp generic" }));
+                    let link = self
+                        .0
+                        .take_link(id)
+                        .map_err(program(what()))?
+                        .try_into()
+                        .map_err(link(what()))?;
+                    return Ok((
+                        link,
+                        if mode == XdpMode::Driver {
+                            "xdp native"
+                        } else {
+                            "xdp generic"
+                        },
+                    ));
                 }
                 Err(e) => {
                     tracing::debug!(ifname, ?mode, "XDP attach failed: {e}");
@@ -507,12 +532,14 @@ impl Dataplane {
     /// link, or Ferry's netlink filter) or, for XDP, in the first of
     /// `xdp_modes` the device takes. Either way the program stays attached when
     /// the agent stops, and a restarted agent swaps its program in atomically.
-    pub fn attach(&mut self, hook: Hook, ifname: &str, ifindex: u32, xdp_modes: &'static [XdpMode]) -> Result<(), DataplaneError> {
-        if self
-            .attached
-            .get(&(hook, ifindex))
-            .is_some_and(|(n, _)| n == ifname)
-        {
+    pub fn attach(
+        &mut self,
+        hook: Hook,
+        ifname: &str,
+        ifindex: u32,
+        xdp_modes: &'static [XdpMode],
+    ) -> Result<(), DataplaneError> {
+        if self.attached.get(&(hook, ifindex)).is_some_and(|(n, _)| n == ifname) {
             return Ok(());
         }
         let name = hook.program();
@@ -526,7 +553,11 @@ impl Dataplane {
                     Ok((p, how)) => (Some(p), how),
                     Err(e) => {
                         // Said once per device; from_netdev serves it all the same.
-                        tracing::warn!(ifname, "XDP could not attach, falling back to TC only on this device: {}", with_causes(&e));
+                        tracing::warn!(
+                            ifname,
+                            "XDP could not attach, falling back to TC only on this device: {}",
+                            with_causes(&e)
+                        );
                         self.xdp_refused.insert((ifindex, ifname.to_string()));
                         return Ok(());
                     }
@@ -544,7 +575,12 @@ impl Dataplane {
     /// Attaches a TC hook's program the way `tc_mode` says, then removes what
     /// the other way left from an agent started with another `--tc-attach`
     /// (both would run).
-    fn attach_tc(&mut self, hook: Hook, pin: &Path, ifname: &str) -> Result<(Option<PinnedLink>, &'static str), DataplaneError> {
+    fn attach_tc(
+        &mut self,
+        hook: Hook,
+        pin: &Path,
+        ifname: &str,
+    ) -> Result<(Option<PinnedLink>, &'static str), DataplaneError> {
         let direction = hook.tc_attach_type().unwrap_or(TcAttachType::Ingress);
         let prog = classifier(&mut self.ebpf, hook)?;
         match self.tc_mode {
@@ -599,7 +635,10 @@ impl Dataplane {
     /// are pinned (`links/<program>-cgroup`): they stay when the agent stops;
     /// a restarted agent attaches anew, then unpins the old ones.
     pub fn attach_cgroup(&mut self, cgroup: &Path, pods: bool) -> Result<(), DataplaneError> {
-        let cookie = own_netns_cookie().map_err(|source| DataplaneError::Cgroup { path: cgroup.to_path_buf(), source })?;
+        let cookie = own_netns_cookie().map_err(|source| DataplaneError::Cgroup {
+            path: cgroup.to_path_buf(),
+            source,
+        })?;
         self.set_config(config::HOST_NETNS_COOKIE_LO, cookie as u32)?;
         self.set_config(config::HOST_NETNS_COOKIE_HI, (cookie >> 32) as u32)?;
         self.set_config(config::SOCK_LB_PODS, u32::from(pods))?;
@@ -622,9 +661,16 @@ impl Dataplane {
             let pin = self.links_dir.join(format!("{name}-cgroup"));
             // The old link (a previous agent's) goes once the new one is in.
             let _ = fs::remove_file(&pin);
-            fd_link.pin(&pin).map_err(|source| DataplaneError::Pin { path: pin.clone(), source })?;
+            fd_link.pin(&pin).map_err(|source| DataplaneError::Pin {
+                path: pin.clone(),
+                source,
+            })?;
         }
-        let whose = if pods { "the node's and Pods' sockets" } else { "the node's own sockets only" };
+        let whose = if pods {
+            "the node's and Pods' sockets"
+        } else {
+            "the node's own sockets only"
+        };
         tracing::info!(cgroup = %cgroup.display(), "socket load balancing attached (cgroup connect, sendmsg, recvmsg, getpeername; IPv4 and IPv4-mapped IPv6) for {whose}");
         Ok(())
     }
@@ -645,7 +691,10 @@ impl Dataplane {
                 Err(e) => missing.push((path.clone(), e)),
             }
         }
-        let map = self.ebpf.map_mut(SOCK_LB_SKIP_MAP).ok_or(DataplaneError::MissingMap(SOCK_LB_SKIP_MAP))?;
+        let map = self
+            .ebpf
+            .map_mut(SOCK_LB_SKIP_MAP)
+            .ok_or(DataplaneError::MissingMap(SOCK_LB_SKIP_MAP))?;
         let mut skip: BpfHashMap<&mut MapData, u64, u8> =
             BpfHashMap::try_from(map).map_err(|source| DataplaneError::SkipMap { source })?;
         let have: BTreeSet<u64> = skip.keys().flatten().collect();
@@ -653,7 +702,8 @@ impl Dataplane {
             let _ = skip.remove(c);
         }
         for c in want.difference(&have) {
-            skip.insert(c, 1, 0).map_err(|source| DataplaneError::SkipMap { source })?;
+            skip.insert(c, 1, 0)
+                .map_err(|source| DataplaneError::SkipMap { source })?;
         }
         Ok(missing)
     }
@@ -669,12 +719,23 @@ impl Dataplane {
     /// delivered by the stack (counted as `fib_local`, not `fib_miss`).
     /// Writes only what differs; at most [`NODE_ADDRS_MAX`] are kept.
     pub fn set_node_addrs(&mut self, addrs: &BTreeSet<Ipv4Addr>) -> Result<(), DataplaneError> {
-        let map = self.ebpf.map_mut(NODE_ADDRS_MAP).ok_or(DataplaneError::MissingMap(NODE_ADDRS_MAP))?;
+        let map = self
+            .ebpf
+            .map_mut(NODE_ADDRS_MAP)
+            .ok_or(DataplaneError::MissingMap(NODE_ADDRS_MAP))?;
         let err = |source| DataplaneError::NodeAddrsMap { source };
         let mut m: BpfHashMap<&mut MapData, u32, u8> = BpfHashMap::try_from(map).map_err(err)?;
-        let want: BTreeSet<u32> = addrs.iter().take(NODE_ADDRS_MAX as usize).map(|a| addr_to_map(a.octets())).collect();
+        let want: BTreeSet<u32> = addrs
+            .iter()
+            .take(NODE_ADDRS_MAX as usize)
+            .map(|a| addr_to_map(a.octets()))
+            .collect();
         if addrs.len() > want.len() {
-            tracing::warn!(addresses = addrs.len(), kept = want.len(), "the node has more addresses than its map holds");
+            tracing::warn!(
+                addresses = addrs.len(),
+                kept = want.len(),
+                "the node has more addresses than its map holds"
+            );
         }
         let have: BTreeSet<u32> = m.keys().collect::<Result<_, _>>().map_err(err)?;
         for gone in have.difference(&want) {
@@ -705,10 +766,15 @@ impl Dataplane {
     }
 
     fn set_config(&mut self, index: u32, value: u32) -> Result<(), DataplaneError> {
-        let map = self.ebpf.map_mut(CONFIG_MAP).ok_or(DataplaneError::MissingMap(CONFIG_MAP))?;
+        let map = self
+            .ebpf
+            .map_mut(CONFIG_MAP)
+            .ok_or(DataplaneError::MissingMap(CONFIG_MAP))?;
         let mut array: Array<&mut MapData, u32> =
             Array::try_from(map).map_err(|source| DataplaneError::ConfigMap { source })?;
-        array.set(index, value, 0).map_err(|source| DataplaneError::ConfigMap { source })
+        array
+            .set(index, value, 0)
+            .map_err(|source| DataplaneError::ConfigMap { source })
     }
 
     pub fn attached(&self) -> impl Iterator<Item = &str> {
@@ -734,7 +800,11 @@ fn set_maglev_table_size(ebpf: &mut Ebpf, m: u32) -> Result<Option<u32>, Datapla
     let mut cfg: Array<&mut MapData, u32> = Array::try_from(map).map_err(config_err)?;
     let old = cfg.get(&config::MAGLEV_TABLE_SIZE, 0).map_err(config_err)?;
     if old != 0 && old != m {
-        tracing::info!(old, new = m, "the Maglev table size changed: tables are rewritten (new flows pick at random meanwhile)");
+        tracing::info!(
+            old,
+            new = m,
+            "the Maglev table size changed: tables are rewritten (new flows pick at random meanwhile)"
+        );
         cfg.set(config::MAGLEV_TABLE_SIZE, 0, 0).map_err(config_err)?;
         let map = ebpf.map_mut(MAGLEV_MAP).ok_or(DataplaneError::MissingMap(MAGLEV_MAP))?;
         let mut tables: Array<&mut MapData, u32> = Array::try_from(map).map_err(config_err)?;
@@ -771,9 +841,8 @@ pub fn warn_if_snat_ports_are_ephemeral(snat: (u16, u16)) {
 fn load_object(dir: &Path, max_entries: &[(&'static str, u32)]) -> Result<Ebpf, DataplaneError> {
     // connect() refused with ECONNREFUSED needs bpf_set_retval (5.18); the
     // programs leave the call out before (the call then fails with EPERM).
-    let set_retval = u32::from(
-        aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 18, 0)),
-    );
+    let set_retval =
+        u32::from(aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 18, 0)));
     let mut loader = EbpfLoader::new();
     loader.default_map_pin_directory(dir);
     loader.override_global(SOCK_SET_RETVAL, &set_retval, true);
@@ -825,7 +894,10 @@ fn attach_pinned(
         Some(_) => "reused pinned link",
         None => {
             let (fd_link, how) = prog.attach_new(ifname)?;
-            fd_link.pin(pin).map_err(|source| DataplaneError::Pin { path: pin.to_path_buf(), source })?;
+            fd_link.pin(pin).map_err(|source| DataplaneError::Pin {
+                path: pin.to_path_buf(),
+                source,
+            })?;
             how
         }
     };
@@ -839,7 +911,11 @@ fn attach_pinned(
 /// are no bpf_links and cannot be pinned, and aya deletes the filter when its
 /// link is dropped: the link is forgotten, so the filter outlives the agent
 /// (as a pinned TCX link does) until `ferry cleanup` or the interface goes.
-fn attach_netlink(prog: &mut SchedClassifier, ifname: &str, direction: TcAttachType) -> Result<&'static str, DataplaneError> {
+fn attach_netlink(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    direction: TcAttachType,
+) -> Result<&'static str, DataplaneError> {
     let what = || format!("attaching the TC program to {ifname} (netlink)");
     match tc::qdisc_add_clsact(ifname) {
         Ok(()) => {}
@@ -851,11 +927,31 @@ fn attach_netlink(prog: &mut SchedClassifier, ifname: &str, direction: TcAttachT
         .map_err(|e| program(what())(TcError::IoError(e).into()))?;
     let egress = direction == TcAttachType::Egress;
     let (id, how) = match prog.attach_to_link(ours) {
-        Ok(id) => (id, if egress { "tc egress (netlink), replaced Ferry's filter" } else { "tc ingress (netlink), replaced Ferry's filter" }),
+        Ok(id) => (
+            id,
+            if egress {
+                "tc egress (netlink), replaced Ferry's filter"
+            } else {
+                "tc ingress (netlink), replaced Ferry's filter"
+            },
+        ),
         Err(e) if os_error(&e) == Some(libc::ENOENT) => {
-            let opts = NlOptions { priority: NETLINK_PRIORITY, handle, classid: None };
-            let id = prog.attach_with_options(ifname, direction, TcAttachOptions::Netlink(opts)).map_err(program(what()))?;
-            (id, if egress { "tc egress (netlink), new filter" } else { "tc ingress (netlink), new filter" })
+            let opts = NlOptions {
+                priority: NETLINK_PRIORITY,
+                handle,
+                classid: None,
+            };
+            let id = prog
+                .attach_with_options(ifname, direction, TcAttachOptions::Netlink(opts))
+                .map_err(program(what()))?;
+            (
+                id,
+                if egress {
+                    "tc egress (netlink), new filter"
+                } else {
+                    "tc ingress (netlink), new filter"
+                },
+            )
         }
         Err(e) => return Err(program(what())(e)),
     };
@@ -924,7 +1020,11 @@ impl Links {
             })
             .map(|l| l.header.index)
             .collect();
-        let l3 = links.iter().filter(|l| is_l3(l.header.link_layer_type)).map(|l| l.header.index).collect();
+        let l3 = links
+            .iter()
+            .filter(|l| is_l3(l.header.link_layer_type))
+            .map(|l| l.header.index)
+            .collect();
         Self { names, veths, l3 }
     }
 
@@ -938,7 +1038,11 @@ impl Links {
             let hooks: &[Hook] = if devices.contains(name) && self.l3.contains(&idx) {
                 &[Hook::FromNetdevL3, Hook::ToNetdevL3]
             } else if devices.contains(name) {
-                if xdp { &[Hook::FromNetdev, Hook::ToNetdev, Hook::XdpFromNetdev] } else { &[Hook::FromNetdev, Hook::ToNetdev] }
+                if xdp {
+                    &[Hook::FromNetdev, Hook::ToNetdev, Hook::XdpFromNetdev]
+                } else {
+                    &[Hook::FromNetdev, Hook::ToNetdev]
+                }
             } else if self.veths.contains(&idx) {
                 &[Hook::FromPod, Hook::ToPod]
             } else {
@@ -956,7 +1060,10 @@ impl Links {
 /// kernel's bpf_redirect strips the MAC header (`dev_is_mac_header_xmit`).
 fn is_l3(t: LinkLayerType) -> bool {
     use LinkLayerType as T;
-    matches!(t, T::Tunnel | T::Tunnel6 | T::Sit | T::Ipgre | T::Ip6gre | T::Void | T::None | T::Rawip | T::Pimreg | T::Ppp)
+    matches!(
+        t,
+        T::Tunnel | T::Tunnel6 | T::Sit | T::Ipgre | T::Ip6gre | T::Void | T::None | T::Rawip | T::Pimreg | T::Ppp
+    )
 }
 
 /// The program `name` of the object as the kind `P` (`kind` says which, for
@@ -1134,7 +1241,10 @@ mod tests {
             }),
         };
         let text = with_causes(&e);
-        assert!(text.starts_with("attaching from_pod to eth0: `bpf_link_create` failed: "), "{text}");
+        assert!(
+            text.starts_with("attaching from_pod to eth0: `bpf_link_create` failed: "),
+            "{text}"
+        );
         assert!(text.contains("out of range"), "{text}");
         assert_eq!(text.matches("out of range").count(), 1, "{text}");
     }
@@ -1169,14 +1279,20 @@ mod tests {
             (3, Ipv4Addr::new(10, 0, 0, 5)),
         ];
         let eth0 = vec!["eth0".to_string()];
-        assert_eq!(nodeport_addresses(&addrs, &links, &eth0, &[]), [Ipv4Addr::new(192, 168, 77, 11)]);
+        assert_eq!(
+            nodeport_addresses(&addrs, &links, &eth0, &[]),
+            [Ipv4Addr::new(192, 168, 77, 11)]
+        );
         let all: Vec<ipnet::Ipv4Net> = vec!["0.0.0.0/0".parse().unwrap()];
         assert_eq!(
             nodeport_addresses(&addrs, &links, &eth0, &all),
             [Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(192, 168, 77, 11)]
         );
         let ten: Vec<ipnet::Ipv4Net> = vec!["10.0.0.0/8".parse().unwrap()];
-        assert_eq!(nodeport_addresses(&addrs, &links, &eth0, &ten), [Ipv4Addr::new(10, 0, 0, 5)]);
+        assert_eq!(
+            nodeport_addresses(&addrs, &links, &eth0, &ten),
+            [Ipv4Addr::new(10, 0, 0, 5)]
+        );
         assert!(nodeport_addresses(&addrs, &links, &[], &[]).is_empty());
     }
 }

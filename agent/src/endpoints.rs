@@ -176,7 +176,12 @@ pub fn can_use_topology(all: &[Endpoint], zone: &str) -> bool {
 /// the hints off for the whole Service (see [`can_use_topology`]).
 pub fn hint_own_zones<'a>(all: &mut [Endpoint], zone_of: impl Fn(&str) -> Option<&'a str>) {
     for e in all {
-        e.zone_hints = e.node.as_deref().and_then(&zone_of).map(|z| vec![z.to_string()]).unwrap_or_default();
+        e.zone_hints = e
+            .node
+            .as_deref()
+            .and_then(&zone_of)
+            .map(|z| vec![z.to_string()])
+            .unwrap_or_default();
     }
 }
 
@@ -191,10 +196,7 @@ pub fn usable(mut all: Vec<Endpoint>) -> (Vec<Endpoint>, bool) {
     if !ready.is_empty() {
         return (ready, false);
     }
-    let fallback: Vec<Endpoint> = all
-        .into_iter()
-        .filter(|e| e.serving && e.terminating)
-        .collect();
+    let fallback: Vec<Endpoint> = all.into_iter().filter(|e| e.serving && e.terminating).collect();
     let used = !fallback.is_empty();
     (fallback, used)
 }
@@ -268,17 +270,12 @@ mod tests {
         };
         let pods = [base, other_ns, pending, no_ip, other_app];
         let selector: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
-        let port: ServicePort =
-            serde_json::from_str(r#"{"port": 80, "targetPort": "web"}"#).expect("valid port");
+        let port: ServicePort = serde_json::from_str(r#"{"port": 80, "targetPort": "web"}"#).expect("valid port");
         let eps = from_pods("default", &selector, &port, &pods, false);
         assert_eq!(eps.len(), 1);
-        assert_eq!(
-            (eps[0].addr, eps[0].port),
-            (Ipv4Addr::new(10, 244, 0, 2), 8080)
-        );
+        assert_eq!((eps[0].addr, eps[0].port), (Ipv4Addr::new(10, 244, 0, 2), 8080));
         // A named port the Pod does not have: the Pod is no endpoint of that port.
-        let port: ServicePort =
-            serde_json::from_str(r#"{"port": 80, "targetPort": "nope"}"#).expect("valid port");
+        let port: ServicePort = serde_json::from_str(r#"{"port": 80, "targetPort": "nope"}"#).expect("valid port");
         assert!(from_pods("default", &selector, &port, &pods, false).is_empty());
     }
 }

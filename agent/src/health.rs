@@ -74,10 +74,7 @@ pub fn spawn_server(
                         Ok::<_, Infallible>(resp)
                     }
                 });
-                if let Err(e) = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await
-                {
+                if let Err(e) = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await {
                     tracing::debug!("health/metrics connection: {e}");
                 }
             });
@@ -204,7 +201,10 @@ impl Health {
                     } else {
                         Reply::text(
                             StatusCode::OK,
-                            format!("ok: serving the last good state; failing API watches: {}\n", failing.join("; ")),
+                            format!(
+                                "ok: serving the last good state; failing API watches: {}\n",
+                                failing.join("; ")
+                            ),
                         )
                     }
                 }
@@ -228,11 +228,7 @@ mod tests {
     #[test]
     fn healthz_follows_the_last_sync_and_readyz_the_first() {
         let h = Health::new(Duration::from_millis(200));
-        assert_eq!(
-            h.route("/healthz").status,
-            StatusCode::OK,
-            "grace after start"
-        );
+        assert_eq!(h.route("/healthz").status, StatusCode::OK, "grace after start");
         assert_eq!(h.route("/readyz").status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(h.route("/livez").status, StatusCode::OK);
         std::thread::sleep(Duration::from_millis(250));
@@ -241,18 +237,15 @@ mod tests {
         let r = h.route("/healthz");
         assert_eq!(r.status, StatusCode::OK, "the rest is served");
         let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
-        assert_eq!(body["notProgrammed"][0], "frontend default/big:80 (ClusterIP) not programmed: the map is full", "{body}");
+        assert_eq!(
+            body["notProgrammed"][0], "frontend default/big:80 (ClusterIP) not programmed: the map is full",
+            "{body}"
+        );
         h.synced(&[]);
         let body: serde_json::Value = serde_json::from_str(&h.route("/healthz").body).unwrap();
         assert!(body.get("notProgrammed").is_none(), "{body}");
-        assert!(
-            body["lastUpdated"].as_str().unwrap().ends_with('Z'),
-            "{body}"
-        );
-        assert!(
-            body["currentTime"].as_str().unwrap().ends_with('Z'),
-            "{body}"
-        );
+        assert!(body["lastUpdated"].as_str().unwrap().ends_with('Z'), "{body}");
+        assert!(body["currentTime"].as_str().unwrap().ends_with('Z'), "{body}");
         assert_eq!(h.route("/readyz").status, StatusCode::OK);
         assert_eq!(h.route("/readyz").body, "ok\n");
         // The API in trouble: still ready (the last good state is served),
@@ -284,19 +277,15 @@ mod tests {
     #[tokio::test]
     async fn serves_http_on_an_ephemeral_port() {
         let h = Arc::new(Health::new(Duration::from_secs(60)));
-        let (l, addr) = bind("127.0.0.1:0".parse().unwrap(), "health")
-            .await
-            .unwrap();
+        let (l, addr) = bind("127.0.0.1:0".parse().unwrap(), "health").await.unwrap();
         let h2 = h.clone();
         spawn_server(l, move |p| h2.route(p));
         let get = |path: &'static str| async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(
-                format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-            )
-            .await
-            .unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out
@@ -305,9 +294,6 @@ mod tests {
         h.synced(&[]);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
         let hz = get("/healthz").await;
-        assert!(
-            hz.starts_with("HTTP/1.1 200") && hz.contains("lastUpdated"),
-            "{hz}"
-        );
+        assert!(hz.starts_with("HTTP/1.1 200") && hz.contains("lastUpdated"), "{hz}");
     }
 }

@@ -44,7 +44,9 @@ impl HealthCheckServers {
                 Ok(listener) => {
                     let state = Arc::new(Mutex::new(hc.clone()));
                     let s = state.clone();
-                    let task = spawn_server(listener, move |_path| reply(&s.lock().unwrap_or_else(|e| e.into_inner())));
+                    let task = spawn_server(listener, move |_path| {
+                        reply(&s.lock().unwrap_or_else(|e| e.into_inner()))
+                    });
                     tracing::info!(port, service = %format!("{}/{}", hc.namespace, hc.name), "healthCheckNodePort server started");
                     self.servers.insert(*port, (state, task));
                 }
@@ -62,7 +64,11 @@ fn listen(port: u16) -> std::io::Result<tokio::net::TcpListener> {
 
 /// kube-proxy's answer: 200 with local endpoints, 503 without.
 pub fn reply(hc: &HealthCheck) -> Reply {
-    let status = if hc.local_endpoints > 0 { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if hc.local_endpoints > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = serde_json::json!({
         "service": {"namespace": hc.namespace, "name": hc.name},
         "localEndpoints": hc.local_endpoints,
@@ -77,13 +83,20 @@ mod tests {
 
     #[test]
     fn answers_like_kube_proxy() {
-        let hc = HealthCheck { namespace: "default".into(), name: "web".into(), local_endpoints: 2 };
+        let hc = HealthCheck {
+            namespace: "default".into(),
+            name: "web".into(),
+            local_endpoints: 2,
+        };
         let r = reply(&hc);
         assert_eq!(r.status, StatusCode::OK);
         let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(v["service"]["name"], "web");
         assert_eq!(v["localEndpoints"], 2);
-        let r = reply(&HealthCheck { local_endpoints: 0, ..hc });
+        let r = reply(&HealthCheck {
+            local_endpoints: 0,
+            ..hc
+        });
         assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -4,8 +4,7 @@
 use std::{fmt::Write as _, net::Ipv4Addr, path::Path};
 
 use ferry_common::{
-    addr_from_map, backend_flags, ct_flags, port_from_map, svc_flags, Backend, ServiceKey,
-    CT_DIR_FORWARD,
+    addr_from_map, backend_flags, ct_flags, port_from_map, svc_flags, Backend, ServiceKey, CT_DIR_FORWARD,
 };
 use serde::Serialize;
 
@@ -108,10 +107,7 @@ pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
         let (service, port_name) = split_name(&full);
         let backends = (1..=v.count)
             .map(|slot| {
-                let id = c
-                    .services
-                    .get(&ServiceKey { slot, ..*k })
-                    .map(|s| s.backend_id);
+                let id = c.services.get(&ServiceKey { slot, ..*k }).map(|s| s.backend_id);
                 let b = id.and_then(|id| c.backends.get(&id));
                 let mut flags = vec![];
                 if b.is_some_and(|b| b.flags & backend_flags::TERMINATING != 0) {
@@ -151,8 +147,7 @@ pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
             protocol: proto_name(k.proto),
             rev_nat_id: v.rev_nat_id,
             flags,
-            affinity_timeout_seconds: (v.flags & svc_flags::AFFINITY != 0)
-                .then_some(v.affinity_timeout),
+            affinity_timeout_seconds: (v.flags & svc_flags::AFFINITY != 0).then_some(v.affinity_timeout),
             source_ranges: c
                 .source_ranges
                 .iter()
@@ -164,9 +159,7 @@ pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
             bytes: stats.get(&v.rev_nat_id).map_or(0, |s| s.bytes),
         });
     }
-    rows.sort_by(|a, b| {
-        (&a.service, &a.port_name, &a.frontend).cmp(&(&b.service, &b.port_name, &b.frontend))
-    });
+    rows.sort_by(|a, b| (&a.service, &a.port_name, &a.frontend).cmp(&(&b.service, &b.port_name, &b.frontend)));
     Ok(rows)
 }
 
@@ -294,9 +287,7 @@ pub fn connections(dir: &Path) -> Result<Vec<CtRow>, InspectError> {
             expires_in_seconds: v.expires.saturating_sub(now) as f64 / 1e9,
         });
     }
-    rows.sort_by(|a, b| {
-        (&a.frontend, &a.client, a.direction).cmp(&(&b.frontend, &b.client, b.direction))
-    });
+    rows.sort_by(|a, b| (&a.frontend, &a.client, a.direction).cmp(&(&b.frontend, &b.client, b.direction)));
     Ok(rows)
 }
 
@@ -314,7 +305,15 @@ pub fn print_connections(rows: &[CtRow]) -> String {
         let _ = writeln!(
             out,
             "{:<5} {:<21} {:<21} {:<28} {:<8} {:<12} {:<20} {:>8.1}s {:.1}s",
-            r.protocol, r.client, r.frontend, r.backend, r.direction, r.state, flags, r.age_seconds, r.expires_in_seconds
+            r.protocol,
+            r.client,
+            r.frontend,
+            r.backend,
+            r.direction,
+            r.state,
+            flags,
+            r.age_seconds,
+            r.expires_in_seconds
         );
     }
     out
@@ -338,7 +337,11 @@ pub fn counters(dir: &Path) -> Result<Vec<CounterRow>, InspectError> {
         .map(|(c, name)| ("drop", *c, *name))
         .chain(crate::metrics::PACKETS.iter().map(|(c, name)| ("packet", *c, *name)));
     Ok(named
-        .map(|(kind, c, name)| CounterRow { kind, name, value: values.get(c as usize).copied().unwrap_or(0) })
+        .map(|(kind, c, name)| CounterRow {
+            kind,
+            name,
+            value: values.get(c as usize).copied().unwrap_or(0),
+        })
         .collect())
 }
 

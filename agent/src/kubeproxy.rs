@@ -80,11 +80,7 @@ pub enum KubeProxyError {
 }
 
 fn list(found: &[Finding]) -> String {
-    found
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+    found.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
 }
 
 fn cleanups(found: &[Finding]) -> String {
@@ -138,11 +134,9 @@ pub fn detect() -> (Vec<Finding>, Vec<String>) {
     let tables = std::fs::read_to_string("/proc/net/ip_tables_names").unwrap_or_default();
     for table in tables.lines().map(str::trim).filter(|t| !t.is_empty()) {
         match legacy_chains(table) {
-            Ok(chains) if chains.iter().any(|c| c == KUBE_SERVICES) => {
-                found.push(Finding::Legacy {
-                    table: table.to_string(),
-                })
-            }
+            Ok(chains) if chains.iter().any(|c| c == KUBE_SERVICES) => found.push(Finding::Legacy {
+                table: table.to_string(),
+            }),
             Ok(_) => {}
             Err(e) => errors.push(format!("reading ip_tables table {table}: {e}")),
         }
@@ -244,10 +238,7 @@ fn parse_chain_dump(buf: &[u8], out: &mut Vec<NftChain>) -> io::Result<bool> {
     while at + 16 <= buf.len() {
         let len = u32_at(buf, at).ok_or_else(truncated)? as usize;
         let kind = u16_at(buf, at + 4).ok_or_else(truncated)?;
-        let msg = buf
-            .get(at..at + len)
-            .filter(|_| len >= 16)
-            .ok_or_else(truncated)?;
+        let msg = buf.get(at..at + len).filter(|_| len >= 16).ok_or_else(truncated)?;
         match kind {
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => {
@@ -349,11 +340,7 @@ fn error_targets(table: &[u8]) -> Vec<String> {
         let t = at + target as usize;
         if let Some(header) = table.get(t..t + TARGET_HEADER) {
             if cstr(&header[2..31]) == "ERROR" {
-                let data = cstr(
-                    table
-                        .get(t + TARGET_HEADER..at + next as usize)
-                        .unwrap_or_default(),
-                );
+                let data = cstr(table.get(t + TARGET_HEADER..at + next as usize).unwrap_or_default());
                 if data != "ERROR" {
                     out.push(data);
                 }
@@ -406,10 +393,7 @@ mod tests {
         let mut chains = Vec::new();
         assert!(!parse_chain_dump(&buf, &mut chains).unwrap(), "no DONE yet");
         assert_eq!(chains.len(), 5);
-        assert_eq!(
-            chains[1],
-            (2, "nat".to_string(), "KUBE-SERVICES".to_string())
-        );
+        assert_eq!(chains[1], (2, "nat".to_string(), "KUBE-SERVICES".to_string()));
         assert!(parse_chain_dump(&nlmsg(NLMSG_DONE, &[0; 4]), &mut chains).unwrap());
         assert_eq!(
             nft_findings(&chains),
@@ -421,16 +405,9 @@ mod tests {
                 Finding::NftTable { family: "ip6" },
             ]
         );
-        let err = parse_chain_dump(
-            &nlmsg(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes()),
-            &mut chains,
-        )
-        .unwrap_err();
+        let err = parse_chain_dump(&nlmsg(NLMSG_ERROR, &(-libc::EPERM).to_ne_bytes()), &mut chains).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EPERM));
-        assert!(
-            parse_chain_dump(&buf[..30], &mut Vec::new()).is_err(),
-            "truncated"
-        );
+        assert!(parse_chain_dump(&buf[..30], &mut Vec::new()).is_err(), "truncated");
     }
 
     /// An ipt_entry with a target of `name` and `data`.

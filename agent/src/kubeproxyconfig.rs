@@ -53,15 +53,9 @@ pub struct Loaded {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: not YAML: {source}")]
-    Yaml {
-        path: PathBuf,
-        source: serde_yaml::Error,
-    },
+    Yaml { path: PathBuf, source: serde_yaml::Error },
     #[error("{path}: {field}: {message}")]
     Field {
         path: PathBuf,
@@ -112,18 +106,9 @@ const NO_EQUIVALENT: &[(&str, &str)] = &[
         "clusterCIDR",
         "Ferry tells Pod traffic by interface (Pod veths), not by CIDR",
     ),
-    (
-        "detectLocalMode",
-        "Ferry tells Pod traffic by interface (Pod veths)",
-    ),
-    (
-        "detectLocal",
-        "Ferry tells Pod traffic by interface (Pod veths)",
-    ),
-    (
-        "mode",
-        "Ferry is the proxy (eBPF); there is no mode to choose",
-    ),
+    ("detectLocalMode", "Ferry tells Pod traffic by interface (Pod veths)"),
+    ("detectLocal", "Ferry tells Pod traffic by interface (Pod veths)"),
+    ("mode", "Ferry is the proxy (eBPF); there is no mode to choose"),
     ("portRange", "deprecated in kube-proxy, and unused"),
     ("oomScoreAdj", "set the Pod's resources instead"),
     ("enableProfiling", "not implemented"),
@@ -182,9 +167,7 @@ fn field(key: &str, value: &Value, cpus: u32, out: &mut Loaded) -> Result<(), Pa
         "hostnameOverride" => s.node_name = non_empty(string(key, value)?),
         "healthzBindAddress" => s.healthz_bind_address = Some(bind_address(key, value)?),
         "metricsBindAddress" => s.metrics_bind_address = Some(bind_address(key, value)?),
-        "nodePortAddresses" => {
-            s.nodeport_addresses = node_port_addresses(key, value, &mut out.ignored)?
-        }
+        "nodePortAddresses" => s.nodeport_addresses = node_port_addresses(key, value, &mut out.ignored)?,
         "clientConnection" => client_connection(value, out)?,
         "conntrack" => conntrack(value, cpus, out)?,
         "syncPeriod" => s.sync_period_seconds = Some(seconds(key, value)?),
@@ -226,9 +209,7 @@ fn node_port_addresses(
     v: &Value,
     ignored: &mut Vec<String>,
 ) -> Result<Option<Vec<ipnet::Ipv4Net>>, Parse> {
-    let items = v
-        .as_sequence()
-        .ok_or_else(|| bad(field, "expected a list of CIDRs"))?;
+    let items = v.as_sequence().ok_or_else(|| bad(field, "expected a list of CIDRs"))?;
     let mut out = Vec::new();
     for (i, item) in items.iter().enumerate() {
         let at = format!("{field}[{i}]");
@@ -246,8 +227,7 @@ fn node_port_addresses(
 }
 
 fn mapping<'a>(field: &str, v: &'a Value) -> Result<&'a Mapping, Parse> {
-    v.as_mapping()
-        .ok_or_else(|| bad(field, "expected a mapping"))
+    v.as_mapping().ok_or_else(|| bad(field, "expected a mapping"))
 }
 
 /// Walks a nested mapping: `f(key, value)` for each field, unknown ones named
@@ -319,12 +299,8 @@ fn conntrack(v: &Value, cpus: u32, out: &mut Loaded) -> Result<(), Parse> {
         return Ok(());
     };
     let connections = (per_core * u64::from(cpus)).max(min.unwrap_or(0));
-    let entries = u32::try_from(connections * 2).map_err(|_| {
-        bad(
-            "conntrack.maxPerCore",
-            format!("{connections} connections is too many"),
-        )
-    })?;
+    let entries = u32::try_from(connections * 2)
+        .map_err(|_| bad("conntrack.maxPerCore", format!("{connections} connections is too many")))?;
     out.settings.ct_map_size = Some(entries);
     Ok(())
 }
@@ -375,12 +351,7 @@ fn millis(field: &str, v: &Value) -> Result<u64, Parse> {
 
 fn duration(field: &str, v: &Value) -> Result<Duration, Parse> {
     let s = string(field, v)?;
-    go_duration(&s).ok_or_else(|| {
-        bad(
-            field,
-            format!("{s:?}: want a duration like 30s, 1m0s or 500ms"),
-        )
-    })
+    go_duration(&s).ok_or_else(|| bad(field, format!("{s:?}: want a duration like 30s, 1m0s or 500ms")))
 }
 
 /// A Go duration string: `0`, or numbers with units h, m, s, ms, us/µs, ns.
@@ -496,9 +467,7 @@ fancyNewThing: 3
                 other => panic!("{body}: {other:?}"),
             }
         }
-        assert!(
-            matches!(parse("kind: KubeProxyConfiguration\n", 1), Err(Parse::Field(f, _)) if f == "apiVersion")
-        );
+        assert!(matches!(parse("kind: KubeProxyConfiguration\n", 1), Err(Parse::Field(f, _)) if f == "apiVersion"));
         assert!(matches!(parse("[", 1), Err(Parse::Yaml(_))));
     }
 

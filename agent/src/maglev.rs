@@ -18,7 +18,7 @@ pub fn is_prime(m: u32) -> bool {
     }
     let mut d = 2u32;
     while u64::from(d) * u64::from(d) <= u64::from(m) {
-        if m % d == 0 {
+        if m.is_multiple_of(d) {
             return false;
         }
         d += 1;
@@ -29,7 +29,9 @@ pub fn is_prime(m: u32) -> bool {
 /// 64-bit FNV-1a: fixed for ever (std's hasher may change between Rust
 /// releases, and every node, of any version, must compute the same table).
 fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
 }
 
 /// murmur3's 64-bit finaliser, to derive two independent hashes of a name.
@@ -64,7 +66,10 @@ pub fn table(backends: &[(Ipv4Addr, u16)], m: u32) -> Vec<u32> {
     if order.is_empty() {
         return Vec::new();
     }
-    let perms: Vec<(u64, u64)> = order.iter().map(|&i| permutation(backends[i].0, backends[i].1, m)).collect();
+    let perms: Vec<(u64, u64)> = order
+        .iter()
+        .map(|&i| permutation(backends[i].0, backends[i].1, m))
+        .collect();
     let mut next = vec![0u64; order.len()];
     const EMPTY: u32 = u32::MAX;
     let mut entry = vec![EMPTY; m as usize];
@@ -121,7 +126,10 @@ mod tests {
                 counts[i as usize] += 1;
             }
             let (lo, hi) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
-            assert!(*lo >= m / u32::from(n) && *hi <= m / u32::from(n) + 1, "n={n}: {counts:?}");
+            assert!(
+                *lo >= m / u32::from(n) && *hi <= m / u32::from(n) + 1,
+                "n={n}: {counts:?}"
+            );
         }
     }
 
@@ -146,11 +154,22 @@ mod tests {
             let rest: Vec<_> = all.iter().copied().filter(|b| *b != removed).collect();
             let after = named(&rest, &table(&rest, m));
             let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count() as f64 / f64::from(m);
-            let others = before.iter().zip(&after).filter(|(a, b)| a != b && **a != removed).count() as f64 / f64::from(m);
+            let others = before
+                .iter()
+                .zip(&after)
+                .filter(|(a, b)| a != b && **a != removed)
+                .count() as f64
+                / f64::from(m);
             let ideal = 1.0 / f64::from(n);
             println!("n={n}: removing one changed {changed:.4} of the entries (ideal {ideal:.4}), {others:.4} not the removed backend's");
-            assert!(changed >= ideal * 0.99 && changed <= ideal * 1.25, "n={n}: {changed} vs {ideal}");
-            assert!(others <= ideal * 0.25, "n={n}: {others} of the entries moved between remaining backends");
+            assert!(
+                changed >= ideal * 0.99 && changed <= ideal * 1.25,
+                "n={n}: {changed} vs {ideal}"
+            );
+            assert!(
+                others <= ideal * 0.25,
+                "n={n}: {others} of the entries moved between remaining backends"
+            );
             // And back: adding it again restores the first table exactly.
             assert_eq!(named(&all, &table(&all, m)), before);
             let added = after.iter().zip(&before).filter(|(a, b)| a != b).count() as f64 / f64::from(m);

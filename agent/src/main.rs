@@ -2,9 +2,13 @@
 use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
-use clap::{parser::ValueSource, ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum};
+use clap::{
+    parser::ValueSource, ArgMatches, Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand, ValueEnum,
+};
 use ferry_agent::{dataplane, inspect, kubeproxy, kubeproxyconfig, logging, mountns, run, status, translate};
-use ferry_common::{ct_timeouts, DEFAULT_BACKENDS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SNAT_PORTS, DEFAULT_SRC_RANGES_MAX};
+use ferry_common::{
+    ct_timeouts, DEFAULT_BACKENDS_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SNAT_PORTS, DEFAULT_SRC_RANGES_MAX,
+};
 
 #[derive(Parser)]
 #[command(
@@ -341,7 +345,12 @@ fn ct_tcp_size_for(mem_bytes: u64) -> u32 {
 /// MemTotal of /proc/meminfo in bytes.
 fn mem_total() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kb = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().trim_end_matches("kB").trim();
+    let kb = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim();
     kb.parse::<u64>().ok().map(|kb| kb * 1024)
 }
 
@@ -359,7 +368,9 @@ fn ct_sizes(tcp: Option<u32>, any: Option<u32>) -> Result<ferry_agent::ct::Sizes
 fn parse_maglev_table_size(s: &str) -> Result<u32, String> {
     let m: u32 = s.trim().parse().map_err(|_| format!("{s:?} is not a number"))?;
     if !(3..=131_071).contains(&m) || !ferry_agent::maglev::is_prime(m) {
-        return Err(format!("{m} is not a prime between 3 and 131071 (e.g. 251, 1021, 4093, 16381, 65521)"));
+        return Err(format!(
+            "{m} is not a prime between 3 and 131071 (e.g. 251, 1021, 4093, 16381, 65521)"
+        ));
     }
     Ok(m)
 }
@@ -376,8 +387,16 @@ fn netns_path(name: &str) -> PathBuf {
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
-    let (lo, hi) = s.split_once('-').ok_or_else(|| format!("{s:?}: expected LOW-HIGH, e.g. 30000-32767"))?;
-    let port = |p: &str| p.trim().parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("{p:?} is not a port (1-65535)"));
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected LOW-HIGH, e.g. 30000-32767"))?;
+    let port = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p > 0)
+            .ok_or_else(|| format!("{p:?} is not a port (1-65535)"))
+    };
     let (lo, hi) = (port(lo)?, port(hi)?);
     if lo > hi {
         return Err(format!("{lo}-{hi}: the low end is above the high end"));
@@ -411,10 +430,7 @@ fn run() -> Result<()> {
     logging::init(cli.log_format);
     // Before any thread exists (setns into a mount namespace requires it).
     if let Some(pid) = mountns::rejoin_launcher_mount_ns()? {
-        tracing::debug!(
-            pid,
-            "joined the mount namespace of PID {pid} (ip netns exec)"
-        );
+        tracing::debug!(pid, "joined the mount namespace of PID {pid} (ip netns exec)");
     }
     let rt = tokio::runtime::Runtime::new()?;
     match cli.cmd {
@@ -431,10 +447,14 @@ fn run() -> Result<()> {
         } => print_list(&inspect::services(&node.dir()?)?, output, inspect::print_services),
         Cmd::Ct {
             cmd: ListCmd::List { node, output },
-        } => print_list(&inspect::connections(&node.dir()?)?, output, |rows, _| inspect::print_connections(rows)),
+        } => print_list(&inspect::connections(&node.dir()?)?, output, |rows, _| {
+            inspect::print_connections(rows)
+        }),
         Cmd::Counters {
             cmd: ListCmd::List { node, output },
-        } => print_list(&inspect::counters(&node.dir()?)?, output, |rows, _| inspect::print_counters(rows)),
+        } => print_list(&inspect::counters(&node.dir()?)?, output, |rows, _| {
+            inspect::print_counters(rows)
+        }),
     }
 }
 
@@ -453,7 +473,10 @@ async fn print_status(a: StatusArgs) -> Result<()> {
     let node = node_name(a.node.node_name.clone())?;
     let opts = status::Options {
         bpffs_dir: a.node.dir()?,
-        status_file: a.status_file.path(&node).unwrap_or_else(|| status::default_status_file(&node)),
+        status_file: a
+            .status_file
+            .path(&node)
+            .unwrap_or_else(|| status::default_status_file(&node)),
     };
     let s = status::gather(&opts).await?;
     match a.output {
@@ -500,15 +523,39 @@ fn apply_config_file(a: &mut AgentArgs, given: Option<&ArgMatches>) -> Result<()
     };
     let s = loaded.settings;
     set(unset("node_name"), &mut a.node.node_name, s.node_name.map(Some));
-    set(unset("kubeconfig") && a.manifests.is_none(), &mut a.kubeconfig, s.kubeconfig.map(Some));
-    set(unset("healthz_bind_address"), &mut a.healthz_bind_address, s.healthz_bind_address);
-    set(unset("metrics_bind_address"), &mut a.metrics_bind_address, s.metrics_bind_address);
-    set(unset("nodeport_addresses"), &mut a.nodeport_addresses, s.nodeport_addresses);
+    set(
+        unset("kubeconfig") && a.manifests.is_none(),
+        &mut a.kubeconfig,
+        s.kubeconfig.map(Some),
+    );
+    set(
+        unset("healthz_bind_address"),
+        &mut a.healthz_bind_address,
+        s.healthz_bind_address,
+    );
+    set(
+        unset("metrics_bind_address"),
+        &mut a.metrics_bind_address,
+        s.metrics_bind_address,
+    );
+    set(
+        unset("nodeport_addresses"),
+        &mut a.nodeport_addresses,
+        s.nodeport_addresses,
+    );
     set(unset("ct_map_size"), &mut a.ct_map_size, s.ct_map_size.map(Some));
     set(unset("ct_timeout_tcp"), &mut a.ct_timeout_tcp, s.ct_timeout_tcp);
     set(unset("ct_timeout_udp"), &mut a.ct_timeout_udp, s.ct_timeout_udp);
-    set(unset("ct_timeout_udp_stream"), &mut a.ct_timeout_udp_stream, s.ct_timeout_udp_stream);
-    set(unset("sync_period_seconds"), &mut a.sync_period_seconds, s.sync_period_seconds);
+    set(
+        unset("ct_timeout_udp_stream"),
+        &mut a.ct_timeout_udp_stream,
+        s.ct_timeout_udp_stream,
+    );
+    set(
+        unset("sync_period_seconds"),
+        &mut a.sync_period_seconds,
+        s.sync_period_seconds,
+    );
     set(unset("sync_debounce_ms"), &mut a.sync_debounce_ms, s.sync_debounce_ms);
     Ok(())
 }
@@ -558,9 +605,12 @@ fn agent_config(mut a: AgentArgs, given: Option<&ArgMatches>) -> Result<run::Con
             Some(p) if p.as_os_str() == "none" => None,
             Some(p) => Some(p),
             None => {
-                let found = dataplane::default_cgroup(&std::fs::read_to_string("/proc/self/mounts").unwrap_or_default());
+                let found =
+                    dataplane::default_cgroup(&std::fs::read_to_string("/proc/self/mounts").unwrap_or_default());
                 if found.is_none() {
-                    tracing::warn!("no cgroup v2 mount found: node processes get no socket load balancing (--cgroup-path)");
+                    tracing::warn!(
+                        "no cgroup v2 mount found: node processes get no socket load balancing (--cgroup-path)"
+                    );
                 }
                 found
             }
@@ -577,7 +627,10 @@ fn agent_config(mut a: AgentArgs, given: Option<&ArgMatches>) -> Result<run::Con
             backends_max: a.backends_map_size,
             ct: ct_sizes(a.ct_map_size, a.ct_any_map_size)?,
             src_ranges_max: a.src_ranges_map_size,
-            maglev: dataplane::MaglevConfig { table_size: a.maglev_table_size, tables: a.maglev_tables },
+            maglev: dataplane::MaglevConfig {
+                table_size: a.maglev_table_size,
+                tables: a.maglev_tables,
+            },
         },
         ct: dataplane::CtConfig {
             timeout_tcp_syn: a.ct_timeout_tcp_syn,
@@ -633,27 +686,81 @@ mod tests {
         let path = file.display().to_string();
         let from_file = config(&["ferry", "agent", "--config", &path, "--cgroup-path", "none"]);
         let from_flags = config(&[
-            "ferry", "agent", "--node-name", "node-7", "--kubeconfig", "/etc/kube/kp.conf",
-            "--healthz-bind-address", "127.0.0.1:10266", "--metrics-bind-address", "127.0.0.1:10267",
-            "--nodeport-addresses", "192.168.0.0/16", "--ct-map-size", "200000", "--ct-timeout-tcp", "2h",
-            "--ct-timeout-udp-stream", "300",
-            "--sync-period-seconds", "45", "--sync-debounce-ms", "250", "--cgroup-path", "none",
+            "ferry",
+            "agent",
+            "--node-name",
+            "node-7",
+            "--kubeconfig",
+            "/etc/kube/kp.conf",
+            "--healthz-bind-address",
+            "127.0.0.1:10266",
+            "--metrics-bind-address",
+            "127.0.0.1:10267",
+            "--nodeport-addresses",
+            "192.168.0.0/16",
+            "--ct-map-size",
+            "200000",
+            "--ct-timeout-tcp",
+            "2h",
+            "--ct-timeout-udp-stream",
+            "300",
+            "--sync-period-seconds",
+            "45",
+            "--sync-debounce-ms",
+            "250",
+            "--cgroup-path",
+            "none",
         ]);
         assert_eq!(format!("{from_file:?}"), format!("{from_flags:?}"));
-        assert_eq!(from_file.dataplane.ct.tcp, 200000, "100000 connections, two entries each");
-        assert_eq!(from_file.ct.timeout_tcp, Duration::from_secs(7200), "conntrack.tcpEstablishedTimeout");
-        assert_eq!(from_file.ct.timeout_udp_stream, Duration::from_secs(300), "conntrack.udpStreamTimeout");
+        assert_eq!(
+            from_file.dataplane.ct.tcp, 200000,
+            "100000 connections, two entries each"
+        );
+        assert_eq!(
+            from_file.ct.timeout_tcp,
+            Duration::from_secs(7200),
+            "conntrack.tcpEstablishedTimeout"
+        );
+        assert_eq!(
+            from_file.ct.timeout_udp_stream,
+            Duration::from_secs(300),
+            "conntrack.udpStreamTimeout"
+        );
 
         let mixed = config(&[
-            "ferry", "agent", "--config", &path, "--healthz-bind-address", "127.0.0.1:1", "--node-name", "n2",
-            "--cgroup-path", "none",
+            "ferry",
+            "agent",
+            "--config",
+            &path,
+            "--healthz-bind-address",
+            "127.0.0.1:1",
+            "--node-name",
+            "n2",
+            "--cgroup-path",
+            "none",
         ]);
-        assert_eq!(mixed.healthz_addr, Some("127.0.0.1:1".parse().unwrap()), "the flag wins");
+        assert_eq!(
+            mixed.healthz_addr,
+            Some("127.0.0.1:1".parse().unwrap()),
+            "the flag wins"
+        );
         assert_eq!(mixed.node, "n2", "the flag wins");
-        assert_eq!(mixed.metrics_addr, from_file.metrics_addr, "the file still sets the rest");
+        assert_eq!(
+            mixed.metrics_addr, from_file.metrics_addr,
+            "the file still sets the rest"
+        );
         assert_eq!(mixed.sync_period, Duration::from_secs(45));
 
-        let standalone = config(&["ferry", "agent", "--config", &path, "--manifests", "/tmp", "--cgroup-path", "none"]);
+        let standalone = config(&[
+            "ferry",
+            "agent",
+            "--config",
+            &path,
+            "--manifests",
+            "/tmp",
+            "--cgroup-path",
+            "none",
+        ]);
         assert!(
             matches!(standalone.mode, run::Mode::Standalone { .. }),
             "clientConnection.kubeconfig does not turn --manifests into cluster mode"
@@ -667,12 +774,26 @@ mod tests {
         assert!(default.socket_lb_pods, "on by default");
         assert!(default.socket_lb_skip.is_empty());
         let off = config(&[
-            "ferry", "agent", "--manifests", "/tmp", "--cgroup-path", "none", "--socket-lb-pods=false",
-            "--socket-lb-skip-netns", "pod-a,/proc/1/ns/net",
+            "ferry",
+            "agent",
+            "--manifests",
+            "/tmp",
+            "--cgroup-path",
+            "none",
+            "--socket-lb-pods=false",
+            "--socket-lb-skip-netns",
+            "pod-a,/proc/1/ns/net",
         ]);
         assert!(!off.socket_lb_pods);
-        assert_eq!(off.socket_lb_skip, [PathBuf::from("/run/netns/pod-a"), PathBuf::from("/proc/1/ns/net")]);
-        let bad = Cli::command().try_get_matches_from(["ferry", "agent", "--manifests", "/tmp", "--socket-lb-pods=maybe"]);
-        assert!(bad.is_err_and(|e| e.to_string().contains("--socket-lb-pods")), "a bad value names the flag");
+        assert_eq!(
+            off.socket_lb_skip,
+            [PathBuf::from("/run/netns/pod-a"), PathBuf::from("/proc/1/ns/net")]
+        );
+        let bad =
+            Cli::command().try_get_matches_from(["ferry", "agent", "--manifests", "/tmp", "--socket-lb-pods=maybe"]);
+        assert!(
+            bad.is_err_and(|e| e.to_string().contains("--socket-lb-pods")),
+            "a bad value names the flag"
+        );
     }
 }

@@ -103,11 +103,7 @@ impl Metrics {
             not_programmed.clone(),
         );
         let sync_errors = Family::<Labels, Counter>::default();
-        registry.register(
-            "ferry_sync_errors",
-            "Syncs that failed, by reason",
-            sync_errors.clone(),
-        );
+        registry.register("ferry_sync_errors", "Syncs that failed, by reason", sync_errors.clone());
         let watch_errors = Family::<Labels, Counter>::default();
         registry.register(
             "ferry_watch_errors",
@@ -148,7 +144,9 @@ impl Metrics {
 
     /// Whether the list/watch of `resource` is failing now.
     pub fn set_watch_failing(&self, resource: &str, failing: bool) {
-        self.watch_failing.get_or_create(&vec![("resource".into(), resource.into())]).set(i64::from(failing));
+        self.watch_failing
+            .get_or_create(&vec![("resource".into(), resource.into())])
+            .set(i64::from(failing));
     }
 
     /// Attach errors of the last attach pass.
@@ -158,9 +156,7 @@ impl Metrics {
 
     pub fn sync_ok(&self, took: Duration, p: Programmed) {
         self.sync_duration.observe(took.as_secs_f64());
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         self.last_sync.set(now.as_secs_f64());
         self.services.set(p.services as i64);
         self.frontends.set(p.frontends as i64);
@@ -291,7 +287,12 @@ impl Collector for DataplaneCollector {
                 MetricType::Counter,
             )?;
             ConstCounter::new(gc.deleted).encode(m)?;
-            let m = encoder.encode_descriptor("ferry_conntrack_gc_runs", "Garbage collector runs", None, MetricType::Counter)?;
+            let m = encoder.encode_descriptor(
+                "ferry_conntrack_gc_runs",
+                "Garbage collector runs",
+                None,
+                MetricType::Counter,
+            )?;
             ConstCounter::new(gc.runs).encode(m)?;
             let m = encoder.encode_descriptor(
                 "ferry_conntrack_gc_duration_seconds",
@@ -319,10 +320,7 @@ impl Collector for DataplaneCollector {
                     let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
                     for (frontend, st) in &stats {
                         let (service, port) = split_frontend(frontend);
-                        let labels: Labels = vec![
-                            ("service".into(), service.into()),
-                            ("port".into(), port.into()),
-                        ];
+                        let labels: Labels = vec![("service".into(), service.into()), ("port".into(), port.into())];
                         ConstCounter::new(pick(st)).encode(m.encode_family(&labels)?)?;
                     }
                 }
@@ -401,10 +399,7 @@ mod tests {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
         assert_eq!(m.route("/metrics").status, StatusCode::OK);
-        assert_eq!(
-            split_frontend("default/web:http (ClusterIP)"),
-            ("default/web", "http")
-        );
+        assert_eq!(split_frontend("default/web:http (ClusterIP)"), ("default/web", "http"));
         assert_eq!(m.route("/x").status, StatusCode::NOT_FOUND);
     }
 }

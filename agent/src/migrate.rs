@@ -14,8 +14,9 @@ use std::{
 use aya::maps::{MapData, MapError, MapInfo, MapType};
 use aya_obj::{generated::bpf_map_type, maps::PinningType};
 use ferry_common::{
-    AFFINITY_MAP, BACKENDS_MAP, CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP, CT_TCP_MAP, FRAGS_MAP, REVNAT_MAP, SERVICES_MAP,
-    NODE_ADDRS_MAP, SOCK_LB_SKIP_MAP, SOCK_REVNAT_MAP, SRC_RANGES_MAP, SVC_NAMES_MAP, SVC_STATS_MAP, MAGLEV_MAP,
+    AFFINITY_MAP, BACKENDS_MAP, CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP, CT_TCP_MAP, FRAGS_MAP, MAGLEV_MAP,
+    NODE_ADDRS_MAP, REVNAT_MAP, SERVICES_MAP, SOCK_LB_SKIP_MAP, SOCK_REVNAT_MAP, SRC_RANGES_MAP, SVC_NAMES_MAP,
+    SVC_STATS_MAP,
 };
 
 /// Maps the agent rewrites after every start, or statistics: a pin that does
@@ -38,7 +39,14 @@ pub const REWRITTEN: &[&str] = &[
 /// differs only in max_entries is copied into the new map; any other difference
 /// loses the entries, with a warning. A map of the object in neither list is
 /// treated as state.
-pub const STATE: &[&str] = &[CT_TCP_MAP, CT_ANY_MAP, FRAGS_MAP, AFFINITY_MAP, SOCK_REVNAT_MAP, CONFIG_MAP];
+pub const STATE: &[&str] = &[
+    CT_TCP_MAP,
+    CT_ANY_MAP,
+    FRAGS_MAP,
+    AFFINITY_MAP,
+    SOCK_REVNAT_MAP,
+    CONFIG_MAP,
+];
 
 /// What a map looks like to the kernel.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -174,23 +182,19 @@ struct Copied {
 
 /// The shapes this build expects of the pinned maps of `object`: its
 /// definitions with `max_entries` overridden as the loader will.
-pub fn expected(
-    object: &[u8],
-    max_entries: &[(&str, u32)],
-) -> Result<BTreeMap<String, Shape>, MigrateError> {
+pub fn expected(object: &[u8], max_entries: &[(&str, u32)]) -> Result<BTreeMap<String, Shape>, MigrateError> {
     let obj = aya_obj::Object::parse(object)?;
     let overrides: BTreeMap<&str, u32> = max_entries.iter().copied().collect();
     obj.maps
         .iter()
         .filter(|(_, m)| m.pinning() == PinningType::ByName)
         .map(|(name, m)| {
-            let shape =
-                Shape::of_object(m, overrides.get(name.as_str()).copied()).map_err(|source| {
-                    MigrateError::Definition {
-                        name: name.clone(),
-                        source: Box::new(source),
-                    }
-                })?;
+            let shape = Shape::of_object(m, overrides.get(name.as_str()).copied()).map_err(|source| {
+                MigrateError::Definition {
+                    name: name.clone(),
+                    source: Box::new(source),
+                }
+            })?;
             Ok((name.clone(), shape))
         })
         .collect()
@@ -200,10 +204,7 @@ pub fn expected(
 /// (logging what changed), and the maps `expected` does not have. Returns
 /// the copies to finish with [`finish`] after the loader has created the new
 /// maps.
-pub fn prepare(
-    dir: &Path,
-    expected: &BTreeMap<String, Shape>,
-) -> Result<Vec<PendingCopy>, MigrateError> {
+pub fn prepare(dir: &Path, expected: &BTreeMap<String, Shape>) -> Result<Vec<PendingCopy>, MigrateError> {
     let mut copies = Vec::new();
     for (name, want) in expected {
         let path = dir.join(name);
@@ -328,15 +329,13 @@ fn copy_entries(old: &RawMap, new: &RawMap) -> Copied {
             }
         };
         match old.lookup(&next, &mut value) {
-            Ok(true) if out.copied < u64::from(new.max_entries) => {
-                match new.update(&next, &value) {
-                    Ok(()) => out.copied += 1,
-                    Err(e) => {
-                        tracing::debug!("copying an entry: {e}");
-                        out.lost += 1;
-                    }
+            Ok(true) if out.copied < u64::from(new.max_entries) => match new.update(&next, &value) {
+                Ok(()) => out.copied += 1,
+                Err(e) => {
+                    tracing::debug!("copying an entry: {e}");
+                    out.lost += 1;
                 }
-            }
+            },
             Ok(true) => out.lost += 1,
             // Deleted (or expired) while we walk.
             Ok(false) => {}
@@ -385,13 +384,7 @@ impl<'a> RawMap<'a> {
 
     /// One element command; `key` and `value` must hold the map's key and
     /// value sizes (checked).
-    fn call(
-        &self,
-        cmd: libc::c_long,
-        key: Option<&[u8]>,
-        value: *mut u8,
-        value_len: usize,
-    ) -> io::Result<()> {
+    fn call(&self, cmd: libc::c_long, key: Option<&[u8]>, value: *mut u8, value_len: usize) -> io::Result<()> {
         let key_len = key.map_or(self.key_size, <[u8]>::len);
         let want = if cmd == BPF_MAP_GET_NEXT_KEY {
             self.key_size
@@ -415,14 +408,7 @@ impl<'a> RawMap<'a> {
         // commands; the kernel reads `key_size` bytes at `key` (or none: a null
         // key asks for the first key) and reads or writes `want` bytes at
         // `value`, and both buffers have exactly those lengths (checked above).
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                cmd,
-                &attr as *const ElemAttr,
-                size_of::<ElemAttr>(),
-            )
-        };
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, &attr as *const ElemAttr, size_of::<ElemAttr>()) };
         if rc < 0 {
             return Err(io::Error::last_os_error());
         }
@@ -441,12 +427,7 @@ impl<'a> RawMap<'a> {
 
     /// The value of `key` into `value`; false when there is none.
     fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
-        match self.call(
-            BPF_MAP_LOOKUP_ELEM,
-            Some(key),
-            value.as_mut_ptr(),
-            value.len(),
-        ) {
+        match self.call(BPF_MAP_LOOKUP_ELEM, Some(key), value.as_mut_ptr(), value.len()) {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
@@ -455,12 +436,7 @@ impl<'a> RawMap<'a> {
 
     fn update(&self, key: &[u8], value: &[u8]) -> io::Result<()> {
         // The kernel only reads the value of an update.
-        self.call(
-            BPF_MAP_UPDATE_ELEM,
-            Some(key),
-            value.as_ptr().cast_mut(),
-            value.len(),
-        )
+        self.call(BPF_MAP_UPDATE_ELEM, Some(key), value.as_ptr().cast_mut(), value.len())
     }
 }
 

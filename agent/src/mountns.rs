@@ -18,11 +18,7 @@ pub enum MountNsError {
     #[error("joining the mount namespace of PID {pid}: {source}")]
     Setns { pid: i32, source: nix::Error },
     #[error("returning to {} after joining PID {pid}'s mount namespace: {source}", path.display())]
-    Chdir {
-        pid: i32,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Chdir { pid: i32, path: PathBuf, source: io::Error },
 }
 
 use crate::dataplane::has_bpffs;
@@ -47,9 +43,7 @@ pub fn rejoin_launcher_mount_ns() -> Result<Option<i32>, MountNsError> {
         .collect();
     candidates.dedup();
     // Prefer a namespace that already has the shared bpffs.
-    candidates.sort_by_key(|pid| {
-        !has_bpffs(&fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap_or_default())
-    });
+    candidates.sort_by_key(|pid| !has_bpffs(&fs::read_to_string(format!("/proc/{pid}/mounts")).unwrap_or_default()));
     let Some(&pid) = candidates.first() else {
         if ppid == 1 {
             tracing::warn!(
@@ -69,11 +63,7 @@ pub fn rejoin_launcher_mount_ns() -> Result<Option<i32>, MountNsError> {
     let cwd = std::env::current_dir().ok();
     setns(&f, CloneFlags::CLONE_NEWNS).map_err(|source| MountNsError::Setns { pid, source })?;
     if let Some(path) = cwd {
-        std::env::set_current_dir(&path).map_err(|source| MountNsError::Chdir {
-            pid,
-            path,
-            source,
-        })?;
+        std::env::set_current_dir(&path).map_err(|source| MountNsError::Chdir { pid, path, source })?;
     }
     Ok(Some(pid))
 }

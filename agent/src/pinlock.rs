@@ -29,9 +29,7 @@ pub enum PinLockError {
 }
 
 fn holder_suffix(holder: Option<u32>) -> String {
-    holder
-        .map(|pid| format!(" (PID {pid})"))
-        .unwrap_or_default()
+    holder.map(|pid| format!(" (PID {pid})")).unwrap_or_default()
 }
 
 /// The held lock; dropping it (or the process ending) releases it.
@@ -145,20 +143,13 @@ mod tests {
         let err = acquire(&dir).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains(&dir.display().to_string()), "{msg}");
-        assert!(
-            msg.contains(&format!("PID {}", std::process::id())),
-            "{msg}"
-        );
+        assert!(msg.contains(&format!("PID {}", std::process::id())), "{msg}");
         assert_eq!(held_by(&dir).unwrap(), Some(Some(std::process::id())));
         drop(first);
         assert_eq!(held_by(&dir).unwrap(), None);
         acquire(&dir).unwrap();
         std::fs::remove_dir(&dir).unwrap();
-        assert_eq!(
-            held_by(&dir).unwrap(),
-            None,
-            "a missing directory is not held"
-        );
+        assert_eq!(held_by(&dir).unwrap(), None, "a missing directory is not held");
     }
 
     #[test]
@@ -186,16 +177,8 @@ mod tests {
                      3: FLOCK  ADVISORY  READ 88 fd:01:19030 0 EOF\n";
         let dev = libc::makedev(0, 0x28);
         assert_eq!(holder_in(locks, dev, 19030), Some(12161));
-        assert_eq!(
-            holder_in(locks, dev, 19031),
-            None,
-            "POSIX locks are not ours"
-        );
-        assert_eq!(
-            holder_in(locks, libc::makedev(0xfd, 1), 19030),
-            None,
-            "READ is a probe"
-        );
+        assert_eq!(holder_in(locks, dev, 19031), None, "POSIX locks are not ours");
+        assert_eq!(holder_in(locks, libc::makedev(0xfd, 1), 19030), None, "READ is a probe");
         assert_eq!(holder_in(locks, dev, 1), None);
     }
 }

@@ -36,10 +36,7 @@ use crate::{
 #[derive(Clone, Debug)]
 pub enum Mode {
     /// `--manifests DIR`: YAML files plus the shim's Pod status files.
-    Standalone {
-        manifests: PathBuf,
-        state_dir: PathBuf,
-    },
+    Standalone { manifests: PathBuf, state_dir: PathBuf },
     /// The Kubernetes API (in-cluster, or `--kubeconfig`).
     Cluster { kubeconfig: Option<PathBuf> },
 }
@@ -114,11 +111,7 @@ impl Programmer {
         }
         let t = translate(&snapshot, &self.translate);
         let translated = started.elapsed();
-        let errors: BTreeSet<String> = errors
-            .iter()
-            .chain(t.errors.iter())
-            .map(ToString::to_string)
-            .collect();
+        let errors: BTreeSet<String> = errors.iter().chain(t.errors.iter()).map(ToString::to_string).collect();
         report_changes(&self.reported, &errors);
         let input_errors = errors.len();
         self.reported = errors;
@@ -217,10 +210,7 @@ type Fingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
 impl Source {
     async fn start(cfg: &Config, tx: UnboundedSender<()>, metrics: Arc<Metrics>) -> Result<Self> {
         match &cfg.mode {
-            Mode::Standalone {
-                manifests,
-                state_dir,
-            } => {
+            Mode::Standalone { manifests, state_dir } => {
                 let watched = vec![manifests.clone(), ferry_shim::status::pods_dir(state_dir)];
                 let watcher = watch::watch(&watched, tx.clone())?;
                 let loaded = Arc::new(Mutex::new(Fingerprint::new()));
@@ -345,7 +335,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     dp.set_ct_config(&cfg.ct)?;
     reporter.update(|r| r.tc_hook = Some(dp.tc_mode().hook().to_string()));
     dataplane::warn_if_snat_ports_are_ephemeral(cfg.ct.snat_ports);
-    tokio::spawn(crate::ct::run_gc(cfg.dataplane.bpffs_dir.clone(), cfg.dataplane.ct, gc_report));
+    tokio::spawn(crate::ct::run_gc(
+        cfg.dataplane.bpffs_dir.clone(),
+        cfg.dataplane.ct,
+        gc_report,
+    ));
     let syncer = Syncer::new(maps).context("reading the pinned maps")?;
     let maglev = cfg.dataplane.maglev;
     let ids = Ids::from_contents(syncer.current(), maglev.table_size, maglev.tables);
@@ -361,8 +355,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     };
 
     let (conn, handle, mut link_events) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
-            .context("netlink")?;
+        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr]).context("netlink")?;
     tokio::spawn(conn);
     let mut node_addr = None;
     let outcomes = Outcomes {
@@ -568,7 +561,10 @@ async fn refresh_addresses(
         tracing::warn!("{e:#}");
     }
     let primary = cfg.devices.iter().find_map(|d| {
-        addrs.iter().find(|(idx, ip)| links.get(idx) == Some(d) && !ip.is_loopback()).map(|(_, ip)| *ip)
+        addrs
+            .iter()
+            .find(|(idx, ip)| links.get(idx) == Some(d) && !ip.is_loopback())
+            .map(|(_, ip)| *ip)
     });
     if primary != *node_addr {
         if let Some(a) = primary {
@@ -619,11 +615,18 @@ fn attach_all(
 /// attach, and every `--devices` entry this network namespace lacks (its
 /// from_netdev cannot be attached). XDP falling back to TC is not in it.
 fn unattached(errors: &[AttachError], devices: &[String], links: &dataplane::Links) -> Vec<String> {
-    let failed = errors.iter().map(|e| format!("{} on {}: {}", e.program, e.interface, e.error));
+    let failed = errors
+        .iter()
+        .map(|e| format!("{} on {}: {}", e.program, e.interface, e.error));
     let missing = devices
         .iter()
         .filter(|d| !links.names.values().any(|n| n == *d))
-        .map(|d| format!("{} on {d}: no such interface (--devices)", ferry_common::PROG_FROM_NETDEV));
+        .map(|d| {
+            format!(
+                "{} on {d}: no such interface (--devices)",
+                ferry_common::PROG_FROM_NETDEV
+            )
+        });
     failed.chain(missing).collect()
 }
 
@@ -645,9 +648,17 @@ fn initial_report(cfg: &Config) -> AgentReport {
         xdp: cfg.xdp.map(|x| format!("{x:?}").to_lowercase()),
         cgroup: cfg.cgroup.clone(),
         socket_lb: cfg.cgroup.as_ref().map(|cg| {
-            let whose = if cfg.socket_lb_pods { "node and Pods" } else { "node only" };
+            let whose = if cfg.socket_lb_pods {
+                "node and Pods"
+            } else {
+                "node only"
+            };
             let skipped: Vec<String> = cfg.socket_lb_skip.iter().map(|p| p.display().to_string()).collect();
-            let skipped = if skipped.is_empty() { String::new() } else { format!(", skipping {}", skipped.join(", ")) };
+            let skipped = if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(", skipping {}", skipped.join(", "))
+            };
             format!("{whose} (cgroup {}){skipped}", cg.display())
         }),
         features: detect_features(),
@@ -685,12 +696,21 @@ mod tests {
     #[test]
     fn l3_devices_get_the_l3_programs_and_no_xdp() {
         let links = dataplane::Links {
-            names: [(2, "eth0".to_string()), (3, "veth1".to_string()), (4, "wg0".to_string())].into(),
+            names: [
+                (2, "eth0".to_string()),
+                (3, "veth1".to_string()),
+                (4, "wg0".to_string()),
+            ]
+            .into(),
             veths: [3].into(),
             l3: [4].into(),
         };
         let devices = vec!["eth0".to_string(), "wg0".to_string()];
-        let hooks: Vec<_> = links.hooks(&devices, true).into_iter().map(|((h, i), n)| (h, i, n)).collect();
+        let hooks: Vec<_> = links
+            .hooks(&devices, true)
+            .into_iter()
+            .map(|((h, i), n)| (h, i, n))
+            .collect();
         use dataplane::Hook::*;
         assert_eq!(
             hooks,

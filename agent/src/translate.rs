@@ -131,7 +131,12 @@ impl Frontend {
     ) -> Self {
         let backends = backends
             .into_iter()
-            .map(|addr| BackendSpec { addr, port: backend_port, terminating: false, local: false })
+            .map(|addr| BackendSpec {
+                addr,
+                port: backend_port,
+                terminating: false,
+                local: false,
+            })
             .collect();
         Self {
             name: name.into(),
@@ -254,10 +259,7 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                     &v.svc.source,
                     format!("Service {}", v.key),
                     format!("spec.ports[{i}]"),
-                    format!(
-                        "{ip}:{port}/{} is already used by Service {owner}",
-                        proto_name(proto)
-                    ),
+                    format!("{ip}:{port}/{} is already used by Service {owner}", proto_name(proto)),
                 ));
                 continue;
             }
@@ -288,7 +290,12 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                 source_ranges: Vec::new(),
             };
             let itp = if v.itp_local { svc_flags::ITP_LOCAL } else { 0 };
-            out.frontends.push(frontend(ip, port, svc_flags::CLUSTER_IP | itp, split(&all, v.itp_local)));
+            out.frontends.push(frontend(
+                ip,
+                port,
+                svc_flags::CLUSTER_IP | itp,
+                split(&all, v.itp_local),
+            ));
 
             // North-south frontends: the node's addresses at the NodePort,
             // externalIPs and LoadBalancer IPs at the Service port.
@@ -331,7 +338,10 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                         &v.svc.source,
                         format!("Service {}", v.key),
                         field,
-                        format!("{addr}:{eport}/{} is already used by Service {owner}", proto_name(proto)),
+                        format!(
+                            "{addr}:{eport}/{} is already used by Service {owner}",
+                            proto_name(proto)
+                        ),
                     ));
                     continue;
                 }
@@ -340,9 +350,13 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
                 // cluster: Pods and the node's processes reach every node's
                 // endpoints through an internal-scope twin (kube-proxy's
                 // short-circuit of in-cluster traffic to external addresses).
-                let twin = v.etp_local.then(|| frontend(addr, eport, kind | svc_flags::INTERNAL, split(&all, false)));
+                let twin = v
+                    .etp_local
+                    .then(|| frontend(addr, eport, kind | svc_flags::INTERNAL, split(&all, false)));
                 let twin_flag = if twin.is_some() { svc_flags::INTERNAL_TWIN } else { 0 };
-                for mut f in std::iter::once(frontend(addr, eport, kind | etp | twin_flag, backends.clone())).chain(twin) {
+                for mut f in
+                    std::iter::once(frontend(addr, eport, kind | etp | twin_flag, backends.clone())).chain(twin)
+                {
                     // Only LoadBalancer IPs are filtered (kube-proxy leaves
                     // NodePorts and externalIPs open too).
                     if kind == svc_flags::LOAD_BALANCER && !v.source_ranges.is_empty() {
@@ -364,11 +378,20 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
 /// usable ones are the serving+terminating fallback. Without `local_only`
 /// (kube-proxy's "cluster endpoints"), zone hints apply when this node's
 /// `zone` is known and [`endpoints::can_use_topology`] says so.
-fn split(all: &[Endpoint], local_only: bool, cfg: &Config, zone: Option<&str>) -> (Vec<BackendSpec>, Vec<BackendSpec>, bool) {
+fn split(
+    all: &[Endpoint],
+    local_only: bool,
+    cfg: &Config,
+    zone: Option<&str>,
+) -> (Vec<BackendSpec>, Vec<BackendSpec>, bool) {
     let (candidates, remote): (Vec<Endpoint>, Vec<Endpoint>) = if local_only {
-        all.iter().cloned().partition(|e| e.node.as_deref() == Some(cfg.node.as_str()))
+        all.iter()
+            .cloned()
+            .partition(|e| e.node.as_deref() == Some(cfg.node.as_str()))
     } else if let Some(zone) = zone.filter(|z| endpoints::can_use_topology(all, z)) {
-        all.iter().cloned().partition(|e| e.zone_hints.iter().any(|h| h == zone))
+        all.iter()
+            .cloned()
+            .partition(|e| e.zone_hints.iter().any(|h| h == zone))
     } else {
         (all.to_vec(), Vec::new())
     };
@@ -381,7 +404,11 @@ fn split(all: &[Endpoint], local_only: bool, cfg: &Config, zone: Option<&str>) -
         .collect();
     draining.sort();
     draining.dedup_by(|a, b| (a.addr, a.port) == (b.addr, b.port));
-    (usable.iter().map(|e| backend_spec(e, cfg)).collect(), draining, fallback)
+    (
+        usable.iter().map(|e| backend_spec(e, cfg)).collect(),
+        draining,
+        fallback,
+    )
 }
 
 /// NodePorts by (Service, port index): explicit ones first (a later Service
@@ -415,8 +442,10 @@ fn assign_node_ports(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError>
     let (lo, hi) = cfg.node_port_range;
     let size = u32::from(hi.saturating_sub(lo)) + 1;
     for (v, i, proto) in missing {
-        let found = probe(&format!("{}:{i}", v.key), size, |k| !taken.contains_key(&(lo + k as u16, proto)))
-            .map(|k| lo + k as u16);
+        let found = probe(&format!("{}:{i}", v.key), size, |k| {
+            !taken.contains_key(&(lo + k as u16, proto))
+        })
+        .map(|k| lo + k as u16);
         match found {
             Some(np) => {
                 taken.insert((np, proto), v.key.clone());
@@ -445,9 +474,7 @@ fn backend_spec(e: &Endpoint, cfg: &Config) -> BackendSpec {
 /// Checks a Service; returns None when it gets no dataplane entries at all.
 fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputError>) -> Option<Valid<'a>> {
     let key = ns_name(&svc.object.metadata);
-    let err = |field: &str, msg: String| {
-        InputError::new(&svc.source, format!("Service {key}"), field, msg)
-    };
+    let err = |field: &str, msg: String| InputError::new(&svc.source, format!("Service {key}"), field, msg);
     if svc.object.metadata.name.as_deref().unwrap_or("").is_empty() {
         errors.push(err("metadata.name", "missing".into()));
         return None;
@@ -457,7 +484,10 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
     // service-proxy-name,!service.kubernetes.io/headless`), and so does Ferry.
     // They are served again as soon as the label goes away.
     let labels = svc.object.metadata.labels.as_ref();
-    if [SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL].iter().any(|l| labels.is_some_and(|m| m.contains_key(*l))) {
+    if [SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL]
+        .iter()
+        .any(|l| labels.is_some_and(|m| m.contains_key(*l)))
+    {
         return None;
     }
     let Some(spec) = svc.object.spec.as_ref() else {
@@ -490,10 +520,7 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
     for (i, sp) in spec.ports.iter().flatten().enumerate() {
         let field = |f: &str| format!("spec.ports[{i}].{f}");
         let Some(port) = u16::try_from(sp.port).ok().filter(|p| *p > 0) else {
-            errors.push(err(
-                &field("port"),
-                format!("{} out of range 1-65535", sp.port),
-            ));
+            errors.push(err(&field("port"), format!("{} out of range 1-65535", sp.port)));
             continue;
         };
         let proto = match sp.protocol.as_deref().unwrap_or("TCP") {
@@ -511,14 +538,9 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
                 continue;
             }
         };
-        if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(t)) =
-            &sp.target_port
-        {
+        if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(t)) = &sp.target_port {
             if !(1..=65535).contains(t) {
-                errors.push(err(
-                    &field("targetPort"),
-                    format!("{t} out of range 1-65535"),
-                ));
+                errors.push(err(&field("targetPort"), format!("{t} out of range 1-65535")));
                 continue;
             }
         }
@@ -603,10 +625,20 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
         if let Some(ip) = spec.load_balancer_ip.as_ref().filter(|s| !s.is_empty()) {
             lb.push(("spec.loadBalancerIP".into(), ip.clone()));
         }
-        let ingress = svc.object.status.as_ref().and_then(|s| s.load_balancer.as_ref()).and_then(|l| l.ingress.as_ref());
+        let ingress = svc
+            .object
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
         // ipMode Proxy: the load balancer proxies to the nodes, so traffic to
         // its IP must reach it, not be short-circuited here (kube-proxy >= 1.30).
-        for (k, ing) in ingress.into_iter().flatten().enumerate().filter(|(_, i)| i.ip_mode.as_deref() != Some("Proxy")) {
+        for (k, ing) in ingress
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, i)| i.ip_mode.as_deref() != Some("Proxy"))
+        {
             if let Some(ip) = ing.ip.as_ref().filter(|s| !s.is_empty()) {
                 lb.push((format!("status.loadBalancer.ingress[{k}].ip"), ip.clone()));
             }
@@ -642,7 +674,12 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
             return None;
         }
     };
-    let annotation = svc.object.metadata.annotations.as_ref().and_then(|a| a.get(LB_ALGORITHM_ANNOTATION));
+    let annotation = svc
+        .object
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(LB_ALGORITHM_ANNOTATION));
     let maglev = match annotation.map(|a| a.trim()) {
         None => cfg.lb_algorithm == LbAlgorithm::Maglev,
         Some("maglev") => true,
@@ -657,7 +694,10 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
     };
     // kube-proxy reads only the hints; the EndpointSlice controller writes
     // them for PreferClose (and PreferSameZone, its 1.34 name).
-    let prefer_close = matches!(spec.traffic_distribution.as_deref(), Some("PreferClose") | Some("PreferSameZone"));
+    let prefer_close = matches!(
+        spec.traffic_distribution.as_deref(),
+        Some("PreferClose") | Some("PreferSameZone")
+    );
     Some(Valid {
         svc,
         spec,
@@ -698,11 +738,21 @@ fn source_ranges(
 ) -> SourceRanges {
     let spec = svc.spec.as_ref().and_then(|s| s.load_balancer_source_ranges.as_ref());
     let (field, entries): (String, Vec<&str>) = match spec.filter(|r| !r.is_empty()) {
-        Some(r) => ("spec.loadBalancerSourceRanges".into(), r.iter().map(String::as_str).collect()),
+        Some(r) => (
+            "spec.loadBalancerSourceRanges".into(),
+            r.iter().map(String::as_str).collect(),
+        ),
         None => {
-            let annotation = svc.metadata.annotations.as_ref().and_then(|a| a.get(SOURCE_RANGES_ANNOTATION));
+            let annotation = svc
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(SOURCE_RANGES_ANNOTATION));
             match annotation.map(|a| a.trim()).filter(|a| !a.is_empty()) {
-                Some(a) => (format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"), a.split(',').collect()),
+                Some(a) => (
+                    format!("metadata.annotations[{SOURCE_RANGES_ANNOTATION}]"),
+                    a.split(',').collect(),
+                ),
                 None => return SourceRanges::Anyone,
             }
         }
@@ -735,18 +785,15 @@ fn parse_source_range(s: &str) -> Result<Ipv4Net, &'static str> {
     } else {
         s.parse::<Ipv4Addr>().ok().map(Ipv4Net::from)
     };
-    net.map(|n| n.trunc()).ok_or("is not an IPv4 CIDR (like 203.0.113.0/24) or address")
+    net.map(|n| n.trunc())
+        .ok_or("is not an IPv4 CIDR (like 203.0.113.0/24) or address")
 }
 
 /// ClusterIPs: explicit ones as given (outside the range is fine, as with a real
 /// apiserver's second range); the others by a stable hash of namespace/name into
 /// the range, probing onward on collision, in name order. Same input, same IPs:
 /// on every node and across restarts.
-fn assign_cluster_ips(
-    valid: &[Valid],
-    cfg: &Config,
-    errors: &mut Vec<InputError>,
-) -> Vec<Option<Ipv4Addr>> {
+fn assign_cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError>) -> Vec<Option<Ipv4Addr>> {
     let mut used: BTreeSet<Ipv4Addr> = valid
         .iter()
         .filter_map(|v| match v.ip {
@@ -797,9 +844,9 @@ fn probe(key: &str, size: u32, free: impl Fn(u32) -> bool) -> Option<u32> {
 
 /// FNV-1a: a stable hash (std's hasher is randomly seeded).
 fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| {
-        (h ^ *b as u32).wrapping_mul(0x0100_0193)
-    })
+    bytes
+        .iter()
+        .fold(0x811c_9dc5u32, |h, b| (h ^ *b as u32).wrapping_mul(0x0100_0193))
 }
 
 /// EndpointSlices and Endpoints by the `namespace/name` of their Service,
@@ -855,12 +902,7 @@ fn endpoints_of(
 }
 
 fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<String> {
-    slice
-        .metadata
-        .labels
-        .as_ref()?
-        .get(SERVICE_NAME_LABEL)
-        .cloned()
+    slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL).cloned()
 }
 
 /// An IPv4 address as a Kubernetes object spells it: dotted decimal only.
@@ -872,7 +914,10 @@ pub fn parse_ipv4(s: &str) -> Result<Ipv4Addr, &'static str> {
         return Ok(a);
     }
     let octets: Vec<&str> = s.split('.').collect();
-    let numeric = octets.len() == 4 && octets.iter().all(|o| !o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()));
+    let numeric = octets.len() == 4
+        && octets
+            .iter()
+            .all(|o| !o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()));
     Err(if s.trim() != s {
         "not an IPv4 address: it has surrounding whitespace"
     } else if s.contains(':') {
@@ -887,7 +932,11 @@ pub fn parse_ipv4(s: &str) -> Result<Ipv4Addr, &'static str> {
 /// Endpoint addresses that are no IPv4 address: each named with its object
 /// and field (the endpoint is left out of every Service).
 fn check_endpoint_addresses(snapshot: &Snapshot, errors: &mut Vec<InputError>) {
-    for s in snapshot.endpoint_slices.iter().filter(|s| s.object.address_type == "IPv4") {
+    for s in snapshot
+        .endpoint_slices
+        .iter()
+        .filter(|s| s.object.address_type == "IPv4")
+    {
         for (i, ep) in s.object.endpoints.iter().enumerate() {
             for (j, a) in ep.addresses.iter().enumerate() {
                 if let Err(why) = parse_ipv4(a) {
@@ -903,7 +952,10 @@ fn check_endpoint_addresses(snapshot: &Snapshot, errors: &mut Vec<InputError>) {
     }
     for e in &snapshot.endpoints {
         for (i, subset) in e.object.subsets.iter().flatten().enumerate() {
-            let sets = [("addresses", &subset.addresses), ("notReadyAddresses", &subset.not_ready_addresses)];
+            let sets = [
+                ("addresses", &subset.addresses),
+                ("notReadyAddresses", &subset.not_ready_addresses),
+            ];
             for (field, addrs) in sets {
                 for (j, a) in addrs.iter().flatten().enumerate() {
                     if let Err(why) = parse_ipv4(&a.ip) {
@@ -987,16 +1039,10 @@ mod tests {
     use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
 
     fn svc(y: &str) -> Sourced<Service> {
-        Sourced::new(
-            "s.yaml",
-            serde_yaml::from_str(y).expect("test service parses"),
-        )
+        Sourced::new("s.yaml", serde_yaml::from_str(y).expect("test service parses"))
     }
     fn slice(y: &str) -> Sourced<EndpointSlice> {
-        Sourced::new(
-            "e.yaml",
-            serde_yaml::from_str(y).expect("test slice parses"),
-        )
+        Sourced::new("e.yaml", serde_yaml::from_str(y).expect("test slice parses"))
     }
     fn pod(name: &str, ip: [u8; 4], ready: bool, terminating: bool) -> PodRecord {
         PodRecord {
@@ -1032,7 +1078,14 @@ mod tests {
             let hints = if zones.is_empty() {
                 String::new()
             } else {
-                format!(", hints: {{forZones: [{}]}}", zones.iter().map(|z| format!("{{name: {z}}}")).collect::<Vec<_>>().join(", "))
+                format!(
+                    ", hints: {{forZones: [{}]}}",
+                    zones
+                        .iter()
+                        .map(|z| format!("{{name: {z}}}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
             };
             y += &format!("- {{addresses: [10.244.0.{last}], conditions: {{ready: {ready}}}{hints}}}\n");
         }
@@ -1052,7 +1105,13 @@ mod tests {
     /// The last octets of the usable and of the draining backends of the
     /// only frontend, translated on node `node`.
     fn usable_on(s: &Snapshot, node: &str) -> (Vec<u8>, Vec<u8>) {
-        let t = translate(s, &Config { node: node.into(), ..Config::default() });
+        let t = translate(
+            s,
+            &Config {
+                node: node.into(),
+                ..Config::default()
+            },
+        );
         assert!(t.errors.is_empty(), "{:?}", t.errors);
         let f = &t.frontends[0];
         let last = |b: &[BackendSpec]| b.iter().map(|b| b.addr.octets()[3]).collect();
@@ -1061,8 +1120,15 @@ mod tests {
 
     #[test]
     fn zone_hints_keep_a_zones_clients_on_its_endpoints_as_kube_proxy_does() {
-        let s = zoned("", &[(1, &["zone-a"], true), (2, &["zone-a"], true), (3, &["zone-b"], true)]);
-        assert_eq!(usable_on(&s, "n1"), (vec![1, 2], vec![3]), "zone-a: its two endpoints; the other drains");
+        let s = zoned(
+            "",
+            &[(1, &["zone-a"], true), (2, &["zone-a"], true), (3, &["zone-b"], true)],
+        );
+        assert_eq!(
+            usable_on(&s, "n1"),
+            (vec![1, 2], vec![3]),
+            "zone-a: its two endpoints; the other drains"
+        );
         assert_eq!(usable_on(&s, "n2"), (vec![3], vec![1, 2]));
         // A node without a zone label, or an unknown node: every endpoint.
         assert_eq!(usable_on(&s, "n9"), (vec![1, 2, 3], vec![]));
@@ -1083,22 +1149,51 @@ mod tests {
 
     #[test]
     fn zone_hints_do_not_apply_under_local_traffic_policies() {
-        let mut s = zoned("  internalTrafficPolicy: Local\n", &[(1, &["zone-a"], true), (3, &["zone-b"], true)]);
+        let mut s = zoned(
+            "  internalTrafficPolicy: Local\n",
+            &[(1, &["zone-a"], true), (3, &["zone-b"], true)],
+        );
         // Local policy: endpoints on this node (none here have a node), no topology.
         assert_eq!(usable_on(&s, "n1"), (vec![], vec![1, 3]));
         s.services = vec![svc("metadata: {name: zoned, namespace: default}\nspec:\n  type: NodePort\n  externalTrafficPolicy: Local\n  clusterIP: 10.96.0.20\n  ports: [{name: http, port: 80, nodePort: 30080}]\n")];
-        let cfg = Config { node: "n1".into(), nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11)], ..Config::default() };
+        let cfg = Config {
+            node: "n1".into(),
+            nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11)],
+            ..Config::default()
+        };
         let t = translate(&s, &cfg);
-        let np = t.frontends.iter().find(|f| f.flags & svc_flags::NODE_PORT != 0 && f.flags & svc_flags::INTERNAL == 0).unwrap();
-        assert!(np.backends.is_empty(), "externalTrafficPolicy: Local uses local endpoints only");
-        let cluster_ip = t.frontends.iter().find(|f| f.flags & svc_flags::CLUSTER_IP != 0).unwrap();
-        assert_eq!(cluster_ip.backends.iter().map(|b| b.addr.octets()[3]).collect::<Vec<_>>(), [1], "the ClusterIP follows the hints");
+        let np = t
+            .frontends
+            .iter()
+            .find(|f| f.flags & svc_flags::NODE_PORT != 0 && f.flags & svc_flags::INTERNAL == 0)
+            .unwrap();
+        assert!(
+            np.backends.is_empty(),
+            "externalTrafficPolicy: Local uses local endpoints only"
+        );
+        let cluster_ip = t
+            .frontends
+            .iter()
+            .find(|f| f.flags & svc_flags::CLUSTER_IP != 0)
+            .unwrap();
+        assert_eq!(
+            cluster_ip
+                .backends
+                .iter()
+                .map(|b| b.addr.octets()[3])
+                .collect::<Vec<_>>(),
+            [1],
+            "the ClusterIP follows the hints"
+        );
     }
 
     #[test]
     fn prefer_close_hints_each_pod_for_its_nodes_zone_in_standalone_mode() {
         let y = "metadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  trafficDistribution: PreferClose\n  ports: [{name: http, port: 80, targetPort: 8080}]\n";
-        let on = |name: &str, ip: u8, node: &str| PodRecord { node: node.into(), ..pod(name, [10, 244, 0, ip], true, false) };
+        let on = |name: &str, ip: u8, node: &str| PodRecord {
+            node: node.into(),
+            ..pod(name, [10, 244, 0, ip], true, false)
+        };
         let mut s = Snapshot {
             services: vec![svc(y)],
             pods: vec![on("a", 1, "n1"), on("b", 2, "n2"), on("c", 3, "n2")],
@@ -1122,19 +1217,38 @@ mod tests {
     #[test]
     fn the_lb_algorithm_comes_from_the_flag_or_the_services_annotation() {
         let with = |ann: &str| {
-            let y = WEB.replace("metadata: {name: web, namespace: default}", &format!("metadata: {{name: web, namespace: default{ann}}}"));
-            Snapshot { services: vec![svc(&y)], pods: vec![pod("a", [10, 244, 0, 2], true, false)], ..Default::default() }
+            let y = WEB.replace(
+                "metadata: {name: web, namespace: default}",
+                &format!("metadata: {{name: web, namespace: default{ann}}}"),
+            );
+            Snapshot {
+                services: vec![svc(&y)],
+                pods: vec![pod("a", [10, 244, 0, 2], true, false)],
+                ..Default::default()
+            }
         };
         let maglev = |s: &Snapshot, algo: LbAlgorithm| {
-            let t = translate(s, &Config { lb_algorithm: algo, ..Config::default() });
+            let t = translate(
+                s,
+                &Config {
+                    lb_algorithm: algo,
+                    ..Config::default()
+                },
+            );
             let flags: Vec<bool> = t.frontends.iter().map(|f| f.flags & svc_flags::MAGLEV != 0).collect();
             (flags, t.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>())
         };
         let none: Vec<String> = vec![];
-        assert_eq!(maglev(&with(""), LbAlgorithm::Random), (vec![false, false], none.clone()));
+        assert_eq!(
+            maglev(&with(""), LbAlgorithm::Random),
+            (vec![false, false], none.clone())
+        );
         assert_eq!(maglev(&with(""), LbAlgorithm::Maglev), (vec![true, true], none.clone()));
         let ann = |v: &str| with(&format!(", annotations: {{{LB_ALGORITHM_ANNOTATION}: {v}}}"));
-        assert_eq!(maglev(&ann("maglev"), LbAlgorithm::Random), (vec![true, true], none.clone()));
+        assert_eq!(
+            maglev(&ann("maglev"), LbAlgorithm::Random),
+            (vec![true, true], none.clone())
+        );
         assert_eq!(maglev(&ann("random"), LbAlgorithm::Maglev), (vec![false, false], none));
         let (flags, errors) = maglev(&ann("ring-hash"), LbAlgorithm::Random);
         assert_eq!(flags, [false, false], "a bad value: the flag applies");
@@ -1162,10 +1276,7 @@ mod tests {
             (dns.addr, dns.port, dns.proto),
             (Ipv4Addr::new(10, 96, 0, 10), 53, PROTO_UDP)
         );
-        assert_eq!(
-            dns.backends.iter().map(|b| b.port).collect::<Vec<_>>(),
-            [5353, 5353]
-        );
+        assert_eq!(dns.backends.iter().map(|b| b.port).collect::<Vec<_>>(), [5353, 5353]);
         let http = &t.frontends[1];
         assert_eq!(http.name, "default/web:http");
         assert_eq!(http.flags, svc_flags::CLUSTER_IP);
@@ -1226,9 +1337,20 @@ mod tests {
     #[test]
     fn health_check_counts_local_ready_endpoints_and_no_terminating_fallback() {
         let y = "metadata: {name: web, namespace: default}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  externalTrafficPolicy: Local\n  healthCheckNodePort: 32000\n  ports: [{name: http, port: 80, targetPort: http, nodePort: 30080}]\n";
-        let cfg = Config { node: "n1".into(), nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11)], ..Config::default() };
+        let cfg = Config {
+            node: "n1".into(),
+            nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11)],
+            ..Config::default()
+        };
         let count = |pods: Vec<PodRecord>| {
-            let t = translate(&Snapshot { services: vec![svc(y)], pods, ..Default::default() }, &cfg);
+            let t = translate(
+                &Snapshot {
+                    services: vec![svc(y)],
+                    pods,
+                    ..Default::default()
+                },
+                &cfg,
+            );
             assert!(t.errors.is_empty(), "{:?}", t.errors);
             t.health_checks.get(&32000).map(|h| h.local_endpoints)
         };
@@ -1245,10 +1367,24 @@ mod tests {
     fn publish_not_ready_addresses_serves_pods_that_are_not_ready() {
         let y = "metadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  publishNotReadyAddresses: true\n  ports: [{name: http, port: 80, targetPort: http}]\n";
         let unready = pod("a", [10, 244, 0, 2], false, false);
-        let t = run(&Snapshot { services: vec![svc(y)], pods: vec![unready.clone()], ..Default::default() });
-        assert_eq!(t.frontends[0].backends.iter().map(|b| b.addr).collect::<Vec<_>>(), [Ipv4Addr::new(10, 244, 0, 2)]);
-        let t = run(&Snapshot { services: vec![svc(WEB)], pods: vec![unready], ..Default::default() });
-        assert!(t.frontends.iter().all(|f| f.backends.is_empty()), "without it, no backend");
+        let t = run(&Snapshot {
+            services: vec![svc(y)],
+            pods: vec![unready.clone()],
+            ..Default::default()
+        });
+        assert_eq!(
+            t.frontends[0].backends.iter().map(|b| b.addr).collect::<Vec<_>>(),
+            [Ipv4Addr::new(10, 244, 0, 2)]
+        );
+        let t = run(&Snapshot {
+            services: vec![svc(WEB)],
+            pods: vec![unready],
+            ..Default::default()
+        });
+        assert!(
+            t.frontends.iter().all(|f| f.backends.is_empty()),
+            "without it, no backend"
+        );
         // The conditions, as the EndpointSlice controller sets them: ready =
         // publishNotReadyAddresses || (podReady && !terminating), serving =
         // podReady.
@@ -1268,18 +1404,36 @@ mod tests {
         };
         assert_eq!(
             conditions(false),
-            [(true, true, false), (false, false, false), (false, true, true), (false, false, true)]
+            [
+                (true, true, false),
+                (false, false, false),
+                (false, true, true),
+                (false, false, true)
+            ]
         );
         assert_eq!(
             conditions(true),
-            [(true, true, false), (true, false, false), (true, true, true), (true, false, true)]
+            [
+                (true, true, false),
+                (true, false, false),
+                (true, true, true),
+                (true, false, true)
+            ]
         );
     }
 
     #[test]
     fn unusual_ip_spellings_are_refused_with_the_object_and_field_never_misread() {
         assert_eq!(parse_ipv4("10.96.0.10"), Ok(Ipv4Addr::new(10, 96, 0, 10)));
-        for bad in ["010.096.000.010", "10.96.0.010", " 10.96.0.10", "10.96.0.10 ", "0x0a.96.0.10", "10.96.10", "167772170"] {
+        for bad in [
+            "010.096.000.010",
+            "10.96.0.010",
+            " 10.96.0.10",
+            "10.96.0.10 ",
+            "0x0a.96.0.10",
+            "10.96.10",
+            "167772170",
+        ] {
             let why = parse_ipv4(bad).expect_err(bad);
             assert!(why.starts_with("not an IPv4 address"), "{bad}: {why}");
         }
@@ -1317,12 +1471,18 @@ mod tests {
         assert_eq!(errors.len(), 5, "{errors:#?}");
         // Nothing misread: no octal (8.78.0.8) or decimal reading of the bad
         // spellings, the good externalIP and endpoint served.
-        let frontends: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> =
-            t.frontends.iter().map(|f| (f.addr, f.backends.iter().map(|b| b.addr).collect())).collect();
+        let frontends: Vec<(Ipv4Addr, Vec<Ipv4Addr>)> = t
+            .frontends
+            .iter()
+            .map(|f| (f.addr, f.backends.iter().map(|b| b.addr).collect()))
+            .collect();
         let good = vec![Ipv4Addr::new(10, 244, 0, 3)];
         assert_eq!(
             frontends,
-            [(Ipv4Addr::new(10, 96, 0, 20), good.clone()), (Ipv4Addr::new(203, 0, 113, 12), good)],
+            [
+                (Ipv4Addr::new(10, 96, 0, 20), good.clone()),
+                (Ipv4Addr::new(203, 0, 113, 12), good)
+            ],
             "{frontends:?}"
         );
     }
@@ -1342,23 +1502,53 @@ mod tests {
 
     #[test]
     fn services_of_another_proxy_or_labelled_headless_are_left_out_until_the_label_goes() {
-        let web = |labels: &str| svc(&format!("metadata: {{name: web, labels: {{{labels}}}}}\nspec: {{clusterIP: 10.96.0.20, ports: [{{port: 80}}]}}\n"));
-        for label in ["service.kubernetes.io/service-proxy-name: other", "service.kubernetes.io/headless: \"\""] {
-            let t = run(&Snapshot { services: vec![web(label)], ..Default::default() });
+        let web = |labels: &str| {
+            svc(&format!("metadata: {{name: web, labels: {{{labels}}}}}\nspec: {{clusterIP: 10.96.0.20, ports: [{{port: 80}}]}}\n"))
+        };
+        for label in [
+            "service.kubernetes.io/service-proxy-name: other",
+            "service.kubernetes.io/headless: \"\"",
+        ] {
+            let t = run(&Snapshot {
+                services: vec![web(label)],
+                ..Default::default()
+            });
             assert!(t.frontends.is_empty() && t.errors.is_empty(), "{label}: {t:?}");
         }
-        let t = run(&Snapshot { services: vec![web("app: web")], ..Default::default() });
+        let t = run(&Snapshot {
+            services: vec![web("app: web")],
+            ..Default::default()
+        });
         assert_eq!(t.frontends.len(), 1, "served once the label is gone");
     }
 
     #[test]
     fn load_balancer_ingress_in_proxy_ip_mode_is_not_served_on_the_node() {
         let mut lb = lb_svc("", "");
-        let ing = lb.object.status.as_mut().unwrap().load_balancer.as_mut().unwrap().ingress.as_mut().unwrap();
+        let ing = lb
+            .object
+            .status
+            .as_mut()
+            .unwrap()
+            .load_balancer
+            .as_mut()
+            .unwrap()
+            .ingress
+            .as_mut()
+            .unwrap();
         ing[0].ip_mode = Some("Proxy".into());
-        ing.push(k8s_openapi::api::core::v1::LoadBalancerIngress { ip: Some("203.0.113.21".into()), ip_mode: Some("VIP".into()), ..Default::default() });
+        ing.push(k8s_openapi::api::core::v1::LoadBalancerIngress {
+            ip: Some("203.0.113.21".into()),
+            ip_mode: Some("VIP".into()),
+            ..Default::default()
+        });
         let t = run_lb(lb);
-        let lb_ips: Vec<Ipv4Addr> = t.frontends.iter().filter(|f| f.flags & svc_flags::LOAD_BALANCER != 0).map(|f| f.addr).collect();
+        let lb_ips: Vec<Ipv4Addr> = t
+            .frontends
+            .iter()
+            .filter(|f| f.flags & svc_flags::LOAD_BALANCER != 0)
+            .map(|f| f.addr)
+            .collect();
         assert_eq!(lb_ips, [Ipv4Addr::new(203, 0, 113, 21)], "only the VIP-mode ingress");
     }
 
@@ -1374,9 +1564,7 @@ mod tests {
         let msgs: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
         assert_eq!(msgs.len(), 4, "{msgs:#?}");
         assert!(
-            msgs[0].contains(
-                "s.yaml: Service default/bad: spec.ports[0].port: 70000 out of range 1-65535"
-            ),
+            msgs[0].contains("s.yaml: Service default/bad: spec.ports[0].port: 70000 out of range 1-65535"),
             "{msgs:#?}"
         );
         assert!(
@@ -1412,16 +1600,12 @@ mod tests {
         let t = run(&s);
         assert_eq!(t.errors.len(), 1, "{:?}", t.errors);
         assert!(
-            t.errors[0]
-                .to_string()
-                .contains("EndpointSlice default/nobody-1"),
+            t.errors[0].to_string().contains("EndpointSlice default/nobody-1"),
             "{}",
             t.errors[0]
         );
         assert!(
-            t.errors[0]
-                .to_string()
-                .contains("unknown Service default/nobody"),
+            t.errors[0].to_string().contains("unknown Service default/nobody"),
             "{}",
             t.errors[0]
         );
@@ -1505,14 +1689,17 @@ mod tests {
         };
         let t = run(&s);
         assert_eq!(
-            t.frontends
-                .iter()
-                .map(|f| f.name.as_str())
-                .collect::<Vec<_>>(),
+            t.frontends.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
             ["default/a-first:80", "default/a-first:81"]
         );
         assert_eq!(t.errors.len(), 1);
-        assert!(t.errors[0].to_string().contains("Service default/b-later: spec.ports[0]: 10.96.0.40:80/TCP is already used by Service default/a-first"), "{}", t.errors[0]);
+        assert!(
+            t.errors[0].to_string().contains(
+                "Service default/b-later: spec.ports[0]: 10.96.0.40:80/TCP is already used by Service default/a-first"
+            ),
+            "{}",
+            t.errors[0]
+        );
     }
 
     #[test]
@@ -1681,11 +1868,7 @@ mod tests {
                 .map(|b| (b.addr.octets()[3], b.port))
                 .collect::<Vec<_>>()
         };
-        assert_eq!(
-            t.frontends.len(),
-            2,
-            "TCP and UDP on port 53 are two frontends"
-        );
+        assert_eq!(t.frontends.len(), 2, "TCP and UDP on port 53 are two frontends");
         assert_eq!(ports(PROTO_TCP), [(2, 5300), (3, 6300)]);
         assert_eq!(ports(PROTO_UDP), [(2, 5301)]);
 
@@ -1759,7 +1942,11 @@ mod tests {
                 "s.yaml: Service default/dup: spec.ports[0].nodePort: 30080/TCP is already used by Service default/lb",
             ]
         );
-        let of = |addr: [u8; 4], port: u16| t.frontends.iter().find(|f| f.addr == Ipv4Addr::from(addr) && f.port == port);
+        let of = |addr: [u8; 4], port: u16| {
+            t.frontends
+                .iter()
+                .find(|f| f.addr == Ipv4Addr::from(addr) && f.port == port)
+        };
         // NodePort on every NodePort address; ExternalIP and LoadBalancer IP at
         // the Service port; externalTrafficPolicy: Local keeps the local backend.
         for (addr, port, kind) in [
@@ -1771,20 +1958,33 @@ mod tests {
             let f = of(addr, port).unwrap_or_else(|| panic!("{addr:?}:{port} missing: {:?}", t.frontends));
             assert_eq!(f.flags & kind, kind);
             assert_ne!(f.flags & svc_flags::ETP_LOCAL, 0);
-            assert_eq!(f.backends.iter().map(|b| (b.addr, b.local)).collect::<Vec<_>>(), [(Ipv4Addr::new(10, 244, 0, 2), true)]);
+            assert_eq!(
+                f.backends.iter().map(|b| (b.addr, b.local)).collect::<Vec<_>>(),
+                [(Ipv4Addr::new(10, 244, 0, 2), true)]
+            );
             assert_eq!(f.draining.len(), 1, "the remote endpoint keeps its flows only");
         }
         // The ClusterIP keeps both endpoints.
         assert_eq!(of([10, 96, 0, 30], 80).unwrap().backends.len(), 2);
         // The port without a nodePort gets one in the range, the same every time.
         // (Outside clients' frontends: each also has an in-cluster twin.)
-        let auto: Vec<u16> = t.frontends.iter().filter(|f| f.addr == Ipv4Addr::new(192, 168, 77, 11) && f.port != 30080 && f.flags & svc_flags::INTERNAL == 0).map(|f| f.port).collect();
+        let auto: Vec<u16> = t
+            .frontends
+            .iter()
+            .filter(|f| {
+                f.addr == Ipv4Addr::new(192, 168, 77, 11) && f.port != 30080 && f.flags & svc_flags::INTERNAL == 0
+            })
+            .map(|f| f.port)
+            .collect();
         assert_eq!(auto.len(), 1, "{:?}", t.frontends);
         assert!((30000..=32767).contains(&auto[0]));
         assert!(translate(&s, &cfg).frontends.iter().any(|f| f.port == auto[0]));
         // No NodePort frontend for the out-of-range port, none for the duplicate.
         assert!(of([192, 168, 77, 11], 40000).is_none());
-        assert!(!t.frontends.iter().any(|f| f.addr == Ipv4Addr::new(10, 96, 0, 31) && f.backends.is_empty()));
+        assert!(!t
+            .frontends
+            .iter()
+            .any(|f| f.addr == Ipv4Addr::new(10, 96, 0, 31) && f.backends.is_empty()));
     }
 
     #[test]
@@ -1795,22 +1995,59 @@ mod tests {
             endpoint_slices: vec![slice("metadata: {name: lb-1, labels: {kubernetes.io/service-name: lb}}\naddressType: IPv4\nendpoints:\n- {addresses: [10.0.0.1], nodeName: n1}\n- {addresses: [10.0.0.2], nodeName: n2}\nports: [{name: http, port: 8080}]\n")],
             ..Default::default()
         };
-        let cfg = Config { node: "n1".into(), nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11)], ..Config::default() };
+        let cfg = Config {
+            node: "n1".into(),
+            nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11)],
+            ..Config::default()
+        };
         let t = translate(&s, &cfg);
         let addrs = |f: &Frontend| f.backends.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>();
-        for (addr, port) in [([192, 168, 77, 11], 30080), ([203, 0, 113, 10], 80), ([203, 0, 113, 20], 80)] {
-            let of: Vec<&Frontend> = t.frontends.iter().filter(|f| f.addr == Ipv4Addr::from(addr) && f.port == port).collect();
+        for (addr, port) in [
+            ([192, 168, 77, 11], 30080),
+            ([203, 0, 113, 10], 80),
+            ([203, 0, 113, 20], 80),
+        ] {
+            let of: Vec<&Frontend> = t
+                .frontends
+                .iter()
+                .filter(|f| f.addr == Ipv4Addr::from(addr) && f.port == port)
+                .collect();
             assert_eq!(of.len(), 2, "{addr:?}: {of:?}");
             let (ext, twin) = (of[0], of[1]);
-            assert_eq!(ext.flags & (svc_flags::ETP_LOCAL | svc_flags::INTERNAL_TWIN), svc_flags::ETP_LOCAL | svc_flags::INTERNAL_TWIN);
+            assert_eq!(
+                ext.flags & (svc_flags::ETP_LOCAL | svc_flags::INTERNAL_TWIN),
+                svc_flags::ETP_LOCAL | svc_flags::INTERNAL_TWIN
+            );
             assert_eq!(addrs(ext), ["10.0.0.1"], "outside clients: this node's endpoints");
-            assert_eq!(twin.flags & (svc_flags::ETP_LOCAL | svc_flags::INTERNAL), svc_flags::INTERNAL);
-            assert_eq!(addrs(twin), ["10.0.0.1", "10.0.0.2"], "in-cluster clients: every node's");
+            assert_eq!(
+                twin.flags & (svc_flags::ETP_LOCAL | svc_flags::INTERNAL),
+                svc_flags::INTERNAL
+            );
+            assert_eq!(
+                addrs(twin),
+                ["10.0.0.1", "10.0.0.2"],
+                "in-cluster clients: every node's"
+            );
         }
         // The ClusterIP has no twin, and externalTrafficPolicy: Cluster makes none.
-        assert_eq!(t.frontends.iter().filter(|f| f.addr == Ipv4Addr::new(10, 96, 0, 30)).count(), 1);
-        let t = translate(&Snapshot { services: vec![svc(&y.replace("Local", "Cluster"))], ..s.clone() }, &cfg);
-        assert!(t.frontends.iter().all(|f| f.flags & (svc_flags::INTERNAL | svc_flags::INTERNAL_TWIN) == 0));
+        assert_eq!(
+            t.frontends
+                .iter()
+                .filter(|f| f.addr == Ipv4Addr::new(10, 96, 0, 30))
+                .count(),
+            1
+        );
+        let t = translate(
+            &Snapshot {
+                services: vec![svc(&y.replace("Local", "Cluster"))],
+                ..s.clone()
+            },
+            &cfg,
+        );
+        assert!(t
+            .frontends
+            .iter()
+            .all(|f| f.flags & (svc_flags::INTERNAL | svc_flags::INTERNAL_TWIN) == 0));
     }
 
     /// A LoadBalancer Service at 203.0.113.20 (ingress) with a NodePort and an
@@ -1826,20 +2063,35 @@ mod tests {
             nodeport_addrs: vec![Ipv4Addr::new(192, 168, 77, 11)],
             ..Config::default()
         };
-        translate(&Snapshot { services: vec![s], ..Default::default() }, &cfg)
+        translate(
+            &Snapshot {
+                services: vec![s],
+                ..Default::default()
+            },
+            &cfg,
+        )
     }
 
     /// (addr, flags, source ranges as text) of every frontend.
     fn restrictions(t: &Translation) -> Vec<(Ipv4Addr, u32, Vec<String>)> {
         t.frontends
             .iter()
-            .map(|f| (f.addr, f.flags & svc_flags::SOURCE_RANGES, f.source_ranges.iter().map(ToString::to_string).collect()))
+            .map(|f| {
+                (
+                    f.addr,
+                    f.flags & svc_flags::SOURCE_RANGES,
+                    f.source_ranges.iter().map(ToString::to_string).collect(),
+                )
+            })
             .collect()
     }
 
     #[test]
     fn load_balancer_source_ranges_restrict_only_the_load_balancer_ips() {
-        let t = run_lb(lb_svc("", "  loadBalancerSourceRanges: [192.168.77.200/32, 10.1.2.3/16, 192.168.77.200, \" 172.16.0.0/12 \"]\n"));
+        let t = run_lb(lb_svc(
+            "",
+            "  loadBalancerSourceRanges: [192.168.77.200/32, 10.1.2.3/16, 192.168.77.200, \" 172.16.0.0/12 \"]\n",
+        ));
         assert!(t.errors.is_empty(), "{:?}", t.errors);
         let open = |a: [u8; 4]| (Ipv4Addr::from(a), 0, Vec::<String>::new());
         assert_eq!(
@@ -1852,14 +2104,21 @@ mod tests {
                     Ipv4Addr::new(203, 0, 113, 20),
                     svc_flags::SOURCE_RANGES,
                     // Sorted, host bits cleared, a bare address is a /32, duplicates once.
-                    vec!["10.1.0.0/16".to_string(), "172.16.0.0/12".into(), "192.168.77.200/32".into()]
+                    vec![
+                        "10.1.0.0/16".to_string(),
+                        "172.16.0.0/12".into(),
+                        "192.168.77.200/32".into()
+                    ]
                 ),
             ],
             "ClusterIP, NodePort and externalIP stay open"
         );
         // 0.0.0.0/0 among them: anyone, no lookup at all.
         let t = run_lb(lb_svc("", "  loadBalancerSourceRanges: [10.0.0.0/8, 0.0.0.0/0]\n"));
-        assert!(t.frontends.iter().all(|f| f.flags & svc_flags::SOURCE_RANGES == 0 && f.source_ranges.is_empty()));
+        assert!(t
+            .frontends
+            .iter()
+            .all(|f| f.flags & svc_flags::SOURCE_RANGES == 0 && f.source_ranges.is_empty()));
         // A NodePort Service has no LoadBalancer IP to restrict.
         let np = svc("metadata: {name: np}\nspec:\n  type: NodePort\n  clusterIP: 10.96.0.81\n  loadBalancerSourceRanges: [bad]\n  ports: [{port: 80}]\n");
         let t = run_lb(np);
@@ -1871,21 +2130,41 @@ mod tests {
         let ann = format!("  annotations: {{{SOURCE_RANGES_ANNOTATION}: \" 192.168.77.200/32, 10.0.0.0/8 \"}}\n");
         let t = run_lb(lb_svc(&ann, ""));
         assert!(t.errors.is_empty(), "{:?}", t.errors);
-        let lb = t.frontends.iter().find(|f| f.flags & svc_flags::LOAD_BALANCER != 0).unwrap();
-        assert_eq!(lb.source_ranges, ["10.0.0.0/8".parse::<Ipv4Net>().unwrap(), "192.168.77.200/32".parse().unwrap()]);
+        let lb = t
+            .frontends
+            .iter()
+            .find(|f| f.flags & svc_flags::LOAD_BALANCER != 0)
+            .unwrap();
+        assert_eq!(
+            lb.source_ranges,
+            [
+                "10.0.0.0/8".parse::<Ipv4Net>().unwrap(),
+                "192.168.77.200/32".parse().unwrap()
+            ]
+        );
         assert_ne!(lb.flags & svc_flags::SOURCE_RANGES, 0);
         // The field wins over the annotation.
         let t = run_lb(lb_svc(&ann, "  loadBalancerSourceRanges: [172.16.0.0/12]\n"));
-        let lb = t.frontends.iter().find(|f| f.flags & svc_flags::LOAD_BALANCER != 0).unwrap();
+        let lb = t
+            .frontends
+            .iter()
+            .find(|f| f.flags & svc_flags::LOAD_BALANCER != 0)
+            .unwrap();
         assert_eq!(lb.source_ranges, ["172.16.0.0/12".parse::<Ipv4Net>().unwrap()]);
         // An empty annotation restricts nothing.
-        let t = run_lb(lb_svc(&format!("  annotations: {{{SOURCE_RANGES_ANNOTATION}: \" \"}}\n"), ""));
+        let t = run_lb(lb_svc(
+            &format!("  annotations: {{{SOURCE_RANGES_ANNOTATION}: \" \"}}\n"),
+            "",
+        ));
         assert!(t.errors.is_empty() && t.frontends.iter().all(|f| f.flags & svc_flags::SOURCE_RANGES == 0));
     }
 
     #[test]
     fn bad_source_ranges_are_reported_and_skipped() {
-        let t = run_lb(lb_svc("", "  loadBalancerSourceRanges: [192.168.77.200/32, 10.0.0.0/33, \"2001:db8::/32\", nope]\n"));
+        let t = run_lb(lb_svc(
+            "",
+            "  loadBalancerSourceRanges: [192.168.77.200/32, 10.0.0.0/33, \"2001:db8::/32\", nope]\n",
+        ));
         let errors: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
         assert_eq!(
             errors,
@@ -1895,10 +2174,17 @@ mod tests {
                 "s.yaml: Service shop/lb: spec.loadBalancerSourceRanges[3]: \"nope\" is not an IPv4 CIDR (like 203.0.113.0/24) or address; entry skipped",
             ]
         );
-        let lb = t.frontends.iter().find(|f| f.flags & svc_flags::LOAD_BALANCER != 0).expect("the valid entry still applies");
+        let lb = t
+            .frontends
+            .iter()
+            .find(|f| f.flags & svc_flags::LOAD_BALANCER != 0)
+            .expect("the valid entry still applies");
         assert_eq!(lb.source_ranges, ["192.168.77.200/32".parse::<Ipv4Net>().unwrap()]);
         // In the annotation, the entry's index in the list is named.
-        let t = run_lb(lb_svc(&format!("  annotations: {{{SOURCE_RANGES_ANNOTATION}: \"10.0.0.0/8, x \"}}\n"), ""));
+        let t = run_lb(lb_svc(
+            &format!("  annotations: {{{SOURCE_RANGES_ANNOTATION}: \"10.0.0.0/8, x \"}}\n"),
+            "",
+        ));
         assert_eq!(
             t.errors[0].to_string(),
             format!("s.yaml: Service shop/lb: metadata.annotations[{SOURCE_RANGES_ANNOTATION}][1]: \"x\" is not an IPv4 CIDR (like 203.0.113.0/24) or address; entry skipped")
@@ -1907,7 +2193,10 @@ mod tests {
 
     #[test]
     fn no_valid_source_range_leaves_the_load_balancer_ips_out_and_the_rest_working() {
-        let t = run_lb(lb_svc("", "  loadBalancerSourceRanges: [\"10.0.0.0/40\", \"fd00::/8\"]\n"));
+        let t = run_lb(lb_svc(
+            "",
+            "  loadBalancerSourceRanges: [\"10.0.0.0/40\", \"fd00::/8\"]\n",
+        ));
         let errors: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
         assert_eq!(errors.len(), 3, "{errors:?}");
         assert_eq!(
@@ -1915,7 +2204,17 @@ mod tests {
             "s.yaml: Service shop/lb: spec.loadBalancerSourceRanges: no valid entry: the LoadBalancer IPs are not served (fail closed); ClusterIP, NodePorts and externalIPs are"
         );
         let addrs: Vec<Ipv4Addr> = t.frontends.iter().map(|f| f.addr).collect();
-        assert_eq!(addrs, [Ipv4Addr::new(10, 96, 0, 80), Ipv4Addr::new(192, 168, 77, 11), Ipv4Addr::new(203, 0, 113, 10)]);
-        assert!(t.frontends.iter().all(|f| f.flags & (svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES) == 0));
+        assert_eq!(
+            addrs,
+            [
+                Ipv4Addr::new(10, 96, 0, 80),
+                Ipv4Addr::new(192, 168, 77, 11),
+                Ipv4Addr::new(203, 0, 113, 10)
+            ]
+        );
+        assert!(t
+            .frontends
+            .iter()
+            .all(|f| f.flags & (svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES) == 0));
     }
 }

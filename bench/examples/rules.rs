@@ -7,7 +7,9 @@ use ferry_bench::{iptables, manifests, nftables, scenario::Scenario};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let [kind, n] = args.as_slice() else { bail!("usage: rules iptables|nft|yaml N") };
+    let [kind, n] = args.as_slice() else {
+        bail!("usage: rules iptables|nft|yaml N")
+    };
     let n: usize = n.parse().context("N")?;
     let real: Vec<Ipv4Addr> = (0..10).map(|i| Ipv4Addr::new(10, 244, 0, 10 + i)).collect();
     let s = Scenario::new(n, 10, &real)?;

@@ -71,7 +71,10 @@ pub fn service_chains(scenario: &Scenario) -> Vec<String> {
 /// `before` to `after` deletes (`ruleset(after, Mode::Resync, stale)`).
 pub fn stale_chains(before: &Scenario, after: &Scenario) -> Vec<String> {
     let now: std::collections::HashSet<String> = service_chains(after).into_iter().collect();
-    service_chains(before).into_iter().filter(|c| !now.contains(c)).collect()
+    service_chains(before)
+        .into_iter()
+        .filter(|c| !now.contains(c))
+        .collect()
 }
 
 fn sep_chain(s: &Service, p: &ServicePort, ip: &str) -> String {
@@ -208,13 +211,20 @@ fn service_rules(out: &mut String, s: &Service, p: &ServicePort, comments: bool)
         if i + 1 < k {
             // kube-proxy's computeProbability: %0.10f of 1/(remaining endpoints).
             let prob = 1.0 / (k - i) as f64;
-            let _ = writeln!(out, "-A {svc} {comment}-m statistic --mode random --probability {prob:.10} -j {sep}");
+            let _ = writeln!(
+                out,
+                "-A {svc} {comment}-m statistic --mode random --probability {prob:.10} -j {sep}"
+            );
         } else {
             let _ = writeln!(out, "-A {svc} {comment}-j {sep}");
         }
     }
     for (ip, sep) in &eps {
-        let comment = if comments { format!("-m comment --comment {name} ") } else { String::new() };
+        let comment = if comments {
+            format!("-m comment --comment {name} ")
+        } else {
+            String::new()
+        };
         let _ = writeln!(out, "-A {sep} {comment}-s {ip}/32 -j KUBE-MARK-MASQ");
         let _ = writeln!(
             out,
@@ -234,8 +244,10 @@ mod tests {
     #[test]
     fn measured_service_is_the_last_service_rule() {
         let text = ruleset(&scenario(2), Mode::Initial, &[]);
-        let svc_rules: Vec<&str> =
-            text.lines().filter(|l| l.starts_with("-A KUBE-SERVICES") && l.contains("-j KUBE-SVC-")).collect();
+        let svc_rules: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("-A KUBE-SERVICES") && l.contains("-j KUBE-SVC-"))
+            .collect();
         assert_eq!(svc_rules.len(), 1 + 3);
         assert!(svc_rules[3].contains("default/measured:http cluster IP"));
         assert!(svc_rules[3].contains("-d 10.96.0.2/32 --dport 80"));
@@ -255,7 +267,9 @@ mod tests {
         let sep = iptables_endpoint_chain("default/measured:http", "tcp", "10.244.0.12:8080");
         assert!(rules[3].ends_with(&format!("-j {sep}")));
         assert!(text.contains(&format!("-A {sep} -m comment --comment default/measured:http -m tcp -p tcp -j DNAT --to-destination 10.244.0.12:8080")));
-        assert!(text.contains(&format!("-A {sep} -m comment --comment default/measured:http -s 10.244.0.12/32 -j KUBE-MARK-MASQ")));
+        assert!(text.contains(&format!(
+            "-A {sep} -m comment --comment default/measured:http -s 10.244.0.12/32 -j KUBE-MARK-MASQ"
+        )));
     }
 
     #[test]
@@ -273,7 +287,10 @@ mod tests {
     fn node_ports_jump_to_an_external_chain_that_masquerades() {
         let text = ruleset(&scenario(2).with_node_ports(), Mode::Initial, &[]);
         let name = "default/measured:http";
-        let (svc, ext) = (iptables_service_chain(name, "tcp"), iptables_external_chain(name, "tcp"));
+        let (svc, ext) = (
+            iptables_service_chain(name, "tcp"),
+            iptables_external_chain(name, "tcp"),
+        );
         assert!(text.contains(&format!(":{ext} - [0:0]\n")));
         let nodeports: Vec<&str> = text.lines().filter(|l| l.starts_with("-A KUBE-NODEPORTS ")).collect();
         assert_eq!(nodeports.len(), 1 + 3, "one per NodePort");
@@ -304,6 +321,8 @@ mod tests {
         let real: Vec<Ipv4Addr> = (0..10).map(|i| Ipv4Addr::new(10, 244, 0, 10 + i)).collect();
         let big = Scenario::new(200, 10, &real).unwrap();
         let text = ruleset(&big, Mode::Initial, &[]);
-        assert!(!text.lines().any(|l| l.starts_with("-A KUBE-SEP-") && l.contains("comment")));
+        assert!(!text
+            .lines()
+            .any(|l| l.starts_with("-A KUBE-SEP-") && l.contains("comment")));
     }
 }

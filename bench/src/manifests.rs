@@ -12,12 +12,18 @@ pub const MEASURED_FILE: &str = "measured.yaml";
 
 /// (file name, YAML) for every Service of the scenario.
 pub fn files(scenario: &Scenario) -> Vec<(String, String)> {
-    let (measured, fillers) = scenario.services.split_last().expect("a scenario has the measured Service");
+    let (measured, fillers) = scenario
+        .services
+        .split_last()
+        .expect("a scenario has the measured Service");
     let mut out = String::with_capacity(fillers.len() * 900);
     for s in fillers {
         service(&mut out, s);
     }
-    vec![(FILLERS_FILE.into(), out), (MEASURED_FILE.into(), measured_yaml(measured))]
+    vec![
+        (FILLERS_FILE.into(), out),
+        (MEASURED_FILE.into(), measured_yaml(measured)),
+    ]
 }
 
 /// The measured Service's file ([`MEASURED_FILE`]) alone.
@@ -43,7 +49,11 @@ fn service(out: &mut String, s: &Service) {
         })
         .collect();
     // NodePort Services keep the default externalTrafficPolicy (Cluster).
-    let kind = if s.ports.iter().any(|p| p.node_port.is_some()) { "NodePort" } else { "ClusterIP" };
+    let kind = if s.ports.iter().any(|p| p.node_port.is_some()) {
+        "NodePort"
+    } else {
+        "ClusterIP"
+    };
     let _ = writeln!(
         out,
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: {}}}\nspec: {{type: {kind}, clusterIP: {}, ports: [{}]}}",
@@ -55,7 +65,14 @@ fn service(out: &mut String, s: &Service) {
     let slice_ports: Vec<String> = s
         .ports
         .iter()
-        .map(|p| format!("{{name: {}, port: {}, protocol: {}}}", p.name, p.target_port, p.protocol.upper()))
+        .map(|p| {
+            format!(
+                "{{name: {}, port: {}, protocol: {}}}",
+                p.name,
+                p.target_port,
+                p.protocol.upper()
+            )
+        })
         .collect();
     let endpoints: Vec<String> = s
         .endpoints

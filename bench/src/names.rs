@@ -73,24 +73,23 @@ pub fn hash_and_truncate(name: &str) -> String {
 
 /// `service-HASH-namespace/name/protocol/portName`.
 pub fn nft_service_chain(namespace: &str, name: &str, protocol: &str, port_name: &str) -> String {
-    format!("service-{}", hash_and_truncate(&format!("{namespace}/{name}/{protocol}/{port_name}")))
+    format!(
+        "service-{}",
+        hash_and_truncate(&format!("{namespace}/{name}/{protocol}/{port_name}"))
+    )
 }
 
 /// `external-HASH-namespace/name/protocol/portName`: the external traffic
 /// chain (what the service-nodeports map points at).
 pub fn nft_external_chain(namespace: &str, name: &str, protocol: &str, port_name: &str) -> String {
-    format!("external-{}", hash_and_truncate(&format!("{namespace}/{name}/{protocol}/{port_name}")))
+    format!(
+        "external-{}",
+        hash_and_truncate(&format!("{namespace}/{name}/{protocol}/{port_name}"))
+    )
 }
 
 /// `endpoint-HASH-namespace/name/protocol/portName__ip/port`.
-pub fn nft_endpoint_chain(
-    namespace: &str,
-    name: &str,
-    protocol: &str,
-    port_name: &str,
-    ip: &str,
-    port: u16,
-) -> String {
+pub fn nft_endpoint_chain(namespace: &str, name: &str, protocol: &str, port_name: &str, ip: &str, port: u16) -> String {
     format!(
         "endpoint-{}",
         hash_and_truncate(&format!("{namespace}/{name}/{protocol}/{port_name}__{ip}/{port}"))
@@ -139,12 +138,18 @@ mod tests {
     /// The examples in kube-proxy's nftables proxier comments.
     #[test]
     fn nft_names_match_kube_proxy_examples() {
-        assert_eq!(nft_service_chain("ns1", "svc1", "tcp", "p80"), "service-ULMVA6XW-ns1/svc1/tcp/p80");
+        assert_eq!(
+            nft_service_chain("ns1", "svc1", "tcp", "p80"),
+            "service-ULMVA6XW-ns1/svc1/tcp/p80"
+        );
         assert_eq!(
             nft_endpoint_chain("ns1", "svc1", "tcp", "p80", "10.180.0.1", 80),
             "endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80"
         );
-        assert_eq!(nft_external_chain("ns1", "svc1", "tcp", "p80"), "external-ULMVA6XW-ns1/svc1/tcp/p80");
+        assert_eq!(
+            nft_external_chain("ns1", "svc1", "tcp", "p80"),
+            "external-ULMVA6XW-ns1/svc1/tcp/p80"
+        );
     }
 
     #[test]

@@ -180,7 +180,12 @@ fn endpoint(out: &mut String, s: &Service, p: &ServicePort, ip: &str) {
     let chain = endpoint_chain(s, p, ip);
     let _ = writeln!(out, "add chain {T} {chain}");
     let _ = writeln!(out, "add rule {T} {chain} ip saddr {ip} jump mark-for-masquerade");
-    let _ = writeln!(out, "add rule {T} {chain} meta l4proto {} dnat to {ip}:{}", p.protocol.lower(), p.target_port);
+    let _ = writeln!(
+        out,
+        "add rule {T} {chain} meta l4proto {} dnat to {ip}:{}",
+        p.protocol.lower(),
+        p.target_port
+    );
 }
 
 #[cfg(test)]
@@ -195,10 +200,14 @@ mod tests {
         let text = ruleset(&scenario(2), &[]);
         assert!(text.contains("add rule ip kube-proxy services ip daddr . meta l4proto . th dport vmap @service-ips\n"));
         let measured = nft_service_chain("default", "measured", "tcp", "http");
-        assert!(text.contains(&format!("add element ip kube-proxy service-ips {{ 10.96.0.2 . tcp . 80 : goto {measured} }}")));
+        assert!(text.contains(&format!(
+            "add element ip kube-proxy service-ips {{ 10.96.0.2 . tcp . 80 : goto {measured} }}"
+        )));
         let ep = nft_endpoint_chain("default", "measured", "tcp", "http", "10.244.0.10", 8080);
         assert!(text.contains(&format!("numgen random mod 3 vmap {{ 0 : goto {ep} ,")));
-        assert!(text.contains(&format!("add rule ip kube-proxy {ep} meta l4proto tcp dnat to 10.244.0.10:8080")));
+        assert!(text.contains(&format!(
+            "add rule ip kube-proxy {ep} meta l4proto tcp dnat to 10.244.0.10:8080"
+        )));
     }
 
     #[test]
@@ -211,14 +220,19 @@ mod tests {
         let ext = nft_external_chain("default", "measured", "tcp", "http");
         let svc = nft_service_chain("default", "measured", "tcp", "http");
         assert!(text.contains(&format!("add chain ip kube-proxy {ext}\n")));
-        assert!(text.contains(&format!("add element ip kube-proxy service-nodeports {{ tcp . 32767 : goto {ext} }}\n")));
+        assert!(text.contains(&format!(
+            "add element ip kube-proxy service-nodeports {{ tcp . 32767 : goto {ext} }}\n"
+        )));
         assert!(text.contains(&format!(
             "add rule ip kube-proxy {ext} jump mark-for-masquerade\nadd rule ip kube-proxy {ext} goto {svc}\n"
         )));
         assert!(text.contains("service-nodeports { udp . 32766 : goto external-"));
         // The chain exists before the element that names it.
         assert!(text.find(&format!("add chain ip kube-proxy {ext}")) < text.find(&format!("goto {ext} }}")));
-        assert_eq!(text.matches("add element ip kube-proxy service-nodeports").count(), 1 + 3);
+        assert_eq!(
+            text.matches("add element ip kube-proxy service-nodeports").count(),
+            1 + 3
+        );
         assert!(!ruleset(&scenario(2), &[]).contains("external-"));
     }
 
@@ -231,8 +245,18 @@ mod tests {
         assert!(!text.contains("filler"));
         // Three ports: one new endpoint chain, one rewritten service chain and one
         // flushed endpoint chain each.
-        assert_eq!(text.lines().filter(|l| l.starts_with("add chain") && l.contains("__10.244.0.99/")).count(), 3);
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("add chain") && l.contains("__10.244.0.99/"))
+                .count(),
+            3
+        );
         assert_eq!(text.lines().filter(|l| l.contains("numgen random mod 3")).count(), 3);
-        assert_eq!(text.lines().filter(|l| l.starts_with("flush chain") && l.contains("__10.244.0.12/")).count(), 3);
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("flush chain") && l.contains("__10.244.0.12/"))
+                .count(),
+            3
+        );
     }
 }

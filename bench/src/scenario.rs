@@ -85,7 +85,13 @@ pub struct Scenario {
 }
 
 fn port((name, port, protocol, target_port): (&str, u16, Protocol, u16)) -> ServicePort {
-    ServicePort { name: name.into(), port, protocol, target_port, node_port: None }
+    ServicePort {
+        name: name.into(),
+        port,
+        protocol,
+        target_port,
+        node_port: None,
+    }
 }
 
 impl Scenario {
@@ -162,7 +168,10 @@ impl Scenario {
     /// can be.
     pub fn with_node_ports(mut self) -> Self {
         let (first, last) = NODE_PORT_RANGE;
-        let (measured, fillers) = self.services.split_last_mut().expect("a scenario has the measured Service");
+        let (measured, fillers) = self
+            .services
+            .split_last_mut()
+            .expect("a scenario has the measured Service");
         let k = measured.ports.len();
         for (j, p) in measured.ports.iter_mut().enumerate() {
             p.node_port = Some(last - (k - 1 - j) as u16);
@@ -178,12 +187,19 @@ impl Scenario {
 
     /// Number of Service ports with a NodePort.
     pub fn node_ports(&self) -> usize {
-        self.services.iter().flat_map(|s| &s.ports).filter(|p| p.node_port.is_some()).count()
+        self.services
+            .iter()
+            .flat_map(|s| &s.ports)
+            .filter(|p| p.node_port.is_some())
+            .count()
     }
 
     /// The Services with NodePorts.
     pub fn node_port_services(&self) -> usize {
-        self.services.iter().filter(|s| s.ports.iter().any(|p| p.node_port.is_some())).count()
+        self.services
+            .iter()
+            .filter(|s| s.ports.iter().any(|p| p.node_port.is_some()))
+            .count()
     }
 }
 
@@ -210,10 +226,16 @@ mod tests {
         assert_eq!(s.measured().name, MEASURED);
         assert_eq!(s.measured().endpoints, real(2));
         assert_eq!(s.measured().cluster_ip, Ipv4Addr::new(10, 96, 0, 3));
-        assert_eq!(s.services[0].endpoints, [Ipv4Addr::new(10, 128, 0, 0), Ipv4Addr::new(10, 128, 0, 1)]);
+        assert_eq!(
+            s.services[0].endpoints,
+            [Ipv4Addr::new(10, 128, 0, 0), Ipv4Addr::new(10, 128, 0, 1)]
+        );
         assert_eq!(s.services[1].endpoints[0], Ipv4Addr::new(10, 128, 0, 2));
         assert_eq!(s.frontends(), 2 + 3);
-        assert_eq!(s.services[0].port_name(&s.services[0].ports[0]), "default/filler-00000:http");
+        assert_eq!(
+            s.services[0].port_name(&s.services[0].ports[0]),
+            "default/filler-00000:http"
+        );
     }
 
     #[test]
@@ -231,7 +253,12 @@ mod tests {
         assert_eq!(big.node_port_services(), 2766);
         assert_eq!(big.services[2764].ports[0].node_port, Some(32764));
         assert_eq!(big.services[2765].ports[0].node_port, None);
-        let mut all: Vec<u16> = big.services.iter().flat_map(|s| &s.ports).filter_map(|p| p.node_port).collect();
+        let mut all: Vec<u16> = big
+            .services
+            .iter()
+            .flat_map(|s| &s.ports)
+            .filter_map(|p| p.node_port)
+            .collect();
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), 2768);

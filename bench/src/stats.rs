@@ -19,8 +19,17 @@ impl Summary {
         }
         v.sort_by(f64::total_cmp);
         let mid = v.len() / 2;
-        let median = if v.len() % 2 == 1 { v[mid] } else { (v[mid - 1] + v[mid]) / 2.0 };
-        Some(Self { median, min: v[0], max: v[v.len() - 1], n: v.len() })
+        let median = if v.len() % 2 == 1 {
+            v[mid]
+        } else {
+            (v[mid - 1] + v[mid]) / 2.0
+        };
+        Some(Self {
+            median,
+            min: v[0],
+            max: v[v.len() - 1],
+            n: v.len(),
+        })
     }
 
     /// (max - min) / median, in percent.

@@ -19,8 +19,14 @@ struct Netns(String);
 impl Netns {
     fn new(tag: &str) -> Self {
         let name = format!("fbt-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "delete", &name]).stderr(Stdio::null()).status();
-        let ok = Command::new("ip").args(["netns", "add", &name]).status().is_ok_and(|s| s.success());
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &name])
+            .stderr(Stdio::null())
+            .status();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
         assert!(ok, "ip netns add {name} failed (run as root)");
         Self(name)
     }
@@ -67,18 +73,30 @@ fn iptables_ruleset_restores_and_resyncs() {
     ns.run("iptables-restore", &[], &text).unwrap();
     let saved = ns.run("iptables-save", &["-t", "nat"], "").unwrap();
     assert!(saved.contains("-A KUBE-SERVICES -d 10.96.0.2/32 -p tcp -m comment --comment \"default/measured:http cluster IP\" -m tcp --dport 80 -j KUBE-SVC-"), "{saved}");
-    assert!(saved.contains("-m statistic --mode random --probability 0.1"), "{saved}");
+    assert!(
+        saved.contains("-m statistic --mode random --probability 0.1"),
+        "{saved}"
+    );
 
     // One endpoint replaced, as kube-proxy resyncs: --noflush, stale chains deleted.
     let t = s.with_measured_endpoint(9, Ipv4Addr::new(10, 244, 0, 99)).unwrap();
     let stale = iptables::stale_chains(&s, &t);
     assert_eq!(stale.len(), 3, "one endpoint chain per port of the measured Service");
-    ns.run("iptables-restore", &["--noflush"], &iptables::ruleset(&t, Mode::Resync, &stale)).unwrap();
+    ns.run(
+        "iptables-restore",
+        &["--noflush"],
+        &iptables::ruleset(&t, Mode::Resync, &stale),
+    )
+    .unwrap();
     let saved = ns.run("iptables-save", &["-t", "nat"], "").unwrap();
     assert!(saved.contains("--to-destination 10.244.0.99:8080"));
     assert!(!saved.contains("--to-destination 10.244.0.19:"));
     assert!(!saved.contains(&stale[0]));
-    assert_eq!(saved.matches("-A PREROUTING").count(), 1, "the resync leaves the hooks alone");
+    assert_eq!(
+        saved.matches("-A PREROUTING").count(),
+        1,
+        "the resync leaves the hooks alone"
+    );
 }
 
 #[test]
@@ -109,14 +127,22 @@ fn nft_ruleset_loads_and_updates_incrementally() {
 fn node_port_rulesets_load() {
     let ns = Netns::new("np");
     let s = scenario().with_node_ports();
-    ns.run("iptables-restore", &[], &iptables::ruleset(&s, Mode::Initial, &[])).unwrap();
+    ns.run("iptables-restore", &[], &iptables::ruleset(&s, Mode::Initial, &[]))
+        .unwrap();
     let saved = ns.run("iptables-save", &["-t", "nat"], "").unwrap();
     assert!(
-        saved.contains("-A KUBE-NODEPORTS -p tcp -m comment --comment \"default/measured:http\" -m tcp --dport 32767 -j KUBE-EXT-"),
+        saved.contains(
+            "-A KUBE-NODEPORTS -p tcp -m comment --comment \"default/measured:http\" -m tcp --dport 32767 -j KUBE-EXT-"
+        ),
         "{saved}"
     );
     assert!(saved.contains("masquerade traffic for default/measured:http external destinations\" -j KUBE-MARK-MASQ"));
-    ns.run("nft", &["-f", "-"], &nftables::ruleset(&s, &[Ipv4Addr::new(192, 168, 77, 11)])).unwrap();
+    ns.run(
+        "nft",
+        &["-f", "-"],
+        &nftables::ruleset(&s, &[Ipv4Addr::new(192, 168, 77, 11)]),
+    )
+    .unwrap();
     let listed = ns.run("nft", &["list", "table", "ip", "kube-proxy"], "").unwrap();
     assert!(listed.contains("tcp . 32767 : goto external-"), "{listed}");
     assert!(listed.contains("elements = { 192.168.77.11 }"), "{listed}");

@@ -13,8 +13,8 @@
 //! garbage collector (same rule, `agent/src/ct.rs`).
 use aya_ebpf::helpers::bpf_ktime_get_ns;
 use ferry_common::{
-    backend_flags, config, ct_flags, ct_timeouts, Backend, Counter, CtKey, CtValue, RevNat,
-    CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_TCP,
+    backend_flags, config, ct_flags, ct_timeouts, Backend, Counter, CtKey, CtValue, RevNat, CT_DIR_FORWARD,
+    CT_DIR_REPLY, PROTO_TCP,
 };
 
 use crate::{
@@ -270,7 +270,11 @@ pub fn reply(pkt: &Packet) -> Option<Reply> {
 #[inline(always)]
 pub fn quoted(k: &CtKey) -> Option<Reply> {
     let e = find(k)?;
-    Some(Reply { frontend: frontend(e.rev_nat_id), snat: snat(e), flags: e.flags })
+    Some(Reply {
+        frontend: frontend(e.rev_nat_id),
+        snat: snat(e),
+        flags: e.flags,
+    })
 }
 
 /// What a new flow was assigned to.
@@ -300,8 +304,7 @@ pub enum CreateError {
 #[inline(always)]
 pub fn create(pkt: &Packet, flow: &NewFlow, claim: bool) -> Result<(), CreateError> {
     let snat = flow.snat_addr != 0;
-    let flags = if snat { ct_flags::SNAT } else { 0 }
-        | if flow.external { ct_flags::EXTERNAL } else { 0 };
+    let flags = if snat { ct_flags::SNAT } else { 0 } | if flow.external { ct_flags::EXTERNAL } else { 0 };
     let nat_port = if snat { flow.snat_port } else { pkt.sport };
     let now = now();
     let expires = now + lifetime_ns(pkt.proto, flags);
@@ -330,32 +333,37 @@ pub fn create(pkt: &Packet, flow: &NewFlow, claim: bool) -> Result<(), CreateErr
     // Reply first: once the forward entry exists, replies must be translatable.
     let how = if claim { BPF_NOEXIST } else { BPF_ANY };
     let tcp = pkt.proto == PROTO_TCP;
-    let in_tcp = tcp && match CT_TCP.insert(&reply_key, &reply, how) {
-        Ok(()) => true,
-        Err(EEXIST) => return Err(CreateError::Taken),
-        Err(_) => {
-            count(Counter::CtTcpFull);
-            // Before the insert: lookups of TCP flows look in the any-table
-            // from now on.
-            if let Some(v) = CONFIG.get_ptr_mut(config::TCP_IN_ANY) {
-                // SAFETY: an array slot; every writer stores 1.
-                unsafe { *v = 1 };
+    let in_tcp = tcp
+        && match CT_TCP.insert(&reply_key, &reply, how) {
+            Ok(()) => true,
+            Err(EEXIST) => return Err(CreateError::Taken),
+            Err(_) => {
+                count(Counter::CtTcpFull);
+                // Before the insert: lookups of TCP flows look in the any-table
+                // from now on.
+                if let Some(v) = CONFIG.get_ptr_mut(config::TCP_IN_ANY) {
+                    // SAFETY: an array slot; every writer stores 1.
+                    unsafe { *v = 1 };
+                }
+                false
             }
-            false
-        }
-    };
+        };
     if in_tcp {
-        return CT_TCP.insert(&key(pkt, CT_DIR_FORWARD), &forward, BPF_ANY).map_err(|_| {
-            let _ = CT_TCP.remove(&reply_key);
-            CreateError::Full
-        });
+        return CT_TCP
+            .insert(&key(pkt, CT_DIR_FORWARD), &forward, BPF_ANY)
+            .map_err(|_| {
+                let _ = CT_TCP.remove(&reply_key);
+                CreateError::Full
+            });
     }
     match CT_ANY.insert(&reply_key, &reply, how) {
         Ok(()) => {}
         Err(EEXIST) => return Err(CreateError::Taken),
         Err(_) => return Err(CreateError::Full),
     }
-    CT_ANY.insert(&key(pkt, CT_DIR_FORWARD), &forward, BPF_ANY).map_err(|_| CreateError::Full)
+    CT_ANY
+        .insert(&key(pkt, CT_DIR_FORWARD), &forward, BPF_ANY)
+        .map_err(|_| CreateError::Full)
 }
 
 /// The reply key a new flow would have: the backend answering the client,

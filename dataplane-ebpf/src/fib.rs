@@ -11,14 +11,14 @@
 //! packet too big for the egress device can still be answered with an ICMP
 //! "fragmentation needed" quoting it as its sender sent it.
 use aya_ebpf::{
-    cty::c_void,
-    EbpfContext as _,
     bindings::{
-        bpf_fib_lookup, bpf_redir_neigh, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED, BPF_FIB_LKUP_RET_NO_NEIGH,
-        BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
+        bpf_fib_lookup, bpf_redir_neigh, BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NOT_FWDED,
+        BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, TC_ACT_OK,
     },
+    cty::c_void,
     helpers::{bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh},
     programs::TcContext,
+    EbpfContext as _,
 };
 use ferry_common::Counter;
 
@@ -84,11 +84,17 @@ pub fn lookup(ctx: *mut c_void, ifindex: u32, saddr: u32, daddr: u32, tot_len: u
     // SAFETY: ctx is the program's context; p lives on our stack for the call.
     let rc = unsafe { fib_lookup(ctx, &mut p, core::mem::size_of::<bpf_fib_lookup>() as i32, 0) };
     if rc == BPF_FIB_LKUP_RET_SUCCESS as i64 {
-        return Route::Forward { ifindex: p.ifindex, dmac: p.dmac, smac: p.smac };
+        return Route::Forward {
+            ifindex: p.ifindex,
+            dmac: p.dmac,
+            smac: p.smac,
+        };
     }
     if rc == BPF_FIB_LKUP_RET_FRAG_NEEDED as i64 {
         // SAFETY: reading the MTU the lookup wrote.
-        return Route::FragNeeded { mtu: u32::from(unsafe { p.__bindgen_anon_1.mtu_result }) };
+        return Route::FragNeeded {
+            mtu: u32::from(unsafe { p.__bindgen_anon_1.mtu_result }),
+        };
     }
     if rc == BPF_FIB_LKUP_RET_NO_NEIGH as i64 {
         // SAFETY: reading the next hop the lookup wrote (IPv4 family).

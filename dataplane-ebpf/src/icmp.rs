@@ -16,8 +16,7 @@ use aya_ebpf::programs::TcContext;
 use ferry_common::{Counter, CtKey, CT_DIR_REPLY, PROTO_TCP, PROTO_UDP};
 
 use crate::{
-    ct,
-    fib,
+    ct, fib,
     maps::count,
     parse::{ETH_HLEN, IP_CSUM_OFF, IP_DST_OFF, IP_OFF, IP_SRC_OFF},
 };
@@ -127,7 +126,10 @@ fn rewrite_quote(ctx: &TcContext, q: &Quote, client: (u32, u16), frontend: (u32,
     // The quoted L4 checksum, when the quote holds it (UDP's always does; a
     // zero UDP checksum means none).
     let l4_csum = q.l4 + if q.proto == PROTO_TCP { 16 } else { 6 };
-    let old_l4_csum: Option<u16> = ctx.load::<u16>(l4_csum).ok().filter(|c| *c != 0 || q.proto == PROTO_TCP);
+    let old_l4_csum: Option<u16> = ctx
+        .load::<u16>(l4_csum)
+        .ok()
+        .filter(|c| *c != 0 || q.proto == PROTO_TCP);
     for (off, old, new) in [(q.ip + 12, q.saddr, client.0), (q.ip + 16, q.daddr, frontend.0)] {
         if old != new {
             ctx.l3_csum_replace(ip_csum, u64::from(old), u64::from(new), 4)?;

@@ -32,8 +32,8 @@ mod maps;
 mod nat;
 mod nodeport;
 mod parse;
-mod sock;
 mod reject;
+mod sock;
 mod xdp;
 
 use aya_ebpf::{

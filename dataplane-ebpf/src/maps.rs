@@ -6,15 +6,15 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap},
 };
 use ferry_common::{
-    AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, FragKey, FragPorts, RevNat, ServiceKey, DEFAULT_FRAGS_MAX,
-    ServiceName, ServiceValue, SockRevKey, SrcRangeKey, SvcStats, config, DEFAULT_SRC_RANGES_MAX, NODE_ADDRS_MAX, COUNTER_COUNT, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SOCK_LB_SKIP_MAX, DEFAULT_AFFINITY_MAX, DEFAULT_BACKENDS_MAX,
-    DEFAULT_CT_ANY_MAX, DEFAULT_CT_TCP_MAX, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
-    DEFAULT_MAGLEV_TABLES, DEFAULT_MAGLEV_TABLE_SIZE,
+    config, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, FragKey, FragPorts, RevNat, ServiceKey,
+    ServiceName, ServiceValue, SockRevKey, SrcRangeKey, SvcStats, COUNTER_COUNT, DEFAULT_AFFINITY_MAX,
+    DEFAULT_BACKENDS_MAX, DEFAULT_CT_ANY_MAX, DEFAULT_CT_TCP_MAX, DEFAULT_FRAGS_MAX, DEFAULT_MAGLEV_TABLES,
+    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_LB_SKIP_MAX,
+    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SRC_RANGES_MAX, NODE_ADDRS_MAX,
 };
 
 #[map(name = "FERRY_SERVICES")]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
-    HashMap::pinned(DEFAULT_SERVICES_MAX, 0);
+pub static SERVICES: HashMap<ServiceKey, ServiceValue> = HashMap::pinned(DEFAULT_SERVICES_MAX, 0);
 
 #[map(name = "FERRY_BACKENDS")]
 pub static BACKENDS: HashMap<u32, Backend> = HashMap::pinned(DEFAULT_BACKENDS_MAX, 0);
@@ -38,8 +38,7 @@ pub static FRAGS: LruHashMap<FragKey, FragPorts> = LruHashMap::pinned(DEFAULT_FR
 pub static CT_ANY: LruHashMap<CtKey, CtValue> = LruHashMap::pinned(DEFAULT_CT_ANY_MAX, 0);
 
 #[map(name = "FERRY_AFFINITY")]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
-    LruHashMap::pinned(DEFAULT_AFFINITY_MAX, 0);
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(DEFAULT_AFFINITY_MAX, 0);
 
 /// Socket-level LB: (socket, backend) → the frontend, for UDP replies.
 #[map(name = "FERRY_SOCK_REVNAT")]
@@ -114,7 +113,14 @@ pub fn count_service(rev_nat_id: u16, bytes: u32) {
         },
         None => {
             // A full map only loses statistics, never traffic.
-            let _ = SVC_STATS.insert(rev_nat_id, SvcStats { packets: 1, bytes: bytes as u64 }, 0);
+            let _ = SVC_STATS.insert(
+                rev_nat_id,
+                SvcStats {
+                    packets: 1,
+                    bytes: bytes as u64,
+                },
+                0,
+            );
         }
     }
 }

@@ -72,7 +72,11 @@ pub fn rewrite(
     }
     let csum_off = pkt.l4_csum_off();
     // UDP: a zero checksum means "none" and must stay zero.
-    let mangled_0 = if pkt.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 };
+    let mangled_0 = if pkt.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    };
     if old_addr != new_addr {
         ctx.l4_csum_replace(
             csum_off,
@@ -150,11 +154,7 @@ pub fn fold(mut sum: u32) -> u16 {
 /// whatever byte order they are loaded, as long as all are loaded alike.
 #[inline(always)]
 pub fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
-    let sum = (!csum) as u32
-        + (!(old as u16)) as u32
-        + (!((old >> 16) as u16)) as u32
-        + (new & 0xffff)
-        + (new >> 16);
+    let sum = (!csum) as u32 + (!(old as u16)) as u32 + (!((old >> 16) as u16)) as u32 + (new & 0xffff) + (new >> 16);
     !fold(sum)
 }
 

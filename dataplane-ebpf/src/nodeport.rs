@@ -38,7 +38,11 @@ pub enum Arrival {
     NoEndpoint { etp_local: bool },
     /// A new flow, now tracked: to `backend` (address, port), with the
     /// source rewritten to `snat` when the backend is on another node.
-    Flow { rev_nat_id: u16, backend: (u32, u16), snat: Option<(u32, u16)> },
+    Flow {
+        rev_nat_id: u16,
+        backend: (u32, u16),
+        snat: Option<(u32, u16)>,
+    },
 }
 
 /// Picks the backend of a new north-south flow and records it in connection
@@ -67,7 +71,9 @@ pub fn open<C: EbpfContext>(ctx: &C, pkt: &Packet) -> Result<Arrival, Counter> {
         return Err(Counter::DropSourceRange);
     }
     if svc.count == 0 {
-        return Ok(Arrival::NoEndpoint { etp_local: svc.flags & svc_flags::ETP_LOCAL != 0 });
+        return Ok(Arrival::NoEndpoint {
+            etp_local: svc.flags & svc_flags::ETP_LOCAL != 0,
+        });
     }
     let (backend_id, backend) = lb::select_backend(pkt, &service, lb::Chooser::Flow)?;
     let mut flow = NewFlow {
@@ -88,7 +94,11 @@ pub fn open<C: EbpfContext>(ctx: &C, pkt: &Packet) -> Result<Arrival, Counter> {
         };
         Some((flow.snat_addr, claim_snat_port(pkt, &mut flow)?))
     };
-    Ok(Arrival::Flow { rev_nat_id: svc.rev_nat_id, backend: (backend.addr, backend.port), snat })
+    Ok(Arrival::Flow {
+        rev_nat_id: svc.rev_nat_id,
+        backend: (backend.addr, backend.port),
+        snat,
+    })
 }
 
 /// Whether `pkt` belongs to a connection of a socket on this node: a TCP
@@ -99,8 +109,8 @@ pub fn open<C: EbpfContext>(ctx: &C, pkt: &Packet) -> Result<Arrival, Counter> {
 fn local_client<C: EbpfContext>(ctx: &C, pkt: &Packet) -> bool {
     const TCP_LISTEN: u32 = 10;
     const BPF_F_CURRENT_NETNS: u64 = u64::MAX; // (u64)-1
-    // SAFETY: all-zero is a valid tuple (plain integers); the IPv4 member is
-    // written before use.
+                                               // SAFETY: all-zero is a valid tuple (plain integers); the IPv4 member is
+                                               // written before use.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     tuple.__bindgen_anon_1.ipv4.saddr = pkt.saddr;
     tuple.__bindgen_anon_1.ipv4.daddr = pkt.daddr;
@@ -137,7 +147,11 @@ fn local_client<C: EbpfContext>(ctx: &C, pkt: &Packet) -> bool {
 /// recorded still goes (the node keeps working; its replies may not).
 #[inline(always)]
 fn track(r: Result<(), CreateError>) {
-    count(if r.is_ok() { Counter::CtCreated } else { Counter::DropCtFull });
+    count(if r.is_ok() {
+        Counter::CtCreated
+    } else {
+        Counter::DropCtFull
+    });
 }
 
 /// Records `flow` with an SNAT port of its own: random ports of the SNAT
@@ -193,7 +207,11 @@ pub fn new_flow(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
             count(answered);
             crate::bounce(ctx)
         }
-        Arrival::Flow { rev_nat_id, backend, snat } => {
+        Arrival::Flow {
+            rev_nat_id,
+            backend,
+            snat,
+        } => {
             count_service(rev_nat_id, ctx.len());
             forward(ctx, pkt, backend, snat)
         }

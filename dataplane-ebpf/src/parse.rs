@@ -180,7 +180,13 @@ pub fn starts_at_network_header(ctx: &TcContext) -> bool {
     let mut net = [0u8; 20];
     // SAFETY: `net` lives on our stack for the call and is 20 bytes long.
     let rc = unsafe {
-        bpf_skb_load_bytes_relative(ctx.skb.skb as *const _, 0, net.as_mut_ptr() as *mut _, 20, BPF_HDR_START_NET)
+        bpf_skb_load_bytes_relative(
+            ctx.skb.skb as *const _,
+            0,
+            net.as_mut_ptr() as *mut _,
+            20,
+            BPF_HDR_START_NET,
+        )
     };
     rc == 0 && at_start == net
 }
@@ -216,7 +222,13 @@ fn parse_ip<F: Frame>(ctx: &F, l3: usize) -> Result<Option<Packet>, i64> {
     }
     let (saddr, daddr): (u32, u32) = (ctx.load(l3 + 12)?, ctx.load(l3 + 16)?);
     let l4_off = l3 + ihl * 4;
-    let fragment = FragKey { saddr, daddr, id: ctx.load(l3 + 4)?, proto, _pad: 0 };
+    let fragment = FragKey {
+        saddr,
+        daddr,
+        id: ctx.load(l3 + 4)?,
+        proto,
+        _pad: 0,
+    };
     let (sport, dport, later_fragment) = if frags & IP_OFFSET_MASK != 0 {
         // SAFETY: copied out at once.
         let Some(p) = (unsafe { FRAGS.get(&fragment).copied() }) else {
@@ -224,14 +236,21 @@ fn parse_ip<F: Frame>(ctx: &F, l3: usize) -> Result<Option<Packet>, i64> {
         };
         (p.sport, p.dport, true)
     } else {
-        let ports = FragPorts { sport: ctx.load(l4_off)?, dport: ctx.load(l4_off + 2)? };
+        let ports = FragPorts {
+            sport: ctx.load(l4_off)?,
+            dport: ctx.load(l4_off + 2)?,
+        };
         if frags & IP_MF != 0 {
             // A full table only costs the fragments of the oldest datagrams (LRU).
             let _ = FRAGS.insert(&fragment, &ports, 0);
         }
         (ports.sport, ports.dport, false)
     };
-    let tcp_flags = if proto == PROTO_TCP && !later_fragment { ctx.load(l4_off + TCP_FLAGS_OFF)? } else { 0 };
+    let tcp_flags = if proto == PROTO_TCP && !later_fragment {
+        ctx.load(l4_off + TCP_FLAGS_OFF)?
+    } else {
+        0
+    };
     Ok(Some(Packet {
         l3_off: l3,
         l4_off,

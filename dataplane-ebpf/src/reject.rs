@@ -105,13 +105,7 @@ fn icmp_unreachable(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result
     let m = |_| Counter::DropMalformed;
     let quote: [u8; QUOTE_LEN] = ctx.load(IP_OFF).map_err(m)?;
     let mut h = [0u8; 20 + 8 + QUOTE_LEN];
-    ip_header(
-        &mut h,
-        (20 + 8 + QUOTE_LEN) as u16,
-        IPPROTO_ICMP,
-        pkt.daddr,
-        pkt.saddr,
-    );
+    ip_header(&mut h, (20 + 8 + QUOTE_LEN) as u16, IPPROTO_ICMP, pkt.daddr, pkt.saddr);
     h[20] = ICMP_DEST_UNREACH;
     h[21] = code;
     h[26..28].copy_from_slice(&mtu.to_be_bytes());

@@ -141,7 +141,19 @@ pub fn translate(ctx: &SockAddrContext, family: Family, hook: Hook) -> i32 {
     let Some((vip, vport)) = dest(sa, family) else {
         return ALLOW;
     };
-    let pkt = Packet { l3_off: 0, l4_off: 0, proto, saddr: 0, daddr: vip, sport: 0, dport: vport, tcp_flags: 0, dont_fragment: false, fragment: false, later_fragment: false };
+    let pkt = Packet {
+        l3_off: 0,
+        l4_off: 0,
+        proto,
+        saddr: 0,
+        daddr: vip,
+        sport: 0,
+        dport: vport,
+        tcp_flags: 0,
+        dont_fragment: false,
+        fragment: false,
+        later_fragment: false,
+    };
     let Some(svc) = lb::lookup_service_in_cluster(&pkt) else {
         return ALLOW;
     };
@@ -185,10 +197,23 @@ pub fn translate(ctx: &SockAddrContext, family: Family, hook: Hook) -> i32 {
     };
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevKey { cookie, addr: b.addr, port: b.port, _pad: 0 };
+    let key = SockRevKey {
+        cookie,
+        addr: b.addr,
+        port: b.port,
+        _pad: 0,
+    };
     // For getpeername() and UDP replies; a full table only costs what they
     // report (LRU anyway).
-    let _ = SOCK_REVNAT.insert(&key, &RevNat { addr: vip, port: vport, _pad: 0 }, 0);
+    let _ = SOCK_REVNAT.insert(
+        &key,
+        &RevNat {
+            addr: vip,
+            port: vport,
+            _pad: 0,
+        },
+        0,
+    );
     set_dest(sa, family, b.addr, b.port);
     count(Counter::SockForward);
     ALLOW
@@ -205,7 +230,12 @@ pub fn reverse(ctx: &SockAddrContext, family: Family) -> i32 {
     };
     // SAFETY: helper on our own context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = SockRevKey { cookie, addr, port, _pad: 0 };
+    let key = SockRevKey {
+        cookie,
+        addr,
+        port,
+        _pad: 0,
+    };
     // SAFETY: copied out at once.
     if let Some(front) = unsafe { SOCK_REVNAT.get(&key).copied() } {
         set_dest(sa, family, front.addr, front.port);

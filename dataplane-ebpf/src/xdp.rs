@@ -47,7 +47,10 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         let (Some(frontend), Some(client), true) = (r.frontend, r.snat, r.flags & both == both) else {
             return Ok(XDP_PASS);
         };
-        let t = Translation { src: (frontend.addr, frontend.port), dst: client };
+        let t = Translation {
+            src: (frontend.addr, frontend.port),
+            dst: client,
+        };
         return send(ctx, &pkt, &t, Counter::ReverseNat);
     }
     // A north-south flow: tracked already, or new.
@@ -55,7 +58,11 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
         Some(f) if f.external => (f.rev_nat_id, f.backend, f.snat),
         Some(_) => return Ok(XDP_PASS),
         None => match nodeport::open(ctx, &pkt)? {
-            Arrival::Flow { rev_nat_id, backend, snat } => (rev_nat_id, backend, snat),
+            Arrival::Flow {
+                rev_nat_id,
+                backend,
+                snat,
+            } => (rev_nat_id, backend, snat),
             Arrival::NotOurs | Arrival::NoEndpoint { .. } => return Ok(XDP_PASS),
         },
     };

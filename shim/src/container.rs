@@ -25,7 +25,9 @@ pub struct PodInfo<'a> {
 /// the running `ferry` first (so manifests can say `command: [ferry, echo]`).
 pub fn environment(c: &Container, pod: &PodInfo) -> Vec<(String, String)> {
     let mut env: BTreeMap<String, String> = BTreeMap::new();
-    let exe_dir = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf));
+    let exe_dir = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf));
     let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
     let path = match exe_dir {
         Some(d) => format!("{}:{path}", d.display()),
@@ -66,7 +68,11 @@ pub fn environment(c: &Container, pod: &PodInfo) -> Vec<(String, String)> {
 /// A command that runs in the network namespace `ns`, in its own process group.
 pub fn command_in(ns: &OwnedFd, prog: &str, args: &[String], env: &[(String, String)]) -> Command {
     let mut cmd = Command::new(prog);
-    cmd.args(args).env_clear().envs(env.iter().cloned()).process_group(0).kill_on_drop(true);
+    cmd.args(args)
+        .env_clear()
+        .envs(env.iter().cloned())
+        .process_group(0)
+        .kill_on_drop(true);
     let fd = ns.as_raw_fd();
     // SAFETY: only async-signal-safe calls (setns) between fork and exec; `ns`
     // outlives the spawn call.
@@ -123,7 +129,12 @@ mod tests {
             ]
         }))
         .unwrap();
-        let pod = PodInfo { name: "echo-0", namespace: "default", node: "n1", ip: Ipv4Addr::new(10, 244, 0, 2) };
+        let pod = PodInfo {
+            name: "echo-0",
+            namespace: "default",
+            node: "n1",
+            ip: Ipv4Addr::new(10, 244, 0, 2),
+        };
         let env: BTreeMap<_, _> = environment(&c, &pod).into_iter().collect();
         assert_eq!(env["A"], "1");
         assert_eq!(env["ME"], "echo-0");

@@ -22,7 +22,9 @@ pub async fn run(args: EchoArgs) -> Result<()> {
     let name: Arc<str> = name.into();
     let mut tasks = tokio::task::JoinSet::new();
     for port in args.tcp {
-        let l = TcpListener::bind(("0.0.0.0", port)).await.with_context(|| format!("tcp port {port}"))?;
+        let l = TcpListener::bind(("0.0.0.0", port))
+            .await
+            .with_context(|| format!("tcp port {port}"))?;
         let name = name.clone();
         tasks.spawn(async move {
             loop {
@@ -32,7 +34,9 @@ pub async fn run(args: EchoArgs) -> Result<()> {
         });
     }
     for port in args.udp {
-        let s = UdpSocket::bind(("0.0.0.0", port)).await.with_context(|| format!("udp port {port}"))?;
+        let s = UdpSocket::bind(("0.0.0.0", port))
+            .await
+            .with_context(|| format!("udp port {port}"))?;
         let reply = format!("{name}\n");
         let name = name.clone();
         tasks.spawn(async move {
@@ -80,7 +84,11 @@ async fn serve_tcp(s: TcpStream, peer: std::net::SocketAddr, name: Arc<str>) {
         }
         first = false;
         // "peer": the name and the address the server sees the client at.
-        let answer = if line.trim() == "peer" { format!("{name} {peer}\n") } else { format!("{name}\n") };
+        let answer = if line.trim() == "peer" {
+            format!("{name} {peer}\n")
+        } else {
+            format!("{name}\n")
+        };
         if w.write_all(answer.as_bytes()).await.is_err() {
             return;
         }

@@ -7,7 +7,10 @@ use std::{
     path::Path,
 };
 
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::{Pod, PodSpec}};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Pod, PodSpec},
+};
 use serde::Deserialize as _;
 
 use crate::{
@@ -35,7 +38,14 @@ impl PodDef {
 
     pub(crate) fn new(name: String, namespace: String, labels: BTreeMap<String, String>, spec: PodSpec) -> Self {
         let fingerprint = serde_json::to_string(&(&labels, &spec)).unwrap_or_default();
-        Self { name, namespace, labels, spec, fingerprint, owner: None }
+        Self {
+            name,
+            namespace,
+            labels,
+            spec,
+            fingerprint,
+            owner: None,
+        }
     }
 }
 
@@ -97,7 +107,8 @@ pub fn load_str(file: &str, text: &str, out: &mut Manifests) {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
-                out.errors.push(format!("{file}: document {}: not valid YAML: {e}", i + 1));
+                out.errors
+                    .push(format!("{file}: document {}: not valid YAML: {e}", i + 1));
                 break;
             }
         };
@@ -109,12 +120,18 @@ pub fn load_str(file: &str, text: &str, out: &mut Manifests) {
             .filter(|n| !n.is_empty());
         let what = format!("{file}: {kind} {}", name.unwrap_or("<unnamed>"));
         match kind.as_str() {
-            "Pod" => match serde_yaml::from_value::<Pod>(value).map_err(|e| e.to_string()).and_then(pod_def) {
+            "Pod" => match serde_yaml::from_value::<Pod>(value)
+                .map_err(|e| e.to_string())
+                .and_then(pod_def)
+            {
                 Ok(p) => out.pods.push(p),
                 Err(e) => out.errors.push(format!("{what}: {e}")),
             },
             "Deployment" => {
-                match serde_yaml::from_value::<Deployment>(value).map_err(|e| e.to_string()).and_then(deployment_def) {
+                match serde_yaml::from_value::<Deployment>(value)
+                    .map_err(|e| e.to_string())
+                    .and_then(deployment_def)
+                {
                     Ok(d) => out.deployments.push(d),
                     Err(e) => out.errors.push(format!("{what}: {e}")),
                 }
@@ -134,8 +151,15 @@ impl Manifests {
     /// `--nodes`; if empty, the Node objects of the manifests; if there are
     /// none either, every Pod without spec.nodeName runs on `node`).
     pub fn place(self, node: &str, nodes: &[String]) -> Desired {
-        let mut out = Desired { errors: self.errors, ..Desired::default() };
-        let placement = if nodes.is_empty() { Placement::new(&self.nodes) } else { Placement::new(nodes) };
+        let mut out = Desired {
+            errors: self.errors,
+            ..Desired::default()
+        };
+        let placement = if nodes.is_empty() {
+            Placement::new(&self.nodes)
+        } else {
+            Placement::new(nodes)
+        };
         if let Some(p) = placement.as_ref().filter(|p| !p.contains(node)) {
             out.errors.push(format!(
                 "node {node} is not one of the lab's nodes {:?} (--nodes, or the Node objects of the manifests): it runs only Pods whose spec.nodeName names it",
@@ -204,7 +228,11 @@ fn deployment_def(d: Deployment) -> Result<(DeploymentDef, Option<String>), Stri
             crate::rollout::resolve(s(ru.max_surge).as_deref(), s(ru.max_unavailable).as_deref(), replicas)?
         }
         Some("Recreate") => (0, replicas.max(1)),
-        Some(other) => return Err(format!("spec.strategy.type: unknown {other:?} (RollingUpdate, Recreate)")),
+        Some(other) => {
+            return Err(format!(
+                "spec.strategy.type: unknown {other:?} (RollingUpdate, Recreate)"
+            ))
+        }
     };
     let node = template_spec.node_name.clone();
     let template = PodDef::new(name.clone(), ns.clone(), labels, template_spec);
@@ -227,7 +255,12 @@ fn check_spec(spec: &PodSpec) -> Result<(), String> {
     if spec.containers.is_empty() {
         return Err("spec.containers: at least one container is needed".into());
     }
-    for (i, c) in spec.containers.iter().chain(spec.init_containers.iter().flatten()).enumerate() {
+    for (i, c) in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .enumerate()
+    {
         if c.command.as_ref().is_none_or(|c| c.is_empty()) {
             return Err(format!(
                 "container {} ({i}): command: required (images are not run; the command runs as a process)",
@@ -311,7 +344,10 @@ mod tests {
         let mut want: Vec<String> = names.iter().map(|n| format!("default/{n}")).collect();
         want.sort();
         assert_eq!(all, want, "every Pod once: {placed:?}");
-        assert!(placed.iter().filter(|(_, pods, _)| !pods.is_empty()).count() >= 2, "spread: {placed:?}");
+        assert!(
+            placed.iter().filter(|(_, pods, _)| !pods.is_empty()).count() >= 2,
+            "spread: {placed:?}"
+        );
         // The same answer again (stable), and whatever order --nodes lists.
         let flag_reversed: Vec<String> = flag.iter().rev().cloned().collect();
         assert_eq!(per_node(&text, &nodes, &flag_reversed), placed);
@@ -322,7 +358,11 @@ mod tests {
         let nodes = "apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n---\napiVersion: v1\nkind: Node\nmetadata: {name: n2}\n---\n";
         let text = format!("{nodes}{}", DEPLOY.replace("replicas: 3", "replicas: 6"));
         let placed = per_node(&text, &["n1", "n2"], &[]);
-        assert_eq!(placed.iter().map(|(_, _, r)| r[0]).collect::<Vec<_>>(), [3, 3], "{placed:?}");
+        assert_eq!(
+            placed.iter().map(|(_, _, r)| r[0]).collect::<Vec<_>>(),
+            [3, 3],
+            "{placed:?}"
+        );
         // The Pod names the two nodes plan are disjoint and make up echo-0..5.
         let mut names: Vec<String> = ["n1", "n2"]
             .iter()
@@ -337,7 +377,11 @@ mod tests {
 
     #[test]
     fn node_name_wins_over_spreading() {
-        let text = format!("{}---\n{}", pod("a", Some("n2")), DEPLOY.replace("    spec:\n", "    spec:\n      nodeName: n1\n"));
+        let text = format!(
+            "{}---\n{}",
+            pod("a", Some("n2")),
+            DEPLOY.replace("    spec:\n", "    spec:\n      nodeName: n1\n")
+        );
         let flag = vec!["n1".to_string(), "n2".to_string()];
         let placed = per_node(&text, &["n1", "n2"], &flag);
         assert_eq!(placed[0], ("n1".to_string(), vec![], vec![3]));

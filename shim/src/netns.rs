@@ -30,8 +30,14 @@ pub fn create(name: &str) -> Result<()> {
     let r = std::thread::spawn(move || -> Result<()> {
         // Only this thread changes network namespace; it ends right after.
         unshare(CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
-        mount(Some("/proc/thread-self/ns/net"), &t, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .context("bind-mounting the namespace")?;
+        mount(
+            Some("/proc/thread-self/ns/net"),
+            &t,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .context("bind-mounting the namespace")?;
         Ok(())
     })
     .join()
@@ -55,7 +61,11 @@ pub fn delete(name: &str) -> Result<()> {
 /// Names of the namespaces under /run/netns.
 pub fn list() -> Vec<String> {
     fs::read_dir(NETNS_DIR)
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 

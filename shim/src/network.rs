@@ -1,7 +1,10 @@
 //! A Pod's network: a veth pair between the node and the Pod namespace, the Pod's
 //! /32 address, and routes both ways (Calico-style point-to-point: every host veth
 //! carries the node's gateway address, the Pod routes everything via it).
-use std::{net::Ipv4Addr, os::fd::{AsRawFd, OwnedFd}};
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, OwnedFd},
+};
 
 use anyhow::{anyhow, Context as _, Result};
 use futures::TryStreamExt as _;
@@ -14,7 +17,9 @@ use crate::netns;
 
 /// Name of the host end of a Pod's veth: `fy` + 8 hex digits of its key (<= 15).
 pub fn host_veth_name(pod_key: &str) -> String {
-    let h = pod_key.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+    let h = pod_key
+        .bytes()
+        .fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
     format!("fy{h:08x}")
 }
 
@@ -50,7 +55,13 @@ async fn index_of(h: &Handle, name: &str) -> Result<Option<u32>> {
 }
 
 /// Wires a Pod namespace to the node: veth, addresses, routes.
-pub async fn setup(node: &Handle, pod_ns_name: &str, host_veth: &str, pod_ip: Ipv4Addr, gateway: Ipv4Addr) -> Result<()> {
+pub async fn setup(
+    node: &Handle,
+    pod_ns_name: &str,
+    host_veth: &str,
+    pod_ip: Ipv4Addr,
+    gateway: Ipv4Addr,
+) -> Result<()> {
     if let Some(old) = index_of(node, host_veth).await? {
         node.link().del(old).execute().await.context("removing a stale veth")?;
     }
@@ -60,8 +71,12 @@ pub async fn setup(node: &Handle, pod_ns_name: &str, host_veth: &str, pod_ip: Ip
         .execute()
         .await
         .with_context(|| format!("creating veth {host_veth}"))?;
-    let host_idx = index_of(node, host_veth).await?.ok_or_else(|| anyhow!("veth {host_veth} vanished"))?;
-    let peer_idx = index_of(node, &peer_tmp).await?.ok_or_else(|| anyhow!("veth {peer_tmp} vanished"))?;
+    let host_idx = index_of(node, host_veth)
+        .await?
+        .ok_or_else(|| anyhow!("veth {host_veth} vanished"))?;
+    let peer_idx = index_of(node, &peer_tmp)
+        .await?
+        .ok_or_else(|| anyhow!("veth {peer_tmp} vanished"))?;
     let ns = netns::open(pod_ns_name)?;
     node.link()
         .set(LinkUnspec::new_with_index(peer_idx).setns_by_fd(ns.as_raw_fd()).build())
@@ -69,28 +84,69 @@ pub async fn setup(node: &Handle, pod_ns_name: &str, host_veth: &str, pod_ip: Ip
         .await
         .context("moving the veth into the Pod namespace")?;
     // Node side.
-    node.address().add(host_idx, gateway.into(), 32).execute().await.context("gateway address")?;
-    node.link().set(LinkUnspec::new_with_index(host_idx).up().build()).execute().await?;
+    node.address()
+        .add(host_idx, gateway.into(), 32)
+        .execute()
+        .await
+        .context("gateway address")?;
+    node.link()
+        .set(LinkUnspec::new_with_index(host_idx).up().build())
+        .execute()
+        .await?;
     node.route()
-        .add(RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(pod_ip, 32).output_interface(host_idx).scope(RouteScope::Link).build())
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(pod_ip, 32)
+                .output_interface(host_idx)
+                .scope(RouteScope::Link)
+                .build(),
+        )
         .execute()
         .await
         .context("route to the Pod")?;
     // Pod side.
     let pod = handle_in(&ns)?;
-    let lo = index_of(&pod, "lo").await?.ok_or_else(|| anyhow!("no lo in the Pod namespace"))?;
-    pod.link().set(LinkUnspec::new_with_index(lo).up().build()).execute().await?;
-    let eth = index_of(&pod, &peer_tmp).await?.ok_or_else(|| anyhow!("veth peer missing in the Pod"))?;
-    pod.link().set(LinkUnspec::new_with_index(eth).name("eth0").build()).execute().await?;
-    pod.address().add(eth, pod_ip.into(), 32).execute().await.context("Pod address")?;
-    pod.link().set(LinkUnspec::new_with_index(eth).up().build()).execute().await?;
+    let lo = index_of(&pod, "lo")
+        .await?
+        .ok_or_else(|| anyhow!("no lo in the Pod namespace"))?;
+    pod.link()
+        .set(LinkUnspec::new_with_index(lo).up().build())
+        .execute()
+        .await?;
+    let eth = index_of(&pod, &peer_tmp)
+        .await?
+        .ok_or_else(|| anyhow!("veth peer missing in the Pod"))?;
+    pod.link()
+        .set(LinkUnspec::new_with_index(eth).name("eth0").build())
+        .execute()
+        .await?;
+    pod.address()
+        .add(eth, pod_ip.into(), 32)
+        .execute()
+        .await
+        .context("Pod address")?;
+    pod.link()
+        .set(LinkUnspec::new_with_index(eth).up().build())
+        .execute()
+        .await?;
     pod.route()
-        .add(RouteMessageBuilder::<Ipv4Addr>::new().destination_prefix(gateway, 32).output_interface(eth).scope(RouteScope::Link).build())
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(gateway, 32)
+                .output_interface(eth)
+                .scope(RouteScope::Link)
+                .build(),
+        )
         .execute()
         .await
         .context("route to the gateway")?;
     pod.route()
-        .add(RouteMessageBuilder::<Ipv4Addr>::new().gateway(gateway).output_interface(eth).build())
+        .add(
+            RouteMessageBuilder::<Ipv4Addr>::new()
+                .gateway(gateway)
+                .output_interface(eth)
+                .build(),
+        )
         .execute()
         .await
         .context("default route")?;

@@ -40,10 +40,7 @@ pub struct Slots {
 
 impl Slots {
     /// Every index: a single node runs all replicas.
-    pub const ALL: Slots = Slots {
-        first: 0,
-        stride: 1,
-    };
+    pub const ALL: Slots = Slots { first: 0, stride: 1 };
 
     /// How many of the indices `0..replicas` are this node's.
     pub fn count(&self, replicas: u32) -> u32 {
@@ -82,9 +79,7 @@ impl Placement {
     }
 
     pub fn contains(&self, node: &str) -> bool {
-        self.nodes
-            .binary_search_by(|n| n.as_str().cmp(node))
-            .is_ok()
+        self.nodes.binary_search_by(|n| n.as_str().cmp(node)).is_ok()
     }
 
     /// The node that runs the standalone Pod `namespace/name`.
@@ -150,9 +145,7 @@ mod tests {
         assert_eq!(fnv1a(b"default/client"), 0xb5eb_0c41_497f_da94);
         assert_eq!(p.pod_node("default", "client"), "n1");
         assert_eq!(fnv1a(b"default/echo"), 0xe2ad_5e5f_7587_893a);
-        let replicas: Vec<&str> = (0..4)
-            .map(|i| p.replica_node("default", "echo", i))
-            .collect();
+        let replicas: Vec<&str> = (0..4).map(|i| p.replica_node("default", "echo", i)).collect();
         assert_eq!(replicas, ["n1", "n2", "n1", "n2"]);
     }
 
@@ -161,9 +154,7 @@ mod tests {
         let p = Placement::new(&["n1", "n2", "n3"]).unwrap();
         let mut per_node = std::collections::BTreeMap::<&str, usize>::new();
         for i in 0..30 {
-            *per_node
-                .entry(p.pod_node("default", &format!("web-{i}")))
-                .or_default() += 1;
+            *per_node.entry(p.pod_node("default", &format!("web-{i}"))).or_default() += 1;
         }
         assert_eq!(per_node.len(), 3, "{per_node:?}");
     }
@@ -186,9 +177,7 @@ mod tests {
                 }
                 assert_eq!(counts.iter().sum::<u32>(), replicas, "{nodes:?} {replicas}");
                 for i in 0..u64::from(replicas) {
-                    let owners = nodes
-                        .iter()
-                        .filter(|n| p.slots("default", "echo", n).unwrap().has(i));
+                    let owners = nodes.iter().filter(|n| p.slots("default", "echo", n).unwrap().has(i));
                     assert_eq!(owners.count(), 1, "{nodes:?}: index {i}");
                 }
                 let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());

@@ -55,7 +55,13 @@ impl PodHandle {
         let (stop, rx) = watch::channel(None);
         let (ready_tx, ready) = watch::channel(false);
         let task = tokio::spawn(run(ctx, def.clone(), ip, rx, ready_tx));
-        Self { def, ip, stop, ready, task }
+        Self {
+            def,
+            ip,
+            stop,
+            ready,
+            task,
+        }
     }
 
     pub fn is_ready(&self) -> bool {
@@ -90,7 +96,17 @@ struct Running {
 
 impl Running {
     fn new(c: Container, env: Vec<(String, String)>, log: PathBuf) -> Self {
-        Self { c, env, log, child: None, restarts: 0, retry_at: Some(Instant::now()), startup: None, liveness: None, readiness: None }
+        Self {
+            c,
+            env,
+            log,
+            child: None,
+            restarts: 0,
+            retry_at: Some(Instant::now()),
+            startup: None,
+            liveness: None,
+            readiness: None,
+        }
     }
 
     fn start(&mut self, ns: &OwnedFd, pod: &str) {
@@ -202,9 +218,17 @@ async fn run(
             return;
         }
     };
-    let info = PodInfo { name: &def.name, namespace: &def.namespace, node: &ctx.node, ip };
+    let info = PodInfo {
+        name: &def.name,
+        namespace: &def.namespace,
+        node: &ctx.node,
+        ip,
+    };
     let log = |c: &str| {
-        ctx.state_dir.join("logs").join(&ctx.node).join(format!("{}_{}_{c}.log", def.namespace, def.name))
+        ctx.state_dir
+            .join("logs")
+            .join(&ctx.node)
+            .join(format!("{}_{}_{c}.log", def.namespace, def.name))
     };
 
     // Init containers, in order, each to completion.
@@ -279,7 +303,11 @@ async fn run(
         // Probes that are due.
         for r in cs.iter_mut().filter(|r| r.running()) {
             let started = r.startup.as_ref().is_none_or(|(s, _)| s.passing);
-            let kinds: &[Kind] = if started { &[Kind::Liveness, Kind::Readiness] } else { &[Kind::Startup] };
+            let kinds: &[Kind] = if started {
+                &[Kind::Liveness, Kind::Readiness]
+            } else {
+                &[Kind::Startup]
+            };
             for kind in kinds {
                 let slot = match kind {
                     Kind::Startup => &mut r.startup,
@@ -357,7 +385,9 @@ async fn run(
             break;
         }
         for r in cs.iter_mut().filter(|r| r.running()) {
-            let Some((state, due)) = r.readiness.as_mut() else { continue };
+            let Some((state, due)) = r.readiness.as_mut() else {
+                continue;
+            };
             if *due > Instant::now() {
                 continue;
             }

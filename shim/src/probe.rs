@@ -50,11 +50,16 @@ pub fn spec(p: &Probe, container: &Container) -> Result<Spec, String> {
         }
     };
     let check = if let Some(h) = &p.http_get {
-        Check::Http { port: port(&h.port)?, path: h.path.clone().unwrap_or_else(|| "/".into()) }
+        Check::Http {
+            port: port(&h.port)?,
+            path: h.path.clone().unwrap_or_else(|| "/".into()),
+        }
     } else if let Some(t) = &p.tcp_socket {
         Check::Tcp { port: port(&t.port)? }
     } else if let Some(e) = &p.exec {
-        Check::Exec { command: e.command.clone().unwrap_or_default() }
+        Check::Exec {
+            command: e.command.clone().unwrap_or_default(),
+        }
     } else {
         return Err("no handler (httpGet, tcpSocket or exec)".into());
     };
@@ -82,7 +87,12 @@ pub struct State {
 impl State {
     /// `initially`: readiness and startup start failing, liveness passing.
     pub fn new(spec: Spec, initially: bool) -> Self {
-        Self { spec, ok_streak: 0, fail_streak: 0, passing: initially }
+        Self {
+            spec,
+            ok_streak: 0,
+            fail_streak: 0,
+            passing: initially,
+        }
     }
 
     /// Records one result; returns the verdict when it flips.
@@ -125,9 +135,11 @@ pub async fn run(check: &Check, pod_ip: Ipv4Addr, timeout: Duration, ns: &OwnedF
 
 async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<bool> {
     let mut s = TcpStream::connect(addr).await?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: kube-probe/ferry-shim\r\nConnection: close\r\n\r\n");
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: kube-probe/ferry-shim\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await?;
-    let mut buf = vec![0u8; 64];
+    let mut buf = [0u8; 64];
     let mut n = 0;
     while n < 12 {
         let r = s.read(&mut buf[n..]).await?;
@@ -142,9 +154,13 @@ async fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<bool> {
 }
 
 async fn exec(command: &[String], ns: &OwnedFd, env: &[(String, String)], timeout: Duration) -> bool {
-    let Some((prog, args)) = command.split_first() else { return false };
+    let Some((prog, args)) = command.split_first() else {
+        return false;
+    };
     let mut cmd = crate::container::command_in(ns, prog, args, env);
-    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
     let Ok(mut child) = cmd.spawn() else { return false };
     match tokio::time::timeout(timeout, child.wait()).await {
         Ok(Ok(status)) => status.success(),
@@ -205,10 +221,20 @@ mod tests {
             "name": "c", "ports": [{"name": "http", "containerPort": 8080}]
         }))
         .unwrap();
-        let p: Probe = serde_json::from_value(serde_json::json!({"httpGet": {"port": "http", "path": "/healthz"}})).unwrap();
+        let p: Probe =
+            serde_json::from_value(serde_json::json!({"httpGet": {"port": "http", "path": "/healthz"}})).unwrap();
         let sp = spec(&p, &c).unwrap();
-        assert_eq!(sp.check, Check::Http { port: 8080, path: "/healthz".into() });
-        assert_eq!((sp.period, sp.timeout, sp.success_threshold, sp.failure_threshold), (Duration::from_secs(10), Duration::from_secs(1), 1, 3));
+        assert_eq!(
+            sp.check,
+            Check::Http {
+                port: 8080,
+                path: "/healthz".into()
+            }
+        );
+        assert_eq!(
+            (sp.period, sp.timeout, sp.success_threshold, sp.failure_threshold),
+            (Duration::from_secs(10), Duration::from_secs(1), 1, 3)
+        );
         let bad: Probe = serde_json::from_value(serde_json::json!({"tcpSocket": {"port": "nope"}})).unwrap();
         assert!(spec(&bad, &c).is_err());
     }

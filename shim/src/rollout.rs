@@ -113,28 +113,19 @@ pub fn plan(d: &DeploymentDef, members: &[Member], taken: &[String]) -> Plan {
 /// maxSurge / maxUnavailable: an absolute number or a percentage of replicas
 /// (surge rounds up, unavailable down, as Kubernetes does). Both zero is not
 /// allowed by the API; here it becomes maxUnavailable 1 so a rollout can finish.
-pub fn resolve(
-    surge: Option<&str>,
-    unavailable: Option<&str>,
-    replicas: u32,
-) -> Result<(u32, u32), String> {
+pub fn resolve(surge: Option<&str>, unavailable: Option<&str>, replicas: u32) -> Result<(u32, u32), String> {
     let parse = |v: Option<&str>, field: &str, round_up: bool| -> Result<u32, String> {
         let v = v.unwrap_or("25%");
         if let Some(p) = v.strip_suffix('%') {
-            let p: u64 = p.parse().map_err(|_| {
-                format!("spec.strategy.rollingUpdate.{field}: {v:?} is not a number or percentage")
-            })?;
+            let p: u64 = p
+                .parse()
+                .map_err(|_| format!("spec.strategy.rollingUpdate.{field}: {v:?} is not a number or percentage"))?;
             let scaled = p * u64::from(replicas);
-            let n = if round_up {
-                scaled.div_ceil(100)
-            } else {
-                scaled / 100
-            };
+            let n = if round_up { scaled.div_ceil(100) } else { scaled / 100 };
             Ok(n as u32)
         } else {
-            v.parse().map_err(|_| {
-                format!("spec.strategy.rollingUpdate.{field}: {v:?} is not a number or percentage")
-            })
+            v.parse()
+                .map_err(|_| format!("spec.strategy.rollingUpdate.{field}: {v:?} is not a number or percentage"))
         }
     };
     let s = parse(surge, "maxSurge", true)?;
@@ -184,10 +175,7 @@ mod tests {
             m("echo-2", false, true),
         ];
         let p = plan(&d, &old, &[]);
-        assert_eq!(
-            (p.start.as_slice(), p.stop.len()),
-            (&["echo-3".to_string()][..], 0)
-        );
+        assert_eq!((p.start.as_slice(), p.stop.len()), (&["echo-3".to_string()][..], 0));
         // The new Pod runs but is not ready: wait.
         let mut now = old.to_vec();
         now.push(m("echo-3", true, false));
@@ -225,11 +213,7 @@ mod tests {
         let p = plan(&d, &old, &[]);
         assert_eq!(p.stop, ["echo-2"], "no surge: an old Pod makes room first");
         assert_eq!(p.start, ["echo-3"], "and a new one takes it");
-        let p = plan(
-            &dep(1, 1, 0),
-            &[m("echo-0", true, true), m("echo-1", true, true)],
-            &[],
-        );
+        let p = plan(&dep(1, 1, 0), &[m("echo-0", true, true), m("echo-1", true, true)], &[]);
         assert_eq!(p.stop, ["echo-1"]);
     }
 
@@ -254,8 +238,6 @@ mod tests {
         assert_eq!(resolve(None, None, 3), Ok((1, 0)));
         assert_eq!(resolve(Some("50%"), Some("1"), 4), Ok((2, 1)));
         assert_eq!(resolve(Some("0"), Some("0"), 4), Ok((0, 1)));
-        assert!(resolve(Some("lots"), None, 3)
-            .unwrap_err()
-            .contains("maxSurge"));
+        assert!(resolve(Some("lots"), None, 3).unwrap_err().contains("maxSurge"));
     }
 }

@@ -18,16 +18,27 @@ use crate::{
 };
 
 pub async fn run(args: ShimArgs) -> Result<()> {
-    let gateway = args.pod_cidr.hosts().next().context("--pod-cidr has no host addresses")?;
+    let gateway = args
+        .pod_cidr
+        .hosts()
+        .next()
+        .context("--pod-cidr has no host addresses")?;
     check_nodes(&args)?;
     if let Some(cg) = &args.pod_cgroup {
         // Every Pod process is forked from here and inherits the cgroup.
         let procs = cg.join("cgroup.procs");
-        std::fs::write(&procs, std::process::id().to_string())
-            .with_context(|| format!("joining the cgroup {} (--pod-cgroup): writing {}", cg.display(), procs.display()))?;
+        std::fs::write(&procs, std::process::id().to_string()).with_context(|| {
+            format!(
+                "joining the cgroup {} (--pod-cgroup): writing {}",
+                cg.display(),
+                procs.display()
+            )
+        })?;
     }
     if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").is_ok_and(|v| v.trim() == "0") {
-        tracing::warn!("net.ipv4.ip_forward is 0 in this network namespace: Pods cannot reach each other through the node");
+        tracing::warn!(
+            "net.ipv4.ip_forward is 0 in this network namespace: Pods cannot reach each other through the node"
+        );
     }
     let ctx = Arc::new(Ctx {
         node: args.node.clone(),
@@ -97,11 +108,19 @@ pub async fn run(args: ShimArgs) -> Result<()> {
             // Names a new Pod must not take: stopping Pods, other running Pods and
             // standalone Pods of the namespace (also those other nodes run).
             let ns_prefix = format!("{}/", d.namespace);
-            let elsewhere = desired.elsewhere.iter().filter_map(|k| k.strip_prefix(&ns_prefix).map(str::to_string));
+            let elsewhere = desired
+                .elsewhere
+                .iter()
+                .filter_map(|k| k.strip_prefix(&ns_prefix).map(str::to_string));
             let taken: Vec<String> = stopping
                 .iter()
                 .map(|h| &h.def)
-                .chain(running.values().map(|h| &h.def).filter(|p| p.owner.as_deref() != Some(d.key.as_str())))
+                .chain(
+                    running
+                        .values()
+                        .map(|h| &h.def)
+                        .filter(|p| p.owner.as_deref() != Some(d.key.as_str())),
+                )
                 .chain(desired.pods.values())
                 .filter(|p| p.namespace == d.namespace)
                 .map(|p| p.name.clone())
@@ -167,7 +186,11 @@ fn check_nodes(args: &ShimArgs) -> Result<()> {
         anyhow::bail!("--nodes {:?}: a node name is empty ({empty:?})", args.nodes.join(","));
     }
     if !args.nodes.is_empty() && !args.nodes.contains(&args.node) {
-        anyhow::bail!("--nodes {}: does not include this node (--node {})", args.nodes.join(","), args.node);
+        anyhow::bail!(
+            "--nodes {}: does not include this node (--node {})",
+            args.nodes.join(","),
+            args.node
+        );
     }
     Ok(())
 }

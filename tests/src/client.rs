@@ -38,8 +38,15 @@ pub fn http_get(netns: &str, to: SocketAddr, path: &str) -> Result<(u16, String)
         s.write_all(request.as_bytes())?;
         let mut text = String::new();
         s.read_to_string(&mut text)?;
-        let status = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("no HTTP status line")?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .context("no HTTP status line")?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         Ok((status, body))
     })?
 }
@@ -111,7 +118,11 @@ impl TcpSession {
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
         stream.set_nodelay(true)?;
         let peer = stream.peer_addr()?;
-        Ok(Self { reader: BufReader::new(stream.try_clone()?), stream, peer })
+        Ok(Self {
+            reader: BufReader::new(stream.try_clone()?),
+            stream,
+            peer,
+        })
     }
 
     /// Connects from a given local address and port (e.g. two clients with the
@@ -128,7 +139,11 @@ impl TcpSession {
         stream.set_read_timeout(Some(Duration::from_secs(3)))?;
         stream.set_nodelay(true)?;
         let peer = stream.peer_addr()?;
-        Ok(Self { reader: BufReader::new(stream.try_clone()?), stream, peer })
+        Ok(Self {
+            reader: BufReader::new(stream.try_clone()?),
+            stream,
+            peer,
+        })
     }
 
     /// Closes the connection with a RST (SO_LINGER 0): no TIME_WAIT, so the
@@ -152,8 +167,13 @@ impl TcpSession {
     /// returns (backend name, that address).
     pub fn ask_peer(&mut self) -> Result<(String, SocketAddr)> {
         let line = self.ask_line("peer")?;
-        let (name, peer) = line.split_once(' ').with_context(|| format!("unexpected answer {line:?}"))?;
-        Ok((name.to_string(), peer.parse().with_context(|| format!("unexpected answer {line:?}"))?))
+        let (name, peer) = line
+            .split_once(' ')
+            .with_context(|| format!("unexpected answer {line:?}"))?;
+        Ok((
+            name.to_string(),
+            peer.parse().with_context(|| format!("unexpected answer {line:?}"))?,
+        ))
     }
 
     fn ask_line(&mut self, what: &str) -> Result<String> {
@@ -191,12 +211,23 @@ pub fn bulk_round_trip(netns: &str, to: SocketAddr, size: usize) -> Result<()> {
         s.set_write_timeout(Some(Duration::from_secs(20)))?;
         let data: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
         let (mut writer, sent) = (s.try_clone()?, data.clone());
-        let upload = std::thread::spawn(move || writer.write_all(&sent).and_then(|()| writer.shutdown(std::net::Shutdown::Write)));
+        let upload = std::thread::spawn(move || {
+            writer
+                .write_all(&sent)
+                .and_then(|()| writer.shutdown(std::net::Shutdown::Write))
+        });
         let mut back = Vec::with_capacity(size);
         (&s).read_to_end(&mut back).context("reading the echo")?;
-        upload.join().map_err(|_| anyhow!("upload thread panicked"))?.context("uploading")?;
+        upload
+            .join()
+            .map_err(|_| anyhow!("upload thread panicked"))?
+            .context("uploading")?;
         if back != data {
-            bail!("{} of {size} bytes came back{}", back.len(), if back.len() == size { ", changed" } else { "" });
+            bail!(
+                "{} of {size} bytes came back{}",
+                back.len(),
+                if back.len() == size { ", changed" } else { "" }
+            );
         }
         Ok(())
     })?

@@ -71,7 +71,13 @@ impl Cluster {
         fs::create_dir_all(&state_dir)?;
         let underlay = format!("{prefix}-ul");
         let external = format!("{prefix}-ext");
-        let mut cluster = Self { nodes: Vec::new(), external, underlay, prefix, state_dir };
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            external,
+            underlay,
+            prefix,
+            state_dir,
+        };
         cluster.create_underlay()?;
         for i in 0..n {
             let mut opts = LabOptions::new(&format!("{tag}{}", i + 1));
@@ -79,7 +85,11 @@ impl Cluster {
             opts.shim = false;
             opts.pod_cidr = pod_cidr(i);
             opts.state_dir = Some(cluster.state_dir.clone());
-            opts.agent_args = ["--devices", "eth0"].iter().chain(agent_args).map(ToString::to_string).collect();
+            opts.agent_args = ["--devices", "eth0"]
+                .iter()
+                .chain(agent_args)
+                .map(ToString::to_string)
+                .collect();
             opts.manifests = manifests.to_vec();
             let lab = Lab::start(opts)?;
             cluster.nodes.push(lab);
@@ -115,7 +125,12 @@ impl Cluster {
     /// A veth from `ns` (named eth0 there) into the underlay bridge.
     fn plug(&self, ns: &str, port: &str, addr: Ipv4Addr) -> Result<()> {
         let ul = &self.underlay;
-        sys::run("ip", &["-n", ul, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+        sys::run(
+            "ip",
+            &[
+                "-n", ul, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns,
+            ],
+        )?;
         sys::run("ip", &["-n", ul, "link", "set", port, "master", "br0", "up"])?;
         sys::run("ip", &["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"])?;
         sys::run("ip", &["-n", ns, "link", "set", "eth0", "up"])?;
@@ -131,7 +146,18 @@ impl Cluster {
         let node = &self.nodes[i].node;
         self.plug(node, &format!("u{}", i + 1), node_addr(i))?;
         for j in (0..self.nodes.len()).filter(|j| *j != i) {
-            sys::run("ip", &["-n", node, "route", "add", &pod_cidr(j), "via", &node_addr(j).to_string()])?;
+            sys::run(
+                "ip",
+                &[
+                    "-n",
+                    node,
+                    "route",
+                    "add",
+                    &pod_cidr(j),
+                    "via",
+                    &node_addr(j).to_string(),
+                ],
+            )?;
         }
         Ok(())
     }
@@ -190,7 +216,10 @@ impl Cluster {
 
     /// Every node's agent and shim logs.
     pub fn logs(&self) -> String {
-        self.nodes.iter().map(|l| format!("=== {}\n{}", l.node, l.logs())).collect()
+        self.nodes
+            .iter()
+            .map(|l| format!("=== {}\n{}", l.node, l.logs()))
+            .collect()
     }
 }
 
@@ -215,4 +244,3 @@ impl Drop for Cluster {
         let _ = fs::remove_dir_all(&self.state_dir);
     }
 }
-

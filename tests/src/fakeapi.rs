@@ -194,9 +194,7 @@ impl FakeApi {
                         bail!("setns into {path}: {}", std::io::Error::last_os_error());
                     }
                 }
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                 let listener = rt.block_on(async {
                     let s = tokio::net::TcpSocket::new_v4()?;
                     s.set_reuseaddr(true)?;
@@ -212,12 +210,7 @@ impl FakeApi {
                     return;
                 }
             };
-            let _ = ready_tx.send(
-                listener
-                    .local_addr()
-                    .map(|a| a.port())
-                    .map_err(anyhow::Error::from),
-            );
+            let _ = ready_tx.send(listener.local_addr().map(|a| a.port()).map_err(anyhow::Error::from));
             rt.block_on(async move {
                 tokio::select! {
                     _ = accept_loop(listener, shared) => {}
@@ -227,9 +220,7 @@ impl FakeApi {
             // Dropping the runtime drops every connection task: clients see the
             // connections reset, as when an apiserver dies.
         });
-        let port = ready_rx
-            .recv()
-            .map_err(|_| anyhow!("fake API server thread died"))??;
+        let port = ready_rx.recv().map_err(|_| anyhow!("fake API server thread died"))??;
         self.port = port;
         self.server = Some(Server {
             stop: Some(stop_tx),
@@ -269,10 +260,7 @@ impl FakeApi {
     /// Deletes an object; false if it did not exist.
     pub fn delete(&self, kind: Kind, namespace: &str, name: &str) -> bool {
         let mut inner = self.shared.lock();
-        let Some(mut obj) = inner
-            .objects
-            .remove(&(kind, namespace.to_string(), name.to_string()))
-        else {
+        let Some(mut obj) = inner.objects.remove(&(kind, namespace.to_string(), name.to_string())) else {
             return false;
         };
         inner.rv += 1;
@@ -365,9 +353,7 @@ async fn accept_loop(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(handle(&shared, req)) }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
         });
     }
 }
@@ -460,10 +446,7 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let kinds = [Kind::Service, Kind::EndpointSlice, Kind::Node];
     if let Some(name) = path.strip_prefix("/api/v1/nodes/") {
         let inner = shared.lock();
-        return match inner
-            .objects
-            .get(&(Kind::Node, String::new(), name.to_string()))
-        {
+        return match inner.objects.get(&(Kind::Node, String::new(), name.to_string())) {
             Some(o) => json_response(StatusCode::OK, o),
             None => json_response(
                 StatusCode::NOT_FOUND,
@@ -474,11 +457,7 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let Some(kind) = kinds.into_iter().find(|k| k.path() == path) else {
         return json_response(
             StatusCode::NOT_FOUND,
-            &status(
-                404,
-                "NotFound",
-                &format!("the server could not find {path}"),
-            ),
+            &status(404, "NotFound", &format!("the server could not find {path}")),
         );
     };
     if shared.lock().blocked.contains(&kind) {
@@ -498,13 +477,20 @@ fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         Some(_) if inner.continue_expired => {
             return json_response(
                 StatusCode::GONE,
-                &status(410, "Expired", "The provided continue parameter is too old to display a consistent list result."),
+                &status(
+                    410,
+                    "Expired",
+                    "The provided continue parameter is too old to display a consistent list result.",
+                ),
             );
         }
         Some(c) => match c.split_once(':').and_then(|(_, o)| o.parse::<usize>().ok()) {
             Some(o) => o,
             None => {
-                return json_response(StatusCode::BAD_REQUEST, &status(400, "BadRequest", "invalid continue token"));
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &status(400, "BadRequest", "invalid continue token"),
+                );
             }
         },
     };
@@ -554,15 +540,9 @@ fn watch_response(
     q: &BTreeMap<String, String>,
     filter: Vec<(String, String)>,
 ) -> Response<Body> {
-    let from: u64 = q
-        .get("resourceVersion")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let from: u64 = q.get("resourceVersion").and_then(|v| v.parse().ok()).unwrap_or(0);
     let bookmarks = q.get("allowWatchBookmarks").map(String::as_str) == Some("true");
-    let timeout = q
-        .get("timeoutSeconds")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1800u64);
+    let timeout = q.get("timeoutSeconds").and_then(|v| v.parse().ok()).unwrap_or(1800u64);
     let (tx, rx) = mpsc::channel::<Bytes>(64);
     let shared = shared.clone();
     let mut changed = shared.changed.subscribe();
@@ -630,9 +610,7 @@ fn watch_response(
         }
     });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv()
-            .await
-            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     let mut r = Response::new(BodyExt::boxed(StreamBody::new(stream)));
     r.headers_mut().insert(

@@ -207,7 +207,12 @@ impl Lab {
 
     /// The agent's flags for standalone mode on `manifests`.
     fn standalone_source(&self, manifests: &Path) -> Vec<String> {
-        vec!["--manifests".into(), path_str(manifests), "--state-dir".into(), path_str(&self.state_dir)]
+        vec![
+            "--manifests".into(),
+            path_str(manifests),
+            "--state-dir".into(),
+            path_str(&self.state_dir),
+        ]
     }
 
     /// Starts `ferry agent <source> --node-name … --bpffs-dir … --cgroup-path …`
@@ -221,7 +226,9 @@ impl Lab {
     /// `agent <source> --node-name … --bpffs-dir … --cgroup-path …` plus the
     /// lab's extra agent flags.
     fn agent_command(&self, source: &[String]) -> Vec<String> {
-        let mut args: Vec<String> = std::iter::once("agent".to_string()).chain(source.iter().cloned()).collect();
+        let mut args: Vec<String> = std::iter::once("agent".to_string())
+            .chain(source.iter().cloned())
+            .collect();
         args.extend([
             "--node-name".into(),
             self.node.clone(),
@@ -253,10 +260,13 @@ impl Lab {
             "--status-file",
             &path_str(&self.status_file()),
         ])?;
-        let json = serde_json::from_slice(&out.stdout).with_context(|| {
-            format!("ferry status printed no JSON: {}", String::from_utf8_lossy(&out.stderr))
-        })?;
-        Ok((out.status.success(), json, String::from_utf8_lossy(&out.stderr).into_owned()))
+        let json = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("ferry status printed no JSON: {}", String::from_utf8_lossy(&out.stderr)))?;
+        Ok((
+            out.status.success(),
+            json,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 
     /// Runs `ferry <args> --bpffs-dir <the lab's>` in the node, whatever its
@@ -410,7 +420,10 @@ impl Lab {
 
     /// Runs `<launcher> <binary> <args>`, its output appended to `<what>.log`.
     fn spawn_bin(&self, binary: &Path, what: &str, launcher: &[String], args: &[String]) -> Result<Child> {
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.log_path(what))?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path(what))?;
         let (program, launcher_args) = launcher.split_first().context("an empty launcher")?;
         Command::new(program)
             .args(launcher_args)
@@ -460,7 +473,9 @@ impl Lab {
     /// Waits until every named Pod is ready.
     pub fn wait_ready(&self, names: &[&str], timeout: Duration) -> Result<()> {
         self.wait_until(timeout, &format!("pods {names:?} ready"), || {
-            Ok(names.iter().all(|n| self.pod(n).is_some_and(|r| r.ready && r.pod_ip.is_some())))
+            Ok(names
+                .iter()
+                .all(|n| self.pod(n).is_some_and(|r| r.ready && r.pod_ip.is_some())))
         })
     }
 
@@ -495,12 +510,7 @@ impl Lab {
     }
 
     /// Polls `cond` every 100 ms until it is true or `timeout` passes.
-    pub fn wait_until(
-        &self,
-        timeout: Duration,
-        what: &str,
-        mut cond: impl FnMut() -> Result<bool>,
-    ) -> Result<()> {
+    pub fn wait_until(&self, timeout: Duration, what: &str, mut cond: impl FnMut() -> Result<bool>) -> Result<()> {
         let start = Instant::now();
         let mut last_err = None;
         loop {
@@ -674,7 +684,10 @@ impl Lab {
         let cg = self.cgroup.as_ref().context("no cgroup v2 on this machine")?;
         let root = ferry_agent_cgroup_root().context("no cgroup v2 root")?;
         let own = fs::read_to_string("/proc/self/cgroup")?;
-        let own = own.lines().find_map(|l| l.strip_prefix("0::")).context("not in a cgroup v2")?;
+        let own = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .context("not in a cgroup v2")?;
         let back = CgroupReturn(root.join(own.trim().trim_start_matches('/')));
         join_cgroup(cg)?;
         let out = crate::client::in_netns(netns, f);
@@ -700,7 +713,11 @@ impl Lab {
         std::io::Write::write_all(&mut child.stdin.take().context("stdin")?, input.as_bytes())?;
         let out = child.wait_with_output()?;
         if !out.status.success() {
-            bail!("{program} {args:?} in node {}: {}", self.node, String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "{program} {args:?} in node {}: {}",
+                self.node,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }

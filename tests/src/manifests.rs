@@ -86,7 +86,15 @@ pub fn draining_echo_pod(name: &str, app: &str, grace: u32) -> String {
 /// `text` with every non-empty line indented by `n` spaces (to nest a YAML
 /// block).
 pub fn indent(text: &str, n: usize) -> String {
-    text.lines().map(|l| if l.is_empty() { "\n".to_string() } else { format!("{}{l}\n", " ".repeat(n)) }).collect()
+    text.lines()
+        .map(|l| {
+            if l.is_empty() {
+                "\n".to_string()
+            } else {
+                format!("{}{l}\n", " ".repeat(n))
+            }
+        })
+        .collect()
 }
 
 /// A Pod that only sleeps: a client.
@@ -134,30 +142,6 @@ spec:
 /// The same Pod manifest, pinned to a node (spec.nodeName).
 pub fn on_node(pod_yaml: &str, node: &str) -> String {
     pod_yaml.replacen("\nspec:\n", &format!("\nspec:\n  nodeName: {node}\n"), 1)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn yaml(text: &str) -> serde_yaml::Value {
-        serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{e}:\n{text}"))
-    }
-
-    #[test]
-    fn echo_pods_and_deployments_share_one_pod_spec() {
-        let pod = yaml(&on_node(&echo_pod("a", "web", Some("/tmp/x")), "n2"));
-        let probe = &pod["spec"]["containers"][0]["readinessProbe"];
-        assert_eq!(probe["exec"]["command"][2].as_str(), Some("test ! -e /tmp/x"));
-        assert_eq!((probe["failureThreshold"].as_u64(), probe["periodSeconds"].as_u64()), (Some(1), Some(1)));
-        assert_eq!(pod["spec"]["nodeName"].as_str(), Some("n2"));
-        assert_eq!(pod["metadata"]["labels"]["app"].as_str(), Some("web"));
-        let plain = yaml(&echo_pod("b", "web", None));
-        assert_eq!(plain["spec"]["containers"][0]["readinessProbe"]["tcpSocket"]["port"].as_str(), Some("http"));
-        let d = yaml(&echo_deployment("d", "web", 3));
-        assert_eq!(d["spec"]["replicas"].as_u64(), Some(3));
-        assert_eq!(d["spec"]["template"]["spec"], plain["spec"], "the same Pod spec");
-    }
 }
 
 /// A Pod `name` labelled `app` that sends back every byte it gets: TCP on
@@ -283,4 +267,34 @@ spec:
   ports: [{{name: http, port: 80, targetPort: http}}]
 "#
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn yaml(text: &str) -> serde_yaml::Value {
+        serde_yaml::from_str(text).unwrap_or_else(|e| panic!("{e}:\n{text}"))
+    }
+
+    #[test]
+    fn echo_pods_and_deployments_share_one_pod_spec() {
+        let pod = yaml(&on_node(&echo_pod("a", "web", Some("/tmp/x")), "n2"));
+        let probe = &pod["spec"]["containers"][0]["readinessProbe"];
+        assert_eq!(probe["exec"]["command"][2].as_str(), Some("test ! -e /tmp/x"));
+        assert_eq!(
+            (probe["failureThreshold"].as_u64(), probe["periodSeconds"].as_u64()),
+            (Some(1), Some(1))
+        );
+        assert_eq!(pod["spec"]["nodeName"].as_str(), Some("n2"));
+        assert_eq!(pod["metadata"]["labels"]["app"].as_str(), Some("web"));
+        let plain = yaml(&echo_pod("b", "web", None));
+        assert_eq!(
+            plain["spec"]["containers"][0]["readinessProbe"]["tcpSocket"]["port"].as_str(),
+            Some("http")
+        );
+        let d = yaml(&echo_deployment("d", "web", 3));
+        assert_eq!(d["spec"]["replicas"].as_u64(), Some(3));
+        assert_eq!(d["spec"]["template"]["spec"], plain["spec"], "the same Pod spec");
+    }
 }

@@ -94,7 +94,10 @@ pub fn delete_netns_with_prefix(prefix: &str) {
 /// Makes sure a bpf filesystem is mounted at /sys/fs/bpf (the agent does the same).
 pub fn ensure_bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf ")) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+    {
         return Ok(());
     }
     run("mount", &["-t", "bpf", "bpf", "/sys/fs/bpf"]).map(|_| ())
@@ -145,7 +148,10 @@ pub fn ferry_bin() -> Result<PathBuf> {
             break;
         }
     }
-    bail!("the ferry binary was not found next to {}; build it (cargo build -p ferry) or set FERRY_BIN", exe.display())
+    bail!(
+        "the ferry binary was not found next to {}; build it (cargo build -p ferry) or set FERRY_BIN",
+        exe.display()
+    )
 }
 
 /// Fails unless we are root: the lab needs CAP_NET_ADMIN and CAP_BPF.

@@ -35,10 +35,7 @@ struct Cluster {
 /// Starts the lab and the fake API (with this node's Node object); `setup` adds
 /// objects before the agent starts.
 fn cluster(opts: LabOptions, setup: impl FnOnce(&Lab, &FakeApi) -> Result<()>) -> Result<Cluster> {
-    let mut lab = Lab::start(LabOptions {
-        agent: false,
-        ..opts
-    })?;
+    let mut lab = Lab::start(LabOptions { agent: false, ..opts })?;
     let api = FakeApi::start(Some(&lab.node))?;
     api.apply(node(&lab.node))?;
     setup(&lab, &api)?;
@@ -134,12 +131,10 @@ fn want(entries: &[(&str, &[&str])]) -> BTreeMap<String, Vec<String>> {
 
 fn wait_maps(c: &Cluster, timeout: Duration, expect: &BTreeMap<String, Vec<String>>) -> Result<()> {
     let mut last = BTreeMap::new();
-    let r = c
-        .lab
-        .wait_until(timeout, &format!("maps == {expect:?}"), || {
-            last = frontends(&c.lab)?;
-            Ok(&last == expect)
-        });
+    let r = c.lab.wait_until(timeout, &format!("maps == {expect:?}"), || {
+        last = frontends(&c.lab)?;
+        Ok(&last == expect)
+    });
     r.with_context(|| format!("last seen: {last:?}"))
 }
 
@@ -199,10 +194,7 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
     let (code, body) = http_get(ns, HEALTHZ, "/healthz")?;
     assert_eq!(code, 200, "{body}");
     let hz: Value = serde_json::from_str(&body).context("healthz JSON")?;
-    assert!(
-        hz["lastUpdated"].as_str().is_some_and(|s| !s.is_empty()),
-        "{hz}"
-    );
+    assert!(hz["lastUpdated"].as_str().is_some_and(|s| !s.is_empty()), "{hz}");
     assert!(hz["currentTime"].as_str().is_some(), "{hz}");
     assert_eq!(http_get(ns, HEALTHZ, "/livez")?.0, 200);
     let (code, metrics) = http_get(ns, METRICS, "/metrics")?;
@@ -222,10 +214,7 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
     // The watcher's requests: the default list-then-watch strategy, bookmarks,
     // and only this node.
     let svc = c.api.requests_for(Kind::Service);
-    assert!(
-        svc.iter().any(|r| !r.contains("watch=true")),
-        "a list: {svc:?}"
-    );
+    assert!(svc.iter().any(|r| !r.contains("watch=true")), "a list: {svc:?}");
     assert!(
         svc.iter().any(|r| r.contains("watch=true")
             && r.contains("allowWatchBookmarks=true")
@@ -234,10 +223,7 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
     );
     let nodes = c.api.requests_for(Kind::Node);
     let sel = format!("fieldSelector=metadata.name%3D{}", c.lab.node);
-    assert!(
-        !nodes.is_empty() && nodes.iter().all(|r| r.contains(&sel)),
-        "{nodes:?}"
-    );
+    assert!(!nodes.is_empty() && nodes.iter().all(|r| r.contains(&sel)), "{nodes:?}");
 
     // A burst of changes is coalesced: 20 updates of one slice within
     // milliseconds give a few syncs (at most --sync-debounce-ms after the first),
@@ -246,29 +232,19 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
     for i in 0..20 {
         let addr = format!("10.244.2.{}", 10 + i);
         let eps: [Ep; 1] = [(addr.as_str(), true, true, false, "n2")];
-        c.api
-            .apply(slice("web-b", "web", &eps, web_slice_ports()))?;
+        c.api.apply(slice("web-b", "web", &eps, web_slice_ports()))?;
     }
     wait_maps(
         &c,
         WAIT,
         &want(&[
-            (
-                "10.96.0.10:53/UDP",
-                &["10.244.1.2:5353", "10.244.2.29:5353"],
-            ),
-            (
-                "10.96.0.10:80/TCP",
-                &["10.244.1.2:8080", "10.244.2.29:8080"],
-            ),
+            ("10.96.0.10:53/UDP", &["10.244.1.2:5353", "10.244.2.29:5353"]),
+            ("10.96.0.10:80/TCP", &["10.244.1.2:8080", "10.244.2.29:8080"]),
             ("10.96.0.20:443/TCP", &["10.244.3.3:8443"]),
         ]),
     )?;
     let syncs = count(&c.lab.agent_log(), "maps synced") - before;
-    assert!(
-        (1..=3).contains(&syncs),
-        "{syncs} syncs for a burst of 20 changes"
-    );
+    assert!((1..=3).contains(&syncs), "{syncs} syncs for a burst of 20 changes");
 
     // An endpoint stops being ready: it leaves the maps.
     c.api.apply(slice(
@@ -292,11 +268,7 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
     assert!(c.api.delete(Kind::Service, "default", "web"));
     assert!(c.api.delete(Kind::EndpointSlice, "default", "web-a"));
     assert!(c.api.delete(Kind::EndpointSlice, "default", "web-b"));
-    wait_maps(
-        &c,
-        WAIT,
-        &want(&[("10.96.0.20:443/TCP", &["10.244.3.3:8443"])]),
-    )?;
+    wait_maps(&c, WAIT, &want(&[("10.96.0.20:443/TCP", &["10.244.3.3:8443"])]))?;
     c.lab.wait_until(WAIT, "metrics follow", || {
         let m = http_get(ns, METRICS, "/metrics")?.1;
         Ok(m.contains("ferry_services 1") && m.contains("ferry_backends 1"))
@@ -392,22 +364,17 @@ fn first_sync_waits_for_every_list_and_an_outage_keeps_the_last_state() -> Resul
     std::thread::sleep(Duration::from_secs(3));
     // The agent keeps serving the last state and stays healthy.
     c.lab.check_alive()?;
-    assert_eq!(
-        frontends(&c.lab)?,
-        full,
-        "the last state stays during the outage"
-    );
+    assert_eq!(frontends(&c.lab)?, full, "the last state stays during the outage");
     assert_eq!(http_get(&ns, HEALTHZ, "/healthz")?.0, 200);
-    assert!(c
-        .lab
-        .agent_log()
-        .contains("watch failed, retrying with backoff"));
-    c.lab.wait_until(Duration::from_secs(10), "ferry status naming the failing watch", || {
-        let (_, s, _) = c.lab.status()?;
-        Ok(s["warnings"].as_array().is_some_and(|w| {
-            w.iter().any(|w| w.as_str().is_some_and(|w| w.contains("watch is failing")))
-        }))
-    })?;
+    assert!(c.lab.agent_log().contains("watch failed, retrying with backoff"));
+    c.lab
+        .wait_until(Duration::from_secs(10), "ferry status naming the failing watch", || {
+            let (_, s, _) = c.lab.status()?;
+            Ok(s["warnings"].as_array().is_some_and(|w| {
+                w.iter()
+                    .any(|w| w.as_str().is_some_and(|w| w.contains("watch is failing")))
+            }))
+        })?;
 
     // It comes back: the agent's resourceVersion is too old (410), it relists
     // and converges.
@@ -453,9 +420,8 @@ fn gone_410_mid_watch_relists_and_an_unchanged_relist_writes_nothing() -> Result
     // Every open watch ends with an ERROR event, code 410: the watchers relist.
     // Nothing changed, so nothing is written.
     c.api.expire_watches();
-    c.lab.wait_until(RECOVER, "a relist of services", || {
-        Ok(lists(&c.api) > lists_before)
-    })?;
+    c.lab
+        .wait_until(RECOVER, "a relist of services", || Ok(lists(&c.api) > lists_before))?;
     c.lab.wait_until(RECOVER, "the relist logged", || {
         Ok(c.lab.agent_log().contains("relisted"))
     })?;
@@ -494,7 +460,8 @@ fn gone_410_mid_watch_relists_and_an_unchanged_relist_writes_nothing() -> Result
 
 /// A metric's value by its full sample name (with labels), if exposed.
 fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines().find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Issue 19, API server trouble: a relist that only ever gets its first page
@@ -508,7 +475,11 @@ fn a_partial_list_keeps_the_last_good_state_is_reported_and_converges() -> Resul
     let names = ["a", "b", "c"];
     let mut c = cluster(LabOptions::new("cpartial"), |_, api| {
         for (i, n) in names.iter().enumerate() {
-            api.apply(service(n, &format!("10.96.0.{}", 10 + i), json!([{"name": "http", "port": 80, "targetPort": 8080}])))?;
+            api.apply(service(
+                n,
+                &format!("10.96.0.{}", 10 + i),
+                json!([{"name": "http", "port": 80, "targetPort": 8080}]),
+            ))?;
             api.apply(slice(
                 &format!("{n}-1"),
                 n,
@@ -531,37 +502,60 @@ fn a_partial_list_keeps_the_last_good_state_is_reported_and_converges() -> Resul
     // with 410, so every watcher relists, and gets one object of each kind.
     // Meanwhile `c` is deleted: only a whole list may take it away.
     c.api.paginate(Some(1), true);
-    let expired = |api: &FakeApi| api.requests_for(Kind::Service).iter().filter(|r| r.contains("continue=")).count();
+    let expired = |api: &FakeApi| {
+        api.requests_for(Kind::Service)
+            .iter()
+            .filter(|r| r.contains("continue="))
+            .count()
+    };
     c.api.expire_watches();
-    c.lab.wait_until(RECOVER, "two continued service lists (and their 410s)", || Ok(expired(&c.api) >= 2))?;
+    c.lab
+        .wait_until(RECOVER, "two continued service lists (and their 410s)", || {
+            Ok(expired(&c.api) >= 2)
+        })?;
     // Only now, with no watch left to tell of it (a live watch would, and
     // rightly), `c` goes.
     assert!(c.api.delete(Kind::Service, "default", "c"));
     assert!(c.api.delete(Kind::EndpointSlice, "default", "c-1"));
     let seen = expired(&c.api);
-    c.lab.wait_until(RECOVER, "another continued service list after the deletion", || Ok(expired(&c.api) > seen))?;
-    c.lab.wait_until(WAIT, "/readyz and metrics naming the failing watch", || {
-        let (code, body) = http_get(&ns, HEALTHZ, "/readyz")?;
-        let m = http_get(&ns, METRICS, "/metrics")?.1;
-        Ok(code == 200
-            && body.contains("failing API watches") && body.contains("services")
-            && metric(&m, "ferry_watch_failing{resource=\"services\"}") == Some(1.0))
-    })?;
+    c.lab
+        .wait_until(RECOVER, "another continued service list after the deletion", || {
+            Ok(expired(&c.api) > seen)
+        })?;
+    c.lab
+        .wait_until(WAIT, "/readyz and metrics naming the failing watch", || {
+            let (code, body) = http_get(&ns, HEALTHZ, "/readyz")?;
+            let m = http_get(&ns, METRICS, "/metrics")?.1;
+            Ok(code == 200
+                && body.contains("failing API watches")
+                && body.contains("services")
+                && metric(&m, "ferry_watch_failing{resource=\"services\"}") == Some(1.0))
+        })?;
     let m = http_get(&ns, METRICS, "/metrics")?.1;
     let errors = metric(&m, "ferry_watch_errors_total{resource=\"services\"}").unwrap_or(0.0);
     assert!(errors >= 1.0, "ferry_watch_errors_total for services: {errors}\n{m}");
     c.lab.check_alive()?;
-    assert_eq!(frontends(&c.lab)?, full, "a partial list changes nothing: the last good state stays");
+    assert_eq!(
+        frontends(&c.lab)?,
+        full,
+        "a partial list changes nothing: the last good state stays"
+    );
 
     // Whole lists again: the agent converges (c goes), and says it is well.
     c.api.paginate(Some(1), false);
     wait_maps(
         &c,
         RECOVER,
-        &want(&[("10.96.0.10:80/TCP", &["10.244.1.2:8080"]), ("10.96.0.11:80/TCP", &["10.244.1.3:8080"])]),
+        &want(&[
+            ("10.96.0.10:80/TCP", &["10.244.1.2:8080"]),
+            ("10.96.0.11:80/TCP", &["10.244.1.3:8080"]),
+        ]),
     )?;
     assert!(
-        c.api.requests_for(Kind::Service).iter().any(|r| r.contains("continue=")),
+        c.api
+            .requests_for(Kind::Service)
+            .iter()
+            .any(|r| r.contains("continue=")),
         "the lists were paged"
     );
     c.lab.wait_until(WAIT, "/readyz and metrics well again", || {
@@ -601,10 +595,7 @@ fn a_malformed_object_is_reported_and_the_rest_is_programmed() -> Result<()> {
         .lines()
         .find(|l| l.contains("Service default/broken"))
         .with_context(|| format!("no error about Service default/broken:\n{log}"))?;
-    assert!(
-        line.contains("spec.ports[0].port"),
-        "names the field: {line}"
-    );
+    assert!(line.contains("spec.ports[0].port"), "names the field: {line}");
     let line = log
         .lines()
         .find(|l| l.contains("Service default/wrongip"))
@@ -612,8 +603,7 @@ fn a_malformed_object_is_reported_and_the_rest_is_programmed() -> Result<()> {
     assert!(line.contains("spec.clusterIP"), "names the field: {line}");
 
     // Fixed: programmed, and the error is reported resolved.
-    c.api
-        .apply(service("broken", "10.96.0.30", json!([{"port": 8080}])))?;
+    c.api.apply(service("broken", "10.96.0.30", json!([{"port": 8080}])))?;
     c.lab.wait_until(WAIT, "the fixed Service programmed", || {
         Ok(frontends(&c.lab)?.contains_key("10.96.0.30:8080/TCP"))
     })?;
@@ -668,10 +658,7 @@ fn a_pod_reaches_a_clusterip_learned_from_the_api() -> Result<()> {
     lab.wait_answered_by("the ClusterIP", &["echo-a", "echo-b"], || tcp_ask(&client, vip))?;
     let seen = split(&client, 40, |ns| tcp_ask(ns, vip))?;
     if seen.keys().map(String::as_str).collect::<Vec<_>>() != ["echo-a", "echo-b"] {
-        bail!(
-            "want answers from echo-a and echo-b, got {seen:?}\n{}",
-            lab.logs()
-        );
+        bail!("want answers from echo-a and echo-b, got {seen:?}\n{}", lab.logs());
     }
     // Per-Service traffic counters: at least the 41 connections' packets.
     let (_, metrics) = http_get(&lab.node, METRICS, "/metrics")?;
@@ -685,10 +672,7 @@ fn a_pod_reaches_a_clusterip_learned_from_the_api() -> Result<()> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no packet counter for default/echo:http in\n{metrics}"))?;
-    assert!(
-        packets >= 41 * 3,
-        "{packets} packets counted for 41 connections"
-    );
+    assert!(packets >= 41 * 3, "{packets} packets counted for 41 connections");
     assert!(
         metrics.contains("ferry_service_bytes_total{service=\"default/echo\",port=\"http\"}"),
         "{metrics}"

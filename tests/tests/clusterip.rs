@@ -40,7 +40,9 @@ fn echo_lab(tag: &str, names: &[&str], readiness_files: bool) -> Result<Lab> {
 }
 
 fn readiness_file(tag: &str, pod: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("ferry-ready-{tag}-{}", std::process::id())).join(format!("{pod}.notready"))
+    std::env::temp_dir()
+        .join(format!("ferry-ready-{tag}-{}", std::process::id()))
+        .join(format!("{pod}.notready"))
 }
 
 /// Waits until new connections from `client` reach exactly the backends `want`.
@@ -52,7 +54,6 @@ fn wait_backends(lab: &Lab, client: &str, want: &[&str]) -> Result<()> {
         Ok(seen.keys().cloned().collect::<Vec<_>>() == want)
     })
 }
-
 
 #[test]
 fn tcp_and_udp_are_balanced_over_every_ready_backend() -> Result<()> {
@@ -84,7 +85,9 @@ fn tcp_and_udp_are_balanced_over_every_ready_backend() -> Result<()> {
 fn established_connection_keeps_its_backend_while_endpoints_change() -> Result<()> {
     let mut lab = echo_lab("sticky", &["echo-a", "echo-b", "echo-c"], false)?;
     let client = lab.pod_netns("client")?;
-    lab.wait_until(Duration::from_secs(5), "service answers", || Ok(tcp_ask(&client, tcp_vip()).is_ok()))?;
+    lab.wait_until(Duration::from_secs(5), "service answers", || {
+        Ok(tcp_ask(&client, tcp_vip()).is_ok())
+    })?;
 
     let mut session = TcpSession::connect(&client, tcp_vip())?;
     let mine = session.ask()?;
@@ -97,8 +100,10 @@ fn established_connection_keeps_its_backend_while_endpoints_change() -> Result<(
     assert_eq!(session.ask()?, mine, "after an endpoint was added");
 
     // Remove the other endpoints: the flow still answers from its backend.
-    let others: Vec<&str> =
-        ["echo-a", "echo-b", "echo-c"].into_iter().filter(|b| *b != mine).collect();
+    let others: Vec<&str> = ["echo-a", "echo-b", "echo-c"]
+        .into_iter()
+        .filter(|b| *b != mine)
+        .collect();
     for o in &others {
         lab.remove_manifest(&format!("{o}.yaml"))?;
     }
@@ -125,11 +130,19 @@ fn removed_endpoint_gets_no_new_connections() -> Result<()> {
     let client = lab.pod_netns("client")?;
     wait_backends(&lab, &client, &["echo-a", "echo-b", "echo-c"])?;
     lab.remove_manifest("echo-b.yaml")?;
-    lab.wait_until(Duration::from_secs(15), "echo-b gone", || Ok(lab.pod("echo-b").is_none()))?;
+    lab.wait_until(Duration::from_secs(15), "echo-b gone", || {
+        Ok(lab.pod("echo-b").is_none())
+    })?;
     let tcp = split(&client, 100, |ns| tcp_ask(ns, tcp_vip()))?;
     let udp = split(&client, 100, |ns| udp_ask(ns, udp_vip()))?;
-    assert!(!tcp.contains_key("echo-b") && tcp.len() == 2, "TCP after removal: {tcp:?}");
-    assert!(!udp.contains_key("echo-b") && udp.len() == 2, "UDP after removal: {udp:?}");
+    assert!(
+        !tcp.contains_key("echo-b") && tcp.len() == 2,
+        "TCP after removal: {tcp:?}"
+    );
+    assert!(
+        !udp.contains_key("echo-b") && udp.len() == 2,
+        "UDP after removal: {udp:?}"
+    );
     Ok(())
 }
 
@@ -147,7 +160,10 @@ fn failing_readiness_probe_takes_the_pod_out_and_back_in() -> Result<()> {
     })?;
     wait_backends(&lab, &client, &["echo-a", "echo-c"])?;
     let tcp = split(&client, 100, |ns| tcp_ask(ns, tcp_vip()))?;
-    assert!(!tcp.contains_key("echo-b"), "not-ready Pod got new connections: {tcp:?}");
+    assert!(
+        !tcp.contains_key("echo-b"),
+        "not-ready Pod got new connections: {tcp:?}"
+    );
 
     std::fs::remove_file(&file)?;
     wait_backends(&lab, &client, &["echo-a", "echo-b", "echo-c"])?;
@@ -163,8 +179,14 @@ fn hairpin_a_pod_reaches_itself_through_its_service() -> Result<()> {
     let tcp = split(&me, 60, |ns| tcp_ask(ns, tcp_vip()))?;
     let udp = split(&me, 60, |ns| udp_ask(ns, udp_vip()))?;
     println!("from echo-a: TCP {tcp:?} UDP {udp:?}");
-    assert!(tcp.get("echo-a").copied().unwrap_or(0) > 0, "TCP hairpin never answered: {tcp:?}");
-    assert!(udp.get("echo-a").copied().unwrap_or(0) > 0, "UDP hairpin never answered: {udp:?}");
+    assert!(
+        tcp.get("echo-a").copied().unwrap_or(0) > 0,
+        "TCP hairpin never answered: {tcp:?}"
+    );
+    assert!(
+        udp.get("echo-a").copied().unwrap_or(0) > 0,
+        "UDP hairpin never answered: {udp:?}"
+    );
     assert!(tcp.contains_key("echo-b") && udp.contains_key("echo-b"));
     Ok(())
 }
@@ -198,7 +220,10 @@ endpoints: [{addresses: ["10.244.0.99"]}]
 ports: [{port: 80}]
 "#;
     let mut opts = LabOptions::new("badinput")
-        .manifest("0-broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: [this is: not: yaml\n")
+        .manifest(
+            "0-broken.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: [this is: not: yaml\n",
+        )
         .manifest("1-bad-port.yaml", bad_port)
         .manifest("2-bad-proto.yaml", bad_proto)
         .manifest("3-orphan-slice.yaml", orphan_slice)
@@ -214,16 +239,28 @@ ports: [{port: 80}]
     lab.check_alive()?;
 
     let log = lab.logs();
-    for needle in ["0-broken.yaml", "1-bad-port.yaml", "70000", "2-bad-proto.yaml", "QUIC", "nobody"] {
+    for needle in [
+        "0-broken.yaml",
+        "1-bad-port.yaml",
+        "70000",
+        "2-bad-proto.yaml",
+        "QUIC",
+        "nobody",
+    ] {
         assert!(log.contains(needle), "the agent's errors name {needle:?}:\n{log}");
     }
     let svc = lab.ferry(&["svc", "list"])?;
-    assert!(!svc.contains("10.96.0.20") && !svc.contains("10.96.0.21"), "bad Services programmed:\n{svc}");
+    assert!(
+        !svc.contains("10.96.0.20") && !svc.contains("10.96.0.21"),
+        "bad Services programmed:\n{svc}"
+    );
 
     // Fixing the file brings the Service up within a second or so.
     lab.write_manifest("1-bad-port.yaml", &bad_port.replace("70000", "8081"))?;
     let fixed: SocketAddr = "10.96.0.20:8081".parse()?;
-    lab.wait_until(Duration::from_secs(3), "fixed Service answers", || Ok(tcp_ask(&client, fixed).is_ok()))?;
+    lab.wait_until(Duration::from_secs(3), "fixed Service answers", || {
+        Ok(tcp_ask(&client, fixed).is_ok())
+    })?;
     Ok(())
 }
 
@@ -253,9 +290,15 @@ ports: [{{name: web, port: 8080, protocol: TCP}}]
     );
     lab.write_manifest("manual.yaml", &manual)?;
     let addr: SocketAddr = "10.96.0.30:8000".parse()?;
-    lab.wait_until(Duration::from_secs(3), "manual Service answers", || Ok(tcp_ask(&client, addr).is_ok()))?;
+    lab.wait_until(Duration::from_secs(3), "manual Service answers", || {
+        Ok(tcp_ask(&client, addr).is_ok())
+    })?;
     let seen = split(&client, 20, |ns| tcp_ask(ns, addr))?;
-    assert_eq!(seen.keys().collect::<Vec<_>>(), vec!["echo-b"], "only the manual endpoint: {seen:?}");
+    assert_eq!(
+        seen.keys().collect::<Vec<_>>(),
+        vec!["echo-b"],
+        "only the manual endpoint: {seen:?}"
+    );
     // Deleting the file removes the Service from the dataplane.
     lab.remove_manifest("manual.yaml")?;
     lab.wait_until(Duration::from_secs(3), "manual Service gone", || {

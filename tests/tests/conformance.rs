@@ -93,20 +93,15 @@ fn should_implement_service_proxy_name_and_headless_labels() -> Result<()> {
     let labelled = |labels: &str| with_labels(&echo_service("echo", "echo", "10.96.0.10"), labels);
     let (mut lab, client) = echo_lab(
         "labels",
-        &[(
-            "echo.yaml",
-            labelled("service.kubernetes.io/service-proxy-name: other"),
-        )],
+        &[("echo.yaml", labelled("service.kubernetes.io/service-proxy-name: other"))],
     )?;
     let agent = lab.agent_pid();
     for (label, value) in [("service-proxy-name", "other"), ("headless", "\"\"")] {
         let l = format!("service.kubernetes.io/{label}: {value}");
         lab.write_manifest("echo.yaml", &labelled(&l))?;
-        lab.wait_until(
-            CONVERGE,
-            &format!("the {label} Service to stop answering"),
-            || Ok(echo_served(&client)? == (false, false)),
-        )?;
+        lab.wait_until(CONVERGE, &format!("the {label} Service to stop answering"), || {
+            Ok(echo_served(&client)? == (false, false))
+        })?;
         // The agent has synced (the unlabelled Service answers) and still
         // programs nothing for the labelled one.
         assert!(
@@ -119,10 +114,7 @@ fn should_implement_service_proxy_name_and_headless_labels() -> Result<()> {
             "labelled {label}: TCP and UDP answer nothing"
         );
         let list = lab.ferry(&["svc", "list"])?;
-        assert!(
-            !list.contains("10.96.0.10"),
-            "labelled {label} but programmed:\n{list}"
-        );
+        assert!(!list.contains("10.96.0.10"), "labelled {label} but programmed:\n{list}");
 
         lab.write_manifest("echo.yaml", &labelled(""))?;
         let start = Instant::now();
@@ -145,23 +137,16 @@ fn should_implement_service_proxy_name_and_headless_labels() -> Result<()> {
 /// The `web` Service of the type-change test as `kind`, selecting `app: web`
 /// with TCP 80 and UDP 53 (NodePorts 30080 and 30053 when the type has them).
 fn web_as(kind: &str) -> String {
-    let head = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n";
+    let head =
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\nspec:\n  selector: {app: web}\n";
     let (spec, node_ports, status) = match kind {
         "ExternalName" => (
             "  type: ExternalName\n  externalName: web.example.org\n".to_string(),
             false,
             "",
         ),
-        "ClusterIP" => (
-            "  type: ClusterIP\n  clusterIP: 10.96.0.30\n".to_string(),
-            false,
-            "",
-        ),
-        "NodePort" => (
-            "  type: NodePort\n  clusterIP: 10.96.0.30\n".to_string(),
-            true,
-            "",
-        ),
+        "ClusterIP" => ("  type: ClusterIP\n  clusterIP: 10.96.0.30\n".to_string(), false, ""),
+        "NodePort" => ("  type: NodePort\n  clusterIP: 10.96.0.30\n".to_string(), true, ""),
         "LoadBalancer" => (
             "  type: LoadBalancer\n  clusterIP: 10.96.0.30\n".to_string(),
             true,
@@ -199,10 +184,7 @@ fn one_node_cluster(tag: &str, services: String, backends: &[&str]) -> Result<Cl
     )?;
     let n1 = c.nodes[0].node.clone();
     for b in backends {
-        c.write_manifest(
-            &format!("{b}.yaml"),
-            &on_node(&echo_pod(b, "web", None), &n1),
-        )?;
+        c.write_manifest(&format!("{b}.yaml"), &on_node(&echo_pod(b, "web", None), &n1))?;
     }
     ferry_tests::sys::run(
         "ip",
@@ -329,8 +311,7 @@ fn should_be_able_to_change_the_type_in_place_and_release_node_ports() -> Result
 /// the status and the `localEndpoints` it reports.
 fn health(c: &Cluster, i: usize) -> Result<(u16, u64)> {
     let (status, body) = http_get(&c.external, SocketAddr::from((node_addr(i), 32000)), "/")?;
-    let v: serde_json::Value =
-        serde_json::from_str(&body).with_context(|| format!("health check body {body:?}"))?;
+    let v: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("health check body {body:?}"))?;
     let n = v["localEndpoints"]
         .as_u64()
         .with_context(|| format!("no localEndpoints in {body}"))?;
@@ -352,8 +333,7 @@ fn external_split(c: &Cluster, to: SocketAddr, n: usize) -> Result<BTreeMap<Stri
 /// healthCheckNodePort answers 503 with 0 local endpoints so load balancers
 /// drain the node; the Cluster Service prefers the ready endpoint on node 2.
 #[test]
-fn should_fallback_to_terminating_endpoints_only_without_ready_ones_for_both_traffic_policies(
-) -> Result<()> {
+fn should_fallback_to_terminating_endpoints_only_without_ready_ones_for_both_traffic_policies() -> Result<()> {
     let svc = |name: &str, policy: &str, node_port: u16, extra: &str| {
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  type: NodePort\n  externalTrafficPolicy: {policy}\n{extra}  selector: {{app: web}}\n  ports: [{{name: http, port: 80, targetPort: 8080, nodePort: {node_port}}}]\n"
@@ -371,24 +351,16 @@ fn should_fallback_to_terminating_endpoints_only_without_ready_ones_for_both_tra
         &["--nodeport-addresses", "192.168.77.0/24"],
     )?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
-    c.write_manifest(
-        "web-1.yaml",
-        &on_node(&draining_echo_pod("web-1", "web", 30), &n1),
-    )?;
+    c.write_manifest("web-1.yaml", &on_node(&draining_echo_pod("web-1", "web", 30), &n1))?;
     c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n2))?;
     c.wait_ready(&["web-1", "web-2"], READY)?;
     let lab = &c.nodes[0];
     let local = SocketAddr::from((node_addr(0), 30080));
     let cluster = SocketAddr::from((node_addr(0), 30081));
-    lab.wait_answered_by("Local via node 1", &["web-1"], || {
-        tcp_ask(&c.external, local)
-    })?;
+    lab.wait_answered_by("Local via node 1", &["web-1"], || tcp_ask(&c.external, local))?;
     lab.wait_answered_by("Cluster via node 1", &WEB, || tcp_ask(&c.external, cluster))?;
     lab.wait_until(CONVERGE, "health checks 200 on both nodes", || {
-        Ok(
-            health(&c, 0).is_ok_and(|h| h == (200, 1))
-                && health(&c, 1).is_ok_and(|h| h == (200, 1)),
-        )
+        Ok(health(&c, 0).is_ok_and(|h| h == (200, 1)) && health(&c, 1).is_ok_and(|h| h == (200, 1)))
     })?;
     let seen = external_split(&c, local, 20)?;
     assert_eq!(
@@ -408,11 +380,9 @@ fn should_fallback_to_terminating_endpoints_only_without_ready_ones_for_both_tra
         "node 1's health check to report no ready local endpoint",
         || Ok(health(&c, 0).is_ok_and(|h| h == (503, 0))),
     )?;
-    lab.wait_until(
-        CONVERGE,
-        "Cluster to leave the terminating endpoint",
-        || Ok(!external_split(&c, cluster, 10)?.contains_key("web-1")),
-    )?;
+    lab.wait_until(CONVERGE, "Cluster to leave the terminating endpoint", || {
+        Ok(!external_split(&c, cluster, 10)?.contains_key("web-1"))
+    })?;
     let local_seen = external_split(&c, local, 20)?;
     let cluster_seen = external_split(&c, cluster, 20)?;
     let (h1, h2) = (health(&c, 0)?, health(&c, 1)?);
@@ -515,8 +485,7 @@ fn multi_port_service(prefix: &str) -> String {
 /// renamed in place: an established connection keeps its backend and every
 /// port is still answered.
 #[test]
-fn should_serve_multiport_endpoints_with_tcp_and_udp_on_one_port_and_survive_a_rename() -> Result<()>
-{
+fn should_serve_multiport_endpoints_with_tcp_and_udp_on_one_port_and_survive_a_rename() -> Result<()> {
     let (lab, client) = echo_lab("multiport", &[("multi.yaml", multi_port_service("a"))])?;
     let all_answer = |what: &str| -> Result<()> {
         for n in 1..=10u16 {
@@ -528,11 +497,7 @@ fn should_serve_multiport_endpoints_with_tcp_and_udp_on_one_port_and_survive_a_r
     };
     all_answer("before the rename")?;
     let list = lab.ferry(&["svc", "list"])?;
-    assert_eq!(
-        list.matches("10.96.0.14:").count(),
-        20,
-        "20 frontends:\n{list}"
-    );
+    assert_eq!(list.matches("10.96.0.14:").count(), 20, "20 frontends:\n{list}");
     assert!(list.contains("a-udp-7"), "port names in svc list:\n{list}");
 
     let mut held = TcpSession::connect(&client, addr("10.96.0.14:8005"))?;
@@ -544,8 +509,7 @@ fn should_serve_multiport_endpoints_with_tcp_and_udp_on_one_port_and_survive_a_r
     })?;
     for i in 0..5 {
         assert_eq!(
-            held.ask()
-                .with_context(|| format!("request {i} after the rename"))?,
+            held.ask().with_context(|| format!("request {i} after the rename"))?,
             backend,
             "the same backend"
         );
@@ -559,7 +523,9 @@ fn should_serve_multiport_endpoints_with_tcp_and_udp_on_one_port_and_survive_a_r
 /// affinity of `timeout` seconds, or none.
 fn sticky(timeout: Option<u32>) -> String {
     let affinity = match timeout {
-        Some(t) => format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}\n"),
+        Some(t) => {
+            format!("  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}\n")
+        }
         None => "  sessionAffinity: None\n".to_string(),
     };
     format!(
@@ -578,8 +544,7 @@ fn sticky(timeout: Option<u32>) -> String {
 /// is chosen); switched off, new connections spread again; switched on, they
 /// stick again. The agent is never restarted.
 #[test]
-fn should_have_session_affinity_work_switch_and_time_out_for_clusterip_and_nodeport() -> Result<()>
-{
+fn should_have_session_affinity_work_switch_and_time_out_for_clusterip_and_nodeport() -> Result<()> {
     let backends = ["web-1", "web-2", "web-3"];
     let c = one_node_cluster("affinity", sticky(None), &backends)?;
     let lab = &c.nodes[0];
@@ -593,9 +558,7 @@ fn should_have_session_affinity_work_switch_and_time_out_for_clusterip_and_nodep
         }
         Ok(())
     };
-    let sticks = |ns: &str, to: SocketAddr| -> Result<bool> {
-        Ok(split(ns, 15, |ns| tcp_ask(ns, to))?.len() == 1)
-    };
+    let sticks = |ns: &str, to: SocketAddr| -> Result<bool> { Ok(split(ns, 15, |ns| tcp_ask(ns, to))?.len() == 1) };
     spread("without affinity")?;
 
     for round in ["on", "on again"] {
@@ -668,11 +631,7 @@ type Path = (String, SocketAddr, SocketAddr);
 fn large_request_cluster(tag: &str) -> Result<(Cluster, Vec<Path>)> {
     let c = one_node_cluster(tag, web_as("NodePort"), &WEB)?;
     let paths = vec![
-        (
-            c.pod_netns("client")?,
-            addr("10.96.0.30:80"),
-            addr("10.96.0.30:53"),
-        ),
+        (c.pod_netns("client")?, addr("10.96.0.30:80"), addr("10.96.0.30:53")),
         (
             c.external.clone(),
             SocketAddr::from((node_addr(0), 30080)),
@@ -680,12 +639,8 @@ fn large_request_cluster(tag: &str) -> Result<(Cluster, Vec<Path>)> {
         ),
     ];
     for (ns, tcp, udp) in &paths {
-        c.nodes[0].wait_answered_by(&format!("small requests to {tcp}"), &WEB, || {
-            tcp_ask(ns, *tcp)
-        })?;
-        c.nodes[0].wait_answered_by(&format!("small datagrams to {udp}"), &WEB, || {
-            udp_ask(ns, *udp)
-        })?;
+        c.nodes[0].wait_answered_by(&format!("small requests to {tcp}"), &WEB, || tcp_ask(ns, *tcp))?;
+        c.nodes[0].wait_answered_by(&format!("small datagrams to {udp}"), &WEB, || udp_ask(ns, *udp))?;
     }
     Ok((c, paths))
 }
@@ -747,7 +702,9 @@ fn a_cluster_ip_with_leading_zeros_is_refused_by_name_and_never_misread() -> Res
     };
     let (lab, client) = echo_lab("oddip", &[("odd.yaml", octal("10.96.0.010"))])?;
     lab.wait_until(CONVERGE, "the error in the agent's log", || {
-        Ok(lab.agent_log().contains("Service default/odd: spec.clusterIP: \"10.96.0.010\": not an IPv4 address: leading zeros"))
+        Ok(lab
+            .agent_log()
+            .contains("Service default/odd: spec.clusterIP: \"10.96.0.010\": not an IPv4 address: leading zeros"))
     })?;
     let list = lab.ferry(&["svc", "list"])?;
     for reading in ["10.96.0.10:", "10.96.0.8:"] {
@@ -776,8 +733,7 @@ fn a_cluster_ip_with_leading_zeros_is_refused_by_name_and_never_misread() -> Res
 /// created; the same socket is answered by the new Pod within seconds (the
 /// stale flow to the deleted Pod is not kept).
 #[test]
-fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_service(
-) -> Result<()> {
+fn should_be_able_to_preserve_udp_traffic_when_server_pod_cycles_for_a_nodeport_service() -> Result<()> {
     let c = Cluster::start(
         "udpcycle",
         1,
@@ -850,11 +806,7 @@ fn tcp_sequence_numbers(stream: &std::net::TcpStream) -> Result<(u32, u32)> {
                 size_of::<libc::c_int>() as u32,
             )
         };
-        anyhow::ensure!(
-            rc == 0,
-            "setsockopt({opt}, {v}): {}",
-            std::io::Error::last_os_error()
-        );
+        anyhow::ensure!(rc == 0, "setsockopt({opt}, {v}): {}", std::io::Error::last_os_error());
         Ok(())
     };
     let seq = |queue: libc::c_int| -> Result<u32> {
@@ -890,14 +842,7 @@ const RST_ACK: u8 = 0x14;
 /// Sends one bare TCP segment (`flags`, no payload) from `netns` through a
 /// raw socket: the kernel adds the IPv4 header, from `from`'s address (the
 /// namespace's own); the TCP checksum is computed here.
-fn inject_tcp(
-    netns: &str,
-    from: SocketAddr,
-    to: SocketAddr,
-    seq: u32,
-    ack: u32,
-    flags: u8,
-) -> Result<()> {
+fn inject_tcp(netns: &str, from: SocketAddr, to: SocketAddr, seq: u32, ack: u32, flags: u8) -> Result<()> {
     let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (from, to) else {
         bail!("IPv4 only")
     };
@@ -923,11 +868,7 @@ fn inject_tcp(
     }
     seg[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
     in_netns(netns, move || -> Result<()> {
-        let s = socket2::Socket::new(
-            socket2::Domain::IPV4,
-            socket2::Type::RAW,
-            Some(socket2::Protocol::TCP),
-        )?;
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::RAW, Some(socket2::Protocol::TCP))?;
         s.send_to(&seg, &SocketAddr::from((*dst.ip(), 0)).into())?;
         Ok(())
     })?
@@ -942,36 +883,20 @@ fn inject_tcp(
 /// stray segment's ack is exactly what the backend would accept in an RST: the
 /// test fails if the dataplane leaves the backend's segment untranslated.
 #[test]
-fn proxy_implementation_should_not_be_vulnerable_to_the_invalid_conntrack_state_bug() -> Result<()>
-{
-    let (lab, client) = echo_lab(
-        "invalid",
-        &[("echo.yaml", echo_service("echo", "echo", "10.96.0.10"))],
-    )?;
+fn proxy_implementation_should_not_be_vulnerable_to_the_invalid_conntrack_state_bug() -> Result<()> {
+    let (lab, client) = echo_lab("invalid", &[("echo.yaml", echo_service("echo", "echo", "10.96.0.10"))])?;
     let vip = addr("10.96.0.10:80");
     lab.wait_answered_by("the Service", &ECHO, || tcp_ask(&client, vip))?;
     let mut session = TcpSession::connect(&client, vip)?;
     let backend = session.ask()?;
     let local = session.stream().local_addr()?;
-    let backend_addr = SocketAddr::from((
-        lab.pod(&backend)
-            .and_then(|p| p.pod_ip)
-            .context("backend IP")?,
-        8080,
-    ));
+    let backend_addr = SocketAddr::from((lab.pod(&backend).and_then(|p| p.pod_ip).context("backend IP")?, 8080));
     let backend_ns = lab.pod_netns(&backend)?;
     for round in 0..3u32 {
         let (snd, rcv) = tcp_sequence_numbers(session.stream())?;
         // Far outside the client's receive window, ack exactly the client's
         // next byte: what the backend would expect.
-        inject_tcp(
-            &backend_ns,
-            backend_addr,
-            local,
-            rcv.wrapping_add(1 << 30),
-            snd,
-            ACK,
-        )?;
+        inject_tcp(&backend_ns, backend_addr, local, rcv.wrapping_add(1 << 30), snd, ACK)?;
         // And the client's own stray segment towards the Service.
         inject_tcp(&client, local, vip, snd.wrapping_add(1 << 30), rcv, ACK)?;
         // The stray segments are handled (or answered) by now: a round trip
@@ -985,11 +910,9 @@ fn proxy_implementation_should_not_be_vulnerable_to_the_invalid_conntrack_state_
         );
     }
     // Still open after a pause (an RST would have closed it by now).
-    lab.wait_until(
-        Duration::from_secs(2),
-        "a request on the same connection",
-        || Ok(session.ask()? == backend),
-    )?;
+    lab.wait_until(Duration::from_secs(2), "a request on the same connection", || {
+        Ok(session.ask()? == backend)
+    })?;
 
     // The control: what the client sends when it gets the backend's segment
     // untranslated (from an address it has no connection with) is an RST with
@@ -1144,10 +1067,7 @@ fn hold(netns: &str, path: &'static str, to: SocketAddr, tcp: bool, n: usize) ->
         .collect();
     exchange(&mut held);
     if let Some(h) = held.iter().find(|h| h.broken.is_some()) {
-        bail!(
-            "{path}: a flow failed before the test began: {:?}",
-            h.broken
-        );
+        bail!("{path}: a flow failed before the test began: {:?}", h.broken);
     }
     Ok(held)
 }
@@ -1179,8 +1099,7 @@ fn new_flow(tcp: bool, to: SocketAddr, resent: &mut usize) -> Result<String> {
     let mut h = Held {
         path: "new",
         sock: if tcp {
-            let s = std::net::TcpStream::connect_timeout(&to, HELD_TCP_TIMEOUT)
-                .context("connecting")?;
+            let s = std::net::TcpStream::connect_timeout(&to, HELD_TCP_TIMEOUT).context("connecting")?;
             s.set_read_timeout(Some(HELD_TCP_TIMEOUT))?;
             HeldSocket::Tcp(s)
         } else {
@@ -1216,11 +1135,7 @@ fn steady_load(
                 if stop.load(SeqCst) {
                     break;
                 }
-                let (is_tcp, to) = if i % 2 == 0 {
-                    (true, tcp)
-                } else {
-                    (false, udp)
-                };
+                let (is_tcp, to) = if i % 2 == 0 { (true, tcp) } else { (false, udp) };
                 let before = down.load(SeqCst);
                 let t = Instant::now();
                 let result = new_flow(is_tcp, to, &mut r.resent).and_then(|name| {
@@ -1336,10 +1251,7 @@ fn conn_disrupt_no_connection_breaks_across_kill_9_restart_and_upgrade_under_loa
     )?;
     let n1 = c.nodes[0].node.clone();
     for b in DISRUPT_BACKENDS {
-        c.write_manifest(
-            &format!("{b}.yaml"),
-            &on_node(&echo_pod(b, "web", None), &n1),
-        )?;
+        c.write_manifest(&format!("{b}.yaml"), &on_node(&echo_pod(b, "web", None), &n1))?;
     }
     let mut pods = DISRUPT_BACKENDS.to_vec();
     pods.extend(["client-1", "client-2"]);
@@ -1367,23 +1279,14 @@ fn conn_disrupt_no_connection_breaks_across_kill_9_restart_and_upgrade_under_loa
     }
     held.extend(hold(&external, "NodePort TCP", np_tcp, true, 500)?);
     held.extend(hold(&external, "NodePort UDP", np_udp, false, 100)?);
-    let paths = [
-        "ClusterIP TCP",
-        "ClusterIP UDP",
-        "NodePort TCP",
-        "NodePort UDP",
-    ];
+    let paths = ["ClusterIP TCP", "ClusterIP UDP", "NodePort TCP", "NodePort UDP"];
     for path in paths {
         let on: BTreeSet<&str> = held
             .iter()
             .filter(|h| h.path == path)
             .map(|h| h.backend.as_str())
             .collect();
-        assert_eq!(
-            on,
-            BTreeSet::from(DISRUPT_BACKENDS),
-            "{path} flows on every backend"
-        );
+        assert_eq!(on, BTreeSet::from(DISRUPT_BACKENDS), "{path} flows on every backend");
     }
     report(&format!(
         "conn-disrupt: {} flows held, opened in {:?}\n",
@@ -1430,11 +1333,7 @@ fn conn_disrupt_no_connection_breaks_across_kill_9_restart_and_upgrade_under_loa
         ),
     ];
     std::thread::sleep(Duration::from_secs(2));
-    full_round(
-        &c.nodes[0],
-        &rounds,
-        "a round of the held flows before any restart",
-    )?;
+    full_round(&c.nodes[0], &rounds, "a round of the held flows before any restart")?;
 
     // The agent goes down (`kill`: SIGKILL, else SIGTERM), stays down for
     // `pause`, and starts again; the time until its /readyz said 200.
@@ -1460,21 +1359,10 @@ fn conn_disrupt_no_connection_breaks_across_kill_9_restart_and_upgrade_under_loa
         Ok(t.elapsed())
     };
     let mut downtime = Vec::new();
-    downtime.push((
-        "SIGKILL",
-        restart(&mut c.nodes[0], true, Duration::from_secs(2))?,
-    ));
-    full_round(
-        &c.nodes[0],
-        &rounds,
-        "a round of the held flows after the SIGKILL",
-    )?;
+    downtime.push(("SIGKILL", restart(&mut c.nodes[0], true, Duration::from_secs(2))?));
+    full_round(&c.nodes[0], &rounds, "a round of the held flows after the SIGKILL")?;
     downtime.push(("restart", restart(&mut c.nodes[0], false, Duration::ZERO)?));
-    full_round(
-        &c.nodes[0],
-        &rounds,
-        "a round of the held flows after the restart",
-    )?;
+    full_round(&c.nodes[0], &rounds, "a round of the held flows after the restart")?;
 
     // The upgrade: another binary file, larger connection-tracking tables.
     let lab = &mut c.nodes[0];
@@ -1507,11 +1395,7 @@ fn conn_disrupt_no_connection_breaks_across_kill_9_restart_and_upgrade_under_loa
         let entries = aya::maps::MapInfo::from_pin(lab.bpffs_dir.join(map))?.max_entries();
         migrated.push((map, size, line, entries));
     }
-    full_round(
-        &c.nodes[0],
-        &rounds,
-        "a round of the held flows after the upgrade",
-    )?;
+    full_round(&c.nodes[0], &rounds, "a round of the held flows after the upgrade")?;
     std::thread::sleep(Duration::from_secs(1));
 
     stop.store(true, SeqCst);
@@ -1573,14 +1457,7 @@ fn conn_disrupt_no_connection_breaks_across_kill_9_restart_and_upgrade_under_loa
 
     let broken: Vec<String> = held
         .iter()
-        .filter_map(|h| {
-            Some(format!(
-                "{} on {}: {}",
-                h.path,
-                h.backend,
-                h.broken.as_ref()?
-            ))
-        })
+        .filter_map(|h| Some(format!("{} on {}: {}", h.path, h.backend, h.broken.as_ref()?)))
         .collect();
     assert!(
         broken.is_empty(),
@@ -1590,10 +1467,7 @@ fn conn_disrupt_no_connection_breaks_across_kill_9_restart_and_upgrade_under_loa
         c.logs()
     );
     for (who, r) in [("a Pod", &a), ("outside", &b)] {
-        assert!(
-            r.ok > 100 && r.while_down > 0,
-            "the load from {who} ran: {r:?}"
-        );
+        assert!(r.ok > 100 && r.while_down > 0, "the load from {who} ran: {r:?}");
         assert!(
             r.failed.is_empty() && r.failed_while_down.is_empty(),
             "new flows from {who} failed: {:?} / while the agent was down: {:?}",

@@ -11,10 +11,11 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
+    client::udp_ask_on,
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     in_netns,
     manifests::{client_pod, echo_pod, echo_service, on_node},
-    client::udp_ask_on, split, sys, tcp_ask, Lab, LabOptions, TcpSession,
+    split, sys, tcp_ask, Lab, LabOptions, TcpSession,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -64,14 +65,24 @@ fn udp_storm(netns: &str, to: SocketAddr, n: usize) -> Result<usize> {
 #[test]
 fn idle_established_tcp_survives_a_udp_storm_many_times_the_udp_table() -> Result<()> {
     // A UDP table of 256 entries (128 flows) and a storm of 3,000 UDP flows.
-    let c = Cluster::start("ctstorm", 1, &[("services.yaml".into(), services())], &["--ct-any-map-size", "256", "--ct-map-size", "4096"])?;
+    let c = Cluster::start(
+        "ctstorm",
+        1,
+        &[("services.yaml".into(), services())],
+        &["--ct-any-map-size", "256", "--ct-map-size", "4096"],
+    )?;
     let n1 = c.nodes[0].node.clone();
     for i in 1..=3 {
-        c.write_manifest(&format!("web-{i}.yaml"), &on_node(&echo_pod(&format!("web-{i}"), "web", None), &n1))?;
+        c.write_manifest(
+            &format!("web-{i}.yaml"),
+            &on_node(&echo_pod(&format!("web-{i}"), "web", None), &n1),
+        )?;
     }
     c.wait_ready(&["web-1", "web-2", "web-3"], READY)?;
     let tcp = SocketAddr::from((node_addr(0), 30080));
-    c.nodes[0].wait_answered_by(&tcp.to_string(), &["web-1", "web-2", "web-3"], || TcpSession::connect(&c.external, tcp)?.ask())?;
+    c.nodes[0].wait_answered_by(&tcp.to_string(), &["web-1", "web-2", "web-3"], || {
+        TcpSession::connect(&c.external, tcp)?.ask()
+    })?;
     // Ten idle connections, each with the backend it got.
     let mut sessions = Vec::new();
     for _ in 0..10 {
@@ -81,21 +92,32 @@ fn idle_established_tcp_survives_a_udp_storm_many_times_the_udp_table() -> Resul
     }
     let udp = SocketAddr::from((node_addr(0), 30053));
     let answered = udp_storm(&c.external, udp, 3000)?;
-    assert!(answered >= 2900, "the UDP storm itself is served: {answered} of 3000 answered");
+    assert!(
+        answered >= 2900,
+        "the UDP storm itself is served: {answered} of 3000 answered"
+    );
     let table = c.nodes[0].ferry(&["ct", "list", "-o", "json"])?;
     let rows: Vec<serde_json::Value> = serde_json::from_str(&table)?;
     let udp_entries = rows.iter().filter(|r| r["protocol"] == "UDP").count();
-    assert!(udp_entries <= 256, "the UDP table holds at most its size: {udp_entries}");
+    assert!(
+        udp_entries <= 256,
+        "the UDP table holds at most its size: {udp_entries}"
+    );
     // Every idle connection still reaches the backend it had.
     for (i, (s, first)) in sessions.iter_mut().enumerate() {
-        let again = s.ask().with_context(|| format!("connection {i} after the storm\n{}", c.logs()))?;
+        let again = s
+            .ask()
+            .with_context(|| format!("connection {i} after the storm\n{}", c.logs()))?;
         assert_eq!(&again, first, "connection {i} is answered by the same backend");
     }
     let established = rows
         .iter()
         .filter(|r| r["protocol"] == "TCP" && r["state"] == "established" && r["direction"] == "forward")
         .count();
-    assert!(established >= 10, "the idle connections are tracked as established: {established}\n{table}");
+    assert!(
+        established >= 10,
+        "the idle connections are tracked as established: {established}\n{table}"
+    );
     Ok(())
 }
 
@@ -140,10 +162,16 @@ fn forty_thousand_nodeport_connections_to_a_remote_backend_all_succeed() -> Resu
     c.wait_ready(&["far-2"], READY)?;
     // The client may use 60,000 source ports and reuse those in TIME_WAIT (its
     // own namespace): the limit under test is the node's SNAT, not the client's.
-    sys::netns_exec(&c.external, "sysctl", &["-qw", "net.ipv4.ip_local_port_range=1024 65000"])?;
+    sys::netns_exec(
+        &c.external,
+        "sysctl",
+        &["-qw", "net.ipv4.ip_local_port_range=1024 65000"],
+    )?;
     sys::netns_exec(&c.external, "sysctl", &["-qw", "net.ipv4.tcp_tw_reuse=1"])?;
     let to = SocketAddr::from((node_addr(0), 30081));
-    c.nodes[0].wait_answered_by(&to.to_string(), &["far-2"], || TcpSession::connect(&c.external, to)?.ask())?;
+    c.nodes[0].wait_answered_by(&to.to_string(), &["far-2"], || {
+        TcpSession::connect(&c.external, to)?.ask()
+    })?;
     let started = Instant::now();
     let (names, failed, first_error) = sequential_connections(&c.external, to, 40_000)?;
     let took = started.elapsed();
@@ -152,8 +180,16 @@ fn forty_thousand_nodeport_connections_to_a_remote_backend_all_succeed() -> Resu
     // frees it: a SYN may then find no port at once and is retransmitted by
     // the client (counted as snat_ports_exhausted), but no connection fails.
     let retried = c.nodes[0].counter("snat_ports_exhausted")?;
-    eprintln!("40000 connections in {took:?} ({:.0}/s), {failed} failed, {retried} SYNs found no SNAT port at first", 40_000.0 / took.as_secs_f64());
-    assert_eq!(failed, 0, "every connection succeeds; first error: {first_error:?}\n{}", c.logs());
+    eprintln!(
+        "40000 connections in {took:?} ({:.0}/s), {failed} failed, {retried} SYNs found no SNAT port at first",
+        40_000.0 / took.as_secs_f64()
+    );
+    assert_eq!(
+        failed,
+        0,
+        "every connection succeeds; first error: {first_error:?}\n{}",
+        c.logs()
+    );
     assert_eq!(names, BTreeSet::from(["far-2".to_string()]));
     Ok(())
 }
@@ -165,7 +201,8 @@ fn web_pod(name: &str, role: &str) -> String {
 
 /// The `web` Service (10.96.0.50) selecting `selector` (a YAML flow map).
 fn web_service(selector: &str) -> String {
-    echo_service("web", "web", "10.96.0.50").replace("  selector:\n    app: web\n", &format!("  selector: {selector}\n"))
+    echo_service("web", "web", "10.96.0.50")
+        .replace("  selector:\n    app: web\n", &format!("  selector: {selector}\n"))
 }
 
 #[test]
@@ -237,13 +274,21 @@ fn kill_9_and_restart_under_load_breaks_no_connection_and_misroutes_none() -> Re
     // web-a's too (it left the Service while the agent was down; kube-proxy
     // lets such connections run to their end).
     for (i, (s, name)) in sessions.iter_mut().enumerate() {
-        let again = s.ask().with_context(|| format!("session {i} (on {name}) after the restart\n{}", lab.logs()))?;
+        let again = s
+            .ask()
+            .with_context(|| format!("session {i} (on {name}) after the restart\n{}", lab.logs()))?;
         assert_eq!(&again, name, "session {i}");
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (ok, failed) = load.join().map_err(|_| anyhow::anyhow!("load thread panicked"))?;
     assert!(ok > 20, "the load ran: {ok} connections");
-    assert!(failed.is_empty(), "{} of {} new connections failed during the restart: {:?}", failed.len(), ok + failed.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} of {} new connections failed during the restart: {:?}",
+        failed.len(),
+        ok + failed.len(),
+        failed.first()
+    );
     Ok(())
 }
 
@@ -295,10 +340,18 @@ fn a_client_reusing_its_port_after_its_backend_left_reaches_a_remaining_one() ->
     // The same 4-tuples again: a new connection, and the next datagram, go to
     // the backend that remains.
     for i in 0..3 {
-        assert_eq!(ask_from_port(&client, 41000, tcp)?, other, "TCP from the reused port, try {i}");
+        assert_eq!(
+            ask_from_port(&client, 41000, tcp)?,
+            other,
+            "TCP from the reused port, try {i}"
+        );
     }
     if udp_first == gone {
-        assert_eq!(udp_ask_on(&udp_sock)?, other, "UDP from the same socket after its backend left");
+        assert_eq!(
+            udp_ask_on(&udp_sock)?,
+            other,
+            "UDP from the same socket after its backend left"
+        );
     } else {
         // Its backend stayed: the socket keeps it.
         assert_eq!(udp_ask_on(&udp_sock)?, udp_first);
@@ -313,7 +366,9 @@ fn answers_to_the_nodes_own_connections_from_a_nodeport_number_are_not_taken_for
     c.write_manifest("web-1.yaml", &on_node(&echo_pod("web-1", "web", None), &n1))?;
     c.wait_ready(&["web-1"], READY)?;
     let nodeport = SocketAddr::from((node_addr(0), 30080));
-    c.nodes[0].wait_answered_by(&nodeport.to_string(), &["web-1"], || TcpSession::connect(&c.external, nodeport)?.ask())?;
+    c.nodes[0].wait_answered_by(&nodeport.to_string(), &["web-1"], || {
+        TcpSession::connect(&c.external, nodeport)?.ask()
+    })?;
     // A server outside the cluster, and a process of node 1 whose connection
     // to it happens to use 30080 (TCP) and 30053 (UDP) as its own ports.
     let listener = in_netns(&c.external, || std::net::TcpListener::bind((EXTERNAL_ADDR, 9000)))??;

@@ -40,30 +40,17 @@ fn load() -> Result<Deploy> {
     for f in files {
         let text = std::fs::read_to_string(&f)?;
         for (i, doc) in serde_yaml::Deserializer::from_str(&text).enumerate() {
-            let v = serde_yaml::Value::deserialize(doc)
-                .with_context(|| format!("{} document {i}", f.display()))?;
+            let v = serde_yaml::Value::deserialize(doc).with_context(|| format!("{} document {i}", f.display()))?;
             if v.is_null() {
                 continue;
             }
-            let kind = v
-                .get("kind")
-                .and_then(|k| k.as_str())
-                .unwrap_or("")
-                .to_string();
+            let kind = v.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
             let what = || format!("{} document {i} ({kind})", f.display());
             match kind.as_str() {
-                "ServiceAccount" => out
-                    .accounts
-                    .push(serde_yaml::from_value(v).with_context(what)?),
-                "ClusterRole" => out
-                    .roles
-                    .push(serde_yaml::from_value(v).with_context(what)?),
-                "ClusterRoleBinding" => out
-                    .bindings
-                    .push(serde_yaml::from_value(v).with_context(what)?),
-                "DaemonSet" => out
-                    .daemonsets
-                    .push(serde_yaml::from_value(v).with_context(what)?),
+                "ServiceAccount" => out.accounts.push(serde_yaml::from_value(v).with_context(what)?),
+                "ClusterRole" => out.roles.push(serde_yaml::from_value(v).with_context(what)?),
+                "ClusterRoleBinding" => out.bindings.push(serde_yaml::from_value(v).with_context(what)?),
+                "DaemonSet" => out.daemonsets.push(serde_yaml::from_value(v).with_context(what)?),
                 other => bail!("{}: unexpected kind {other:?}", what()),
             }
         }
@@ -80,10 +67,7 @@ fn rbac_grants_exactly_what_the_cluster_source_uses() -> Result<()> {
     let role = &d.roles[0];
     let mut granted = Grant::new();
     for r in role.rules.iter().flatten() {
-        assert!(
-            r.resource_names.is_none() && r.non_resource_urls.is_none(),
-            "{r:?}"
-        );
+        assert!(r.resource_names.is_none() && r.non_resource_urls.is_none(), "{r:?}");
         for g in r.api_groups.iter().flatten() {
             for res in r.resources.iter().flatten() {
                 for v in &r.verbs {
@@ -159,14 +143,8 @@ fn the_daemonset_runs_everywhere_with_only_the_capabilities_the_agent_needs() ->
     let caps = sc.capabilities.as_ref().context("capabilities")?;
     let added: BTreeSet<&str> = caps.add.iter().flatten().map(String::as_str).collect();
     let needed: BTreeSet<&str> = REQUIRED_CAPABILITIES.iter().copied().collect();
-    assert_eq!(
-        added, needed,
-        "capabilities.add is exactly REQUIRED_CAPABILITIES"
-    );
-    assert!(
-        caps.drop.iter().flatten().any(|c| c == "ALL"),
-        "drops the rest"
-    );
+    assert_eq!(added, needed, "capabilities.add is exactly REQUIRED_CAPABILITIES");
+    assert!(caps.drop.iter().flatten().any(|c| c == "ALL"), "drops the rest");
 
     // NODE_NAME from the downward API.
     let node = c
@@ -222,16 +200,10 @@ fn the_daemonset_runs_everywhere_with_only_the_capabilities_the_agent_needs() ->
         .any(|a| a == "--healthz-bind-address=0.0.0.0:10256"));
 
     // Every flag passed exists in the agent's CLI.
-    let help = ferry_tests::sys::run(
-        &ferry_tests::sys::ferry_bin()?.to_string_lossy(),
-        &["agent", "--help"],
-    )?;
+    let help = ferry_tests::sys::run(&ferry_tests::sys::ferry_bin()?.to_string_lossy(), &["agent", "--help"])?;
     for a in c.args.iter().flatten().filter(|a| a.starts_with("--")) {
         let flag = a.split('=').next().unwrap_or(a);
-        assert!(
-            help.contains(flag),
-            "ferry agent has no flag {flag}:\n{help}"
-        );
+        assert!(help.contains(flag), "ferry agent has no flag {flag}:\n{help}");
     }
     assert_eq!(
         c.args.as_ref().and_then(|a| a.first()).map(String::as_str),

@@ -59,10 +59,7 @@ async fn a_frontend_that_does_not_fit_the_kernel_map_is_named_and_the_rest_are_w
     let mut syncer = Syncer::new(maps).expect("reading the maps");
     let mut ids = Ids::from_contents(syncer.current(), cfg.maglev.table_size, cfg.maglev.tables);
     // 3 + 7 + 2 entries for a map of 8: :81 cannot fit.
-    let desired = layout(
-        &[frontend(80, 2), frontend(81, 6), frontend(82, 1)],
-        &mut ids,
-    );
+    let desired = layout(&[frontend(80, 2), frontend(81, 6), frontend(82, 1)], &mut ids);
     let st = syncer.sync(&desired);
     let failed: Vec<String> = st.failed.iter().map(ToString::to_string).collect();
     assert_eq!(failed.len(), 1, "{failed:?}");
@@ -75,11 +72,7 @@ async fn a_frontend_that_does_not_fit_the_kernel_map_is_named_and_the_rest_are_w
         .expect("opening the pins")
         .read_all()
         .expect("reading the pins");
-    assert_eq!(
-        kernel,
-        *syncer.current(),
-        "the syncer knows what the kernel holds"
-    );
+    assert_eq!(kernel, *syncer.current(), "the syncer knows what the kernel holds");
     assert_eq!(by_port(&kernel), [(80, 3), (82, 2)].into(), "{kernel:?}");
     assert_eq!(
         kernel.backends.len(),
@@ -95,7 +88,10 @@ async fn a_frontend_that_does_not_fit_the_kernel_map_is_named_and_the_rest_are_w
 #[tokio::test]
 async fn maglev_tables_round_trip_through_the_kernel_map() {
     let dir = PinDir::new("maglev-test").expect("pin dir");
-    let maglev = MaglevConfig { table_size: 251, tables: 3 };
+    let maglev = MaglevConfig {
+        table_size: 251,
+        tables: 3,
+    };
     let cfg = config(&dir, 64, maglev);
     let (dp, maps) = Dataplane::load(&cfg).expect("loading the dataplane");
     let mut syncer = Syncer::new(maps).expect("reading the maps");
@@ -108,10 +104,16 @@ async fn maglev_tables_round_trip_through_the_kernel_map() {
     for (n, index) in [(3, 0), (2, 1)] {
         let st = syncer.sync(&layout(&[with_maglev(n)], &mut ids));
         assert!(st.failed.is_empty(), "{:?}", st.failed);
-        let kernel = KernelMaps::from_pins(&dir.0).expect("opening the pins").read_all().expect("reading the pins");
+        let kernel = KernelMaps::from_pins(&dir.0)
+            .expect("opening the pins")
+            .read_all()
+            .expect("reading the pins");
         assert_eq!(kernel, *syncer.current(), "the syncer knows what the kernel holds");
         let slot0 = kernel.services.iter().find(|(k, _)| k.slot == 0).unwrap().1;
-        assert_eq!((slot0.flags & svc_flags::MAGLEV, slot0.backend_id), (svc_flags::MAGLEV, index));
+        assert_eq!(
+            (slot0.flags & svc_flags::MAGLEV, slot0.backend_id),
+            (svc_flags::MAGLEV, index)
+        );
         let table = &kernel.maglev[&index];
         assert_eq!(table.len(), 251);
         let mut per_backend: BTreeMap<[u8; 4], usize> = BTreeMap::new();
@@ -119,7 +121,10 @@ async fn maglev_tables_round_trip_through_the_kernel_map() {
             *per_backend.entry(addr_from_map(kernel.backends[id].addr)).or_default() += 1;
         }
         assert_eq!(per_backend.len(), usize::from(n), "{per_backend:?}");
-        assert!(per_backend.values().all(|c| c.abs_diff(251 / usize::from(n)) <= 1), "{per_backend:?}");
+        assert!(
+            per_backend.values().all(|c| c.abs_diff(251 / usize::from(n)) <= 1),
+            "{per_backend:?}"
+        );
     }
     let info = aya::maps::MapInfo::from_pin(dir.0.join(ferry_common::MAGLEV_MAP)).expect("the Maglev map's pin");
     assert_eq!(info.max_entries(), 3 * 251, "sized by the flags");
@@ -133,22 +138,40 @@ async fn maglev_tables_round_trip_through_the_kernel_map() {
     // Another table size, the same map size (3 x 251 = 251 x 3: the pinned
     // array is reused): the old tables are zeroed, then rewritten whole.
     drop((again, dp));
-    let cfg = Config { maglev: MaglevConfig { table_size: 3, tables: 251 }, ..cfg };
+    let cfg = Config {
+        maglev: MaglevConfig {
+            table_size: 3,
+            tables: 251,
+        },
+        ..cfg
+    };
     let (mut dp, maps) = Dataplane::load(&cfg).expect("loading the dataplane again");
     // Until the new programs are attached, the old ones (still attached in
     // a real node) index their own tables: they are told size 0, random.
-    let told = || KernelMaps::from_pins(&dir.0).expect("pins").read_all().expect("reading the pins").maglev;
+    let told = || {
+        KernelMaps::from_pins(&dir.0)
+            .expect("pins")
+            .read_all()
+            .expect("reading the pins")
+            .maglev
+    };
     assert!(told().is_empty(), "no table size told before the programs are swapped");
     dp.maglev_size_after_attach().expect("telling the new size");
     let mut syncer = Syncer::new(maps).expect("reading the maps");
     let reused = aya::maps::MapInfo::from_pin(dir.0.join(ferry_common::MAGLEV_MAP)).expect("the Maglev map's pin");
     assert_eq!(reused.id(), info.id(), "the same array, so the agent zeroed it");
     let stale = &syncer.current().maglev;
-    assert!(!stale.is_empty() && stale.values().all(|t| t.iter().all(|id| *id == 0)), "zeroed: {stale:?}");
+    assert!(
+        !stale.is_empty() && stale.values().all(|t| t.iter().all(|id| *id == 0)),
+        "zeroed: {stale:?}"
+    );
     let mut ids = Ids::from_contents(syncer.current(), 3, 251);
     let st = syncer.sync(&layout(&[with_maglev(2)], &mut ids));
     assert!(st.failed.is_empty(), "{:?}", st.failed);
-    let kernel = KernelMaps::from_pins(&dir.0).expect("opening the pins").read_all().expect("reading the pins");
+    let kernel = KernelMaps::from_pins(&dir.0)
+        .expect("opening the pins")
+        .read_all()
+        .expect("reading the pins");
     assert_eq!(kernel, *syncer.current());
     let slot0 = kernel.services.iter().find(|(k, _)| k.slot == 0).unwrap().1;
     let table = &kernel.maglev[&slot0.backend_id];

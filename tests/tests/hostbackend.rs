@@ -43,7 +43,8 @@ fn a_host_network_backend_answers_pods_on_both_nodes_and_outside_clients() -> Re
     let udp: SocketAddr = "10.96.0.50:53".parse()?;
     for pod in ["near", "far"] {
         let ns = c.pod_netns(pod)?;
-        let seen = c.nodes[0].wait_answered_by(&format!("ClusterIP TCP from {pod}"), &["host-1"], || tcp_ask(&ns, tcp))?;
+        let seen =
+            c.nodes[0].wait_answered_by(&format!("ClusterIP TCP from {pod}"), &["host-1"], || tcp_ask(&ns, tcp))?;
         assert_eq!(seen, only, "{pod}");
         // Several round trips on one connection: every reply comes from the ClusterIP.
         let mut s = TcpSession::connect(&ns, tcp)?;
@@ -52,11 +53,14 @@ fn a_host_network_backend_answers_pods_on_both_nodes_and_outside_clients() -> Re
             assert_eq!(s.ask()?, "host-1", "{pod}: one connection");
         }
         // UDP: a connected socket takes answers only from where it sent to.
-        let seen = c.nodes[0].wait_answered_by(&format!("ClusterIP UDP from {pod}"), &["host-1"], || udp_ask(&ns, udp))?;
+        let seen =
+            c.nodes[0].wait_answered_by(&format!("ClusterIP UDP from {pod}"), &["host-1"], || udp_ask(&ns, udp))?;
         assert_eq!(seen, only, "{pod} UDP");
     }
     let nodeport = SocketAddr::from((node_addr(0), 30443));
-    let seen = c.nodes[0].wait_answered_by("NodePort from outside", &["host-1"], || TcpSession::connect(&c.external, nodeport)?.ask())?;
+    let seen = c.nodes[0].wait_answered_by("NodePort from outside", &["host-1"], || {
+        TcpSession::connect(&c.external, nodeport)?.ask()
+    })?;
     assert_eq!(seen, only);
     // On node 1 the translated packets to its own address (from `near` and
     // from outside) were delivered by its stack: counted as such, never as

@@ -10,7 +10,6 @@ use ferry_tests::{
     manifests::{echo_pod, echo_service, on_node, ECHO_NODEPORT_SERVICE},
 };
 
-
 #[test]
 fn node_processes_reach_clusterip_and_nodeport_over_tcp_and_udp() -> Result<()> {
     let c = Cluster::start(
@@ -29,15 +28,30 @@ fn node_processes_reach_clusterip_and_nodeport_over_tcp_and_udp() -> Result<()> 
     let both = BTreeSet::from(["local".to_string(), "remote".to_string()]);
     let node1 = node_addr(0).to_string();
     let cases: Vec<(String, Vec<String>)> = vec![
-        ("ClusterIP TCP".into(), vec!["-T2".into(), "-".into(), "TCP:10.96.0.10:80".into()]),
+        (
+            "ClusterIP TCP".into(),
+            vec!["-T2".into(), "-".into(), "TCP:10.96.0.10:80".into()],
+        ),
         // A connected UDP socket (connect4).
-        ("ClusterIP UDP connected".into(), vec!["-T2".into(), "-".into(), "UDP:10.96.0.10:53".into()]),
+        (
+            "ClusterIP UDP connected".into(),
+            vec!["-T2".into(), "-".into(), "UDP:10.96.0.10:53".into()],
+        ),
         // Unconnected (sendmsg4); socat drops answers from any other address
         // than the one it sent to, so an answer proves recvmsg4 reported it
         // from the ClusterIP.
-        ("ClusterIP UDP sendto".into(), vec!["-T2".into(), "-".into(), "UDP-SENDTO:10.96.0.10:53".into()]),
-        ("NodePort TCP".into(), vec!["-T2".into(), "-".into(), format!("TCP:{node1}:30080")]),
-        ("NodePort UDP sendto".into(), vec!["-T2".into(), "-".into(), format!("UDP-SENDTO:{node1}:30053")]),
+        (
+            "ClusterIP UDP sendto".into(),
+            vec!["-T2".into(), "-".into(), "UDP-SENDTO:10.96.0.10:53".into()],
+        ),
+        (
+            "NodePort TCP".into(),
+            vec!["-T2".into(), "-".into(), format!("TCP:{node1}:30080")],
+        ),
+        (
+            "NodePort UDP sendto".into(),
+            vec!["-T2".into(), "-".into(), format!("UDP-SENDTO:{node1}:30053")],
+        ),
     ];
     for (what, args) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -58,7 +58,9 @@ fn one_node(tag: &str, agent_args: &[&str]) -> Result<(Cluster, String)> {
     c.wait_ready(&["web-1", "client"], READY)?;
     let client = c.pod_netns("client")?;
     c.nodes[0].wait_answered_by("the ClusterIP", &["web-1"], || tcp_ask(&client, vip()))?;
-    c.nodes[0].wait_answered_by("the NodePort", &["web-1"], || TcpSession::connect(&c.external, nodeport())?.ask())?;
+    c.nodes[0].wait_answered_by("the NodePort", &["web-1"], || {
+        TcpSession::connect(&c.external, nodeport())?.ask()
+    })?;
     Ok((c, client))
 }
 
@@ -97,10 +99,17 @@ fn one_filter_each(node: &str) -> Result<BTreeMap<String, String>> {
     for (dev, lines) in &filters {
         assert_eq!(lines.len(), 1, "one Ferry filter on {dev}: {filters:#?}");
         let line = &lines[0];
-        assert!(line.contains("pref 16 ") && line.contains("handle 0xf3 "), "Ferry's priority and handle: {line}");
+        assert!(
+            line.contains("pref 16 ") && line.contains("handle 0xf3 "),
+            "Ferry's priority and handle: {line}"
+        );
         let want = if dev == "eth0" { "from_netdev" } else { "from_pod" };
         assert!(line.contains(want), "{want} on {dev}: {line}");
-        let id = line.split_whitespace().skip_while(|w| *w != "id").nth(1).context("a program id")?;
+        let id = line
+            .split_whitespace()
+            .skip_while(|w| *w != "id")
+            .nth(1)
+            .context("a program id")?;
         ids.insert(dev.clone(), id.to_string());
     }
     Ok(ids)
@@ -125,7 +134,10 @@ impl Traffic {
             while !s.load(Ordering::Relaxed) {
                 for (what, r) in [
                     ("ClusterIP", tcp_ask(&client, vip())),
-                    ("NodePort", TcpSession::connect(&external, nodeport()).and_then(|mut t| t.ask())),
+                    (
+                        "NodePort",
+                        TcpSession::connect(&external, nodeport()).and_then(|mut t| t.ask()),
+                    ),
                 ] {
                     match r {
                         Ok(name) if name == "web-1" => o.fetch_add(1, Ordering::Relaxed),
@@ -138,7 +150,12 @@ impl Traffic {
                 std::thread::sleep(Duration::from_millis(20));
             }
         });
-        Self { stop, ok, failed, thread: Some(thread) }
+        Self {
+            stop,
+            ok,
+            failed,
+            thread: Some(thread),
+        }
     }
 
     fn stop(mut self) -> (usize, Vec<String>) {
@@ -159,9 +176,17 @@ fn netlink_tc_serves_keeps_one_filter_across_restarts_and_cleanup_removes_it() -
     let (_, status, stderr) = c.nodes[0].status()?;
     let rows = status["programs"].as_array().context("status programs")?;
     for dev in before.keys() {
-        let mut hooks: Vec<&str> = rows.iter().filter(|r| r["interface"] == dev.as_str()).filter_map(|r| r["hook"].as_str()).collect();
+        let mut hooks: Vec<&str> = rows
+            .iter()
+            .filter(|r| r["interface"] == dev.as_str())
+            .filter_map(|r| r["hook"].as_str())
+            .collect();
         hooks.sort_unstable();
-        assert_eq!(hooks, ["tc egress (netlink)", "tc ingress (netlink)"], "ferry status shows {dev} attached through netlink only, both ways: {status:#}\n{stderr}");
+        assert_eq!(
+            hooks,
+            ["tc egress (netlink)", "tc ingress (netlink)"],
+            "ferry status shows {dev} attached through netlink only, both ways: {status:#}\n{stderr}"
+        );
     }
 
     // Stopped, then restarted, with traffic all along: the filters stay while
@@ -172,14 +197,24 @@ fn netlink_tc_serves_keeps_one_filter_across_restarts_and_cleanup_removes_it() -
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(one_filter_each(&node)?, before, "the filters outlive the agent");
     c.nodes[0].start_agent()?;
-    c.nodes[0].wait_until(Duration::from_secs(20), "the restarted agent's programs in the filters", || {
-        let now = ferry_filters(&node)?;
-        Ok(now.values().all(|l| l.len() == 1) && !before.iter().any(|(dev, id)| now[dev][0].contains(&format!(" id {id} "))))
-    })?;
+    c.nodes[0].wait_until(
+        Duration::from_secs(20),
+        "the restarted agent's programs in the filters",
+        || {
+            let now = ferry_filters(&node)?;
+            Ok(now.values().all(|l| l.len() == 1)
+                && !before
+                    .iter()
+                    .any(|(dev, id)| now[dev][0].contains(&format!(" id {id} "))))
+        },
+    )?;
     std::thread::sleep(Duration::from_millis(300));
     let (ok, failed) = traffic.stop();
     println!("requests across the restart: {ok} answered, {} failed", failed.len());
-    assert!(failed.is_empty(), "no request failed across the restart ({ok} answered): {failed:?}");
+    assert!(
+        failed.is_empty(),
+        "no request failed across the restart ({ok} answered): {failed:?}"
+    );
     assert!(ok > 20, "traffic ran across the restart: {ok} answers");
     let after = one_filter_each(&node)?;
     println!("after the restart: {:#?}", ferry_filters(&node)?);
@@ -195,7 +230,10 @@ fn netlink_tc_serves_keeps_one_filter_across_restarts_and_cleanup_removes_it() -
     let left = ferry_filters(&node)?;
     assert!(left.values().all(Vec::is_empty), "no Ferry filter left: {left:#?}");
     assert!(done.contains("removed the tc filter of from_pod"), "{done}");
-    assert!(tcp_ask(&client, vip()).is_err(), "nothing serves the ClusterIP after cleanup");
+    assert!(
+        tcp_ask(&client, vip()).is_err(),
+        "nothing serves the ClusterIP after cleanup"
+    );
     Ok(())
 }
 
@@ -220,7 +258,9 @@ fn readyz_fails_naming_a_missing_device_until_it_exists() -> Result<()> {
     ip(&["link", "add", "nodev9", "type", "veth", "peer", "name", "nodev9p"])?;
     ip(&["link", "set", "nodev9", "up"])?;
     ip(&["link", "set", "nodev9p", "up"])?;
-    lab.wait_until(Duration::from_secs(15), "/readyz 200 once nodev9 exists", || Ok(readyz(&lab)?.0 == 200))?;
+    lab.wait_until(Duration::from_secs(15), "/readyz 200 once nodev9 exists", || {
+        Ok(readyz(&lab)?.0 == 200)
+    })?;
     ip(&["link", "del", "nodev9"])?;
     lab.wait_until(Duration::from_secs(15), "/readyz 503 again once nodev9 is gone", || {
         let (code, body) = readyz(&lab)?;
@@ -251,15 +291,22 @@ fn xdp_native_refused_falls_back_to_tc_and_keeps_serving() -> Result<()> {
     let client = c.pod_netns("client")?;
     let lab = &c.nodes[0];
     lab.wait_answered_by("the ClusterIP", &["web-1"], || tcp_ask(&client, vip()))?;
-    lab.wait_answered_by("the NodePort", &["web-1"], || TcpSession::connect(&c.external, nodeport())?.ask())?;
+    lab.wait_answered_by("the NodePort", &["web-1"], || {
+        TcpSession::connect(&c.external, nodeport())?.ask()
+    })?;
     let log = lab.agent_log();
-    assert!(log.contains("XDP could not attach, falling back to TC only on this device"), "{log}");
+    assert!(
+        log.contains("XDP could not attach, falling back to TC only on this device"),
+        "{log}"
+    );
     let eth0 = sys::netns_exec(&lab.node, "ip", &["link", "show", "eth0"])?;
     assert!(!eth0.contains("prog/xdp"), "no XDP on eth0: {eth0}");
     assert_eq!(readyz(lab)?.0, 200, "falling back to TC is no readiness failure");
     let (_, status, _) = lab.status()?;
     let refused = status["programs"].as_array().into_iter().flatten().any(|r| {
-        r["interface"] == "eth0" && r["hook"] == "xdp" && r["error"].as_str().is_some_and(|e| e.contains("XDP could not attach"))
+        r["interface"] == "eth0"
+            && r["hook"] == "xdp"
+            && r["error"].as_str().is_some_and(|e| e.contains("XDP could not attach"))
     });
     assert!(refused, "ferry status names the fallback: {status:#}");
     for _ in 0..10 {
@@ -274,17 +321,27 @@ fn xdp_native_refused_falls_back_to_tc_and_keeps_serving() -> Result<()> {
     lab.wait_until(Duration::from_secs(20), "native XDP on eth0", || {
         Ok(sys::netns_exec(&lab.node, "ip", &["link", "show", "eth0"])?.contains("prog/xdp"))
     })?;
-    lab.wait_answered_by("the NodePort", &["web-1"], || TcpSession::connect(&c.external, nodeport())?.ask())?;
+    lab.wait_answered_by("the NodePort", &["web-1"], || {
+        TcpSession::connect(&c.external, nodeport())?.ask()
+    })?;
     Ok(())
 }
 
 /// interface → the hooks `ferry status` shows Ferry's TC programs on.
 fn tc_hooks(lab: &Lab) -> Result<BTreeMap<String, Vec<String>>> {
     let (_, status, stderr) = lab.status()?;
-    let rows = status["programs"].as_array().with_context(|| format!("status programs: {stderr}"))?;
+    let rows = status["programs"]
+        .as_array()
+        .with_context(|| format!("status programs: {stderr}"))?;
     let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for r in rows.iter().filter(|r| r["program"] == "from_pod" && r["attached"] == true) {
-        let (dev, hook) = (r["interface"].as_str().unwrap_or_default(), r["hook"].as_str().unwrap_or_default());
+    for r in rows
+        .iter()
+        .filter(|r| r["program"] == "from_pod" && r["attached"] == true)
+    {
+        let (dev, hook) = (
+            r["interface"].as_str().unwrap_or_default(),
+            r["hook"].as_str().unwrap_or_default(),
+        );
         out.entry(dev.to_string()).or_default().push(hook.to_string());
     }
     Ok(out)
@@ -304,13 +361,23 @@ fn switching_tc_attach_modes_leaves_one_attachment_per_veth() -> Result<()> {
     let client = lab.pod_netns("client")?;
     lab.wait_answered_by("the ClusterIP", &["web-1"], || tcp_ask(&client, vip()))?;
     let tcx = tc_hooks(&lab)?;
-    assert!(tcx.len() >= 2 && tcx.values().all(|h| h == &["tcx ingress"]), "auto on this kernel: TCX: {tcx:?}");
+    assert!(
+        tcx.len() >= 2 && tcx.values().all(|h| h == &["tcx ingress"]),
+        "auto on this kernel: TCX: {tcx:?}"
+    );
 
     lab.stop_agent();
     let (_, out) = lab.agent_once(&["--tc-attach", "netlink"], Duration::from_secs(4))?;
     let netlink = tc_hooks(&lab)?;
-    assert_eq!(netlink.keys().collect::<Vec<_>>(), tcx.keys().collect::<Vec<_>>(), "{out}");
-    assert!(netlink.values().all(|h| h == &["tc ingress (netlink)"]), "netlink only, the TCX links detached: {netlink:?}\n{out}");
+    assert_eq!(
+        netlink.keys().collect::<Vec<_>>(),
+        tcx.keys().collect::<Vec<_>>(),
+        "{out}"
+    );
+    assert!(
+        netlink.values().all(|h| h == &["tc ingress (netlink)"]),
+        "netlink only, the TCX links detached: {netlink:?}\n{out}"
+    );
     assert_eq!(tcp_ask(&client, vip())?, "web-1", "served by the filters with no agent");
 
     lab.start_agent()?;
@@ -318,7 +385,10 @@ fn switching_tc_attach_modes_leaves_one_attachment_per_veth() -> Result<()> {
         let hooks = tc_hooks(&lab)?;
         Ok(hooks.keys().eq(tcx.keys()) && hooks.values().all(|h| h == &["tcx ingress"]))
     })?;
-    assert!(ferry_filters(&lab.node)?.values().all(Vec::is_empty), "the netlink filters are gone");
+    assert!(
+        ferry_filters(&lab.node)?.values().all(Vec::is_empty),
+        "the netlink filters are gone"
+    );
     assert_eq!(tcp_ask(&client, vip())?, "web-1");
     Ok(())
 }

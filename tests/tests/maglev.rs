@@ -99,7 +99,12 @@ fn maglev_through_both_nodes(xdp: bool) -> Result<()> {
     if xdp {
         args.push("--xdp");
     }
-    let c = Cluster::start(if xdp { "mgx" } else { "mg" }, 2, &[("web.yaml".into(), SERVICE.into())], &args)?;
+    let c = Cluster::start(
+        if xdp { "mgx" } else { "mg" },
+        2,
+        &[("web.yaml".into(), SERVICE.into())],
+        &args,
+    )?;
     let names = ["web-1", "web-2", "web-3", "web-4"];
     for (i, name) in names.iter().enumerate() {
         let node = &c.nodes[i / 2].node;
@@ -108,7 +113,12 @@ fn maglev_through_both_nodes(xdp: bool) -> Result<()> {
     c.wait_ready(&names, READY)?;
     let backends: Vec<(String, Ipv4Addr)> = names
         .iter()
-        .map(|n| Ok((n.to_string(), c.nodes[0].pod(n).and_then(|p| p.pod_ip).context("pod IP")?)))
+        .map(|n| {
+            Ok((
+                n.to_string(),
+                c.nodes[0].pod(n).and_then(|p| p.pod_ip).context("pod IP")?,
+            ))
+        })
         .collect::<Result<_>>()?;
     for node in 0..2 {
         let to = SocketAddr::from((node_addr(node), NODE_PORT));
@@ -119,22 +129,52 @@ fn maglev_through_both_nodes(xdp: bool) -> Result<()> {
     let (via1, via2) = (answers(&c, 0)?, answers(&c, 1)?);
     let took = start.elapsed();
     let differ: Vec<_> = ports().filter(|p| via1[p] != via2[p]).collect();
-    ensure!(differ.is_empty(), "{} of {} source ports got another backend through node 2: {:?}", differ.len(), ports().len(), &differ[..differ.len().min(10)]);
+    ensure!(
+        differ.is_empty(),
+        "{} of {} source ports got another backend through node 2: {:?}",
+        differ.len(),
+        ports().len(),
+        &differ[..differ.len().min(10)]
+    );
     let want = predicted(&backends);
     let mispredicted = ports().filter(|p| via1[p] != want[p]).count();
-    ensure!(mispredicted == 0, "{mispredicted} ports answered by another backend than the Maglev table names");
+    ensure!(
+        mispredicted == 0,
+        "{mispredicted} ports answered by another backend than the Maglev table names"
+    );
     let spread = counts(&via1);
     let even = ports().len() / names.len();
-    eprintln!("{} ports x 2 nodes in {took:?}; spread {spread:?} (even: {even})", ports().len());
+    eprintln!(
+        "{} ports x 2 nodes in {took:?}; spread {spread:?} (even: {even})",
+        ports().len()
+    );
     for (name, n) in &spread {
-        ensure!(n.abs_diff(even) * 100 <= even * 10, "{name} got {n} of {} ports (even: {even}): {spread:?}", ports().len());
+        ensure!(
+            n.abs_diff(even) * 100 <= even * 10,
+            "{name} got {n} of {} ports (even: {even}): {spread:?}",
+            ports().len()
+        );
     }
     let wide = c.nodes[0].ferry(&["svc", "list", "-o", "wide"])?;
-    ensure!(wide.lines().filter(|l| l.contains("default/web") && l.contains("maglev")).count() >= 2, "svc list shows the flag:\n{wide}");
+    ensure!(
+        wide.lines()
+            .filter(|l| l.contains("default/web") && l.contains("maglev"))
+            .count()
+            >= 2,
+        "svc list shows the flag:\n{wide}"
+    );
     for lab in &c.nodes {
-        ensure!(lab.counter("maglev_selected")? >= ports().len() as u64, "{}: maglev_selected counted", lab.node);
+        ensure!(
+            lab.counter("maglev_selected")? >= ports().len() as u64,
+            "{}: maglev_selected counted",
+            lab.node
+        );
         if xdp {
-            ensure!(lab.counter("xdp_forward")? > 0, "{}: XDP forwarded flows to the other node's backends", lab.node);
+            ensure!(
+                lab.counter("xdp_forward")? > 0,
+                "{}: XDP forwarded flows to the other node's backends",
+                lab.node
+            );
         }
     }
 
@@ -144,17 +184,27 @@ fn maglev_through_both_nodes(xdp: bool) -> Result<()> {
     let want = predicted(&rest);
     let probe = ports().find(|p| via1[p] == "web-3").context("a port on web-3")?;
     for i in 0..2 {
-        c.nodes[i].wait_until(Duration::from_secs(20), &format!("web-3's ports to move on node {}", i + 1), || {
-            let to = SocketAddr::from((node_addr(i), NODE_PORT));
-            let mut s = TcpSession::connect_from(&c.external, SocketAddr::from((EXTERNAL_ADDR, probe)), to)?;
-            let name = s.ask()?;
-            s.abort()?;
-            Ok(name != "web-3")
-        })?;
+        c.nodes[i].wait_until(
+            Duration::from_secs(20),
+            &format!("web-3's ports to move on node {}", i + 1),
+            || {
+                let to = SocketAddr::from((node_addr(i), NODE_PORT));
+                let mut s = TcpSession::connect_from(&c.external, SocketAddr::from((EXTERNAL_ADDR, probe)), to)?;
+                let name = s.ask()?;
+                s.abort()?;
+                Ok(name != "web-3")
+            },
+        )?;
     }
     let (after1, after2) = (answers(&c, 0)?, answers(&c, 1)?);
-    ensure!(ports().all(|p| after1[&p] == after2[&p]), "after the removal the nodes still agree");
-    ensure!(ports().all(|p| after1[&p] == want[&p]), "after the removal: the table over three backends");
+    ensure!(
+        ports().all(|p| after1[&p] == after2[&p]),
+        "after the removal the nodes still agree"
+    );
+    ensure!(
+        ports().all(|p| after1[&p] == want[&p]),
+        "after the removal: the table over three backends"
+    );
     let on_removed = ports().filter(|p| via1[p] == "web-3").count();
     let moved = ports().filter(|p| via1[p] != after1[p]).count();
     let moved_others = ports().filter(|p| via1[p] != "web-3" && via1[p] != after1[p]).count();
@@ -164,18 +214,30 @@ fn maglev_through_both_nodes(xdp: bool) -> Result<()> {
         100.0 * moved as f64 / ports().len() as f64
     );
     ensure!(moved >= on_removed, "every port of web-3 moved");
-    ensure!(moved_others * 100 <= ports().len() * 3, "{moved_others} ports of remaining backends moved");
+    ensure!(
+        moved_others * 100 <= ports().len() * 3,
+        "{moved_others} ports of remaining backends moved"
+    );
 
     // Session affinity wins over Maglev (as in Cilium): new connections of
     // the client, whatever their port, go to its first backend.
-    c.write_manifest("web.yaml", &SERVICE.replace("  selector: {app: web}\n", "  selector: {app: web}\n  sessionAffinity: ClientIP\n"))?;
+    c.write_manifest(
+        "web.yaml",
+        &SERVICE.replace(
+            "  selector: {app: web}\n",
+            "  selector: {app: web}\n  sessionAffinity: ClientIP\n",
+        ),
+    )?;
     let to = SocketAddr::from((node_addr(0), NODE_PORT));
     c.nodes[0].wait_until(Duration::from_secs(20), "affinity in force", || {
         TcpSession::connect(&c.external, to)?.ask()?;
         Ok(c.nodes[0].counter("affinity_hit")? > 0)
     })?;
     let sticky = split(&c.external, 30, |ns| TcpSession::connect(ns, to)?.ask())?;
-    ensure!(sticky.len() == 1, "30 connections from 30 ports with affinity: {sticky:?}");
+    ensure!(
+        sticky.len() == 1,
+        "30 connections from 30 ports with affinity: {sticky:?}"
+    );
     Ok(())
 }
 
@@ -205,17 +267,35 @@ spec:
     c.nodes[0].wait_answered_by("the ClusterIP from zone-a", &["near-a"], || tcp_ask(&ca, to))?;
     let a = split(&ca, 30, |ns| tcp_ask(ns, to))?;
     let b = split(&cb, 30, |ns| tcp_ask(ns, to))?;
-    ensure!(a == BTreeMap::from([("near-a".to_string(), 30)]), "zone-a's client: {a:?}");
-    ensure!(b == BTreeMap::from([("near-b".to_string(), 30)]), "zone-b's client: {b:?}");
+    ensure!(
+        a == BTreeMap::from([("near-a".to_string(), 30)]),
+        "zone-a's client: {a:?}"
+    );
+    ensure!(
+        b == BTreeMap::from([("near-b".to_string(), 30)]),
+        "zone-b's client: {b:?}"
+    );
     // zone-a's endpoint goes: its clients fall back to zone-b's.
     c.remove_manifest("near-a.yaml")?;
-    c.nodes[0].wait_answered_by("the ClusterIP from zone-a after near-a left", &["near-b"], || tcp_ask(&ca, to))?;
+    c.nodes[0].wait_answered_by("the ClusterIP from zone-a after near-a left", &["near-b"], || {
+        tcp_ask(&ca, to)
+    })?;
     let a = split(&ca, 20, |ns| tcp_ask(ns, to))?;
-    ensure!(a == BTreeMap::from([("near-b".to_string(), 20)]), "zone-a's client falls back: {a:?}");
+    ensure!(
+        a == BTreeMap::from([("near-b".to_string(), 20)]),
+        "zone-a's client falls back: {a:?}"
+    );
     // Without the field, both zones' endpoints serve both zones' clients.
     c.write_manifest("near-a.yaml", &on_node(&echo_pod("near-a", "near", None), &n1))?;
     c.wait_ready(&["near-a"], READY)?;
-    c.write_manifest("near.yaml", &service.replace("  trafficDistribution: PreferClose\n", ""))?;
-    c.nodes[0].wait_answered_by("the ClusterIP from zone-a without PreferClose", &["near-a", "near-b"], || tcp_ask(&ca, to))?;
+    c.write_manifest(
+        "near.yaml",
+        &service.replace("  trafficDistribution: PreferClose\n", ""),
+    )?;
+    c.nodes[0].wait_answered_by(
+        "the ClusterIP from zone-a without PreferClose",
+        &["near-a", "near-b"],
+        || tcp_ask(&ca, to),
+    )?;
     Ok(())
 }

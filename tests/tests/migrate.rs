@@ -11,8 +11,8 @@ use ferry_agent::{
     maps::{IdCursors, MapStore as _},
 };
 use ferry_common::{
-    config, AffinityKey, AffinityValue, CtKey, CtValue, AFFINITY_MAP, CONFIG_MAP, COUNTERS_MAP,
-    COUNTER_COUNT, CT_ANY_MAP, SERVICES_MAP,
+    config, AffinityKey, AffinityValue, CtKey, CtValue, AFFINITY_MAP, CONFIG_MAP, COUNTERS_MAP, COUNTER_COUNT,
+    CT_ANY_MAP, SERVICES_MAP,
 };
 use ferry_tests::sys::PinDir;
 
@@ -42,10 +42,7 @@ fn ct_key(i: u32) -> CtKey {
 }
 
 fn ct(dir: &Path) -> HashMap<MapData, CtKey, CtValue> {
-    HashMap::try_from(Map::LruHashMap(
-        MapData::from_pin(dir.join(CT_ANY_MAP)).unwrap(),
-    ))
-    .unwrap()
+    HashMap::try_from(Map::LruHashMap(MapData::from_pin(dir.join(CT_ANY_MAP)).unwrap())).unwrap()
 }
 
 fn cfg(dir: &Path, ct_max: u32) -> Config {
@@ -132,20 +129,12 @@ async fn pinned_maps_of_another_shape_are_migrated() {
         )))
         .unwrap();
         conf.set(config::NODE_ADDR, 0x0a00_0001, 0).unwrap();
-        pin(
-            d,
-            COUNTERS_MAP,
-            bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY,
-            4,
-            8,
-            8,
-        );
+        pin(d, COUNTERS_MAP, bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 8);
         pin(d, SERVICES_MAP, bpf_map_type::BPF_MAP_TYPE_HASH, 12, 16, 16);
         pin(d, "FERRY_GONE", bpf_map_type::BPF_MAP_TYPE_HASH, 4, 4, 4);
     }
 
-    let (dp, maps) =
-        Dataplane::load(&cfg(d, 128)).expect("loading the dataplane over the old pins");
+    let (dp, maps) = Dataplane::load(&cfg(d, 128)).expect("loading the dataplane over the old pins");
     drop((dp, maps));
     assert!(
         !d.join("FERRY_GONE").exists(),
@@ -159,25 +148,16 @@ async fn pinned_maps_of_another_shape_are_migrated() {
     );
     let flows: Vec<_> = ct(d).iter().map(Result::unwrap).collect();
     assert_eq!(flows.len(), 10, "every flow copied: {flows:?}");
-    assert!(
-        flows.iter().all(|(k, v)| v.backend_id == k.saddr),
-        "{flows:?}"
-    );
+    assert!(flows.iter().all(|(k, v)| v.backend_id == k.saddr), "{flows:?}");
     let aff = info(d, AFFINITY_MAP);
     assert_eq!(
         aff.value_size() as usize,
         size_of::<AffinityValue>(),
         "affinity recreated with this build's layout"
     );
-    let aff: HashMap<MapData, AffinityKey, AffinityValue> = HashMap::try_from(Map::LruHashMap(
-        MapData::from_pin(d.join(AFFINITY_MAP)).unwrap(),
-    ))
-    .unwrap();
-    assert_eq!(
-        aff.keys().count(),
-        0,
-        "entries of another layout are not copied"
-    );
+    let aff: HashMap<MapData, AffinityKey, AffinityValue> =
+        HashMap::try_from(Map::LruHashMap(MapData::from_pin(d.join(AFFINITY_MAP)).unwrap())).unwrap();
+    assert_eq!(aff.keys().count(), 0, "entries of another layout are not copied");
     assert_eq!(info(d, CONFIG_MAP).max_entries(), config::COUNT);
     let conf: Array<MapData, u32> =
         Array::try_from(Map::Array(MapData::from_pin(d.join(CONFIG_MAP)).unwrap())).unwrap();
@@ -186,11 +166,7 @@ async fn pinned_maps_of_another_shape_are_migrated() {
         0x0a00_0001,
         "config entries copied"
     );
-    assert_eq!(
-        info(d, COUNTERS_MAP).max_entries(),
-        COUNTER_COUNT,
-        "counters recreated"
-    );
+    assert_eq!(info(d, COUNTERS_MAP).max_entries(), COUNTER_COUNT, "counters recreated");
     assert_eq!(
         info(d, SERVICES_MAP).max_entries(),
         64,
@@ -201,11 +177,7 @@ async fn pinned_maps_of_another_shape_are_migrated() {
     let before = map_ids(d);
     assert!(before.len() >= 10, "{before:?}");
     drop(Dataplane::load(&cfg(d, 128)).expect("second load"));
-    assert_eq!(
-        map_ids(d),
-        before,
-        "a restart with the same flags keeps every map"
-    );
+    assert_eq!(map_ids(d), before, "a restart with the same flags keeps every map");
 
     // The id cursors the agent keeps in the config array survive restarts.
     let (dp, mut maps) = Dataplane::load(&cfg(d, 128)).expect("third load");

@@ -61,21 +61,28 @@ fn three_hundred_kilobytes_each_way_through_a_1400_byte_underlay() -> Result<()>
     let pod = c.pod_netns("client")?;
     let clusterip: SocketAddr = "10.96.0.40:80".parse()?;
     c.nodes[0].wait_until(Duration::from_secs(20), "the ClusterIP answering", || {
-        Ok(in_netns(&pod, move || TcpStream::connect_timeout(&clusterip, Duration::from_secs(1)).is_ok())?)
+        in_netns(&pod, move || {
+            TcpStream::connect_timeout(&clusterip, Duration::from_secs(1)).is_ok()
+        })
     })?;
     // With the veth's offloads (TSO/GSO, as Pods have them). The FIB
     // lookup lets GSO packets pass whatever their segments' size; the path
     // MTU is learned from the flow's full-size packets that are not GSO.
-    bulk_round_trip(&pod, clusterip, SIZE).with_context(|| format!("ClusterIP from a Pod on node 1, offloads on\n{}", c.logs()))?;
+    bulk_round_trip(&pod, clusterip, SIZE)
+        .with_context(|| format!("ClusterIP from a Pod on node 1, offloads on\n{}", c.logs()))?;
     let too_big = c.nodes[0].counter("frag_needed")?;
-    assert!(too_big > 0, "the Pod's 1500-byte packets were answered with fragmentation-needed");
+    assert!(
+        too_big > 0,
+        "the Pod's 1500-byte packets were answered with fragmentation-needed"
+    );
     // Segments as the Pod's TCP makes them (no offload merging them), each
     // meeting the MTU check on its own (the Pod's route cache now knows the
     // path MTU).
     sys::netns_exec(&pod, "ethtool", &["-K", "eth0", "tso", "off", "gso", "off"])?;
     bulk_round_trip(&pod, clusterip, SIZE).with_context(|| format!("ClusterIP from a Pod on node 1\n{}", c.logs()))?;
     // NodePort from outside, to the backend on node 2 through node 1 (SNAT).
-    bulk_round_trip(&c.external, SocketAddr::from((node_addr(0), 30400)), SIZE).with_context(|| format!("NodePort from outside\n{}", c.logs()))?;
+    bulk_round_trip(&c.external, SocketAddr::from((node_addr(0), 30400)), SIZE)
+        .with_context(|| format!("NodePort from outside\n{}", c.logs()))?;
     Ok(())
 }
 
@@ -101,7 +108,18 @@ fn udp_datagrams_up_to_64_kib_both_ways_through_every_frontend_kind() -> Result<
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
     for (ip, node) in [(EXTERNAL_IP, 0), (LB_IP, 1)] {
         let ip = std::net::Ipv4Addr::from(ip);
-        sys::run("ip", &["-n", &c.external, "route", "add", &format!("{ip}/32"), "via", &node_addr(node).to_string()])?;
+        sys::run(
+            "ip",
+            &[
+                "-n",
+                &c.external,
+                "route",
+                "add",
+                &format!("{ip}/32"),
+                "via",
+                &node_addr(node).to_string(),
+            ],
+        )?;
     }
     c.write_manifest("bulk-pod.yaml", &on_node(&cat_pod("bulk", "bulk"), &n2))?;
     c.write_manifest("client.yaml", &on_node(&client_pod("client"), &n1))?;
@@ -109,15 +127,33 @@ fn udp_datagrams_up_to_64_kib_both_ways_through_every_frontend_kind() -> Result<
     let pod = c.pod_netns("client")?;
     let node1 = &c.nodes[0];
     for (what, netns, to) in [
-        ("ClusterIP from a Pod", pod.as_str(), SocketAddr::from(([10, 96, 0, 40], 53))),
-        ("NodePort from outside", c.external.as_str(), SocketAddr::from((node_addr(0), 30401))),
-        ("ExternalIP from outside", c.external.as_str(), SocketAddr::from((EXTERNAL_IP, 53))),
-        ("LoadBalancer IP from outside", c.external.as_str(), SocketAddr::from((LB_IP, 53))),
+        (
+            "ClusterIP from a Pod",
+            pod.as_str(),
+            SocketAddr::from(([10, 96, 0, 40], 53)),
+        ),
+        (
+            "NodePort from outside",
+            c.external.as_str(),
+            SocketAddr::from((node_addr(0), 30401)),
+        ),
+        (
+            "ExternalIP from outside",
+            c.external.as_str(),
+            SocketAddr::from((EXTERNAL_IP, 53)),
+        ),
+        (
+            "LoadBalancer IP from outside",
+            c.external.as_str(),
+            SocketAddr::from((LB_IP, 53)),
+        ),
     ] {
         // The first datagrams may race the agent's first sync.
-        node1.wait_until(Duration::from_secs(20), &format!("{what}: {DGRAM} bytes there and back"), || {
-            Ok(datagram_round_trip(netns, to, DGRAM).is_ok())
-        })?;
+        node1.wait_until(
+            Duration::from_secs(20),
+            &format!("{what}: {DGRAM} bytes there and back"),
+            || Ok(datagram_round_trip(netns, to, DGRAM).is_ok()),
+        )?;
         for size in [DGRAM, DGRAM, BIG_DGRAM, BIG_DGRAM] {
             datagram_round_trip(netns, to, size).with_context(|| format!("{what}, {size} bytes\n{}", c.logs()))?;
         }

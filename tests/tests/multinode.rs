@@ -118,7 +118,9 @@ fn unpinned_pods_are_spread_over_the_nodes_and_run_once() -> Result<()> {
     want.sort();
     assert_eq!(all, want, "every Pod exactly once: {per_node:?}");
     for lab in &c.nodes {
-        let echo = per_node.get(&lab.node).map_or(0, |p| p.iter().filter(|n| n.starts_with("echo-")).count());
+        let echo = per_node
+            .get(&lab.node)
+            .map_or(0, |p| p.iter().filter(|n| n.starts_with("echo-")).count());
         assert_eq!(echo, 2, "two of four replicas on {}: {per_node:?}", lab.node);
     }
     eprintln!("placement: {per_node:?}");
@@ -130,14 +132,21 @@ fn unpinned_pods_are_spread_over_the_nodes_and_run_once() -> Result<()> {
     assert_eq!(seen, want, "only the replicas answer");
     for i in 0..c.nodes.len() {
         let node_port = SocketAddr::from((node_addr(i), 30080));
-        let seen = c.nodes[0].wait_answered_by(&format!("NodePort {node_port}"), &names, || tcp_ask(&c.external, node_port))?;
+        let seen = c.nodes[0].wait_answered_by(&format!("NodePort {node_port}"), &names, || {
+            tcp_ask(&c.external, node_port)
+        })?;
         assert_eq!(seen, want, "only the replicas answer on {node_port}");
     }
     // Scaled down to 2: each node keeps the lowest index of its share, so one
     // replica stays on each node.
     c.write_manifest("echo.yaml", &echo_deployment("echo", "spread", 2))?;
     c.nodes[0].wait_until(Duration::from_secs(30), "echo-2 and echo-3 gone", || {
-        let echo: Vec<String> = c.nodes[0].pods().into_iter().filter(|r| r.name.starts_with("echo-")).map(|r| r.name).collect();
+        let echo: Vec<String> = c.nodes[0]
+            .pods()
+            .into_iter()
+            .filter(|r| r.name.starts_with("echo-"))
+            .map(|r| r.name)
+            .collect();
         Ok(echo == ["echo-0", "echo-1"])
     })?;
     let on = |name: &str| c.nodes[0].pod(name).map(|r| r.node);

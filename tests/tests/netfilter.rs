@@ -14,7 +14,6 @@ use ferry_tests::{
     sys, udp_ask, TcpSession,
 };
 
-
 /// Three round trips on one connection: the backend that answered them all.
 fn conversation(netns: &str, to: SocketAddr) -> Result<String> {
     let mut s = TcpSession::connect(netns, to)?;
@@ -30,13 +29,30 @@ fn translated_flows_pass_kube_proxys_invalid_drop_rules() -> Result<()> {
     let c = Cluster::start(
         "nfinv",
         2,
-        &[("service.yaml".into(), echo_service("echo", "echo", "10.96.0.10")), ("np.yaml".into(), ECHO_NODEPORT_SERVICE.into())],
+        &[
+            ("service.yaml".into(), echo_service("echo", "echo", "10.96.0.10")),
+            ("np.yaml".into(), ECHO_NODEPORT_SERVICE.into()),
+        ],
         &[],
     )?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
     for n in [&n1, &n2] {
         for chain in ["FORWARD", "INPUT"] {
-            sys::netns_exec(n, "iptables", &["-w", "-A", chain, "-m", "conntrack", "--ctstate", "INVALID", "-j", "DROP"])?;
+            sys::netns_exec(
+                n,
+                "iptables",
+                &[
+                    "-w",
+                    "-A",
+                    chain,
+                    "-m",
+                    "conntrack",
+                    "--ctstate",
+                    "INVALID",
+                    "-j",
+                    "DROP",
+                ],
+            )?;
         }
     }
     c.write_manifest("local.yaml", &on_node(&echo_pod("local", "echo", None), &n1))?;
@@ -49,11 +65,15 @@ fn translated_flows_pass_kube_proxys_invalid_drop_rules() -> Result<()> {
     let udp: SocketAddr = "10.96.0.10:53".parse()?;
     let nodeport = SocketAddr::from((node_addr(0), 30080));
     let node1 = &c.nodes[0];
-    let seen = node1.wait_answered_by("ClusterIP TCP from a Pod", &["local", "remote"], || conversation(&pod, clusterip))?;
+    let seen = node1.wait_answered_by("ClusterIP TCP from a Pod", &["local", "remote"], || {
+        conversation(&pod, clusterip)
+    })?;
     assert_eq!(seen, both);
     let seen = node1.wait_answered_by("ClusterIP UDP from a Pod", &["local", "remote"], || udp_ask(&pod, udp))?;
     assert_eq!(seen, both);
-    let seen = node1.wait_answered_by("NodePort from outside", &["local", "remote"], || conversation(&c.external, nodeport))?;
+    let seen = node1.wait_answered_by("NodePort from outside", &["local", "remote"], || {
+        conversation(&c.external, nodeport)
+    })?;
     assert_eq!(seen, both);
     let args = ["-T2", "-", "TCP:10.96.0.10:80"];
     let seen = node1.wait_answered_by("ClusterIP from node 1 itself", &["local", "remote"], || {

@@ -13,9 +13,8 @@ use anyhow::{Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     http_get,
-    split, udp_ask,
     manifests::{client_pod, echo_pod, on_node},
-    sys, tcp_ask, TcpSession,
+    split, sys, tcp_ask, udp_ask, TcpSession,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -91,16 +90,38 @@ fn cluster(path: Path) -> Result<Cluster> {
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
     c.write_manifest("web-1.yaml", &on_node(&echo_pod("web-1", "web", None), &n1))?;
     c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n2))?;
-    c.write_manifest(
-        "far.yaml",
-        &on_node(&echo_pod("far-2", "far", None), &n2),
-    )?;
+    c.write_manifest("far.yaml", &on_node(&echo_pod("far-2", "far", None), &n2))?;
     let ext = &c.external;
-    sys::run("ip", &["-n", ext, "route", "add", &format!("{EXTERNAL_IP}/32"), "via", &node_addr(0).to_string()])?;
-    sys::run("ip", &["-n", ext, "route", "add", &format!("{LB_IP}/32"), "via", &node_addr(1).to_string()])?;
+    sys::run(
+        "ip",
+        &[
+            "-n",
+            ext,
+            "route",
+            "add",
+            &format!("{EXTERNAL_IP}/32"),
+            "via",
+            &node_addr(0).to_string(),
+        ],
+    )?;
+    sys::run(
+        "ip",
+        &[
+            "-n",
+            ext,
+            "route",
+            "add",
+            &format!("{LB_IP}/32"),
+            "via",
+            &node_addr(1).to_string(),
+        ],
+    )?;
     sys::run("ip", &["-n", ext, "addr", "add", "192.168.77.201/24", "dev", "eth0"])?;
     // Node 1's second address, and a way for the client to reach it.
-    sys::run("ip", &["-n", &n1, "addr", "add", &format!("{OTHER_NET_ADDR}/24"), "dev", "eth0"])?;
+    sys::run(
+        "ip",
+        &["-n", &n1, "addr", "add", &format!("{OTHER_NET_ADDR}/24"), "dev", "eth0"],
+    )?;
     sys::run("ip", &["-n", ext, "addr", "add", "192.168.88.200/24", "dev", "eth0"])?;
     c.wait_ready(&["web-1", "web-2", "far-2"], READY)?;
     Ok(c)
@@ -113,7 +134,9 @@ fn spread(c: &Cluster, to: SocketAddr, n: usize) -> Result<BTreeMap<String, BTre
         let mut s = TcpSession::connect(&c.external, to)?;
         assert_eq!(s.peer, to, "the client is connected to what it dialled");
         let (name, seen) = s.ask_peer()?;
-        let std::net::IpAddr::V4(ip) = seen.ip() else { anyhow::bail!("IPv6 peer {seen}") };
+        let std::net::IpAddr::V4(ip) = seen.ip() else {
+            anyhow::bail!("IPv6 peer {seen}")
+        };
         out.entry(name).or_default().insert(ip);
     }
     Ok(out)
@@ -150,29 +173,52 @@ fn nodeport_externalip_and_loadbalancer(path: Path) -> Result<()> {
         wait_backends(&c, to, &["web-1", "web-2"])?;
         let seen = spread(&c, to, 40)?;
         let names: BTreeSet<&str> = seen.keys().map(String::as_str).collect();
-        assert_eq!(names, BTreeSet::from(["web-1", "web-2"]), "NodePort on node {} reaches both nodes' backends", i + 1);
+        assert_eq!(
+            names,
+            BTreeSet::from(["web-1", "web-2"]),
+            "NodePort on node {} reaches both nodes' backends",
+            i + 1
+        );
         // The backend on the node dialled sees the client itself; the one on
         // the other node sees the dialled node's address (SNAT, Cluster policy).
         let (local, remote) = if i == 0 { ("web-1", "web-2") } else { ("web-2", "web-1") };
         assert_eq!(seen[local], BTreeSet::from([client]), "local backend sees the client");
-        assert_eq!(seen[remote], BTreeSet::from([node]), "remote backend sees node {}'s address", i + 1);
+        assert_eq!(
+            seen[remote],
+            BTreeSet::from([node]),
+            "remote backend sees node {}'s address",
+            i + 1
+        );
     }
     // UDP NodePort: a connected socket only accepts answers from the address
     // it sent to, so an answer proves the reply was translated back.
     for node in [node_addr(0), node_addr(1)] {
         let to = SocketAddr::from((node, 30053));
-        let answers = split(&c.external, 40, |ns| udp_ask(ns, to).with_context(|| format!("UDP via {to}")))?;
+        let answers = split(&c.external, 40, |ns| {
+            udp_ask(ns, to).with_context(|| format!("UDP via {to}"))
+        })?;
         let names: BTreeSet<String> = answers.into_keys().collect();
-        assert_eq!(names, BTreeSet::from(["web-1".to_string(), "web-2".to_string()]), "UDP via {to}");
+        assert_eq!(
+            names,
+            BTreeSet::from(["web-1".to_string(), "web-2".to_string()]),
+            "UDP via {to}"
+        );
     }
     // ExternalIP (routed to node 1) and LoadBalancer IP (routed to node 2).
     for to in [SocketAddr::from((EXTERNAL_IP, 80)), SocketAddr::from((LB_IP, 80))] {
         wait_backends(&c, to, &["web-1", "web-2"])?;
         let names: BTreeSet<String> = spread(&c, to, 40)?.into_keys().collect();
-        assert_eq!(names, BTreeSet::from(["web-1".to_string(), "web-2".to_string()]), "{to}");
+        assert_eq!(
+            names,
+            BTreeSet::from(["web-1".to_string(), "web-2".to_string()]),
+            "{to}"
+        );
     }
     let conntrack = c.nodes[0].ferry(&["ct", "list"])?;
-    assert!(conntrack.contains(&format!("{}:30080", node_addr(0))), "ct list shows NodePort flows:\n{conntrack}");
+    assert!(
+        conntrack.contains(&format!("{}:30080", node_addr(0))),
+        "ct list shows NodePort flows:\n{conntrack}"
+    );
     assert_xdp(&c, path, &[0, 1])
 }
 
@@ -184,7 +230,11 @@ fn assert_xdp(c: &Cluster, path: Path, forwarding: &[usize]) -> Result<()> {
         let forwarded = node.counter("xdp_forward")?;
         match path {
             Path::Xdp => {
-                assert!(node.agent_log().contains("xdp_from_netdev attached"), "{}", node.agent_log());
+                assert!(
+                    node.agent_log().contains("xdp_from_netdev attached"),
+                    "{}",
+                    node.agent_log()
+                );
                 if forwarding.contains(&i) {
                     assert!(forwarded > 0, "node {}: XDP forwarded no packet", i + 1);
                 }
@@ -217,13 +267,19 @@ fn snat_ports_nodeport_addresses_and_duplicates(path: Path) -> Result<()> {
         let (na, sa) = a.ask_peer()?;
         let (nb, sb) = b.ask_peer()?;
         assert_eq!((na.as_str(), nb.as_str()), ("far-2", "far-2"));
-        assert_eq!((sa.ip(), sb.ip()), (node_addr(0).into(), node_addr(0).into()), "both SNATed to node 1");
+        assert_eq!(
+            (sa.ip(), sb.ip()),
+            (node_addr(0).into(), node_addr(0).into()),
+            "both SNATed to node 1"
+        );
         assert_ne!(sa.port(), sb.port(), "distinct SNAT ports");
     }
     // Node 1's address outside --nodeport-addresses: not served (the kernel
     // refuses, nothing listens there).
     let outside = SocketAddr::from((OTHER_NET_ADDR, 30080));
-    let err = TcpSession::connect(&c.external, outside).err().context("the NodePort answered outside --nodeport-addresses")?;
+    let err = TcpSession::connect(&c.external, outside)
+        .err()
+        .context("the NodePort answered outside --nodeport-addresses")?;
     assert!(format!("{err:#}").contains("refused"), "{err:#}");
     // A NodePort Service without any endpoint refuses at once (TCP RST from
     // the address dialled), like kube-proxy's REJECT rules; never a hang.
@@ -232,13 +288,19 @@ fn snat_ports_nodeport_addresses_and_duplicates(path: Path) -> Result<()> {
         .err()
         .context("a NodePort without endpoints answered")?;
     assert!(format!("{err:#}").contains("refused"), "{err:#}");
-    assert!(started.elapsed() < Duration::from_millis(900), "refused only after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "refused only after {:?}",
+        started.elapsed()
+    );
     // The later Service asking for a NodePort already taken: an error naming
     // it and the field; the earlier keeps it (its backends answered above,
     // never the later one's far-2).
     let logs = c.nodes[0].agent_log();
     assert!(
-        logs.contains("Service default/clash") && logs.contains("spec.ports[0].nodePort") && logs.contains("30080/TCP is already used by Service default/web"),
+        logs.contains("Service default/clash")
+            && logs.contains("spec.ports[0].nodePort")
+            && logs.contains("30080/TCP is already used by Service default/web"),
         "{logs}"
     );
     // Node 1 forwarded the flows to far-2 on node 2.
@@ -249,11 +311,17 @@ fn snat_ports_nodeport_addresses_and_duplicates(path: Path) -> Result<()> {
     assert_eq!(a.ask_peer()?.0, "far-2", "served while no agent runs");
     c.nodes[0].start_agent()?;
     // The device's hooks attach in order: TC, then XDP.
-    let last = if path == Path::Xdp { "xdp_from_netdev" } else { "from_netdev" };
+    let last = if path == Path::Xdp {
+        "xdp_from_netdev"
+    } else {
+        "from_netdev"
+    };
     let reused = format!("{last} attached (reused pinned link)");
-    c.nodes[0].wait_until(Duration::from_secs(20), &format!("the restarted agent logging {reused:?}"), || {
-        Ok(c.nodes[0].agent_log().contains(&reused))
-    })?;
+    c.nodes[0].wait_until(
+        Duration::from_secs(20),
+        &format!("the restarted agent logging {reused:?}"),
+        || Ok(c.nodes[0].agent_log().contains(&reused)),
+    )?;
     for s in [&mut a, &mut b] {
         assert_eq!(s.ask_peer()?.0, "far-2", "served after the restart");
     }
@@ -281,19 +349,30 @@ spec:
     let on1 = SocketAddr::from((node_addr(0), 30090));
     wait_serving(&c, on1)?;
     let seen = spread(&c, on1, 20)?;
-    assert_eq!(seen, BTreeMap::from([("loc-1".to_string(), BTreeSet::from([EXTERNAL_ADDR]))]));
+    assert_eq!(
+        seen,
+        BTreeMap::from([("loc-1".to_string(), BTreeSet::from([EXTERNAL_ADDR]))])
+    );
     // Node 2 has none: it does not serve the Service (kube-proxy drops too).
     let on2 = SocketAddr::from((node_addr(1), 30090));
-    assert!(TcpSession::connect(&c.external, on2).is_err(), "node 2 must not serve a Local Service without local endpoints");
+    assert!(
+        TcpSession::connect(&c.external, on2).is_err(),
+        "node 2 must not serve a Local Service without local endpoints"
+    );
     // healthCheckNodePort on every node: 200 with the local count, 503 without.
     c.nodes[0].wait_until(Duration::from_secs(10), "health checks answering", || {
-        Ok(http_get(&c.external, SocketAddr::from((node_addr(0), 32100)), "/").is_ok_and(|(s, _)| s == 200)
+        Ok(
+            http_get(&c.external, SocketAddr::from((node_addr(0), 32100)), "/").is_ok_and(|(s, _)| s == 200)
             // Node 2's server starts with its own agent's sync.
-            && http_get(&c.external, SocketAddr::from((node_addr(1), 32100)), "/").is_ok())
+            && http_get(&c.external, SocketAddr::from((node_addr(1), 32100)), "/").is_ok(),
+        )
     })?;
     let (status, body) = http_get(&c.external, SocketAddr::from((node_addr(0), 32100)), "/")?;
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains("\"localEndpoints\":1") && body.contains("\"name\":\"loc\""), "{body}");
+    assert!(
+        body.contains("\"localEndpoints\":1") && body.contains("\"name\":\"loc\""),
+        "{body}"
+    );
     let (status, body) = http_get(&c.external, SocketAddr::from((node_addr(1), 32100)), "/")?;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("\"localEndpoints\":0"), "{body}");
@@ -332,7 +411,9 @@ status:
     ];
     for (what, to) in targets {
         // A Pod on node 2, which has no endpoint of the Service.
-        let answer = c.nodes[1].wait_answered_by(&format!("{what} {to} from a Pod on node 2"), &["loc-1"], || tcp_ask(&pod, to))?;
+        let answer = c.nodes[1].wait_answered_by(&format!("{what} {to} from a Pod on node 2"), &["loc-1"], || {
+            tcp_ask(&pod, to)
+        })?;
         assert_eq!(answer, BTreeSet::from(["loc-1".to_string()]), "{what}");
         // A process of node 2 itself (socket-level load balancing).
         let args = ["-T2".to_string(), "-".to_string(), format!("TCP:{to}")];
@@ -344,9 +425,18 @@ status:
     }
     // Outside clients still get externalTrafficPolicy: Local: node 2 does not
     // serve its NodePort to them.
-    assert!(TcpSession::connect(&c.external, SocketAddr::from((node_addr(1), 30091))).is_err(), "node 2 must not serve outside clients");
-    assert_eq!(TcpSession::connect(&c.external, SocketAddr::from((node_addr(0), 30091)))?.ask()?, "loc-1");
+    assert!(
+        TcpSession::connect(&c.external, SocketAddr::from((node_addr(1), 30091))).is_err(),
+        "node 2 must not serve outside clients"
+    );
+    assert_eq!(
+        TcpSession::connect(&c.external, SocketAddr::from((node_addr(0), 30091)))?.ask()?,
+        "loc-1"
+    );
     let svcs = c.nodes[1].ferry(&["svc", "list", "-o", "wide"])?;
-    assert!(svcs.contains("in-cluster"), "svc list shows the in-cluster twins:\n{svcs}");
+    assert!(
+        svcs.contains("in-cluster"),
+        "svc list shows the in-cluster twins:\n{svcs}"
+    );
     Ok(())
 }

@@ -29,38 +29,24 @@ fn serving_lab(opts: LabOptions) -> Result<(Lab, String)> {
 }
 
 #[test]
-fn a_second_agent_for_the_same_pin_directory_is_refused_and_the_first_keeps_serving() -> Result<()>
-{
+fn a_second_agent_for_the_same_pin_directory_is_refused_and_the_first_keeps_serving() -> Result<()> {
     let (mut lab, client) = serving_lab(LabOptions::new("pinlock"))?;
     let pid = lab.agent_pid().context("the lab's agent")?;
     // Other ports: were the lock missing, the second agent would start.
     let (status, out) = lab.agent_once(
-        &[
-            "--healthz-bind-address",
-            "127.0.0.1:0",
-            "--metrics-bind-address",
-            "",
-        ],
+        &["--healthz-bind-address", "127.0.0.1:0", "--metrics-bind-address", ""],
         Duration::from_secs(10),
     )?;
     let status = status.with_context(|| format!("the second agent kept running:\n{out}"))?;
-    assert!(
-        !status.success(),
-        "the second agent exits non-zero: {status}\n{out}"
-    );
+    assert!(!status.success(), "the second agent exits non-zero: {status}\n{out}");
     let dir = lab.bpffs_dir.display().to_string();
     assert!(
-        out.contains(&format!("already uses the pin directory {dir}"))
-            && out.contains(&format!("(PID {pid})")),
+        out.contains(&format!("already uses the pin directory {dir}")) && out.contains(&format!("(PID {pid})")),
         "the refusal names the directory and the running agent's PID {pid}:\n{out}"
     );
     lab.check_alive()?;
     for _ in 0..5 {
-        assert_eq!(
-            tcp_ask(&client, vip())?,
-            "echo-a",
-            "the first agent keeps serving"
-        );
+        assert_eq!(tcp_ask(&client, vip())?, "echo-a", "the first agent keeps serving");
     }
     // Its log goes to a file, not a terminal: text without colour codes.
     let log = lab.agent_log();
@@ -76,19 +62,13 @@ fn a_second_agent_for_the_same_pin_directory_is_refused_and_the_first_keeps_serv
 /// veth of the node) in the lab's node namespace, up.
 fn add_nodev0(lab: &Lab) -> Result<()> {
     let ip = |args: &[&str]| ferry_tests::sys::netns_exec(&lab.node, "ip", args);
-    ip(&[
-        "link", "add", "nodev0", "type", "veth", "peer", "name", "nodev0p",
-    ])?;
+    ip(&["link", "add", "nodev0", "type", "veth", "peer", "name", "nodev0p"])?;
     ip(&["link", "set", "nodev0", "up"])?;
     Ok(())
 }
 
 /// The rows of `status["programs"]` for `interface` and `program`.
-fn program_rows<'a>(
-    status: &'a serde_json::Value,
-    interface: &str,
-    program: &str,
-) -> Vec<&'a serde_json::Value> {
+fn program_rows<'a>(status: &'a serde_json::Value, interface: &str, program: &str) -> Vec<&'a serde_json::Value> {
     status["programs"]
         .as_array()
         .map(|rows| {
@@ -118,45 +98,28 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
     let pid = lab.agent_pid().context("the lab's agent")?;
     let (healthy, s, stderr) = lab.status()?;
     let text = serde_json::to_string_pretty(&s)?;
-    assert!(
-        !healthy,
-        "a missing --devices entry is a problem (exit 1):\n{text}"
-    );
-    assert!(
-        stderr.contains("unhealthy") && stderr.contains("nodev0"),
-        "{stderr}"
-    );
+    assert!(!healthy, "a missing --devices entry is a problem (exit 1):\n{text}");
+    assert!(stderr.contains("unhealthy") && stderr.contains("nodev0"), "{stderr}");
     assert_eq!(s["agent"]["running"], true, "{text}");
     assert_eq!(s["agent"]["reporting"], true, "{text}");
     assert_eq!(s["agent"]["pid"], pid, "{text}");
     assert_eq!(s["agent"]["mode"], "standalone", "{text}");
     assert!(s["sync"]["generation"].as_u64().unwrap_or(0) >= 1, "{text}");
-    assert!(
-        s["sync"]["age_seconds"].as_f64().is_some_and(|a| a < 60.0),
-        "{text}"
-    );
+    assert!(s["sync"]["age_seconds"].as_f64().is_some_and(|a| a < 60.0), "{text}");
     let missing = program_rows(&s, "nodev0", "from_netdev");
     assert!(
         missing.len() == 1
             && missing[0]["attached"] == false
-            && missing[0]["error"]
-                .as_str()
-                .unwrap_or("")
-                .contains("no such interface"),
+            && missing[0]["error"].as_str().unwrap_or("").contains("no such interface"),
         "nodev0 is reported as not attached:\n{text}"
     );
     // from_pod on each Pod veth of the node, as the kernel lists TCX programs.
     let pods = s["programs"].as_array().map_or(0, |rows| {
         rows.iter()
-            .filter(|r| {
-                r["program"] == "from_pod" && r["hook"] == "tcx ingress" && r["attached"] == true
-            })
+            .filter(|r| r["program"] == "from_pod" && r["hook"] == "tcx ingress" && r["attached"] == true)
             .count()
     });
-    assert_eq!(
-        pods, 2,
-        "from_pod on the veths of echo-a and client:\n{text}"
-    );
+    assert_eq!(pods, 2, "from_pod on the veths of echo-a and client:\n{text}");
     if lab.cgroup.is_some() {
         let cg: BTreeSet<&str> = s["programs"].as_array().map_or(BTreeSet::new(), |rows| {
             rows.iter()
@@ -170,7 +133,10 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
             "connect, sendmsg, recvmsg and getpeername (4 and 6) on the node's cgroup:\n{text}"
         );
         let lb = s["agent"]["socket_lb"].as_str().unwrap_or_default();
-        assert!(lb.starts_with("node and Pods (cgroup "), "socket LB for the node and its Pods:\n{text}");
+        assert!(
+            lb.starts_with("node and Pods (cgroup "),
+            "socket LB for the node and its Pods:\n{text}"
+        );
     }
     let services = s["maps"]
         .as_array()
@@ -183,9 +149,9 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
     );
     assert_eq!(services["warning"], true, "a full map is flagged:\n{text}");
     assert!(
-        s["warnings"].as_array().is_some_and(|w| w
-            .iter()
-            .any(|w| w.as_str().unwrap_or("").contains("FERRY_SERVICES"))),
+        s["warnings"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w.as_str().unwrap_or("").contains("FERRY_SERVICES"))),
         "{text}"
     );
     assert_eq!(s["services"]["services"], 1, "{text}");
@@ -195,9 +161,9 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
         "one backend per port (TCP http, UDP 8080):\n{text}"
     );
     assert!(
-        s["features"].as_array().is_some_and(|f| f
-            .iter()
-            .any(|f| f["name"] == "tc_program" && f["available"] == true)),
+        s["features"]
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["name"] == "tc_program" && f["available"] == true)),
         "{text}"
     );
 
@@ -227,10 +193,7 @@ fn status_reports_attach_problems_map_fill_and_the_agent_truthfully() -> Result<
     ])?;
     println!("ferry status:\n{table}");
     assert!(table.starts_with("Health:      OK"), "{table}");
-    assert!(
-        table.contains("nodev0") && table.contains("FERRY_SERVICES"),
-        "{table}"
-    );
+    assert!(table.contains("nodev0") && table.contains("FERRY_SERVICES"), "{table}");
 
     // No agent: unhealthy, and said so.
     lab.stop_agent();
@@ -323,7 +286,10 @@ fn cleanup_leaves_no_program_or_pin_and_a_later_agent_starts_clean() -> Result<(
     let pid = lab.agent_pid().context("the lab's agent")?;
     // The L3 devices' twins (from_netdev_l3, to_netdev_l3) are loaded too,
     // but this lab has no L3 device: attached nowhere, they go with the agent.
-    let programs: Vec<_> = programs_of(pid)?.into_iter().filter(|(_, n)| !n.ends_with("_l3")).collect();
+    let programs: Vec<_> = programs_of(pid)?
+        .into_iter()
+        .filter(|(_, n)| !n.ends_with("_l3"))
+        .collect();
     println!("the agent's programs: {programs:?}");
     let expected: &[&str] = if lab.cgroup.is_some() {
         &FERRY_PROGRAMS
@@ -352,10 +318,7 @@ fn cleanup_leaves_no_program_or_pin_and_a_later_agent_starts_clean() -> Result<(
     // Refused while the agent runs.
     let out = lab.ferry_unchecked(&cleanup)?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "refused while an agent runs: {stderr}"
-    );
+    assert!(!out.status.success(), "refused while an agent runs: {stderr}");
     assert!(
         stderr.contains(&format!(
             "(PID {pid}) holds the pin directory {}",
@@ -377,11 +340,7 @@ fn cleanup_leaves_no_program_or_pin_and_a_later_agent_starts_clean() -> Result<(
     let out = lab.ferry_unchecked(&cleanup)?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("ferry cleanup:\n{stdout}");
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     let after = kernel_listing(&lab)?;
     println!("after cleanup:\n{after}");
     assert!(
@@ -389,17 +348,11 @@ fn cleanup_leaves_no_program_or_pin_and_a_later_agent_starts_clean() -> Result<(
         "XDP is still attached after cleanup:\n{after}"
     );
     for p in FERRY_PROGRAMS {
-        assert!(
-            !after.contains(p),
-            "{p} is still attached after cleanup:\n{after}"
-        );
+        assert!(!after.contains(p), "{p} is still attached after cleanup:\n{after}");
     }
     // A program attached anywhere (TCX included) would still exist.
     for (id, name) in &programs {
-        assert!(
-            !program_exists(*id),
-            "program {id} ({name}) still exists after cleanup"
-        );
+        assert!(!program_exists(*id), "program {id} ({name}) still exists after cleanup");
     }
     assert!(
         !lab.bpffs_dir.exists(),
@@ -408,21 +361,16 @@ fn cleanup_leaves_no_program_or_pin_and_a_later_agent_starts_clean() -> Result<(
     );
     let again = lab.ferry_unchecked(&cleanup)?;
     assert!(
-        again.status.success()
-            && String::from_utf8_lossy(&again.stdout).contains("nothing of Ferry's found"),
+        again.status.success() && String::from_utf8_lossy(&again.stdout).contains("nothing of Ferry's found"),
         "a second cleanup finds nothing: {again:?}"
     );
 
     // A later agent starts from scratch and serves.
     lab.start_agent()?;
-    lab.wait_answered_by("the ClusterIP after cleanup", &["echo-a"], || {
-        tcp_ask(&client, vip())
+    lab.wait_answered_by("the ClusterIP after cleanup", &["echo-a"], || tcp_ask(&client, vip()))?;
+    lab.wait_until(Duration::from_secs(15), "a healthy node after cleanup", || {
+        Ok(lab.status()?.0)
     })?;
-    lab.wait_until(
-        Duration::from_secs(15),
-        "a healthy node after cleanup",
-        || Ok(lab.status()?.0),
-    )?;
     assert_json_log(&lab.agent_log());
     Ok(())
 }
@@ -444,8 +392,7 @@ fn assert_json_log(log: &str) {
     assert!(
         lines
             .iter()
-            .any(|l| l["fields"]["message"] == "ferry agent started"
-                && l["fields"]["mode"] == "standalone"),
+            .any(|l| l["fields"]["message"] == "ferry agent started" && l["fields"]["mode"] == "standalone"),
         "{log}"
     );
 }
@@ -487,11 +434,8 @@ fn metrics_named_by_the_dashboard_and_alerts_exist() -> Result<()> {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring");
     let dashboard = std::fs::read_to_string(dir.join("ferry-dashboard.json"))?;
     let alerts = std::fs::read_to_string(dir.join("ferry-alerts.yaml"))?;
-    let dash_json: serde_json::Value =
-        serde_json::from_str(&dashboard).context("the dashboard is JSON")?;
-    assert!(dash_json["panels"]
-        .as_array()
-        .is_some_and(|p| !p.is_empty()));
+    let dash_json: serde_json::Value = serde_json::from_str(&dashboard).context("the dashboard is JSON")?;
+    assert!(dash_json["panels"].as_array().is_some_and(|p| !p.is_empty()));
     let rules: serde_yaml::Value = serde_yaml::from_str(&alerts).context("the alerts are YAML")?;
     let alert_names: Vec<&str> = rules["groups"][0]["rules"]
         .as_sequence()
@@ -505,10 +449,7 @@ fn metrics_named_by_the_dashboard_and_alerts_exist() -> Result<()> {
         "FerryAttachErrors",
         "FerryDropsRising",
     ] {
-        assert!(
-            alert_names.contains(&want),
-            "alert {want} is defined: {alert_names:?}"
-        );
+        assert!(alert_names.contains(&want), "alert {want} is defined: {alert_names:?}");
     }
 
     // What the agent exports, from its registry via /metrics (with pinned maps,
@@ -520,7 +461,8 @@ fn metrics_named_by_the_dashboard_and_alerts_exist() -> Result<()> {
     let mut exported = exported_names(&body);
     // Label families appear once they have a child: the agent's registry with
     // one of each (the same registry the agent serves).
-    let registry = ferry_agent::metrics::Metrics::new(None, ferry_agent::ct::Sizes { tcp: 1, any: 1 }, Default::default());
+    let registry =
+        ferry_agent::metrics::Metrics::new(None, ferry_agent::ct::Sizes { tcp: 1, any: 1 }, Default::default());
     registry.sync_error("map_write");
     registry.watch_error("services");
     exported.extend(exported_names(&registry.encode()?));
@@ -532,16 +474,10 @@ fn metrics_named_by_the_dashboard_and_alerts_exist() -> Result<()> {
     ] {
         assert!(exported.contains(must), "{must} is exported:\n{body}");
     }
-    for (file, text) in [
-        ("ferry-dashboard.json", &dashboard),
-        ("ferry-alerts.yaml", &alerts),
-    ] {
+    for (file, text) in [("ferry-dashboard.json", &dashboard), ("ferry-alerts.yaml", &alerts)] {
         let mentioned = mentioned_names(text);
         assert!(mentioned.len() >= 5, "{file} names metrics: {mentioned:?}");
-        let unknown: Vec<&String> = mentioned
-            .iter()
-            .filter(|m| !exported.contains(*m))
-            .collect();
+        let unknown: Vec<&String> = mentioned.iter().filter(|m| !exported.contains(*m)).collect();
         assert!(
             unknown.is_empty(),
             "{file} names metrics the agent does not export: {unknown:?}\nexported: {exported:?}"
@@ -593,10 +529,7 @@ fn kube_proxy_rules_are_reported_at_start_and_nothing_is_said_without_them() -> 
     // --kube-proxy-rules=fail: refuses to start, saying why.
     lab.stop_agent();
     let (status, out) = lab.agent_once(&["--kube-proxy-rules", "fail"], Duration::from_secs(10))?;
-    assert!(
-        status.is_some_and(|s| !s.success()),
-        "refused: {status:?}\n{out}"
-    );
+    assert!(status.is_some_and(|s| !s.success()), "refused: {status:?}\n{out}");
     assert!(
         out.contains(KUBE_PROXY_WARNING) && out.contains("--kube-proxy-rules=warn"),
         "{out}"
@@ -651,11 +584,7 @@ fn interface_links_of(pid: u32) -> Result<Vec<u64>> {
                 .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
         };
         if field("link_type:").is_some_and(|t| t == "tcx" || t == "xdp") {
-            out.push(
-                field("ifindex:")
-                    .and_then(|i| i.parse().ok())
-                    .unwrap_or(u64::MAX),
-            );
+            out.push(field("ifindex:").and_then(|i| i.parse().ok()).unwrap_or(u64::MAX));
         }
     }
     Ok(out)
@@ -677,19 +606,11 @@ fn cleanup_force_detaches_links_a_running_agent_holds_even_without_their_pins() 
             std::fs::remove_file(e.path())?;
         }
     }
-    assert_eq!(
-        tcp_ask(&client, vip())?,
-        "echo-a",
-        "still attached, held by the agent"
-    );
+    assert_eq!(tcp_ask(&client, vip())?, "echo-a", "still attached, held by the agent");
     let out = lab.ferry_unchecked(&["cleanup", "--force", "--node-name", &lab.node])?;
     let stdout = String::from_utf8_lossy(&out.stdout);
     println!("ferry cleanup --force:\n{stdout}");
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout.matches("(not pinned)").count(), 4, "{stdout}");
     let after = interface_links_of(pid)?;
     assert!(

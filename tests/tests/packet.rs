@@ -16,9 +16,9 @@ use ferry_agent::{
     maps::{kernel, kernel::KernelMaps, MapStore as _},
 };
 use ferry_common::{
-    addr_to_map, ct_flags, port_from_map, port_to_map, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey, ServiceName, ServiceValue,
-    CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_XDP_FROM_NETDEV, PROTO_TCP, PROTO_UDP,
-    SCOPE_EXTERNAL,
+    addr_to_map, ct_flags, port_from_map, port_to_map, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
+    ServiceName, ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_XDP_FROM_NETDEV,
+    PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -56,12 +56,23 @@ impl Fixture {
         }
         let mut ebpf = loader.load(DATAPLANE_OBJ).expect("load object");
         let maps = KernelMaps::from_ebpf(&mut ebpf).expect("maps");
-        for name in [PROG_FROM_POD, PROG_FROM_NETDEV, ferry_common::PROG_TO_POD, ferry_common::PROG_TO_NETDEV] {
+        for name in [
+            PROG_FROM_POD,
+            PROG_FROM_NETDEV,
+            ferry_common::PROG_TO_POD,
+            ferry_common::PROG_TO_NETDEV,
+        ] {
             let prog: &mut SchedClassifier = ebpf.program_mut(name).expect(name).try_into().expect("classifier");
-            prog.load().unwrap_or_else(|e| panic!("the verifier refuses {name}: {e}"));
+            prog.load()
+                .unwrap_or_else(|e| panic!("the verifier refuses {name}: {e}"));
         }
-        let xdp: &mut Xdp = ebpf.program_mut(PROG_XDP_FROM_NETDEV).expect("xdp").try_into().expect("xdp program");
-        xdp.load().unwrap_or_else(|e| panic!("the verifier refuses {PROG_XDP_FROM_NETDEV}: {e}"));
+        let xdp: &mut Xdp = ebpf
+            .program_mut(PROG_XDP_FROM_NETDEV)
+            .expect("xdp")
+            .try_into()
+            .expect("xdp program");
+        xdp.load()
+            .unwrap_or_else(|e| panic!("the verifier refuses {PROG_XDP_FROM_NETDEV}: {e}"));
         Self { ebpf, maps, pins }
     }
 
@@ -98,7 +109,14 @@ impl Fixture {
 
     /// A north-south frontend `addr`:`port` (TCP) of kind `flags` (svc_flags)
     /// with backends (id, ip, port, backend_flags).
-    fn external(&mut self, addr: [u8; 4], port: u16, rev_nat_id: u16, flags: u32, backends: &[(u32, [u8; 4], u16, u8)]) {
+    fn external(
+        &mut self,
+        addr: [u8; 4],
+        port: u16,
+        rev_nat_id: u16,
+        flags: u32,
+        backends: &[(u32, [u8; 4], u16, u8)],
+    ) {
         self.frontend(addr, PROTO_TCP, port, rev_nat_id, flags, backends, "np");
     }
 
@@ -115,18 +133,59 @@ impl Fixture {
         backends: &[(u32, [u8; 4], u16, u8)],
         name: &str,
     ) {
-        let key = |slot| ServiceKey { addr: addr_to_map(addr), port: port_to_map(port), slot, proto, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
+        let key = |slot| ServiceKey {
+            addr: addr_to_map(addr),
+            port: port_to_map(port),
+            slot,
+            proto,
+            scope: SCOPE_EXTERNAL,
+            _pad: [0; 2],
+        };
         for (i, (id, ip, bport, bflags)) in backends.iter().enumerate() {
             self.maps
-                .put_backend(*id, Backend { addr: addr_to_map(*ip), port: port_to_map(*bport), proto, flags: *bflags, node_addr: 0 })
+                .put_backend(
+                    *id,
+                    Backend {
+                        addr: addr_to_map(*ip),
+                        port: port_to_map(*bport),
+                        proto,
+                        flags: *bflags,
+                        node_addr: 0,
+                    },
+                )
                 .unwrap();
-            self.maps.put_service(key(i as u16 + 1), ServiceValue { backend_id: *id, rev_nat_id, ..Default::default() }).unwrap();
+            self.maps
+                .put_service(
+                    key(i as u16 + 1),
+                    ServiceValue {
+                        backend_id: *id,
+                        rev_nat_id,
+                        ..Default::default()
+                    },
+                )
+                .unwrap();
         }
         self.maps
-            .put_service(key(0), ServiceValue { count: backends.len() as u16, rev_nat_id, flags, ..Default::default() })
+            .put_service(
+                key(0),
+                ServiceValue {
+                    count: backends.len() as u16,
+                    rev_nat_id,
+                    flags,
+                    ..Default::default()
+                },
+            )
             .unwrap();
         self.maps
-            .put_revnat(rev_nat_id, RevNat { addr: addr_to_map(addr), port: port_to_map(port), _pad: 0 }, ServiceName::new(name))
+            .put_revnat(
+                rev_nat_id,
+                RevNat {
+                    addr: addr_to_map(addr),
+                    port: port_to_map(port),
+                    _pad: 0,
+                },
+                ServiceName::new(name),
+            )
             .unwrap();
     }
 
@@ -137,8 +196,12 @@ impl Fixture {
 
     /// One of the node's own addresses, as the agent lists them.
     fn add_node_addr(&mut self, addr: [u8; 4]) {
-        let mut addrs: aya::maps::HashMap<_, u32, u8> =
-            aya::maps::HashMap::try_from(self.ebpf.map_mut(ferry_common::NODE_ADDRS_MAP).expect("node addresses map")).unwrap();
+        let mut addrs: aya::maps::HashMap<_, u32, u8> = aya::maps::HashMap::try_from(
+            self.ebpf
+                .map_mut(ferry_common::NODE_ADDRS_MAP)
+                .expect("node addresses map"),
+        )
+        .unwrap();
         addrs.insert(addr_to_map(addr), 1, 0).unwrap();
     }
 
@@ -162,7 +225,11 @@ impl Fixture {
     fn put_ct(&self, k: CtKey, v: CtValue) {
         for (name, lru) in [(ferry_common::CT_TCP_MAP, false), (ferry_common::CT_ANY_MAP, true)] {
             let data = aya::maps::MapData::from_pin(self.dir().join(name)).unwrap();
-            let map = if lru { aya::maps::Map::LruHashMap(data) } else { aya::maps::Map::HashMap(data) };
+            let map = if lru {
+                aya::maps::Map::LruHashMap(data)
+            } else {
+                aya::maps::Map::HashMap(data)
+            };
             let mut t: aya::maps::HashMap<_, CtKey, CtValue> = aya::maps::HashMap::try_from(map).unwrap();
             if t.get(&k, 0).is_ok() {
                 t.insert(k, v, 0).unwrap();
@@ -180,7 +247,10 @@ impl Fixture {
         let (rk, rv) = kernel::read_ct(self.dir())
             .unwrap()
             .into_iter()
-            .find(|(k, _)| k.dir == CT_DIR_REPLY && (k.saddr, k.sport, k.dport) == (addr_to_map(backend), port_to_map(bport), fv.nat_port))
+            .find(|(k, _)| {
+                k.dir == CT_DIR_REPLY
+                    && (k.saddr, k.sport, k.dport) == (addr_to_map(backend), port_to_map(bport), fv.nat_port)
+            })
             .expect("reply tracked");
         self.put_ct(fk, CtValue { expires: 1, ..fv });
         self.put_ct(rk, CtValue { expires: 1, ..rv });
@@ -190,7 +260,6 @@ impl Fixture {
         kernel::read_counters(self.dir()).unwrap()[c as usize]
     }
 }
-
 
 /// Runs the program `fd` on `frame` once: (verdict, output frame).
 fn test_run(fd: i32, frame: &[u8]) -> (u32, Vec<u8>) {
@@ -206,7 +275,12 @@ fn test_run(fd: i32, frame: &[u8]) -> (u32, Vec<u8>) {
     };
     // SAFETY: attr points at live buffers of the sizes given.
     let rc = unsafe {
-        libc::syscall(libc::SYS_bpf, 10 /* BPF_PROG_TEST_RUN */, &mut attr as *mut TestRunAttr, std::mem::size_of::<TestRunAttr>())
+        libc::syscall(
+            libc::SYS_bpf,
+            10, /* BPF_PROG_TEST_RUN */
+            &mut attr as *mut TestRunAttr,
+            std::mem::size_of::<TestRunAttr>(),
+        )
     };
     assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
     out.truncate(attr.data_size_out as usize);
@@ -245,7 +319,9 @@ fn fold(mut sum: u32) -> u16 {
 }
 
 fn sum16(data: &[u8]) -> u32 {
-    data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum()
+    data.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
 }
 
 /// Ethernet + IPv4 + TCP (SYN) or UDP with correct checksums.
@@ -254,7 +330,15 @@ fn frame(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, udp_zero
 }
 
 /// [`frame`] with `payload`.
-fn frame_with(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, udp_zero_csum: bool, payload: &[u8]) -> Vec<u8> {
+fn frame_with(
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    udp_zero_csum: bool,
+    payload: &[u8],
+) -> Vec<u8> {
     let l4_len = if proto == PROTO_TCP { 20 } else { 8 } + payload.len();
     let mut f = vec![0u8; 14 + 20 + l4_len];
     f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
@@ -301,7 +385,11 @@ fn l4_checksum(f: &[u8]) -> u16 {
     pseudo.extend_from_slice(&[0, proto]);
     pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
     let c = !fold(sum16(&pseudo) + sum16(&seg));
-    if proto == PROTO_UDP && c == 0 { 0xffff } else { c }
+    if proto == PROTO_UDP && c == 0 {
+        0xffff
+    } else {
+        c
+    }
 }
 
 struct Parsed {
@@ -409,20 +497,32 @@ fn a_flow_keeps_its_backend_until_that_backend_is_gone() {
     let input = frame(PROTO_TCP, CLIENT, VIP, 42000, 80, false);
     assert_eq!(parse(&fx.run(&input).1).dst, [10, 244, 0, 5]);
     // The Service now lists only other backends; backend 1 still exists.
-    fx.service(PROTO_TCP, 80, 1, &[(2, [10, 244, 0, 6], 8080), (3, [10, 244, 0, 7], 8080)]);
+    fx.service(
+        PROTO_TCP,
+        80,
+        1,
+        &[(2, [10, 244, 0, 6], 8080), (3, [10, 244, 0, 7], 8080)],
+    );
     for _ in 0..5 {
         assert_eq!(parse(&fx.run(&input).1).dst, [10, 244, 0, 5], "established flow stays");
     }
     // Backend 1 removed: the flow is balanced again onto a live backend.
     fx.maps.del_backend(1).unwrap();
     let dst = parse(&fx.run(&input).1).dst;
-    assert!(dst == [10, 244, 0, 6] || dst == [10, 244, 0, 7], "moved to a live backend, got {dst:?}");
+    assert!(
+        dst == [10, 244, 0, 6] || dst == [10, 244, 0, 7],
+        "moved to a live backend, got {dst:?}"
+    );
 }
 
 #[test]
 fn new_flows_are_spread_over_all_backends() {
     let mut fx = Fixture::new("spread");
-    let backends = [(1, [10, 244, 0, 5], 8080), (2, [10, 244, 0, 6], 8080), (3, [10, 244, 0, 7], 8080)];
+    let backends = [
+        (1, [10, 244, 0, 5], 8080),
+        (2, [10, 244, 0, 6], 8080),
+        (3, [10, 244, 0, 7], 8080),
+    ];
     fx.service(PROTO_TCP, 80, 1, &backends);
     let mut counts = std::collections::BTreeMap::new();
     for sport in 0..300u16 {
@@ -443,7 +543,11 @@ fn hairpin_snats_to_the_loopback_address_and_bounces_back() {
     let (verdict, out) = fx.run(&frame(PROTO_TCP, CLIENT, VIP, 43000, 80, false));
     assert_eq!(verdict, TC_ACT_REDIRECT, "sent back into the Pod's veth");
     let p = parse(&out);
-    assert_eq!((p.src, p.sport), ([169, 254, 42, 1], 43000), "source rewritten (hairpin SNAT)");
+    assert_eq!(
+        (p.src, p.sport),
+        ([169, 254, 42, 1], 43000),
+        "source rewritten (hairpin SNAT)"
+    );
     assert_eq!((p.dst, p.dport), (CLIENT, 8080));
     assert_eq!(&out[0..6], &[2, 0, 0, 0, 0, 2], "MACs swapped for the way back");
     assert_checksums(&out);
@@ -491,7 +595,11 @@ fn tcp_to_a_service_without_backends_gets_a_rst_from_the_clusterip() {
     // A segment with ACK (a flow whose last backend went away): RST, seq = its ack.
     let (verdict, out) = fx.run(&tcp_frame(44001, 5000, 777_777, 0x18));
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(u32::from_be_bytes(out[38..42].try_into().unwrap()), 777_777, "seq = SEG.ACK");
+    assert_eq!(
+        u32::from_be_bytes(out[38..42].try_into().unwrap()),
+        777_777,
+        "seq = SEG.ACK"
+    );
     assert_eq!(out[47], 0x04, "RST only");
     assert_checksums(&out);
 
@@ -508,24 +616,49 @@ fn udp_to_a_service_without_backends_gets_icmp_port_unreachable() {
     let input = frame(PROTO_UDP, CLIENT, VIP, 45000, 53, false);
     let (verdict, out) = fx.run(&input);
     assert_eq!(verdict, TC_ACT_REDIRECT);
-    assert_eq!(out.len(), 14 + 20 + 8 + 28, "IPv4 + ICMP + quoted IPv4 header and 8 bytes");
+    assert_eq!(
+        out.len(),
+        14 + 20 + 8 + 28,
+        "IPv4 + ICMP + quoted IPv4 header and 8 bytes"
+    );
     assert_eq!(fold(sum16(&out[14..34])), 0xffff, "IPv4 header checksum is valid");
     assert_eq!(&out[26..30], &VIP, "from the ClusterIP");
     assert_eq!(&out[30..34], &CLIENT);
     assert_eq!(out[23], 1, "ICMP");
     assert_eq!((out[34], out[35]), (3, 3), "destination unreachable, port");
     assert_eq!(fold(sum16(&out[34..])), 0xffff, "ICMP checksum is valid");
-    assert_eq!(&out[42..70], &input[14..42], "the datagram's headers are quoted unchanged");
+    assert_eq!(
+        &out[42..70],
+        &input[14..42],
+        "the datagram's headers are quoted unchanged"
+    );
     assert_eq!(fx.counter(Counter::RejectUdp), 1);
 }
 
 #[test]
 fn session_affinity_sends_new_flows_of_a_client_to_one_backend() {
     let mut fx = Fixture::new("affinity");
-    let backends = [(1, [10, 244, 0, 5], 8080), (2, [10, 244, 0, 6], 8080), (3, [10, 244, 0, 7], 8080)];
+    let backends = [
+        (1, [10, 244, 0, 5], 8080),
+        (2, [10, 244, 0, 6], 8080),
+        (3, [10, 244, 0, 7], 8080),
+    ];
     fx.service(PROTO_TCP, 80, 1, &backends);
-    let key = ServiceKey { addr: addr_to_map(VIP), port: port_to_map(80), slot: 0, proto: PROTO_TCP, scope: SCOPE_EXTERNAL, _pad: [0; 2] };
-    let v = ServiceValue { count: 3, rev_nat_id: 1, flags: ferry_common::svc_flags::AFFINITY, affinity_timeout: 60, ..Default::default() };
+    let key = ServiceKey {
+        addr: addr_to_map(VIP),
+        port: port_to_map(80),
+        slot: 0,
+        proto: PROTO_TCP,
+        scope: SCOPE_EXTERNAL,
+        _pad: [0; 2],
+    };
+    let v = ServiceValue {
+        count: 3,
+        rev_nat_id: 1,
+        flags: ferry_common::svc_flags::AFFINITY,
+        affinity_timeout: 60,
+        ..Default::default()
+    };
     fx.maps.put_service(key, v).unwrap();
     let first = parse(&fx.run(&frame(PROTO_TCP, CLIENT, VIP, 46000, 80, false)).1).dst;
     for sport in 1..50u16 {
@@ -569,7 +702,13 @@ fn nodeport_to_a_remote_backend_is_dnated_and_snated_and_the_reply_restored() {
     const EXT2: [u8; 4] = [192, 168, 77, 201];
     const REMOTE: [u8; 4] = [10, 244, 1, 5];
     let mut fx = Fixture::new("nodeport");
-    fx.external(NODE, 30080, 3, ferry_common::svc_flags::NODE_PORT, &[(1, REMOTE, 8080, 0)]);
+    fx.external(
+        NODE,
+        30080,
+        3,
+        ferry_common::svc_flags::NODE_PORT,
+        &[(1, REMOTE, 8080, 0)],
+    );
     fx.set_node_addr(NODE);
     // Client → node:30080 becomes node:P → backend:8080 with P from the SNAT
     // port range (outside the node's ephemeral ports), checksums right.
@@ -590,7 +729,10 @@ fn nodeport_to_a_remote_backend_is_dnated_and_snated_and_the_reply_restored() {
     // The backend's replies come back to the node and go to each client, from
     // the address and port it dialled.
     for (client, snat_port) in [(EXT, p.sport), (EXT2, p2.sport)] {
-        let (_, reply) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, REMOTE, NODE, 8080, snat_port, false));
+        let (_, reply) = fx.run_prog(
+            PROG_FROM_NETDEV,
+            &frame(PROTO_TCP, REMOTE, NODE, 8080, snat_port, false),
+        );
         let r = parse(&reply);
         assert_eq!((r.src, r.sport), (NODE, 30080), "from the NodePort");
         assert_eq!((r.dst, r.dport), (client, 45000), "to the client");
@@ -626,13 +768,56 @@ impl FibNetns {
         let mac = |m: [u8; 6]| m.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
         let steps: Vec<Vec<String>> = vec![
             vec!["link".into(), "set".into(), "lo".into(), "up".into()],
-            vec!["link".into(), "add".into(), "d0".into(), "address".into(), mac(NODE_MAC), "type".into(), "veth".into(), "peer".into(), "name".into(), "d0p".into()],
+            vec![
+                "link".into(),
+                "add".into(),
+                "d0".into(),
+                "address".into(),
+                mac(NODE_MAC),
+                "type".into(),
+                "veth".into(),
+                "peer".into(),
+                "name".into(),
+                "d0p".into(),
+            ],
             vec!["link".into(), "set".into(), "d0p".into(), "up".into()],
-            vec!["addr".into(), "add".into(), "192.168.77.11/24".into(), "dev".into(), "d0".into()],
+            vec![
+                "addr".into(),
+                "add".into(),
+                "192.168.77.11/24".into(),
+                "dev".into(),
+                "d0".into(),
+            ],
             vec!["link".into(), "set".into(), "d0".into(), "up".into()],
-            vec!["neigh".into(), "add".into(), "192.168.77.12".into(), "lladdr".into(), mac(NODE2_MAC), "dev".into(), "d0".into(), "nud".into(), "permanent".into()],
-            vec!["neigh".into(), "add".into(), "192.168.77.200".into(), "lladdr".into(), mac(EXT_MAC), "dev".into(), "d0".into(), "nud".into(), "permanent".into()],
-            vec!["route".into(), "add".into(), "10.244.1.0/24".into(), "via".into(), "192.168.77.12".into()],
+            vec![
+                "neigh".into(),
+                "add".into(),
+                "192.168.77.12".into(),
+                "lladdr".into(),
+                mac(NODE2_MAC),
+                "dev".into(),
+                "d0".into(),
+                "nud".into(),
+                "permanent".into(),
+            ],
+            vec![
+                "neigh".into(),
+                "add".into(),
+                "192.168.77.200".into(),
+                "lladdr".into(),
+                mac(EXT_MAC),
+                "dev".into(),
+                "d0".into(),
+                "nud".into(),
+                "permanent".into(),
+            ],
+            vec![
+                "route".into(),
+                "add".into(),
+                "10.244.1.0/24".into(),
+                "via".into(),
+                "192.168.77.12".into(),
+            ],
         ];
         for step in &steps {
             let mut args = vec!["-n", ns.0.as_str()];
@@ -666,7 +851,13 @@ fn xdp_forwards_nodeport_flows_to_remote_backends_and_their_replies_with_valid_c
     const REMOTE: [u8; 4] = [10, 244, 1, 5];
     let mut fx = Fixture::new("xdp");
     let ns = FibNetns::new("xdp");
-    fx.external(NODE, 30080, 3, ferry_common::svc_flags::NODE_PORT, &[(1, REMOTE, 8080, 0)]);
+    fx.external(
+        NODE,
+        30080,
+        3,
+        ferry_common::svc_flags::NODE_PORT,
+        &[(1, REMOTE, 8080, 0)],
+    );
     fx.set_node_addr(NODE);
     let fd = fx.xdp_fd();
     // Client → node:30080 leaves as node:P → backend:8080 towards node 2,
@@ -679,7 +870,10 @@ fn xdp_forwards_nodeport_flows_to_remote_backends_and_their_replies_with_valid_c
     assert!((ferry_common::DEFAULT_SNAT_PORTS.0..=ferry_common::DEFAULT_SNAT_PORTS.1).contains(&p.sport));
     assert_eq!(macs(&out), (NODE2_MAC, NODE_MAC), "to node 2's MAC, from the node's");
     assert_checksums(&out);
-    assert!(ct_has(&fx, CT_DIR_FORWARD, EXT, 45000), "tracked (TC would find the same entry)");
+    assert!(
+        ct_has(&fx, CT_DIR_FORWARD, EXT, 45000),
+        "tracked (TC would find the same entry)"
+    );
     // The backend's reply goes back to the client from the NodePort.
     let (verdict, reply) = ns.run(fd, frame(PROTO_TCP, REMOTE, NODE, 8080, p.sport, false));
     assert_eq!(verdict, XDP_REDIRECT);
@@ -699,8 +893,20 @@ fn xdp_leaves_local_backends_partial_checksums_and_other_traffic_to_tc_untouched
     const LOCAL: [u8; 4] = [10, 244, 0, 5];
     let mut fx = Fixture::new("xdp-pass");
     let ns = FibNetns::new("xdp-pass");
-    fx.external(NODE, 30080, 3, ferry_common::svc_flags::NODE_PORT, &[(1, REMOTE, 8080, 0)]);
-    fx.external(NODE, 30081, 4, ferry_common::svc_flags::NODE_PORT, &[(2, LOCAL, 8080, ferry_common::backend_flags::LOCAL)]);
+    fx.external(
+        NODE,
+        30080,
+        3,
+        ferry_common::svc_flags::NODE_PORT,
+        &[(1, REMOTE, 8080, 0)],
+    );
+    fx.external(
+        NODE,
+        30081,
+        4,
+        ferry_common::svc_flags::NODE_PORT,
+        &[(2, LOCAL, 8080, ferry_common::backend_flags::LOCAL)],
+    );
     fx.set_node_addr(NODE);
     let fd = fx.xdp_fd();
     // A local backend: TC delivers it, XDP only tracks the flow.
@@ -717,7 +923,11 @@ fn xdp_leaves_local_backends_partial_checksums_and_other_traffic_to_tc_untouched
     pseudo.extend_from_slice(&((partial.len() - 34) as u16).to_be_bytes());
     partial[50..52].copy_from_slice(&fold(sum16(&pseudo)).to_be_bytes());
     let (verdict, out) = ns.run(fd, partial.clone());
-    assert_eq!((verdict, &out), (XDP_PASS, &partial), "partial checksum: passed on untouched");
+    assert_eq!(
+        (verdict, &out),
+        (XDP_PASS, &partial),
+        "partial checksum: passed on untouched"
+    );
     assert_eq!(fx.counter(Counter::XdpPassPartialCsum), 1);
     // Not a frontend: untouched.
     let other = frame(PROTO_TCP, EXT, NODE, 45003, 22, false);
@@ -733,10 +943,14 @@ fn load_balancer_source_ranges_admit_only_clients_in_range() {
     let mut fx = Fixture::new("srcrange");
     let restricted = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
     fx.external(LB, 80, 4, restricted, &[(1, LOCAL, 8080, backend_flags::LOCAL)]);
-    fx.maps.put_source_range((4, "192.168.77.200/32".parse().unwrap())).unwrap();
+    fx.maps
+        .put_source_range((4, "192.168.77.200/32".parse().unwrap()))
+        .unwrap();
     fx.maps.put_source_range((4, "10.1.0.0/16".parse().unwrap())).unwrap();
     // Another frontend's range admits nobody here.
-    fx.maps.put_source_range((5, "192.168.77.0/24".parse().unwrap())).unwrap();
+    fx.maps
+        .put_source_range((5, "192.168.77.0/24".parse().unwrap()))
+        .unwrap();
     for (client, allowed) in [
         ([192, 168, 77, 200], true),
         ([10, 1, 2, 3], true),
@@ -745,7 +959,11 @@ fn load_balancer_source_ranges_admit_only_clients_in_range() {
     ] {
         let (verdict, out) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, client, LB, 45000, 80, false));
         if allowed {
-            assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, LOCAL), "{client:?} is in range: DNAT");
+            assert_eq!(
+                (verdict, parse(&out).dst),
+                (TC_ACT_OK, LOCAL),
+                "{client:?} is in range: DNAT"
+            );
         } else {
             assert_eq!(verdict, TC_ACT_SHOT, "{client:?} is out of range: dropped");
         }
@@ -756,8 +974,17 @@ fn load_balancer_source_ranges_admit_only_clients_in_range() {
     assert_eq!(verdict, TC_ACT_SHOT);
     assert_eq!(fx.counter(Counter::DropSourceRange), 3);
     // Without the flag the trie is not consulted: anyone gets in.
-    fx.external(LB, 80, 4, svc_flags::LOAD_BALANCER, &[(1, LOCAL, 8080, backend_flags::LOCAL)]);
-    let (verdict, out) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, [192, 168, 77, 201], LB, 45001, 80, false));
+    fx.external(
+        LB,
+        80,
+        4,
+        svc_flags::LOAD_BALANCER,
+        &[(1, LOCAL, 8080, backend_flags::LOCAL)],
+    );
+    let (verdict, out) = fx.run_prog(
+        PROG_FROM_NETDEV,
+        &frame(PROTO_TCP, [192, 168, 77, 201], LB, 45001, 80, false),
+    );
     assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, LOCAL));
     assert_eq!(fx.counter(Counter::DropSourceRange), 3);
 }
@@ -793,7 +1020,11 @@ fn tcp_flows_go_syn_sent_established_closing_with_the_configured_lifetimes() {
     let (fk, fwd) = fx.ct(CT_DIR_FORWARD, CLIENT, 46000).expect("forward entry");
     assert_eq!(fwd.flags & ct_flags::REPLIED, 0, "SYN sent");
     assert_eq!(ferry_agent::ct::State::of(&fk, &fwd).name(), "syn-sent");
-    assert_eq!(lifetime(&fwd), u64::from(ferry_common::ct_timeouts::TCP_SYN), "the built-in SYN lifetime");
+    assert_eq!(
+        lifetime(&fwd),
+        u64::from(ferry_common::ct_timeouts::TCP_SYN),
+        "the built-in SYN lifetime"
+    );
     // The backend's SYN-ACK: both entries established, with the configured lifetime.
     fx.run(&with_flags(frame(PROTO_TCP, B, CLIENT, 8080, 46000, false), SYN | ACK));
     for (dir, src, port) in [(CT_DIR_FORWARD, CLIENT, 46000), (CT_DIR_REPLY, B, 8080)] {
@@ -837,7 +1068,10 @@ fn an_expired_flow_is_balanced_afresh_unless_its_other_direction_lives() {
     fx.age(CLIENT, 47000, A, 5353);
     assert_eq!(parse(&fx.run(&query).1).dst, B, "balanced afresh (B is the only slot)");
     assert_eq!(fx.counter(Counter::CtExpired), 1);
-    assert!(fx.ct(CT_DIR_REPLY, A, 5353).is_none(), "the dead flow's reply entry is gone");
+    assert!(
+        fx.ct(CT_DIR_REPLY, A, 5353).is_none(),
+        "the dead flow's reply entry is gone"
+    );
 }
 
 #[test]
@@ -855,14 +1089,21 @@ fn established_connections_keep_a_removed_backend_but_a_reused_port_is_balanced_
     fx.maps.del_backend(1).unwrap();
     let data = with_flags(syn.clone(), ACK);
     for _ in 0..3 {
-        assert_eq!(parse(&fx.run(&data).1).dst, A, "the established connection keeps its backend");
+        assert_eq!(
+            parse(&fx.run(&data).1).dst,
+            A,
+            "the established connection keeps its backend"
+        );
     }
     // The client reuses its port for a new connection: a SYN on an answered
     // flow is not a retransmission; it goes to a backend that serves.
     let (verdict, out) = fx.run(&syn);
     assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, B));
     assert_eq!(fx.counter(Counter::CtStaleRebalanced), 1);
-    assert!(fx.ct(CT_DIR_REPLY, A, 8080).is_none(), "the old flow's reply entry is gone");
+    assert!(
+        fx.ct(CT_DIR_REPLY, A, 8080).is_none(),
+        "the old flow's reply entry is gone"
+    );
     // UDP: once its backend is gone, the next datagram goes to one that serves.
     fx.service(PROTO_UDP, 53, 2, &[(3, A, 5353)]);
     let dgram = frame(PROTO_UDP, CLIENT, VIP, 48001, 53, false);
@@ -877,7 +1118,13 @@ fn snat_ports_are_claimed_once_and_come_free_when_their_flow_is_dead() {
     const NODE: [u8; 4] = [192, 168, 77, 11];
     const REMOTE: [u8; 4] = [10, 244, 1, 5];
     let mut fx = Fixture::new("snatports");
-    fx.external(NODE, 30080, 3, ferry_common::svc_flags::NODE_PORT, &[(1, REMOTE, 8080, 0)]);
+    fx.external(
+        NODE,
+        30080,
+        3,
+        ferry_common::svc_flags::NODE_PORT,
+        &[(1, REMOTE, 8080, 0)],
+    );
     fx.set_node_addr(NODE);
     // A range of two ports.
     fx.set_config(ferry_common::config::SNAT_PORT_MIN, 20000);
@@ -886,7 +1133,10 @@ fn snat_ports_are_claimed_once_and_come_free_when_their_flow_is_dead() {
     let mut ports = std::collections::BTreeSet::new();
     for i in 0..2 {
         // (Forwarded by a FIB lookup that finds no route here: TC_ACT_OK.)
-        let (verdict, out) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, client(i), NODE, 45000, 30080, false));
+        let (verdict, out) = fx.run_prog(
+            PROG_FROM_NETDEV,
+            &frame(PROTO_TCP, client(i), NODE, 45000, 30080, false),
+        );
         assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, REMOTE));
         ports.insert(parse(&out).sport);
     }
@@ -919,7 +1169,11 @@ fn a_full_tcp_table_tracks_new_flows_in_the_any_table() {
     assert_eq!(fx.counter(Counter::CtCreated), 3);
     for sport in 49000..49003u16 {
         let (_, out) = fx.run(&frame(PROTO_TCP, A, CLIENT, 8080, sport, false));
-        assert_eq!((parse(&out).src, parse(&out).sport), (VIP, 80), "reply of flow {sport} reverse-NATed");
+        assert_eq!(
+            (parse(&out).src, parse(&out).sport),
+            (VIP, 80),
+            "reply of flow {sport} reverse-NATed"
+        );
     }
 }
 
@@ -946,15 +1200,32 @@ fn a_translated_packet_too_big_for_its_device_is_answered_with_fragmentation_nee
     let big = dont_fragment(frame_with(PROTO_TCP, CLIENT, VIP, 47500, 80, false, &[7u8; 1460]));
     assert_eq!(big.len(), 14 + 1500);
     let (verdict, out) = ns.run(fd, big.clone());
-    assert_eq!(verdict, TC_ACT_REDIRECT, "sent back to the client (fib misses: {})", fx.counter(Counter::FibMiss));
+    assert_eq!(
+        verdict,
+        TC_ACT_REDIRECT,
+        "sent back to the client (fib misses: {})",
+        fx.counter(Counter::FibMiss)
+    );
     assert_eq!(out[23], 1, "ICMP");
     let icmp = &out[34..];
-    assert_eq!((icmp[0], icmp[1]), (3, 4), "destination unreachable, fragmentation needed");
+    assert_eq!(
+        (icmp[0], icmp[1]),
+        (3, 4),
+        "destination unreachable, fragmentation needed"
+    );
     assert_eq!(u16::from_be_bytes([icmp[6], icmp[7]]), 1400, "the next hop's MTU");
     let p = parse(&out);
-    assert_eq!((p.src, p.dst), (VIP, CLIENT), "from the ClusterIP the client dialled, to the client");
+    assert_eq!(
+        (p.src, p.dst),
+        (VIP, CLIENT),
+        "from the ClusterIP the client dialled, to the client"
+    );
     // The quote is the client's packet as it sent it: to the ClusterIP.
-    assert_eq!(&icmp[8..8 + 28], &big[14..14 + 28], "the untranslated IPv4 header and ports");
+    assert_eq!(
+        &icmp[8..8 + 28],
+        &big[14..14 + 28],
+        "the untranslated IPv4 header and ports"
+    );
     assert_eq!(fold(sum16(&out[14..34])), 0xffff, "IPv4 checksum");
     assert_eq!(fold(sum16(icmp)), 0xffff, "ICMP checksum");
     assert_eq!(fx.counter(Counter::FragNeeded), 1);
@@ -986,27 +1257,50 @@ fn a_translated_packet_to_an_address_of_the_node_counts_as_local_delivery_not_as
     let ns = FibNetns::new("fiblocal");
     let local = ferry_common::backend_flags::LOCAL;
     fx.service(PROTO_TCP, 443, 1, &[(1, NODE, 8090)]);
-    fx.external(NODE, 30443, 2, ferry_common::svc_flags::NODE_PORT, &[(2, NODE, 8090, local)]);
+    fx.external(
+        NODE,
+        30443,
+        2,
+        ferry_common::svc_flags::NODE_PORT,
+        &[(2, NODE, 8090, local)],
+    );
     fx.frontend(VIP2, PROTO_TCP, 80, 3, 0, &[(3, NOWHERE, 8080, 0)], "nowhere");
     fx.set_node_addr(NODE);
     fx.add_node_addr(NODE);
     let counts = |fx: &Fixture| (fx.counter(Counter::FibLocal), fx.counter(Counter::FibMiss));
 
-    let (verdict, out) = ns.run(fx.tc_fd(PROG_FROM_POD), frame(PROTO_TCP, CLIENT, VIP, 47600, 443, false));
+    let (verdict, out) = ns.run(
+        fx.tc_fd(PROG_FROM_POD),
+        frame(PROTO_TCP, CLIENT, VIP, 47600, 443, false),
+    );
     let p = parse(&out);
-    assert_eq!((verdict, p.dst, p.dport), (TC_ACT_OK, NODE, 8090), "translated and left to the stack");
+    assert_eq!(
+        (verdict, p.dst, p.dport),
+        (TC_ACT_OK, NODE, 8090),
+        "translated and left to the stack"
+    );
     assert_checksums(&out);
     assert_eq!(counts(&fx), (1, 0), "a Pod to the ClusterIP: (fib_local, fib_miss)");
 
-    let (verdict, out) = ns.run(fx.tc_fd(PROG_FROM_NETDEV), frame(PROTO_TCP, EXT, NODE, 45600, 30443, false));
+    let (verdict, out) = ns.run(
+        fx.tc_fd(PROG_FROM_NETDEV),
+        frame(PROTO_TCP, EXT, NODE, 45600, 30443, false),
+    );
     let p = parse(&out);
-    assert_eq!((verdict, p.src, p.dst, p.dport), (TC_ACT_OK, EXT, NODE, 8090), "translated, the client kept");
+    assert_eq!(
+        (verdict, p.src, p.dst, p.dport),
+        (TC_ACT_OK, EXT, NODE, 8090),
+        "translated, the client kept"
+    );
     assert_checksums(&out);
     assert_eq!(counts(&fx), (2, 0), "outside to the NodePort: (fib_local, fib_miss)");
 
     // A backend no route leads to is still a miss (left to the stack, which
     // answers it as unreachable).
-    let (verdict, out) = ns.run(fx.tc_fd(PROG_FROM_POD), frame(PROTO_TCP, CLIENT, VIP2, 47601, 80, false));
+    let (verdict, out) = ns.run(
+        fx.tc_fd(PROG_FROM_POD),
+        frame(PROTO_TCP, CLIENT, VIP2, 47601, 80, false),
+    );
     assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, NOWHERE));
     assert_eq!(counts(&fx), (2, 1), "no route: (fib_local, fib_miss)");
 }
@@ -1053,7 +1347,11 @@ fn assert_icmp_checksums(f: &[u8]) {
     assert_eq!(fold(sum16(&inner[..20])), 0xffff, "quoted IPv4 checksum");
     let mut pseudo = inner[12..20].to_vec();
     pseudo.extend_from_slice(&[0, PROTO_UDP, 0, 8]);
-    assert_eq!(fold(sum16(&pseudo) + sum16(&inner[20..28])), 0xffff, "quoted UDP checksum");
+    assert_eq!(
+        fold(sum16(&pseudo) + sum16(&inner[20..28])),
+        0xffff,
+        "quoted UDP checksum"
+    );
 }
 
 #[test]
@@ -1070,8 +1368,15 @@ fn icmp_errors_about_translated_flows_reach_the_client_translated_back() {
     let p = parse(&out);
     assert_eq!((p.src, p.dst), (VIP, CLIENT), "from the ClusterIP, to the client");
     let q = &out[42..];
-    assert_eq!((&q[12..16], &q[16..20]), (&CLIENT[..], &VIP[..]), "the quote names the ClusterIP");
-    assert_eq!((u16::from_be_bytes([q[20], q[21]]), u16::from_be_bytes([q[22], q[23]])), (41000, 53));
+    assert_eq!(
+        (&q[12..16], &q[16..20]),
+        (&CLIENT[..], &VIP[..]),
+        "the quote names the ClusterIP"
+    );
+    assert_eq!(
+        (u16::from_be_bytes([q[20], q[21]]), u16::from_be_bytes([q[22], q[23]])),
+        (41000, 53)
+    );
     assert_icmp_checksums(&out);
     assert_eq!(fx.counter(Counter::IcmpErrorTranslated), 1);
     // An error about a flow nobody tracks passes untouched.
@@ -1085,9 +1390,20 @@ fn icmp_errors_about_translated_flows_reach_the_client_translated_back() {
     const EXT: [u8; 4] = [192, 168, 77, 200];
     const REMOTE: [u8; 4] = [10, 244, 1, 5];
     const ROUTER: [u8; 4] = [192, 168, 77, 1];
-    fx.frontend(NODE, PROTO_UDP, 30053, 3, ferry_common::svc_flags::NODE_PORT, &[(2, REMOTE, 5353, 0)], "np");
+    fx.frontend(
+        NODE,
+        PROTO_UDP,
+        30053,
+        3,
+        ferry_common::svc_flags::NODE_PORT,
+        &[(2, REMOTE, 5353, 0)],
+        "np",
+    );
     fx.set_node_addr(NODE);
-    let (_, fwd) = fx.run_prog(PROG_FROM_NETDEV, &frame_with(PROTO_UDP, EXT, NODE, 45000, 30053, false, &[]));
+    let (_, fwd) = fx.run_prog(
+        PROG_FROM_NETDEV,
+        &frame_with(PROTO_UDP, EXT, NODE, 45000, 30053, false, &[]),
+    );
     let snat_port = parse(&fwd).sport;
     let err = icmp_error(ROUTER, NODE, 3, 4, &udp_header_only(NODE, REMOTE, snat_port, 5353));
     let (_, out) = fx.run_prog(PROG_FROM_NETDEV, &err);
@@ -1095,7 +1411,10 @@ fn icmp_errors_about_translated_flows_reach_the_client_translated_back() {
     assert_eq!((p.src, p.dst), (ROUTER, EXT), "from the router still, to the client");
     let q = &out[42..];
     assert_eq!((&q[12..16], &q[16..20]), (&EXT[..], &NODE[..]));
-    assert_eq!((u16::from_be_bytes([q[20], q[21]]), u16::from_be_bytes([q[22], q[23]])), (45000, 30053));
+    assert_eq!(
+        (u16::from_be_bytes([q[20], q[21]]), u16::from_be_bytes([q[22], q[23]])),
+        (45000, 30053)
+    );
     assert_icmp_checksums(&out);
 }
 
@@ -1104,7 +1423,15 @@ fn icmp_errors_about_translated_flows_reach_the_client_translated_back() {
 /// A UDP datagram from `src`:`sport` to `dst`:`dport` with `payload`, cut
 /// into two IPv4 fragments at `split` bytes of the UDP segment (a multiple
 /// of 8), IP id `id`: (first fragment with the UDP header, second without).
-fn fragmented(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8], split: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
+fn fragmented(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+    split: usize,
+    id: u16,
+) -> (Vec<u8>, Vec<u8>) {
     let whole = frame_with(PROTO_UDP, src, dst, sport, dport, false, payload);
     let segment = &whole[34..];
     let piece = |data: &[u8], offset: usize, more: bool| {
@@ -1119,7 +1446,10 @@ fn fragmented(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]
         f[24..26].copy_from_slice(&c.to_be_bytes());
         f
     };
-    (piece(&segment[..split], 0, true), piece(&segment[split..], split, false))
+    (
+        piece(&segment[..split], 0, true),
+        piece(&segment[split..], split, false),
+    )
 }
 
 /// The UDP checksum of a datagram reassembled from `first` and `second`,
@@ -1143,12 +1473,20 @@ fn every_fragment_of_a_datagram_follows_its_first_both_ways() {
     let (_, f1) = fx.run(&first);
     let (_, f2) = fx.run(&second);
     for (what, f) in [("first", &f1), ("second", &f2)] {
-        assert_eq!((&f[26..30], &f[30..34]), (&CLIENT[..], &B[..]), "{what} fragment to the backend");
+        assert_eq!(
+            (&f[26..30], &f[30..34]),
+            (&CLIENT[..], &B[..]),
+            "{what} fragment to the backend"
+        );
         assert_eq!(fold(sum16(&f[14..34])), 0xffff, "{what} fragment's IPv4 checksum");
     }
     assert_eq!(parse(&f1).dport, 5353, "the port, in the first fragment");
     assert_eq!(&f2[34..], &second[34..], "the second fragment's data untouched");
-    assert_eq!(reassembled_udp_checksum(&f1, &f2), 0xffff, "the datagram's UDP checksum is right once reassembled");
+    assert_eq!(
+        reassembled_udp_checksum(&f1, &f2),
+        0xffff,
+        "the datagram's UDP checksum is right once reassembled"
+    );
     // The backend's answer, fragmented too, comes back from the ClusterIP.
     let (r1, r2) = fragmented(B, CLIENT, 5353, 42000, &payload, 1480, 0x4321);
     let (_, o1) = fx.run(&r1);
@@ -1187,5 +1525,8 @@ fn replies_of_a_host_network_backend_are_reverse_translated_on_their_way_out() {
     }
     // Anything else leaves untouched.
     let other = frame(PROTO_TCP, NODE, CLIENT, 22, 43501, false);
-    assert_eq!(fx.run_prog(ferry_common::PROG_TO_POD, &other), (TC_ACT_OK, other.clone()));
+    assert_eq!(
+        fx.run_prog(ferry_common::PROG_TO_POD, &other),
+        (TC_ACT_OK, other.clone())
+    );
 }

@@ -15,7 +15,10 @@ use anyhow::{Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     in_netns,
-    manifests::{client_pod, draining_echo_pod, draining_echo_spec, echo_pod, echo_service, indent, itp_service, on_node, sticky_service, EMPTY_SVC},
+    manifests::{
+        client_pod, draining_echo_pod, draining_echo_spec, echo_pod, echo_service, indent, itp_service, on_node,
+        sticky_service, EMPTY_SVC,
+    },
     split, sys, tcp_ask, udp_ask, udp_try_on, udp_wait_moved, Lab, LabOptions, TcpSession,
 };
 
@@ -24,7 +27,6 @@ const READY: Duration = Duration::from_secs(60);
 fn addr(s: &str) -> SocketAddr {
     s.parse().expect("test address")
 }
-
 
 fn readiness_file(tag: &str, pod: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ferry-sem-{tag}-{}", std::process::id()));
@@ -54,11 +56,9 @@ fn lab(tag: &str, names: &[&str], extra: &[(&str, String)]) -> Result<Lab> {
 }
 
 fn wait_programmed(lab: &Lab, what: &str) -> Result<()> {
-    lab.wait_until(
-        Duration::from_secs(10),
-        &format!("{what} in svc list"),
-        || Ok(lab.ferry(&["svc", "list"])?.contains(what)),
-    )
+    lab.wait_until(Duration::from_secs(10), &format!("{what} in svc list"), || {
+        Ok(lab.ferry(&["svc", "list"])?.contains(what))
+    })
 }
 
 /// connect() from `netns`: the error kind (None: connected) and how long it took.
@@ -87,11 +87,7 @@ fn udp_try(netns: &str, to: SocketAddr) -> Result<(Option<ErrorKind>, Duration)>
 
 #[test]
 fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
-    let lab = lab(
-        "reject",
-        &["echo-a"],
-        &[("empty.yaml", EMPTY_SVC.to_string())],
-    )?;
+    let lab = lab("reject", &["echo-a"], &[("empty.yaml", EMPTY_SVC.to_string())])?;
     let client = lab.pod_netns("client")?;
     wait_programmed(&lab, "10.96.0.40:80")?;
     // A silent drop would show as a timeout after the SYN's (or the datagram's)
@@ -133,14 +129,10 @@ fn a_service_without_endpoints_refuses_tcp_and_udp_at_once() -> Result<()> {
     let refused = sock.recv(&mut buf).map_err(|e| e.kind());
     assert_eq!(refused.err(), Some(ErrorKind::ConnectionRefused));
     std::fs::remove_file(readiness_file("reject", "echo-a"))?;
-    lab.wait_until(
-        Duration::from_secs(10),
-        "the same UDP socket gets an answer",
-        || {
-            let _ = sock.send(b"hello\n");
-            Ok(sock.recv(&mut buf).is_ok_and(|n| &buf[..n] == b"echo-a\n"))
-        },
-    )?;
+    lab.wait_until(Duration::from_secs(10), "the same UDP socket gets an answer", || {
+        let _ = sock.send(b"hello\n");
+        Ok(sock.recv(&mut buf).is_ok_and(|n| &buf[..n] == b"echo-a\n"))
+    })?;
     Ok(())
 }
 
@@ -160,11 +152,7 @@ fn a_udp_client_moves_to_a_live_backend_when_its_backend_stops_being_used() -> R
     let ask = udp_try_on;
     let mine = ask(&sock).context("first UDP answer")?;
     for _ in 0..5 {
-        assert_eq!(
-            ask(&sock).as_deref(),
-            Some(mine.as_str()),
-            "the flow keeps its backend"
-        );
+        assert_eq!(ask(&sock).as_deref(), Some(mine.as_str()), "the flow keeps its backend");
     }
     let other = if mine == "echo-a" { "echo-b" } else { "echo-a" };
     // Its backend turns unready (it keeps running and would still answer).
@@ -198,11 +186,7 @@ fn session_affinity_holds_for_new_connections_and_expires() -> Result<()> {
         "svc list shows the timeout:\n{json}"
     );
     let seen = split(&client, 50, |ns| tcp_ask(ns, vip))?;
-    assert_eq!(
-        seen.len(),
-        1,
-        "50 new connections of one client, one backend: {seen:?}"
-    );
+    assert_eq!(seen.len(), 1, "50 new connections of one client, one backend: {seen:?}");
     let mut current = seen.keys().next().cloned().context("a backend")?;
 
     // No traffic for longer than the timeout: the next connection is balanced
@@ -228,11 +212,9 @@ fn session_affinity_holds_for_new_connections_and_expires() -> Result<()> {
     lab.wait_until(Duration::from_secs(10), "backend not ready", || {
         Ok(lab.pod(&current).is_some_and(|p| !p.ready))
     })?;
-    lab.wait_until(
-        Duration::from_secs(2),
-        "affinity moves off the unready backend",
-        || Ok(tcp_ask(&client, vip)? != current),
-    )?;
+    lab.wait_until(Duration::from_secs(2), "affinity moves off the unready backend", || {
+        Ok(tcp_ask(&client, vip)? != current)
+    })?;
     let seen = split(&client, 20, |ns| tcp_ask(ns, vip))?;
     assert!(!seen.contains_key(&current) && seen.len() == 1, "{seen:?}");
     Ok(())
@@ -289,15 +271,8 @@ fn connections_to_a_terminating_endpoint_continue_and_it_is_the_last_resort() ->
     std::thread::sleep(Duration::from_millis(500));
     let fallback = split(&client, 20, |ns| tcp_ask(ns, vip))?;
     let both: BTreeSet<&str> = ["echo-a", "echo-b"].into();
-    assert!(
-        fallback.keys().all(|k| both.contains(k.as_str())),
-        "{fallback:?}"
-    );
-    assert_eq!(
-        session.ask()?,
-        mine,
-        "the established connection still works"
-    );
+    assert!(fallback.keys().all(|k| both.contains(k.as_str())), "{fallback:?}");
+    assert_eq!(session.ask()?, mine, "the established connection still works");
     Ok(())
 }
 
@@ -305,15 +280,9 @@ fn connections_to_a_terminating_endpoint_continue_and_it_is_the_last_resort() ->
 fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() -> Result<()> {
     let lab = lab("itp", &["echo-a"], &[])?;
     let client = lab.pod_netns("client")?;
-    let ip = lab
-        .pod("echo-a")
-        .and_then(|p| p.pod_ip)
-        .context("echo-a has an IP")?;
+    let ip = lab.pod("echo-a").and_then(|p| p.pod_ip).context("echo-a has an IP")?;
     let svc = |name: &str, ip4: &str, policy: &str, node: &str| itp_service(name, ip4, policy, &ip.to_string(), node);
-    lab.write_manifest(
-        "local-here.yaml",
-        &svc("local-here", "10.96.0.61", "Local", &lab.node),
-    )?;
+    lab.write_manifest("local-here.yaml", &svc("local-here", "10.96.0.61", "Local", &lab.node))?;
     lab.write_manifest(
         "local-remote.yaml",
         &svc("local-remote", "10.96.0.62", "Local", "some-other-node"),
@@ -394,14 +363,8 @@ spec:
     lab.wait_answered_by("UDP 53", &both, || udp_ask(&client, addr("10.96.0.70:53")))?;
     lab.wait_answered_by("TCP 8053", &both, || tcp_ask(&client, addr("10.96.0.70:8053")))?;
     for (what, counts) in [
-        (
-            "TCP 53",
-            split(&client, 60, |ns| tcp_ask(ns, addr("10.96.0.70:53")))?,
-        ),
-        (
-            "UDP 53",
-            split(&client, 60, |ns| udp_ask(ns, addr("10.96.0.70:53")))?,
-        ),
+        ("TCP 53", split(&client, 60, |ns| tcp_ask(ns, addr("10.96.0.70:53")))?),
+        ("UDP 53", split(&client, 60, |ns| udp_ask(ns, addr("10.96.0.70:53")))?),
         (
             "TCP 8053",
             split(&client, 60, |ns| tcp_ask(ns, addr("10.96.0.70:8053")))?,
@@ -476,11 +439,9 @@ fn a_rolling_update_under_a_steady_request_stream_loses_nothing() -> Result<()> 
             .filter(|p| p.labels.get("app").map(String::as_str) == Some("echo"))
             .collect();
         Ok(echo.len() == 3
-            && echo.iter().all(|p| {
-                p.ready
-                    && !p.terminating
-                    && p.labels.get("version").map(String::as_str) == Some("v2")
-            }))
+            && echo
+                .iter()
+                .all(|p| p.ready && !p.terminating && p.labels.get("version").map(String::as_str) == Some("v2")))
     });
     std::thread::sleep(Duration::from_secs(1));
     stop.store(true, Ordering::SeqCst);
@@ -498,11 +459,7 @@ fn a_rolling_update_under_a_steady_request_stream_loses_nothing() -> Result<()> 
         results.len(),
         failures.len()
     );
-    assert!(
-        results.len() > 100,
-        "the stream ran: {} requests",
-        results.len()
-    );
+    assert!(results.len() > 100, "the stream ran: {} requests", results.len());
     assert!(
         failures.is_empty(),
         "requests failed during the rollout: {failures:?}\n{}",
@@ -526,7 +483,9 @@ const SOURCE_RANGES_LB_IP: &str = "203.0.113.40";
 /// A LoadBalancer Service `guarded` at [`SOURCE_RANGES_LB_IP`] (NodePort 30180),
 /// with `ranges` (a YAML list) as its loadBalancerSourceRanges when given.
 fn guarded_service(ranges: Option<&str>) -> String {
-    let ranges = ranges.map(|r| format!("  loadBalancerSourceRanges: {r}\n")).unwrap_or_default();
+    let ranges = ranges
+        .map(|r| format!("  loadBalancerSourceRanges: {r}\n"))
+        .unwrap_or_default();
     format!(
         r#"apiVersion: v1
 kind: Service
@@ -555,38 +514,83 @@ fn load_balancer_source_ranges_admit_only_clients_in_range_on_the_load_balancer_
     let c = Cluster::start(
         "lbsr",
         1,
-        &[("guarded.yaml".into(), guarded_service(Some(r#"["192.168.77.200/32", "not-a-cidr"]"#)))],
+        &[(
+            "guarded.yaml".into(),
+            guarded_service(Some(r#"["192.168.77.200/32", "not-a-cidr"]"#)),
+        )],
         &["--nodeport-addresses", "192.168.77.0/24", "--src-ranges-map-size", "64"],
     )?;
     let node = c.nodes[0].node.clone();
-    c.write_manifest("guarded-1.yaml", &on_node(&echo_pod("guarded-1", "guarded", None), &node))?;
+    c.write_manifest(
+        "guarded-1.yaml",
+        &on_node(&echo_pod("guarded-1", "guarded", None), &node),
+    )?;
     c.write_manifest("client.yaml", &on_node(&client_pod("client"), &node))?;
     let ext = &c.external;
-    sys::run("ip", &["-n", ext, "route", "add", &format!("{SOURCE_RANGES_LB_IP}/32"), "via", &node_addr(0).to_string()])?;
+    sys::run(
+        "ip",
+        &[
+            "-n",
+            ext,
+            "route",
+            "add",
+            &format!("{SOURCE_RANGES_LB_IP}/32"),
+            "via",
+            &node_addr(0).to_string(),
+        ],
+    )?;
     sys::run("ip", &["-n", ext, "addr", "add", "192.168.77.201/24", "dev", "eth0"])?;
     c.wait_ready(&["guarded-1", "client"], READY)?;
     let lb = addr(&format!("{SOURCE_RANGES_LB_IP}:80"));
     let nodeport = SocketAddr::from((node_addr(0), 30180));
     let (allowed, other) = (EXTERNAL_ADDR.to_string(), "192.168.77.201");
-    c.nodes[0].wait_until(Duration::from_secs(15), "the allowed client served on the LoadBalancer IP", || {
-        Ok(ask_from(&c, &allowed, lb).is_ok())
-    })?;
+    c.nodes[0].wait_until(
+        Duration::from_secs(15),
+        "the allowed client served on the LoadBalancer IP",
+        || Ok(ask_from(&c, &allowed, lb).is_ok()),
+    )?;
     assert_eq!(ask_from(&c, &allowed, lb)?, "guarded-1");
     let wide = c.nodes[0].ferry(&["svc", "list", "-o", "wide"])?;
-    assert_eq!(wide.matches("source-ranges").count(), 1, "only the LoadBalancer frontend is flagged:\n{wide}");
+    assert_eq!(
+        wide.matches("source-ranges").count(),
+        1,
+        "only the LoadBalancer frontend is flagged:\n{wide}"
+    );
     let rows: serde_json::Value = serde_json::from_str(&c.nodes[0].ferry(&["svc", "list", "-o", "json"])?)?;
-    let ranges: Vec<&serde_json::Value> = rows.as_array().context("svc list JSON")?.iter().filter_map(|r| r.get("source_ranges")).collect();
-    assert_eq!(ranges, [&serde_json::json!(["192.168.77.200/32"])], "svc list shows the ranges of the LoadBalancer frontend:\n{rows:#}");
+    let ranges: Vec<&serde_json::Value> = rows
+        .as_array()
+        .context("svc list JSON")?
+        .iter()
+        .filter_map(|r| r.get("source_ranges"))
+        .collect();
+    assert_eq!(
+        ranges,
+        [&serde_json::json!(["192.168.77.200/32"])],
+        "svc list shows the ranges of the LoadBalancer frontend:\n{rows:#}"
+    );
     // The client outside the ranges: dropped, so the connect times out (2 s).
     let started = Instant::now();
-    let err = ask_from(&c, other, lb).err().context(".201 got through the LoadBalancer IP")?;
-    assert!(started.elapsed() < Duration::from_secs(4), "bounded: {:?}", started.elapsed());
-    assert!(format!("{err:#}").contains("timed out"), "a silent drop, not a refusal: {err:#}");
+    let err = ask_from(&c, other, lb)
+        .err()
+        .context(".201 got through the LoadBalancer IP")?;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "bounded: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        format!("{err:#}").contains("timed out"),
+        "a silent drop, not a refusal: {err:#}"
+    );
     // ... but the NodePort is not filtered (kube-proxy does not either).
     assert_eq!(ask_from(&c, other, nodeport)?, "guarded-1");
     // A Pod (10.244.0.x, outside the ranges) dialling the LoadBalancer IP is held to them too.
     let client = c.pod_netns("client")?;
-    assert_eq!(tcp_connect(&client, lb)?.0, Some(ErrorKind::TimedOut), "a Pod outside the ranges");
+    assert_eq!(
+        tcp_connect(&client, lb)?.0,
+        Some(ErrorKind::TimedOut),
+        "a Pod outside the ranges"
+    );
     let logs = c.nodes[0].agent_log();
     assert!(
         logs.contains("Service default/guarded: spec.loadBalancerSourceRanges[1]: \"not-a-cidr\" is not an IPv4 CIDR"),
@@ -594,10 +598,14 @@ fn load_balancer_source_ranges_admit_only_clients_in_range_on_the_load_balancer_
     );
     // The restriction is lifted: everyone gets in, the entries are gone.
     c.write_manifest("guarded.yaml", &guarded_service(None))?;
-    c.nodes[0].wait_until(Duration::from_secs(15), ".201 served once the ranges are removed", || {
-        Ok(ask_from(&c, other, lb).is_ok_and(|name| name == "guarded-1"))
-    })?;
+    c.nodes[0].wait_until(
+        Duration::from_secs(15),
+        ".201 served once the ranges are removed",
+        || Ok(ask_from(&c, other, lb).is_ok_and(|name| name == "guarded-1")),
+    )?;
     assert_eq!(tcp_connect(&client, lb)?.0, None, "the Pod gets in too");
-    assert!(!c.nodes[0].ferry(&["svc", "list", "-o", "wide"])?.contains("source-ranges"));
+    assert!(!c.nodes[0]
+        .ferry(&["svc", "list", "-o", "wide"])?
+        .contains("source-ranges"));
     Ok(())
 }

@@ -44,7 +44,12 @@ fn lab(tag: &str, names: &[&str]) -> Result<Lab> {
     lab.wait_ready(&all, READY)?;
     lab.wait_until(Duration::from_secs(10), "Services programmed", || {
         let list = lab.ferry(&["svc", "list"])?;
-        Ok(list.contains("10.96.0.40:80") && names.iter().all(|n| lab.pod(n).and_then(|p| p.pod_ip).is_some_and(|ip| list.contains(&ip.to_string()))))
+        Ok(list.contains("10.96.0.40:80")
+            && names.iter().all(|n| {
+                lab.pod(n)
+                    .and_then(|p| p.pod_ip)
+                    .is_some_and(|ip| list.contains(&ip.to_string()))
+            }))
     })?;
     Ok(lab)
 }
@@ -54,7 +59,9 @@ fn ask_on(stream: &TcpStream) -> Result<String> {
     stream.set_read_timeout(Some(Duration::from_secs(3)))?;
     (&*stream).write_all(b"hello\n")?;
     let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).context("reading the answer")?;
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .context("reading the answer")?;
     Ok(line.trim().to_string())
 }
 
@@ -95,7 +102,10 @@ fn all_backends() -> BTreeSet<String> {
 /// "10.96.0.10:80"), both tables.
 fn ct_rows(lab: &Lab, frontend: &str) -> Result<Vec<serde_json::Value>> {
     let rows: Vec<serde_json::Value> = serde_json::from_str(&lab.ferry(&["ct", "list", "-o", "json"])?)?;
-    Ok(rows.into_iter().filter(|r| r["frontend"].as_str().is_some_and(|f| f.contains(frontend))).collect())
+    Ok(rows
+        .into_iter()
+        .filter(|r| r["frontend"].as_str().is_some_and(|f| f.contains(frontend)))
+        .collect())
 }
 
 #[test]
@@ -109,7 +119,10 @@ fn pods_reach_every_backend_at_the_socket_without_connection_tracking() -> Resul
     let mut names = BTreeSet::new();
     for i in 0..60 {
         let (name, peer) = pod_tcp(&lab, &client, tcp).with_context(|| format!("TCP connection {i}"))?;
-        assert_eq!(peer, tcp, "getpeername() of connection {i} is the ClusterIP:port, not the backend");
+        assert_eq!(
+            peer, tcp,
+            "getpeername() of connection {i} is the ClusterIP:port, not the backend"
+        );
         names.insert(name);
     }
     assert_eq!(names, all_backends(), "TCP answered by every backend");
@@ -121,11 +134,18 @@ fn pods_reach_every_backend_at_the_socket_without_connection_tracking() -> Resul
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         Ok(s)
     })??;
-    assert_eq!(udp_names(&sock, udp, 60)?, all_backends(), "UDP answered by every backend");
+    assert_eq!(
+        udp_names(&sock, udp, 60)?,
+        all_backends(),
+        "UDP answered by every backend"
+    );
 
     // Nothing was translated per packet: no connection-tracking entry.
     let tracked = ct_rows(&lab, "10.96.0.10")?;
-    assert!(tracked.is_empty(), "socket-LB flows left connection-tracking entries: {tracked:#?}");
+    assert!(
+        tracked.is_empty(),
+        "socket-LB flows left connection-tracking entries: {tracked:#?}"
+    );
     let forwarded = lab.counter("sock_forward")? - forwarded_before;
     assert!(forwarded >= 120, "sock_forward counted {forwarded} of 120 sockets");
 
@@ -157,8 +177,15 @@ fn connect_to_a_service_without_endpoints_fails_with_econnrefused_at_once() -> R
             let r = TcpStream::connect_timeout(&addr("10.96.0.40:80"), Duration::from_secs(3));
             (r.err().map(|e| e.kind()), start.elapsed())
         })?;
-        assert_eq!(err, Some(ErrorKind::ConnectionRefused), "TCP connect {i} to a Service without endpoints");
-        assert!(took < Duration::from_millis(100), "TCP connect {i} refused only after {took:?}");
+        assert_eq!(
+            err,
+            Some(ErrorKind::ConnectionRefused),
+            "TCP connect {i} to a Service without endpoints"
+        );
+        assert!(
+            took < Duration::from_millis(100),
+            "TCP connect {i} refused only after {took:?}"
+        );
         // UDP: an unconnected send is refused at the socket. A connected
         // socket keeps the Service address (the per-packet path, see
         // sock.rs): its first datagram is answered with ICMP port
@@ -175,10 +202,16 @@ fn connect_to_a_service_without_endpoints_fails_with_econnrefused_at_once() -> R
         })??;
         assert_eq!(send, Some(ErrorKind::ConnectionRefused), "UDP sendto {i}");
         assert_eq!(recv, Some(ErrorKind::ConnectionRefused), "connected UDP {i}");
-        assert!(took < Duration::from_millis(100), "connected UDP {i} refused only after {took:?}");
+        assert!(
+            took < Duration::from_millis(100),
+            "connected UDP {i} refused only after {took:?}"
+        );
     }
     let rejected = lab.counter("sock_reject")? - rejected_before;
-    assert!(rejected >= 10, "sock_reject counted {rejected} of 10 (TCP connects, UDP sends)");
+    assert!(
+        rejected >= 10,
+        "sock_reject counted {rejected} of 10 (TCP connects, UDP sends)"
+    );
     // The Service with an endpoint still answers.
     assert_eq!(pod_tcp(&lab, &client, addr("10.96.0.10:80"))?.0, "echo-0");
     Ok(())
@@ -198,14 +231,21 @@ fn a_connected_udp_socket_moves_to_a_remaining_backend_when_its_backend_is_remov
     assert_eq!(sock.peer_addr()?, vip, "getpeername() of the connected UDP socket");
     let mine = udp_try_on(&sock).context("first UDP answer")?;
     for _ in 0..5 {
-        assert_eq!(udp_try_on(&sock).as_deref(), Some(mine.as_str()), "the socket keeps its backend");
+        assert_eq!(
+            udp_try_on(&sock).as_deref(),
+            Some(mine.as_str()),
+            "the socket keeps its backend"
+        );
     }
     let other = if mine == "echo-a" { "echo-b" } else { "echo-a" };
     // Its backend is deleted: the Pod goes (1 s grace) and leaves the Service.
     lab.remove_manifest(&format!("{mine}.yaml"))?;
     let (took, before) = udp_wait_moved(&sock, other, Duration::from_secs(2))
         .with_context(|| format!("after {mine} was deleted\n{}", lab.logs()))?;
-    println!("moved to {other} {took:?} after {mine} was deleted ({} datagrams before)", before.len());
+    println!(
+        "moved to {other} {took:?} after {mine} was deleted ({} datagrams before)",
+        before.len()
+    );
     for _ in 0..5 {
         assert_eq!(udp_try_on(&sock).as_deref(), Some(other), "and stays there");
     }
@@ -219,7 +259,14 @@ fn a_connected_udp_socket_moves_to_a_remaining_backend_when_its_backend_is_remov
 fn an_ipv4_mapped_ipv6_socket_of_a_pod_reaches_an_ipv4_service() -> Result<()> {
     let lab = lab("sock6", &BACKENDS)?;
     let client = lab.pod_netns("client")?;
-    let mapped = |port| SocketAddr::V6(SocketAddrV6::new(Ipv4Addr::new(10, 96, 0, 10).to_ipv6_mapped(), port, 0, 0));
+    let mapped = |port| {
+        SocketAddr::V6(SocketAddrV6::new(
+            Ipv4Addr::new(10, 96, 0, 10).to_ipv6_mapped(),
+            port,
+            0,
+            0,
+        ))
+    };
     let (tcp, udp) = (mapped(80), mapped(53));
     let dual = |ty: Type| -> std::io::Result<Socket> {
         let s = Socket::new(Domain::IPV6, ty, None)?;
@@ -241,7 +288,10 @@ fn an_ipv4_mapped_ipv6_socket_of_a_pod_reaches_an_ipv4_service() -> Result<()> {
     let sock: UdpSocket = lab.in_pod(&client, move || dual(Type::DGRAM).map(UdpSocket::from))??;
     assert_eq!(udp_names(&sock, udp, 30)?, all_backends(), "UDP over IPv4-mapped IPv6");
     let tracked = ct_rows(&lab, "10.96.0.10")?;
-    assert!(tracked.is_empty(), "IPv6 socket-LB flows left connection-tracking entries: {tracked:#?}");
+    assert!(
+        tracked.is_empty(),
+        "IPv6 socket-LB flows left connection-tracking entries: {tracked:#?}"
+    );
     Ok(())
 }
 
@@ -262,8 +312,15 @@ fn skipped_namespaces_and_socket_lb_pods_false_leave_pods_to_the_tc_path() -> Re
     })?;
     let before = ct_rows(&lab, "10.96.0.10:80")?.len();
     assert_eq!(pod_tcp(&lab, &echo0, tcp)?.0, "echo-0");
-    assert_eq!(ct_rows(&lab, "10.96.0.10:80")?.len(), before, "echo-0's connection is not tracked");
-    assert!(lab.counter("sock_forward")? > forwarded, "echo-0's socket was translated");
+    assert_eq!(
+        ct_rows(&lab, "10.96.0.10:80")?.len(),
+        before,
+        "echo-0's connection is not tracked"
+    );
+    assert!(
+        lab.counter("sock_forward")? > forwarded,
+        "echo-0's socket was translated"
+    );
     // --socket-lb-pods=false: no Pod gets socket LB (the node's own still does).
     lab.restart_agent_with(&["--socket-lb-pods=false"])?;
     lab.wait_until(Duration::from_secs(10), "echo-0's flow tracked", || {
@@ -283,12 +340,20 @@ fn traffic_policies_and_affinity_hold_for_pod_sockets() -> Result<()> {
     // another one.
     let svc = |name: &str, ip4: &str, policy: &str, node: &str| itp_service(name, ip4, policy, &ip.to_string(), node);
     lab.write_manifest("local-here.yaml", &svc("local-here", "10.96.0.61", "Local", &lab.node))?;
-    lab.write_manifest("local-remote.yaml", &svc("local-remote", "10.96.0.62", "Local", "some-other-node"))?;
-    lab.write_manifest("cluster-remote.yaml", &svc("cluster-remote", "10.96.0.63", "Cluster", "some-other-node"))?;
+    lab.write_manifest(
+        "local-remote.yaml",
+        &svc("local-remote", "10.96.0.62", "Local", "some-other-node"),
+    )?;
+    lab.write_manifest(
+        "cluster-remote.yaml",
+        &svc("cluster-remote", "10.96.0.63", "Cluster", "some-other-node"),
+    )?;
     lab.write_manifest("sticky.yaml", &sticky_service(10800))?;
     lab.wait_until(Duration::from_secs(10), "the Services programmed", || {
         let list = lab.ferry(&["svc", "list"])?;
-        Ok(["10.96.0.61:80", "10.96.0.62:80", "10.96.0.63:80", "10.96.0.50:80"].iter().all(|a| list.contains(a)))
+        Ok(["10.96.0.61:80", "10.96.0.62:80", "10.96.0.63:80", "10.96.0.50:80"]
+            .iter()
+            .all(|a| list.contains(a)))
     })?;
     std::thread::sleep(Duration::from_millis(300));
     // internalTrafficPolicy at the socket: Local with a local endpoint and
@@ -300,8 +365,16 @@ fn traffic_policies_and_affinity_hold_for_pod_sockets() -> Result<()> {
         let tracked = ct_rows(&lab, a)?;
         assert!(tracked.is_empty(), "{a} was tracked: {tracked:#?}");
     }
-    let refused = lab.in_pod(&client, || TcpStream::connect_timeout(&addr("10.96.0.62:80"), Duration::from_secs(3)).err().map(|e| e.kind()))?;
-    assert_eq!(refused, Some(ErrorKind::ConnectionRefused), "Local without a local endpoint");
+    let refused = lab.in_pod(&client, || {
+        TcpStream::connect_timeout(&addr("10.96.0.62:80"), Duration::from_secs(3))
+            .err()
+            .map(|e| e.kind())
+    })?;
+    assert_eq!(
+        refused,
+        Some(ErrorKind::ConnectionRefused),
+        "Local without a local endpoint"
+    );
     // sessionAffinity: ClientIP is per client address, which a socket does not
     // have at connect(): the TC path serves it (tracked), and one client
     // keeps one backend over 30 new connections.
@@ -312,10 +385,12 @@ fn traffic_policies_and_affinity_hold_for_pod_sockets() -> Result<()> {
         seen.insert(name);
     }
     assert_eq!(seen.len(), 1, "30 connections of one client, one backend: {seen:?}");
-    assert!(!ct_rows(&lab, "10.96.0.50:80")?.is_empty(), "affinity flows take the TC path");
+    assert!(
+        !ct_rows(&lab, "10.96.0.50:80")?.is_empty(),
+        "affinity flows take the TC path"
+    );
     Ok(())
 }
-
 
 #[test]
 fn a_tcp_connect_to_a_backend_removed_meanwhile_fails_fast() -> Result<()> {
@@ -327,9 +402,18 @@ fn a_tcp_connect_to_a_backend_removed_meanwhile_fails_fast() -> Result<()> {
     let hole_ip = lab.pod("hole").and_then(|p| p.pod_ip).context("hole has an IP")?;
     // The only backend drops SYNs: the client's connect() is still going
     // on when the backend Pod is deleted.
-    ferry_tests::sys::netns_exec(&hole, "iptables", &["-A", "INPUT", "-p", "tcp", "--dport", "8080", "-j", "DROP"])?;
-    lab.write_manifest("gone.yaml", &itp_service("gone", "10.96.0.70", "Cluster", &hole_ip.to_string(), &lab.node))?;
-    lab.wait_until(Duration::from_secs(10), "10.96.0.70 programmed", || Ok(lab.ferry(&["svc", "list"])?.contains("10.96.0.70:80")))?;
+    ferry_tests::sys::netns_exec(
+        &hole,
+        "iptables",
+        &["-A", "INPUT", "-p", "tcp", "--dport", "8080", "-j", "DROP"],
+    )?;
+    lab.write_manifest(
+        "gone.yaml",
+        &itp_service("gone", "10.96.0.70", "Cluster", &hole_ip.to_string(), &lab.node),
+    )?;
+    lab.wait_until(Duration::from_secs(10), "10.96.0.70 programmed", || {
+        Ok(lab.ferry(&["svc", "list"])?.contains("10.96.0.70:80"))
+    })?;
     let (err, took) = std::thread::scope(|s| -> Result<_> {
         let connecting = s.spawn(|| {
             lab.in_pod(&client, || {
@@ -341,7 +425,9 @@ fn a_tcp_connect_to_a_backend_removed_meanwhile_fails_fast() -> Result<()> {
         std::thread::sleep(Duration::from_millis(500));
         lab.remove_manifest("hole.yaml")?;
         lab.remove_manifest("gone.yaml")?;
-        connecting.join().map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?
+        connecting
+            .join()
+            .map_err(|_| anyhow::anyhow!("the connecting thread panicked"))?
     })?;
     println!("connect() ended with {err:?} after {took:?}");
     // The socket is connected to the backend's own address, so the node's
@@ -350,7 +436,10 @@ fn a_tcp_connect_to_a_backend_removed_meanwhile_fails_fast() -> Result<()> {
     // them (on the TC path the socket, connected to the ClusterIP, ignores
     // an ICMP error quoting the backend).
     assert!(
-        matches!(err, Some(ErrorKind::NetworkUnreachable | ErrorKind::HostUnreachable | ErrorKind::ConnectionRefused)),
+        matches!(
+            err,
+            Some(ErrorKind::NetworkUnreachable | ErrorKind::HostUnreachable | ErrorKind::ConnectionRefused)
+        ),
         "connect() to a backend deleted meanwhile: {err:?} after {took:?}"
     );
     assert!(took < Duration::from_secs(5), "connect() failed only after {took:?}");
@@ -359,7 +448,12 @@ fn a_tcp_connect_to_a_backend_removed_meanwhile_fails_fast() -> Result<()> {
 
 #[test]
 fn a_pod_reaches_backends_on_both_nodes_at_the_socket() -> Result<()> {
-    let c = Cluster::start("sockx", 2, &[("service.yaml".into(), echo_service("echo", "echo", "10.96.0.10"))], &[])?;
+    let c = Cluster::start(
+        "sockx",
+        2,
+        &[("service.yaml".into(), echo_service("echo", "echo", "10.96.0.10"))],
+        &[],
+    )?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
     c.write_manifest("client.yaml", &on_node(&client_pod("client"), &n1))?;
     c.write_manifest("local.yaml", &on_node(&echo_pod("local", "echo", None), &n1))?;
@@ -385,7 +479,11 @@ fn a_pod_reaches_backends_on_both_nodes_at_the_socket() -> Result<()> {
     // Pod-to-Pod flow.
     for (i, node) in c.nodes.iter().enumerate() {
         let tracked = ct_rows(node, "10.96.0.10")?;
-        assert!(tracked.is_empty(), "node {} tracked socket-LB flows: {tracked:#?}", i + 1);
+        assert!(
+            tracked.is_empty(),
+            "node {} tracked socket-LB flows: {tracked:#?}",
+            i + 1
+        );
     }
     Ok(())
 }
@@ -403,21 +501,34 @@ fn the_nodes_own_sockets_get_the_same_hooks() -> Result<()> {
         names.insert(name);
     }
     assert_eq!(names, all_backends(), "TCP from the node");
-    let mapped = SocketAddr::V6(SocketAddrV6::new(Ipv4Addr::new(10, 96, 0, 10).to_ipv6_mapped(), 80, 0, 0));
+    let mapped = SocketAddr::V6(SocketAddrV6::new(
+        Ipv4Addr::new(10, 96, 0, 10).to_ipv6_mapped(),
+        80,
+        0,
+        0,
+    ));
     let s = lab.in_pod(&node, move || -> std::io::Result<TcpStream> {
         let s = Socket::new(Domain::IPV6, Type::STREAM, None)?;
         s.set_only_v6(false)?;
         s.connect_timeout(&mapped.into(), Duration::from_secs(2))?;
         Ok(s.into())
     })??;
-    assert_eq!(s.peer_addr()?, mapped, "getpeername() of an IPv4-mapped connection from the node");
+    assert_eq!(
+        s.peer_addr()?,
+        mapped,
+        "getpeername() of an IPv4-mapped connection from the node"
+    );
     assert!(BACKENDS.contains(&ask_on(&s)?.as_str()));
     let refused = lab.in_pod(&node, || {
         let start = Instant::now();
         let r = TcpStream::connect_timeout(&addr("10.96.0.40:80"), Duration::from_secs(3));
         (r.err().map(|e| e.kind()), start.elapsed())
     })?;
-    assert_eq!(refused.0, Some(ErrorKind::ConnectionRefused), "a node process's connect to a Service without endpoints");
+    assert_eq!(
+        refused.0,
+        Some(ErrorKind::ConnectionRefused),
+        "a node process's connect to a Service without endpoints"
+    );
     assert!(refused.1 < Duration::from_millis(100), "refused after {:?}", refused.1);
     Ok(())
 }

@@ -34,7 +34,11 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 use ferry_bench::{
-    iptables, loadgen::Report, manifests, nftables, scenario::{self, Scenario}, stats::Summary,
+    iptables,
+    loadgen::Report,
+    manifests, nftables,
+    scenario::{self, Scenario},
+    stats::Summary,
 };
 use ferry_tests::{
     cluster::{node_addr, pod_cidr, Cluster, EXTERNAL_ADDR},
@@ -253,7 +257,10 @@ impl DataPath {
 
     /// Ferry's agent runs (with or without XDP).
     fn is_ferry(self) -> bool {
-        matches!(self, DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev)
+        matches!(
+            self,
+            DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev
+        )
     }
 
     /// XDP acts only on traffic that enters a node device for a
@@ -278,9 +285,15 @@ impl DataPath {
             // Every Service has its own backends, so its own table: 10,000
             // tables of 251 entries (10 MB) instead of the default 16381
             // (the lookup per new flow is the same whatever the size).
-            DataPath::FerryMaglev => {
-                &["--lb-algorithm", "maglev", "--maglev-table-size", "251", "--maglev-tables", "10240", "--socket-lb-pods=false"]
-            }
+            DataPath::FerryMaglev => &[
+                "--lb-algorithm",
+                "maglev",
+                "--maglev-table-size",
+                "251",
+                "--maglev-tables",
+                "10240",
+                "--socket-lb-pods=false",
+            ],
             _ => &[],
         }
     }
@@ -330,12 +343,17 @@ impl Metric {
             Metric::AgentRssMib => "Agent resident memory with N Services, MiB",
             Metric::Errors => "Failed requests per round (connect errors, timeouts, resets)",
             Metric::CrrBpfNs => "Time in Ferry's BPF programs per CRR connection (kernel run-time statistics), ns",
-            Metric::RrBpfNs => "Time in Ferry's BPF programs per RR request, both directions (kernel run-time statistics), ns",
+            Metric::RrBpfNs => {
+                "Time in Ferry's BPF programs per RR request, both directions (kernel run-time statistics), ns"
+            }
         }
     }
 
     fn higher_is_better(self) -> bool {
-        matches!(self, Metric::CrrPerS | Metric::RrPerS | Metric::UdpPerS | Metric::StreamGbitPerS)
+        matches!(
+            self,
+            Metric::CrrPerS | Metric::RrPerS | Metric::UdpPerS | Metric::StreamGbitPerS
+        )
     }
 }
 
@@ -357,7 +375,11 @@ struct Plan {
 
 impl Plan {
     fn from(args: &Args) -> Result<Self> {
-        let ns = args.services.clone().unwrap_or(if args.quick { vec![1, 1000] } else { vec![1, 1000, 10_000] });
+        let ns = args.services.clone().unwrap_or(if args.quick {
+            vec![1, 1000]
+        } else {
+            vec![1, 1000, 10_000]
+        });
         if ns.is_empty() || ns.iter().any(|n| !(1..=60_000).contains(n)) {
             bail!("--services: every N must be within 1..=60000");
         }
@@ -373,7 +395,10 @@ impl Plan {
         if paths.is_empty() {
             bail!("--paths: name at least one data path");
         }
-        let topologies = args.topology.clone().unwrap_or(vec![Topology::SameNode, Topology::CrossNode]);
+        let topologies = args
+            .topology
+            .clone()
+            .unwrap_or(vec![Topology::SameNode, Topology::CrossNode]);
         if topologies.is_empty() {
             bail!("--topology: name at least one");
         }
@@ -394,7 +419,18 @@ impl Plan {
 pub fn run(args: Args) -> Result<()> {
     if let Some(entries) = args.gc {
         println!("xtask: the conntrack garbage collector at {entries} entries (release build)");
-        return crate::run_cmd(crate::cargo().args(["run", "--quiet", "--release", "-p", "ferry", "--example", "ct_gc_bench", "--", "--entries", &entries.to_string()]));
+        return crate::run_cmd(crate::cargo().args([
+            "run",
+            "--quiet",
+            "--release",
+            "-p",
+            "ferry",
+            "--example",
+            "ct_gc_bench",
+            "--",
+            "--entries",
+            &entries.to_string(),
+        ]));
     }
     let plan = Plan::from(&args)?;
     // The tree measured: what is built now, not what is checked out at the end.
@@ -430,7 +466,15 @@ pub fn run(args: Args) -> Result<()> {
             ctx.bench_case(Case { topology, services: n })?;
         }
     }
-    let mut report = Output::new(&plan, measured, ctx.samples, ctx.answered, ctx.notes, ctx.xdp, started.elapsed());
+    let mut report = Output::new(
+        &plan,
+        measured,
+        ctx.samples,
+        ctx.answered,
+        ctx.notes,
+        ctx.xdp,
+        started.elapsed(),
+    );
     report.bpf = ctx.bpf;
     report.write(&out_dir)
 }
@@ -495,7 +539,10 @@ impl Node {
             cluster.write_manifest("client.yaml", &on_node(&client_pod(CLIENT), &client_node))?;
         }
         for i in 0..SERVERS {
-            cluster.write_manifest(&format!("srv-{i}.yaml"), &on_node(&server_pod(i, loadgen), &server_node))?;
+            cluster.write_manifest(
+                &format!("srv-{i}.yaml"),
+                &on_node(&server_pod(i, loadgen), &server_node),
+            )?;
         }
         let names: Vec<String> = (0..SERVERS).map(|i| format!("srv-{i}")).collect();
         let mut wait: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -506,16 +553,28 @@ impl Node {
         let lab = &cluster.nodes[0];
         let servers: Vec<Ipv4Addr> = names
             .iter()
-            .map(|n| lab.pod(n).and_then(|p| p.pod_ip).with_context(|| format!("pod {n} has no IP")))
+            .map(|n| {
+                lab.pod(n)
+                    .and_then(|p| p.pod_ip)
+                    .with_context(|| format!("pod {n} has no IP"))
+            })
             .collect::<Result<_>>()?;
-        let client = if client_pod_runs { cluster.pod_netns(CLIENT)? } else { cluster.external.clone() };
+        let client = if client_pod_runs {
+            cluster.pod_netns(CLIENT)?
+        } else {
+            cluster.external.clone()
+        };
         // CRR leaves every closed connection in TIME_WAIT on the client (it
         // closes first, as netperf's TCP_CRR does): let the next measurement
         // reuse those ports. Sysctls of the lab's client namespace only.
         netns_stdin(
             &client,
             "sysctl",
-            &["-qw", "net.ipv4.tcp_tw_reuse=1", "net.ipv4.ip_local_port_range=1024 65535"],
+            &[
+                "-qw",
+                "net.ipv4.tcp_tw_reuse=1",
+                "net.ipv4.ip_local_port_range=1024 65535",
+            ],
             "",
             CONTROL_TIMEOUT,
         )?;
@@ -527,12 +586,21 @@ impl Node {
             netns_stdin(
                 &client_node,
                 "sysctl",
-                &["-qw", "net.ipv4.conf.all.send_redirects=0", "net.ipv4.conf.eth0.send_redirects=0"],
+                &[
+                    "-qw",
+                    "net.ipv4.conf.all.send_redirects=0",
+                    "net.ipv4.conf.eth0.send_redirects=0",
+                ],
                 "",
                 CONTROL_TIMEOUT,
             )?;
         }
-        Ok(Self { cluster, topology, client, servers })
+        Ok(Self {
+            cluster,
+            topology,
+            client,
+            servers,
+        })
     }
 
     /// no-NAT north-south: the same hops as the NodePort paths, without any
@@ -545,8 +613,11 @@ impl Node {
         let (ext, node2) = (&self.cluster.external, &self.cluster.nodes[1].node);
         sys::run("ip", &["-n", ext, "route", "add", &pod_cidr(1), "via", &via])
             .context("routing the external client to node 2's Pods via node 1")?;
-        sys::run("ip", &["-n", node2, "route", "add", &format!("{EXTERNAL_ADDR}/32"), "via", &via])
-            .context("routing node 2's replies to the external client via node 1")?;
+        sys::run(
+            "ip",
+            &["-n", node2, "route", "add", &format!("{EXTERNAL_ADDR}/32"), "via", &via],
+        )
+        .context("routing node 2's replies to the external client via node 1")?;
         Ok(())
     }
 
@@ -617,7 +688,13 @@ impl Ctx<'_> {
             "\nbench: N = {n} Services x {SERVERS} endpoints, the measured Service last, {}; every path on a fresh lab",
             case.topology.title()
         );
-        let paths: Vec<DataPath> = self.plan.paths.iter().copied().filter(|p| p.measured_in(case.topology)).collect();
+        let paths: Vec<DataPath> = self
+            .plan
+            .paths
+            .iter()
+            .copied()
+            .filter(|p| p.measured_in(case.topology))
+            .collect();
         if self.plan.paths_explicit {
             for p in self.plan.paths.iter().filter(|p| !p.measured_in(case.topology)) {
                 self.notes.push(format!(
@@ -644,7 +721,8 @@ impl Ctx<'_> {
                     Ok(s) => s,
                     Err(e) if e.is::<TimedOut>() => {
                         println!("  round {} {:<8} set-up: {e}", round + 1, path.name());
-                        self.notes.push(format!("{case} round {} {}: set-up {e}", round + 1, path.name()));
+                        self.notes
+                            .push(format!("{case} round {} {}: set-up {e}", round + 1, path.name()));
                         continue;
                     }
                     Err(e) => return Err(e),
@@ -685,7 +763,9 @@ impl Ctx<'_> {
         match path {
             DataPath::NoNat if node.topology == Topology::NorthSouth => node.route_through_node1()?,
             DataPath::NoNat => {}
-            DataPath::Iptables => netns_stdin(&ns, self.plan.iptables.restore(), &[], &files.iptables, CONTROL_TIMEOUT)?,
+            DataPath::Iptables => {
+                netns_stdin(&ns, self.plan.iptables.restore(), &[], &files.iptables, CONTROL_TIMEOUT)?
+            }
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?,
             DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev => {
                 files.reset_ferry()?;
@@ -696,7 +776,11 @@ impl Ctx<'_> {
             }
         }
         let cold_start = started.elapsed();
-        let rss_mib = if path.is_ferry() { node.lab().agent_pid().and_then(rss_mib_of) } else { None };
+        let rss_mib = if path.is_ferry() {
+            node.lab().agent_pid().and_then(rss_mib_of)
+        } else {
+            None
+        };
         Ok(SetUp { cold_start, rss_mib })
     }
 
@@ -731,7 +815,10 @@ impl Ctx<'_> {
         );
         if answered.len() < expected {
             println!();
-            bail!("{}: only {answered:?} answered; the data path is not balancing", path.name());
+            bail!(
+                "{}: only {answered:?} answered; the data path is not balancing",
+                path.name()
+            );
         }
         self.answered.entry((n, path)).or_default().extend(answered);
         if path != DataPath::NoNat {
@@ -748,11 +835,19 @@ impl Ctx<'_> {
             DataPath::FerrySocklb => Some(node.lab().cgroup.clone().context("ferry (socket LB) needs cgroup v2")?),
             _ => None,
         };
-        let sock_forward_before = if cgroup.is_some() { node.lab().counter("sock_forward")? } else { 0 };
+        let sock_forward_before = if cgroup.is_some() {
+            node.lab().counter("sock_forward")?
+        } else {
+            0
+        };
         let client_ns = node.client.clone();
         let client = (client_ns.as_str(), cgroup.as_deref());
         // Ferry's programs' run time around CRR and RR (see bpfstats).
-        let agent = if path.is_ferry() && self.bpf_stats { node.lab().agent_pid() } else { None };
+        let agent = if path.is_ferry() && self.bpf_stats {
+            node.lab().agent_pid()
+        } else {
+            None
+        };
         let bpf = || agent.map(crate::bpfstats::of_process).transpose();
         let bpf_before = bpf()?;
         let crr = self.loadgen(client, "crr", target(TCP_PORT, SERVER_PORT), workers)?;
@@ -760,7 +855,10 @@ impl Ctx<'_> {
         let rr = self.loadgen(client, "rr", target(TCP_PORT, SERVER_PORT), workers)?;
         let bpf_rr = bpf()?;
         if let (Some(a), Some(b), Some(c)) = (&bpf_before, &bpf_crr, &bpf_rr) {
-            for (m, mode, (from, to), report) in [(Metric::CrrBpfNs, "crr", (a, b), &crr), (Metric::RrBpfNs, "rr", (b, c), &rr)] {
+            for (m, mode, (from, to), report) in [
+                (Metric::CrrBpfNs, "crr", (a, b), &crr),
+                (Metric::RrBpfNs, "rr", (b, c), &rr),
+            ] {
                 if report.requests == 0 {
                     continue;
                 }
@@ -769,7 +867,15 @@ impl Ctx<'_> {
                 for (program, runs) in crate::bpfstats::delta_by_name(from, to) {
                     if runs.count > 0 {
                         let ns_per_run = runs.ns as f64 / runs.count as f64;
-                        self.bpf.push(BpfRow { case, path, round: round + 1, mode, program, runs_per_request: runs.count as f64 / requests, ns_per_run });
+                        self.bpf.push(BpfRow {
+                            case,
+                            path,
+                            round: round + 1,
+                            mode,
+                            program,
+                            runs_per_request: runs.count as f64 / requests,
+                            ns_per_run,
+                        });
                     }
                 }
             }
@@ -811,7 +917,10 @@ impl Ctx<'_> {
         );
         let errors = crr.errors + rr.errors + udp.errors + stream.errors;
         if errors > 0 {
-            print!(" | errors crr {} rr {} udp {} stream {}", crr.errors, rr.errors, udp.errors, stream.errors);
+            print!(
+                " | errors crr {} rr {} udp {} stream {}",
+                crr.errors, rr.errors, udp.errors, stream.errors
+            );
         }
         self.push(n, Metric::Errors, path, errors as f64);
         if path != DataPath::NoNat {
@@ -822,7 +931,11 @@ impl Ctx<'_> {
                 }
                 Err(e) if e.is::<TimedOut>() => {
                     print!(" | endpoint change: {e}");
-                    self.notes.push(format!("{case} round {} {}: endpoint change {e}", round + 1, path.name()));
+                    self.notes.push(format!(
+                        "{case} round {} {}: endpoint change {e}",
+                        round + 1,
+                        path.name()
+                    ));
                 }
                 Err(e) => return Err(e),
             }
@@ -839,22 +952,37 @@ impl Ctx<'_> {
     /// would then be TC against TC).
     fn check_xdp(&mut self, node: &mut Node, case: Case, round: usize) -> Result<()> {
         let lab = node.lab();
-        let attached = lab
-            .agent_log()
-            .lines()
-            .map(strip_ansi)
-            .find_map(|l| Some(l[l.find("xdp_from_netdev attached (")? + 26..].split(')').next()?.to_string()));
-        let xdp_forward = lab.counter("xdp_forward").context("reading node 1's xdp_forward counter")?;
-        print!(" | XDP forwarded {xdp_forward} packets ({})", attached.as_deref().unwrap_or("not attached"));
+        let attached = lab.agent_log().lines().map(strip_ansi).find_map(|l| {
+            Some(
+                l[l.find("xdp_from_netdev attached (")? + 26..]
+                    .split(')')
+                    .next()?
+                    .to_string(),
+            )
+        });
+        let xdp_forward = lab
+            .counter("xdp_forward")
+            .context("reading node 1's xdp_forward counter")?;
+        print!(
+            " | XDP forwarded {xdp_forward} packets ({})",
+            attached.as_deref().unwrap_or("not attached")
+        );
         if xdp_forward == 0 {
             self.notes.push(format!(
                 "**{case} round {} ferry-xdp: XDP FORWARDED NO PACKET** (xdp_forward = 0 on node 1, XDP {}): \
                  this round measured TC again, not XDP; its ferry-xdp figures compare nothing",
                 round + 1,
-                attached.as_deref().map_or("not attached".into(), |a| format!("attached {a}"))
+                attached
+                    .as_deref()
+                    .map_or("not attached".into(), |a| format!("attached {a}"))
             ));
         }
-        self.xdp.push(XdpRound { case, round: round + 1, attached, xdp_forward });
+        self.xdp.push(XdpRound {
+            case,
+            round: round + 1,
+            attached,
+            xdp_forward,
+        });
         Ok(())
     }
 
@@ -864,14 +992,23 @@ impl Ctx<'_> {
 
     /// Runs `ferry-loadgen MODE` in the client's network namespace (and, if
     /// given, in a cgroup).
-    fn loadgen(&self, (client, cgroup): (&str, Option<&Path>), mode: &str, targets: Vec<SocketAddr>, workers: usize) -> Result<Report> {
+    fn loadgen(
+        &self,
+        (client, cgroup): (&str, Option<&Path>),
+        mode: &str,
+        targets: Vec<SocketAddr>,
+        workers: usize,
+    ) -> Result<Report> {
         let target = targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
         let mut cmd = match cgroup {
             // Join the cgroup first: `ip netns exec` mounts a fresh /sys, which
             // has no cgroup2 mount; the cgroup is inherited across the exec.
             Some(cg) => {
                 let mut cmd = Command::new("sh");
-                let script = format!("echo $$ > {}/cgroup.procs && exec ip netns exec {client} \"$0\" \"$@\"", cg.display());
+                let script = format!(
+                    "echo $$ > {}/cgroup.procs && exec ip netns exec {client} \"$0\" \"$@\"",
+                    cg.display()
+                );
                 cmd.args(["-c", &script]);
                 cmd
             }
@@ -884,7 +1021,12 @@ impl Ctx<'_> {
         let out = cmd
             .arg(&self.loadgen)
             .args([mode, "--target", &target])
-            .args(["--duration", &self.plan.duration.to_string(), "--workers", &workers.to_string()])
+            .args([
+                "--duration",
+                &self.plan.duration.to_string(),
+                "--workers",
+                &workers.to_string(),
+            ])
             .stderr(Stdio::inherit())
             .output()
             .context("running ferry-loadgen")?;
@@ -894,7 +1036,10 @@ impl Ctx<'_> {
         let report: Report = serde_json::from_slice(&out.stdout)
             .with_context(|| format!("ferry-loadgen printed {:?}", String::from_utf8_lossy(&out.stdout)))?;
         if report.requests == 0 && report.bytes == 0 {
-            bail!("ferry-loadgen {mode} {target}: nothing got through ({} errors)", report.errors);
+            bail!(
+                "ferry-loadgen {mode} {target}: nothing got through ({} errors)",
+                report.errors
+            );
         }
         Ok(report)
     }
@@ -945,7 +1090,9 @@ fn sanity(client: &str, targets: &[SocketAddr]) -> Result<BTreeSet<String>> {
             s.connect(target)?;
             s.send(b"?")?;
             let mut buf = [0u8; 256];
-            let k = s.recv(&mut buf).with_context(|| format!("no UDP answer from {target}"))?;
+            let k = s
+                .recv(&mut buf)
+                .with_context(|| format!("no UDP answer from {target}"))?;
             names.insert(String::from_utf8_lossy(&buf[..k]).trim().to_string());
         }
         Ok(names)
@@ -1018,7 +1165,11 @@ impl Files {
             .collect();
         // kube-proxy's nftables mode serves NodePorts on the node's primary
         // address; without NodePorts the set stays empty, as before.
-        let nodeport_ips = if scenario.node_ports() > 0 { vec![node1] } else { Vec::new() };
+        let nodeport_ips = if scenario.node_ports() > 0 {
+            vec![node1]
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
             frontend,
@@ -1100,7 +1251,13 @@ fn strip_ansi(s: &str) -> String {
 
 fn rss_mib_of(pid: u32) -> Option<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some(kb / 1024.0)
 }
 
@@ -1162,7 +1319,10 @@ fn check_interrupted() -> Result<()> {
 }
 
 fn which(tool: &str) -> Result<()> {
-    let ok = Command::new("sh").args(["-c", &format!("command -v {tool}")]).stdout(Stdio::null()).status()?;
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()?;
     if !ok.success() {
         bail!("{tool} not found");
     }
@@ -1219,13 +1379,22 @@ impl Output {
         let results = samples
             .into_iter()
             .filter_map(|((case, metric, path), v)| {
-                Some(Row { case, metric, path, summary: Summary::of(&v)?, samples: v })
+                Some(Row {
+                    case,
+                    metric,
+                    path,
+                    summary: Summary::of(&v)?,
+                    samples: v,
+                })
             })
             .collect();
         Self {
             machine: machine(),
             commit,
-            kernel: fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_string(),
+            kernel: fs::read_to_string("/proc/sys/kernel/osrelease")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
             command: std::env::args().skip(1).collect::<Vec<_>>().join(" "),
             profile: plan.profile,
             rounds: plan.rounds,
@@ -1234,7 +1403,10 @@ impl Output {
             elapsed_s: elapsed.as_secs_f64(),
             iptables_backend: plan.iptables,
             notes,
-            answered: answered.into_iter().map(|((n, p), s)| (n, p, s.into_iter().collect())).collect(),
+            answered: answered
+                .into_iter()
+                .map(|((n, p), s)| (n, p, s.into_iter().collect()))
+                .collect(),
             xdp,
             bpf: Vec::new(),
             results,
@@ -1246,7 +1418,10 @@ impl Output {
     }
 
     fn get(&self, c: Case, m: Metric, p: DataPath) -> Option<&Summary> {
-        self.results.iter().find(|r| r.case == c && r.metric == m && r.path == p).map(|r| &r.summary)
+        self.results
+            .iter()
+            .find(|r| r.case == c && r.metric == m && r.path == p)
+            .map(|r| &r.summary)
     }
 
     fn markdown(&self) -> String {
@@ -1275,7 +1450,11 @@ impl Output {
                 .into_iter()
                 .filter(|p| self.results.iter().any(|r| r.metric == m && r.path == *p))
                 .collect();
-            let better = if m.higher_is_better() { "higher is better" } else { "lower is better" };
+            let better = if m.higher_is_better() {
+                "higher is better"
+            } else {
+                "lower is better"
+            };
             out.push_str(&format!("\n### {} ({better})\n\n| Services, servers |", m.title()));
             for p in &paths {
                 out.push_str(&format!(" {} |", p.name()));
@@ -1298,7 +1477,9 @@ impl Output {
                 out.push_str(&format!("| {}, {} |", n.services, n.topology.place()));
                 for &p in &paths {
                     match self.get(n, m, p) {
-                        Some(s) if noisy(s) => out.push_str(&format!(" ({} ±{:.0}%) |", fmt_num(s.median), s.spread_pct())),
+                        Some(s) if noisy(s) => {
+                            out.push_str(&format!(" ({} ±{:.0}%) |", fmt_num(s.median), s.spread_pct()))
+                        }
                         Some(s) => out.push_str(&format!(" {} ±{:.0}% |", fmt_num(s.median), s.spread_pct())),
                         None => out.push_str(" – |"),
                     }
@@ -1308,7 +1489,9 @@ impl Output {
                         (Some(f), Some(o)) if o.median != 0.0 && (noisy(f) || noisy(o)) => {
                             out.push_str(&format!(" ({:.2}) |", f.median / o.median))
                         }
-                        (Some(f), Some(o)) if o.median != 0.0 => out.push_str(&format!(" {:.2} |", f.median / o.median)),
+                        (Some(f), Some(o)) if o.median != 0.0 => {
+                            out.push_str(&format!(" {:.2} |", f.median / o.median))
+                        }
                         _ => out.push_str(" – |"),
                     }
                 }
@@ -1322,11 +1505,23 @@ impl Output {
             }
         }
         if !self.xdp.is_empty() {
-            out.push_str("\nferry-xdp: XDP on node 1, and the packets it forwarded itself (xdp_forward after each round):\n\n");
+            out.push_str(
+                "\nferry-xdp: XDP on node 1, and the packets it forwarded itself (xdp_forward after each round):\n\n",
+            );
             for x in &self.xdp {
-                let how = x.attached.as_deref().map_or("NOT attached".into(), |a| format!("attached ({a})"));
-                let zero = if x.xdp_forward == 0 { " **(none: TC did all the work)**" } else { "" };
-                out.push_str(&format!("- {} round {}: {how}, xdp_forward {}{zero}\n", x.case, x.round, x.xdp_forward));
+                let how = x
+                    .attached
+                    .as_deref()
+                    .map_or("NOT attached".into(), |a| format!("attached ({a})"));
+                let zero = if x.xdp_forward == 0 {
+                    " **(none: TC did all the work)**"
+                } else {
+                    ""
+                };
+                out.push_str(&format!(
+                    "- {} round {}: {how}, xdp_forward {}{zero}\n",
+                    x.case, x.round, x.xdp_forward
+                ));
             }
         }
         out.push_str(&self.bpf_markdown());
@@ -1340,7 +1535,9 @@ impl Output {
     /// Ferry's programs one by one: runs per request and ns per run,
     /// medians over the rounds.
     fn bpf_markdown(&self) -> String {
-        let mut cells: BTreeMap<(Case, DataPath, &str, &str), (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+        // (case, path, load, program) → (runs per request, ns per run), one per round.
+        type Cells<'a> = BTreeMap<(Case, DataPath, &'a str, &'a str), (Vec<f64>, Vec<f64>)>;
+        let mut cells: Cells = BTreeMap::new();
         for r in &self.bpf {
             let cell = cells.entry((r.case, r.path, r.mode, r.program.as_str())).or_default();
             cell.0.push(r.runs_per_request);
@@ -1369,7 +1566,9 @@ impl Output {
         fs::create_dir_all(dir)?;
         let md = self.markdown();
         let json = serde_json::to_string_pretty(self)?;
-        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
         for (name, text) in [
             (format!("bench-{stamp}.md"), &md),
             (format!("bench-{stamp}.json"), &json),
@@ -1378,7 +1577,10 @@ impl Output {
         ] {
             fs::write(dir.join(name), text)?;
         }
-        println!("\n{md}\nbench: written to {}/latest.md and latest.json (and bench-{stamp}.*)", dir.display());
+        println!(
+            "\n{md}\nbench: written to {}/latest.md and latest.json (and bench-{stamp}.*)",
+            dir.display()
+        );
         Ok(())
     }
 }
@@ -1442,7 +1644,8 @@ mod tests {
 
     #[test]
     fn log_fields_and_ansi() {
-        let line = "\u{1b}[2m2026\u{1b}[0m INFO maps synced \u{1b}[3mfrontends\u{1b}[0m\u{1b}[2m=\u{1b}[0m30003 backends=10";
+        let line =
+            "\u{1b}[2m2026\u{1b}[0m INFO maps synced \u{1b}[3mfrontends\u{1b}[0m\u{1b}[2m=\u{1b}[0m30003 backends=10";
         let plain = strip_ansi(line);
         assert_eq!(field(&plain, "frontends"), Some(30003));
         assert_eq!(field(&plain, "backends"), Some(10));
@@ -1457,7 +1660,10 @@ mod tests {
         assert!(!DataPath::FerrySocklb.measured_in(Topology::NorthSouth));
         assert!(DataPath::FerrySocklb.measured_in(Topology::SameNode));
         assert!(DataPath::FerrySocklb.measured_in(Topology::CrossNode));
-        assert!(PATHS.iter().filter(|p| **p != DataPath::FerrySocklb).all(|p| p.measured_in(Topology::NorthSouth)));
+        assert!(PATHS
+            .iter()
+            .filter(|p| **p != DataPath::FerrySocklb)
+            .all(|p| p.measured_in(Topology::NorthSouth)));
         assert_eq!(DataPath::FerryXdp.agent_args(), ["--xdp", "--socket-lb-pods=false"]);
         assert!(DataPath::FerryMaglev.measured_in(Topology::NorthSouth));
         assert!(!DataPath::FerryMaglev.measured_in(Topology::SameNode));
@@ -1473,16 +1679,28 @@ mod tests {
     #[test]
     fn node_port_note_says_what_stays_cluster_ip() {
         let all = node_port_note(1000);
-        assert!(all.starts_with("N=1000 north-south: NodePort Services 1000 of 1000 (1002 NodePorts,"), "{all}");
+        assert!(
+            all.starts_with("N=1000 north-south: NodePort Services 1000 of 1000 (1002 NodePorts,"),
+            "{all}"
+        );
         assert!(!all.contains("ClusterIP Services"), "{all}");
         let capped = node_port_note(10_000);
-        assert!(capped.contains(": NodePort Services 2766 of 10000 (2768 NodePorts,"), "{capped}");
-        assert!(capped.contains("the other 7234 fillers are ClusterIP Services"), "{capped}");
+        assert!(
+            capped.contains(": NodePort Services 2766 of 10000 (2768 NodePorts,"),
+            "{capped}"
+        );
+        assert!(
+            capped.contains("the other 7234 fillers are ClusterIP Services"),
+            "{capped}"
+        );
     }
 
     #[test]
     fn ferry_xdp_is_compared_with_ferry_and_the_others() {
-        let case = Case { topology: Topology::NorthSouth, services: 1 };
+        let case = Case {
+            topology: Topology::NorthSouth,
+            services: 1,
+        };
         let row = |path, v| Row {
             case,
             metric: Metric::CrrPerS,
@@ -1503,17 +1721,32 @@ mod tests {
             iptables_backend: IptablesBackend::Legacy,
             notes: Vec::new(),
             answered: Vec::new(),
-            xdp: vec![XdpRound { case, round: 1, attached: Some("xdp generic".into()), xdp_forward: 0 }],
+            xdp: vec![XdpRound {
+                case,
+                round: 1,
+                attached: Some("xdp generic".into()),
+                xdp_forward: 0,
+            }],
             bpf: Vec::new(),
-            results: vec![row(DataPath::NoNat, 100.0), row(DataPath::Ferry, 80.0), row(DataPath::FerryXdp, 88.0)],
+            results: vec![
+                row(DataPath::NoNat, 100.0),
+                row(DataPath::Ferry, 80.0),
+                row(DataPath::FerryXdp, 88.0),
+            ],
         };
         let md = out.markdown();
         assert!(
             md.contains("| no-NAT | ferry | ferry-xdp | ferry / no-NAT | ferry-xdp / no-NAT | ferry-xdp / ferry |\n"),
             "{md}"
         );
-        assert!(md.contains("| 1, north-south NodePort | 100 ±0% | 80.0 ±0% | 88.0 ±0% | 0.80 | 0.88 | 1.10 |\n"), "{md}");
-        assert!(md.contains("- N=1 north-south round 1: attached (xdp generic), xdp_forward 0 **(none"), "{md}");
+        assert!(
+            md.contains("| 1, north-south NodePort | 100 ±0% | 80.0 ±0% | 88.0 ±0% | 0.80 | 0.88 | 1.10 |\n"),
+            "{md}"
+        );
+        assert!(
+            md.contains("- N=1 north-south round 1: attached (xdp generic), xdp_forward 0 **(none"),
+            "{md}"
+        );
     }
 
     #[test]

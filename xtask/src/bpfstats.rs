@@ -33,15 +33,24 @@ pub struct Runs {
 /// The programs the process `pid` holds (the agent's), by id: name, runs.
 pub fn of_process(pid: u32) -> Result<BTreeMap<u32, (String, Runs)>> {
     let mut ids = std::collections::BTreeSet::new();
-    for e in fs::read_dir(format!("/proc/{pid}/fdinfo")).with_context(|| format!("the fds of {pid}"))?.flatten() {
+    for e in fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .with_context(|| format!("the fds of {pid}"))?
+        .flatten()
+    {
         let info = fs::read_to_string(e.path()).unwrap_or_default();
-        ids.extend(info.lines().filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse::<u32>().ok()));
+        ids.extend(
+            info.lines()
+                .filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse::<u32>().ok()),
+        );
     }
     Ok(aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| ids.contains(&p.id()))
         .map(|p| {
-            let runs = Runs { ns: p.run_time().as_nanos() as u64, count: p.run_count() };
+            let runs = Runs {
+                ns: p.run_time().as_nanos() as u64,
+                count: p.run_count(),
+            };
             (p.id(), (p.name_as_str().unwrap_or("?").to_string(), runs))
         })
         .collect())
@@ -50,7 +59,10 @@ pub fn of_process(pid: u32) -> Result<BTreeMap<u32, (String, Runs)>> {
 /// What ran between two snapshots, per program name (one program on
 /// several interfaces is one program; a program loaded in between counts
 /// from zero).
-pub fn delta_by_name(before: &BTreeMap<u32, (String, Runs)>, after: &BTreeMap<u32, (String, Runs)>) -> BTreeMap<String, Runs> {
+pub fn delta_by_name(
+    before: &BTreeMap<u32, (String, Runs)>,
+    after: &BTreeMap<u32, (String, Runs)>,
+) -> BTreeMap<String, Runs> {
     let mut out: BTreeMap<String, Runs> = BTreeMap::new();
     for (id, (name, a)) in after {
         let b = before.get(id).map(|(_, r)| *r).unwrap_or_default();
@@ -63,7 +75,12 @@ pub fn delta_by_name(before: &BTreeMap<u32, (String, Runs)>, after: &BTreeMap<u3
 
 /// [`delta_by_name`] summed over the programs.
 pub fn delta(before: &BTreeMap<u32, (String, Runs)>, after: &BTreeMap<u32, (String, Runs)>) -> Runs {
-    delta_by_name(before, after).into_values().fold(Runs::default(), |s, r| Runs { ns: s.ns + r.ns, count: s.count + r.count })
+    delta_by_name(before, after)
+        .into_values()
+        .fold(Runs::default(), |s, r| Runs {
+            ns: s.ns + r.ns,
+            count: s.count + r.count,
+        })
 }
 
 #[cfg(test)]

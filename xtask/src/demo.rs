@@ -26,7 +26,10 @@ pub fn run(once: bool, demo: bool) -> Result<()> {
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
 
     let manifests = crate::root().join("lab/manifests");
-    println!("lab: starting a node namespace with `ferry agent` and `ferry shim` on {}", manifests.display());
+    println!(
+        "lab: starting a node namespace with `ferry agent` and `ferry shim` on {}",
+        manifests.display()
+    );
     let lab = Lab::start(LabOptions::new("demo").manifests_from_dir(&manifests)?)?;
     println!("lab: node netns {}; waiting for the Pods to be ready", lab.node);
     let mut pods: Vec<&str> = BACKENDS.to_vec();
@@ -52,8 +55,8 @@ pub fn run(once: bool, demo: bool) -> Result<()> {
     println!("\n$ ferry svc list\n{}", lab.ferry(&["svc", "list"])?);
     if demo {
         let mut ok = true;
-        ok &= show_split("TCP", &client, tcp, |ns, a| tcp_ask(ns, a))?;
-        ok &= show_split("UDP", &client, udp, |ns, a| udp_ask(ns, a))?;
+        ok &= show_split("TCP", &client, tcp, tcp_ask)?;
+        ok &= show_split("UDP", &client, udp, udp_ask)?;
         ok &= crate::demo_ns::run()?;
         if once {
             println!("\n$ ferry ct list (first lines)");

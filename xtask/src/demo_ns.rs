@@ -38,15 +38,43 @@ pub fn run() -> Result<bool> {
     let c = Cluster::start("demons", 2, &[("web.yaml".into(), SERVICE.into())], &["--xdp"])?;
     let nodes: Vec<String> = c.nodes.iter().map(|l| l.node.clone()).collect();
     for (i, n) in nodes.iter().enumerate() {
-        c.write_manifest(&format!("web-{}.yaml", i + 1), &on_node(&echo_pod(&format!("web-{}", i + 1), "web", None), n))?;
+        c.write_manifest(
+            &format!("web-{}.yaml", i + 1),
+            &on_node(&echo_pod(&format!("web-{}", i + 1), "web", None), n),
+        )?;
     }
-    sys::run("ip", &["-n", &c.external, "route", "add", &format!("{EXTERNAL_IP}/32"), "via", &node_addr(0).to_string()])?;
-    sys::run("ip", &["-n", &c.external, "route", "add", &format!("{LB_IP}/32"), "via", &node_addr(1).to_string()])?;
+    sys::run(
+        "ip",
+        &[
+            "-n",
+            &c.external,
+            "route",
+            "add",
+            &format!("{EXTERNAL_IP}/32"),
+            "via",
+            &node_addr(0).to_string(),
+        ],
+    )?;
+    sys::run(
+        "ip",
+        &[
+            "-n",
+            &c.external,
+            "route",
+            "add",
+            &format!("{LB_IP}/32"),
+            "via",
+            &node_addr(1).to_string(),
+        ],
+    )?;
     c.wait_ready(&["web-1", "web-2"], Duration::from_secs(60))?;
     for (i, n) in nodes.iter().enumerate() {
         println!("  node {} netns {n} address {} runs web-{}", i + 1, node_addr(i), i + 1);
     }
-    println!("  external client netns {} address {EXTERNAL_ADDR} (no route to Pods)", c.external);
+    println!(
+        "  external client netns {} address {EXTERNAL_ADDR} (no route to Pods)",
+        c.external
+    );
     let mut ok = true;
     for (what, to) in [
         ("NodePort on node 1", SocketAddr::from((node_addr(0), 30080))),
@@ -55,7 +83,9 @@ pub fn run() -> Result<bool> {
         ("LoadBalancer IP (routed to node 2)", format!("{LB_IP}:80").parse()?),
     ] {
         // Every agent programs both backends within a moment of them being ready.
-        c.nodes[0].wait_answered_by(&to.to_string(), &["web-1", "web-2"], || TcpSession::connect(&c.external, to)?.ask())?;
+        c.nodes[0].wait_answered_by(&to.to_string(), &["web-1", "web-2"], || {
+            TcpSession::connect(&c.external, to)?.ask()
+        })?;
         let mut counts: BTreeMap<(String, String), usize> = BTreeMap::new();
         for _ in 0..REQUESTS {
             let mut s = TcpSession::connect(&c.external, to).with_context(|| format!("connecting to {to}"))?;
@@ -65,7 +95,10 @@ pub fn run() -> Result<bool> {
         println!("\n{REQUESTS} TCP connections from the external client to {to} ({what}):");
         for ((name, seen), n) in &counts {
             let node = if name == "web-1" { 1 } else { 2 };
-            println!("  {name} (node {node}) saw the client as {seen:<15} {n:>3}  {}", "#".repeat(*n));
+            println!(
+                "  {name} (node {node}) saw the client as {seen:<15} {n:>3}  {}",
+                "#".repeat(*n)
+            );
         }
         ok &= ["web-1", "web-2"].iter().all(|b| counts.keys().any(|(n, _)| n == b));
     }
@@ -73,7 +106,10 @@ pub fn run() -> Result<bool> {
     println!("   dialled node's address: SNAT, so that its reply comes back the same way)");
     for (i, lab) in c.nodes.iter().enumerate() {
         let xdp = lab.counter("xdp_forward")?;
-        println!("  node {}: {xdp} packets forwarded by XDP itself (to/from the other node's backend)", i + 1);
+        println!(
+            "  node {}: {xdp} packets forwarded by XDP itself (to/from the other node's backend)",
+            i + 1
+        );
     }
     Ok(ok)
 }

@@ -83,9 +83,7 @@ pub fn run(nodes: usize, once: bool) -> Result<()> {
     if let Err(e) = checked {
         println!("lab: WARNING: {e:#}\n(the lab keeps running so you can look)");
     }
-    println!(
-        "\nlab: running. Ctrl-C stops and removes everything (namespaces, Pods, pinned maps)."
-    );
+    println!("\nlab: running. Ctrl-C stops and removes everything (namespaces, Pods, pinned maps).");
     while !stop.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(500));
         for lab in &mut cluster.nodes {
@@ -101,13 +99,12 @@ fn services(manifests: &[(String, String)]) -> Result<Vec<Svc>> {
     let mut out = Vec::new();
     for (file, text) in manifests {
         for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let value = serde_yaml::Value::deserialize(doc)
-                .with_context(|| format!("{file}: document {}", i + 1))?;
+            let value = serde_yaml::Value::deserialize(doc).with_context(|| format!("{file}: document {}", i + 1))?;
             if value.get("kind").and_then(|k| k.as_str()) != Some("Service") {
                 continue;
             }
-            let svc: Service = serde_yaml::from_value(value)
-                .with_context(|| format!("{file}: document {}: Service", i + 1))?;
+            let svc: Service =
+                serde_yaml::from_value(value).with_context(|| format!("{file}: document {}: Service", i + 1))?;
             if let Some(s) = svc_of(file, svc)? {
                 out.push(s);
             }
@@ -118,10 +115,7 @@ fn services(manifests: &[(String, String)]) -> Result<Vec<Svc>> {
 
 fn svc_of(file: &str, svc: Service) -> Result<Option<Svc>> {
     let name = svc.metadata.name.unwrap_or_default();
-    let key = format!(
-        "{}/{name}",
-        svc.metadata.namespace.as_deref().unwrap_or("default")
-    );
+    let key = format!("{}/{name}", svc.metadata.namespace.as_deref().unwrap_or("default"));
     let Some(spec) = svc.spec else {
         return Ok(None);
     };
@@ -133,8 +127,8 @@ fn svc_of(file: &str, svc: Service) -> Result<Option<Svc>> {
         .with_context(|| format!("{file}: Service {key}: spec.clusterIP {ip:?}"))?;
     let mut ports = Vec::new();
     for p in spec.ports.unwrap_or_default() {
-        let port = u16::try_from(p.port)
-            .with_context(|| format!("{file}: Service {key}: spec.ports.port {}", p.port))?;
+        let port =
+            u16::try_from(p.port).with_context(|| format!("{file}: Service {key}: spec.ports.port {}", p.port))?;
         let node_port = p
             .node_port
             .map(u16::try_from)
@@ -232,15 +226,9 @@ fn backends<'a>(svc: &Svc, records: &'a [PodRecord]) -> Vec<&'a PodRecord> {
 fn print_services(services: &[Svc], records: &[PodRecord]) {
     println!("\nServices (lab/manifests):");
     for svc in services {
-        let names: Vec<&str> = backends(svc, records)
-            .iter()
-            .map(|r| r.name.as_str())
-            .collect();
+        let names: Vec<&str> = backends(svc, records).iter().map(|r| r.name.as_str()).collect();
         for p in &svc.ports {
-            let node_port = p
-                .node_port
-                .map(|n| format!("  NodePort {n}"))
-                .unwrap_or_default();
+            let node_port = p.node_port.map(|n| format!("  NodePort {n}")).unwrap_or_default();
             println!(
                 "    {:<18} {}:{}/{}{node_port}  backends {}",
                 svc.key,
@@ -258,24 +246,25 @@ fn print_services(services: &[Svc], records: &[PodRecord]) {
 fn print_examples(c: &Cluster, services: &[Svc], records: &[PodRecord]) -> Result<()> {
     let ferry = sys::ferry_bin()?;
     println!("\nTry:");
-    let pod = records
-        .iter()
-        .find(|r| r.netns.is_some() && !is_backend(services, r));
+    let pod = records.iter().find(|r| r.netns.is_some() && !is_backend(services, r));
     if let Some(pod) = pod.or(records.first()) {
         let ns = pod.netns.as_deref().unwrap_or_default();
         for svc in services {
             for p in &svc.ports {
                 let to = format!("{}:{}", svc.cluster_ip, p.port);
                 match p.protocol.as_str() {
-                    "UDP" => println!("    echo hi | ip netns exec {ns} socat -T1 - UDP:{to}    # pod {} -> {} (UDP)", pod.name, svc.key),
-                    _ => println!("    ip netns exec {ns} curl -s http://{to}/    # pod {} -> {}", pod.name, svc.key),
+                    "UDP" => println!(
+                        "    echo hi | ip netns exec {ns} socat -T1 - UDP:{to}    # pod {} -> {} (UDP)",
+                        pod.name, svc.key
+                    ),
+                    _ => println!(
+                        "    ip netns exec {ns} curl -s http://{to}/    # pod {} -> {}",
+                        pod.name, svc.key
+                    ),
                 }
             }
         }
-        println!(
-            "    ip netns exec {ns} bash    # a shell in pod {}",
-            pod.name
-        );
+        println!("    ip netns exec {ns} bash    # a shell in pod {}", pod.name);
     }
     for svc in services {
         for p in svc.ports.iter().filter(|p| p.node_port.is_some()) {
@@ -283,8 +272,16 @@ fn print_examples(c: &Cluster, services: &[Svc], records: &[PodRecord]) -> Resul
             for i in 0..c.nodes.len() {
                 let to = format!("{}:{np}", node_addr(i));
                 match p.protocol.as_str() {
-                    "UDP" => println!("    echo hi | ip netns exec {} socat -T1 - UDP:{to}    # external -> NodePort of node {}", c.external, i + 1),
-                    _ => println!("    ip netns exec {} curl -s http://{to}/    # external -> NodePort of node {}", c.external, i + 1),
+                    "UDP" => println!(
+                        "    echo hi | ip netns exec {} socat -T1 - UDP:{to}    # external -> NodePort of node {}",
+                        c.external,
+                        i + 1
+                    ),
+                    _ => println!(
+                        "    ip netns exec {} curl -s http://{to}/    # external -> NodePort of node {}",
+                        c.external,
+                        i + 1
+                    ),
                 }
             }
         }
@@ -308,45 +305,27 @@ fn is_backend(services: &[Svc], r: &PodRecord) -> bool {
 /// from the external client on each node's address.
 fn check_services(c: &Cluster, services: &[Svc], records: &[PodRecord]) -> Result<()> {
     for svc in services {
-        let want: BTreeSet<String> = backends(svc, records)
-            .iter()
-            .map(|r| r.name.clone())
-            .collect();
+        let want: BTreeSet<String> = backends(svc, records).iter().map(|r| r.name.clone()).collect();
         if want.is_empty() {
             println!("    {}: no backends, not checked", svc.key);
             continue;
         }
         for p in &svc.ports {
             for (i, lab) in c.nodes.iter().enumerate() {
-                let mine = records
-                    .iter()
-                    .filter(|r| r.node == lab.node && r.netns.is_some());
-                let Some(pod) = mine
-                    .clone()
-                    .find(|r| !want.contains(&r.name))
-                    .or(mine.clone().next())
-                else {
+                let mine = records.iter().filter(|r| r.node == lab.node && r.netns.is_some());
+                let Some(pod) = mine.clone().find(|r| !want.contains(&r.name)).or(mine.clone().next()) else {
                     println!("    node {}: no Pod to ask from", i + 1);
                     continue;
                 };
                 let to = SocketAddr::from((svc.cluster_ip, p.port));
                 let from = pod.netns.clone().unwrap_or_default();
-                let what = format!(
-                    "{} {to}/{} from pod {} (node {})",
-                    svc.key,
-                    p.protocol,
-                    pod.name,
-                    i + 1
-                );
+                let what = format!("{} {to}/{} from pod {} (node {})", svc.key, p.protocol, pod.name, i + 1);
                 answered_by_all(c, &what, &from, to, &p.protocol, &want)?;
             }
             let Some(np) = p.node_port else { continue };
             for i in 0..c.nodes.len() {
                 let to = SocketAddr::from((node_addr(i), np));
-                let what = format!(
-                    "{} NodePort {to}/{} from the external client",
-                    svc.key, p.protocol
-                );
+                let what = format!("{} NodePort {to}/{} from the external client", svc.key, p.protocol);
                 answered_by_all(c, &what, &c.external, to, &p.protocol, &want)?;
             }
         }
@@ -369,10 +348,7 @@ fn answered_by_all(
         "UDP" => udp_ask(from, to),
         _ => tcp_ask(from, to),
     })?;
-    ensure!(
-        &seen == want,
-        "{what}: answered by {seen:?}, only {want:?} should"
-    );
+    ensure!(&seen == want, "{what}: answered by {seen:?}, only {want:?} should");
     println!(
         "    ok  {what}: answered by {}",
         seen.into_iter().collect::<Vec<_>>().join(" ")

@@ -6,7 +6,7 @@ mod demo_ns;
 mod lab;
 mod setup;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
@@ -99,7 +99,10 @@ fn main() -> Result<()> {
 
 /// The workspace root (xtask lives in <root>/xtask).
 pub fn root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").into()
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .into()
 }
 
 pub fn cargo() -> Command {
@@ -138,6 +141,7 @@ fn build(release: bool) -> Result<()> {
 
 fn test(filter: Option<&str>) -> Result<()> {
     require_root()?;
+    let style = if filter.is_none() { style() } else { Ok(()) };
     println!("xtask: unit tests (all crates but the lab's)");
     let mut unit = cargo();
     unit.args(["test", "--workspace", "--exclude", "ferry-tests", "--no-fail-fast"]);
@@ -149,7 +153,45 @@ fn test(filter: Option<&str>) -> Result<()> {
     lab.args(filter);
     lab.arg("--test-threads=1");
     let lab_result = run_cmd(&mut lab);
-    unit_result.and(lab_result)
+    style.and(unit_result).and(lab_result)
+}
+
+/// The tree stays formatted (rustfmt.toml) and free of clippy warnings: both
+/// are part of the test run, so CI fails on either. The eBPF crate is built
+/// for its own target by agent/build.rs and is formatted, not linted, here.
+fn style() -> Result<()> {
+    let has = |tool: &str| {
+        cargo()
+            .args([tool, "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let mut result = Ok(());
+    if has("fmt") {
+        println!("xtask: formatting (cargo fmt --all --check)");
+        result = run_cmd(cargo().args(["fmt", "--all", "--check"]));
+    } else {
+        println!("xtask: rustfmt is not installed (rustup component add rustfmt): formatting NOT checked");
+    }
+    if has("clippy") {
+        println!("xtask: lints (cargo clippy --workspace --all-targets -- -D warnings)");
+        let lints = run_cmd(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--exclude",
+            "ferry-dataplane-ebpf",
+            "--",
+            "-D",
+            "warnings",
+        ]));
+        result = result.and(lints);
+    } else {
+        println!("xtask: clippy is not installed (rustup component add clippy): lints NOT checked");
+    }
+    result
 }
 
 pub fn require_root() -> Result<()> {

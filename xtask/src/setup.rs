@@ -26,7 +26,10 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iptables", "kube-proxy's iptables rules, the benchmark's baseline"),
     ("nftables", "kube-proxy's nftables rules, the benchmark's baseline"),
     ("conntrack", "inspecting netfilter connection tracking in the benchmark"),
-    ("ethtool", "the multi-node lab's underlay sends full checksums, like a wire"),
+    (
+        "ethtool",
+        "the multi-node lab's underlay sends full checksums, like a wire",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
@@ -43,8 +46,11 @@ pub fn run() -> Result<()> {
 }
 
 fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> =
-        PACKAGES.iter().map(|(p, _)| *p).filter(|p| !dpkg_installed(p)).collect();
+    let missing: Vec<&str> = PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|p| !dpkg_installed(p))
+        .collect();
     if missing.is_empty() {
         println!("  ok   Debian packages ({} present)", PACKAGES.len());
         return Ok(());
@@ -54,7 +60,10 @@ fn apt_packages() -> Result<()> {
     }
     run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
     let mut install = Command::new("apt-get");
-    install.env("DEBIAN_FRONTEND", "noninteractive").args(["install", "-y", "-q"]).args(&missing);
+    install
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-q"])
+        .args(&missing);
     run_cmd(&mut install)
 }
 
@@ -71,7 +80,10 @@ fn ebpf_toolchain() -> Result<()> {
     let Ok(list) = list else {
         bail!("rustup not found: the machine's Rust toolchain is expected to come with rustup");
     };
-    if String::from_utf8_lossy(&list.stdout).lines().any(|l| l.starts_with(EBPF_TOOLCHAIN)) {
+    if String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .any(|l| l.starts_with(EBPF_TOOLCHAIN))
+    {
         println!("  ok   rustup toolchain {EBPF_TOOLCHAIN} (Debian's rustc at /usr/bin)");
         return Ok(());
     }

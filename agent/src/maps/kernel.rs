@@ -6,10 +6,9 @@ use aya::maps::{
     Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap,
 };
 use ferry_common::{
-    addr_from_map, addr_to_map, config, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat,
-    ServiceKey, ServiceName, ServiceValue, SrcRangeKey, SvcStats, AFFINITY_MAP, BACKENDS_MAP,
-    CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP, PROTO_UDP, REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS,
-    SVC_NAMES_MAP, SVC_STATS_MAP, MAGLEV_MAP,
+    addr_from_map, addr_to_map, config, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey,
+    ServiceName, ServiceValue, SrcRangeKey, SvcStats, AFFINITY_MAP, BACKENDS_MAP, CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP,
+    MAGLEV_MAP, PROTO_UDP, REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS, SVC_NAMES_MAP, SVC_STATS_MAP,
 };
 use ipnet::Ipv4Net;
 
@@ -39,11 +38,17 @@ pub struct KernelMaps {
 }
 
 fn maglev_map(data: MapData) -> Result<Array<MapData, u32>, OpenError> {
-    Array::try_from(Map::Array(data)).map_err(|source| OpenError::Map { name: MAGLEV_MAP, source })
+    Array::try_from(Map::Array(data)).map_err(|source| OpenError::Map {
+        name: MAGLEV_MAP,
+        source,
+    })
 }
 
 fn config_map(data: MapData) -> Result<Array<MapData, u32>, OpenError> {
-    Array::try_from(Map::Array(data)).map_err(|source| OpenError::Map { name: CONFIG_MAP, source })
+    Array::try_from(Map::Array(data)).map_err(|source| OpenError::Map {
+        name: CONFIG_MAP,
+        source,
+    })
 }
 
 /// A second handle on the object's config array.
@@ -55,7 +60,10 @@ fn config_of(ebpf: &aya::Ebpf) -> Result<Array<MapData, u32>, OpenError> {
         name: CONFIG_MAP,
         source: MapError::IoError(e),
     })?;
-    config_map(MapData::from_fd(fd).map_err(|source| OpenError::Map { name: CONFIG_MAP, source })?)
+    config_map(MapData::from_fd(fd).map_err(|source| OpenError::Map {
+        name: CONFIG_MAP,
+        source,
+    })?)
 }
 
 fn src_ranges_map(data: MapData) -> Result<LpmTrie<MapData, SrcRangeKey, u8>, OpenError> {
@@ -96,19 +104,14 @@ fn stats_map(data: MapData) -> Result<PerCpuHashMap<MapData, u16, SvcStats>, Ope
 pub enum OpenError {
     #[error("map {0} is missing from the eBPF object")]
     Missing(&'static str),
-    #[error(
-        "map {name} at {path}: {source} (is the agent running for this node? see --bpffs-dir)"
-    )]
+    #[error("map {name} at {path}: {source} (is the agent running for this node? see --bpffs-dir)")]
     Pin {
         name: &'static str,
         path: String,
         source: MapError,
     },
     #[error("map {name}: {source}")]
-    Map {
-        name: &'static str,
-        source: MapError,
-    },
+    Map { name: &'static str, source: MapError },
 }
 
 pub(crate) fn from_pin(dir: &Path, name: &'static str) -> Result<MapData, OpenError> {
@@ -120,17 +123,11 @@ pub(crate) fn from_pin(dir: &Path, name: &'static str) -> Result<MapData, OpenEr
     })
 }
 
-fn hash<K: aya::Pod, V: aya::Pod>(
-    name: &'static str,
-    data: MapData,
-) -> Result<HashMap<MapData, K, V>, OpenError> {
+fn hash<K: aya::Pod, V: aya::Pod>(name: &'static str, data: MapData) -> Result<HashMap<MapData, K, V>, OpenError> {
     HashMap::try_from(Map::HashMap(data)).map_err(|source| OpenError::Map { name, source })
 }
 
-fn lru<K: aya::Pod, V: aya::Pod>(
-    name: &'static str,
-    data: MapData,
-) -> Result<HashMap<MapData, K, V>, OpenError> {
+fn lru<K: aya::Pod, V: aya::Pod>(name: &'static str, data: MapData) -> Result<HashMap<MapData, K, V>, OpenError> {
     HashMap::try_from(Map::LruHashMap(data)).map_err(|source| OpenError::Map { name, source })
 }
 
@@ -218,10 +215,15 @@ impl KernelMaps {
             return Ok(out);
         };
         for index in super::maglev_tables_in_use(services) {
-            let Some(base) = index.checked_mul(m).filter(|b| b.checked_add(m).is_some_and(|end| end <= map.len())) else {
+            let Some(base) = index
+                .checked_mul(m)
+                .filter(|b| b.checked_add(m).is_some_and(|end| end <= map.len()))
+            else {
                 continue;
             };
-            let table = (base..base + m).map(|i| map.get(&i, 0)).collect::<Result<Vec<u32>, _>>()?;
+            let table = (base..base + m)
+                .map(|i| map.get(&i, 0))
+                .collect::<Result<Vec<u32>, _>>()?;
             out.insert(index, std::sync::Arc::new(table));
         }
         Ok(out)
@@ -246,7 +248,8 @@ impl MapStore for KernelMaps {
     }
 
     fn read_all(&self) -> Result<MapContents, MapError> {
-        let services: std::collections::BTreeMap<ServiceKey, ServiceValue> = self.services.iter().collect::<Result<_, _>>()?;
+        let services: std::collections::BTreeMap<ServiceKey, ServiceValue> =
+            self.services.iter().collect::<Result<_, _>>()?;
         Ok(MapContents {
             maglev: self.read_maglev(&services)?,
             services,
@@ -254,7 +257,10 @@ impl MapStore for KernelMaps {
             revnat: self.revnat.iter().collect::<Result<_, _>>()?,
             names: self.names.iter().collect::<Result<_, _>>()?,
             source_ranges: match &self.src_ranges {
-                Some(t) => t.keys().filter_map(|k| k.map(|k| src_range_of(&k)).transpose()).collect::<Result<_, _>>()?,
+                Some(t) => t
+                    .keys()
+                    .filter_map(|k| k.map(|k| src_range_of(&k)).transpose())
+                    .collect::<Result<_, _>>()?,
                 None => Default::default(),
             },
             cursors: IdCursors {
@@ -265,7 +271,10 @@ impl MapStore for KernelMaps {
     }
     fn put_maglev(&mut self, index: u32, table: &[u32]) -> Result<(), MapError> {
         let map = self.maglev.as_mut().ok_or_else(|| not_pinned(MAGLEV_MAP))?;
-        let base = index.checked_mul(table.len() as u32).ok_or(MapError::OutOfBounds { index, max_entries: map.len() })?;
+        let base = index.checked_mul(table.len() as u32).ok_or(MapError::OutOfBounds {
+            index,
+            max_entries: map.len(),
+        })?;
         for (i, id) in table.iter().enumerate() {
             map.set(base + i as u32, id, 0)?;
         }
@@ -300,7 +309,10 @@ impl MapStore for KernelMaps {
         ok_if_missing(self.names.remove(&id))
     }
     fn put_source_range(&mut self, r: SourceRange) -> Result<(), MapError> {
-        self.src_ranges.as_mut().ok_or_else(no_src_ranges)?.insert(&src_range_key(r), 1, 0)
+        self.src_ranges
+            .as_mut()
+            .ok_or_else(no_src_ranges)?
+            .insert(&src_range_key(r), 1, 0)
     }
     fn del_source_range(&mut self, r: SourceRange) -> Result<(), MapError> {
         match self.src_ranges.as_mut() {
@@ -322,9 +334,7 @@ impl MapStore for KernelMaps {
                 .ct_any
                 .iter()
                 .filter_map(Result::ok)
-                .filter(|(k, v)| {
-                    k.proto == PROTO_UDP && udp.contains(&(v.rev_nat_id, v.backend_id))
-                })
+                .filter(|(k, v)| k.proto == PROTO_UDP && udp.contains(&(v.rev_nat_id, v.backend_id)))
                 .map(|(k, _)| k)
                 .collect();
             for k in stale {
@@ -373,9 +383,7 @@ pub fn read_counters(dir: &Path) -> Result<Vec<u64>, OpenError> {
 }
 
 /// Per-frontend traffic pinned under `dir`, summed over CPUs, by reverse-NAT id.
-pub fn read_svc_stats_by_id(
-    dir: &Path,
-) -> Result<std::collections::BTreeMap<u16, SvcStats>, OpenError> {
+pub fn read_svc_stats_by_id(dir: &Path) -> Result<std::collections::BTreeMap<u16, SvcStats>, OpenError> {
     let stats = stats_map(from_pin(dir, SVC_STATS_MAP)?)?;
     Ok(stats
         .iter()
@@ -394,15 +402,11 @@ pub fn read_svc_stats_by_id(
 /// name (`namespace/name:port (TYPE)`, empty if unnamed).
 pub fn read_svc_stats(dir: &Path) -> Result<Vec<(String, SvcStats)>, OpenError> {
     let stats = read_svc_stats_by_id(dir)?;
-    let names: HashMap<MapData, u16, ServiceName> =
-        hash(SVC_NAMES_MAP, from_pin(dir, SVC_NAMES_MAP)?)?;
+    let names: HashMap<MapData, u16, ServiceName> = hash(SVC_NAMES_MAP, from_pin(dir, SVC_NAMES_MAP)?)?;
     Ok(stats
         .into_iter()
         .map(|(id, total)| {
-            let name = names
-                .get(&id, 0)
-                .map(|n| n.as_str().to_string())
-                .unwrap_or_default();
+            let name = names.get(&id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
             (name, total)
         })
         .collect())
@@ -419,7 +423,11 @@ mod tests {
         assert_eq!(key.prefix_len(), 32 + 24);
         let data = key.data();
         assert_eq!((data.rev_nat_id, data._pad), (7, 0));
-        assert_eq!(data.addr.to_ne_bytes(), [192, 168, 77, 0], "the trie compares bytes in network order");
+        assert_eq!(
+            data.addr.to_ne_bytes(),
+            [192, 168, 77, 0],
+            "the trie compares bytes in network order"
+        );
         assert_eq!(src_range_of(&key), Some(r));
         assert_eq!(src_range_of(&Key::new(16, data)), None, "shorter than the id: not ours");
         assert_eq!(src_range_of(&Key::new(32 + 33, data)), None);

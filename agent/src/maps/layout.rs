@@ -11,8 +11,8 @@ use std::{
 };
 
 use ferry_common::{
-    addr_from_map, addr_to_map, backend_flags, port_from_map, port_to_map, Backend, RevNat,
-    svc_flags, ServiceKey, ServiceName, ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    addr_from_map, addr_to_map, backend_flags, port_from_map, port_to_map, svc_flags, Backend, RevNat, ServiceKey,
+    ServiceName, ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL,
 };
 
 use super::{IdCursors, MapContents};
@@ -159,7 +159,12 @@ impl Ids {
     /// Maglev tables of `size` entries (a prime), at most `tables` of them
     /// (`--maglev-table-size`, `--maglev-tables`).
     pub fn with_maglev(mut self, size: u32, tables: u32) -> Self {
-        self.maglev = MaglevIds { size, tables: Allocator::new(tables), computed: BTreeMap::new(), without_table: 0 };
+        self.maglev = MaglevIds {
+            size,
+            tables: Allocator::new(tables),
+            computed: BTreeMap::new(),
+            without_table: 0,
+        };
         self
     }
 
@@ -169,20 +174,12 @@ impl Ids {
         let mut ids = Self::default().with_maglev(maglev_size, maglev_tables);
         for (id, b) in &c.backends {
             ids.backends.insert(
-                (
-                    Ipv4Addr::from(addr_from_map(b.addr)),
-                    port_from_map(b.port),
-                    b.proto,
-                ),
+                (Ipv4Addr::from(addr_from_map(b.addr)), port_from_map(b.port), b.proto),
                 *id,
             );
         }
         for (k, v) in c.services.iter().filter(|(k, _)| k.slot == 0) {
-            let t = (
-                Ipv4Addr::from(addr_from_map(k.addr)),
-                port_from_map(k.port),
-                k.proto,
-            );
+            let t = (Ipv4Addr::from(addr_from_map(k.addr)), port_from_map(k.port), k.proto);
             ids.frontends.insert(t, u32::from(v.rev_nat_id));
             if v.flags & svc_flags::MAGLEV != 0 && v.backend_id < maglev_tables {
                 if let Some(key) = maglev_key(c, k, v.count) {
@@ -197,7 +194,10 @@ impl Ids {
 
     /// The allocators' cursors, to keep with the maps.
     pub fn cursors(&self) -> IdCursors {
-        IdCursors { backend: self.backends.last, revnat: self.frontends.last }
+        IdCursors {
+            backend: self.backends.last,
+            revnat: self.frontends.last,
+        }
     }
 
     fn backend(&mut self, t: Tuple) -> Option<u32> {
@@ -225,7 +225,10 @@ impl Ids {
             })
             .clone();
         let ids: BTreeMap<Tuple, u32> = slots.iter().map(|(id, t)| (*t, *id)).collect();
-        Some((index, Arc::new(positions.iter().map(|&i| ids[&key[i as usize]]).collect())))
+        Some((
+            index,
+            Arc::new(positions.iter().map(|&i| ids[&key[i as usize]]).collect()),
+        ))
     }
 }
 
@@ -248,7 +251,11 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             port: port_to_map(f.port),
             slot,
             proto: f.proto,
-            scope: if f.flags & svc_flags::INTERNAL != 0 { SCOPE_INTERNAL } else { SCOPE_EXTERNAL },
+            scope: if f.flags & svc_flags::INTERNAL != 0 {
+                SCOPE_INTERNAL
+            } else {
+                SCOPE_EXTERNAL
+            },
             _pad: [0; 2],
         };
         let backend_value = |b: &crate::translate::BackendSpec| Backend {
@@ -337,7 +344,8 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             rev_nat_id,
             ServiceName::new(&format!("{} ({})", f.name, frontend_type(f.flags))),
         );
-        out.source_ranges.extend(f.source_ranges.iter().map(|net| (rev_nat_id, net.trunc())));
+        out.source_ranges
+            .extend(f.source_ranges.iter().map(|net| (rev_nat_id, net.trunc())));
     }
     ids.backends.retain(&live_backends);
     ids.frontends.retain(&live_frontends);
@@ -365,7 +373,13 @@ mod tests {
 
     fn fe(port: u16, backends: &[[u8; 4]]) -> Frontend {
         let addrs = backends.iter().map(|b| Ipv4Addr::from(*b));
-        Frontend::cluster_ip(format!("default/web:{port}"), Ipv4Addr::new(10, 96, 0, 10), port, addrs, 8080)
+        Frontend::cluster_ip(
+            format!("default/web:{port}"),
+            Ipv4Addr::new(10, 96, 0, 10),
+            port,
+            addrs,
+            8080,
+        )
     }
 
     #[test]
@@ -385,14 +399,8 @@ mod tests {
             assert_eq!(v.rev_nat_id, slot0.rev_nat_id);
         }
         let rn = c.revnat[&slot0.rev_nat_id];
-        assert_eq!(
-            (addr_from_map(rn.addr), port_from_map(rn.port)),
-            ([10, 96, 0, 10], 80)
-        );
-        assert_eq!(
-            c.names[&slot0.rev_nat_id].as_str(),
-            "default/web:80 (ClusterIP)"
-        );
+        assert_eq!((addr_from_map(rn.addr), port_from_map(rn.port)), ([10, 96, 0, 10], 80));
+        assert_eq!(c.names[&slot0.rev_nat_id].as_str(), "default/web:80 (ClusterIP)");
     }
 
     #[test]
@@ -410,7 +418,11 @@ mod tests {
             .unwrap()
             .1
             .rev_nat_id;
-        let want: BTreeSet<_> = [(lb_id, "10.1.0.0/16".parse().unwrap()), (lb_id, "192.168.77.200/32".parse().unwrap())].into();
+        let want: BTreeSet<_> = [
+            (lb_id, "10.1.0.0/16".parse().unwrap()),
+            (lb_id, "192.168.77.200/32".parse().unwrap()),
+        ]
+        .into();
         assert_eq!(c.source_ranges, want, "only the restricted frontend has entries");
     }
 
@@ -418,13 +430,8 @@ mod tests {
     fn backend_ids_are_stable_and_not_reused_at_once() {
         let mut ids = Ids::default();
         let c1 = layout(&[fe(80, &[[10, 0, 0, 1], [10, 0, 0, 2]])], &mut ids);
-        let id_of = |c: &MapContents, ip: [u8; 4]| {
-            *c.backends
-                .iter()
-                .find(|(_, b)| addr_from_map(b.addr) == ip)
-                .unwrap()
-                .0
-        };
+        let id_of =
+            |c: &MapContents, ip: [u8; 4]| *c.backends.iter().find(|(_, b)| addr_from_map(b.addr) == ip).unwrap().0;
         let b2 = id_of(&c1, [10, 0, 0, 2]);
         // .1 goes away, .3 arrives: .2 keeps its id, .3 gets a fresh one (not .1's).
         let c2 = layout(&[fe(80, &[[10, 0, 0, 2], [10, 0, 0, 3]])], &mut ids);
@@ -436,10 +443,7 @@ mod tests {
     fn allocator_wraps_and_reports_exhaustion() {
         let t = |i: u8| (Ipv4Addr::new(10, 0, 0, i), 80, PROTO_TCP);
         let mut a = Allocator::new(3);
-        assert_eq!(
-            [a.get(t(1)), a.get(t(2)), a.get(t(3))],
-            [Some(1), Some(2), Some(3)]
-        );
+        assert_eq!([a.get(t(1)), a.get(t(2)), a.get(t(3))], [Some(1), Some(2), Some(3)]);
         assert_eq!(a.get(t(4)), None, "all ids taken: no id, no endless search");
         a.retain(&[t(1), t(3)].into());
         assert_eq!(a.get(t(4)), Some(2), "wraps to the freed id");
@@ -464,14 +468,23 @@ mod tests {
         let ((a_backend, a_revnat), (b_backend, b_revnat)) = (only_ids(&a), only_ids(&b));
         assert_ne!(b_backend, a_backend, "B's backend got A's freed backend id");
         assert_ne!(b_revnat, a_revnat, "B's frontend got A's freed reverse-NAT id");
-        assert_eq!(b.cursors, IdCursors { backend: b_backend, revnat: u32::from(b_revnat) });
+        assert_eq!(
+            b.cursors,
+            IdCursors {
+                backend: b_backend,
+                revnat: u32::from(b_revnat)
+            }
+        );
     }
 
     #[test]
     fn pins_without_cursors_resume_after_the_highest_live_id() {
         let mut ids = Ids::default();
         let c = layout(&[fe(80, &[[10, 0, 0, 1], [10, 0, 0, 2]])], &mut ids);
-        let old = MapContents { cursors: IdCursors::default(), ..c.clone() };
+        let old = MapContents {
+            cursors: IdCursors::default(),
+            ..c.clone()
+        };
         let mut fresh = Ids::from_contents(&old, 251, 4);
         assert_eq!(fresh.cursors(), c.cursors);
         let next = layout(&[fe(80, &[[10, 0, 0, 1], [10, 0, 0, 2], [10, 0, 0, 3]])], &mut fresh);
@@ -481,15 +494,9 @@ mod tests {
     #[test]
     fn ids_are_recovered_from_map_contents() {
         let mut ids = Ids::default();
-        let c1 = layout(
-            &[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])],
-            &mut ids,
-        );
+        let c1 = layout(&[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])], &mut ids);
         let mut fresh = Ids::from_contents(&c1, 251, 4);
-        let c2 = layout(
-            &[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])],
-            &mut fresh,
-        );
+        let c2 = layout(&[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])], &mut fresh);
         assert_eq!(c1, c2, "a restarted agent computes the same contents");
     }
 }

@@ -5,14 +5,12 @@
 //! that does not fit is reported by name and the others are written.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::Arc,
     fmt,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use ferry_common::{
-    addr_from_map, port_from_map, svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue,
-};
+use ferry_common::{addr_from_map, port_from_map, svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue};
 
 use super::{assignments, maglev_tables_in_use, Assignment, Forgotten, MapContents, MapStore, SourceRange};
 
@@ -399,7 +397,10 @@ impl<S: MapStore> Writes<'_, S> {
             })
             .collect();
         for (k, want, have) in lower {
-            let mut v = ServiceValue { count: want.count, ..have };
+            let mut v = ServiceValue {
+                count: want.count,
+                ..have
+            };
             // A Maglev table may name the backends that are about to go:
             // switch to the new table now if it can be written (it names
             // only backends the maps hold), else pick at random among the
@@ -447,11 +448,7 @@ impl<S: MapStore> Writes<'_, S> {
         }
         for k in slots {
             let frontend = ServiceKey { slot: 0, ..k };
-            let counted = self
-                .cur
-                .services
-                .get(&frontend)
-                .is_some_and(|f| f.count >= k.slot);
+            let counted = self.cur.services.get(&frontend).is_some_and(|f| f.count >= k.slot);
             if !counted {
                 self.delete_service(desired, k);
             }
@@ -462,10 +459,7 @@ impl<S: MapStore> Writes<'_, S> {
             .difference(&desired.source_ranges)
             .copied()
             .collect();
-        let unused: Vec<SourceRange> = stale
-            .into_iter()
-            .filter(|r| self.range_unused(desired, r.0))
-            .collect();
+        let unused: Vec<SourceRange> = stale.into_iter().filter(|r| self.range_unused(desired, r.0)).collect();
         for r in unused {
             if let Err(e) = self.del(Key::Range(r)) {
                 let name = format!("source ranges of reverse-NAT id {}", r.0);
@@ -480,7 +474,12 @@ impl<S: MapStore> Writes<'_, S> {
             .iter()
             .filter(|(k, _)| k.slot > 0)
             .map(|(_, v)| v.backend_id)
-            .chain(tables.iter().filter_map(|i| self.cur.maglev.get(i)).flat_map(|t| t.iter().copied()))
+            .chain(
+                tables
+                    .iter()
+                    .filter_map(|i| self.cur.maglev.get(i))
+                    .flat_map(|t| t.iter().copied()),
+            )
             .collect();
         let stale: Vec<u32> = self
             .cur
@@ -534,9 +533,9 @@ impl<S: MapStore> Writes<'_, S> {
     /// and it still filters (so no allowed client is refused meanwhile).
     fn range_unused(&self, desired: &MapContents, id: u16) -> bool {
         let filters = |c: &MapContents| {
-            c.services.iter().any(|(k, v)| {
-                k.slot == 0 && v.rev_nat_id == id && v.flags & svc_flags::SOURCE_RANGES != 0
-            })
+            c.services
+                .iter()
+                .any(|(k, v)| k.slot == 0 && v.rev_nat_id == id && v.flags & svc_flags::SOURCE_RANGES != 0)
         };
         let all_in = desired
             .source_ranges
@@ -623,11 +622,7 @@ impl<S: MapStore> Writes<'_, S> {
             .filter(|(k, _)| k.slot > 0)
             .map(|(_, v)| v.backend_id)
             .collect();
-        for (id, b) in desired
-            .backends
-            .iter()
-            .filter(|(id, _)| !named.contains(id))
-        {
+        for (id, b) in desired.backends.iter().filter(|(id, _)| !named.contains(id)) {
             let e = Entry::Backend(*id, *b);
             if self.held(&e) != Held::Same {
                 if let Err(err) = self.put(&e) {
@@ -649,11 +644,7 @@ impl<S: MapStore> Writes<'_, S> {
         match self.store.forget_flows(&gone) {
             Ok(f) => self.st.forgotten = f,
             Err(e) => {
-                let e = self.error(
-                    Table::Flows,
-                    "forgetting their UDP flows and affinity".into(),
-                    e,
-                );
+                let e = self.error(Table::Flows, "forgetting their UDP flows and affinity".into(), e);
                 self.fail(format!("{} ended backend assignments", gone.len()), e);
             }
         }
@@ -677,11 +668,7 @@ fn frontend_entries(desired: &MapContents, k0: &ServiceKey, v0: &ServiceValue) -
         .filter_map(|b| desired.backends.get(b).map(|v| Entry::Backend(*b, *v)))
         .collect();
     if let Some(r) = desired.revnat.get(&id) {
-        let name = desired
-            .names
-            .get(&id)
-            .copied()
-            .unwrap_or(ServiceName::new(""));
+        let name = desired.names.get(&id).copied().unwrap_or(ServiceName::new(""));
         out.push(Entry::RevNat(id, *r, name));
     }
     out.extend(
@@ -738,7 +725,9 @@ mod tests {
                         .is_none_or(|s| !m.backends.contains_key(&s.backend_id))
                 }) || !m.revnat.contains_key(&v.rev_nat_id)
                     || (v.flags & svc_flags::MAGLEV != 0
-                        && m.maglev.get(&v.backend_id).is_none_or(|t| t.is_empty() || t.iter().any(|id| !m.backends.contains_key(id))));
+                        && m.maglev
+                            .get(&v.backend_id)
+                            .is_none_or(|t| t.is_empty() || t.iter().any(|id| !m.backends.contains_key(id))));
                 if broken {
                     self.violations
                         .borrow_mut()
@@ -753,11 +742,7 @@ mod tests {
     struct Full;
 
     /// Whether a map of `len` entries (capacity `cap`) refuses `key`.
-    fn refuses<K: Ord, V>(
-        m: &std::collections::BTreeMap<K, V>,
-        key: &K,
-        cap: Option<usize>,
-    ) -> bool {
+    fn refuses<K: Ord, V>(m: &std::collections::BTreeMap<K, V>, key: &K, cap: Option<usize>) -> bool {
         cap.is_some_and(|cap| !m.contains_key(key) && m.len() >= cap)
     }
 
@@ -785,9 +770,7 @@ mod tests {
             Ok(())
         }
         fn del_service(&mut self, k: &ServiceKey) -> Result<(), Full> {
-            self.log
-                .borrow_mut()
-                .push(format!("del svc slot {}", k.slot));
+            self.log.borrow_mut().push(format!("del svc slot {}", k.slot));
             self.maps.borrow_mut().services.remove(k);
             self.check("del svc");
             Ok(())
@@ -817,26 +800,27 @@ mod tests {
             Ok(())
         }
         fn put_source_range(&mut self, r: crate::maps::SourceRange) -> Result<(), Full> {
-            self.log
-                .borrow_mut()
-                .push(format!("put range {}/{}", r.0, r.1));
+            self.log.borrow_mut().push(format!("put range {}/{}", r.0, r.1));
             self.maps.borrow_mut().source_ranges.insert(r);
             Ok(())
         }
         fn del_source_range(&mut self, r: crate::maps::SourceRange) -> Result<(), Full> {
-            self.log
-                .borrow_mut()
-                .push(format!("del range {}/{}", r.0, r.1));
+            self.log.borrow_mut().push(format!("del range {}/{}", r.0, r.1));
             self.maps.borrow_mut().source_ranges.remove(&r);
             Ok(())
         }
         fn put_maglev(&mut self, index: u32, table: &[u32]) -> Result<(), Full> {
             self.log.borrow_mut().push(format!("put maglev {index}"));
-            let in_use = self.maps.borrow().services.iter().any(|(k, v)| {
-                k.slot == 0 && v.flags & svc_flags::MAGLEV != 0 && v.backend_id == index
-            });
+            let in_use = self
+                .maps
+                .borrow()
+                .services
+                .iter()
+                .any(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV != 0 && v.backend_id == index);
             if in_use {
-                self.violations.borrow_mut().push(format!("Maglev table {index} rewritten while a frontend uses it"));
+                self.violations
+                    .borrow_mut()
+                    .push(format!("Maglev table {index} rewritten while a frontend uses it"));
             }
             self.maps.borrow_mut().maglev.insert(index, Arc::new(table.to_vec()));
             Ok(())
@@ -853,9 +837,7 @@ mod tests {
             gone: &std::collections::BTreeSet<crate::maps::Assignment>,
         ) -> Result<Forgotten, Full> {
             for (rev, id, proto) in gone {
-                self.log
-                    .borrow_mut()
-                    .push(format!("forget flows {rev}/{id}/{proto}"));
+                self.log.borrow_mut().push(format!("forget flows {rev}/{id}/{proto}"));
             }
             Ok(Forgotten::default())
         }
@@ -910,10 +892,7 @@ mod tests {
         );
         assert!(pos("put backend") < pos("put svc slot 1"), "{log:?}");
         assert!(
-            log.iter()
-                .rposition(|l| l.starts_with("put svc slot 3"))
-                .unwrap()
-                < pos("put svc slot 0"),
+            log.iter().rposition(|l| l.starts_with("put svc slot 3")).unwrap() < pos("put svc slot 0"),
             "{log:?}"
         );
 
@@ -944,14 +923,9 @@ mod tests {
         ok(s.sync(&layout(&[], &mut ids)));
         let log = fake.log.borrow().clone();
         assert_eq!(log[0], "del svc slot 0", "{log:?}");
-        let revnat = log
-            .iter()
-            .position(|l| l.starts_with("del revnat"))
-            .unwrap();
+        let revnat = log.iter().position(|l| l.starts_with("del revnat")).unwrap();
         assert!(
-            log[revnat + 1..]
-                .iter()
-                .all(|l| l.starts_with("forget flows")),
+            log[revnat + 1..].iter().all(|l| l.starts_with("forget flows")),
             "flows are forgotten last: {log:?}"
         );
         assert_eq!(log.iter().filter(|l| l.starts_with("forget")).count(), 2);
@@ -972,11 +946,7 @@ mod tests {
         let log = fake.log.borrow().clone();
         assert_eq!(
             log,
-            [
-                "put svc slot 0 count 1",
-                "del svc slot 2",
-                "forget flows 1/2/6"
-            ],
+            ["put svc slot 0 count 1", "del svc slot 2", "forget flows 1/2/6"],
             "{log:?}"
         );
         assert_eq!(fake.maps.borrow().backends.len(), 2, "the backend stays");
@@ -1002,10 +972,7 @@ mod tests {
         ok(s.sync(&layout(&[lb(&[])], &mut ids)));
         // Restricting: the entries exist before the frontend asks for them.
         fake.log.borrow_mut().clear();
-        ok(s.sync(&layout(
-            &[lb(&["10.1.0.0/16", "192.168.77.200/32"])],
-            &mut ids,
-        )));
+        ok(s.sync(&layout(&[lb(&["10.1.0.0/16", "192.168.77.200/32"])], &mut ids)));
         let log = fake.log.borrow().clone();
         assert_eq!(
             log,
@@ -1018,16 +985,9 @@ mod tests {
         );
         // One range changes: the new one first, the old one after.
         fake.log.borrow_mut().clear();
-        let st = ok(s.sync(&layout(
-            &[lb(&["10.2.0.0/16", "192.168.77.200/32"])],
-            &mut ids,
-        )));
+        let st = ok(s.sync(&layout(&[lb(&["10.2.0.0/16", "192.168.77.200/32"])], &mut ids)));
         let log = fake.log.borrow().clone();
-        assert_eq!(
-            log,
-            ["put range 1/10.2.0.0/16", "del range 1/10.1.0.0/16"],
-            "{log:?}"
-        );
+        assert_eq!(log, ["put range 1/10.2.0.0/16", "del range 1/10.1.0.0/16"], "{log:?}");
         assert_eq!((st.upserts, st.deletes), (1, 1));
         // Unrestricting: the flag goes before the entries.
         fake.log.borrow_mut().clear();
@@ -1060,7 +1020,10 @@ mod tests {
     fn maglev_addrs(c: &MapContents) -> Vec<[u8; 4]> {
         let v0 = c.services.iter().find(|(k, _)| k.slot == 0).unwrap().1;
         assert_ne!(v0.flags & svc_flags::MAGLEV, 0);
-        c.maglev[&v0.backend_id].iter().map(|id| ferry_common::addr_from_map(c.backends[id].addr)).collect()
+        c.maglev[&v0.backend_id]
+            .iter()
+            .map(|id| ferry_common::addr_from_map(c.backends[id].addr))
+            .collect()
     }
 
     #[test]
@@ -1086,12 +1049,19 @@ mod tests {
             log.iter().position(|l| l.starts_with("put svc slot 0")).unwrap(),
         );
         assert!(table < slot0, "{log:?}");
-        assert!(!log.iter().any(|l| l == "put maglev 0"), "the table in use is never rewritten: {log:?}");
+        assert!(
+            !log.iter().any(|l| l == "put maglev 0"),
+            "the table in use is never rewritten: {log:?}"
+        );
         let after = maglev_addrs(&fake.maps.borrow());
         // Entries of .1 and .2 (two thirds) mostly stay where they were.
         let kept = before.iter().zip(&after).filter(|(b, a)| b == a).count();
         assert!(kept >= 150, "{kept} of 251 entries kept");
-        assert_eq!(s.current().maglev.keys().copied().collect::<Vec<_>>(), [1], "table 0 forgotten");
+        assert_eq!(
+            s.current().maglev.keys().copied().collect::<Vec<_>>(),
+            [1],
+            "table 0 forgotten"
+        );
         assert!(fake.violations.borrow().is_empty(), "{:?}", fake.violations.borrow());
         // A restarted agent finds the table and writes nothing.
         fake.log.borrow_mut().clear();
@@ -1114,7 +1084,12 @@ mod tests {
         let mut s = Syncer::new(fake.clone()).unwrap();
         let mut ids = Ids::default().with_maglev(251, 2);
         ok(s.sync(&layout(&[maglev(&[1, 2, 3])], &mut ids)));
-        let a_table = |c: &MapContents| c.services.iter().find(|(k, v)| k.slot == 0 && k.port == ferry_common::port_to_map(80)).map(|(_, v)| v.backend_id);
+        let a_table = |c: &MapContents| {
+            c.services
+                .iter()
+                .find(|(k, _)| k.slot == 0 && k.port == ferry_common::port_to_map(80))
+                .map(|(_, v)| v.backend_id)
+        };
         assert_eq!(a_table(s.current()), Some(0));
         // A grows a slot while the services map is full: its switch to a new
         // table fails, and it keeps naming table 0, which the allocator has
@@ -1133,14 +1108,25 @@ mod tests {
         // Both converge once A has moved off table 0.
         let st2 = s.sync(&layout(&[maglev(&[1, 2, 3, 4]), c], &mut ids));
         assert!(fake.violations.borrow().is_empty(), "{:?}", fake.violations.borrow());
-        assert!(st2.failed.is_empty(), "converged: {:?} (the sync before: {:?})", st2.failed, st.failed);
+        assert!(
+            st2.failed.is_empty(),
+            "converged: {:?} (the sync before: {:?})",
+            st2.failed,
+            st.failed
+        );
         let tables: BTreeSet<u32> = crate::maps::maglev_tables_in_use(&s.current().services);
         assert_eq!(tables.len(), 2, "A and C each on a table of their own: {tables:?}");
         // And each table names exactly its own frontend's backends, also
         // after the sync in which C first wanted index 0.
         let m = s.current();
-        for (k, v) in m.services.iter().filter(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV != 0) {
-            let slots: BTreeSet<u32> = (1..=v.count).map(|slot| m.services[&ServiceKey { slot, ..*k }].backend_id).collect();
+        for (k, v) in m
+            .services
+            .iter()
+            .filter(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV != 0)
+        {
+            let slots: BTreeSet<u32> = (1..=v.count)
+                .map(|slot| m.services[&ServiceKey { slot, ..*k }].backend_id)
+                .collect();
             let named: BTreeSet<u32> = m.maglev[&v.backend_id].iter().copied().collect();
             assert_eq!(named, slots, "port {}", ferry_common::port_from_map(k.port));
         }
@@ -1162,7 +1148,11 @@ mod tests {
         };
         let c = layout(&[maglev(&[1, 2]), np, other(81, &[3]), other(82, &[4])], &mut ids);
         assert_eq!(c.maglev.len(), 2, "two distinct backend sets, two tables");
-        let random: Vec<_> = c.services.iter().filter(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV == 0).collect();
+        let random: Vec<_> = c
+            .services
+            .iter()
+            .filter(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV == 0)
+            .collect();
         assert_eq!(random.len(), 1, "the third set found no free table: {random:?}");
         ok(s.sync(&c));
         assert!(fake.violations.borrow().is_empty(), "{:?}", fake.violations.borrow());
@@ -1177,7 +1167,11 @@ mod tests {
         // A restarted agent: same desired state, no writes at all.
         fake.log.borrow_mut().clear();
         let mut again = Syncer::new(fake.clone()).unwrap();
-        let mut ids2 = Ids::from_contents(again.current(), ferry_common::DEFAULT_MAGLEV_TABLE_SIZE, ferry_common::DEFAULT_MAGLEV_TABLES);
+        let mut ids2 = Ids::from_contents(
+            again.current(),
+            ferry_common::DEFAULT_MAGLEV_TABLE_SIZE,
+            ferry_common::DEFAULT_MAGLEV_TABLES,
+        );
         let st = ok(again.sync(&layout(&[fe(&[1, 2])], &mut ids2)));
         assert_eq!((st.upserts, st.deletes), (0, 0));
         assert!(fake.log.borrow().is_empty(), "{:?}", fake.log.borrow());
@@ -1193,7 +1187,11 @@ mod tests {
         ok(s.sync(&layout(&[], &mut ids)));
         // Restart: the maps hold no entry, only the cursors.
         let mut again = Syncer::new(fake.clone()).unwrap();
-        let mut ids = Ids::from_contents(again.current(), ferry_common::DEFAULT_MAGLEV_TABLE_SIZE, ferry_common::DEFAULT_MAGLEV_TABLES);
+        let mut ids = Ids::from_contents(
+            again.current(),
+            ferry_common::DEFAULT_MAGLEV_TABLE_SIZE,
+            ferry_common::DEFAULT_MAGLEV_TABLES,
+        );
         let b = layout(&[fe_on(81, &[3, 4])], &mut ids);
         ok(again.sync(&b));
         let a_ids: BTreeSet<u32> = a.backends.keys().copied().collect();
@@ -1261,18 +1259,15 @@ mod tests {
         let failed: Vec<String> = st.failed.iter().map(ToString::to_string).collect();
         assert_eq!(failed.len(), 1, "{failed:?}");
         assert!(
-            failed[0]
-                .starts_with("frontend default/web:81 (ClusterIP) not programmed: writing slot ")
-                && failed[0]
-                    .contains("in the services map: the map is full (raise --services-map-size)"),
+            failed[0].starts_with("frontend default/web:81 (ClusterIP) not programmed: writing slot ")
+                && failed[0].contains("in the services map: the map is full (raise --services-map-size)"),
             "{failed:?}"
         );
         let m = fake.maps.borrow().clone();
         assert_eq!(services_by_port(&m), [(80, 3), (82, 2)].into(), "{m:?}");
         for port in [80, 82] {
             let mut want = desired.clone();
-            want.services
-                .retain(|k, _| ferry_common::port_from_map(k.port) == port);
+            want.services.retain(|k, _| ferry_common::port_from_map(k.port) == port);
             let have: std::collections::BTreeMap<_, _> = m
                 .services
                 .iter()

@@ -79,7 +79,9 @@ pub enum ClusterError {
         #[source]
         source: kube::config::KubeconfigError,
     },
-    #[error("in-cluster configuration (outside a cluster, give --kubeconfig PATH, or --manifests DIR for standalone mode)")]
+    #[error(
+        "in-cluster configuration (outside a cluster, give --kubeconfig PATH, or --manifests DIR for standalone mode)"
+    )]
     InCluster(#[source] kube::config::InClusterError),
     #[error("creating the Kubernetes client")]
     Client(#[source] kube::Error),
@@ -269,11 +271,7 @@ fn spawn_watch(
             match ev {
                 Ok(watcher::Event::InitDone) => {
                     if !flag.swap(true, Ordering::AcqRel) {
-                        tracing::info!(
-                            resource = what,
-                            objects = reader.len(),
-                            "initial list done"
-                        );
+                        tracing::info!(resource = what, objects = reader.len(), "initial list done");
                     } else {
                         tracing::info!(resource = what, objects = reader.len(), "relisted");
                     }
@@ -331,9 +329,7 @@ struct Typed<T> {
 
 impl<T> Default for Typed<T> {
     fn default() -> Self {
-        Self {
-            by_key: HashMap::new(),
-        }
+        Self { by_key: HashMap::new() }
     }
 }
 
@@ -350,8 +346,7 @@ impl<T: DeserializeOwned + Clone> Typed<T> {
         for o in objs {
             let key = o.metadata.uid.clone().unwrap_or_else(|| ns_or_cluster(o));
             let rv = o.metadata.resource_version.clone();
-            let fresh =
-                matches!(self.by_key.get(&key), Some((cached, _)) if rv.is_some() && *cached == rv);
+            let fresh = matches!(self.by_key.get(&key), Some((cached, _)) if rv.is_some() && *cached == rv);
             if !fresh {
                 *conversions += 1;
                 self.by_key.insert(key.clone(), (rv, typed(kind, o)));
@@ -421,8 +416,7 @@ impl Typer {
 /// and the field.
 fn typed<T: DeserializeOwned>(kind: &str, obj: &DynamicObject) -> Result<T, InputError> {
     let object = format!("{kind} {}", ns_or_cluster(obj));
-    let value = serde_json::to_value(obj)
-        .map_err(|e| InputError::new(SOURCE, object.clone(), "", e.to_string()))?;
+    let value = serde_json::to_value(obj).map_err(|e| InputError::new(SOURCE, object.clone(), "", e.to_string()))?;
     serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
         let field = e.path().to_string();
         let field = if field == "." { String::new() } else { field };
@@ -433,11 +427,7 @@ fn typed<T: DeserializeOwned>(kind: &str, obj: &DynamicObject) -> Result<T, Inpu
 fn ns_or_cluster(obj: &DynamicObject) -> String {
     match &obj.metadata.namespace {
         Some(_) => ns_name(&obj.metadata),
-        None => obj
-            .metadata
-            .name
-            .clone()
-            .unwrap_or_else(|| "<unnamed>".into()),
+        None => obj.metadata.name.clone().unwrap_or_else(|| "<unnamed>".into()),
     }
 }
 
@@ -448,7 +438,12 @@ fn node_info(n: Node) -> NodeInfo {
     if pod_cidrs.is_empty() {
         pod_cidrs.extend(spec.pod_cidr);
     }
-    let zone = n.metadata.labels.as_ref().and_then(|l| l.get(crate::model::ZONE_LABEL)).cloned();
+    let zone = n
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(crate::model::ZONE_LABEL))
+        .cloned();
     NodeInfo {
         zone,
         name: n.metadata.name.unwrap_or_default(),
@@ -524,10 +519,7 @@ mod tests {
         assert!(e.contains("spec.ports[0].port"), "{e}");
         let node = input.snapshot.node.expect("node info");
         assert_eq!(node.pod_cidrs, ["10.244.1.0/24"]);
-        assert_eq!(
-            node.addresses,
-            [("InternalIP".to_string(), "192.168.0.5".to_string())]
-        );
+        assert_eq!(node.addresses, [("InternalIP".to_string(), "192.168.0.5".to_string())]);
     }
 
     #[test]
@@ -537,11 +529,22 @@ mod tests {
             "spec": {"podCIDR": "10.244.1.0/24"}
         }))];
         let input = Typer::default().input(&[], &[], &nodes, "n1");
-        assert_eq!(input.snapshot.node.as_ref().and_then(|n| n.zone.as_deref()), Some("zone-a"));
+        assert_eq!(
+            input.snapshot.node.as_ref().and_then(|n| n.zone.as_deref()),
+            Some("zone-a")
+        );
         assert_eq!(input.snapshot.zone_of("n1"), Some("zone-a"));
         assert_eq!(input.snapshot.zone_of("n2"), None);
-        let unlabelled = [obj(serde_json::json!({"metadata": {"name": "n1", "resourceVersion": "5"}}))];
-        assert_eq!(Typer::default().input(&[], &[], &unlabelled, "n1").snapshot.zone_of("n1"), None);
+        let unlabelled = [obj(
+            serde_json::json!({"metadata": {"name": "n1", "resourceVersion": "5"}}),
+        )];
+        assert_eq!(
+            Typer::default()
+                .input(&[], &[], &unlabelled, "n1")
+                .snapshot
+                .zone_of("n1"),
+            None
+        );
     }
 
     #[test]

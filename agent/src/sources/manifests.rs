@@ -51,7 +51,12 @@ impl DirCache {
             Ok(entries) => entries.flatten().map(|e| e.path()).filter(|p| is_manifest(p)).collect(),
             Err(e) => {
                 self.files.clear();
-                out.errors.push(InputError::new(dir.display().to_string(), "directory", "", e.to_string()));
+                out.errors.push(InputError::new(
+                    dir.display().to_string(),
+                    "directory",
+                    "",
+                    e.to_string(),
+                ));
                 return out;
             }
         };
@@ -61,7 +66,10 @@ impl DirCache {
         for path in files {
             let md = fs::metadata(&path).ok();
             let (len, modified) = (md.as_ref().map_or(0, |m| m.len()), md.and_then(|m| m.modified().ok()));
-            let fresh = self.files.get(&path).is_some_and(|c| c.len == len && c.modified == modified);
+            let fresh = self
+                .files
+                .get(&path)
+                .is_some_and(|c| c.len == len && c.modified == modified);
             if !fresh {
                 let mut parsed = Manifests::default();
                 let readable = load_file(&path, &mut parsed);
@@ -114,9 +122,7 @@ fn load_file(path: &Path, out: &mut Manifests) -> bool {
 
 /// Whether a path is a manifest file (not hidden, .yaml or .yml).
 pub fn is_manifest(p: &Path) -> bool {
-    let hidden = p
-        .file_name()
-        .is_some_and(|n| n.to_string_lossy().starts_with('.'));
+    let hidden = p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.'));
     let yaml = p.extension().is_some_and(|e| e == "yaml" || e == "yml");
     !hidden && yaml && p.is_file()
 }
@@ -131,20 +137,12 @@ pub fn load_str(source: &str, text: &str, out: &mut Manifests) -> bool {
             Ok(serde_yaml::Value::Null) => continue,
             Ok(v) => v,
             Err(e) => {
-                out.errors.push(InputError::new(
-                    source,
-                    doc_name,
-                    "",
-                    format!("not valid YAML: {e}"),
-                ));
+                out.errors
+                    .push(InputError::new(source, doc_name, "", format!("not valid YAML: {e}")));
                 return false;
             }
         };
-        let kind = value
-            .get("kind")
-            .and_then(|k| k.as_str())
-            .unwrap_or("")
-            .to_string();
+        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("").to_string();
         let api_version = value
             .get("apiVersion")
             .and_then(|k| k.as_str())
@@ -152,13 +150,7 @@ pub fn load_str(source: &str, text: &str, out: &mut Manifests) -> bool {
             .to_string();
         let object = describe(&kind, &value).unwrap_or(doc_name);
         match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => push(
-                source,
-                &object,
-                value,
-                &mut out.snapshot.services,
-                &mut out.errors,
-            ),
+            ("v1", "Service") => push(source, &object, value, &mut out.snapshot.services, &mut out.errors),
             ("discovery.k8s.io/v1", "EndpointSlice") => push(
                 source,
                 &object,
@@ -166,36 +158,12 @@ pub fn load_str(source: &str, text: &str, out: &mut Manifests) -> bool {
                 &mut out.snapshot.endpoint_slices,
                 &mut out.errors,
             ),
-            ("v1", "Endpoints") => push(
-                source,
-                &object,
-                value,
-                &mut out.snapshot.endpoints,
-                &mut out.errors,
-            ),
+            ("v1", "Endpoints") => push(source, &object, value, &mut out.snapshot.endpoints, &mut out.errors),
             // The shim runs these; the agent learns about Pods from the shim's status
             // records, but checks them here too so a broken one is reported.
-            ("v1", "Pod") => push(
-                source,
-                &object,
-                value,
-                &mut out.snapshot.pod_specs,
-                &mut out.errors,
-            ),
-            ("v1", "Node") => push(
-                source,
-                &object,
-                value,
-                &mut out.snapshot.nodes,
-                &mut out.errors,
-            ),
-            ("apps/v1", "Deployment") => push(
-                source,
-                &object,
-                value,
-                &mut out.snapshot.deployments,
-                &mut out.errors,
-            ),
+            ("v1", "Pod") => push(source, &object, value, &mut out.snapshot.pod_specs, &mut out.errors),
+            ("v1", "Node") => push(source, &object, value, &mut out.snapshot.nodes, &mut out.errors),
+            ("apps/v1", "Deployment") => push(source, &object, value, &mut out.snapshot.deployments, &mut out.errors),
             (_, "") => out.errors.push(InputError::new(
                 source,
                 object,
@@ -230,10 +198,7 @@ fn push<T: DeserializeOwned>(
 fn describe(kind: &str, value: &serde_yaml::Value) -> Option<String> {
     let meta = value.get("metadata")?;
     let name = meta.get("name")?.as_str()?;
-    let ns = meta
-        .get("namespace")
-        .and_then(|n| n.as_str())
-        .unwrap_or("default");
+    let ns = meta.get("namespace").and_then(|n| n.as_str()).unwrap_or("default");
     Some(format!("{kind} {ns}/{name}"))
 }
 
@@ -260,10 +225,7 @@ mod tests {
              apiVersion: v1\nkind: ConfigMap\nmetadata: {name: ignored}\n",
         );
         assert!(m.errors.is_empty(), "{:?}", m.errors);
-        assert_eq!(
-            (m.snapshot.pod_specs.len(), m.snapshot.deployments.len()),
-            (1, 1)
-        );
+        assert_eq!((m.snapshot.pod_specs.len(), m.snapshot.deployments.len()), (1, 1));
         assert_eq!(m.snapshot.services.len(), 1);
         assert_eq!(m.snapshot.endpoint_slices.len(), 1);
         assert_eq!(m.snapshot.endpoints.len(), 1);
@@ -275,10 +237,7 @@ mod tests {
         let m = load("apiVersion: v1\nkind: Service\nmetadata: [this is: not: yaml\n");
         assert_eq!(m.errors.len(), 1);
         let msg = m.errors[0].to_string();
-        assert!(
-            msg.starts_with("test.yaml: document 1: not valid YAML"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("test.yaml: document 1: not valid YAML"), "{msg}");
     }
 
     #[test]
@@ -325,12 +284,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ferry-dircache-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
-        let svc = |name: &str| format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 80}}]}}\n");
+        let svc = |name: &str| {
+            format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 80}}]}}\n")
+        };
         fs::write(dir.join("a.yaml"), svc("a")).unwrap();
         fs::write(dir.join("b.yaml"), svc("b")).unwrap();
         let mut cache = DirCache::default();
         let names = |m: &Manifests| -> Vec<String> {
-            m.snapshot.services.iter().map(|s| s.object.metadata.name.clone().unwrap_or_default()).collect()
+            m.snapshot
+                .services
+                .iter()
+                .map(|s| s.object.metadata.name.clone().unwrap_or_default())
+                .collect()
         };
         assert_eq!(names(&cache.load(&dir)), ["a", "b"]);
         // A different size, so the change is seen even within one mtime tick.
@@ -343,11 +308,18 @@ mod tests {
         assert_eq!(m.errors.len(), 1, "{:?}", m.errors);
         assert_eq!(cache.files.len(), 2);
         // Broken by an edit: reported, and what the file said before still counts.
-        fs::write(dir.join("b.yaml"), "apiVersion: v1\nkind: Service\nmetadata: {name: [\n").unwrap();
+        fs::write(
+            dir.join("b.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: [\n",
+        )
+        .unwrap();
         let m = cache.load(&dir);
         assert_eq!(names(&m), ["bee"]);
         assert_eq!(m.errors.len(), 2, "{:?}", m.errors);
-        assert!(m.errors.iter().any(|e| e.to_string().starts_with("b.yaml: document 1: not valid YAML")));
+        assert!(m
+            .errors
+            .iter()
+            .any(|e| e.to_string().starts_with("b.yaml: document 1: not valid YAML")));
         fs::write(dir.join("b.yaml"), svc("b")).unwrap();
         let m = cache.load(&dir);
         let _ = fs::remove_dir_all(&dir);

@@ -98,7 +98,11 @@ async fn ferry_tc_filters(handle: &rtnetlink::Handle, index: u32) -> Vec<TcFilte
     let mut out = Vec::new();
     for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
         let get = handle.traffic_filter(index).get();
-        let get = if direction == TcAttachType::Egress { get.egress() } else { get.ingress() };
+        let get = if direction == TcAttachType::Egress {
+            get.egress()
+        } else {
+            get.ingress()
+        };
         let msgs: Vec<TcMessage> = get.execute().try_collect().await.unwrap_or_default();
         out.extend(
             msgs.iter()
@@ -212,13 +216,7 @@ pub async fn programs(dir: &Path, report: Option<&AgentReport>) -> Result<Vec<Pr
     Ok(rows)
 }
 
-fn row(
-    interface: &str,
-    ifindex: Option<u32>,
-    hook: &str,
-    program: &str,
-    error: Option<String>,
-) -> ProgramRow {
+fn row(interface: &str, ifindex: Option<u32>, hook: &str, program: &str, error: Option<String>) -> ProgramRow {
     ProgramRow {
         interface: interface.to_string(),
         ifindex,
@@ -234,10 +232,15 @@ fn tc_rows(i: &Iface) -> Vec<ProgramRow> {
     let tcx = ferry_tcx_programs(&i.name)
         .into_iter()
         .map(|(n, _, hook)| row(&i.name, Some(i.index), hook, &n, None));
-    let netlink = i
-        .tc_filters
-        .iter()
-        .map(|f| row(&i.name, Some(i.index), TcMode::Netlink.hook_in(f.direction), &f.program, None));
+    let netlink = i.tc_filters.iter().map(|f| {
+        row(
+            &i.name,
+            Some(i.index),
+            TcMode::Netlink.hook_in(f.direction),
+            &f.program,
+            None,
+        )
+    });
     tcx.chain(netlink).collect()
 }
 
@@ -246,25 +249,24 @@ fn tc_rows(i: &Iface) -> Vec<ProgramRow> {
 /// a kernel without TCX) has none.
 pub(crate) fn ferry_tcx_programs(ifname: &str) -> Vec<(String, u32, &'static str)> {
     let ours = PROGS_TC;
-    [(TcAttachType::Ingress, "tcx ingress"), (TcAttachType::Egress, "tcx egress")]
-        .into_iter()
-        .filter_map(|(direction, hook)| Some((SchedClassifier::query_tcx(ifname, direction).ok()?.1, hook)))
-        .flat_map(|(progs, hook)| {
-            progs
-                .iter()
-                .filter_map(|p| Some((p.name_as_str()?.to_string(), p.id(), hook)))
-                .filter(|(n, _, _)| ours.contains(&n.as_str()))
-                .collect::<Vec<_>>()
-        })
-        .collect()
+    [
+        (TcAttachType::Ingress, "tcx ingress"),
+        (TcAttachType::Egress, "tcx egress"),
+    ]
+    .into_iter()
+    .filter_map(|(direction, hook)| Some((SchedClassifier::query_tcx(ifname, direction).ok()?.1, hook)))
+    .flat_map(|(progs, hook)| {
+        progs
+            .iter()
+            .filter_map(|p| Some((p.name_as_str()?.to_string(), p.id(), hook)))
+            .filter(|(n, _, _)| ours.contains(&n.as_str()))
+            .collect::<Vec<_>>()
+    })
+    .collect()
 }
 
 /// The socket load balancer's pinned links (`links/<program>-cgroup`).
-fn cgroup_rows(
-    dir: &Path,
-    report: Option<&AgentReport>,
-    names: &HashMap<u32, String>,
-) -> Vec<ProgramRow> {
+fn cgroup_rows(dir: &Path, report: Option<&AgentReport>, names: &HashMap<u32, String>) -> Vec<ProgramRow> {
     let wanted = report.and_then(|r| r.cgroup.as_ref());
     let cgroup = wanted.map_or_else(|| "cgroup".to_string(), |c| c.display().to_string());
     let mut rows: Vec<ProgramRow> = link_pins(dir)
@@ -273,11 +275,7 @@ fn cgroup_rows(
         .map(|(file, path)| {
             let id = PinnedLink::from_pin(&path)
                 .map_err(|e| e.to_string())
-                .and_then(|l| {
-                    aya::programs::links::FdLink::from(l)
-                        .info()
-                        .map_err(|e| e.to_string())
-                });
+                .and_then(|l| aya::programs::links::FdLink::from(l).info().map_err(|e| e.to_string()));
             match id {
                 Ok(info) => {
                     let program = names.get(&info.program_id()).cloned().unwrap_or_default();
@@ -322,31 +320,20 @@ fn expected_but_missing(r: &AgentReport, ifaces: &[Iface], rows: &[ProgramRow]) 
     let mut out: Vec<ProgramRow> = r
         .attach_errors
         .iter()
-        .map(|e| {
-            row(
-                &e.interface,
-                None,
-                tc_hook,
-                &e.program,
-                Some(e.error.clone()),
-            )
-        })
+        .map(|e| row(&e.interface, None, tc_hook, &e.program, Some(e.error.clone())))
         .collect();
     let has = |dev: &str, prog: &str| rows.iter().any(|p| p.interface == dev && p.program == prog);
     for dev in &r.devices {
         let index = ifaces.iter().find(|i| &i.name == dev).map(|i| i.index);
-        if !has(dev, PROG_FROM_NETDEV) && !has(dev, PROG_FROM_NETDEV_L3) && !r.attach_errors.iter().any(|e| &e.interface == dev) {
+        if !has(dev, PROG_FROM_NETDEV)
+            && !has(dev, PROG_FROM_NETDEV_L3)
+            && !r.attach_errors.iter().any(|e| &e.interface == dev)
+        {
             let why = match index {
                 None => "not attached: no such interface in this network namespace (--devices)",
                 Some(_) => "not attached",
             };
-            out.push(row(
-                dev,
-                index,
-                tc_hook,
-                PROG_FROM_NETDEV,
-                Some(why.into()),
-            ));
+            out.push(row(dev, index, tc_hook, PROG_FROM_NETDEV, Some(why.into())));
         }
         // L3 devices get no XDP program (see Links::hooks).
         if r.xdp.is_some() && index.is_some() && !has(dev, PROG_XDP_FROM_NETDEV) && !has(dev, PROG_FROM_NETDEV_L3) {
@@ -355,13 +342,7 @@ fn expected_but_missing(r: &AgentReport, ifaces: &[Iface], rows: &[ProgramRow]) 
             } else {
                 "not attached"
             };
-            out.push(row(
-                dev,
-                index,
-                "xdp",
-                PROG_XDP_FROM_NETDEV,
-                Some(why.into()),
-            ));
+            out.push(row(dev, index, "xdp", PROG_XDP_FROM_NETDEV, Some(why.into())));
         }
     }
     out
@@ -407,11 +388,7 @@ pub fn maps(dir: &Path) -> Vec<MapRow> {
 }
 
 fn map_row(path: &Path) -> MapRow {
-    let name = path
-        .file_name()
-        .unwrap_or_default()
-        .to_string_lossy()
-        .into_owned();
+    let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
     let info = match MapInfo::from_pin(path) {
         Ok(i) => i,
         Err(e) => {
@@ -429,9 +406,11 @@ fn map_row(path: &Path) -> MapRow {
     let type_ = info.map_type().ok();
     let max = info.max_entries();
     let (entries, error) = if type_.is_some_and(has_keys) {
-        match info.fd().map_err(|e| e.to_string()).and_then(|fd| {
-            bpfsys::count_keys(fd.as_fd(), info.key_size(), max).map_err(|e| e.to_string())
-        }) {
+        match info
+            .fd()
+            .map_err(|e| e.to_string())
+            .and_then(|fd| bpfsys::count_keys(fd.as_fd(), info.key_size(), max).map_err(|e| e.to_string()))
+        {
             Ok(n) => (Some(n), None),
             Err(e) => (None, Some(format!("counting entries: {e}"))),
         }
@@ -443,9 +422,7 @@ fn map_row(path: &Path) -> MapRow {
         .map(|n| f64::from(n) * 100.0 / f64::from(max));
     MapRow {
         name,
-        type_: type_
-            .map(|t| format!("{t:?}"))
-            .unwrap_or_else(|| "unknown".into()),
+        type_: type_.map(|t| format!("{t:?}")).unwrap_or_else(|| "unknown".into()),
         entries,
         max,
         percent,
@@ -458,11 +435,7 @@ fn map_row(path: &Path) -> MapRow {
 fn has_keys(t: MapType) -> bool {
     matches!(
         t,
-        MapType::Hash
-            | MapType::PerCpuHash
-            | MapType::LruHash
-            | MapType::LruPerCpuHash
-            | MapType::LpmTrie
+        MapType::Hash | MapType::PerCpuHash | MapType::LruHash | MapType::LruPerCpuHash | MapType::LpmTrie
     )
 }
 
@@ -487,7 +460,13 @@ mod tests {
         let f = tc_filter(&m, TcAttachType::Egress).expect("a bpf filter");
         assert_eq!(
             f,
-            TcFilter { direction: TcAttachType::Egress, program: "from_pod".into(), program_id: 42, priority: 16, handle: 0xf3 }
+            TcFilter {
+                direction: TcAttachType::Egress,
+                program: "from_pod".into(),
+                program_id: 42,
+                priority: 16,
+                handle: 0xf3
+            }
         );
         // The priority's own entry carries no program.
         m.attributes.truncate(1);

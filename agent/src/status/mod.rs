@@ -184,16 +184,12 @@ fn agent_view(s: &mut Status, opts: &Options) -> Result<Option<AgentReport>, Sta
     s.agent.api = report.api.clone();
     for w in &report.api {
         if let Some(e) = &w.error {
-            s.warnings.push(format!(
-                "API: the {} watch is failing (retried): {e}",
-                w.resource
-            ));
+            s.warnings
+                .push(format!("API: the {} watch is failing (retried): {e}", w.resource));
         }
         if !w.listed {
-            s.warnings.push(format!(
-                "API: the initial list of {} is not done",
-                w.resource
-            ));
+            s.warnings
+                .push(format!("API: the initial list of {} is not done", w.resource));
         }
     }
     Ok(Some(report))
@@ -269,8 +265,7 @@ fn map_problems(s: &mut Status) {
 fn dataplane_view(s: &mut Status, dir: &Path) {
     match inspect::services(dir) {
         Ok(rows) => {
-            let services: std::collections::BTreeSet<&str> =
-                rows.iter().map(|r| r.service.as_str()).collect();
+            let services: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.service.as_str()).collect();
             let backends: std::collections::BTreeSet<u32> = rows
                 .iter()
                 .flat_map(|r| r.backends.iter().filter_map(|b| b.id))
@@ -284,12 +279,7 @@ fn dataplane_view(s: &mut Status, dir: &Path) {
         Err(e) => s.problems.push(format!("reading the service maps: {e}")),
     }
     match inspect::counters(dir) {
-        Ok(rows) => {
-            s.drops = rows
-                .into_iter()
-                .filter(|r| r.kind == "drop" && r.value > 0)
-                .collect()
-        }
+        Ok(rows) => s.drops = rows.into_iter().filter(|r| r.kind == "drop" && r.value > 0).collect(),
         Err(e) => s.problems.push(format!("reading the counters: {e}")),
     }
 }
@@ -320,10 +310,7 @@ mod tests {
     fn syncs_are_judged_against_the_healthz_limit() {
         for (r, problem) in [
             (report(10.0, None), None),
-            (
-                report(100.0, None),
-                Some("no successful sync since the agent started"),
-            ),
+            (report(100.0, None), Some("no successful sync since the agent started")),
             (report(100.0, Some(5.0)), None),
             (
                 report(300.0, Some(200.0)),
@@ -382,16 +369,10 @@ mod tests {
             error: None,
         }];
         map_problems(&mut s);
-        assert_eq!(
-            s.warnings[1],
-            "map FERRY_CT is 95% full (95 of 100 entries)"
-        );
+        assert_eq!(s.warnings[1], "map FERRY_CT is 95% full (95 of 100 entries)");
         assert_eq!(s.problems.len(), 1, "a full map is a warning");
         let text = print(&s);
         assert!(text.starts_with("Health:      UNHEALTHY"), "{text}");
-        assert!(
-            text.contains("ERROR: EBUSY") && text.contains("95%  WARNING"),
-            "{text}"
-        );
+        assert!(text.contains("ERROR: EBUSY") && text.contains("95%  WARNING"), "{text}");
     }
 }

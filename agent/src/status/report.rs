@@ -171,10 +171,7 @@ impl Reporter {
     }
 
     pub fn report(&self) -> AgentReport {
-        self.report
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A successful sync.
@@ -255,10 +252,7 @@ mod tests {
         let back = read(&path).unwrap();
         assert_eq!(back.sync_generation, 2);
         assert!(back.last_sync.is_some() && back.written_at >= back.last_sync.unwrap());
-        assert!(
-            !dir.join("node-a.json.tmp").exists(),
-            "the temporary file is renamed"
-        );
+        assert!(!dir.join("node-a.json.tmp").exists(), "the temporary file is renamed");
         r.remove();
         assert!(!path.exists());
         std::fs::remove_dir_all(&dir).unwrap();
@@ -268,10 +262,7 @@ mod tests {
     fn features_name_the_kernel_and_the_program_types() {
         let f = detect_features();
         let names: Vec<&str> = f.iter().map(|f| f.name.as_str()).collect();
-        assert!(
-            names.contains(&"kernel") && names.contains(&"tc_program"),
-            "{names:?}"
-        );
+        assert!(names.contains(&"kernel") && names.contains(&"tc_program"), "{names:?}");
         assert!(!f[0].detail.is_empty(), "the kernel release: {f:?}");
     }
 }

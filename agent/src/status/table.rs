@@ -34,11 +34,7 @@ pub fn print(s: &Status) -> String {
     programs(&mut out, s);
     maps(&mut out, s);
     if !s.drops.is_empty() {
-        let drops: Vec<String> = s
-            .drops
-            .iter()
-            .map(|d| format!("{}={}", d.name, d.value))
-            .collect();
+        let drops: Vec<String> = s.drops.iter().map(|d| format!("{}={}", d.name, d.value)).collect();
         let _ = writeln!(out, "Drops:       {}", drops.join(" "));
     }
     if !s.features.is_empty() {
@@ -111,21 +107,13 @@ fn programs(out: &mut String, s: &Status) {
         let _ = writeln!(out, "  <none attached>");
         return;
     }
-    let _ = writeln!(
-        out,
-        "  {:<24} {:<12} {:<16} STATE",
-        "INTERFACE", "HOOK", "PROGRAM"
-    );
+    let _ = writeln!(out, "  {:<24} {:<12} {:<16} STATE", "INTERFACE", "HOOK", "PROGRAM");
     for p in &s.programs {
         let state = match &p.error {
             None => "attached".to_string(),
             Some(e) => format!("ERROR: {e}"),
         };
-        let _ = writeln!(
-            out,
-            "  {:<24} {:<12} {:<16} {state}",
-            p.interface, p.hook, p.program
-        );
+        let _ = writeln!(out, "  {:<24} {:<12} {:<16} {state}", p.interface, p.hook, p.program);
     }
 }
 

@@ -77,7 +77,13 @@ fn main() -> Result<()> {
                 ClientCmd::Stream(a) => (Mode::Stream, a),
             };
             let duration = Duration::try_from_secs_f64(a.duration).context("--duration")?;
-            let opts = ClientOpts { mode, targets: a.target, duration, workers: a.workers, size: a.size };
+            let opts = ClientOpts {
+                mode,
+                targets: a.target,
+                duration,
+                workers: a.workers,
+                size: a.size,
+            };
             let report = loadgen::run(&opts)?;
             println!("{}", serde_json::to_string(&report)?);
             Ok(())

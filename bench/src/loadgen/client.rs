@@ -66,7 +66,8 @@ impl WorkerResult {
     fn sample(&mut self, started: Instant) {
         self.requests += 1;
         if self.latencies_ns.len() < MAX_SAMPLES {
-            self.latencies_ns.push(started.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+            self.latencies_ns
+                .push(started.elapsed().as_nanos().min(u32::MAX as u128) as u32);
         }
     }
 }
@@ -139,7 +140,12 @@ fn summarize(opts: &ClientOpts, workers: usize, elapsed: f64, cpu_busy_s: f64, r
     };
     Report {
         mode: opts.mode.name().into(),
-        target: opts.targets.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+        target: opts
+            .targets
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         workers,
         duration_s: elapsed,
         requests,
@@ -148,7 +154,11 @@ fn summarize(opts: &ClientOpts, workers: usize, elapsed: f64, cpu_busy_s: f64, r
         p50_us: us(0.5),
         p99_us: us(0.99),
         bytes,
-        gbit_per_s: if elapsed > 0.0 { bytes as f64 * 8.0 / elapsed / 1e9 } else { 0.0 },
+        gbit_per_s: if elapsed > 0.0 {
+            bytes as f64 * 8.0 / elapsed / 1e9
+        } else {
+            0.0
+        },
         cpu_busy_s: if cpu_busy_s.is_nan() { 0.0 } else { cpu_busy_s },
         cpu_us_per_request,
     }
@@ -301,7 +311,12 @@ mod tests {
             workers: 2,
             size: 1,
         };
-        let w = |n: u32| WorkerResult { requests: u64::from(n), errors: 1, bytes: 0, latencies_ns: (1..=n).map(|x| x * 1000).collect() };
+        let w = |n: u32| WorkerResult {
+            requests: u64::from(n),
+            errors: 1,
+            bytes: 0,
+            latencies_ns: (1..=n).map(|x| x * 1000).collect(),
+        };
         let r = summarize(&o, 2, 2.0, 0.5, vec![w(50), w(50)]);
         assert_eq!((r.requests, r.errors), (100, 2));
         assert_eq!(r.requests_per_s, 50.0);
@@ -324,7 +339,13 @@ mod tests {
                 }
             }
         });
-        let o = ClientOpts { mode: Mode::Rr, targets: vec![addr], duration: Duration::from_millis(200), workers: 1, size: 16 };
+        let o = ClientOpts {
+            mode: Mode::Rr,
+            targets: vec![addr],
+            duration: Duration::from_millis(200),
+            workers: 1,
+            size: 16,
+        };
         let b = Barrier::new(1);
         let r = worker(&o, 0, &b).unwrap();
         assert!(r.requests > 10, "{} requests", r.requests);

@@ -35,13 +35,21 @@ fn ticks_per_sec() -> f64 {
 /// Parses the aggregate "cpu" line: user nice system idle iowait irq softirq steal.
 pub fn parse(stat: &str) -> Option<CpuTimes> {
     let line = stat.lines().find(|l| l.starts_with("cpu "))?;
-    let v: Vec<u64> = line.split_whitespace().skip(1).take(8).map(|x| x.parse().ok()).collect::<Option<_>>()?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
     if v.len() < 5 {
         return None;
     }
     let total: u64 = v.iter().sum();
     let idle = v[3] + v[4];
-    Some(CpuTimes { busy: total - idle, total })
+    Some(CpuTimes {
+        busy: total - idle,
+        total,
+    })
 }
 
 #[cfg(test)]

@@ -22,19 +22,28 @@ pub fn serve(opts: ServeOpts) -> Result<()> {
     if opts.tcp.is_none() && opts.udp.is_none() && opts.sink.is_none() {
         bail!("nothing to serve: give --tcp, --udp and/or --sink");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let mut tasks = tokio::task::JoinSet::new();
         if let Some(p) = opts.tcp {
-            let l = TcpListener::bind(("0.0.0.0", p)).await.with_context(|| format!("TCP port {p}"))?;
+            let l = TcpListener::bind(("0.0.0.0", p))
+                .await
+                .with_context(|| format!("TCP port {p}"))?;
             tasks.spawn(accept_loop(l, false));
         }
         if let Some(p) = opts.sink {
-            let l = TcpListener::bind(("0.0.0.0", p)).await.with_context(|| format!("TCP port {p}"))?;
+            let l = TcpListener::bind(("0.0.0.0", p))
+                .await
+                .with_context(|| format!("TCP port {p}"))?;
             tasks.spawn(accept_loop(l, true));
         }
         if let Some(p) = opts.udp {
-            let s = UdpSocket::bind(("0.0.0.0", p)).await.with_context(|| format!("UDP port {p}"))?;
+            let s = UdpSocket::bind(("0.0.0.0", p))
+                .await
+                .with_context(|| format!("UDP port {p}"))?;
             tasks.spawn(udp_echo(s, Arc::from(opts.name.as_str())));
         }
         match tasks.join_next().await {
