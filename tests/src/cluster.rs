@@ -214,6 +214,13 @@ impl Cluster {
         self.nodes[0].pod_netns(name)
     }
 
+    /// Routes `ip` (an ExternalIP or LoadBalancer IP) from the external
+    /// client's namespace via node `i`, as an upstream router would.
+    pub fn route_external(&self, ip: impl std::fmt::Display, i: usize) -> Result<()> {
+        let (ip, via) = (format!("{ip}/32"), node_addr(i).to_string());
+        sys::run("ip", &["-n", &self.external, "route", "add", &ip, "via", &via]).map(|_| ())
+    }
+
     /// Every node's agent and shim logs.
     pub fn logs(&self) -> String {
         self.nodes

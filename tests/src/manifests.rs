@@ -239,6 +239,24 @@ ports: [{{name: web, port: 8080, protocol: TCP}}]
     )
 }
 
+/// Three [`itp_service`]s over one manual endpoint `endpoint`: `local-here`
+/// (10.96.0.61, Local, the endpoint on `node`), `local-remote` (10.96.0.62,
+/// Local, on another node) and `cluster-remote` (10.96.0.63, Cluster, on
+/// another node), as (file name, manifest).
+pub fn itp_services(endpoint: std::net::Ipv4Addr, node: &str) -> [(String, String); 3] {
+    let svc = |name: &str, ip4: &str, policy: &str, node: &str| {
+        (
+            format!("{name}.yaml"),
+            itp_service(name, ip4, policy, &endpoint.to_string(), node),
+        )
+    };
+    [
+        svc("local-here", "10.96.0.61", "Local", node),
+        svc("local-remote", "10.96.0.62", "Local", "some-other-node"),
+        svc("cluster-remote", "10.96.0.63", "Cluster", "some-other-node"),
+    ]
+}
+
 /// A Service without endpoints at 10.96.0.40 (TCP 80, UDP 53): its selector
 /// matches nothing.
 pub const EMPTY_SVC: &str = r#"apiVersion: v1

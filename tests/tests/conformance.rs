@@ -186,18 +186,7 @@ fn one_node_cluster(tag: &str, services: String, backends: &[&str]) -> Result<Cl
     for b in backends {
         c.write_manifest(&format!("{b}.yaml"), &on_node(&echo_pod(b, "web", None), &n1))?;
     }
-    ferry_tests::sys::run(
-        "ip",
-        &[
-            "-n",
-            &c.external,
-            "route",
-            "add",
-            &format!("{LB_IP}/32"),
-            "via",
-            &node_addr(0).to_string(),
-        ],
-    )?;
+    c.route_external(LB_IP, 0)?;
     let mut pods = backends.to_vec();
     pods.push("client");
     c.wait_ready(&pods, READY)?;

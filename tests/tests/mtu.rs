@@ -107,19 +107,7 @@ fn udp_datagrams_up_to_64_kib_both_ways_through_every_frontend_kind() -> Result<
     let c = Cluster::start("frag", 2, &[("bulk.yaml".into(), SERVICE.into())], &[])?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
     for (ip, node) in [(EXTERNAL_IP, 0), (LB_IP, 1)] {
-        let ip = std::net::Ipv4Addr::from(ip);
-        sys::run(
-            "ip",
-            &[
-                "-n",
-                &c.external,
-                "route",
-                "add",
-                &format!("{ip}/32"),
-                "via",
-                &node_addr(node).to_string(),
-            ],
-        )?;
+        c.route_external(std::net::Ipv4Addr::from(ip), node)?;
     }
     c.write_manifest("bulk-pod.yaml", &on_node(&cat_pod("bulk", "bulk"), &n2))?;
     c.write_manifest("client.yaml", &on_node(&client_pod("client"), &n1))?;

@@ -92,30 +92,8 @@ fn cluster(path: Path) -> Result<Cluster> {
     c.write_manifest("web-2.yaml", &on_node(&echo_pod("web-2", "web", None), &n2))?;
     c.write_manifest("far.yaml", &on_node(&echo_pod("far-2", "far", None), &n2))?;
     let ext = &c.external;
-    sys::run(
-        "ip",
-        &[
-            "-n",
-            ext,
-            "route",
-            "add",
-            &format!("{EXTERNAL_IP}/32"),
-            "via",
-            &node_addr(0).to_string(),
-        ],
-    )?;
-    sys::run(
-        "ip",
-        &[
-            "-n",
-            ext,
-            "route",
-            "add",
-            &format!("{LB_IP}/32"),
-            "via",
-            &node_addr(1).to_string(),
-        ],
-    )?;
+    c.route_external(EXTERNAL_IP, 0)?;
+    c.route_external(LB_IP, 1)?;
     sys::run("ip", &["-n", ext, "addr", "add", "192.168.77.201/24", "dev", "eth0"])?;
     // Node 1's second address, and a way for the client to reach it.
     sys::run(

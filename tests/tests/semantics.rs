@@ -16,7 +16,7 @@ use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     in_netns,
     manifests::{
-        client_pod, draining_echo_pod, draining_echo_spec, echo_pod, echo_service, indent, itp_service, on_node,
+        client_pod, draining_echo_pod, draining_echo_spec, echo_pod, echo_service, indent, itp_services, on_node,
         sticky_service, EMPTY_SVC,
     },
     split, sys, tcp_ask, udp_ask, udp_try_on, udp_wait_moved, Lab, LabOptions, TcpSession,
@@ -281,16 +281,9 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() -> Result<()> 
     let lab = lab("itp", &["echo-a"], &[])?;
     let client = lab.pod_netns("client")?;
     let ip = lab.pod("echo-a").and_then(|p| p.pod_ip).context("echo-a has an IP")?;
-    let svc = |name: &str, ip4: &str, policy: &str, node: &str| itp_service(name, ip4, policy, &ip.to_string(), node);
-    lab.write_manifest("local-here.yaml", &svc("local-here", "10.96.0.61", "Local", &lab.node))?;
-    lab.write_manifest(
-        "local-remote.yaml",
-        &svc("local-remote", "10.96.0.62", "Local", "some-other-node"),
-    )?;
-    lab.write_manifest(
-        "cluster-remote.yaml",
-        &svc("cluster-remote", "10.96.0.63", "Cluster", "some-other-node"),
-    )?;
+    for (file, yaml) in itp_services(ip, &lab.node) {
+        lab.write_manifest(&file, &yaml)?;
+    }
     for a in ["10.96.0.61:80", "10.96.0.62:80", "10.96.0.63:80"] {
         wait_programmed(&lab, a)?;
     }
@@ -527,18 +520,7 @@ fn load_balancer_source_ranges_admit_only_clients_in_range_on_the_load_balancer_
     )?;
     c.write_manifest("client.yaml", &on_node(&client_pod("client"), &node))?;
     let ext = &c.external;
-    sys::run(
-        "ip",
-        &[
-            "-n",
-            ext,
-            "route",
-            "add",
-            &format!("{SOURCE_RANGES_LB_IP}/32"),
-            "via",
-            &node_addr(0).to_string(),
-        ],
-    )?;
+    c.route_external(SOURCE_RANGES_LB_IP, 0)?;
     sys::run("ip", &["-n", ext, "addr", "add", "192.168.77.201/24", "dev", "eth0"])?;
     c.wait_ready(&["guarded-1", "client"], READY)?;
     let lb = addr(&format!("{SOURCE_RANGES_LB_IP}:80"));

@@ -13,7 +13,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use ferry_tests::{
     cluster::Cluster,
-    manifests::{client_pod, echo_pod, echo_service, itp_service, on_node, sticky_service, EMPTY_SVC},
+    manifests::{client_pod, echo_pod, echo_service, itp_service, itp_services, on_node, sticky_service, EMPTY_SVC},
     tcp_ask, udp_try_on, udp_wait_moved, Lab, LabOptions,
 };
 use socket2::{Domain, Socket, Type};
@@ -338,16 +338,9 @@ fn traffic_policies_and_affinity_hold_for_pod_sockets() -> Result<()> {
     let ip = lab.pod("echo-0").and_then(|p| p.pod_ip).context("echo-0 has an IP")?;
     // Manual EndpointSlices: echo-0's address, on this node or said to be on
     // another one.
-    let svc = |name: &str, ip4: &str, policy: &str, node: &str| itp_service(name, ip4, policy, &ip.to_string(), node);
-    lab.write_manifest("local-here.yaml", &svc("local-here", "10.96.0.61", "Local", &lab.node))?;
-    lab.write_manifest(
-        "local-remote.yaml",
-        &svc("local-remote", "10.96.0.62", "Local", "some-other-node"),
-    )?;
-    lab.write_manifest(
-        "cluster-remote.yaml",
-        &svc("cluster-remote", "10.96.0.63", "Cluster", "some-other-node"),
-    )?;
+    for (file, yaml) in itp_services(ip, &lab.node) {
+        lab.write_manifest(&file, &yaml)?;
+    }
     lab.write_manifest("sticky.yaml", &sticky_service(10800))?;
     lab.wait_until(Duration::from_secs(10), "the Services programmed", || {
         let list = lab.ferry(&["svc", "list"])?;

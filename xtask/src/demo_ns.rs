@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
     manifests::{echo_pod, on_node},
-    sys, TcpSession,
+    TcpSession,
 };
 
 const EXTERNAL_IP: &str = "203.0.113.10";
@@ -43,30 +43,8 @@ pub fn run() -> Result<bool> {
             &on_node(&echo_pod(&format!("web-{}", i + 1), "web", None), n),
         )?;
     }
-    sys::run(
-        "ip",
-        &[
-            "-n",
-            &c.external,
-            "route",
-            "add",
-            &format!("{EXTERNAL_IP}/32"),
-            "via",
-            &node_addr(0).to_string(),
-        ],
-    )?;
-    sys::run(
-        "ip",
-        &[
-            "-n",
-            &c.external,
-            "route",
-            "add",
-            &format!("{LB_IP}/32"),
-            "via",
-            &node_addr(1).to_string(),
-        ],
-    )?;
+    c.route_external(EXTERNAL_IP, 0)?;
+    c.route_external(LB_IP, 1)?;
     c.wait_ready(&["web-1", "web-2"], Duration::from_secs(60))?;
     for (i, n) in nodes.iter().enumerate() {
         println!("  node {} netns {n} address {} runs web-{}", i + 1, node_addr(i), i + 1);
