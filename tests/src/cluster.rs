@@ -107,6 +107,14 @@ impl Cluster {
             for lab in &mut cluster.nodes {
                 lab.start_agent()?;
             }
+            // Every agent has its programs attached (loading them takes a
+            // second or two): a test that waits on one node's answers only
+            // would otherwise race the others'.
+            for lab in &cluster.nodes {
+                lab.wait_until(Duration::from_secs(30), "the agent started", || {
+                    Ok(lab.agent_log().contains("ferry agent started"))
+                })?;
+            }
         }
         Ok(cluster)
     }

@@ -265,6 +265,8 @@ spec:
     let (ca, cb) = (c.pod_netns("client-a")?, c.pod_netns("client-b")?);
     // Each zone's client reaches its zone's endpoint only.
     c.nodes[0].wait_answered_by("the ClusterIP from zone-a", &["near-a"], || tcp_ask(&ca, to))?;
+    // Node 2's agent may still be loading its programs.
+    c.nodes[1].wait_answered_by("the ClusterIP from zone-b", &["near-b"], || tcp_ask(&cb, to))?;
     let a = split(&ca, 30, |ns| tcp_ask(ns, to))?;
     let b = split(&cb, 30, |ns| tcp_ask(ns, to))?;
     ensure!(
