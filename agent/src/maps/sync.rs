@@ -280,9 +280,11 @@ impl<S: MapStore> Writes<'_, S> {
         // it). The frontend that wants it waits, random, until it is free.
         // A zeroed table (another --maglev-table-size) means random already:
         // it is rewritten where it is.
+        // Checked cheapest-first: an index that differs is rare.
         if let Entry::Maglev(i) = *e {
-            let zeroed = self.cur.maglev.get(&i).is_some_and(|t| t.iter().all(|id| *id == 0));
-            if !zeroed && self.held(e) == Held::Differs && maglev_tables_in_use(&self.cur.services).contains(&i) {
+            let differs = self.held(e) == Held::Differs;
+            let zeroed = || self.cur.maglev.get(&i).is_some_and(|t| t.iter().all(|id| *id == 0));
+            if differs && !zeroed() && maglev_tables_in_use(&self.cur.services).contains(&i) {
                 return Err(WriteError {
                     table: Table::Maglev,
                     action: format!("writing {}", key.describe()),
@@ -567,11 +569,13 @@ impl<S: MapStore> Writes<'_, S> {
 
     /// Step 4 for one frontend (`k0`, `v0`: its slot 0).
     fn frontend(&mut self, desired: &MapContents, k0: &ServiceKey, v0: &ServiceValue) {
-        let entries = frontend_entries(desired, k0, v0);
         // Its Maglev table first, whole, whatever the maps hold at that index
         // (an index freed by the allocator may still hold another set's
-        // table): slot 0 names it only once it is there.
-        if let Some(table) = entries.iter().find(|e| matches!(e, Entry::Maglev(_))) {
+        // table): slot 0 names it only once it is there. The rest below.
+        let (tables, entries): (Vec<Entry>, Vec<Entry>) = frontend_entries(desired, k0, v0)
+            .into_iter()
+            .partition(|e| matches!(e, Entry::Maglev(_)));
+        for table in &tables {
             if self.held(table) != Held::Same {
                 if let Err(e) = self.put(table) {
                     let name = self.frontend_name(desired, v0.rev_nat_id, k0);
