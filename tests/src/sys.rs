@@ -31,6 +31,23 @@ pub fn netns_exec(ns: &str, cmd: &str, args: &[&str]) -> Result<String> {
     run("ip", &all)
 }
 
+/// The ids of the BPF programs process `pid` holds a descriptor of
+/// (`prog_id:` in /proc/PID/fdinfo): the agent's programs.
+pub fn prog_ids_of(pid: u32) -> Result<std::collections::BTreeSet<u32>> {
+    let mut ids = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))
+        .with_context(|| format!("the descriptors of process {pid}"))?
+        .flatten()
+    {
+        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
+        ids.extend(
+            info.lines()
+                .filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse::<u32>().ok()),
+        );
+    }
+    Ok(ids)
+}
+
 /// Long-running commands in network namespaces (servers, tunnels), killed
 /// when dropped, so that a failing test leaves none behind.
 #[derive(Default)]

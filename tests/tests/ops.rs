@@ -240,21 +240,14 @@ const FERRY_PROGRAMS: [&str; 13] = [
 /// The programs process `pid` holds (its fds of programs and links, from
 /// /proc/PID/fdinfo), by id, named as `bpftool prog show` lists them.
 fn programs_of(pid: u32) -> Result<Vec<(u64, String)>> {
-    let mut ids = std::collections::BTreeSet::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fdinfo"))?.flatten() {
-        let info = std::fs::read_to_string(e.path()).unwrap_or_default();
-        ids.extend(
-            info.lines()
-                .filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse::<u64>().ok()),
-        );
-    }
-    ids.into_iter()
+    ferry_tests::sys::prog_ids_of(pid)?
+        .into_iter()
         .map(|id| {
             let json: serde_json::Value = serde_json::from_str(&ferry_tests::sys::run(
                 "bpftool",
                 &["-j", "prog", "show", "id", &id.to_string()],
             )?)?;
-            Ok((id, json["name"].as_str().unwrap_or_default().to_string()))
+            Ok((u64::from(id), json["name"].as_str().unwrap_or_default().to_string()))
         })
         .collect()
 }

@@ -9,7 +9,7 @@
 //! held (the kernel counts while any such descriptor is open), not with the
 //! `kernel.bpf_stats_enabled` sysctl, which would change the machine for
 //! everyone.
-use std::{collections::BTreeMap, fs, os::fd::OwnedFd};
+use std::{collections::BTreeMap, os::fd::OwnedFd};
 
 use anyhow::{Context as _, Result};
 
@@ -32,17 +32,7 @@ pub struct Runs {
 
 /// The programs the process `pid` holds (the agent's), by id: name, runs.
 pub fn of_process(pid: u32) -> Result<BTreeMap<u32, (String, Runs)>> {
-    let mut ids = std::collections::BTreeSet::new();
-    for e in fs::read_dir(format!("/proc/{pid}/fdinfo"))
-        .with_context(|| format!("the fds of {pid}"))?
-        .flatten()
-    {
-        let info = fs::read_to_string(e.path()).unwrap_or_default();
-        ids.extend(
-            info.lines()
-                .filter_map(|l| l.strip_prefix("prog_id:")?.trim().parse::<u32>().ok()),
-        );
-    }
+    let ids = ferry_tests::sys::prog_ids_of(pid)?;
     Ok(aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| ids.contains(&p.id()))
