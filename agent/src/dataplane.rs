@@ -282,7 +282,8 @@ pub enum Hook {
     /// (replies of host-network backends).
     ToNetdev,
     /// FromNetdev and ToNetdev on a node device without an Ethernet header
-    /// (IPIP, GRE, WireGuard: an "L3 device"; no XDP there).
+    /// (WireGuard, TUN: an "L3 device"; no XDP there; IPIP and GRE keep their
+    /// outer headers in front and are passed over).
     FromNetdevL3,
     ToNetdevL3,
 }
@@ -317,6 +318,11 @@ impl Hook {
             Hook::FromNetdevL3 => PROG_FROM_NETDEV_L3,
             Hook::ToNetdevL3 => PROG_TO_NETDEV_L3,
         }
+    }
+
+    /// Whether `name` is one of Ferry's TC programs (as the kernel names it).
+    pub fn is_tc_program(name: &str) -> bool {
+        Self::TC.iter().any(|(h, _)| h.program() == name)
     }
 
     /// Where a TC hook's program attaches (None: XDP).

@@ -205,18 +205,10 @@ pub const PROG_FROM_NETDEV: &str = "from_netdev";
 pub const PROG_TO_NETDEV: &str = "to_netdev";
 pub const PROG_TO_POD: &str = "to_pod";
 /// from_netdev and to_netdev for node devices without an Ethernet header
-/// (IPIP, GRE, WireGuard).
+/// (WireGuard, TUN; IPIP and GRE packets, which keep their outer headers in
+/// front, are passed over).
 pub const PROG_FROM_NETDEV_L3: &str = "from_netdev_l3";
 pub const PROG_TO_NETDEV_L3: &str = "to_netdev_l3";
-/// Every TC program, as the kernel names them.
-pub const PROGS_TC: [&str; 6] = [
-    PROG_FROM_POD,
-    PROG_FROM_NETDEV,
-    PROG_FROM_NETDEV_L3,
-    PROG_TO_POD,
-    PROG_TO_NETDEV,
-    PROG_TO_NETDEV_L3,
-];
 /// XDP on the node devices (`--xdp`): NodePort/LoadBalancer flows to backends
 /// on other nodes, and their replies, forwarded before the stack sees them.
 pub const PROG_XDP_FROM_NETDEV: &str = "xdp_from_netdev";

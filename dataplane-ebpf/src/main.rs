@@ -20,7 +20,7 @@
 //!   the API server, node-local DNS, ingress controllers) are reverse
 //!   translated on their way out, where no ingress hook sees them.
 //! - `from_netdev_l3` / `to_netdev_l3`: the same two on node devices without
-//!   an Ethernet header (IPIP, GRE, WireGuard; see `parse`).
+//!   an Ethernet header (WireGuard, TUN; see `parse`).
 #![no_std]
 #![no_main]
 
@@ -123,7 +123,7 @@ pub fn from_netdev(ctx: TcContext) -> i32 {
 }
 
 /// TC ingress on a node device without an Ethernet header (an L3 device:
-/// IPIP, GRE, WireGuard): from_netdev, once an Ethernet header is pushed in
+/// WireGuard, TUN): from_netdev, once an Ethernet header is pushed in
 /// front of the IPv4 packet (see `parse::push_ethernet`).
 #[classifier]
 pub fn from_netdev_l3(ctx: TcContext) -> i32 {

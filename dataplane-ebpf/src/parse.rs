@@ -2,7 +2,7 @@
 //! bpf_skb_load_bytes so non-linear skbs work too, at XDP read directly from the
 //! frame with bounds checks.
 //!
-//! Devices without an Ethernet header (IPIP, GRE, WireGuard: "L3 devices")
+//! Devices without an Ethernet header (WireGuard, TUN: "L3 devices")
 //! carry the IPv4 header at offset 0: at their ingress an Ethernet header is
 //! pushed in front ([`push_ethernet`]), so that every path below, and a
 //! redirect into a Pod's veth, works unchanged; at their egress only the

@@ -7,7 +7,7 @@ use aya::{
     maps::{MapInfo, MapType},
     programs::{links::PinnedLink, SchedClassifier, TcAttachType},
 };
-use ferry_common::{PROGS_TC, PROG_FROM_NETDEV, PROG_FROM_NETDEV_L3, PROG_XDP_FROM_NETDEV};
+use ferry_common::{PROG_FROM_NETDEV, PROG_FROM_NETDEV_L3, PROG_XDP_FROM_NETDEV};
 use futures::TryStreamExt as _;
 use rtnetlink::packet_route::{
     link::{LinkAttribute, LinkMessage, LinkXdp, XdpAttached},
@@ -16,7 +16,10 @@ use rtnetlink::packet_route::{
 use serde::Serialize;
 
 use super::{report::AgentReport, MAP_WARN_PERCENT};
-use crate::{bpfsys, dataplane::TcMode};
+use crate::{
+    bpfsys,
+    dataplane::{Hook, TcMode},
+};
 
 /// One program on one hook, or one that should be and is not.
 #[derive(Debug, Serialize, PartialEq)]
@@ -94,7 +97,6 @@ async fn ferry_tc_filters(handle: &rtnetlink::Handle, index: u32) -> Vec<TcFilte
     let Ok(index) = i32::try_from(index) else {
         return Vec::new();
     };
-    let ours = PROGS_TC;
     let mut out = Vec::new();
     for direction in [TcAttachType::Ingress, TcAttachType::Egress] {
         let get = handle.traffic_filter(index).get();
@@ -107,7 +109,7 @@ async fn ferry_tc_filters(handle: &rtnetlink::Handle, index: u32) -> Vec<TcFilte
         out.extend(
             msgs.iter()
                 .filter_map(|m| tc_filter(m, direction))
-                .filter(|f| ours.contains(&f.program.as_str())),
+                .filter(|f| Hook::is_tc_program(&f.program)),
         );
     }
     out
@@ -248,7 +250,6 @@ fn tc_rows(i: &Iface) -> Vec<ProgramRow> {
 /// id, "tcx ingress" or "tcx egress"). An interface without TCX programs (or
 /// a kernel without TCX) has none.
 pub(crate) fn ferry_tcx_programs(ifname: &str) -> Vec<(String, u32, &'static str)> {
-    let ours = PROGS_TC;
     [
         (TcAttachType::Ingress, "tcx ingress"),
         (TcAttachType::Egress, "tcx egress"),
@@ -259,7 +260,7 @@ pub(crate) fn ferry_tcx_programs(ifname: &str) -> Vec<(String, u32, &'static str
         progs
             .iter()
             .filter_map(|p| Some((p.name_as_str()?.to_string(), p.id(), hook)))
-            .filter(|(n, _, _)| ours.contains(&n.as_str()))
+            .filter(|(n, _, _)| Hook::is_tc_program(n))
             .collect::<Vec<_>>()
     })
     .collect()
