@@ -12,7 +12,7 @@ use aya::{
     maps::{HashMap, Map, MapData},
     EbpfLoader,
 };
-use ferry_agent::{ct, loader::DATAPLANE_OBJ};
+use ferry_agent::{ct, dataplane::DATAPLANE_OBJ};
 use ferry_common::{ct_flags, CtKey, CtValue, RevNat, CT_DIR_FORWARD, CT_DIR_REPLY, CT_TCP_MAP, PROTO_TCP};
 
 /// User plus system CPU time of this process, in seconds.

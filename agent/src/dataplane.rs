@@ -34,10 +34,12 @@ use rtnetlink::packet_route::{
 use tokio::io::{unix::AsyncFd, Interest};
 
 use crate::{
-    loader::DATAPLANE_OBJ,
     maps::kernel::{KernelMaps, OpenError},
     migrate::{self, MigrateError},
 };
+
+/// The eBPF object agent/build.rs built (the dataplane's programs and maps).
+pub static DATAPLANE_OBJ: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ferry-dataplane"));
 
 /// What can go wrong loading and attaching the dataplane.
 #[derive(Debug, thiserror::Error)]

@@ -1,16 +1,15 @@
 //! The Ferry agent: sources → translation → map layout → syncer → kernel.
+pub mod admin;
 pub mod bpfsys;
 pub mod cleanup;
 pub mod ct;
 pub mod dataplane;
 pub mod endpoints;
 pub mod error;
-pub mod health;
-pub mod healthcheck;
+pub mod health_check_nodeport;
 pub mod inspect;
 pub mod kubeproxy;
 pub mod kubeproxyconfig;
-pub mod loader;
 pub mod logging;
 pub mod maglev;
 pub mod maps;

@@ -22,7 +22,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{health::Reply, maps::kernel};
+use crate::{admin::Reply, maps::kernel};
 
 type Labels = Vec<(String, String)>;
 

@@ -534,7 +534,7 @@ mod tests {
     /// new map's author decides what a mismatch costs.
     #[test]
     fn every_pinned_map_of_the_object_is_listed_once() {
-        let maps = expected(crate::loader::DATAPLANE_OBJ, &[]).unwrap();
+        let maps = expected(crate::dataplane::DATAPLANE_OBJ, &[]).unwrap();
         for name in maps.keys() {
             let n = REWRITTEN.contains(&name.as_str()) as u8 + STATE.contains(&name.as_str()) as u8;
             assert_eq!(
@@ -552,7 +552,7 @@ mod tests {
 
     #[test]
     fn the_object_s_shapes_follow_the_overrides() {
-        let maps = expected(crate::loader::DATAPLANE_OBJ, &[(CT_ANY_MAP, 1234)]).unwrap();
+        let maps = expected(crate::dataplane::DATAPLANE_OBJ, &[(CT_ANY_MAP, 1234)]).unwrap();
         let ct = maps[CT_ANY_MAP];
         assert_eq!(
             (ct.map_type, ct.key_size, ct.value_size, ct.max_entries),

@@ -19,8 +19,8 @@ use tokio::{
 };
 
 use crate::{
+    admin::{self, Health},
     dataplane::{self, Dataplane},
-    health::{self, Health},
     maps::{
         kernel::KernelMaps,
         layout::{layout, Ids},
@@ -94,7 +94,7 @@ struct Programmer {
     /// and `--nodeport-addresses`).
     translate: translate::Config,
     /// healthCheckNodePort servers, matched to each translation.
-    health_checks: crate::healthcheck::HealthCheckServers,
+    health_checks: crate::health_check_nodeport::HealthCheckServers,
 }
 
 impl Programmer {
@@ -312,18 +312,18 @@ pub async fn run(cfg: Config) -> Result<()> {
     ));
     // Bind first: a port in use is a startup error, not a silent gap.
     if let Some(addr) = cfg.healthz_addr {
-        let (l, _) = health::bind(addr, "health server (/healthz, /readyz, /livez)")
+        let (l, _) = admin::bind(addr, "health server (/healthz, /readyz, /livez)")
             .await
             .with_context(|| format!("binding --healthz-bind-address {addr}"))?;
         let h = health.clone();
-        health::spawn_server(l, move |p| h.route(p));
+        admin::spawn_server(l, move |p| h.route(p));
     }
     if let Some(addr) = cfg.metrics_addr {
-        let (l, _) = health::bind(addr, "metrics server (/metrics)")
+        let (l, _) = admin::bind(addr, "metrics server (/metrics)")
             .await
             .with_context(|| format!("binding --metrics-bind-address {addr}"))?;
         let m = metrics.clone();
-        health::spawn_server(l, move |p| m.route(p));
+        admin::spawn_server(l, move |p| m.route(p));
     }
 
     // The source first: a bad kubeconfig or a missing in-cluster environment is

@@ -12,7 +12,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use ferry_agent::{
-    loader::DATAPLANE_OBJ,
+    dataplane::DATAPLANE_OBJ,
     maps::{kernel, kernel::KernelMaps, MapStore as _},
 };
 use ferry_common::{

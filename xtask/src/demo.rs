@@ -57,7 +57,7 @@ pub fn run(once: bool, demo: bool) -> Result<()> {
         let mut ok = true;
         ok &= show_split("TCP", &client, tcp, tcp_ask)?;
         ok &= show_split("UDP", &client, udp, udp_ask)?;
-        ok &= crate::demo_ns::run()?;
+        ok &= crate::demo_north_south::run()?;
         if once {
             println!("\n$ ferry ct list (first lines)");
             for line in lab.ferry(&["ct", "list"])?.lines().take(8) {

@@ -2,7 +2,7 @@
 mod bench;
 mod bpfstats;
 mod demo;
-mod demo_ns;
+mod demo_north_south;
 mod lab;
 mod setup;
 

@@ -12,7 +12,7 @@ use std::{
 use hyper::StatusCode;
 
 use crate::{
-    health::{spawn_server, Reply},
+    admin::{spawn_server, Reply},
     translate::HealthCheck,
 };
 

@@ -1,0 +1,130 @@
+//! What a Service may leave to the API server, allocated here as it would:
+//! ClusterIPs (Services without spec.clusterIP, standalone mode) and NodePorts
+//! (ports without nodePort), deterministically, so every node and every
+//! restart agrees.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use super::{
+    proto_name,
+    service::{ClusterIp, Valid},
+    Config,
+};
+use crate::error::InputError;
+
+/// ClusterIPs: explicit ones as given (outside the range is fine, as with a real
+/// apiserver's second range); the others by a stable hash of namespace/name into
+/// the range, probing onward on collision, in name order. Same input, same IPs:
+/// on every node and across restarts.
+pub(super) fn cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError>) -> Vec<Option<Ipv4Addr>> {
+    let mut used: BTreeSet<Ipv4Addr> = valid
+        .iter()
+        .filter_map(|v| match v.ip {
+            ClusterIp::Explicit(ip) => Some(ip),
+            ClusterIp::Allocate => None,
+        })
+        .collect();
+    let net = cfg.service_cidr;
+    let base = u32::from(net.network());
+    let size = (1u64 << (32 - net.prefix_len())).saturating_sub(2).max(1) as u32;
+    let mut order: Vec<usize> = (0..valid.len())
+        .filter(|i| matches!(valid[*i].ip, ClusterIp::Allocate))
+        .collect();
+    order.sort_by(|a, b| valid[*a].key.cmp(&valid[*b].key));
+    let mut out: Vec<Option<Ipv4Addr>> = valid
+        .iter()
+        .map(|v| match v.ip {
+            ClusterIp::Explicit(ip) => Some(ip),
+            ClusterIp::Allocate => None,
+        })
+        .collect();
+    for i in order {
+        let found = probe(&valid[i].key, size, |k| !used.contains(&Ipv4Addr::from(base + 1 + k)))
+            .map(|k| Ipv4Addr::from(base + 1 + k));
+        match found {
+            Some(ip) => {
+                used.insert(ip);
+                out[i] = Some(ip);
+            }
+            None => errors.push(InputError::new(
+                &valid[i].svc.source,
+                format!("Service {}", valid[i].key),
+                "spec.clusterIP",
+                format!("no free address left in {net}"),
+            )),
+        }
+    }
+    out
+}
+
+/// Deterministic allocation in a range of `size`: the first offset `free`
+/// accepts, starting at a stable hash of `key` and probing onward (wrapping).
+/// Same input, same result: on every node and across restarts.
+fn probe(key: &str, size: u32, free: impl Fn(u32) -> bool) -> Option<u32> {
+    let start = fnv1a(key.as_bytes()) % size;
+    (0..size).map(|k| (start + k) % size).find(|k| free(*k))
+}
+
+/// FNV-1a: a stable hash (std's hasher is randomly seeded).
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes
+        .iter()
+        .fold(0x811c_9dc5u32, |h, b| (h ^ *b as u32).wrapping_mul(0x0100_0193))
+}
+
+/// NodePorts by (Service, port index): explicit ones first (a later Service
+/// asking for a taken one gets an error), then the missing ones allocated as
+/// kube-apiserver would, deterministically here (a stable hash of the Service
+/// port into the range, probing onward), so every node agrees.
+pub(super) fn node_ports(
+    valid: &[Valid],
+    cfg: &Config,
+    errors: &mut Vec<InputError>,
+) -> BTreeMap<(String, usize), u16> {
+    let mut out = BTreeMap::new();
+    let mut taken: BTreeMap<(u16, u8), String> = BTreeMap::new();
+    let mut missing = Vec::new();
+    for v in valid.iter().filter(|v| v.node_ports) {
+        for &(i, sp, _, proto) in &v.ports {
+            let Some(np) = sp.node_port else {
+                missing.push((v, i, proto));
+                continue;
+            };
+            let np = np as u16; // validated: within the range
+            if let Some(owner) = taken.get(&(np, proto)) {
+                errors.push(InputError::new(
+                    &v.svc.source,
+                    format!("Service {}", v.key),
+                    format!("spec.ports[{i}].nodePort"),
+                    format!("{np}/{} is already used by Service {owner}", proto_name(proto)),
+                ));
+                continue;
+            }
+            taken.insert((np, proto), v.key.clone());
+            out.insert((v.key.clone(), i), np);
+        }
+    }
+    let (lo, hi) = cfg.node_port_range;
+    let size = u32::from(hi.saturating_sub(lo)) + 1;
+    for (v, i, proto) in missing {
+        let found = probe(&format!("{}:{i}", v.key), size, |k| {
+            !taken.contains_key(&(lo + k as u16, proto))
+        })
+        .map(|k| lo + k as u16);
+        match found {
+            Some(np) => {
+                taken.insert((np, proto), v.key.clone());
+                out.insert((v.key.clone(), i), np);
+            }
+            None => errors.push(InputError::new(
+                &v.svc.source,
+                format!("Service {}", v.key),
+                format!("spec.ports[{i}].nodePort"),
+                format!("no free NodePort in {lo}-{hi}"),
+            )),
+        }
+    }
+    out
+}

@@ -1,0 +1,233 @@
+//! THE translation: cluster objects in, desired frontends and backends out.
+//!
+//! A pure function (no I/O, no clock, no randomness): the same snapshot always
+//! gives the same result, so it is unit-tested with plain builders and both sources
+//! (manifests, API) share it. Map ids and byte layout are `maps::layout`'s job.
+//!
+//! By concern, in the order [`translate`] runs them:
+//! - [`service`]: validating a Service object, field by field, into a
+//!   [`service::Valid`] (what its ports, addresses and policies are);
+//! - [`policies`]: the Service's policy fields (session affinity, traffic
+//!   policies, LB algorithm, traffic distribution, source ranges);
+//! - [`slices`]: validating EndpointSlices and Endpoints, and finding a
+//!   Service's endpoints among them (or among the shim's Pods);
+//! - [`alloc`]: ClusterIPs and NodePorts the Service did not give, allocated
+//!   deterministically so every node agrees;
+//! - [`frontends`]: every address a client dials for a Service port
+//!   (ClusterIP, NodePorts, externalIPs, LoadBalancer IPs), conflicts refused;
+//! - [`backends`]: which endpoints take new connections and which only drain.
+mod alloc;
+mod backends;
+mod frontends;
+mod policies;
+mod service;
+mod slices;
+#[cfg(test)]
+mod tests;
+
+use std::{collections::BTreeMap, net::Ipv4Addr};
+
+use ferry_common::{svc_flags, PROTO_TCP, PROTO_UDP};
+use ipnet::Ipv4Net;
+
+use crate::{error::InputError, model::Snapshot};
+
+pub use service::parse_ipv4;
+
+/// Label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// Settings translation depends on.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where ClusterIPs are allocated for Services without spec.clusterIP.
+    pub service_cidr: Ipv4Net,
+    /// This node's name: internalTrafficPolicy: Local keeps the endpoints whose
+    /// nodeName equals it, and endpoints on it are marked local. Empty: unknown.
+    pub node: String,
+    /// Standalone mode plays the endpoints controller: endpoints of Services with a
+    /// selector come from the Pods the shim reports. In cluster mode (false) the
+    /// cluster's controller has written EndpointSlices for them, and those count.
+    pub pod_endpoints: bool,
+    /// The node addresses NodePorts are served on (`--nodeport-addresses`).
+    pub nodeport_addrs: Vec<Ipv4Addr>,
+    /// `--service-node-port-range`, inclusive.
+    pub node_port_range: (u16, u16),
+    /// `--lb-algorithm`: how new flows pick a backend unless the Service's
+    /// [`LB_ALGORITHM_ANNOTATION`] says otherwise.
+    pub lb_algorithm: LbAlgorithm,
+}
+
+/// How a new flow picks its backend among a frontend's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LbAlgorithm {
+    /// Uniformly at random (kube-proxy's behaviour).
+    #[default]
+    Random,
+    /// Maglev consistent hashing over the client address and port: every
+    /// node picks the same backend for the same client connection.
+    Maglev,
+}
+
+/// Per-Service choice of [`LbAlgorithm`] (`random` or `maglev`), over
+/// `--lb-algorithm` (Cilium's `service.cilium.io/lb-algorithm`).
+pub const LB_ALGORITHM_ANNOTATION: &str = "ferry.dev/lb-algorithm";
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            service_cidr: "10.96.0.0/12".parse().expect("valid CIDR"),
+            node: String::new(),
+            pod_endpoints: true,
+            nodeport_addrs: Vec::new(),
+            node_port_range: DEFAULT_NODE_PORT_RANGE,
+            lb_algorithm: LbAlgorithm::Random,
+        }
+    }
+}
+
+/// The annotation kube-proxy reads when spec.loadBalancerSourceRanges is empty:
+/// comma separated CIDRs.
+pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
+
+/// Kubernetes' default `--service-node-port-range`.
+pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
+
+/// sessionAffinityConfig.clientIP.timeoutSeconds when unset (Kubernetes' default).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+/// The API's upper bound for the affinity timeout (one day).
+pub const MAX_AFFINITY_TIMEOUT: i32 = 86_400;
+
+/// A service address clients dial: {addr, port, protocol} and where it leads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frontend {
+    /// `namespace/name:port-name` (or `:port` for unnamed ports).
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub proto: u8,
+    /// `ferry_common::svc_flags`.
+    pub flags: u32,
+    /// The endpoints new connections may go to, sorted.
+    pub backends: Vec<BackendSpec>,
+    /// Endpoints that exist but take no new connections (not ready, terminating,
+    /// or on another node under internalTrafficPolicy: Local), sorted: kept as
+    /// backends so established flows to them continue until they end.
+    pub draining: Vec<BackendSpec>,
+    /// sessionAffinity: ClientIP timeout in seconds (0: no affinity).
+    pub affinity_timeout: u32,
+    /// loadBalancerSourceRanges (LoadBalancer-IP frontends only, with
+    /// `svc_flags::SOURCE_RANGES`): the client prefixes allowed, sorted, host
+    /// bits cleared. Empty: anyone.
+    pub source_ranges: Vec<Ipv4Net>,
+}
+
+impl Frontend {
+    pub fn key(&self) -> (Ipv4Addr, u16, u8) {
+        (self.addr, self.port, self.proto)
+    }
+
+    /// What translation makes of a plain TCP ClusterIP Service port `name`
+    /// on `addr:port`: its ready endpoints `backends` (on other nodes), all on
+    /// `backend_port`. For tests of what comes after translation.
+    pub fn cluster_ip(
+        name: impl Into<String>,
+        addr: Ipv4Addr,
+        port: u16,
+        backends: impl IntoIterator<Item = Ipv4Addr>,
+        backend_port: u16,
+    ) -> Self {
+        let backends = backends
+            .into_iter()
+            .map(|addr| BackendSpec {
+                addr,
+                port: backend_port,
+                terminating: false,
+                local: false,
+            })
+            .collect();
+        Self {
+            name: name.into(),
+            addr,
+            port,
+            proto: PROTO_TCP,
+            flags: svc_flags::CLUSTER_IP,
+            backends,
+            draining: Vec::new(),
+            affinity_timeout: 0,
+            source_ranges: Vec::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BackendSpec {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub terminating: bool,
+    /// The endpoint runs on this node (EndpointSlice nodeName, Pod node).
+    pub local: bool,
+}
+
+/// The result: what the maps should hold, and what was wrong with the input.
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    /// Sorted by (addr, port, proto).
+    pub frontends: Vec<Frontend>,
+    pub errors: Vec<InputError>,
+    /// ClusterIPs allocated for Services without spec.clusterIP
+    /// (`namespace/name` → address), for the caller to log.
+    pub allocated: BTreeMap<String, Ipv4Addr>,
+    /// healthCheckNodePort → what it reports (Services with
+    /// externalTrafficPolicy: Local and a healthCheckNodePort).
+    pub health_checks: BTreeMap<u16, HealthCheck>,
+}
+
+/// What a healthCheckNodePort answers, as kube-proxy's: the Service and how
+/// many of its endpoints are ready on this node (200 when some are, 503 when
+/// none, so load balancers send external traffic only to nodes that serve it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
+}
+
+/// Translates a snapshot of cluster objects into the frontends this node
+/// serves, with every problem in the input named by object and field.
+pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
+    let mut out = Translation::default();
+    let valid = service::validate_all(snapshot, cfg, &mut out.errors);
+    slices::check(snapshot, &valid.names, &mut out.errors);
+    let ips = alloc::cluster_ips(&valid.services, cfg, &mut out.errors);
+    for (v, ip) in valid.services.iter().zip(&ips) {
+        if let (service::ClusterIp::Allocate, Some(ip)) = (&v.ip, ip) {
+            out.allocated.insert(v.key.clone(), *ip);
+        }
+    }
+    let node_ports = alloc::node_ports(&valid.services, cfg, &mut out.errors);
+    frontends::build(snapshot, cfg, &valid.services, ips, &node_ports, &mut out);
+    out.frontends.sort_by_key(Frontend::key);
+    out
+}
+
+/// The kind of frontend named by `svc_flags` (as in `ServiceName`: "(ClusterIP)").
+pub fn frontend_type(flags: u32) -> &'static str {
+    if flags & svc_flags::NODE_PORT != 0 {
+        "NodePort"
+    } else if flags & svc_flags::LOAD_BALANCER != 0 {
+        "LoadBalancer"
+    } else if flags & svc_flags::EXTERNAL_IP != 0 {
+        "ExternalIP"
+    } else {
+        "ClusterIP"
+    }
+}
+
+pub fn proto_name(proto: u8) -> &'static str {
+    match proto {
+        PROTO_TCP => "TCP",
+        PROTO_UDP => "UDP",
+        _ => "?",
+    }
+}

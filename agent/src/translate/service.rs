@@ -1,0 +1,327 @@
+//! Validating a Service object: every field Ferry reads, checked and named in
+//! the error when it is wrong. A Service that passes becomes a [`Valid`]; one
+//! that cannot be served at all gets no frontends, and the others go on.
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use ferry_common::{PROTO_TCP, PROTO_UDP};
+use ipnet::Ipv4Net;
+use k8s_openapi::{
+    api::core::v1::{Service, ServicePort, ServiceSpec},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+
+use super::{policies, Config};
+use crate::{
+    error::InputError,
+    model::{ns_name, Snapshot, Sourced},
+};
+
+/// A Service served by another proxy (kube-proxy's `--service-proxy-name`
+/// semantics: any value but Ferry's own means not ours; Ferry has none).
+const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// A Service marked headless by label: no proxying.
+const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+
+/// How a Service gets its ClusterIP.
+pub(super) enum ClusterIp {
+    Explicit(Ipv4Addr),
+    Allocate,
+}
+
+/// A Service port that passed validation: its index in spec.ports, the port
+/// itself, its number and protocol.
+pub(super) type ValidPort<'a> = (usize, &'a ServicePort, u16, u8);
+
+/// A Service that passed validation, with the ports that did.
+pub(super) struct Valid<'a> {
+    pub svc: &'a Sourced<Service>,
+    pub spec: &'a ServiceSpec,
+    /// `namespace/name`.
+    pub key: String,
+    pub ip: ClusterIp,
+    pub ports: Vec<ValidPort<'a>>,
+    /// sessionAffinity: ClientIP timeout in seconds (0: none).
+    pub affinity_timeout: u32,
+    /// internalTrafficPolicy: Local.
+    pub itp_local: bool,
+    /// type NodePort or LoadBalancer: every port gets a NodePort.
+    pub node_ports: bool,
+    /// spec.externalIPs (valid ones).
+    pub external_ips: Vec<Ipv4Addr>,
+    /// status.loadBalancer.ingress[].ip and spec.loadBalancerIP (valid ones;
+    /// none when source ranges were given but none is valid: fail closed).
+    pub lb_ips: Vec<Ipv4Addr>,
+    /// The clients allowed on `lb_ips` (empty: anyone).
+    pub source_ranges: Vec<Ipv4Net>,
+    /// externalTrafficPolicy: Local.
+    pub etp_local: bool,
+    /// New flows pick their backend by Maglev.
+    pub maglev: bool,
+    /// spec.trafficDistribution: PreferClose (standalone mode hints each
+    /// endpoint for its node's zone, as the EndpointSlice controller does).
+    pub prefer_close: bool,
+}
+
+/// The Services of a snapshot after validation.
+pub(super) struct Validated<'a> {
+    /// The valid ones, in the order conflicts are settled: creation time, then
+    /// name (kube-apiserver would have refused the later one).
+    pub services: Vec<Valid<'a>>,
+    /// `namespace/name` of every Service, valid or not (slices of an invalid
+    /// Service are not orphans).
+    pub names: BTreeSet<String>,
+}
+
+/// Validates every Service of the snapshot.
+pub(super) fn validate_all<'a>(snapshot: &'a Snapshot, cfg: &Config, errors: &mut Vec<InputError>) -> Validated<'a> {
+    let mut services: Vec<Valid> = Vec::new();
+    let mut names = BTreeSet::new();
+    for svc in &snapshot.services {
+        names.insert(ns_name(&svc.object.metadata));
+        if let Some(v) = validate(svc, cfg, errors) {
+            services.push(v);
+        }
+    }
+    let created = |v: &Valid| v.svc.object.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    services.sort_by(|a, b| (created(a), &a.key).cmp(&(created(b), &b.key)));
+    Validated { services, names }
+}
+
+/// Names the Service in an error about `field`.
+pub(super) type ErrorAt<'e> = dyn Fn(&str, String) -> InputError + 'e;
+
+/// Checks a Service; returns None when it gets no dataplane entries at all.
+fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputError>) -> Option<Valid<'a>> {
+    let key = ns_name(&svc.object.metadata);
+    let err = |field: &str, msg: String| InputError::new(&svc.source, format!("Service {key}"), field, msg);
+    if svc.object.metadata.name.as_deref().unwrap_or("").is_empty() {
+        errors.push(err("metadata.name", "missing".into()));
+        return None;
+    }
+    // Services another proxy serves, and those marked headless: kube-proxy's
+    // informers leave them out (label selector `!service.kubernetes.io/
+    // service-proxy-name,!service.kubernetes.io/headless`), and so does Ferry.
+    // They are served again as soon as the label goes away.
+    let labels = svc.object.metadata.labels.as_ref();
+    if [SERVICE_PROXY_NAME_LABEL, HEADLESS_LABEL]
+        .iter()
+        .any(|l| labels.is_some_and(|m| m.contains_key(*l)))
+    {
+        return None;
+    }
+    let Some(spec) = svc.object.spec.as_ref() else {
+        errors.push(err("spec", "missing".into()));
+        return None;
+    };
+    match spec.type_.as_deref() {
+        None | Some("ClusterIP") | Some("NodePort") | Some("LoadBalancer") => {}
+        Some("ExternalName") => return None, // DNS only: nothing to program.
+        Some(other) => {
+            errors.push(err(
+                "spec.type",
+                format!("unknown type {other:?} (ClusterIP, NodePort, LoadBalancer, ExternalName)"),
+            ));
+            return None;
+        }
+    }
+    let ip = match spec.cluster_ip.as_deref() {
+        Some("None") => return None, // headless: DNS only.
+        None | Some("") => ClusterIp::Allocate,
+        Some(s) => match parse_ipv4(s) {
+            Ok(ip) => ClusterIp::Explicit(ip),
+            Err(why) => {
+                errors.push(err("spec.clusterIP", format!("{s:?}: {why}")));
+                return None;
+            }
+        },
+    };
+    // (The type was checked above.)
+    let node_ports = matches!(spec.type_.as_deref(), Some("NodePort") | Some("LoadBalancer"));
+    let ports = ports(spec, node_ports, cfg, &err, errors);
+    let affinity_timeout = policies::affinity_timeout(spec, &err, errors)?;
+    let itp_local = policies::traffic_policy_local(
+        "spec.internalTrafficPolicy",
+        spec.internal_traffic_policy.as_deref(),
+        &err,
+        errors,
+    )?;
+    let external_ips = addresses(
+        "externalIPs",
+        spec.external_ips
+            .iter()
+            .flatten()
+            .enumerate()
+            .map(|(k, v)| (format!("spec.externalIPs[{k}]"), v.clone()))
+            .collect(),
+        &err,
+        errors,
+    );
+    let load_balancer = spec.type_.as_deref() == Some("LoadBalancer");
+    let mut lb_ips = Vec::new();
+    let mut source_ranges = Vec::new();
+    if load_balancer {
+        lb_ips = addresses("loadBalancer", load_balancer_ips(&svc.object), &err, errors);
+        match policies::source_ranges(&svc.object, &err, errors) {
+            policies::SourceRanges::Anyone => {}
+            policies::SourceRanges::Only(r) => source_ranges = r,
+            policies::SourceRanges::NoneValid(field) => {
+                // The operator asked for a restriction we cannot honour:
+                // serve no LoadBalancer IP rather than serve it to everyone.
+                errors.push(err(
+                    &field,
+                    "no valid entry: the LoadBalancer IPs are not served (fail closed); ClusterIP, NodePorts and externalIPs are".into(),
+                ));
+                lb_ips.clear();
+            }
+        }
+    }
+    let etp_local = policies::traffic_policy_local(
+        "spec.externalTrafficPolicy",
+        spec.external_traffic_policy.as_deref(),
+        &err,
+        errors,
+    )?;
+    let maglev = policies::maglev(&svc.object, cfg, &err, errors);
+    let prefer_close = policies::prefer_close(spec);
+    Some(Valid {
+        svc,
+        spec,
+        key,
+        ip,
+        ports,
+        affinity_timeout,
+        itp_local,
+        node_ports,
+        external_ips,
+        lb_ips,
+        source_ranges,
+        etp_local,
+        maglev,
+        prefer_close,
+    })
+}
+
+/// The Service's ports that are valid: number, protocol, targetPort and (for
+/// NodePort and LoadBalancer Services) nodePort in range. An invalid port is
+/// left out; the others are served.
+fn ports<'a>(
+    spec: &'a ServiceSpec,
+    node_ports: bool,
+    cfg: &Config,
+    err: &ErrorAt,
+    errors: &mut Vec<InputError>,
+) -> Vec<ValidPort<'a>> {
+    let mut ports = Vec::new();
+    for (i, sp) in spec.ports.iter().flatten().enumerate() {
+        let field = |f: &str| format!("spec.ports[{i}].{f}");
+        let Some(port) = u16::try_from(sp.port).ok().filter(|p| *p > 0) else {
+            errors.push(err(&field("port"), format!("{} out of range 1-65535", sp.port)));
+            continue;
+        };
+        let proto = match sp.protocol.as_deref().unwrap_or("TCP") {
+            "TCP" => PROTO_TCP,
+            "UDP" => PROTO_UDP,
+            "SCTP" => {
+                errors.push(err(&field("protocol"), "SCTP is not supported yet".into()));
+                continue;
+            }
+            other => {
+                errors.push(err(
+                    &field("protocol"),
+                    format!("unknown protocol {other:?} (TCP, UDP, SCTP)"),
+                ));
+                continue;
+            }
+        };
+        if let Some(IntOrString::Int(t)) = &sp.target_port {
+            if !(1..=65535).contains(t) {
+                errors.push(err(&field("targetPort"), format!("{t} out of range 1-65535")));
+                continue;
+            }
+        }
+        let (lo, hi) = cfg.node_port_range;
+        if let Some(np) = sp
+            .node_port
+            .filter(|np| node_ports && !(i32::from(lo)..=i32::from(hi)).contains(np))
+        {
+            errors.push(err(
+                &field("nodePort"),
+                format!("{np} is outside the NodePort range {lo}-{hi} (--service-node-port-range)"),
+            ));
+            continue;
+        }
+        ports.push((i, sp, port, proto));
+    }
+    ports
+}
+
+/// status.loadBalancer.ingress[].ip and spec.loadBalancerIP, with the field
+/// each came from.
+fn load_balancer_ips(svc: &Service) -> Vec<(String, String)> {
+    let mut lb: Vec<(String, String)> = Vec::new();
+    if let Some(ip) = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.load_balancer_ip.as_ref())
+        .filter(|s| !s.is_empty())
+    {
+        lb.push(("spec.loadBalancerIP".into(), ip.clone()));
+    }
+    let ingress = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref());
+    // ipMode Proxy: the load balancer proxies to the nodes, so traffic to
+    // its IP must reach it, not be short-circuited here (kube-proxy >= 1.30).
+    for (k, ing) in ingress
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter(|(_, i)| i.ip_mode.as_deref() != Some("Proxy"))
+    {
+        if let Some(ip) = ing.ip.as_ref().filter(|s| !s.is_empty()) {
+            lb.push((format!("status.loadBalancer.ingress[{k}].ip"), ip.clone()));
+        }
+    }
+    lb
+}
+
+/// The valid addresses among `(field, value)`, sorted and deduplicated; an
+/// invalid one gets an error naming its field (`what`: the list it is in).
+fn addresses(what: &str, values: Vec<(String, String)>, err: &ErrorAt, errors: &mut Vec<InputError>) -> Vec<Ipv4Addr> {
+    let mut out = Vec::new();
+    for (f, v) in values {
+        match parse_ipv4(&v) {
+            Ok(a) => out.push(a),
+            Err(why) => errors.push(err(&f, format!("{v:?} is {why} ({what})"))),
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// An IPv4 address as a Kubernetes object spells it: dotted decimal only.
+/// Leading zeros ("010.096.000.010": octal to inet_aton, decimal to Go's
+/// ParseIPSloppy, so two proxies would disagree) and surrounding whitespace are
+/// refused rather than guessed at; the error says why.
+pub fn parse_ipv4(s: &str) -> Result<Ipv4Addr, &'static str> {
+    if let Ok(a) = s.parse::<Ipv4Addr>() {
+        return Ok(a);
+    }
+    let octets: Vec<&str> = s.split('.').collect();
+    let numeric = octets.len() == 4
+        && octets
+            .iter()
+            .all(|o| !o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()));
+    Err(if s.trim() != s {
+        "not an IPv4 address: it has surrounding whitespace"
+    } else if s.contains(':') {
+        "IPv6, not supported yet"
+    } else if numeric && octets.iter().any(|o| o.len() > 1 && o.starts_with('0')) {
+        "not an IPv4 address: leading zeros are ambiguous (octal to some parsers, decimal to others); write it without them"
+    } else {
+        "not an IPv4 address"
+    })
+}

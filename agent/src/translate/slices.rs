@@ -1,0 +1,161 @@
+//! EndpointSlices and Endpoints: checked (each belongs to a Service we know,
+//! each address is valid), and indexed by Service so that finding a Service
+//! port's endpoints, among them or among the shim's Pods, does not scan them all.
+use std::collections::{BTreeSet, HashMap};
+
+use k8s_openapi::api::{
+    core::v1::{Endpoints, ServicePort},
+    discovery::v1::EndpointSlice,
+};
+
+use super::{parse_ipv4, service::Valid, SERVICE_NAME_LABEL};
+use crate::{
+    endpoints::{self, Endpoint},
+    error::InputError,
+    model::{ns_name, Snapshot, Sourced},
+};
+
+/// Checks every EndpointSlice and Endpoints object; `services` names every
+/// Service (`namespace/name`).
+pub(super) fn check(snapshot: &Snapshot, services: &BTreeSet<String>, errors: &mut Vec<InputError>) {
+    check_orphans(snapshot, services, errors);
+    check_endpoint_addresses(snapshot, errors);
+}
+
+/// EndpointSlices and Endpoints by the `namespace/name` of their Service,
+/// built once per translation so that finding a Service's endpoints does not
+/// scan every object (10,000 Services must not cost 10,000²).
+pub(super) struct EndpointIndex<'a> {
+    slices: HashMap<String, Vec<&'a Sourced<EndpointSlice>>>,
+    endpoints: HashMap<String, Vec<&'a Sourced<Endpoints>>>,
+}
+
+impl<'a> EndpointIndex<'a> {
+    pub fn new(snapshot: &'a Snapshot) -> Self {
+        let mut slices: HashMap<String, Vec<_>> = HashMap::new();
+        for s in &snapshot.endpoint_slices {
+            if let Some(svc) = slice_service(&s.object) {
+                let ns = s.object.metadata.namespace.as_deref().unwrap_or("default");
+                slices.entry(format!("{ns}/{svc}")).or_default().push(s);
+            }
+        }
+        let mut endpoints: HashMap<String, Vec<_>> = HashMap::new();
+        for e in &snapshot.endpoints {
+            endpoints.entry(ns_name(&e.object.metadata)).or_default().push(e);
+        }
+        Self { slices, endpoints }
+    }
+}
+
+pub(super) fn endpoints_of(
+    snapshot: &Snapshot,
+    index: &EndpointIndex,
+    v: &Valid,
+    sp: &ServicePort,
+    pod_endpoints: bool,
+) -> Vec<Endpoint> {
+    let meta = &v.svc.object.metadata;
+    let ns = meta.namespace.as_deref().unwrap_or("default");
+    if pod_endpoints {
+        if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
+            let publish_not_ready = v.spec.publish_not_ready_addresses.unwrap_or(false);
+            let mut all = endpoints::from_pods(ns, selector, sp, &snapshot.pods, publish_not_ready);
+            if v.prefer_close {
+                endpoints::hint_own_zones(&mut all, |node| snapshot.zone_of(node));
+            }
+            return all;
+        }
+    }
+    let slices = index.slices.get(&v.key).map(Vec::as_slice).unwrap_or_default();
+    let mut all = endpoints::from_slices(sp, slices);
+    for e in index.endpoints.get(&v.key).into_iter().flatten() {
+        all.extend(endpoints::from_endpoints(sp, &e.object));
+    }
+    all
+}
+
+fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<String> {
+    slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL).cloned()
+}
+
+/// Endpoint addresses that are no IPv4 address: each named with its object
+/// and field (the endpoint is left out of every Service).
+fn check_endpoint_addresses(snapshot: &Snapshot, errors: &mut Vec<InputError>) {
+    for s in snapshot
+        .endpoint_slices
+        .iter()
+        .filter(|s| s.object.address_type == "IPv4")
+    {
+        for (i, ep) in s.object.endpoints.iter().enumerate() {
+            for (j, a) in ep.addresses.iter().enumerate() {
+                if let Err(why) = parse_ipv4(a) {
+                    errors.push(InputError::new(
+                        &s.source,
+                        format!("EndpointSlice {}", ns_name(&s.object.metadata)),
+                        format!("endpoints[{i}].addresses[{j}]"),
+                        format!("{a:?} is {why}; the endpoint is left out"),
+                    ));
+                }
+            }
+        }
+    }
+    for e in &snapshot.endpoints {
+        for (i, subset) in e.object.subsets.iter().flatten().enumerate() {
+            let sets = [
+                ("addresses", &subset.addresses),
+                ("notReadyAddresses", &subset.not_ready_addresses),
+            ];
+            for (field, addrs) in sets {
+                for (j, a) in addrs.iter().flatten().enumerate() {
+                    if let Err(why) = parse_ipv4(&a.ip) {
+                        errors.push(InputError::new(
+                            &e.source,
+                            format!("Endpoints {}", ns_name(&e.object.metadata)),
+                            format!("subsets[{i}].{field}[{j}].ip"),
+                            format!("{:?} is {why}; the endpoint is left out", a.ip),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// EndpointSlices and Endpoints must belong to a Service we know.
+fn check_orphans(snapshot: &Snapshot, known: &BTreeSet<String>, errors: &mut Vec<InputError>) {
+    for s in &snapshot.endpoint_slices {
+        let meta = &s.object.metadata;
+        let object = format!("EndpointSlice {}", ns_name(meta));
+        let field = format!("metadata.labels[{SERVICE_NAME_LABEL}]");
+        match slice_service(&s.object) {
+            None => errors.push(InputError::new(
+                &s.source,
+                object,
+                field,
+                "missing: the slice belongs to no Service",
+            )),
+            Some(svc) => {
+                let key = format!("{}/{svc}", meta.namespace.as_deref().unwrap_or("default"));
+                if !known.contains(&key) {
+                    errors.push(InputError::new(
+                        &s.source,
+                        object,
+                        field,
+                        format!("unknown Service {key}"),
+                    ));
+                }
+            }
+        }
+    }
+    for e in &snapshot.endpoints {
+        let key = ns_name(&e.object.metadata);
+        if !known.contains(&key) {
+            errors.push(InputError::new(
+                &e.source,
+                format!("Endpoints {key}"),
+                "metadata.name",
+                format!("unknown Service {key}"),
+            ));
+        }
+    }
+}
