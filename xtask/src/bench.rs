@@ -26,7 +26,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     io::Write as _,
-    net::{Ipv4Addr, SocketAddr, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -324,6 +324,12 @@ enum Metric {
     CrrBpfNs,
     /// Time in Ferry's BPF programs per RR request (both directions).
     RrBpfNs,
+    /// BPF_PROG_TEST_RUN of the agent's program: a new flow's first packet.
+    TestRunNewFlowNs,
+    /// BPF_PROG_TEST_RUN: a packet of a tracked flow.
+    TestRunEstablishedNs,
+    /// BPF_PROG_TEST_RUN: a packet no Service matches.
+    TestRunUntranslatedNs,
 }
 
 impl Metric {
@@ -345,6 +351,14 @@ impl Metric {
             Metric::CrrBpfNs => "Time in Ferry's BPF programs per CRR connection (kernel run-time statistics), ns",
             Metric::RrBpfNs => {
                 "Time in Ferry's BPF programs per RR request, both directions (kernel run-time statistics), ns"
+            }
+            Metric::TestRunNewFlowNs => {
+                "BPF_PROG_TEST_RUN: a new flow's first packet in the entry program (from_pod for a ClusterIP, from_netdev or \
+                 xdp_from_netdev for a NodePort), ns"
+            }
+            Metric::TestRunEstablishedNs => "BPF_PROG_TEST_RUN: a packet of a tracked flow in the entry program, ns",
+            Metric::TestRunUntranslatedNs => {
+                "BPF_PROG_TEST_RUN: a packet no Service matches (Pod to Pod, or to a node port nobody serves), ns"
             }
         }
     }
@@ -625,6 +639,53 @@ impl Node {
     fn lab(&mut self) -> &mut Lab {
         &mut self.cluster.nodes[0]
     }
+}
+
+/// What BPF_PROG_TEST_RUN runs for a ferry path (see `synthetic`): node 1's
+/// entry program for the case's frontend (a Pod dialing the ClusterIP, or the
+/// external client dialing node 1's NodePort). None for the other paths, and
+/// for ferry (socket LB), whose from_pod is ferry's.
+fn synthetic_probe<'a>(
+    node: &'a mut Node,
+    case: Case,
+    path: DataPath,
+    files: &Files,
+) -> Option<crate::synthetic::Probe<'a>> {
+    let north_south = case.topology == Topology::NorthSouth;
+    let program = match path {
+        DataPath::NoNat | DataPath::Iptables | DataPath::Nftables | DataPath::FerrySocklb => return None,
+        DataPath::FerryXdp if north_south => "xdp_from_netdev",
+        _ if north_south => "from_netdev",
+        _ => "from_pod",
+    };
+    let SocketAddr::V4(frontend) = *files.frontend.get(&TCP_PORT)? else {
+        return None;
+    };
+    let backends = node
+        .servers
+        .iter()
+        .map(|ip| SocketAddrV4::new(*ip, SERVER_PORT))
+        .collect();
+    let (client, untranslated) = if north_south {
+        // The discard port of node 1's own address: no Service there.
+        (EXTERNAL_ADDR, SocketAddrV4::new(*frontend.ip(), 9))
+    } else {
+        // A Pod address of node 1 no lab Pod has; dialing a server directly.
+        (
+            Ipv4Addr::new(10, 244, 0, 199),
+            SocketAddrV4::new(*node.servers.first()?, SERVER_PORT),
+        )
+    };
+    let lab = node.lab();
+    Some(crate::synthetic::Probe {
+        agent_pid: lab.agent_pid()?,
+        netns: &lab.node,
+        program,
+        client,
+        frontend,
+        backends,
+        untranslated,
+    })
 }
 
 struct Ctx<'a> {
@@ -923,6 +984,28 @@ impl Ctx<'_> {
             );
         }
         self.push(n, Metric::Errors, path, errors as f64);
+        if path == DataPath::FerryXdp {
+            self.check_xdp(node, case, round)?;
+        }
+        // Before the endpoint change: the probe's backends are the servers.
+        if let Some(probe) = synthetic_probe(node, case, path, files) {
+            match crate::synthetic::measure(&probe) {
+                Ok(f) => {
+                    self.push(n, Metric::TestRunNewFlowNs, path, f.new_flow_ns);
+                    self.push(n, Metric::TestRunEstablishedNs, path, f.established_ns);
+                    self.push(n, Metric::TestRunUntranslatedNs, path, f.untranslated_ns);
+                    print!(
+                        " | test run: new {:.0} ns, tracked {:.0} ns, untranslated {:.0} ns",
+                        f.new_flow_ns, f.established_ns, f.untranslated_ns
+                    );
+                }
+                Err(e) => {
+                    print!(" | test run: {e:#}");
+                    self.notes
+                        .push(format!("{case} round {} {}: test run {e:#}", round + 1, path.name()));
+                }
+            }
+        }
         if path != DataPath::NoNat {
             match self.endpoint_change(node, path, files) {
                 Ok(change) => {
@@ -939,9 +1022,6 @@ impl Ctx<'_> {
                 }
                 Err(e) => return Err(e),
             }
-        }
-        if path == DataPath::FerryXdp {
-            self.check_xdp(node, case, round)?;
         }
         println!();
         Ok(())

@@ -5,6 +5,7 @@ mod demo;
 mod demo_north_south;
 mod lab;
 mod setup;
+mod synthetic;
 
 use std::process::{Command, Stdio};
 
