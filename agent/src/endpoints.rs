@@ -26,6 +26,9 @@ pub struct Endpoint {
     /// hints.forZones: the zones whose clients should use this endpoint
     /// (topology-aware routing; empty: no hint).
     pub zone_hints: Vec<String>,
+    /// hints.forNodes: the nodes whose clients should use this endpoint
+    /// (`trafficDistribution: PreferSameNode`; empty: no hint).
+    pub node_hints: Vec<String>,
 }
 
 /// Endpoints of `port` of a Service with a selector: the Pods in its namespace whose
@@ -64,6 +67,7 @@ pub fn from_pods(
                 terminating: p.terminating,
                 node: Some(p.node.clone()),
                 zone_hints: Vec::new(),
+                node_hints: Vec::new(),
             })
         })
         .collect()
@@ -110,6 +114,12 @@ pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>]) -> Ve
                             .flat_map(|h| h.for_zones.iter().flatten())
                             .map(|z| z.name.clone())
                             .collect(),
+                        node_hints: ep
+                            .hints
+                            .iter()
+                            .flat_map(|h| h.for_nodes.iter().flatten())
+                            .map(|n| n.name.clone())
+                            .collect(),
                     });
                 }
             }
@@ -147,6 +157,7 @@ pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints) -> Vec<Endpoint
                         terminating: false,
                         node: a.node_name.clone(),
                         zone_hints: Vec::new(),
+                        node_hints: Vec::new(),
                     });
                 }
             }
@@ -155,25 +166,48 @@ pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints) -> Vec<Endpoint
     out
 }
 
-/// Whether the endpoints' zone hints apply on a node in `zone`, as kube-proxy
-/// decides (`canUseTopology`, pkg/proxy/topology.go): every ready endpoint
-/// has a hint and at least one ready endpoint is hinted for `zone`. Else all
-/// endpoints are used: hints missing, or none left for the zone.
-pub fn can_use_topology(all: &[Endpoint], zone: &str) -> bool {
-    let mut for_zone = false;
-    for e in all.iter().filter(|e| e.ready) {
-        if e.zone_hints.is_empty() {
-            return false;
+/// Which hints narrow a node's endpoints (kube-proxy's topology modes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topology<'a> {
+    /// The endpoints hinted for this node (`hints.forNodes`).
+    SameNode(&'a str),
+    /// The endpoints hinted for this node's zone (`hints.forZones`).
+    SameZone(&'a str),
+}
+
+impl Topology<'_> {
+    /// Whether `e` serves clients on this node in this mode.
+    pub fn admits(self, e: &Endpoint) -> bool {
+        match self {
+            Topology::SameNode(node) => e.node_hints.iter().any(|n| n == node),
+            Topology::SameZone(zone) => e.zone_hints.iter().any(|z| z == zone),
         }
-        for_zone |= e.zone_hints.iter().any(|z| z == zone);
     }
-    for_zone
+}
+
+/// The hints that apply on `node` (in `zone`, if known), as kube-proxy
+/// decides (`topologyModeFromHints`, pkg/proxy/topology.go): node hints when
+/// every ready endpoint has one and at least one is hinted for this node;
+/// else zone hints when every ready endpoint has one and at least one is
+/// hinted for this zone; else none, and all endpoints are used (hints
+/// missing, or none left for this node or zone).
+pub fn topology<'a>(all: &[Endpoint], node: &'a str, zone: Option<&'a str>) -> Option<Topology<'a>> {
+    let ready: Vec<&Endpoint> = all.iter().filter(|e| e.ready).collect();
+    let applies = |hints: fn(&Endpoint) -> &[String], mode: Topology| {
+        ready.iter().all(|e| !hints(e).is_empty()) && ready.iter().any(|e| mode.admits(e))
+    };
+    let same_node = Topology::SameNode(node);
+    if !node.is_empty() && applies(|e| e.node_hints.as_slice(), same_node) {
+        return Some(same_node);
+    }
+    let same_zone = Topology::SameZone(zone?);
+    applies(|e| e.zone_hints.as_slice(), same_zone).then_some(same_zone)
 }
 
 /// Plays the EndpointSlice controller for `trafficDistribution: PreferClose`
 /// (standalone mode): each endpoint is hinted for the zone of its node
 /// (`zone_of`); endpoints on a node of unknown zone get no hint, which turns
-/// the hints off for the whole Service (see [`can_use_topology`]).
+/// the hints off for the whole Service (see [`topology`]).
 pub fn hint_own_zones<'a>(all: &mut [Endpoint], zone_of: impl Fn(&str) -> Option<&'a str>) {
     for e in all {
         e.zone_hints = e
@@ -182,6 +216,16 @@ pub fn hint_own_zones<'a>(all: &mut [Endpoint], zone_of: impl Fn(&str) -> Option
             .and_then(&zone_of)
             .map(|z| vec![z.to_string()])
             .unwrap_or_default();
+    }
+}
+
+/// Plays the EndpointSlice controller for `trafficDistribution:
+/// PreferSameNode` (standalone mode; zone hints come from [`hint_own_zones`]
+/// as well, as the controller writes both): each endpoint is hinted for its
+/// own node.
+pub fn hint_own_nodes(all: &mut [Endpoint]) {
+    for e in all {
+        e.node_hints = e.node.iter().cloned().collect();
     }
 }
 
@@ -215,6 +259,7 @@ mod tests {
             terminating,
             node: None,
             zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         }
     }
 

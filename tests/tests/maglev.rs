@@ -7,8 +7,8 @@
 //! backend removed moves the ports it had and (almost) no others.
 //!
 //! Topology: a Service with `trafficDistribution: PreferClose` keeps each
-//! zone's Pods on the zone's endpoint and falls back to every endpoint when
-//! the zone's endpoint goes away.
+//! zone's Pods on the zone's endpoint, `PreferSameNode` each node's Pods on
+//! the node's endpoint, and both fall back when the near endpoint goes away.
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
@@ -243,18 +243,36 @@ fn maglev_through_both_nodes(xdp: bool) -> Result<()> {
 
 #[test]
 fn prefer_close_keeps_a_zones_pods_on_its_endpoints_and_falls_back_when_they_go() -> Result<()> {
-    let service = r#"apiVersion: v1
+    // One node per zone: each zone's client reaches its zone's endpoint.
+    topology_keeps_clients_near("zn", "PreferClose", ["zone-a", "zone-b"])
+}
+
+#[test]
+fn prefer_same_node_keeps_a_nodes_pods_on_its_endpoints_and_falls_back_when_they_go() -> Result<()> {
+    // Both nodes in one zone: zone hints would give each client both
+    // endpoints; node hints keep each on its own node's.
+    topology_keeps_clients_near("sn", "PreferSameNode", ["zone-a", "zone-a"])
+}
+
+/// A Service with `trafficDistribution: DISTRIBUTION` and one endpoint on
+/// each of two nodes (in `zones`): each node's client Pod reaches its own
+/// node's endpoint only; when node 1's endpoint goes, its client falls back
+/// to node 2's; without the field, both clients reach both endpoints.
+fn topology_keeps_clients_near(tag: &str, distribution: &str, zones: [&str; 2]) -> Result<()> {
+    let service = format!(
+        r#"apiVersion: v1
 kind: Service
-metadata: {name: near, namespace: default}
+metadata: {{name: near, namespace: default}}
 spec:
   clusterIP: 10.96.0.31
-  selector: {app: near}
-  trafficDistribution: PreferClose
+  selector: {{app: near}}
+  trafficDistribution: {distribution}
   ports:
-    - {name: http, port: 80, targetPort: 8080}
-"#;
-    let c = Cluster::start("zn", 2, &[("near.yaml".into(), service.into())], &[])?;
-    c.write_node_manifests(&["zone-a", "zone-b"])?;
+    - {{name: http, port: 80, targetPort: 8080}}
+"#
+    );
+    let c = Cluster::start(tag, 2, &[("near.yaml".into(), service.clone())], &[])?;
+    c.write_node_manifests(&zones)?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
     c.write_manifest("near-a.yaml", &on_node(&echo_pod("near-a", "near", None), &n1))?;
     c.write_manifest("near-b.yaml", &on_node(&echo_pod("near-b", "near", None), &n2))?;
@@ -263,39 +281,39 @@ spec:
     c.wait_ready(&["near-a", "near-b", "client-a", "client-b"], READY)?;
     let to: SocketAddr = "10.96.0.31:80".parse()?;
     let (ca, cb) = (c.pod_netns("client-a")?, c.pod_netns("client-b")?);
-    // Each zone's client reaches its zone's endpoint only.
-    c.nodes[0].wait_answered_by("the ClusterIP from zone-a", &["near-a"], || tcp_ask(&ca, to))?;
+    // Each node's client reaches its near endpoint only.
+    c.nodes[0].wait_answered_by("the ClusterIP from node 1", &["near-a"], || tcp_ask(&ca, to))?;
     // Node 2's agent may still be loading its programs.
-    c.nodes[1].wait_answered_by("the ClusterIP from zone-b", &["near-b"], || tcp_ask(&cb, to))?;
+    c.nodes[1].wait_answered_by("the ClusterIP from node 2", &["near-b"], || tcp_ask(&cb, to))?;
     let a = split(&ca, 30, |ns| tcp_ask(ns, to))?;
     let b = split(&cb, 30, |ns| tcp_ask(ns, to))?;
     ensure!(
         a == BTreeMap::from([("near-a".to_string(), 30)]),
-        "zone-a's client: {a:?}"
+        "{distribution}: node 1's client: {a:?}"
     );
     ensure!(
         b == BTreeMap::from([("near-b".to_string(), 30)]),
-        "zone-b's client: {b:?}"
+        "{distribution}: node 2's client: {b:?}"
     );
-    // zone-a's endpoint goes: its clients fall back to zone-b's.
+    // Node 1's endpoint goes: its clients fall back to node 2's.
     c.remove_manifest("near-a.yaml")?;
-    c.nodes[0].wait_answered_by("the ClusterIP from zone-a after near-a left", &["near-b"], || {
+    c.nodes[0].wait_answered_by("the ClusterIP from node 1 after near-a left", &["near-b"], || {
         tcp_ask(&ca, to)
     })?;
     let a = split(&ca, 20, |ns| tcp_ask(ns, to))?;
     ensure!(
         a == BTreeMap::from([("near-b".to_string(), 20)]),
-        "zone-a's client falls back: {a:?}"
+        "{distribution}: node 1's client falls back: {a:?}"
     );
-    // Without the field, both zones' endpoints serve both zones' clients.
+    // Without the field, both endpoints serve both nodes' clients.
     c.write_manifest("near-a.yaml", &on_node(&echo_pod("near-a", "near", None), &n1))?;
     c.wait_ready(&["near-a"], READY)?;
     c.write_manifest(
         "near.yaml",
-        &service.replace("  trafficDistribution: PreferClose\n", ""),
+        &service.replace(&format!("  trafficDistribution: {distribution}\n"), ""),
     )?;
     c.nodes[0].wait_answered_by(
-        "the ClusterIP from zone-a without PreferClose",
+        &format!("the ClusterIP from node 1 without {distribution}"),
         &["near-a", "near-b"],
         || tcp_ask(&ca, to),
     )?;

@@ -6,10 +6,10 @@ use crate::endpoints::{self, Endpoint};
 
 /// The endpoints new connections may use (sorted), the ones that only keep
 /// their established connections (sorted: not ready, terminating, not on
-/// this node when `local_only`, or hinted for other zones), and whether the
-/// usable ones are the serving+terminating fallback. Without `local_only`
-/// (kube-proxy's "cluster endpoints"), zone hints apply when this node's
-/// `zone` is known and [`endpoints::can_use_topology`] says so.
+/// this node when `local_only`, or hinted for other nodes or zones), and
+/// whether the usable ones are the serving+terminating fallback. Without
+/// `local_only` (kube-proxy's "cluster endpoints"), node or zone hints apply
+/// as [`endpoints::topology`] decides for this node (in `zone`, if known).
 pub(super) fn split(
     all: &[Endpoint],
     local_only: bool,
@@ -20,10 +20,8 @@ pub(super) fn split(
         all.iter()
             .cloned()
             .partition(|e| e.node.as_deref() == Some(cfg.node.as_str()))
-    } else if let Some(zone) = zone.filter(|z| endpoints::can_use_topology(all, z)) {
-        all.iter()
-            .cloned()
-            .partition(|e| e.zone_hints.iter().any(|h| h == zone))
+    } else if let Some(mode) = endpoints::topology(all, &cfg.node, zone) {
+        all.iter().cloned().partition(|e| mode.admits(e))
     } else {
         (all.to_vec(), Vec::new())
     };

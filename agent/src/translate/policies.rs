@@ -85,14 +85,25 @@ pub(super) fn maglev(svc: &Service, cfg: &Config, err: &ErrorAt, errors: &mut Ve
     }
 }
 
-/// spec.trafficDistribution asks for topology-aware routing. kube-proxy reads
-/// only the hints; the EndpointSlice controller writes them for PreferClose
-/// (and PreferSameZone, its 1.34 name).
-pub(super) fn prefer_close(spec: &ServiceSpec) -> bool {
-    matches!(
-        spec.traffic_distribution.as_deref(),
-        Some("PreferClose") | Some("PreferSameZone")
-    )
+/// spec.trafficDistribution: which hints the EndpointSlice controller writes
+/// (kube-proxy reads only the hints; standalone mode plays the controller).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum TrafficDistribution {
+    /// Unset (or a value this version does not know: the API server keeps
+    /// unknown values, and the controller writes no hints for them).
+    Any,
+    /// PreferClose (PreferSameZone, its 1.34 name): zone hints.
+    PreferSameZone,
+    /// PreferSameNode (1.34): node hints, and zone hints as the fallback.
+    PreferSameNode,
+}
+
+pub(super) fn traffic_distribution(spec: &ServiceSpec) -> TrafficDistribution {
+    match spec.traffic_distribution.as_deref() {
+        Some("PreferClose") | Some("PreferSameZone") => TrafficDistribution::PreferSameZone,
+        Some("PreferSameNode") => TrafficDistribution::PreferSameNode,
+        _ => TrafficDistribution::Any,
+    }
 }
 
 /// What a LoadBalancer Service's source ranges allow on its LoadBalancer IPs.

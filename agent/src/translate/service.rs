@@ -57,9 +57,10 @@ pub(super) struct Valid<'a> {
     pub etp_local: bool,
     /// New flows pick their backend by Maglev.
     pub maglev: bool,
-    /// spec.trafficDistribution: PreferClose (standalone mode hints each
-    /// endpoint for its node's zone, as the EndpointSlice controller does).
-    pub prefer_close: bool,
+    /// spec.trafficDistribution (standalone mode hints each endpoint for its
+    /// node's zone, and for PreferSameNode its node, as the EndpointSlice
+    /// controller does).
+    pub traffic_distribution: policies::TrafficDistribution,
 }
 
 /// The Services of a snapshot after validation.
@@ -182,7 +183,7 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
         errors,
     )?;
     let maglev = policies::maglev(&svc.object, cfg, &err, errors);
-    let prefer_close = policies::prefer_close(spec);
+    let traffic_distribution = policies::traffic_distribution(spec);
     Some(Valid {
         svc,
         spec,
@@ -197,7 +198,7 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
         source_ranges,
         etp_local,
         maglev,
-        prefer_close,
+        traffic_distribution,
     })
 }
 

@@ -8,7 +8,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use super::{parse_ipv4, service::Valid, SERVICE_NAME_LABEL};
+use super::{parse_ipv4, policies::TrafficDistribution, service::Valid, SERVICE_NAME_LABEL};
 use crate::{
     endpoints::{self, Endpoint},
     error::InputError,
@@ -60,8 +60,15 @@ pub(super) fn endpoints_of(
         if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
             let publish_not_ready = v.spec.publish_not_ready_addresses.unwrap_or(false);
             let mut all = endpoints::from_pods(ns, selector, sp, &snapshot.pods, publish_not_ready);
-            if v.prefer_close {
-                endpoints::hint_own_zones(&mut all, |node| snapshot.zone_of(node));
+            match v.traffic_distribution {
+                TrafficDistribution::Any => {}
+                TrafficDistribution::PreferSameZone => {
+                    endpoints::hint_own_zones(&mut all, |node| snapshot.zone_of(node));
+                }
+                TrafficDistribution::PreferSameNode => {
+                    endpoints::hint_own_zones(&mut all, |node| snapshot.zone_of(node));
+                    endpoints::hint_own_nodes(&mut all);
+                }
             }
             return all;
         }

@@ -180,6 +180,72 @@ fn prefer_close_hints_each_pod_for_its_nodes_zone_in_standalone_mode() {
     assert_eq!(usable_on(&s, "n1"), (vec![1, 2], vec![]));
 }
 
+/// The slice of [`zoned`] with node hints too: (last octet, zone hints,
+/// node hints, ready).
+fn node_hinted(eps: &[(u8, &[&str], &[&str], bool)]) -> Snapshot {
+    let zones: Vec<(u8, &[&str], bool)> = eps.iter().map(|&(l, z, _, r)| (l, z, r)).collect();
+    let mut s = zoned("", &zones);
+    for (ep, (_, _, nodes, _)) in s.endpoint_slices[0].object.endpoints.iter_mut().zip(eps) {
+        if nodes.is_empty() {
+            continue;
+        }
+        let hints = ep.hints.get_or_insert_with(Default::default);
+        hints.for_nodes = Some(
+            nodes
+                .iter()
+                .map(|n| k8s_openapi::api::discovery::v1::ForNode { name: n.to_string() })
+                .collect(),
+        );
+    }
+    s
+}
+
+#[test]
+fn node_hints_keep_a_nodes_clients_on_its_endpoints_before_zone_hints() {
+    let (a, b) = (&["zone-a"][..], &["zone-b"][..]);
+    // PreferSameNode as the controller writes it: node and zone hints.
+    let s = node_hinted(&[(1, a, &["n1"], true), (2, a, &["n1"], true), (3, b, &["n2"], true)]);
+    assert_eq!(usable_on(&s, "n1"), (vec![1, 2], vec![3]), "n1: its own endpoints");
+    assert_eq!(usable_on(&s, "n2"), (vec![3], vec![1, 2]));
+    // A node with no endpoint hinted for it falls back to its zone's.
+    let s = node_hinted(&[(1, a, &["n9"], true), (3, b, &["n2"], true)]);
+    assert_eq!(usable_on(&s, "n1"), (vec![1], vec![3]), "n1: no node hint, zone-a's");
+    // One ready endpoint without a node hint turns node hints off (zone hints stay).
+    let s = node_hinted(&[(1, a, &["n1"], true), (2, a, &[], true), (3, b, &["n2"], true)]);
+    assert_eq!(usable_on(&s, "n1"), (vec![1, 2], vec![3]));
+    // Only not-ready endpoints hinted for this node: they do not count.
+    let s = node_hinted(&[(1, a, &["n1"], false), (3, b, &["n2"], true)]);
+    assert_eq!(usable_on(&s, "n1"), (vec![3], vec![1]));
+    // Node hints without zone hints, on a node of no zone: node hints alone.
+    let s = node_hinted(&[(1, &[], &["n1"], true), (3, &[], &["n2"], true)]);
+    assert_eq!(usable_on(&s, "n1"), (vec![1], vec![3]));
+    assert_eq!(
+        usable_on(&s, "n9"),
+        (vec![1, 3], vec![]),
+        "an unknown node: every endpoint"
+    );
+}
+
+#[test]
+fn prefer_same_node_hints_each_pod_for_its_node_in_standalone_mode() {
+    let y = "metadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  trafficDistribution: PreferSameNode\n  ports: [{name: http, port: 80, targetPort: 8080}]\n";
+    let on = |name: &str, ip: u8, node: &str| PodRecord {
+        node: node.into(),
+        ..pod(name, [10, 244, 0, ip], true, false)
+    };
+    let mut s = Snapshot {
+        services: vec![svc(y)],
+        pods: vec![on("a", 1, "n1"), on("b", 2, "n2"), on("c", 3, "n3")],
+        nodes: vec![node("n1", "zone-a"), node("n2", "zone-b"), node("n3", "zone-b")],
+        ..Default::default()
+    };
+    assert_eq!(usable_on(&s, "n1"), (vec![1], vec![2, 3]));
+    assert_eq!(usable_on(&s, "n2"), (vec![2], vec![1, 3]));
+    // n2's Pod goes: n2 falls back to its zone (zone-b: n3's Pod).
+    s.pods.remove(1);
+    assert_eq!(usable_on(&s, "n2"), (vec![3], vec![1]));
+}
+
 #[test]
 fn the_lb_algorithm_comes_from_the_flag_or_the_services_annotation() {
     let with = |ann: &str| {
