@@ -240,6 +240,17 @@ impl Cluster {
     }
 }
 
+/// Drops what translation never reads before an object is stored, as
+/// kube-proxy's informers do with their transforms: managedFields and the
+/// annotations not in [`crate::translate::READ_ANNOTATIONS`] (together often
+/// most of an object's size).
+fn strip(o: &mut DynamicObject) {
+    o.metadata.managed_fields = None;
+    if let Some(a) = o.metadata.annotations.as_mut() {
+        a.retain(|k, _| crate::translate::READ_ANNOTATIONS.contains(&k.as_str()));
+    }
+}
+
 /// Runs one watcher + reflector in the background.
 fn spawn_watch(
     what: &'static str,
@@ -257,13 +268,7 @@ fn spawn_watch(
     let failing_state = Arc::new(Mutex::new(None));
     let last_error = failing_state.clone();
     let set_error = move |e: Option<String>| *last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
-    // managedFields can be most of an object's size and nothing here reads them.
-    let stream = reflector::reflector(
-        writer,
-        watcher(api, config)
-            .default_backoff()
-            .modify(|o: &mut DynamicObject| o.metadata.managed_fields = None),
-    );
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff().modify(strip));
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
@@ -544,6 +549,40 @@ mod tests {
                 .snapshot
                 .zone_of("n1"),
             None
+        );
+    }
+
+    #[test]
+    fn stored_objects_keep_only_the_annotations_translation_reads() {
+        let mut o: DynamicObject = serde_json::from_value(serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "web",
+                "annotations": {
+                    "kubectl.kubernetes.io/last-applied-configuration": "{\"a very\": \"long text\"}",
+                    "ferry.dev/lb-algorithm": "maglev",
+                    "service.beta.kubernetes.io/load-balancer-source-ranges": "10.0.0.0/8",
+                },
+                "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
+            },
+        }))
+        .unwrap();
+        strip(&mut o);
+        assert!(o.metadata.managed_fields.is_none());
+        let kept: Vec<&str> = o
+            .metadata
+            .annotations
+            .iter()
+            .flatten()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "ferry.dev/lb-algorithm",
+                "service.beta.kubernetes.io/load-balancer-source-ranges"
+            ]
         );
     }
 

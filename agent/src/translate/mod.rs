@@ -90,6 +90,11 @@ impl Default for Config {
 /// comma separated CIDRs.
 pub const SOURCE_RANGES_ANNOTATION: &str = "service.beta.kubernetes.io/load-balancer-source-ranges";
 
+/// Every annotation translation reads: the cluster source keeps these and
+/// drops the others (kubectl's last-applied-configuration can be most of an
+/// object).
+pub const READ_ANNOTATIONS: [&str; 2] = [SOURCE_RANGES_ANNOTATION, LB_ALGORITHM_ANNOTATION];
+
 /// Kubernetes' default `--service-node-port-range`.
 pub const DEFAULT_NODE_PORT_RANGE: (u16, u16) = (30000, 32767);
 
