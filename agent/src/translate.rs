@@ -1035,7 +1035,7 @@ pub fn proto_name(proto: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_shim::status::{ContainerPortRecord, PodRecord};
+    use ferry_podstate::{ContainerPortRecord, PodRecord};
     use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
 
     fn svc(y: &str) -> Sourced<Service> {
