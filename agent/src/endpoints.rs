@@ -3,7 +3,7 @@
 //! EndpointSlices (discovery.k8s.io/v1) and Endpoints (v1).
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use ferry_shim::status::PodRecord;
+use ferry_podstate::PodRecord;
 use k8s_openapi::{
     api::{
         core::v1::{Endpoints, ServicePort},
@@ -248,7 +248,7 @@ pub fn usable(mut all: Vec<Endpoint>) -> (Vec<Endpoint>, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferry_shim::status::ContainerPortRecord;
+    use ferry_podstate::ContainerPortRecord;
 
     fn ep(last: u8, ready: bool, serving: bool, terminating: bool) -> Endpoint {
         Endpoint {

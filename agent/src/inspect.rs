@@ -332,14 +332,14 @@ pub struct CounterRow {
 /// The dataplane's counters under `dir`.
 pub fn counters(dir: &Path) -> Result<Vec<CounterRow>, InspectError> {
     let values = kernel::read_counters(dir)?;
-    let named = crate::metrics::DROPS
-        .iter()
-        .map(|(c, name)| ("drop", *c, *name))
-        .chain(crate::metrics::PACKETS.iter().map(|(c, name)| ("packet", *c, *name)));
+    // Drops first, then packets.
+    let mut named: Vec<ferry_common::Counter> = ferry_common::Counter::ALL.to_vec();
+    named.sort_by_key(|c| c.kind() != ferry_common::CounterKind::Drop);
     Ok(named
-        .map(|(kind, c, name)| CounterRow {
-            kind,
-            name,
+        .into_iter()
+        .map(|c| CounterRow {
+            kind: c.kind().as_str(),
+            name: c.name(),
             value: values.get(c as usize).copied().unwrap_or(0),
         })
         .collect())

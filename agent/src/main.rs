@@ -163,7 +163,7 @@ struct AgentArgs {
     #[arg(long, value_name = "PATH", conflicts_with = "manifests")]
     kubeconfig: Option<PathBuf>,
     /// Where shims publish Pod status (standalone mode).
-    #[arg(long, default_value = ferry_shim::status::DEFAULT_STATE_DIR)]
+    #[arg(long, default_value = ferry_podstate::DEFAULT_STATE_DIR)]
     state_dir: PathBuf,
     #[command(flatten)]
     node: NodeArgs,

@@ -7,7 +7,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use ferry_common::Counter as DpCounter;
+use ferry_common::{Counter as DpCounter, CounterKind};
 use hyper::StatusCode;
 use prometheus_client::{
     collector::Collector,
@@ -229,41 +229,6 @@ fn encode_per_table(
     Ok(())
 }
 
-/// Dataplane counters that count drops, with their reason label.
-pub(crate) const DROPS: &[(DpCounter, &str)] = &[
-    (DpCounter::DropNoBackend, "no_backend"),
-    (DpCounter::DropBackendMissing, "backend_missing"),
-    (DpCounter::DropMalformed, "malformed"),
-    (DpCounter::DropCtFull, "ct_full"),
-    (DpCounter::DropNoBackendExternal, "no_backend_external"),
-    (DpCounter::DropSnatPorts, "snat_ports_exhausted"),
-    (DpCounter::DropSourceRange, "source_range"),
-];
-
-/// The other counters: packets by what happened to them.
-pub(crate) const PACKETS: &[(DpCounter, &str)] = &[
-    (DpCounter::ServiceForward, "service_forward"),
-    (DpCounter::ReverseNat, "reverse_nat"),
-    (DpCounter::CtCreated, "ct_created"),
-    (DpCounter::RejectTcp, "reject_tcp"),
-    (DpCounter::RejectUdp, "reject_udp"),
-    (DpCounter::AffinityHit, "affinity_hit"),
-    (DpCounter::FibMiss, "fib_miss"),
-    (DpCounter::FibLocal, "fib_local"),
-    (DpCounter::XdpForward, "xdp_forward"),
-    (DpCounter::XdpPassPartialCsum, "xdp_pass_partial_csum"),
-    (DpCounter::CtTcpFull, "ct_tcp_full"),
-    (DpCounter::CtExpired, "ct_expired"),
-    (DpCounter::CtStaleRebalanced, "ct_stale_rebalanced"),
-    (DpCounter::NodePortLocalReply, "nodeport_local_reply"),
-    (DpCounter::FragNeeded, "frag_needed"),
-    (DpCounter::IcmpErrorTranslated, "icmp_error_translated"),
-    (DpCounter::MaglevSelected, "maglev_selected"),
-    (DpCounter::SockForward, "sock_forward"),
-    (DpCounter::SockReject, "sock_reject"),
-    (DpCounter::L3OuterHeader, "l3_outer_header"),
-];
-
 impl Collector for DataplaneCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         encode_per_table(
@@ -335,23 +300,23 @@ impl Collector for DataplaneCollector {
             }
         };
         let value = |c: DpCounter| counters.get(c as usize).copied().unwrap_or(0);
-        for (name, help, label, list) in [
+        for (name, help, label, kind) in [
             (
                 "ferry_drops",
                 "Packets the dataplane dropped, by reason",
                 "reason",
-                DROPS,
+                CounterKind::Drop,
             ),
             (
                 "ferry_packets",
                 "Packets the dataplane handled, by what it did",
                 "kind",
-                PACKETS,
+                CounterKind::Packet,
             ),
         ] {
             let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (c, reason) in list {
-                let labels: Labels = vec![(label.into(), (*reason).into())];
+            for c in DpCounter::ALL.iter().filter(|c| c.kind() == kind) {
+                let labels: Labels = vec![(label.into(), c.name().into())];
                 ConstCounter::new(value(*c)).encode(m.encode_family(&labels)?)?;
             }
         }

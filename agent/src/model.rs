@@ -1,5 +1,5 @@
 //! The cluster as the agent sees it: the input of the pure translation.
-use ferry_shim::status::PodRecord;
+use ferry_podstate::PodRecord;
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{Endpoints, Node, Pod, Service},

@@ -211,7 +211,7 @@ impl Source {
     async fn start(cfg: &Config, tx: UnboundedSender<()>, metrics: Arc<Metrics>) -> Result<Self> {
         match &cfg.mode {
             Mode::Standalone { manifests, state_dir } => {
-                let watched = vec![manifests.clone(), ferry_shim::status::pods_dir(state_dir)];
+                let watched = vec![manifests.clone(), ferry_podstate::pods_dir(state_dir)];
                 let watcher = watch::watch(&watched, tx.clone())?;
                 let loaded = Arc::new(Mutex::new(Fingerprint::new()));
                 // Safety net for missed inotify events: a cheap fingerprint,
@@ -267,7 +267,7 @@ impl Source {
                 // Before reading: a change during the read is seen again.
                 *loaded.lock().unwrap_or_else(|e| e.into_inner()) = watch::fingerprint(watched);
                 let mut m = cache.lock().unwrap_or_else(|e| e.into_inner()).load(manifests);
-                let (pods, pod_errors) = ferry_shim::status::read_all(state_dir);
+                let (pods, pod_errors) = ferry_podstate::read_all(state_dir);
                 for (path, e) in pod_errors {
                     tracing::debug!("skipping unreadable pod record {}: {e}", path.display());
                 }

@@ -561,87 +561,146 @@ pub struct SvcStats {
     pub bytes: u64,
 }
 
-/// Indices into the per-CPU counters array.
-#[repr(u32)]
+/// What a dataplane counter counts: packets dropped, by reason
+/// (`ferry_drops_total{reason}`), or packets by what happened to them
+/// (`ferry_packets_total{kind}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Counter {
+pub enum CounterKind {
+    Drop,
+    Packet,
+}
+
+impl CounterKind {
+    /// `drop` or `packet` (`ferry counters list`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CounterKind::Drop => "drop",
+            CounterKind::Packet => "packet",
+        }
+    }
+}
+
+/// Declares [`Counter`] with each counter's index, kind and name together:
+/// adding a counter is one entry here (`Variant = index => Kind "name",`),
+/// and the agent's `/metrics`, `ferry counters list` and `ferry status`
+/// pick it up from [`Counter::ALL`].
+macro_rules! counters {
+    ($($(#[$doc:meta])* $variant:ident = $index:literal => $kind:ident $name:literal,)*) => {
+        /// Indices into the per-CPU counters array. An index is part of the
+        /// pinned map's layout: never renumber one.
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Counter {
+            $($(#[$doc])* $variant = $index,)*
+        }
+
+        impl Counter {
+            /// Every counter, by index.
+            pub const ALL: &'static [Counter] = &[$(Counter::$variant,)*];
+
+            /// Its name: the `reason` or `kind` label in `/metrics`, the name in
+            /// `ferry counters list`.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(Counter::$variant => $name,)*
+                }
+            }
+
+            pub const fn kind(self) -> CounterKind {
+                match self {
+                    $(Counter::$variant => CounterKind::$kind,)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
     /// Packets translated to a backend (forward direction).
-    ServiceForward = 0,
+    ServiceForward = 0 => Packet "service_forward",
     /// Replies reverse-translated.
-    ReverseNat = 1,
+    ReverseNat = 1 => Packet "reverse_nat",
     /// New flows that created a connection-tracking entry.
-    CtCreated = 2,
+    CtCreated = 2 => Packet "ct_created",
     /// Service hit but it has no backends.
-    DropNoBackend = 3,
+    DropNoBackend = 3 => Drop "no_backend",
     /// Slot or backend lookup failed (agent mid-update).
-    DropBackendMissing = 4,
+    DropBackendMissing = 4 => Drop "backend_missing",
     /// The packet could not be parsed or rewritten.
-    DropMalformed = 5,
+    DropMalformed = 5 => Drop "malformed",
     /// Connection-tracking insert failed.
-    DropCtFull = 6,
+    DropCtFull = 6 => Drop "ct_full",
     /// TCP to a Service without usable backends answered with a RST.
-    RejectTcp = 7,
+    RejectTcp = 7 => Packet "reject_tcp",
     /// UDP to a Service without usable backends answered with ICMP port unreachable.
-    RejectUdp = 8,
+    RejectUdp = 8 => Packet "reject_udp",
     /// New connections sent to the client's affinity backend (sessionAffinity).
-    AffinityHit = 9,
+    AffinityHit = 9 => Packet "affinity_hit",
     /// A NodePort/ExternalIP/LoadBalancer frontend without usable backends.
-    DropNoBackendExternal = 10,
+    DropNoBackendExternal = 10 => Drop "no_backend_external",
     /// No free SNAT port for a north-south flow to a remote backend.
-    DropSnatPorts = 11,
+    DropSnatPorts = 11 => Drop "snat_ports_exhausted",
     /// The FIB lookup for a translated packet found no route (or one it
     /// does not forward: blackhole, unreachable, forwarding disabled, ...);
     /// passed to the stack. Local destinations are [`Counter::FibLocal`].
-    FibMiss = 12,
+    FibMiss = 12 => Packet "fib_miss",
     /// A new flow to a LoadBalancer IP from a client outside the Service's
     /// loadBalancerSourceRanges.
-    DropSourceRange = 13,
+    DropSourceRange = 13 => Drop "source_range",
     /// North-south packets XDP translated and sent out itself (XDP_TX or
     /// XDP_REDIRECT), never reaching TC or the stack.
-    XdpForward = 14,
+    XdpForward = 14 => Packet "xdp_forward",
     /// North-south packets XDP left to TC because their L4 checksum was only
     /// the pseudo-header's (checksum offload of a local sender on a virtual
     /// device: only the skb knows how to finish it).
-    XdpPassPartialCsum = 15,
+    XdpPassPartialCsum = 15 => Packet "xdp_pass_partial_csum",
     /// New TCP flows tracked in the any-table because the TCP table was full
     /// (they can be evicted there; raise `--ct-map-size`).
-    CtTcpFull = 16,
+    CtTcpFull = 16 => Packet "ct_tcp_full",
     /// Tracked flows found expired by the dataplane and treated as new.
-    CtExpired = 17,
+    CtExpired = 17 => Packet "ct_expired",
     /// A new connection (TCP SYN) on a tuple still tracked for a finished or
     /// stale flow: balanced afresh instead of sent to the old backend.
-    CtStaleRebalanced = 18,
+    CtStaleRebalanced = 18 => Packet "ct_stale_rebalanced",
     /// A packet to a NodePort that answered a connection of the node's own
     /// (a local client whose port was the NodePort): left to the stack.
-    NodePortLocalReply = 19,
+    NodePortLocalReply = 19 => Packet "nodeport_local_reply",
     /// A translated packet too big for its egress device (DF set): answered
     /// with an ICMP "fragmentation needed" quoting it untranslated.
-    FragNeeded = 20,
+    FragNeeded = 20 => Packet "frag_needed",
     /// ICMP errors about a translated flow (quoting it as the backend got
     /// it) translated back and sent to the client.
-    IcmpErrorTranslated = 21,
+    IcmpErrorTranslated = 21 => Packet "icmp_error_translated",
     /// New flows whose backend a Maglev table chose.
-    MaglevSelected = 22,
+    MaglevSelected = 22 => Packet "maglev_selected",
     /// Sockets pointed at a backend by the socket load balancer (connect,
     /// or an unconnected UDP send): no packet of theirs is translated.
-    SockForward = 23,
+    SockForward = 23 => Packet "sock_forward",
     /// connect() or an unconnected UDP send to a frontend without usable
     /// backends failed with ECONNREFUSED at the socket.
-    SockReject = 24,
+    SockReject = 24 => Packet "sock_reject",
     /// A translated packet whose new destination is an address of the node
     /// itself (a host-network backend, or a client process of the node): not
     /// forwarded, left to the stack to deliver. Not a [`Counter::FibMiss`].
-    FibLocal = 25,
+    FibLocal = 25 => Packet "fib_local",
     /// A packet at an L3 device's hook whose data does not start at its
     /// IPv4 header (the kernel left outer headers in front, as IPIP and GRE
     /// devices do at ingress): passed on untouched.
-    L3OuterHeader = 26,
+    L3OuterHeader = 26 => Packet "l3_outer_header",
 }
 
 /// Size of the counters array: room above the last [`Counter`] so that new
 /// counters do not need a new pinned map.
 pub const COUNTER_COUNT: u32 = 32;
-const _: () = assert!((Counter::L3OuterHeader as u32) < COUNTER_COUNT);
+// `ALL` lists the counters by index, without gaps, and they fit the array.
+const _: () = {
+    let mut i = 0;
+    while i < Counter::ALL.len() {
+        assert!(Counter::ALL[i] as u32 == i as u32);
+        i += 1;
+    }
+    assert!(Counter::ALL.len() as u32 <= COUNTER_COUNT);
+};
 
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);
@@ -728,6 +787,27 @@ mod tests {
             assert!(*a < config::COUNT, "config index {a} >= config::COUNT");
             assert!(!config::ALL[i + 1..].contains(a), "config index {a} used twice");
         }
+    }
+
+    #[test]
+    fn counter_names_are_distinct_labels() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            let name = c.name();
+            assert!(
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{c:?}: {name:?} is not a label value in snake_case"
+            );
+            assert!(
+                Counter::ALL[i + 1..].iter().all(|d| d.name() != name),
+                "{c:?}: the name {name:?} is used twice"
+            );
+        }
+        assert_eq!(Counter::DropSnatPorts.name(), "snat_ports_exhausted");
+        assert_eq!(Counter::DropSnatPorts.kind(), CounterKind::Drop);
+        assert_eq!(Counter::FibLocal.kind().as_str(), "packet");
     }
 
     #[test]

@@ -9,7 +9,9 @@ pub mod pod;
 pub mod probe;
 pub mod rollout;
 mod shim;
-pub mod status;
+/// What the shim publishes about its Pods: the records live in their own
+/// crate, which the agent reads without depending on the shim.
+pub use ferry_podstate as status;
 
 use std::path::PathBuf;
 

@@ -279,7 +279,12 @@ fn dataplane_view(s: &mut Status, dir: &Path) {
         Err(e) => s.problems.push(format!("reading the service maps: {e}")),
     }
     match inspect::counters(dir) {
-        Ok(rows) => s.drops = rows.into_iter().filter(|r| r.kind == "drop" && r.value > 0).collect(),
+        Ok(rows) => {
+            s.drops = rows
+                .into_iter()
+                .filter(|r| r.kind == ferry_common::CounterKind::Drop.as_str() && r.value > 0)
+                .collect()
+        }
         Err(e) => s.problems.push(format!("reading the counters: {e}")),
     }
 }

@@ -1,4 +1,8 @@
-//! What the shim publishes about the Pods it runs, and where.
+//! Pod status in standalone mode: what the lab's shim (`ferry shim`, the
+//! kubelet stand-in) publishes about the Pods it runs, and where. The shim
+//! writes these records and the agent reads them (its standalone endpoints
+//! controller); this small crate is all the two share, so the agent does not
+//! depend on the shim.
 //!
 //! The shim plays the kubelet; in standalone mode there is no API server, so Pod
 //! status goes to files that every node's agent reads (the lab shares one state
