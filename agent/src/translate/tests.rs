@@ -1,6 +1,6 @@
 use super::*;
 use crate::{endpoints, model::Sourced};
-use ferry_shim::status::{ContainerPortRecord, PodRecord};
+use ferry_podstate::{ContainerPortRecord, PodRecord};
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
 
