@@ -13,12 +13,13 @@ use aya::{
 };
 use ferry_agent::{
     dataplane::DATAPLANE_OBJ,
+    ids::{FrontendId, FrontendKind, PortId, ServiceId},
     maps::{kernel, kernel::KernelMaps, MapStore as _},
 };
 use ferry_common::{
     addr_to_map, ct_flags, port_from_map, port_to_map, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
-    ServiceName, ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_XDP_FROM_NETDEV,
-    PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_XDP_FROM_NETDEV, PROTO_TCP,
+    PROTO_UDP, SCOPE_EXTERNAL,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -184,7 +185,12 @@ impl Fixture {
                     port: port_to_map(port),
                     _pad: 0,
                 },
-                ServiceName::new(name),
+                FrontendId {
+                    service: ServiceId::new("default", name),
+                    port: PortId::Number(port),
+                    kind: FrontendKind::of_flags(flags),
+                }
+                .to_map(),
             )
             .unwrap();
     }
