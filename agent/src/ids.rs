@@ -368,7 +368,7 @@ mod tests {
     #[test]
     fn service_ids_order_as_their_text() {
         // '-' sorts before '/': "a-x/c" < "a/b" as text, though "a" < "a-x".
-        let mut ids = vec![
+        let mut ids = [
             ServiceId::new("a", "b"),
             ServiceId::new("a-x", "c"),
             ServiceId::new("a", "a"),

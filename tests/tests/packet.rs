@@ -28,6 +28,16 @@ const TC_ACT_REDIRECT: u32 = 7;
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const CLIENT: [u8; 4] = [10, 244, 0, 2];
 
+/// The identity the fixture names a frontend by: Service `default/name`,
+/// its port unnamed, its kind from `flags`.
+fn frontend_id(name: &str, port: u16, flags: u32) -> FrontendId {
+    FrontendId {
+        service: ServiceId::new("default", name),
+        port: PortId::Number(port),
+        kind: FrontendKind::of_flags(flags),
+    }
+}
+
 /// The dataplane loaded with its maps pinned in a private directory.
 struct Fixture {
     ebpf: Ebpf,
@@ -185,12 +195,7 @@ impl Fixture {
                     port: port_to_map(port),
                     _pad: 0,
                 },
-                FrontendId {
-                    service: ServiceId::new("default", name),
-                    port: PortId::Number(port),
-                    kind: FrontendKind::of_flags(flags),
-                }
-                .to_map(),
+                frontend_id(name, port, flags).to_map(),
             )
             .unwrap();
     }
@@ -694,7 +699,11 @@ fn translated_packets_are_counted_per_service_and_a_freed_id_starts_from_zero() 
     fx.run(&frame(PROTO_TCP, CLIENT, [10, 96, 0, 99], 40000, 80, false));
     let stats = kernel::read_svc_stats(fx.dir()).unwrap();
     assert_eq!(stats.len(), 1, "{stats:?}");
-    assert_eq!(stats[0].0, "t");
+    assert_eq!(
+        stats[0].0,
+        Some(frontend_id("t", 80, 0)),
+        "the name read back from the kernel"
+    );
     assert_eq!(stats[0].1.packets, 2);
     assert_eq!(stats[0].1.bytes, 2 * f.len() as u64);
     fx.maps.del_revnat(7).unwrap();
