@@ -38,14 +38,19 @@ impl ServiceId {
 /// must agree on.
 impl Ord for ServiceId {
     fn cmp(&self, other: &Self) -> Ordering {
-        let text = |s: &Self| {
-            s.namespace
-                .bytes()
-                .chain(std::iter::once(b'/'))
-                .chain(s.name.bytes())
-                .collect::<Vec<u8>>()
-        };
-        text(self).cmp(&text(other))
+        // Without building the texts (this orders every Service of a sync):
+        // different namespaces decide, compared as `namespace/`.
+        if self.namespace == other.namespace {
+            return self.name.cmp(&other.name);
+        }
+        let (a, b) = (self.namespace.as_bytes(), other.namespace.as_bytes());
+        let n = a.len().min(b.len());
+        match a[..n].cmp(&b[..n]) {
+            // One is a prefix of the other: its '/' meets the other's next byte.
+            Ordering::Equal if a.len() < b.len() => b'/'.cmp(&b[n]),
+            Ordering::Equal => a[n].cmp(&b'/'),
+            decided => decided,
+        }
     }
 }
 
@@ -370,15 +375,24 @@ mod tests {
         // '-' sorts before '/': "a-x/c" < "a/b" as text, though "a" < "a-x".
         let mut ids = [
             ServiceId::new("a", "b"),
+            ServiceId::new("ab", "a"),
             ServiceId::new("a-x", "c"),
             ServiceId::new("a", "a"),
+            ServiceId::new("b", ""),
+            ServiceId::new("a.b", "z"),
+            ServiceId::new("", "q"),
         ];
         ids.sort();
         let text: Vec<String> = ids.iter().map(ToString::to_string).collect();
         let mut sorted = text.clone();
         sorted.sort();
         assert_eq!(text, sorted);
-        assert_eq!(text, ["a-x/c", "a/a", "a/b"]);
+        assert_eq!(text, ["/q", "a-x/c", "a.b/z", "a/a", "a/b", "ab/a", "b/"]);
+        for x in &ids {
+            for y in &ids {
+                assert_eq!(x.cmp(y), x.to_string().cmp(&y.to_string()), "{x} vs {y}");
+            }
+        }
     }
 
     #[test]
