@@ -47,10 +47,10 @@ impl HealthCheckServers {
                     let task = spawn_server(listener, move |_path| {
                         reply(&s.lock().unwrap_or_else(|e| e.into_inner()))
                     });
-                    tracing::info!(port, service = %format!("{}/{}", hc.namespace, hc.name), "healthCheckNodePort server started");
+                    tracing::info!(port, service = %hc.service, "healthCheckNodePort server started");
                     self.servers.insert(*port, (state, task));
                 }
-                Err(e) => tracing::error!("Service {}/{}: healthCheckNodePort {port}: {e}", hc.namespace, hc.name),
+                Err(e) => tracing::error!("Service {}: healthCheckNodePort {port}: {e}", hc.service),
             }
         }
     }
@@ -70,7 +70,7 @@ pub fn reply(hc: &HealthCheck) -> Reply {
         StatusCode::SERVICE_UNAVAILABLE
     };
     let body = serde_json::json!({
-        "service": {"namespace": hc.namespace, "name": hc.name},
+        "service": {"namespace": hc.service.namespace, "name": hc.service.name},
         "localEndpoints": hc.local_endpoints,
         "serviceProxyHealthy": true,
     });
@@ -84,8 +84,7 @@ mod tests {
     #[test]
     fn answers_like_kube_proxy() {
         let hc = HealthCheck {
-            namespace: "default".into(),
-            name: "web".into(),
+            service: crate::ids::ServiceId::new("default", "web"),
             local_endpoints: 2,
         };
         let r = reply(&hc);

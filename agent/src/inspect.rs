@@ -9,11 +9,12 @@ use ferry_common::{
 use serde::Serialize;
 
 use crate::{
+    ids::{self, FrontendId, FrontendKind},
     maps::{
         kernel::{self, OpenError},
         MapContents, MapStore as _,
     },
-    translate::{frontend_type, proto_name},
+    translate::proto_name,
 };
 
 /// Errors of the inspection commands.
@@ -83,15 +84,6 @@ fn contents(dir: &Path) -> Result<MapContents, InspectError> {
         })
 }
 
-/// Splits a `ServiceName` (`ns/name:port (TYPE)`) into service and port name.
-fn split_name(full: &str) -> (String, String) {
-    let base = full.rsplit_once(" (").map_or(full, |(b, _)| b);
-    match base.rsplit_once(':') {
-        Some((svc, port)) => (svc.to_string(), port.to_string()),
-        None => (base.to_string(), String::new()),
-    }
-}
-
 /// The Services programmed in the maps under `dir`.
 pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
     let c = contents(dir)?;
@@ -99,12 +91,8 @@ pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
     let stats = kernel::read_svc_stats_by_id(dir).unwrap_or_default();
     let mut rows = Vec::new();
     for (k, v) in c.services.iter().filter(|(k, _)| k.slot == 0) {
-        let full = c
-            .names
-            .get(&v.rev_nat_id)
-            .map(|n| n.as_str().to_string())
-            .unwrap_or_default();
-        let (service, port_name) = split_name(&full);
+        let id = c.names.get(&v.rev_nat_id).and_then(|n| FrontendId::from_map(n).ok());
+        let (service, port_name) = ids::service_and_port(id.as_ref());
         let backends = (1..=v.count)
             .map(|slot| {
                 let id = c.services.get(&ServiceKey { slot, ..*k }).map(|s| s.backend_id);
@@ -142,7 +130,7 @@ pub fn services(dir: &Path) -> Result<Vec<ServiceRow>, InspectError> {
         rows.push(ServiceRow {
             service,
             port_name,
-            type_: frontend_type(v.flags),
+            type_: FrontendKind::of_flags(v.flags).as_str(),
             frontend: format!("{}:{}", ip(k.addr), port_from_map(k.port)),
             protocol: proto_name(k.proto),
             rev_nat_id: v.rev_nat_id,
@@ -351,19 +339,4 @@ pub fn print_counters(rows: &[CounterRow]) -> String {
         let _ = writeln!(out, "{:<7} {:<24} {}", r.kind, r.name, r.value);
     }
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn service_names_split_into_service_and_port() {
-        assert_eq!(
-            split_name("default/web:http (ClusterIP)"),
-            ("default/web".into(), "http".into())
-        );
-        assert_eq!(split_name("ns/a:80"), ("ns/a".into(), "80".into()));
-        assert_eq!(split_name(""), (String::new(), String::new()));
-    }
 }

@@ -7,6 +7,7 @@ pub mod dataplane;
 pub mod endpoints;
 pub mod error;
 pub mod health_check_nodeport;
+pub mod ids;
 pub mod inspect;
 pub mod kubeproxy;
 pub mod kubeproxyconfig;

@@ -22,7 +22,11 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::{admin::Reply, maps::kernel};
+use crate::{
+    admin::Reply,
+    ids::{self, FrontendId},
+    maps::kernel,
+};
 
 type Labels = Vec<(String, String)>;
 
@@ -284,8 +288,7 @@ impl Collector for DataplaneCollector {
                 ] {
                     let mut m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
                     for (frontend, st) in &stats {
-                        let (service, port) = split_frontend(frontend);
-                        let labels: Labels = vec![("service".into(), service.into()), ("port".into(), port.into())];
+                        let labels = frontend_labels(frontend.as_ref());
                         ConstCounter::new(pick(st)).encode(m.encode_family(&labels)?)?;
                     }
                 }
@@ -324,15 +327,17 @@ impl Collector for DataplaneCollector {
     }
 }
 
-/// `ns/name:port (ClusterIP)` → (`ns/name`, `port`).
-fn split_frontend(full: &str) -> (&str, &str) {
-    let base = full.rsplit_once(" (").map_or(full, |(b, _)| b);
-    base.rsplit_once(':').unwrap_or((base, ""))
+/// A frontend's labels: its Service (`namespace/name`) and port (name, or
+/// number when unnamed); empty when the names map has no entry for it.
+fn frontend_labels(id: Option<&FrontendId>) -> Labels {
+    let (service, port) = ids::service_and_port(id);
+    vec![("service".into(), service), ("port".into(), port)]
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::{FrontendKind, PortId, ServiceId};
 
     #[test]
     fn exposition_has_kube_proxy_style_names() {
@@ -364,7 +369,17 @@ mod tests {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
         assert_eq!(m.route("/metrics").status, StatusCode::OK);
-        assert_eq!(split_frontend("default/web:http (ClusterIP)"), ("default/web", "http"));
+        let web = FrontendId {
+            service: ServiceId::new("default", "web"),
+            port: PortId::Name("http".into()),
+            kind: FrontendKind::ClusterIP,
+        };
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            frontend_labels(Some(&web)),
+            [pair("service", "default/web"), pair("port", "http")]
+        );
+        assert_eq!(frontend_labels(None), [pair("service", ""), pair("port", "")]);
         assert_eq!(m.route("/x").status, StatusCode::NOT_FOUND);
     }
 }

@@ -21,6 +21,7 @@ use tokio::{
 use crate::{
     admin::{self, Health},
     dataplane::{self, Dataplane},
+    ids::ServiceId,
     maps::{
         kernel::KernelMaps,
         layout::{layout, Ids},
@@ -86,7 +87,7 @@ struct Programmer {
     /// What the last sync could not write to the maps (logged the same way).
     not_programmed: BTreeSet<String>,
     /// ClusterIPs allocated last time (logged when they change).
-    allocated: BTreeMap<String, Ipv4Addr>,
+    allocated: BTreeMap<ServiceId, Ipv4Addr>,
     /// The node's addresses and pod CIDRs last time (logged when they change).
     node: Option<crate::model::NodeInfo>,
     /// What translation needs: `--service-cluster-ip-range` and friends, and
@@ -133,11 +134,7 @@ impl Programmer {
         report_changes(&self.not_programmed, &failed);
         self.not_programmed = failed;
         let backends: usize = t.frontends.iter().map(|f| f.backends.len()).sum();
-        let services: BTreeSet<&str> = t
-            .frontends
-            .iter()
-            .map(|f| f.name.rsplit_once(':').map_or(f.name.as_str(), |(s, _)| s))
-            .collect();
+        let services: BTreeSet<&ServiceId> = t.frontends.iter().map(|f| &f.id.service).collect();
         if st.upserts + st.deletes > 0 {
             tracing::info!(
                 frontends = t.frontends.len(),

@@ -395,31 +395,46 @@ pub struct RevNat {
     pub _pad: u16,
 }
 
-/// Value of the service-names map (key: reverse-NAT id, `u16`): the frontend's
-/// name, `namespace/name:port-name (TYPE)`, UTF-8, NUL-padded. 128 bytes.
+/// Value of the service-names map (key: reverse-NAT id, `u16`): who a frontend
+/// is, for inspection and metrics (the dataplane never reads it). Explicit
+/// fields, not text: the agent's `FrontendId::to_map`/`from_map` are its only
+/// codec. Text fields are UTF-8, NUL-padded (none when full). 148 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceName {
-    pub name: [u8; 128],
+    /// The Service's namespace (a DNS label: at most 63 bytes).
+    pub namespace: [u8; 64],
+    /// The Service's name (a DNS label: at most 63 bytes).
+    pub name: [u8; 64],
+    /// The Service port's name (an IANA service name: at most 15 bytes);
+    /// empty for an unnamed port, which `port` names.
+    pub port_name: [u8; 16],
+    /// The Service port number of an unnamed port, host order (0: named).
+    pub port: u16,
+    /// [`frontend_kind`] (0: no frontend).
+    pub kind: u8,
+    pub _pad: u8,
 }
 
-impl ServiceName {
-    /// Builds a name, cut at 128 bytes (on a char boundary).
-    pub fn new(s: &str) -> Self {
-        let mut name = [0u8; 128];
-        let mut end = s.len().min(128);
-        while !s.is_char_boundary(end) {
-            end -= 1;
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self {
+            namespace: [0; 64],
+            name: [0; 64],
+            port_name: [0; 16],
+            port: 0,
+            kind: 0,
+            _pad: 0,
         }
-        name[..end].copy_from_slice(&s.as_bytes()[..end]);
-        Self { name }
     }
+}
 
-    /// The name up to the first NUL.
-    pub fn as_str(&self) -> &str {
-        let end = self.name.iter().position(|&b| b == 0).unwrap_or(self.name.len());
-        core::str::from_utf8(&self.name[..end]).unwrap_or("?")
-    }
+/// `ServiceName::kind`: the kind of address a frontend is.
+pub mod frontend_kind {
+    pub const CLUSTER_IP: u8 = 1;
+    pub const NODE_PORT: u8 = 2;
+    pub const EXTERNAL_IP: u8 = 3;
+    pub const LOAD_BALANCER: u8 = 4;
 }
 
 /// Key of the connection-tracking map. 16 bytes.
@@ -708,7 +723,7 @@ const _: () = assert!(size_of::<Backend>() == 12);
 const _: () = assert!(size_of::<RevNat>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
 const _: () = assert!(size_of::<CtValue>() == 40);
-const _: () = assert!(size_of::<ServiceName>() == 128);
+const _: () = assert!(size_of::<ServiceName>() == 148);
 const _: () = assert!(size_of::<AffinityKey>() == 8);
 const _: () = assert!(size_of::<AffinityValue>() == 16);
 const _: () = assert!(size_of::<SvcStats>() == 16);
@@ -778,6 +793,7 @@ mod tests {
         assert_eq!(size_of::<AffinityKey>(), 4 + 2 + 2);
         assert_eq!(size_of::<AffinityValue>(), 8 + 4 + 4);
         assert_eq!(size_of::<SrcRangeKey>(), 2 + 2 + 4);
+        assert_eq!(size_of::<ServiceName>(), 64 + 64 + 16 + 2 + 1 + 1);
         assert_eq!(SRC_RANGE_ID_BITS as usize, 8 * (2 + 2));
     }
 
@@ -810,15 +826,6 @@ mod tests {
         assert_eq!(Counter::FibLocal.kind().as_str(), "packet");
     }
 
-    #[test]
-    fn service_name_round_trips_and_truncates() {
-        assert_eq!(ServiceName::new("default/echo:http").as_str(), "default/echo:http");
-        let long = "é".repeat(100); // 200 bytes
-        let n = ServiceName::new(&long);
-        assert_eq!(n.as_str().len(), 128);
-    }
-
-    #[test]
     fn wire_order_round_trips() {
         let a = addr_to_map([10, 96, 0, 10]);
         assert_eq!(a.to_ne_bytes(), [10, 96, 0, 10]);

@@ -6,6 +6,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use ferry_agent::{
     dataplane::{Config, Dataplane, MaglevConfig},
+    ids::ServiceId,
     maps::{
         kernel::KernelMaps,
         layout::{layout, Ids},
@@ -21,7 +22,7 @@ use ferry_tests::sys::PinDir;
 fn frontend(port: u16, n: u8) -> Frontend {
     let addrs = (1..=n).map(|i| Ipv4Addr::new(10, 0, port as u8, i));
     Frontend::cluster_ip(
-        format!("default/web:{port}"),
+        ServiceId::new("default", "web"),
         Ipv4Addr::new(10, 96, 0, 10),
         port,
         addrs,

@@ -12,7 +12,7 @@ use ferry_agent::{
 };
 use ferry_common::{
     config, AffinityKey, AffinityValue, CtKey, CtValue, AFFINITY_MAP, CONFIG_MAP, COUNTERS_MAP, COUNTER_COUNT,
-    CT_ANY_MAP, SERVICES_MAP,
+    CT_ANY_MAP, SERVICES_MAP, SVC_NAMES_MAP,
 };
 use ferry_tests::sys::PinDir;
 
@@ -131,6 +131,19 @@ async fn pinned_maps_of_another_shape_are_migrated() {
         conf.set(config::NODE_ADDR, 0x0a00_0001, 0).unwrap();
         pin(d, COUNTERS_MAP, bpf_map_type::BPF_MAP_TYPE_PERCPU_ARRAY, 4, 8, 8);
         pin(d, SERVICES_MAP, bpf_map_type::BPF_MAP_TYPE_HASH, 12, 16, 16);
+        // The service-names map of the versions that kept the name as text.
+        let mut names: HashMap<MapData, u16, [u8; 128]> = HashMap::try_from(Map::HashMap(pin(
+            d,
+            SVC_NAMES_MAP,
+            bpf_map_type::BPF_MAP_TYPE_HASH,
+            2,
+            128,
+            16,
+        )))
+        .unwrap();
+        let mut text = [0u8; 128];
+        text[..28].copy_from_slice(b"default/web:http (ClusterIP)");
+        names.insert(1, text, 0).unwrap();
         pin(d, "FERRY_GONE", bpf_map_type::BPF_MAP_TYPE_HASH, 4, 4, 4);
     }
 
@@ -167,6 +180,18 @@ async fn pinned_maps_of_another_shape_are_migrated() {
         "config entries copied"
     );
     assert_eq!(info(d, COUNTERS_MAP).max_entries(), COUNTER_COUNT, "counters recreated");
+    assert_eq!(
+        info(d, SVC_NAMES_MAP).value_size() as usize,
+        size_of::<ferry_common::ServiceName>(),
+        "the names map recreated with its typed layout"
+    );
+    let names: HashMap<MapData, u16, ferry_common::ServiceName> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(d.join(SVC_NAMES_MAP)).unwrap())).unwrap();
+    assert_eq!(
+        names.keys().count(),
+        0,
+        "old names are not copied (the agent rewrites them)"
+    );
     assert_eq!(
         info(d, SERVICES_MAP).max_entries(),
         64,

@@ -13,12 +13,13 @@ use aya::{
 };
 use ferry_agent::{
     dataplane::DATAPLANE_OBJ,
+    ids::{FrontendId, FrontendKind, PortId, ServiceId},
     maps::{kernel, kernel::KernelMaps, MapStore as _},
 };
 use ferry_common::{
     addr_to_map, ct_flags, port_from_map, port_to_map, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
-    ServiceName, ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_XDP_FROM_NETDEV,
-    PROTO_TCP, PROTO_UDP, SCOPE_EXTERNAL,
+    ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_XDP_FROM_NETDEV, PROTO_TCP,
+    PROTO_UDP, SCOPE_EXTERNAL,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -26,6 +27,16 @@ const TC_ACT_SHOT: u32 = 2;
 const TC_ACT_REDIRECT: u32 = 7;
 const VIP: [u8; 4] = [10, 96, 0, 10];
 const CLIENT: [u8; 4] = [10, 244, 0, 2];
+
+/// The identity the fixture names a frontend by: Service `default/name`,
+/// its port unnamed, its kind from `flags`.
+fn frontend_id(name: &str, port: u16, flags: u32) -> FrontendId {
+    FrontendId {
+        service: ServiceId::new("default", name),
+        port: PortId::Number(port),
+        kind: FrontendKind::of_flags(flags),
+    }
+}
 
 /// The dataplane loaded with its maps pinned in a private directory.
 struct Fixture {
@@ -184,7 +195,7 @@ impl Fixture {
                     port: port_to_map(port),
                     _pad: 0,
                 },
-                ServiceName::new(name),
+                frontend_id(name, port, flags).to_map(),
             )
             .unwrap();
     }
@@ -688,7 +699,11 @@ fn translated_packets_are_counted_per_service_and_a_freed_id_starts_from_zero() 
     fx.run(&frame(PROTO_TCP, CLIENT, [10, 96, 0, 99], 40000, 80, false));
     let stats = kernel::read_svc_stats(fx.dir()).unwrap();
     assert_eq!(stats.len(), 1, "{stats:?}");
-    assert_eq!(stats[0].0, "t");
+    assert_eq!(
+        stats[0].0,
+        Some(frontend_id("t", 80, 0)),
+        "the name read back from the kernel"
+    );
     assert_eq!(stats[0].1.packets, 2);
     assert_eq!(stats[0].1.bytes, 2 * f.len() as u64);
     fx.maps.del_revnat(7).unwrap();

@@ -12,6 +12,8 @@ use ferry_common::{
 };
 use ipnet::Ipv4Net;
 
+use crate::ids::FrontendId;
+
 use super::{Assignment, Forgotten, IdCursors, MapContents, MapStore, SourceRange};
 
 /// The maps the agent writes.
@@ -398,15 +400,15 @@ pub fn read_svc_stats_by_id(dir: &Path) -> Result<std::collections::BTreeMap<u16
         .collect())
 }
 
-/// Per-frontend traffic pinned under `dir`, summed over CPUs, with the frontend's
-/// name (`namespace/name:port (TYPE)`, empty if unnamed).
-pub fn read_svc_stats(dir: &Path) -> Result<Vec<(String, SvcStats)>, OpenError> {
+/// Per-frontend traffic pinned under `dir`, summed over CPUs, with the
+/// frontend's identity from the service-names map (None: no valid entry).
+pub fn read_svc_stats(dir: &Path) -> Result<Vec<(Option<FrontendId>, SvcStats)>, OpenError> {
     let stats = read_svc_stats_by_id(dir)?;
     let names: HashMap<MapData, u16, ServiceName> = hash(SVC_NAMES_MAP, from_pin(dir, SVC_NAMES_MAP)?)?;
     Ok(stats
         .into_iter()
         .map(|(id, total)| {
-            let name = names.get(&id, 0).map(|n| n.as_str().to_string()).unwrap_or_default();
+            let name = names.get(&id, 0).ok().and_then(|n| FrontendId::from_map(&n).ok());
             (name, total)
         })
         .collect())

@@ -12,11 +12,11 @@ use std::{
 
 use ferry_common::{
     addr_from_map, addr_to_map, backend_flags, port_from_map, port_to_map, svc_flags, Backend, RevNat, ServiceKey,
-    ServiceName, ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL,
 };
 
 use super::{IdCursors, MapContents};
-use crate::translate::{frontend_type, Frontend};
+use crate::{ids::FrontendId, translate::Frontend};
 
 type Tuple = (Ipv4Addr, u16, u8);
 
@@ -239,10 +239,10 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
     let mut live_backends = BTreeSet::new();
     let mut live_frontends = BTreeSet::new();
     let mut live_tables = BTreeSet::new();
-    let mut no_table: Vec<&str> = Vec::new();
+    let mut no_table: Vec<&FrontendId> = Vec::new();
     for f in frontends {
         let Some(rev_nat_id) = ids.revnat(f.key()) else {
-            tracing::error!(frontend = %f.name, "no free reverse-NAT id; frontend left out");
+            tracing::error!(frontend = %f.id, "no free reverse-NAT id; frontend left out");
             continue;
         };
         live_frontends.insert(f.key());
@@ -271,11 +271,11 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
         for b in &f.backends {
             let t = (b.addr, b.port, f.proto);
             let Some(id) = ids.backend(t) else {
-                tracing::error!(frontend = %f.name, backend = %b.addr, "no free backend id; backend left out");
+                tracing::error!(frontend = %f.id, backend = %b.addr, "no free backend id; backend left out");
                 continue;
             };
             let Some(next) = slot.checked_add(1) else {
-                tracing::error!(frontend = %f.name, "more than 65535 backends; the rest left out");
+                tracing::error!(frontend = %f.id, "more than 65535 backends; the rest left out");
                 break;
             };
             slot = next;
@@ -318,7 +318,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
                         table_index = index;
                         flags |= svc_flags::MAGLEV;
                     }
-                    None => no_table.push(f.name.as_str()),
+                    None => no_table.push(&f.id),
                 }
             }
         }
@@ -340,10 +340,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
                 _pad: 0,
             },
         );
-        out.names.insert(
-            rev_nat_id,
-            ServiceName::new(&format!("{} ({})", f.name, frontend_type(f.flags))),
-        );
+        out.names.insert(rev_nat_id, f.id.to_map());
         out.source_ranges
             .extend(f.source_ranges.iter().map(|net| (rev_nat_id, net.trunc())));
     }
@@ -355,7 +352,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
         if !no_table.is_empty() {
             tracing::error!(
                 frontends = no_table.len(),
-                first = %no_table.iter().take(5).copied().collect::<Vec<_>>().join(", "),
+                first = %no_table.iter().take(5).map(ToString::to_string).collect::<Vec<_>>().join(", "),
                 "no free Maglev table for these frontends (raise --maglev-tables); their new flows pick a backend at random"
             );
         }
@@ -374,7 +371,7 @@ mod tests {
     fn fe(port: u16, backends: &[[u8; 4]]) -> Frontend {
         let addrs = backends.iter().map(|b| Ipv4Addr::from(*b));
         Frontend::cluster_ip(
-            format!("default/web:{port}"),
+            crate::ids::ServiceId::new("default", "web"),
             Ipv4Addr::new(10, 96, 0, 10),
             port,
             addrs,
@@ -400,7 +397,8 @@ mod tests {
         }
         let rn = c.revnat[&slot0.rev_nat_id];
         assert_eq!((addr_from_map(rn.addr), port_from_map(rn.port)), ([10, 96, 0, 10], 80));
-        assert_eq!(c.names[&slot0.rev_nat_id].as_str(), "default/web:80 (ClusterIP)");
+        let name = FrontendId::from_map(&c.names[&slot0.rev_nat_id]).unwrap();
+        assert_eq!(name.to_string(), "default/web:80 (ClusterIP)");
     }
 
     #[test]

@@ -12,6 +12,8 @@ use std::{
 
 use ferry_common::{addr_from_map, port_from_map, svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue};
 
+use crate::ids::FrontendId;
+
 use super::{assignments, maglev_tables_in_use, Assignment, Forgotten, MapContents, MapStore, SourceRange};
 
 /// What one sync wrote, and what it could not.
@@ -365,9 +367,10 @@ impl<S: MapStore> Writes<'_, S> {
     /// `frontend <name>` of reverse-NAT id `id` (the desired name, else the
     /// current one, else the key).
     fn frontend_name(&self, desired: &MapContents, id: u16, k: &ServiceKey) -> String {
-        match desired.names.get(&id).or(self.cur.names.get(&id)) {
-            Some(n) if !n.as_str().is_empty() => format!("frontend {}", n.as_str()),
-            _ => format!(
+        let name = desired.names.get(&id).or(self.cur.names.get(&id));
+        match name.and_then(|n| FrontendId::from_map(n).ok()) {
+            Some(n) => format!("frontend {n}"),
+            None => format!(
                 "frontend {}:{}/{}",
                 std::net::Ipv4Addr::from(addr_from_map(k.addr)),
                 port_from_map(k.port),
@@ -672,7 +675,7 @@ fn frontend_entries(desired: &MapContents, k0: &ServiceKey, v0: &ServiceValue) -
         .filter_map(|b| desired.backends.get(b).map(|v| Entry::Backend(*b, *v)))
         .collect();
     if let Some(r) = desired.revnat.get(&id) {
-        let name = desired.names.get(&id).copied().unwrap_or(ServiceName::new(""));
+        let name = desired.names.get(&id).copied().unwrap_or_default();
         out.push(Entry::RevNat(id, *r, name));
     }
     out.extend(
@@ -869,7 +872,7 @@ mod tests {
     fn fe_on(port: u16, backends: &[u8]) -> Frontend {
         let addrs = backends.iter().map(|b| Ipv4Addr::new(10, 0, 0, *b));
         Frontend::cluster_ip(
-            format!("default/web:{port}"),
+            crate::ids::ServiceId::new("default", "web"),
             Ipv4Addr::new(10, 96, 0, 10),
             port,
             addrs,

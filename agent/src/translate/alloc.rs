@@ -12,7 +12,7 @@ use super::{
     service::{ClusterIp, Valid},
     Config,
 };
-use crate::error::InputError;
+use crate::{error::InputError, ids::ServiceId};
 
 /// ClusterIPs: explicit ones as given (outside the range is fine, as with a real
 /// apiserver's second range); the others by a stable hash of namespace/name into
@@ -32,7 +32,7 @@ pub(super) fn cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputE
     let mut order: Vec<usize> = (0..valid.len())
         .filter(|i| matches!(valid[*i].ip, ClusterIp::Allocate))
         .collect();
-    order.sort_by(|a, b| valid[*a].key.cmp(&valid[*b].key));
+    order.sort_by(|a, b| valid[*a].id.cmp(&valid[*b].id));
     let mut out: Vec<Option<Ipv4Addr>> = valid
         .iter()
         .map(|v| match v.ip {
@@ -41,8 +41,10 @@ pub(super) fn cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputE
         })
         .collect();
     for i in order {
-        let found = probe(&valid[i].key, size, |k| !used.contains(&Ipv4Addr::from(base + 1 + k)))
-            .map(|k| Ipv4Addr::from(base + 1 + k));
+        let found = probe(&valid[i].id.to_string(), size, |k| {
+            !used.contains(&Ipv4Addr::from(base + 1 + k))
+        })
+        .map(|k| Ipv4Addr::from(base + 1 + k));
         match found {
             Some(ip) => {
                 used.insert(ip);
@@ -50,7 +52,7 @@ pub(super) fn cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputE
             }
             None => errors.push(InputError::new(
                 &valid[i].svc.source,
-                format!("Service {}", valid[i].key),
+                format!("Service {}", valid[i].id),
                 "spec.clusterIP",
                 format!("no free address left in {net}"),
             )),
@@ -82,11 +84,11 @@ pub(super) fn node_ports(
     valid: &[Valid],
     cfg: &Config,
     errors: &mut Vec<InputError>,
-) -> BTreeMap<(String, usize), u16> {
+) -> BTreeMap<(ServiceId, usize), u16> {
     let mut out = BTreeMap::new();
-    let mut taken: BTreeMap<(u16, u8), String> = BTreeMap::new();
+    let mut taken: BTreeMap<(u16, u8), ServiceId> = BTreeMap::new();
     let mut missing = Vec::new();
-    for v in valid.iter().filter(|v| v.node_ports) {
+    for v in valid.iter().filter(|v| v.type_.has_node_ports()) {
         for &(i, sp, _, proto) in &v.ports {
             let Some(np) = sp.node_port else {
                 missing.push((v, i, proto));
@@ -96,31 +98,31 @@ pub(super) fn node_ports(
             if let Some(owner) = taken.get(&(np, proto)) {
                 errors.push(InputError::new(
                     &v.svc.source,
-                    format!("Service {}", v.key),
+                    format!("Service {}", v.id),
                     format!("spec.ports[{i}].nodePort"),
                     format!("{np}/{} is already used by Service {owner}", proto_name(proto)),
                 ));
                 continue;
             }
-            taken.insert((np, proto), v.key.clone());
-            out.insert((v.key.clone(), i), np);
+            taken.insert((np, proto), v.id.clone());
+            out.insert((v.id.clone(), i), np);
         }
     }
     let (lo, hi) = cfg.node_port_range;
     let size = u32::from(hi.saturating_sub(lo)) + 1;
     for (v, i, proto) in missing {
-        let found = probe(&format!("{}:{i}", v.key), size, |k| {
+        let found = probe(&format!("{}:{i}", v.id), size, |k| {
             !taken.contains_key(&(lo + k as u16, proto))
         })
         .map(|k| lo + k as u16);
         match found {
             Some(np) => {
-                taken.insert((np, proto), v.key.clone());
-                out.insert((v.key.clone(), i), np);
+                taken.insert((np, proto), v.id.clone());
+                out.insert((v.id.clone(), i), np);
             }
             None => errors.push(InputError::new(
                 &v.svc.source,
-                format!("Service {}", v.key),
+                format!("Service {}", v.id),
                 format!("spec.ports[{i}].nodePort"),
                 format!("no free NodePort in {lo}-{hi}"),
             )),

@@ -13,7 +13,12 @@ use super::{
     slices::{endpoints_of, EndpointIndex},
     BackendSpec, Config, Frontend, HealthCheck, Translation,
 };
-use crate::{endpoints::Endpoint, error::InputError, model::Snapshot};
+use crate::{
+    endpoints::Endpoint,
+    error::InputError,
+    ids::{FrontendId, FrontendKind, PortId, ServiceId},
+    model::Snapshot,
+};
 
 /// Adds the frontends of every port of `valid` (in order: earlier Services win
 /// conflicts) to `out`, with the health checks of externalTrafficPolicy: Local.
@@ -22,27 +27,27 @@ pub(super) fn build(
     cfg: &Config,
     valid: &[Valid],
     ips: Vec<Option<Ipv4Addr>>,
-    node_ports: &BTreeMap<(String, usize), u16>,
+    node_ports: &BTreeMap<(ServiceId, usize), u16>,
     out: &mut Translation,
 ) {
     // Topology-aware routing: this node's zone, for the endpoints' hints.
     let zone = snapshot.zone_of(&cfg.node);
     let split = |all: &[Endpoint], local_only: bool| split(all, local_only, cfg, zone);
     let index = EndpointIndex::new(snapshot);
-    let mut claimed: BTreeMap<(Ipv4Addr, u16, u8), String> = BTreeMap::new();
+    let mut claimed: BTreeMap<(Ipv4Addr, u16, u8), ServiceId> = BTreeMap::new();
     for (v, ip) in valid.iter().zip(ips) {
         let Some(ip) = ip else { continue };
         for &(i, sp, port, proto) in &v.ports {
             if let Some(owner) = claimed.get(&(ip, port, proto)) {
                 out.errors.push(InputError::new(
                     &v.svc.source,
-                    format!("Service {}", v.key),
+                    format!("Service {}", v.id),
                     format!("spec.ports[{i}]"),
                     format!("{ip}:{port}/{} is already used by Service {owner}", proto_name(proto)),
                 ));
                 continue;
             }
-            claimed.insert((ip, port, proto), v.key.clone());
+            claimed.insert((ip, port, proto), v.id.clone());
             let all = endpoints_of(snapshot, &index, v, sp, cfg.pod_endpoints);
             let mut common = 0;
             if v.affinity_timeout > 0 {
@@ -51,46 +56,58 @@ pub(super) fn build(
             if v.maglev {
                 common |= svc_flags::MAGLEV;
             }
-            let port_name = sp
-                .name
-                .clone()
-                .filter(|n| !n.is_empty())
-                .unwrap_or_else(|| port.to_string());
-            let name = format!("{}:{port_name}", v.key);
-            let frontend = |addr, port, flags, (backends, draining, fallback): (Vec<_>, Vec<_>, bool)| Frontend {
-                name: name.clone(),
-                addr,
-                port,
-                proto,
-                flags: flags | common | if fallback { svc_flags::TERMINATING_FALLBACK } else { 0 },
-                backends,
-                draining,
-                affinity_timeout: v.affinity_timeout,
-                source_ranges: Vec::new(),
+            let port_id = match sp.name.clone().filter(|n| !n.is_empty()) {
+                Some(n) => PortId::Name(n),
+                None => PortId::Number(port),
+            };
+            let frontend = |addr,
+                            port,
+                            kind: FrontendKind,
+                            flags,
+                            (backends, draining, fallback): (Vec<_>, Vec<_>, bool)| {
+                Frontend {
+                    id: FrontendId {
+                        service: v.id.clone(),
+                        port: port_id.clone(),
+                        kind,
+                    },
+                    addr,
+                    port,
+                    proto,
+                    flags: kind.flag() | flags | common | if fallback { svc_flags::TERMINATING_FALLBACK } else { 0 },
+                    backends,
+                    draining,
+                    affinity_timeout: v.affinity_timeout,
+                    source_ranges: Vec::new(),
+                }
             };
             let itp = if v.itp_local { svc_flags::ITP_LOCAL } else { 0 };
             out.frontends.push(frontend(
                 ip,
                 port,
-                svc_flags::CLUSTER_IP | itp,
+                FrontendKind::ClusterIP,
+                itp,
                 split(&all, v.itp_local),
             ));
 
             // North-south frontends: the node's addresses at the NodePort,
             // externalIPs and LoadBalancer IPs at the Service port.
-            let mut external: Vec<(Ipv4Addr, u16, u32, String)> = Vec::new();
-            if v.node_ports {
-                if let Some(np) = node_ports.get(&(v.key.clone(), i)) {
-                    for a in &cfg.nodeport_addrs {
-                        external.push((*a, *np, svc_flags::NODE_PORT, format!("spec.ports[{i}].nodePort")));
-                    }
+            let mut external: Vec<(Ipv4Addr, u16, FrontendKind, String)> = Vec::new();
+            if let Some(np) = node_ports.get(&(v.id.clone(), i)) {
+                for a in &cfg.nodeport_addrs {
+                    external.push((*a, *np, FrontendKind::NodePort, format!("spec.ports[{i}].nodePort")));
                 }
             }
             for a in &v.external_ips {
-                external.push((*a, port, svc_flags::EXTERNAL_IP, "spec.externalIPs".into()));
+                external.push((*a, port, FrontendKind::ExternalIP, "spec.externalIPs".into()));
             }
             for a in &v.lb_ips {
-                external.push((*a, port, svc_flags::LOAD_BALANCER, "status.loadBalancer.ingress".into()));
+                external.push((
+                    *a,
+                    port,
+                    FrontendKind::LoadBalancer,
+                    "status.loadBalancer.ingress".into(),
+                ));
             }
             let etp = if v.etp_local { svc_flags::ETP_LOCAL } else { 0 };
             let backends = split(&all, v.etp_local);
@@ -101,7 +118,7 @@ pub(super) fn build(
                 if let Some(owner) = claimed.get(&(addr, eport, proto)) {
                     out.errors.push(InputError::new(
                         &v.svc.source,
-                        format!("Service {}", v.key),
+                        format!("Service {}", v.id),
                         field,
                         format!(
                             "{addr}:{eport}/{} is already used by Service {owner}",
@@ -110,21 +127,20 @@ pub(super) fn build(
                     ));
                     continue;
                 }
-                claimed.insert((addr, eport, proto), v.key.clone());
+                claimed.insert((addr, eport, proto), v.id.clone());
                 // externalTrafficPolicy: Local is for clients outside the
                 // cluster: Pods and the node's processes reach every node's
                 // endpoints through an internal-scope twin (kube-proxy's
                 // short-circuit of in-cluster traffic to external addresses).
                 let twin = v
                     .etp_local
-                    .then(|| frontend(addr, eport, kind | svc_flags::INTERNAL, split(&all, false)));
+                    .then(|| frontend(addr, eport, kind, svc_flags::INTERNAL, split(&all, false)));
                 let twin_flag = if twin.is_some() { svc_flags::INTERNAL_TWIN } else { 0 };
-                for mut f in
-                    std::iter::once(frontend(addr, eport, kind | etp | twin_flag, backends.clone())).chain(twin)
+                for mut f in std::iter::once(frontend(addr, eport, kind, etp | twin_flag, backends.clone())).chain(twin)
                 {
                     // Only LoadBalancer IPs are filtered (kube-proxy leaves
                     // NodePorts and externalIPs open too).
-                    if kind == svc_flags::LOAD_BALANCER && !v.source_ranges.is_empty() {
+                    if kind == FrontendKind::LoadBalancer && !v.source_ranges.is_empty() {
                         f.flags |= svc_flags::SOURCE_RANGES;
                         f.source_ranges = v.source_ranges.clone();
                     }
@@ -145,10 +161,8 @@ fn count_health_check(
     let Some(port) = v.spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()) else {
         return;
     };
-    let meta = &v.svc.object.metadata;
     let entry = health_checks.entry(port).or_insert_with(|| HealthCheck {
-        namespace: meta.namespace.clone().unwrap_or_else(|| "default".into()),
-        name: meta.name.clone().unwrap_or_default(),
+        service: v.id.clone(),
         local_endpoints: 0,
     });
     // Local ready endpoints of the Service (over its ports: the most).

@@ -27,10 +27,14 @@ mod tests;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
-use ferry_common::{svc_flags, PROTO_TCP, PROTO_UDP};
+use ferry_common::{PROTO_TCP, PROTO_UDP};
 use ipnet::Ipv4Net;
 
-use crate::{error::InputError, model::Snapshot};
+use crate::{
+    error::InputError,
+    ids::{FrontendId, FrontendKind, PortId, ServiceId},
+    model::Snapshot,
+};
 
 pub use service::parse_ipv4;
 
@@ -106,8 +110,8 @@ pub const MAX_AFFINITY_TIMEOUT: i32 = 86_400;
 /// A service address clients dial: {addr, port, protocol} and where it leads.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Frontend {
-    /// `namespace/name:port-name` (or `:port` for unnamed ports).
-    pub name: String,
+    /// Its Service, port and kind (the kind's bit is also in `flags`).
+    pub id: FrontendId,
     pub addr: Ipv4Addr,
     pub port: u16,
     pub proto: u8,
@@ -132,11 +136,11 @@ impl Frontend {
         (self.addr, self.port, self.proto)
     }
 
-    /// What translation makes of a plain TCP ClusterIP Service port `name`
-    /// on `addr:port`: its ready endpoints `backends` (on other nodes), all on
-    /// `backend_port`. For tests of what comes after translation.
+    /// What translation makes of a plain TCP ClusterIP Service port (unnamed)
+    /// of `service` on `addr:port`: its ready endpoints `backends` (on other
+    /// nodes), all on `backend_port`. For tests of what comes after translation.
     pub fn cluster_ip(
-        name: impl Into<String>,
+        service: ServiceId,
         addr: Ipv4Addr,
         port: u16,
         backends: impl IntoIterator<Item = Ipv4Addr>,
@@ -151,12 +155,17 @@ impl Frontend {
                 local: false,
             })
             .collect();
+        let kind = FrontendKind::ClusterIP;
         Self {
-            name: name.into(),
+            id: FrontendId {
+                service,
+                port: PortId::Number(port),
+                kind,
+            },
             addr,
             port,
             proto: PROTO_TCP,
-            flags: svc_flags::CLUSTER_IP,
+            flags: kind.flag(),
             backends,
             draining: Vec::new(),
             affinity_timeout: 0,
@@ -180,9 +189,9 @@ pub struct Translation {
     /// Sorted by (addr, port, proto).
     pub frontends: Vec<Frontend>,
     pub errors: Vec<InputError>,
-    /// ClusterIPs allocated for Services without spec.clusterIP
-    /// (`namespace/name` → address), for the caller to log.
-    pub allocated: BTreeMap<String, Ipv4Addr>,
+    /// ClusterIPs allocated for Services without spec.clusterIP, for the
+    /// caller to log.
+    pub allocated: BTreeMap<ServiceId, Ipv4Addr>,
     /// healthCheckNodePort → what it reports (Services with
     /// externalTrafficPolicy: Local and a healthCheckNodePort).
     pub health_checks: BTreeMap<u16, HealthCheck>,
@@ -193,8 +202,7 @@ pub struct Translation {
 /// none, so load balancers send external traffic only to nodes that serve it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HealthCheck {
-    pub namespace: String,
-    pub name: String,
+    pub service: ServiceId,
     pub local_endpoints: usize,
 }
 
@@ -207,26 +215,13 @@ pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
     let ips = alloc::cluster_ips(&valid.services, cfg, &mut out.errors);
     for (v, ip) in valid.services.iter().zip(&ips) {
         if let (service::ClusterIp::Allocate, Some(ip)) = (&v.ip, ip) {
-            out.allocated.insert(v.key.clone(), *ip);
+            out.allocated.insert(v.id.clone(), *ip);
         }
     }
     let node_ports = alloc::node_ports(&valid.services, cfg, &mut out.errors);
     frontends::build(snapshot, cfg, &valid.services, ips, &node_ports, &mut out);
     out.frontends.sort_by_key(Frontend::key);
     out
-}
-
-/// The kind of frontend named by `svc_flags` (as in `ServiceName`: "(ClusterIP)").
-pub fn frontend_type(flags: u32) -> &'static str {
-    if flags & svc_flags::NODE_PORT != 0 {
-        "NodePort"
-    } else if flags & svc_flags::LOAD_BALANCER != 0 {
-        "LoadBalancer"
-    } else if flags & svc_flags::EXTERNAL_IP != 0 {
-        "ExternalIP"
-    } else {
-        "ClusterIP"
-    }
 }
 
 pub fn proto_name(proto: u8) -> &'static str {

@@ -13,7 +13,8 @@ use k8s_openapi::{
 use super::{policies, Config};
 use crate::{
     error::InputError,
-    model::{ns_name, Snapshot, Sourced},
+    ids::{ServiceId, ServiceType},
+    model::{Snapshot, Sourced},
 };
 
 /// A Service served by another proxy (kube-proxy's `--service-proxy-name`
@@ -36,16 +37,15 @@ pub(super) type ValidPort<'a> = (usize, &'a ServicePort, u16, u8);
 pub(super) struct Valid<'a> {
     pub svc: &'a Sourced<Service>,
     pub spec: &'a ServiceSpec,
-    /// `namespace/name`.
-    pub key: String,
+    pub id: ServiceId,
+    /// spec.type (never ExternalName: those are not served).
+    pub type_: ServiceType,
     pub ip: ClusterIp,
     pub ports: Vec<ValidPort<'a>>,
     /// sessionAffinity: ClientIP timeout in seconds (0: none).
     pub affinity_timeout: u32,
     /// internalTrafficPolicy: Local.
     pub itp_local: bool,
-    /// type NodePort or LoadBalancer: every port gets a NodePort.
-    pub node_ports: bool,
     /// spec.externalIPs (valid ones).
     pub external_ips: Vec<Ipv4Addr>,
     /// status.loadBalancer.ingress[].ip and spec.loadBalancerIP (valid ones;
@@ -68,9 +68,9 @@ pub(super) struct Validated<'a> {
     /// The valid ones, in the order conflicts are settled: creation time, then
     /// name (kube-apiserver would have refused the later one).
     pub services: Vec<Valid<'a>>,
-    /// `namespace/name` of every Service, valid or not (slices of an invalid
-    /// Service are not orphans).
-    pub names: BTreeSet<String>,
+    /// Every Service, valid or not (slices of an invalid Service are not
+    /// orphans).
+    pub names: BTreeSet<ServiceId>,
 }
 
 /// Validates every Service of the snapshot.
@@ -78,13 +78,13 @@ pub(super) fn validate_all<'a>(snapshot: &'a Snapshot, cfg: &Config, errors: &mu
     let mut services: Vec<Valid> = Vec::new();
     let mut names = BTreeSet::new();
     for svc in &snapshot.services {
-        names.insert(ns_name(&svc.object.metadata));
+        names.insert(ServiceId::of(&svc.object.metadata));
         if let Some(v) = validate(svc, cfg, errors) {
             services.push(v);
         }
     }
     let created = |v: &Valid| v.svc.object.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    services.sort_by(|a, b| (created(a), &a.key).cmp(&(created(b), &b.key)));
+    services.sort_by(|a, b| (created(a), &a.id).cmp(&(created(b), &b.id)));
     Validated { services, names }
 }
 
@@ -93,8 +93,8 @@ pub(super) type ErrorAt<'e> = dyn Fn(&str, String) -> InputError + 'e;
 
 /// Checks a Service; returns None when it gets no dataplane entries at all.
 fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputError>) -> Option<Valid<'a>> {
-    let key = ns_name(&svc.object.metadata);
-    let err = |field: &str, msg: String| InputError::new(&svc.source, format!("Service {key}"), field, msg);
+    let id = ServiceId::of(&svc.object.metadata);
+    let err = |field: &str, msg: String| InputError::new(&svc.source, format!("Service {id}"), field, msg);
     if svc.object.metadata.name.as_deref().unwrap_or("").is_empty() {
         errors.push(err("metadata.name", "missing".into()));
         return None;
@@ -114,17 +114,14 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
         errors.push(err("spec", "missing".into()));
         return None;
     };
-    match spec.type_.as_deref() {
-        None | Some("ClusterIP") | Some("NodePort") | Some("LoadBalancer") => {}
-        Some("ExternalName") => return None, // DNS only: nothing to program.
-        Some(other) => {
-            errors.push(err(
-                "spec.type",
-                format!("unknown type {other:?} (ClusterIP, NodePort, LoadBalancer, ExternalName)"),
-            ));
+    let type_ = match ServiceType::from_spec(spec.type_.as_deref()) {
+        Ok(ServiceType::ExternalName) => return None, // DNS only: nothing to program.
+        Ok(t) => t,
+        Err(why) => {
+            errors.push(err("spec.type", why));
             return None;
         }
-    }
+    };
     let ip = match spec.cluster_ip.as_deref() {
         Some("None") => return None, // headless: DNS only.
         None | Some("") => ClusterIp::Allocate,
@@ -136,9 +133,7 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
             }
         },
     };
-    // (The type was checked above.)
-    let node_ports = matches!(spec.type_.as_deref(), Some("NodePort") | Some("LoadBalancer"));
-    let ports = ports(spec, node_ports, cfg, &err, errors);
+    let ports = ports(spec, type_.has_node_ports(), cfg, &err, errors);
     let affinity_timeout = policies::affinity_timeout(spec, &err, errors)?;
     let itp_local = policies::traffic_policy_local(
         "spec.internalTrafficPolicy",
@@ -157,10 +152,9 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
         &err,
         errors,
     );
-    let load_balancer = spec.type_.as_deref() == Some("LoadBalancer");
     let mut lb_ips = Vec::new();
     let mut source_ranges = Vec::new();
-    if load_balancer {
+    if type_ == ServiceType::LoadBalancer {
         lb_ips = addresses("loadBalancer", load_balancer_ips(&svc.object), &err, errors);
         match policies::source_ranges(&svc.object, &err, errors) {
             policies::SourceRanges::Anyone => {}
@@ -187,12 +181,12 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
     Some(Valid {
         svc,
         spec,
-        key,
+        id,
+        type_,
         ip,
         ports,
         affinity_timeout,
         itp_local,
-        node_ports,
         external_ips,
         lb_ips,
         source_ranges,

@@ -12,36 +12,36 @@ use super::{parse_ipv4, policies::TrafficDistribution, service::Valid, SERVICE_N
 use crate::{
     endpoints::{self, Endpoint},
     error::InputError,
+    ids::ServiceId,
     model::{ns_name, Snapshot, Sourced},
 };
 
 /// Checks every EndpointSlice and Endpoints object; `services` names every
-/// Service (`namespace/name`).
-pub(super) fn check(snapshot: &Snapshot, services: &BTreeSet<String>, errors: &mut Vec<InputError>) {
+/// Service.
+pub(super) fn check(snapshot: &Snapshot, services: &BTreeSet<ServiceId>, errors: &mut Vec<InputError>) {
     check_orphans(snapshot, services, errors);
     check_endpoint_addresses(snapshot, errors);
 }
 
-/// EndpointSlices and Endpoints by the `namespace/name` of their Service,
+/// EndpointSlices and Endpoints by their Service,
 /// built once per translation so that finding a Service's endpoints does not
 /// scan every object (10,000 Services must not cost 10,000²).
 pub(super) struct EndpointIndex<'a> {
-    slices: HashMap<String, Vec<&'a Sourced<EndpointSlice>>>,
-    endpoints: HashMap<String, Vec<&'a Sourced<Endpoints>>>,
+    slices: HashMap<ServiceId, Vec<&'a Sourced<EndpointSlice>>>,
+    endpoints: HashMap<ServiceId, Vec<&'a Sourced<Endpoints>>>,
 }
 
 impl<'a> EndpointIndex<'a> {
     pub fn new(snapshot: &'a Snapshot) -> Self {
-        let mut slices: HashMap<String, Vec<_>> = HashMap::new();
+        let mut slices: HashMap<ServiceId, Vec<_>> = HashMap::new();
         for s in &snapshot.endpoint_slices {
             if let Some(svc) = slice_service(&s.object) {
-                let ns = s.object.metadata.namespace.as_deref().unwrap_or("default");
-                slices.entry(format!("{ns}/{svc}")).or_default().push(s);
+                slices.entry(svc).or_default().push(s);
             }
         }
-        let mut endpoints: HashMap<String, Vec<_>> = HashMap::new();
+        let mut endpoints: HashMap<ServiceId, Vec<_>> = HashMap::new();
         for e in &snapshot.endpoints {
-            endpoints.entry(ns_name(&e.object.metadata)).or_default().push(e);
+            endpoints.entry(ServiceId::of(&e.object.metadata)).or_default().push(e);
         }
         Self { slices, endpoints }
     }
@@ -73,16 +73,18 @@ pub(super) fn endpoints_of(
             return all;
         }
     }
-    let slices = index.slices.get(&v.key).map(Vec::as_slice).unwrap_or_default();
+    let slices = index.slices.get(&v.id).map(Vec::as_slice).unwrap_or_default();
     let mut all = endpoints::from_slices(sp, slices);
-    for e in index.endpoints.get(&v.key).into_iter().flatten() {
+    for e in index.endpoints.get(&v.id).into_iter().flatten() {
         all.extend(endpoints::from_endpoints(sp, &e.object));
     }
     all
 }
 
-fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<String> {
-    slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL).cloned()
+fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<ServiceId> {
+    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
+    Some(ServiceId::new(ns, name.as_str()))
 }
 
 /// Endpoint addresses that are no IPv4 address: each named with its object
@@ -129,7 +131,7 @@ fn check_endpoint_addresses(snapshot: &Snapshot, errors: &mut Vec<InputError>) {
 }
 
 /// EndpointSlices and Endpoints must belong to a Service we know.
-fn check_orphans(snapshot: &Snapshot, known: &BTreeSet<String>, errors: &mut Vec<InputError>) {
+fn check_orphans(snapshot: &Snapshot, known: &BTreeSet<ServiceId>, errors: &mut Vec<InputError>) {
     for s in &snapshot.endpoint_slices {
         let meta = &s.object.metadata;
         let object = format!("EndpointSlice {}", ns_name(meta));
@@ -142,20 +144,19 @@ fn check_orphans(snapshot: &Snapshot, known: &BTreeSet<String>, errors: &mut Vec
                 "missing: the slice belongs to no Service",
             )),
             Some(svc) => {
-                let key = format!("{}/{svc}", meta.namespace.as_deref().unwrap_or("default"));
-                if !known.contains(&key) {
+                if !known.contains(&svc) {
                     errors.push(InputError::new(
                         &s.source,
                         object,
                         field,
-                        format!("unknown Service {key}"),
+                        format!("unknown Service {svc}"),
                     ));
                 }
             }
         }
     }
     for e in &snapshot.endpoints {
-        let key = ns_name(&e.object.metadata);
+        let key = ServiceId::of(&e.object.metadata);
         if !known.contains(&key) {
             errors.push(InputError::new(
                 &e.source,

@@ -1,5 +1,6 @@
 use super::*;
 use crate::{endpoints, model::Sourced};
+use ferry_common::svc_flags;
 use ferry_podstate::{ContainerPortRecord, PodRecord};
 use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::{core::v1::Endpoints, discovery::v1::EndpointSlice};
@@ -310,7 +311,7 @@ fn clusterip_with_selector_multi_port_and_named_target_port() {
     );
     assert_eq!(dns.backends.iter().map(|b| b.port).collect::<Vec<_>>(), [5353, 5353]);
     let http = &t.frontends[1];
-    assert_eq!(http.name, "default/web:http");
+    assert_eq!(http.id.to_string(), "default/web:http (ClusterIP)");
     assert_eq!(http.flags, svc_flags::CLUSTER_IP);
     // Named targetPort: resolved through the Pod's ports ("http" is TCP 8080).
     assert_eq!(
@@ -723,8 +724,8 @@ fn a_frontend_claimed_twice_goes_to_the_earlier_service() {
     };
     let t = run(&s);
     assert_eq!(
-        t.frontends.iter().map(|f| f.name.as_str()).collect::<Vec<_>>(),
-        ["default/a-first:80", "default/a-first:81"]
+        t.frontends.iter().map(|f| f.id.to_string()).collect::<Vec<_>>(),
+        ["default/a-first:80 (ClusterIP)", "default/a-first:81 (ClusterIP)"]
     );
     assert_eq!(t.errors.len(), 1);
     assert!(
@@ -941,7 +942,7 @@ fn cluster_ips_are_allocated_stably_inside_the_range() {
     let ips = |t: &Translation| {
         t.frontends
             .iter()
-            .map(|f| (f.name.clone(), f.addr))
+            .map(|f| (f.id.clone(), f.addr))
             .collect::<BTreeMap<_, _>>()
     };
     assert_eq!(ips(&t1), ips(&t2), "order of input does not matter");
