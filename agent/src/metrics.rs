@@ -1,6 +1,11 @@
 //! Prometheus metrics (text format, kube-proxy's names where there is one):
-//! sync latency and outcome, what is programmed, and, read from the pinned maps at
-//! each scrape, connection-tracking use and the dataplane's counters.
+//! sync latency, outcome and generation, what is programmed, and, read from the
+//! pinned maps at each scrape, connection-tracking use and the dataplane's
+//! counters.
+//!
+//! `/metrics` serves everything; `/metrics/agent` only what the agent keeps in
+//! memory (no map is read), cheap enough to poll: tests and the benchmark wait
+//! on its sync counters instead of reading the log.
 use std::{
     path::PathBuf,
     sync::atomic::AtomicU64,
@@ -34,8 +39,13 @@ type Labels = Vec<(String, String)>;
 /// metrics server.
 #[derive(Debug)]
 pub struct Metrics {
+    /// What the agent keeps in memory (`/metrics/agent`).
     registry: Registry,
+    /// What is read from the pinned maps at scrape time (in `/metrics` only).
+    dataplane: Registry,
     sync_duration: Histogram,
+    syncs: Family<Labels, Counter>,
+    sync_writes: Counter,
     last_sync: Gauge<f64, AtomicU64>,
     services: Gauge,
     frontends: Gauge,
@@ -57,6 +67,31 @@ pub struct Programmed {
     pub input_errors: usize,
     /// Objects the sync could not write to the maps (a full map, ...).
     pub not_programmed: usize,
+    /// The sync wrote to the maps (upserts or deletes); else it found them
+    /// in step.
+    pub wrote: bool,
+}
+
+/// What made the agent sync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SyncTrigger {
+    /// A change of the input (a file, an API object, a relist, the node's
+    /// addresses); also the first sync.
+    Change,
+    /// The periodic full resync (`--sync-period-seconds`).
+    Periodic,
+}
+
+impl SyncTrigger {
+    pub const ALL: [SyncTrigger; 2] = [SyncTrigger::Change, SyncTrigger::Periodic];
+
+    /// The `trigger` label.
+    pub const fn label(self) -> &'static str {
+        match self {
+            SyncTrigger::Change => "change",
+            SyncTrigger::Periodic => "periodic",
+        }
+    }
 }
 
 impl Metrics {
@@ -69,6 +104,23 @@ impl Metrics {
             "ferry_sync_proxy_rules_duration_seconds",
             "Time to translate the input and write the difference to the BPF maps",
             sync_duration.clone(),
+        );
+        let syncs = Family::<Labels, Counter>::default();
+        registry.register(
+            "ferry_sync_proxy_rules",
+            "Completed syncs, by what triggered them (change, periodic); their sum is the sync generation \
+             (`ferry status`)",
+            syncs.clone(),
+        );
+        for t in SyncTrigger::ALL {
+            // Exposed as 0 before the first sync.
+            let _ = syncs.get_or_create(&trigger_labels(t));
+        }
+        let sync_writes = Counter::default();
+        registry.register(
+            "ferry_sync_proxy_rules_writes",
+            "Completed syncs that wrote to the maps (the \"maps synced\" log line)",
+            sync_writes.clone(),
         );
         let last_sync = Gauge::<f64, AtomicU64>::default();
         registry.register(
@@ -126,13 +178,17 @@ impl Metrics {
             "Programs that failed to attach at the last attach pass (retried every 2 s)",
             attach_errors.clone(),
         );
+        let mut dataplane = Registry::default();
         if let Some(dir) = bpffs_dir {
-            registry.register_collector(Box::new(crate::status::MapFillCollector { dir: dir.clone() }));
-            registry.register_collector(Box::new(DataplaneCollector { dir, ct, gc }));
+            dataplane.register_collector(Box::new(crate::status::MapFillCollector { dir: dir.clone() }));
+            dataplane.register_collector(Box::new(DataplaneCollector { dir, ct, gc }));
         }
         Self {
             registry,
+            dataplane,
             sync_duration,
+            syncs,
+            sync_writes,
             last_sync,
             services,
             frontends,
@@ -158,7 +214,8 @@ impl Metrics {
         self.attach_errors.set(n as i64);
     }
 
-    pub fn sync_ok(&self, took: Duration, p: Programmed) {
+    /// A completed sync: the maps hold all the input but `p.not_programmed`.
+    pub fn sync_ok(&self, took: Duration, trigger: SyncTrigger, p: Programmed) {
         self.sync_duration.observe(took.as_secs_f64());
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         self.last_sync.set(now.as_secs_f64());
@@ -167,6 +224,11 @@ impl Metrics {
         self.backends.set(p.backends as i64);
         self.input_errors.set(p.input_errors as i64);
         self.not_programmed.set(p.not_programmed as i64);
+        if p.wrote {
+            self.sync_writes.inc();
+        }
+        // Counted last, once everything else of this sync is set.
+        self.syncs.get_or_create(&trigger_labels(trigger)).inc();
     }
 
     /// reason: `map_write`, `not_programmed` (a sync that wrote all but some
@@ -183,8 +245,15 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition.
+    /// The text exposition: everything (`/metrics`).
     pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut out = self.encode_agent()?;
+        prometheus_text::encode(&mut out, &self.dataplane)?;
+        Ok(out)
+    }
+
+    /// Only what the agent keeps in memory (`/metrics/agent`): no map is read.
+    pub fn encode_agent(&self) -> Result<String, std::fmt::Error> {
         let mut out = String::new();
         prometheus_text::encode(&mut out, &self.registry)?;
         Ok(out)
@@ -192,18 +261,24 @@ impl Metrics {
 
     /// The route of the metrics port.
     pub fn route(&self, path: &str) -> Reply {
-        match path {
-            "/metrics" => match self.encode() {
-                Ok(body) => Reply {
-                    status: StatusCode::OK,
-                    content_type: prometheus_text::CONTENT_TYPE,
-                    body,
-                },
-                Err(e) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
+        let body = match path {
+            "/metrics" => self.encode(),
+            "/metrics/agent" => self.encode_agent(),
+            _ => return Reply::text(StatusCode::NOT_FOUND, "not found\n"),
+        };
+        match body {
+            Ok(body) => Reply {
+                status: StatusCode::OK,
+                content_type: prometheus_text::CONTENT_TYPE,
+                body,
             },
-            _ => Reply::text(StatusCode::NOT_FOUND, "not found\n"),
+            Err(e) => Reply::text(StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")),
         }
     }
+}
+
+fn trigger_labels(t: SyncTrigger) -> Labels {
+    vec![("trigger".into(), t.label().into())]
 }
 
 /// Reads the pinned maps at scrape time: the per-CPU counters (summed) and
@@ -342,21 +417,44 @@ mod tests {
     #[test]
     fn exposition_has_kube_proxy_style_names() {
         let m = Metrics::new(None, crate::ct::Sizes { tcp: 1024, any: 512 }, Default::default());
+        let before = m.encode().unwrap();
+        for want in [
+            "ferry_sync_proxy_rules_total{trigger=\"change\"} 0",
+            "ferry_sync_proxy_rules_total{trigger=\"periodic\"} 0",
+            "ferry_sync_proxy_rules_writes_total 0",
+        ] {
+            assert!(
+                before.contains(want),
+                "missing {want:?} before the first sync in\n{before}"
+            );
+        }
+        let p = Programmed {
+            services: 2,
+            frontends: 3,
+            backends: 7,
+            input_errors: 1,
+            not_programmed: 2,
+            wrote: true,
+        };
+        m.sync_ok(Duration::from_millis(3), SyncTrigger::Change, p);
         m.sync_ok(
-            Duration::from_millis(3),
-            Programmed {
-                services: 2,
-                frontends: 3,
-                backends: 7,
-                input_errors: 1,
-                not_programmed: 2,
-            },
+            Duration::from_millis(1),
+            SyncTrigger::Periodic,
+            Programmed { wrote: false, ..p },
+        );
+        m.sync_ok(
+            Duration::from_millis(1),
+            SyncTrigger::Change,
+            Programmed { wrote: false, ..p },
         );
         m.sync_error("map_write");
         m.watch_error("services");
         let text = m.encode().unwrap();
         for want in [
-            "ferry_sync_proxy_rules_duration_seconds_count 1",
+            "ferry_sync_proxy_rules_duration_seconds_count 3",
+            "ferry_sync_proxy_rules_total{trigger=\"change\"} 2",
+            "ferry_sync_proxy_rules_total{trigger=\"periodic\"} 1",
+            "ferry_sync_proxy_rules_writes_total 1",
             "ferry_services 2",
             "ferry_frontends 3",
             "ferry_backends 7",
@@ -369,6 +467,7 @@ mod tests {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
         assert_eq!(m.route("/metrics").status, StatusCode::OK);
+        assert_eq!(m.route("/metrics/agent").body, m.encode_agent().unwrap());
         let web = FrontendId {
             service: ServiceId::new("default", "web"),
             port: PortId::Name("http".into()),
@@ -381,5 +480,17 @@ mod tests {
         );
         assert_eq!(frontend_labels(None), [pair("service", ""), pair("port", "")]);
         assert_eq!(m.route("/x").status, StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn the_agent_path_reads_no_map() {
+        let dir = std::env::temp_dir().join(format!("ferry-metrics-no-pins-{}", std::process::id()));
+        let m = Metrics::new(Some(dir), crate::ct::Sizes { tcp: 1024, any: 512 }, Default::default());
+        let all = m.encode().unwrap();
+        let agent = m.encode_agent().unwrap();
+        assert!(all.contains("ferry_conntrack_max{table=\"tcp\"} 1024"), "{all}");
+        assert!(!agent.contains("ferry_conntrack_max"), "{agent}");
+        assert!(agent.contains("ferry_sync_proxy_rules_writes_total 0"), "{agent}");
+        assert!(all.starts_with(&agent));
     }
 }

@@ -27,7 +27,7 @@ use crate::{
         layout::{layout, Ids},
         sync::Syncer,
     },
-    metrics::{Metrics, Programmed},
+    metrics::{Metrics, Programmed, SyncTrigger},
     sources::{cluster, manifests, watch, Input},
     status::report::{detect_features, unix_now, AgentReport, AttachError, Reporter, WatchState},
     translate::{self, translate},
@@ -168,6 +168,7 @@ impl Programmer {
             backends,
             input_errors,
             not_programmed: self.not_programmed.len(),
+            wrote: st.upserts + st.deletes > 0,
         }
     }
 }
@@ -470,7 +471,12 @@ fn sync(
         return;
     };
     let p = prog.sync(input, after_change);
-    metrics.sync_ok(started.elapsed(), p);
+    let trigger = if after_change {
+        SyncTrigger::Change
+    } else {
+        SyncTrigger::Periodic
+    };
+    metrics.sync_ok(started.elapsed(), trigger, p);
     // What could be written is: still a sync (healthy), with what is missing
     // named by /healthz and the status report.
     health.synced(&prog.not_programmed);

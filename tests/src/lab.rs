@@ -547,6 +547,25 @@ impl Lab {
             .with_context(|| format!("no counter {name} in `ferry counters list`"))
     }
 
+    /// The agent's sync counters, from its `/metrics/agent` (what tests
+    /// and the benchmark wait on, not the log).
+    pub fn syncs(&self) -> Result<crate::Syncs> {
+        let addr = self.metrics_addr()?;
+        let (code, body) = crate::http_get(&self.node, addr, "/metrics/agent")
+            .with_context(|| format!("the agent's metrics at {addr} in {}", self.node))?;
+        if code != 200 {
+            bail!("the agent's metrics at {addr} in {}: HTTP {code}: {body}", self.node);
+        }
+        crate::Syncs::parse(&body)
+    }
+
+    /// Where the agent serves metrics in the node's namespace: its
+    /// `--metrics-bind-address` (an unspecified address is reached on
+    /// 127.0.0.1), by default kube-proxy's 127.0.0.1:10249.
+    pub fn metrics_addr(&self) -> Result<std::net::SocketAddr> {
+        metrics_addr(&self.agent_args)
+    }
+
     /// The agent's and the shim's logs (for failure messages).
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -640,6 +659,28 @@ pub(crate) fn short(tag: &str) -> String {
     tag.chars().filter(|c| c.is_ascii_alphanumeric()).take(4).collect()
 }
 
+/// The metrics address `agent_args` give the agent (see [`Lab::metrics_addr`]).
+fn metrics_addr(agent_args: &[String]) -> Result<std::net::SocketAddr> {
+    const FLAG: &str = "--metrics-bind-address";
+    let mut given = None;
+    for (i, a) in agent_args.iter().enumerate() {
+        if a == FLAG {
+            given = agent_args.get(i + 1).map(String::as_str);
+        } else if let Some(v) = a.strip_prefix(FLAG).and_then(|v| v.strip_prefix('=')) {
+            given = Some(v);
+        }
+    }
+    let text = given.unwrap_or("127.0.0.1:10249");
+    if text.is_empty() {
+        bail!("the agent serves no metrics ({FLAG} is empty)");
+    }
+    let mut addr: std::net::SocketAddr = text.parse().with_context(|| format!("{FLAG} {text:?}"))?;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    Ok(addr)
+}
+
 /// Moves this whole process into the cgroup `cg`.
 fn join_cgroup(cg: &Path) -> Result<()> {
     fs::write(cg.join("cgroup.procs"), std::process::id().to_string())
@@ -720,5 +761,25 @@ impl Lab {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_metrics_address_follows_the_agent_flags() {
+        let args = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(metrics_addr(&[]).unwrap().to_string(), "127.0.0.1:10249");
+        let moved = args(&["--xdp", "--metrics-bind-address", "0.0.0.0:10300"]);
+        assert_eq!(metrics_addr(&moved).unwrap().to_string(), "127.0.0.1:10300");
+        let last_wins = args(&[
+            "--metrics-bind-address=127.0.0.1:1",
+            "--metrics-bind-address=10.0.0.1:2",
+        ]);
+        assert_eq!(metrics_addr(&last_wins).unwrap().to_string(), "10.0.0.1:2");
+        let off = metrics_addr(&args(&["--metrics-bind-address", ""])).unwrap_err();
+        assert!(off.to_string().contains("serves no metrics"), "{off}");
     }
 }

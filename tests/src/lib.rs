@@ -12,8 +12,10 @@ pub mod cluster;
 pub mod fakeapi;
 pub mod lab;
 pub mod manifests;
+pub mod metrics;
 pub mod sys;
 pub mod testrun;
 
 pub use client::{http_get, in_netns, split, tcp_ask, udp_ask, udp_try_on, udp_wait_moved, TcpSession};
 pub use lab::{Lab, LabOptions};
+pub use metrics::Syncs;

@@ -13,6 +13,7 @@ use ferry_tests::{
     fakeapi::{FakeApi, Kind},
     http_get,
     manifests::{client_pod, echo_pod},
+    metrics::sample,
     split, tcp_ask, Lab, LabOptions,
 };
 use serde_json::{json, Value};
@@ -138,10 +139,6 @@ fn wait_maps(c: &Cluster, timeout: Duration, expect: &BTreeMap<String, Vec<Strin
     r.with_context(|| format!("last seen: {last:?}"))
 }
 
-fn count(log: &str, needle: &str) -> usize {
-    log.lines().filter(|l| l.contains(needle)).count()
-}
-
 #[test]
 fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
     let c = cluster(LabOptions::new("cwatch"), |_, api| {
@@ -228,7 +225,7 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
     // A burst of changes is coalesced: 20 updates of one slice within
     // milliseconds give a few syncs (at most --sync-debounce-ms after the first),
     // not 20, and the maps end at the last state.
-    let before = count(&c.lab.agent_log(), "maps synced");
+    let before = c.lab.syncs()?.writes;
     for i in 0..20 {
         let addr = format!("10.244.2.{}", 10 + i);
         let eps: [Ep; 1] = [(addr.as_str(), true, true, false, "n2")];
@@ -243,7 +240,10 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
             ("10.96.0.20:443/TCP", &["10.244.3.3:8443"]),
         ]),
     )?;
-    let syncs = count(&c.lab.agent_log(), "maps synced") - before;
+    // The maps show the last state a moment before that sync is counted.
+    c.lab
+        .wait_until(WAIT, "the burst's syncs counted", || Ok(c.lab.syncs()?.writes > before))?;
+    let syncs = c.lab.syncs()?.writes - before;
     assert!((1..=3).contains(&syncs), "{syncs} syncs for a burst of 20 changes");
 
     // An endpoint stops being ready: it leaves the maps.
@@ -273,11 +273,13 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
         let m = http_get(ns, METRICS, "/metrics")?.1;
         Ok(m.contains("ferry_services 1") && m.contains("ferry_backends 1"))
     })?;
-    // Quiet when nothing changes: bookmarks and idle watches cause no syncs.
-    let syncs = |log: &str| count(log, "maps synced") + count(log, "maps already in sync");
-    let before = syncs(&c.lab.agent_log());
+    // Quiet when nothing changes: bookmarks and idle watches cause no syncs
+    // (neither one after a change nor a write; a periodic resync that writes
+    // nothing may happen).
+    let syncs = |s: ferry_tests::Syncs| (s.after_change, s.writes);
+    let before = syncs(c.lab.syncs()?);
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(syncs(&c.lab.agent_log()), before, "{}", c.lab.logs());
+    assert_eq!(syncs(c.lab.syncs()?), before, "{}", c.lab.logs());
     Ok(())
 }
 
@@ -314,6 +316,10 @@ fn first_sync_waits_for_every_list_and_an_outage_keeps_the_last_state() -> Resul
             .iter()
             .any(|r| r.contains("watch=true")))
     })?;
+    // The agent may still be loading its programs (seconds on a busy
+    // machine): give it its 2 s once it runs its loop (writes its report).
+    c.lab
+        .wait_until(WAIT, "the agent's status report", || Ok(c.lab.status_file().exists()))?;
     std::thread::sleep(Duration::from_secs(2));
     c.lab.check_alive()?;
     assert_eq!(
@@ -415,7 +421,7 @@ fn gone_410_mid_watch_relists_and_an_unchanged_relist_writes_nothing() -> Result
             .count()
     };
     let lists_before = lists(&c.api);
-    let synced_before = count(&c.lab.agent_log(), "maps synced");
+    let synced_before = c.lab.syncs()?;
 
     // Every open watch ends with an ERROR event, code 410: the watchers relist.
     // Nothing changed, so nothing is written.
@@ -425,10 +431,13 @@ fn gone_410_mid_watch_relists_and_an_unchanged_relist_writes_nothing() -> Result
     c.lab.wait_until(RECOVER, "the relist logged", || {
         Ok(c.lab.agent_log().contains("relisted"))
     })?;
+    c.lab.wait_until(RECOVER, "the relist's sync", || {
+        Ok(c.lab.syncs()?.after_change > synced_before.after_change)
+    })?;
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
-        count(&c.lab.agent_log(), "maps synced"),
-        synced_before,
+        c.lab.syncs()?.writes,
+        synced_before.writes,
         "an unchanged relist wrote to the maps:\n{}",
         c.lab.logs()
     );
@@ -456,12 +465,6 @@ fn gone_410_mid_watch_relists_and_an_unchanged_relist_writes_nothing() -> Result
         ]),
     )?;
     Ok(())
-}
-
-/// A metric's value by its full sample name (with labels), if exposed.
-fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Issue 19, API server trouble: a relist that only ever gets its first page
@@ -529,10 +532,10 @@ fn a_partial_list_keeps_the_last_good_state_is_reported_and_converges() -> Resul
             Ok(code == 200
                 && body.contains("failing API watches")
                 && body.contains("services")
-                && metric(&m, "ferry_watch_failing{resource=\"services\"}") == Some(1.0))
+                && sample(&m, "ferry_watch_failing{resource=\"services\"}") == Some(1.0))
         })?;
     let m = http_get(&ns, METRICS, "/metrics")?.1;
-    let errors = metric(&m, "ferry_watch_errors_total{resource=\"services\"}").unwrap_or(0.0);
+    let errors = sample(&m, "ferry_watch_errors_total{resource=\"services\"}").unwrap_or(0.0);
     assert!(errors >= 1.0, "ferry_watch_errors_total for services: {errors}\n{m}");
     c.lab.check_alive()?;
     assert_eq!(
@@ -561,7 +564,7 @@ fn a_partial_list_keeps_the_last_good_state_is_reported_and_converges() -> Resul
     c.lab.wait_until(WAIT, "/readyz and metrics well again", || {
         let body = http_get(&ns, HEALTHZ, "/readyz")?.1;
         let m = http_get(&ns, METRICS, "/metrics")?.1;
-        Ok(body == "ok\n" && metric(&m, "ferry_watch_failing{resource=\"services\"}") == Some(0.0))
+        Ok(body == "ok\n" && sample(&m, "ferry_watch_failing{resource=\"services\"}") == Some(0.0))
     })?;
     Ok(())
 }

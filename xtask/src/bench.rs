@@ -44,7 +44,7 @@ use ferry_tests::{
     cluster::{node_addr, pod_cidr, Cluster, EXTERNAL_ADDR},
     in_netns,
     manifests::{client_pod, on_node},
-    sys, Lab,
+    sys, Lab, Syncs,
 };
 use serde::Serialize;
 
@@ -830,10 +830,8 @@ impl Ctx<'_> {
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?,
             DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev => {
                 files.reset_ferry()?;
-                let log = node.lab().agent_log_path();
-                let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
                 node.lab().start_agent_on(&files.ferry_dir)?;
-                wait_for_sync(node.lab(), &log, from, Some(files.frontends), CONTROL_TIMEOUT)?;
+                wait_for_sync(node.lab(), None, Some(files.frontends), CONTROL_TIMEOUT)?;
             }
         }
         let cold_start = started.elapsed();
@@ -1141,11 +1139,13 @@ impl Ctx<'_> {
             )?,
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft_update, CONTROL_TIMEOUT)?,
             DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev => {
-                let log = node.lab().agent_log_path();
-                let from = fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+                let before = node
+                    .lab()
+                    .syncs()
+                    .context("the agent's sync counters before the change")?;
                 let started = Instant::now();
                 files.change_ferry()?;
-                wait_for_sync(node.lab(), &log, from, None, CONTROL_TIMEOUT)?;
+                wait_for_sync(node.lab(), Some(before), None, CONTROL_TIMEOUT)?;
                 return Ok(started.elapsed());
             }
         }
@@ -1206,7 +1206,7 @@ struct Files {
     /// What the clients dial for each port of the measured Service: its
     /// ClusterIP, or for a NodePort Service node 1's address at the NodePort.
     frontend: BTreeMap<u16, SocketAddr>,
-    /// Frontends in all: what ferry's "maps synced" line counts (one per
+    /// Frontends in all: what ferry's `ferry_frontends` counts (one per
     /// Service port, plus one per NodePort: node 1 serves them on its one
     /// address).
     frontends: usize,
@@ -1286,30 +1286,30 @@ fn atomic_write(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
-/// Waits for the agent's next "maps synced" log line after byte `from` (with
-/// `frontends` Service ports, if given).
-fn wait_for_sync(lab: &mut Lab, log: &Path, from: u64, frontends: Option<usize>, timeout: Duration) -> Result<()> {
+/// Waits until the agent's sync counters (`/metrics/agent`, polled every
+/// 2 ms) show a sync that wrote the maps since `before` (None: since the agent
+/// started), with `frontends` frontends programmed, if given. Until the agent
+/// listens, a poll fails; the last failure is named if none succeeds in time.
+fn wait_for_sync(lab: &mut Lab, before: Option<Syncs>, frontends: Option<usize>, timeout: Duration) -> Result<()> {
     let started = Instant::now();
     loop {
-        let text = fs::read(log).unwrap_or_default();
-        let new = String::from_utf8_lossy(text.get(from as usize..).unwrap_or_default()).into_owned();
-        for line in strip_ansi(&new).lines().filter(|l| l.contains("maps synced")) {
-            let got = field(line, "frontends");
-            if frontends.is_none_or(|want| got == Some(want)) {
-                return Ok(());
-            }
-        }
+        let last = match lab.syncs() {
+            Ok(now) if synced(before.as_ref(), &now, frontends) => return Ok(()),
+            Ok(now) => format!("{now:?}"),
+            Err(e) => format!("{e:#}"),
+        };
         lab.check_alive()?;
         if started.elapsed() > timeout {
-            return Err(TimedOut(format!("ferry agent: no sync within {timeout:?}")).into());
+            return Err(TimedOut(format!("ferry agent: no sync within {timeout:?} (last seen: {last})")).into());
         }
         std::thread::sleep(Duration::from_millis(2));
     }
 }
 
-fn field(line: &str, name: &str) -> Option<usize> {
-    let rest = &line[line.find(&format!("{name}="))? + name.len() + 1..];
-    rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+/// Whether `now` shows a sync that wrote the maps since `before` (None: any),
+/// with `frontends` frontends programmed, if given.
+fn synced(before: Option<&Syncs>, now: &Syncs, frontends: Option<usize>) -> bool {
+    now.writes > before.map_or(0, |b| b.writes) && frontends.is_none_or(|want| now.frontends == want as u64)
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -1723,13 +1723,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn log_fields_and_ansi() {
+    fn ansi_is_stripped() {
         let line =
-            "\u{1b}[2m2026\u{1b}[0m INFO maps synced \u{1b}[3mfrontends\u{1b}[0m\u{1b}[2m=\u{1b}[0m30003 backends=10";
-        let plain = strip_ansi(line);
-        assert_eq!(field(&plain, "frontends"), Some(30003));
-        assert_eq!(field(&plain, "backends"), Some(10));
-        assert_eq!(field(&plain, "upserts"), None);
+            "\u{1b}[2m2026\u{1b}[0m INFO xdp_from_netdev attached \u{1b}[3mmode\u{1b}[0m\u{1b}[2m=\u{1b}[0mnative";
+        assert_eq!(strip_ansi(line), "2026 INFO xdp_from_netdev attached mode=native");
+    }
+
+    #[test]
+    fn a_sync_counts_when_it_wrote_since_the_baseline_with_the_frontends_wanted() {
+        let s = |writes, frontends| Syncs {
+            after_change: writes + 1,
+            periodic: 0,
+            writes,
+            frontends,
+        };
+        // Cold start: any sync that wrote, with every frontend.
+        assert!(!synced(None, &s(0, 0), Some(30003)), "not synced yet");
+        assert!(!synced(None, &s(1, 3), Some(30003)), "synced, but not everything");
+        assert!(synced(None, &s(1, 30003), Some(30003)));
+        // An endpoint change: the next sync that wrote.
+        let before = s(4, 3);
+        assert!(!synced(Some(&before), &s(4, 3), None), "nothing new");
+        let periodic_noop = Syncs { periodic: 1, ..before };
+        assert!(
+            !synced(Some(&before), &periodic_noop, None),
+            "a sync that wrote nothing"
+        );
+        assert!(synced(Some(&before), &s(5, 3), None));
     }
 
     #[test]
