@@ -24,6 +24,7 @@
 #![no_std]
 #![no_main]
 
+mod csum;
 mod ct;
 mod fib;
 mod icmp;

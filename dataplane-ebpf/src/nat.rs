@@ -2,7 +2,8 @@
 //! helpers (bpf_l3_csum_replace / bpf_l4_csum_replace), which also handle
 //! CHECKSUM_PARTIAL skbs from veths and UDP's "no checksum" zero. At XDP there
 //! is no skb: the checksums are updated here (RFC 1624), which is right for
-//! complete checksums only (see `xdp::checksum_complete`).
+//! complete checksums only (see `xdp::checksum_complete`; the arithmetic is in
+//! `csum`).
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
@@ -10,6 +11,7 @@ use aya_ebpf::{
 use ferry_common::{Counter, PROTO_UDP};
 
 use crate::{
+    csum,
     fib::{self, Route},
     maps::count,
     parse::{Frame as _, Packet},
@@ -122,13 +124,13 @@ pub fn rewrite_xdp(
     let no_l4_csum = pkt.proto == PROTO_UDP && l4 == 0;
     if old_addr != new_addr {
         let ip: u16 = ctx.load(pkt.ip_csum_off())?;
-        ctx.store(pkt.ip_csum_off(), &csum_replace4(ip, old_addr, new_addr))?;
+        ctx.store(pkt.ip_csum_off(), &csum::replace4(ip, old_addr, new_addr))?;
         // The address is part of the L4 pseudo-header.
-        l4 = csum_replace4(l4, old_addr, new_addr);
+        l4 = csum::replace4(l4, old_addr, new_addr);
         ctx.store(addr_off, &new_addr)?;
     }
     if old_port != new_port {
-        l4 = csum_replace2(l4, old_port, new_port);
+        l4 = csum::replace2(l4, old_port, new_port);
         ctx.store(port_off, &new_port)?;
     }
     if !no_l4_csum {
@@ -139,28 +141,4 @@ pub fn rewrite_xdp(
         ctx.store(csum_off, &l4)?;
     }
     Ok(())
-}
-
-/// One's complement sum folded to 16 bits.
-#[inline(always)]
-pub fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
-
-/// A checksum after a 32-bit field changed from `old` to `new` (RFC 1624:
-/// HC' = ~(~HC + ~m + m')). Works on values as they lie in the packet, in
-/// whatever byte order they are loaded, as long as all are loaded alike.
-#[inline(always)]
-pub fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
-    let sum = (!csum) as u32 + (!(old as u16)) as u32 + (!((old >> 16) as u16)) as u32 + (new & 0xffff) + (new >> 16);
-    !fold(sum)
-}
-
-/// A checksum after a 16-bit field changed from `old` to `new`.
-#[inline(always)]
-pub fn csum_replace2(csum: u16, old: u16, new: u16) -> u16 {
-    let sum = (!csum) as u32 + (!old) as u32 + new as u32;
-    !fold(sum)
 }

@@ -22,7 +22,8 @@ use crate::{
     ct,
     fib::{self, Route},
     maps::{count, count_service},
-    nat::{self, fold, Side},
+    csum,
+    nat::{self, Side},
     nodeport::{self, Arrival},
     parse::{self, Frame as _, Packet, IP_CSUM_OFF, IP_OFF},
 };
@@ -116,11 +117,11 @@ fn send(ctx: &XdpContext, pkt: &Packet, t: &Translation, what: Counter) -> Resul
 #[inline(always)]
 fn decrement_ttl(ctx: &XdpContext) -> Result<(), i64> {
     let word: u16 = ctx.load(IP_OFF + 8)?;
-    let csum: u16 = ctx.load(IP_CSUM_OFF)?;
+    let ip_csum: u16 = ctx.load(IP_CSUM_OFF)?;
     let [ttl, proto] = word.to_ne_bytes();
     let new = u16::from_ne_bytes([ttl - 1, proto]);
     ctx.store(IP_OFF + 8, &new)?;
-    ctx.store(IP_CSUM_OFF, &nat::csum_replace2(csum, word, new))
+    ctx.store(IP_CSUM_OFF, &csum::replace2(ip_csum, word, new))
 }
 
 /// Whether the L4 checksum is a full one. A local sender on a virtual device
@@ -146,5 +147,5 @@ fn checksum_complete(ctx: &XdpContext, pkt: &Packet) -> Result<bool, Counter> {
         + (pkt.daddr >> 16)
         + u16::from_ne_bytes([0, pkt.proto]) as u32
         + u16::from_ne_bytes(l4_len.to_be_bytes()) as u32;
-    Ok(field != fold(sum))
+    Ok(field != csum::fold(sum))
 }
