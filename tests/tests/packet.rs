@@ -150,7 +150,6 @@ impl Fixture {
                         port: port_to_map(*bport),
                         proto,
                         flags: *bflags,
-                        node_addr: 0,
                     },
                 )
                 .unwrap();
