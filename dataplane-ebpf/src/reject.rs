@@ -5,7 +5,8 @@
 //!
 //! The packet is rewritten in place into the answer (new IPv4 and L4 headers,
 //! checksums computed from scratch, length set with bpf_skb_change_tail); the
-//! caller sends it back out of the veth it came from, i.e. into the client Pod.
+//! answer goes back out of the interface the packet came in by: into the client
+//! Pod, or back to the network on a device (`refuse`).
 //!
 //! The same ICMP builder answers a packet too big for the device its
 //! translated form would leave by ("fragmentation needed", with that MTU),
@@ -16,6 +17,8 @@ use ferry_common::{Counter, PROTO_TCP};
 
 use crate::{
     csum::{checksum, sum_words},
+    fib,
+    maps::count,
     parse::{Packet, ETH_HLEN, IP_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
@@ -26,11 +29,19 @@ const ICMP_FRAG_NEEDED: u8 = 4;
 /// The original IPv4 header (without options) and 8 bytes of its UDP header.
 const QUOTE_LEN: usize = 28;
 
+/// Answers `pkt` with its rejection, sent back out of the interface it came
+/// in by (counted as what it was: a RST or an ICMP port unreachable).
+#[inline(always)]
+pub fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
+    count(rewrite(ctx, pkt)?);
+    fib::bounce(ctx)
+}
+
 /// Rewrites `pkt` into its rejection. `Err` for a packet that gets no answer
 /// (a TCP RST is never answered; IPv4 options are not quoted): the caller drops
 /// it with that reason.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, pkt: &Packet) -> Result<Counter, Counter> {
+fn rewrite(ctx: &TcContext, pkt: &Packet) -> Result<Counter, Counter> {
     // The first fragment is answered; the ones after it are dropped with it.
     if pkt.later_fragment {
         return Err(Counter::DropNoBackend);

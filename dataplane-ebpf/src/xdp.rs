@@ -19,12 +19,12 @@ use aya_ebpf::{
 use ferry_common::{ct_flags, Counter, PROTO_UDP};
 
 use crate::{
-    ct,
+    csum,
+    ct::{self, Class, Opened},
     fib::{self, Route},
     maps::{count, count_service},
-    csum,
     nat::{self, Side},
-    nodeport::{self, Arrival},
+    nodeport,
     parse::{self, Frame as _, Packet, IP_CSUM_OFF, IP_OFF},
 };
 
@@ -34,6 +34,8 @@ struct Translation {
     dst: (u32, u16),
 }
 
+/// xdp_from_netdev: parse, classify against connection tracking, act (or
+/// pass on to TC).
 pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
         return Ok(XDP_PASS);
@@ -42,39 +44,35 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     if pkt.fragment {
         return Ok(XDP_PASS);
     }
-    // A remote backend's reply to a north-south client we SNATed for.
-    if let Some(r) = ct::reply(&pkt) {
-        let both = ct_flags::EXTERNAL | ct_flags::SNAT;
-        let (Some(frontend), Some(client), true) = (r.frontend, r.snat, r.flags & both == both) else {
-            return Ok(XDP_PASS);
-        };
-        let t = Translation {
-            src: (frontend.addr, frontend.port),
-            dst: client,
-        };
-        return send(ctx, &pkt, &t, Counter::ReverseNat);
-    }
-    // A north-south flow: tracked already, or new.
-    let (rev_nat_id, backend, snat) = match ct::forward(&pkt) {
-        Some(f) if f.external => (f.rev_nat_id, f.backend, f.snat),
-        Some(_) => return Ok(XDP_PASS),
-        None => match nodeport::open(ctx, &pkt)? {
-            Arrival::Flow {
-                rev_nat_id,
-                backend,
-                snat,
-            } => (rev_nat_id, backend, snat),
-            Arrival::NotOurs | Arrival::NoEndpoint { .. } => return Ok(XDP_PASS),
+    let flow = match ct::classify(&pkt) {
+        // A remote backend's reply to a north-south client we SNATed for.
+        Class::Reply(r) => {
+            let both = ct_flags::EXTERNAL | ct_flags::SNAT;
+            let (Some(frontend), Some(client), true) = (r.frontend, r.snat, r.flags & both == both) else {
+                return Ok(XDP_PASS);
+            };
+            let t = Translation {
+                src: (frontend.addr, frontend.port),
+                dst: client,
+            };
+            return send(ctx, &pkt, &t, Counter::ReverseNat);
+        }
+        // A north-south flow: tracked already, or new.
+        Class::Established(f) if f.external => f,
+        Class::Established(_) => return Ok(XDP_PASS),
+        Class::New => match nodeport::open(ctx, &pkt)? {
+            Some(Opened::Flow(f)) => f,
+            None | Some(Opened::NoEndpoint { .. }) => return Ok(XDP_PASS),
         },
     };
     // A local backend: TC delivers it (the entry tells it where).
-    let Some(src) = snat else {
+    let Some(src) = flow.snat else {
         return Ok(XDP_PASS);
     };
-    let t = Translation { src, dst: backend };
+    let t = Translation { src, dst: flow.backend };
     let verdict = send(ctx, &pkt, &t, Counter::ServiceForward)?;
     if verdict != XDP_PASS {
-        count_service(rev_nat_id, (ctx.data_end() - ctx.data()) as u32);
+        count_service(flow.rev_nat_id, (ctx.data_end() - ctx.data()) as u32);
     }
     Ok(verdict)
 }
