@@ -4,6 +4,8 @@
 //! differs is unpinned, so the loader creates the map anew; the entries of a
 //! map that holds state (flows, the id cursors) are copied into the new map
 //! when only its size changed. aya would reuse a pin of any shape otherwise.
+//! A rewritten map whose ids flows refer to (the backends) is copied too when
+//! its pin has an earlier layout this build knows how to read ([`CUT_VALUES`]).
 use std::{
     collections::BTreeMap,
     fs, io,
@@ -14,9 +16,9 @@ use std::{
 use aya::maps::{MapData, MapError, MapInfo, MapType};
 use aya_obj::{generated::bpf_map_type, maps::PinningType};
 use ferry_common::{
-    AFFINITY_MAP, BACKENDS_MAP, CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP, CT_TCP_MAP, FRAGS_MAP, MAGLEV_MAP,
-    NODE_ADDRS_MAP, REVNAT_MAP, SERVICES_MAP, SOCK_LB_SKIP_MAP, SOCK_REVNAT_MAP, SRC_RANGES_MAP, SVC_NAMES_MAP,
-    SVC_STATS_MAP,
+    AFFINITY_MAP, BACKENDS_MAP, BACKEND_LEGACY_SIZE, CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP, CT_TCP_MAP, FRAGS_MAP,
+    MAGLEV_MAP, NODE_ADDRS_MAP, REVNAT_MAP, SERVICES_MAP, SOCK_LB_SKIP_MAP, SOCK_REVNAT_MAP, SRC_RANGES_MAP,
+    SVC_NAMES_MAP, SVC_STATS_MAP,
 };
 
 /// Maps the agent rewrites after every start, or statistics: a pin that does
@@ -33,6 +35,15 @@ pub const REWRITTEN: &[&str] = &[
     MAGLEV_MAP,
     SOCK_LB_SKIP_MAP,
 ];
+
+/// Rewritten maps whose keys are ids that state refers to (connection
+/// tracking and session affinity name backends by id), with value sizes of
+/// earlier layouts that are this layout's value plus fields since dropped
+/// from its end. A pin of such a layout is copied, each value cut to this
+/// layout's size, instead of recreated empty: the agent reads the ids back
+/// and keeps them, so tracked flows still find their backend (a UDP flow
+/// whose backend id is gone would be balanced afresh, to another backend).
+pub const CUT_VALUES: &[(&str, u32)] = &[(BACKENDS_MAP, BACKEND_LEGACY_SIZE)];
 
 /// Maps that hold state nothing else has: flows (connection tracking, session
 /// affinity, socket reverse NAT) and the agent's id cursors (config). A pin that
@@ -122,6 +133,9 @@ pub enum Migration {
     /// Only max_entries differs and the entries are state: a new map, with as
     /// many of the old entries as fit.
     Copy,
+    /// An earlier value layout of [`CUT_VALUES`]: a new map, with the old
+    /// entries, values cut to the new size.
+    CutValues,
     /// A new, empty map.
     Recreate,
 }
@@ -130,6 +144,18 @@ pub enum Migration {
 pub fn decide(name: &str, pinned: &Shape, want: &Shape) -> Migration {
     if pinned == want {
         return Migration::Reuse;
+    }
+    let same_but_value = Shape {
+        value_size: want.value_size,
+        max_entries: want.max_entries,
+        ..*pinned
+    } == *want;
+    if same_but_value
+        && pinned.value_size > want.value_size
+        && pinned.copyable()
+        && CUT_VALUES.contains(&(name, pinned.value_size))
+    {
+        return Migration::CutValues;
     }
     let same_layout = Shape {
         max_entries: want.max_entries,
@@ -230,7 +256,10 @@ pub fn prepare(dir: &Path, expected: &BTreeMap<String, Shape>) -> Result<Vec<Pen
                 %changes,
                 "recreating the pinned map: its entries are lost (the layout changed, they cannot be copied)"
             ),
-            Migration::Copy => {
+            how @ (Migration::Copy | Migration::CutValues) => {
+                if how == Migration::CutValues {
+                    tracing::info!(map = %name, %changes, "copying the pinned map into this build's layout (values cut, ids kept)");
+                }
                 let old = MapData::from_pin(&path).map_err(pin_error)?;
                 copies.push(PendingCopy {
                     name: name.clone(),
@@ -289,7 +318,9 @@ pub fn finish(dir: &Path, copies: Vec<PendingCopy>) {
             &RawMap::new(new.fd().as_fd(), &c.want),
         );
         let (old, new) = (c.pinned.max_entries, c.want.max_entries);
-        if done.lost > 0 {
+        if c.pinned.value_size != c.want.value_size {
+            tracing::info!(map = %c.name, copied = done.copied, lost = done.lost, "copied the pinned map's entries into this build's layout");
+        } else if done.lost > 0 {
             tracing::warn!(map = %c.name, old, new, copied = done.copied, lost = done.lost, "resized the pinned map; entries that did not fit are lost");
         } else {
             tracing::info!(map = %c.name, old, new, copied = done.copied, "resized the pinned map; every entry copied");
@@ -312,13 +343,17 @@ pub fn restore(dir: &Path, copies: Vec<PendingCopy>) {
     }
 }
 
-/// Copies the entries of `old` into `new` (same key and value sizes): at most
+/// Copies the entries of `old` into `new` (same key size; a value of `new`
+/// is the first bytes of one of `old`, see [`CUT_VALUES`]): at most
 /// `new`'s max_entries (an LRU map would evict rather than refuse), visiting at
 /// most `old`'s max_entries keys (a key deleted while we walk restarts the walk).
 fn copy_entries(old: &RawMap, new: &RawMap) -> Copied {
     let mut out = Copied::default();
     let mut key: Option<Vec<u8>> = None;
     let mut value = vec![0u8; old.value_size];
+    // Never longer than the old value (a shorter one was decided only for
+    // the layouts of CUT_VALUES).
+    let new_len = new.value_size.min(old.value_size);
     for _ in 0..old.max_entries {
         let next = match old.next_key(key.as_deref()) {
             Ok(Some(k)) => k,
@@ -329,7 +364,7 @@ fn copy_entries(old: &RawMap, new: &RawMap) -> Copied {
             }
         };
         match old.lookup(&next, &mut value) {
-            Ok(true) if out.copied < u64::from(new.max_entries) => match new.update(&next, &value) {
+            Ok(true) if out.copied < u64::from(new.max_entries) => match new.update(&next, &value[..new_len]) {
                 Ok(()) => out.copied += 1,
                 Err(e) => {
                     tracing::debug!("copying an entry: {e}");
@@ -514,6 +549,48 @@ mod tests {
         assert_eq!(
             decide(COUNTERS_MAP, &shape(MapType::PerCpuArray, 8, 8), &counters),
             Migration::Recreate
+        );
+    }
+
+    #[test]
+    fn backends_of_the_layout_with_node_addr_are_copied_values_cut() {
+        let want = Shape {
+            key_size: 4,
+            ..shape(MapType::Hash, size_of::<ferry_common::Backend>() as u32, 4096)
+        };
+        let legacy = Shape {
+            value_size: BACKEND_LEGACY_SIZE,
+            ..want
+        };
+        assert_eq!(decide(BACKENDS_MAP, &legacy, &want), Migration::CutValues);
+        let legacy_small = Shape {
+            max_entries: 16,
+            ..legacy
+        };
+        assert_eq!(decide(BACKENDS_MAP, &legacy_small, &want), Migration::CutValues);
+        let other = Shape { value_size: 16, ..want };
+        assert_eq!(
+            decide(BACKENDS_MAP, &other, &want),
+            Migration::Recreate,
+            "an unknown layout"
+        );
+        let other_key = Shape { key_size: 8, ..legacy };
+        assert_eq!(
+            decide(BACKENDS_MAP, &other_key, &want),
+            Migration::Recreate,
+            "another key"
+        );
+        assert_eq!(
+            decide(
+                SERVICES_MAP,
+                &Shape {
+                    value_size: BACKEND_LEGACY_SIZE,
+                    ..want
+                },
+                &want
+            ),
+            Migration::Recreate,
+            "only the listed maps"
         );
     }
 

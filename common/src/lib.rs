@@ -348,6 +348,8 @@ pub struct ServiceKey {
     /// 0: the service entry; 1..=count: backend slots.
     pub slot: u16,
     pub proto: u8,
+    /// [`SCOPE_EXTERNAL`], or [`SCOPE_INTERNAL`] for the in-cluster twin of
+    /// an externalTrafficPolicy: Local frontend.
     pub scope: u8,
     pub _pad: [u8; 2],
 }
@@ -369,7 +371,12 @@ pub struct ServiceValue {
     pub affinity_timeout: u32,
 }
 
-/// Value of the backends map (key: backend id, `u32`). 12 bytes.
+/// Value of the backends map (key: backend id, `u32`). 8 bytes.
+///
+/// Builds before this one had a fifth field, `node_addr` (never set), making
+/// the value 12 bytes; the agent copies a pinned map of that layout into
+/// this one, ids kept, since connection-tracking entries name backends by id
+/// (see [`BACKEND_LEGACY_SIZE`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Backend {
@@ -380,9 +387,11 @@ pub struct Backend {
     pub proto: u8,
     /// [`backend_flags`].
     pub flags: u8,
-    /// Address of the node that runs the endpoint, wire order (0: unknown/local).
-    pub node_addr: u32,
 }
+
+/// The size of a [`Backend`] in pinned maps of earlier builds: the same
+/// fields, then a 4-byte `node_addr` that was always 0.
+pub const BACKEND_LEGACY_SIZE: u32 = 12;
 
 /// Value of the reverse-NAT map (key: reverse-NAT id, `u16`). 8 bytes.
 #[repr(C)]
@@ -719,7 +728,7 @@ const _: () = {
 
 const _: () = assert!(size_of::<ServiceKey>() == 12);
 const _: () = assert!(size_of::<ServiceValue>() == 16);
-const _: () = assert!(size_of::<Backend>() == 12);
+const _: () = assert!(size_of::<Backend>() == 8);
 const _: () = assert!(size_of::<RevNat>() == 8);
 const _: () = assert!(size_of::<CtKey>() == 16);
 const _: () = assert!(size_of::<CtValue>() == 40);
@@ -786,7 +795,7 @@ mod tests {
     fn no_padding_holes() {
         assert_eq!(size_of::<ServiceKey>(), 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<ServiceValue>(), 4 + 2 + 2 + 4 + 4);
-        assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1 + 4);
+        assert_eq!(size_of::<Backend>(), 4 + 2 + 1 + 1);
         assert_eq!(size_of::<RevNat>(), 4 + 2 + 2);
         assert_eq!(size_of::<CtKey>(), 4 + 4 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<CtValue>(), 8 + 8 + 4 + 2 + 2 + 4 + 2 + 2 + 4 + 2 + 2);

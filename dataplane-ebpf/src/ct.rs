@@ -11,10 +11,16 @@
 //! alive while one of its entries is unexpired, unless a closing entry has
 //! expired; a dead flow is treated as absent here, and deleted by the agent's
 //! garbage collector (same rule, `agent/src/ct.rs`).
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+//!
+//! Every entry program asks the same two things: what a packet is to
+//! connection tracking ([`classify`]: a reply, a packet of an established
+//! flow, or new; an ICMP error quoting a flow is [`related`] to it), and, for
+//! a new flow a frontend takes, [`open_flow`] (backend chosen, source NAT
+//! decided, both entries recorded).
+use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use ferry_common::{
-    backend_flags, config, ct_flags, ct_timeouts, Backend, Counter, CtKey, CtValue, RevNat, CT_DIR_FORWARD,
-    CT_DIR_REPLY, PROTO_TCP,
+    addr_to_map, backend_flags, config, ct_flags, ct_timeouts, svc_flags, Backend, Counter, CtKey, CtValue, RevNat,
+    CT_DIR_FORWARD, CT_DIR_REPLY, DEFAULT_SNAT_PORTS, HAIRPIN_SNAT_ADDR, PROTO_TCP,
 };
 
 use crate::{
@@ -161,6 +167,32 @@ fn dead(e: &CtValue, other: Option<&CtValue>, now: u64) -> bool {
     e.flags & ct_flags::CLOSING != 0 || other.is_none_or(|o| expired(o, now))
 }
 
+/// What connection tracking makes of a TCP or UDP packet. (An ICMP error
+/// is neither: it is classified by the flow it quotes, [`related`].)
+pub enum Class {
+    /// A backend's packet to a client of a tracked flow: reverse NAT.
+    Reply(Reply),
+    /// A client's packet of a tracked flow: to the flow's backend.
+    Established(Forward),
+    /// Nothing usable is tracked for its tuple: a new flow, if a frontend
+    /// takes it ([`open_flow`]).
+    New,
+}
+
+/// Classifies `pkt`, refreshing the entries of the flow it belongs to (see
+/// [`reply`] and [`forward`]). Entries of a dead or stale flow are removed,
+/// and the packet is [`Class::New`].
+#[inline(always)]
+pub fn classify(pkt: &Packet) -> Class {
+    if let Some(r) = reply(pkt) {
+        return Class::Reply(r);
+    }
+    match forward(pkt) {
+        Some(f) => Class::Established(f),
+        None => Class::New,
+    }
+}
+
 /// A tracked flow in the client → backend direction.
 pub struct Forward {
     pub rev_nat_id: u16,
@@ -176,7 +208,7 @@ pub struct Forward {
 /// tracked is dead or stale (see `usable`); the stale entries are removed
 /// then, so the caller can balance the packet afresh.
 #[inline(always)]
-pub fn forward(pkt: &Packet) -> Option<Forward> {
+fn forward(pkt: &Packet) -> Option<Forward> {
     let k = key(pkt, CT_DIR_FORWARD);
     let e = find(&k)?;
     let now = now();
@@ -240,7 +272,18 @@ pub struct Reply {
     pub flags: u16,
 }
 
-/// The tracked flow `pkt` is a reply of, refreshed. The first reply marks
+impl Reply {
+    /// A hairpin flow's reply (a Pod reaching itself through a Service): SNAT
+    /// without a north-south client; it goes back into the Pod's own veth.
+    #[inline(always)]
+    pub fn hairpin(&self) -> bool {
+        self.snat.is_some() && self.flags & ct_flags::EXTERNAL == 0
+    }
+}
+
+/// The tracked flow `pkt` is a reply of, refreshed. The reply half of
+/// [`classify`], for the hooks that see only replies (the node's own
+/// packets at egress). The first reply marks
 /// both entries [`ct_flags::REPLIED`] (TCP established, UDP a stream).
 #[inline(always)]
 pub fn reply(pkt: &Packet) -> Option<Reply> {
@@ -265,10 +308,11 @@ pub fn reply(pkt: &Packet) -> Option<Reply> {
     })
 }
 
-/// The flow whose reply entry is `k`, for an ICMP error quoting one of its
-/// packets: read only (an error is no sign of life).
+/// The flow an ICMP error is related to: the one whose reply entry is `k`
+/// (the quoted packet's tuple, reversed). Read only: an error is no sign of
+/// life.
 #[inline(always)]
-pub fn quoted(k: &CtKey) -> Option<Reply> {
+pub fn related(k: &CtKey) -> Option<Reply> {
     let e = find(k)?;
     Some(Reply {
         frontend: frontend(e.rev_nat_id),
@@ -277,21 +321,158 @@ pub fn quoted(k: &CtKey) -> Option<Reply> {
     })
 }
 
+/// Where a new flow comes from, which decides its source NAT.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// A Pod of this node (from_pod). Its address stays the source, unless
+    /// the backend is the Pod itself (hairpin: the Pod would drop a packet
+    /// from its own address): then the source is [`HAIRPIN_SNAT_ADDR`], the
+    /// Pod's port kept.
+    Pod,
+    /// A client outside the cluster (north-south: from_netdev, XDP). Its
+    /// address stays the source for a backend on this node; for one on
+    /// another node the source becomes this node's address and a port of the
+    /// SNAT range, claimed atomically with the flow's reply tuple, so that
+    /// the reply comes back here.
+    External,
+}
+
+/// What opening a flow to a frontend came to.
+pub enum Opened {
+    /// The flow, tracked (unless the tables were full: counted, and it is
+    /// sent all the same).
+    Flow(Forward),
+    /// The frontend has no usable endpoint; `etp_local`: its Service's
+    /// externalTrafficPolicy is Local (none is on this node).
+    NoEndpoint { etp_local: bool },
+}
+
+/// Opens a new flow from `pkt`'s client to the frontend `service`, the same
+/// way for every hook (TC and XDP alike, so that whichever sees the flow's
+/// next packet sends it the same way): a client outside the frontend's
+/// loadBalancerSourceRanges is refused (before anything else, even a reject,
+/// so it learns nothing about the Service), then the backend is chosen
+/// (`lb::select_backend`), the source NAT decided by `origin`, and both
+/// entries recorded.
+#[inline(always)]
+pub fn open_flow(pkt: &Packet, service: &lb::Service, origin: Origin) -> Result<Opened, Counter> {
+    let svc = &service.value;
+    if !lb::source_allowed(pkt, service) {
+        return Err(Counter::DropSourceRange);
+    }
+    if svc.count == 0 {
+        return Ok(Opened::NoEndpoint {
+            etp_local: svc.flags & svc_flags::ETP_LOCAL != 0,
+        });
+    }
+    let (backend_id, backend) = lb::select_backend(pkt, service, lb::Chooser::Flow)?;
+    let mut flow = NewFlow {
+        backend_id,
+        backend,
+        rev_nat_id: svc.rev_nat_id,
+        snat_addr: 0,
+        snat_port: pkt.sport,
+        external: origin == Origin::External,
+    };
+    match origin {
+        Origin::Pod if backend.addr == pkt.saddr => flow.snat_addr = addr_to_map(HAIRPIN_SNAT_ADDR),
+        Origin::External if backend.flags & backend_flags::LOCAL == 0 => {
+            flow.snat_addr = match config(config::NODE_ADDR) {
+                0 => pkt.daddr,
+                a => a,
+            };
+            claim_snat_port(pkt, &mut flow)?;
+            return Ok(Opened::Flow(flow.forward()));
+        }
+        _ => {}
+    }
+    // The reply tuple is unique to the client's own tuple (or, hairpin, the
+    // client's port): overwritten, never contended.
+    track(create(pkt, &flow, false));
+    Ok(Opened::Flow(flow.forward()))
+}
+
+/// Random SNAT ports tried for a new flow before giving up (Cilium's
+/// SNAT_COLLISION_RETRIES is of the same order).
+const SNAT_TRIES: u32 = 32;
+
+/// Records `flow` with an SNAT port of its own: random ports of the SNAT
+/// range (`--snat-port-range`), each claimed atomically with the flow's
+/// reply tuple, so no two flows ever share one; a port comes free when its
+/// flow's entries expire or close. Sets `flow.snat_port` (wire order).
+#[inline(always)]
+fn claim_snat_port(pkt: &Packet, flow: &mut NewFlow) -> Result<(), Counter> {
+    let (min, max) = match (config(config::SNAT_PORT_MIN), config(config::SNAT_PORT_MAX)) {
+        (lo, hi) if lo != 0 && lo <= hi && hi <= 0xffff => (lo, hi),
+        _ => (u32::from(DEFAULT_SNAT_PORTS.0), u32::from(DEFAULT_SNAT_PORTS.1)),
+    };
+    let span = max - min + 1;
+    // Look for a free port with lookups only (a small loop body keeps the
+    // verifier quick), then claim it; losing the claim to a flow created on
+    // another CPU meanwhile costs this packet (the client retransmits).
+    let mut found = false;
+    for _ in 0..SNAT_TRIES {
+        // SAFETY: helper without preconditions.
+        let r = unsafe { bpf_get_prandom_u32() };
+        // (No `%`: its divide-by-zero panic path is not a program the
+        // verifier accepts.)
+        flow.snat_port = ((min + r.checked_rem(span).unwrap_or(0)) as u16).to_be();
+        if reply_tuple_free(pkt, flow) {
+            found = true;
+            break;
+        }
+    }
+    if !found {
+        return Err(Counter::DropSnatPorts);
+    }
+    match create(pkt, flow, true) {
+        Err(CreateError::Taken) => Err(Counter::DropSnatPorts),
+        created => {
+            track(created);
+            Ok(())
+        }
+    }
+}
+
+/// Counts the outcome of recording a new flow. A flow that could not be
+/// recorded still goes (the node keeps working; its replies may not).
+#[inline(always)]
+fn track(r: Result<(), CreateError>) {
+    count(if r.is_ok() {
+        Counter::CtCreated
+    } else {
+        Counter::DropCtFull
+    });
+}
+
 /// What a new flow was assigned to.
-pub struct NewFlow {
-    pub backend_id: u32,
-    pub backend: Backend,
-    pub rev_nat_id: u16,
+struct NewFlow {
+    backend_id: u32,
+    backend: Backend,
+    rev_nat_id: u16,
     /// The source is rewritten to (`snat_addr`, `snat_port`) (0: not
     /// rewritten): hairpin, or a north-south flow to a backend on another node.
-    pub snat_addr: u32,
-    pub snat_port: u16,
+    snat_addr: u32,
+    snat_port: u16,
     /// A north-south flow (NodePort, ExternalIP, LoadBalancer).
-    pub external: bool,
+    external: bool,
+}
+
+impl NewFlow {
+    /// The flow as [`classify`] will find it from its next packet on.
+    #[inline(always)]
+    fn forward(&self) -> Forward {
+        Forward {
+            rev_nat_id: self.rev_nat_id,
+            backend: (self.backend.addr, self.backend.port),
+            snat: (self.snat_addr != 0).then_some((self.snat_addr, self.snat_port)),
+            external: self.external,
+        }
+    }
 }
 
 /// Why a new flow was not recorded.
-pub enum CreateError {
+enum CreateError {
     /// The reply tuple belongs to another live flow (an SNAT port taken).
     Taken,
     /// No room.
@@ -302,7 +483,7 @@ pub enum CreateError {
 /// taken only if no live flow has it (an atomic insert: SNAT ports are never
 /// shared); without, it is overwritten (it is unique to the client's tuple).
 #[inline(always)]
-pub fn create(pkt: &Packet, flow: &NewFlow, claim: bool) -> Result<(), CreateError> {
+fn create(pkt: &Packet, flow: &NewFlow, claim: bool) -> Result<(), CreateError> {
     let snat = flow.snat_addr != 0;
     let flags = if snat { ct_flags::SNAT } else { 0 } | if flow.external { ct_flags::EXTERNAL } else { 0 };
     let nat_port = if snat { flow.snat_port } else { pkt.sport };
@@ -386,7 +567,7 @@ fn reply_key_for(pkt: &Packet, flow: &NewFlow) -> CtKey {
 /// it, or only an expired entry (which `create` reclaims if its flow is
 /// dead). A cheap test for choosing a port; `create` claims it atomically.
 #[inline(always)]
-pub fn reply_tuple_free(pkt: &Packet, flow: &NewFlow) -> bool {
+fn reply_tuple_free(pkt: &Packet, flow: &NewFlow) -> bool {
     find(&reply_key_for(pkt, flow)).is_none_or(|e| expired(e, now()))
 }
 

@@ -24,7 +24,7 @@ use ferry_common::Counter;
 
 use crate::{
     maps::{count, is_node_addr},
-    parse::set_macs,
+    parse::{self, set_macs},
 };
 
 const AF_INET: u8 = 2;
@@ -139,4 +139,16 @@ pub fn send(ctx: &TcContext, route: Route) -> i32 {
             TC_ACT_OK
         }
     }
+}
+
+/// Sends the packet back out of the interface it arrived on (into the Pod, or
+/// back to the network on a device): hairpin flows, and the answers built in
+/// place of a packet (`reject`).
+#[inline(always)]
+pub fn bounce(ctx: &TcContext) -> Result<i32, Counter> {
+    parse::swap_macs(ctx).map_err(|_| Counter::DropMalformed)?;
+    // SAFETY: reading the ifindex of the skb this program runs on.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: helper without memory arguments.
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }

@@ -59,7 +59,7 @@ pub fn reverse(ctx: &TcContext) -> Result<Option<i32>, Counter> {
         dir: CT_DIR_REPLY,
         _pad: [0; 2],
     };
-    let Some(flow) = ct::quoted(&key) else {
+    let Some(flow) = ct::related(&key) else {
         return Ok(None);
     };
     let Some(frontend) = flow.frontend else {

@@ -21,9 +21,17 @@
 //!   translated on their way out, where no ingress hook sees them.
 //! - `from_netdev_l3` / `to_netdev_l3`: the same two on node devices without
 //!   an Ethernet header (WireGuard, TUN; see `parse`).
+//!
+//! Every packet entry point reads the same way: parse (`parse`), classify
+//! against connection tracking (`ct::classify`: a reply, a packet of an
+//! established flow, or new; an ICMP error is classified by the flow it
+//! quotes, `icmp`), then act: reverse NAT or forward (`nat`), or, for a new
+//! flow a frontend takes (`lb`, `nodeport`), open it (`ct::open_flow`) and
+//! forward, or refuse it (`reject`).
 #![no_std]
 #![no_main]
 
+mod csum;
 mod ct;
 mod fib;
 mod icmp;
@@ -38,17 +46,14 @@ mod xdp;
 
 use aya_ebpf::{
     bindings::{xdp_action::XDP_DROP, TC_ACT_OK, TC_ACT_SHOT},
-    helpers::bpf_redirect,
     macros::{cgroup_sock_addr, classifier, xdp},
     programs::{SockAddrContext, TcContext, XdpContext},
 };
-use ferry_common::{addr_to_map, ct_flags, Counter, HAIRPIN_SNAT_ADDR};
+use ferry_common::Counter;
 
 use crate::{
-    ct::NewFlow,
+    ct::{Class, Opened, Origin},
     maps::{count, count_service},
-    nat::Side,
-    parse::Packet,
     sock::{Family, Hook},
 };
 
@@ -201,17 +206,14 @@ fn try_from_host<const L3: bool>(ctx: &TcContext) -> Result<(), Counter> {
     let Some(pkt) = parsed.map_err(|_| Counter::DropMalformed)? else {
         return Ok(());
     };
-    let Some(r) = ct::reply(&pkt) else {
-        return Ok(());
-    };
-    let frontend = r.frontend.ok_or(Counter::DropBackendMissing)?;
-    let m = |_| Counter::DropMalformed;
-    nat::rewrite(ctx, &pkt, Side::Src, pkt.saddr, frontend.addr, pkt.sport, frontend.port).map_err(m)?;
-    if let Some((addr, port)) = r.snat {
-        nat::rewrite(ctx, &pkt, Side::Dst, pkt.daddr, addr, pkt.dport, port).map_err(m)?;
+    // Only replies are ours here: the node's own connections to frontends
+    // were pointed at their backends at connect() (socket LB), or are not
+    // translated at all; a lookup of the forward direction would cost every
+    // packet the node sends.
+    match ct::reply(&pkt) {
+        Some(r) => nat::reverse_in_place(ctx, &pkt, &r),
+        None => Ok(()),
     }
-    count(Counter::ReverseNat);
-    Ok(())
 }
 
 /// XDP on a node device (`--xdp`): the fast path of from_netdev for
@@ -227,131 +229,68 @@ pub fn xdp_from_netdev(ctx: XdpContext) -> u32 {
     }
 }
 
+/// from_netdev: parse, classify against connection tracking, act.
 fn try_from_netdev(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
         // An ICMP error about a flow to a backend on another node.
-        return Ok(icmp::reverse(ctx)?.unwrap_or(TC_ACT_OK));
+        return icmp_error(ctx);
     };
-    if let Some(r) = ct::reply(&pkt) {
-        let external = r.flags & ct_flags::EXTERNAL != 0;
+    let flow = match ct::classify(&pkt) {
         // Hairpin replies only ever come from the Pod's own veth.
-        if !external && r.snat.is_some() {
-            return Ok(TC_ACT_OK);
-        }
+        Class::Reply(r) if r.hairpin() => return Ok(TC_ACT_OK),
         // A remote backend's reply to a north-south client SNATed to us, or
         // to one of our Pods.
-        return reverse_nat(ctx, &pkt, &r);
-    }
-    if let Some(f) = ct::forward(&pkt) {
-        if f.external {
-            count_service(f.rev_nat_id, ctx.len());
-            return nodeport::forward(ctx, &pkt, f.backend, f.snat);
-        }
-    }
-    nodeport::new_flow(ctx, &pkt)
+        Class::Reply(r) => return nat::reverse(ctx, &pkt, &r),
+        Class::Established(f) if f.external => f,
+        // Not tracked as north-south: new, if a north-south frontend takes it.
+        Class::Established(_) | Class::New => match nodeport::open(ctx, &pkt)? {
+            None => return Ok(TC_ACT_OK),
+            Some(Opened::Flow(f)) => f,
+            // This node does not serve the Service (kube-proxy drops, so a
+            // load balancer's health check, not the client, finds out).
+            Some(Opened::NoEndpoint { etp_local: true }) => return Err(Counter::DropNoBackendExternal),
+            // No endpoint at all: refuse at once, like kube-proxy's REJECT rules.
+            Some(Opened::NoEndpoint { etp_local: false }) => return reject::refuse(ctx, &pkt),
+        },
+    };
+    count_service(flow.rev_nat_id, ctx.len());
+    nat::forward(ctx, &pkt, &flow)
 }
 
+/// from_pod: parse, classify against connection tracking, act.
 fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
     let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
         // An ICMP error a local backend sent about a flow to it.
-        return Ok(icmp::reverse(ctx)?.unwrap_or(TC_ACT_OK));
+        return icmp_error(ctx);
     };
-    // A reply of a backend to a client (or to the hairpin address)? A local
-    // backend's reply to a north-south client leaves through a node device;
-    // everything else goes back to a Pod of ours.
-    if let Some(r) = ct::reply(&pkt) {
-        return reverse_nat(ctx, &pkt, &r);
-    }
-    // A packet of a flow we already balanced.
-    if let Some(f) = ct::forward(&pkt) {
-        count_service(f.rev_nat_id, ctx.len());
-        return dnat(ctx, &pkt, f.backend, f.snat.is_some());
-    }
-    let Some(svc) = lb::lookup_service_in_cluster(&pkt) else {
-        return Ok(TC_ACT_OK);
+    let flow = match ct::classify(&pkt) {
+        // A backend's reply to a client (or to the hairpin address). A local
+        // backend's reply to a north-south client leaves through a node
+        // device; everything else goes back to a Pod of ours.
+        Class::Reply(r) => return nat::reverse(ctx, &pkt, &r),
+        Class::Established(f) => f,
+        Class::New => {
+            let Some(svc) = lb::lookup_service_in_cluster(&pkt) else {
+                return Ok(TC_ACT_OK);
+            };
+            // A Pod dialling a LoadBalancer IP is held to its
+            // loadBalancerSourceRanges too, as kube-proxy's firewall chain does.
+            match ct::open_flow(&pkt, &svc, Origin::Pod)? {
+                Opened::Flow(f) => f,
+                // No usable endpoint: refuse at once, like kube-proxy's REJECT rules.
+                Opened::NoEndpoint { .. } => return reject::refuse(ctx, &pkt),
+            }
+        }
     };
-    // A Pod dialling a LoadBalancer IP is held to its loadBalancerSourceRanges
-    // too, as kube-proxy's firewall chain does.
-    if !lb::source_allowed(&pkt, &svc) {
-        return Err(Counter::DropSourceRange);
-    }
-    if svc.value.count == 0 {
-        // No usable endpoint: refuse at once, like kube-proxy's REJECT rules.
-        let answered = reject::rewrite(ctx, &pkt)?;
-        count(answered);
-        return bounce(ctx);
-    }
-    let (backend_id, backend) = lb::select_backend(&pkt, &svc, lb::Chooser::Flow)?;
-    count_service(svc.value.rev_nat_id, ctx.len());
-    let hairpin = backend.addr == pkt.saddr;
-    let flow = NewFlow {
-        backend_id,
-        backend,
-        rev_nat_id: svc.value.rev_nat_id,
-        snat_addr: if hairpin { addr_to_map(HAIRPIN_SNAT_ADDR) } else { 0 },
-        snat_port: pkt.sport,
-        external: false,
-    };
-    // The reply tuple is unique to the client's own tuple: overwritten, never
-    // contended.
-    match ct::create(&pkt, &flow, false) {
-        Ok(()) => count(Counter::CtCreated),
-        // Keep the node working when the table is full: this packet still goes.
-        Err(_) => count(Counter::DropCtFull),
-    }
-    dnat(ctx, &pkt, (backend.addr, backend.port), hairpin)
+    count_service(flow.rev_nat_id, ctx.len());
+    nat::forward(ctx, &pkt, &flow)
 }
 
-/// Forward direction: destination := the backend (address, port), sent
-/// straight to the backend's device by FIB lookup (so the node's netfilter
-/// sees neither direction of a translated flow, and cannot call its packets
-/// INVALID); for hairpin also source := the hairpin address, and the packet
-/// goes straight back into the Pod's veth.
+/// A packet that is not TCP or UDP: an ICMP error related to a tracked flow
+/// is translated back towards its client (`icmp`); anything else passes.
 #[inline(always)]
-fn dnat(ctx: &TcContext, pkt: &Packet, backend: (u32, u16), hairpin: bool) -> Result<i32, Counter> {
-    count(Counter::ServiceForward);
-    if !hairpin {
-        return nat::translate_and_send(ctx, pkt, (pkt.saddr, pkt.sport), backend);
-    }
-    let m = |_| Counter::DropMalformed;
-    nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, backend.0, pkt.dport, backend.1).map_err(m)?;
-    let snat = addr_to_map(HAIRPIN_SNAT_ADDR);
-    nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, snat, pkt.sport, pkt.sport).map_err(m)?;
-    bounce(ctx)
-}
-
-/// Reply direction: source := the frontend the client dialled; with SNAT
-/// also destination := the original client. Hairpin replies go straight back
-/// into the Pod's veth; all others are forwarded to the client by FIB lookup,
-/// past the node's stack: their source may now be a node address (which the
-/// stack drops as a martian), and netfilter, which never saw the flow, would
-/// take them for INVALID.
-#[inline(always)]
-fn reverse_nat(ctx: &TcContext, pkt: &Packet, r: &ct::Reply) -> Result<i32, Counter> {
-    // The Service was deleted under a live flow.
-    let frontend = r.frontend.ok_or(Counter::DropBackendMissing)?;
-    count(Counter::ReverseNat);
-    let src = (frontend.addr, frontend.port);
-    let dst = r.snat.unwrap_or((pkt.daddr, pkt.dport));
-    // Hairpin: SNAT without a north-south client.
-    if r.snat.is_some() && r.flags & ct_flags::EXTERNAL == 0 {
-        let m = |_| Counter::DropMalformed;
-        nat::rewrite(ctx, pkt, Side::Src, pkt.saddr, src.0, pkt.sport, src.1).map_err(m)?;
-        nat::rewrite(ctx, pkt, Side::Dst, pkt.daddr, dst.0, pkt.dport, dst.1).map_err(m)?;
-        return bounce(ctx);
-    }
-    nat::translate_and_send(ctx, pkt, src, dst)
-}
-
-/// Sends the packet back out of the interface it arrived on (into the Pod, or
-/// back to the network on a device).
-#[inline(always)]
-pub(crate) fn bounce(ctx: &TcContext) -> Result<i32, Counter> {
-    parse::swap_macs(ctx).map_err(|_| Counter::DropMalformed)?;
-    // SAFETY: reading the ifindex of the skb this program runs on.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    // SAFETY: helper without memory arguments.
-    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+fn icmp_error(ctx: &TcContext) -> Result<i32, Counter> {
+    Ok(icmp::reverse(ctx)?.unwrap_or(TC_ACT_OK))
 }
 
 #[cfg(not(test))]

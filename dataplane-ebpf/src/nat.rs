@@ -1,20 +1,83 @@
-//! Address and port rewrites. At TC the checksums are fixed by the kernel
+//! Address and port rewrites: what a flow's packets become in each
+//! direction ([`forward`], [`reverse`]), and the rewrites themselves. At TC the checksums are fixed by the kernel
 //! helpers (bpf_l3_csum_replace / bpf_l4_csum_replace), which also handle
 //! CHECKSUM_PARTIAL skbs from veths and UDP's "no checksum" zero. At XDP there
 //! is no skb: the checksums are updated here (RFC 1624), which is right for
-//! complete checksums only (see `xdp::checksum_complete`).
+//! complete checksums only (see `xdp::checksum_complete`; the arithmetic is in
+//! `csum`).
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
-use ferry_common::{Counter, PROTO_UDP};
+use ferry_common::{addr_to_map, Counter, HAIRPIN_SNAT_ADDR, PROTO_UDP};
 
 use crate::{
+    csum,
+    ct::{Forward, Reply},
     fib::{self, Route},
     maps::count,
     parse::{Frame as _, Packet},
     reject,
 };
+
+/// Forward direction at TC: destination := the flow's backend (address,
+/// port), source := its SNAT address and port if it has one; sent straight
+/// to the backend's device by FIB lookup (so the node's netfilter sees
+/// neither direction of a translated flow, and cannot call its packets
+/// INVALID). Hairpin (a Pod reaching itself): source := the hairpin address,
+/// and the packet goes straight back into the Pod's veth.
+#[inline(always)]
+pub fn forward(ctx: &TcContext, pkt: &Packet, flow: &Forward) -> Result<i32, Counter> {
+    count(Counter::ServiceForward);
+    let backend = flow.backend;
+    match flow.snat {
+        Some(_) if !flow.external => {
+            let m = |_| Counter::DropMalformed;
+            rewrite(ctx, pkt, Side::Dst, pkt.daddr, backend.0, pkt.dport, backend.1).map_err(m)?;
+            let hairpin = addr_to_map(HAIRPIN_SNAT_ADDR);
+            rewrite(ctx, pkt, Side::Src, pkt.saddr, hairpin, pkt.sport, pkt.sport).map_err(m)?;
+            fib::bounce(ctx)
+        }
+        snat => translate_and_send(ctx, pkt, snat.unwrap_or((pkt.saddr, pkt.sport)), backend),
+    }
+}
+
+/// Reply direction at TC ingress: source := the frontend the client
+/// dialled; with SNAT also destination := the original client. Hairpin
+/// replies go straight back into the Pod's veth; all others are forwarded to
+/// the client by FIB lookup, past the node's stack: their source may now be
+/// a node address (which the stack drops as a martian), and netfilter, which
+/// never saw the flow, would take them for INVALID.
+#[inline(always)]
+pub fn reverse(ctx: &TcContext, pkt: &Packet, r: &Reply) -> Result<i32, Counter> {
+    // The Service was deleted under a live flow.
+    let frontend = r.frontend.ok_or(Counter::DropBackendMissing)?;
+    count(Counter::ReverseNat);
+    let src = (frontend.addr, frontend.port);
+    let dst = r.snat.unwrap_or((pkt.daddr, pkt.dport));
+    if r.hairpin() {
+        let m = |_| Counter::DropMalformed;
+        rewrite(ctx, pkt, Side::Src, pkt.saddr, src.0, pkt.sport, src.1).map_err(m)?;
+        rewrite(ctx, pkt, Side::Dst, pkt.daddr, dst.0, pkt.dport, dst.1).map_err(m)?;
+        return fib::bounce(ctx);
+    }
+    translate_and_send(ctx, pkt, src, dst)
+}
+
+/// Reply direction at TC egress (a reply the node's own stack sends, of a
+/// host-network backend): rewritten as [`reverse`] does, and left where the
+/// stack routed it.
+#[inline(always)]
+pub fn reverse_in_place(ctx: &TcContext, pkt: &Packet, r: &Reply) -> Result<(), Counter> {
+    let frontend = r.frontend.ok_or(Counter::DropBackendMissing)?;
+    let m = |_| Counter::DropMalformed;
+    rewrite(ctx, pkt, Side::Src, pkt.saddr, frontend.addr, pkt.sport, frontend.port).map_err(m)?;
+    if let Some((addr, port)) = r.snat {
+        rewrite(ctx, pkt, Side::Dst, pkt.daddr, addr, pkt.dport, port).map_err(m)?;
+    }
+    count(Counter::ReverseNat);
+    Ok(())
+}
 
 /// Rewrites `pkt` to come from `src` and go to `dst` (address, port; wire
 /// order) and sends it to the device its new destination is routed to, past
@@ -29,7 +92,7 @@ pub fn translate_and_send(ctx: &TcContext, pkt: &Packet, src: (u32, u16), dst: (
     if let (Route::FragNeeded { mtu }, true) = (&route, pkt.dont_fragment) {
         reject::fragmentation_needed(ctx, pkt, *mtu)?;
         count(Counter::FragNeeded);
-        return crate::bounce(ctx);
+        return fib::bounce(ctx);
     }
     let m = |_| Counter::DropMalformed;
     if dst != (pkt.daddr, pkt.dport) {
@@ -122,13 +185,13 @@ pub fn rewrite_xdp(
     let no_l4_csum = pkt.proto == PROTO_UDP && l4 == 0;
     if old_addr != new_addr {
         let ip: u16 = ctx.load(pkt.ip_csum_off())?;
-        ctx.store(pkt.ip_csum_off(), &csum_replace4(ip, old_addr, new_addr))?;
+        ctx.store(pkt.ip_csum_off(), &csum::replace4(ip, old_addr, new_addr))?;
         // The address is part of the L4 pseudo-header.
-        l4 = csum_replace4(l4, old_addr, new_addr);
+        l4 = csum::replace4(l4, old_addr, new_addr);
         ctx.store(addr_off, &new_addr)?;
     }
     if old_port != new_port {
-        l4 = csum_replace2(l4, old_port, new_port);
+        l4 = csum::replace2(l4, old_port, new_port);
         ctx.store(port_off, &new_port)?;
     }
     if !no_l4_csum {
@@ -139,28 +202,4 @@ pub fn rewrite_xdp(
         ctx.store(csum_off, &l4)?;
     }
     Ok(())
-}
-
-/// One's complement sum folded to 16 bits.
-#[inline(always)]
-pub fn fold(mut sum: u32) -> u16 {
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum as u16
-}
-
-/// A checksum after a 32-bit field changed from `old` to `new` (RFC 1624:
-/// HC' = ~(~HC + ~m + m')). Works on values as they lie in the packet, in
-/// whatever byte order they are loaded, as long as all are loaded alike.
-#[inline(always)]
-pub fn csum_replace4(csum: u16, old: u32, new: u32) -> u16 {
-    let sum = (!csum) as u32 + (!(old as u16)) as u32 + (!((old >> 16) as u16)) as u32 + (new & 0xffff) + (new >> 16);
-    !fold(sum)
-}
-
-/// A checksum after a 16-bit field changed from `old` to `new`.
-#[inline(always)]
-pub fn csum_replace2(csum: u16, old: u16, new: u16) -> u16 {
-    let sum = (!csum) as u32 + (!old) as u32 + new as u32;
-    !fold(sum)
 }

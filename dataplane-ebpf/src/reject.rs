@@ -5,7 +5,8 @@
 //!
 //! The packet is rewritten in place into the answer (new IPv4 and L4 headers,
 //! checksums computed from scratch, length set with bpf_skb_change_tail); the
-//! caller sends it back out of the veth it came from, i.e. into the client Pod.
+//! answer goes back out of the interface the packet came in by: into the client
+//! Pod, or back to the network on a device (`refuse`).
 //!
 //! The same ICMP builder answers a packet too big for the device its
 //! translated form would leave by ("fragmentation needed", with that MTU),
@@ -14,7 +15,12 @@
 use aya_ebpf::{helpers::bpf_skb_change_tail, programs::TcContext};
 use ferry_common::{Counter, PROTO_TCP};
 
-use crate::parse::{Packet, ETH_HLEN, IP_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::{
+    csum::{checksum, sum_words},
+    fib,
+    maps::count,
+    parse::{Packet, ETH_HLEN, IP_OFF, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
 
 const IPPROTO_ICMP: u8 = 1;
 const ICMP_DEST_UNREACH: u8 = 3;
@@ -23,11 +29,19 @@ const ICMP_FRAG_NEEDED: u8 = 4;
 /// The original IPv4 header (without options) and 8 bytes of its UDP header.
 const QUOTE_LEN: usize = 28;
 
+/// Answers `pkt` with its rejection, sent back out of the interface it came
+/// in by (counted as what it was: a RST or an ICMP port unreachable).
+#[inline(always)]
+pub fn refuse(ctx: &TcContext, pkt: &Packet) -> Result<i32, Counter> {
+    count(rewrite(ctx, pkt)?);
+    fib::bounce(ctx)
+}
+
 /// Rewrites `pkt` into its rejection. `Err` for a packet that gets no answer
 /// (a TCP RST is never answered; IPv4 options are not quoted): the caller drops
 /// it with that reason.
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, pkt: &Packet) -> Result<Counter, Counter> {
+fn rewrite(ctx: &TcContext, pkt: &Packet) -> Result<Counter, Counter> {
     // The first fragment is answered; the ones after it are dropped with it.
     if pkt.later_fragment {
         return Err(Counter::DropNoBackend);
@@ -77,9 +91,9 @@ fn tcp_rst(ctx: &TcContext, pkt: &Packet) -> Result<(), Counter> {
     h[t + 12] = 5 << 4;
     h[t + 13] = flags;
     // Pseudo-header: addresses, protocol, TCP length.
-    let mut sum = sum16(&h[12..20], PROTO_TCP as u32 + 20);
-    sum = sum16(&h[20..40], sum);
-    h[t + 16..t + 18].copy_from_slice(&fold(sum).to_be_bytes());
+    let mut sum = sum_words(&h[12..20], PROTO_TCP as u32 + 20);
+    sum = sum_words(&h[20..40], sum);
+    h[t + 16..t + 18].copy_from_slice(&checksum(sum).to_be_bytes());
 
     set_len(ctx, ETH_HLEN + 40)?;
     ctx.store(IP_OFF, &h, 0).map_err(m)
@@ -110,7 +124,7 @@ fn icmp_unreachable(ctx: &TcContext, pkt: &Packet, code: u8, mtu: u16) -> Result
     h[21] = code;
     h[26..28].copy_from_slice(&mtu.to_be_bytes());
     h[28..28 + QUOTE_LEN].copy_from_slice(&quote);
-    let csum = fold(sum16(&h[20..], 0));
+    let csum = checksum(sum_words(&h[20..], 0));
     h[22..24].copy_from_slice(&csum.to_be_bytes());
 
     set_len(ctx, ETH_HLEN + 20 + 8 + QUOTE_LEN)?;
@@ -126,7 +140,7 @@ fn ip_header(h: &mut [u8], tot_len: u16, proto: u8, saddr: u32, daddr: u32) {
     h[9] = proto;
     h[12..16].copy_from_slice(&saddr.to_ne_bytes());
     h[16..20].copy_from_slice(&daddr.to_ne_bytes());
-    let csum = fold(sum16(&h[..20], 0));
+    let csum = checksum(sum_words(&h[..20], 0));
     h[10..12].copy_from_slice(&csum.to_be_bytes());
 }
 
@@ -140,23 +154,4 @@ fn set_len(ctx: &TcContext, len: usize) -> Result<(), Counter> {
         return Err(Counter::DropMalformed);
     }
     Ok(())
-}
-
-/// Adds `bytes` as big-endian 16-bit words to `acc` (even lengths only).
-#[inline(always)]
-fn sum16(bytes: &[u8], mut acc: u32) -> u32 {
-    let mut i = 0;
-    while i + 1 < bytes.len() {
-        acc += ((bytes[i] as u32) << 8) | bytes[i + 1] as u32;
-        i += 2;
-    }
-    acc
-}
-
-/// The ones' complement of the folded sum: the Internet checksum.
-#[inline(always)]
-fn fold(mut acc: u32) -> u16 {
-    acc = (acc & 0xffff) + (acc >> 16);
-    acc = (acc & 0xffff) + (acc >> 16);
-    !(acc as u16)
 }

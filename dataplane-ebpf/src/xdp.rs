@@ -19,11 +19,12 @@ use aya_ebpf::{
 use ferry_common::{ct_flags, Counter, PROTO_UDP};
 
 use crate::{
-    ct,
+    csum,
+    ct::{self, Class, Opened},
     fib::{self, Route},
     maps::{count, count_service},
-    nat::{self, fold, Side},
-    nodeport::{self, Arrival},
+    nat::{self, Side},
+    nodeport,
     parse::{self, Frame as _, Packet, IP_CSUM_OFF, IP_OFF},
 };
 
@@ -33,6 +34,8 @@ struct Translation {
     dst: (u32, u16),
 }
 
+/// xdp_from_netdev: parse, classify against connection tracking, act (or
+/// pass on to TC).
 pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     let Some(pkt) = parse::parse(ctx).map_err(|_| Counter::DropMalformed)? else {
         return Ok(XDP_PASS);
@@ -41,39 +44,35 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
     if pkt.fragment {
         return Ok(XDP_PASS);
     }
-    // A remote backend's reply to a north-south client we SNATed for.
-    if let Some(r) = ct::reply(&pkt) {
-        let both = ct_flags::EXTERNAL | ct_flags::SNAT;
-        let (Some(frontend), Some(client), true) = (r.frontend, r.snat, r.flags & both == both) else {
-            return Ok(XDP_PASS);
-        };
-        let t = Translation {
-            src: (frontend.addr, frontend.port),
-            dst: client,
-        };
-        return send(ctx, &pkt, &t, Counter::ReverseNat);
-    }
-    // A north-south flow: tracked already, or new.
-    let (rev_nat_id, backend, snat) = match ct::forward(&pkt) {
-        Some(f) if f.external => (f.rev_nat_id, f.backend, f.snat),
-        Some(_) => return Ok(XDP_PASS),
-        None => match nodeport::open(ctx, &pkt)? {
-            Arrival::Flow {
-                rev_nat_id,
-                backend,
-                snat,
-            } => (rev_nat_id, backend, snat),
-            Arrival::NotOurs | Arrival::NoEndpoint { .. } => return Ok(XDP_PASS),
+    let flow = match ct::classify(&pkt) {
+        // A remote backend's reply to a north-south client we SNATed for.
+        Class::Reply(r) => {
+            let both = ct_flags::EXTERNAL | ct_flags::SNAT;
+            let (Some(frontend), Some(client), true) = (r.frontend, r.snat, r.flags & both == both) else {
+                return Ok(XDP_PASS);
+            };
+            let t = Translation {
+                src: (frontend.addr, frontend.port),
+                dst: client,
+            };
+            return send(ctx, &pkt, &t, Counter::ReverseNat);
+        }
+        // A north-south flow: tracked already, or new.
+        Class::Established(f) if f.external => f,
+        Class::Established(_) => return Ok(XDP_PASS),
+        Class::New => match nodeport::open(ctx, &pkt)? {
+            Some(Opened::Flow(f)) => f,
+            None | Some(Opened::NoEndpoint { .. }) => return Ok(XDP_PASS),
         },
     };
     // A local backend: TC delivers it (the entry tells it where).
-    let Some(src) = snat else {
+    let Some(src) = flow.snat else {
         return Ok(XDP_PASS);
     };
-    let t = Translation { src, dst: backend };
+    let t = Translation { src, dst: flow.backend };
     let verdict = send(ctx, &pkt, &t, Counter::ServiceForward)?;
     if verdict != XDP_PASS {
-        count_service(rev_nat_id, (ctx.data_end() - ctx.data()) as u32);
+        count_service(flow.rev_nat_id, (ctx.data_end() - ctx.data()) as u32);
     }
     Ok(verdict)
 }
@@ -116,11 +115,11 @@ fn send(ctx: &XdpContext, pkt: &Packet, t: &Translation, what: Counter) -> Resul
 #[inline(always)]
 fn decrement_ttl(ctx: &XdpContext) -> Result<(), i64> {
     let word: u16 = ctx.load(IP_OFF + 8)?;
-    let csum: u16 = ctx.load(IP_CSUM_OFF)?;
+    let ip_csum: u16 = ctx.load(IP_CSUM_OFF)?;
     let [ttl, proto] = word.to_ne_bytes();
     let new = u16::from_ne_bytes([ttl - 1, proto]);
     ctx.store(IP_OFF + 8, &new)?;
-    ctx.store(IP_CSUM_OFF, &nat::csum_replace2(csum, word, new))
+    ctx.store(IP_CSUM_OFF, &csum::replace2(ip_csum, word, new))
 }
 
 /// Whether the L4 checksum is a full one. A local sender on a virtual device
@@ -146,5 +145,5 @@ fn checksum_complete(ctx: &XdpContext, pkt: &Packet) -> Result<bool, Counter> {
         + (pkt.daddr >> 16)
         + u16::from_ne_bytes([0, pkt.proto]) as u32
         + u16::from_ne_bytes(l4_len.to_be_bytes()) as u32;
-    Ok(field != fold(sum))
+    Ok(field != csum::fold(sum))
 }

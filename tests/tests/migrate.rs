@@ -11,8 +11,8 @@ use ferry_agent::{
     maps::{IdCursors, MapStore as _},
 };
 use ferry_common::{
-    config, AffinityKey, AffinityValue, CtKey, CtValue, AFFINITY_MAP, CONFIG_MAP, COUNTERS_MAP, COUNTER_COUNT,
-    CT_ANY_MAP, SERVICES_MAP, SVC_NAMES_MAP,
+    addr_to_map, config, port_to_map, AffinityKey, AffinityValue, Backend, CtKey, CtValue, AFFINITY_MAP, BACKENDS_MAP,
+    BACKEND_LEGACY_SIZE, CONFIG_MAP, COUNTERS_MAP, COUNTER_COUNT, CT_ANY_MAP, SERVICES_MAP, SVC_NAMES_MAP,
 };
 use ferry_tests::sys::PinDir;
 
@@ -77,8 +77,32 @@ async fn pinned_maps_of_another_shape_are_migrated() {
     let d = dir.0.as_path();
 
     // An older agent's pins: a small CT with 10 flows, an affinity map with a
-    // value of another layout, a 4-entry config, 8 counters, 16 services.
+    // value of another layout, a 4-entry config, 8 counters, 16 services, and
+    // backends in the layout with a trailing node_addr (12 bytes).
+    let backend = Backend {
+        addr: addr_to_map([10, 244, 0, 7]),
+        port: port_to_map(8080),
+        proto: 6,
+        flags: 1,
+    };
     {
+        let mut old_backends: HashMap<MapData, u32, [u8; 12]> = HashMap::try_from(Map::HashMap(pin(
+            d,
+            BACKENDS_MAP,
+            bpf_map_type::BPF_MAP_TYPE_HASH,
+            4,
+            BACKEND_LEGACY_SIZE,
+            16,
+        )))
+        .unwrap();
+        let mut legacy = [0u8; 12];
+        legacy[..4].copy_from_slice(&backend.addr.to_ne_bytes());
+        legacy[4..6].copy_from_slice(&backend.port.to_ne_bytes());
+        legacy[6] = backend.proto;
+        legacy[7] = backend.flags;
+        for id in [7, 4_000_000] {
+            old_backends.insert(id, legacy, 0).unwrap();
+        }
         let mut old_ct: HashMap<MapData, CtKey, CtValue> = HashMap::try_from(Map::LruHashMap(pin(
             d,
             CT_ANY_MAP,
@@ -196,6 +220,18 @@ async fn pinned_maps_of_another_shape_are_migrated() {
         info(d, SERVICES_MAP).max_entries(),
         64,
         "services recreated at --services-map-size"
+    );
+    // The backends keep their ids (flows name them), in this build's layout.
+    assert_eq!(info(d, BACKENDS_MAP).value_size() as usize, size_of::<Backend>());
+    assert_eq!(info(d, BACKENDS_MAP).max_entries(), 64, "at --backends-map-size");
+    let backends: HashMap<MapData, u32, Backend> =
+        HashMap::try_from(Map::HashMap(MapData::from_pin(d.join(BACKENDS_MAP)).unwrap())).unwrap();
+    let mut copied: Vec<(u32, Backend)> = backends.iter().map(Result::unwrap).collect();
+    copied.sort();
+    assert_eq!(
+        copied,
+        vec![(7, backend), (4_000_000, backend)],
+        "backends copied, ids kept"
     );
 
     // The same build and flags again: every pin is reused as it is.

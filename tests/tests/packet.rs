@@ -161,7 +161,6 @@ impl Fixture {
                         port: port_to_map(*bport),
                         proto,
                         flags: *bflags,
-                        node_addr: 0,
                     },
                 )
                 .unwrap();
@@ -1544,4 +1543,36 @@ fn replies_of_a_host_network_backend_are_reverse_translated_on_their_way_out() {
         fx.run_prog(ferry_common::PROG_TO_POD, &other),
         (TC_ACT_OK, other.clone())
     );
+}
+
+/// Every packet program passes the verifier, the L3 twins too (the fixture
+/// loads the others), and says what it cost: instructions the verifier
+/// walked (its limit is 1,000,000 per program) and the program's size, for
+/// comparing changes that move code between the entry points and the shared
+/// functions they inline.
+#[test]
+fn every_packet_program_passes_the_verifier_and_reports_its_cost() {
+    let mut fx = Fixture::new("verifier-cost");
+    for name in [ferry_common::PROG_FROM_NETDEV_L3, ferry_common::PROG_TO_NETDEV_L3] {
+        let prog: &mut SchedClassifier = fx.ebpf.program_mut(name).expect(name).try_into().expect("classifier");
+        prog.load()
+            .unwrap_or_else(|e| panic!("the verifier refuses {name}: {e}"));
+    }
+    for name in [
+        PROG_FROM_POD,
+        PROG_FROM_NETDEV,
+        ferry_common::PROG_FROM_NETDEV_L3,
+        ferry_common::PROG_TO_POD,
+        ferry_common::PROG_TO_NETDEV,
+        ferry_common::PROG_TO_NETDEV_L3,
+        PROG_XDP_FROM_NETDEV,
+    ] {
+        let info = fx.ebpf.program(name).expect(name).info().expect("program info");
+        let verified = info
+            .verified_instruction_count()
+            .expect("the kernel reports verified instructions");
+        let size = info.size_translated().unwrap_or(0);
+        eprintln!("verifier: {name}: {verified} instructions verified, {size} bytes translated");
+        assert!(verified > 0 && verified < 1_000_000, "{name}: {verified}");
+    }
 }

@@ -264,7 +264,6 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             proto: f.proto,
             flags: if b.terminating { backend_flags::TERMINATING } else { 0 }
                 | if b.local { backend_flags::LOCAL } else { 0 },
-            node_addr: 0,
         };
         let mut slot: u16 = 0;
         let mut slotted: Vec<(u32, Tuple)> = Vec::new();
