@@ -629,6 +629,8 @@ mod tests {
         /// table is missing or names a missing backend (or was rewritten in
         /// use).
         violations: Rc<RefCell<Vec<String>>>,
+        /// Entries removed from maps the dataplane writes: (map, key).
+        cleared: Rc<RefCell<Vec<(&'static str, String)>>>,
     }
 
     impl Fake {
@@ -736,8 +738,8 @@ mod tests {
             self.check(line.as_deref().unwrap_or(D::NAME));
             Ok(())
         }
-        /// The fake models no map the dataplane writes.
-        fn clear<D: Opened>(&mut self, _: &D::Key) -> Result<(), Full> {
+        fn clear<D: Opened>(&mut self, k: &D::Key) -> Result<(), Full> {
+            self.cleared.borrow_mut().push((D::NAME, format!("{k:?}")));
             Ok(())
         }
         fn put_cursors(&mut self, c: crate::maps::IdCursors) -> Result<(), Full> {
@@ -845,6 +847,11 @@ mod tests {
         );
         assert_eq!(log.iter().filter(|l| l.starts_with("forget")).count(), 2);
         assert_eq!(without_cursors(&fake.maps.borrow()), MapContents::default());
+        assert_eq!(
+            *fake.cleared.borrow(),
+            [(ferry_common::SVC_STATS_MAP, "1".to_string())],
+            "the freed reverse-NAT id's traffic counters go with it"
+        );
     }
 
     #[test]
