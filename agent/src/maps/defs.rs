@@ -20,6 +20,31 @@ use super::{
     MapContents, SourceRange,
 };
 
+/// Where a declared map lives: its [`Table`] among the agent's handles
+/// ([`KernelMaps`]) and, for a map the sync keeps in step, its rows in
+/// [`MapContents`].
+macro_rules! fields {
+    ($def:ty: $table:ident) => {
+        impl Opened for $def {
+            fn table(m: &mut KernelMaps) -> &mut Table<Self> {
+                &mut m.$table
+            }
+        }
+    };
+    ($def:ty: $table:ident, $rows:ident: $ty:ty) => {
+        fields!($def: $table);
+        impl Synced for $def {
+            type Rows = $ty;
+            fn rows(c: &MapContents) -> &$ty {
+                &c.$rows
+            }
+            fn rows_mut(c: &mut MapContents) -> &mut $ty {
+                &mut c.$rows
+            }
+        }
+    };
+}
+
 /// Frontends (slot 0) and their backend slots.
 pub struct Services;
 impl MapDef for Services {
@@ -34,20 +59,7 @@ impl MapDef for Services {
         format!("slot {}", k.slot)
     }
 }
-impl Opened for Services {
-    fn table(m: &mut KernelMaps) -> &mut Table<Self> {
-        &mut m.services
-    }
-}
-impl Synced for Services {
-    type Rows = BTreeMap<ServiceKey, ServiceValue>;
-    fn rows(c: &MapContents) -> &Self::Rows {
-        &c.services
-    }
-    fn rows_mut(c: &mut MapContents) -> &mut Self::Rows {
-        &mut c.services
-    }
-}
+fields!(Services: services, services: BTreeMap<ServiceKey, ServiceValue>);
 
 /// Backends by id.
 pub struct Backends;
@@ -63,20 +75,7 @@ impl MapDef for Backends {
         format!("backend {id}")
     }
 }
-impl Opened for Backends {
-    fn table(m: &mut KernelMaps) -> &mut Table<Self> {
-        &mut m.backends
-    }
-}
-impl Synced for Backends {
-    type Rows = BTreeMap<u32, Backend>;
-    fn rows(c: &MapContents) -> &Self::Rows {
-        &c.backends
-    }
-    fn rows_mut(c: &mut MapContents) -> &mut Self::Rows {
-        &mut c.backends
-    }
-}
+fields!(Backends: backends, backends: BTreeMap<u32, Backend>);
 
 /// Reverse NAT by reverse-NAT id (one per frontend).
 pub struct RevNats;
@@ -91,20 +90,7 @@ impl MapDef for RevNats {
         format!("reverse-NAT id {id}")
     }
 }
-impl Opened for RevNats {
-    fn table(m: &mut KernelMaps) -> &mut Table<Self> {
-        &mut m.revnat
-    }
-}
-impl Synced for RevNats {
-    type Rows = BTreeMap<u16, RevNat>;
-    fn rows(c: &MapContents) -> &Self::Rows {
-        &c.revnat
-    }
-    fn rows_mut(c: &mut MapContents) -> &mut Self::Rows {
-        &mut c.revnat
-    }
-}
+fields!(RevNats: revnat, revnat: BTreeMap<u16, RevNat>);
 
 /// Frontend names by reverse-NAT id (for inspection and metrics).
 pub struct Names;
@@ -119,20 +105,7 @@ impl MapDef for Names {
         format!("the name of reverse-NAT id {id}")
     }
 }
-impl Opened for Names {
-    fn table(m: &mut KernelMaps) -> &mut Table<Self> {
-        &mut m.names
-    }
-}
-impl Synced for Names {
-    type Rows = BTreeMap<u16, ServiceName>;
-    fn rows(c: &MapContents) -> &Self::Rows {
-        &c.names
-    }
-    fn rows_mut(c: &mut MapContents) -> &mut Self::Rows {
-        &mut c.names
-    }
-}
+fields!(Names: names, names: BTreeMap<u16, ServiceName>);
 
 /// loadBalancerSourceRanges: (reverse-NAT id, client prefix), a trie.
 pub struct SourceRanges;
@@ -149,20 +122,7 @@ impl MapDef for SourceRanges {
         format!("source range {net} of reverse-NAT id {id}")
     }
 }
-impl Opened for SourceRanges {
-    fn table(m: &mut KernelMaps) -> &mut Table<Self> {
-        &mut m.src_ranges
-    }
-}
-impl Synced for SourceRanges {
-    type Rows = BTreeSet<SourceRange>;
-    fn rows(c: &MapContents) -> &Self::Rows {
-        &c.source_ranges
-    }
-    fn rows_mut(c: &mut MapContents) -> &mut Self::Rows {
-        &mut c.source_ranges
-    }
-}
+fields!(SourceRanges: src_ranges, source_ranges: BTreeSet<SourceRange>);
 
 /// The trie key of a source range: the reverse-NAT id (and padding) matched
 /// exactly, then the prefix.
@@ -220,20 +180,7 @@ impl MapDef for Maglev {
         format!("Maglev table {i}")
     }
 }
-impl Opened for Maglev {
-    fn table(m: &mut KernelMaps) -> &mut Table<Self> {
-        &mut m.maglev
-    }
-}
-impl Synced for Maglev {
-    type Rows = BTreeMap<u32, Arc<Vec<u32>>>;
-    fn rows(c: &MapContents) -> &Self::Rows {
-        &c.maglev
-    }
-    fn rows_mut(c: &mut MapContents) -> &mut Self::Rows {
-        &mut c.maglev
-    }
-}
+fields!(Maglev: maglev, maglev: BTreeMap<u32, Arc<Vec<u32>>>);
 
 /// The Maglev array, written and read a whole table at a time.
 pub struct MaglevArray(Array<MapData, u32>);
@@ -300,11 +247,7 @@ impl MapDef for Config {
         format!("setting {i}")
     }
 }
-impl Opened for Config {
-    fn table(m: &mut KernelMaps) -> &mut Table<Self> {
-        &mut m.config
-    }
-}
+fields!(Config: config);
 
 /// Per-frontend traffic by reverse-NAT id (the dataplane counts; the agent
 /// removes the entry of a freed id).
@@ -321,11 +264,7 @@ impl MapDef for Stats {
         format!("the traffic of reverse-NAT id {id}")
     }
 }
-impl Opened for Stats {
-    fn table(m: &mut KernelMaps) -> &mut Table<Self> {
-        &mut m.stats
-    }
-}
+fields!(Stats: stats);
 
 /// The dataplane's connection tracking of UDP and other flows (the agent
 /// forgets flows of ended assignments).
@@ -342,11 +281,7 @@ impl MapDef for CtAny {
         format!("flow {k:?}")
     }
 }
-impl Opened for CtAny {
-    fn table(m: &mut KernelMaps) -> &mut Table<Self> {
-        &mut m.ct_any
-    }
-}
+fields!(CtAny: ct_any);
 
 /// Session affinity (the agent forgets ended assignments).
 pub struct Affinity;
@@ -361,11 +296,7 @@ impl MapDef for Affinity {
         format!("affinity {k:?}")
     }
 }
-impl Opened for Affinity {
-    fn table(m: &mut KernelMaps) -> &mut Table<Self> {
-        &mut m.affinity
-    }
-}
+fields!(Affinity: affinity);
 
 /// The dataplane's connection tracking of TCP flows (its garbage collector
 /// is `crate::ct`'s).
