@@ -247,7 +247,7 @@ impl<D: MapDef> Table<D> {
             Source::Object(ebpf) if D::SHARED => Map::from_map_data(shared(ebpf, D::NAME)?).map_err(D::error)?,
             Source::Object(ebpf) => ebpf.take_map(D::NAME).ok_or(OpenError::Missing(D::NAME))?,
             Source::Pins(dir) => match pinned::<D>(dir) {
-                Err(_) if D::OPTIONAL => return Ok(Self { map: None }),
+                Err(OpenError::Pin { .. }) if D::OPTIONAL => return Ok(Self { map: None }),
                 r => return r,
             },
         };
@@ -410,5 +410,27 @@ impl Info {
     /// The declaration of the map pinned as `name`, if the agent declares one.
     pub fn find(name: &str) -> Option<Self> {
         super::defs::ALL.iter().find(|i| i.name == name).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_puts_what_is_missing_or_changed_and_stale_deletes_what_is_not_desired() {
+        let cur: BTreeMap<u32, u8> = [(1, 1), (2, 2), (3, 3)].into();
+        let want: BTreeMap<u32, u8> = [(2, 2), (3, 4), (5, 5)].into();
+        assert_eq!(diff(&cur, &want), [(3, 4), (5, 5)]);
+        assert_eq!(stale(&cur, &want), [1]);
+        assert_eq!(
+            [held(&cur, &2, &2), held(&cur, &3, &4), held(&cur, &5, &5)],
+            [Held::Same, Held::Differs, Held::Absent]
+        );
+        // A set is a map to ().
+        let cur: BTreeSet<u16> = [1, 2].into();
+        let want: BTreeSet<u16> = [2, 3].into();
+        assert_eq!(diff(&cur, &want), [(3, ())]);
+        assert_eq!(stale(&cur, &want), [1]);
     }
 }
