@@ -172,12 +172,6 @@ impl KernelMap<u32, u32> for aya::maps::Array<MapData, u32> {
     }
 }
 
-impl Readable<u32, u32> for aya::maps::Array<MapData, u32> {
-    fn read(&self) -> Result<Vec<(u32, u32)>, MapError> {
-        (0..self.len()).map(|i| Ok((i, self.get(&i, 0)?))).collect()
-    }
-}
-
 /// Errors opening maps.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
