@@ -259,6 +259,12 @@ impl<D: MapDef> Table<D> {
         self.map.as_ref().ok_or_else(|| not_pinned(D::NAME))
     }
 
+    /// The kernel handle alone; an error naming the map when its pin is
+    /// missing.
+    pub fn into_kernel(self) -> Result<D::Kernel, OpenError> {
+        self.map.ok_or_else(|| D::error(not_pinned(D::NAME)))
+    }
+
     pub fn kernel_mut(&mut self) -> Result<&mut D::Kernel, MapError> {
         self.map.as_mut().ok_or_else(|| not_pinned(D::NAME))
     }
