@@ -15,10 +15,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap, Map, MapData};
-use ferry_common::{ct_flags, CtKey, CtValue, RevNat, CT_ANY_MAP, CT_DIR_FORWARD, CT_DIR_REPLY, CT_TCP_MAP, PROTO_TCP};
+use aya::maps::{HashMap, MapData};
+use ferry_common::{ct_flags, CtKey, CtValue, RevNat, CT_DIR_FORWARD, CT_DIR_REPLY, PROTO_TCP};
 
-use crate::maps::kernel::{self, OpenError};
+use crate::maps::{
+    defs::{CtAny, CtTcp},
+    kernel::{self, OpenError},
+    table::pinned,
+};
 
 /// CLOCK_MONOTONIC in nanoseconds: the dataplane's `bpf_ktime_get_ns()`.
 pub fn monotonic_ns() -> u64 {
@@ -174,12 +178,9 @@ pub struct Tables {
 
 impl Tables {
     pub fn open(dir: &Path) -> Result<Self, OpenError> {
-        let open = |name: &'static str, wrap: fn(MapData) -> Map| {
-            HashMap::try_from(wrap(kernel::from_pin(dir, name)?)).map_err(|source| OpenError::Map { name, source })
-        };
         Ok(Self {
-            tcp: open(CT_TCP_MAP, Map::HashMap)?,
-            any: open(CT_ANY_MAP, Map::LruHashMap)?,
+            tcp: pinned::<CtTcp>(dir)?.into_kernel()?,
+            any: pinned::<CtAny>(dir)?.into_kernel()?,
         })
     }
 

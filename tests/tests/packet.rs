@@ -14,7 +14,12 @@ use aya::{
 use ferry_agent::{
     dataplane::DATAPLANE_OBJ,
     ids::{FrontendId, FrontendKind, PortId, ServiceId},
-    maps::{kernel, kernel::KernelMaps, MapStore as _},
+    maps::{
+        defs::{Backends, Names, RevNats, Services, SourceRanges, Stats},
+        kernel,
+        kernel::KernelMaps,
+        MapStore as _,
+    },
 };
 use ferry_common::{
     addr_to_map, ct_flags, port_from_map, port_to_map, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
@@ -154,9 +159,9 @@ impl Fixture {
         };
         for (i, (id, ip, bport, bflags)) in backends.iter().enumerate() {
             self.maps
-                .put_backend(
-                    *id,
-                    Backend {
+                .put::<Backends>(
+                    id,
+                    &Backend {
                         addr: addr_to_map(*ip),
                         port: port_to_map(*bport),
                         proto,
@@ -165,9 +170,9 @@ impl Fixture {
                 )
                 .unwrap();
             self.maps
-                .put_service(
-                    key(i as u16 + 1),
-                    ServiceValue {
+                .put::<Services>(
+                    &key(i as u16 + 1),
+                    &ServiceValue {
                         backend_id: *id,
                         rev_nat_id,
                         ..Default::default()
@@ -176,9 +181,9 @@ impl Fixture {
                 .unwrap();
         }
         self.maps
-            .put_service(
-                key(0),
-                ServiceValue {
+            .put::<Services>(
+                &key(0),
+                &ServiceValue {
                     count: backends.len() as u16,
                     rev_nat_id,
                     flags,
@@ -187,15 +192,17 @@ impl Fixture {
             )
             .unwrap();
         self.maps
-            .put_revnat(
-                rev_nat_id,
-                RevNat {
+            .put::<RevNats>(
+                &rev_nat_id,
+                &RevNat {
                     addr: addr_to_map(addr),
                     port: port_to_map(port),
                     _pad: 0,
                 },
-                frontend_id(name, port, flags).to_map(),
             )
+            .unwrap();
+        self.maps
+            .put::<Names>(&rev_nat_id, &frontend_id(name, port, flags).to_map())
             .unwrap();
     }
 
@@ -517,7 +524,7 @@ fn a_flow_keeps_its_backend_until_that_backend_is_gone() {
         assert_eq!(parse(&fx.run(&input).1).dst, [10, 244, 0, 5], "established flow stays");
     }
     // Backend 1 removed: the flow is balanced again onto a live backend.
-    fx.maps.del_backend(1).unwrap();
+    fx.maps.del::<Backends>(&1).unwrap();
     let dst = parse(&fx.run(&input).1).dst;
     assert!(
         dst == [10, 244, 0, 6] || dst == [10, 244, 0, 7],
@@ -669,7 +676,7 @@ fn session_affinity_sends_new_flows_of_a_client_to_one_backend() {
         affinity_timeout: 60,
         ..Default::default()
     };
-    fx.maps.put_service(key, v).unwrap();
+    fx.maps.put::<Services>(&key, &v).unwrap();
     let first = parse(&fx.run(&frame(PROTO_TCP, CLIENT, VIP, 46000, 80, false)).1).dst;
     for sport in 1..50u16 {
         let out = fx.run(&frame(PROTO_TCP, CLIENT, VIP, 46000 + sport, 80, false)).1;
@@ -705,7 +712,10 @@ fn translated_packets_are_counted_per_service_and_a_freed_id_starts_from_zero() 
     );
     assert_eq!(stats[0].1.packets, 2);
     assert_eq!(stats[0].1.bytes, 2 * f.len() as u64);
-    fx.maps.del_revnat(7).unwrap();
+    // The id freed as the sync frees it: its counters go with it.
+    fx.maps.del::<RevNats>(&7).unwrap();
+    fx.maps.clear::<Stats>(&7).unwrap();
+    fx.maps.del::<Names>(&7).unwrap();
     assert!(kernel::read_svc_stats(fx.dir()).unwrap().is_empty());
 }
 
@@ -958,12 +968,14 @@ fn load_balancer_source_ranges_admit_only_clients_in_range() {
     let restricted = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
     fx.external(LB, 80, 4, restricted, &[(1, LOCAL, 8080, backend_flags::LOCAL)]);
     fx.maps
-        .put_source_range((4, "192.168.77.200/32".parse().unwrap()))
+        .put::<SourceRanges>(&(4, "192.168.77.200/32".parse().unwrap()), &())
         .unwrap();
-    fx.maps.put_source_range((4, "10.1.0.0/16".parse().unwrap())).unwrap();
+    fx.maps
+        .put::<SourceRanges>(&(4, "10.1.0.0/16".parse().unwrap()), &())
+        .unwrap();
     // Another frontend's range admits nobody here.
     fx.maps
-        .put_source_range((5, "192.168.77.0/24".parse().unwrap()))
+        .put::<SourceRanges>(&(5, "192.168.77.0/24".parse().unwrap()), &())
         .unwrap();
     for (client, allowed) in [
         ([192, 168, 77, 200], true),
@@ -1100,7 +1112,7 @@ fn established_connections_keep_a_removed_backend_but_a_reused_port_is_balanced_
     // A leaves the Service and every map (kube-proxy leaves its conntrack
     // entries: the connection runs to its end).
     fx.service(PROTO_TCP, 80, 1, &[(2, B, 8080)]);
-    fx.maps.del_backend(1).unwrap();
+    fx.maps.del::<Backends>(&1).unwrap();
     let data = with_flags(syn.clone(), ACK);
     for _ in 0..3 {
         assert_eq!(
@@ -1123,7 +1135,7 @@ fn established_connections_keep_a_removed_backend_but_a_reused_port_is_balanced_
     let dgram = frame(PROTO_UDP, CLIENT, VIP, 48001, 53, false);
     assert_eq!(parse(&fx.run(&dgram).1).dst, A);
     fx.service(PROTO_UDP, 53, 2, &[(4, B, 5353)]);
-    fx.maps.del_backend(3).unwrap();
+    fx.maps.del::<Backends>(&3).unwrap();
     assert_eq!(parse(&fx.run(&dgram).1).dst, B);
 }
 

@@ -1,9 +1,12 @@
 //! From desired frontends to the exact contents of the BPF maps (`layout`), and
-//! from there to the kernel by writing only the difference (`sync`).
-//! The byte layout itself is `ferry_common`'s.
+//! from there to the kernel by writing only the difference (`sync`), through
+//! one generic typed table per map (`table`; the maps are declared in `defs`,
+//! opened in `kernel`). The byte layout itself is `ferry_common`'s.
+pub mod defs;
 pub mod kernel;
 pub mod layout;
 pub mod sync;
+pub mod table;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -12,6 +15,8 @@ use std::{
 
 use ferry_common::{Backend, RevNat, ServiceKey, ServiceName, ServiceValue};
 use ipnet::Ipv4Net;
+
+use self::table::{Opened, Synced};
 
 /// The contents of the maps the agent owns (connection tracking belongs to
 /// the dataplane).
@@ -76,23 +81,22 @@ pub struct Forgotten {
 }
 
 /// Access to the maps: aya's pinned maps in production, a BTreeMap in tests.
+/// Writes name the map by its declaration (`defs`).
 pub trait MapStore {
     type Error: std::error::Error + Send + Sync + 'static;
     /// Whether a write failed because the map is full.
     fn is_full(e: &Self::Error) -> bool;
     fn read_all(&self) -> Result<MapContents, Self::Error>;
-    fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Self::Error>;
-    fn del_service(&mut self, k: &ServiceKey) -> Result<(), Self::Error>;
-    fn put_backend(&mut self, id: u32, v: Backend) -> Result<(), Self::Error>;
-    fn del_backend(&mut self, id: u32) -> Result<(), Self::Error>;
-    fn put_revnat(&mut self, id: u16, v: RevNat, name: ServiceName) -> Result<(), Self::Error>;
-    fn del_revnat(&mut self, id: u16) -> Result<(), Self::Error>;
-    fn put_source_range(&mut self, r: SourceRange) -> Result<(), Self::Error>;
-    fn del_source_range(&mut self, r: SourceRange) -> Result<(), Self::Error>;
+    /// Writes one entry of a map the agent keeps in step (a Maglev table is
+    /// written whole: never one a frontend uses, a changed table gets a
+    /// fresh index).
+    fn put<D: Synced>(&mut self, k: &D::Key, v: &D::Value) -> Result<(), Self::Error>;
+    /// Deletes one entry of a map the agent keeps in step (fine if absent).
+    fn del<D: Synced>(&mut self, k: &D::Key) -> Result<(), Self::Error>;
+    /// Deletes an entry of a map the dataplane writes, such as the traffic
+    /// counted for a reverse-NAT id that is freed (fine if absent).
+    fn clear<D: Opened>(&mut self, k: &D::Key) -> Result<(), Self::Error>;
     fn put_cursors(&mut self, c: IdCursors) -> Result<(), Self::Error>;
-    /// Writes the whole Maglev table `index` (never one a frontend uses:
-    /// a changed table gets a fresh index).
-    fn put_maglev(&mut self, index: u32, table: &[u32]) -> Result<(), Self::Error>;
     /// Forgets the state that ties clients to assignments that ended: UDP
     /// connection-tracking entries (both directions; a UDP "flow" never ends by
     /// itself, so the client's next datagram must be balanced again, as

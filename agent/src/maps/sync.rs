@@ -2,7 +2,8 @@
 //! in an order that never lets the dataplane see a slot naming a missing backend
 //! or a frontend whose count exceeds its slots, deleting what is no longer used
 //! before adding (so a nearly full map converges), and frontend by frontend: one
-//! that does not fit is reported by name and the others are written.
+//! that does not fit is reported by name and the others are written. Every
+//! write goes through the generic table of its map (`table`, `defs`).
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -14,7 +15,13 @@ use ferry_common::{addr_from_map, port_from_map, svc_flags, Backend, RevNat, Ser
 
 use crate::ids::FrontendId;
 
-use super::{assignments, maglev_tables_in_use, Assignment, Forgotten, MapContents, MapStore, SourceRange};
+use super::{
+    assignments,
+    defs::{Backends, Config, Maglev, Names, RevNats, Services, SourceRanges, Stats},
+    maglev_tables_in_use,
+    table::{diff, held, stale, Held, MapDef, Rows as _, Synced},
+    Assignment, Forgotten, MapContents, MapStore, SourceRange,
+};
 
 /// What one sync wrote, and what it could not.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -29,50 +36,13 @@ pub struct SyncStats {
     pub failed: Vec<SyncFailure>,
 }
 
-/// The maps the sync writes, for messages.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Table {
-    Services,
-    Backends,
-    /// Reverse NAT and the names map (written together).
-    RevNat,
-    SourceRanges,
-    /// The id cursors in the config array.
-    Config,
-    /// Connection tracking and affinity (flows forgotten).
-    Flows,
-    Maglev,
-}
-
-impl Table {
-    fn name(self) -> &'static str {
-        match self {
-            Table::Services => "services map",
-            Table::Backends => "backends map",
-            Table::RevNat => "reverse-NAT/names maps",
-            Table::SourceRanges => "source-ranges map",
-            Table::Config => "config map",
-            Table::Flows => "connection-tracking/affinity maps",
-            Table::Maglev => "Maglev map",
-        }
-    }
-
-    /// The flag that sizes the map.
-    fn size_flag(self) -> Option<&'static str> {
-        match self {
-            Table::Services => Some("--services-map-size"),
-            Table::Backends => Some("--backends-map-size"),
-            Table::SourceRanges => Some("--src-ranges-map-size"),
-            Table::Maglev => Some("--maglev-tables"),
-            Table::RevNat | Table::Config | Table::Flows => None,
-        }
-    }
-}
-
 /// A write that failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WriteError {
-    pub table: Table,
+    /// The map, as messages name it (`services map`).
+    pub map: &'static str,
+    /// The flag that sizes the map, if one does.
+    pub size_flag: Option<&'static str>,
     /// What was written: `writing slot 3`, `deleting backend 7`.
     pub action: String,
     /// The map was full.
@@ -91,16 +61,10 @@ pub struct SyncFailure {
 impl fmt::Display for SyncFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let c = &self.cause;
-        write!(
-            f,
-            "{} not programmed: {} in the {}",
-            self.object,
-            c.action,
-            c.table.name()
-        )?;
+        write!(f, "{} not programmed: {} in the {}", self.object, c.action, c.map)?;
         if c.full {
             write!(f, ": the map is full")?;
-            if let Some(flag) = c.table.size_flag() {
+            if let Some(flag) = c.size_flag {
                 write!(f, " (raise {flag})")?;
             }
         }
@@ -108,10 +72,11 @@ impl fmt::Display for SyncFailure {
     }
 }
 
-/// One entry of the maps the agent owns.
+/// One entry of the maps the agent owns, as the sync orders them.
 #[derive(Clone, Copy, Debug)]
 enum Entry {
     Backend(u32, Backend),
+    /// The reverse-NAT entry and the frontend's name (written together).
     RevNat(u16, RevNat, ServiceName),
     Range(SourceRange),
     Service(ServiceKey, ServiceValue),
@@ -139,36 +104,6 @@ impl Entry {
             Entry::Maglev(i) => Key::Maglev(i),
         }
     }
-}
-
-impl Key {
-    fn table(&self) -> Table {
-        match self {
-            Key::Backend(_) => Table::Backends,
-            Key::RevNat(_) => Table::RevNat,
-            Key::Range(_) => Table::SourceRanges,
-            Key::Service(_) => Table::Services,
-            Key::Maglev(_) => Table::Maglev,
-        }
-    }
-
-    fn describe(&self) -> String {
-        match self {
-            Key::Backend(id) => format!("backend {id}"),
-            Key::RevNat(id) => format!("reverse-NAT id {id}"),
-            Key::Range((id, net)) => format!("source range {net} of reverse-NAT id {id}"),
-            Key::Service(k) => format!("slot {}", k.slot),
-            Key::Maglev(i) => format!("Maglev table {i}"),
-        }
-    }
-}
-
-/// Whether the maps hold an entry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Held {
-    Absent,
-    Differs,
-    Same,
 }
 
 /// Holds what is in the maps (read once at start, then kept in step).
@@ -241,9 +176,11 @@ struct Writes<'a, S: MapStore> {
 }
 
 impl<S: MapStore> Writes<'_, S> {
-    fn error(&self, table: Table, action: String, e: S::Error) -> WriteError {
+    /// A failed write to map `D`.
+    fn error<D: MapDef>(&self, action: String, e: S::Error) -> WriteError {
         WriteError {
-            table,
+            map: D::SHOWN,
+            size_flag: D::SIZE_FLAG,
             action,
             full: S::is_full(&e),
             error: e.to_string(),
@@ -254,109 +191,104 @@ impl<S: MapStore> Writes<'_, S> {
         self.st.failed.push(SyncFailure { object, cause });
     }
 
+    /// Writes `k → v` into map `D` and keeps `cur` in step.
+    fn put_row<D: Synced>(&mut self, k: &D::Key, v: &D::Value) -> Result<(), WriteError> {
+        self.store
+            .put::<D>(k, v)
+            .map_err(|e| self.error::<D>(format!("writing {}", D::describe(k)), e))?;
+        D::rows_mut(self.cur).set(*k, v.clone());
+        Ok(())
+    }
+
+    /// Deletes `k` from map `D` and keeps `cur` in step.
+    fn del_row<D: Synced>(&mut self, k: &D::Key) -> Result<(), WriteError> {
+        self.store
+            .del::<D>(k)
+            .map_err(|e| self.error::<D>(format!("deleting {}", D::describe(k)), e))?;
+        D::rows_mut(self.cur).unset(k);
+        Ok(())
+    }
+
     fn held(&self, e: &Entry) -> Held {
-        let same = match *e {
-            Entry::Backend(id, b) => self.cur.backends.get(&id).map(|c| *c == b),
-            Entry::RevNat(id, r, n) => self
-                .cur
-                .revnat
-                .get(&id)
-                .map(|c| *c == r && self.cur.names.get(&id) == Some(&n)),
-            Entry::Range(r) => self.cur.source_ranges.contains(&r).then_some(true),
-            Entry::Service(k, v) => self.cur.services.get(&k).map(|c| *c == v),
-            Entry::Maglev(i) => self.cur.maglev.get(&i).map(|c| self.tables.get(&i) == Some(c)),
-        };
-        match same {
-            None => Held::Absent,
-            Some(false) => Held::Differs,
-            Some(true) => Held::Same,
+        let cur = &*self.cur;
+        match e {
+            Entry::Backend(id, b) => held(Backends::rows(cur), id, b),
+            Entry::RevNat(id, r, n) => match held(RevNats::rows(cur), id, r) {
+                Held::Same if held(Names::rows(cur), id, n) == Held::Same => Held::Same,
+                Held::Same => Held::Differs,
+                other => other,
+            },
+            Entry::Range(r) => held(SourceRanges::rows(cur), r, &()),
+            Entry::Service(k, v) => held(Services::rows(cur), k, v),
+            Entry::Maglev(i) => match (self.tables.get(i), cur.maglev.contains_key(i)) {
+                (Some(t), _) => held(Maglev::rows(cur), i, t),
+                (None, true) => Held::Differs,
+                (None, false) => Held::Absent,
+            },
         }
     }
 
     fn put(&mut self, e: &Entry) -> Result<(), WriteError> {
-        let key = e.key();
-        // A table a frontend's slot 0 names in the maps is never rewritten:
-        // its new flows would be balanced by a half-written table, or by
-        // another Service's (the allocator frees an index once no desired
-        // frontend wants it, while a frontend whose switch failed still names
-        // it). The frontend that wants it waits, random, until it is free.
-        // A zeroed table (another --maglev-table-size) means random already:
-        // it is rewritten where it is.
-        // Checked cheapest-first: an index that differs is rare.
-        if let Entry::Maglev(i) = *e {
-            let differs = self.held(e) == Held::Differs;
-            let zeroed = || self.cur.maglev.get(&i).is_some_and(|t| t.iter().all(|id| *id == 0));
-            if differs && !zeroed() && maglev_tables_in_use(&self.cur.services).contains(&i) {
-                return Err(WriteError {
-                    table: Table::Maglev,
-                    action: format!("writing {}", key.describe()),
-                    full: false,
-                    error: "a frontend in the maps still uses this table".into(),
-                });
-            }
-        }
-        let r = match *e {
-            Entry::Backend(id, b) => self.store.put_backend(id, b),
-            Entry::RevNat(id, r, n) => self.store.put_revnat(id, r, n),
-            Entry::Range(r) => self.store.put_source_range(r),
-            Entry::Service(k, v) => self.store.put_service(k, v),
-            Entry::Maglev(i) => match self.tables.get(&i) {
-                Some(t) => self.store.put_maglev(i, t),
-                None => Ok(()),
-            },
-        };
-        r.map_err(|err| self.error(key.table(), format!("writing {}", key.describe()), err))?;
         match *e {
-            Entry::Backend(id, b) => {
-                self.cur.backends.insert(id, b);
-            }
+            Entry::Backend(id, b) => self.put_row::<Backends>(&id, &b)?,
             Entry::RevNat(id, r, n) => {
-                self.cur.revnat.insert(id, r);
-                self.cur.names.insert(id, n);
+                self.put_row::<RevNats>(&id, &r)?;
+                self.put_row::<Names>(&id, &n)?;
             }
-            Entry::Range(r) => {
-                self.cur.source_ranges.insert(r);
-            }
-            Entry::Service(k, v) => {
-                self.cur.services.insert(k, v);
-            }
+            Entry::Range(r) => self.put_row::<SourceRanges>(&r, &())?,
+            Entry::Service(k, v) => self.put_row::<Services>(&k, &v)?,
             Entry::Maglev(i) => {
-                if let Some(t) = self.tables.get(&i) {
-                    self.cur.maglev.insert(i, t.clone());
-                }
+                let Some(t) = self.tables.get(&i).cloned() else {
+                    return Ok(());
+                };
+                self.maglev_not_in_use(e)?;
+                self.put_row::<Maglev>(&i, &t)?;
             }
         }
         self.st.upserts += 1;
         Ok(())
     }
 
+    /// A table a frontend's slot 0 names in the maps is never rewritten:
+    /// its new flows would be balanced by a half-written table, or by
+    /// another Service's (the allocator frees an index once no desired
+    /// frontend wants it, while a frontend whose switch failed still names
+    /// it). The frontend that wants it waits, random, until it is free.
+    /// A zeroed table (another --maglev-table-size) means random already:
+    /// it is rewritten where it is.
+    /// Checked cheapest-first: an index that differs is rare.
+    fn maglev_not_in_use(&self, e: &Entry) -> Result<(), WriteError> {
+        let Entry::Maglev(i) = *e else { return Ok(()) };
+        let differs = self.held(e) == Held::Differs;
+        let zeroed = || self.cur.maglev.get(&i).is_some_and(|t| t.iter().all(|id| *id == 0));
+        if differs && !zeroed() && maglev_tables_in_use(&self.cur.services).contains(&i) {
+            return Err(WriteError {
+                map: Maglev::SHOWN,
+                size_flag: None,
+                action: format!("writing {}", Maglev::describe(&i)),
+                full: false,
+                error: "a frontend in the maps still uses this table".into(),
+            });
+        }
+        Ok(())
+    }
+
     fn del(&mut self, key: Key) -> Result<(), WriteError> {
-        let r = match key {
-            Key::Backend(id) => self.store.del_backend(id),
-            Key::RevNat(id) => self.store.del_revnat(id),
-            Key::Range(r) => self.store.del_source_range(r),
-            Key::Service(k) => self.store.del_service(&k),
-            // An array has nothing to delete: the table is only forgotten.
-            Key::Maglev(_) => Ok(()),
-        };
-        r.map_err(|err| self.error(key.table(), format!("deleting {}", key.describe()), err))?;
         match key {
-            Key::Backend(id) => {
-                self.cur.backends.remove(&id);
-            }
+            Key::Backend(id) => self.del_row::<Backends>(&id)?,
             Key::RevNat(id) => {
-                self.cur.revnat.remove(&id);
-                self.cur.names.remove(&id);
+                self.del_row::<RevNats>(&id)?;
+                // A reused id starts counting from zero.
+                self.store
+                    .clear::<Stats>(&id)
+                    .map_err(|e| self.error::<Stats>(format!("deleting {}", Stats::describe(&id)), e))?;
+                self.del_row::<Names>(&id)?;
             }
-            Key::Range(r) => {
-                self.cur.source_ranges.remove(&r);
-            }
-            Key::Service(k) => {
-                self.cur.services.remove(&k);
-            }
+            Key::Range(r) => self.del_row::<SourceRanges>(&r)?,
+            Key::Service(k) => self.del_row::<Services>(&k)?,
             Key::Maglev(i) => {
-                // Only forgotten: nothing was written.
-                self.cur.maglev.remove(&i);
+                // An array has nothing to delete: the table is only forgotten.
+                Maglev::rows_mut(self.cur).unset(&i);
                 return Ok(());
             }
         }
@@ -440,14 +372,8 @@ impl<S: MapStore> Writes<'_, S> {
     /// Steps 2 and 5: deletes the entries `desired` does not have that nothing
     /// in the maps refers to any more.
     fn delete_unused(&mut self, desired: &MapContents) {
-        let stale: Vec<ServiceKey> = self
-            .cur
-            .services
-            .keys()
-            .filter(|k| !desired.services.contains_key(k))
-            .copied()
-            .collect();
-        let (slot0, slots): (Vec<_>, Vec<_>) = stale.into_iter().partition(|k| k.slot == 0);
+        let gone = stale(&self.cur.services, &desired.services);
+        let (slot0, slots): (Vec<_>, Vec<_>) = gone.into_iter().partition(|k| k.slot == 0);
         for k in slot0 {
             self.delete_service(desired, k);
         }
@@ -458,13 +384,10 @@ impl<S: MapStore> Writes<'_, S> {
                 self.delete_service(desired, k);
             }
         }
-        let stale: Vec<SourceRange> = self
-            .cur
-            .source_ranges
-            .difference(&desired.source_ranges)
-            .copied()
+        let unused: Vec<SourceRange> = stale(&self.cur.source_ranges, &desired.source_ranges)
+            .into_iter()
+            .filter(|r| self.range_unused(desired, r.0))
             .collect();
-        let unused: Vec<SourceRange> = stale.into_iter().filter(|r| self.range_unused(desired, r.0)).collect();
         for r in unused {
             if let Err(e) = self.del(Key::Range(r)) {
                 let name = format!("source ranges of reverse-NAT id {}", r.0);
@@ -486,39 +409,21 @@ impl<S: MapStore> Writes<'_, S> {
                     .flat_map(|t| t.iter().copied()),
             )
             .collect();
-        let stale: Vec<u32> = self
-            .cur
-            .backends
-            .keys()
-            .filter(|id| !desired.backends.contains_key(id) && !named.contains(id))
-            .copied()
-            .collect();
-        for id in stale {
+        let unused = stale(&self.cur.backends, &desired.backends).into_iter();
+        for id in unused.filter(|id| !named.contains(id)).collect::<Vec<_>>() {
             if let Err(e) = self.del(Key::Backend(id)) {
                 let name = self.backend_name(desired, id);
                 self.fail(name, e);
             }
         }
         let named = maglev_tables_in_use(&self.cur.services);
-        let stale: Vec<u32> = self
-            .cur
-            .maglev
-            .keys()
-            .filter(|i| !desired.maglev.contains_key(i) && !named.contains(i))
-            .copied()
-            .collect();
-        for i in stale {
+        let unused = stale(&self.cur.maglev, &desired.maglev).into_iter();
+        for i in unused.filter(|i| !named.contains(i)).collect::<Vec<_>>() {
             let _ = self.del(Key::Maglev(i));
         }
         let carried: BTreeSet<u16> = self.cur.services.values().map(|v| v.rev_nat_id).collect();
-        let stale: Vec<u16> = self
-            .cur
-            .revnat
-            .keys()
-            .filter(|id| !desired.revnat.contains_key(id) && !carried.contains(id))
-            .copied()
-            .collect();
-        for id in stale {
+        let unused = stale(&self.cur.revnat, &desired.revnat).into_iter();
+        for id in unused.filter(|id| !carried.contains(id)).collect::<Vec<_>>() {
             if let Err(e) = self.del(Key::RevNat(id)) {
                 self.fail(format!("reverse-NAT id {id}"), e);
             }
@@ -563,7 +468,7 @@ impl<S: MapStore> Writes<'_, S> {
                 true
             }
             Err(e) => {
-                let e = self.error(Table::Config, "writing the id cursors".into(), e);
+                let e = self.error::<Config>("writing the id cursors".into(), e);
                 self.fail("every new or changed frontend and backend".into(), e);
                 false
             }
@@ -629,13 +534,11 @@ impl<S: MapStore> Writes<'_, S> {
             .filter(|(k, _)| k.slot > 0)
             .map(|(_, v)| v.backend_id)
             .collect();
-        for (id, b) in desired.backends.iter().filter(|(id, _)| !named.contains(id)) {
-            let e = Entry::Backend(*id, *b);
-            if self.held(&e) != Held::Same {
-                if let Err(err) = self.put(&e) {
-                    let name = self.backend_name(desired, *id);
-                    self.fail(name, err);
-                }
+        let changed = diff(&self.cur.backends, &desired.backends).into_iter();
+        for (id, b) in changed.filter(|(id, _)| !named.contains(id)) {
+            if let Err(err) = self.put(&Entry::Backend(id, b)) {
+                let name = self.backend_name(desired, id);
+                self.fail(name, err);
             }
         }
     }
@@ -651,7 +554,13 @@ impl<S: MapStore> Writes<'_, S> {
         match self.store.forget_flows(&gone) {
             Ok(f) => self.st.forgotten = f,
             Err(e) => {
-                let e = self.error(Table::Flows, "forgetting their UDP flows and affinity".into(), e);
+                let e = WriteError {
+                    map: "connection-tracking/affinity maps",
+                    size_flag: None,
+                    action: "forgetting their UDP flows and affinity".into(),
+                    full: S::is_full(&e),
+                    error: e.to_string(),
+                };
                 self.fail(format!("{} ended backend assignments", gone.len()), e);
             }
         }
@@ -696,13 +605,16 @@ fn frontend_entries(desired: &MapContents, k0: &ServiceKey, v0: &ServiceValue) -
 
 #[cfg(test)]
 mod tests {
-    use std::{cell::RefCell, net::Ipv4Addr, rc::Rc};
+    use std::{any::Any, cell::RefCell, net::Ipv4Addr, rc::Rc};
 
-    use ferry_common::{svc_flags, Backend, RevNat, ServiceKey, ServiceName, ServiceValue};
+    use ferry_common::{svc_flags, ServiceKey, ServiceValue};
 
     use super::*;
     use crate::{
-        maps::layout::{layout, Ids},
+        maps::{
+            layout::{layout, Ids},
+            table::{Opened, Rows},
+        },
         translate::Frontend,
     };
 
@@ -720,6 +632,8 @@ mod tests {
         /// table is missing or names a missing backend (or was rewritten in
         /// use).
         violations: Rc<RefCell<Vec<String>>>,
+        /// Entries removed from maps the dataplane writes: (map, key).
+        cleared: Rc<RefCell<Vec<(&'static str, String)>>>,
     }
 
     impl Fake {
@@ -748,9 +662,34 @@ mod tests {
     #[error("map full (E2BIG)")]
     struct Full;
 
-    /// Whether a map of `len` entries (capacity `cap`) refuses `key`.
-    fn refuses<K: Ord, V>(m: &std::collections::BTreeMap<K, V>, key: &K, cap: Option<usize>) -> bool {
-        cap.is_some_and(|cap| !m.contains_key(key) && m.len() >= cap)
+    /// Whether a map holding `rows` (capacity `cap`) refuses `key`.
+    fn refuses<K, V>(rows: &impl Rows<K, V>, key: &K, cap: Option<usize>) -> bool {
+        cap.is_some_and(|cap| rows.row(key).is_none() && rows.keys_of().count() >= cap)
+    }
+
+    /// The line the fake logs for a write to map `name` (None: not logged).
+    fn line(op: &str, name: &str, k: &dyn Any, v: Option<&dyn Any>) -> Option<String> {
+        Some(match name {
+            ferry_common::SERVICES_MAP => {
+                let k = k.downcast_ref::<ServiceKey>()?;
+                match v {
+                    Some(v) => format!(
+                        "{op} svc slot {} count {}",
+                        k.slot,
+                        v.downcast_ref::<ServiceValue>()?.count
+                    ),
+                    None => format!("{op} svc slot {}", k.slot),
+                }
+            }
+            ferry_common::BACKENDS_MAP => format!("{op} backend {}", k.downcast_ref::<u32>()?),
+            ferry_common::REVNAT_MAP => format!("{op} revnat {}", k.downcast_ref::<u16>()?),
+            ferry_common::SRC_RANGES_MAP => {
+                let (id, net) = k.downcast_ref::<crate::maps::SourceRange>()?;
+                format!("{op} range {id}/{net}")
+            }
+            ferry_common::MAGLEV_MAP => format!("{op} maglev {}", k.downcast_ref::<u32>()?),
+            _ => return None,
+        })
     }
 
     impl MapStore for Fake {
@@ -765,71 +704,45 @@ mod tests {
             c.maglev.retain(|i, _| used.contains(i));
             Ok(c)
         }
-        fn put_service(&mut self, k: ServiceKey, v: ServiceValue) -> Result<(), Full> {
-            if refuses(&self.maps.borrow().services, &k, self.services_cap.get()) {
+        fn put<D: Synced>(&mut self, k: &D::Key, v: &D::Value) -> Result<(), Full> {
+            if D::NAME == Services::NAME && refuses(D::rows(&self.maps.borrow()), k, self.services_cap.get()) {
                 return Err(Full);
             }
-            self.log
-                .borrow_mut()
-                .push(format!("put svc slot {} count {}", k.slot, v.count));
-            self.maps.borrow_mut().services.insert(k, v);
-            self.check("put svc");
-            Ok(())
-        }
-        fn del_service(&mut self, k: &ServiceKey) -> Result<(), Full> {
-            self.log.borrow_mut().push(format!("del svc slot {}", k.slot));
-            self.maps.borrow_mut().services.remove(k);
-            self.check("del svc");
-            Ok(())
-        }
-        fn put_backend(&mut self, id: u32, v: Backend) -> Result<(), Full> {
-            self.log.borrow_mut().push(format!("put backend {id}"));
-            self.maps.borrow_mut().backends.insert(id, v);
-            Ok(())
-        }
-        fn del_backend(&mut self, id: u32) -> Result<(), Full> {
-            self.log.borrow_mut().push(format!("del backend {id}"));
-            self.maps.borrow_mut().backends.remove(&id);
-            self.check("del backend");
-            Ok(())
-        }
-        fn put_revnat(&mut self, id: u16, v: RevNat, n: ServiceName) -> Result<(), Full> {
-            self.log.borrow_mut().push(format!("put revnat {id}"));
-            self.maps.borrow_mut().revnat.insert(id, v);
-            self.maps.borrow_mut().names.insert(id, n);
-            Ok(())
-        }
-        fn del_revnat(&mut self, id: u16) -> Result<(), Full> {
-            self.log.borrow_mut().push(format!("del revnat {id}"));
-            self.maps.borrow_mut().revnat.remove(&id);
-            self.maps.borrow_mut().names.remove(&id);
-            self.check("del revnat");
-            Ok(())
-        }
-        fn put_source_range(&mut self, r: crate::maps::SourceRange) -> Result<(), Full> {
-            self.log.borrow_mut().push(format!("put range {}/{}", r.0, r.1));
-            self.maps.borrow_mut().source_ranges.insert(r);
-            Ok(())
-        }
-        fn del_source_range(&mut self, r: crate::maps::SourceRange) -> Result<(), Full> {
-            self.log.borrow_mut().push(format!("del range {}/{}", r.0, r.1));
-            self.maps.borrow_mut().source_ranges.remove(&r);
-            Ok(())
-        }
-        fn put_maglev(&mut self, index: u32, table: &[u32]) -> Result<(), Full> {
-            self.log.borrow_mut().push(format!("put maglev {index}"));
-            let in_use = self
-                .maps
-                .borrow()
-                .services
-                .iter()
-                .any(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV != 0 && v.backend_id == index);
-            if in_use {
-                self.violations
-                    .borrow_mut()
-                    .push(format!("Maglev table {index} rewritten while a frontend uses it"));
+            let line = line("put", D::NAME, k, Some(v as &dyn Any));
+            if let Some(l) = &line {
+                self.log.borrow_mut().push(l.clone());
             }
-            self.maps.borrow_mut().maglev.insert(index, Arc::new(table.to_vec()));
+            if let Some(index) = (k as &dyn Any)
+                .downcast_ref::<u32>()
+                .filter(|_| D::NAME == Maglev::NAME)
+            {
+                let in_use = self
+                    .maps
+                    .borrow()
+                    .services
+                    .iter()
+                    .any(|(k, v)| k.slot == 0 && v.flags & svc_flags::MAGLEV != 0 && v.backend_id == *index);
+                if in_use {
+                    self.violations
+                        .borrow_mut()
+                        .push(format!("Maglev table {index} rewritten while a frontend uses it"));
+                }
+            }
+            D::rows_mut(&mut self.maps.borrow_mut()).set(*k, v.clone());
+            self.check(line.as_deref().unwrap_or(D::NAME));
+            Ok(())
+        }
+        fn del<D: Synced>(&mut self, k: &D::Key) -> Result<(), Full> {
+            let line = line("del", D::NAME, k, None);
+            if let Some(l) = &line {
+                self.log.borrow_mut().push(l.clone());
+            }
+            D::rows_mut(&mut self.maps.borrow_mut()).unset(k);
+            self.check(line.as_deref().unwrap_or(D::NAME));
+            Ok(())
+        }
+        fn clear<D: Opened>(&mut self, k: &D::Key) -> Result<(), Full> {
+            self.cleared.borrow_mut().push((D::NAME, format!("{k:?}")));
             Ok(())
         }
         fn put_cursors(&mut self, c: crate::maps::IdCursors) -> Result<(), Full> {
@@ -937,6 +850,11 @@ mod tests {
         );
         assert_eq!(log.iter().filter(|l| l.starts_with("forget")).count(), 2);
         assert_eq!(without_cursors(&fake.maps.borrow()), MapContents::default());
+        assert_eq!(
+            *fake.cleared.borrow(),
+            [(ferry_common::SVC_STATS_MAP, "1".to_string())],
+            "the freed reverse-NAT id's traffic counters go with it"
+        );
     }
 
     #[test]

@@ -19,6 +19,7 @@ use super::{report::AgentReport, MAP_WARN_PERCENT};
 use crate::{
     bpfsys,
     dataplane::{Hook, TcMode},
+    maps::table::Info,
 };
 
 /// One program on one hook, or one that should be and is not.
@@ -47,6 +48,23 @@ pub struct MapRow {
     /// At or above 90%.
     pub warning: bool,
     pub error: Option<String>,
+    /// The flag that sizes it (from the map's declaration in `maps::defs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_flag: Option<&'static str>,
+}
+
+impl MapRow {
+    /// The warning for a map this full.
+    pub fn fill_warning(&self) -> String {
+        let raise = self.size_flag.map(|f| format!("; raise {f}")).unwrap_or_default();
+        format!(
+            "map {} is {:.0}% full ({} of {} entries{raise})",
+            self.name,
+            self.percent.unwrap_or(0.0),
+            self.entries.unwrap_or(0),
+            self.max
+        )
+    }
 }
 
 /// An interface of this network namespace.
@@ -390,6 +408,8 @@ pub fn maps(dir: &Path) -> Vec<MapRow> {
 
 fn map_row(path: &Path) -> MapRow {
     let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+    let declared = Info::find(&name);
+    let size_flag = declared.and_then(|i| i.size_flag);
     let info = match MapInfo::from_pin(path) {
         Ok(i) => i,
         Err(e) => {
@@ -401,6 +421,7 @@ fn map_row(path: &Path) -> MapRow {
                 percent: None,
                 warning: false,
                 error: Some(format!("not a readable map: {e}")),
+                size_flag,
             }
         }
     };
@@ -418,6 +439,15 @@ fn map_row(path: &Path) -> MapRow {
     } else {
         (None, None)
     };
+    let error = error.or_else(|| {
+        let (d, t) = (declared?, type_?);
+        (t != d.kind.map_type()).then(|| {
+            format!(
+                "pinned as {t:?}, but the agent declares the {} {:?} (the agent recreates it when it starts)",
+                d.shown, d.kind
+            )
+        })
+    });
     let percent = entries
         .filter(|_| max > 0)
         .map(|n| f64::from(n) * 100.0 / f64::from(max));
@@ -429,6 +459,7 @@ fn map_row(path: &Path) -> MapRow {
         percent,
         warning: percent.is_some_and(|p| p >= MAP_WARN_PERCENT),
         error,
+        size_flag,
     }
 }
 
@@ -445,6 +476,33 @@ mod tests {
     use rtnetlink::packet_route::tc::TcHandle;
 
     use super::*;
+
+    #[test]
+    fn a_full_map_names_the_flag_that_sizes_it_from_its_declaration() {
+        let row = |name: &str| MapRow {
+            name: name.into(),
+            type_: "Hash".into(),
+            entries: Some(95),
+            max: 100,
+            percent: Some(95.0),
+            warning: true,
+            error: None,
+            size_flag: Info::find(name).and_then(|i| i.size_flag),
+        };
+        assert_eq!(
+            row(ferry_common::SERVICES_MAP).fill_warning(),
+            "map FERRY_SERVICES is 95% full (95 of 100 entries; raise --services-map-size)"
+        );
+        assert_eq!(
+            row(ferry_common::CT_TCP_MAP).fill_warning(),
+            "map FERRY_CT_TCP is 95% full (95 of 100 entries; raise --ct-map-size)"
+        );
+        assert_eq!(
+            row(ferry_common::FRAGS_MAP).fill_warning(),
+            "map FERRY_FRAGS is 95% full (95 of 100 entries)",
+            "a map the agent does not declare"
+        );
+    }
 
     #[test]
     fn a_cls_bpf_filter_dump_names_program_id_priority_and_handle() {

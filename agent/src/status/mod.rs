@@ -250,13 +250,7 @@ fn map_problems(s: &mut Status) {
         if let Some(e) = &m.error {
             s.problems.push(format!("map {}: {e}", m.name));
         } else if m.warning {
-            s.warnings.push(format!(
-                "map {} is {:.0}% full ({} of {} entries)",
-                m.name,
-                m.percent.unwrap_or(0.0),
-                m.entries.unwrap_or(0),
-                m.max
-            ));
+            s.warnings.push(m.fill_warning());
         }
     }
 }
@@ -372,6 +366,7 @@ mod tests {
             percent: Some(95.0),
             warning: true,
             error: None,
+            size_flag: None,
         }];
         map_problems(&mut s);
         assert_eq!(s.warnings[1], "map FERRY_CT is 95% full (95 of 100 entries)");
