@@ -835,6 +835,7 @@ mod tests {
         assert_eq!(Counter::FibLocal.kind().as_str(), "packet");
     }
 
+    #[test]
     fn wire_order_round_trips() {
         let a = addr_to_map([10, 96, 0, 10]);
         assert_eq!(a.to_ne_bytes(), [10, 96, 0, 10]);
