@@ -4,9 +4,14 @@
 //! connection-tracking entries (which name backends by id) stay valid across
 //! syncs and agent restarts; ids are not reused right away (a new backend never
 //! inherits the flows of a removed one). Reverse-NAT ids are stable per frontend.
+//!
+//! This is where the translation's family-generic addresses meet the maps'
+//! IPv4 encoding ([`v4`]): an IPv6 frontend or backend that got past the
+//! translation's family gate is left out here, with an error, never truncated.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    fmt,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
@@ -18,7 +23,26 @@ use ferry_common::{
 use super::{IdCursors, MapContents};
 use crate::translate::{frontend_type, Frontend};
 
+/// A frontend or backend as the IPv4 maps know it: {ip, port, proto}.
 type Tuple = (Ipv4Addr, u16, u8);
+
+/// An address the IPv4 maps cannot hold.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotIpv4(pub IpAddr);
+
+impl fmt::Display for NotIpv4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} is IPv6: the dataplane's maps hold IPv4 addresses only", self.0)
+    }
+}
+
+/// The IPv4 maps' encoding edge: `addr` as they hold it.
+pub fn v4(addr: IpAddr) -> Result<Ipv4Addr, NotIpv4> {
+    match addr {
+        IpAddr::V4(a) => Ok(a),
+        IpAddr::V6(_) => Err(NotIpv4(addr)),
+    }
+}
 
 /// Stable ids for keys: a key keeps its id while it is live; a new key gets the
 /// next free id after the last one handed out (wrapping within `1..=max`), so a
@@ -241,13 +265,20 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
     let mut live_tables = BTreeSet::new();
     let mut no_table: Vec<&str> = Vec::new();
     for f in frontends {
-        let Some(rev_nat_id) = ids.revnat(f.key()) else {
+        let vip = match v4(f.addr) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::error!(frontend = %f.name, "{e}; frontend left out");
+                continue;
+            }
+        };
+        let Some(rev_nat_id) = ids.revnat((vip, f.port, f.proto)) else {
             tracing::error!(frontend = %f.name, "no free reverse-NAT id; frontend left out");
             continue;
         };
-        live_frontends.insert(f.key());
+        live_frontends.insert((vip, f.port, f.proto));
         let key = |slot: u16| ServiceKey {
-            addr: addr_to_map(f.addr.octets()),
+            addr: addr_to_map(vip.octets()),
             port: port_to_map(f.port),
             slot,
             proto: f.proto,
@@ -258,8 +289,8 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             },
             _pad: [0; 2],
         };
-        let backend_value = |b: &crate::translate::BackendSpec| Backend {
-            addr: addr_to_map(b.addr.octets()),
+        let backend_value = |addr: Ipv4Addr, b: &crate::translate::BackendSpec| Backend {
+            addr: addr_to_map(addr.octets()),
             port: port_to_map(b.port),
             proto: f.proto,
             flags: if b.terminating { backend_flags::TERMINATING } else { 0 }
@@ -269,7 +300,14 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
         let mut slot: u16 = 0;
         let mut slotted: Vec<(u32, Tuple)> = Vec::new();
         for b in &f.backends {
-            let t = (b.addr, b.port, f.proto);
+            let addr = match v4(b.addr) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!(frontend = %f.name, "backend {e}; backend left out");
+                    continue;
+                }
+            };
+            let t = (addr, b.port, f.proto);
             let Some(id) = ids.backend(t) else {
                 tracing::error!(frontend = %f.name, backend = %b.addr, "no free backend id; backend left out");
                 continue;
@@ -281,7 +319,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             slot = next;
             slotted.push((id, t));
             live_backends.insert(t);
-            out.backends.insert(id, backend_value(b));
+            out.backends.insert(id, backend_value(addr, b));
             out.services.insert(
                 key(slot),
                 ServiceValue {
@@ -296,12 +334,19 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
         // Draining endpoints: backends without a slot, so established flows to
         // them keep their backend (and new ones never get it).
         for b in &f.draining {
-            let t = (b.addr, b.port, f.proto);
+            let addr = match v4(b.addr) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!(frontend = %f.name, "draining backend {e}; backend left out");
+                    continue;
+                }
+            };
+            let t = (addr, b.port, f.proto);
             if let Some(id) = ids.backend(t) {
                 live_backends.insert(t);
                 // A backend usable for one frontend and draining for another
                 // keeps the usable one's flags.
-                out.backends.entry(id).or_insert_with(|| backend_value(b));
+                out.backends.entry(id).or_insert_with(|| backend_value(addr, b));
             }
         }
         // Maglev: the frontend names its table in slot 0 (a frontend
@@ -335,7 +380,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
         out.revnat.insert(
             rev_nat_id,
             RevNat {
-                addr: addr_to_map(f.addr.octets()),
+                addr: addr_to_map(vip.octets()),
                 port: port_to_map(f.port),
                 _pad: 0,
             },
@@ -344,8 +389,13 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             rev_nat_id,
             ServiceName::new(&format!("{} ({})", f.name, frontend_type(f.flags))),
         );
+        // An IPv4 frontend's clients are IPv4: its ranges of another family
+        // match none of them.
         out.source_ranges
-            .extend(f.source_ranges.iter().map(|net| (rev_nat_id, net.trunc())));
+            .extend(f.source_ranges.iter().filter_map(|net| match net {
+                ipnet::IpNet::V4(net) => Some((rev_nat_id, net.trunc())),
+                ipnet::IpNet::V6(_) => None,
+            }));
     }
     ids.backends.retain(&live_backends);
     ids.frontends.retain(&live_frontends);
@@ -407,7 +457,7 @@ mod tests {
     fn source_ranges_are_keyed_by_the_frontends_reverse_nat_id() {
         let mut ids = Ids::default();
         let mut lb = fe(80, &[[10, 0, 0, 1]]);
-        lb.addr = Ipv4Addr::new(203, 0, 113, 20);
+        lb.addr = Ipv4Addr::new(203, 0, 113, 20).into();
         lb.flags = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
         lb.source_ranges = vec!["192.168.77.200/32".parse().unwrap(), "10.1.0.0/16".parse().unwrap()];
         let c = layout(&[fe(80, &[[10, 0, 0, 1]]), lb], &mut ids);

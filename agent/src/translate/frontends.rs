@@ -2,7 +2,7 @@
 //! node's addresses at the NodePort, externalIPs and LoadBalancer IPs (with an
 //! internal-scope twin under externalTrafficPolicy: Local), each claimed once:
 //! a later Service asking for a taken address:port gets an error.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use ferry_common::svc_flags;
 
@@ -21,7 +21,7 @@ pub(super) fn build(
     snapshot: &Snapshot,
     cfg: &Config,
     valid: &[Valid],
-    ips: Vec<Option<Ipv4Addr>>,
+    ips: Vec<Option<IpAddr>>,
     node_ports: &BTreeMap<(String, usize), u16>,
     out: &mut Translation,
 ) {
@@ -29,7 +29,7 @@ pub(super) fn build(
     let zone = snapshot.zone_of(&cfg.node);
     let split = |all: &[Endpoint], local_only: bool| split(all, local_only, cfg, zone);
     let index = EndpointIndex::new(snapshot);
-    let mut claimed: BTreeMap<(Ipv4Addr, u16, u8), String> = BTreeMap::new();
+    let mut claimed: BTreeMap<(IpAddr, u16, u8), String> = BTreeMap::new();
     for (v, ip) in valid.iter().zip(ips) {
         let Some(ip) = ip else { continue };
         for &(i, sp, port, proto) in &v.ports {
@@ -43,7 +43,7 @@ pub(super) fn build(
                 continue;
             }
             claimed.insert((ip, port, proto), v.key.clone());
-            let all = endpoints_of(snapshot, &index, v, sp, cfg.pod_endpoints);
+            let all = endpoints_of(snapshot, &index, v, sp, cfg);
             let mut common = 0;
             if v.affinity_timeout > 0 {
                 common |= svc_flags::AFFINITY;
@@ -78,7 +78,7 @@ pub(super) fn build(
 
             // North-south frontends: the node's addresses at the NodePort,
             // externalIPs and LoadBalancer IPs at the Service port.
-            let mut external: Vec<(Ipv4Addr, u16, u32, String)> = Vec::new();
+            let mut external: Vec<(IpAddr, u16, u32, String)> = Vec::new();
             if v.node_ports {
                 if let Some(np) = node_ports.get(&(v.key.clone(), i)) {
                     for a in &cfg.nodeport_addrs {
