@@ -805,4 +805,40 @@ mod tests {
             "a bad value names the flag"
         );
     }
+
+    #[test]
+    fn address_flags_take_ipv4_cidrs_and_refuse_ipv6_naming_the_flag() {
+        let c = config(&[
+            "ferry",
+            "agent",
+            "--service-cluster-ip-range",
+            "10.100.0.0/16",
+            "--nodeport-addresses",
+            "192.168.0.0/16,10.0.0.0/8",
+            "--cgroup-path",
+            "none",
+        ]);
+        assert_eq!(c.translate.service_cidr.to_string(), "10.100.0.0/16");
+        assert_eq!(c.translate.families, translate::Families::IPV4);
+        let cidrs: Vec<String> = c.nodeport_cidrs.iter().map(ToString::to_string).collect();
+        assert_eq!(cidrs, ["192.168.0.0/16", "10.0.0.0/8"]);
+        for (flag, value) in [
+            ("--service-cluster-ip-range", "fd00::/108"),
+            ("--nodeport-addresses", "10.0.0.0/8,fd00::/64"),
+        ] {
+            let e = Cli::command()
+                .try_get_matches_from(["ferry", "agent", flag, value])
+                .expect_err(flag)
+                .to_string();
+            assert!(e.contains(flag) && e.contains("IPv6 is not supported yet"), "{e}");
+        }
+        let e = Cli::command()
+            .try_get_matches_from(["ferry", "agent", "--service-cluster-ip-range", "10.96.0.0/33"])
+            .expect_err("a bad prefix")
+            .to_string();
+        assert!(
+            e.contains("--service-cluster-ip-range") && e.contains("invalid IP address syntax"),
+            "{e}"
+        );
+    }
 }

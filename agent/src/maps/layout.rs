@@ -419,6 +419,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::translate::BackendSpec;
     use ferry_common::{svc_flags, PROTO_TCP};
 
     fn fe(port: u16, backends: &[[u8; 4]]) -> Frontend {
@@ -548,5 +549,39 @@ mod tests {
         let mut fresh = Ids::from_contents(&c1, 251, 4);
         let c2 = layout(&[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])], &mut fresh);
         assert_eq!(c1, c2, "a restarted agent computes the same contents");
+    }
+
+    #[test]
+    fn the_ipv4_edge_leaves_ipv6_frontends_and_backends_out_and_encodes_the_rest() {
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            v4(v6("fd00::10")).unwrap_err().to_string(),
+            "fd00::10 is IPv6: the dataplane's maps hold IPv4 addresses only"
+        );
+        let mut ids = Ids::default();
+        let mut mixed = fe(80, &[[10, 0, 0, 1]]);
+        mixed.backends.push(BackendSpec {
+            addr: v6("fd00::1"),
+            ..mixed.backends[0].clone()
+        });
+        mixed.draining.push(BackendSpec {
+            addr: v6("fd00::2"),
+            ..mixed.backends[0].clone()
+        });
+        let mut only_v6 = fe(81, &[[10, 0, 0, 2]]);
+        only_v6.addr = v6("fd00::10");
+        let mut lb = fe(82, &[[10, 0, 0, 1]]);
+        lb.flags = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
+        lb.source_ranges = vec!["10.1.0.0/16".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+        let c = layout(&[mixed, only_v6, lb], &mut ids);
+        // Two IPv4 frontends, each with its one IPv4 backend (shared): the
+        // IPv6 frontend got no reverse-NAT id, the IPv6 backends no id.
+        assert_eq!(c.revnat.len(), 2, "{c:?}");
+        assert_eq!(c.backends.len(), 1, "{c:?}");
+        assert!(c.revnat.values().all(|r| addr_from_map(r.addr) == [10, 96, 0, 10]));
+        assert!(c.services.iter().all(|(k, v)| k.slot != 0 || v.count == 1));
+        let ranges: Vec<String> = c.source_ranges.iter().map(|(_, n)| n.to_string()).collect();
+        assert_eq!(ranges, ["10.1.0.0/16"]);
+        assert_eq!(ids.frontends.ids.len(), 2, "no id is held for the IPv6 frontend");
     }
 }

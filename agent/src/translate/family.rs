@@ -154,3 +154,44 @@ pub fn nth_host(net: IpNet, k: u32) -> IpAddr {
         IpNet::V6(n) => IpAddr::V6(Ipv6Addr::from(u128::from(n.network()) + 1 + u128::from(k))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_admits_only_served_families_and_names_the_refused_one() {
+        let v6: IpAddr = "fd00::10".parse().unwrap();
+        assert_eq!(
+            parse_ip("fd00::10", Families::IPV4),
+            Err("IPv6, not supported yet".into())
+        );
+        assert_eq!(parse_ip("fd00::10", Families::IPV4_IPV6), Ok(v6));
+        // Not an address at all: worded for what is served.
+        assert_eq!(parse_ip("nope", Families::IPV4), Err("not an IPv4 address".into()));
+        assert_eq!(parse_ip("nope", Families::IPV4_IPV6), Err("not an IP address".into()));
+        assert_eq!(
+            parse_ip("fd00::1%eth0", Families::IPV4_IPV6),
+            Err("not an IPv6 address".into())
+        );
+        assert_eq!(
+            Families::IPV4.check_net("fd00::/108".parse().unwrap()),
+            Err("IPv6 is not supported yet".into())
+        );
+        let net: IpNet = "10.96.0.0/12".parse().unwrap();
+        assert_eq!(Families::IPV4.check_net(net), Ok(net));
+        assert_eq!(Family::of_address_type("FQDN"), None);
+    }
+
+    #[test]
+    fn allocation_arithmetic_is_the_same_for_both_families() {
+        let v4: IpNet = "10.96.0.0/30".parse().unwrap();
+        assert_eq!(host_count(v4), 2);
+        assert_eq!(nth_host(v4, 0), "10.96.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(host_count("0.0.0.0/0".parse().unwrap()), u32::MAX - 1);
+        let v6: IpNet = "fd00::/108".parse().unwrap();
+        assert_eq!(host_count(v6), (1 << 20) - 2);
+        assert_eq!(nth_host(v6, 0x1_0000), "fd00::1:1".parse::<IpAddr>().unwrap());
+        assert_eq!(host_count("fd00::/64".parse().unwrap()), u32::MAX - 1, "capped");
+    }
+}

@@ -11,7 +11,7 @@ use super::{
     proto_name,
     service::Valid,
     slices::{endpoints_of, EndpointIndex},
-    BackendSpec, Config, Frontend, HealthCheck, Translation,
+    BackendSpec, Config, Family, Frontend, HealthCheck, Translation,
 };
 use crate::{endpoints::Endpoint, error::InputError, model::Snapshot};
 
@@ -57,14 +57,21 @@ pub(super) fn build(
                 .filter(|n| !n.is_empty())
                 .unwrap_or_else(|| port.to_string());
             let name = format!("{}:{port_name}", v.key);
+            // A frontend leads to the endpoints of its own family (a
+            // dual-stack Service's IPv4 addresses to its IPv4 endpoints).
+            let of_family = |addr: IpAddr, b: Vec<BackendSpec>| -> Vec<BackendSpec> {
+                b.into_iter()
+                    .filter(|b| Family::of(b.addr) == Family::of(addr))
+                    .collect()
+            };
             let frontend = |addr, port, flags, (backends, draining, fallback): (Vec<_>, Vec<_>, bool)| Frontend {
                 name: name.clone(),
                 addr,
                 port,
                 proto,
                 flags: flags | common | if fallback { svc_flags::TERMINATING_FALLBACK } else { 0 },
-                backends,
-                draining,
+                backends: of_family(addr, backends),
+                draining: of_family(addr, draining),
                 affinity_timeout: v.affinity_timeout,
                 source_ranges: Vec::new(),
             };
@@ -123,10 +130,16 @@ pub(super) fn build(
                     std::iter::once(frontend(addr, eport, kind | etp | twin_flag, backends.clone())).chain(twin)
                 {
                     // Only LoadBalancer IPs are filtered (kube-proxy leaves
-                    // NodePorts and externalIPs open too).
+                    // NodePorts and externalIPs open too), each by the ranges
+                    // of its family (none of its family: nobody).
                     if kind == svc_flags::LOAD_BALANCER && !v.source_ranges.is_empty() {
                         f.flags |= svc_flags::SOURCE_RANGES;
-                        f.source_ranges = v.source_ranges.clone();
+                        f.source_ranges = v
+                            .source_ranges
+                            .iter()
+                            .filter(|n| Family::of_net(**n) == Family::of(addr))
+                            .copied()
+                            .collect();
                     }
                     out.frontends.push(f);
                 }

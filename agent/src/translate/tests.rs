@@ -1182,3 +1182,119 @@ fn no_valid_source_range_leaves_the_load_balancer_ips_out_and_the_rest_working()
         .iter()
         .all(|f| f.flags & (svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES) == 0));
 }
+
+/// Services, slices and Endpoints with IPv6 addresses in every field the
+/// translation reads, beside IPv4 ones.
+fn mixed_families() -> Snapshot {
+    let services = [
+        "metadata: {name: v6, namespace: default}\nspec:\n  clusterIP: \"fd00::10\"\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+        // Dual stack, IPv6 first: spec.clusterIP is the IPv6 one.
+        "metadata: {name: v6-first, namespace: default}\nspec:\n  clusterIP: \"fd00::20\"\n  clusterIPs: [\"fd00::20\", 10.96.0.20]\n  ipFamilies: [IPv6, IPv4]\n  ipFamilyPolicy: PreferDualStack\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+        // Dual stack, IPv4 first.
+        "metadata: {name: v4-first, namespace: default}\nspec:\n  clusterIP: 10.96.0.21\n  clusterIPs: [10.96.0.21, \"fd00::21\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: PreferDualStack\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+        "metadata: {name: lb, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.30\n  externalIPs: [\"2001:db8::1\", 203.0.113.1]\n  loadBalancerSourceRanges: [\"2001:db8::/32\", 10.0.0.0/8]\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\nstatus:\n  loadBalancer:\n    ingress: [{ip: \"2001:db8::2\"}, {ip: 203.0.113.2}]\n",
+    ];
+    Snapshot {
+        services: services.iter().map(|y| svc(y)).collect(),
+        endpoint_slices: vec![
+            slice("metadata: {name: lb-4, namespace: default, labels: {kubernetes.io/service-name: lb}}\naddressType: IPv4\nendpoints:\n- addresses: [\"fd00::5\"]\n- addresses: [10.244.0.5]\nports: [{name: http, port: 8080}]\n"),
+            slice("metadata: {name: lb-6, namespace: default, labels: {kubernetes.io/service-name: lb}}\naddressType: IPv6\nendpoints:\n- addresses: [\"fd00::7\"]\nports: [{name: http, port: 8080}]\n"),
+        ],
+        endpoints: vec![Sourced::new(
+            "e.yaml",
+            serde_yaml::from_str::<Endpoints>(
+                "metadata: {name: lb, namespace: default}\nsubsets: [{addresses: [{ip: \"fd00::6\"}, {ip: 10.244.0.6}], ports: [{name: http, port: 8080}]}]\n",
+            )
+            .expect("test endpoints parse"),
+        )],
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_family_gate_refuses_ipv6_in_every_field_naming_object_and_field() {
+    let t = run(&mixed_families());
+    let errors: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors,
+        [
+            "s.yaml: Service default/v6: spec.clusterIP: \"fd00::10\": IPv6, not supported yet",
+            "s.yaml: Service default/v6-first: spec.clusterIP: \"fd00::20\": IPv6, not supported yet",
+            "s.yaml: Service default/lb: spec.externalIPs[0]: \"2001:db8::1\" is IPv6, not supported yet (externalIPs)",
+            "s.yaml: Service default/lb: status.loadBalancer.ingress[0].ip: \"2001:db8::2\" is IPv6, not supported yet (loadBalancer)",
+            "s.yaml: Service default/lb: spec.loadBalancerSourceRanges[0]: \"2001:db8::/32\" is IPv6, which is not supported yet; entry skipped",
+            "e.yaml: EndpointSlice default/lb-4: endpoints[0].addresses[0]: \"fd00::5\" is IPv6, not supported yet; the endpoint is left out",
+            "e.yaml: Endpoints default/lb: subsets[0].addresses[0].ip: \"fd00::6\" is IPv6, not supported yet; the endpoint is left out",
+        ],
+        "the IPv6 slice lb-6 is skipped without an error"
+    );
+    let frontends: Vec<(IpAddr, Vec<IpAddr>, Vec<String>)> = t
+        .frontends
+        .iter()
+        .map(|f| {
+            (
+                f.addr,
+                f.backends.iter().map(|b| b.addr).collect(),
+                f.source_ranges.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect();
+    let lb_backends = vec![v4(10, 244, 0, 5), v4(10, 244, 0, 6)];
+    // A dual-stack Service with IPv6 first is not served at all, not even on
+    // its IPv4 ClusterIP (spec.clusterIPs[1]): the IPv6 issue's to fix. One
+    // with IPv4 first is served on its IPv4 ClusterIP.
+    assert_eq!(
+        frontends,
+        [
+            (v4(10, 96, 0, 21), vec![], vec![]),
+            (v4(10, 96, 0, 30), lb_backends.clone(), vec![]),
+            (v4(203, 0, 113, 1), lb_backends.clone(), vec![]),
+            (v4(203, 0, 113, 2), lb_backends, vec!["10.0.0.0/8".to_string()]),
+        ]
+    );
+}
+
+#[test]
+fn with_both_families_served_the_same_translation_gives_ipv6_frontends_with_ipv6_backends() {
+    let cfg = Config {
+        families: Families::IPV4_IPV6,
+        ..Config::default()
+    };
+    let t = translate(&mixed_families(), &cfg);
+    let errors: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors,
+        ["e.yaml: EndpointSlice default/lb-4: endpoints[0].addresses[0]: \"fd00::5\" is not an IPv4 address (the slice's addressType); the endpoint is left out"]
+    );
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let frontends: Vec<(IpAddr, Vec<IpAddr>, Vec<String>)> = t
+        .frontends
+        .iter()
+        .map(|f| {
+            (
+                f.addr,
+                f.backends.iter().map(|b| b.addr).collect(),
+                f.source_ranges.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect();
+    let (lb4, lb6) = (
+        vec![v4(10, 244, 0, 5), v4(10, 244, 0, 6)],
+        vec![ip("fd00::6"), ip("fd00::7")],
+    );
+    let range = |r: &str| vec![r.to_string()];
+    assert_eq!(
+        frontends,
+        [
+            (v4(10, 96, 0, 21), vec![], vec![]),
+            (v4(10, 96, 0, 30), lb4.clone(), vec![]),
+            (v4(203, 0, 113, 1), lb4.clone(), vec![]),
+            (v4(203, 0, 113, 2), lb4, range("10.0.0.0/8")),
+            (ip("2001:db8::1"), lb6.clone(), vec![]),
+            (ip("2001:db8::2"), lb6, range("2001:db8::/32")),
+            (ip("fd00::10"), vec![], vec![]),
+            (ip("fd00::20"), vec![], vec![]),
+        ],
+        "each frontend leads to endpoints, and is filtered by source ranges, of its own family"
+    );
+}
