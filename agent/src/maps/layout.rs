@@ -256,6 +256,14 @@ impl Ids {
     }
 }
 
+/// `addr` (of frontend `f`, or one of its backends: `what`) as the IPv4 maps
+/// hold it; None, with an error naming the frontend, when it is IPv6.
+fn v4_of(f: &Frontend, what: &str, addr: IpAddr) -> Option<Ipv4Addr> {
+    v4(addr)
+        .map_err(|e| tracing::error!(frontend = %f.name, "{what} {e}; {what} left out"))
+        .ok()
+}
+
 /// The map contents for `frontends`. A frontend or backend that gets no id (all
 /// taken: far beyond the map sizes) is left out and logged.
 pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
@@ -265,12 +273,8 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
     let mut live_tables = BTreeSet::new();
     let mut no_table: Vec<&str> = Vec::new();
     for f in frontends {
-        let vip = match v4(f.addr) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::error!(frontend = %f.name, "{e}; frontend left out");
-                continue;
-            }
+        let Some(vip) = v4_of(f, "frontend", f.addr) else {
+            continue;
         };
         let Some(rev_nat_id) = ids.revnat((vip, f.port, f.proto)) else {
             tracing::error!(frontend = %f.name, "no free reverse-NAT id; frontend left out");
@@ -300,12 +304,8 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
         let mut slot: u16 = 0;
         let mut slotted: Vec<(u32, Tuple)> = Vec::new();
         for b in &f.backends {
-            let addr = match v4(b.addr) {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::error!(frontend = %f.name, "backend {e}; backend left out");
-                    continue;
-                }
+            let Some(addr) = v4_of(f, "backend", b.addr) else {
+                continue;
             };
             let t = (addr, b.port, f.proto);
             let Some(id) = ids.backend(t) else {
@@ -334,12 +334,8 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
         // Draining endpoints: backends without a slot, so established flows to
         // them keep their backend (and new ones never get it).
         for b in &f.draining {
-            let addr = match v4(b.addr) {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::error!(frontend = %f.name, "draining backend {e}; backend left out");
-                    continue;
-                }
+            let Some(addr) = v4_of(f, "backend", b.addr) else {
+                continue;
             };
             let t = (addr, b.port, f.proto);
             if let Some(id) = ids.backend(t) {

@@ -1211,6 +1211,20 @@ fn mixed_families() -> Snapshot {
     }
 }
 
+/// Each frontend's address, its backends' addresses and its source ranges.
+fn addresses_backends_ranges(t: &Translation) -> Vec<(IpAddr, Vec<IpAddr>, Vec<String>)> {
+    t.frontends
+        .iter()
+        .map(|f| {
+            (
+                f.addr,
+                f.backends.iter().map(|b| b.addr).collect(),
+                f.source_ranges.iter().map(ToString::to_string).collect(),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn the_family_gate_refuses_ipv6_in_every_field_naming_object_and_field() {
     let t = run(&mixed_families());
@@ -1228,17 +1242,7 @@ fn the_family_gate_refuses_ipv6_in_every_field_naming_object_and_field() {
         ],
         "the IPv6 slice lb-6 is skipped without an error"
     );
-    let frontends: Vec<(IpAddr, Vec<IpAddr>, Vec<String>)> = t
-        .frontends
-        .iter()
-        .map(|f| {
-            (
-                f.addr,
-                f.backends.iter().map(|b| b.addr).collect(),
-                f.source_ranges.iter().map(ToString::to_string).collect(),
-            )
-        })
-        .collect();
+    let frontends = addresses_backends_ranges(&t);
     let lb_backends = vec![v4(10, 244, 0, 5), v4(10, 244, 0, 6)];
     // A dual-stack Service with IPv6 first is not served at all, not even on
     // its IPv4 ClusterIP (spec.clusterIPs[1]): the IPv6 issue's to fix. One
@@ -1267,17 +1271,7 @@ fn with_both_families_served_the_same_translation_gives_ipv6_frontends_with_ipv6
         ["e.yaml: EndpointSlice default/lb-4: endpoints[0].addresses[0]: \"fd00::5\" is not an IPv4 address (the slice's addressType); the endpoint is left out"]
     );
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-    let frontends: Vec<(IpAddr, Vec<IpAddr>, Vec<String>)> = t
-        .frontends
-        .iter()
-        .map(|f| {
-            (
-                f.addr,
-                f.backends.iter().map(|b| b.addr).collect(),
-                f.source_ranges.iter().map(ToString::to_string).collect(),
-            )
-        })
-        .collect();
+    let frontends = addresses_backends_ranges(&t);
     let (lb4, lb6) = (
         vec![v4(10, 244, 0, 5), v4(10, 244, 0, 6)],
         vec![ip("fd00::6"), ip("fd00::7")],
