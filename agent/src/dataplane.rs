@@ -1163,7 +1163,7 @@ pub fn nodeport_addresses(
     addrs: &[(u32, Ipv4Addr)],
     links: &BTreeMap<u32, String>,
     devices: &[String],
-    cidrs: &[ipnet::Ipv4Net],
+    cidrs: &[ipnet::IpNet],
 ) -> Vec<Ipv4Addr> {
     let mut out: Vec<Ipv4Addr> = addrs
         .iter()
@@ -1172,7 +1172,7 @@ pub fn nodeport_addresses(
             if cidrs.is_empty() {
                 links.get(idx).is_some_and(|name| devices.contains(name))
             } else {
-                cidrs.iter().any(|c| c.contains(ip))
+                cidrs.iter().any(|c| c.contains(&IpAddr::V4(*ip)))
             }
         })
         .map(|(_, ip)| *ip)
@@ -1291,12 +1291,12 @@ mod tests {
             nodeport_addresses(&addrs, &links, &eth0, &[]),
             [Ipv4Addr::new(192, 168, 77, 11)]
         );
-        let all: Vec<ipnet::Ipv4Net> = vec!["0.0.0.0/0".parse().unwrap()];
+        let all: Vec<ipnet::IpNet> = vec!["0.0.0.0/0".parse().unwrap()];
         assert_eq!(
             nodeport_addresses(&addrs, &links, &eth0, &all),
             [Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(192, 168, 77, 11)]
         );
-        let ten: Vec<ipnet::Ipv4Net> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ten: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
         assert_eq!(
             nodeport_addresses(&addrs, &links, &eth0, &ten),
             [Ipv4Addr::new(10, 0, 0, 5)]

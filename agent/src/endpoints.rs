@@ -1,7 +1,7 @@
 //! Endpoints of a Service port, from any of the three places Kubernetes keeps them:
 //! Pods matching the selector (standalone mode plays the endpoints controller),
 //! EndpointSlices (discovery.k8s.io/v1) and Endpoints (v1).
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use ferry_podstate::PodRecord;
 use k8s_openapi::{
@@ -12,12 +12,15 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use crate::model::Sourced;
+use crate::{
+    model::Sourced,
+    translate::{parse_ip, Families, Family},
+};
 
 /// One endpoint of a Service port with its conditions (KEP-1672).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Endpoint {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub ready: bool,
     pub serving: bool,
@@ -35,20 +38,25 @@ pub struct Endpoint {
 /// labels match, that have an IP and run. With `publish_not_ready`
 /// (spec.publishNotReadyAddresses) every such Pod is ready, as the EndpointSlice
 /// controller marks it (`ready = publishNotReadyAddresses || (podReady &&
-/// !terminating)`); `serving` stays the Pod's own readiness.
+/// !terminating)`); `serving` stays the Pod's own readiness. Pod IPs of a
+/// family not in `families` are left out.
 pub fn from_pods(
     namespace: &str,
     selector: &BTreeMap<String, String>,
     port: &ServicePort,
     pods: &[PodRecord],
     publish_not_ready: bool,
+    families: Families,
 ) -> Vec<Endpoint> {
     let protocol = port.protocol.as_deref().unwrap_or("TCP");
     pods.iter()
         .filter(|p| p.namespace == namespace && p.phase == "Running")
         .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
         .filter_map(|p| {
-            let addr = p.pod_ip?;
+            let addr = IpAddr::from(p.pod_ip?);
+            if !families.admits(Family::of(addr)) {
+                return None;
+            }
             let target = match &port.target_port {
                 None => u16::try_from(port.port).ok()?,
                 Some(IntOrString::Int(n)) => u16::try_from(*n).ok()?,
@@ -73,16 +81,33 @@ pub fn from_pods(
         .collect()
 }
 
+/// The family of a slice's addresses when `families` serves it (None:
+/// skipped, as FQDN slices are).
+pub fn slice_family(slice: &EndpointSlice, families: Families) -> Option<Family> {
+    Family::of_address_type(&slice.address_type).filter(|f| families.admits(*f))
+}
+
+/// An address of a slice of addressType `family`: valid, served, and of the
+/// slice's family.
+pub fn slice_address(a: &str, family: Family, families: Families) -> Result<IpAddr, String> {
+    let addr = parse_ip(a, families)?;
+    if Family::of(addr) != family {
+        return Err(format!("not an {family} address (the slice's addressType)"));
+    }
+    Ok(addr)
+}
+
 /// Endpoints of `port` from the EndpointSlices of the Service (label
-/// `kubernetes.io/service-name`), matched by port name and protocol.
-pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>]) -> Vec<Endpoint> {
+/// `kubernetes.io/service-name`), matched by port name and protocol; slices of
+/// a family not in `families` are skipped.
+pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>], families: Families) -> Vec<Endpoint> {
     let protocol = port.protocol.as_deref().unwrap_or("TCP");
     let mut out = Vec::new();
     for s in slices {
         let slice = &s.object;
-        if slice.address_type != "IPv4" {
+        let Some(family) = slice_family(slice, families) else {
             continue;
-        }
+        };
         let Some(slice_port) = slice.ports.iter().flatten().find(|sp| {
             sp.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or("")
                 && sp.protocol.as_deref().unwrap_or("TCP") == protocol
@@ -100,7 +125,7 @@ pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>]) -> Ve
             let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
             for a in &ep.addresses {
                 // Bad spellings are reported by translate's checks.
-                if let Ok(addr) = crate::translate::parse_ipv4(a) {
+                if let Ok(addr) = slice_address(a, family, families) {
                     out.push(Endpoint {
                         addr,
                         port: target,
@@ -128,8 +153,9 @@ pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>]) -> Ve
     out
 }
 
-/// Endpoints of `port` from a v1 Endpoints object (subsets, matched by port name).
-pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints) -> Vec<Endpoint> {
+/// Endpoints of `port` from a v1 Endpoints object (subsets, matched by port
+/// name), with addresses of the families in `families`.
+pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints, families: Families) -> Vec<Endpoint> {
     let protocol = port.protocol.as_deref().unwrap_or("TCP");
     let mut out = Vec::new();
     for subset in endpoints.subsets.iter().flatten() {
@@ -148,7 +174,7 @@ pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints) -> Vec<Endpoint
         ];
         for (addrs, ready) in sets {
             for a in addrs {
-                if let Ok(addr) = crate::translate::parse_ipv4(&a.ip) {
+                if let Ok(addr) = parse_ip(&a.ip, families) {
                     out.push(Endpoint {
                         addr,
                         port: target,
@@ -249,10 +275,11 @@ pub fn usable(mut all: Vec<Endpoint>) -> (Vec<Endpoint>, bool) {
 mod tests {
     use super::*;
     use ferry_podstate::ContainerPortRecord;
+    use std::net::Ipv4Addr;
 
     fn ep(last: u8, ready: bool, serving: bool, terminating: bool) -> Endpoint {
         Endpoint {
-            addr: Ipv4Addr::new(10, 0, 0, last),
+            addr: Ipv4Addr::new(10, 0, 0, last).into(),
             port: 80,
             ready,
             serving,
@@ -316,11 +343,11 @@ mod tests {
         let pods = [base, other_ns, pending, no_ip, other_app];
         let selector: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
         let port: ServicePort = serde_json::from_str(r#"{"port": 80, "targetPort": "web"}"#).expect("valid port");
-        let eps = from_pods("default", &selector, &port, &pods, false);
+        let eps = from_pods("default", &selector, &port, &pods, false, Families::IPV4);
         assert_eq!(eps.len(), 1);
-        assert_eq!((eps[0].addr, eps[0].port), (Ipv4Addr::new(10, 244, 0, 2), 8080));
+        assert_eq!((eps[0].addr, eps[0].port), (Ipv4Addr::new(10, 244, 0, 2).into(), 8080));
         // A named port the Pod does not have: the Pod is no endpoint of that port.
         let port: ServicePort = serde_json::from_str(r#"{"port": 80, "targetPort": "nope"}"#).expect("valid port");
-        assert!(from_pods("default", &selector, &port, &pods, false).is_empty());
+        assert!(from_pods("default", &selector, &port, &pods, false, Families::IPV4).is_empty());
     }
 }

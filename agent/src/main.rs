@@ -188,8 +188,8 @@ struct AgentArgs {
     tc_attach: dataplane::TcAttach,
     /// Serve NodePorts on the node addresses within these CIDRs (comma-separated);
     /// default: the addresses of --devices. Never loopback.
-    #[arg(long, value_delimiter = ',', value_name = "CIDR,...")]
-    nodeport_addresses: Vec<ipnet::Ipv4Net>,
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...", value_parser = parse_served_cidr)]
+    nodeport_addresses: Vec<ipnet::IpNet>,
     /// cgroup v2 directory for socket-level load balancing of the processes
     /// in it: the node's own and, with --socket-lb-pods, Pods' (default: the
     /// cgroup2 root, /sys/fs/cgroup or /sys/fs/cgroup/unified, which holds
@@ -214,8 +214,8 @@ struct AgentArgs {
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     service_node_port_range: (u16, u16),
     /// ClusterIPs for Services without spec.clusterIP come from here.
-    #[arg(long, default_value = "10.96.0.0/12")]
-    service_cluster_ip_range: ipnet::Ipv4Net,
+    #[arg(long, default_value = "10.96.0.0/12", value_parser = parse_served_cidr)]
+    service_cluster_ip_range: ipnet::IpNet,
     /// Entries of the services map (frontends + backend slots).
     #[arg(long, default_value_t = DEFAULT_SERVICES_MAX)]
     services_map_size: u32,
@@ -386,6 +386,13 @@ fn netns_path(name: &str) -> PathBuf {
     }
 }
 
+/// A CIDR of a family the dataplane serves (the translation's family gate,
+/// [`translate::Families`]): `--service-cluster-ip-range`, `--nodeport-addresses`.
+fn parse_served_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let net: ipnet::IpNet = s.parse().map_err(|e| format!("{e}"))?;
+    translate::Families::default().check_net(net)
+}
+
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (lo, hi) = s
         .split_once('-')
@@ -541,7 +548,8 @@ fn apply_config_file(a: &mut AgentArgs, given: Option<&ArgMatches>) -> Result<()
     set(
         unset("nodeport_addresses"),
         &mut a.nodeport_addresses,
-        s.nodeport_addresses,
+        s.nodeport_addresses
+            .map(|v| v.into_iter().map(ipnet::IpNet::V4).collect()),
     );
     set(unset("ct_map_size"), &mut a.ct_map_size, s.ct_map_size.map(Some));
     set(unset("ct_timeout_tcp"), &mut a.ct_timeout_tcp, s.ct_timeout_tcp);
@@ -593,6 +601,7 @@ fn agent_config(mut a: AgentArgs, given: Option<&ArgMatches>) -> Result<run::Con
     Ok(run::Config {
         mode,
         translate: translate::Config {
+            families: translate::Families::default(),
             service_cidr: a.service_cluster_ip_range,
             pod_endpoints,
             node: node.clone(),
@@ -794,6 +803,42 @@ mod tests {
         assert!(
             bad.is_err_and(|e| e.to_string().contains("--socket-lb-pods")),
             "a bad value names the flag"
+        );
+    }
+
+    #[test]
+    fn address_flags_take_ipv4_cidrs_and_refuse_ipv6_naming_the_flag() {
+        let c = config(&[
+            "ferry",
+            "agent",
+            "--service-cluster-ip-range",
+            "10.100.0.0/16",
+            "--nodeport-addresses",
+            "192.168.0.0/16,10.0.0.0/8",
+            "--cgroup-path",
+            "none",
+        ]);
+        assert_eq!(c.translate.service_cidr.to_string(), "10.100.0.0/16");
+        assert_eq!(c.translate.families, translate::Families::IPV4);
+        let cidrs: Vec<String> = c.nodeport_cidrs.iter().map(ToString::to_string).collect();
+        assert_eq!(cidrs, ["192.168.0.0/16", "10.0.0.0/8"]);
+        for (flag, value) in [
+            ("--service-cluster-ip-range", "fd00::/108"),
+            ("--nodeport-addresses", "10.0.0.0/8,fd00::/64"),
+        ] {
+            let e = Cli::command()
+                .try_get_matches_from(["ferry", "agent", flag, value])
+                .expect_err(flag)
+                .to_string();
+            assert!(e.contains(flag) && e.contains("IPv6 is not supported yet"), "{e}");
+        }
+        let e = Cli::command()
+            .try_get_matches_from(["ferry", "agent", "--service-cluster-ip-range", "10.96.0.0/33"])
+            .expect_err("a bad prefix")
+            .to_string();
+        assert!(
+            e.contains("--service-cluster-ip-range") && e.contains("invalid IP address syntax"),
+            "{e}"
         );
     }
 }

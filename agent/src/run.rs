@@ -4,7 +4,7 @@
 //! report how that goes; from_pod is attached to every Pod veth.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -51,7 +51,7 @@ pub struct Config {
     /// `--xdp` / `--xdp-mode`: XDP on the devices too (None: TC only).
     pub xdp: Option<dataplane::XdpAttach>,
     /// `--nodeport-addresses` (empty: the devices' addresses).
-    pub nodeport_cidrs: Vec<ipnet::Ipv4Net>,
+    pub nodeport_cidrs: Vec<ipnet::IpNet>,
     /// The cgroup v2 directory the socket load balancer is attached to (None:
     /// not attached).
     pub cgroup: Option<PathBuf>,
@@ -87,7 +87,7 @@ struct Programmer {
     /// What the last sync could not write to the maps (logged the same way).
     not_programmed: BTreeSet<String>,
     /// ClusterIPs allocated last time (logged when they change).
-    allocated: BTreeMap<ServiceId, Ipv4Addr>,
+    allocated: BTreeMap<ServiceId, IpAddr>,
     /// The node's addresses and pod CIDRs last time (logged when they change).
     node: Option<crate::model::NodeInfo>,
     /// What translation needs: `--service-cluster-ip-range` and friends, and
@@ -578,7 +578,10 @@ async fn refresh_addresses(
         }
         *node_addr = primary;
     }
-    let np = dataplane::nodeport_addresses(&addrs, links, &cfg.devices, &cfg.nodeport_cidrs);
+    let np: Vec<IpAddr> = dataplane::nodeport_addresses(&addrs, links, &cfg.devices, &cfg.nodeport_cidrs)
+        .into_iter()
+        .map(IpAddr::V4)
+        .collect();
     if np == prog.translate.nodeport_addrs {
         return false;
     }

@@ -4,9 +4,14 @@
 //! connection-tracking entries (which name backends by id) stay valid across
 //! syncs and agent restarts; ids are not reused right away (a new backend never
 //! inherits the flows of a removed one). Reverse-NAT ids are stable per frontend.
+//!
+//! This is where the translation's family-generic addresses meet the maps'
+//! IPv4 encoding ([`v4`]): an IPv6 frontend or backend that got past the
+//! translation's family gate is left out here, with an error, never truncated.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    fmt,
+    net::{IpAddr, Ipv4Addr},
     sync::Arc,
 };
 
@@ -18,7 +23,26 @@ use ferry_common::{
 use super::{IdCursors, MapContents};
 use crate::{ids::FrontendId, translate::Frontend};
 
+/// A frontend or backend as the IPv4 maps know it: {ip, port, proto}.
 type Tuple = (Ipv4Addr, u16, u8);
+
+/// An address the IPv4 maps cannot hold.
+#[derive(Debug, PartialEq, Eq)]
+pub struct NotIpv4(pub IpAddr);
+
+impl fmt::Display for NotIpv4 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} is IPv6: the dataplane's maps hold IPv4 addresses only", self.0)
+    }
+}
+
+/// The IPv4 maps' encoding edge: `addr` as they hold it.
+pub fn v4(addr: IpAddr) -> Result<Ipv4Addr, NotIpv4> {
+    match addr {
+        IpAddr::V4(a) => Ok(a),
+        IpAddr::V6(_) => Err(NotIpv4(addr)),
+    }
+}
 
 /// Stable ids for keys: a key keeps its id while it is live; a new key gets the
 /// next free id after the last one handed out (wrapping within `1..=max`), so a
@@ -232,6 +256,14 @@ impl Ids {
     }
 }
 
+/// `addr` (of frontend `f`, or one of its backends: `what`) as the IPv4 maps
+/// hold it; None, with an error naming the frontend, when it is IPv6.
+fn v4_of(f: &Frontend, what: &str, addr: IpAddr) -> Option<Ipv4Addr> {
+    v4(addr)
+        .map_err(|e| tracing::error!(frontend = %f.id, "{what} {e}; {what} left out"))
+        .ok()
+}
+
 /// The map contents for `frontends`. A frontend or backend that gets no id (all
 /// taken: far beyond the map sizes) is left out and logged.
 pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
@@ -241,13 +273,16 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
     let mut live_tables = BTreeSet::new();
     let mut no_table: Vec<&FrontendId> = Vec::new();
     for f in frontends {
-        let Some(rev_nat_id) = ids.revnat(f.key()) else {
+        let Some(vip) = v4_of(f, "frontend", f.addr) else {
+            continue;
+        };
+        let Some(rev_nat_id) = ids.revnat((vip, f.port, f.proto)) else {
             tracing::error!(frontend = %f.id, "no free reverse-NAT id; frontend left out");
             continue;
         };
-        live_frontends.insert(f.key());
+        live_frontends.insert((vip, f.port, f.proto));
         let key = |slot: u16| ServiceKey {
-            addr: addr_to_map(f.addr.octets()),
+            addr: addr_to_map(vip.octets()),
             port: port_to_map(f.port),
             slot,
             proto: f.proto,
@@ -258,8 +293,8 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             },
             _pad: [0; 2],
         };
-        let backend_value = |b: &crate::translate::BackendSpec| Backend {
-            addr: addr_to_map(b.addr.octets()),
+        let backend_value = |addr: Ipv4Addr, b: &crate::translate::BackendSpec| Backend {
+            addr: addr_to_map(addr.octets()),
             port: port_to_map(b.port),
             proto: f.proto,
             flags: if b.terminating { backend_flags::TERMINATING } else { 0 }
@@ -268,7 +303,10 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
         let mut slot: u16 = 0;
         let mut slotted: Vec<(u32, Tuple)> = Vec::new();
         for b in &f.backends {
-            let t = (b.addr, b.port, f.proto);
+            let Some(addr) = v4_of(f, "backend", b.addr) else {
+                continue;
+            };
+            let t = (addr, b.port, f.proto);
             let Some(id) = ids.backend(t) else {
                 tracing::error!(frontend = %f.id, backend = %b.addr, "no free backend id; backend left out");
                 continue;
@@ -280,7 +318,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             slot = next;
             slotted.push((id, t));
             live_backends.insert(t);
-            out.backends.insert(id, backend_value(b));
+            out.backends.insert(id, backend_value(addr, b));
             out.services.insert(
                 key(slot),
                 ServiceValue {
@@ -295,12 +333,15 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
         // Draining endpoints: backends without a slot, so established flows to
         // them keep their backend (and new ones never get it).
         for b in &f.draining {
-            let t = (b.addr, b.port, f.proto);
+            let Some(addr) = v4_of(f, "backend", b.addr) else {
+                continue;
+            };
+            let t = (addr, b.port, f.proto);
             if let Some(id) = ids.backend(t) {
                 live_backends.insert(t);
                 // A backend usable for one frontend and draining for another
                 // keeps the usable one's flags.
-                out.backends.entry(id).or_insert_with(|| backend_value(b));
+                out.backends.entry(id).or_insert_with(|| backend_value(addr, b));
             }
         }
         // Maglev: the frontend names its table in slot 0 (a frontend
@@ -334,14 +375,19 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
         out.revnat.insert(
             rev_nat_id,
             RevNat {
-                addr: addr_to_map(f.addr.octets()),
+                addr: addr_to_map(vip.octets()),
                 port: port_to_map(f.port),
                 _pad: 0,
             },
         );
         out.names.insert(rev_nat_id, f.id.to_map());
+        // An IPv4 frontend's clients are IPv4: its ranges of another family
+        // match none of them.
         out.source_ranges
-            .extend(f.source_ranges.iter().map(|net| (rev_nat_id, net.trunc())));
+            .extend(f.source_ranges.iter().filter_map(|net| match net {
+                ipnet::IpNet::V4(net) => Some((rev_nat_id, net.trunc())),
+                ipnet::IpNet::V6(_) => None,
+            }));
     }
     ids.backends.retain(&live_backends);
     ids.frontends.retain(&live_frontends);
@@ -365,6 +411,7 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::translate::BackendSpec;
     use ferry_common::{svc_flags, PROTO_TCP};
 
     fn fe(port: u16, backends: &[[u8; 4]]) -> Frontend {
@@ -404,7 +451,7 @@ mod tests {
     fn source_ranges_are_keyed_by_the_frontends_reverse_nat_id() {
         let mut ids = Ids::default();
         let mut lb = fe(80, &[[10, 0, 0, 1]]);
-        lb.addr = Ipv4Addr::new(203, 0, 113, 20);
+        lb.addr = Ipv4Addr::new(203, 0, 113, 20).into();
         lb.flags = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
         lb.source_ranges = vec!["192.168.77.200/32".parse().unwrap(), "10.1.0.0/16".parse().unwrap()];
         let c = layout(&[fe(80, &[[10, 0, 0, 1]]), lb], &mut ids);
@@ -495,5 +542,39 @@ mod tests {
         let mut fresh = Ids::from_contents(&c1, 251, 4);
         let c2 = layout(&[fe(80, &[[10, 0, 0, 1]]), fe(81, &[[10, 0, 0, 2]])], &mut fresh);
         assert_eq!(c1, c2, "a restarted agent computes the same contents");
+    }
+
+    #[test]
+    fn the_ipv4_edge_leaves_ipv6_frontends_and_backends_out_and_encodes_the_rest() {
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(
+            v4(v6("fd00::10")).unwrap_err().to_string(),
+            "fd00::10 is IPv6: the dataplane's maps hold IPv4 addresses only"
+        );
+        let mut ids = Ids::default();
+        let mut mixed = fe(80, &[[10, 0, 0, 1]]);
+        mixed.backends.push(BackendSpec {
+            addr: v6("fd00::1"),
+            ..mixed.backends[0].clone()
+        });
+        mixed.draining.push(BackendSpec {
+            addr: v6("fd00::2"),
+            ..mixed.backends[0].clone()
+        });
+        let mut only_v6 = fe(81, &[[10, 0, 0, 2]]);
+        only_v6.addr = v6("fd00::10");
+        let mut lb = fe(82, &[[10, 0, 0, 1]]);
+        lb.flags = svc_flags::LOAD_BALANCER | svc_flags::SOURCE_RANGES;
+        lb.source_ranges = vec!["10.1.0.0/16".parse().unwrap(), "2001:db8::/32".parse().unwrap()];
+        let c = layout(&[mixed, only_v6, lb], &mut ids);
+        // Two IPv4 frontends, each with its one IPv4 backend (shared): the
+        // IPv6 frontend got no reverse-NAT id, the IPv6 backends no id.
+        assert_eq!(c.revnat.len(), 2, "{c:?}");
+        assert_eq!(c.backends.len(), 1, "{c:?}");
+        assert!(c.revnat.values().all(|r| addr_from_map(r.addr) == [10, 96, 0, 10]));
+        assert!(c.services.iter().all(|(k, v)| k.slot != 0 || v.count == 1));
+        let ranges: Vec<String> = c.source_ranges.iter().map(|(_, n)| n.to_string()).collect();
+        assert_eq!(ranges, ["10.1.0.0/16"]);
+        assert_eq!(ids.frontends.ids.len(), 2, "no id is held for the IPv6 frontend");
     }
 }

@@ -880,7 +880,7 @@ mod tests {
     /// A LoadBalancer frontend restricted to `ranges` (none: unrestricted).
     fn lb(ranges: &[&str]) -> Frontend {
         let mut f = fe(&[1]);
-        f.addr = Ipv4Addr::new(203, 0, 113, 20);
+        f.addr = Ipv4Addr::new(203, 0, 113, 20).into();
         f.flags = svc_flags::LOAD_BALANCER;
         if !ranges.is_empty() {
             f.flags |= svc_flags::SOURCE_RANGES;
@@ -1063,7 +1063,7 @@ mod tests {
         let mut s = Syncer::new(fake.clone()).unwrap();
         let mut ids = Ids::default().with_maglev(251, 2);
         let mut np = maglev(&[1, 2]);
-        np.addr = Ipv4Addr::new(192, 168, 77, 11);
+        np.addr = Ipv4Addr::new(192, 168, 77, 11).into();
         np.port = 30080;
         np.flags = svc_flags::NODE_PORT | svc_flags::MAGLEV;
         let other = |port, b: &[u8]| {

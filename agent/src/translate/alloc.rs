@@ -4,10 +4,11 @@
 //! restart agrees.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::Ipv4Addr,
+    net::IpAddr,
 };
 
 use super::{
+    family::{host_count, nth_host},
     proto_name,
     service::{ClusterIp, Valid},
     Config,
@@ -17,9 +18,11 @@ use crate::{error::InputError, ids::ServiceId};
 /// ClusterIPs: explicit ones as given (outside the range is fine, as with a real
 /// apiserver's second range); the others by a stable hash of namespace/name into
 /// the range, probing onward on collision, in name order. Same input, same IPs:
-/// on every node and across restarts.
-pub(super) fn cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError>) -> Vec<Option<Ipv4Addr>> {
-    let mut used: BTreeSet<Ipv4Addr> = valid
+/// on every node and across restarts. The range is of one family (the flag's
+/// parser admits only served ones; a dual-stack Service's second family is
+/// the IPv6 issue's).
+pub(super) fn cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError>) -> Vec<Option<IpAddr>> {
+    let mut used: BTreeSet<IpAddr> = valid
         .iter()
         .filter_map(|v| match v.ip {
             ClusterIp::Explicit(ip) => Some(ip),
@@ -27,13 +30,12 @@ pub(super) fn cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputE
         })
         .collect();
     let net = cfg.service_cidr;
-    let base = u32::from(net.network());
-    let size = (1u64 << (32 - net.prefix_len())).saturating_sub(2).max(1) as u32;
+    let size = host_count(net);
     let mut order: Vec<usize> = (0..valid.len())
         .filter(|i| matches!(valid[*i].ip, ClusterIp::Allocate))
         .collect();
     order.sort_by(|a, b| valid[*a].id.cmp(&valid[*b].id));
-    let mut out: Vec<Option<Ipv4Addr>> = valid
+    let mut out: Vec<Option<IpAddr>> = valid
         .iter()
         .map(|v| match v.ip {
             ClusterIp::Explicit(ip) => Some(ip),
@@ -41,10 +43,8 @@ pub(super) fn cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputE
         })
         .collect();
     for i in order {
-        let found = probe(&valid[i].id.to_string(), size, |k| {
-            !used.contains(&Ipv4Addr::from(base + 1 + k))
-        })
-        .map(|k| Ipv4Addr::from(base + 1 + k));
+        let found =
+            probe(&valid[i].id.to_string(), size, |k| !used.contains(&nth_host(net, k))).map(|k| nth_host(net, k));
         match found {
             Some(ip) => {
                 used.insert(ip);

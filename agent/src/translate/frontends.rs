@@ -2,7 +2,7 @@
 //! node's addresses at the NodePort, externalIPs and LoadBalancer IPs (with an
 //! internal-scope twin under externalTrafficPolicy: Local), each claimed once:
 //! a later Service asking for a taken address:port gets an error.
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use ferry_common::svc_flags;
 
@@ -11,7 +11,7 @@ use super::{
     proto_name,
     service::Valid,
     slices::{endpoints_of, EndpointIndex},
-    BackendSpec, Config, Frontend, HealthCheck, Translation,
+    BackendSpec, Config, Family, Frontend, HealthCheck, Translation,
 };
 use crate::{
     endpoints::Endpoint,
@@ -26,7 +26,7 @@ pub(super) fn build(
     snapshot: &Snapshot,
     cfg: &Config,
     valid: &[Valid],
-    ips: Vec<Option<Ipv4Addr>>,
+    ips: Vec<Option<IpAddr>>,
     node_ports: &BTreeMap<(ServiceId, usize), u16>,
     out: &mut Translation,
 ) {
@@ -34,7 +34,7 @@ pub(super) fn build(
     let zone = snapshot.zone_of(&cfg.node);
     let split = |all: &[Endpoint], local_only: bool| split(all, local_only, cfg, zone);
     let index = EndpointIndex::new(snapshot);
-    let mut claimed: BTreeMap<(Ipv4Addr, u16, u8), ServiceId> = BTreeMap::new();
+    let mut claimed: BTreeMap<(IpAddr, u16, u8), ServiceId> = BTreeMap::new();
     for (v, ip) in valid.iter().zip(ips) {
         let Some(ip) = ip else { continue };
         for &(i, sp, port, proto) in &v.ports {
@@ -48,7 +48,7 @@ pub(super) fn build(
                 continue;
             }
             claimed.insert((ip, port, proto), v.id.clone());
-            let all = endpoints_of(snapshot, &index, v, sp, cfg.pod_endpoints);
+            let all = endpoints_of(snapshot, &index, v, sp, cfg);
             let mut common = 0;
             if v.affinity_timeout > 0 {
                 common |= svc_flags::AFFINITY;
@@ -59,6 +59,13 @@ pub(super) fn build(
             let port_id = match sp.name.clone().filter(|n| !n.is_empty()) {
                 Some(n) => PortId::Name(n),
                 None => PortId::Number(port),
+            };
+            // A frontend leads to the endpoints of its own family (a
+            // dual-stack Service's IPv4 addresses to its IPv4 endpoints).
+            let of_family = |addr: IpAddr, b: Vec<BackendSpec>| -> Vec<BackendSpec> {
+                b.into_iter()
+                    .filter(|b| Family::of(b.addr) == Family::of(addr))
+                    .collect()
             };
             let frontend = |addr,
                             port,
@@ -75,8 +82,8 @@ pub(super) fn build(
                     port,
                     proto,
                     flags: kind.flag() | flags | common | if fallback { svc_flags::TERMINATING_FALLBACK } else { 0 },
-                    backends,
-                    draining,
+                    backends: of_family(addr, backends),
+                    draining: of_family(addr, draining),
                     affinity_timeout: v.affinity_timeout,
                     source_ranges: Vec::new(),
                 }
@@ -92,7 +99,7 @@ pub(super) fn build(
 
             // North-south frontends: the node's addresses at the NodePort,
             // externalIPs and LoadBalancer IPs at the Service port.
-            let mut external: Vec<(Ipv4Addr, u16, FrontendKind, String)> = Vec::new();
+            let mut external: Vec<(IpAddr, u16, FrontendKind, String)> = Vec::new();
             if let Some(np) = node_ports.get(&(v.id.clone(), i)) {
                 for a in &cfg.nodeport_addrs {
                     external.push((*a, *np, FrontendKind::NodePort, format!("spec.ports[{i}].nodePort")));
@@ -139,10 +146,16 @@ pub(super) fn build(
                 for mut f in std::iter::once(frontend(addr, eport, kind, etp | twin_flag, backends.clone())).chain(twin)
                 {
                     // Only LoadBalancer IPs are filtered (kube-proxy leaves
-                    // NodePorts and externalIPs open too).
+                    // NodePorts and externalIPs open too), each by the ranges
+                    // of its family (none of its family: nobody).
                     if kind == FrontendKind::LoadBalancer && !v.source_ranges.is_empty() {
                         f.flags |= svc_flags::SOURCE_RANGES;
-                        f.source_ranges = v.source_ranges.clone();
+                        f.source_ranges = v
+                            .source_ranges
+                            .iter()
+                            .filter(|n| Family::of_net(**n) == Family::of(addr))
+                            .copied()
+                            .collect();
                     }
                     out.frontends.push(f);
                 }

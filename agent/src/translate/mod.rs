@@ -16,8 +16,13 @@
 //! - [`frontends`]: every address a client dials for a Service port
 //!   (ClusterIP, NodePorts, externalIPs, LoadBalancer IPs), conflicts refused;
 //! - [`backends`]: which endpoints take new connections and which only drain.
+//!
+//! Addresses are family-generic ([`IpAddr`], [`IpNet`]); [`Config::families`]
+//! is the one gate saying which families are served ([`family`]), and the
+//! maps' byte encoding of a family is `maps::layout`'s.
 mod alloc;
 mod backends;
+mod family;
 mod frontends;
 mod policies;
 mod service;
@@ -25,10 +30,10 @@ mod slices;
 #[cfg(test)]
 mod tests;
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{collections::BTreeMap, net::IpAddr};
 
 use ferry_common::{PROTO_TCP, PROTO_UDP};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 
 use crate::{
     error::InputError,
@@ -36,7 +41,7 @@ use crate::{
     model::Snapshot,
 };
 
-pub use service::parse_ipv4;
+pub use family::{parse_ip, Families, Family};
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -44,8 +49,11 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Settings translation depends on.
 #[derive(Clone, Debug)]
 pub struct Config {
+    /// The address families served: an address of another family in the
+    /// input is an error naming its object and field (today: IPv4 only).
+    pub families: Families,
     /// Where ClusterIPs are allocated for Services without spec.clusterIP.
-    pub service_cidr: Ipv4Net,
+    pub service_cidr: IpNet,
     /// This node's name: internalTrafficPolicy: Local keeps the endpoints whose
     /// nodeName equals it, and endpoints on it are marked local. Empty: unknown.
     pub node: String,
@@ -54,7 +62,7 @@ pub struct Config {
     /// cluster's controller has written EndpointSlices for them, and those count.
     pub pod_endpoints: bool,
     /// The node addresses NodePorts are served on (`--nodeport-addresses`).
-    pub nodeport_addrs: Vec<Ipv4Addr>,
+    pub nodeport_addrs: Vec<IpAddr>,
     /// `--service-node-port-range`, inclusive.
     pub node_port_range: (u16, u16),
     /// `--lb-algorithm`: how new flows pick a backend unless the Service's
@@ -80,6 +88,7 @@ pub const LB_ALGORITHM_ANNOTATION: &str = "ferry.dev/lb-algorithm";
 impl Default for Config {
     fn default() -> Self {
         Self {
+            families: Families::default(),
             service_cidr: "10.96.0.0/12".parse().expect("valid CIDR"),
             node: String::new(),
             pod_endpoints: true,
@@ -112,7 +121,7 @@ pub const MAX_AFFINITY_TIMEOUT: i32 = 86_400;
 pub struct Frontend {
     /// Its Service, port and kind (the kind's bit is also in `flags`).
     pub id: FrontendId,
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub proto: u8,
     /// `ferry_common::svc_flags`.
@@ -128,11 +137,11 @@ pub struct Frontend {
     /// loadBalancerSourceRanges (LoadBalancer-IP frontends only, with
     /// `svc_flags::SOURCE_RANGES`): the client prefixes allowed, sorted, host
     /// bits cleared. Empty: anyone.
-    pub source_ranges: Vec<Ipv4Net>,
+    pub source_ranges: Vec<IpNet>,
 }
 
 impl Frontend {
-    pub fn key(&self) -> (Ipv4Addr, u16, u8) {
+    pub fn key(&self) -> (IpAddr, u16, u8) {
         (self.addr, self.port, self.proto)
     }
 
@@ -141,15 +150,15 @@ impl Frontend {
     /// nodes), all on `backend_port`. For tests of what comes after translation.
     pub fn cluster_ip(
         service: ServiceId,
-        addr: Ipv4Addr,
+        addr: impl Into<IpAddr>,
         port: u16,
-        backends: impl IntoIterator<Item = Ipv4Addr>,
+        backends: impl IntoIterator<Item = impl Into<IpAddr>>,
         backend_port: u16,
     ) -> Self {
         let backends = backends
             .into_iter()
             .map(|addr| BackendSpec {
-                addr,
+                addr: addr.into(),
                 port: backend_port,
                 terminating: false,
                 local: false,
@@ -162,7 +171,7 @@ impl Frontend {
                 port: PortId::Number(port),
                 kind,
             },
-            addr,
+            addr: addr.into(),
             port,
             proto: PROTO_TCP,
             flags: kind.flag(),
@@ -176,7 +185,7 @@ impl Frontend {
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BackendSpec {
-    pub addr: Ipv4Addr,
+    pub addr: IpAddr,
     pub port: u16,
     pub terminating: bool,
     /// The endpoint runs on this node (EndpointSlice nodeName, Pod node).
@@ -191,7 +200,7 @@ pub struct Translation {
     pub errors: Vec<InputError>,
     /// ClusterIPs allocated for Services without spec.clusterIP, for the
     /// caller to log.
-    pub allocated: BTreeMap<ServiceId, Ipv4Addr>,
+    pub allocated: BTreeMap<ServiceId, IpAddr>,
     /// healthCheckNodePort → what it reports (Services with
     /// externalTrafficPolicy: Local and a healthCheckNodePort).
     pub health_checks: BTreeMap<u16, HealthCheck>,
@@ -211,7 +220,7 @@ pub struct HealthCheck {
 pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
     let mut out = Translation::default();
     let valid = service::validate_all(snapshot, cfg, &mut out.errors);
-    slices::check(snapshot, &valid.names, &mut out.errors);
+    slices::check(snapshot, &valid.names, cfg, &mut out.errors);
     let ips = alloc::cluster_ips(&valid.services, cfg, &mut out.errors);
     for (v, ip) in valid.services.iter().zip(&ips) {
         if let (service::ClusterIp::Allocate, Some(ip)) = (&v.ip, ip) {

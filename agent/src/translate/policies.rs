@@ -1,13 +1,13 @@
 //! A Service's policy fields: session affinity, the traffic policies, the
 //! load-balancing algorithm, traffic distribution and the LoadBalancer's
 //! source ranges. Each is read, checked and named in the error when it is wrong.
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::{Service, ServiceSpec};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use super::{
-    service::ErrorAt, Config, LbAlgorithm, DEFAULT_AFFINITY_TIMEOUT, LB_ALGORITHM_ANNOTATION, MAX_AFFINITY_TIMEOUT,
-    SOURCE_RANGES_ANNOTATION,
+    service::ErrorAt, Config, Families, Family, LbAlgorithm, DEFAULT_AFFINITY_TIMEOUT, LB_ALGORITHM_ANNOTATION,
+    MAX_AFFINITY_TIMEOUT, SOURCE_RANGES_ANNOTATION,
 };
 use crate::error::InputError;
 
@@ -112,16 +112,21 @@ pub(super) enum SourceRanges {
     /// None given (or one of them is 0.0.0.0/0).
     Anyone,
     /// Clients in these prefixes (sorted, deduplicated, host bits cleared).
-    Only(Vec<Ipv4Net>),
+    Only(Vec<IpNet>),
     /// Entries were given in the field named, and none is valid.
     NoneValid(String),
 }
 
 /// spec.loadBalancerSourceRanges, or when it is empty the annotation
 /// [`SOURCE_RANGES_ANNOTATION`] (comma separated), like kube-proxy. An entry
-/// that is not an IPv4 CIDR or address (a bare address is a /32) gets an error
-/// and is skipped; the others apply.
-pub(super) fn source_ranges(svc: &Service, err: &ErrorAt, errors: &mut Vec<InputError>) -> SourceRanges {
+/// that is not a CIDR or address (a bare address is a /32 or /128) of a family
+/// in `families` gets an error and is skipped; the others apply.
+pub(super) fn source_ranges(
+    svc: &Service,
+    families: Families,
+    err: &ErrorAt,
+    errors: &mut Vec<InputError>,
+) -> SourceRanges {
     let spec = svc.spec.as_ref().and_then(|s| s.load_balancer_source_ranges.as_ref());
     let (field, entries): (String, Vec<&str>) = match spec.filter(|r| !r.is_empty()) {
         Some(r) => (
@@ -145,7 +150,7 @@ pub(super) fn source_ranges(svc: &Service, err: &ErrorAt, errors: &mut Vec<Input
     };
     let mut out = Vec::new();
     for (i, entry) in entries.iter().map(|e| e.trim()).enumerate() {
-        match parse_source_range(entry) {
+        match parse_source_range(entry, families) {
             Ok(net) => out.push(net),
             Err(why) => errors.push(err(&format!("{field}[{i}]"), format!("{entry:?} {why}; entry skipped"))),
         }
@@ -161,16 +166,25 @@ pub(super) fn source_ranges(svc: &Service, err: &ErrorAt, errors: &mut Vec<Input
     SourceRanges::Only(out)
 }
 
-/// One source range: `a.b.c.d/len`, or `a.b.c.d` for a /32; host bits cleared.
-fn parse_source_range(s: &str) -> Result<Ipv4Net, &'static str> {
-    if s.contains(':') {
-        return Err("is IPv6, which is not supported yet");
-    }
+/// One source range: `a.b.c.d/len`, or `a.b.c.d` for a /32 (IPv6: a /128), of a
+/// family in `families`; host bits cleared.
+fn parse_source_range(s: &str, families: Families) -> Result<IpNet, String> {
     let net = if s.contains('/') {
-        s.parse::<Ipv4Net>().ok()
+        s.parse::<IpNet>().ok()
     } else {
-        s.parse::<Ipv4Addr>().ok().map(Ipv4Net::from)
+        s.parse::<IpAddr>().ok().map(IpNet::from)
     };
+    let family = net.map_or(if s.contains(':') { Family::V6 } else { Family::V4 }, Family::of_net);
+    if !families.admits(family) {
+        return Err(format!("is {family}, which is not supported yet"));
+    }
     net.map(|n| n.trunc())
-        .ok_or("is not an IPv4 CIDR (like 203.0.113.0/24) or address")
+        .ok_or_else(|| format!("is not an {family} CIDR (like {}) or address", example_cidr(family)))
+}
+
+fn example_cidr(family: Family) -> &'static str {
+    match family {
+        Family::V4 => "203.0.113.0/24",
+        Family::V6 => "2001:db8::/64",
+    }
 }

@@ -1,16 +1,16 @@
 //! Validating a Service object: every field Ferry reads, checked and named in
 //! the error when it is wrong. A Service that passes becomes a [`Valid`]; one
 //! that cannot be served at all gets no frontends, and the others go on.
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{collections::BTreeSet, net::IpAddr};
 
 use ferry_common::{PROTO_TCP, PROTO_UDP};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use k8s_openapi::{
     api::core::v1::{Service, ServicePort, ServiceSpec},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::{policies, Config};
+use super::{parse_ip, policies, Config, Families};
 use crate::{
     error::InputError,
     ids::{ServiceId, ServiceType},
@@ -25,7 +25,7 @@ const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
 /// How a Service gets its ClusterIP.
 pub(super) enum ClusterIp {
-    Explicit(Ipv4Addr),
+    Explicit(IpAddr),
     Allocate,
 }
 
@@ -47,12 +47,12 @@ pub(super) struct Valid<'a> {
     /// internalTrafficPolicy: Local.
     pub itp_local: bool,
     /// spec.externalIPs (valid ones).
-    pub external_ips: Vec<Ipv4Addr>,
+    pub external_ips: Vec<IpAddr>,
     /// status.loadBalancer.ingress[].ip and spec.loadBalancerIP (valid ones;
     /// none when source ranges were given but none is valid: fail closed).
-    pub lb_ips: Vec<Ipv4Addr>,
+    pub lb_ips: Vec<IpAddr>,
     /// The clients allowed on `lb_ips` (empty: anyone).
-    pub source_ranges: Vec<Ipv4Net>,
+    pub source_ranges: Vec<IpNet>,
     /// externalTrafficPolicy: Local.
     pub etp_local: bool,
     /// New flows pick their backend by Maglev.
@@ -122,10 +122,13 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
             return None;
         }
     };
+    // spec.clusterIP is the first of spec.clusterIPs: a dual-stack Service
+    // whose first family is not served is refused whole here (its ClusterIP
+    // of the other family, spec.clusterIPs[1], is not read).
     let ip = match spec.cluster_ip.as_deref() {
         Some("None") => return None, // headless: DNS only.
         None | Some("") => ClusterIp::Allocate,
-        Some(s) => match parse_ipv4(s) {
+        Some(s) => match parse_ip(s, cfg.families) {
             Ok(ip) => ClusterIp::Explicit(ip),
             Err(why) => {
                 errors.push(err("spec.clusterIP", format!("{s:?}: {why}")));
@@ -142,6 +145,7 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
         errors,
     )?;
     let external_ips = addresses(
+        cfg.families,
         "externalIPs",
         spec.external_ips
             .iter()
@@ -155,8 +159,14 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
     let mut lb_ips = Vec::new();
     let mut source_ranges = Vec::new();
     if type_ == ServiceType::LoadBalancer {
-        lb_ips = addresses("loadBalancer", load_balancer_ips(&svc.object), &err, errors);
-        match policies::source_ranges(&svc.object, &err, errors) {
+        lb_ips = addresses(
+            cfg.families,
+            "loadBalancer",
+            load_balancer_ips(&svc.object),
+            &err,
+            errors,
+        );
+        match policies::source_ranges(&svc.object, cfg.families, &err, errors) {
             policies::SourceRanges::Anyone => {}
             policies::SourceRanges::Only(r) => source_ranges = r,
             policies::SourceRanges::NoneValid(field) => {
@@ -283,11 +293,18 @@ fn load_balancer_ips(svc: &Service) -> Vec<(String, String)> {
 }
 
 /// The valid addresses among `(field, value)`, sorted and deduplicated; an
-/// invalid one gets an error naming its field (`what`: the list it is in).
-fn addresses(what: &str, values: Vec<(String, String)>, err: &ErrorAt, errors: &mut Vec<InputError>) -> Vec<Ipv4Addr> {
+/// invalid one, or one of a family not in `families`, gets an error naming its
+/// field (`what`: the list it is in).
+fn addresses(
+    families: Families,
+    what: &str,
+    values: Vec<(String, String)>,
+    err: &ErrorAt,
+    errors: &mut Vec<InputError>,
+) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for (f, v) in values {
-        match parse_ipv4(&v) {
+        match parse_ip(&v, families) {
             Ok(a) => out.push(a),
             Err(why) => errors.push(err(&f, format!("{v:?} is {why} ({what})"))),
         }
@@ -295,28 +312,4 @@ fn addresses(what: &str, values: Vec<(String, String)>, err: &ErrorAt, errors: &
     out.sort();
     out.dedup();
     out
-}
-
-/// An IPv4 address as a Kubernetes object spells it: dotted decimal only.
-/// Leading zeros ("010.096.000.010": octal to inet_aton, decimal to Go's
-/// ParseIPSloppy, so two proxies would disagree) and surrounding whitespace are
-/// refused rather than guessed at; the error says why.
-pub fn parse_ipv4(s: &str) -> Result<Ipv4Addr, &'static str> {
-    if let Ok(a) = s.parse::<Ipv4Addr>() {
-        return Ok(a);
-    }
-    let octets: Vec<&str> = s.split('.').collect();
-    let numeric = octets.len() == 4
-        && octets
-            .iter()
-            .all(|o| !o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()));
-    Err(if s.trim() != s {
-        "not an IPv4 address: it has surrounding whitespace"
-    } else if s.contains(':') {
-        "IPv6, not supported yet"
-    } else if numeric && octets.iter().any(|o| o.len() > 1 && o.starts_with('0')) {
-        "not an IPv4 address: leading zeros are ambiguous (octal to some parsers, decimal to others); write it without them"
-    } else {
-        "not an IPv4 address"
-    })
 }

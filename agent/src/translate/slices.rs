@@ -8,7 +8,7 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-use super::{parse_ipv4, policies::TrafficDistribution, service::Valid, SERVICE_NAME_LABEL};
+use super::{parse_ip, policies::TrafficDistribution, service::Valid, Config, SERVICE_NAME_LABEL};
 use crate::{
     endpoints::{self, Endpoint},
     error::InputError,
@@ -18,9 +18,9 @@ use crate::{
 
 /// Checks every EndpointSlice and Endpoints object; `services` names every
 /// Service.
-pub(super) fn check(snapshot: &Snapshot, services: &BTreeSet<ServiceId>, errors: &mut Vec<InputError>) {
+pub(super) fn check(snapshot: &Snapshot, services: &BTreeSet<ServiceId>, cfg: &Config, errors: &mut Vec<InputError>) {
     check_orphans(snapshot, services, errors);
-    check_endpoint_addresses(snapshot, errors);
+    check_endpoint_addresses(snapshot, cfg, errors);
 }
 
 /// EndpointSlices and Endpoints by their Service,
@@ -52,14 +52,14 @@ pub(super) fn endpoints_of(
     index: &EndpointIndex,
     v: &Valid,
     sp: &ServicePort,
-    pod_endpoints: bool,
+    cfg: &Config,
 ) -> Vec<Endpoint> {
     let meta = &v.svc.object.metadata;
     let ns = meta.namespace.as_deref().unwrap_or("default");
-    if pod_endpoints {
+    if cfg.pod_endpoints {
         if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
             let publish_not_ready = v.spec.publish_not_ready_addresses.unwrap_or(false);
-            let mut all = endpoints::from_pods(ns, selector, sp, &snapshot.pods, publish_not_ready);
+            let mut all = endpoints::from_pods(ns, selector, sp, &snapshot.pods, publish_not_ready, cfg.families);
             match v.traffic_distribution {
                 TrafficDistribution::Any => {}
                 TrafficDistribution::PreferSameZone => {
@@ -74,9 +74,9 @@ pub(super) fn endpoints_of(
         }
     }
     let slices = index.slices.get(&v.id).map(Vec::as_slice).unwrap_or_default();
-    let mut all = endpoints::from_slices(sp, slices);
+    let mut all = endpoints::from_slices(sp, slices, cfg.families);
     for e in index.endpoints.get(&v.id).into_iter().flatten() {
-        all.extend(endpoints::from_endpoints(sp, &e.object));
+        all.extend(endpoints::from_endpoints(sp, &e.object, cfg.families));
     }
     all
 }
@@ -87,17 +87,18 @@ fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Opti
     Some(ServiceId::new(ns, name.as_str()))
 }
 
-/// Endpoint addresses that are no IPv4 address: each named with its object
-/// and field (the endpoint is left out of every Service).
-fn check_endpoint_addresses(snapshot: &Snapshot, errors: &mut Vec<InputError>) {
-    for s in snapshot
-        .endpoint_slices
-        .iter()
-        .filter(|s| s.object.address_type == "IPv4")
-    {
+/// Endpoint addresses that are no address of a served family (of the
+/// slice's addressType, for EndpointSlices): each named with its object and
+/// field (the endpoint is left out of every Service). Slices of a family not
+/// served are skipped whole, as their Service's other family's slices serve it.
+fn check_endpoint_addresses(snapshot: &Snapshot, cfg: &Config, errors: &mut Vec<InputError>) {
+    for s in &snapshot.endpoint_slices {
+        let Some(family) = endpoints::slice_family(&s.object, cfg.families) else {
+            continue;
+        };
         for (i, ep) in s.object.endpoints.iter().enumerate() {
             for (j, a) in ep.addresses.iter().enumerate() {
-                if let Err(why) = parse_ipv4(a) {
+                if let Err(why) = endpoints::slice_address(a, family, cfg.families) {
                     errors.push(InputError::new(
                         &s.source,
                         format!("EndpointSlice {}", ns_name(&s.object.metadata)),
@@ -116,7 +117,7 @@ fn check_endpoint_addresses(snapshot: &Snapshot, errors: &mut Vec<InputError>) {
             ];
             for (field, addrs) in sets {
                 for (j, a) in addrs.iter().flatten().enumerate() {
-                    if let Err(why) = parse_ipv4(&a.ip) {
+                    if let Err(why) = parse_ip(&a.ip, cfg.families) {
                         errors.push(InputError::new(
                             &e.source,
                             format!("Endpoints {}", ns_name(&e.object.metadata)),
