@@ -4,11 +4,11 @@
 //! verdicts and connection tracking.
 use std::{
     net::Ipv4Addr,
-    os::fd::{AsFd as _, AsRawFd as _},
+    os::fd::{AsFd as _, OwnedFd},
 };
 
 use aya::{
-    programs::{SchedClassifier, Xdp},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp},
     Ebpf, EbpfLoader,
 };
 use ferry_agent::{
@@ -97,24 +97,35 @@ impl Fixture {
         self.run_prog(PROG_FROM_POD, frame)
     }
 
-    /// Runs the program `name` on `frame`: (verdict, output frame).
+    /// Runs the program `name` on `frame` (aya's test run): (verdict,
+    /// output frame).
     fn run_prog(&self, name: &str, frame: &[u8]) -> (u32, Vec<u8>) {
         let prog: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
-        test_run(prog.fd().unwrap().as_fd().as_raw_fd(), frame)
+        let mut out = vec![0u8; frame.len() + 256];
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("BPF_PROG_TEST_RUN of {name}: {e}"));
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
     }
 
-    /// The fd of the TC program `name`, for [`test_run`] in another network
-    /// namespace (its FIB lookups use the caller's).
-    fn tc_fd(&self, name: &str) -> i32 {
+    /// A descriptor of the TC program `name`, for a test run in another
+    /// network namespace (its FIB lookups use the caller's), where the
+    /// program object cannot go.
+    fn tc_fd(&self, name: &str) -> OwnedFd {
         let prog: &SchedClassifier = self.ebpf.program(name).unwrap().try_into().unwrap();
-        prog.fd().unwrap().as_fd().as_raw_fd()
+        prog.fd().unwrap().as_fd().try_clone_to_owned().unwrap()
     }
 
-    /// The XDP program's fd, for [`test_run`] in another network namespace
-    /// (its FIB lookups use the caller's).
-    fn xdp_fd(&self) -> i32 {
+    /// The XDP program's descriptor, for a test run in another network
+    /// namespace (its FIB lookups use the caller's).
+    fn xdp_fd(&self) -> OwnedFd {
         let prog: &Xdp = self.ebpf.program(PROG_XDP_FROM_NETDEV).unwrap().try_into().unwrap();
-        prog.fd().unwrap().as_fd().as_raw_fd()
+        prog.fd().unwrap().as_fd().try_clone_to_owned().unwrap()
     }
 
     /// A frontend VIP:port with backends (id, ip, port) in its slots.
@@ -276,54 +287,6 @@ impl Fixture {
     fn counter(&self, c: Counter) -> u64 {
         kernel::read_counters(self.dir()).unwrap()[c as usize]
     }
-}
-
-/// Runs the program `fd` on `frame` once: (verdict, output frame).
-fn test_run(fd: i32, frame: &[u8]) -> (u32, Vec<u8>) {
-    let mut out = vec![0u8; frame.len() + 256];
-    let mut attr = TestRunAttr {
-        prog_fd: fd as u32,
-        data_size_in: frame.len() as u32,
-        data_size_out: out.len() as u32,
-        data_in: frame.as_ptr() as u64,
-        data_out: out.as_mut_ptr() as u64,
-        repeat: 1,
-        ..Default::default()
-    };
-    // SAFETY: attr points at live buffers of the sizes given.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            10, /* BPF_PROG_TEST_RUN */
-            &mut attr as *mut TestRunAttr,
-            std::mem::size_of::<TestRunAttr>(),
-        )
-    };
-    assert_eq!(rc, 0, "BPF_PROG_TEST_RUN: {}", std::io::Error::last_os_error());
-    out.truncate(attr.data_size_out as usize);
-    (attr.retval, out)
-}
-
-/// The BPF_PROG_TEST_RUN part of `union bpf_attr`.
-#[repr(C)]
-#[derive(Default)]
-struct TestRunAttr {
-    prog_fd: u32,
-    retval: u32,
-    data_size_in: u32,
-    data_size_out: u32,
-    data_in: u64,
-    data_out: u64,
-    repeat: u32,
-    duration: u32,
-    ctx_size_in: u32,
-    ctx_size_out: u32,
-    ctx_in: u64,
-    ctx_out: u64,
-    flags: u32,
-    cpu: u32,
-    batch_size: u32,
-    _pad: u32,
 }
 
 // --- packets ---------------------------------------------------------------
@@ -852,9 +815,13 @@ impl FibNetns {
         ns
     }
 
-    /// Runs the XDP program `fd` on `frame` inside this namespace.
-    fn run(&self, fd: i32, frame: Vec<u8>) -> (u32, Vec<u8>) {
-        ferry_tests::in_netns(&self.0, move || test_run(fd, &frame)).expect("test run in the netns")
+    /// Runs the program `fd` on `frame` inside this namespace.
+    fn run(&self, fd: &OwnedFd, frame: Vec<u8>) -> (u32, Vec<u8>) {
+        let fd = fd.try_clone().expect("dup the program's descriptor");
+        let r = ferry_tests::in_netns(&self.0, move || ferry_tests::testrun::run(fd.as_fd(), &frame, 1))
+            .expect("test run in the netns")
+            .expect("BPF_PROG_TEST_RUN");
+        (r.verdict, r.frame)
     }
 }
 
@@ -886,7 +853,7 @@ fn xdp_forwards_nodeport_flows_to_remote_backends_and_their_replies_with_valid_c
     let fd = fx.xdp_fd();
     // Client → node:30080 leaves as node:P → backend:8080 towards node 2,
     // sent by XDP itself (to the veth: a redirect).
-    let (verdict, out) = ns.run(fd, frame(PROTO_TCP, EXT, NODE, 45000, 30080, false));
+    let (verdict, out) = ns.run(&fd, frame(PROTO_TCP, EXT, NODE, 45000, 30080, false));
     assert_eq!(verdict, XDP_REDIRECT, "XDP sends it out itself");
     let p = parse(&out);
     assert_eq!((p.dst, p.dport), (REMOTE, 8080), "DNAT to the backend");
@@ -899,7 +866,7 @@ fn xdp_forwards_nodeport_flows_to_remote_backends_and_their_replies_with_valid_c
         "tracked (TC would find the same entry)"
     );
     // The backend's reply goes back to the client from the NodePort.
-    let (verdict, reply) = ns.run(fd, frame(PROTO_TCP, REMOTE, NODE, 8080, p.sport, false));
+    let (verdict, reply) = ns.run(&fd, frame(PROTO_TCP, REMOTE, NODE, 8080, p.sport, false));
     assert_eq!(verdict, XDP_REDIRECT);
     let r = parse(&reply);
     assert_eq!((r.src, r.sport), (NODE, 30080), "from the NodePort");
@@ -935,7 +902,7 @@ fn xdp_leaves_local_backends_partial_checksums_and_other_traffic_to_tc_untouched
     let fd = fx.xdp_fd();
     // A local backend: TC delivers it, XDP only tracks the flow.
     let input = frame(PROTO_TCP, EXT, NODE, 45001, 30081, false);
-    let (verdict, out) = ns.run(fd, input.clone());
+    let (verdict, out) = ns.run(&fd, input.clone());
     assert_eq!((verdict, &out), (XDP_PASS, &input), "passed on untouched");
     assert!(ct_has(&fx, CT_DIR_FORWARD, EXT, 45001), "tracked for TC");
     // The L4 checksum field holding only the pseudo-header sum (a local
@@ -946,7 +913,7 @@ fn xdp_leaves_local_backends_partial_checksums_and_other_traffic_to_tc_untouched
     pseudo.extend_from_slice(&[0, PROTO_TCP]);
     pseudo.extend_from_slice(&((partial.len() - 34) as u16).to_be_bytes());
     partial[50..52].copy_from_slice(&fold(sum16(&pseudo)).to_be_bytes());
-    let (verdict, out) = ns.run(fd, partial.clone());
+    let (verdict, out) = ns.run(&fd, partial.clone());
     assert_eq!(
         (verdict, &out),
         (XDP_PASS, &partial),
@@ -955,7 +922,7 @@ fn xdp_leaves_local_backends_partial_checksums_and_other_traffic_to_tc_untouched
     assert_eq!(fx.counter(Counter::XdpPassPartialCsum), 1);
     // Not a frontend: untouched.
     let other = frame(PROTO_TCP, EXT, NODE, 45003, 22, false);
-    assert_eq!(ns.run(fd, other.clone()), (XDP_PASS, other));
+    assert_eq!(ns.run(&fd, other.clone()), (XDP_PASS, other));
     assert_eq!(fx.counter(Counter::XdpForward), 0);
 }
 
@@ -1225,7 +1192,7 @@ fn a_translated_packet_too_big_for_its_device_is_answered_with_fragmentation_nee
     let fd = fx.tc_fd(PROG_FROM_POD);
     let big = dont_fragment(frame_with(PROTO_TCP, CLIENT, VIP, 47500, 80, false, &[7u8; 1460]));
     assert_eq!(big.len(), 14 + 1500);
-    let (verdict, out) = ns.run(fd, big.clone());
+    let (verdict, out) = ns.run(&fd, big.clone());
     assert_eq!(
         verdict,
         TC_ACT_REDIRECT,
@@ -1257,10 +1224,10 @@ fn a_translated_packet_too_big_for_its_device_is_answered_with_fragmentation_nee
     assert_eq!(fx.counter(Counter::FragNeeded), 1);
     // Without DF it is translated and left to the stack, which fragments it.
     let frag_ok = frame_with(PROTO_TCP, CLIENT, VIP, 47501, 80, false, &[7u8; 1460]);
-    let (verdict, out) = ns.run(fd, frag_ok);
+    let (verdict, out) = ns.run(&fd, frag_ok);
     assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, REMOTE));
     // One that fits is translated and sent to the backend's device itself.
-    let (verdict, out) = ns.run(fd, dont_fragment(frame(PROTO_TCP, CLIENT, VIP, 47502, 80, false)));
+    let (verdict, out) = ns.run(&fd, dont_fragment(frame(PROTO_TCP, CLIENT, VIP, 47502, 80, false)));
     assert_eq!((verdict, parse(&out).dst), (TC_ACT_REDIRECT, REMOTE));
     assert_checksums(&out);
 }
@@ -1296,7 +1263,7 @@ fn a_translated_packet_to_an_address_of_the_node_counts_as_local_delivery_not_as
     let counts = |fx: &Fixture| (fx.counter(Counter::FibLocal), fx.counter(Counter::FibMiss));
 
     let (verdict, out) = ns.run(
-        fx.tc_fd(PROG_FROM_POD),
+        &fx.tc_fd(PROG_FROM_POD),
         frame(PROTO_TCP, CLIENT, VIP, 47600, 443, false),
     );
     let p = parse(&out);
@@ -1309,7 +1276,7 @@ fn a_translated_packet_to_an_address_of_the_node_counts_as_local_delivery_not_as
     assert_eq!(counts(&fx), (1, 0), "a Pod to the ClusterIP: (fib_local, fib_miss)");
 
     let (verdict, out) = ns.run(
-        fx.tc_fd(PROG_FROM_NETDEV),
+        &fx.tc_fd(PROG_FROM_NETDEV),
         frame(PROTO_TCP, EXT, NODE, 45600, 30443, false),
     );
     let p = parse(&out);
@@ -1324,7 +1291,7 @@ fn a_translated_packet_to_an_address_of_the_node_counts_as_local_delivery_not_as
     // A backend no route leads to is still a miss (left to the stack, which
     // answers it as unreachable).
     let (verdict, out) = ns.run(
-        fx.tc_fd(PROG_FROM_POD),
+        &fx.tc_fd(PROG_FROM_POD),
         frame(PROTO_TCP, CLIENT, VIP2, 47601, 80, false),
     );
     assert_eq!((verdict, parse(&out).dst), (TC_ACT_OK, NOWHERE));
