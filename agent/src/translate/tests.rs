@@ -172,30 +172,45 @@ fn zone_hints_do_not_apply_under_local_traffic_policies() {
     );
 }
 
-#[test]
-fn prefer_close_hints_each_pod_for_its_nodes_zone_in_standalone_mode() {
-    let y = "metadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  trafficDistribution: PreferClose\n  ports: [{name: http, port: 80, targetPort: 8080}]\n";
-    let on = |name: &str, ip: u8, node: &str| PodRecord {
+/// A selector Service `web` with `trafficDistribution: DISTRIBUTION` (none
+/// when empty), its Pods (name, last octet, node) and the nodes (name, zone).
+fn distributed(distribution: &str, pods: &[(&str, u8, &str)], nodes: &[(&str, &str)]) -> Snapshot {
+    let field = if distribution.is_empty() {
+        String::new()
+    } else {
+        format!("  trafficDistribution: {distribution}\n")
+    };
+    let y = format!("metadata: {{name: web, namespace: default}}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {{app: web}}\n{field}  ports: [{{name: http, port: 80, targetPort: 8080}}]\n");
+    Snapshot {
+        services: vec![svc(&y)],
+        pods: pods.iter().map(|&(name, ip, node)| pod_on(name, ip, node)).collect(),
+        nodes: nodes.iter().map(|&(name, zone)| node(name, zone)).collect(),
+        ..Default::default()
+    }
+}
+
+/// A ready Pod of `web` on `node`.
+fn pod_on(name: &str, ip: u8, node: &str) -> PodRecord {
+    PodRecord {
         node: node.into(),
         ..pod(name, [10, 244, 0, ip], true, false)
-    };
-    let mut s = Snapshot {
-        services: vec![svc(y)],
-        pods: vec![on("a", 1, "n1"), on("b", 2, "n2"), on("c", 3, "n2")],
-        nodes: vec![node("n1", "zone-a"), node("n2", "zone-b")],
-        ..Default::default()
-    };
+    }
+}
+
+#[test]
+fn prefer_close_hints_each_pod_for_its_nodes_zone_in_standalone_mode() {
+    let pods = [("a", 1, "n1"), ("b", 2, "n2"), ("c", 3, "n2")];
+    let mut s = distributed("PreferClose", &pods, &[("n1", "zone-a"), ("n2", "zone-b")]);
     assert_eq!(usable_on(&s, "n1"), (vec![1], vec![2, 3]));
     assert_eq!(usable_on(&s, "n2"), (vec![2, 3], vec![1]));
     // zone-a's Pod goes: n1 falls back to every endpoint.
     s.pods.remove(0);
     assert_eq!(usable_on(&s, "n1"), (vec![2, 3], vec![]));
     // A Pod on a node of unknown zone: no hints at all (as the controller).
-    s.pods.push(on("d", 4, "n3"));
+    s.pods.push(pod_on("d", 4, "n3"));
     assert_eq!(usable_on(&s, "n2"), (vec![2, 3, 4], vec![]));
     // Without trafficDistribution the Pods get no hints.
-    s.services = vec![svc(&y.replace("  trafficDistribution: PreferClose\n", ""))];
-    s.pods = vec![on("a", 1, "n1"), on("b", 2, "n2")];
+    let s = distributed("", &pods[..2], &[("n1", "zone-a"), ("n2", "zone-b")]);
     assert_eq!(usable_on(&s, "n1"), (vec![1, 2], vec![]));
 }
 
@@ -247,17 +262,11 @@ fn node_hints_keep_a_nodes_clients_on_its_endpoints_before_zone_hints() {
 
 #[test]
 fn prefer_same_node_hints_each_pod_for_its_node_in_standalone_mode() {
-    let y = "metadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  selector: {app: web}\n  trafficDistribution: PreferSameNode\n  ports: [{name: http, port: 80, targetPort: 8080}]\n";
-    let on = |name: &str, ip: u8, node: &str| PodRecord {
-        node: node.into(),
-        ..pod(name, [10, 244, 0, ip], true, false)
-    };
-    let mut s = Snapshot {
-        services: vec![svc(y)],
-        pods: vec![on("a", 1, "n1"), on("b", 2, "n2"), on("c", 3, "n3")],
-        nodes: vec![node("n1", "zone-a"), node("n2", "zone-b"), node("n3", "zone-b")],
-        ..Default::default()
-    };
+    let mut s = distributed(
+        "PreferSameNode",
+        &[("a", 1, "n1"), ("b", 2, "n2"), ("c", 3, "n3")],
+        &[("n1", "zone-a"), ("n2", "zone-b"), ("n3", "zone-b")],
+    );
     assert_eq!(usable_on(&s, "n1"), (vec![1], vec![2, 3]));
     assert_eq!(usable_on(&s, "n2"), (vec![2], vec![1, 3]));
     // n2's Pod goes: n2 falls back to its zone (zone-b: n3's Pod).
