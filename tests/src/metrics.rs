@@ -9,7 +9,7 @@ pub fn sample(text: &str, name: &str) -> Option<f64> {
 }
 
 /// The agent's sync counters (`/metrics/agent`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Syncs {
     /// Syncs after a change of the input (a file, an API object, a relist,
     /// the node's addresses), the first one included.
@@ -20,6 +20,10 @@ pub struct Syncs {
     pub writes: u64,
     /// Frontends the last sync programmed.
     pub frontends: u64,
+    /// When the last sync completed, by the agent's clock (Unix seconds; 0
+    /// before the first): lets a waiter time a sync to the agent's own
+    /// moment of completion, whatever its polling interval.
+    pub last_sync_s: f64,
 }
 
 impl Syncs {
@@ -27,6 +31,7 @@ impl Syncs {
     pub const PERIODIC: &str = "ferry_sync_proxy_rules_total{trigger=\"periodic\"}";
     pub const WRITES: &str = "ferry_sync_proxy_rules_writes_total";
     pub const FRONTENDS: &str = "ferry_frontends";
+    pub const LAST_SYNC: &str = "ferry_sync_proxy_rules_last_timestamp_seconds";
 
     /// From a metrics exposition; an error names the sample it lacks.
     pub fn parse(text: &str) -> Result<Self> {
@@ -40,6 +45,7 @@ impl Syncs {
             periodic: get(Self::PERIODIC)?,
             writes: get(Self::WRITES)?,
             frontends: get(Self::FRONTENDS)?,
+            last_sync_s: sample(text, Self::LAST_SYNC).unwrap_or(0.0),
         })
     }
 
@@ -60,7 +66,8 @@ mod tests {
         ferry_sync_proxy_rules_total{trigger=\"periodic\"} 1\n\
         ferry_sync_proxy_rules_writes_total 2\n\
         ferry_frontends 30003\n\
-        ferry_frontends_other 7\n";
+        ferry_frontends_other 7\n\
+        ferry_sync_proxy_rules_last_timestamp_seconds 1796327794.123456\n";
 
     #[test]
     fn sync_counters_parse_and_sum() {
@@ -71,7 +78,8 @@ mod tests {
                 after_change: 3,
                 periodic: 1,
                 writes: 2,
-                frontends: 30003
+                frontends: 30003,
+                last_sync_s: 1_796_327_794.123_456,
             }
         );
         assert_eq!(s.generation(), 4);

@@ -830,8 +830,12 @@ impl Ctx<'_> {
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?,
             DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev => {
                 files.reset_ferry()?;
+                let from = unix_now();
                 node.lab().start_agent_on(&files.ferry_dir)?;
-                wait_for_sync(node.lab(), None, Some(files.frontends), CONTROL_TIMEOUT)?;
+                let done = wait_for_sync(node.lab(), None, Some(files.frontends), CONTROL_TIMEOUT)?;
+                let cold_start = since(from, &done);
+                let rss_mib = node.lab().agent_pid().and_then(rss_mib_of);
+                return Ok(SetUp { cold_start, rss_mib });
             }
         }
         let cold_start = started.elapsed();
@@ -1143,10 +1147,10 @@ impl Ctx<'_> {
                     .lab()
                     .syncs()
                     .context("the agent's sync counters before the change")?;
-                let started = Instant::now();
+                let from = unix_now();
                 files.change_ferry()?;
-                wait_for_sync(node.lab(), Some(before), None, CONTROL_TIMEOUT)?;
-                return Ok(started.elapsed());
+                let done = wait_for_sync(node.lab(), Some(before), None, CONTROL_TIMEOUT)?;
+                return Ok(since(from, &done));
             }
         }
         Ok(started.elapsed())
@@ -1290,11 +1294,15 @@ fn atomic_write(path: &Path, text: &str) -> Result<()> {
 /// 2 ms) show a sync that wrote the maps since `before` (None: since the agent
 /// started), with `frontends` frontends programmed, if given. Until the agent
 /// listens, a poll fails; the last failure is named if none succeeds in time.
-fn wait_for_sync(lab: &mut Lab, before: Option<Syncs>, frontends: Option<usize>, timeout: Duration) -> Result<()> {
+/// Waits for the agent's next sync that wrote (see [`synced`]) and returns
+/// its counters. Polled every 20 ms: the time taken is read from the agent's
+/// own completion timestamp ([`since`]), so polling faster would only take
+/// CPU from the sync it measures (two cores).
+fn wait_for_sync(lab: &mut Lab, before: Option<Syncs>, frontends: Option<usize>, timeout: Duration) -> Result<Syncs> {
     let started = Instant::now();
     loop {
         let last = match lab.syncs() {
-            Ok(now) if synced(before.as_ref(), &now, frontends) => return Ok(()),
+            Ok(now) if synced(before.as_ref(), &now, frontends) => return Ok(now),
             Ok(now) => format!("{now:?}"),
             Err(e) => format!("{e:#}"),
         };
@@ -1302,8 +1310,22 @@ fn wait_for_sync(lab: &mut Lab, before: Option<Syncs>, frontends: Option<usize>,
         if started.elapsed() > timeout {
             return Err(TimedOut(format!("ferry agent: no sync within {timeout:?} (last seen: {last})")).into());
         }
-        std::thread::sleep(Duration::from_millis(2));
+        std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// The Unix time now, in seconds (the agent stamps its syncs with the same
+/// clock).
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// From `from` (Unix seconds) to the completion of the sync `done` reports.
+fn since(from: f64, done: &Syncs) -> Duration {
+    Duration::from_secs_f64((done.last_sync_s - from).max(0.0))
 }
 
 /// Whether `now` shows a sync that wrote the maps since `before` (None: any),
@@ -1736,6 +1758,7 @@ mod tests {
             periodic: 0,
             writes,
             frontends,
+            last_sync_s: 0.0,
         };
         // Cold start: any sync that wrote, with every frontend.
         assert!(!synced(None, &s(0, 0), Some(30003)), "not synced yet");
