@@ -218,9 +218,9 @@ impl Topology<'_> {
 /// hinted for this zone; else none, and all endpoints are used (hints
 /// missing, or none left for this node or zone).
 pub fn topology<'a>(all: &[Endpoint], node: &'a str, zone: Option<&'a str>) -> Option<Topology<'a>> {
-    let ready: Vec<&Endpoint> = all.iter().filter(|e| e.ready).collect();
+    let ready = || all.iter().filter(|e| e.ready);
     let applies = |hints: fn(&Endpoint) -> &[String], mode: Topology| {
-        ready.iter().all(|e| !hints(e).is_empty()) && ready.iter().any(|e| mode.admits(e))
+        ready().all(|e| !hints(e).is_empty()) && ready().any(|e| mode.admits(e))
     };
     let same_node = Topology::SameNode(node);
     if !node.is_empty() && applies(|e| e.node_hints.as_slice(), same_node) {

@@ -5,9 +5,10 @@
 //! other processes' programs and other threads (network namespaces) have.
 use std::{
     io,
-    net::SocketAddrV4,
     os::fd::{AsRawFd as _, BorrowedFd},
 };
+
+use ferry_common::{PROTO_TCP, PROTO_UDP};
 
 /// What one test run returned.
 #[derive(Clone, Debug)]
@@ -77,57 +78,126 @@ struct TestRunAttr {
     _pad: u32,
 }
 
-/// TCP flags for [`tcp_frame`].
+// --- frames -------------------------------------------------------------
+// Built from scratch here, independently of the dataplane's checksum code,
+// for the packet tests and the benchmark's test runs.
+
+/// TCP flags.
+pub const FIN: u8 = 0x01;
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
 
-/// An Ethernet frame with an IPv4 TCP segment `src` → `dst` carrying `flags`
-/// and no payload, checksums correct.
-pub fn tcp_frame(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
-    let mut f = Vec::with_capacity(54);
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x02]); // destination MAC
-    f.extend_from_slice(&[0x02, 0, 0, 0, 0, 0x01]); // source MAC
-    f.extend_from_slice(&0x0800u16.to_be_bytes());
-    let ip_start = f.len();
-    f.extend_from_slice(&[0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0]);
-    f.extend_from_slice(&src.ip().octets());
-    f.extend_from_slice(&dst.ip().octets());
-    let ip_csum = checksum(&f[ip_start..], 0);
-    f[ip_start + 10..ip_start + 12].copy_from_slice(&ip_csum.to_be_bytes());
-    let tcp_start = f.len();
-    f.extend_from_slice(&src.port().to_be_bytes());
-    f.extend_from_slice(&dst.port().to_be_bytes());
-    f.extend_from_slice(&1u32.to_be_bytes()); // sequence
-    f.extend_from_slice(&(if flags & ACK != 0 { 1u32 } else { 0 }).to_be_bytes());
-    f.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
-    // Pseudo-header: addresses, protocol, TCP length.
-    let mut pseudo = 0u32;
-    for w in f[ip_start + 12..ip_start + 20].chunks(2) {
-        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]));
-    }
-    pseudo += 6 + 20;
-    let tcp_csum = checksum(&f[tcp_start..], pseudo);
-    f[tcp_start + 16..tcp_start + 18].copy_from_slice(&tcp_csum.to_be_bytes());
-    f
-}
-
-/// The destination (address, port) of an IPv4 TCP/UDP frame made like
-/// [`tcp_frame`]'s (no IP options).
-pub fn destination(frame: &[u8]) -> Option<SocketAddrV4> {
-    let ip: [u8; 4] = frame.get(30..34)?.try_into().ok()?;
-    let port = u16::from_be_bytes(frame.get(36..38)?.try_into().ok()?);
-    Some(SocketAddrV4::new(ip.into(), port))
-}
-
-/// The Internet checksum of `bytes` with `sum` (a pseudo-header) added in.
-fn checksum(bytes: &[u8], mut sum: u32) -> u16 {
-    for w in bytes.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]));
-    }
+/// The one's-complement sum `sum` folded to 16 bits.
+pub fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    sum as u16
+}
+
+/// The sum of `data` as big-endian 16-bit words (an odd last byte padded).
+pub fn sum16(data: &[u8]) -> u32 {
+    data.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+/// Ethernet + IPv4 + TCP (SYN) or UDP with correct checksums.
+pub fn frame(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, udp_zero_csum: bool) -> Vec<u8> {
+    frame_with(proto, src, dst, sport, dport, udp_zero_csum, b"hello")
+}
+
+/// [`frame`] with `payload`.
+pub fn frame_with(
+    proto: u8,
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    udp_zero_csum: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let l4_len = if proto == PROTO_TCP { 20 } else { 8 } + payload.len();
+    let mut f = vec![0u8; 14 + 20 + l4_len];
+    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip = &mut f[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
+    ip[8] = 64;
+    ip[9] = proto;
+    ip[12..16].copy_from_slice(&src);
+    ip[16..20].copy_from_slice(&dst);
+    let c = !fold(sum16(ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let l4 = &mut f[34..];
+    l4[0..2].copy_from_slice(&sport.to_be_bytes());
+    l4[2..4].copy_from_slice(&dport.to_be_bytes());
+    if proto == PROTO_TCP {
+        l4[12] = 5 << 4;
+        l4[13] = 0x02; // SYN
+        l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
+        l4[20..].copy_from_slice(payload);
+    } else {
+        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        l4[8..].copy_from_slice(payload);
+    }
+    if !(proto == PROTO_UDP && udp_zero_csum) {
+        let c = l4_checksum(&f);
+        let off = 34 + if proto == PROTO_TCP { 16 } else { 6 };
+        f[off..off + 2].copy_from_slice(&c.to_be_bytes());
+    }
+    f
+}
+
+/// The L4 checksum of a frame computed from scratch (with the field zeroed).
+pub fn l4_checksum(f: &[u8]) -> u16 {
+    let proto = f[23];
+    let mut seg = f[34..].to_vec();
+    let off = if proto == PROTO_TCP { 16 } else { 6 };
+    seg[off] = 0;
+    seg[off + 1] = 0;
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&f[26..34]);
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+    let c = !fold(sum16(&pseudo) + sum16(&seg));
+    if proto == PROTO_UDP && c == 0 {
+        0xffff
+    } else {
+        c
+    }
+}
+
+/// The addresses, ports and L4 checksum of a frame made like [`frame`]'s.
+pub struct Parsed {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: u16,
+    pub dport: u16,
+    pub l4_csum: u16,
+}
+
+/// Reads a frame made like [`frame`]'s (no IP options).
+pub fn parse(f: &[u8]) -> Parsed {
+    let proto = f[23];
+    let off = 34 + if proto == PROTO_TCP { 16 } else { 6 };
+    Parsed {
+        src: f[26..30].try_into().unwrap(),
+        dst: f[30..34].try_into().unwrap(),
+        sport: u16::from_be_bytes([f[34], f[35]]),
+        dport: u16::from_be_bytes([f[36], f[37]]),
+        l4_csum: u16::from_be_bytes([f[off], f[off + 1]]),
+    }
+}
+
+/// `f` (TCP, made by [`frame`]) with other flags, checksum recomputed.
+pub fn with_flags(mut f: Vec<u8>, flags: u8) -> Vec<u8> {
+    f[47] = flags;
+    let c = l4_checksum(&f);
+    f[50..52].copy_from_slice(&c.to_be_bytes());
+    f
 }
 
 #[cfg(test)]
@@ -135,16 +205,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_frame_checksums_to_zero_and_names_its_destination() {
-        let src: SocketAddrV4 = "10.244.0.200:20000".parse().unwrap();
-        let dst: SocketAddrV4 = "10.96.0.10:80".parse().unwrap();
-        let f = tcp_frame(src, dst, SYN);
-        assert_eq!(f.len(), 54);
-        // A correct checksum over the header (its own field included) is 0.
-        assert_eq!(checksum(&f[14..34], 0), 0);
-        let pseudo = [10u32 << 8 | 244, 200, 10 << 8 | 96, 10].iter().sum::<u32>() + 6 + 20;
-        assert_eq!(checksum(&f[34..], pseudo), 0);
-        assert_eq!(destination(&f), Some(dst));
-        assert_eq!(f[47], SYN);
+    fn a_frame_checksums_to_zero_and_reads_back() {
+        let f = with_flags(
+            frame(PROTO_TCP, [10, 244, 0, 200], [10, 96, 0, 10], 20000, 80, false),
+            ACK,
+        );
+        assert_eq!(fold(sum16(&f[14..34])), 0xffff, "IPv4 header checksum");
+        assert_eq!(l4_checksum(&f), parse(&f).l4_csum);
+        let p = parse(&f);
+        assert_eq!(
+            (p.src, p.dst, p.sport, p.dport),
+            ([10, 244, 0, 200], [10, 96, 0, 10], 20000, 80)
+        );
+        assert_eq!(f[47], ACK);
     }
 }

@@ -26,6 +26,7 @@ use ferry_common::{
     ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_XDP_FROM_NETDEV, PROTO_TCP,
     PROTO_UDP, SCOPE_EXTERNAL,
 };
+use ferry_tests::testrun::{fold, frame, frame_with, l4_checksum, parse, sum16, with_flags, ACK, FIN, SYN};
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
@@ -290,107 +291,6 @@ impl Fixture {
 }
 
 // --- packets ---------------------------------------------------------------
-
-fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    sum as u16
-}
-
-fn sum16(data: &[u8]) -> u32 {
-    data.chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum()
-}
-
-/// Ethernet + IPv4 + TCP (SYN) or UDP with correct checksums.
-fn frame(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, udp_zero_csum: bool) -> Vec<u8> {
-    frame_with(proto, src, dst, sport, dport, udp_zero_csum, b"hello")
-}
-
-/// [`frame`] with `payload`.
-fn frame_with(
-    proto: u8,
-    src: [u8; 4],
-    dst: [u8; 4],
-    sport: u16,
-    dport: u16,
-    udp_zero_csum: bool,
-    payload: &[u8],
-) -> Vec<u8> {
-    let l4_len = if proto == PROTO_TCP { 20 } else { 8 } + payload.len();
-    let mut f = vec![0u8; 14 + 20 + l4_len];
-    f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
-    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut f[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&((20 + l4_len) as u16).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = proto;
-    ip[12..16].copy_from_slice(&src);
-    ip[16..20].copy_from_slice(&dst);
-    let c = !fold(sum16(ip));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let l4 = &mut f[34..];
-    l4[0..2].copy_from_slice(&sport.to_be_bytes());
-    l4[2..4].copy_from_slice(&dport.to_be_bytes());
-    if proto == PROTO_TCP {
-        l4[12] = 5 << 4;
-        l4[13] = 0x02; // SYN
-        l4[14..16].copy_from_slice(&64240u16.to_be_bytes());
-        l4[20..].copy_from_slice(payload);
-    } else {
-        l4[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
-        l4[8..].copy_from_slice(payload);
-    }
-    if !(proto == PROTO_UDP && udp_zero_csum) {
-        let c = l4_checksum(&f);
-        let off = 34 + if proto == PROTO_TCP { 16 } else { 6 };
-        f[off..off + 2].copy_from_slice(&c.to_be_bytes());
-    }
-    f
-}
-
-/// The L4 checksum of a frame computed from scratch (with the field zeroed).
-fn l4_checksum(f: &[u8]) -> u16 {
-    let proto = f[23];
-    let mut seg = f[34..].to_vec();
-    let off = if proto == PROTO_TCP { 16 } else { 6 };
-    seg[off] = 0;
-    seg[off + 1] = 0;
-    let mut pseudo = Vec::new();
-    pseudo.extend_from_slice(&f[26..34]);
-    pseudo.extend_from_slice(&[0, proto]);
-    pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
-    let c = !fold(sum16(&pseudo) + sum16(&seg));
-    if proto == PROTO_UDP && c == 0 {
-        0xffff
-    } else {
-        c
-    }
-}
-
-struct Parsed {
-    src: [u8; 4],
-    dst: [u8; 4],
-    sport: u16,
-    dport: u16,
-    l4_csum: u16,
-}
-
-fn parse(f: &[u8]) -> Parsed {
-    let proto = f[23];
-    let off = 34 + if proto == PROTO_TCP { 16 } else { 6 };
-    Parsed {
-        src: f[26..30].try_into().unwrap(),
-        dst: f[30..34].try_into().unwrap(),
-        sport: u16::from_be_bytes([f[34], f[35]]),
-        dport: u16::from_be_bytes([f[36], f[37]]),
-        l4_csum: u16::from_be_bytes([f[off], f[off + 1]]),
-    }
-}
 
 /// Asserts the IP header checksum and the L4 checksum are right.
 fn assert_checksums(f: &[u8]) {
@@ -984,18 +884,7 @@ fn load_balancer_source_ranges_admit_only_clients_in_range() {
 
 // --- connection tracking ---------------------------------------------------
 
-const SYN: u8 = 0x02;
-const FIN: u8 = 0x01;
-const ACK: u8 = 0x10;
 const SEC: u64 = 1_000_000_000;
-
-/// `f` (TCP) with other flags, checksum recomputed.
-fn with_flags(mut f: Vec<u8>, flags: u8) -> Vec<u8> {
-    f[47] = flags;
-    let c = l4_checksum(&f);
-    f[50..52].copy_from_slice(&c.to_be_bytes());
-    f
-}
 
 /// The lifetime an entry was given, in whole seconds (rounded).
 fn lifetime(v: &CtValue) -> u64 {

@@ -40,6 +40,7 @@ use ferry_bench::{
     scenario::{self, Scenario},
     stats::Summary,
 };
+use ferry_common::{PROG_FROM_NETDEV, PROG_FROM_POD, PROG_XDP_FROM_NETDEV};
 use ferry_tests::{
     cluster::{node_addr, pod_cidr, Cluster, EXTERNAL_ADDR},
     in_netns,
@@ -654,9 +655,9 @@ fn synthetic_probe<'a>(
     let north_south = case.topology == Topology::NorthSouth;
     let program = match path {
         DataPath::NoNat | DataPath::Iptables | DataPath::Nftables | DataPath::FerrySocklb => return None,
-        DataPath::FerryXdp if north_south => "xdp_from_netdev",
-        _ if north_south => "from_netdev",
-        _ => "from_pod",
+        DataPath::FerryXdp if north_south => PROG_XDP_FROM_NETDEV,
+        _ if north_south => PROG_FROM_NETDEV,
+        _ => PROG_FROM_POD,
     };
     let SocketAddr::V4(frontend) = *files.frontend.get(&TCP_PORT)? else {
         return None;
@@ -821,24 +822,28 @@ impl Ctx<'_> {
     fn set_up(&mut self, node: &mut Node, path: DataPath, files: &Files) -> Result<SetUp> {
         let ns = node.lab().node.clone();
         let started = Instant::now();
-        match path {
-            DataPath::NoNat if node.topology == Topology::NorthSouth => node.route_through_node1()?,
-            DataPath::NoNat => {}
-            DataPath::Iptables => {
-                netns_stdin(&ns, self.plan.iptables.restore(), &[], &files.iptables, CONTROL_TIMEOUT)?
+        let cold_start = match path {
+            DataPath::NoNat if node.topology == Topology::NorthSouth => {
+                node.route_through_node1()?;
+                started.elapsed()
             }
-            DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?,
+            DataPath::NoNat => started.elapsed(),
+            DataPath::Iptables => {
+                netns_stdin(&ns, self.plan.iptables.restore(), &[], &files.iptables, CONTROL_TIMEOUT)?;
+                started.elapsed()
+            }
+            DataPath::Nftables => {
+                netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?;
+                started.elapsed()
+            }
             DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev => {
                 files.reset_ferry()?;
                 let from = unix_now();
                 node.lab().start_agent_on(&files.ferry_dir)?;
                 let done = wait_for_sync(node.lab(), None, Some(files.frontends), CONTROL_TIMEOUT)?;
-                let cold_start = since(from, &done);
-                let rss_mib = node.lab().agent_pid().and_then(rss_mib_of);
-                return Ok(SetUp { cold_start, rss_mib });
+                since(from, &done)
             }
-        }
-        let cold_start = started.elapsed();
+        };
         let rss_mib = if path.is_ferry() {
             node.lab().agent_pid().and_then(rss_mib_of)
         } else {

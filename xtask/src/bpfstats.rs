@@ -30,12 +30,19 @@ pub struct Runs {
     pub count: u64,
 }
 
-/// The programs the process `pid` holds (the agent's), by id: name, runs.
-pub fn of_process(pid: u32) -> Result<BTreeMap<u32, (String, Runs)>> {
+/// The programs the process `pid` holds (the agent's).
+pub fn programs_of(pid: u32) -> Result<Vec<aya::programs::ProgramInfo>> {
     let ids = ferry_tests::sys::prog_ids_of(pid)?;
     Ok(aya::programs::loaded_programs()
         .filter_map(Result::ok)
         .filter(|p| ids.contains(&p.id()))
+        .collect())
+}
+
+/// The programs the process `pid` holds (the agent's), by id: name, runs.
+pub fn of_process(pid: u32) -> Result<BTreeMap<u32, (String, Runs)>> {
+    Ok(programs_of(pid)?
+        .into_iter()
         .map(|p| {
             let runs = Runs {
                 ns: p.run_time().as_nanos() as u64,

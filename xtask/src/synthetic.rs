@@ -22,6 +22,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
+use ferry_common::{PROG_XDP_FROM_NETDEV, PROTO_TCP};
 use ferry_tests::testrun::{self, ACK, SYN};
 
 /// New flows measured per round.
@@ -62,13 +63,12 @@ pub struct Figures {
 
 /// Runs the probe's frames on the agent's program (in the node's namespace).
 pub fn measure(p: &Probe) -> Result<Figures> {
-    let ids = ferry_tests::sys::prog_ids_of(p.agent_pid)?;
-    let info = aya::programs::loaded_programs()
-        .filter_map(Result::ok)
-        .find(|i| ids.contains(&i.id()) && i.name_as_str() == Some(p.program))
+    let info = crate::bpfstats::programs_of(p.agent_pid)?
+        .into_iter()
+        .find(|i| i.name_as_str() == Some(p.program))
         .with_context(|| format!("the agent (pid {}) has no program {}", p.agent_pid, p.program))?;
     let fd = info.fd().with_context(|| format!("opening program {}", p.program))?;
-    let xdp = p.program.starts_with("xdp");
+    let xdp = p.program == PROG_XDP_FROM_NETDEV;
     let (client, frontend, backends, untranslated, program) = (
         p.client,
         p.frontend,
@@ -81,7 +81,7 @@ pub fn measure(p: &Probe) -> Result<Figures> {
             testrun::run(fd.as_fd(), frame, 1).with_context(|| format!("BPF_PROG_TEST_RUN on {program}"))
         };
         let translated = |r: &testrun::Run, what: &str| -> Result<()> {
-            let to = testrun::destination(&r.frame);
+            let to = destination(&r.frame);
             if xdp && r.verdict == XDP_PASS {
                 bail!(
                     "{program} passed the {what} to TC (verdict {}): no XDP figure",
@@ -99,19 +99,19 @@ pub fn measure(p: &Probe) -> Result<Figures> {
         let port = |k: u16| SocketAddrV4::new(client, 40_000 + k);
         let mut new_ns = 0u64;
         for k in 0..NEW_FLOWS {
-            let r = run(&testrun::tcp_frame(port(k), frontend, SYN))?;
+            let r = run(&tcp(port(k), frontend, SYN))?;
             translated(&r, "first packet of a new flow")?;
             new_ns += u64::from(r.ns_per_run);
         }
-        let tracked = testrun::tcp_frame(port(0), frontend, ACK);
-        let other = testrun::tcp_frame(port(0), untranslated, ACK);
+        let tracked = tcp(port(0), frontend, ACK);
+        let other = tcp(port(0), untranslated, ACK);
         let (mut tracked_ns, mut other_ns) = (0u64, 0u64);
         for _ in 0..RUNS {
             let r = run(&tracked)?;
             translated(&r, "packet of a tracked flow")?;
             tracked_ns += u64::from(r.ns_per_run);
             let r = run(&other)?;
-            if testrun::destination(&r.frame) != Some(untranslated) {
+            if destination(&r.frame) != Some(untranslated) {
                 bail!("{program}: the packet to {untranslated} came out changed");
             }
             other_ns += u64::from(r.ns_per_run);
@@ -122,4 +122,23 @@ pub fn measure(p: &Probe) -> Result<Figures> {
             untranslated_ns: other_ns as f64 / f64::from(RUNS),
         })
     })?
+}
+
+/// A TCP segment `src` → `dst` with `flags` (the test frames' builder).
+fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
+    let f = testrun::frame(
+        PROTO_TCP,
+        src.ip().octets(),
+        dst.ip().octets(),
+        src.port(),
+        dst.port(),
+        false,
+    );
+    testrun::with_flags(f, flags)
+}
+
+/// Where a frame made by [`tcp`] (and rewritten by a program) is addressed.
+fn destination(frame: &[u8]) -> Option<SocketAddrV4> {
+    let p = (frame.len() >= 38).then(|| testrun::parse(frame))?;
+    Some(SocketAddrV4::new(p.dst.into(), p.dport))
 }
