@@ -22,12 +22,13 @@ pub fn files(scenario: &Scenario) -> Vec<(String, String)> {
     }
     vec![
         (FILLERS_FILE.into(), out),
-        (MEASURED_FILE.into(), measured_yaml(measured)),
+        (MEASURED_FILE.into(), service_yaml(measured)),
     ]
 }
 
-/// The measured Service's file ([`MEASURED_FILE`]) alone.
-pub fn measured_yaml(measured: &Service) -> String {
+/// One Service and its EndpointSlice (the measured Service's file,
+/// [`MEASURED_FILE`], say).
+pub fn service_yaml(measured: &Service) -> String {
     let mut m = String::new();
     service(&mut m, measured);
     m

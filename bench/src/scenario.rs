@@ -1,7 +1,7 @@
 //! The benchmark's Services: N-1 fillers and one measured Service, last.
 //!
 //! Every Service has `endpoints_per_service` endpoints. Only the measured
-//! Service's endpoints are real Pods; the fillers point into 10.128.0.0/15, which
+//! Service's endpoints are real Pods; the fillers point into 100.64.0.0/10, which
 //! no lab namespace routes, so they never receive traffic. The measured Service
 //! is last everywhere a ruleset is ordered (KUBE-SERVICES), the worst case for
 //! linear rule evaluation.
@@ -16,9 +16,13 @@ pub const MEASURED: &str = "measured";
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// First ClusterIP (10.96.0.1); inside the agent's default --service-cluster-ip-range.
 const CLUSTER_IP_BASE: u32 = 0x0a60_0000;
-/// Base of the fillers' endpoint addresses (10.128.0.0/15: 131072 addresses).
-const FAKE_ENDPOINT_BASE: u32 = 0x0a80_0000;
-const FAKE_ENDPOINTS_MAX: u64 = 1 << 17;
+/// Base of the fillers' endpoint addresses (100.64.0.0/10, the shared address
+/// space no lab routes: 4,194,304 addresses, 100,000 Services of 10 and more).
+pub const FAKE_ENDPOINT_BASE: u32 = 0x6440_0000;
+pub const FAKE_ENDPOINTS_MAX: u64 = 1 << 22;
+/// Most Services a scenario has (ClusterIPs from 10.96.0.1 stay inside the
+/// agent's default --service-cluster-ip-range, 10.96.0.0/12).
+pub const SERVICES_MAX: usize = 200_000;
 /// Ports of the measured Service: (name, port, protocol, targetPort). HTTP last:
 /// it is the one CRR and RR hit, so it is the very last rule of KUBE-SERVICES.
 pub const STREAM_PORT: (&str, u16, Protocol, u16) = ("stream", 5201, Protocol::Tcp, 5201);
@@ -98,14 +102,14 @@ impl Scenario {
     /// `n` Services (n >= 1) with `per_service` endpoints each; the measured one
     /// (last) has the `real` endpoints, which must number `per_service`.
     pub fn new(n: usize, per_service: usize, real: &[Ipv4Addr]) -> Result<Self> {
-        if n == 0 || n > 60_000 {
-            bail!("the number of Services must be within 1..=60000, not {n}");
+        if n == 0 || n > SERVICES_MAX {
+            bail!("the number of Services must be within 1..={SERVICES_MAX}, not {n}");
         }
         if per_service == 0 || real.len() != per_service {
             bail!("{per_service} endpoints per Service but {} real endpoints", real.len());
         }
         if ((n - 1) as u64) * per_service as u64 > FAKE_ENDPOINTS_MAX {
-            bail!("{n} Services x {per_service} endpoints do not fit in 10.128.0.0/15");
+            bail!("{n} Services x {per_service} endpoints do not fit in 100.64.0.0/10");
         }
         let mut services = Vec::with_capacity(n);
         for i in 0..n - 1 {
@@ -228,9 +232,9 @@ mod tests {
         assert_eq!(s.measured().cluster_ip, Ipv4Addr::new(10, 96, 0, 3));
         assert_eq!(
             s.services[0].endpoints,
-            [Ipv4Addr::new(10, 128, 0, 0), Ipv4Addr::new(10, 128, 0, 1)]
+            [Ipv4Addr::new(100, 64, 0, 0), Ipv4Addr::new(100, 64, 0, 1)]
         );
-        assert_eq!(s.services[1].endpoints[0], Ipv4Addr::new(10, 128, 0, 2));
+        assert_eq!(s.services[1].endpoints[0], Ipv4Addr::new(100, 64, 0, 2));
         assert_eq!(s.frontends(), 2 + 3);
         assert_eq!(
             s.services[0].port_name(&s.services[0].ports[0]),
@@ -268,8 +272,9 @@ mod tests {
     fn bad_sizes_are_errors() {
         assert!(Scenario::new(0, 1, &real(1)).is_err());
         assert!(Scenario::new(2, 3, &real(2)).is_err());
-        assert!(Scenario::new(20_000, 10, &real(10)).is_err());
-        assert!(Scenario::new(10_000, 10, &real(10)).is_ok());
+        assert!(Scenario::new(SERVICES_MAX + 1, 1, &real(1)).is_err());
+        assert!(Scenario::new(200_000, 30, &real(30)).is_err(), "6M endpoints do not fit in 100.64.0.0/10");
+        assert!(Scenario::new(100_000, 10, &real(10)).is_ok());
     }
 
     #[test]

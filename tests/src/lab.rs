@@ -550,13 +550,18 @@ impl Lab {
     /// The agent's sync counters, from its `/metrics/agent` (what tests
     /// and the benchmark wait on, not the log).
     pub fn syncs(&self) -> Result<crate::Syncs> {
+        crate::Syncs::parse(&self.agent_metrics()?)
+    }
+
+    /// The agent's own metrics (`/metrics/agent`: no map is read), as text.
+    pub fn agent_metrics(&self) -> Result<String> {
         let addr = self.metrics_addr()?;
         let (code, body) = crate::http_get(&self.node, addr, "/metrics/agent")
             .with_context(|| format!("the agent's metrics at {addr} in {}", self.node))?;
         if code != 200 {
             bail!("the agent's metrics at {addr} in {}: HTTP {code}: {body}", self.node);
         }
-        crate::Syncs::parse(&body)
+        Ok(body)
     }
 
     /// Where the agent serves metrics in the node's namespace: its

@@ -8,6 +8,14 @@ pub fn sample(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// A histogram's exact sum and count (`NAME_sum`, `NAME_count`), if present:
+/// the difference of two readings around one event is that event's value.
+pub fn histogram(text: &str, name: &str) -> Option<(f64, u64)> {
+    let sum = sample(text, &format!("{name}_sum"))?;
+    let count = sample(text, &format!("{name}_count"))?;
+    Some((sum, count as u64))
+}
+
 /// The agent's sync counters (`/metrics/agent`).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Syncs {
@@ -68,6 +76,13 @@ mod tests {
         ferry_frontends 30003\n\
         ferry_frontends_other 7\n\
         ferry_sync_proxy_rules_last_timestamp_seconds 1796327794.123456\n";
+
+    #[test]
+    fn a_histogram_reads_as_its_exact_sum_and_count() {
+        let text = "h_bucket{le=\"0.001\"} 2\nh_sum 0.0035\nh_count 3\nother_sum 9\n";
+        assert_eq!(histogram(text, "h"), Some((0.0035, 3)));
+        assert_eq!(histogram(text, "other"), None, "a sum without a count is no histogram");
+    }
 
     #[test]
     fn sync_counters_parse_and_sum() {

@@ -100,6 +100,12 @@ pub struct Args {
     /// Where the results go (default target/bench).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Instead of the data paths: the control plane alone (cold start, RSS,
+    /// one endpoint change inside the agent and end to end, a sustained
+    /// stream of changes), standalone and cluster mode, at --services N
+    /// (default 10000,100000; --quick 2000). Results in control-plane.md.
+    #[arg(long)]
+    control_plane: bool,
     /// Instead of the data paths: the conntrack garbage collector on a TCP
     /// table of this many entries, half of them dead (e.g. 1000000), against
     /// a read-only walk of the same table.
@@ -108,6 +114,17 @@ pub struct Args {
 }
 
 impl Args {
+    /// What `cargo xtask test` runs to keep the control-plane benchmark
+    /// working: --control-plane --quick at N=1000, debug build.
+    pub fn control_plane_check() -> Self {
+        Self {
+            control_plane: true,
+            services: Some(vec![1000]),
+            out: Some(crate::root().join("target/bench/ci")),
+            ..Self::harness_check()
+        }
+    }
+
     /// What `cargo xtask test` runs to keep the harness working: --quick with
     /// N=1, short measurements, the debug build, results under target/bench/ci.
     pub fn harness_check() -> Self {
@@ -122,6 +139,7 @@ impl Args {
             iptables: IptablesBackend::Legacy,
             debug: true,
             out: Some(crate::root().join("target/bench/ci")),
+            control_plane: false,
             gc: None,
         }
     }
@@ -395,8 +413,8 @@ impl Plan {
         } else {
             vec![1, 1000, 10_000]
         });
-        if ns.is_empty() || ns.iter().any(|n| !(1..=60_000).contains(n)) {
-            bail!("--services: every N must be within 1..=60000");
+        if ns.is_empty() || ns.iter().any(|n| !(1..=scenario::SERVICES_MAX).contains(n)) {
+            bail!("--services: every N must be within 1..={}", scenario::SERVICES_MAX);
         }
         let rounds = args.rounds.unwrap_or(3);
         if !(1..=20).contains(&rounds) {
@@ -446,6 +464,17 @@ pub fn run(args: Args) -> Result<()> {
             "--entries",
             &entries.to_string(),
         ]));
+    }
+    if args.control_plane {
+        return crate::control_plane::run(&crate::control_plane::Plan {
+            ns: args
+                .services
+                .clone()
+                .unwrap_or(if args.quick { vec![2000] } else { vec![10_000, 100_000] }),
+            quick: args.quick,
+            profile: if args.debug { "debug" } else { "release" },
+            out: args.out.clone().unwrap_or_else(|| crate::root().join("target/bench")),
+        });
     }
     let plan = Plan::from(&args)?;
     // The tree measured: what is built now, not what is checked out at the end.
@@ -1236,8 +1265,8 @@ impl Files {
         for (file, yaml) in manifests::files(scenario) {
             fs::write(ferry_dir.join(&file), yaml)?;
         }
-        let measured = manifests::measured_yaml(scenario.measured());
-        let measured_changed = manifests::measured_yaml(changed.measured());
+        let measured = manifests::service_yaml(scenario.measured());
+        let measured_changed = manifests::service_yaml(changed.measured());
         let stale = iptables::stale_chains(scenario, changed);
         let node1 = node_addr(0);
         let frontend = scenario
@@ -1288,7 +1317,7 @@ impl Drop for Files {
     }
 }
 
-fn atomic_write(path: &Path, text: &str) -> Result<()> {
+pub(crate) fn atomic_write(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp~");
     fs::write(&tmp, text)?;
     fs::rename(&tmp, path)?;
@@ -1321,7 +1350,7 @@ fn wait_for_sync(lab: &mut Lab, before: Option<Syncs>, frontends: Option<usize>,
 
 /// The Unix time now, in seconds (the agent stamps its syncs with the same
 /// clock).
-fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
@@ -1356,7 +1385,7 @@ fn strip_ansi(s: &str) -> String {
     out
 }
 
-fn rss_mib_of(pid: u32) -> Option<f64> {
+pub(crate) fn rss_mib_of(pid: u32) -> Option<f64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kb: f64 = status
         .lines()

@@ -1,6 +1,7 @@
 //! `cargo xtask setup | build | test | run | lab`: everything from a fresh machine.
 mod bench;
 mod bpfstats;
+mod control_plane;
 mod demo;
 mod demo_north_south;
 mod lab;
@@ -74,6 +75,8 @@ fn main() -> Result<()> {
                 demo::run(true, true)?;
                 println!("xtask: the benchmark harness, `cargo xtask bench --quick` with N=1 (debug build; no timing is checked)");
                 bench::run(bench::Args::harness_check())?;
+                println!("xtask: the control-plane benchmark's harness, `cargo xtask bench --control-plane --quick` at N=1000 (debug build; no timing is checked)");
+                bench::run(bench::Args::control_plane_check())?;
             }
             println!("xtask: all tests passed");
             Ok(())
