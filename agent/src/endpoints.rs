@@ -255,13 +255,30 @@ pub fn hint_own_nodes(all: &mut [Endpoint]) {
     }
 }
 
+/// A Service port's endpoints from all its slices, each address and port
+/// once, as kube-proxy's EndpointSlice cache merges them before hints are
+/// read: a duplicate counts with its best condition (ready, then serving), and
+/// of equals the one with topology hints is kept. Sorted by address and port.
+pub fn merge(mut all: Vec<Endpoint>) -> Vec<Endpoint> {
+    all.sort_by_key(|e| {
+        (
+            e.addr,
+            e.port,
+            !e.ready,
+            !e.serving,
+            e.zone_hints.is_empty() && e.node_hints.is_empty(),
+        )
+    });
+    all.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
+    all
+}
+
 /// The endpoints that take new connections: the ready ones; if none is ready, the
 /// serving and terminating ones (graceful termination, KEP-1669). Sorted, deduped
 /// by address and port (the same endpoint listed twice counts with its best
 /// condition). The second value says whether the fallback was used.
-pub fn usable(mut all: Vec<Endpoint>) -> (Vec<Endpoint>, bool) {
-    all.sort_by_key(|e| (e.addr, e.port, !e.ready, !e.serving));
-    all.dedup_by(|a, b| a.addr == b.addr && a.port == b.port);
+pub fn usable(all: Vec<Endpoint>) -> (Vec<Endpoint>, bool) {
+    let all = merge(all);
     let ready: Vec<Endpoint> = all.iter().filter(|e| e.ready).cloned().collect();
     if !ready.is_empty() {
         return (ready, false);
@@ -288,6 +305,33 @@ mod tests {
             zone_hints: Vec::new(),
             node_hints: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_duplicate_from_another_slice_does_not_turn_hints_off() {
+        let hinted = |last, zone: &str| Endpoint {
+            zone_hints: vec![zone.to_string()],
+            ..ep(last, true, true, false)
+        };
+        // Slice A: .1 for zone a, .2 for zone b; slice B lists .1 again, without hints.
+        let all = vec![hinted(1, "a"), hinted(2, "b"), ep(1, true, true, false)];
+        assert_eq!(
+            topology(&all, "n1", Some("a")),
+            None,
+            "unmerged, the duplicate has no hint"
+        );
+        let merged = merge(all);
+        assert_eq!(merged, vec![hinted(1, "a"), hinted(2, "b")]);
+        assert_eq!(topology(&merged, "n1", Some("a")), Some(Topology::SameZone("a")));
+        // A ready duplicate wins over a not-ready one, hints or not.
+        let not_ready = Endpoint {
+            ready: false,
+            ..hinted(3, "a")
+        };
+        assert_eq!(
+            merge(vec![not_ready, ep(3, true, true, false)]),
+            vec![ep(3, true, true, false)]
+        );
     }
 
     #[test]

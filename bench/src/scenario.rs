@@ -273,7 +273,10 @@ mod tests {
         assert!(Scenario::new(0, 1, &real(1)).is_err());
         assert!(Scenario::new(2, 3, &real(2)).is_err());
         assert!(Scenario::new(SERVICES_MAX + 1, 1, &real(1)).is_err());
-        assert!(Scenario::new(200_000, 30, &real(30)).is_err(), "6M endpoints do not fit in 100.64.0.0/10");
+        assert!(
+            Scenario::new(200_000, 30, &real(30)).is_err(),
+            "6M endpoints do not fit in 100.64.0.0/10"
+        );
         assert!(Scenario::new(100_000, 10, &real(10)).is_ok());
     }
 

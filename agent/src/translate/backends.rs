@@ -16,14 +16,14 @@ pub(super) fn split(
     cfg: &Config,
     zone: Option<&str>,
 ) -> (Vec<BackendSpec>, Vec<BackendSpec>, bool) {
+    let all = endpoints::merge(all.to_vec());
     let (candidates, remote): (Vec<Endpoint>, Vec<Endpoint>) = if local_only {
-        all.iter()
-            .cloned()
+        all.into_iter()
             .partition(|e| e.node.as_deref() == Some(cfg.node.as_str()))
-    } else if let Some(mode) = endpoints::topology(all, &cfg.node, zone) {
-        all.iter().cloned().partition(|e| mode.admits(e))
+    } else if let Some(mode) = endpoints::topology(&all, &cfg.node, zone) {
+        all.into_iter().partition(|e| mode.admits(e))
     } else {
-        (all.to_vec(), Vec::new())
+        (all, Vec::new())
     };
     let (usable, fallback) = endpoints::usable(candidates.clone());
     let mut draining: Vec<BackendSpec> = candidates
