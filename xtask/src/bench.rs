@@ -867,6 +867,8 @@ impl Ctx<'_> {
             }
             DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev => {
                 files.reset_ferry()?;
+                let sizes = crate::control_plane::map_size_args(files.frontends, SERVERS);
+                node.lab().agent_args_mut().extend(sizes);
                 let from = unix_now();
                 node.lab().start_agent_on(&files.ferry_dir)?;
                 let done = wait_for_sync(node.lab(), None, Some(files.frontends), CONTROL_TIMEOUT)?;

@@ -176,14 +176,16 @@ fn marker(n: usize, k: usize) -> Service {
     s
 }
 
-/// Map sizes for N Services: every frontend and backend slot, with room.
-fn agent_args(n: usize) -> Vec<String> {
+/// The agent's map sizes for `frontends` frontends of `endpoints` endpoints
+/// each: every frontend and backend slot, with room (never below the
+/// defaults). 100,000 Services of 10 need them raised, as a user would.
+pub fn map_size_args(frontends: usize, endpoints: usize) -> Vec<String> {
     let entries = |x: usize| (x + x / 4).next_power_of_two().max(262_144).to_string();
     vec![
         "--services-map-size".into(),
-        entries(n * (1 + ENDPOINTS) + 1024),
+        entries(frontends * (1 + endpoints) + 1024),
         "--backends-map-size".into(),
-        entries(n * ENDPOINTS + 1024),
+        entries(frontends * endpoints + 1024),
     ]
 }
 
@@ -191,7 +193,7 @@ fn lab(tag: &str, n: usize) -> Result<Lab> {
     Lab::start(LabOptions {
         agent: false,
         shim: false,
-        agent_args: agent_args(n),
+        agent_args: map_size_args(n, ENDPOINTS),
         ..LabOptions::new(tag)
     })
 }
@@ -537,12 +539,12 @@ mod tests {
 
     #[test]
     fn maps_are_sized_for_every_frontend_and_slot() {
-        let a = agent_args(100_000);
+        let a = map_size_args(100_000, ENDPOINTS);
         let services: usize = a[1].parse().unwrap();
         let backends: usize = a[3].parse().unwrap();
         assert!(services >= 100_000 * 11, "{services}");
         assert!(backends >= 100_000 * 10, "{backends}");
-        assert_eq!(agent_args(10)[1], "262144");
+        assert_eq!(map_size_args(10, ENDPOINTS)[1], "262144");
     }
 
     #[test]
