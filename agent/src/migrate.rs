@@ -17,8 +17,8 @@ use aya::maps::{MapData, MapError, MapInfo, MapType};
 use aya_obj::{generated::bpf_map_type, maps::PinningType};
 use ferry_common::{
     AFFINITY_MAP, BACKENDS_MAP, BACKEND_LEGACY_SIZE, CONFIG_MAP, COUNTERS_MAP, CT_ANY_MAP, CT_TCP_MAP, FRAGS_MAP,
-    MAGLEV_MAP, NODE_ADDRS_MAP, REVNAT_MAP, SERVICES_MAP, SOCK_LB_SKIP_MAP, SOCK_REVNAT_MAP, SRC_RANGES_MAP,
-    SVC_NAMES_MAP, SVC_STATS_MAP,
+    FRONTEND_ADDRS_MAP, MAGLEV_MAP, NODE_ADDRS_MAP, REVNAT_MAP, SERVICES_MAP, SOCK_LB_SKIP_MAP, SOCK_REVNAT_MAP,
+    SRC_RANGES_MAP, SVC_NAMES_MAP, SVC_STATS_MAP,
 };
 
 /// Maps the agent rewrites after every start, or statistics: a pin that does
@@ -46,7 +46,8 @@ pub const REWRITTEN: &[&str] = &[
 pub const CUT_VALUES: &[(&str, u32)] = &[(BACKENDS_MAP, BACKEND_LEGACY_SIZE)];
 
 /// Maps that hold state nothing else has: flows (connection tracking, session
-/// affinity, socket reverse NAT) and the agent's id cursors (config). A pin that
+/// affinity, socket reverse NAT), the agent's id cursors (config) and the
+/// addresses the frontend gate keeps for flows still tracked. A pin that
 /// differs only in max_entries is copied into the new map; any other difference
 /// loses the entries, with a warning. A map of the object in neither list is
 /// treated as state.
@@ -57,6 +58,7 @@ pub const STATE: &[&str] = &[
     AFFINITY_MAP,
     SOCK_REVNAT_MAP,
     CONFIG_MAP,
+    FRONTEND_ADDRS_MAP,
 ];
 
 /// What a map looks like to the kernel.

@@ -11,6 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use ferry_common::FRONTEND_ADDRS_MAP;
 use futures::StreamExt as _;
 use rtnetlink::MulticastGroup;
 use tokio::{
@@ -23,6 +24,7 @@ use crate::{
     dataplane::{self, Dataplane},
     ids::ServiceId,
     maps::{
+        gate::{tracked_frontends, Gate, GateMaps},
         kernel::KernelMaps,
         layout::{layout, Ids},
         sync::Syncer,
@@ -96,6 +98,11 @@ struct Programmer {
     translate: translate::Config,
     /// healthCheckNodePort servers, matched to each translation.
     health_checks: crate::health_check_nodeport::HealthCheckServers,
+    /// from_pod's frontend gate (None: could not be opened; the programs
+    /// then look every destination up).
+    gate: Option<(Gate, GateMaps)>,
+    /// The gate overflowed its map (logged once).
+    gate_overflow: bool,
 }
 
 impl Programmer {
@@ -130,6 +137,7 @@ impl Programmer {
             "sync phases"
         );
         let st = self.syncer.sync(&desired);
+        self.sync_gate(&t.frontends);
         let failed: BTreeSet<String> = st.failed.iter().map(ToString::to_string).collect();
         report_changes(&self.not_programmed, &failed);
         self.not_programmed = failed;
@@ -171,6 +179,77 @@ impl Programmer {
             wrote: st.upserts + st.deletes > 0,
         }
     }
+}
+
+impl Programmer {
+    /// Tells from_pod which destinations may be frontends (`maps::gate`).
+    fn sync_gate(&mut self, frontends: &[translate::Frontend]) {
+        let Some((gate, maps)) = &mut self.gate else {
+            return;
+        };
+        let written = maps.held().and_then(|held| {
+            let plan = gate.plan(&held, frontends.iter().map(|f| f.key().0), Instant::now());
+            if plan.overflow != self.gate_overflow {
+                if plan.overflow {
+                    tracing::warn!(
+                        addresses = plan.addrs.len(),
+                        "more frontend addresses outside --service-cluster-ip-range than {FRONTEND_ADDRS_MAP} holds: from_pod looks every destination up"
+                    );
+                }
+                self.gate_overflow = plan.overflow;
+            }
+            maps.write(&held, &plan)
+        });
+        if let Err(e) = written {
+            tracing::warn!("writing {FRONTEND_ADDRS_MAP} (from_pod's frontend gate): {e}");
+        }
+    }
+}
+
+/// Opens from_pod's frontend gate. A gate that was never on (a fresh map,
+/// or pins of a version without it) first keeps the frontends of the flows
+/// already tracked. None (with a warning) if the pins cannot be read: the
+/// gate then stays as it is, off unless an earlier agent turned it on.
+fn open_gate(cfg: &Config) -> Option<(Gate, GateMaps)> {
+    let dir = &cfg.dataplane.bpffs_dir;
+    let maps = match GateMaps::open(dir) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("from_pod's frontend gate: {e}");
+            return None;
+        }
+    };
+    let cidr = match cfg.translate.service_cidr {
+        ipnet::IpNet::V4(c) => Some(c),
+        ipnet::IpNet::V6(_) => None,
+    };
+    let c = &cfg.ct;
+    let linger = [
+        c.timeout_tcp_syn,
+        c.timeout_tcp,
+        c.timeout_tcp_close,
+        c.timeout_udp,
+        c.timeout_udp_stream,
+    ]
+    .into_iter()
+    .max()
+    .unwrap_or_default();
+    let mut gate = Gate::new(cidr, linger);
+    match maps.is_on() {
+        Ok(true) => {}
+        Ok(false) => match crate::maps::kernel::read_ct(dir) {
+            Ok(flows) => gate.linger_from(tracked_frontends(&flows), Instant::now()),
+            Err(e) => {
+                tracing::warn!("from_pod's frontend gate stays off: reading the tracked flows: {e}");
+                return None;
+            }
+        },
+        Err(e) => {
+            tracing::warn!("from_pod's frontend gate: {e}");
+            return None;
+        }
+    }
+    Some((gate, maps))
 }
 
 /// Logs the messages of `now` that were not in `before` (at error), and says
@@ -350,6 +429,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         node: None,
         translate: cfg.translate.clone(),
         health_checks: Default::default(),
+        gate: open_gate(&cfg),
+        gate_overflow: false,
     };
 
     let (conn, handle, mut link_events) =

@@ -153,11 +153,21 @@ pub mod config {
     /// TCP packet that is not translated, e.g. of connections socket LB
     /// pointed at a backend).
     pub const TCP_IN_ANY: u32 = 17;
+    /// The frontend gate of from_pod (see [`super::FRONTEND_ADDRS_MAP`]):
+    /// 1 once the agent has written the gate's addresses, 0 before (every
+    /// destination may be a frontend then). With the gate on, a destination
+    /// inside the service CIDR (`SERVICE_CIDR_ADDR`/`SERVICE_CIDR_MASK`, wire
+    /// order; mask 0: none) or in the map may be a frontend; any other packet
+    /// can only be a reply, and skips the forward conntrack and services
+    /// lookups.
+    pub const FRONTEND_GATE: u32 = 18;
+    pub const SERVICE_CIDR_ADDR: u32 = 19;
+    pub const SERVICE_CIDR_MASK: u32 = 20;
     /// Entries of the array: room above the last index so that new settings
     /// need no new map (a pinned array of another size is copied over).
     pub const COUNT: u32 = 32;
     /// Every index above, for the test that they are distinct and below COUNT.
-    pub const ALL: [u32; 15] = [
+    pub const ALL: [u32; 18] = [
         NODE_ADDR,
         HOST_NETNS_COOKIE_LO,
         HOST_NETNS_COOKIE_HI,
@@ -173,6 +183,9 @@ pub mod config {
         MAGLEV_TABLE_SIZE,
         SOCK_LB_PODS,
         TCP_IN_ANY,
+        FRONTEND_GATE,
+        SERVICE_CIDR_ADDR,
+        SERVICE_CIDR_MASK,
     ];
 }
 
@@ -240,6 +253,13 @@ pub const PROG_SOCK_ALL: [&str; 8] = [
 pub const SOCK_SET_RETVAL: &str = "SOCK_SET_RETVAL";
 /// Network namespaces (cookie, `u64`) whose sockets the socket load balancer
 /// leaves alone (`--socket-lb-skip-netns`): their traffic goes the TC path.
+/// The frontend gate: addresses (wire order → `u8` 1) that may be frontends
+/// although outside the service CIDR (ExternalIPs, LoadBalancer IPs, NodePort
+/// addresses, ClusterIPs out of range), and those that stopped being
+/// frontends while flows to them may still be tracked. Read by from_pod (see
+/// [`config::FRONTEND_GATE`]).
+pub const FRONTEND_ADDRS_MAP: &str = "FERRY_FRONTEND_ADDRS";
+pub const DEFAULT_FRONTEND_ADDRS_MAX: u32 = 65_536;
 pub const SOCK_LB_SKIP_MAP: &str = "FERRY_SOCK_LB_SKIP";
 pub const DEFAULT_SOCK_LB_SKIP_MAX: u32 = 1024;
 pub const DEFAULT_SOCK_REVNAT_MAX: u32 = 65_536;

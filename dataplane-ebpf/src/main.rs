@@ -263,6 +263,15 @@ fn try_from_pod(ctx: &TcContext) -> Result<i32, Counter> {
         // An ICMP error a local backend sent about a flow to it.
         return icmp_error(ctx);
     };
+    // A packet to an address that is no frontend (Pod to Pod, or a
+    // connection socket LB already pointed at a backend) can only be a
+    // backend's reply: the forward conntrack and services lookups are skipped.
+    if !maps::may_be_frontend(pkt.daddr) {
+        return match ct::reply(&pkt) {
+            Some(r) => nat::reverse(ctx, &pkt, &r),
+            None => Ok(TC_ACT_OK),
+        };
+    }
     let flow = match ct::classify(&pkt) {
         // A backend's reply to a client (or to the hairpin address). A local
         // backend's reply to a north-south client leaves through a node

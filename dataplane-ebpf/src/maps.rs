@@ -8,9 +8,9 @@ use aya_ebpf::{
 use ferry_common::{
     config, AffinityKey, AffinityValue, Backend, Counter, CtKey, CtValue, FragKey, FragPorts, RevNat, ServiceKey,
     ServiceName, ServiceValue, SockRevKey, SrcRangeKey, SvcStats, COUNTER_COUNT, DEFAULT_AFFINITY_MAX,
-    DEFAULT_BACKENDS_MAX, DEFAULT_CT_ANY_MAX, DEFAULT_CT_TCP_MAX, DEFAULT_FRAGS_MAX, DEFAULT_MAGLEV_TABLES,
-    DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX, DEFAULT_SOCK_LB_SKIP_MAX,
-    DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SRC_RANGES_MAX, NODE_ADDRS_MAX,
+    DEFAULT_BACKENDS_MAX, DEFAULT_CT_ANY_MAX, DEFAULT_CT_TCP_MAX, DEFAULT_FRAGS_MAX, DEFAULT_FRONTEND_ADDRS_MAX,
+    DEFAULT_MAGLEV_TABLES, DEFAULT_MAGLEV_TABLE_SIZE, DEFAULT_REVNAT_MAX, DEFAULT_SERVICES_MAX,
+    DEFAULT_SOCK_LB_SKIP_MAX, DEFAULT_SOCK_REVNAT_MAX, DEFAULT_SRC_RANGES_MAX, NODE_ADDRS_MAX,
 };
 
 #[map(name = "FERRY_SERVICES")]
@@ -69,6 +69,28 @@ pub static NODE_ADDRS: HashMap<u32, u8> = HashMap::pinned(NODE_ADDRS_MAX, 0);
 pub fn is_node_addr(addr: u32) -> bool {
     // SAFETY: the value is only tested for presence.
     unsafe { NODE_ADDRS.get(&addr) }.is_some()
+}
+
+/// The frontend gate's addresses outside the service CIDR
+/// (`ferry_common::FRONTEND_ADDRS_MAP`).
+#[map(name = "FERRY_FRONTEND_ADDRS")]
+pub static FRONTEND_ADDRS: HashMap<u32, u8> = HashMap::pinned(DEFAULT_FRONTEND_ADDRS_MAX, 0);
+
+/// Whether a packet to `addr` (wire order) may be for a frontend, so worth
+/// the forward conntrack and services lookups: always until the agent turns
+/// the gate on; then when `addr` is in the service CIDR or in
+/// [`FRONTEND_ADDRS`].
+#[inline(always)]
+pub fn may_be_frontend(addr: u32) -> bool {
+    if config(config::FRONTEND_GATE) == 0 {
+        return true;
+    }
+    let mask = config(config::SERVICE_CIDR_MASK);
+    if mask != 0 && addr & mask == config(config::SERVICE_CIDR_ADDR) {
+        return true;
+    }
+    // SAFETY: the value is only tested for presence.
+    unsafe { FRONTEND_ADDRS.get(&addr) }.is_some()
 }
 
 /// Node settings written by the agent (indices: `ferry_common::config`).

@@ -22,7 +22,7 @@ use ferry_agent::{
     },
 };
 use ferry_common::{
-    addr_to_map, ct_flags, port_from_map, port_to_map, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
+    addr_to_map, config, ct_flags, port_from_map, port_to_map, Backend, Counter, CtKey, CtValue, RevNat, ServiceKey,
     ServiceValue, CT_DIR_FORWARD, CT_DIR_REPLY, PROG_FROM_NETDEV, PROG_FROM_POD, PROG_XDP_FROM_NETDEV, PROTO_TCP,
     PROTO_UDP, SCOPE_EXTERNAL,
 };
@@ -232,6 +232,21 @@ impl Fixture {
         )
         .unwrap();
         addrs.insert(addr_to_map(addr), 1, 0).unwrap();
+    }
+
+    /// Puts `addr` in the frontend gate's map, or takes it out.
+    fn gate_addr(&mut self, addr: [u8; 4], present: bool) {
+        let mut addrs: aya::maps::HashMap<_, u32, u8> = aya::maps::HashMap::try_from(
+            self.ebpf
+                .map_mut(ferry_common::FRONTEND_ADDRS_MAP)
+                .expect("frontend gate map"),
+        )
+        .unwrap();
+        if present {
+            addrs.insert(addr_to_map(addr), 1, 0).unwrap();
+        } else {
+            addrs.remove(&addr_to_map(addr)).unwrap();
+        }
     }
 
     /// A node setting (`ferry_common::config`).
@@ -1443,4 +1458,47 @@ fn every_packet_program_passes_the_verifier_and_reports_its_cost() {
         eprintln!("verifier: {name}: {verified} instructions verified, {size} bytes translated");
         assert!(verified > 0 && verified < 1_000_000, "{name}: {verified}");
     }
+}
+
+/// The frontend gate (`maps::gate`): with it on, a Pod's packet to an
+/// address neither in the service CIDR nor in the gate's map is not looked
+/// up (it passes as it is), while ClusterIPs in the CIDR, addresses in the
+/// map and backends' replies are translated as before.
+#[test]
+fn the_frontend_gate_skips_lookups_only_for_addresses_that_are_no_frontend() {
+    const EXTERNAL: [u8; 4] = [192, 0, 2, 7];
+    let mut fx = Fixture::new("gate");
+    fx.service(PROTO_TCP, 80, 1, &[(1, [10, 244, 0, 5], 8080)]);
+    fx.frontend(EXTERNAL, PROTO_TCP, 80, 2, 0, &[(2, [10, 244, 0, 6], 8080, 0)], "ext");
+    fx.set_config(config::SERVICE_CIDR_ADDR, addr_to_map([10, 96, 0, 0]));
+    fx.set_config(config::SERVICE_CIDR_MASK, addr_to_map([255, 240, 0, 0]));
+    fx.set_config(config::FRONTEND_GATE, 1);
+
+    // In the CIDR: translated, and its reply reverse-translated.
+    let (_, out) = fx.run(&frame(PROTO_TCP, CLIENT, VIP, 40000, 80, false));
+    assert_eq!(parse(&out).dst, [10, 244, 0, 5]);
+    let (_, out) = fx.run(&frame(PROTO_TCP, [10, 244, 0, 5], CLIENT, 8080, 40000, false));
+    assert_eq!(
+        (parse(&out).src, parse(&out).sport),
+        (VIP, 80),
+        "a reply to a non-frontend is still looked up"
+    );
+
+    // Outside the CIDR and not in the gate's map: not looked up at all.
+    let input = frame(PROTO_TCP, CLIENT, EXTERNAL, 40001, 80, false);
+    let (verdict, out) = fx.run(&input);
+    assert_eq!((verdict, &out), (TC_ACT_OK, &input), "the gate let a lookup through");
+    assert!(!ct_has(&fx, CT_DIR_FORWARD, CLIENT, 40001));
+
+    // In the gate's map: translated.
+    fx.gate_addr(EXTERNAL, true);
+    let (_, out) = fx.run(&input);
+    assert_eq!(parse(&out).dst, [10, 244, 0, 6]);
+    assert_checksums(&out);
+
+    // Gate off: every destination is looked up, the map's content aside.
+    fx.gate_addr(EXTERNAL, false);
+    fx.set_config(config::FRONTEND_GATE, 0);
+    let (_, out) = fx.run(&frame(PROTO_TCP, CLIENT, EXTERNAL, 40002, 80, false));
+    assert_eq!(parse(&out).dst, [10, 244, 0, 6]);
 }

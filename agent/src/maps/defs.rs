@@ -9,8 +9,9 @@ use aya::maps::{
 };
 use ferry_common::{
     addr_from_map, addr_to_map, AffinityKey, AffinityValue, Backend, CtKey, CtValue, RevNat, ServiceKey, ServiceName,
-    ServiceValue, SrcRangeKey, SvcStats, AFFINITY_MAP, BACKENDS_MAP, CONFIG_MAP, CT_ANY_MAP, CT_TCP_MAP, MAGLEV_MAP,
-    REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS, SVC_NAMES_MAP, SVC_STATS_MAP,
+    ServiceValue, SrcRangeKey, SvcStats, AFFINITY_MAP, BACKENDS_MAP, CONFIG_MAP, CT_ANY_MAP, CT_TCP_MAP,
+    FRONTEND_ADDRS_MAP, MAGLEV_MAP, REVNAT_MAP, SERVICES_MAP, SRC_RANGES_MAP, SRC_RANGE_ID_BITS, SVC_NAMES_MAP,
+    SVC_STATS_MAP,
 };
 use ipnet::Ipv4Net;
 
@@ -314,8 +315,23 @@ impl MapDef for CtTcp {
     }
 }
 
+/// The frontend gate's addresses (`super::gate`; the agent writes it
+/// through its own handle, beside the sync).
+pub struct FrontendAddrs;
+impl MapDef for FrontendAddrs {
+    const NAME: &'static str = FRONTEND_ADDRS_MAP;
+    const KIND: Kind = Kind::Hash;
+    const SHOWN: &'static str = "frontend addresses map";
+    type Key = u32;
+    type Value = u8;
+    type Kernel = HashMap<MapData, u32, u8>;
+    fn describe(a: &u32) -> String {
+        format!("address {}", std::net::Ipv4Addr::from(addr_from_map(*a)))
+    }
+}
+
 /// Every map declared here.
-pub const ALL: [Info; 11] = [
+pub const ALL: [Info; 12] = [
     Info::of::<CtTcp>(),
     Info::of::<Services>(),
     Info::of::<Backends>(),
@@ -327,6 +343,7 @@ pub const ALL: [Info; 11] = [
     Info::of::<Stats>(),
     Info::of::<CtAny>(),
     Info::of::<Affinity>(),
+    Info::of::<FrontendAddrs>(),
 ];
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! one generic typed table per map (`table`; the maps are declared in `defs`,
 //! opened in `kernel`). The byte layout itself is `ferry_common`'s.
 pub mod defs;
+pub mod gate;
 pub mod kernel;
 pub mod layout;
 pub mod sync;
