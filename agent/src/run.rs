@@ -13,10 +13,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use futures::StreamExt as _;
 use rtnetlink::MulticastGroup;
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    sync::mpsc::UnboundedSender,
-};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     admin::{self, Health},
@@ -28,7 +25,7 @@ use crate::{
         sync::Syncer,
     },
     metrics::{Metrics, Programmed, SyncTrigger},
-    sources::{cluster, manifests, watch, Input},
+    sources::{cluster, manifests, watch, Changes, Input},
     status::report::{detect_features, unix_now, AgentReport, AttachError, Reporter, WatchState},
     translate::{self, translate},
 };
@@ -101,7 +98,8 @@ struct Programmer {
 impl Programmer {
     /// `after_change`: the sync follows an input change (or a relist), so a no-op
     /// is worth an info line; periodic resyncs log it at debug.
-    fn sync(&mut self, input: Input, after_change: bool) -> Programmed {
+    /// `loaded`: how long reading the source took (logged with the phases).
+    fn sync(&mut self, input: Input, after_change: bool, loaded: Duration) -> Programmed {
         let started = Instant::now();
         let Input { snapshot, errors } = input;
         if snapshot.node != self.node {
@@ -123,13 +121,17 @@ impl Programmer {
         }
         self.allocated = t.allocated;
         self.health_checks.reconcile(&t.health_checks);
+        let laid_out = Instant::now();
         let desired = layout(&t.frontends, &mut self.ids);
+        let layout_took = laid_out.elapsed();
+        let st = self.syncer.sync(&desired);
         tracing::debug!(
-            translate_ms = translated.as_millis() as u64,
-            layout_ms = (started.elapsed() - translated).as_millis() as u64,
+            load_us = loaded.as_micros() as u64,
+            translate_us = translated.as_micros() as u64,
+            layout_us = layout_took.as_micros() as u64,
+            sync_us = st.duration.as_micros() as u64,
             "sync phases"
         );
-        let st = self.syncer.sync(&desired);
         let failed: BTreeSet<String> = st.failed.iter().map(ToString::to_string).collect();
         report_changes(&self.not_programmed, &failed);
         self.not_programmed = failed;
@@ -206,7 +208,7 @@ enum Source {
 type Fingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
 
 impl Source {
-    async fn start(cfg: &Config, tx: UnboundedSender<()>, metrics: Arc<Metrics>) -> Result<Self> {
+    async fn start(cfg: &Config, tx: Changes, metrics: Arc<Metrics>) -> Result<Self> {
         match &cfg.mode {
             Mode::Standalone { manifests, state_dir } => {
                 let watched = vec![manifests.clone(), ferry_podstate::pods_dir(state_dir)];
@@ -221,7 +223,7 @@ impl Source {
                         tick.tick().await;
                         let now = watch::fingerprint(&dirs);
                         let changed = *last.lock().unwrap_or_else(|e| e.into_inner()) != now;
-                        if changed && tx.send(()).is_err() {
+                        if changed && tx.send(Instant::now()).is_err() {
                             break;
                         }
                     }
@@ -377,7 +379,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     );
     // The first sync: at once in standalone mode; in cluster mode as soon as
     // every initial list is done (the watchers send a change then).
-    let _ = tx.send(());
+    let _ = tx.send(Instant::now());
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -385,34 +387,35 @@ pub async fn run(cfg: Config) -> Result<()> {
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await;
     let mut attach_tick = tokio::time::interval(Duration::from_secs(2));
-    // When the first change of a pending burst arrived, and when the last
-    // change-driven sync ran. A change after a quiet spell syncs at once (after
+    // When the first change of a pending burst arrived (and the earliest
+    // receipt stamp among its changes), and when the last change-driven sync
+    // ran. A change after a quiet spell syncs at once (after
     // QUIET, for the writer to finish); changes within `debounce` of the last
     // sync are coalesced into one sync at the end of that window: at most one
     // sync per window, and none delayed by more than `debounce`.
-    let mut pending: Option<tokio::time::Instant> = None;
+    let mut pending: Option<(tokio::time::Instant, Instant)> = None;
     let mut last_sync = tokio::time::Instant::now() - cfg.debounce;
     let mut waiting_logged = false;
     loop {
-        let deadline = pending.map(|t| (t + QUIET).max(last_sync + cfg.debounce));
+        let deadline = pending.map(|(t, _)| (t + QUIET).max(last_sync + cfg.debounce));
         tokio::select! {
-            Some(()) = changes.recv() => {
-                pending.get_or_insert_with(tokio::time::Instant::now);
-            }
+            Some(at) = changes.recv() => note_change(&mut pending, at),
             _ = sleep_until(deadline), if deadline.is_some() => {
-                while changes.try_recv().is_ok() {}
-                pending = None;
+                while let Ok(at) = changes.try_recv() {
+                    note_change(&mut pending, at);
+                }
+                let since = pending.take().map(|(_, at)| at);
                 last_sync = tokio::time::Instant::now();
-                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, true);
+                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, since);
             }
             _ = resync.tick() => {
-                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, false);
+                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, None);
             }
             Some(_) = link_events.next() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, link_events.next()).await {}
                 if follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true, outcomes).await {
-                    pending.get_or_insert_with(tokio::time::Instant::now);
+                    note_change(&mut pending, Instant::now());
                 }
             }
             _ = attach_tick.tick() => {
@@ -442,6 +445,15 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// A change received at `at`: starts a pending burst, or joins the pending
+/// one (which keeps its earliest stamp).
+fn note_change(pending: &mut Option<(tokio::time::Instant, Instant)>, at: Instant) {
+    match pending {
+        Some((_, earliest)) => *earliest = (*earliest).min(at),
+        None => *pending = Some((tokio::time::Instant::now(), at)),
+    }
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -450,6 +462,8 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// One sync, with its outcome reported to the log, health and metrics.
+/// `changed`: the sync follows changes, the earliest received then (None:
+/// the periodic resync).
 #[allow(clippy::too_many_arguments)]
 fn sync(
     prog: &mut Programmer,
@@ -458,8 +472,9 @@ fn sync(
     metrics: &Metrics,
     reporter: &Reporter,
     waiting_logged: &mut bool,
-    after_change: bool,
+    changed: Option<Instant>,
 ) {
+    let after_change = changed.is_some();
     let started = Instant::now();
     let Some(input) = source.load() else {
         if let Source::Cluster(c) = source {
@@ -470,7 +485,11 @@ fn sync(
         }
         return;
     };
-    let p = prog.sync(input, after_change);
+    let loaded = started.elapsed();
+    let p = prog.sync(input, after_change, loaded);
+    if let Some(at) = changed {
+        metrics.network_programmed(at.elapsed());
+    }
     let trigger = if after_change {
         SyncTrigger::Change
     } else {

@@ -7,3 +7,11 @@ pub mod watch;
 
 /// What a source produces: the objects and the problems found reading them.
 pub type Input = manifests::Manifests;
+
+/// A change notice: when the agent received the event (a file-system
+/// notification, a watch event, a completed list). The sync it triggers is
+/// timed from the earliest pending one (`ferry_network_programming_duration_seconds`).
+pub type Changed = std::time::Instant;
+
+/// Where sources send their change notices.
+pub type Changes = tokio::sync::mpsc::UnboundedSender<Changed>;

@@ -8,14 +8,13 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use notify::{RecursiveMode, Watcher as _};
-use tokio::sync::mpsc::UnboundedSender;
 
-/// Watches `dirs` (recursively); every change sends a `()`. Reads are not
+/// Watches `dirs` (recursively); every change sends when it was received. Reads are not
 /// changes: the agent's own reading of the files must not trigger another sync.
-pub fn watch(dirs: &[PathBuf], tx: UnboundedSender<()>) -> Result<notify::RecommendedWatcher> {
+pub fn watch(dirs: &[PathBuf], tx: super::Changes) -> Result<notify::RecommendedWatcher> {
     let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         if ev.is_ok_and(|e| is_change(&e.kind)) {
-            let _ = tx.send(());
+            let _ = tx.send(std::time::Instant::now());
         }
     })?;
     for d in dirs {
