@@ -19,15 +19,16 @@ use crate::{
     admin::{self, Health},
     dataplane::{self, Dataplane},
     ids::ServiceId,
+    incremental::Translated,
     maps::{
         kernel::KernelMaps,
-        layout::{layout, Ids},
+        layout::{Ids, Layout},
         sync::Syncer,
     },
     metrics::{Metrics, Programmed, SyncTrigger},
     sources::{cluster, manifests, watch, Changes, Input},
     status::report::{detect_features, unix_now, AgentReport, AttachError, Reporter, WatchState},
-    translate::{self, translate},
+    translate,
 };
 
 /// Where the objects come from.
@@ -78,7 +79,12 @@ pub struct Config {
 /// The sync side: input → maps.
 struct Programmer {
     syncer: Syncer<KernelMaps>,
-    ids: Ids,
+    layout: Layout,
+    /// The last translation, by Service.
+    translated: Translated,
+    /// What the last translation read besides the objects: a change of
+    /// these needs a full translation.
+    translated_from: Option<(Vec<ferry_podstate::PodRecord>, Vec<IpAddr>)>,
     /// Errors reported last time (each is logged once, when it appears).
     reported: BTreeSet<String>,
     /// What the last sync could not write to the maps (logged the same way).
@@ -101,31 +107,68 @@ impl Programmer {
     /// `loaded`: how long reading the source took (logged with the phases).
     fn sync(&mut self, input: Input, after_change: bool, loaded: Duration) -> Programmed {
         let started = Instant::now();
-        let Input { snapshot, errors } = input;
-        if snapshot.node != self.node {
+        let Input {
+            snapshot,
+            errors,
+            delta,
+        } = input;
+        let mut same_facts = snapshot.node == self.node;
+        if !same_facts {
             if let Some(n) = &snapshot.node {
                 tracing::info!(node = %n.name, addresses = ?n.addresses, pod_cidrs = ?n.pod_cidrs, "node");
             }
             self.node = snapshot.node.clone();
         }
-        let t = translate(&snapshot, &self.translate);
+        // Only what changed, when the source says what did (not in the
+        // periodic resync: it repairs whatever drifted), the maps held
+        // everything the last layout wanted, and nothing else translation
+        // reads changed; else everything.
+        same_facts &= self
+            .translated_from
+            .as_ref()
+            .is_some_and(|(pods, np)| *pods == snapshot.pods && *np == self.translate.nodeport_addrs);
+        let changed = delta
+            .filter(|_| after_change && same_facts && self.not_programmed.is_empty())
+            .and_then(|d| self.translated.update(&snapshot, &d, &self.translate));
+        let incremental = changed.is_some();
+        if !incremental {
+            self.translated.full(&snapshot, &self.translate);
+            self.translated_from = Some((snapshot.pods.clone(), self.translate.nodeport_addrs.clone()));
+        }
         let translated = started.elapsed();
-        let errors: BTreeSet<String> = errors.iter().chain(t.errors.iter()).map(ToString::to_string).collect();
+        let errors: BTreeSet<String> = errors
+            .iter()
+            .chain(self.translated.errors())
+            .map(ToString::to_string)
+            .collect();
         report_changes(&self.reported, &errors);
         let input_errors = errors.len();
         self.reported = errors;
-        for (svc, ip) in &t.allocated {
-            if self.allocated.get(svc) != Some(ip) {
-                tracing::info!(service = %svc, cluster_ip = %ip, "allocated a ClusterIP (spec.clusterIP unset)");
+        if !incremental {
+            for (svc, ip) in &self.translated.allocated {
+                if self.allocated.get(svc) != Some(ip) {
+                    tracing::info!(service = %svc, cluster_ip = %ip, "allocated a ClusterIP (spec.clusterIP unset)");
+                }
             }
+            self.allocated = self.translated.allocated.clone();
         }
-        self.allocated = t.allocated;
-        self.health_checks.reconcile(&t.health_checks);
+        self.health_checks.reconcile(&self.translated.health_checks);
         let laid_out = Instant::now();
-        let desired = layout(&t.frontends, &mut self.ids);
-        let layout_took = laid_out.elapsed();
-        let st = self.syncer.sync(&desired);
+        let st = match changed {
+            Some(c) => {
+                let scope = self.layout.update(&c.old, &c.new);
+                let layout_took = laid_out.elapsed();
+                (self.syncer.sync_scoped(self.layout.desired(), &scope), layout_took)
+            }
+            None => {
+                self.layout.full(&self.translated.frontends());
+                let layout_took = laid_out.elapsed();
+                (self.syncer.sync(self.layout.desired()), layout_took)
+            }
+        };
+        let (st, layout_took) = st;
         tracing::debug!(
+            incremental,
             load_us = loaded.as_micros() as u64,
             translate_us = translated.as_micros() as u64,
             layout_us = layout_took.as_micros() as u64,
@@ -135,11 +178,10 @@ impl Programmer {
         let failed: BTreeSet<String> = st.failed.iter().map(ToString::to_string).collect();
         report_changes(&self.not_programmed, &failed);
         self.not_programmed = failed;
-        let backends: usize = t.frontends.iter().map(|f| f.backends.len()).sum();
-        let services: BTreeSet<&ServiceId> = t.frontends.iter().map(|f| &f.id.service).collect();
+        let (frontends, backends, services) = self.translated.counts();
         if st.upserts + st.deletes > 0 {
             tracing::info!(
-                frontends = t.frontends.len(),
+                frontends,
                 backends,
                 upserts = st.upserts,
                 deletes = st.deletes,
@@ -165,8 +207,8 @@ impl Programmer {
             );
         }
         Programmed {
-            services: services.len(),
-            frontends: t.frontends.len(),
+            services,
+            frontends,
             backends,
             input_errors,
             not_programmed: self.not_programmed.len(),
@@ -345,7 +387,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let ids = Ids::from_contents(syncer.current(), maglev.table_size, maglev.tables);
     let mut prog = Programmer {
         syncer,
-        ids,
+        layout: Layout::new(ids),
+        translated: Translated::default(),
+        translated_from: None,
         reported: BTreeSet::new(),
         not_programmed: BTreeSet::new(),
         allocated: BTreeMap::new(),

@@ -408,6 +408,8 @@ impl Typer {
                 ..Default::default()
             },
             errors,
+            // Not tracked yet: every sync translates everything.
+            delta: None,
         }
     }
 }

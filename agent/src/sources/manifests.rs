@@ -20,6 +20,9 @@ use crate::{
 pub struct Manifests {
     pub snapshot: Snapshot,
     pub errors: Vec<InputError>,
+    /// What changed since the previous load, when known (None: unknown, as
+    /// at the first load; only a full translation is exact then).
+    pub delta: Option<super::Delta>,
 }
 
 /// Reads every manifest file of `dir` (once: [`DirCache`] for a directory
@@ -47,6 +50,7 @@ impl DirCache {
     /// What [`load_dir`] returns, parsing only new and changed files.
     pub fn load(&mut self, dir: &Path) -> Manifests {
         let mut out = Manifests::default();
+        let mut delta = (!self.files.is_empty()).then(super::Delta::default);
         let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
             Ok(entries) => entries.flatten().map(|e| e.path()).filter(|p| is_manifest(p)).collect(),
             Err(e) => {
@@ -62,7 +66,15 @@ impl DirCache {
         };
         files.sort();
         let present: std::collections::HashSet<&PathBuf> = files.iter().collect();
-        self.files.retain(|p, _| present.contains(p));
+        self.files.retain(|p, c| {
+            let keep = present.contains(p);
+            if !keep {
+                if let Some(d) = delta.as_mut() {
+                    d.add(&c.parsed.snapshot, &Snapshot::default());
+                }
+            }
+            keep
+        });
         for path in files {
             let md = fs::metadata(&path).ok();
             let (len, modified) = (md.as_ref().map_or(0, |m| m.len()), md.and_then(|m| m.modified().ok()));
@@ -82,7 +94,14 @@ impl DirCache {
                         (old.len, old.modified) = (len, modified);
                     }
                     _ => {
-                        self.files.insert(path.clone(), Cached { len, modified, parsed });
+                        let old = self.files.insert(path.clone(), Cached { len, modified, parsed });
+                        if let (Some(d), Some(new)) = (delta.as_mut(), self.files.get(&path)) {
+                            let empty = Snapshot::default();
+                            d.add(
+                                old.as_ref().map_or(&empty, |o| &o.parsed.snapshot),
+                                &new.parsed.snapshot,
+                            );
+                        }
                     }
                 }
             }
@@ -90,6 +109,7 @@ impl DirCache {
                 out.append(&c.parsed);
             }
         }
+        out.delta = delta;
         out
     }
 }

@@ -5,8 +5,111 @@ pub mod cluster;
 pub mod manifests;
 pub mod watch;
 
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, Metadata};
+
+use crate::{
+    ids::ServiceId,
+    model::{ns_name, Snapshot, Sourced},
+};
+
 /// What a source produces: the objects and the problems found reading them.
 pub type Input = manifests::Manifests;
+
+/// What changed between two loads of a source, by the Service it concerns,
+/// for a translation of only what changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// Services whose Service object was added, changed or removed.
+    pub services: BTreeSet<ServiceId>,
+    /// Services whose EndpointSlices or Endpoints were added, changed or
+    /// removed (the Service a slice names before and after).
+    pub endpoints: BTreeSet<ServiceId>,
+    /// Something else changed that translation reads (a Node, a slice
+    /// naming no Service): only a full translation is exact.
+    pub other: bool,
+}
+
+impl Delta {
+    /// Adds what differs between `old` and `new` (the objects of one file,
+    /// before and after).
+    pub fn add(&mut self, old: &Snapshot, new: &Snapshot) {
+        let own = |m: &ObjectMeta| Some(ServiceId::of(m));
+        self.other |= touched(&old.services, &new.services, |s| own(&s.metadata), &mut self.services);
+        self.other |= touched(
+            &old.endpoint_slices,
+            &new.endpoint_slices,
+            crate::translate::slice_service,
+            &mut self.endpoints,
+        );
+        self.other |= touched(
+            &old.endpoints,
+            &new.endpoints,
+            |e| own(&e.metadata),
+            &mut self.endpoints,
+        );
+        // Nodes give zones; the Pods that count are the shim's records
+        // (compared by the caller), not these.
+        if old
+            .nodes
+            .iter()
+            .map(|n| &n.object)
+            .ne(new.nodes.iter().map(|n| &n.object))
+        {
+            self.other = true;
+        }
+    }
+}
+
+/// Adds to `out` the Services (`service`) of the objects that differ between
+/// `old` and `new`; true when one of them names no Service.
+fn touched<T: PartialEq + Metadata<Ty = ObjectMeta>>(
+    old: &[Sourced<T>],
+    new: &[Sourced<T>],
+    service: impl Fn(&T) -> Option<ServiceId>,
+    out: &mut BTreeSet<ServiceId>,
+) -> bool {
+    let mut orphan = false;
+    for key in changed(old, new, |o| ns_name(o.object.metadata())) {
+        for o in old.iter().chain(new).filter(|o| ns_name(o.object.metadata()) == key) {
+            match service(&o.object) {
+                Some(s) => {
+                    out.insert(s);
+                }
+                None => orphan = true,
+            }
+        }
+    }
+    orphan
+}
+
+/// The keys of the objects that differ (added, removed or changed) between
+/// `old` and `new`.
+fn changed<T: PartialEq>(
+    old: &[Sourced<T>],
+    new: &[Sourced<T>],
+    key: impl Fn(&Sourced<T>) -> String,
+) -> BTreeSet<String> {
+    let by_key = |v: &[Sourced<T>]| -> BTreeMap<String, Vec<usize>> {
+        let mut m: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+        for (i, o) in v.iter().enumerate() {
+            m.entry(key(o)).or_default().push(i);
+        }
+        m
+    };
+    let (a, b) = (by_key(old), by_key(new));
+    let same = |k: &String| match (a.get(k), b.get(k)) {
+        (Some(x), Some(y)) => {
+            x.len() == y.len()
+                && x.iter()
+                    .zip(y)
+                    .all(|(i, j)| old[*i].object == new[*j].object && old[*i].source == new[*j].source)
+        }
+        _ => false,
+    };
+    a.keys().chain(b.keys()).filter(|k| !same(k)).cloned().collect()
+}
 
 /// A change notice: when the agent received the event (a file-system
 /// notification, a watch event, a completed list). The sync it triggers is
