@@ -22,8 +22,14 @@ use crate::{
     ids::ServiceId,
     model::{ns_name, Snapshot},
     sources::Delta,
-    translate::{slice_service, translate, Config, Frontend, HealthCheck, Translation},
+    translate::{slice_service, translate, Config, Frontend, HealthCheck, Translation, SERVICE_NAME_LABEL},
 };
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+/// The Service an object's [`SERVICE_NAME_LABEL`] names.
+fn label(m: &ObjectMeta) -> Option<&str> {
+    m.labels.as_ref()?.get(SERVICE_NAME_LABEL).map(String::as_str)
+}
 
 /// The last translation, by Service.
 #[derive(Debug, Default)]
@@ -70,24 +76,28 @@ impl Translated {
             return None;
         }
         let touched = &delta.endpoints;
-        let has = |id: ServiceId| touched.contains(&id);
+        // A scan without allocating: the touched Services are few.
+        let is = |m: &ObjectMeta, name: Option<&str>| {
+            let ns = m.namespace.as_deref().unwrap_or("default");
+            name.is_some_and(|n| touched.iter().any(|s| s.name == n && s.namespace == ns))
+        };
         let sub = Snapshot {
             services: snapshot
                 .services
                 .iter()
-                .filter(|s| has(ServiceId::of(&s.object.metadata)))
+                .filter(|s| is(&s.object.metadata, s.object.metadata.name.as_deref()))
                 .cloned()
                 .collect(),
             endpoint_slices: snapshot
                 .endpoint_slices
                 .iter()
-                .filter(|s| slice_service(&s.object).is_some_and(has))
+                .filter(|s| is(&s.object.metadata, label(&s.object.metadata)))
                 .cloned()
                 .collect(),
             endpoints: snapshot
                 .endpoints
                 .iter()
-                .filter(|e| has(ServiceId::of(&e.object.metadata)))
+                .filter(|e| is(&e.object.metadata, e.object.metadata.name.as_deref()))
                 .cloned()
                 .collect(),
             pods: snapshot.pods.clone(),
