@@ -20,20 +20,42 @@ use std::{
 use crate::{
     error::InputError,
     ids::ServiceId,
-    model::{ns_name, Snapshot},
+    model::{ns_name, NodeInfo, Snapshot, Sourced},
     sources::Delta,
-    translate::{slice_service, translate, Config, Frontend, HealthCheck, Translation, SERVICE_NAME_LABEL},
+    translate::{slice_service, translate, Config, Frontend, HealthCheck, Translation},
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use ferry_podstate::PodRecord;
+use k8s_openapi::api::{
+    core::v1::{Endpoints, Node, Service},
+    discovery::v1::EndpointSlice,
+};
 
-/// The Service an object's [`SERVICE_NAME_LABEL`] names.
-fn label(m: &ObjectMeta) -> Option<&str> {
-    m.labels.as_ref()?.get(SERVICE_NAME_LABEL).map(String::as_str)
+/// Takes `o` out of `v` (one equal object: the source may have parsed it
+/// again since, so not necessarily the same one).
+fn forget<T: PartialEq>(v: &mut Vec<Sourced<T>>, o: &Sourced<T>) {
+    if let Some(i) = v
+        .iter()
+        .position(|x| x.object == o.object && (&x.source, x.seq) == (&o.source, o.seq))
+    {
+        v.remove(i);
+    }
+}
+
+/// The objects of the last full translation, by Service, kept in step by
+/// each update (shared with the source, not copied).
+#[derive(Debug, Default)]
+struct Objects {
+    services: HashMap<ServiceId, Vec<Sourced<Service>>>,
+    slices: HashMap<ServiceId, Vec<Sourced<EndpointSlice>>>,
+    endpoints: HashMap<ServiceId, Vec<Sourced<Endpoints>>>,
+    nodes: Vec<Sourced<Node>>,
+    node: Option<NodeInfo>,
 }
 
 /// The last translation, by Service.
 #[derive(Debug, Default)]
 pub struct Translated {
+    objects: Objects,
     /// Each Service's frontends, sorted as the translation gives them.
     by_service: HashMap<ServiceId, Vec<Frontend>>,
     /// Errors by the Service they concern (None: no Service).
@@ -60,49 +82,73 @@ impl Translated {
     pub fn full(&mut self, snapshot: &Snapshot, cfg: &Config) -> &Self {
         let t = translate(snapshot, cfg);
         *self = Self::default();
+        for s in &snapshot.services {
+            let id = ServiceId::of(&s.object.metadata);
+            self.objects.services.entry(id).or_default().push(s.clone());
+        }
         for s in &snapshot.endpoint_slices {
             if let Some(svc) = slice_service(&s.object) {
-                self.slice_owner.insert(ns_name(&s.object.metadata), svc);
+                self.slice_owner.insert(ns_name(&s.object.metadata), svc.clone());
+                self.objects.slices.entry(svc).or_default().push(s.clone());
             }
         }
+        for e in &snapshot.endpoints {
+            let id = ServiceId::of(&e.object.metadata);
+            self.objects.endpoints.entry(id).or_default().push(e.clone());
+        }
+        self.objects.nodes = snapshot.nodes.clone();
+        self.objects.node = snapshot.node.clone();
         self.absorb(t);
         self
     }
 
-    /// Re-translates the Services `delta` touches; None when that is not
-    /// exact (then nothing changed here: translate everything instead).
-    pub fn update(&mut self, snapshot: &Snapshot, delta: &Delta, cfg: &Config) -> Option<Changed> {
-        if delta.other || !delta.services.is_empty() {
+    /// Re-translates the Services `delta` touches (`pods`: the shim's
+    /// current Pods, unchanged since the last full translation); None when
+    /// that is not exact (then translate everything instead).
+    pub fn update(&mut self, pods: &[PodRecord], delta: &Delta, cfg: &Config) -> Option<Changed> {
+        if !delta.is_endpoints_only() {
             return None;
         }
         let touched = &delta.endpoints;
-        // A scan without allocating: the touched Services are few.
-        let is = |m: &ObjectMeta, name: Option<&str>| {
-            let ns = m.namespace.as_deref().unwrap_or("default");
-            name.is_some_and(|n| touched.iter().any(|s| s.name == n && s.namespace == ns))
-        };
+        let o = &mut self.objects;
+        for s in &delta.slices.removed {
+            if let Some(v) = slice_service(&s.object).and_then(|svc| o.slices.get_mut(&svc)) {
+                forget(v, s);
+            }
+        }
+        for s in &delta.slices.added {
+            if let Some(svc) = slice_service(&s.object) {
+                o.slices.entry(svc).or_default().push(s.clone());
+            }
+        }
+        for e in &delta.endpoints_objects.removed {
+            if let Some(v) = o.endpoints.get_mut(&ServiceId::of(&e.object.metadata)) {
+                forget(v, e);
+            }
+        }
+        for e in &delta.endpoints_objects.added {
+            let id = ServiceId::of(&e.object.metadata);
+            o.endpoints.entry(id).or_default().push(e.clone());
+        }
+        // In the source's order (the translation of duplicates depends on it).
+        for s in touched {
+            if let Some(v) = o.slices.get_mut(s) {
+                v.sort_by(|a, b| (&a.source, a.seq).cmp(&(&b.source, b.seq)));
+            }
+            if let Some(v) = o.endpoints.get_mut(s) {
+                v.sort_by(|a, b| (&a.source, a.seq).cmp(&(&b.source, b.seq)));
+            }
+        }
+        fn of<T>(m: &HashMap<ServiceId, Vec<Sourced<T>>>, touched: &BTreeSet<ServiceId>) -> Vec<Sourced<T>> {
+            touched.iter().flat_map(|s| m.get(s)).flatten().cloned().collect()
+        }
         let sub = Snapshot {
-            services: snapshot
-                .services
-                .iter()
-                .filter(|s| is(&s.object.metadata, s.object.metadata.name.as_deref()))
-                .cloned()
-                .collect(),
-            endpoint_slices: snapshot
-                .endpoint_slices
-                .iter()
-                .filter(|s| is(&s.object.metadata, label(&s.object.metadata)))
-                .cloned()
-                .collect(),
-            endpoints: snapshot
-                .endpoints
-                .iter()
-                .filter(|e| is(&e.object.metadata, e.object.metadata.name.as_deref()))
-                .cloned()
-                .collect(),
-            pods: snapshot.pods.clone(),
-            node: snapshot.node.clone(),
-            nodes: snapshot.nodes.clone(),
+            services: of(&o.services, touched),
+            endpoint_slices: of(&o.slices, touched),
+            endpoints: of(&o.endpoints, touched),
+            pods: pods.to_vec(),
+            node: o.node.clone(),
+            nodes: o.nodes.clone(),
             ..Snapshot::default()
         };
         let t = translate(&sub, cfg);
@@ -224,16 +270,12 @@ impl Translated {
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
     use serde_json::json;
 
     use super::*;
-    use crate::{
-        maps::{
-            layout::{layout, Layout},
-            sync::{tests::Fake, Syncer},
-        },
-        model::Sourced,
+    use crate::maps::{
+        layout::{layout, Layout},
+        sync::{tests::Fake, Syncer},
     };
 
     /// A seeded xorshift: the same sequence on every run.
@@ -331,8 +373,9 @@ mod tests {
             .unwrap()
     }
 
-    /// One random add, update or delete of a Service or (mostly) a slice.
-    fn step(r: &mut Rng, s: &mut Snapshot) {
+    /// One random add, update or delete of a Service or (mostly) a slice,
+    /// as an edit of one file would: a changed object keeps its place.
+    fn step(r: &mut Rng, s: &mut Snapshot, seq: &mut usize) {
         let i = r.below(SERVICES);
         if r.chance(15) {
             let name = format!("s{i}");
@@ -347,7 +390,9 @@ mod tests {
                 .endpoint_slices
                 .iter()
                 .position(|x| x.object.metadata.name.as_deref() == Some(name.as_str()));
-            let new = (!r.chance(15)).then(|| Sourced::new("eps.yaml", slice(r, &name, i)));
+            *seq += 1;
+            let place = at.map_or(*seq, |k| s.endpoint_slices[k].seq);
+            let new = (!r.chance(15)).then(|| Sourced::at("eps.yaml", place, slice(r, &name, i)));
             match (at, new) {
                 (Some(k), Some(n)) => s.endpoint_slices[k] = n,
                 (Some(k), None) => {
@@ -374,18 +419,20 @@ mod tests {
         let (mut incremental, mut steps) = (0, 0);
         for seed in 1..=40u64 {
             let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            let mut snapshot = Snapshot::default();
+            let (mut snapshot, mut seq) = (Snapshot::default(), 0);
             let mut translated = Translated::default();
             let mut l = Layout::new(crate::maps::layout::Ids::default().with_maglev(251, 8));
             let fake = Fake::default();
             let mut syncer = Syncer::new(fake.clone()).unwrap();
             for n in 0..60 {
                 let before = snapshot.clone();
-                step(&mut r, &mut snapshot);
+                step(&mut r, &mut snapshot, &mut seq);
                 let mut delta = Delta::default();
                 delta.add(&before, &snapshot);
                 let ids_before = l.ids.clone();
-                let changed = (n > 0).then(|| translated.update(&snapshot, &delta, &cfg)).flatten();
+                let changed = (n > 0)
+                    .then(|| translated.update(&snapshot.pods, &delta, &cfg))
+                    .flatten();
                 let st = match &changed {
                     Some(c) => {
                         incremental += 1;

@@ -18,13 +18,21 @@ pub struct Sourced<T>(Arc<Item<T>>);
 #[derive(Clone, Debug)]
 pub struct Item<T> {
     pub source: String,
+    /// Its place among the objects of its kind in `source` (document order).
+    pub seq: usize,
     pub object: T,
 }
 
 impl<T> Sourced<T> {
     pub fn new(source: impl Into<String>, object: T) -> Self {
+        Self::at(source, 0, object)
+    }
+
+    /// The `seq`-th object of its kind in `source`.
+    pub fn at(source: impl Into<String>, seq: usize, object: T) -> Self {
         Self(Arc::new(Item {
             source: source.into(),
+            seq,
             object,
         }))
     }

@@ -105,12 +105,21 @@ impl Programmer {
     /// `after_change`: the sync follows an input change (or a relist), so a no-op
     /// is worth an info line; periodic resyncs log it at debug.
     /// `loaded`: how long reading the source took (logged with the phases).
-    fn sync(&mut self, input: Input, after_change: bool, loaded: Duration) -> Programmed {
+    /// `reload`: the whole input, when `input` is partial and a full
+    /// translation is needed after all.
+    fn sync(
+        &mut self,
+        input: Input,
+        after_change: bool,
+        loaded: Duration,
+        reload: impl FnOnce() -> Option<Input>,
+    ) -> Programmed {
         let started = Instant::now();
         let Input {
-            snapshot,
-            errors,
+            mut snapshot,
+            mut errors,
             delta,
+            partial,
         } = input;
         let mut same_facts = snapshot.node == self.node;
         if !same_facts {
@@ -129,9 +138,18 @@ impl Programmer {
             .is_some_and(|(pods, np)| *pods == snapshot.pods && *np == self.translate.nodeport_addrs);
         let changed = delta
             .filter(|_| after_change && same_facts && self.not_programmed.is_empty())
-            .and_then(|d| self.translated.update(&snapshot, &d, &self.translate));
+            .and_then(|d| self.translated.update(&snapshot.pods, &d, &self.translate));
         let incremental = changed.is_some();
         if !incremental {
+            if partial {
+                let Some(whole) = reload() else {
+                    tracing::warn!(
+                        "the input could not be read whole; the maps keep their contents until the next sync"
+                    );
+                    return self.programmed(self.reported.len(), false);
+                };
+                (snapshot, errors) = (whole.snapshot, whole.errors);
+            }
             self.translated.full(&snapshot, &self.translate);
             self.translated_from = Some((snapshot.pods.clone(), self.translate.nodeport_addrs.clone()));
         }
@@ -178,7 +196,7 @@ impl Programmer {
         let failed: BTreeSet<String> = st.failed.iter().map(ToString::to_string).collect();
         report_changes(&self.not_programmed, &failed);
         self.not_programmed = failed;
-        let (frontends, backends, services) = self.translated.counts();
+        let (frontends, backends, _) = self.translated.counts();
         if st.upserts + st.deletes > 0 {
             tracing::info!(
                 frontends,
@@ -206,13 +224,19 @@ impl Programmer {
                 "maps already in sync, nothing written"
             );
         }
+        self.programmed(input_errors, st.upserts + st.deletes > 0)
+    }
+
+    /// What the maps hold now.
+    fn programmed(&self, input_errors: usize, wrote: bool) -> Programmed {
+        let (frontends, backends, services) = self.translated.counts();
         Programmed {
             services,
             frontends,
             backends,
             input_errors,
             not_programmed: self.not_programmed.len(),
-            wrote: st.upserts + st.deletes > 0,
+            wrote,
         }
     }
 }
@@ -296,7 +320,10 @@ impl Source {
 
     /// The current input; None while the source is not ready (cluster mode
     /// before every initial list is done).
-    fn load(&self) -> Option<Input> {
+    /// `partial`: a change-triggered sync, which may take the snapshot's
+    /// objects as the source last gave them when the change says which
+    /// (then only the Pods are read and [`Input::partial`] is set).
+    fn load(&self, partial: bool) -> Option<Input> {
         match self {
             Self::Standalone {
                 manifests,
@@ -308,7 +335,20 @@ impl Source {
             } => {
                 // Before reading: a change during the read is seen again.
                 *loaded.lock().unwrap_or_else(|e| e.into_inner()) = watch::fingerprint(watched);
-                let mut m = cache.lock().unwrap_or_else(|e| e.into_inner()).load(manifests);
+                let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+                let delta = cache.refresh(manifests);
+                let mut m = match delta {
+                    Some(d) if partial && d.is_endpoints_only() => Input {
+                        errors: cache.errors(),
+                        delta: Some(d),
+                        partial: true,
+                        ..Input::default()
+                    },
+                    delta => Input {
+                        delta,
+                        ..cache.assemble()
+                    },
+                };
                 let (pods, pod_errors) = ferry_podstate::read_all(state_dir);
                 for (path, e) in pod_errors {
                     tracing::debug!("skipping unreadable pod record {}: {e}", path.display());
@@ -520,7 +560,7 @@ fn sync(
 ) {
     let after_change = changed.is_some();
     let started = Instant::now();
-    let Some(input) = source.load() else {
+    let Some(input) = source.load(after_change) else {
         if let Source::Cluster(c) = source {
             if !*waiting_logged {
                 tracing::info!(waiting_for = ?c.waiting_for(), "not syncing until every initial list is done");
@@ -530,7 +570,7 @@ fn sync(
         return;
     };
     let loaded = started.elapsed();
-    let p = prog.sync(input, after_change, loaded);
+    let p = prog.sync(input, after_change, loaded, || source.load(false));
     if let Some(at) = changed {
         metrics.network_programmed(at.elapsed());
     }

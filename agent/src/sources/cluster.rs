@@ -410,6 +410,7 @@ impl Typer {
             errors,
             // Not tracked yet: every sync translates everything.
             delta: None,
+            partial: false,
         }
     }
 }

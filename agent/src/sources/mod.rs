@@ -7,7 +7,11 @@ pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use k8s_openapi::{apimachinery::pkg::apis::meta::v1::ObjectMeta, Metadata};
+use k8s_openapi::{
+    api::{core::v1::Endpoints, discovery::v1::EndpointSlice},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    Metadata,
+};
 
 use crate::{
     ids::ServiceId,
@@ -19,7 +23,7 @@ pub type Input = manifests::Manifests;
 
 /// What changed between two loads of a source, by the Service it concerns,
 /// for a translation of only what changed.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct Delta {
     /// Services whose Service object was added, changed or removed.
     pub services: BTreeSet<ServiceId>,
@@ -29,25 +33,59 @@ pub struct Delta {
     /// Something else changed that translation reads (a Node, a slice
     /// naming no Service): only a full translation is exact.
     pub other: bool,
+    /// The EndpointSlices that went (changed or removed) and came (changed
+    /// or added), the same objects the source held and holds now.
+    pub slices: Objects<EndpointSlice>,
+    /// The same for Endpoints.
+    pub endpoints_objects: Objects<Endpoints>,
+}
+
+/// Objects that went and came.
+#[derive(Clone, Debug)]
+pub struct Objects<T> {
+    pub removed: Vec<Sourced<T>>,
+    pub added: Vec<Sourced<T>>,
+}
+
+impl<T> Default for Objects<T> {
+    fn default() -> Self {
+        Self {
+            removed: Vec::new(),
+            added: Vec::new(),
+        }
+    }
 }
 
 impl Delta {
+    /// Only EndpointSlices or Endpoints of known Services changed.
+    pub fn is_endpoints_only(&self) -> bool {
+        !self.other && self.services.is_empty()
+    }
+
     /// Adds what differs between `old` and `new` (the objects of one file,
     /// before and after).
     pub fn add(&mut self, old: &Snapshot, new: &Snapshot) {
         let own = |m: &ObjectMeta| Some(ServiceId::of(m));
-        self.other |= touched(&old.services, &new.services, |s| own(&s.metadata), &mut self.services);
+        self.other |= touched(
+            &old.services,
+            &new.services,
+            |s| own(&s.metadata),
+            &mut self.services,
+            &mut Objects::default(),
+        );
         self.other |= touched(
             &old.endpoint_slices,
             &new.endpoint_slices,
             crate::translate::slice_service,
             &mut self.endpoints,
+            &mut self.slices,
         );
         self.other |= touched(
             &old.endpoints,
             &new.endpoints,
             |e| own(&e.metadata),
             &mut self.endpoints,
+            &mut self.endpoints_objects,
         );
         // Nodes give zones; the Pods that count are the shim's records
         // (compared by the caller), not these.
@@ -63,16 +101,25 @@ impl Delta {
 }
 
 /// Adds to `out` the Services (`service`) of the objects that differ between
-/// `old` and `new`; true when one of them names no Service.
+/// `old` and `new`, and those objects to `objects`; true when one of them
+/// names no Service.
 fn touched<T: PartialEq + Metadata<Ty = ObjectMeta>>(
     old: &[Sourced<T>],
     new: &[Sourced<T>],
     service: impl Fn(&T) -> Option<ServiceId>,
     out: &mut BTreeSet<ServiceId>,
+    objects: &mut Objects<T>,
 ) -> bool {
     let mut orphan = false;
     for key in changed(old, new, |o| ns_name(o.object.metadata())) {
-        for o in old.iter().chain(new).filter(|o| ns_name(o.object.metadata()) == key) {
+        let of = |v: &[Sourced<T>]| -> Vec<Sourced<T>> {
+            v.iter()
+                .filter(|o| ns_name(o.object.metadata()) == key)
+                .cloned()
+                .collect()
+        };
+        let (went, came) = (of(old), of(new));
+        for o in went.iter().chain(&came) {
             match service(&o.object) {
                 Some(s) => {
                     out.insert(s);
@@ -80,6 +127,8 @@ fn touched<T: PartialEq + Metadata<Ty = ObjectMeta>>(
                 None => orphan = true,
             }
         }
+        objects.removed.extend(went);
+        objects.added.extend(came);
     }
     orphan
 }
@@ -102,9 +151,9 @@ fn changed<T: PartialEq>(
     let same = |k: &String| match (a.get(k), b.get(k)) {
         (Some(x), Some(y)) => {
             x.len() == y.len()
-                && x.iter()
-                    .zip(y)
-                    .all(|(i, j)| old[*i].object == new[*j].object && old[*i].source == new[*j].source)
+                && x.iter().zip(y).all(|(i, j)| {
+                    old[*i].object == new[*j].object && (&old[*i].source, old[*i].seq) == (&new[*j].source, new[*j].seq)
+                })
         }
         _ => false,
     };
