@@ -26,7 +26,7 @@ use crate::{
         sync::Syncer,
     },
     metrics::{Metrics, Programmed, SyncTrigger},
-    sources::{cluster, manifests, watch, Changes, Input},
+    sources::{cluster, manifests, watch, Changed, Changes, Input},
     status::report::{detect_features, unix_now, AgentReport, AttachError, Reporter, WatchState},
     translate,
 };
@@ -252,8 +252,10 @@ fn report_changes(before: &BTreeSet<String>, now: &BTreeSet<String>) {
     }
 }
 
-/// After a change event, wait this long for the writer to finish (a rename is
-/// one event; an editor's write is several in a row).
+/// After a change event that leaves a file incomplete (a creation, a write
+/// not closed yet), wait this long for the writer to finish (an editor's
+/// write is several events in a row; a closed write or a rename into place
+/// is complete, and synced at once).
 const QUIET: Duration = Duration::from_millis(5);
 
 /// A running source.
@@ -289,7 +291,7 @@ impl Source {
                         tick.tick().await;
                         let now = watch::fingerprint(&dirs);
                         let changed = *last.lock().unwrap_or_else(|e| e.into_inner()) != now;
-                        if changed && tx.send(Instant::now()).is_err() {
+                        if changed && tx.send(Changed::now()).is_err() {
                             break;
                         }
                     }
@@ -463,7 +465,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     );
     // The first sync: at once in standalone mode; in cluster mode as soon as
     // every initial list is done (the watchers send a change then).
-    let _ = tx.send(Instant::now());
+    let _ = tx.send(Changed::now());
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -477,18 +479,18 @@ pub async fn run(cfg: Config) -> Result<()> {
     // QUIET, for the writer to finish); changes within `debounce` of the last
     // sync are coalesced into one sync at the end of that window: at most one
     // sync per window, and none delayed by more than `debounce`.
-    let mut pending: Option<(tokio::time::Instant, Instant)> = None;
+    let mut pending: Option<Pending> = None;
     let mut last_sync = tokio::time::Instant::now() - cfg.debounce;
     let mut waiting_logged = false;
     loop {
-        let deadline = pending.map(|(t, _)| (t + QUIET).max(last_sync + cfg.debounce));
+        let deadline = pending.map(|p| p.due().max(last_sync + cfg.debounce));
         tokio::select! {
             Some(at) = changes.recv() => note_change(&mut pending, at),
             _ = sleep_until(deadline), if deadline.is_some() => {
                 while let Ok(at) = changes.try_recv() {
                     note_change(&mut pending, at);
                 }
-                let since = pending.take().map(|(_, at)| at);
+                let since = pending.take().map(|p| p.earliest);
                 last_sync = tokio::time::Instant::now();
                 sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, since);
             }
@@ -499,7 +501,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, link_events.next()).await {}
                 if follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true, outcomes).await {
-                    note_change(&mut pending, Instant::now());
+                    note_change(&mut pending, Changed::now());
                 }
             }
             _ = attach_tick.tick() => {
@@ -529,12 +531,43 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// A change received at `at`: starts a pending burst, or joins the pending
-/// one (which keeps its earliest stamp).
-fn note_change(pending: &mut Option<(tokio::time::Instant, Instant)>, at: Instant) {
+/// A burst of changes waiting for its sync.
+#[derive(Clone, Copy)]
+struct Pending {
+    /// When its first change arrived.
+    first: tokio::time::Instant,
+    /// The earliest receipt stamp among its changes.
+    earliest: Instant,
+    /// Its last change was incomplete (a file being written): wait QUIET
+    /// for the writer.
+    unsettled: bool,
+}
+
+impl Pending {
+    fn due(&self) -> tokio::time::Instant {
+        if self.unsettled {
+            self.first + QUIET
+        } else {
+            self.first
+        }
+    }
+}
+
+/// A change received: starts a pending burst, or joins the pending one
+/// (which keeps its earliest stamp; its last change says whether to wait).
+fn note_change(pending: &mut Option<Pending>, c: Changed) {
     match pending {
-        Some((_, earliest)) => *earliest = (*earliest).min(at),
-        None => *pending = Some((tokio::time::Instant::now(), at)),
+        Some(p) => {
+            p.earliest = p.earliest.min(c.at);
+            p.unsettled = !c.settled;
+        }
+        None => {
+            *pending = Some(Pending {
+                first: tokio::time::Instant::now(),
+                earliest: c.at,
+                unsettled: !c.settled,
+            })
+        }
     }
 }
 

@@ -277,7 +277,7 @@ fn spawn_watch(
                     }
                     failing = false;
                     set_error(None);
-                    let _ = changes.send(std::time::Instant::now());
+                    let _ = changes.send(super::Changed::now());
                 }
                 Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
                     if failing {
@@ -285,7 +285,7 @@ fn spawn_watch(
                         failing = false;
                         set_error(None);
                     }
-                    let _ = changes.send(std::time::Instant::now());
+                    let _ = changes.send(super::Changed::now());
                 }
                 Ok(watcher::Event::Init) => tracing::debug!(resource = what, "listing"),
                 Ok(watcher::Event::InitApply(_)) => {}

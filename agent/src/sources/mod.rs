@@ -163,7 +163,24 @@ fn changed<T: PartialEq>(
 /// A change notice: when the agent received the event (a file-system
 /// notification, a watch event, a completed list). The sync it triggers is
 /// timed from the earliest pending one (`ferry_network_programming_duration_seconds`).
-pub type Changed = std::time::Instant;
+#[derive(Clone, Copy, Debug)]
+pub struct Changed {
+    pub at: std::time::Instant,
+    /// The change is complete as it is (a closed write, a file renamed into
+    /// place or removed, an API event): the sync need not wait for more of
+    /// it. Else (a file being written) it waits a moment for the writer.
+    pub settled: bool,
+}
+
+impl Changed {
+    /// A complete change, received now.
+    pub fn now() -> Self {
+        Self {
+            at: std::time::Instant::now(),
+            settled: true,
+        }
+    }
+}
 
 /// Where sources send their change notices.
 pub type Changes = tokio::sync::mpsc::UnboundedSender<Changed>;
