@@ -8,6 +8,7 @@ pub mod endpoints;
 pub mod error;
 pub mod health_check_nodeport;
 pub mod ids;
+pub mod incremental;
 pub mod inspect;
 pub mod kubeproxy;
 pub mod kubeproxyconfig;

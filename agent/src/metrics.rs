@@ -44,6 +44,7 @@ pub struct Metrics {
     /// What is read from the pinned maps at scrape time (in `/metrics` only).
     dataplane: Registry,
     sync_duration: Histogram,
+    network_programming: Histogram,
     syncs: Family<Labels, Counter>,
     sync_writes: Counter,
     last_sync: Gauge<f64, AtomicU64>,
@@ -104,6 +105,15 @@ impl Metrics {
             "ferry_sync_proxy_rules_duration_seconds",
             "Time to translate the input and write the difference to the BPF maps",
             sync_duration.clone(),
+        );
+        // From 10 µs to 5 s: fine enough for sub-millisecond changes.
+        let network_programming = Histogram::new(exponential_buckets(0.000_01, 2.0, 20));
+        registry.register(
+            "ferry_network_programming_duration_seconds",
+            "Time from the agent receiving a change (a file-system event, a watch event) to the maps holding it, per \
+             change-triggered sync; coalesced changes are timed from the earliest (kube-proxy's \
+             network_programming_duration, measured inside the agent)",
+            network_programming.clone(),
         );
         let syncs = Family::<Labels, Counter>::default();
         registry.register(
@@ -187,6 +197,7 @@ impl Metrics {
             registry,
             dataplane,
             sync_duration,
+            network_programming,
             syncs,
             sync_writes,
             last_sync,
@@ -229,6 +240,12 @@ impl Metrics {
         }
         // Counted last, once everything else of this sync is set.
         self.syncs.get_or_create(&trigger_labels(trigger)).inc();
+    }
+
+    /// A change-triggered sync wrote the maps `took` after the earliest
+    /// change it covers was received.
+    pub fn network_programmed(&self, took: Duration) {
+        self.network_programming.observe(took.as_secs_f64());
     }
 
     /// reason: `map_write`, `not_programmed` (a sync that wrote all but some
@@ -447,11 +464,16 @@ mod tests {
             SyncTrigger::Change,
             Programmed { wrote: false, ..p },
         );
+        m.network_programmed(Duration::from_micros(250));
+        m.network_programmed(Duration::from_micros(750));
         m.sync_error("map_write");
         m.watch_error("services");
         let text = m.encode().unwrap();
         for want in [
             "ferry_sync_proxy_rules_duration_seconds_count 3",
+            "ferry_network_programming_duration_seconds_count 2",
+            "ferry_network_programming_duration_seconds_sum 0.001",
+            "ferry_network_programming_duration_seconds_bucket{le=\"0.00032\"} 1",
             "ferry_sync_proxy_rules_total{trigger=\"change\"} 2",
             "ferry_sync_proxy_rules_total{trigger=\"periodic\"} 1",
             "ferry_sync_proxy_rules_writes_total 1",

@@ -1,4 +1,6 @@
 //! The cluster as the agent sees it: the input of the pure translation.
+use std::sync::Arc;
+
 use ferry_podstate::PodRecord;
 use k8s_openapi::api::{
     apps::v1::Deployment,
@@ -6,19 +8,53 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
-/// An object with where it came from (for error messages).
+/// An object with where it came from (for error messages). Shared: a clone
+/// is a reference count, so a source can hand out its whole snapshot at every
+/// sync without copying the objects.
+#[derive(Debug)]
+pub struct Sourced<T>(Arc<Item<T>>);
+
+/// What a [`Sourced`] holds.
 #[derive(Clone, Debug)]
-pub struct Sourced<T> {
+pub struct Item<T> {
     pub source: String,
+    /// Its place among the objects of its kind in `source` (document order).
+    pub seq: usize,
     pub object: T,
 }
 
 impl<T> Sourced<T> {
     pub fn new(source: impl Into<String>, object: T) -> Self {
-        Self {
+        Self::at(source, 0, object)
+    }
+
+    /// The `seq`-th object of its kind in `source`.
+    pub fn at(source: impl Into<String>, seq: usize, object: T) -> Self {
+        Self(Arc::new(Item {
             source: source.into(),
+            seq,
             object,
-        }
+        }))
+    }
+}
+
+impl<T> Clone for Sourced<T> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<T> std::ops::Deref for Sourced<T> {
+    type Target = Item<T>;
+    fn deref(&self) -> &Item<T> {
+        &self.0
+    }
+}
+
+/// Copy on write: the other holders keep what they had.
+impl<T: Clone> std::ops::DerefMut for Sourced<T> {
+    fn deref_mut(&mut self) -> &mut Item<T> {
+        Arc::make_mut(&mut self.0)
     }
 }
 

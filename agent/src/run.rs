@@ -14,25 +14,23 @@ use anyhow::{Context as _, Result};
 use ferry_common::FRONTEND_ADDRS_MAP;
 use futures::StreamExt as _;
 use rtnetlink::MulticastGroup;
-use tokio::{
-    signal::unix::{signal, SignalKind},
-    sync::mpsc::UnboundedSender,
-};
+use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     admin::{self, Health},
     dataplane::{self, Dataplane},
     ids::ServiceId,
+    incremental::Translated,
     maps::{
         gate::{tracked_frontends, Gate, GateMaps},
         kernel::KernelMaps,
-        layout::{layout, Ids},
+        layout::{Ids, Layout},
         sync::Syncer,
     },
     metrics::{Metrics, Programmed, SyncTrigger},
-    sources::{cluster, manifests, watch, Input},
+    sources::{cluster, manifests, watch, Changed, Changes, Input},
     status::report::{detect_features, unix_now, AgentReport, AttachError, Reporter, WatchState},
-    translate::{self, translate},
+    translate,
 };
 
 /// Where the objects come from.
@@ -83,7 +81,12 @@ pub struct Config {
 /// The sync side: input → maps.
 struct Programmer {
     syncer: Syncer<KernelMaps>,
-    ids: Ids,
+    layout: Layout,
+    /// The last translation, by Service.
+    translated: Translated,
+    /// What the last translation read besides the objects: a change of
+    /// these needs a full translation.
+    translated_from: Option<(Vec<ferry_podstate::PodRecord>, Vec<IpAddr>)>,
     /// Errors reported last time (each is logged once, when it appears).
     reported: BTreeSet<String>,
     /// What the last sync could not write to the maps (logged the same way).
@@ -108,44 +111,107 @@ struct Programmer {
 impl Programmer {
     /// `after_change`: the sync follows an input change (or a relist), so a no-op
     /// is worth an info line; periodic resyncs log it at debug.
-    fn sync(&mut self, input: Input, after_change: bool) -> Programmed {
+    /// `loaded`: how long reading the source took (logged with the phases).
+    /// `reload`: the whole input, when `input` is partial and a full
+    /// translation is needed after all.
+    fn sync(
+        &mut self,
+        input: Input,
+        after_change: bool,
+        loaded: Duration,
+        reload: impl FnOnce() -> Option<Input>,
+    ) -> Programmed {
         let started = Instant::now();
-        let Input { snapshot, errors } = input;
-        if snapshot.node != self.node {
+        let Input {
+            mut snapshot,
+            mut errors,
+            delta,
+            partial,
+        } = input;
+        let mut same_facts = snapshot.node == self.node;
+        if !same_facts {
             if let Some(n) = &snapshot.node {
                 tracing::info!(node = %n.name, addresses = ?n.addresses, pod_cidrs = ?n.pod_cidrs, "node");
             }
             self.node = snapshot.node.clone();
         }
-        let t = translate(&snapshot, &self.translate);
+        // Only what changed, when the source says what did (not in the
+        // periodic resync: it repairs whatever drifted), the maps held
+        // everything the last layout wanted, and nothing else translation
+        // reads changed; else everything.
+        same_facts &= self
+            .translated_from
+            .as_ref()
+            .is_some_and(|(pods, np)| *pods == snapshot.pods && *np == self.translate.nodeport_addrs);
+        let changed = delta
+            .filter(|_| after_change && same_facts && self.not_programmed.is_empty())
+            .and_then(|d| self.translated.update(&snapshot.pods, &d, &self.translate));
+        let incremental = changed.is_some();
+        if !incremental {
+            if partial {
+                let Some(whole) = reload() else {
+                    tracing::warn!(
+                        "the input could not be read whole; the maps keep their contents until the next sync"
+                    );
+                    return self.programmed(self.reported.len(), false);
+                };
+                (snapshot, errors) = (whole.snapshot, whole.errors);
+            }
+            self.translated.full(&snapshot, &self.translate);
+            self.translated_from = Some((snapshot.pods.clone(), self.translate.nodeport_addrs.clone()));
+        }
         let translated = started.elapsed();
-        let errors: BTreeSet<String> = errors.iter().chain(t.errors.iter()).map(ToString::to_string).collect();
+        let errors: BTreeSet<String> = errors
+            .iter()
+            .chain(self.translated.errors())
+            .map(ToString::to_string)
+            .collect();
         report_changes(&self.reported, &errors);
         let input_errors = errors.len();
         self.reported = errors;
-        for (svc, ip) in &t.allocated {
-            if self.allocated.get(svc) != Some(ip) {
-                tracing::info!(service = %svc, cluster_ip = %ip, "allocated a ClusterIP (spec.clusterIP unset)");
+        if !incremental {
+            for (svc, ip) in &self.translated.allocated {
+                if self.allocated.get(svc) != Some(ip) {
+                    tracing::info!(service = %svc, cluster_ip = %ip, "allocated a ClusterIP (spec.clusterIP unset)");
+                }
             }
+            self.allocated = self.translated.allocated.clone();
         }
-        self.allocated = t.allocated;
-        self.health_checks.reconcile(&t.health_checks);
-        let desired = layout(&t.frontends, &mut self.ids);
+        self.health_checks.reconcile(&self.translated.health_checks);
+        let laid_out = Instant::now();
+        let st = match changed {
+            Some(c) => {
+                let scope = self.layout.update(&c.old, &c.new);
+                let layout_took = laid_out.elapsed();
+                (self.syncer.sync_scoped(self.layout.desired(), &scope), layout_took)
+            }
+            None => {
+                self.layout.full(&self.translated.frontends());
+                let layout_took = laid_out.elapsed();
+                (self.syncer.sync(self.layout.desired()), layout_took)
+            }
+        };
+        let (st, layout_took) = st;
         tracing::debug!(
-            translate_ms = translated.as_millis() as u64,
-            layout_ms = (started.elapsed() - translated).as_millis() as u64,
+            incremental,
+            load_us = loaded.as_micros() as u64,
+            translate_us = translated.as_micros() as u64,
+            layout_us = layout_took.as_micros() as u64,
+            sync_us = st.duration.as_micros() as u64,
             "sync phases"
         );
-        let st = self.syncer.sync(&desired);
-        self.sync_gate(&t.frontends);
+        // An incremental sync keeps every frontend's address (it is taken
+        // only when the touched Services keep their frontend keys).
+        if !incremental {
+            self.sync_gate(self.translated.frontend_addrs());
+        }
         let failed: BTreeSet<String> = st.failed.iter().map(ToString::to_string).collect();
         report_changes(&self.not_programmed, &failed);
         self.not_programmed = failed;
-        let backends: usize = t.frontends.iter().map(|f| f.backends.len()).sum();
-        let services: BTreeSet<&ServiceId> = t.frontends.iter().map(|f| &f.id.service).collect();
+        let (frontends, backends, _) = self.translated.counts();
         if st.upserts + st.deletes > 0 {
             tracing::info!(
-                frontends = t.frontends.len(),
+                frontends,
                 backends,
                 upserts = st.upserts,
                 deletes = st.deletes,
@@ -170,25 +236,31 @@ impl Programmer {
                 "maps already in sync, nothing written"
             );
         }
+        self.programmed(input_errors, st.upserts + st.deletes > 0)
+    }
+
+    /// What the maps hold now.
+    fn programmed(&self, input_errors: usize, wrote: bool) -> Programmed {
+        let (frontends, backends, services) = self.translated.counts();
         Programmed {
-            services: services.len(),
-            frontends: t.frontends.len(),
+            services,
+            frontends,
             backends,
             input_errors,
             not_programmed: self.not_programmed.len(),
-            wrote: st.upserts + st.deletes > 0,
+            wrote,
         }
     }
 }
 
 impl Programmer {
     /// Tells from_pod which destinations may be frontends (`maps::gate`).
-    fn sync_gate(&mut self, frontends: &[translate::Frontend]) {
+    fn sync_gate(&mut self, frontends: Vec<IpAddr>) {
         let Some((gate, maps)) = &mut self.gate else {
             return;
         };
         let written = maps.held().and_then(|held| {
-            let plan = gate.plan(&held, frontends.iter().map(|f| f.key().0), Instant::now());
+            let plan = gate.plan(&held, frontends, Instant::now());
             if plan.overflow != self.gate_overflow {
                 if plan.overflow {
                     tracing::warn!(
@@ -263,8 +335,10 @@ fn report_changes(before: &BTreeSet<String>, now: &BTreeSet<String>) {
     }
 }
 
-/// After a change event, wait this long for the writer to finish (a rename is
-/// one event; an editor's write is several in a row).
+/// After a change event that leaves a file incomplete (a creation, a write
+/// not closed yet), wait this long for the writer to finish (an editor's
+/// write is several events in a row; a closed write or a rename into place
+/// is complete, and synced at once).
 const QUIET: Duration = Duration::from_millis(5);
 
 /// A running source.
@@ -285,7 +359,7 @@ enum Source {
 type Fingerprint = Vec<(PathBuf, u64, Option<std::time::SystemTime>)>;
 
 impl Source {
-    async fn start(cfg: &Config, tx: UnboundedSender<()>, metrics: Arc<Metrics>) -> Result<Self> {
+    async fn start(cfg: &Config, tx: Changes, metrics: Arc<Metrics>) -> Result<Self> {
         match &cfg.mode {
             Mode::Standalone { manifests, state_dir } => {
                 let watched = vec![manifests.clone(), ferry_podstate::pods_dir(state_dir)];
@@ -300,7 +374,7 @@ impl Source {
                         tick.tick().await;
                         let now = watch::fingerprint(&dirs);
                         let changed = *last.lock().unwrap_or_else(|e| e.into_inner()) != now;
-                        if changed && tx.send(()).is_err() {
+                        if changed && tx.send(Changed::now()).is_err() {
                             break;
                         }
                     }
@@ -331,7 +405,10 @@ impl Source {
 
     /// The current input; None while the source is not ready (cluster mode
     /// before every initial list is done).
-    fn load(&self) -> Option<Input> {
+    /// `partial`: a change-triggered sync, which may take the snapshot's
+    /// objects as the source last gave them when the change says which
+    /// (then only the Pods are read and [`Input::partial`] is set).
+    fn load(&self, partial: bool) -> Option<Input> {
         match self {
             Self::Standalone {
                 manifests,
@@ -343,7 +420,20 @@ impl Source {
             } => {
                 // Before reading: a change during the read is seen again.
                 *loaded.lock().unwrap_or_else(|e| e.into_inner()) = watch::fingerprint(watched);
-                let mut m = cache.lock().unwrap_or_else(|e| e.into_inner()).load(manifests);
+                let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+                let delta = cache.refresh(manifests);
+                let mut m = match delta {
+                    Some(d) if partial && d.is_endpoints_only() => Input {
+                        errors: cache.errors(),
+                        delta: Some(d),
+                        partial: true,
+                        ..Input::default()
+                    },
+                    delta => Input {
+                        delta,
+                        ..cache.assemble()
+                    },
+                };
                 let (pods, pod_errors) = ferry_podstate::read_all(state_dir);
                 for (path, e) in pod_errors {
                     tracing::debug!("skipping unreadable pod record {}: {e}", path.display());
@@ -422,7 +512,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let ids = Ids::from_contents(syncer.current(), maglev.table_size, maglev.tables);
     let mut prog = Programmer {
         syncer,
-        ids,
+        layout: Layout::new(ids),
+        translated: Translated::default(),
+        translated_from: None,
         reported: BTreeSet::new(),
         not_programmed: BTreeSet::new(),
         allocated: BTreeMap::new(),
@@ -458,7 +550,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     );
     // The first sync: at once in standalone mode; in cluster mode as soon as
     // every initial list is done (the watchers send a change then).
-    let _ = tx.send(());
+    let _ = tx.send(Changed::now());
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -466,34 +558,35 @@ pub async fn run(cfg: Config) -> Result<()> {
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     resync.tick().await;
     let mut attach_tick = tokio::time::interval(Duration::from_secs(2));
-    // When the first change of a pending burst arrived, and when the last
-    // change-driven sync ran. A change after a quiet spell syncs at once (after
+    // When the first change of a pending burst arrived (and the earliest
+    // receipt stamp among its changes), and when the last change-driven sync
+    // ran. A change after a quiet spell syncs at once (after
     // QUIET, for the writer to finish); changes within `debounce` of the last
     // sync are coalesced into one sync at the end of that window: at most one
     // sync per window, and none delayed by more than `debounce`.
-    let mut pending: Option<tokio::time::Instant> = None;
+    let mut pending: Option<Pending> = None;
     let mut last_sync = tokio::time::Instant::now() - cfg.debounce;
     let mut waiting_logged = false;
     loop {
-        let deadline = pending.map(|t| (t + QUIET).max(last_sync + cfg.debounce));
+        let deadline = pending.map(|p| p.due().max(last_sync + cfg.debounce));
         tokio::select! {
-            Some(()) = changes.recv() => {
-                pending.get_or_insert_with(tokio::time::Instant::now);
-            }
+            Some(at) = changes.recv() => note_change(&mut pending, at),
             _ = sleep_until(deadline), if deadline.is_some() => {
-                while changes.try_recv().is_ok() {}
-                pending = None;
+                while let Ok(at) = changes.try_recv() {
+                    note_change(&mut pending, at);
+                }
+                let since = pending.take().map(|p| p.earliest);
                 last_sync = tokio::time::Instant::now();
-                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, true);
+                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, since);
             }
             _ = resync.tick() => {
-                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, false);
+                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, None);
             }
             Some(_) = link_events.next() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, link_events.next()).await {}
                 if follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true, outcomes).await {
-                    pending.get_or_insert_with(tokio::time::Instant::now);
+                    note_change(&mut pending, Changed::now());
                 }
             }
             _ = attach_tick.tick() => {
@@ -523,6 +616,46 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// A burst of changes waiting for its sync.
+#[derive(Clone, Copy)]
+struct Pending {
+    /// When its first change arrived.
+    first: tokio::time::Instant,
+    /// The earliest receipt stamp among its changes.
+    earliest: Instant,
+    /// Its last change was incomplete (a file being written): wait QUIET
+    /// for the writer.
+    unsettled: bool,
+}
+
+impl Pending {
+    fn due(&self) -> tokio::time::Instant {
+        if self.unsettled {
+            self.first + QUIET
+        } else {
+            self.first
+        }
+    }
+}
+
+/// A change received: starts a pending burst, or joins the pending one
+/// (which keeps its earliest stamp; its last change says whether to wait).
+fn note_change(pending: &mut Option<Pending>, c: Changed) {
+    match pending {
+        Some(p) => {
+            p.earliest = p.earliest.min(c.at);
+            p.unsettled = !c.settled;
+        }
+        None => {
+            *pending = Some(Pending {
+                first: tokio::time::Instant::now(),
+                earliest: c.at,
+                unsettled: !c.settled,
+            })
+        }
+    }
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -531,6 +664,8 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 /// One sync, with its outcome reported to the log, health and metrics.
+/// `changed`: the sync follows changes, the earliest received then (None:
+/// the periodic resync).
 #[allow(clippy::too_many_arguments)]
 fn sync(
     prog: &mut Programmer,
@@ -539,10 +674,11 @@ fn sync(
     metrics: &Metrics,
     reporter: &Reporter,
     waiting_logged: &mut bool,
-    after_change: bool,
+    changed: Option<Instant>,
 ) {
+    let after_change = changed.is_some();
     let started = Instant::now();
-    let Some(input) = source.load() else {
+    let Some(input) = source.load(after_change) else {
         if let Source::Cluster(c) = source {
             if !*waiting_logged {
                 tracing::info!(waiting_for = ?c.waiting_for(), "not syncing until every initial list is done");
@@ -551,7 +687,11 @@ fn sync(
         }
         return;
     };
-    let p = prog.sync(input, after_change);
+    let loaded = started.elapsed();
+    let p = prog.sync(input, after_change, loaded, || source.load(false));
+    if let Some(at) = changed {
+        metrics.network_programmed(at.elapsed());
+    }
     let trigger = if after_change {
         SyncTrigger::Change
     } else {

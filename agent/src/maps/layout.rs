@@ -9,7 +9,7 @@
 //! IPv4 encoding ([`v4`]): an IPv6 frontend or backend that got past the
 //! translation's family gate is left out here, with an error, never truncated.
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fmt,
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
@@ -17,11 +17,12 @@ use std::{
 
 use ferry_common::{
     addr_from_map, addr_to_map, backend_flags, port_from_map, port_to_map, svc_flags, Backend, RevNat, ServiceKey,
-    ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL,
+    ServiceName, ServiceValue, SCOPE_EXTERNAL, SCOPE_INTERNAL,
 };
+use ipnet::Ipv4Net;
 
-use super::{IdCursors, MapContents};
-use crate::{ids::FrontendId, translate::Frontend};
+use super::{IdCursors, MapContents, SourceRange};
+use crate::translate::Frontend;
 
 /// A frontend or backend as the IPv4 maps know it: {ip, port, proto}.
 type Tuple = (Ipv4Addr, u16, u8);
@@ -98,6 +99,13 @@ impl<K: Ord + Clone> Allocator<K> {
         self.used.insert(id);
         self.last = id;
         Some(id)
+    }
+
+    /// Forgets the id of `t`.
+    fn free(&mut self, t: &K) {
+        if let Some(id) = self.ids.remove(t) {
+            self.used.remove(&id);
+        }
     }
 
     /// Forgets the ids of keys not in `live`.
@@ -267,30 +275,148 @@ fn v4_of(f: &Frontend, what: &str, addr: IpAddr) -> Option<Ipv4Addr> {
 /// The map contents for `frontends`. A frontend or backend that gets no id (all
 /// taken: far beyond the map sizes) is left out and logged.
 pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
-    let mut out = MapContents::default();
-    let mut live_backends = BTreeSet::new();
-    let mut live_frontends = BTreeSet::new();
-    let mut live_tables = BTreeSet::new();
-    let mut no_table: Vec<&FrontendId> = Vec::new();
-    for f in frontends {
-        let Some(vip) = v4_of(f, "frontend", f.addr) else {
-            continue;
-        };
-        let Some(rev_nat_id) = ids.revnat((vip, f.port, f.proto)) else {
+    let mut l = Layout::new(std::mem::take(ids));
+    l.full(frontends);
+    *ids = l.ids;
+    l.desired
+}
+
+/// Where a frontend sits in the layout's order (the translation's: address,
+/// port, protocol; an internal twin after its external frontend).
+type Place = (Tuple, bool);
+
+/// What one laid-out frontend holds, to take it out again.
+#[derive(Clone, Debug)]
+struct Placed {
+    /// Its slot 0.
+    k0: ServiceKey,
+    /// Every backend it names (slots and draining).
+    backends: Vec<Tuple>,
+    /// Its Maglev table's backend set.
+    table: Option<MaglevKey>,
+    /// Its name, reverse-NAT entry and source ranges (shared with its twin).
+    name: ServiceName,
+    ranges: Vec<Ipv4Net>,
+}
+
+/// What an update touched: the keys the sync must look at (old and new).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Slot 0 of every frontend laid out again or taken out.
+    pub frontends: BTreeSet<ServiceKey>,
+    pub backends: BTreeSet<u32>,
+    pub revnats: BTreeSet<u16>,
+    pub tables: BTreeSet<u32>,
+}
+
+/// The desired map contents with what it takes to change them frontend by
+/// frontend: [`Layout::full`] lays out everything (the reference, and the
+/// periodic resync), [`Layout::update`] only the frontends given, giving the
+/// same contents and ids a full layout of the whole result would.
+#[derive(Debug, Default)]
+pub struct Layout {
+    pub ids: Ids,
+    desired: MapContents,
+    placed: BTreeMap<Place, Placed>,
+    /// Per backend: the frontends naming it, and the value each would write
+    /// (usable: true; draining: false).
+    refs: HashMap<Tuple, BTreeMap<Place, (bool, Backend)>>,
+    /// Per Maglev backend set: how many frontends use its table.
+    table_refs: BTreeMap<MaglevKey, usize>,
+    /// Maglev frontends without a free table.
+    no_table: BTreeSet<Place>,
+}
+
+/// What [`Layout::place`] and [`Layout::unplace`] touched, settled by
+/// [`Layout::settle`].
+#[derive(Default)]
+struct Touched {
+    backends: BTreeSet<Tuple>,
+    frontends: BTreeSet<Tuple>,
+    tables: BTreeSet<MaglevKey>,
+}
+
+impl Layout {
+    pub fn new(ids: Ids) -> Self {
+        Self { ids, ..Self::default() }
+    }
+
+    /// The desired contents.
+    pub fn desired(&self) -> &MapContents {
+        &self.desired
+    }
+
+    /// Lays out `frontends` (sorted as the translation gives them) from
+    /// scratch; ids of keys no longer live are freed.
+    pub fn full(&mut self, frontends: &[Frontend]) {
+        self.desired = MapContents::default();
+        self.placed.clear();
+        self.refs.clear();
+        self.table_refs.clear();
+        self.no_table.clear();
+        let mut t = Touched::default();
+        for f in frontends {
+            self.place(f, &mut t);
+        }
+        self.settle(&t);
+        let live: BTreeSet<Tuple> = self.refs.keys().copied().collect();
+        self.ids.backends.retain(&live);
+        let live: BTreeSet<Tuple> = self.placed.keys().map(|(t, _)| *t).collect();
+        self.ids.frontends.retain(&live);
+        let live: BTreeSet<MaglevKey> = self.table_refs.keys().cloned().collect();
+        self.ids.maglev.tables.retain(&live);
+        self.ids.maglev.computed.retain(|k, _| live.contains(k));
+        self.report_no_table(frontends);
+    }
+
+    /// Replaces frontends `old` by `new` (each sorted as the translation
+    /// gives them; `old` as the last layout had them); the other frontends
+    /// stay. Returns the keys whose entries may have changed.
+    pub fn update(&mut self, old: &[Frontend], new: &[Frontend]) -> Scope {
+        let mut t = Touched::default();
+        let mut scope = Scope::default();
+        for f in old {
+            let Some(place) = place_of(f) else { continue };
+            if let Some(p) = self.unplace(place, &mut t) {
+                scope.frontends.insert(p.k0);
+            }
+        }
+        for f in new {
+            if let Some(k0) = self.place(f, &mut t) {
+                scope.frontends.insert(k0);
+            }
+        }
+        // Old ids first: settle frees those no longer live.
+        for b in &t.backends {
+            scope.backends.extend(self.ids.backends.ids.get(b));
+        }
+        for f in &t.frontends {
+            scope.revnats.extend(self.ids.frontends.ids.get(f).map(|id| *id as u16));
+        }
+        for k in &t.tables {
+            scope.tables.extend(self.ids.maglev.tables.ids.get(k).map(|i| i - 1));
+        }
+        self.settle(&t);
+        self.report_no_table(new);
+        scope
+    }
+
+    /// Lays out one frontend: its slots, slot 0 and Maglev table; its
+    /// backends, reverse-NAT entry, name and ranges are settled later.
+    fn place(&mut self, f: &Frontend, t: &mut Touched) -> Option<ServiceKey> {
+        let vip = v4_of(f, "frontend", f.addr)?;
+        let place = place_of(f)?;
+        let Some(rev_nat_id) = self.ids.revnat(place.0) else {
             tracing::error!(frontend = %f.id, "no free reverse-NAT id; frontend left out");
-            continue;
+            return None;
         };
-        live_frontends.insert((vip, f.port, f.proto));
+        t.frontends.insert(place.0);
         let key = |slot: u16| ServiceKey {
             addr: addr_to_map(vip.octets()),
             port: port_to_map(f.port),
             slot,
             proto: f.proto,
-            scope: if f.flags & svc_flags::INTERNAL != 0 {
-                SCOPE_INTERNAL
-            } else {
-                SCOPE_EXTERNAL
-            },
+            scope: if place.1 { SCOPE_INTERNAL } else { SCOPE_EXTERNAL },
             _pad: [0; 2],
         };
         let backend_value = |addr: Ipv4Addr, b: &crate::translate::BackendSpec| Backend {
@@ -300,14 +426,17 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             flags: if b.terminating { backend_flags::TERMINATING } else { 0 }
                 | if b.local { backend_flags::LOCAL } else { 0 },
         };
+        // This frontend's value of each backend: a usable one's (the last),
+        // else a draining one's (the first).
+        let mut mine: BTreeMap<Tuple, (bool, Backend)> = BTreeMap::new();
         let mut slot: u16 = 0;
         let mut slotted: Vec<(u32, Tuple)> = Vec::new();
         for b in &f.backends {
             let Some(addr) = v4_of(f, "backend", b.addr) else {
                 continue;
             };
-            let t = (addr, b.port, f.proto);
-            let Some(id) = ids.backend(t) else {
+            let bt = (addr, b.port, f.proto);
+            let Some(id) = self.ids.backend(bt) else {
                 tracing::error!(frontend = %f.id, backend = %b.addr, "no free backend id; backend left out");
                 continue;
             };
@@ -316,10 +445,9 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
                 break;
             };
             slot = next;
-            slotted.push((id, t));
-            live_backends.insert(t);
-            out.backends.insert(id, backend_value(addr, b));
-            out.services.insert(
+            slotted.push((id, bt));
+            mine.insert(bt, (true, backend_value(addr, b)));
+            self.desired.services.insert(
                 key(slot),
                 ServiceValue {
                     backend_id: id,
@@ -336,34 +464,45 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
             let Some(addr) = v4_of(f, "backend", b.addr) else {
                 continue;
             };
-            let t = (addr, b.port, f.proto);
-            if let Some(id) = ids.backend(t) {
-                live_backends.insert(t);
+            let bt = (addr, b.port, f.proto);
+            if self.ids.backend(bt).is_some() {
                 // A backend usable for one frontend and draining for another
                 // keeps the usable one's flags.
-                out.backends.entry(id).or_insert_with(|| backend_value(addr, b));
+                mine.entry(bt).or_insert_with(|| (false, backend_value(addr, b)));
             }
+        }
+        for (bt, v) in &mine {
+            self.refs.entry(*bt).or_default().insert(place, *v);
+            t.backends.insert(*bt);
         }
         // Maglev: the frontend names its table in slot 0 (a frontend
         // without backends needs none: it rejects).
         let mut flags = f.flags;
         let mut table_index = 0;
+        let mut table = None;
+        self.no_table.remove(&place);
         if flags & svc_flags::MAGLEV != 0 {
             flags &= !svc_flags::MAGLEV;
             if !slotted.is_empty() {
-                match ids.maglev_table(&slotted) {
-                    Some((index, table)) => {
-                        live_tables.insert(sorted_key(&slotted));
-                        out.maglev.insert(index, table);
+                match self.ids.maglev_table(&slotted) {
+                    Some((index, positions)) => {
+                        let k = sorted_key(&slotted);
+                        *self.table_refs.entry(k.clone()).or_default() += 1;
+                        t.tables.insert(k.clone());
+                        table = Some(k);
+                        self.desired.maglev.insert(index, positions);
                         table_index = index;
                         flags |= svc_flags::MAGLEV;
                     }
-                    None => no_table.push(&f.id),
+                    None => {
+                        self.no_table.insert(place);
+                    }
                 }
             }
         }
-        out.services.insert(
-            key(0),
+        let k0 = key(0);
+        self.desired.services.insert(
+            k0,
             ServiceValue {
                 backend_id: table_index,
                 count: slot,
@@ -372,46 +511,162 @@ pub fn layout(frontends: &[Frontend], ids: &mut Ids) -> MapContents {
                 affinity_timeout: f.affinity_timeout,
             },
         );
-        out.revnat.insert(
-            rev_nat_id,
-            RevNat {
-                addr: addr_to_map(vip.octets()),
-                port: port_to_map(f.port),
-                _pad: 0,
-            },
-        );
-        out.names.insert(rev_nat_id, f.id.to_map());
         // An IPv4 frontend's clients are IPv4: its ranges of another family
         // match none of them.
-        out.source_ranges
-            .extend(f.source_ranges.iter().filter_map(|net| match net {
-                ipnet::IpNet::V4(net) => Some((rev_nat_id, net.trunc())),
+        let ranges = f
+            .source_ranges
+            .iter()
+            .filter_map(|net| match net {
+                ipnet::IpNet::V4(net) => Some(net.trunc()),
                 ipnet::IpNet::V6(_) => None,
-            }));
+            })
+            .collect();
+        self.placed.insert(
+            place,
+            Placed {
+                k0,
+                backends: mine.into_keys().collect(),
+                table,
+                name: f.id.to_map(),
+                ranges,
+            },
+        );
+        Some(k0)
     }
-    ids.backends.retain(&live_backends);
-    ids.frontends.retain(&live_frontends);
-    // Said once per change of their number, not at every sync.
-    if no_table.len() != ids.maglev.without_table {
-        ids.maglev.without_table = no_table.len();
-        if !no_table.is_empty() {
+
+    /// Takes a frontend out (its slots and slot 0; the rest is settled).
+    fn unplace(&mut self, place: Place, t: &mut Touched) -> Option<Placed> {
+        let p = self.placed.remove(&place)?;
+        self.no_table.remove(&place);
+        t.frontends.insert(place.0);
+        if let Some(v0) = self.desired.services.remove(&p.k0) {
+            for slot in 1..=v0.count {
+                self.desired.services.remove(&ServiceKey { slot, ..p.k0 });
+            }
+        }
+        for b in &p.backends {
+            if let Some(r) = self.refs.get_mut(b) {
+                r.remove(&place);
+            }
+            t.backends.insert(*b);
+        }
+        if let Some(k) = &p.table {
+            if let Some(n) = self.table_refs.get_mut(k) {
+                *n -= 1;
+            }
+            t.tables.insert(k.clone());
+        }
+        Some(p)
+    }
+
+    /// Settles what placing and taking out touched: each backend's value
+    /// (the last usable frontend's in order, else the first draining one's),
+    /// each reverse-NAT id's entry, name and ranges (the last of its
+    /// frontends'), and the ids and tables no longer live.
+    fn settle(&mut self, t: &Touched) {
+        for bt in &t.backends {
+            let Some(&id) = self.ids.backends.ids.get(bt) else {
+                continue;
+            };
+            let refs = self.refs.get(bt).filter(|r| !r.is_empty());
+            let value = refs.map(|r| {
+                r.values()
+                    .rev()
+                    .find(|(usable, _)| *usable)
+                    .or_else(|| r.values().next())
+                    .map(|(_, v)| *v)
+            });
+            match value.flatten() {
+                Some(v) => {
+                    self.desired.backends.insert(id, v);
+                }
+                None => {
+                    self.refs.remove(bt);
+                    self.desired.backends.remove(&id);
+                    self.ids.backends.free(bt);
+                }
+            }
+        }
+        for ft in &t.frontends {
+            let Some(&id) = self.ids.frontends.ids.get(ft) else {
+                continue;
+            };
+            let id = id as u16;
+            let old: Vec<SourceRange> = self
+                .desired
+                .source_ranges
+                .range((id, Ipv4Net::default())..)
+                .take_while(|r| r.0 == id)
+                .copied()
+                .collect();
+            for r in old {
+                self.desired.source_ranges.remove(&r);
+            }
+            let mine: Vec<&Placed> = self.placed.range((*ft, false)..=(*ft, true)).map(|(_, p)| p).collect();
+            let Some(last) = mine.last() else {
+                self.desired.revnat.remove(&id);
+                self.desired.names.remove(&id);
+                self.ids.frontends.free(ft);
+                continue;
+            };
+            self.desired.revnat.insert(
+                id,
+                RevNat {
+                    addr: addr_to_map(ft.0.octets()),
+                    port: port_to_map(ft.1),
+                    _pad: 0,
+                },
+            );
+            self.desired.names.insert(id, last.name);
+            for p in &mine {
+                self.desired.source_ranges.extend(p.ranges.iter().map(|n| (id, *n)));
+            }
+        }
+        for k in &t.tables {
+            if self.table_refs.get(k).is_some_and(|n| *n == 0) {
+                self.table_refs.remove(k);
+                if let Some(i) = self.ids.maglev.tables.ids.get(k) {
+                    self.desired.maglev.remove(&(i - 1));
+                }
+                self.ids.maglev.tables.free(k);
+                self.ids.maglev.computed.remove(k);
+            }
+        }
+        self.desired.cursors = self.ids.cursors();
+    }
+
+    /// Said once per change of their number, not at every sync.
+    fn report_no_table(&mut self, frontends: &[Frontend]) {
+        if self.no_table.len() == self.ids.maglev.without_table {
+            return;
+        }
+        self.ids.maglev.without_table = self.no_table.len();
+        if !self.no_table.is_empty() {
+            let first: Vec<String> = frontends
+                .iter()
+                .filter(|f| place_of(f).is_some_and(|p| self.no_table.contains(&p)))
+                .take(5)
+                .map(|f| f.id.to_string())
+                .collect();
             tracing::error!(
-                frontends = no_table.len(),
-                first = %no_table.iter().take(5).map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                frontends = self.no_table.len(),
+                first = %first.join(", "),
                 "no free Maglev table for these frontends (raise --maglev-tables); their new flows pick a backend at random"
             );
         }
     }
-    ids.maglev.tables.retain(&live_tables);
-    ids.maglev.computed.retain(|k, _| live_tables.contains(k));
-    out.cursors = ids.cursors();
-    out
+}
+
+/// Where `f` sits in the layout's order (None: not IPv4).
+fn place_of(f: &Frontend) -> Option<Place> {
+    let vip = v4(f.addr).ok()?;
+    Some(((vip, f.port, f.proto), f.flags & svc_flags::INTERNAL != 0))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::translate::BackendSpec;
+    use crate::{ids::FrontendId, translate::BackendSpec};
     use ferry_common::{svc_flags, PROTO_TCP};
 
     fn fe(port: u16, backends: &[[u8; 4]]) -> Frontend {

@@ -18,6 +18,7 @@ use crate::ids::FrontendId;
 use super::{
     assignments,
     defs::{Backends, Config, Maglev, Names, RevNats, Services, SourceRanges, Stats},
+    layout::Scope,
     maglev_tables_in_use,
     table::{diff, held, stale, Held, MapDef, Rows as _, Synced},
     Assignment, Forgotten, MapContents, MapStore, SourceRange,
@@ -142,28 +143,156 @@ impl<S: MapStore> Syncer<S> {
     /// `SOURCE_RANGES` finds its ranges there, and one that loses it (or a
     /// range) stops filtering before its entries go.
     pub fn sync(&mut self, desired: &MapContents) -> SyncStats {
-        let start = Instant::now();
-        let before = assignments(&self.current);
-        let mut w = Writes {
-            store: &mut self.store,
-            cur: &mut self.current,
-            st: SyncStats::default(),
-            tables: desired.maglev.clone(),
-        };
-        w.shrink(desired);
-        w.delete_unused(desired);
-        if w.cursors(desired) {
-            for (k, v) in desired.services.iter().filter(|(k, _)| k.slot == 0) {
-                w.frontend(desired, k, v);
-            }
-            w.draining(desired);
-        }
-        w.delete_unused(desired);
-        w.forget(&before);
-        let mut st = w.st;
-        st.duration = start.elapsed();
+        write(&mut self.store, &mut self.current, desired)
+    }
+
+    /// [`Syncer::sync`] restricted to the entries of `scope` (what a
+    /// [`Layout::update`] touched), in the same order and with the same
+    /// checks, at a cost proportional to the scope. Exact when the maps held
+    /// the desired contents of the last layout outside the scope (the last
+    /// sync wrote everything: no failure): then nothing outside the scope
+    /// refers to what the scope deletes or rewrites. `desired`: the whole
+    /// desired contents.
+    pub fn sync_scoped(&mut self, desired: &MapContents, scope: &Scope) -> SyncStats {
+        let keys = ScopeKeys::of(scope, &self.current, desired);
+        let mut cur = keys.restrict(&self.current);
+        let st = write(&mut self.store, &mut cur, &keys.restrict(desired));
+        keys.merge(&mut self.current, cur);
         st
     }
+}
+
+/// Every key of the maps' entries a [`Scope`] covers.
+#[derive(Default)]
+struct ScopeKeys {
+    services: BTreeSet<ServiceKey>,
+    backends: BTreeSet<u32>,
+    revnats: BTreeSet<u16>,
+    tables: BTreeSet<u32>,
+}
+
+impl ScopeKeys {
+    /// The scope's frontends' slots (all, in `cur` and `desired`), and the
+    /// backends, reverse-NAT ids and tables they or the scope name.
+    fn of(scope: &Scope, cur: &MapContents, desired: &MapContents) -> Self {
+        let mut k = Self {
+            backends: scope.backends.clone(),
+            revnats: scope.revnats.clone(),
+            tables: scope.tables.clone(),
+            ..Self::default()
+        };
+        for k0 in &scope.frontends {
+            let from = ServiceKey {
+                slot: 0,
+                proto: 0,
+                scope: 0,
+                _pad: [0; 2],
+                ..*k0
+            };
+            let to = ServiceKey {
+                slot: u16::MAX,
+                proto: u8::MAX,
+                scope: u8::MAX,
+                _pad: [u8::MAX; 2],
+                ..*k0
+            };
+            for c in [cur, desired] {
+                for (key, v) in c.services.range(from..=to) {
+                    if key.proto != k0.proto || key.scope != k0.scope {
+                        continue;
+                    }
+                    k.services.insert(*key);
+                    k.revnats.insert(v.rev_nat_id);
+                    if key.slot > 0 {
+                        k.backends.insert(v.backend_id);
+                    } else if v.flags & svc_flags::MAGLEV != 0 {
+                        k.tables.insert(v.backend_id);
+                    }
+                }
+            }
+        }
+        k
+    }
+
+    /// The entries of `c` in the scope.
+    fn restrict(&self, c: &MapContents) -> MapContents {
+        fn pick<K: Ord + Copy, V: Clone>(m: &BTreeMap<K, V>, keys: &BTreeSet<K>) -> BTreeMap<K, V> {
+            keys.iter().filter_map(|k| m.get(k).map(|v| (*k, v.clone()))).collect()
+        }
+        MapContents {
+            services: pick(&c.services, &self.services),
+            backends: pick(&c.backends, &self.backends),
+            revnat: pick(&c.revnat, &self.revnats),
+            names: pick(&c.names, &self.revnats),
+            source_ranges: self
+                .revnats
+                .iter()
+                .flat_map(|id| ranges_of(&c.source_ranges, *id))
+                .collect(),
+            cursors: c.cursors,
+            maglev: pick(&c.maglev, &self.tables),
+        }
+    }
+
+    /// Puts the scope's entries of `sub` (the maps' after a scoped write)
+    /// back into `cur`.
+    fn merge(&self, cur: &mut MapContents, sub: MapContents) {
+        fn put<K: Ord + Copy, V: Clone>(m: &mut BTreeMap<K, V>, keys: &BTreeSet<K>, sub: &BTreeMap<K, V>) {
+            for k in keys {
+                match sub.get(k) {
+                    Some(v) => m.insert(*k, v.clone()),
+                    None => m.remove(k),
+                };
+            }
+        }
+        put(&mut cur.services, &self.services, &sub.services);
+        put(&mut cur.backends, &self.backends, &sub.backends);
+        put(&mut cur.revnat, &self.revnats, &sub.revnat);
+        put(&mut cur.names, &self.revnats, &sub.names);
+        put(&mut cur.maglev, &self.tables, &sub.maglev);
+        for id in &self.revnats {
+            for r in ranges_of(&cur.source_ranges, *id) {
+                cur.source_ranges.remove(&r);
+            }
+        }
+        cur.source_ranges.extend(sub.source_ranges);
+        cur.cursors = sub.cursors;
+    }
+}
+
+/// The source ranges of reverse-NAT id `id`.
+fn ranges_of(ranges: &BTreeSet<SourceRange>, id: u16) -> Vec<SourceRange> {
+    ranges
+        .range((id, ipnet::Ipv4Net::default())..)
+        .take_while(|r| r.0 == id)
+        .copied()
+        .collect()
+}
+
+/// The writes of one sync of `cur` (the maps' contents, kept in step) to
+/// `desired`, in the order [`Syncer::sync`] describes.
+fn write<S: MapStore>(store: &mut S, cur: &mut MapContents, desired: &MapContents) -> SyncStats {
+    let start = Instant::now();
+    let before = assignments(cur);
+    let mut w = Writes {
+        store,
+        cur,
+        st: SyncStats::default(),
+        tables: desired.maglev.clone(),
+    };
+    w.shrink(desired);
+    w.delete_unused(desired);
+    if w.cursors(desired) {
+        for (k, v) in desired.services.iter().filter(|(k, _)| k.slot == 0) {
+            w.frontend(desired, k, v);
+        }
+        w.draining(desired);
+    }
+    w.delete_unused(desired);
+    w.forget(&before);
+    let mut st = w.st;
+    st.duration = start.elapsed();
+    st
 }
 
 /// One sync's writes: each updates `cur` and the stats when it succeeds.
@@ -604,7 +733,7 @@ fn frontend_entries(desired: &MapContents, k0: &ServiceKey, v0: &ServiceValue) -
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::{any::Any, cell::RefCell, net::Ipv4Addr, rc::Rc};
 
     use ferry_common::{svc_flags, ServiceKey, ServiceValue};
@@ -622,8 +751,8 @@ mod tests {
     /// refuses new keys beyond its capacity, as a full BPF hash map does
     /// (updates of existing keys still work).
     #[derive(Clone, Default)]
-    struct Fake {
-        maps: Rc<RefCell<MapContents>>,
+    pub(crate) struct Fake {
+        pub(crate) maps: Rc<RefCell<MapContents>>,
         log: Rc<RefCell<Vec<String>>>,
         services_cap: Rc<std::cell::Cell<Option<usize>>>,
         /// Writes after which the dataplane would have seen a frontend
@@ -631,7 +760,7 @@ mod tests {
         /// frontend without its reverse-NAT entry, or a Maglev frontend whose
         /// table is missing or names a missing backend (or was rewritten in
         /// use).
-        violations: Rc<RefCell<Vec<String>>>,
+        pub(crate) violations: Rc<RefCell<Vec<String>>>,
         /// Entries removed from maps the dataplane writes: (map, key).
         cleared: Rc<RefCell<Vec<(&'static str, String)>>>,
     }
@@ -660,7 +789,7 @@ mod tests {
 
     #[derive(Debug, thiserror::Error)]
     #[error("map full (E2BIG)")]
-    struct Full;
+    pub(crate) struct Full;
 
     /// Whether a map holding `rows` (capacity `cap`) refuses `key`.
     fn refuses<K, V>(rows: &impl Rows<K, V>, key: &K, cap: Option<usize>) -> bool {

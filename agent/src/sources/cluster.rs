@@ -29,7 +29,6 @@ use kube::{
     Client,
 };
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc::UnboundedSender;
 
 use crate::{
     error::InputError,
@@ -136,13 +135,9 @@ pub async fn client(cfg: &Config) -> Result<Client, ClusterError> {
 
 impl Cluster {
     /// Starts the three watchers. Every change (and every completed (re)list)
-    /// sends a `()` on `changes`. Never blocks on the API: an unreachable API
+    /// sends when it was received on `changes`. Never blocks on the API: an unreachable API
     /// server is retried with backoff in the background.
-    pub async fn start(
-        cfg: &Config,
-        changes: UnboundedSender<()>,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, ClusterError> {
+    pub async fn start(cfg: &Config, changes: super::Changes, metrics: Arc<Metrics>) -> Result<Self, ClusterError> {
         let client = client(cfg).await?;
         let node_ar = ApiResource::erase::<Node>(&());
         let nodes_api: Api<DynamicObject> = Api::all_with(client.clone(), &node_ar);
@@ -257,7 +252,7 @@ fn spawn_watch(
     api: Api<DynamicObject>,
     ar: ApiResource,
     config: watcher::Config,
-    changes: UnboundedSender<()>,
+    changes: super::Changes,
     metrics: Arc<Metrics>,
 ) -> Watched {
     let writer: Writer<DynamicObject> = Writer::new(ar);
@@ -282,7 +277,7 @@ fn spawn_watch(
                     }
                     failing = false;
                     set_error(None);
-                    let _ = changes.send(());
+                    let _ = changes.send(super::Changed::now());
                 }
                 Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
                     if failing {
@@ -290,7 +285,7 @@ fn spawn_watch(
                         failing = false;
                         set_error(None);
                     }
-                    let _ = changes.send(());
+                    let _ = changes.send(super::Changed::now());
                 }
                 Ok(watcher::Event::Init) => tracing::debug!(resource = what, "listing"),
                 Ok(watcher::Event::InitApply(_)) => {}
@@ -413,6 +408,9 @@ impl Typer {
                 ..Default::default()
             },
             errors,
+            // Not tracked yet: every sync translates everything.
+            delta: None,
+            partial: false,
         }
     }
 }

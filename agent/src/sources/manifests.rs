@@ -20,6 +20,12 @@ use crate::{
 pub struct Manifests {
     pub snapshot: Snapshot,
     pub errors: Vec<InputError>,
+    /// What changed since the previous load, when known (None: unknown, as
+    /// at the first load; only a full translation is exact then).
+    pub delta: Option<super::Delta>,
+    /// The snapshot holds only what the source reads at every load (the
+    /// shim's Pods), not the objects: `delta` says what changed.
+    pub partial: bool,
 }
 
 /// Reads every manifest file of `dir` (once: [`DirCache`] for a directory
@@ -34,6 +40,10 @@ pub fn load_dir(dir: &Path) -> Manifests {
 #[derive(Debug, Default)]
 pub struct DirCache {
     files: HashMap<PathBuf, Cached>,
+    /// The manifest files, sorted, as last listed.
+    order: Vec<PathBuf>,
+    /// The directory could not be listed.
+    dir_error: Option<InputError>,
 }
 
 #[derive(Debug)]
@@ -46,49 +56,99 @@ struct Cached {
 impl DirCache {
     /// What [`load_dir`] returns, parsing only new and changed files.
     pub fn load(&mut self, dir: &Path) -> Manifests {
-        let mut out = Manifests::default();
+        let delta = self.refresh(dir);
+        Manifests {
+            delta,
+            ..self.assemble()
+        }
+    }
+
+    /// Re-reads the files of `dir` that are new or changed, and forgets the
+    /// removed ones; returns what changed (None: unknown, as at the first
+    /// read). Cheap when nothing changed: a directory listing and a stat per
+    /// file, no object copied.
+    pub fn refresh(&mut self, dir: &Path) -> Option<super::Delta> {
+        let mut delta = (!self.files.is_empty()).then(super::Delta::default);
+        self.dir_error = None;
         let mut files: Vec<PathBuf> = match fs::read_dir(dir) {
             Ok(entries) => entries.flatten().map(|e| e.path()).filter(|p| is_manifest(p)).collect(),
             Err(e) => {
                 self.files.clear();
-                out.errors.push(InputError::new(
+                self.order.clear();
+                self.dir_error = Some(InputError::new(
                     dir.display().to_string(),
                     "directory",
                     "",
                     e.to_string(),
                 ));
-                return out;
+                return None;
             }
         };
         files.sort();
         let present: std::collections::HashSet<&PathBuf> = files.iter().collect();
-        self.files.retain(|p, _| present.contains(p));
-        for path in files {
-            let md = fs::metadata(&path).ok();
+        self.files.retain(|p, c| {
+            let keep = present.contains(p);
+            if !keep {
+                if let Some(d) = delta.as_mut() {
+                    d.add(&c.parsed.snapshot, &Snapshot::default());
+                }
+            }
+            keep
+        });
+        for path in &files {
+            let md = fs::metadata(path).ok();
             let (len, modified) = (md.as_ref().map_or(0, |m| m.len()), md.and_then(|m| m.modified().ok()));
             let fresh = self
                 .files
-                .get(&path)
+                .get(path)
                 .is_some_and(|c| c.len == len && c.modified == modified);
-            if !fresh {
-                let mut parsed = Manifests::default();
-                let readable = load_file(&path, &mut parsed);
-                match self.files.get_mut(&path) {
-                    // A file caught half-written, or broken by an edit: report
-                    // it, but keep serving what it said last (no state is lost;
-                    // delete the file to remove its objects).
-                    Some(old) if !readable => {
-                        old.parsed.errors = parsed.errors;
-                        (old.len, old.modified) = (len, modified);
-                    }
-                    _ => {
-                        self.files.insert(path.clone(), Cached { len, modified, parsed });
+            if fresh {
+                continue;
+            }
+            let mut parsed = Manifests::default();
+            let readable = load_file(path, &mut parsed);
+            match self.files.get_mut(path) {
+                // A file caught half-written, or broken by an edit: report
+                // it, but keep serving what it said last (no state is lost;
+                // delete the file to remove its objects).
+                Some(old) if !readable => {
+                    old.parsed.errors = parsed.errors;
+                    (old.len, old.modified) = (len, modified);
+                }
+                _ => {
+                    let old = self.files.insert(path.clone(), Cached { len, modified, parsed });
+                    if let (Some(d), Some(new)) = (delta.as_mut(), self.files.get(path)) {
+                        let empty = Snapshot::default();
+                        d.add(
+                            old.as_ref().map_or(&empty, |o| &o.parsed.snapshot),
+                            &new.parsed.snapshot,
+                        );
                     }
                 }
             }
-            if let Some(c) = self.files.get(&path) {
-                out.append(&c.parsed);
-            }
+        }
+        self.order = files;
+        delta
+    }
+
+    /// The errors of the last [`DirCache::refresh`]: of the directory and of
+    /// each file.
+    pub fn errors(&self) -> Vec<InputError> {
+        let files = self.order.iter().filter_map(|p| self.files.get(p));
+        self.dir_error
+            .iter()
+            .chain(files.flat_map(|c| &c.parsed.errors))
+            .cloned()
+            .collect()
+    }
+
+    /// Every object of the last [`DirCache::refresh`], in file order (the
+    /// objects are shared, not copied).
+    pub fn assemble(&self) -> Manifests {
+        let mut out = Manifests::default();
+        out.errors.extend(self.dir_error.iter().cloned());
+        for c in self.order.iter().filter_map(|p| self.files.get(p)) {
+            out.append(&c.parsed);
         }
         out
     }
@@ -184,7 +244,7 @@ fn push<T: DeserializeOwned>(
     errors: &mut Vec<InputError>,
 ) {
     match serde_yaml::from_value::<T>(value) {
-        Ok(obj) => into.push(Sourced::new(source, obj)),
+        Ok(obj) => into.push(Sourced::at(source, into.len(), obj)),
         Err(e) => errors.push(InputError::new(
             source,
             object,

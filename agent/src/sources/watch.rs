@@ -8,14 +8,17 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use notify::{RecursiveMode, Watcher as _};
-use tokio::sync::mpsc::UnboundedSender;
 
-/// Watches `dirs` (recursively); every change sends a `()`. Reads are not
+/// Watches `dirs` (recursively); every change sends when it was received. Reads are not
 /// changes: the agent's own reading of the files must not trigger another sync.
-pub fn watch(dirs: &[PathBuf], tx: UnboundedSender<()>) -> Result<notify::RecommendedWatcher> {
+pub fn watch(dirs: &[PathBuf], tx: super::Changes) -> Result<notify::RecommendedWatcher> {
     let mut w = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok_and(|e| is_change(&e.kind)) {
-            let _ = tx.send(());
+        let Ok(e) = ev else { return };
+        if is_change(&e.kind) && !e.paths.iter().all(|p| is_temporary(p)) {
+            let _ = tx.send(super::Changed {
+                at: std::time::Instant::now(),
+                settled: settles(&e.kind),
+            });
         }
     })?;
     for d in dirs {
@@ -35,6 +38,30 @@ fn is_change(kind: &notify::EventKind) -> bool {
         EventKind::Access(_) => false,
         _ => true,
     }
+}
+
+/// Writers' temporary files (renamed into place when complete): hidden
+/// ones, backups (`~`), `.tmp` and editor swap files. No source reads them,
+/// and their events are no change.
+fn is_temporary(p: &Path) -> bool {
+    let name = p.file_name().unwrap_or_default().to_string_lossy();
+    let ext = p.extension().unwrap_or_default();
+    name.starts_with('.') || name.ends_with('~') || ["tmp", "swp", "swx"].iter().any(|t| ext == *t)
+}
+
+/// Whether an event leaves its file complete: a closed write, a rename
+/// (into place), a removal. Not a creation or a write still going on.
+fn settles(kind: &notify::EventKind) -> bool {
+    use notify::{
+        event::{AccessKind, AccessMode, ModifyKind},
+        EventKind,
+    };
+    matches!(
+        kind,
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+            | EventKind::Modify(ModifyKind::Name(_))
+            | EventKind::Remove(_)
+    )
 }
 
 /// (path, size, mtime) of every file below `dirs`, sorted.
@@ -65,7 +92,9 @@ fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>, depth: us
 mod tests {
     use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind};
 
-    use super::is_change;
+    use notify::event::{RemoveKind, RenameMode};
+
+    use super::{is_change, is_temporary, settles};
 
     #[test]
     fn reading_is_not_a_change() {
@@ -74,5 +103,29 @@ mod tests {
         assert!(is_change(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
         assert!(is_change(&EventKind::Modify(ModifyKind::Any)));
         assert!(is_change(&EventKind::Create(CreateKind::File)));
+    }
+
+    #[test]
+    fn temporary_files_are_no_input() {
+        for t in [
+            ".measured.yaml.swp",
+            "measured.tmp~",
+            ".default_web.json.tmp",
+            "x.yaml.tmp",
+        ] {
+            assert!(is_temporary(std::path::Path::new(t)), "{t}");
+        }
+        for f in ["measured.yaml", "default_web.json", "node1", "node1.example.com"] {
+            assert!(!is_temporary(std::path::Path::new(f)), "{f}");
+        }
+    }
+
+    #[test]
+    fn closed_writes_renames_and_removals_settle_a_change() {
+        assert!(settles(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(settles(&EventKind::Modify(ModifyKind::Name(RenameMode::To))));
+        assert!(settles(&EventKind::Remove(RemoveKind::File)));
+        assert!(!settles(&EventKind::Create(CreateKind::File)));
+        assert!(!settles(&EventKind::Modify(ModifyKind::Any)));
     }
 }

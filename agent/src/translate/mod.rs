@@ -42,6 +42,7 @@ use crate::{
 };
 
 pub use family::{parse_ip, Families, Family};
+pub use slices::slice_service;
 
 /// Label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";

@@ -81,7 +81,8 @@ pub(super) fn endpoints_of(
     all
 }
 
-fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<ServiceId> {
+/// The Service an EndpointSlice belongs to (its [`SERVICE_NAME_LABEL`]).
+pub fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> Option<ServiceId> {
     let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
     let ns = slice.metadata.namespace.as_deref().unwrap_or("default");
     Some(ServiceId::new(ns, name.as_str()))
