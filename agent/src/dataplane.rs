@@ -433,8 +433,11 @@ pub struct Dataplane {
     /// Devices (ifindex, name) XDP could not attach to (TC serves them).
     xdp_refused: BTreeSet<(u32, String)>,
     /// A new Maglev table size the programs are told only once the new
-    /// programs are attached (see [`Dataplane::maglev_size_after_attach`]).
+    /// programs are attached (see [`Dataplane::after_swap`]).
     maglev_size_pending: Option<u32>,
+    /// Maps migrated at load, caught up once the new programs are attached
+    /// (see [`Dataplane::after_swap`]).
+    migrated: migrate::Migrated,
 }
 
 const BPFFS: &str = "/sys/fs/bpf";
@@ -506,7 +509,7 @@ impl Dataplane {
         };
         // Right before the programs are swapped in: flows the old programs
         // create from now on are in the old maps only.
-        migrate::finish(dir, copies);
+        let migrated = migrate::finish(dir, copies);
         spawn_ebpf_logs(&mut ebpf);
         let maglev_size_pending = set_maglev_table_size(&mut ebpf, cfg.maglev.table_size)?;
         let maps = KernelMaps::from_ebpf(&mut ebpf)?;
@@ -520,16 +523,20 @@ impl Dataplane {
                 attached: BTreeMap::new(),
                 xdp_refused: BTreeSet::new(),
                 maglev_size_pending,
+                migrated,
             },
             maps,
         ))
     }
 
-    /// After the first attach: tells the (new) programs a changed Maglev
-    /// table size. Until now it was 0 (random), because the previous agent's
-    /// programs, still attached until swapped, share the config array and
-    /// would have indexed their tables with the new size.
-    pub fn maglev_size_after_attach(&mut self) -> Result<(), DataplaneError> {
+    /// After the first attach, when the new programs replaced the previous
+    /// agent's: copies the flows those opened in the old maps of a migration
+    /// meanwhile ([`migrate::Migrated::catch_up`]), and tells the programs a
+    /// changed Maglev table size. Until now that was 0 (random), because the
+    /// previous agent's programs share the config array and would have
+    /// indexed their tables with the new size.
+    pub fn after_swap(&mut self) -> Result<(), DataplaneError> {
+        std::mem::take(&mut self.migrated).catch_up();
         let Some(m) = self.maglev_size_pending.take() else {
             return Ok(());
         };

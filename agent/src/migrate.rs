@@ -304,12 +304,17 @@ fn remove_unknown(dir: &Path, expected: &BTreeMap<String, Shape>) -> Result<(), 
 }
 
 /// Copies the entries of the old maps into the new ones the loader pinned in
-/// `dir`, as many as fit, and logs how many were copied and lost.
-pub fn finish(dir: &Path, copies: Vec<PendingCopy>) {
+/// `dir`, as many as fit, and logs how many were copied and lost. The old
+/// programs run on until the new ones are attached, and the flows they open
+/// meanwhile (or whose second entry the walk had already passed) are in the
+/// old maps only: the returned [`Migrated`] copies those after the swap
+/// ([`Migrated::catch_up`]).
+pub fn finish(dir: &Path, copies: Vec<PendingCopy>) -> Migrated {
+    let mut swapped = Vec::new();
     for c in copies {
         let path = dir.join(&c.name);
-        let new = match MapData::from_pin(&path) {
-            Ok(new) => new,
+        let new_map = match MapData::from_pin(&path) {
+            Ok(m) => m,
             Err(e) => {
                 tracing::warn!(map = %c.name, "opening the new map at {}: {e}; the old entries are lost", path.display());
                 continue;
@@ -317,7 +322,8 @@ pub fn finish(dir: &Path, copies: Vec<PendingCopy>) {
         };
         let done = copy_entries(
             &RawMap::new(c.old.fd().as_fd(), &c.pinned),
-            &RawMap::new(new.fd().as_fd(), &c.want),
+            &RawMap::new(new_map.fd().as_fd(), &c.want),
+            Write::Any,
         );
         let (old, new) = (c.pinned.max_entries, c.want.max_entries);
         if c.pinned.value_size != c.want.value_size {
@@ -327,7 +333,52 @@ pub fn finish(dir: &Path, copies: Vec<PendingCopy>) {
         } else {
             tracing::info!(map = %c.name, old, new, copied = done.copied, "resized the pinned map; every entry copied");
         }
+        if matches!(c.pinned.map_type, MapType::Hash | MapType::LruHash) && c.pinned.value_size == c.want.value_size {
+            swapped.push((c, new_map));
+        }
     }
+    Migrated { maps: swapped }
+}
+
+/// Maps copied at load whose old instance the old programs may still write
+/// until the new programs replace them.
+#[derive(Default)]
+pub struct Migrated {
+    /// The copy (its old map) and the new map.
+    maps: Vec<(PendingCopy, MapData)>,
+}
+
+impl Migrated {
+    /// Once every program is swapped (nothing writes the old maps any more):
+    /// copies the entries the old maps gained since [`finish`] walked them,
+    /// each only where the new map has no entry for its key (the new
+    /// programs' entry is newer), and lets the old maps go. Without it a flow
+    /// opened during the swap loses its entries (both, or the one the walk
+    /// had passed: then the backend's replies are no longer reverse-NATed).
+    pub fn catch_up(self) {
+        for (c, new) in self.maps {
+            let done = copy_entries(
+                &RawMap::new(c.old.fd().as_fd(), &c.pinned),
+                &RawMap::new(new.fd().as_fd(), &c.want),
+                Write::Missing,
+            );
+            tracing::info!(
+                map = %c.name,
+                copied = done.copied,
+                lost = done.lost,
+                "copied the entries the old programs made while the programs were swapped"
+            );
+        }
+    }
+}
+
+/// How [`copy_entries`] writes an entry into the new map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Write {
+    /// Every entry (the new map is fresh).
+    Any,
+    /// Only keys the new map does not have.
+    Missing,
 }
 
 /// The load failed after [`prepare`]: the old maps of `copies` go back to
@@ -349,7 +400,7 @@ pub fn restore(dir: &Path, copies: Vec<PendingCopy>) {
 /// is the first bytes of one of `old`, see [`CUT_VALUES`]): at most
 /// `new`'s max_entries (an LRU map would evict rather than refuse), visiting at
 /// most `old`'s max_entries keys (a key deleted while we walk restarts the walk).
-fn copy_entries(old: &RawMap, new: &RawMap) -> Copied {
+fn copy_entries(old: &RawMap, new: &RawMap, how: Write) -> Copied {
     let mut out = Copied::default();
     let mut key: Option<Vec<u8>> = None;
     let mut value = vec![0u8; old.value_size];
@@ -366,8 +417,10 @@ fn copy_entries(old: &RawMap, new: &RawMap) -> Copied {
             }
         };
         match old.lookup(&next, &mut value) {
-            Ok(true) if out.copied < u64::from(new.max_entries) => match new.update(&next, &value[..new_len]) {
+            Ok(true) if out.copied < u64::from(new.max_entries) => match new.update(&next, &value[..new_len], how) {
                 Ok(()) => out.copied += 1,
+                // Written by the new programs already (a Missing copy).
+                Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {}
                 Err(e) => {
                     tracing::debug!("copying an entry: {e}");
                     out.lost += 1;
@@ -408,6 +461,8 @@ struct ElemAttr {
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
 
 impl<'a> RawMap<'a> {
     fn new(fd: BorrowedFd<'a>, shape: &Shape) -> Self {
@@ -421,7 +476,14 @@ impl<'a> RawMap<'a> {
 
     /// One element command; `key` and `value` must hold the map's key and
     /// value sizes (checked).
-    fn call(&self, cmd: libc::c_long, key: Option<&[u8]>, value: *mut u8, value_len: usize) -> io::Result<()> {
+    fn call(
+        &self,
+        cmd: libc::c_long,
+        key: Option<&[u8]>,
+        value: *mut u8,
+        value_len: usize,
+        flags: u64,
+    ) -> io::Result<()> {
         let key_len = key.map_or(self.key_size, <[u8]>::len);
         let want = if cmd == BPF_MAP_GET_NEXT_KEY {
             self.key_size
@@ -439,7 +501,7 @@ impl<'a> RawMap<'a> {
             _pad: 0,
             key: key.map_or(0, |k| k.as_ptr() as u64),
             value: value as u64,
-            flags: 0,
+            flags,
         };
         // SAFETY: `attr` is a valid prefix of `union bpf_attr` for element
         // commands; the kernel reads `key_size` bytes at `key` (or none: a null
@@ -455,7 +517,7 @@ impl<'a> RawMap<'a> {
     /// The key after `key` (the first one with None); None at the end.
     fn next_key(&self, key: Option<&[u8]>) -> io::Result<Option<Vec<u8>>> {
         let mut next = vec![0u8; self.key_size];
-        match self.call(BPF_MAP_GET_NEXT_KEY, key, next.as_mut_ptr(), next.len()) {
+        match self.call(BPF_MAP_GET_NEXT_KEY, key, next.as_mut_ptr(), next.len(), 0) {
             Ok(()) => Ok(Some(next)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
             Err(e) => Err(e),
@@ -464,16 +526,26 @@ impl<'a> RawMap<'a> {
 
     /// The value of `key` into `value`; false when there is none.
     fn lookup(&self, key: &[u8], value: &mut [u8]) -> io::Result<bool> {
-        match self.call(BPF_MAP_LOOKUP_ELEM, Some(key), value.as_mut_ptr(), value.len()) {
+        match self.call(BPF_MAP_LOOKUP_ELEM, Some(key), value.as_mut_ptr(), value.len(), 0) {
             Ok(()) => Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
             Err(e) => Err(e),
         }
     }
 
-    fn update(&self, key: &[u8], value: &[u8]) -> io::Result<()> {
+    fn update(&self, key: &[u8], value: &[u8], how: Write) -> io::Result<()> {
+        let flags = match how {
+            Write::Any => BPF_ANY,
+            Write::Missing => BPF_NOEXIST,
+        };
         // The kernel only reads the value of an update.
-        self.call(BPF_MAP_UPDATE_ELEM, Some(key), value.as_ptr().cast_mut(), value.len())
+        self.call(
+            BPF_MAP_UPDATE_ELEM,
+            Some(key),
+            value.as_ptr().cast_mut(),
+            value.len(),
+            flags,
+        )
     }
 }
 

@@ -540,7 +540,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         refresh_sock_lb_skip(&mut dp, &cfg.socket_lb_skip, true);
     }
     // Only now that the new programs replaced the old ones (see there).
-    dp.maglev_size_after_attach()?;
+    dp.after_swap()?;
 
     tracing::info!(
         node = %cfg.node,

@@ -1382,7 +1382,14 @@ fn conn_disrupt_no_connection_breaks_across_kill_9_restart_and_upgrade_under_loa
             .find(|l| l.contains("resized the pinned map") && l.contains(map))
             .map(str::to_string);
         let entries = aya::maps::MapInfo::from_pin(lab.bpffs_dir.join(map))?.max_entries();
-        migrated.push((map, size, line, entries));
+        // The second pass, after the swap: what the old programs added meanwhile.
+        let caught_up = upgrade_log
+            .lines()
+            .find(|l| l.contains("while the programs were swapped") && l.contains(map))
+            .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("copied=")))
+            .unwrap_or("no")
+            .to_string();
+        migrated.push((map, size, line, entries, caught_up));
     }
     full_round(&c.nodes[0], &rounds, "a round of the held flows after the upgrade")?;
     std::thread::sleep(Duration::from_secs(1));
@@ -1405,13 +1412,14 @@ fn conn_disrupt_no_connection_breaks_across_kill_9_restart_and_upgrade_under_loa
             .collect::<Vec<_>>()
             .join(", ")
     );
-    for (map, _, line, entries) in &migrated {
+    for (map, _, line, entries, caught_up) in &migrated {
         let copied = line
             .as_deref()
             .and_then(|l| l.split_whitespace().find_map(|w| w.strip_prefix("copied=")))
             .unwrap_or("no");
         out.push_str(&format!(
-            "conn-disrupt: upgrade: {map} now {entries} entries, {copied} entries copied\n"
+            "conn-disrupt: upgrade: {map} now {entries} entries, {copied} entries copied, \
+             {caught_up} more after the swap\n"
         ));
     }
     for path in paths {
@@ -1464,7 +1472,7 @@ fn conn_disrupt_no_connection_breaks_across_kill_9_restart_and_upgrade_under_loa
             r.failed_while_down
         );
     }
-    for (map, size, line, entries) in migrated {
+    for (map, size, line, entries, _) in migrated {
         let line = line.with_context(|| format!("{map} was not migrated:\n{upgrade_log}"))?;
         assert!(line.contains("every entry copied"), "{line}");
         assert_eq!(entries.to_string(), size, "{map} resized");

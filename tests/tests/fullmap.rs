@@ -157,7 +157,7 @@ async fn maglev_tables_round_trip_through_the_kernel_map() {
             .maglev
     };
     assert!(told().is_empty(), "no table size told before the programs are swapped");
-    dp.maglev_size_after_attach().expect("telling the new size");
+    dp.after_swap().expect("telling the new size");
     let mut syncer = Syncer::new(maps).expect("reading the maps");
     let reused = aya::maps::MapInfo::from_pin(dir.0.join(ferry_common::MAGLEV_MAP)).expect("the Maglev map's pin");
     assert_eq!(reused.id(), info.id(), "the same array, so the agent zeroed it");

@@ -256,3 +256,50 @@ async fn pinned_maps_of_another_shape_are_migrated() {
     assert_eq!(info(d, CT_ANY_MAP).max_entries(), 4);
     assert_eq!(ct(d).keys().count(), 4, "4 of the 10 flows fit");
 }
+
+/// The previous agent's programs run on, on the old maps, until the new
+/// programs are attached: a flow they open after the load copied the old map
+/// (or whose second entry the copy had already walked past) reaches the new
+/// map when the swap is done (`Dataplane::after_swap`), without overwriting
+/// what the new programs wrote meanwhile.
+#[tokio::test]
+async fn flows_opened_while_the_programs_are_swapped_are_copied_after_the_swap() {
+    let dir = PinDir::new("migrate-swap-test").expect("pin dir");
+    let d = dir.0.as_path();
+    let value = |backend_id| CtValue {
+        backend_id,
+        ..Default::default()
+    };
+    drop(Dataplane::load(&cfg(d, 64)).expect("the first agent's load"));
+    // What the old programs hold on to: the map behind the pin.
+    let mut old = ct(d);
+    old.insert(ct_key(1), value(1), 0).unwrap();
+
+    // The upgrade: a larger table, copied at load.
+    let (mut dp, maps) = Dataplane::load(&cfg(d, 128)).expect("the upgrade's load");
+    assert_eq!(info(d, CT_ANY_MAP).max_entries(), 128);
+    let mut new = ct(d);
+    assert_eq!(new.get(&ct_key(1), 0).unwrap().backend_id, 1, "copied at load");
+    // Between the load and the swap: the old programs open a flow and
+    // refresh one; a new program already tracks another under a key the
+    // old map has too.
+    old.insert(ct_key(2), value(2), 0).unwrap();
+    old.insert(ct_key(3), value(3), 0).unwrap();
+    new.insert(ct_key(3), value(30), 0).unwrap();
+    assert!(new.get(&ct_key(2), 0).is_err(), "not in the new map before the swap");
+
+    dp.after_swap().expect("after the swap");
+    drop((dp, maps));
+    let new = ct(d);
+    assert_eq!(
+        new.get(&ct_key(2), 0).unwrap().backend_id,
+        2,
+        "the flow opened during the swap"
+    );
+    assert_eq!(
+        new.get(&ct_key(3), 0).unwrap().backend_id,
+        30,
+        "the new programs' entry is kept"
+    );
+    assert_eq!(new.get(&ct_key(1), 0).unwrap().backend_id, 1);
+}
