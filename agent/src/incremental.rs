@@ -130,13 +130,20 @@ impl Translated {
             let id = ServiceId::of(&e.object.metadata);
             o.endpoints.entry(id).or_default().push(e.clone());
         }
-        // In the source's order (the translation of duplicates depends on it).
+        // In the source's order (the translation of duplicates depends on
+        // it): by file and place in it, then (objects of the API, which are
+        // all at one place) by name, as the sources give them.
+        fn order<T: k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+            v: &mut [Sourced<T>],
+        ) {
+            v.sort_by_cached_key(|o| (o.source.clone(), o.seq, ns_name(o.object.metadata())));
+        }
         for s in touched {
             if let Some(v) = o.slices.get_mut(s) {
-                v.sort_by(|a, b| (&a.source, a.seq).cmp(&(&b.source, b.seq)));
+                order(v);
             }
             if let Some(v) = o.endpoints.get_mut(s) {
-                v.sort_by(|a, b| (&a.source, a.seq).cmp(&(&b.source, b.seq)));
+                order(v);
             }
         }
         fn of<T>(m: &HashMap<ServiceId, Vec<Sourced<T>>>, touched: &BTreeSet<ServiceId>) -> Vec<Sourced<T>> {
@@ -274,7 +281,7 @@ impl Translated {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use serde_json::json;
 
     use super::*;
@@ -284,7 +291,7 @@ mod tests {
     };
 
     /// A seeded xorshift: the same sequence on every run.
-    struct Rng(u64);
+    pub(crate) struct Rng(pub u64);
 
     impl Rng {
         fn next(&mut self) -> u64 {
@@ -293,25 +300,25 @@ mod tests {
             self.0 ^= self.0 << 17;
             self.0
         }
-        fn below(&mut self, n: usize) -> usize {
+        pub(crate) fn below(&mut self, n: usize) -> usize {
             (self.next() % n as u64) as usize
         }
-        fn chance(&mut self, percent: usize) -> bool {
+        pub(crate) fn chance(&mut self, percent: usize) -> bool {
             self.below(100) < percent
         }
-        fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
+        pub(crate) fn pick<'a, T>(&mut self, from: &'a [T]) -> &'a T {
             &from[self.below(from.len())]
         }
     }
 
-    const SERVICES: usize = 5;
+    pub(crate) const SERVICES: usize = 5;
     const PORTS: [(&str, i32, &str); 3] = [("a", 80, "TCP"), ("b", 80, "UDP"), ("c", 443, "TCP")];
 
     /// A random Service `s<i>`: any type, ClusterIPs, NodePorts and
     /// LoadBalancer IPs from small pools (so they conflict, and some are
     /// allocated), affinity, Maglev, externalTrafficPolicy: Local, source
     /// ranges.
-    fn service(r: &mut Rng, i: usize) -> Service {
+    pub(crate) fn service(r: &mut Rng, i: usize) -> Service {
         let type_ = *r.pick(&["ClusterIP", "NodePort", "LoadBalancer"]);
         let mut ports = Vec::new();
         for (name, port, proto) in PORTS {
@@ -356,7 +363,7 @@ mod tests {
     }
 
     /// A random EndpointSlice `<name>` of Service `s<i>` (rarely of none).
-    fn slice(r: &mut Rng, name: &str, i: usize) -> EndpointSlice {
+    pub(crate) fn slice(r: &mut Rng, name: &str, i: usize) -> EndpointSlice {
         let endpoints: Vec<_> = (0..r.below(4))
             .map(|_| {
                 json!({

@@ -441,7 +441,7 @@ impl Source {
                 m.snapshot.pods = pods;
                 Some(m)
             }
-            Self::Cluster(c) => c.load(),
+            Self::Cluster(c) => c.load(partial),
         }
     }
 

@@ -6,7 +6,7 @@
 //! port number belongs, say) is reported with its name and field and skipped,
 //! instead of failing the whole list and stalling every other Service.
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -102,6 +102,44 @@ struct Watched {
     ready: Arc<AtomicBool>,
     /// The watch's last error while it fails; None once it works again.
     failing: Arc<Mutex<Option<String>>>,
+    /// What the watch changed since the last load.
+    dirty: Arc<Mutex<Dirty>>,
+}
+
+/// The objects a watch applied or deleted since the last load, by the
+/// [`Typer`]'s key: each as it is now (None: deleted). `all`: a (re)list
+/// replaced the store (objects deleted during a watch gap come as no event),
+/// so only a full load is exact.
+#[derive(Debug)]
+pub struct Dirty {
+    pub objects: HashMap<String, Option<Arc<DynamicObject>>>,
+    pub all: bool,
+}
+
+impl Default for Dirty {
+    fn default() -> Self {
+        Self {
+            objects: HashMap::new(),
+            all: true,
+        }
+    }
+}
+
+impl Dirty {
+    fn note(&mut self, o: &DynamicObject, now: Option<&DynamicObject>) {
+        self.objects.insert(cache_key(o), now.map(|o| Arc::new(o.clone())));
+    }
+
+    /// What was noted, leaving nothing noted.
+    fn take(&mut self) -> Self {
+        std::mem::replace(
+            self,
+            Self {
+                objects: HashMap::new(),
+                all: false,
+            },
+        )
+    }
 }
 
 /// The running watchers. `load` gives a snapshot once every initial list is done.
@@ -221,15 +259,26 @@ impl Cluster {
 
     /// The current objects, typed; None until every initial list is done (a
     /// partial view would delete the Services not listed yet).
-    pub fn load(&self) -> Option<Input> {
+    /// `partial`: when only EndpointSlices changed since the last load (no
+    /// Service, no relist), the input says which ([`Input::delta`]) instead
+    /// of holding every object: the work is the change's, not the cluster's.
+    pub fn load(&self, partial: bool) -> Option<Input> {
         if !self.is_ready() {
             return None;
         }
         let mut typer = self.typer.lock().unwrap_or_else(|e| e.into_inner());
+        // Taken before the stores are read: a change after this is noted
+        // again (and seen twice, which is harmless), never lost.
+        let take = |w: &Watched| w.dirty.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let (services, slices) = (take(&self.services), take(&self.slices));
+        let nodes = self.nodes.store.state();
+        if partial && typer.primed && !services.all && services.objects.is_empty() && !slices.all {
+            return Some(typer.changed(slices.objects, &nodes, &self.node));
+        }
         Some(typer.input(
             &self.services.store.state(),
             &self.slices.store.state(),
-            &self.nodes.store.state(),
+            &nodes,
             &self.node,
         ))
     }
@@ -260,6 +309,9 @@ fn spawn_watch(
     let ready = Arc::new(AtomicBool::new(false));
     let flag = ready.clone();
     let reader = store.clone();
+    let dirty = Arc::new(Mutex::new(Dirty::default()));
+    let noted = dirty.clone();
+    let note = move |f: &dyn Fn(&mut Dirty)| f(&mut noted.lock().unwrap_or_else(|e| e.into_inner()));
     let failing_state = Arc::new(Mutex::new(None));
     let last_error = failing_state.clone();
     let set_error = move |e: Option<String>| *last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
@@ -277,9 +329,12 @@ fn spawn_watch(
                     }
                     failing = false;
                     set_error(None);
+                    note(&|d| d.all = true);
                     let _ = changes.send(super::Changed::now());
                 }
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                Ok(ref ev @ (watcher::Event::Apply(ref o) | watcher::Event::Delete(ref o))) => {
+                    let now = matches!(ev, watcher::Event::Apply(_)).then_some(o);
+                    note(&|d| d.note(o, now));
                     if failing {
                         tracing::info!(resource = what, "watch resumed");
                         failing = false;
@@ -307,6 +362,7 @@ fn spawn_watch(
         store,
         ready,
         failing: failing_state,
+        dirty,
     }
 }
 
@@ -320,20 +376,59 @@ pub struct Typer {
     nodes: Typed<Node>,
     /// Conversions done so far (for tests).
     pub conversions: usize,
+    /// A whole input was made: the caches hold what translation last saw.
+    primed: bool,
 }
 
-/// Cache of one kind: key (uid, else name) → (resourceVersion, typed or error).
+/// Cache of one kind: key ([`cache_key`]) → (resourceVersion, typed or error),
+/// and the errors among them.
 struct Typed<T> {
     by_key: HashMap<String, (Option<String>, Result<T, InputError>)>,
+    errors: BTreeMap<String, InputError>,
 }
 
 impl<T> Default for Typed<T> {
     fn default() -> Self {
-        Self { by_key: HashMap::new() }
+        Self {
+            by_key: HashMap::new(),
+            errors: BTreeMap::new(),
+        }
     }
 }
 
+/// An object's key in the caches: its uid, else its name.
+fn cache_key(o: &DynamicObject) -> String {
+    o.metadata.uid.clone().unwrap_or_else(|| ns_or_cluster(o))
+}
+
 impl<T: DeserializeOwned + Clone> Typed<T> {
+    /// One object changed (`now`; None: deleted): its typed form before and
+    /// after, the cache and its errors kept in step.
+    fn apply(
+        &mut self,
+        kind: &str,
+        key: String,
+        now: Option<&DynamicObject>,
+        conversions: &mut usize,
+    ) -> (Option<T>, Option<T>) {
+        let old = self.by_key.remove(&key).and_then(|(_, r)| r.ok());
+        self.errors.remove(&key);
+        let Some(o) = now else {
+            return (old, None);
+        };
+        *conversions += 1;
+        let r: Result<T, InputError> = typed(kind, o);
+        let new = match &r {
+            Ok(t) => Some(t.clone()),
+            Err(e) => {
+                self.errors.insert(key.clone(), e.clone());
+                None
+            }
+        };
+        self.by_key.insert(key, (o.metadata.resource_version.clone(), r));
+        (old, new)
+    }
+
     fn all(
         &mut self,
         kind: &str,
@@ -344,7 +439,7 @@ impl<T: DeserializeOwned + Clone> Typed<T> {
         let mut seen = HashSet::new();
         let mut out = Vec::with_capacity(objs.len());
         for o in objs {
-            let key = o.metadata.uid.clone().unwrap_or_else(|| ns_or_cluster(o));
+            let key = cache_key(o);
             let rv = o.metadata.resource_version.clone();
             let fresh = matches!(self.by_key.get(&key), Some((cached, _)) if rv.is_some() && *cached == rv);
             if !fresh {
@@ -360,6 +455,11 @@ impl<T: DeserializeOwned + Clone> Typed<T> {
             seen.insert(key);
         }
         self.by_key.retain(|k, _| seen.contains(k));
+        self.errors = self
+            .by_key
+            .iter()
+            .filter_map(|(k, (_, r))| Some((k.clone(), r.as_ref().err()?.clone())))
+            .collect();
         out
     }
 }
@@ -388,18 +488,9 @@ impl Typer {
             .map(|s| Sourced::new(SOURCE, s))
             .collect();
         eps.sort_by_key(|s| ns_name(&s.object.metadata));
-        let ours: Vec<Arc<DynamicObject>> = nodes
-            .iter()
-            .filter(|o| o.metadata.name.as_deref() == Some(node))
-            .cloned()
-            .collect();
-        let node = self
-            .nodes
-            .all("Node", &ours, &mut errors, n)
-            .into_iter()
-            .next()
-            .map(node_info);
+        let node = self.node(nodes, node, &mut errors);
         errors.sort_by_key(ToString::to_string);
+        self.primed = true;
         Input {
             snapshot: Snapshot {
                 services: svcs,
@@ -408,9 +499,69 @@ impl Typer {
                 ..Default::default()
             },
             errors,
-            // Not tracked yet: every sync translates everything.
+            // A whole input: translated whole.
             delta: None,
             partial: false,
+        }
+    }
+
+    /// This node's facts (typed again only when its object changed).
+    fn node(&mut self, nodes: &[Arc<DynamicObject>], node: &str, errors: &mut Vec<InputError>) -> Option<NodeInfo> {
+        let ours: Vec<Arc<DynamicObject>> = nodes
+            .iter()
+            .filter(|o| o.metadata.name.as_deref() == Some(node))
+            .cloned()
+            .collect();
+        self.nodes
+            .all("Node", &ours, errors, &mut self.conversions)
+            .into_iter()
+            .next()
+            .map(node_info)
+    }
+
+    /// Only EndpointSlices changed since the last input (`slices`, as
+    /// [`Dirty`] noted them): an input of the node's facts and what changed
+    /// ([`Input::delta`], [`Input::partial`]), the errors of every object.
+    /// The slices that went are the typed forms the last input gave, so the
+    /// translation kept by Service finds them.
+    pub fn changed(
+        &mut self,
+        slices: HashMap<String, Option<Arc<DynamicObject>>>,
+        nodes: &[Arc<DynamicObject>],
+        node: &str,
+    ) -> Input {
+        let mut errors = Vec::new();
+        let node = self.node(nodes, node, &mut errors);
+        let mut d = super::Delta::default();
+        for (key, now) in slices {
+            let (went, came) = self
+                .slices
+                .apply("EndpointSlice", key, now.as_deref(), &mut self.conversions);
+            for s in went.iter().chain(&came) {
+                match crate::translate::slice_service(s) {
+                    Some(id) => {
+                        d.endpoints.insert(id);
+                    }
+                    None => d.other = true,
+                }
+            }
+            d.slices.removed.extend(went.map(|s| Sourced::new(SOURCE, s)));
+            d.slices.added.extend(came.map(|s| Sourced::new(SOURCE, s)));
+        }
+        errors.extend(
+            [&self.services.errors, &self.slices.errors]
+                .into_iter()
+                .flat_map(|e| e.values().cloned()),
+        );
+        errors.sort_by_key(ToString::to_string);
+        Input {
+            snapshot: Snapshot {
+                node,
+                ..Default::default()
+            },
+            errors,
+            delta: Some(d),
+            partial: true,
         }
     }
 }
@@ -582,6 +733,97 @@ mod tests {
                 "service.beta.kubernetes.io/load-balancer-source-ranges"
             ]
         );
+    }
+
+    /// Cluster mode's incremental path: random watch events (mostly
+    /// EndpointSlices applied and deleted, some Services changed), noted as
+    /// the watch task notes them and loaded as `Cluster::load` does; after
+    /// each step the translation kept by Service equals a full translation
+    /// of everything the API holds.
+    #[test]
+    fn endpoint_slice_events_give_what_a_full_translation_gives() {
+        use crate::incremental::{
+            tests::{service, slice, Rng, SERVICES},
+            Translated,
+        };
+        let cfg = crate::translate::Config {
+            node: "node1".into(),
+            nodeport_addrs: vec!["192.168.1.1".parse().unwrap()],
+            ..Default::default()
+        };
+        let dynamic = |v: serde_json::Value, uid: String, rv: usize| {
+            let mut v = v;
+            v["metadata"]["uid"] = serde_json::json!(uid);
+            v["metadata"]["resourceVersion"] = serde_json::json!(rv.to_string());
+            Arc::new(serde_json::from_value::<DynamicObject>(v).expect("a DynamicObject"))
+        };
+        let (mut incremental, mut steps) = (0, 0);
+        for seed in 1..=30u64 {
+            let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let (mut services, mut slices) = (BTreeMap::new(), BTreeMap::new());
+            let mut rv = 0;
+            for i in 0..SERVICES {
+                rv += 1;
+                let v = serde_json::to_value(service(&mut r, i)).unwrap();
+                services.insert(format!("s{i}"), dynamic(v, format!("s{i}"), rv));
+            }
+            let all = |m: &BTreeMap<String, Arc<DynamicObject>>| m.values().cloned().collect::<Vec<_>>();
+            let mut typer = Typer::default();
+            let mut translated = Translated::default();
+            translated.full(
+                &typer.input(&all(&services), &all(&slices), &[], "node1").snapshot,
+                &cfg,
+            );
+            for n in 0..60 {
+                rv += 1;
+                let (mut dirty_services, mut dirty_slices) = (Dirty::default().take(), Dirty::default().take());
+                let i = r.below(SERVICES);
+                if r.chance(10) {
+                    let v = serde_json::to_value(service(&mut r, i)).unwrap();
+                    let o = dynamic(v, format!("s{i}"), rv);
+                    dirty_services.note(&o, Some(&o));
+                    services.insert(format!("s{i}"), o);
+                } else {
+                    let name = format!("e{}", r.below(SERVICES * 2));
+                    // Deleted, or applied with a new uid now and then (a
+                    // slice deleted and created again between two loads).
+                    let uid = format!("{name}-{}", r.below(2));
+                    let old = slices.remove(&name);
+                    if let Some(o) = &old {
+                        dirty_slices.note(o, None);
+                    }
+                    if r.chance(85) {
+                        let v = serde_json::to_value(slice(&mut r, &name, i)).unwrap();
+                        let o = dynamic(v, uid, rv);
+                        dirty_slices.note(&o, Some(&o));
+                        slices.insert(name, o);
+                    }
+                }
+                steps += 1;
+                let input = if dirty_services.objects.is_empty() {
+                    Some(typer.changed(dirty_slices.objects, &[], "node1"))
+                } else {
+                    None
+                };
+                let done = input.and_then(|i| {
+                    let d = i.delta.expect("a delta");
+                    translated.update(&[], &d, &cfg)
+                });
+                incremental += usize::from(done.is_some());
+                if done.is_none() {
+                    translated.full(
+                        &typer.input(&all(&services), &all(&slices), &[], "node1").snapshot,
+                        &cfg,
+                    );
+                }
+                let whole = Typer::default().input(&all(&services), &all(&slices), &[], "node1");
+                let full = crate::translate::translate(&whole.snapshot, &cfg);
+                let at = format!("seed {seed} step {n} (incremental: {})", done.is_some());
+                assert_eq!(translated.frontends(), full.frontends, "{at}");
+                assert!(translated.same_as(&full), "{at}: errors, health checks or allocations");
+            }
+        }
+        assert!(incremental * 3 > steps, "{incremental} of {steps} steps incremental");
     }
 
     #[test]
