@@ -58,13 +58,16 @@ pub struct Translated {
     objects: Objects,
     /// Each Service's frontends, sorted as the translation gives them.
     by_service: HashMap<ServiceId, Vec<Frontend>>,
+    /// Each Service's frontends of a family the dataplane does not serve
+    /// (`Translation::not_served`), sorted likewise.
+    not_served: HashMap<ServiceId, Vec<Frontend>>,
     /// Errors by the Service they concern (None: no Service).
     errors: HashMap<Option<ServiceId>, Vec<InputError>>,
     /// Which Service each EndpointSlice (namespace/name) belonged to when
     /// last translated, to file its errors.
     slice_owner: HashMap<String, ServiceId>,
     pub health_checks: BTreeMap<u16, HealthCheck>,
-    pub allocated: BTreeMap<ServiceId, IpAddr>,
+    pub allocated: BTreeMap<ServiceId, Vec<IpAddr>>,
     frontends: usize,
     backends: usize,
 }
@@ -153,7 +156,7 @@ impl Translated {
         };
         let t = translate(&sub, cfg);
         let mut new: HashMap<ServiceId, Vec<Frontend>> = HashMap::new();
-        for f in &t.frontends {
+        for f in t.frontends.iter().chain(&t.not_served) {
             new.entry(f.id.service.clone()).or_default().push(f.clone());
         }
         let keys = |fs: Option<&Vec<Frontend>>| -> Vec<_> {
@@ -173,8 +176,15 @@ impl Translated {
             let object = format!("Service {s}");
             errors.filter(|e| e.object == object).map(ToString::to_string).collect()
         };
+        let had = |s: &ServiceId| -> Vec<Frontend> {
+            let served = self.by_service.get(s).into_iter().flatten();
+            served
+                .chain(self.not_served.get(s).into_iter().flatten())
+                .cloned()
+                .collect()
+        };
         let same = |s: &ServiceId| {
-            keys(self.by_service.get(s)) == keys(new.get(s))
+            keys(Some(&had(s))) == keys(new.get(s))
                 && service_errors(s, &mut self.errors.get(&Some(s.clone())).into_iter().flatten())
                     == service_errors(s, &mut t.errors.iter())
         };
@@ -184,6 +194,7 @@ impl Translated {
         let mut changed = Changed::default();
         for s in touched {
             let old = self.by_service.remove(s).unwrap_or_default();
+            self.not_served.remove(s);
             self.count(&old, false);
             changed.old.extend(old);
             self.errors.remove(&Some(s.clone()));
@@ -205,6 +216,9 @@ impl Translated {
         self.count(&t.frontends, true);
         for f in t.frontends {
             self.by_service.entry(f.id.service.clone()).or_default().push(f);
+        }
+        for f in t.not_served {
+            self.not_served.entry(f.id.service.clone()).or_default().push(f);
         }
         for e in t.errors {
             let owner = self.owner(&e.object);
@@ -261,12 +275,21 @@ impl Translated {
         all
     }
 
+    /// The frontends of a family the dataplane does not serve, sorted as
+    /// [`translate`] gives them.
+    pub fn not_served(&self) -> Vec<Frontend> {
+        let mut all: Vec<Frontend> = self.not_served.values().flatten().cloned().collect();
+        all.sort_by_key(Frontend::key);
+        all
+    }
+
     /// Whether this holds what a full translation of the same snapshot
     /// gives (for tests): frontends, errors, health checks, allocations.
     pub fn same_as(&self, t: &Translation) -> bool {
         let set =
             |e: &mut dyn Iterator<Item = &InputError>| -> BTreeSet<String> { e.map(ToString::to_string).collect() };
         self.frontends() == t.frontends
+            && self.not_served() == t.not_served
             && set(&mut self.errors()) == set(&mut t.errors.iter())
             && self.health_checks == t.health_checks
             && self.allocated == t.allocated
