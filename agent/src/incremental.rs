@@ -333,7 +333,8 @@ mod tests {
     /// A random Service `s<i>`: any type, ClusterIPs, NodePorts and
     /// LoadBalancer IPs from small pools (so they conflict, and some are
     /// allocated), affinity, Maglev, externalTrafficPolicy: Local, source
-    /// ranges.
+    /// ranges; some dual-stack (either family first), with externalIPs and
+    /// ingress IPs of both families.
     fn service(r: &mut Rng, i: usize) -> Service {
         let type_ = *r.pick(&["ClusterIP", "NodePort", "LoadBalancer"]);
         let mut ports = Vec::new();
@@ -357,7 +358,25 @@ mod tests {
             spec["sessionAffinity"] = json!("ClientIP");
         }
         if r.chance(30) {
-            spec["externalIPs"] = json!([r.pick(&["198.51.100.1", "198.51.100.2"])]);
+            let v4 = spec["clusterIP"].as_str().unwrap_or_default().to_string();
+            let v6 = *r.pick(&["fd00::1", "fd00::2", ""]);
+            let mut families = vec!["IPv4", "IPv6"];
+            let mut ips = vec![v4, v6.to_string()];
+            if r.chance(50) {
+                families.reverse();
+                ips.reverse();
+            }
+            spec["ipFamilies"] = json!(families);
+            spec["ipFamilyPolicy"] = json!(r.pick(&["PreferDualStack", "RequireDualStack"]));
+            if ips.iter().all(|ip| !ip.is_empty()) {
+                spec["clusterIP"] = json!(ips[0]);
+                spec["clusterIPs"] = json!(ips);
+            } else {
+                spec["clusterIP"] = json!("");
+            }
+        }
+        if r.chance(30) {
+            spec["externalIPs"] = json!([r.pick(&["198.51.100.1", "198.51.100.2", "2001:db8::1"])]);
         }
         if type_ != "ClusterIP" && r.chance(40) {
             spec["externalTrafficPolicy"] = json!("Local");
@@ -374,16 +393,19 @@ mod tests {
         if r.chance(30) {
             meta["annotations"] = json!({crate::translate::LB_ALGORITHM_ANNOTATION: "maglev"});
         }
-        let status = json!({"loadBalancer": {"ingress": [{"ip": r.pick(&["192.0.2.1", "192.0.2.2"])}]}});
+        let status = json!({"loadBalancer": {"ingress": [{"ip": r.pick(&["192.0.2.1", "192.0.2.2", "2001:db8::2"])}]}});
         serde_json::from_value(json!({"metadata": meta, "spec": spec, "status": status})).unwrap()
     }
 
-    /// A random EndpointSlice `<name>` of Service `s<i>` (rarely of none).
+    /// A random EndpointSlice `<name>` of Service `s<i>` (rarely of none),
+    /// of either family.
     fn slice(r: &mut Rng, name: &str, i: usize) -> EndpointSlice {
+        let v6 = r.chance(30);
         let endpoints: Vec<_> = (0..r.below(4))
             .map(|_| {
+                let n = 1 + r.below(6);
                 json!({
-                    "addresses": [format!("10.1.0.{}", 1 + r.below(6))],
+                    "addresses": [if v6 { format!("fd00::1:{n}") } else { format!("10.1.0.{n}") }],
                     "conditions": {"ready": r.chance(70), "serving": r.chance(80), "terminating": r.chance(20)},
                     "nodeName": r.pick(&["node1", "node2"]),
                 })
@@ -397,7 +419,8 @@ mod tests {
         if !r.chance(3) {
             meta["labels"] = json!({crate::translate::SERVICE_NAME_LABEL: format!("s{i}")});
         }
-        serde_json::from_value(json!({"metadata": meta, "addressType": "IPv4", "endpoints": endpoints, "ports": ports}))
+        let family = if v6 { "IPv6" } else { "IPv4" };
+        serde_json::from_value(json!({"metadata": meta, "addressType": family, "endpoints": endpoints, "ports": ports}))
             .unwrap()
     }
 
@@ -441,10 +464,11 @@ mod tests {
     fn incremental_updates_give_what_a_full_translation_and_layout_give() {
         let cfg = Config {
             node: "node1".into(),
-            nodeport_addrs: vec!["192.168.1.1".parse().unwrap()],
+            nodeport_addrs: vec!["192.168.1.1".parse().unwrap(), "2001:db8:1::1".parse().unwrap()],
+            service_cidrs: "10.96.0.0/12,fd00::/108".parse().unwrap(),
             ..Config::default()
         };
-        let (mut incremental, mut steps) = (0, 0);
+        let (mut incremental, mut steps, mut not_served) = (0, 0, 0);
         for seed in 1..=40u64 {
             let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let (mut snapshot, mut seq) = (Snapshot::default(), 0);
@@ -477,11 +501,13 @@ mod tests {
                 let at = format!("seed {seed} step {n} (incremental: {})", changed.is_some());
                 assert!(st.failed.is_empty(), "{at}: {:?}", st.failed);
                 let full = translate(&snapshot, &cfg);
+                not_served += full.not_served.len();
                 if !translated.same_as(&full) {
                     let errs = |e: &mut dyn Iterator<Item = &InputError>| -> BTreeSet<String> {
                         e.map(ToString::to_string).collect()
                     };
                     assert_eq!(translated.frontends(), full.frontends, "{at}: frontends");
+                    assert_eq!(translated.not_served(), full.not_served, "{at}: not served");
                     assert_eq!(
                         errs(&mut translated.errors()),
                         errs(&mut full.errors.iter()),
@@ -521,7 +547,11 @@ mod tests {
             }
         }
         // The sequences exercise the incremental path, not only the full one.
-        eprintln!("{incremental} of {steps} steps incremental");
+        eprintln!("{incremental} of {steps} steps incremental; {not_served} IPv6 frontends seen");
         assert!(incremental * 2 > steps, "{incremental} of {steps} steps incremental");
+        assert!(
+            not_served > steps,
+            "dual-stack Services are generated: {not_served} IPv6 frontends"
+        );
     }
 }
