@@ -721,6 +721,7 @@ fn sync(
     // named by /healthz and the status report.
     health.synced(&prog.not_programmed);
     reporter.synced();
+    reporter.update(|r| r.not_served = prog.not_served.iter().cloned().collect());
     if p.not_programmed > 0 {
         metrics.sync_error("not_programmed");
         let missing = prog.not_programmed.iter().cloned().collect::<Vec<_>>().join("; ");
