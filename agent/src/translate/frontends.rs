@@ -23,10 +23,6 @@ use crate::{
     model::Snapshot,
 };
 
-/// A port's endpoints as [`split`] divides them: usable, draining, and
-/// whether the usable ones are the terminating fallback.
-type Split = (Vec<BackendSpec>, Vec<BackendSpec>, bool);
-
 /// Adds the frontends of every port of `valid` (in order: earlier Services win
 /// conflicts) to `out`, with the health checks of externalTrafficPolicy: Local.
 pub(super) fn build(
@@ -42,28 +38,13 @@ pub(super) fn build(
     let split = |all: &[Endpoint], local_only: bool| split(all, local_only, cfg, zone);
     let index = EndpointIndex::new(snapshot);
     let mut claimed: BTreeMap<(IpAddr, u16, u8), ServiceId> = BTreeMap::new();
-    for (v, ips) in valid.iter().zip(ips) {
-        for ip in ips.into_iter().flatten() {
-            build_family(snapshot, cfg, &index, &split, v, ip, node_ports, &mut claimed, out);
-        }
-    }
-}
-
-/// The frontends of `v` of the family of its ClusterIP `ip`.
-#[allow(clippy::too_many_arguments)]
-fn build_family(
-    snapshot: &Snapshot,
-    cfg: &Config,
-    index: &EndpointIndex,
-    split: &dyn Fn(&[Endpoint], bool) -> Split,
-    v: &Valid,
-    ip: IpAddr,
-    node_ports: &BTreeMap<(ServiceId, usize), u16>,
-    claimed: &mut BTreeMap<(IpAddr, u16, u8), ServiceId>,
-    out: &mut Translation,
-) {
-    let family = Family::of(ip);
-    {
+    // Each ClusterIP of each Service, with the frontends of its family.
+    let each_ip = valid
+        .iter()
+        .zip(ips)
+        .flat_map(|(v, ips)| ips.into_iter().flatten().map(move |ip| (v, ip)));
+    for (v, ip) in each_ip {
+        let family = Family::of(ip);
         for &(i, sp, port, proto) in &v.ports {
             if let Some(owner) = claimed.get(&(ip, port, proto)) {
                 out.errors.push(InputError::new(
@@ -75,7 +56,7 @@ fn build_family(
                 continue;
             }
             claimed.insert((ip, port, proto), v.id.clone());
-            let all = endpoints_of(snapshot, index, v, sp, cfg);
+            let all = endpoints_of(snapshot, &index, v, sp, cfg);
             let mut common = 0;
             if v.affinity_timeout > 0 {
                 common |= svc_flags::AFFINITY;
@@ -201,7 +182,11 @@ fn build_family(
 
 /// Counts a Service's local ready endpoints for its healthCheckNodePort
 /// (`backends`: the externalTrafficPolicy: Local split of one of its ports).
-fn count_health_check(v: &Valid, backends: &Split, health_checks: &mut BTreeMap<u16, HealthCheck>) {
+fn count_health_check(
+    v: &Valid,
+    backends: &(Vec<BackendSpec>, Vec<BackendSpec>, bool),
+    health_checks: &mut BTreeMap<u16, HealthCheck>,
+) {
     let Some(port) = v.spec.health_check_node_port.and_then(|p| u16::try_from(p).ok()) else {
         return;
     };
