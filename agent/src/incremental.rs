@@ -275,10 +275,16 @@ impl Translated {
         all
     }
 
+    /// The frontends of a family the dataplane does not serve (in no
+    /// particular order).
+    pub fn not_served_iter(&self) -> impl Iterator<Item = &Frontend> {
+        self.not_served.values().flatten()
+    }
+
     /// The frontends of a family the dataplane does not serve, sorted as
-    /// [`translate`] gives them.
+    /// [`translate`] gives them (for tests).
     pub fn not_served(&self) -> Vec<Frontend> {
-        let mut all: Vec<Frontend> = self.not_served.values().flatten().cloned().collect();
+        let mut all: Vec<Frontend> = self.not_served_iter().cloned().collect();
         all.sort_by_key(Frontend::key);
         all
     }

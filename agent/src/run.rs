@@ -182,17 +182,21 @@ impl Programmer {
             }
             self.allocated = self.translated.allocated.clone();
         }
-        let not_served: BTreeSet<String> =
-            translate::not_served_notices(&self.translated.not_served(), self.translate.families)
-                .into_iter()
-                .collect();
-        for n in not_served.difference(&self.not_served) {
-            tracing::warn!("{n}");
+        // The notices name frontend keys only, which an incremental update
+        // keeps (it is taken only then).
+        if !incremental {
+            let not_served: BTreeSet<String> =
+                translate::not_served_notices(self.translated.not_served_iter(), self.translate.families)
+                    .into_iter()
+                    .collect();
+            for n in not_served.difference(&self.not_served) {
+                tracing::warn!("{n}");
+            }
+            for n in self.not_served.difference(&not_served) {
+                tracing::info!("no longer unserved: {n}");
+            }
+            self.not_served = not_served;
         }
-        for n in self.not_served.difference(&not_served) {
-            tracing::info!("no longer unserved: {n}");
-        }
-        self.not_served = not_served;
         self.health_checks.reconcile(&self.translated.health_checks);
         let laid_out = Instant::now();
         let st = match changed {
