@@ -1145,16 +1145,15 @@ pub async fn list_links(handle: &rtnetlink::Handle) -> Result<Links, DataplaneEr
     Ok(Links::new(&msgs))
 }
 
-/// Every IPv4 address of this network namespace: (ifindex, address).
-pub async fn list_addresses(handle: &rtnetlink::Handle) -> Result<Vec<(u32, Ipv4Addr)>, DataplaneError> {
+/// Every address of this network namespace, of both families: (ifindex,
+/// address).
+pub async fn list_addresses(handle: &rtnetlink::Handle) -> Result<Vec<(u32, IpAddr)>, DataplaneError> {
     let msgs: Vec<AddressMessage> = handle.address().get().execute().try_collect().await?;
     Ok(msgs
         .iter()
         .flat_map(|m| {
             m.attributes.iter().filter_map(move |a| match a {
-                AddressAttribute::Local(IpAddr::V4(ip)) | AddressAttribute::Address(IpAddr::V4(ip)) => {
-                    Some((m.header.index, *ip))
-                }
+                AddressAttribute::Local(ip) | AddressAttribute::Address(ip) => Some((m.header.index, *ip)),
                 _ => None,
             })
         })
@@ -1164,22 +1163,30 @@ pub async fn list_addresses(handle: &rtnetlink::Handle) -> Result<Vec<(u32, Ipv4
 }
 
 /// The addresses NodePorts are served on, as kube-proxy's
-/// `--nodeport-addresses`: with CIDRs, every address of the node within them;
-/// without, the addresses of the node devices. Never loopback. Sorted.
+/// `--nodeport-addresses`: with CIDRs, every address of the node within them
+/// (of either family); without, the addresses of the node devices. Never
+/// loopback, nor IPv6 link-local (meaningless without its interface). Sorted.
 pub fn nodeport_addresses(
-    addrs: &[(u32, Ipv4Addr)],
+    addrs: &[(u32, IpAddr)],
     links: &BTreeMap<u32, String>,
     devices: &[String],
     cidrs: &[ipnet::IpNet],
-) -> Vec<Ipv4Addr> {
-    let mut out: Vec<Ipv4Addr> = addrs
+) -> Vec<IpAddr> {
+    let link_local: ipnet::Ipv6Net = "fe80::/10".parse().expect("valid CIDR");
+    let mut out: Vec<IpAddr> = addrs
         .iter()
-        .filter(|(_, ip)| !ip.is_loopback())
+        .filter(|(_, ip)| {
+            !ip.is_loopback()
+                && match ip {
+                    IpAddr::V4(_) => true,
+                    IpAddr::V6(v6) => !link_local.contains(v6),
+                }
+        })
         .filter(|(idx, ip)| {
             if cidrs.is_empty() {
                 links.get(idx).is_some_and(|name| devices.contains(name))
             } else {
-                cidrs.iter().any(|c| c.contains(&IpAddr::V4(*ip)))
+                cidrs.iter().any(|c| c.contains(ip))
             }
         })
         .map(|(_, ip)| *ip)
@@ -1285,28 +1292,40 @@ mod tests {
     }
 
     #[test]
-    fn nodeport_addresses_follow_devices_or_cidrs_and_never_loopback() {
+    fn nodeport_addresses_follow_devices_or_cidrs_of_both_families_and_never_loopback() {
         let links: BTreeMap<u32, String> =
             [(1, "lo".to_string()), (2, "eth0".to_string()), (3, "eth1".to_string())].into();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let addrs = [
-            (1, Ipv4Addr::new(127, 0, 0, 1)),
-            (2, Ipv4Addr::new(192, 168, 77, 11)),
-            (3, Ipv4Addr::new(10, 0, 0, 5)),
+            (1, ip("127.0.0.1")),
+            (1, ip("::1")),
+            (2, ip("192.168.77.11")),
+            (2, ip("2001:db8::11")),
+            (2, ip("fe80::1")),
+            (3, ip("10.0.0.5")),
+            (3, ip("fd00:1::5")),
         ];
         let eth0 = vec!["eth0".to_string()];
         assert_eq!(
             nodeport_addresses(&addrs, &links, &eth0, &[]),
-            [Ipv4Addr::new(192, 168, 77, 11)]
+            [ip("192.168.77.11"), ip("2001:db8::11")],
+            "the device's addresses of both families, not its link-local one"
         );
         let all: Vec<ipnet::IpNet> = vec!["0.0.0.0/0".parse().unwrap()];
         assert_eq!(
             nodeport_addresses(&addrs, &links, &eth0, &all),
-            [Ipv4Addr::new(10, 0, 0, 5), Ipv4Addr::new(192, 168, 77, 11)]
+            [ip("10.0.0.5"), ip("192.168.77.11")]
         );
-        let ten: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ten: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
         assert_eq!(
             nodeport_addresses(&addrs, &links, &eth0, &ten),
-            [Ipv4Addr::new(10, 0, 0, 5)]
+            [ip("10.0.0.5"), ip("fd00:1::5")]
+        );
+        let any6: Vec<ipnet::IpNet> = vec!["::/0".parse().unwrap()];
+        assert_eq!(
+            nodeport_addresses(&addrs, &links, &eth0, &any6),
+            [ip("2001:db8::11"), ip("fd00:1::5")],
+            "never loopback or link-local"
         );
         assert!(nodeport_addresses(&addrs, &links, &[], &[]).is_empty());
     }

@@ -14,7 +14,7 @@ use k8s_openapi::{
 
 use crate::{
     model::Sourced,
-    translate::{parse_ip, Families, Family},
+    translate::{parse_ip, Family},
 };
 
 /// One endpoint of a Service port with its conditions (KEP-1672).
@@ -38,15 +38,13 @@ pub struct Endpoint {
 /// labels match, that have an IP and run. With `publish_not_ready`
 /// (spec.publishNotReadyAddresses) every such Pod is ready, as the EndpointSlice
 /// controller marks it (`ready = publishNotReadyAddresses || (podReady &&
-/// !terminating)`); `serving` stays the Pod's own readiness. Pod IPs of a
-/// family not in `families` are left out.
+/// !terminating)`); `serving` stays the Pod's own readiness.
 pub fn from_pods(
     namespace: &str,
     selector: &BTreeMap<String, String>,
     port: &ServicePort,
     pods: &[PodRecord],
     publish_not_ready: bool,
-    families: Families,
 ) -> Vec<Endpoint> {
     let protocol = port.protocol.as_deref().unwrap_or("TCP");
     pods.iter()
@@ -54,9 +52,6 @@ pub fn from_pods(
         .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
         .filter_map(|p| {
             let addr = IpAddr::from(p.pod_ip?);
-            if !families.admits(Family::of(addr)) {
-                return None;
-            }
             let target = match &port.target_port {
                 None => u16::try_from(port.port).ok()?,
                 Some(IntOrString::Int(n)) => u16::try_from(*n).ok()?,
@@ -81,16 +76,15 @@ pub fn from_pods(
         .collect()
 }
 
-/// The family of a slice's addresses when `families` serves it (None:
-/// skipped, as FQDN slices are).
-pub fn slice_family(slice: &EndpointSlice, families: Families) -> Option<Family> {
-    Family::of_address_type(&slice.address_type).filter(|f| families.admits(*f))
+/// The family of a slice's addresses (None for FQDN slices: skipped).
+pub fn slice_family(slice: &EndpointSlice) -> Option<Family> {
+    Family::of_address_type(&slice.address_type)
 }
 
-/// An address of a slice of addressType `family`: valid, served, and of the
-/// slice's family.
-pub fn slice_address(a: &str, family: Family, families: Families) -> Result<IpAddr, String> {
-    let addr = parse_ip(a, families)?;
+/// An address of a slice of addressType `family`: valid, and of the slice's
+/// family.
+pub fn slice_address(a: &str, family: Family) -> Result<IpAddr, String> {
+    let addr = parse_ip(a)?;
     if Family::of(addr) != family {
         return Err(format!("not an {family} address (the slice's addressType)"));
     }
@@ -98,14 +92,14 @@ pub fn slice_address(a: &str, family: Family, families: Families) -> Result<IpAd
 }
 
 /// Endpoints of `port` from the EndpointSlices of the Service (label
-/// `kubernetes.io/service-name`), matched by port name and protocol; slices of
-/// a family not in `families` are skipped.
-pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>], families: Families) -> Vec<Endpoint> {
+/// `kubernetes.io/service-name`), matched by port name and protocol, of both
+/// families (addressType IPv4 and IPv6).
+pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>]) -> Vec<Endpoint> {
     let protocol = port.protocol.as_deref().unwrap_or("TCP");
     let mut out = Vec::new();
     for s in slices {
         let slice = &s.object;
-        let Some(family) = slice_family(slice, families) else {
+        let Some(family) = slice_family(slice) else {
             continue;
         };
         let Some(slice_port) = slice.ports.iter().flatten().find(|sp| {
@@ -125,7 +119,7 @@ pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>], famil
             let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
             for a in &ep.addresses {
                 // Bad spellings are reported by translate's checks.
-                if let Ok(addr) = slice_address(a, family, families) {
+                if let Ok(addr) = slice_address(a, family) {
                     out.push(Endpoint {
                         addr,
                         port: target,
@@ -154,8 +148,8 @@ pub fn from_slices(port: &ServicePort, slices: &[&Sourced<EndpointSlice>], famil
 }
 
 /// Endpoints of `port` from a v1 Endpoints object (subsets, matched by port
-/// name), with addresses of the families in `families`.
-pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints, families: Families) -> Vec<Endpoint> {
+/// name), of both families.
+pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints) -> Vec<Endpoint> {
     let protocol = port.protocol.as_deref().unwrap_or("TCP");
     let mut out = Vec::new();
     for subset in endpoints.subsets.iter().flatten() {
@@ -174,7 +168,7 @@ pub fn from_endpoints(port: &ServicePort, endpoints: &Endpoints, families: Famil
         ];
         for (addrs, ready) in sets {
             for a in addrs {
-                if let Ok(addr) = parse_ip(&a.ip, families) {
+                if let Ok(addr) = parse_ip(&a.ip) {
                     out.push(Endpoint {
                         addr,
                         port: target,
@@ -387,11 +381,11 @@ mod tests {
         let pods = [base, other_ns, pending, no_ip, other_app];
         let selector: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
         let port: ServicePort = serde_json::from_str(r#"{"port": 80, "targetPort": "web"}"#).expect("valid port");
-        let eps = from_pods("default", &selector, &port, &pods, false, Families::IPV4);
+        let eps = from_pods("default", &selector, &port, &pods, false);
         assert_eq!(eps.len(), 1);
         assert_eq!((eps[0].addr, eps[0].port), (Ipv4Addr::new(10, 244, 0, 2).into(), 8080));
         // A named port the Pod does not have: the Pod is no endpoint of that port.
         let port: ServicePort = serde_json::from_str(r#"{"port": 80, "targetPort": "nope"}"#).expect("valid port");
-        assert!(from_pods("default", &selector, &port, &pods, false, Families::IPV4).is_empty());
+        assert!(from_pods("default", &selector, &port, &pods, false).is_empty());
     }
 }

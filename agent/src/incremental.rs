@@ -58,13 +58,16 @@ pub struct Translated {
     objects: Objects,
     /// Each Service's frontends, sorted as the translation gives them.
     by_service: HashMap<ServiceId, Vec<Frontend>>,
+    /// Each Service's frontends of a family the dataplane does not serve
+    /// (`Translation::not_served`), sorted likewise.
+    not_served: HashMap<ServiceId, Vec<Frontend>>,
     /// Errors by the Service they concern (None: no Service).
     errors: HashMap<Option<ServiceId>, Vec<InputError>>,
     /// Which Service each EndpointSlice (namespace/name) belonged to when
     /// last translated, to file its errors.
     slice_owner: HashMap<String, ServiceId>,
     pub health_checks: BTreeMap<u16, HealthCheck>,
-    pub allocated: BTreeMap<ServiceId, IpAddr>,
+    pub allocated: BTreeMap<ServiceId, Vec<IpAddr>>,
     frontends: usize,
     backends: usize,
 }
@@ -160,7 +163,7 @@ impl Translated {
         };
         let t = translate(&sub, cfg);
         let mut new: HashMap<ServiceId, Vec<Frontend>> = HashMap::new();
-        for f in &t.frontends {
+        for f in t.frontends.iter().chain(&t.not_served) {
             new.entry(f.id.service.clone()).or_default().push(f.clone());
         }
         let keys = |fs: Option<&Vec<Frontend>>| -> Vec<_> {
@@ -180,8 +183,15 @@ impl Translated {
             let object = format!("Service {s}");
             errors.filter(|e| e.object == object).map(ToString::to_string).collect()
         };
+        let had = |s: &ServiceId| -> Vec<Frontend> {
+            let served = self.by_service.get(s).into_iter().flatten();
+            served
+                .chain(self.not_served.get(s).into_iter().flatten())
+                .cloned()
+                .collect()
+        };
         let same = |s: &ServiceId| {
-            keys(self.by_service.get(s)) == keys(new.get(s))
+            keys(Some(&had(s))) == keys(new.get(s))
                 && service_errors(s, &mut self.errors.get(&Some(s.clone())).into_iter().flatten())
                     == service_errors(s, &mut t.errors.iter())
         };
@@ -191,6 +201,7 @@ impl Translated {
         let mut changed = Changed::default();
         for s in touched {
             let old = self.by_service.remove(s).unwrap_or_default();
+            self.not_served.remove(s);
             self.count(&old, false);
             changed.old.extend(old);
             self.errors.remove(&Some(s.clone()));
@@ -212,6 +223,9 @@ impl Translated {
         self.count(&t.frontends, true);
         for f in t.frontends {
             self.by_service.entry(f.id.service.clone()).or_default().push(f);
+        }
+        for f in t.not_served {
+            self.not_served.entry(f.id.service.clone()).or_default().push(f);
         }
         for e in t.errors {
             let owner = self.owner(&e.object);
@@ -268,12 +282,27 @@ impl Translated {
         all
     }
 
+    /// The frontends of a family the dataplane does not serve (in no
+    /// particular order).
+    pub fn not_served_iter(&self) -> impl Iterator<Item = &Frontend> {
+        self.not_served.values().flatten()
+    }
+
+    /// The frontends of a family the dataplane does not serve, sorted as
+    /// [`translate`] gives them (for tests).
+    pub fn not_served(&self) -> Vec<Frontend> {
+        let mut all: Vec<Frontend> = self.not_served_iter().cloned().collect();
+        all.sort_by_key(Frontend::key);
+        all
+    }
+
     /// Whether this holds what a full translation of the same snapshot
     /// gives (for tests): frontends, errors, health checks, allocations.
     pub fn same_as(&self, t: &Translation) -> bool {
         let set =
             |e: &mut dyn Iterator<Item = &InputError>| -> BTreeSet<String> { e.map(ToString::to_string).collect() };
         self.frontends() == t.frontends
+            && self.not_served() == t.not_served
             && set(&mut self.errors()) == set(&mut t.errors.iter())
             && self.health_checks == t.health_checks
             && self.allocated == t.allocated
@@ -317,7 +346,8 @@ pub(crate) mod tests {
     /// A random Service `s<i>`: any type, ClusterIPs, NodePorts and
     /// LoadBalancer IPs from small pools (so they conflict, and some are
     /// allocated), affinity, Maglev, externalTrafficPolicy: Local, source
-    /// ranges.
+    /// ranges; some dual-stack (either family first), with externalIPs and
+    /// ingress IPs of both families.
     pub(crate) fn service(r: &mut Rng, i: usize) -> Service {
         let type_ = *r.pick(&["ClusterIP", "NodePort", "LoadBalancer"]);
         let mut ports = Vec::new();
@@ -341,7 +371,25 @@ pub(crate) mod tests {
             spec["sessionAffinity"] = json!("ClientIP");
         }
         if r.chance(30) {
-            spec["externalIPs"] = json!([r.pick(&["198.51.100.1", "198.51.100.2"])]);
+            let v4 = spec["clusterIP"].as_str().unwrap_or_default().to_string();
+            let v6 = *r.pick(&["fd00::1", "fd00::2", ""]);
+            let mut families = vec!["IPv4", "IPv6"];
+            let mut ips = vec![v4, v6.to_string()];
+            if r.chance(50) {
+                families.reverse();
+                ips.reverse();
+            }
+            spec["ipFamilies"] = json!(families);
+            spec["ipFamilyPolicy"] = json!(r.pick(&["PreferDualStack", "RequireDualStack"]));
+            if ips.iter().all(|ip| !ip.is_empty()) {
+                spec["clusterIP"] = json!(ips[0]);
+                spec["clusterIPs"] = json!(ips);
+            } else {
+                spec["clusterIP"] = json!("");
+            }
+        }
+        if r.chance(30) {
+            spec["externalIPs"] = json!([r.pick(&["198.51.100.1", "198.51.100.2", "2001:db8::1"])]);
         }
         if type_ != "ClusterIP" && r.chance(40) {
             spec["externalTrafficPolicy"] = json!("Local");
@@ -358,16 +406,19 @@ pub(crate) mod tests {
         if r.chance(30) {
             meta["annotations"] = json!({crate::translate::LB_ALGORITHM_ANNOTATION: "maglev"});
         }
-        let status = json!({"loadBalancer": {"ingress": [{"ip": r.pick(&["192.0.2.1", "192.0.2.2"])}]}});
+        let status = json!({"loadBalancer": {"ingress": [{"ip": r.pick(&["192.0.2.1", "192.0.2.2", "2001:db8::2"])}]}});
         serde_json::from_value(json!({"metadata": meta, "spec": spec, "status": status})).unwrap()
     }
 
-    /// A random EndpointSlice `<name>` of Service `s<i>` (rarely of none).
+    /// A random EndpointSlice `<name>` of Service `s<i>` (rarely of none),
+    /// of either family.
     pub(crate) fn slice(r: &mut Rng, name: &str, i: usize) -> EndpointSlice {
+        let v6 = r.chance(30);
         let endpoints: Vec<_> = (0..r.below(4))
             .map(|_| {
+                let n = 1 + r.below(6);
                 json!({
-                    "addresses": [format!("10.1.0.{}", 1 + r.below(6))],
+                    "addresses": [if v6 { format!("fd00::1:{n}") } else { format!("10.1.0.{n}") }],
                     "conditions": {"ready": r.chance(70), "serving": r.chance(80), "terminating": r.chance(20)},
                     "nodeName": r.pick(&["node1", "node2"]),
                 })
@@ -381,7 +432,8 @@ pub(crate) mod tests {
         if !r.chance(3) {
             meta["labels"] = json!({crate::translate::SERVICE_NAME_LABEL: format!("s{i}")});
         }
-        serde_json::from_value(json!({"metadata": meta, "addressType": "IPv4", "endpoints": endpoints, "ports": ports}))
+        let family = if v6 { "IPv6" } else { "IPv4" };
+        serde_json::from_value(json!({"metadata": meta, "addressType": family, "endpoints": endpoints, "ports": ports}))
             .unwrap()
     }
 
@@ -425,10 +477,11 @@ pub(crate) mod tests {
     fn incremental_updates_give_what_a_full_translation_and_layout_give() {
         let cfg = Config {
             node: "node1".into(),
-            nodeport_addrs: vec!["192.168.1.1".parse().unwrap()],
+            nodeport_addrs: vec!["192.168.1.1".parse().unwrap(), "2001:db8:1::1".parse().unwrap()],
+            service_cidrs: "10.96.0.0/12,fd00::/108".parse().unwrap(),
             ..Config::default()
         };
-        let (mut incremental, mut steps) = (0, 0);
+        let (mut incremental, mut steps, mut not_served) = (0, 0, 0);
         for seed in 1..=40u64 {
             let mut r = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
             let (mut snapshot, mut seq) = (Snapshot::default(), 0);
@@ -461,11 +514,13 @@ pub(crate) mod tests {
                 let at = format!("seed {seed} step {n} (incremental: {})", changed.is_some());
                 assert!(st.failed.is_empty(), "{at}: {:?}", st.failed);
                 let full = translate(&snapshot, &cfg);
+                not_served += full.not_served.len();
                 if !translated.same_as(&full) {
                     let errs = |e: &mut dyn Iterator<Item = &InputError>| -> BTreeSet<String> {
                         e.map(ToString::to_string).collect()
                     };
                     assert_eq!(translated.frontends(), full.frontends, "{at}: frontends");
+                    assert_eq!(translated.not_served(), full.not_served, "{at}: not served");
                     assert_eq!(
                         errs(&mut translated.errors()),
                         errs(&mut full.errors.iter()),
@@ -505,7 +560,11 @@ pub(crate) mod tests {
             }
         }
         // The sequences exercise the incremental path, not only the full one.
-        eprintln!("{incremental} of {steps} steps incremental");
+        eprintln!("{incremental} of {steps} steps incremental; {not_served} IPv6 frontends seen");
         assert!(incremental * 2 > steps, "{incremental} of {steps} steps incremental");
+        assert!(
+            not_served > steps,
+            "dual-stack Services are generated: {not_served} IPv6 frontends"
+        );
     }
 }

@@ -186,9 +186,10 @@ struct AgentArgs {
     /// the kernel has it, probed at start; netlink otherwise).
     #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
     tc_attach: dataplane::TcAttach,
-    /// Serve NodePorts on the node addresses within these CIDRs (comma-separated);
+    /// Serve NodePorts on the node addresses within these CIDRs (comma-separated,
+    /// IPv4 and IPv6; the dataplane serves IPv4 ones only for now);
     /// default: the addresses of --devices. Never loopback.
-    #[arg(long, value_delimiter = ',', value_name = "CIDR,...", value_parser = parse_served_cidr)]
+    #[arg(long, value_delimiter = ',', value_name = "CIDR,...", value_parser = parse_cidr)]
     nodeport_addresses: Vec<ipnet::IpNet>,
     /// cgroup v2 directory for socket-level load balancing of the processes
     /// in it: the node's own and, with --socket-lb-pods, Pods' (default: the
@@ -213,9 +214,11 @@ struct AgentArgs {
     /// The NodePort range, inclusive (a nodePort outside it is an error).
     #[arg(long, default_value = "30000-32767", value_parser = parse_port_range)]
     service_node_port_range: (u16, u16),
-    /// ClusterIPs for Services without spec.clusterIP come from here.
-    #[arg(long, default_value = "10.96.0.0/12", value_parser = parse_served_cidr)]
-    service_cluster_ip_range: ipnet::IpNet,
+    /// ClusterIPs for Services without spec.clusterIP come from here: one
+    /// range, or one per family comma-separated (10.96.0.0/12,fd00::/108, as
+    /// kube-apiserver's); the first is the primary family.
+    #[arg(long, default_value = "10.96.0.0/12", value_name = "CIDR[,CIDR]", value_parser = parse_service_cidrs)]
+    service_cluster_ip_range: translate::ServiceCidrs,
     /// Entries of the services map (frontends + backend slots).
     #[arg(long, default_value_t = DEFAULT_SERVICES_MAX)]
     services_map_size: u32,
@@ -386,11 +389,14 @@ fn netns_path(name: &str) -> PathBuf {
     }
 }
 
-/// A CIDR of a family the dataplane serves (the translation's family gate,
-/// [`translate::Families`]): `--service-cluster-ip-range`, `--nodeport-addresses`.
-fn parse_served_cidr(s: &str) -> Result<ipnet::IpNet, String> {
-    let net: ipnet::IpNet = s.parse().map_err(|e| format!("{e}"))?;
-    translate::Families::default().check_net(net)
+/// A CIDR of either family: `--nodeport-addresses`.
+fn parse_cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse().map_err(|e| format!("{e}"))
+}
+
+/// `--service-cluster-ip-range`: one range per family.
+fn parse_service_cidrs(s: &str) -> Result<translate::ServiceCidrs, String> {
+    s.parse()
 }
 
 fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
@@ -548,8 +554,7 @@ fn apply_config_file(a: &mut AgentArgs, given: Option<&ArgMatches>) -> Result<()
     set(
         unset("nodeport_addresses"),
         &mut a.nodeport_addresses,
-        s.nodeport_addresses
-            .map(|v| v.into_iter().map(ipnet::IpNet::V4).collect()),
+        s.nodeport_addresses,
     );
     set(unset("ct_map_size"), &mut a.ct_map_size, s.ct_map_size.map(Some));
     set(unset("ct_timeout_tcp"), &mut a.ct_timeout_tcp, s.ct_timeout_tcp);
@@ -602,7 +607,7 @@ fn agent_config(mut a: AgentArgs, given: Option<&ArgMatches>) -> Result<run::Con
         mode,
         translate: translate::Config {
             families: translate::Families::default(),
-            service_cidr: a.service_cluster_ip_range,
+            service_cidrs: a.service_cluster_ip_range,
             pod_endpoints,
             node: node.clone(),
             nodeport_addrs: Vec::new(),
@@ -807,7 +812,7 @@ mod tests {
     }
 
     #[test]
-    fn address_flags_take_ipv4_cidrs_and_refuse_ipv6_naming_the_flag() {
+    fn address_flags_take_both_families_and_refuse_two_ranges_of_one_naming_the_flag() {
         let c = config(&[
             "ferry",
             "agent",
@@ -818,27 +823,59 @@ mod tests {
             "--cgroup-path",
             "none",
         ]);
-        assert_eq!(c.translate.service_cidr.to_string(), "10.100.0.0/16");
+        assert_eq!(c.translate.service_cidrs.to_string(), "10.100.0.0/16");
+        assert_eq!(c.translate.service_cidrs.v6, None);
         assert_eq!(c.translate.families, translate::Families::IPV4);
         let cidrs: Vec<String> = c.nodeport_cidrs.iter().map(ToString::to_string).collect();
         assert_eq!(cidrs, ["192.168.0.0/16", "10.0.0.0/8"]);
-        for (flag, value) in [
-            ("--service-cluster-ip-range", "fd00::/108"),
-            ("--nodeport-addresses", "10.0.0.0/8,fd00::/64"),
+        // Both families, IPv6 first: the primary family is IPv6; the
+        // frontend gate takes the IPv4 range.
+        let dual = config(&[
+            "ferry",
+            "agent",
+            "--service-cluster-ip-range",
+            "fd00::/108,10.96.0.0/12",
+            "--nodeport-addresses",
+            "10.0.0.0/8,fd00:1::/64",
+            "--cgroup-path",
+            "none",
+        ]);
+        let sc = dual.translate.service_cidrs;
+        assert_eq!(sc.primary, translate::Family::V6);
+        assert_eq!(sc.v4, Some("10.96.0.0/12".parse().unwrap()));
+        assert_eq!(sc.v6, Some("fd00::/108".parse().unwrap()));
+        let cidrs: Vec<String> = dual.nodeport_cidrs.iter().map(ToString::to_string).collect();
+        assert_eq!(cidrs, ["10.0.0.0/8", "fd00:1::/64"]);
+        let default = config(&["ferry", "agent", "--cgroup-path", "none"]);
+        assert_eq!(default.translate.service_cidrs.to_string(), "10.96.0.0/12");
+        for (flag, value, why) in [
+            (
+                "--service-cluster-ip-range",
+                "10.96.0.0/12,10.100.0.0/16",
+                "two IPv4 ranges",
+            ),
+            ("--service-cluster-ip-range", "fd00::/108,fd01::/108", "two IPv6 ranges"),
+            (
+                "--service-cluster-ip-range",
+                "10.96.0.0/12,fd00::/108,fd01::/108",
+                "at most two ranges",
+            ),
+            (
+                "--service-cluster-ip-range",
+                "10.96.0.0/33",
+                "invalid IP address syntax",
+            ),
+            (
+                "--nodeport-addresses",
+                "10.0.0.0/8,fd00::/129",
+                "invalid IP address syntax",
+            ),
         ] {
             let e = Cli::command()
                 .try_get_matches_from(["ferry", "agent", flag, value])
-                .expect_err(flag)
+                .expect_err(value)
                 .to_string();
-            assert!(e.contains(flag) && e.contains("IPv6 is not supported yet"), "{e}");
+            assert!(e.contains(flag) && e.contains(why), "{value}: {e}");
         }
-        let e = Cli::command()
-            .try_get_matches_from(["ferry", "agent", "--service-cluster-ip-range", "10.96.0.0/33"])
-            .expect_err("a bad prefix")
-            .to_string();
-        assert!(
-            e.contains("--service-cluster-ip-range") && e.contains("invalid IP address syntax"),
-            "{e}"
-        );
     }
 }

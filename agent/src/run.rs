@@ -92,7 +92,10 @@ struct Programmer {
     /// What the last sync could not write to the maps (logged the same way).
     not_programmed: BTreeSet<String>,
     /// ClusterIPs allocated last time (logged when they change).
-    allocated: BTreeMap<ServiceId, IpAddr>,
+    allocated: BTreeMap<ServiceId, Vec<IpAddr>>,
+    /// The Services with frontends of a family the dataplane does not serve,
+    /// as last named (each is warned about once, when it appears).
+    not_served: BTreeSet<String>,
     /// The node's addresses and pod CIDRs last time (logged when they change).
     node: Option<crate::model::NodeInfo>,
     /// What translation needs: `--service-cluster-ip-range` and friends, and
@@ -170,12 +173,29 @@ impl Programmer {
         let input_errors = errors.len();
         self.reported = errors;
         if !incremental {
-            for (svc, ip) in &self.translated.allocated {
-                if self.allocated.get(svc) != Some(ip) {
-                    tracing::info!(service = %svc, cluster_ip = %ip, "allocated a ClusterIP (spec.clusterIP unset)");
+            for (svc, ips) in &self.translated.allocated {
+                if self.allocated.get(svc) != Some(ips) {
+                    for ip in ips {
+                        tracing::info!(service = %svc, cluster_ip = %ip, "allocated a ClusterIP (spec.clusterIP unset)");
+                    }
                 }
             }
             self.allocated = self.translated.allocated.clone();
+        }
+        // The notices name frontend keys only, which an incremental update
+        // keeps (it is taken only then).
+        if !incremental {
+            let not_served: BTreeSet<String> =
+                translate::not_served_notices(self.translated.not_served_iter(), self.translate.families)
+                    .into_iter()
+                    .collect();
+            for n in not_served.difference(&self.not_served) {
+                tracing::warn!("{n}");
+            }
+            for n in self.not_served.difference(&not_served) {
+                tracing::info!("no longer unserved: {n}");
+            }
+            self.not_served = not_served;
         }
         self.health_checks.reconcile(&self.translated.health_checks);
         let laid_out = Instant::now();
@@ -291,10 +311,8 @@ fn open_gate(cfg: &Config) -> Option<(Gate, GateMaps)> {
             return None;
         }
     };
-    let cidr = match cfg.translate.service_cidr {
-        ipnet::IpNet::V4(c) => Some(c),
-        ipnet::IpNet::V6(_) => None,
-    };
+    // from_pod sees IPv4 packets only: the IPv4 range is its gate's.
+    let cidr = cfg.translate.service_cidrs.v4;
     let c = &cfg.ct;
     let linger = [
         c.timeout_tcp_syn,
@@ -518,6 +536,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         reported: BTreeSet::new(),
         not_programmed: BTreeSet::new(),
         allocated: BTreeMap::new(),
+        not_served: BTreeSet::new(),
         node: None,
         translate: cfg.translate.clone(),
         health_checks: Default::default(),
@@ -525,8 +544,12 @@ pub async fn run(cfg: Config) -> Result<()> {
         gate_overflow: false,
     };
 
-    let (conn, handle, mut link_events) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr]).context("netlink")?;
+    let (conn, handle, mut link_events) = rtnetlink::new_multicast_connection(&[
+        MulticastGroup::Link,
+        MulticastGroup::Ipv4Ifaddr,
+        MulticastGroup::Ipv6Ifaddr,
+    ])
+    .context("netlink")?;
     tokio::spawn(conn);
     let mut node_addr = None;
     let outcomes = Outcomes {
@@ -702,6 +725,7 @@ fn sync(
     // named by /healthz and the status report.
     health.synced(&prog.not_programmed);
     reporter.synced();
+    reporter.update(|r| r.not_served = prog.not_served.iter().cloned().collect());
     if p.not_programmed > 0 {
         metrics.sync_error("not_programmed");
         let missing = prog.not_programmed.iter().cloned().collect::<Vec<_>>().join("; ");
@@ -778,6 +802,15 @@ async fn refresh_addresses(
             return false;
         }
     };
+    let np: Vec<IpAddr> = dataplane::nodeport_addresses(&addrs, links, &cfg.devices, &cfg.nodeport_cidrs);
+    // The dataplane's node addresses are IPv4 (its maps are).
+    let addrs: Vec<(u32, Ipv4Addr)> = addrs
+        .into_iter()
+        .filter_map(|(idx, ip)| match ip {
+            IpAddr::V4(ip) => Some((idx, ip)),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
     // Every address of the node: translated packets to them are delivered
     // locally (host-network backends), not FIB misses.
     let all: BTreeSet<Ipv4Addr> = addrs.iter().map(|(_, ip)| *ip).collect();
@@ -799,10 +832,6 @@ async fn refresh_addresses(
         }
         *node_addr = primary;
     }
-    let np: Vec<IpAddr> = dataplane::nodeport_addresses(&addrs, links, &cfg.devices, &cfg.nodeport_cidrs)
-        .into_iter()
-        .map(IpAddr::V4)
-        .collect();
     if np == prog.translate.nodeport_addrs {
         return false;
     }

@@ -223,6 +223,7 @@ fn sync_view(s: &mut Status, r: &AgentReport) {
     if let Some(e) = &r.last_sync_error {
         s.problems.push(format!("the last sync failed: {e}"));
     }
+    s.warnings.extend(r.not_served.iter().cloned());
 }
 
 fn rfc3339(unix: f64) -> String {
@@ -337,6 +338,18 @@ mod tests {
             },
         );
         assert_eq!(s.problems, ["the last sync failed: map full"]);
+        // Frontends of a family not served are warnings, not problems.
+        let mut s = status();
+        let line = "default/web: IPv6 frontends [fd00::10]:80/TCP not served: this dataplane serves IPv4 only";
+        sync_view(
+            &mut s,
+            &AgentReport {
+                not_served: vec![line.into()],
+                ..report(1.0, Some(1.0))
+            },
+        );
+        assert!(s.problems.is_empty(), "{:?}", s.problems);
+        assert_eq!(s.warnings, [line]);
     }
 
     #[test]

@@ -51,6 +51,10 @@ pub struct AgentReport {
     pub sync_generation: u64,
     /// The last sync's error, cleared by the next successful one.
     pub last_sync_error: Option<String>,
+    /// Services with frontends of a family the dataplane does not serve
+    /// (IPv6 today), one line each, as the last sync named them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_served: Vec<String>,
     /// Cluster mode: each watched resource.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub api: Vec<WatchState>,

@@ -8,54 +8,69 @@ use std::{
 };
 
 use super::{
-    family::{host_count, nth_host},
+    family::{host_count, nth_host, Family},
     proto_name,
     service::{ClusterIp, Valid},
     Config,
 };
 use crate::{error::InputError, ids::ServiceId};
 
-/// ClusterIPs: explicit ones as given (outside the range is fine, as with a real
-/// apiserver's second range); the others by a stable hash of namespace/name into
-/// the range, probing onward on collision, in name order. Same input, same IPs:
-/// on every node and across restarts. The range is of one family (the flag's
-/// parser admits only served ones; a dual-stack Service's second family is
-/// the IPv6 issue's).
-pub(super) fn cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError>) -> Vec<Option<IpAddr>> {
-    let mut used: BTreeSet<IpAddr> = valid
+/// ClusterIPs, per Service in its families' order: explicit ones as given
+/// (outside the range is fine, as with a real apiserver's second range); the
+/// others by a stable hash of namespace/name into the range of their family
+/// (`--service-cluster-ip-range`), probing onward on collision, in name order.
+/// Same input, same IPs: on every node and across restarts. None where no
+/// address could be had (no range of the family, or none free), with an error.
+pub(super) fn cluster_ips(valid: &[Valid], cfg: &Config, errors: &mut Vec<InputError>) -> Vec<Vec<Option<IpAddr>>> {
+    let mut out: Vec<Vec<Option<IpAddr>>> = valid
         .iter()
-        .filter_map(|v| match v.ip {
-            ClusterIp::Explicit(ip) => Some(ip),
-            ClusterIp::Allocate => None,
+        .map(|v| {
+            v.ips
+                .iter()
+                .map(|ip| match ip {
+                    ClusterIp::Explicit(ip) => Some(*ip),
+                    ClusterIp::Allocate(_) => None,
+                })
+                .collect()
         })
         .collect();
-    let net = cfg.service_cidr;
-    let size = host_count(net);
-    let mut order: Vec<usize> = (0..valid.len())
-        .filter(|i| matches!(valid[*i].ip, ClusterIp::Allocate))
-        .collect();
-    order.sort_by(|a, b| valid[*a].id.cmp(&valid[*b].id));
-    let mut out: Vec<Option<IpAddr>> = valid
+    let mut used: BTreeSet<IpAddr> = out.iter().flatten().flatten().copied().collect();
+    // (Service, its k-th family) to allocate, in name order.
+    let mut order: Vec<(usize, usize, Family)> = valid
         .iter()
-        .map(|v| match v.ip {
-            ClusterIp::Explicit(ip) => Some(ip),
-            ClusterIp::Allocate => None,
+        .enumerate()
+        .flat_map(|(i, v)| {
+            v.ips.iter().enumerate().filter_map(move |(k, ip)| match ip {
+                ClusterIp::Allocate(f) => Some((i, k, *f)),
+                ClusterIp::Explicit(_) => None,
+            })
         })
         .collect();
-    for i in order {
+    order.sort_by(|a, b| valid[a.0].id.cmp(&valid[b.0].id));
+    for (i, k, family) in order {
+        let field = if k == 0 {
+            "spec.clusterIP".to_string()
+        } else {
+            format!("spec.clusterIPs[{k}]")
+        };
+        let error =
+            |why: String| InputError::new(&valid[i].svc.source, format!("Service {}", valid[i].id), &field, why);
+        let Some(net) = cfg.service_cidrs.get(family) else {
+            errors.push(error(format!(
+                "no {family} range in --service-cluster-ip-range ({}) to allocate the Service's {family} ClusterIP (spec.ipFamilies) from",
+                cfg.service_cidrs
+            )));
+            continue;
+        };
+        let size = host_count(net);
         let found =
             probe(&valid[i].id.to_string(), size, |k| !used.contains(&nth_host(net, k))).map(|k| nth_host(net, k));
         match found {
             Some(ip) => {
                 used.insert(ip);
-                out[i] = Some(ip);
+                out[i][k] = Some(ip);
             }
-            None => errors.push(InputError::new(
-                &valid[i].svc.source,
-                format!("Service {}", valid[i].id),
-                "spec.clusterIP",
-                format!("no free address left in {net}"),
-            )),
+            None => errors.push(error(format!("no free address left in {net}"))),
         }
     }
     out

@@ -1,16 +1,15 @@
 //! Address families: the translation is family-generic (addresses are
-//! `IpAddr`, prefixes `IpNet`), and one gate, [`Families`] in
-//! [`super::Config`], says which families this node's dataplane serves.
-//! Today that is IPv4 only (its maps are IPv4: `maps::layout` encodes them), so
-//! an IPv6 address anywhere in the input is refused at validation with an error
-//! naming its object and field, and an IPv6 `--service-cluster-ip-range` or
-//! `--nodeport-addresses` CIDR is refused when the flags are parsed.
+//! `IpAddr`, prefixes `IpNet`) and reads both families in every field. What
+//! the dataplane serves is [`Families`] in [`super::Config`]: today IPv4 only
+//! (its maps are IPv4: `maps::layout` encodes them), so the frontends of
+//! another family are translated (`Translation::not_served`, each Service's
+//! named once by [`super::not_served_notices`]) but not programmed.
 use std::{
     fmt,
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
 /// An address family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -51,7 +50,8 @@ impl fmt::Display for Family {
     }
 }
 
-/// The families this node serves: the gate every address of the input passes.
+/// The families this node's dataplane serves: a frontend of another family
+/// is translated but not programmed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Families {
     v4: bool,
@@ -62,33 +62,13 @@ impl Families {
     /// What the dataplane serves today: its maps hold IPv4 addresses only.
     pub const IPV4: Self = Self { v4: true, v6: false };
     /// Both families (dual stack): for the translation's own tests until the
-    /// dataplane has IPv6 maps; `maps::layout` refuses IPv6 frontends.
+    /// dataplane has IPv6 maps; `maps::layout` leaves IPv6 frontends out.
     pub const IPV4_IPV6: Self = Self { v4: true, v6: true };
 
     pub fn admits(self, family: Family) -> bool {
         match family {
             Family::V4 => self.v4,
             Family::V6 => self.v6,
-        }
-    }
-
-    /// `net` when its family is served; else why not (for a flag's error).
-    pub fn check_net(self, net: IpNet) -> Result<IpNet, String> {
-        let family = Family::of_net(net);
-        if self.admits(family) {
-            Ok(net)
-        } else {
-            Err(format!("{family} is not supported yet"))
-        }
-    }
-
-    /// "IPv4 address", "IPv6 address" or "IP address": what a valid
-    /// address is, for errors.
-    fn noun(self) -> &'static str {
-        match (self.v4, self.v6) {
-            (true, false) => "IPv4 address",
-            (false, true) => "IPv6 address",
-            _ => "IP address",
         }
     }
 }
@@ -99,39 +79,122 @@ impl Default for Families {
     }
 }
 
-/// An address as a Kubernetes object spells it, of a family in `families`:
-/// dotted decimal for IPv4 (leading zeros, "010.096.000.010", are octal to
-/// inet_aton and decimal to Go's ParseIPSloppy, so two proxies would disagree:
-/// refused rather than guessed at), RFC 4291 text for IPv6 (no zone), no
-/// surrounding whitespace. The error says why; an address of a family not
-/// served says so ("IPv6, not supported yet").
-pub fn parse_ip(s: &str, families: Families) -> Result<IpAddr, String> {
+/// An address as a Kubernetes object spells it, of either family: dotted
+/// decimal for IPv4 (leading zeros, "010.096.000.010", are octal to inet_aton
+/// and decimal to Go's ParseIPSloppy, so two proxies would disagree: refused
+/// rather than guessed at), RFC 4291 text for IPv6 (no zone), no surrounding
+/// whitespace. The error says why.
+pub fn parse_ip(s: &str) -> Result<IpAddr, String> {
     if let Ok(a) = s.parse::<IpAddr>() {
-        let family = Family::of(a);
-        return if families.admits(family) {
-            Ok(a)
-        } else {
-            Err(format!("{family}, not supported yet"))
-        };
+        return Ok(a);
     }
-    let noun = families.noun();
     let octets: Vec<&str> = s.split('.').collect();
     let numeric = octets.len() == 4
         && octets
             .iter()
             .all(|o| !o.is_empty() && o.bytes().all(|b| b.is_ascii_digit()));
+    let noun = if s.contains(':') {
+        "IPv6 address"
+    } else if s.contains('.') || s.trim().bytes().all(|b| b.is_ascii_digit()) {
+        "IPv4 address"
+    } else {
+        "IP address"
+    };
     Err(if s.trim() != s {
         format!("not an {noun}: it has surrounding whitespace")
-    } else if s.contains(':') && !families.admits(Family::V6) {
-        "IPv6, not supported yet".into()
-    } else if s.contains(':') {
-        "not an IPv6 address".into()
     } else if numeric && octets.iter().any(|o| o.len() > 1 && o.starts_with('0')) {
         "not an IPv4 address: leading zeros are ambiguous (octal to some parsers, decimal to others); write it without them"
             .into()
     } else {
         format!("not an {noun}")
     })
+}
+
+/// `--service-cluster-ip-range`: where ClusterIPs are allocated, at most one
+/// range per family, as kube-apiserver's flag (`10.96.0.0/12,fd00::/108`); the
+/// first given is the primary family (a single-stack Service without
+/// `spec.ipFamilies` gets a ClusterIP of it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServiceCidrs {
+    pub v4: Option<Ipv4Net>,
+    pub v6: Option<Ipv6Net>,
+    /// The family of the first range given (its range is always set).
+    pub primary: Family,
+}
+
+impl ServiceCidrs {
+    /// One range, of its family.
+    pub fn single(net: IpNet) -> Self {
+        match net {
+            IpNet::V4(n) => Self {
+                v4: Some(n),
+                v6: None,
+                primary: Family::V4,
+            },
+            IpNet::V6(n) => Self {
+                v4: None,
+                v6: Some(n),
+                primary: Family::V6,
+            },
+        }
+    }
+
+    /// The range of `family`, if one was given.
+    pub fn get(&self, family: Family) -> Option<IpNet> {
+        match family {
+            Family::V4 => self.v4.map(IpNet::V4),
+            Family::V6 => self.v6.map(IpNet::V6),
+        }
+    }
+
+    /// The other family than the primary one, when it has a range too.
+    pub fn secondary(&self) -> Option<Family> {
+        let other = match self.primary {
+            Family::V4 => Family::V6,
+            Family::V6 => Family::V4,
+        };
+        self.get(other).map(|_| other)
+    }
+}
+
+impl std::str::FromStr for ServiceCidrs {
+    type Err = String;
+
+    /// "CIDR" or "CIDR,CIDR" of the two families.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut out: Option<Self> = None;
+        for (k, part) in s.split(',').map(str::trim).enumerate() {
+            if k >= 2 {
+                return Err(format!("{s:?}: at most two ranges, one per family"));
+            }
+            let net: IpNet = part.parse().map_err(|e| format!("{part:?}: {e}"))?;
+            match &mut out {
+                None => out = Some(Self::single(net)),
+                Some(c) => {
+                    let family = Family::of_net(net);
+                    if c.get(family).is_some() {
+                        return Err(format!("{s:?}: two {family} ranges; at most one per family"));
+                    }
+                    match net {
+                        IpNet::V4(n) => c.v4 = Some(n),
+                        IpNet::V6(n) => c.v6 = Some(n),
+                    }
+                }
+            }
+        }
+        out.ok_or_else(|| "empty".to_string())
+    }
+}
+
+impl fmt::Display for ServiceCidrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let primary = self.get(self.primary).expect("the primary family has a range");
+        write!(f, "{primary}")?;
+        if let Some(other) = self.secondary().and_then(|s| self.get(s)) {
+            write!(f, ",{other}")?;
+        }
+        Ok(())
+    }
 }
 
 /// How many addresses [`nth_host`] hands out in `net`: all but the network
@@ -160,27 +223,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_gate_admits_only_served_families_and_names_the_refused_one() {
+    fn both_families_parse_and_a_bad_spelling_is_named_by_the_family_it_looks_like() {
         let v6: IpAddr = "fd00::10".parse().unwrap();
-        assert_eq!(
-            parse_ip("fd00::10", Families::IPV4),
-            Err("IPv6, not supported yet".into())
-        );
-        assert_eq!(parse_ip("fd00::10", Families::IPV4_IPV6), Ok(v6));
-        // Not an address at all: worded for what is served.
-        assert_eq!(parse_ip("nope", Families::IPV4), Err("not an IPv4 address".into()));
-        assert_eq!(parse_ip("nope", Families::IPV4_IPV6), Err("not an IP address".into()));
-        assert_eq!(
-            parse_ip("fd00::1%eth0", Families::IPV4_IPV6),
-            Err("not an IPv6 address".into())
-        );
-        assert_eq!(
-            Families::IPV4.check_net("fd00::/108".parse().unwrap()),
-            Err("IPv6 is not supported yet".into())
-        );
-        let net: IpNet = "10.96.0.0/12".parse().unwrap();
-        assert_eq!(Families::IPV4.check_net(net), Ok(net));
+        assert_eq!(parse_ip("fd00::10"), Ok(v6));
+        assert_eq!(parse_ip("10.96.0.10"), Ok("10.96.0.10".parse().unwrap()));
+        assert_eq!(parse_ip("nope"), Err("not an IP address".into()));
+        assert_eq!(parse_ip("fd00::1%eth0"), Err("not an IPv6 address".into()));
+        assert_eq!(parse_ip("10.96.10"), Err("not an IPv4 address".into()));
+        assert!(!Families::IPV4.admits(Family::V6) && Families::IPV4.admits(Family::V4));
         assert_eq!(Family::of_address_type("FQDN"), None);
+    }
+
+    #[test]
+    fn service_cidrs_take_one_range_per_family_the_first_primary() {
+        let one: ServiceCidrs = "10.96.0.0/12".parse().unwrap();
+        assert_eq!((one.primary, one.v6, one.secondary()), (Family::V4, None, None));
+        assert_eq!(one.to_string(), "10.96.0.0/12");
+        let dual: ServiceCidrs = "fd00::/108, 10.96.0.0/12".parse().unwrap();
+        assert_eq!(dual.primary, Family::V6);
+        assert_eq!(dual.secondary(), Some(Family::V4));
+        assert_eq!(dual.get(Family::V4), Some("10.96.0.0/12".parse().unwrap()));
+        assert_eq!(dual.to_string(), "fd00::/108,10.96.0.0/12");
+        let v6_only: ServiceCidrs = "fd00::/108".parse().unwrap();
+        assert_eq!((v6_only.primary, v6_only.v4), (Family::V6, None));
+        for (bad, why) in [
+            ("10.96.0.0/12,10.100.0.0/16", "two IPv4 ranges"),
+            ("fd00::/108,fd01::/108", "two IPv6 ranges"),
+            ("10.96.0.0/12,fd00::/108,10.1.0.0/16", "at most two ranges"),
+            ("10.96.0.0/33", "invalid IP address syntax"),
+            ("", "invalid IP address syntax"),
+        ] {
+            let e = bad.parse::<ServiceCidrs>().expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

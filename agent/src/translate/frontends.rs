@@ -1,7 +1,10 @@
 //! Every address a client dials for a valid Service port: the ClusterIP, the
 //! node's addresses at the NodePort, externalIPs and LoadBalancer IPs (with an
 //! internal-scope twin under externalTrafficPolicy: Local), each claimed once:
-//! a later Service asking for a taken address:port gets an error.
+//! a later Service asking for a taken address:port gets an error. A
+//! dual-stack Service gets them for each of its families (each ClusterIP
+//! with the node addresses, externalIPs and LoadBalancer IPs of its family),
+//! each leading to the endpoints of its family.
 use std::{collections::BTreeMap, net::IpAddr};
 
 use ferry_common::svc_flags;
@@ -26,7 +29,7 @@ pub(super) fn build(
     snapshot: &Snapshot,
     cfg: &Config,
     valid: &[Valid],
-    ips: Vec<Option<IpAddr>>,
+    ips: Vec<Vec<Option<IpAddr>>>,
     node_ports: &BTreeMap<(ServiceId, usize), u16>,
     out: &mut Translation,
 ) {
@@ -35,8 +38,13 @@ pub(super) fn build(
     let split = |all: &[Endpoint], local_only: bool| split(all, local_only, cfg, zone);
     let index = EndpointIndex::new(snapshot);
     let mut claimed: BTreeMap<(IpAddr, u16, u8), ServiceId> = BTreeMap::new();
-    for (v, ip) in valid.iter().zip(ips) {
-        let Some(ip) = ip else { continue };
+    // Each ClusterIP of each Service, with the frontends of its family.
+    let each_ip = valid
+        .iter()
+        .zip(ips)
+        .flat_map(|(v, ips)| ips.into_iter().flatten().map(move |ip| (v, ip)));
+    for (v, ip) in each_ip {
+        let family = Family::of(ip);
         for &(i, sp, port, proto) in &v.ports {
             if let Some(owner) = claimed.get(&(ip, port, proto)) {
                 out.errors.push(InputError::new(
@@ -101,14 +109,14 @@ pub(super) fn build(
             // externalIPs and LoadBalancer IPs at the Service port.
             let mut external: Vec<(IpAddr, u16, FrontendKind, String)> = Vec::new();
             if let Some(np) = node_ports.get(&(v.id.clone(), i)) {
-                for a in &cfg.nodeport_addrs {
+                for a in cfg.nodeport_addrs.iter().filter(|a| Family::of(**a) == family) {
                     external.push((*a, *np, FrontendKind::NodePort, format!("spec.ports[{i}].nodePort")));
                 }
             }
-            for a in &v.external_ips {
+            for a in v.external_ips.iter().filter(|a| Family::of(**a) == family) {
                 external.push((*a, port, FrontendKind::ExternalIP, "spec.externalIPs".into()));
             }
-            for a in &v.lb_ips {
+            for a in v.lb_ips.iter().filter(|a| Family::of(**a) == family) {
                 external.push((
                     *a,
                     port,
@@ -118,8 +126,16 @@ pub(super) fn build(
             }
             let etp = if v.etp_local { svc_flags::ETP_LOCAL } else { 0 };
             let backends = split(&all, v.etp_local);
-            if v.etp_local {
-                count_health_check(v, &backends, &mut out.health_checks);
+            // The health check counts the endpoints of a served family (a
+            // dual-stack Pod is one endpoint of each).
+            if v.etp_local && cfg.families.admits(family) {
+                let (usable, draining, fallback) = &backends;
+                let of_family = (
+                    of_family(ip, usable.clone()),
+                    of_family(ip, draining.clone()),
+                    *fallback,
+                );
+                count_health_check(v, &of_family, &mut out.health_checks);
             }
             for (addr, eport, kind, field) in external {
                 if let Some(owner) = claimed.get(&(addr, eport, proto)) {

@@ -17,8 +17,12 @@
 //!   (ClusterIP, NodePorts, externalIPs, LoadBalancer IPs), conflicts refused;
 //! - [`backends`]: which endpoints take new connections and which only drain.
 //!
-//! Addresses are family-generic ([`IpAddr`], [`IpNet`]); [`Config::families`]
-//! is the one gate saying which families are served ([`family`]), and the
+//! Addresses are family-generic ([`IpAddr`], [`IpNet`]) and both families are
+//! read (a dual-stack Service has a ClusterIP of each, `spec.clusterIPs` in
+//! `spec.ipFamilies` order, and each frontend leads to the endpoints of its
+//! own family); [`Config::families`] says which families the dataplane
+//! serves ([`family`]): the frontends of another family are translated into
+//! [`Translation::not_served`], not into [`Translation::frontends`], and the
 //! maps' byte encoding of a family is `maps::layout`'s.
 mod alloc;
 mod backends;
@@ -41,7 +45,7 @@ use crate::{
     model::Snapshot,
 };
 
-pub use family::{parse_ip, Families, Family};
+pub use family::{parse_ip, Families, Family, ServiceCidrs};
 pub use slices::slice_service;
 
 /// Label that ties an EndpointSlice to its Service.
@@ -50,11 +54,12 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Settings translation depends on.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The address families served: an address of another family in the
-    /// input is an error naming its object and field (today: IPv4 only).
+    /// The address families the dataplane serves (today: IPv4 only): the
+    /// frontends of another family go to [`Translation::not_served`].
     pub families: Families,
-    /// Where ClusterIPs are allocated for Services without spec.clusterIP.
-    pub service_cidr: IpNet,
+    /// Where ClusterIPs are allocated for Services without spec.clusterIP
+    /// (one range per family; `--service-cluster-ip-range`).
+    pub service_cidrs: ServiceCidrs,
     /// This node's name: internalTrafficPolicy: Local keeps the endpoints whose
     /// nodeName equals it, and endpoints on it are marked local. Empty: unknown.
     pub node: String,
@@ -62,7 +67,8 @@ pub struct Config {
     /// selector come from the Pods the shim reports. In cluster mode (false) the
     /// cluster's controller has written EndpointSlices for them, and those count.
     pub pod_endpoints: bool,
-    /// The node addresses NodePorts are served on (`--nodeport-addresses`).
+    /// The node addresses NodePorts are served on (`--nodeport-addresses`),
+    /// of both families: a Service's NodePorts are on those of its families.
     pub nodeport_addrs: Vec<IpAddr>,
     /// `--service-node-port-range`, inclusive.
     pub node_port_range: (u16, u16),
@@ -90,7 +96,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             families: Families::default(),
-            service_cidr: "10.96.0.0/12".parse().expect("valid CIDR"),
+            service_cidrs: ServiceCidrs::single("10.96.0.0/12".parse().expect("valid CIDR")),
             node: String::new(),
             pod_endpoints: true,
             nodeport_addrs: Vec::new(),
@@ -196,12 +202,17 @@ pub struct BackendSpec {
 /// The result: what the maps should hold, and what was wrong with the input.
 #[derive(Clone, Debug, Default)]
 pub struct Translation {
-    /// Sorted by (addr, port, proto).
+    /// The frontends of the families the dataplane serves
+    /// ([`Config::families`]), sorted by (addr, port, proto).
     pub frontends: Vec<Frontend>,
+    /// The frontends of the other families (IPv6 today), translated the same
+    /// way (with the endpoints of their family) but not programmed; sorted
+    /// likewise. [`not_served_notices`] names them once per Service.
+    pub not_served: Vec<Frontend>,
     pub errors: Vec<InputError>,
-    /// ClusterIPs allocated for Services without spec.clusterIP, for the
-    /// caller to log.
-    pub allocated: BTreeMap<ServiceId, IpAddr>,
+    /// ClusterIPs allocated for Services without one of a family they have
+    /// (in `spec.ipFamilies` order), for the caller to log.
+    pub allocated: BTreeMap<ServiceId, Vec<IpAddr>>,
     /// healthCheckNodePort → what it reports (Services with
     /// externalTrafficPolicy: Local and a healthCheckNodePort).
     pub health_checks: BTreeMap<u16, HealthCheck>,
@@ -221,17 +232,64 @@ pub struct HealthCheck {
 pub fn translate(snapshot: &Snapshot, cfg: &Config) -> Translation {
     let mut out = Translation::default();
     let valid = service::validate_all(snapshot, cfg, &mut out.errors);
-    slices::check(snapshot, &valid.names, cfg, &mut out.errors);
+    slices::check(snapshot, &valid.names, &mut out.errors);
     let ips = alloc::cluster_ips(&valid.services, cfg, &mut out.errors);
-    for (v, ip) in valid.services.iter().zip(&ips) {
-        if let (service::ClusterIp::Allocate, Some(ip)) = (&v.ip, ip) {
-            out.allocated.insert(v.id.clone(), *ip);
+    for (v, ips) in valid.services.iter().zip(&ips) {
+        let allocated: Vec<IpAddr> = v
+            .ips
+            .iter()
+            .zip(ips)
+            .filter_map(|(given, ip)| match (given, ip) {
+                (service::ClusterIp::Allocate(_), Some(ip)) => Some(*ip),
+                _ => None,
+            })
+            .collect();
+        if !allocated.is_empty() {
+            out.allocated.insert(v.id.clone(), allocated);
         }
     }
     let node_ports = alloc::node_ports(&valid.services, cfg, &mut out.errors);
     frontends::build(snapshot, cfg, &valid.services, ips, &node_ports, &mut out);
+    let (served, not_served) = std::mem::take(&mut out.frontends)
+        .into_iter()
+        .partition(|f| cfg.families.admits(Family::of(f.addr)));
+    (out.frontends, out.not_served) = (served, not_served);
     out.frontends.sort_by_key(Frontend::key);
+    out.not_served.sort_by_key(Frontend::key);
     out
+}
+
+/// One line per Service among `not_served` (frontends of a family the
+/// dataplane does not serve), naming them: "default/web: IPv6 frontends
+/// [fd00::10]:80/TCP not served: this dataplane serves IPv4 only". Sorted;
+/// the same translation gives the same lines, so a caller logging each line
+/// when it appears names each Service once, not at every sync.
+pub fn not_served_notices<'a>(not_served: impl IntoIterator<Item = &'a Frontend>, served: Families) -> Vec<String> {
+    let mut by_service: BTreeMap<(&ServiceId, Family), std::collections::BTreeSet<_>> = BTreeMap::new();
+    for f in not_served {
+        by_service
+            .entry((&f.id.service, Family::of(f.addr)))
+            .or_default()
+            .insert(f.key());
+    }
+    let serves = match (served.admits(Family::V4), served.admits(Family::V6)) {
+        (true, false) => "IPv4 only",
+        (false, true) => "IPv6 only",
+        _ => "other families",
+    };
+    by_service
+        .into_iter()
+        .map(|((svc, family), fs)| {
+            let fs: Vec<String> = fs
+                .into_iter()
+                .map(|(addr, port, proto)| format!("{}/{}", std::net::SocketAddr::new(addr, port), proto_name(proto)))
+                .collect();
+            format!(
+                "{svc}: {family} frontends {} not served: this dataplane serves {serves}",
+                fs.join(", ")
+            )
+        })
+        .collect()
 }
 
 pub fn proto_name(proto: u8) -> &'static str {

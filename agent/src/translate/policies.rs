@@ -6,7 +6,7 @@ use k8s_openapi::api::core::v1::{Service, ServiceSpec};
 use std::net::IpAddr;
 
 use super::{
-    service::ErrorAt, Config, Families, Family, LbAlgorithm, DEFAULT_AFFINITY_TIMEOUT, LB_ALGORITHM_ANNOTATION,
+    service::ErrorAt, Config, Family, LbAlgorithm, DEFAULT_AFFINITY_TIMEOUT, LB_ALGORITHM_ANNOTATION,
     MAX_AFFINITY_TIMEOUT, SOURCE_RANGES_ANNOTATION,
 };
 use crate::error::InputError;
@@ -119,14 +119,10 @@ pub(super) enum SourceRanges {
 
 /// spec.loadBalancerSourceRanges, or when it is empty the annotation
 /// [`SOURCE_RANGES_ANNOTATION`] (comma separated), like kube-proxy. An entry
-/// that is not a CIDR or address (a bare address is a /32 or /128) of a family
-/// in `families` gets an error and is skipped; the others apply.
-pub(super) fn source_ranges(
-    svc: &Service,
-    families: Families,
-    err: &ErrorAt,
-    errors: &mut Vec<InputError>,
-) -> SourceRanges {
+/// that is not a CIDR or address (a bare address is a /32 or /128) of either
+/// family gets an error and is skipped; the others apply (each to the
+/// LoadBalancer IPs of its family).
+pub(super) fn source_ranges(svc: &Service, err: &ErrorAt, errors: &mut Vec<InputError>) -> SourceRanges {
     let spec = svc.spec.as_ref().and_then(|s| s.load_balancer_source_ranges.as_ref());
     let (field, entries): (String, Vec<&str>) = match spec.filter(|r| !r.is_empty()) {
         Some(r) => (
@@ -150,7 +146,7 @@ pub(super) fn source_ranges(
     };
     let mut out = Vec::new();
     for (i, entry) in entries.iter().map(|e| e.trim()).enumerate() {
-        match parse_source_range(entry, families) {
+        match parse_source_range(entry) {
             Ok(net) => out.push(net),
             Err(why) => errors.push(err(&format!("{field}[{i}]"), format!("{entry:?} {why}; entry skipped"))),
         }
@@ -166,18 +162,15 @@ pub(super) fn source_ranges(
     SourceRanges::Only(out)
 }
 
-/// One source range: `a.b.c.d/len`, or `a.b.c.d` for a /32 (IPv6: a /128), of a
-/// family in `families`; host bits cleared.
-fn parse_source_range(s: &str, families: Families) -> Result<IpNet, String> {
+/// One source range: `a.b.c.d/len`, or `a.b.c.d` for a /32 (IPv6: a /128);
+/// host bits cleared.
+fn parse_source_range(s: &str) -> Result<IpNet, String> {
     let net = if s.contains('/') {
         s.parse::<IpNet>().ok()
     } else {
         s.parse::<IpAddr>().ok().map(IpNet::from)
     };
     let family = net.map_or(if s.contains(':') { Family::V6 } else { Family::V4 }, Family::of_net);
-    if !families.admits(family) {
-        return Err(format!("is {family}, which is not supported yet"));
-    }
     net.map(|n| n.trunc())
         .ok_or_else(|| format!("is not an {family} CIDR (like {}) or address", example_cidr(family)))
 }

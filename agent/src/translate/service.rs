@@ -10,7 +10,7 @@ use k8s_openapi::{
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
-use super::{parse_ip, policies, Config, Families};
+use super::{parse_ip, policies, Config, Family};
 use crate::{
     error::InputError,
     ids::{ServiceId, ServiceType},
@@ -23,10 +23,21 @@ const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name
 /// A Service marked headless by label: no proxying.
 const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 
-/// How a Service gets its ClusterIP.
+/// How a Service gets its ClusterIP of a family.
 pub(super) enum ClusterIp {
     Explicit(IpAddr),
-    Allocate,
+    /// None given: allocated in `--service-cluster-ip-range`'s range of
+    /// the family.
+    Allocate(Family),
+}
+
+impl ClusterIp {
+    pub fn family(&self) -> Family {
+        match self {
+            Self::Explicit(ip) => Family::of(*ip),
+            Self::Allocate(f) => *f,
+        }
+    }
 }
 
 /// A Service port that passed validation: its index in spec.ports, the port
@@ -40,13 +51,15 @@ pub(super) struct Valid<'a> {
     pub id: ServiceId,
     /// spec.type (never ExternalName: those are not served).
     pub type_: ServiceType,
-    pub ip: ClusterIp,
+    /// Its ClusterIPs, one per family, in `spec.ipFamilies` order (the
+    /// first is the primary one, spec.clusterIP).
+    pub ips: Vec<ClusterIp>,
     pub ports: Vec<ValidPort<'a>>,
     /// sessionAffinity: ClientIP timeout in seconds (0: none).
     pub affinity_timeout: u32,
     /// internalTrafficPolicy: Local.
     pub itp_local: bool,
-    /// spec.externalIPs (valid ones).
+    /// spec.externalIPs (valid ones, of the Service's families).
     pub external_ips: Vec<IpAddr>,
     /// status.loadBalancer.ingress[].ip and spec.loadBalancerIP (valid ones;
     /// none when source ranges were given but none is valid: fail closed).
@@ -122,20 +135,7 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
             return None;
         }
     };
-    // spec.clusterIP is the first of spec.clusterIPs: a dual-stack Service
-    // whose first family is not served is refused whole here (its ClusterIP
-    // of the other family, spec.clusterIPs[1], is not read).
-    let ip = match spec.cluster_ip.as_deref() {
-        Some("None") => return None, // headless: DNS only.
-        None | Some("") => ClusterIp::Allocate,
-        Some(s) => match parse_ip(s, cfg.families) {
-            Ok(ip) => ClusterIp::Explicit(ip),
-            Err(why) => {
-                errors.push(err("spec.clusterIP", format!("{s:?}: {why}")));
-                return None;
-            }
-        },
-    };
+    let ips = cluster_ips(spec, cfg, &err, errors)?;
     let ports = ports(spec, type_.has_node_ports(), cfg, &err, errors);
     let affinity_timeout = policies::affinity_timeout(spec, &err, errors)?;
     let itp_local = policies::traffic_policy_local(
@@ -144,8 +144,9 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
         &err,
         errors,
     )?;
+    let families: Vec<Family> = ips.iter().map(ClusterIp::family).collect();
     let external_ips = addresses(
-        cfg.families,
+        &families,
         "externalIPs",
         spec.external_ips
             .iter()
@@ -159,14 +160,8 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
     let mut lb_ips = Vec::new();
     let mut source_ranges = Vec::new();
     if type_ == ServiceType::LoadBalancer {
-        lb_ips = addresses(
-            cfg.families,
-            "loadBalancer",
-            load_balancer_ips(&svc.object),
-            &err,
-            errors,
-        );
-        match policies::source_ranges(&svc.object, cfg.families, &err, errors) {
+        lb_ips = addresses(&families, "loadBalancer", load_balancer_ips(&svc.object), &err, errors);
+        match policies::source_ranges(&svc.object, &err, errors) {
             policies::SourceRanges::Anyone => {}
             policies::SourceRanges::Only(r) => source_ranges = r,
             policies::SourceRanges::NoneValid(field) => {
@@ -193,7 +188,7 @@ fn validate<'a>(svc: &'a Sourced<Service>, cfg: &Config, errors: &mut Vec<InputE
         spec,
         id,
         type_,
-        ip,
+        ips,
         ports,
         affinity_timeout,
         itp_local,
@@ -293,10 +288,11 @@ fn load_balancer_ips(svc: &Service) -> Vec<(String, String)> {
 }
 
 /// The valid addresses among `(field, value)`, sorted and deduplicated; an
-/// invalid one, or one of a family not in `families`, gets an error naming its
-/// field (`what`: the list it is in).
+/// invalid one, or one of a family the Service has no ClusterIP of (not in
+/// `families`: kube-proxy serves a Service in the families of its ClusterIPs
+/// only), gets an error naming its field (`what`: the list it is in).
 fn addresses(
-    families: Families,
+    families: &[Family],
     what: &str,
     values: Vec<(String, String)>,
     err: &ErrorAt,
@@ -304,12 +300,217 @@ fn addresses(
 ) -> Vec<IpAddr> {
     let mut out = Vec::new();
     for (f, v) in values {
-        match parse_ip(&v, families) {
-            Ok(a) => out.push(a),
+        match parse_ip(&v) {
+            Ok(a) if families.contains(&Family::of(a)) => out.push(a),
+            Ok(a) => errors.push(err(
+                &f,
+                format!(
+                    "{v:?} is {} and the Service has no {0} ClusterIP (spec.ipFamilies); not served ({what})",
+                    Family::of(a)
+                ),
+            )),
             Err(why) => errors.push(err(&f, format!("{v:?} is {why} ({what})"))),
         }
     }
     out.sort();
     out.dedup();
     out
+}
+
+/// What `spec.ipFamilyPolicy` allows (named as the API spells it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(clippy::enum_variant_names)]
+enum FamilyPolicy {
+    SingleStack,
+    PreferDualStack,
+    RequireDualStack,
+}
+
+/// The Service's ClusterIPs, one per family in `spec.ipFamilies` order: the
+/// given ones (`spec.clusterIPs`, or `spec.clusterIP` without it) and the
+/// families to allocate one in. The API server has resolved these fields
+/// into a consistent whole (clusterIPs in ipFamilies' order, at most one per
+/// family, as many as ipFamilyPolicy asks for); an object that is not is
+/// refused with an error naming the field (None; None too for a headless
+/// Service, without error). Standalone manifests may leave them out: no
+/// `spec.ipFamilies` means the families of the given ClusterIPs, or, with
+/// none, the primary family of `--service-cluster-ip-range` (and its other
+/// one for PreferDualStack and RequireDualStack).
+fn cluster_ips(
+    spec: &ServiceSpec,
+    cfg: &Config,
+    err: &ErrorAt,
+    errors: &mut Vec<InputError>,
+) -> Option<Vec<ClusterIp>> {
+    let single = spec.cluster_ip.as_deref().filter(|s| !s.is_empty());
+    let given: Vec<(String, &str)> = match spec.cluster_ips.as_ref().filter(|v| !v.is_empty()) {
+        Some(list) => {
+            if let Some(ip) = single.filter(|ip| *ip != list[0]) {
+                errors.push(err(
+                    "spec.clusterIP",
+                    format!(
+                        "{ip:?} is not spec.clusterIPs[0] ({:?}): it must be the first of spec.clusterIPs",
+                        list[0]
+                    ),
+                ));
+                return None;
+            }
+            list.iter()
+                .enumerate()
+                .map(|(k, s)| (format!("spec.clusterIPs[{k}]"), s.as_str()))
+                .collect()
+        }
+        None => single.map(|s| ("spec.clusterIP".to_string(), s)).into_iter().collect(),
+    };
+    if given.first().is_some_and(|(_, s)| *s == "None") {
+        return None; // headless: DNS only.
+    }
+    let mut ips: Vec<IpAddr> = Vec::new();
+    for (field, s) in &given {
+        let ip = match parse_ip(s) {
+            Ok(ip) => ip,
+            Err(why) => {
+                errors.push(err(field, format!("{s:?}: {why}")));
+                return None;
+            }
+        };
+        if let Some(first) = ips.iter().find(|a| Family::of(**a) == Family::of(ip)) {
+            errors.push(err(
+                field,
+                format!(
+                    "{ip} is a second {} ClusterIP (after {first}): at most one per family",
+                    Family::of(ip)
+                ),
+            ));
+            return None;
+        }
+        ips.push(ip);
+    }
+    let ips_field = if spec.cluster_ips.as_ref().is_some_and(|v| !v.is_empty()) {
+        "spec.clusterIPs"
+    } else {
+        "spec.clusterIP"
+    };
+    let policy = match spec.ip_family_policy.as_deref() {
+        None | Some("") => None,
+        Some("SingleStack") => Some(FamilyPolicy::SingleStack),
+        Some("PreferDualStack") => Some(FamilyPolicy::PreferDualStack),
+        Some("RequireDualStack") => Some(FamilyPolicy::RequireDualStack),
+        Some(other) => {
+            errors.push(err(
+                "spec.ipFamilyPolicy",
+                format!("unknown policy {other:?} (SingleStack, PreferDualStack, RequireDualStack)"),
+            ));
+            return None;
+        }
+    };
+    let mut families: Vec<Family> = Vec::new();
+    for (k, f) in spec.ip_families.iter().flatten().enumerate() {
+        let field = format!("spec.ipFamilies[{k}]");
+        let Some(family) = Family::of_address_type(f) else {
+            errors.push(err(&field, format!("unknown family {f:?} (IPv4, IPv6)")));
+            return None;
+        };
+        if families.contains(&family) {
+            errors.push(err(&field, format!("{family} is listed twice")));
+            return None;
+        }
+        families.push(family);
+    }
+    if families.is_empty() {
+        families = ips.iter().map(|a| Family::of(*a)).collect();
+    }
+    if families.is_empty() {
+        let cidrs = &cfg.service_cidrs;
+        families.push(cidrs.primary);
+        if matches!(
+            policy,
+            Some(FamilyPolicy::PreferDualStack | FamilyPolicy::RequireDualStack)
+        ) {
+            families.extend(cidrs.secondary());
+        }
+    }
+    if ips.len() > families.len() {
+        errors.push(err(
+            ips_field,
+            format!(
+                "{} ClusterIPs for the {} famil{} of spec.ipFamilies",
+                ips.len(),
+                families.len(),
+                if families.len() == 1 { "y" } else { "ies" }
+            ),
+        ));
+        return None;
+    }
+    for (k, (ip, family)) in ips.iter().zip(&families).enumerate() {
+        if Family::of(*ip) != *family {
+            let field = if ips_field == "spec.clusterIP" {
+                ips_field.to_string()
+            } else {
+                format!("spec.clusterIPs[{k}]")
+            };
+            errors.push(err(
+                &field,
+                format!(
+                    "{ip} is {} but spec.ipFamilies[{k}] is {family}: the ClusterIPs must follow spec.ipFamilies' order",
+                    Family::of(*ip)
+                ),
+            ));
+            return None;
+        }
+    }
+    match policy {
+        Some(FamilyPolicy::SingleStack) if families.len() > 1 => {
+            errors.push(err(
+                "spec.ipFamilyPolicy",
+                format!(
+                    "SingleStack, but the Service has {} families ({})",
+                    families.len(),
+                    families.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                ),
+            ));
+            return None;
+        }
+        Some(FamilyPolicy::RequireDualStack) if families.len() < 2 => {
+            let listed = spec.ip_families.as_ref().is_some_and(|f| !f.is_empty());
+            let (field, why) = if listed {
+                (
+                    "spec.ipFamilies",
+                    format!(
+                        "RequireDualStack needs both families; spec.ipFamilies has only {}",
+                        families[0]
+                    ),
+                )
+            } else if !ips.is_empty() {
+                (
+                    ips_field,
+                    format!(
+                        "RequireDualStack needs a ClusterIP of each family; {ips_field} has one, {}",
+                        ips[0]
+                    ),
+                )
+            } else {
+                (
+                    "spec.ipFamilyPolicy",
+                    format!(
+                        "RequireDualStack needs both families, and --service-cluster-ip-range ({}) has a range of one",
+                        cfg.service_cidrs
+                    ),
+                )
+            };
+            errors.push(err(field, why));
+            return None;
+        }
+        _ => {}
+    }
+    Some(
+        families
+            .iter()
+            .enumerate()
+            .map(|(k, f)| {
+                ips.get(k)
+                    .map_or(ClusterIp::Allocate(*f), |ip| ClusterIp::Explicit(*ip))
+            })
+            .collect(),
+    )
 }

@@ -18,9 +18,9 @@ use crate::{
 
 /// Checks every EndpointSlice and Endpoints object; `services` names every
 /// Service.
-pub(super) fn check(snapshot: &Snapshot, services: &BTreeSet<ServiceId>, cfg: &Config, errors: &mut Vec<InputError>) {
+pub(super) fn check(snapshot: &Snapshot, services: &BTreeSet<ServiceId>, errors: &mut Vec<InputError>) {
     check_orphans(snapshot, services, errors);
-    check_endpoint_addresses(snapshot, cfg, errors);
+    check_endpoint_addresses(snapshot, errors);
 }
 
 /// EndpointSlices and Endpoints by their Service,
@@ -59,7 +59,7 @@ pub(super) fn endpoints_of(
     if cfg.pod_endpoints {
         if let Some(selector) = v.spec.selector.as_ref().filter(|s| !s.is_empty()) {
             let publish_not_ready = v.spec.publish_not_ready_addresses.unwrap_or(false);
-            let mut all = endpoints::from_pods(ns, selector, sp, &snapshot.pods, publish_not_ready, cfg.families);
+            let mut all = endpoints::from_pods(ns, selector, sp, &snapshot.pods, publish_not_ready);
             match v.traffic_distribution {
                 TrafficDistribution::Any => {}
                 TrafficDistribution::PreferSameZone => {
@@ -74,9 +74,9 @@ pub(super) fn endpoints_of(
         }
     }
     let slices = index.slices.get(&v.id).map(Vec::as_slice).unwrap_or_default();
-    let mut all = endpoints::from_slices(sp, slices, cfg.families);
+    let mut all = endpoints::from_slices(sp, slices);
     for e in index.endpoints.get(&v.id).into_iter().flatten() {
-        all.extend(endpoints::from_endpoints(sp, &e.object, cfg.families));
+        all.extend(endpoints::from_endpoints(sp, &e.object));
     }
     all
 }
@@ -88,18 +88,17 @@ pub fn slice_service(slice: &k8s_openapi::api::discovery::v1::EndpointSlice) -> 
     Some(ServiceId::new(ns, name.as_str()))
 }
 
-/// Endpoint addresses that are no address of a served family (of the
-/// slice's addressType, for EndpointSlices): each named with its object and
-/// field (the endpoint is left out of every Service). Slices of a family not
-/// served are skipped whole, as their Service's other family's slices serve it.
-fn check_endpoint_addresses(snapshot: &Snapshot, cfg: &Config, errors: &mut Vec<InputError>) {
+/// Endpoint addresses that are no address (of the slice's addressType, for
+/// EndpointSlices): each named with its object and field (the endpoint is
+/// left out of every Service).
+fn check_endpoint_addresses(snapshot: &Snapshot, errors: &mut Vec<InputError>) {
     for s in &snapshot.endpoint_slices {
-        let Some(family) = endpoints::slice_family(&s.object, cfg.families) else {
+        let Some(family) = endpoints::slice_family(&s.object) else {
             continue;
         };
         for (i, ep) in s.object.endpoints.iter().enumerate() {
             for (j, a) in ep.addresses.iter().enumerate() {
-                if let Err(why) = endpoints::slice_address(a, family, cfg.families) {
+                if let Err(why) = endpoints::slice_address(a, family) {
                     errors.push(InputError::new(
                         &s.source,
                         format!("EndpointSlice {}", ns_name(&s.object.metadata)),
@@ -118,7 +117,7 @@ fn check_endpoint_addresses(snapshot: &Snapshot, cfg: &Config, errors: &mut Vec<
             ];
             for (field, addrs) in sets {
                 for (j, a) in addrs.iter().flatten().enumerate() {
-                    if let Err(why) = parse_ip(&a.ip, cfg.families) {
+                    if let Err(why) = parse_ip(&a.ip) {
                         errors.push(InputError::new(
                             &e.source,
                             format!("Endpoints {}", ns_name(&e.object.metadata)),

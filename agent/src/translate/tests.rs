@@ -11,9 +11,9 @@ fn v4(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
     Ipv4Addr::new(a, b, c, d).into()
 }
 
-/// An address as the translation parses it with IPv4 served (today's gate).
+/// An address as the translation parses it.
 fn parse_ipv4(s: &str) -> Result<IpAddr, String> {
-    parse_ip(s, Families::IPV4)
+    parse_ip(s)
 }
 
 fn last_octet(a: IpAddr) -> u8 {
@@ -454,7 +454,7 @@ fn publish_not_ready_addresses_serves_pods_that_are_not_ready() {
     let selector: BTreeMap<String, String> = [("app".to_string(), "web".to_string())].into();
     let port: ServicePort = serde_json::from_str(r#"{"port": 80, "targetPort": 8080}"#).expect("valid port");
     let conditions = |publish| {
-        endpoints::from_pods("default", &selector, &port, &pods, publish, Families::IPV4)
+        endpoints::from_pods("default", &selector, &port, &pods, publish)
             .iter()
             .map(|e| (e.ready, e.serving, e.terminating))
             .collect::<Vec<_>>()
@@ -994,7 +994,7 @@ fn nodeport_externalip_and_loadbalancer_frontends() {
         errors,
         [
             "s.yaml: Service default/lb: spec.ports[1].nodePort: 40000 is outside the NodePort range 30000-32767 (--service-node-port-range)",
-            "s.yaml: Service default/lb: spec.externalIPs[1]: \"nope\" is not an IPv4 address (externalIPs)",
+            "s.yaml: Service default/lb: spec.externalIPs[1]: \"nope\" is not an IP address (externalIPs)",
             "s.yaml: Service default/dup: spec.ports[0].nodePort: 30080/TCP is already used by Service default/lb",
         ]
     );
@@ -1211,14 +1211,14 @@ fn the_source_ranges_annotation_applies_when_the_field_is_empty() {
 fn bad_source_ranges_are_reported_and_skipped() {
     let t = run_lb(lb_svc(
         "",
-        "  loadBalancerSourceRanges: [192.168.77.200/32, 10.0.0.0/33, \"2001:db8::/32\", nope]\n",
+        "  loadBalancerSourceRanges: [192.168.77.200/32, 10.0.0.0/33, \"2001:db8::/129\", nope]\n",
     ));
     let errors: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
     assert_eq!(
         errors,
         [
             "s.yaml: Service shop/lb: spec.loadBalancerSourceRanges[1]: \"10.0.0.0/33\" is not an IPv4 CIDR (like 203.0.113.0/24) or address; entry skipped",
-            "s.yaml: Service shop/lb: spec.loadBalancerSourceRanges[2]: \"2001:db8::/32\" is IPv6, which is not supported yet; entry skipped",
+            "s.yaml: Service shop/lb: spec.loadBalancerSourceRanges[2]: \"2001:db8::/129\" is not an IPv6 CIDR (like 2001:db8::/64) or address; entry skipped",
             "s.yaml: Service shop/lb: spec.loadBalancerSourceRanges[3]: \"nope\" is not an IPv4 CIDR (like 203.0.113.0/24) or address; entry skipped",
         ]
     );
@@ -1243,7 +1243,7 @@ fn bad_source_ranges_are_reported_and_skipped() {
 fn no_valid_source_range_leaves_the_load_balancer_ips_out_and_the_rest_working() {
     let t = run_lb(lb_svc(
         "",
-        "  loadBalancerSourceRanges: [\"10.0.0.0/40\", \"fd00::/8\"]\n",
+        "  loadBalancerSourceRanges: [\"10.0.0.0/40\", \"fd00::/200\"]\n",
     ));
     let errors: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
     assert_eq!(errors.len(), 3, "{errors:?}");
@@ -1260,21 +1260,27 @@ fn no_valid_source_range_leaves_the_load_balancer_ips_out_and_the_rest_working()
 }
 
 /// Services, slices and Endpoints with IPv6 addresses in every field the
-/// translation reads, beside IPv4 ones.
+/// translation reads, beside IPv4 ones: an IPv6-only Service, dual-stack
+/// ones of either order, a dual-stack LoadBalancer with externalIPs, ingress
+/// IPs and source ranges of both families, and slices and Endpoints of both.
 fn mixed_families() -> Snapshot {
     let services = [
         "metadata: {name: v6, namespace: default}\nspec:\n  clusterIP: \"fd00::10\"\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
         // Dual stack, IPv6 first: spec.clusterIP is the IPv6 one.
         "metadata: {name: v6-first, namespace: default}\nspec:\n  clusterIP: \"fd00::20\"\n  clusterIPs: [\"fd00::20\", 10.96.0.20]\n  ipFamilies: [IPv6, IPv4]\n  ipFamilyPolicy: PreferDualStack\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
         // Dual stack, IPv4 first.
-        "metadata: {name: v4-first, namespace: default}\nspec:\n  clusterIP: 10.96.0.21\n  clusterIPs: [10.96.0.21, \"fd00::21\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: PreferDualStack\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
-        "metadata: {name: lb, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.30\n  externalIPs: [\"2001:db8::1\", 203.0.113.1]\n  loadBalancerSourceRanges: [\"2001:db8::/32\", 10.0.0.0/8]\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\nstatus:\n  loadBalancer:\n    ingress: [{ip: \"2001:db8::2\"}, {ip: 203.0.113.2}]\n",
+        "metadata: {name: v4-first, namespace: default}\nspec:\n  clusterIP: 10.96.0.21\n  clusterIPs: [10.96.0.21, \"fd00::21\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: RequireDualStack\n  ports: [{name: http, port: 80, targetPort: 8080}]\n",
+        "metadata: {name: lb, namespace: default}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.30\n  clusterIPs: [10.96.0.30, \"fd00::30\"]\n  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: PreferDualStack\n  externalIPs: [\"2001:db8::1\", 203.0.113.1]\n  loadBalancerSourceRanges: [\"2001:db8::/32\", 10.0.0.0/8]\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\nstatus:\n  loadBalancer:\n    ingress: [{ip: \"2001:db8::2\"}, {ip: 203.0.113.2}]\n",
     ];
     Snapshot {
         services: services.iter().map(|y| svc(y)).collect(),
         endpoint_slices: vec![
             slice("metadata: {name: lb-4, namespace: default, labels: {kubernetes.io/service-name: lb}}\naddressType: IPv4\nendpoints:\n- addresses: [\"fd00::5\"]\n- addresses: [10.244.0.5]\nports: [{name: http, port: 8080}]\n"),
             slice("metadata: {name: lb-6, namespace: default, labels: {kubernetes.io/service-name: lb}}\naddressType: IPv6\nendpoints:\n- addresses: [\"fd00::7\"]\nports: [{name: http, port: 8080}]\n"),
+            slice("metadata: {name: v6-first-6, namespace: default, labels: {kubernetes.io/service-name: v6-first}}\naddressType: IPv6\nendpoints:\n- addresses: [\"fd00::1:20\"]\nports: [{name: http, port: 8080}]\n"),
+            slice("metadata: {name: v6-first-4, namespace: default, labels: {kubernetes.io/service-name: v6-first}}\naddressType: IPv4\nendpoints:\n- addresses: [10.244.0.20]\nports: [{name: http, port: 8080}]\n"),
+            // An IPv6-only Service's slice: its endpoints feed no IPv4 frontend.
+            slice("metadata: {name: v6-6, namespace: default, labels: {kubernetes.io/service-name: v6}}\naddressType: IPv6\nendpoints:\n- addresses: [\"fd00::1:10\"]\nports: [{name: http, port: 8080}]\n"),
         ],
         endpoints: vec![Sourced::new(
             "e.yaml",
@@ -1287,10 +1293,18 @@ fn mixed_families() -> Snapshot {
     }
 }
 
+/// The translation settings of the family tests: NodePorts on one node
+/// address of each family.
+fn dual_cfg() -> Config {
+    Config {
+        nodeport_addrs: vec![v4(192, 168, 1, 1), "2001:db8:1::1".parse().unwrap()],
+        ..Config::default()
+    }
+}
+
 /// Each frontend's address, its backends' addresses and its source ranges.
-fn addresses_backends_ranges(t: &Translation) -> Vec<(IpAddr, Vec<IpAddr>, Vec<String>)> {
-    t.frontends
-        .iter()
+fn addresses_backends_ranges(fs: &[Frontend]) -> Vec<(IpAddr, Vec<IpAddr>, Vec<String>)> {
+    fs.iter()
         .map(|f| {
             (
                 f.addr,
@@ -1301,70 +1315,296 @@ fn addresses_backends_ranges(t: &Translation) -> Vec<(IpAddr, Vec<IpAddr>, Vec<S
         .collect()
 }
 
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
 #[test]
-fn the_family_gate_refuses_ipv6_in_every_field_naming_object_and_field() {
-    let t = run(&mixed_families());
+fn ipv4_frontends_of_every_service_are_served_with_ipv4_endpoints_and_ipv6_ones_translated_aside() {
+    let t = translate(&mixed_families(), &dual_cfg());
     let errors: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
     assert_eq!(
         errors,
-        [
-            "s.yaml: Service default/v6: spec.clusterIP: \"fd00::10\": IPv6, not supported yet",
-            "s.yaml: Service default/v6-first: spec.clusterIP: \"fd00::20\": IPv6, not supported yet",
-            "s.yaml: Service default/lb: spec.externalIPs[0]: \"2001:db8::1\" is IPv6, not supported yet (externalIPs)",
-            "s.yaml: Service default/lb: status.loadBalancer.ingress[0].ip: \"2001:db8::2\" is IPv6, not supported yet (loadBalancer)",
-            "s.yaml: Service default/lb: spec.loadBalancerSourceRanges[0]: \"2001:db8::/32\" is IPv6, which is not supported yet; entry skipped",
-            "e.yaml: EndpointSlice default/lb-4: endpoints[0].addresses[0]: \"fd00::5\" is IPv6, not supported yet; the endpoint is left out",
-            "e.yaml: Endpoints default/lb: subsets[0].addresses[0].ip: \"fd00::6\" is IPv6, not supported yet; the endpoint is left out",
-        ],
-        "the IPv6 slice lb-6 is skipped without an error"
+        ["e.yaml: EndpointSlice default/lb-4: endpoints[0].addresses[0]: \"fd00::5\" is not an IPv4 address (the slice's addressType); the endpoint is left out"],
+        "nothing else is wrong: IPv6 is no error"
     );
-    let frontends = addresses_backends_ranges(&t);
-    let lb_backends = vec![v4(10, 244, 0, 5), v4(10, 244, 0, 6)];
-    // A dual-stack Service with IPv6 first is not served at all, not even on
-    // its IPv4 ClusterIP (spec.clusterIPs[1]): the IPv6 issue's to fix. One
-    // with IPv4 first is served on its IPv4 ClusterIP.
+    let lb4 = vec![v4(10, 244, 0, 5), v4(10, 244, 0, 6)];
+    let range = |r: &str| vec![r.to_string()];
+    // Served: every IPv4 frontend, an IPv6-first dual-stack Service's IPv4
+    // ClusterIP included (spec.clusterIPs[1]), each with IPv4 endpoints only.
     assert_eq!(
-        frontends,
+        addresses_backends_ranges(&t.frontends),
         [
+            (v4(10, 96, 0, 20), vec![v4(10, 244, 0, 20)], vec![]),
             (v4(10, 96, 0, 21), vec![], vec![]),
-            (v4(10, 96, 0, 30), lb_backends.clone(), vec![]),
-            (v4(203, 0, 113, 1), lb_backends.clone(), vec![]),
-            (v4(203, 0, 113, 2), lb_backends, vec!["10.0.0.0/8".to_string()]),
+            (v4(10, 96, 0, 30), lb4.clone(), vec![]),
+            (v4(192, 168, 1, 1), lb4.clone(), vec![]),
+            (v4(203, 0, 113, 1), lb4.clone(), vec![]),
+            (v4(203, 0, 113, 2), lb4, range("10.0.0.0/8")),
+        ]
+    );
+    // Translated but not served: the IPv6 frontends, each with the IPv6
+    // endpoints (slices of addressType IPv6 and IPv6 Endpoints addresses).
+    let lb6 = vec![ip("fd00::6"), ip("fd00::7")];
+    assert_eq!(
+        addresses_backends_ranges(&t.not_served),
+        [
+            (ip("2001:db8::1"), lb6.clone(), vec![]),
+            (ip("2001:db8::2"), lb6.clone(), range("2001:db8::/32")),
+            (ip("2001:db8:1::1"), lb6.clone(), vec![]),
+            (ip("fd00::10"), vec![ip("fd00::1:10")], vec![]),
+            (ip("fd00::20"), vec![ip("fd00::1:20")], vec![]),
+            (ip("fd00::21"), vec![], vec![]),
+            (ip("fd00::30"), lb6, vec![]),
+        ]
+    );
+    let kinds: Vec<(IpAddr, FrontendKind)> = t.not_served.iter().map(|f| (f.addr, f.id.kind)).collect();
+    assert!(
+        kinds.contains(&(ip("2001:db8:1::1"), FrontendKind::NodePort)),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&(ip("2001:db8::2"), FrontendKind::LoadBalancer)),
+        "{kinds:?}"
+    );
+    // Each Service with IPv6 frontends is named once, all of them in one line.
+    assert_eq!(
+        not_served_notices(&t.not_served, cfg_families()),
+        [
+            "default/lb: IPv6 frontends [2001:db8::1]:80/TCP, [2001:db8::2]:80/TCP, [2001:db8:1::1]:30080/TCP, [fd00::30]:80/TCP not served: this dataplane serves IPv4 only",
+            "default/v4-first: IPv6 frontends [fd00::21]:80/TCP not served: this dataplane serves IPv4 only",
+            "default/v6: IPv6 frontends [fd00::10]:80/TCP not served: this dataplane serves IPv4 only",
+            "default/v6-first: IPv6 frontends [fd00::20]:80/TCP not served: this dataplane serves IPv4 only",
         ]
     );
 }
 
+fn cfg_families() -> Families {
+    Config::default().families
+}
+
 #[test]
-fn with_both_families_served_the_same_translation_gives_ipv6_frontends_with_ipv6_backends() {
+fn with_both_families_served_the_same_translation_serves_the_ipv6_frontends_too() {
     let cfg = Config {
         families: Families::IPV4_IPV6,
+        ..dual_cfg()
+    };
+    let both = translate(&mixed_families(), &cfg);
+    let v4_only = translate(&mixed_families(), &dual_cfg());
+    assert!(both.not_served.is_empty());
+    let mut union = v4_only.frontends.clone();
+    union.extend(v4_only.not_served.clone());
+    union.sort_by_key(Frontend::key);
+    assert_eq!(both.frontends, union, "the gate only sorts frontends, it changes none");
+    assert!(not_served_notices(&both.not_served, cfg.families).is_empty());
+}
+
+#[test]
+fn an_ipv6_only_service_is_named_and_the_other_services_are_served() {
+    let s = Snapshot {
+        services: vec![
+            svc("metadata: {name: web6, namespace: default}\nspec:\n  clusterIP: \"fd00::10\"\n  ipFamilies: [IPv6]\n  ipFamilyPolicy: SingleStack\n  type: NodePort\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30080}]\n"),
+            svc("metadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  type: NodePort\n  ports: [{name: http, port: 80, targetPort: 8080, nodePort: 30081}]\n"),
+        ],
+        endpoint_slices: vec![
+            slice("metadata: {name: web6-1, namespace: default, labels: {kubernetes.io/service-name: web6}}\naddressType: IPv6\nendpoints:\n- addresses: [\"fd00::1:1\"]\nports: [{name: http, port: 8080}]\n"),
+            slice("metadata: {name: web-1, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints:\n- addresses: [10.244.0.1]\nports: [{name: http, port: 8080}]\n"),
+        ],
+        ..Default::default()
+    };
+    let t = translate(&s, &dual_cfg());
+    assert!(t.errors.is_empty(), "{:?}", t.errors);
+    let served: Vec<(IpAddr, u16)> = t.frontends.iter().map(|f| (f.addr, f.port)).collect();
+    assert_eq!(served, [(v4(10, 96, 0, 10), 80), (v4(192, 168, 1, 1), 30081)]);
+    assert!(t
+        .frontends
+        .iter()
+        .all(|f| f.backends.iter().map(|b| b.addr).eq([v4(10, 244, 0, 1)])));
+    assert_eq!(
+        not_served_notices(&t.not_served, cfg_families()),
+        ["default/web6: IPv6 frontends [2001:db8:1::1]:30080/TCP, [fd00::10]:80/TCP not served: this dataplane serves IPv4 only"]
+    );
+}
+
+/// The errors (without the file) and the served frontends' addresses of `spec`
+/// (under Service `default/d`, one port 80) translated with `cidrs`.
+fn family_fields(spec: &str, cidrs: &str) -> (Vec<String>, Vec<IpAddr>, Vec<IpAddr>) {
+    let s = Snapshot {
+        services: vec![
+            svc(&format!(
+                "metadata: {{name: d, namespace: default}}\nspec:\n{spec}  ports: [{{port: 80}}]\n"
+            )),
+            // Another Service, unaffected by anything wrong with d.
+            svc("metadata: {name: ok, namespace: default}\nspec:\n  clusterIP: 10.96.0.99\n  ports: [{port: 80}]\n"),
+        ],
+        ..Default::default()
+    };
+    let cfg = Config {
+        service_cidrs: cidrs.parse().unwrap(),
         ..Config::default()
     };
-    let t = translate(&mixed_families(), &cfg);
-    let errors: Vec<String> = t.errors.iter().map(ToString::to_string).collect();
+    let t = translate(&s, &cfg);
+    assert!(
+        t.frontends.iter().any(|f| f.addr == v4(10, 96, 0, 99)),
+        "{spec}: the other Service is served"
+    );
+    let mine = |fs: &[Frontend]| -> Vec<IpAddr> {
+        fs.iter()
+            .filter(|f| f.id.service.to_string() == "default/d")
+            .map(|f| f.addr)
+            .collect()
+    };
+    let errors = t
+        .errors
+        .iter()
+        .map(|e| e.to_string().trim_start_matches("s.yaml: ").to_string())
+        .collect();
+    (errors, mine(&t.frontends), mine(&t.not_served))
+}
+
+#[test]
+fn inconsistent_family_fields_are_refused_naming_the_service_and_field() {
+    for (spec, want) in [
+        (
+            "  clusterIPs: [10.96.0.10]\n  ipFamilyPolicy: RequireDualStack\n",
+            "Service default/d: spec.clusterIPs: RequireDualStack needs a ClusterIP of each family; spec.clusterIPs has one, 10.96.0.10",
+        ),
+        (
+            "  clusterIP: 10.96.0.10\n  ipFamilyPolicy: RequireDualStack\n",
+            "Service default/d: spec.clusterIP: RequireDualStack needs a ClusterIP of each family; spec.clusterIP has one, 10.96.0.10",
+        ),
+        (
+            "  clusterIPs: [10.96.0.10]\n  ipFamilies: [IPv4]\n  ipFamilyPolicy: RequireDualStack\n",
+            "Service default/d: spec.ipFamilies: RequireDualStack needs both families; spec.ipFamilies has only IPv4",
+        ),
+        (
+            "  clusterIPs: [10.96.0.10, \"fd00::10\"]\n  ipFamilies: [IPv6, IPv4]\n",
+            "Service default/d: spec.clusterIPs[0]: 10.96.0.10 is IPv4 but spec.ipFamilies[0] is IPv6: the ClusterIPs must follow spec.ipFamilies' order",
+        ),
+        (
+            "  clusterIP: \"fd00::10\"\n  ipFamilies: [IPv4]\n",
+            "Service default/d: spec.clusterIP: fd00::10 is IPv6 but spec.ipFamilies[0] is IPv4: the ClusterIPs must follow spec.ipFamilies' order",
+        ),
+        (
+            "  clusterIPs: [10.96.0.10, 10.96.0.11]\n",
+            "Service default/d: spec.clusterIPs[1]: 10.96.0.11 is a second IPv4 ClusterIP (after 10.96.0.10): at most one per family",
+        ),
+        (
+            "  clusterIPs: [10.96.0.10, \"fd00::10\"]\n  ipFamilies: [IPv4]\n",
+            "Service default/d: spec.clusterIPs: 2 ClusterIPs for the 1 family of spec.ipFamilies",
+        ),
+        (
+            "  clusterIP: 10.96.0.11\n  clusterIPs: [10.96.0.10]\n",
+            "Service default/d: spec.clusterIP: \"10.96.0.11\" is not spec.clusterIPs[0] (\"10.96.0.10\"): it must be the first of spec.clusterIPs",
+        ),
+        (
+            "  clusterIPs: [10.96.0.10, \"fd00::10\"]\n  ipFamilyPolicy: SingleStack\n",
+            "Service default/d: spec.ipFamilyPolicy: SingleStack, but the Service has 2 families (IPv4, IPv6)",
+        ),
+        (
+            "  clusterIPs: [10.96.0.10]\n  ipFamilies: [IPv4, IPv4]\n",
+            "Service default/d: spec.ipFamilies[1]: IPv4 is listed twice",
+        ),
+        (
+            "  clusterIPs: [10.96.0.10]\n  ipFamilies: [IPv5]\n",
+            "Service default/d: spec.ipFamilies[0]: unknown family \"IPv5\" (IPv4, IPv6)",
+        ),
+        (
+            "  clusterIPs: [10.96.0.10]\n  ipFamilyPolicy: DualStackPlease\n",
+            "Service default/d: spec.ipFamilyPolicy: unknown policy \"DualStackPlease\" (SingleStack, PreferDualStack, RequireDualStack)",
+        ),
+        (
+            "  ipFamilyPolicy: RequireDualStack\n",
+            "Service default/d: spec.ipFamilyPolicy: RequireDualStack needs both families, and --service-cluster-ip-range (10.96.0.0/12) has a range of one",
+        ),
+    ] {
+        let (errors, served, not_served) = family_fields(spec, "10.96.0.0/12");
+        assert_eq!(errors, [want], "{spec}");
+        assert!(served.is_empty() && not_served.is_empty(), "{spec}: refused whole");
+    }
+}
+
+#[test]
+fn the_families_a_service_is_given_decide_what_is_allocated_and_served() {
+    let dual = "10.96.0.0/12,fd00::/108";
+    let in_range = |a: &IpAddr, r: &str| r.parse::<IpNet>().unwrap().contains(a);
+    // PreferDualStack without ClusterIPs: one of each family, primary first.
+    let (errors, served, not_served) = family_fields("  ipFamilyPolicy: PreferDualStack\n", dual);
+    assert!(errors.is_empty(), "{errors:?}");
+    assert!(served.len() == 1 && in_range(&served[0], "10.96.0.0/12"), "{served:?}");
+    assert!(
+        not_served.len() == 1 && in_range(&not_served[0], "fd00::/108"),
+        "{not_served:?}"
+    );
+    // ... and only the primary one with a single range (PreferDualStack
+    // asks, RequireDualStack insists).
+    let (errors, served, not_served) = family_fields("  ipFamilyPolicy: PreferDualStack\n", "10.96.0.0/12");
+    assert!(
+        errors.is_empty() && served.len() == 1 && not_served.is_empty(),
+        "{errors:?}"
+    );
+    // No policy: single stack in the primary family, IPv6 here.
+    let (errors, served, not_served) = family_fields("", "fd00::/108,10.96.0.0/12");
+    assert!(errors.is_empty() && served.is_empty(), "{errors:?} {served:?}");
+    assert!(not_served.len() == 1 && in_range(&not_served[0], "fd00::/108"));
+    // ipFamilies with one ClusterIP given: the other family's is allocated.
+    let (errors, served, not_served) = family_fields(
+        "  clusterIPs: [\"fd00::10\"]\n  ipFamilies: [IPv6, IPv4]\n  ipFamilyPolicy: RequireDualStack\n",
+        dual,
+    );
+    assert!(errors.is_empty(), "{errors:?}");
+    assert_eq!(not_served, [ip("fd00::10")]);
+    assert!(served.len() == 1 && in_range(&served[0], "10.96.0.0/12"), "{served:?}");
+    // A family without a range to allocate in: named, the other family served.
+    let (errors, served, not_served) = family_fields(
+        "  ipFamilies: [IPv4, IPv6]\n  ipFamilyPolicy: PreferDualStack\n",
+        "10.96.0.0/12",
+    );
     assert_eq!(
         errors,
-        ["e.yaml: EndpointSlice default/lb-4: endpoints[0].addresses[0]: \"fd00::5\" is not an IPv4 address (the slice's addressType); the endpoint is left out"]
+        ["Service default/d: spec.clusterIPs[1]: no IPv6 range in --service-cluster-ip-range (10.96.0.0/12) to allocate the Service's IPv6 ClusterIP (spec.ipFamilies) from"]
     );
-    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-    let frontends = addresses_backends_ranges(&t);
-    let (lb4, lb6) = (
-        vec![v4(10, 244, 0, 5), v4(10, 244, 0, 6)],
-        vec![ip("fd00::6"), ip("fd00::7")],
+    assert!(served.len() == 1 && not_served.is_empty());
+    // A single-stack Service's externalIPs and ingress IPs of the other
+    // family are not served, and named (kube-proxy leaves them out too).
+    let (errors, served, _) = family_fields(
+        "  clusterIP: 10.96.0.10\n  externalIPs: [\"2001:db8::1\", 203.0.113.1]\n",
+        dual,
     );
-    let range = |r: &str| vec![r.to_string()];
     assert_eq!(
-        frontends,
-        [
-            (v4(10, 96, 0, 21), vec![], vec![]),
-            (v4(10, 96, 0, 30), lb4.clone(), vec![]),
-            (v4(203, 0, 113, 1), lb4.clone(), vec![]),
-            (v4(203, 0, 113, 2), lb4, range("10.0.0.0/8")),
-            (ip("2001:db8::1"), lb6.clone(), vec![]),
-            (ip("2001:db8::2"), lb6, range("2001:db8::/32")),
-            (ip("fd00::10"), vec![], vec![]),
-            (ip("fd00::20"), vec![], vec![]),
+        errors,
+        ["Service default/d: spec.externalIPs[0]: \"2001:db8::1\" is IPv6 and the Service has no IPv6 ClusterIP (spec.ipFamilies); not served (externalIPs)"]
+    );
+    assert_eq!(served, [v4(10, 96, 0, 10), v4(203, 0, 113, 1)]);
+    // Headless in either spelling: nothing, no error.
+    for spec in [
+        "  clusterIP: None\n",
+        "  clusterIPs: [None]\n  ipFamilies: [IPv6, IPv4]\n",
+    ] {
+        let (errors, served, not_served) = family_fields(spec, dual);
+        assert!(
+            errors.is_empty() && served.is_empty() && not_served.is_empty(),
+            "{spec}: {errors:?}"
+        );
+    }
+}
+
+#[test]
+fn slices_feed_only_the_frontends_of_their_family() {
+    // An IPv4-only Service with an IPv6 slice (a stale one, or a mislabelled
+    // one): its IPv4 ClusterIP gets the IPv4 endpoints only.
+    let s = Snapshot {
+        services: vec![svc("metadata: {name: web, namespace: default}\nspec:\n  clusterIP: 10.96.0.10\n  ports: [{name: http, port: 80}]\n")],
+        endpoint_slices: vec![
+            slice("metadata: {name: web-6, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv6\nendpoints:\n- addresses: [\"fd00::1:1\"]\nports: [{name: http, port: 8080}]\n"),
+            slice("metadata: {name: web-4, namespace: default, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nendpoints:\n- addresses: [10.244.0.1]\nports: [{name: http, port: 8080}]\n"),
         ],
-        "each frontend leads to endpoints, and is filtered by source ranges, of its own family"
+        ..Default::default()
+    };
+    let t = run(&s);
+    assert!(t.errors.is_empty() && t.not_served.is_empty(), "{:?}", t.errors);
+    assert_eq!(
+        addresses_backends_ranges(&t.frontends),
+        [(v4(10, 96, 0, 10), vec![v4(10, 244, 0, 1)], vec![])]
     );
 }
