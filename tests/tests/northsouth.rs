@@ -527,6 +527,21 @@ fn direct_server_return(path: Path) -> Result<()> {
         conntrack.contains("dsr") && conntrack.contains(&format!("{}:30081", node_addr(0))),
         "node 2's ct list shows the DSR flows with their frontend:\n{conntrack}"
     );
+    // Without DF a datagram bigger than the MTU travels as fragments: the
+    // first one (1500 bytes), too big with the option, is left to node 1's
+    // stack to fragment again (the option is copied into each piece).
+    let frag_needed = node1.counter("frag_needed")?;
+    let answer = in_netns(&c.external, move || -> Result<String> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.connect(udp)?;
+        s.send(&[b'y'; 3000])?;
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).context("no answer to a fragmented datagram")?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    })??;
+    assert_eq!(answer, "far-2", "a fragmented datagram by DSR");
+    assert_eq!(node1.counter("frag_needed")?, frag_needed, "no DF: no frag needed");
     // A datagram that fits the device but not with the option (DF set):
     // answered with "fragmentation needed" for the MTU minus the option's
     // 8 bytes; the client's next datagram of that size passes.
