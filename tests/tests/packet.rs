@@ -1627,3 +1627,43 @@ fn dsr_keeps_the_client_carries_the_frontend_in_an_ip_option_and_the_backends_no
     assert!(be.ct(CT_DIR_REPLY, REMOTE, 8080).is_none(), "not recorded in snat mode");
     assert_eq!(be.counter(Counter::DsrAccept), 1);
 }
+
+#[test]
+fn xdp_passes_the_packets_that_need_the_dsr_option_to_tc_and_dnats_the_rest() {
+    use ferry_common::{nodeport_mode, svc_flags::NODE_PORT};
+    const NODE: [u8; 4] = [192, 168, 77, 11];
+    const EXT: [u8; 4] = [192, 168, 77, 200];
+    const REMOTE: [u8; 4] = [10, 244, 1, 5];
+    let mut fx = Fixture::new("xdp-dsr");
+    let ns = FibNetns::new("xdp-dsr");
+    fx.external(NODE, 30080, 3, NODE_PORT, &[(1, REMOTE, 8080, 0)]);
+    fx.frontend(NODE, PROTO_UDP, 30053, 4, NODE_PORT, &[(2, REMOTE, 5353, 0)], "np");
+    fx.set_node_addr(NODE);
+    fx.set_config(config::NODEPORT_MODE, nodeport_mode::DSR);
+    let fd = fx.xdp_fd();
+    // The SYN: the flow is opened (TC finds it) and the packet passed on
+    // untouched, for TC to make the option's room.
+    let syn = frame(PROTO_TCP, EXT, NODE, 45000, 30080, false);
+    let (verdict, out) = ns.run(&fd, syn.clone());
+    assert_eq!((verdict, &out), (XDP_PASS, &syn), "the SYN goes to TC as it came");
+    let (_, fv) = fx.ct(CT_DIR_FORWARD, EXT, 45000).expect("opened by XDP");
+    assert_ne!(fv.flags & ct_flags::DSR, 0);
+    // So does every UDP datagram.
+    let dgram = frame(PROTO_UDP, EXT, NODE, 45001, 30053, false);
+    let (verdict, out) = ns.run(&fd, dgram.clone());
+    assert_eq!((verdict, &out), (XDP_PASS, &dgram));
+    // The rest of the connection: DNAT only, the client kept, sent by XDP.
+    let ack = with_flags(frame(PROTO_TCP, EXT, NODE, 45000, 30080, false), ACK);
+    let (verdict, out) = ns.run(&fd, ack);
+    assert_eq!(verdict, XDP_REDIRECT, "XDP sends it out itself");
+    let p = parse(&out);
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (EXT, 45000, REMOTE, 8080),
+        "DNAT only"
+    );
+    assert_eq!(macs(&out), (NODE2_MAC, NODE_MAC));
+    assert_checksums(&out);
+    assert_eq!(fx.counter(Counter::XdpForward), 1);
+    assert_eq!(fx.counter(Counter::DsrForward), 1);
+}
