@@ -1619,6 +1619,31 @@ fn dsr_keeps_the_client_carries_the_frontend_in_an_ip_option_and_the_backends_no
     );
     assert_checksums(&out);
     assert_eq!(be.counter(Counter::DsrReply), 1);
+    // An ICMP error the backend sends about the flow (quoting the datagram
+    // as it got it: the option, the UDP header) reaches the client from the
+    // frontend, about its own datagram to the frontend.
+    let quoted = &to_backend[14..14 + 28 + 8];
+    let err = icmp_error(REMOTE, EXT, 3, 3, quoted);
+    let (_, out) = be.run(&err);
+    assert_eq!(
+        (&out[26..30], &out[30..34]),
+        (&NODE[..], &EXT[..]),
+        "from the frontend, to the client"
+    );
+    let q = &out[42..];
+    assert_eq!(
+        (&q[12..16], &q[16..20]),
+        (&EXT[..], &NODE[..]),
+        "the quote names the frontend"
+    );
+    assert_eq!(
+        (u16::from_be_bytes([q[28], q[29]]), u16::from_be_bytes([q[30], q[31]])),
+        (45001, 30053)
+    );
+    assert_eq!(fold(sum16(&out[14..34])), 0xffff, "outer IPv4 checksum");
+    assert_eq!(fold(sum16(&out[34..])), 0xffff, "ICMP checksum");
+    assert_eq!(fold(sum16(&q[..28])), 0xffff, "quoted IPv4 checksum (option included)");
+    assert_eq!(be.counter(Counter::IcmpErrorTranslated), 1);
     // In SNAT mode a node ignores the option (nobody outside may steer a
     // Pod's replies).
     be.set_config(config::NODEPORT_MODE, nodeport_mode::SNAT);
