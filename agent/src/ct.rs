@@ -373,6 +373,28 @@ mod tests {
     }
 
     #[test]
+    fn a_dsr_flow_recorded_on_the_backends_node_lives_until_its_reply_entry_expires() {
+        let now = 1000 * S;
+        // Only a reply entry, without reverse-NAT id: the frontend is in it.
+        let entry = |sport, expires| {
+            let [_, (k, v)] = flow(PROTO_TCP, sport, 0, expires, ct_flags::DSR | ct_flags::EXTERNAL);
+            (
+                k,
+                CtValue {
+                    rev_nat_id: 0,
+                    backend_id: 0,
+                    nat_addr: addr_to_map([192, 168, 77, 11]),
+                    nat_port: port_to_map(30080),
+                    ..v
+                },
+            )
+        };
+        let (live, gone) = (entry(40001, now + S), entry(40002, now - S));
+        let dead = dead_keys(&[live, gone].into(), &revnat(), now);
+        assert_eq!(dead, [gone.0].into());
+    }
+
+    #[test]
     fn states_follow_the_flags() {
         let [(k, v), (rk, _)] = flow(PROTO_TCP, 1, 0, 0, 0);
         assert_eq!(State::of(&k, &v), State::SynSent);

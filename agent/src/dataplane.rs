@@ -21,7 +21,7 @@ use aya::{
     Ebpf, EbpfError, EbpfLoader,
 };
 use ferry_common::{
-    addr_to_map, config, BACKENDS_MAP, CONFIG_MAP, CT_ANY_MAP, CT_TCP_MAP, DEFAULT_MAGLEV_TABLES,
+    addr_to_map, config, nodeport_mode, BACKENDS_MAP, CONFIG_MAP, CT_ANY_MAP, CT_TCP_MAP, DEFAULT_MAGLEV_TABLES,
     DEFAULT_MAGLEV_TABLE_SIZE, MAGLEV_MAP, NODE_ADDRS_MAP, NODE_ADDRS_MAX, PROG_FROM_NETDEV, PROG_FROM_NETDEV_L3,
     PROG_FROM_POD, PROG_SOCK_ALL, PROG_TO_NETDEV, PROG_TO_NETDEV_L3, PROG_TO_POD, PROG_XDP_FROM_NETDEV, SERVICES_MAP,
     SOCK_LB_SKIP_MAP, SOCK_SET_RETVAL, SRC_RANGES_MAP,
@@ -147,8 +147,8 @@ impl Config {
     }
 }
 
-/// Connection-tracking lifetimes and the SNAT port range, as the programs
-/// read them from the node settings map.
+/// Connection-tracking lifetimes, the SNAT port range and the NodePort
+/// mode, as the programs read them from the node settings map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CtConfig {
     pub timeout_tcp_syn: std::time::Duration,
@@ -158,6 +158,33 @@ pub struct CtConfig {
     pub timeout_udp_stream: std::time::Duration,
     /// Inclusive, host order.
     pub snat_ports: (u16, u16),
+    pub nodeport_mode: NodePortMode,
+}
+
+/// How north-south flows reach a backend on another node (`--nodeport-mode`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodePortMode {
+    /// SNAT to this node's address: replies come back through it
+    /// (kube-proxy's behaviour).
+    #[default]
+    Snat,
+    /// Direct server return: the backend sees the client's address and its
+    /// node replies straight to the client (the frontend travels in an IPv4
+    /// option). Every node must run in dsr or hybrid mode.
+    Dsr,
+    /// DSR for TCP, SNAT for UDP (Cilium's hybrid mode).
+    Hybrid,
+}
+
+impl NodePortMode {
+    /// The value of `config::NODEPORT_MODE`.
+    pub fn to_map(self) -> u32 {
+        match self {
+            NodePortMode::Snat => nodeport_mode::SNAT,
+            NodePortMode::Dsr => nodeport_mode::DSR,
+            NodePortMode::Hybrid => nodeport_mode::HYBRID,
+        }
+    }
 }
 
 /// How `--xdp` attaches to the devices (`--xdp-mode`).
@@ -774,6 +801,7 @@ impl Dataplane {
             (config::CT_TIMEOUT_UDP_STREAM, secs(c.timeout_udp_stream)),
             (config::SNAT_PORT_MIN, u32::from(c.snat_ports.0)),
             (config::SNAT_PORT_MAX, u32::from(c.snat_ports.1)),
+            (config::NODEPORT_MODE, c.nodeport_mode.to_map()),
         ] {
             self.set_config(index, value)?;
         }

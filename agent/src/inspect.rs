@@ -237,19 +237,27 @@ pub fn connections(dir: &Path) -> Result<Vec<CtRow>, InspectError> {
     let mut rows = Vec::new();
     for (k, v) in entries {
         let forward = k.dir == CT_DIR_FORWARD;
+        // A DSR flow another node balanced to a backend here: a reply entry
+        // whose value names the frontend (the client is the key's destination).
+        let dsr_recorded = !forward && v.flags & ct_flags::DSR != 0 && v.rev_nat_id == 0;
         // Forward keys are the client's packet; reply values keep the client.
         let client = if forward {
             format!("{}:{}", ip(k.saddr), port_from_map(k.sport))
+        } else if dsr_recorded {
+            format!("{}:{}", ip(k.daddr), port_from_map(k.dport))
         } else {
             format!("{}:{}", ip(v.nat_addr), port_from_map(v.nat_port))
         };
-        let frontend = c
-            .revnat
-            .get(&v.rev_nat_id)
-            .map(|r| format!("{}:{}", ip(r.addr), port_from_map(r.port)))
-            .unwrap_or_else(|| format!("#{} (gone)", v.rev_nat_id));
+        let frontend = if dsr_recorded {
+            format!("{}:{}", ip(v.nat_addr), port_from_map(v.nat_port))
+        } else {
+            c.revnat
+                .get(&v.rev_nat_id)
+                .map(|r| format!("{}:{}", ip(r.addr), port_from_map(r.port)))
+                .unwrap_or_else(|| format!("#{} (gone)", v.rev_nat_id))
+        };
         let mut backend = format!("{}:{}", ip(v.backend_addr), port_from_map(v.backend_port));
-        if !c.backends.contains_key(&v.backend_id) {
+        if !dsr_recorded && !c.backends.contains_key(&v.backend_id) {
             backend.push_str(" (gone)");
         }
         let mut flags = vec![];
@@ -257,6 +265,7 @@ pub fn connections(dir: &Path) -> Result<Vec<CtRow>, InspectError> {
             // SNAT alone: hairpin; with north-south: to a backend on another node.
             (ct_flags::SNAT, "snat"),
             (ct_flags::EXTERNAL, "north-south"),
+            (ct_flags::DSR, "dsr"),
             (ct_flags::CLOSING, "closing"),
         ] {
             if v.flags & bit != 0 {

@@ -258,6 +258,14 @@ struct AgentArgs {
     /// warns otherwise) so the node's own connections never collide.
     #[arg(long, value_parser = parse_port_range, default_value = port_range(DEFAULT_SNAT_PORTS))]
     snat_port_range: (u16, u16),
+    /// How NodePort, ExternalIP and LoadBalancer flows reach a backend on
+    /// another node: `snat` (to this node's address; replies come back
+    /// through it), `dsr` (direct server return: the backend sees the
+    /// client's address and its node answers the client directly; the
+    /// frontend travels in an IPv4 option) or `hybrid` (DSR for TCP, SNAT for
+    /// UDP). Use the same mode on every node.
+    #[arg(long, value_enum, default_value_t = dataplane::NodePortMode::Snat, value_name = "MODE")]
+    nodeport_mode: dataplane::NodePortMode,
     /// How new flows pick their backend: `random` (kube-proxy's) or `maglev`
     /// (consistent hashing of the client's address and port: every node
     /// picks the same backend for the same connection, and a backend change
@@ -653,6 +661,7 @@ fn agent_config(mut a: AgentArgs, given: Option<&ArgMatches>) -> Result<run::Con
             timeout_udp: a.ct_timeout_udp,
             timeout_udp_stream: a.ct_timeout_udp_stream,
             snat_ports: a.snat_port_range,
+            nodeport_mode: a.nodeport_mode,
         },
         debounce: Duration::from_millis(a.sync_debounce_ms),
         sync_period,

@@ -163,11 +163,18 @@ pub mod config {
     pub const FRONTEND_GATE: u32 = 18;
     pub const SERVICE_CIDR_ADDR: u32 = 19;
     pub const SERVICE_CIDR_MASK: u32 = 20;
+    /// How north-south flows reach a backend on another node
+    /// (`--nodeport-mode`, [`super::nodeport_mode`]): 0 SNAT to this node,
+    /// 1 DSR (the client's address kept, the frontend carried to the
+    /// backend's node in an IPv4 option), 2 hybrid (DSR for TCP, SNAT for
+    /// UDP). A node in DSR or hybrid mode also honours the option on the
+    /// packets it receives.
+    pub const NODEPORT_MODE: u32 = 21;
     /// Entries of the array: room above the last index so that new settings
     /// need no new map (a pinned array of another size is copied over).
     pub const COUNT: u32 = 32;
     /// Every index above, for the test that they are distinct and below COUNT.
-    pub const ALL: [u32; 18] = [
+    pub const ALL: [u32; 19] = [
         NODE_ADDR,
         HOST_NETNS_COOKIE_LO,
         HOST_NETNS_COOKIE_HI,
@@ -186,7 +193,27 @@ pub mod config {
         FRONTEND_GATE,
         SERVICE_CIDR_ADDR,
         SERVICE_CIDR_MASK,
+        NODEPORT_MODE,
     ];
+}
+
+/// Values of [`config::NODEPORT_MODE`].
+pub mod nodeport_mode {
+    pub const SNAT: u32 = 0;
+    pub const DSR: u32 = 1;
+    pub const HYBRID: u32 = 2;
+}
+
+/// The IPv4 option that carries a DSR flow's frontend from the node that
+/// balanced it to the backend's node (Cilium's "opt" DSR mode, same
+/// layout): type (copied on fragmentation, class 0, number 26), length 8,
+/// the frontend port, the frontend address (both wire order). Inserted
+/// right behind the 20-byte base header.
+pub mod dsr_opt {
+    /// Option type: copy flag (0x80) | 0x1a.
+    pub const TYPE: u8 = 0x9a;
+    /// Option length in bytes (also what it adds to the packet).
+    pub const LEN: u8 = 8;
 }
 
 /// Built-in connection-tracking lifetimes in seconds, as kube-proxy
@@ -351,6 +378,13 @@ pub mod ct_flags {
     /// The backend has answered (TCP: established; UDP: a stream). Set on
     /// both entries of the flow by the first reply.
     pub const REPLIED: u16 = 1 << 4;
+    /// Direct server return (`--nodeport-mode dsr|hybrid`). On the node that
+    /// balanced the flow, its forward entry: the client's address is kept
+    /// and the frontend travels in an IPv4 option. On the backend's node, a
+    /// reply entry recorded from that option, without a forward entry and
+    /// reverse-NAT id: `nat_addr`/`nat_port` name the frontend the replies
+    /// come from.
+    pub const DSR: u16 = 1 << 5;
 }
 
 /// Direction of a connection-tracking key.
@@ -731,6 +765,16 @@ counters! {
     /// IPv4 header (the kernel left outer headers in front, as IPIP and GRE
     /// devices do at ingress): passed on untouched.
     L3OuterHeader = 26 => Packet "l3_outer_header",
+    /// Packets of DSR flows (`--nodeport-mode dsr|hybrid`) sent to a backend
+    /// on another node with the client's address kept (TC and XDP), on the
+    /// node that balanced them.
+    DsrForward = 27 => Packet "dsr_forward",
+    /// Packets arriving with the DSR option whose flow was recorded, on the
+    /// backend's node.
+    DsrAccept = 28 => Packet "dsr_accept",
+    /// A backend's replies of a DSR flow, given the frontend as source on
+    /// the backend's node and sent straight to the client.
+    DsrReply = 29 => Packet "dsr_reply",
 }
 
 /// Size of the counters array: room above the last [`Counter`] so that new

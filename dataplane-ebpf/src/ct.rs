@@ -19,8 +19,8 @@
 //! decided, both entries recorded).
 use aya_ebpf::helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns};
 use ferry_common::{
-    addr_to_map, backend_flags, config, ct_flags, ct_timeouts, svc_flags, Backend, Counter, CtKey, CtValue, RevNat,
-    CT_DIR_FORWARD, CT_DIR_REPLY, DEFAULT_SNAT_PORTS, HAIRPIN_SNAT_ADDR, PROTO_TCP,
+    addr_to_map, backend_flags, config, ct_flags, ct_timeouts, nodeport_mode, svc_flags, Backend, Counter, CtKey,
+    CtValue, RevNat, CT_DIR_FORWARD, CT_DIR_REPLY, DEFAULT_SNAT_PORTS, HAIRPIN_SNAT_ADDR, PROTO_TCP,
 };
 
 use crate::{
@@ -201,6 +201,9 @@ pub struct Forward {
     pub snat: Option<(u32, u16)>,
     /// North-south (NodePort, ExternalIP, LoadBalancer).
     pub external: bool,
+    /// Direct server return to a backend on another node: the client's
+    /// address is kept, the frontend goes along in an IPv4 option (`dsr`).
+    pub dsr: bool,
 }
 
 /// The tracked flow `pkt` (client → frontend) belongs to, refreshed. None
@@ -220,12 +223,20 @@ fn forward(pkt: &Packet) -> Option<Forward> {
     if pkt.closing() {
         e.flags |= ct_flags::CLOSING;
     }
+    let dsr = e.flags & ct_flags::DSR != 0;
+    // A DSR flow's replies never pass here: the client's first packet after
+    // its SYN (the handshake's ACK) says the connection is established
+    // (Cilium's `seen_non_syn`), so the entry lives as long as one.
+    if dsr && pkt.proto == PROTO_TCP && !pkt.opening() && e.flags & ct_flags::REPLIED == 0 {
+        e.flags |= ct_flags::REPLIED;
+    }
     refresh(e, pkt.proto, now);
     Some(Forward {
         rev_nat_id: e.rev_nat_id,
         backend: (e.backend_addr, e.backend_port),
         snat: snat(e),
         external: e.flags & ct_flags::EXTERNAL != 0,
+        dsr,
     })
 }
 
@@ -289,23 +300,52 @@ impl Reply {
 pub fn reply(pkt: &Packet) -> Option<Reply> {
     let e = find(&key(pkt, CT_DIR_REPLY))?;
     let now = now();
-    let frontend = frontend(e.rev_nat_id);
+    let r = reply_of(e);
     if pkt.closing() {
         e.flags |= ct_flags::CLOSING;
     }
     if e.flags & ct_flags::REPLIED == 0 {
         e.flags |= ct_flags::REPLIED;
-        if let Some(fwd) = frontend.and_then(|f| find(&forward_key_of(pkt.proto, e, &f))) {
+        // A DSR reply entry (on the backend's node) has no forward entry.
+        let fwd_key = r.frontend.filter(|_| !dsr_recorded(e));
+        if let Some(fwd) = fwd_key.and_then(|f| find(&forward_key_of(pkt.proto, e, &f))) {
             fwd.flags |= ct_flags::REPLIED;
             refresh(fwd, pkt.proto, now);
         }
     }
     refresh(e, pkt.proto, now);
-    Some(Reply {
-        frontend,
+    Some(Reply { flags: e.flags, ..r })
+}
+
+/// What reverse NAT restores for the reply entry `e`: the frontend of its
+/// reverse-NAT id, or, for a DSR flow recorded on the backend's node, the
+/// frontend the other node's option named (kept in the entry itself: it may
+/// be an address of the other node, which no map here knows).
+#[inline(always)]
+fn reply_of(e: &CtValue) -> Reply {
+    if dsr_recorded(e) {
+        return Reply {
+            frontend: Some(RevNat {
+                addr: e.nat_addr,
+                port: e.nat_port,
+                _pad: 0,
+            }),
+            snat: None,
+            flags: e.flags,
+        };
+    }
+    Reply {
+        frontend: frontend(e.rev_nat_id),
         snat: snat(e),
         flags: e.flags,
-    })
+    }
+}
+
+/// A reply entry recorded on a DSR backend's node (`record_dsr`): no
+/// reverse-NAT id (ids start at 1), the frontend in the entry.
+#[inline(always)]
+fn dsr_recorded(e: &CtValue) -> bool {
+    e.flags & ct_flags::DSR != 0 && e.rev_nat_id == 0
 }
 
 /// The flow an ICMP error is related to: the one whose reply entry is `k`
@@ -313,12 +353,60 @@ pub fn reply(pkt: &Packet) -> Option<Reply> {
 /// life.
 #[inline(always)]
 pub fn related(k: &CtKey) -> Option<Reply> {
-    let e = find(k)?;
-    Some(Reply {
-        frontend: frontend(e.rev_nat_id),
-        snat: snat(e),
-        flags: e.flags,
-    })
+    find(k).map(|e| reply_of(e))
+}
+
+/// Records, on the backend's node, a DSR flow whose packet `pkt` (client →
+/// backend, as the balancing node sent it) carried the frontend `frontend`
+/// (address, port; wire order) in its option: a reply entry only, which
+/// turns the backend's replies into the frontend's (`reply_of`). An entry
+/// already naming that frontend is only refreshed (every UDP datagram
+/// carries the option).
+#[inline(always)]
+pub fn record_dsr(pkt: &Packet, frontend: (u32, u16)) -> Result<(), Counter> {
+    let k = CtKey {
+        saddr: pkt.daddr,
+        daddr: pkt.saddr,
+        sport: pkt.dport,
+        dport: pkt.sport,
+        proto: pkt.proto,
+        dir: CT_DIR_REPLY,
+        _pad: [0; 2],
+    };
+    let now = now();
+    if let Some(e) = find(&k) {
+        // A retransmitted SYN, or the next datagram of the same flow.
+        if dsr_recorded(e) && (e.nat_addr, e.nat_port) == frontend && !expired(e, now) {
+            refresh(e, pkt.proto, now);
+            return Ok(());
+        }
+    }
+    let flags = ct_flags::DSR | ct_flags::EXTERNAL;
+    let v = CtValue {
+        created: now,
+        expires: now + lifetime_ns(pkt.proto, flags),
+        backend_id: 0,
+        rev_nat_id: 0,
+        flags,
+        nat_addr: frontend.0,
+        nat_port: frontend.1,
+        _pad: 0,
+        backend_addr: pkt.daddr,
+        backend_port: pkt.dport,
+        _pad2: 0,
+    };
+    if pkt.proto == PROTO_TCP {
+        if CT_TCP.insert(&k, &v, BPF_ANY).is_ok() {
+            return Ok(());
+        }
+        count(Counter::CtTcpFull);
+        // Before the insert: TCP lookups look in the any-table from now on.
+        if let Some(c) = CONFIG.get_ptr_mut(config::TCP_IN_ANY) {
+            // SAFETY: an array slot; every writer stores 1.
+            unsafe { *c = 1 };
+        }
+    }
+    CT_ANY.insert(&k, &v, BPF_ANY).map_err(|_| Counter::DropCtFull)
 }
 
 /// Where a new flow comes from, which decides its source NAT.
@@ -373,9 +461,11 @@ pub fn open_flow(pkt: &Packet, service: &lb::Service, origin: Origin) -> Result<
         snat_addr: 0,
         snat_port: pkt.sport,
         external: origin == Origin::External,
+        dsr: false,
     };
     match origin {
         Origin::Pod if backend.addr == pkt.saddr => flow.snat_addr = addr_to_map(HAIRPIN_SNAT_ADDR),
+        Origin::External if backend.flags & backend_flags::LOCAL == 0 && dsr_for(pkt.proto) => flow.dsr = true,
         Origin::External if backend.flags & backend_flags::LOCAL == 0 => {
             flow.snat_addr = match config(config::NODE_ADDR) {
                 0 => pkt.daddr,
@@ -390,6 +480,19 @@ pub fn open_flow(pkt: &Packet, service: &lb::Service, origin: Origin) -> Result<
     // client's port): overwritten, never contended.
     track(create(pkt, &flow, false));
     Ok(Opened::Flow(flow.forward()))
+}
+
+/// Whether a north-south flow of `proto` to a backend on another node goes
+/// by direct server return (`--nodeport-mode`): always in DSR mode, TCP
+/// only in hybrid mode (Cilium's: UDP is SNATed, so every datagram does not
+/// need the option's 8 bytes).
+#[inline(always)]
+fn dsr_for(proto: u8) -> bool {
+    match config(config::NODEPORT_MODE) {
+        nodeport_mode::DSR => true,
+        nodeport_mode::HYBRID => proto == PROTO_TCP,
+        _ => false,
+    }
 }
 
 /// Random SNAT ports tried for a new flow before giving up (Cilium's
@@ -456,6 +559,8 @@ struct NewFlow {
     snat_port: u16,
     /// A north-south flow (NodePort, ExternalIP, LoadBalancer).
     external: bool,
+    /// Direct server return (see [`Forward::dsr`]).
+    dsr: bool,
 }
 
 impl NewFlow {
@@ -467,6 +572,7 @@ impl NewFlow {
             backend: (self.backend.addr, self.backend.port),
             snat: (self.snat_addr != 0).then_some((self.snat_addr, self.snat_port)),
             external: self.external,
+            dsr: self.dsr,
         }
     }
 }
@@ -485,7 +591,9 @@ enum CreateError {
 #[inline(always)]
 fn create(pkt: &Packet, flow: &NewFlow, claim: bool) -> Result<(), CreateError> {
     let snat = flow.snat_addr != 0;
-    let flags = if snat { ct_flags::SNAT } else { 0 } | if flow.external { ct_flags::EXTERNAL } else { 0 };
+    let flags = if snat { ct_flags::SNAT } else { 0 }
+        | if flow.external { ct_flags::EXTERNAL } else { 0 }
+        | if flow.dsr { ct_flags::DSR } else { 0 };
     let nat_port = if snat { flow.snat_port } else { pkt.sport };
     let now = now();
     let expires = now + lifetime_ns(pkt.proto, flags);

@@ -57,9 +57,17 @@ pub enum Route {
 /// egress device's MTU).
 #[inline(always)]
 pub fn route(ctx: &TcContext, saddr: u32, daddr: u32) -> Route {
+    route_len(ctx, saddr, daddr, 0)
+}
+
+/// [`route`] for a packet of IPv4 total length `tot_len` once rewritten
+/// (it grows: the DSR option), checked against the route's MTU instead of
+/// the skb's length; 0: the skb is checked.
+#[inline(always)]
+pub fn route_len(ctx: &TcContext, saddr: u32, daddr: u32, tot_len: u16) -> Route {
     // SAFETY: reading the skb's ingress ifindex.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    match lookup(ctx.as_ptr(), ingress, saddr, daddr, 0) {
+    match lookup(ctx.as_ptr(), ingress, saddr, daddr, tot_len) {
         // The kernel does not say which: the agent keeps the node's
         // addresses in a map.
         Route::NotForwarded if is_node_addr(daddr) => Route::Local,

@@ -33,6 +33,7 @@
 
 mod csum;
 mod ct;
+mod dsr;
 mod fib;
 mod icmp;
 mod lb;
@@ -235,6 +236,9 @@ fn try_from_netdev(ctx: &TcContext) -> Result<i32, Counter> {
         // An ICMP error about a flow to a backend on another node.
         return icmp_error(ctx);
     };
+    // A DSR flow another node balanced to a backend here: recorded, so that
+    // the backend's replies leave from the frontend (`dsr`).
+    dsr::accept(ctx, &pkt)?;
     let flow = match ct::classify(&pkt) {
         // Hairpin replies only ever come from the Pod's own veth.
         Class::Reply(r) if r.hairpin() => return Ok(TC_ACT_OK),

@@ -9,11 +9,12 @@ use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
     programs::{TcContext, XdpContext},
 };
-use ferry_common::{addr_to_map, Counter, HAIRPIN_SNAT_ADDR, PROTO_UDP};
+use ferry_common::{addr_to_map, ct_flags, Counter, HAIRPIN_SNAT_ADDR, PROTO_UDP};
 
 use crate::{
     csum,
     ct::{Forward, Reply},
+    dsr,
     fib::{self, Route},
     maps::count,
     parse::{Frame as _, Packet},
@@ -29,6 +30,9 @@ use crate::{
 #[inline(always)]
 pub fn forward(ctx: &TcContext, pkt: &Packet, flow: &Forward) -> Result<i32, Counter> {
     count(Counter::ServiceForward);
+    if flow.dsr {
+        return dsr::forward(ctx, pkt, flow);
+    }
     let backend = flow.backend;
     match flow.snat {
         Some(_) if !flow.external => {
@@ -53,6 +57,7 @@ pub fn reverse(ctx: &TcContext, pkt: &Packet, r: &Reply) -> Result<i32, Counter>
     // The Service was deleted under a live flow.
     let frontend = r.frontend.ok_or(Counter::DropBackendMissing)?;
     count(Counter::ReverseNat);
+    count_dsr_reply(r);
     let src = (frontend.addr, frontend.port);
     let dst = r.snat.unwrap_or((pkt.daddr, pkt.dport));
     if r.hairpin() {
@@ -76,7 +81,17 @@ pub fn reverse_in_place(ctx: &TcContext, pkt: &Packet, r: &Reply) -> Result<(), 
         rewrite(ctx, pkt, Side::Dst, pkt.daddr, addr, pkt.dport, port).map_err(m)?;
     }
     count(Counter::ReverseNat);
+    count_dsr_reply(r);
     Ok(())
+}
+
+/// A reply of a DSR flow on the backend's node: counted apart too, so that
+/// it shows which node the replies left from.
+#[inline(always)]
+fn count_dsr_reply(r: &Reply) {
+    if r.flags & ct_flags::DSR != 0 {
+        count(Counter::DsrReply);
+    }
 }
 
 /// Rewrites `pkt` to come from `src` and go to `dst` (address, port; wire

@@ -21,6 +21,7 @@ use ferry_common::{ct_flags, Counter, PROTO_UDP};
 use crate::{
     csum,
     ct::{self, Class, Opened},
+    dsr,
     fib::{self, Route},
     maps::{count, count_service},
     nat::{self, Side},
@@ -65,12 +66,20 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<u32, Counter> {
             None | Some(Opened::NoEndpoint { .. }) => return Ok(XDP_PASS),
         },
     };
-    // A local backend: TC delivers it (the entry tells it where).
-    let Some(src) = flow.snat else {
-        return Ok(XDP_PASS);
+    let src = match flow.snat {
+        Some(src) => src,
+        // Direct server return: the client's address kept. A packet that
+        // carries the option (a SYN, a UDP datagram) needs its room made,
+        // which TC does (`dsr::forward`, on the entry opened here).
+        None if flow.dsr && !dsr::needs_option(&pkt) => (pkt.saddr, pkt.sport),
+        // A local backend: TC delivers it (the entry tells it where).
+        None => return Ok(XDP_PASS),
     };
     let t = Translation { src, dst: flow.backend };
     let verdict = send(ctx, &pkt, &t, Counter::ServiceForward)?;
+    if verdict != XDP_PASS && flow.dsr {
+        count(Counter::DsrForward);
+    }
     if verdict != XDP_PASS {
         count_service(flow.rev_nat_id, (ctx.data_end() - ctx.data()) as u32);
     }

@@ -69,6 +69,29 @@ pub fn udp_ask(netns: &str, addr: SocketAddr) -> Result<String> {
     udp_ask_on(&sock)
 }
 
+/// One UDP "peer" request from a fresh socket: the answering backend's name
+/// and the address it saw the datagram come from (source NAT checks). The
+/// socket is connected, so an answer also proves the reply came from `addr`.
+pub fn udp_ask_peer(netns: &str, addr: SocketAddr) -> Result<(String, SocketAddr)> {
+    let sock = in_netns(netns, move || -> Result<UdpSocket> {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.connect(addr)?;
+        Ok(s)
+    })??;
+    sock.send(b"peer\n")?;
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf).context("no UDP answer")?;
+    let line = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+    let (name, peer) = line
+        .split_once(' ')
+        .with_context(|| format!("unexpected answer {line:?}"))?;
+    Ok((
+        name.to_string(),
+        peer.parse().with_context(|| format!("unexpected answer {line:?}"))?,
+    ))
+}
+
 /// Sends one datagram on an existing (connected) socket and returns the answer.
 pub fn udp_ask_on(sock: &UdpSocket) -> Result<String> {
     sock.send(b"hello\n")?;

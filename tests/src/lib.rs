@@ -16,6 +16,6 @@ pub mod metrics;
 pub mod sys;
 pub mod testrun;
 
-pub use client::{http_get, in_netns, split, tcp_ask, udp_ask, udp_try_on, udp_wait_moved, TcpSession};
+pub use client::{http_get, in_netns, split, tcp_ask, udp_ask, udp_ask_peer, udp_try_on, udp_wait_moved, TcpSession};
 pub use lab::{Lab, LabOptions};
 pub use metrics::Syncs;

@@ -70,3 +70,35 @@ fn a_host_network_backend_answers_pods_on_both_nodes_and_outside_clients() -> Re
     assert_eq!(miss, 0, "fib_miss on node 1 (fib_local {local})");
     Ok(())
 }
+
+/// `--nodeport-mode dsr`: the external client dials node 2's NodePort, whose
+/// only backend is node 1's own process. Node 2 sends the SYN with the DSR
+/// option; node 1 records the flow, and the reply its stack sends is given
+/// node 2's NodePort as source at to-netdev, straight to the client.
+#[test]
+fn with_dsr_a_host_network_backend_answers_through_the_other_nodes_nodeport_directly() -> Result<()> {
+    let c = Cluster::start("hostdsr", 2, &[], &["--nodeport-mode", "dsr"])?;
+    let n1 = c.nodes[0].node.clone();
+    let _servers = host_processes(&n1)?;
+    c.write_manifest("hostsvc.yaml", &host_network_service(&n1, node_addr(0)))?;
+    let nodeport = SocketAddr::from((node_addr(1), 30443));
+    c.nodes[1].wait_answered_by("NodePort of node 2 from outside", &["host-1"], || {
+        TcpSession::connect(&c.external, nodeport)?.ask()
+    })?;
+    let mut s = TcpSession::connect(&c.external, nodeport)?;
+    assert_eq!(s.peer, nodeport);
+    for _ in 0..3 {
+        let (name, peer) = s.ask_peer()?;
+        assert_eq!(name, "host-1");
+        assert_eq!(peer, s.stream().local_addr()?, "the backend sees the client itself");
+    }
+    let (node1, node2) = (&c.nodes[0], &c.nodes[1]);
+    assert!(node1.counter("dsr_accept")? > 0, "node 1 recorded the flows");
+    assert!(
+        node1.counter("dsr_reply")? > 0,
+        "node 1's to-netdev translated the replies"
+    );
+    assert!(node2.counter("dsr_forward")? > 0);
+    assert_eq!(node2.counter("reverse_nat")?, 0, "no reply passed node 2");
+    Ok(())
+}

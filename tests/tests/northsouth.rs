@@ -12,9 +12,9 @@ use std::{
 use anyhow::{Context as _, Result};
 use ferry_tests::{
     cluster::{node_addr, Cluster, EXTERNAL_ADDR},
-    http_get,
+    http_get, in_netns,
     manifests::{client_pod, echo_pod, on_node},
-    split, sys, tcp_ask, udp_ask, TcpSession,
+    split, sys, tcp_ask, udp_ask, udp_ask_peer, TcpSession,
 };
 
 const READY: Duration = Duration::from_secs(60);
@@ -48,6 +48,7 @@ spec:
   selector: {{app: far}}
   ports:
     - {{name: http, port: 80, targetPort: 8080, nodePort: 30081}}
+    - {{name: dns, port: 53, protocol: UDP, targetPort: 8080, nodePort: 30082}}
 ---
 apiVersion: v1
 kind: Service
@@ -77,15 +78,41 @@ enum Path {
     Xdp,
 }
 
+/// `--nodeport-mode` of every agent: how flows reach a backend on the other
+/// node.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Snat,
+    Dsr,
+    Hybrid,
+}
+
 /// Two nodes, `web-1` on node 1 and `web-2` on node 2 (also the only `far`
 /// backend); the external client routes the ExternalIP to node 1 and the
 /// LoadBalancer IP to node 2, and has a second address for the SNAT test.
 fn cluster(path: Path) -> Result<Cluster> {
+    cluster_in(path, Mode::Snat)
+}
+
+/// [`cluster`] with the agents in NodePort mode `mode`.
+fn cluster_in(path: Path, mode: Mode) -> Result<Cluster> {
     let mut args = vec!["--nodeport-addresses", "192.168.77.0/24"];
     if path == Path::Xdp {
         args.push("--xdp");
     }
-    let tag = if path == Path::Xdp { "nsx" } else { "ns" };
+    match mode {
+        Mode::Snat => {}
+        Mode::Dsr => args.extend(["--nodeport-mode", "dsr"]),
+        Mode::Hybrid => args.extend(["--nodeport-mode", "hybrid"]),
+    }
+    let tag = match (path, mode) {
+        (Path::Tc, Mode::Snat) => "ns",
+        (Path::Xdp, Mode::Snat) => "nsx",
+        (Path::Tc, Mode::Dsr) => "nsd",
+        (Path::Xdp, Mode::Dsr) => "nsdx",
+        (Path::Tc, Mode::Hybrid) => "nsh",
+        (Path::Xdp, Mode::Hybrid) => "nshx",
+    };
     let c = Cluster::start(tag, 2, &[("services.yaml".into(), services())], &args)?;
     let (n1, n2) = (c.nodes[0].node.clone(), c.nodes[1].node.clone());
     c.write_manifest("web-1.yaml", &on_node(&echo_pod("web-1", "web", None), &n1))?;
@@ -416,5 +443,198 @@ status:
         svcs.contains("in-cluster"),
         "svc list shows the in-cluster twins:\n{svcs}"
     );
+    Ok(())
+}
+
+#[test]
+fn dsr_keeps_the_client_address_and_the_backends_node_answers_the_client_directly() -> Result<()> {
+    direct_server_return(Path::Tc)
+}
+
+/// The same with `--xdp`: XDP passes the packets that carry the option (the
+/// SYN, UDP datagrams) to TC and DNATs the rest of the connection itself.
+#[test]
+fn with_xdp_dsr_keeps_the_client_address_and_the_backends_node_answers_the_client_directly() -> Result<()> {
+    direct_server_return(Path::Xdp)
+}
+
+/// `--nodeport-mode dsr` on both nodes; `far-2`, on node 2, is the only
+/// backend of `far`, reached through node 1.
+fn direct_server_return(path: Path) -> Result<()> {
+    let c = cluster_in(path, Mode::Dsr)?;
+    let (node1, node2) = (&c.nodes[0], &c.nodes[1]);
+    let tcp = SocketAddr::from((node_addr(0), 30081));
+    wait_serving(&c, tcp)?;
+    // TCP: the backend sees the client itself, on every connection and for
+    // every request of one (the segments after the SYN carry no option).
+    let seen = spread(&c, tcp, 20)?;
+    assert_eq!(
+        seen,
+        BTreeMap::from([("far-2".to_string(), BTreeSet::from([EXTERNAL_ADDR]))]),
+        "DSR: the remote backend sees the external client's address"
+    );
+    let mut s = TcpSession::connect(&c.external, tcp)?;
+    for _ in 0..5 {
+        let (name, peer) = s.ask_peer()?;
+        assert_eq!((name.as_str(), peer.ip()), ("far-2", EXTERNAL_ADDR.into()));
+        assert_eq!(peer.port(), s.stream().local_addr()?.port(), "the client's port kept");
+    }
+    // UDP: the same; the socket is connected to node 1's NodePort, so an
+    // answer at all proves it came from there.
+    let udp = SocketAddr::from((node_addr(0), 30082));
+    for _ in 0..10 {
+        let (name, peer) = udp_ask_peer(&c.external, udp)?;
+        assert_eq!(
+            (name.as_str(), peer.ip()),
+            ("far-2", EXTERNAL_ADDR.into()),
+            "UDP via {udp}"
+        );
+    }
+    // Replies never passed back through node 1: it translated none, node 2
+    // recorded the flows from the option and translated every reply.
+    let counters = |n: &ferry_tests::Lab| -> Result<[u64; 4]> {
+        Ok([
+            n.counter("dsr_forward")?,
+            n.counter("dsr_accept")?,
+            n.counter("dsr_reply")?,
+            n.counter("reverse_nat")?,
+        ])
+    };
+    let [fwd1, acc1, rep1, rev1] = counters(node1)?;
+    let [fwd2, acc2, rep2, rev2] = counters(node2)?;
+    eprintln!("node 1: dsr_forward {fwd1} dsr_accept {acc1} dsr_reply {rep1} reverse_nat {rev1}");
+    eprintln!("node 2: dsr_forward {fwd2} dsr_accept {acc2} dsr_reply {rep2} reverse_nat {rev2}");
+    assert!(fwd1 > 0, "node 1 forwarded the flows by DSR");
+    assert_eq!([acc1, rep1, rev1], [0, 0, 0], "no reply passed back through node 1");
+    assert!(fwd2 == 0 && rep2 > 0 && rev2 == rep2, "node 2 translated the replies");
+    // One SYN per TCP connection (at least 22: the wait, 20, 1) and every
+    // UDP datagram (10) carried the option.
+    assert!(acc2 >= 32, "node 2 recorded {acc2} DSR packets");
+    // A local backend is unchanged (no SNAT anyway): through node 1, web-1
+    // (local) and web-2 (remote, DSR) both see the client.
+    let web = SocketAddr::from((node_addr(0), 30080));
+    wait_backends(&c, web, &["web-1", "web-2"])?;
+    let seen = spread(&c, web, 30)?;
+    for name in ["web-1", "web-2"] {
+        assert_eq!(
+            seen.get(name),
+            Some(&BTreeSet::from([EXTERNAL_ADDR])),
+            "{name}: {seen:?}"
+        );
+    }
+    let conntrack = node2.ferry(&["ct", "list"])?;
+    assert!(
+        conntrack.contains("dsr") && conntrack.contains(&format!("{}:30081", node_addr(0))),
+        "node 2's ct list shows the DSR flows with their frontend:\n{conntrack}"
+    );
+    // Without DF a datagram bigger than the MTU travels as fragments: the
+    // first one (1500 bytes), too big with the option, is left to node 1's
+    // stack to fragment again (the option is copied into each piece).
+    let frag_needed = node1.counter("frag_needed")?;
+    let answer = in_netns(&c.external, move || -> Result<String> {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        s.connect(udp)?;
+        s.send(&[b'y'; 3000])?;
+        let mut buf = [0u8; 64];
+        let n = s.recv(&mut buf).context("no answer to a fragmented datagram")?;
+        Ok(String::from_utf8_lossy(&buf[..n]).trim().to_string())
+    })??;
+    assert_eq!(answer, "far-2", "a fragmented datagram by DSR");
+    assert_eq!(node1.counter("frag_needed")?, frag_needed, "no DF: no frag needed");
+    // A datagram that fits the device but not with the option (DF set):
+    // answered with "fragmentation needed" for the MTU minus the option's
+    // 8 bytes; the client's next datagram of that size passes.
+    let frag_needed = node1.counter("frag_needed")?;
+    let mtu = in_netns(&c.external, move || datagram_at_path_mtu(udp))??;
+    assert_eq!(mtu, 1492, "the path MTU the client learned");
+    assert!(
+        node1.counter("frag_needed")? > frag_needed,
+        "node 1 answered frag needed"
+    );
+    assert_xdp(&c, path, &[0])
+}
+
+/// From a socket with DF set (IP_PMTUDISC_DO) connected to `to`: a
+/// datagram of the device's full 1500 bytes, which must be refused by the
+/// path (the error comes back as EMSGSIZE), then the path MTU the kernel
+/// learned, and a datagram of that size answered.
+fn datagram_at_path_mtu(to: SocketAddr) -> Result<u32> {
+    use std::os::fd::AsRawFd as _;
+    let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let on: libc::c_int = libc::IP_PMTUDISC_DO;
+    // SAFETY: setsockopt on our socket with an int option.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            &on as *const _ as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(rc == 0, "IP_MTU_DISCOVER: {}", std::io::Error::last_os_error());
+    s.connect(to)?;
+    let mut buf = [0u8; 2048];
+    // 1472 bytes of payload: 1500 with the IPv4 and UDP headers.
+    s.send(&[b'x'; 1472])?;
+    let err = s.recv(&mut buf).err().context("a 1500-byte datagram was answered")?;
+    anyhow::ensure!(
+        err.raw_os_error() == Some(libc::EMSGSIZE),
+        "expected EMSGSIZE for the 1500-byte datagram, got {err}"
+    );
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt into an int on our stack.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU,
+            &mut mtu as *mut _ as *mut libc::c_void,
+            &mut len,
+        )
+    };
+    anyhow::ensure!(rc == 0, "IP_MTU: {}", std::io::Error::last_os_error());
+    let payload = mtu as usize - 28;
+    s.send(&vec![b'x'; payload])?;
+    let n = s.recv(&mut buf).context("no answer to a datagram at the path MTU")?;
+    anyhow::ensure!(
+        &buf[..n] == b"far-2\n",
+        "answer {:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    Ok(mtu as u32)
+}
+
+/// `--nodeport-mode hybrid`: DSR for TCP, SNAT for UDP (the backend sees
+/// node 1's address for UDP).
+#[test]
+fn hybrid_mode_returns_tcp_directly_and_snats_udp() -> Result<()> {
+    let c = cluster_in(Path::Tc, Mode::Hybrid)?;
+    let tcp = SocketAddr::from((node_addr(0), 30081));
+    wait_serving(&c, tcp)?;
+    let seen = spread(&c, tcp, 10)?;
+    assert_eq!(
+        seen,
+        BTreeMap::from([("far-2".to_string(), BTreeSet::from([EXTERNAL_ADDR]))]),
+        "TCP: direct server return"
+    );
+    let udp = SocketAddr::from((node_addr(0), 30082));
+    for _ in 0..5 {
+        let (name, peer) = udp_ask_peer(&c.external, udp)?;
+        assert_eq!(
+            (name.as_str(), peer.ip()),
+            ("far-2", node_addr(0).into()),
+            "UDP: SNATed to node 1"
+        );
+    }
+    let (node1, node2) = (&c.nodes[0], &c.nodes[1]);
+    // Node 2 answered the TCP flows itself (11 connections: the wait and
+    // the 10 above) and no UDP datagram; node 1 reversed the UDP replies only.
+    let (acc2, rep2) = (node2.counter("dsr_accept")?, node2.counter("dsr_reply")?);
+    assert!(acc2 >= 10 && rep2 > 0, "node 2: dsr_accept {acc2}, dsr_reply {rep2}");
+    assert_eq!(node1.counter("reverse_nat")?, 5, "node 1 reversed the 5 UDP answers");
     Ok(())
 }

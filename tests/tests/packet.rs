@@ -1502,3 +1502,193 @@ fn the_frontend_gate_skips_lookups_only_for_addresses_that_are_no_frontend() {
     let (_, out) = fx.run(&frame(PROTO_TCP, CLIENT, EXTERNAL, 40002, 80, false));
     assert_eq!(parse(&out).dst, [10, 244, 0, 6]);
 }
+
+// --- direct server return -------------------------------------------------
+
+/// Splits a frame whose IPv4 header carries the DSR option first into the
+/// option's 8 bytes and the frame without it (IHL, total length and header
+/// checksum as before the option), after checking the header with it.
+fn strip_dsr_option(f: &[u8]) -> ([u8; 8], Vec<u8>) {
+    assert_eq!(f[14], 0x47, "IHL 7: the base header and the 8-byte option");
+    assert_eq!(
+        fold(sum16(&f[14..42])),
+        0xffff,
+        "IPv4 header checksum (option included) is valid"
+    );
+    let opt: [u8; 8] = f[34..42].try_into().unwrap();
+    let mut plain = [&f[..34], &f[42..]].concat();
+    plain[14] = 0x45;
+    let tot_len = u16::from_be_bytes([f[16], f[17]]);
+    assert_eq!(usize::from(tot_len), f.len() - 14, "total length counts the option");
+    plain[16..18].copy_from_slice(&(tot_len - 8).to_be_bytes());
+    plain[24..26].copy_from_slice(&[0, 0]);
+    let c = !fold(sum16(&plain[14..34]));
+    plain[24..26].copy_from_slice(&c.to_be_bytes());
+    (opt, plain)
+}
+
+#[test]
+fn dsr_keeps_the_client_carries_the_frontend_in_an_ip_option_and_the_backends_node_restores_it() {
+    use ferry_common::{dsr_opt, nodeport_mode, svc_flags::NODE_PORT};
+    const NODE: [u8; 4] = [192, 168, 77, 11];
+    const EXT: [u8; 4] = [192, 168, 77, 200];
+    const REMOTE: [u8; 4] = [10, 244, 1, 5];
+    let mut fx = Fixture::new("dsr");
+    fx.external(NODE, 30080, 3, NODE_PORT, &[(1, REMOTE, 8080, 0)]);
+    fx.frontend(NODE, PROTO_UDP, 30053, 4, NODE_PORT, &[(2, REMOTE, 5353, 0)], "np");
+    fx.set_node_addr(NODE);
+    fx.set_config(config::NODEPORT_MODE, nodeport_mode::DSR);
+    let option = |port: u16| {
+        let mut o = [dsr_opt::TYPE, dsr_opt::LEN, 0, 0, 0, 0, 0, 0];
+        o[2..4].copy_from_slice(&port.to_be_bytes());
+        o[4..8].copy_from_slice(&NODE);
+        o
+    };
+    // The SYN: DNAT only (the client stays the source), the option naming
+    // node:30080 behind the base header; L4 checksum right for the new
+    // destination.
+    let syn = frame(PROTO_TCP, EXT, NODE, 45000, 30080, false);
+    let (_, out) = fx.run_prog(PROG_FROM_NETDEV, &syn);
+    assert_eq!(out.len(), syn.len() + 8, "8 bytes longer");
+    let (opt, plain) = strip_dsr_option(&out);
+    assert_eq!(opt, option(30080), "the frontend in the option");
+    let p = parse(&plain);
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (EXT, 45000, REMOTE, 8080),
+        "DNAT only"
+    );
+    assert_checksums(&plain);
+    let (_, fv) = fx.ct(CT_DIR_FORWARD, EXT, 45000).expect("tracked");
+    assert_eq!(
+        fv.flags & (ct_flags::DSR | ct_flags::SNAT),
+        ct_flags::DSR,
+        "a DSR flow, no SNAT"
+    );
+    // The handshake's ACK: plain DNAT, no option; it marks the flow
+    // established (no reply ever passes this node).
+    let ack = with_flags(frame(PROTO_TCP, EXT, NODE, 45000, 30080, false), ACK);
+    let (_, out) = fx.run_prog(PROG_FROM_NETDEV, &ack);
+    assert_eq!(out.len(), ack.len(), "no option after the SYN");
+    let p = parse(&out);
+    assert_eq!((p.src, p.dst, p.dport), (EXT, REMOTE, 8080));
+    assert_checksums(&out);
+    let (_, fv) = fx.ct(CT_DIR_FORWARD, EXT, 45000).expect("tracked");
+    assert_ne!(fv.flags & ct_flags::REPLIED, 0, "established by the client's ACK");
+    // Every UDP datagram carries the option.
+    let dgram = frame(PROTO_UDP, EXT, NODE, 45001, 30053, false);
+    let mut to_backend = Vec::new();
+    for _ in 0..2 {
+        let (_, out) = fx.run_prog(PROG_FROM_NETDEV, &dgram);
+        let (opt, plain) = strip_dsr_option(&out);
+        assert_eq!(opt, option(30053));
+        let p = parse(&plain);
+        assert_eq!((p.src, p.sport, p.dst, p.dport), (EXT, 45001, REMOTE, 5353));
+        assert_checksums(&plain);
+        to_backend = out;
+    }
+    assert_eq!(fx.counter(Counter::DsrForward), 4);
+    // Hybrid: UDP is SNATed to the node (no option), TCP still DSR.
+    fx.set_config(config::NODEPORT_MODE, nodeport_mode::HYBRID);
+    let (_, out) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_UDP, EXT, NODE, 45002, 30053, false));
+    assert_eq!(out[14], 0x45, "hybrid: no option on UDP");
+    assert_eq!(parse(&out).src, NODE, "hybrid: UDP SNATed to the node");
+    let (_, tcp_syn) = fx.run_prog(PROG_FROM_NETDEV, &frame(PROTO_TCP, EXT, NODE, 45003, 30080, false));
+    assert_eq!(strip_dsr_option(&tcp_syn).0, option(30080), "hybrid: TCP is DSR");
+
+    // The backend's node: the option recorded (the packet goes on as it
+    // came), and the backend's reply leaves from the frontend.
+    let mut be = Fixture::new("dsr-be");
+    be.set_config(config::NODEPORT_MODE, nodeport_mode::DSR);
+    let (verdict, out) = be.run_prog(PROG_FROM_NETDEV, &to_backend);
+    assert_eq!((verdict, &out), (TC_ACT_OK, &to_backend), "delivered as it came");
+    let (k, v) = be
+        .ct(CT_DIR_REPLY, REMOTE, 5353)
+        .expect("the flow recorded from the option");
+    assert_eq!((k.daddr, port_from_map(k.dport)), (addr_to_map(EXT), 45001));
+    assert_eq!((v.nat_addr, port_from_map(v.nat_port)), (addr_to_map(NODE), 30053));
+    assert_ne!(v.flags & ct_flags::DSR, 0);
+    assert_eq!(be.counter(Counter::DsrAccept), 1);
+    let reply = frame(PROTO_UDP, REMOTE, EXT, 5353, 45001, false);
+    let (_, out) = be.run(&reply);
+    let r = parse(&out);
+    assert_eq!(
+        (r.src, r.sport, r.dst, r.dport),
+        (NODE, 30053, EXT, 45001),
+        "from the frontend to the client"
+    );
+    assert_checksums(&out);
+    assert_eq!(be.counter(Counter::DsrReply), 1);
+    // An ICMP error the backend sends about the flow (quoting the datagram
+    // as it got it: the option, the UDP header) reaches the client from the
+    // frontend, about its own datagram to the frontend.
+    let quoted = &to_backend[14..14 + 28 + 8];
+    let err = icmp_error(REMOTE, EXT, 3, 3, quoted);
+    let (_, out) = be.run(&err);
+    assert_eq!(
+        (&out[26..30], &out[30..34]),
+        (&NODE[..], &EXT[..]),
+        "from the frontend, to the client"
+    );
+    let q = &out[42..];
+    assert_eq!(
+        (&q[12..16], &q[16..20]),
+        (&EXT[..], &NODE[..]),
+        "the quote names the frontend"
+    );
+    assert_eq!(
+        (u16::from_be_bytes([q[28], q[29]]), u16::from_be_bytes([q[30], q[31]])),
+        (45001, 30053)
+    );
+    assert_eq!(fold(sum16(&out[14..34])), 0xffff, "outer IPv4 checksum");
+    assert_eq!(fold(sum16(&out[34..])), 0xffff, "ICMP checksum");
+    assert_eq!(fold(sum16(&q[..28])), 0xffff, "quoted IPv4 checksum (option included)");
+    assert_eq!(be.counter(Counter::IcmpErrorTranslated), 1);
+    // In SNAT mode a node ignores the option (nobody outside may steer a
+    // Pod's replies).
+    be.set_config(config::NODEPORT_MODE, nodeport_mode::SNAT);
+    let (verdict, out) = be.run_prog(PROG_FROM_NETDEV, &tcp_syn);
+    assert_eq!((verdict, &out), (TC_ACT_OK, &tcp_syn), "passed untouched");
+    assert!(be.ct(CT_DIR_REPLY, REMOTE, 8080).is_none(), "not recorded in snat mode");
+    assert_eq!(be.counter(Counter::DsrAccept), 1);
+}
+
+#[test]
+fn xdp_passes_the_packets_that_need_the_dsr_option_to_tc_and_dnats_the_rest() {
+    use ferry_common::{nodeport_mode, svc_flags::NODE_PORT};
+    const NODE: [u8; 4] = [192, 168, 77, 11];
+    const EXT: [u8; 4] = [192, 168, 77, 200];
+    const REMOTE: [u8; 4] = [10, 244, 1, 5];
+    let mut fx = Fixture::new("xdp-dsr");
+    let ns = FibNetns::new("xdp-dsr");
+    fx.external(NODE, 30080, 3, NODE_PORT, &[(1, REMOTE, 8080, 0)]);
+    fx.frontend(NODE, PROTO_UDP, 30053, 4, NODE_PORT, &[(2, REMOTE, 5353, 0)], "np");
+    fx.set_node_addr(NODE);
+    fx.set_config(config::NODEPORT_MODE, nodeport_mode::DSR);
+    let fd = fx.xdp_fd();
+    // The SYN: the flow is opened (TC finds it) and the packet passed on
+    // untouched, for TC to make the option's room.
+    let syn = frame(PROTO_TCP, EXT, NODE, 45000, 30080, false);
+    let (verdict, out) = ns.run(&fd, syn.clone());
+    assert_eq!((verdict, &out), (XDP_PASS, &syn), "the SYN goes to TC as it came");
+    let (_, fv) = fx.ct(CT_DIR_FORWARD, EXT, 45000).expect("opened by XDP");
+    assert_ne!(fv.flags & ct_flags::DSR, 0);
+    // So does every UDP datagram.
+    let dgram = frame(PROTO_UDP, EXT, NODE, 45001, 30053, false);
+    let (verdict, out) = ns.run(&fd, dgram.clone());
+    assert_eq!((verdict, &out), (XDP_PASS, &dgram));
+    // The rest of the connection: DNAT only, the client kept, sent by XDP.
+    let ack = with_flags(frame(PROTO_TCP, EXT, NODE, 45000, 30080, false), ACK);
+    let (verdict, out) = ns.run(&fd, ack);
+    assert_eq!(verdict, XDP_REDIRECT, "XDP sends it out itself");
+    let p = parse(&out);
+    assert_eq!(
+        (p.src, p.sport, p.dst, p.dport),
+        (EXT, 45000, REMOTE, 8080),
+        "DNAT only"
+    );
+    assert_eq!(macs(&out), (NODE2_MAC, NODE_MAC));
+    assert_checksums(&out);
+    assert_eq!(fx.counter(Counter::XdpForward), 1);
+    assert_eq!(fx.counter(Counter::DsrForward), 1);
+}
