@@ -353,6 +353,10 @@ fn report_changes(before: &BTreeSet<String>, now: &BTreeSet<String>) {
     }
 }
 
+/// Change-driven syncs are paced to at most one per PACING times the last
+/// one's duration (see the main loop).
+const PACING: u32 = 10;
+
 /// After a change event that leaves a file incomplete (a creation, a write
 /// not closed yet), wait this long for the writer to finish (an editor's
 /// write is several events in a row; a closed write or a rename into place
@@ -583,15 +587,20 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut attach_tick = tokio::time::interval(Duration::from_secs(2));
     // When the first change of a pending burst arrived (and the earliest
     // receipt stamp among its changes), and when the last change-driven sync
-    // ran. A change after a quiet spell syncs at once (after
-    // QUIET, for the writer to finish); changes within `debounce` of the last
-    // sync are coalesced into one sync at the end of that window: at most one
-    // sync per window, and none delayed by more than `debounce`.
+    // ran, and how long it took. A change after a quiet spell syncs at once
+    // (after QUIET, for the writer to finish); changes soon after a sync are
+    // coalesced into one sync at the end of a window of PACING times that
+    // sync's duration, `debounce` at most: the agent spends at most about
+    // 1/PACING of its time on change-driven syncs under a storm of changes,
+    // while a lone change (an incremental sync takes a millisecond or two)
+    // waits for nothing, and none is delayed by more than `debounce`.
     let mut pending: Option<Pending> = None;
     let mut last_sync = tokio::time::Instant::now() - cfg.debounce;
+    let mut last_took = Duration::ZERO;
     let mut waiting_logged = false;
     loop {
-        let deadline = pending.map(|p| p.due().max(last_sync + cfg.debounce));
+        let window = (last_took * PACING).min(cfg.debounce);
+        let deadline = pending.map(|p| p.due().max(last_sync + window));
         tokio::select! {
             Some(at) = changes.recv() => note_change(&mut pending, at),
             _ = sleep_until(deadline), if deadline.is_some() => {
@@ -601,6 +610,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 let since = pending.take().map(|p| p.earliest);
                 last_sync = tokio::time::Instant::now();
                 sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, since);
+                last_took = last_sync.elapsed();
             }
             _ = resync.tick() => {
                 sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, None);
