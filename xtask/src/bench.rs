@@ -14,7 +14,8 @@
 //! iptables, nftables, ferry (the TC path: `--socket-lb-pods=false`), ferry
 //! (socket LB) (the same agent with socket-level load balancing for Pods, the
 //! load generator in the node's cgroup), and north-south only ferry-xdp (the
-//! same agent with `--xdp`) and ferry-maglev (with `--lb-algorithm maglev`).
+//! same agent with `--xdp`), ferry-maglev (with `--lb-algorithm maglev`) and
+//! ferry-dsr (`--nodeport-mode dsr`, the agent on both nodes).
 //! Results go to target/bench/ as Markdown and JSON.
 //!
 //! Topologies: same-node and cross-node (a client Pod dials a ClusterIP) by
@@ -89,9 +90,9 @@ pub struct Args {
     #[arg(long, value_delimiter = ',', value_enum)]
     topology: Option<Vec<Topology>>,
     /// Only these data paths (comma-separated: no-nat, iptables, nftables,
-    /// ferry, ferry-socklb, ferry-xdp, ferry-maglev; default all; ferry-socklb
-    /// is measured same-node and cross-node only, ferry-xdp and ferry-maglev
-    /// north-south only).
+    /// ferry, ferry-socklb, ferry-xdp, ferry-maglev, ferry-dsr; default all;
+    /// ferry-socklb is measured same-node and cross-node only, ferry-xdp,
+    /// ferry-maglev and ferry-dsr north-south only).
     #[arg(long, value_delimiter = ',', value_enum)]
     paths: Option<Vec<DataPath>>,
     /// Use the debug build (checks the harness; figures are not comparable).
@@ -249,9 +250,13 @@ pub enum DataPath {
     /// The agent (TC) with `--lb-algorithm maglev`: backends chosen by a
     /// Maglev table lookup instead of a random slot.
     FerryMaglev,
+    /// The agent (TC) with `--nodeport-mode dsr` on both nodes: node 1
+    /// forwards to node 2's backends without SNAT (the frontend in an IPv4
+    /// option), and node 2 replies to the client directly.
+    FerryDsr,
 }
 
-const PATHS: [DataPath; 7] = [
+const PATHS: [DataPath; 8] = [
     DataPath::NoNat,
     DataPath::Iptables,
     DataPath::Nftables,
@@ -259,6 +264,7 @@ const PATHS: [DataPath; 7] = [
     DataPath::FerrySocklb,
     DataPath::FerryXdp,
     DataPath::FerryMaglev,
+    DataPath::FerryDsr,
 ];
 
 impl DataPath {
@@ -271,6 +277,7 @@ impl DataPath {
             DataPath::FerrySocklb => "ferry (socket LB)",
             DataPath::FerryXdp => "ferry-xdp",
             DataPath::FerryMaglev => "ferry-maglev",
+            DataPath::FerryDsr => "ferry-dsr",
         }
     }
 
@@ -278,7 +285,7 @@ impl DataPath {
     fn is_ferry(self) -> bool {
         matches!(
             self,
-            DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev
+            DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev | DataPath::FerryDsr
         )
     }
 
@@ -290,7 +297,7 @@ impl DataPath {
     /// the north-south row of Maglev against random (SNAT both).
     fn measured_in(self, topology: Topology) -> bool {
         match self {
-            DataPath::FerryXdp | DataPath::FerryMaglev => topology == Topology::NorthSouth,
+            DataPath::FerryXdp | DataPath::FerryMaglev | DataPath::FerryDsr => topology == Topology::NorthSouth,
             DataPath::FerrySocklb => topology != Topology::NorthSouth,
             _ => true,
         }
@@ -313,6 +320,7 @@ impl DataPath {
                 "10240",
                 "--socket-lb-pods=false",
             ],
+            DataPath::FerryDsr => &["--nodeport-mode", "dsr", "--socket-lb-pods=false"],
             _ => &[],
         }
     }
@@ -865,9 +873,21 @@ impl Ctx<'_> {
                 netns_stdin(&ns, "nft", &["-f", "-"], &files.nft, CONTROL_TIMEOUT)?;
                 started.elapsed()
             }
-            DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev => {
+            DataPath::Ferry
+            | DataPath::FerrySocklb
+            | DataPath::FerryXdp
+            | DataPath::FerryMaglev
+            | DataPath::FerryDsr => {
                 files.reset_ferry()?;
                 let sizes = crate::control_plane::map_size_args(files.frontends, SERVERS);
+                if path == DataPath::FerryDsr {
+                    // The backends' node translates the replies: its agent
+                    // runs too (untimed, before node 1's).
+                    let node2 = &mut node.cluster.nodes[1];
+                    node2.agent_args_mut().extend(sizes.clone());
+                    node2.start_agent_on(&files.ferry_dir)?;
+                    wait_for_sync(node2, None, Some(files.frontends), CONTROL_TIMEOUT)?;
+                }
                 node.lab().agent_args_mut().extend(sizes);
                 let from = unix_now();
                 node.lab().start_agent_on(&files.ferry_dir)?;
@@ -1025,6 +1045,21 @@ impl Ctx<'_> {
         if path == DataPath::FerryXdp {
             self.check_xdp(node, case, round)?;
         }
+        if path == DataPath::FerryDsr {
+            // Without DSR-forwarded flows this round measured SNAT again.
+            let dsr = node
+                .lab()
+                .counter("dsr_forward")
+                .context("reading node 1's dsr_forward counter")?;
+            print!(" | DSR-forwarded {dsr} flows");
+            if dsr == 0 {
+                println!();
+                bail!(
+                    "{case} round {} ferry-dsr: node 1 forwarded no flow with DSR (dsr_forward = 0)",
+                    round + 1
+                );
+            }
+        }
         // Before the endpoint change: the probe's backends are the servers.
         if let Some(probe) = synthetic_probe(node, case, path, files) {
             match crate::synthetic::measure(&probe) {
@@ -1178,7 +1213,11 @@ impl Ctx<'_> {
                 CONTROL_TIMEOUT,
             )?,
             DataPath::Nftables => netns_stdin(&ns, "nft", &["-f", "-"], &files.nft_update, CONTROL_TIMEOUT)?,
-            DataPath::Ferry | DataPath::FerrySocklb | DataPath::FerryXdp | DataPath::FerryMaglev => {
+            DataPath::Ferry
+            | DataPath::FerrySocklb
+            | DataPath::FerryXdp
+            | DataPath::FerryMaglev
+            | DataPath::FerryDsr => {
                 let before = node
                     .lab()
                     .syncs()
@@ -1827,6 +1866,9 @@ mod tests {
         assert!(DataPath::FerryMaglev.measured_in(Topology::NorthSouth));
         assert!(!DataPath::FerryMaglev.measured_in(Topology::SameNode));
         assert_eq!(DataPath::FerryMaglev.agent_args()[..2], ["--lb-algorithm", "maglev"]);
+        assert!(DataPath::FerryDsr.measured_in(Topology::NorthSouth));
+        assert!(!DataPath::FerryDsr.measured_in(Topology::CrossNode));
+        assert_eq!(DataPath::FerryDsr.agent_args()[..2], ["--nodeport-mode", "dsr"]);
         // ferry is the TC path; ferry (socket LB) the agent's default.
         assert_eq!(DataPath::Ferry.agent_args(), ["--socket-lb-pods=false"]);
         assert!(DataPath::FerrySocklb.agent_args().is_empty());
