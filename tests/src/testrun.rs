@@ -179,15 +179,17 @@ pub struct Parsed {
     pub l4_csum: u16,
 }
 
-/// Reads a frame made like [`frame`]'s (no IP options).
+/// Reads a frame made like [`frame`]'s, past any IPv4 options.
 pub fn parse(f: &[u8]) -> Parsed {
     let proto = f[23];
-    let off = 34 + if proto == PROTO_TCP { 16 } else { 6 };
+    // The IPv4 header's own length: a DSR packet carries an option.
+    let l4 = 14 + usize::from(f[14] & 0x0f) * 4;
+    let off = l4 + if proto == PROTO_TCP { 16 } else { 6 };
     Parsed {
         src: f[26..30].try_into().unwrap(),
         dst: f[30..34].try_into().unwrap(),
-        sport: u16::from_be_bytes([f[34], f[35]]),
-        dport: u16::from_be_bytes([f[36], f[37]]),
+        sport: u16::from_be_bytes([f[l4], f[l4 + 1]]),
+        dport: u16::from_be_bytes([f[l4 + 2], f[l4 + 3]]),
         l4_csum: u16::from_be_bytes([f[off], f[off + 1]]),
     }
 }

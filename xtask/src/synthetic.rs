@@ -139,6 +139,7 @@ fn tcp(src: SocketAddrV4, dst: SocketAddrV4, flags: u8) -> Vec<u8> {
 
 /// Where a frame made by [`tcp`] (and rewritten by a program) is addressed.
 fn destination(frame: &[u8]) -> Option<SocketAddrV4> {
-    let p = (frame.len() >= 38).then(|| testrun::parse(frame))?;
+    let l4 = 14 + usize::from(*frame.get(14)? & 0x0f) * 4;
+    let p = (frame.len() >= l4.max(34) + 4).then(|| testrun::parse(frame))?;
     Some(SocketAddrV4::new(p.dst.into(), p.dport))
 }
