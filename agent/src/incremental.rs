@@ -296,6 +296,20 @@ impl Translated {
         all
     }
 
+    /// Whether `other` gives the same maps, notices and reports as this:
+    /// frontends (served or not), errors, health checks, allocations. The
+    /// periodic resync compares the translation it made off the loop with
+    /// this one so.
+    pub fn same_result(&self, other: &Translated) -> bool {
+        let set =
+            |e: &mut dyn Iterator<Item = &InputError>| -> BTreeSet<String> { e.map(ToString::to_string).collect() };
+        self.by_service == other.by_service
+            && self.not_served == other.not_served
+            && self.health_checks == other.health_checks
+            && self.allocated == other.allocated
+            && set(&mut self.errors()) == set(&mut other.errors())
+    }
+
     /// Whether this holds what a full translation of the same snapshot
     /// gives (for tests): frontends, errors, health checks, allocations.
     pub fn same_as(&self, t: &Translation) -> bool {
@@ -529,6 +543,11 @@ pub(crate) mod tests {
                     assert_eq!(translated.health_checks, full.health_checks, "{at}: health checks");
                     assert_eq!(translated.allocated, full.allocated, "{at}: allocated");
                 }
+                // What the periodic resync compares: a fresh full
+                // translation gives the same result as the kept one.
+                let mut fresh = Translated::default();
+                fresh.full(&snapshot, &cfg);
+                assert!(translated.same_result(&fresh), "{at}: same_result");
                 let want = layout(&full.frontends, &mut ids_before.clone());
                 assert_eq!(l.desired(), &want, "{at}: layout");
                 assert_eq!(syncer.current(), &want, "{at}: maps");

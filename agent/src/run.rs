@@ -117,12 +117,16 @@ impl Programmer {
     /// `loaded`: how long reading the source took (logged with the phases).
     /// `reload`: the whole input, when `input` is partial and a full
     /// translation is needed after all.
+    /// `pre`: the full translation of `input`, made off the loop (the
+    /// periodic resync, [`Resync`]); when it gives what the maps were laid
+    /// out from, nothing is laid out or written.
     fn sync(
         &mut self,
         input: Input,
         after_change: bool,
         loaded: Duration,
         reload: impl FnOnce() -> Option<Input>,
+        pre: Option<Translated>,
     ) -> Programmed {
         let started = Instant::now();
         let Input {
@@ -146,6 +150,9 @@ impl Programmer {
             .translated_from
             .as_ref()
             .is_some_and(|(pods, np)| *pods == snapshot.pods && *np == self.translate.nodeport_addrs);
+        let unchanged = pre
+            .as_ref()
+            .is_some_and(|t| self.not_programmed.is_empty() && self.translated.same_result(t));
         let changed = delta
             .filter(|_| after_change && same_facts && self.not_programmed.is_empty())
             .and_then(|d| self.translated.update(&snapshot.pods, &d, &self.translate));
@@ -160,7 +167,12 @@ impl Programmer {
                 };
                 (snapshot, errors) = (whole.snapshot, whole.errors);
             }
-            self.translated.full(&snapshot, &self.translate);
+            match pre {
+                Some(t) => self.translated = t,
+                None => {
+                    self.translated.full(&snapshot, &self.translate);
+                }
+            }
             self.translated_from = Some((snapshot.pods.clone(), self.translate.nodeport_addrs.clone()));
         }
         let translated = started.elapsed();
@@ -198,6 +210,15 @@ impl Programmer {
             self.not_served = not_served;
         }
         self.health_checks.reconcile(&self.translated.health_checks);
+        if unchanged {
+            // Addresses that stopped being frontends leave the gate in time.
+            self.sync_gate(self.translated.frontend_addrs());
+            tracing::debug!(
+                total_ms = started.elapsed().as_millis() as u64,
+                "periodic resync: the translation made off the loop is unchanged; nothing laid out or written"
+            );
+            return self.programmed(input_errors, false);
+        }
         let laid_out = Instant::now();
         let st = match changed {
             Some(c) => {
@@ -350,6 +371,51 @@ fn report_changes(before: &BTreeSet<String>, now: &BTreeSet<String>) {
     }
     for e in before.difference(now) {
         tracing::info!("resolved: {e}");
+    }
+}
+
+/// The periodic resync's translation, running on a blocking thread: the
+/// whole input translated as a full sync would, without holding up the
+/// change-driven syncs meanwhile (about 100 ms at 10,000 Services).
+struct Resync {
+    /// The loop's sync count when it started: if another sync ran since,
+    /// what it made is stale and dropped.
+    generation: u64,
+    started: Instant,
+    job: tokio::task::JoinHandle<(Input, Translated)>,
+}
+
+/// A resync's translation, made off the loop, with the input it is of.
+struct Resynced {
+    input: Input,
+    fresh: Translated,
+    loaded: Duration,
+}
+
+/// Resyncs dropped in a row (another sync ran while each translated) before
+/// one runs on the loop.
+const RESYNC_DROPS_MAX: u32 = 3;
+
+impl Resync {
+    fn start(input: Input, cfg: translate::Config, generation: u64) -> Self {
+        let job = tokio::task::spawn_blocking(move || {
+            let mut fresh = Translated::default();
+            fresh.full(&input.snapshot, &cfg);
+            (input, fresh)
+        });
+        Self {
+            generation,
+            started: Instant::now(),
+            job,
+        }
+    }
+
+    /// The running resync's result; never, while none runs.
+    async fn done(job: &mut Option<Self>) -> Result<(Input, Translated), tokio::task::JoinError> {
+        match job {
+            Some(j) => (&mut j.job).await,
+            None => std::future::pending().await,
+        }
     }
 }
 
@@ -598,6 +664,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut last_sync = tokio::time::Instant::now() - cfg.debounce;
     let mut last_took = Duration::ZERO;
     let mut waiting_logged = false;
+    // The periodic resync translates on a blocking thread (`Resync`); what
+    // it made is taken only if no other sync ran meanwhile (`generation`).
+    let mut resync_job: Option<Resync> = None;
+    let mut generation = 0u64;
+    let mut resyncs_dropped = 0u32;
     loop {
         let window = (last_took * PACING).min(cfg.debounce);
         let deadline = pending.map(|p| p.due().max(last_sync + window));
@@ -609,21 +680,53 @@ pub async fn run(cfg: Config) -> Result<()> {
                 }
                 let since = pending.take().map(|p| p.earliest);
                 last_sync = tokio::time::Instant::now();
-                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, since);
+                generation += 1;
+                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, since, None);
                 last_took = last_sync.elapsed();
             }
             _ = resync.tick() => {
-                sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, None);
+                if resync_job.is_some() {
+                    continue;
+                }
+                if resyncs_dropped >= RESYNC_DROPS_MAX {
+                    // Changes never let a resync made off the loop land: this
+                    // one runs on the loop, as a safety net must.
+                    resyncs_dropped = 0;
+                    generation += 1;
+                    sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, None, None);
+                } else if let Some(input) = source.load(false) {
+                    resync_job = Some(Resync::start(input, prog.translate.clone(), generation));
+                }
+            }
+            done = Resync::done(&mut resync_job) => {
+                let job = resync_job.take();
+                match (done, job) {
+                    (Ok((input, fresh)), Some(job)) if job.generation == generation => {
+                        resyncs_dropped = 0;
+                        let loaded = job.started.elapsed();
+                        let pre = Resynced { input, fresh, loaded };
+                        sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, None, Some(pre));
+                    }
+                    (Ok(_), _) => resyncs_dropped += 1,
+                    (Err(e), _) => {
+                        tracing::warn!("the periodic resync's translation failed: {e}; resyncing on the loop");
+                        generation += 1;
+                        sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, None, None);
+                    }
+                }
             }
             Some(_) = link_events.next() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 while let Ok(Some(_)) = tokio::time::timeout(Duration::ZERO, link_events.next()).await {}
                 if follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, true, outcomes).await {
+                    generation += 1;
                     note_change(&mut pending, Changed::now());
                 }
             }
             _ = attach_tick.tick() => {
-                follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, false, outcomes).await;
+                if follow_links(&handle, &mut dp, &cfg, &mut prog, &mut node_addr, false, outcomes).await {
+                    generation += 1;
+                }
                 if cfg.cgroup.is_some() && !cfg.socket_lb_skip.is_empty() {
                     refresh_sock_lb_skip(&mut dp, &cfg.socket_lb_skip, false);
                 }
@@ -708,10 +811,15 @@ fn sync(
     reporter: &Reporter,
     waiting_logged: &mut bool,
     changed: Option<Instant>,
+    pre: Option<Resynced>,
 ) {
     let after_change = changed.is_some();
     let started = Instant::now();
-    let Some(input) = source.load(after_change) else {
+    let (input, fresh) = match pre {
+        Some(r) => (Some(r.input), Some((r.fresh, r.loaded))),
+        None => (source.load(after_change), None),
+    };
+    let Some(input) = input else {
         if let Source::Cluster(c) = source {
             if !*waiting_logged {
                 tracing::info!(waiting_for = ?c.waiting_for(), "not syncing until every initial list is done");
@@ -720,8 +828,11 @@ fn sync(
         }
         return;
     };
-    let loaded = started.elapsed();
-    let p = prog.sync(input, after_change, loaded, || source.load(false));
+    let (fresh, loaded) = match fresh {
+        Some((t, loaded)) => (Some(t), loaded),
+        None => (None, started.elapsed()),
+    };
+    let p = prog.sync(input, after_change, loaded, || source.load(false), fresh);
     if let Some(at) = changed {
         metrics.network_programmed(at.elapsed());
     }

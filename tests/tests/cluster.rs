@@ -5,7 +5,7 @@
 use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _, Result};
@@ -280,6 +280,72 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
     let before = syncs(c.lab.syncs()?);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(syncs(c.lab.syncs()?), before, "{}", c.lab.logs());
+    Ok(())
+}
+
+/// The periodic resync translates everything on a blocking thread, so it
+/// holds up no change: with a resync every second and an endpoint change
+/// every 30 ms, the resyncs keep being counted (each one taken when no other
+/// sync ran while it translated, else dropped, and after three dropped in a
+/// row one runs on the loop), the changes keep reaching the maps, and the
+/// maps end at the last state.
+#[test]
+fn periodic_resyncs_made_off_the_loop_land_beside_a_stream_of_changes() -> Result<()> {
+    let mut opts = LabOptions::new("cresync");
+    opts.agent_args
+        .extend(["--sync-period-seconds".to_string(), "1".to_string()]);
+    let c = cluster(opts, |_, api| {
+        api.apply(service("web", "10.96.0.10", web_ports()))?;
+        api.apply(slice(
+            "web-a",
+            "web",
+            &[("10.244.1.2", true, true, false, "n1")],
+            web_slice_ports(),
+        ))?;
+        Ok(())
+    })?;
+    let first = want(&[
+        ("10.96.0.10:53/UDP", &["10.244.1.2:5353"]),
+        ("10.96.0.10:80/TCP", &["10.244.1.2:8080"]),
+    ]);
+    wait_maps(&c, WAIT, &first)?;
+    let before = c.lab.syncs()?;
+    let started = Instant::now();
+    let mut i = 0u32;
+    while started.elapsed() < Duration::from_secs(4) {
+        let addr = format!("10.244.1.{}", 10 + i % 200);
+        let eps: [Ep; 1] = [(addr.as_str(), true, true, false, "n1")];
+        c.api.apply(slice("web-a", "web", &eps, web_slice_ports()))?;
+        i += 1;
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    let last = format!("10.244.1.{}", 10 + (i - 1) % 200);
+    wait_maps(
+        &c,
+        WAIT,
+        &want(&[
+            ("10.96.0.10:53/UDP", &[format!("{last}:5353").as_str()]),
+            ("10.96.0.10:80/TCP", &[format!("{last}:8080").as_str()]),
+        ]),
+    )?;
+    // Quiet again: the next resync lands (nothing else runs meanwhile).
+    let during = c.lab.syncs()?;
+    c.lab.wait_until(WAIT, "a resync after the stream", || {
+        Ok(c.lab.syncs()?.periodic > during.periodic)
+    })?;
+    let after = c.lab.syncs()?;
+    let log = c.lab.agent_log();
+    assert!(
+        after.after_change - before.after_change >= 20,
+        "{} change-driven syncs for {i} changes",
+        after.after_change - before.after_change
+    );
+    assert!(
+        after.periodic - before.periodic >= 2,
+        "{} periodic resyncs in 4 s and more:\n{log}",
+        after.periodic - before.periodic
+    );
+    assert!(!log.contains("the periodic resync's translation failed"), "{log}");
     Ok(())
 }
 
