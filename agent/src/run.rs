@@ -533,6 +533,23 @@ impl Source {
         }
     }
 
+    /// The input as the last load left it, without reading what changed
+    /// since (that is the next change-driven sync's to read): what the
+    /// periodic resync translates off the loop, so that the translation it
+    /// makes is of what the maps were programmed from. None before a first
+    /// whole load.
+    fn cached(&self) -> Option<Input> {
+        match self {
+            Self::Standalone { state_dir, cache, .. } => {
+                let cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+                let mut m = cache.assemble();
+                m.snapshot.pods = ferry_podstate::read_all(state_dir).0;
+                Some(m)
+            }
+            Self::Cluster(c) => c.cached(),
+        }
+    }
+
     /// Cluster mode: the state of each watch.
     fn watch_states(&self) -> Vec<WatchState> {
         match self {
@@ -694,7 +711,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                     resyncs_dropped = 0;
                     generation += 1;
                     sync(&mut prog, &source, &health, &metrics, &reporter, &mut waiting_logged, None, None);
-                } else if let Some(input) = source.load(false) {
+                } else if let Some(input) = source.cached() {
                     resync_job = Some(Resync::start(input, prog.translate.clone(), generation));
                 }
             }

@@ -257,6 +257,13 @@ impl Cluster {
             .collect()
     }
 
+    /// The objects as the last load typed them (what the maps were
+    /// programmed from), nothing read from the watches; None before a whole
+    /// load.
+    pub fn cached(&self) -> Option<Input> {
+        self.typer.lock().unwrap_or_else(|e| e.into_inner()).cached()
+    }
+
     /// The current objects, typed; None until every initial list is done (a
     /// partial view would delete the Services not listed yet).
     /// `partial`: when only EndpointSlices changed since the last load (no
@@ -503,6 +510,49 @@ impl Typer {
             delta: None,
             partial: false,
         }
+    }
+
+    /// What the caches hold, as [`Typer::input`] gave it (None before it
+    /// ran): no object typed or read again.
+    pub fn cached(&self) -> Option<Input> {
+        if !self.primed {
+            return None;
+        }
+        fn all<T: Clone + k8s_openapi::Metadata<Ty = k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta>>(
+            t: &Typed<T>,
+        ) -> Vec<Sourced<T>> {
+            let mut v: Vec<Sourced<T>> = t
+                .by_key
+                .values()
+                .filter_map(|(_, r)| r.as_ref().ok())
+                .map(|o| Sourced::new(SOURCE, o.clone()))
+                .collect();
+            v.sort_by_cached_key(|s| ns_name(s.object.metadata()));
+            v
+        }
+        let node = self
+            .nodes
+            .by_key
+            .values()
+            .find_map(|(_, r)| r.as_ref().ok())
+            .cloned()
+            .map(node_info);
+        let mut errors: Vec<InputError> = [&self.services.errors, &self.slices.errors, &self.nodes.errors]
+            .into_iter()
+            .flat_map(|e| e.values().cloned())
+            .collect();
+        errors.sort_by_key(ToString::to_string);
+        Some(Input {
+            snapshot: Snapshot {
+                services: all(&self.services),
+                endpoint_slices: all(&self.slices),
+                node,
+                ..Default::default()
+            },
+            errors,
+            delta: None,
+            partial: false,
+        })
     }
 
     /// This node's facts (typed again only when its object changed).
@@ -821,6 +871,12 @@ mod tests {
                 let at = format!("seed {seed} step {n} (incremental: {})", done.is_some());
                 assert_eq!(translated.frontends(), full.frontends, "{at}");
                 assert!(translated.same_as(&full), "{at}: errors, health checks or allocations");
+                // What the periodic resync translates: the caches as they are.
+                let cached = typer.cached().expect("primed");
+                let mut resynced = Translated::default();
+                resynced.full(&cached.snapshot, &cfg);
+                assert!(translated.same_result(&resynced), "{at}: the cached input");
+                assert_eq!(cached.errors, whole.errors, "{at}: the cached errors");
             }
         }
         assert!(incremental * 3 > steps, "{incremental} of {steps} steps incremental");
