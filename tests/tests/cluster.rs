@@ -277,7 +277,17 @@ fn services_and_slices_reach_the_maps_and_follow_changes() -> Result<()> {
     // (neither one after a change nor a write; a periodic resync that writes
     // nothing may happen).
     let syncs = |s: ferry_tests::Syncs| (s.after_change, s.writes);
-    let before = syncs(c.lab.syncs()?);
+    // First the changes made above settle: the deletions of the slices may
+    // come a few ms after the Service's in a sync of their own (the
+    // coalescing window is paced by the syncs' cost).
+    let mut before = syncs(c.lab.syncs()?);
+    c.lab.wait_until(WAIT, "the syncs of the deletions done", || {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = syncs(c.lab.syncs()?);
+        let settled = now == before;
+        before = now;
+        Ok(settled)
+    })?;
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(syncs(c.lab.syncs()?), before, "{}", c.lab.logs());
     Ok(())
